@@ -1,0 +1,1 @@
+"""The EasyEnclave agent: runs inside each VM, attests to the CP and runs the workload."""

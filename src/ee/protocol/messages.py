@@ -1,0 +1,460 @@
+"""Message bodies of the agent session, as frozen attrs values.
+
+Every frame of the agent session (API.md, "Agent session") carries a ``type`` and a
+``body`` object. Each ``(sender, type)`` pair has exactly one body class here, with
+``TYPE`` (the wire name) and ``SENDER`` (``"cp"``, ``"agent"`` or ``"any"``) as class
+variables. Three request/reply pairs share a wire name: the CP sends ``snapshot``,
+``logs`` and ``stats`` as requests (:class:`SnapshotRequest`, :class:`LogsRequest`,
+:class:`StatsRequest`) and the agent answers with the same type (:class:`Snapshot`,
+:class:`LogsReply`, :class:`StatsReply`). Which one a body is follows from who sent it,
+so :func:`parse_body` takes the ``sender``; a receiver always knows its peer.
+
+Schema rules:
+
+- an unknown message *type* is an error; unknown *fields* in a body are ignored, so
+  either side may add fields without breaking older peers;
+- required fields must be present and every value must have its JSON type (no
+  coercion: ``"5"`` is not an int); values are checked by the classes' validators
+  (ports in range, non-negative sequence numbers, 32-byte public keys, ...);
+- a violation raises :class:`~ee.protocol.errors.FrameError` naming the message type
+  and the field path, e.g. ``register: body.snapshot.seq: expected int, got 'x'``.
+
+Byte encodings on the wire: quotes and build contexts (large blobs) are standard
+base64 (with padding); public keys, nonces and hashes are lowercase hex. Timestamps
+are RFC 3339 UTC strings. Local code builds messages with keyword arguments; building
+one with an invalid value raises ``ValueError``/``TypeError`` at once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar, Literal, TypeAlias
+
+import attrs
+
+from ee.protocol.errors import FrameError
+from ee.protocol.strict import check, make_converter, problems
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Attest",
+    "Attestation",
+    "ContainerStats",
+    "CpEnvelope",
+    "Deploy",
+    "DeployStatus",
+    "DeploymentSnapshot",
+    "ErrorMessage",
+    "Health",
+    "HealthStatus",
+    "Heartbeat",
+    "LogLine",
+    "LogsReply",
+    "LogsRequest",
+    "Message",
+    "NodeInfo",
+    "NodeStats",
+    "Provider",
+    "Reconnect",
+    "Register",
+    "Registered",
+    "Rejected",
+    "ReplicaState",
+    "Sender",
+    "Snapshot",
+    "SnapshotRequest",
+    "StatsReply",
+    "StatsRequest",
+    "TunnelGrant",
+    "Undeploy",
+    "body_to_dict",
+    "converter",
+    "message_class",
+    "parse_body",
+]
+
+Sender: TypeAlias = Literal["cp", "agent"]
+Provider: TypeAlias = Literal["tsm", "sim"]
+HealthStatus: TypeAlias = Literal["healthy", "unhealthy", "starting", "unknown"]
+ReplicaState: TypeAlias = Literal[
+    "pending", "pulling", "building", "starting", "running", "failed", "stopping", "stopped"
+]
+
+NONCE_MIN_BYTES = 16
+NONCE_MAX_BYTES = 64
+PUBLIC_KEY_BYTES = 32  # raw Ed25519
+
+_HEX_DIGEST = re.compile(r"\A(?:[0-9a-f]{2})+\Z")
+
+_nonempty = check(lambda v: len(v) > 0, "must not be empty")
+_non_negative = check(lambda v: v >= 0, "must be >= 0")
+_positive = check(lambda v: v > 0, "must be > 0")
+_port = check(lambda v: 1 <= v <= 65535, "must be a port number 1..65535")
+_nonce = check(
+    lambda v: NONCE_MIN_BYTES <= len(v) <= NONCE_MAX_BYTES,
+    f"must be {NONCE_MIN_BYTES}..{NONCE_MAX_BYTES} bytes",
+)
+_public_key = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte Ed25519 key")
+_hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
+_abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
+_aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
+_B64 = {"wire": "base64"}
+
+
+# --- shared parts -------------------------------------------------------------------
+
+
+@attrs.frozen
+class Health:
+    """Workload health as the agent sees it."""
+
+    status: HealthStatus = "unknown"
+    detail: str = ""
+
+
+@attrs.frozen
+class NodeInfo:
+    """What the node is: its size preset, datacenter label and capacity."""
+
+    node_size: str = attrs.field(validator=_nonempty)
+    datacenter: str = attrs.field(validator=_nonempty)
+    gpu: bool
+    vcpus: int = attrs.field(validator=_positive)
+    memory_mb: int = attrs.field(validator=_positive)
+
+
+@attrs.frozen
+class NodeStats:
+    """Node resource usage, sent with every heartbeat."""
+
+    cpu_percent: float = attrs.field(default=0.0, validator=_non_negative)
+    memory_used_mb: int = attrs.field(default=0, validator=_non_negative)
+    memory_total_mb: int = attrs.field(default=0, validator=_non_negative)
+    disk_used_mb: int = attrs.field(default=0, validator=_non_negative)
+    disk_total_mb: int = attrs.field(default=0, validator=_non_negative)
+    uptime_s: float = attrs.field(default=0.0, validator=_non_negative)
+
+
+@attrs.frozen
+class DeploymentSnapshot:
+    """One deployment the agent runs (or is starting, or failed to run)."""
+
+    deployment_id: str = attrs.field(validator=_nonempty)
+    app: str = attrs.field(validator=_nonempty)
+    version: str = attrs.field(validator=_nonempty)
+    state: ReplicaState
+    compose_hash: str | None = attrs.field(default=None, validator=_hex_digest)
+    image_digests: Mapping[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class TunnelGrant:
+    """Tunnel assignment the CP hands an agent at registration (cloudflared)."""
+
+    hostname: str = attrs.field(validator=_nonempty)
+    token: str = attrs.field(validator=_nonempty)
+
+
+@attrs.frozen
+class CpEnvelope:
+    """The CP's own quote attached to a write (deploy, undeploy) when it runs in a TD.
+
+    Its REPORTDATA is :func:`ee.protocol.reportdata.cp_envelope_report_data` of the
+    message type and body (without the envelope).
+    """
+
+    provider: Provider
+    quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+
+
+@attrs.frozen
+class LogLine:
+    service: str
+    text: str
+
+
+@attrs.frozen
+class ContainerStats:
+    name: str
+    cpu_percent: float = attrs.field(default=0.0, validator=_non_negative)
+    memory_mb: int = attrs.field(default=0, validator=_non_negative)
+
+
+# --- messages -----------------------------------------------------------------------
+
+
+@attrs.frozen
+class Challenge:
+    """CP → agent, first frame: a single-use nonce for the registration quote."""
+
+    TYPE: ClassVar[str] = "challenge"
+    SENDER: ClassVar[str] = "cp"
+    nonce: bytes = attrs.field(validator=_nonce)
+    expires_at: datetime = attrs.field(validator=_aware)
+
+
+@attrs.frozen
+class Attestation:
+    """Agent → CP: a quote (answer to ``attest``; also nested in ``register``)."""
+
+    TYPE: ClassVar[str] = "attestation"
+    SENDER: ClassVar[str] = "agent"
+    provider: Provider
+    quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+
+
+@attrs.frozen
+class Snapshot:
+    """Agent → CP: everything the CP needs to rebuild its picture of this agent."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    SENDER: ClassVar[str] = "agent"
+    deployments: tuple[DeploymentSnapshot, ...]
+    health: Health
+    node: NodeInfo
+    seq: int = attrs.field(validator=_non_negative)
+
+
+@attrs.frozen
+class Register:
+    """Agent → CP: identity, session key, registration quote and current snapshot.
+
+    The quote's REPORTDATA is
+    :func:`ee.protocol.reportdata.registration_report_data` of the challenge nonce and
+    ``public_key``. ``bootstrap_token`` is presented by VMs launched for a capacity
+    launch order.
+    """
+
+    TYPE: ClassVar[str] = "register"
+    SENDER: ClassVar[str] = "agent"
+    vm_name: str = attrs.field(validator=_nonempty)
+    node_size: str = attrs.field(validator=_nonempty)
+    datacenter: str = attrs.field(validator=_nonempty)
+    agent_version: str = attrs.field(validator=_nonempty)
+    public_key: bytes = attrs.field(validator=_public_key)
+    attestation: Attestation
+    snapshot: Snapshot
+    bootstrap_token: str | None = None
+
+
+@attrs.frozen
+class Registered:
+    """CP → agent: admitted."""
+
+    TYPE: ClassVar[str] = "registered"
+    SENDER: ClassVar[str] = "cp"
+    agent_id: str = attrs.field(validator=_nonempty)
+    heartbeat_interval_s: float = attrs.field(validator=_positive)
+    attest_interval_s: float = attrs.field(validator=_positive)
+    tunnel: TunnelGrant | None = None
+
+
+@attrs.frozen
+class Rejected:
+    """CP → agent: refused; the CP closes the session after sending it."""
+
+    TYPE: ClassVar[str] = "rejected"
+    SENDER: ClassVar[str] = "cp"
+    code: str = attrs.field(validator=_nonempty)
+    reasons: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Heartbeat:
+    TYPE: ClassVar[str] = "heartbeat"
+    SENDER: ClassVar[str] = "agent"
+    seq: int = attrs.field(validator=_non_negative)
+    health: Health
+    stats: NodeStats
+
+
+@attrs.frozen
+class Deploy:
+    """CP → agent: run this app version (``build_context``: base64 tar.gz)."""
+
+    TYPE: ClassVar[str] = "deploy"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    app: str = attrs.field(validator=_nonempty)
+    version: str = attrs.field(validator=_nonempty)
+    compose: str = attrs.field(validator=_nonempty)
+    expose_port: int = attrs.field(validator=_port)
+    health_path: str = attrs.field(validator=_abs_path)
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    build_context: bytes | None = attrs.field(default=None, metadata=_B64)
+    expose_service: str | None = None
+    envelope: CpEnvelope | None = None
+
+
+@attrs.frozen
+class DeployStatus:
+    """Agent → CP: progress of a deployment, sent at each state change."""
+
+    TYPE: ClassVar[str] = "deploy_status"
+    SENDER: ClassVar[str] = "agent"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    state: ReplicaState
+    compose_hash: str | None = attrs.field(default=None, validator=_hex_digest)
+    image_digests: Mapping[str, str] | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Undeploy:
+    TYPE: ClassVar[str] = "undeploy"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    envelope: CpEnvelope | None = None
+
+
+@attrs.frozen
+class Attest:
+    """CP → agent: re-attest; the agent answers with ``attestation``."""
+
+    TYPE: ClassVar[str] = "attest"
+    SENDER: ClassVar[str] = "cp"
+    nonce: bytes = attrs.field(validator=_nonce)
+
+
+@attrs.frozen
+class SnapshotRequest:
+    TYPE: ClassVar[str] = "snapshot"
+    SENDER: ClassVar[str] = "cp"
+
+
+@attrs.frozen
+class LogsRequest:
+    TYPE: ClassVar[str] = "logs"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str | None = None
+    tail: int = attrs.field(
+        default=200, validator=check(lambda v: 1 <= v <= 10_000, "must be 1..10000")
+    )
+
+
+@attrs.frozen
+class LogsReply:
+    TYPE: ClassVar[str] = "logs"
+    SENDER: ClassVar[str] = "agent"
+    lines: tuple[LogLine, ...] = ()
+    truncated: bool = False
+
+
+@attrs.frozen
+class StatsRequest:
+    TYPE: ClassVar[str] = "stats"
+    SENDER: ClassVar[str] = "cp"
+
+
+@attrs.frozen
+class StatsReply:
+    TYPE: ClassVar[str] = "stats"
+    SENDER: ClassVar[str] = "agent"
+    node: NodeStats
+    containers: tuple[ContainerStats, ...] = ()
+
+
+@attrs.frozen
+class ErrorMessage:
+    """Either side: a frame was refused (``re`` names it when it had an ``id``)."""
+
+    TYPE: ClassVar[str] = "error"
+    SENDER: ClassVar[str] = "any"
+    code: str = attrs.field(validator=_nonempty)
+    message: str = ""
+
+
+@attrs.frozen
+class Reconnect:
+    """CP → agent: the CP is shutting down gracefully; reconnect after ``after_s``."""
+
+    TYPE: ClassVar[str] = "reconnect"
+    SENDER: ClassVar[str] = "cp"
+    reason: str
+    after_s: float = attrs.field(validator=_non_negative)
+
+
+Message: TypeAlias = (
+    Challenge
+    | Register
+    | Registered
+    | Rejected
+    | Heartbeat
+    | Deploy
+    | DeployStatus
+    | Undeploy
+    | Attest
+    | Attestation
+    | SnapshotRequest
+    | Snapshot
+    | LogsRequest
+    | LogsReply
+    | StatsRequest
+    | StatsReply
+    | ErrorMessage
+    | Reconnect
+)
+
+_ALL: tuple[type[Message], ...] = (
+    Challenge,
+    Register,
+    Registered,
+    Rejected,
+    Heartbeat,
+    Deploy,
+    DeployStatus,
+    Undeploy,
+    Attest,
+    Attestation,
+    SnapshotRequest,
+    Snapshot,
+    LogsRequest,
+    LogsReply,
+    StatsRequest,
+    StatsReply,
+    ErrorMessage,
+    Reconnect,
+)
+
+_BY_SENDER: dict[str, dict[str, type[Message]]] = {"cp": {}, "agent": {}}
+for _cls in _ALL:
+    for _sender in ("cp", "agent") if _cls.SENDER == "any" else (_cls.SENDER,):
+        assert _cls.TYPE not in _BY_SENDER[_sender], _cls
+        _BY_SENDER[_sender][_cls.TYPE] = _cls
+
+#: Every wire type name, from either side.
+MESSAGE_TYPES: frozenset[str] = frozenset(c.TYPE for c in _ALL)
+
+#: The wire converter (lenient about unknown fields, strict about types).
+converter = make_converter(forbid_extra_keys=False)
+
+
+def message_class(type_: str, *, sender: Sender) -> type[Message]:
+    """The body class for *type_* sent by *sender*; :class:`FrameError` if none."""
+    try:
+        return _BY_SENDER[sender][type_]
+    except KeyError:
+        if type_ in MESSAGE_TYPES:
+            raise FrameError(f"message type {type_!r} is not sent by the {sender}") from None
+        raise FrameError(f"unknown message type {type_!r}") from None
+
+
+def parse_body(type_: str, body: Mapping[str, Any], *, sender: Sender) -> Message:
+    """Structure and validate a frame body; :class:`FrameError` names the field path."""
+    cls = message_class(type_, sender=sender)
+    try:
+        msg: Message = converter.structure(body, cls)
+    except Exception as exc:  # cattrs raises exception groups of any builtin kind
+        found = problems(exc, "body")
+        path, reason = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise FrameError(f"{type_}: {path}: {reason}{more}") from None
+    return msg
+
+
+def body_to_dict(msg: Message) -> dict[str, Any]:
+    """The JSON-ready body of *msg* (bytes as hex/base64, timestamps as strings)."""
+    result: dict[str, Any] = converter.unstructure(msg)
+    return result

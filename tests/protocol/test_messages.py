@@ -1,0 +1,283 @@
+"""Message bodies: every type round-trips through the wire; schema violations name the field."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from ee.protocol import FrameError, decode_message, encode_message
+from ee.protocol.messages import (
+    MESSAGE_TYPES,
+    Attest,
+    Attestation,
+    Challenge,
+    ContainerStats,
+    CpEnvelope,
+    Deploy,
+    DeploymentSnapshot,
+    DeployStatus,
+    ErrorMessage,
+    Health,
+    Heartbeat,
+    LogLine,
+    LogsReply,
+    LogsRequest,
+    Message,
+    NodeInfo,
+    NodeStats,
+    Reconnect,
+    Register,
+    Registered,
+    Rejected,
+    Snapshot,
+    SnapshotRequest,
+    StatsReply,
+    StatsRequest,
+    TunnelGrant,
+    Undeploy,
+    body_to_dict,
+    message_class,
+    parse_body,
+)
+
+NONCE = bytes(range(32))
+KEY = bytes(range(100, 132))
+HASH = "ab" * 32
+
+SNAPSHOT = Snapshot(
+    deployments=(
+        DeploymentSnapshot(
+            deployment_id="dep-1",
+            app="web",
+            version="v1",
+            state="running",
+            compose_hash=HASH,
+            image_digests={"web": "sha256:" + "cd" * 32},
+        ),
+    ),
+    health=Health(status="healthy", detail="200 OK"),
+    node=NodeInfo(node_size="standard", datacenter="local:dev", gpu=False, vcpus=4, memory_mb=8192),
+    seq=17,
+)
+
+SAMPLES: list[tuple[Message, str]] = [
+    (Challenge(nonce=NONCE, expires_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)), "cp"),
+    (
+        Register(
+            vm_name="vm-1",
+            node_size="standard",
+            datacenter="local:dev",
+            agent_version="2.0.0",
+            public_key=KEY,
+            attestation=Attestation(provider="sim", quote=b"\x04\x00quote\xff"),
+            snapshot=SNAPSHOT,
+            bootstrap_token="tok",
+        ),
+        "agent",
+    ),
+    (
+        Registered(
+            agent_id="a-1",
+            heartbeat_interval_s=5.0,
+            attest_interval_s=3600.0,
+            tunnel=TunnelGrant(hostname="x.example.com", token="t"),
+        ),
+        "cp",
+    ),
+    (Registered(agent_id="a-1", heartbeat_interval_s=5.0, attest_interval_s=60.0), "cp"),
+    (Rejected(code="attestation_failed", reasons=("mrtd not allowed", "debug TD")), "cp"),
+    (
+        Heartbeat(seq=3, health=Health(), stats=NodeStats(cpu_percent=12.5, memory_used_mb=100)),
+        "agent",
+    ),
+    (
+        Deploy(
+            deployment_id="dep-1",
+            app="web",
+            version="v1",
+            compose="services:\n  web:\n    image: nginx\n",
+            expose_port=80,
+            health_path="/healthz",
+            env={"A": "1"},
+            build_context=b"\x1f\x8b tarball",
+            expose_service="web",
+            envelope=CpEnvelope(provider="tsm", quote=b"q" * 10),
+        ),
+        "cp",
+    ),
+    (
+        DeployStatus(
+            deployment_id="dep-1",
+            state="running",
+            compose_hash=HASH,
+            image_digests={"web": "sha256:00"},
+        ),
+        "agent",
+    ),
+    (DeployStatus(deployment_id="dep-1", state="failed", error="pull failed"), "agent"),
+    (Undeploy(deployment_id="dep-1"), "cp"),
+    (Attest(nonce=NONCE), "cp"),
+    (Attestation(provider="tsm", quote=b"\x00" * 100), "agent"),
+    (SnapshotRequest(), "cp"),
+    (SNAPSHOT, "agent"),
+    (LogsRequest(deployment_id="dep-1", tail=50), "cp"),
+    (LogsReply(lines=(LogLine(service="web", text="hello"),), truncated=True), "agent"),
+    (StatsRequest(), "cp"),
+    (
+        StatsReply(node=NodeStats(disk_total_mb=10), containers=(ContainerStats(name="web-1"),)),
+        "agent",
+    ),
+    (ErrorMessage(code="bad_frame", message="nope"), "cp"),
+    (ErrorMessage(code="bad_frame", message="nope"), "agent"),
+    (Reconnect(reason="cp shutting down", after_s=2.5), "cp"),
+]
+
+
+def test_samples_cover_every_message_type() -> None:
+    assert {msg.TYPE for msg, _ in SAMPLES} == MESSAGE_TYPES
+    classes = {type(msg) for msg, _ in SAMPLES}
+    assert len(classes) == 18
+
+
+@pytest.mark.parametrize(("msg", "sender"), SAMPLES, ids=lambda v: type(v).__name__)
+def test_round_trip_through_the_wire(msg: Message, sender: str) -> None:
+    text = encode_message(msg, id=9)
+    frame, back = decode_message(text, max_bytes=1 << 20, sender=sender)  # type: ignore[arg-type]
+    assert frame.type == msg.TYPE
+    assert frame.id == 9
+    assert back == msg
+    # and the body is plain JSON data
+    assert json.loads(json.dumps(body_to_dict(msg))) == body_to_dict(msg)
+
+
+def test_byte_encodings() -> None:
+    register = SAMPLES[1][0]
+    body = body_to_dict(register)
+    assert body["public_key"] == KEY.hex()
+    assert body["attestation"]["quote"] == base64.b64encode(b"\x04\x00quote\xff").decode()
+    challenge = body_to_dict(SAMPLES[0][0])
+    assert challenge == {"nonce": NONCE.hex(), "expires_at": "2025-01-02T03:04:05Z"}
+
+
+def test_direction_selects_request_or_reply() -> None:
+    assert message_class("snapshot", sender="cp") is SnapshotRequest
+    assert message_class("snapshot", sender="agent") is Snapshot
+    assert message_class("logs", sender="agent") is LogsReply
+    assert message_class("error", sender="agent") is ErrorMessage
+    with pytest.raises(FrameError, match="'deploy' is not sent by the agent"):
+        message_class("deploy", sender="agent")
+    with pytest.raises(FrameError, match="unknown message type 'bogus'"):
+        parse_body("bogus", {}, sender="cp")
+
+
+def test_unknown_fields_are_ignored() -> None:
+    body = body_to_dict(SNAPSHOT) | {"future_field": [1, 2]}
+    body["node"] = body["node"] | {"tpm": True}
+    assert parse_body("snapshot", body, sender="agent") == SNAPSHOT
+
+
+def _register_body() -> dict[str, object]:
+    return body_to_dict(SAMPLES[1][0])
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda b: b.pop("vm_name"), "register: body.vm_name: required field missing"),
+        (
+            lambda b: b["snapshot"].__setitem__("seq", "x"),
+            "register: body.snapshot.seq: expected int, got 'x'",
+        ),
+        (
+            lambda b: b["snapshot"].__setitem__("seq", True),
+            "register: body.snapshot.seq: expected int, got True",
+        ),
+        (
+            lambda b: b["snapshot"].__setitem__("seq", -1),
+            "register: body.snapshot.seq: must be >= 0, got -1",
+        ),
+        (
+            lambda b: b["snapshot"]["deployments"][0].__setitem__("state", "dancing"),
+            "register: body.snapshot.deployments[0].state: expected one of",
+        ),
+        (
+            lambda b: b.__setitem__("public_key", "zz"),
+            "register: body.public_key: expected hex string, got 'zz'",
+        ),
+        (
+            lambda b: b.__setitem__("public_key", "ab" * 31),
+            "register: body.public_key: must be a 32-byte Ed25519 key",
+        ),
+        (
+            lambda b: b["attestation"].__setitem__("quote", "not base64!"),
+            "register: body.attestation.quote: expected base64 string",
+        ),
+        (
+            lambda b: b["attestation"].__setitem__("provider", "sgx"),
+            "register: body.attestation.provider: expected one of 'tsm', 'sim', got 'sgx'",
+        ),
+        (
+            lambda b: b["snapshot"].__setitem__("deployments", {"a": 1}),
+            "register: body.snapshot.deployments: expected array",
+        ),
+        (
+            lambda b: b.__setitem__("snapshot", "x"),
+            "register: body.snapshot: expected object, got 'x'",
+        ),
+    ],
+)
+def test_schema_violations_name_the_field(mutate, expected: str) -> None:  # type: ignore[no-untyped-def]
+    body = _register_body()
+    mutate(body)
+    with pytest.raises(FrameError) as info:
+        parse_body("register", body, sender="agent")
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_value_checks() -> None:
+    deploy = body_to_dict(SAMPLES[6][0])
+    for field, value, reason in [
+        ("expose_port", 0, "must be a port number"),
+        ("expose_port", 70000, "must be a port number"),
+        ("health_path", "healthz", "must start with '/'"),
+        ("env", {"A": 1}, "expected string"),
+        ("build_context", 5, "expected base64 string"),
+    ]:
+        with pytest.raises(FrameError, match=reason):
+            parse_body("deploy", deploy | {field: value}, sender="cp")
+    with pytest.raises(FrameError, match=re.escape("body.nonce: must be 16..64 bytes")):
+        parse_body("attest", {"nonce": "00" * 8}, sender="cp")
+    with pytest.raises(FrameError, match=re.escape("body.expires_at: expected RFC 3339")):
+        parse_body("challenge", {"nonce": NONCE.hex(), "expires_at": "2025-01-01"}, sender="cp")
+    with pytest.raises(FrameError, match=re.escape("body.after_s: must be >= 0")):
+        parse_body("reconnect", {"reason": "x", "after_s": -1}, sender="cp")
+    with pytest.raises(FrameError, match="compose_hash: must be a lowercase hex digest"):
+        parse_body(
+            "deploy_status",
+            {"deployment_id": "d", "state": "running", "compose_hash": "XYZ"},
+            sender="agent",
+        )
+
+
+def test_several_problems_are_counted() -> None:
+    with pytest.raises(FrameError, match=r"\(and 2 more\)"):
+        parse_body("heartbeat", {"seq": "1", "health": 1, "stats": 2}, sender="agent")
+
+
+def test_local_construction_is_validated() -> None:
+    with pytest.raises(ValueError, match="seq"):
+        Heartbeat(seq=-1, health=Health(), stats=NodeStats())
+    with pytest.raises(ValueError, match="public_key"):
+        Register(
+            vm_name="v",
+            node_size="s",
+            datacenter="d",
+            agent_version="1",
+            public_key=b"x",
+            attestation=Attestation(provider="sim", quote=b"q"),
+            snapshot=SNAPSHOT,
+        )
