@@ -1,0 +1,1107 @@
+"""Compose workloads on the agent: deploy, find, health-check, adopt, undeploy.
+
+Theory of operation
+-------------------
+A *deployment* is one run of a tenant's app version on this agent. The
+:class:`ComposeRunner` keeps each one in its own directory and its own Compose project::
+
+    <data_dir>/workloads/<slug>/
+        deployment.json     what adopt() needs after an agent restart (0600: holds env)
+        docker-compose.yml  the tenant's compose text, byte for byte as hashed
+        context/            the build context, extracted safely (empty without one)
+
+The Compose CLI runs as ``<cli> -p <project> -f docker-compose.yml --project-directory
+context ...``, so **relative paths in the compose file (``build: .``, ``env_file``, bind
+mounts) resolve against the root of the build context**, exactly as if the tenant had
+run ``docker compose up`` at the top of the tree they tarred up. ``env`` from the spec
+is given to the CLI's environment: it feeds ``${VAR}`` interpolation in the compose
+file (it is not injected into containers unless the compose file says so).
+
+The project name is ``<namespace>-<slug>``: the namespace defaults to ``ee`` plus a
+short hash of the absolute data dir, so several agents can share one Docker host and
+even run replicas of the same deployment id without colliding, and a restarted agent
+with the same data dir finds its projects again. Compose labels every container with
+``com.docker.compose.project`` and ``com.docker.compose.service``; that is how the
+runner finds a workload's containers (Docker SDK, in worker threads).
+
+Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises)::
+
+    (new)                       ──deploy───►  starting ──► running | failed
+    (new)                       ──adopt────►  running | failed
+    running | failed            ──deploy───►  starting              (redeploy in place)
+    running                     ──refresh──►  failed                (container died)
+    failed                      ──refresh──►  running               (it is back up)
+    starting | running | failed ──undeploy─►  stopping ──► stopped | failed
+
+``deploy`` reports ``starting``, then validates the compose document and build
+context, computes the compose hash (:func:`ee.protocol.compose.compose_hash`), writes
+the directory (atomically, via a temporary sibling), runs ``up -d --build
+--remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
+transient network failure), finds the exposed service's container and its IP address
+on the compose network (no host port is published), and polls
+``http://<ip>:<expose_port><health_path>`` until it answers 2xx. It then reports
+``running`` with the compose hash, the image ids of the service containers and the
+upstream address for the proxy. Any workload problem (bad compose, bad build context,
+CLI failure, unknown image, port conflict, container exit, health timeout) ends in
+``failed`` carrying the CLI's own error text (the last few KB) or a one-line reason;
+the runner does not raise for these. A failed deployment keeps its containers and
+directory, so its logs stay readable, until ``undeploy``.
+
+``undeploy`` runs ``down --remove-orphans -v --rmi local``: containers, networks and
+anonymous/project volumes go, and so do the images Compose *built* for the project
+(each deployment builds under its own project name, so keeping them would leak one
+image per deployment). Base images and the builder cache stay, so a redeploy is fast.
+An image the compose file both builds and names with ``image:`` is kept (that is what
+``--rmi local`` means). Then the directory is removed.
+
+``adopt`` (at agent start) reads every ``deployment.json`` and inspects the project's
+containers without touching them: running ones come back as ``running`` (same
+container ids, same StartedAt), others as ``failed`` with the reason. ``refresh``
+re-inspects one deployment (say after the proxy failed to connect) and updates its
+state and upstream address; ``upstream`` is the cached ``(ip, port)`` for the proxy;
+``logs`` and ``stats`` read per-service data through the SDK.
+
+All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
+follow the test clock; the Compose CLI runs under ``trio.run_process`` and Docker SDK
+calls under ``trio.to_thread.run_sync`` with a capacity limiter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from hashlib import sha256
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import attrs
+import docker  # type: ignore[import-untyped]
+import docker.errors  # type: ignore[import-untyped]
+import httpx
+import requests
+import trio
+
+from ee.protocol.compose import (
+    BuildContext,
+    BuildContextError,
+    ComposeError,
+    LoadedBuildContext,
+    compose_services,
+    hash_compose_document,
+    load_build_context,
+    validate_compose,
+)
+
+__all__ = [
+    "TRANSITIONS",
+    "ComposeCLI",
+    "ComposeCLIUnavailable",
+    "ComposeRunner",
+    "DeploySpec",
+    "DeploymentStatus",
+    "InvalidTransition",
+    "RetryPolicy",
+    "ServiceStats",
+    "StatusCallback",
+    "UnknownDeployment",
+    "WorkloadSettings",
+    "WorkloadState",
+    "check_transition",
+    "detect_compose_cli",
+    "is_transient_error",
+    "project_slug",
+]
+
+log = logging.getLogger(__name__)
+
+WorkloadState = Literal["starting", "running", "failed", "stopping", "stopped"]
+
+#: Allowed state changes; ``None`` is "not known to this runner yet".
+TRANSITIONS: Mapping[WorkloadState | None, frozenset[WorkloadState]] = MappingProxyType(
+    {
+        None: frozenset({"starting", "running", "failed"}),  # deploy; adopt
+        "starting": frozenset({"running", "failed", "stopping"}),  # stopping: deploy cancelled
+        "running": frozenset({"starting", "failed", "stopping"}),
+        "failed": frozenset({"starting", "running", "stopping"}),
+        "stopping": frozenset({"stopped", "failed"}),
+        "stopped": frozenset({"starting"}),
+    }
+)
+
+DEPLOYMENT_FILE = "deployment.json"
+COMPOSE_FILE = "docker-compose.yml"
+CONTEXT_DIR = "context"
+_STATE_FORMAT = 1
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+#: Substrings (lowercase) of Compose/Docker errors worth retrying.
+TRANSIENT_MARKERS: tuple[str, ...] = (
+    "tls handshake timeout",
+    "connection reset",
+    "i/o timeout",
+    "temporary failure in name resolution",
+    "net/http: request canceled",
+    "client.timeout exceeded",
+    "context deadline exceeded",
+    "unexpected eof",
+    "server misbehaving",
+    "network is unreachable",
+    "502 bad gateway",
+    "503 service unavailable",
+    "504 gateway timeout",
+    "toomanyrequests",
+    "429 too many requests",
+)
+
+
+class InvalidTransition(RuntimeError):
+    """A state change outside :data:`TRANSITIONS` (a bug in the runner or its caller)."""
+
+
+class UnknownDeployment(KeyError):
+    """No deployment with that id is known to this runner."""
+
+
+class ComposeCLIUnavailable(RuntimeError):
+    """Neither ``docker compose`` (v2 plugin) nor ``docker-compose`` (v1) works here."""
+
+
+def check_transition(old: WorkloadState | None, new: WorkloadState) -> None:
+    """Raise :class:`InvalidTransition` unless ``old → new`` is in :data:`TRANSITIONS`."""
+    if new not in TRANSITIONS.get(old, frozenset()):
+        raise InvalidTransition(f"workload state {old!r} -> {new!r} is not allowed")
+
+
+def is_transient_error(text: str) -> bool:
+    """Whether a Compose/Docker error text looks like a passing network failure."""
+    lowered = text.lower()
+    return any(marker in lowered for marker in TRANSIENT_MARKERS)
+
+
+def project_slug(deployment_id: str) -> str:
+    """A directory- and project-name-safe slug for a deployment id (stable, unique).
+
+    Lowercase ``[a-z0-9_-]``, starting with a letter or digit; when the id had to be
+    changed to get there, a short hash of the original keeps slugs distinct.
+    """
+    slug = re.sub(r"[^a-z0-9_-]+", "-", deployment_id.lower()).strip("-_")[:40]
+    if slug != deployment_id:
+        digest = sha256(deployment_id.encode("utf-8")).hexdigest()[:10]
+        slug = f"{slug}-{digest}" if slug else digest
+    return slug
+
+
+def _freeze_env(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(value or {}))
+
+
+def _check_env(_: object, __: attrs.Attribute[Any], value: Mapping[str, str]) -> None:
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"env name {key!r} is not a valid variable name")
+        if not isinstance(item, str) or "\x00" in item:
+            raise ValueError(f"env value of {key!r} must be a string without NUL")
+
+
+def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
+    if not value.startswith("/") or any(c in value for c in " \r\n\t#"):
+        raise ValueError(f"health_path must be an absolute URL path, got {value!r}")
+
+
+def _bytes_repr(value: bytes | None) -> str:
+    return "None" if value is None else f"<{len(value)} bytes>"
+
+
+def _freeze_digests(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    return None if value is None else MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class DeploySpec:
+    """What the CP asked to run (the ``deploy`` message body, plus build context bytes)."""
+
+    deployment_id: str = attrs.field(
+        validator=attrs.validators.and_(
+            attrs.validators.instance_of(str), attrs.validators.min_len(1)
+        )
+    )
+    app: str = attrs.field(validator=attrs.validators.instance_of(str))
+    version: str = attrs.field(validator=attrs.validators.instance_of(str))
+    compose: str = attrs.field(validator=attrs.validators.instance_of(str))
+    expose_port: int = attrs.field(
+        validator=[
+            attrs.validators.instance_of(int),
+            attrs.validators.ge(1),
+            attrs.validators.le(65535),
+        ]
+    )
+    health_path: str = attrs.field(default="/", validator=_check_health_path)
+    build_context: bytes | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(bytes)),
+        repr=_bytes_repr,
+    )
+    env: Mapping[str, str] = attrs.field(
+        factory=dict, converter=_freeze_env, validator=_check_env, repr=False
+    )
+    expose_service: str | None = None
+
+
+@attrs.frozen
+class DeploymentStatus:
+    """A deployment's state as reported to the CP (``deploy_status``) and the proxy."""
+
+    deployment_id: str
+    state: WorkloadState
+    app: str = ""
+    version: str = ""
+    compose_hash: str | None = None
+    image_digests: Mapping[str, str] | None = attrs.field(
+        default=None,
+        converter=_freeze_digests,
+    )
+    upstream: tuple[str, int] | None = None
+    error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The ``deploy_status`` message body (optional fields omitted when unset)."""
+        body: dict[str, Any] = {"deployment_id": self.deployment_id, "state": self.state}
+        if self.compose_hash is not None:
+            body["compose_hash"] = self.compose_hash
+        if self.image_digests is not None:
+            body["image_digests"] = dict(self.image_digests)
+        if self.error is not None:
+            body["error"] = self.error
+        return body
+
+
+@attrs.frozen
+class ServiceStats:
+    """One container's resource use (``error`` set when Docker could not say)."""
+
+    service: str
+    container_id: str
+    state: str
+    cpu_percent: float | None = None
+    memory_bytes: int | None = None
+    memory_limit_bytes: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+    pids: int | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class RetryPolicy:
+    """Bounded exponential backoff for transient ``up`` failures."""
+
+    attempts: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    base_delay: float = 1.0
+    max_delay: float = 15.0
+
+    def delay(self, attempt: int) -> float:
+        """Delay before retry number ``attempt`` (1-based)."""
+        return float(min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+
+@attrs.frozen
+class WorkloadSettings:
+    """Tunables of the runner (seconds unless named otherwise)."""
+
+    health_timeout: float = 120.0
+    #: Upper bound of the health poll interval (polls start at 50 ms and double).
+    health_interval: float = 1.0
+    health_request_timeout: float = 3.0
+    up_timeout: float = 900.0
+    down_timeout: float = 300.0
+    retry: RetryPolicy = RetryPolicy()
+    error_tail_bytes: int = 4096
+    max_context_bytes: int = 64 * 1024 * 1024
+    max_context_uncompressed_bytes: int = 256 * 1024 * 1024
+    docker_threads: int = 4
+    #: Project name prefix; default ``ee`` + hash of the data dir (see module doc).
+    namespace: str | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(
+            attrs.validators.matches_re(r"[a-z0-9][a-z0-9_-]{0,29}")
+        ),
+    )
+
+
+@attrs.frozen
+class ComposeCLI:
+    """The Compose command line found on this host."""
+
+    argv: tuple[str, ...]
+    flavour: Literal["v2", "v1"]
+    version: str
+
+
+StatusCallback = Callable[[DeploymentStatus], Awaitable[None]]
+
+
+async def _run(
+    argv: Iterable[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> tuple[int, str, str]:
+    try:
+        result = await trio.run_process(
+            list(argv),
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+        )
+    except OSError as exc:  # executable missing, not executable, ...
+        return 127, "", str(exc)
+    return (
+        result.returncode,
+        result.stdout.decode("utf-8", "replace"),
+        result.stderr.decode("utf-8", "replace"),
+    )
+
+
+async def detect_compose_cli() -> ComposeCLI:
+    """``docker compose version`` works → v2; else ``docker-compose version`` → v1."""
+    attempts: list[str] = []
+    candidates: tuple[tuple[tuple[str, ...], Literal["v2", "v1"]], ...] = (
+        (("docker", "compose"), "v2"),
+        (("docker-compose",), "v1"),
+    )
+    for argv, flavour in candidates:
+        code, out, err = await _run([*argv, "version"])
+        if code == 0:
+            version = (out.strip().splitlines() or ["unknown"])[0]
+            return ComposeCLI(argv=argv, flavour=flavour, version=version)
+        reason = (err.strip() or out.strip() or f"exit {code}").splitlines()[-1]
+        attempts.append(f"`{' '.join(argv)} version`: {reason}")
+    raise ComposeCLIUnavailable(
+        "no Docker Compose CLI: neither `docker compose` (v2 plugin) nor `docker-compose` "
+        "(v1) works (" + "; ".join(attempts) + ")"
+    )
+
+
+class _Failure(Exception):
+    """A workload problem: becomes a ``failed`` status, never escapes the runner."""
+
+
+@attrs.frozen
+class _Record:
+    """What the runner remembers of one deployment (persisted as deployment.json)."""
+
+    deployment_id: str
+    app: str
+    version: str
+    project: str
+    directory: Path
+    expose_service: str
+    expose_port: int
+    health_path: str
+    compose_hash: str
+    services: tuple[str, ...]
+    env: Mapping[str, str] = attrs.field(converter=_freeze_env, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": _STATE_FORMAT,
+            "deployment_id": self.deployment_id,
+            "app": self.app,
+            "version": self.version,
+            "project": self.project,
+            "expose_service": self.expose_service,
+            "expose_port": self.expose_port,
+            "health_path": self.health_path,
+            "compose_hash": self.compose_hash,
+            "services": list(self.services),
+            "env": dict(self.env),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], directory: Path) -> _Record:
+        if data.get("format") != _STATE_FORMAT:
+            raise ValueError(f"unknown deployment.json format {data.get('format')!r}")
+        return cls(
+            deployment_id=str(data["deployment_id"]),
+            app=str(data["app"]),
+            version=str(data["version"]),
+            project=str(data["project"]),
+            directory=directory,
+            expose_service=str(data["expose_service"]),
+            expose_port=int(data["expose_port"]),
+            health_path=str(data["health_path"]),
+            compose_hash=str(data["compose_hash"]),
+            services=tuple(str(s) for s in data["services"]),
+            env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
+        )
+
+
+def _tail(text: str, limit: int) -> str:
+    text = _ANSI.sub("", text).strip()
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    cut = text.encode("utf-8")[-limit:].decode("utf-8", "ignore")
+    newline = cut.find("\n")
+    if 0 <= newline < len(cut) - 1:
+        cut = cut[newline + 1 :]
+    return "…" + cut.strip()
+
+
+def _extract(loaded: LoadedBuildContext, dest: Path) -> None:
+    """Write a validated build context under ``dest`` (an empty, fresh directory).
+
+    Validation guarantees: relative names without ``..``, no member below a symlink or
+    file, symlinks that stay inside, hardlinks to earlier regular files. Files and
+    directories get ``mode & 0o777``; directories get their modes last so that
+    read-only directories can still be filled.
+    """
+    dir_modes: list[tuple[Path, int]] = []
+    for member in loaded.context.members:
+        target = dest / member.path
+        if member.kind == "dir":
+            target.mkdir(parents=True, exist_ok=True)
+            dir_modes.append((target, member.mode & 0o777))
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if member.kind == "file":
+            with open(target, "xb") as handle:
+                handle.write(loaded.contents[member.path])
+            os.chmod(target, member.mode & 0o777)
+        elif member.kind == "symlink":
+            assert member.target is not None
+            os.symlink(member.target, target)
+    for member in loaded.context.members:
+        if member.kind == "hardlink":
+            assert member.target is not None
+            (dest / member.path).parent.mkdir(parents=True, exist_ok=True)
+            os.link(dest / member.target, dest / member.path)
+    for path, mode in sorted(dir_modes, key=lambda item: -len(item[0].parts)):
+        os.chmod(path, mode | 0o700)
+
+
+def _container_ip(attrs_: Mapping[str, Any], project: str) -> str | None:
+    networks: Mapping[str, Any] = (attrs_.get("NetworkSettings") or {}).get("Networks") or {}
+    ordered = sorted(networks.items(), key=lambda item: not item[0].startswith(f"{project}_"))
+    for _, net in ordered:
+        address = (net or {}).get("IPAddress") or (net or {}).get("GlobalIPv6Address")
+        if address:
+            return str(address)
+    return None
+
+
+def _cpu_percent(stats: Mapping[str, Any]) -> float | None:
+    try:
+        cpu = stats["cpu_stats"]
+        pre = stats["precpu_stats"]
+        cpu_delta = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
+        system_delta = cpu["system_cpu_usage"] - pre["system_cpu_usage"]
+        online = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or [1])
+    except (KeyError, TypeError):
+        return None
+    if system_delta <= 0 or cpu_delta < 0:
+        return 0.0
+    return round(float(cpu_delta) / float(system_delta) * float(online) * 100.0, 3)
+
+
+class ComposeRunner:
+    """Runs and tracks this agent's Compose workloads under ``<data_dir>/workloads``.
+
+    One runner per agent process. Methods are Trio-async and safe to call
+    concurrently; operations on one deployment are serialised.
+    """
+
+    def __init__(self, data_dir: Path | str, settings: WorkloadSettings | None = None) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.settings = settings or WorkloadSettings()
+        self.workloads_dir = self.data_dir / "workloads"
+        self.namespace = self.settings.namespace or (
+            "ee" + sha256(str(self.data_dir).encode("utf-8")).hexdigest()[:8]
+        )
+        self._records: dict[str, _Record] = {}
+        self._status: dict[str, DeploymentStatus] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._cli: ComposeCLI | None = None
+        self._docker: Any = None
+        self._limiter = trio.CapacityLimiter(self.settings.docker_threads)
+
+    # -- naming ---------------------------------------------------------------
+
+    def project_name(self, deployment_id: str) -> str:
+        """The Compose project name used for a deployment id on this runner."""
+        return f"{self.namespace}-{project_slug(deployment_id)}"
+
+    def workload_dir(self, deployment_id: str) -> Path:
+        return self.workloads_dir / project_slug(deployment_id)
+
+    # -- queries ----------------------------------------------------------------
+
+    def status(self, deployment_id: str) -> DeploymentStatus | None:
+        return self._status.get(deployment_id)
+
+    def deployments(self) -> list[DeploymentStatus]:
+        """Every deployment this runner knows, for the state snapshot."""
+        return [self._status[key] for key in sorted(self._status)]
+
+    def upstream(self, deployment_id: str) -> tuple[str, int] | None:
+        """``(container_ip, expose_port)`` of a running deployment, else None."""
+        status = self._status.get(deployment_id)
+        if status is None or status.state != "running":
+            return None
+        return status.upstream
+
+    # -- CLI and SDK ------------------------------------------------------------
+
+    async def detect_cli(self) -> ComposeCLI:
+        """Find (once) and return the Compose CLI; raises :class:`ComposeCLIUnavailable`."""
+        if self._cli is None:
+            self._cli = await detect_compose_cli()
+            log.info("compose CLI: %s (%s)", " ".join(self._cli.argv), self._cli.version)
+        return self._cli
+
+    async def _sdk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _client(self) -> Any:  # runs in a worker thread
+        if self._docker is None:
+            self._docker = docker.from_env()
+        return self._docker
+
+    def _project_containers(self, project: str) -> list[Any]:  # worker thread
+        return list(
+            self._client().containers.list(
+                all=True, filters={"label": f"com.docker.compose.project={project}"}
+            )
+        )
+
+    # -- state ------------------------------------------------------------------
+
+    def _lock(self, deployment_id: str) -> trio.Lock:
+        return self._locks.setdefault(deployment_id, trio.Lock())
+
+    def _forget_lock(self, deployment_id: str) -> None:
+        lock = self._locks.get(deployment_id)
+        if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
+            del self._locks[deployment_id]
+
+    async def _set(
+        self, status: DeploymentStatus, on_status: StatusCallback | None
+    ) -> DeploymentStatus:
+        old = self._status.get(status.deployment_id)
+        check_transition(None if old is None else old.state, status.state)
+        self._status[status.deployment_id] = status
+        log.info(
+            "deployment %s: %s%s",
+            status.deployment_id,
+            status.state,
+            "" if status.error is None else f" ({status.error.splitlines()[-1][:200]})",
+        )
+        if on_status is not None:
+            await on_status(status)
+        return status
+
+    def _compose_argv(self, cli: ComposeCLI, record: _Record, *command: str) -> list[str]:
+        return [
+            *cli.argv,
+            "-p",
+            record.project,
+            "-f",
+            str(record.directory / COMPOSE_FILE),
+            "--project-directory",
+            str(record.directory / CONTEXT_DIR),
+            *command,
+        ]
+
+    def _cli_env(self, record: _Record) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PATH_SEPARATOR"):
+            env.pop(name, None)
+        env.update(record.env)
+        return env
+
+    # -- deploy -----------------------------------------------------------------
+
+    async def deploy(
+        self, spec: DeploySpec, on_status: StatusCallback | None = None
+    ) -> DeploymentStatus:
+        """Deploy (or redeploy in place) and return the final status.
+
+        Reports ``starting`` then ``running`` or ``failed`` through ``on_status``
+        (awaited in order; an exception from the callback propagates). Workload
+        problems end in ``failed``; only bugs raise. Cancellation stops the Compose
+        CLI and leaves the deployment ``starting`` until the next deploy/undeploy.
+        """
+        async with self._lock(spec.deployment_id):
+            base = DeploymentStatus(
+                deployment_id=spec.deployment_id,
+                state="starting",
+                app=spec.app,
+                version=spec.version,
+            )
+            await self._set(base, on_status)
+            record: _Record | None = None
+            try:
+                try:
+                    cli = await self.detect_cli()
+                except ComposeCLIUnavailable as exc:
+                    raise _Failure(str(exc)) from None
+                record = await trio.to_thread.run_sync(self._prepare, spec)
+                self._records[spec.deployment_id] = record
+                await self._up(cli, record)
+                containers = await self._sdk(self._project_containers, record.project)
+                upstream, digests = self._locate(record, containers)
+                await self._wait_healthy(record, upstream)
+                final = attrs.evolve(
+                    base, state="running", image_digests=digests, upstream=upstream
+                )
+            except _Failure as failure:
+                final = attrs.evolve(base, state="failed", error=str(failure))
+            except Exception as exc:
+                if not _is_docker_error(exc):
+                    raise
+                final = attrs.evolve(base, state="failed", error=f"docker: {exc}")
+            if record is not None:
+                final = attrs.evolve(final, compose_hash=record.compose_hash)
+            return await self._set(final, on_status)
+
+    def _prepare(self, spec: DeploySpec) -> _Record:  # worker thread
+        """Validate, hash, and write the workload directory atomically."""
+        try:
+            doc = validate_compose(spec.compose)
+            loaded = None
+            context: BuildContext | None = None
+            if spec.build_context is not None:
+                loaded = load_build_context(
+                    spec.build_context,
+                    max_bytes=self.settings.max_context_bytes,
+                    max_uncompressed_bytes=self.settings.max_context_uncompressed_bytes,
+                )
+                context = loaded.context
+            digest = hash_compose_document(doc, context)
+        except ComposeError as exc:
+            raise _Failure(f"invalid compose: {exc}") from None
+        except BuildContextError as exc:
+            raise _Failure(f"invalid build context: {exc}") from None
+        services = compose_services(doc)
+        expose = spec.expose_service or services[0]
+        if expose not in services:
+            raise _Failure(
+                f"expose_service {expose!r} is not a service of the compose file "
+                f"(services: {', '.join(services)})"
+            )
+        final = self.workload_dir(spec.deployment_id)
+        record = _Record(
+            deployment_id=spec.deployment_id,
+            app=spec.app,
+            version=spec.version,
+            project=self.project_name(spec.deployment_id),
+            directory=final,
+            expose_service=expose,
+            expose_port=spec.expose_port,
+            health_path=spec.health_path,
+            compose_hash=digest,
+            services=tuple(services),
+            env=spec.env,
+        )
+        staging = self.workloads_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(parents=True, mode=0o700)
+            (staging / COMPOSE_FILE).write_text(spec.compose, encoding="utf-8")
+            (staging / CONTEXT_DIR).mkdir()
+            if loaded is not None:
+                _extract(loaded, staging / CONTEXT_DIR)
+            state = staging / DEPLOYMENT_FILE
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record.to_json(), handle, indent=2, sort_keys=True)
+            if final.exists():
+                trash = self.workloads_dir / f".tmp-old-{final.name}-{secrets.token_hex(4)}"
+                final.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            staging.rename(final)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _Failure(f"cannot write workload directory: {exc}") from None
+        return record
+
+    async def _up(self, cli: ComposeCLI, record: _Record) -> None:
+        argv = self._compose_argv(cli, record, "up", "-d", "--build", "--remove-orphans")
+        policy = self.settings.retry
+        for attempt in range(1, policy.attempts + 1):
+            with trio.move_on_after(self.settings.up_timeout) as scope:
+                code, out, err = await _run(argv, env=self._cli_env(record), cwd=record.directory)
+            if scope.cancelled_caught:
+                raise _Failure(f"`up` did not finish within {self.settings.up_timeout:g} s")
+            if code == 0:
+                return
+            text = _tail(err or out, self.settings.error_tail_bytes) or f"exit status {code}"
+            if attempt < policy.attempts and is_transient_error(text):
+                delay = policy.delay(attempt)
+                log.warning(
+                    "deployment %s: transient compose failure (attempt %d/%d), retry in %g s",
+                    record.deployment_id,
+                    attempt,
+                    policy.attempts,
+                    delay,
+                )
+                await trio.sleep(delay)
+                continue
+            raise _Failure(text)
+
+    def _locate(
+        self, record: _Record, containers: list[Any]
+    ) -> tuple[tuple[str, int], dict[str, str]]:
+        """The exposed container's address and every service's image id."""
+        digests: dict[str, str] = {}
+        exposed: Any = None
+        for container in containers:
+            service = container.labels.get("com.docker.compose.service", "")
+            digests.setdefault(service, str(container.attrs.get("Image", "")))
+            if service == record.expose_service and (
+                exposed is None or container.status == "running"
+            ):
+                exposed = container
+        if exposed is None:
+            raise _Failure(f"no container found for service {record.expose_service!r}")
+        if exposed.status != "running":
+            state = exposed.attrs.get("State") or {}
+            raise _Failure(
+                f"service {record.expose_service!r} is {exposed.status} "
+                f"(exit code {state.get('ExitCode')}, {state.get('Error') or 'no error'})"
+            )
+        address = _container_ip(exposed.attrs, record.project)
+        if address is None:
+            raise _Failure(
+                f"service {record.expose_service!r} has no IP address on a Docker network "
+                "(network_mode: host or none is not supported for the exposed service)"
+            )
+        return (address, record.expose_port), digests
+
+    async def _wait_healthy(self, record: _Record, upstream: tuple[str, int]) -> None:
+        host, port = upstream
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{record.health_path}"
+        deadline = trio.current_time() + self.settings.health_timeout
+        last = "no answer yet"
+        timeout = httpx.Timeout(self.settings.health_request_timeout)
+        next_alive_check = trio.current_time() + 1.0
+        interval = min(0.05, self.settings.health_interval)  # doubles up to health_interval
+        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as client:
+            while True:
+                try:
+                    response = await client.get(url)
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                else:
+                    if 200 <= response.status_code < 300:
+                        return
+                    last = f"HTTP {response.status_code}"
+                if trio.current_time() >= next_alive_check:
+                    await self._check_alive(record)
+                    next_alive_check = trio.current_time() + 1.0
+                remaining = deadline - trio.current_time()
+                if remaining <= 0:
+                    raise _Failure(
+                        f"health check GET {url} did not answer 2xx within "
+                        f"{self.settings.health_timeout:g} s (last: {last})"
+                    )
+                await trio.sleep(min(interval, remaining))
+                interval = min(interval * 2, self.settings.health_interval)
+
+    async def _check_alive(self, record: _Record) -> None:
+        try:
+            containers = await self._sdk(self._project_containers, record.project)
+        except Exception as exc:  # docker SDK errors are workload-side
+            if _is_docker_error(exc):
+                return
+            raise
+        for container in containers:
+            service = container.labels.get("com.docker.compose.service")
+            if service == record.expose_service and container.status in ("exited", "dead"):
+                logs = await self._sdk(
+                    lambda c=container: c.logs(tail=20).decode("utf-8", "replace")
+                )
+                raise _Failure(
+                    f"service {service!r} exited while waiting for health "
+                    f"(exit code {container.attrs.get('State', {}).get('ExitCode')}); "
+                    f"last log lines:\n{_tail(logs, self.settings.error_tail_bytes)}"
+                )
+
+    # -- undeploy -----------------------------------------------------------------
+
+    async def undeploy(
+        self, deployment_id: str, on_status: StatusCallback | None = None
+    ) -> DeploymentStatus:
+        """Stop and remove a deployment (containers, networks, volumes, built images, dir).
+
+        Unknown ids are cleaned up as far as the workload dir allows and reported
+        ``stopped``. A failed ``down`` reports ``failed`` and keeps the dir for a retry.
+        """
+        async with self._lock(deployment_id):
+            result = await self._undeploy(deployment_id, on_status)
+        if result.state == "stopped":
+            self._forget_lock(deployment_id)
+        return result
+
+    async def _undeploy(
+        self, deployment_id: str, on_status: StatusCallback | None
+    ) -> DeploymentStatus:
+        record = self._records.get(deployment_id) or await trio.to_thread.run_sync(
+            self._load_record, self.workload_dir(deployment_id)
+        )
+        old = self._status.get(deployment_id)
+        base = DeploymentStatus(
+            deployment_id=deployment_id,
+            state="stopping",
+            app=record.app if record else (old.app if old else ""),
+            version=record.version if record else (old.version if old else ""),
+            compose_hash=record.compose_hash if record else None,
+        )
+        if old is not None and old.state != "stopping":
+            await self._set(base, on_status)
+        try:
+            await self._down(deployment_id, record)
+        except _Failure as failure:
+            failed = attrs.evolve(base, state="failed", error=str(failure))
+            if old is None:
+                return failed
+            return await self._set(failed, on_status)
+        stopped = attrs.evolve(base, state="stopped")
+        if old is not None:
+            await self._set(stopped, on_status)
+        self._records.pop(deployment_id, None)
+        self._status.pop(deployment_id, None)
+        return stopped
+
+    async def _down(self, deployment_id: str, record: _Record | None) -> None:
+        directory = self.workload_dir(deployment_id)
+        if record is not None and (record.directory / COMPOSE_FILE).exists():
+            try:
+                cli = await self.detect_cli()
+            except ComposeCLIUnavailable as exc:
+                raise _Failure(str(exc)) from None
+            argv = self._compose_argv(
+                cli, record, "down", "--remove-orphans", "-v", "--rmi", "local"
+            )
+            with trio.move_on_after(self.settings.down_timeout) as scope:
+                code, out, err = await _run(argv, env=self._cli_env(record), cwd=record.directory)
+            if scope.cancelled_caught:
+                raise _Failure(f"`down` did not finish within {self.settings.down_timeout:g} s")
+            if code != 0:
+                # E.g. a compose file the CLI refuses: fall back to label-based removal,
+                # and report the CLI's text only if that cannot finish the job either.
+                text = _tail(err or out, self.settings.error_tail_bytes) or f"exit {code}"
+                log.warning("deployment %s: `down` failed: %s", deployment_id, text)
+                await self._remove_by_label(deployment_id, text)
+        else:
+            # No compose file to drive `down`: remove what carries the project label.
+            await self._remove_by_label(deployment_id, None)
+        await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
+        try:
+            await self._sdk(self._sdk_remove_project, self.project_name(deployment_id))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            reason = f"cannot remove the project's Docker objects: {exc}"
+            raise _Failure(reason if cli_error is None else f"{cli_error}\n{reason}") from None
+
+    def _sdk_remove_project(self, project: str) -> None:  # worker thread
+        """What ``down -v --rmi local`` would remove, found by Compose's project label."""
+        label = {"label": f"com.docker.compose.project={project}"}
+        client = self._client()
+        for container in client.containers.list(all=True, filters=label):
+            container.remove(force=True, v=True)
+        for network in client.networks.list(filters=label):
+            network.remove()
+        for volume in client.volumes.list(filters=label):
+            volume.remove(force=True)
+        for image in client.images.list(name=f"{project}*"):
+            for tag in image.tags:
+                if tag.startswith((f"{project}_", f"{project}-")):
+                    client.images.remove(tag)
+
+    # -- adopt --------------------------------------------------------------------
+
+    def _load_record(self, directory: Path) -> _Record | None:  # worker thread
+        try:
+            data = json.loads((directory / DEPLOYMENT_FILE).read_text(encoding="utf-8"))
+            return _Record.from_json(data, directory)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if directory.exists():
+                log.warning("ignoring workload dir %s: %s", directory, exc)
+            return None
+
+    def _scan_dirs(self) -> list[_Record]:  # worker thread
+        if not self.workloads_dir.is_dir():
+            return []
+        records = []
+        for entry in sorted(self.workloads_dir.iterdir()):
+            if entry.name.startswith(".tmp-"):
+                shutil.rmtree(entry, ignore_errors=True)  # leftover of an interrupted deploy
+                continue
+            if entry.is_dir() and (record := self._load_record(entry)) is not None:
+                records.append(record)
+        return records
+
+    async def adopt(self) -> list[DeploymentStatus]:
+        """Rediscover deployments left by a previous agent process, without restarting.
+
+        Deployments whose exposed container runs come back ``running``; the rest
+        ``failed`` with the reason (the CP decides whether to redeploy or undeploy).
+        """
+        adopted = []
+        for record in await trio.to_thread.run_sync(self._scan_dirs):
+            async with self._lock(record.deployment_id):
+                if record.deployment_id in self._status:
+                    adopted.append(self._status[record.deployment_id])
+                    continue
+                self._records[record.deployment_id] = record
+                status = await self._inspect(record)
+                adopted.append(await self._set(status, None))
+        return adopted
+
+    async def _inspect(self, record: _Record) -> DeploymentStatus:
+        base = DeploymentStatus(
+            deployment_id=record.deployment_id,
+            state="running",
+            app=record.app,
+            version=record.version,
+            compose_hash=record.compose_hash,
+        )
+        try:
+            containers = await self._sdk(self._project_containers, record.project)
+            upstream, digests = self._locate(record, containers)
+        except _Failure as failure:
+            return attrs.evolve(base, state="failed", error=str(failure))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return attrs.evolve(base, state="failed", error=f"docker: {exc}")
+        return attrs.evolve(base, image_digests=digests, upstream=upstream)
+
+    async def refresh(self, deployment_id: str) -> DeploymentStatus:
+        """Re-inspect a deployment's containers (e.g. after a proxy connect error).
+
+        A running deployment whose container died turns ``failed``; a failed one whose
+        container runs again (restart policy) turns ``running``; the upstream address is
+        updated. Deployments in other states are returned as they are.
+        """
+        async with self._lock(deployment_id):
+            record = self._records.get(deployment_id)
+            current = self._status.get(deployment_id)
+            if record is None or current is None:
+                raise UnknownDeployment(deployment_id)
+            if current.state not in ("running", "failed"):
+                return current
+            fresh = await self._inspect(record)
+            if fresh.state == current.state and fresh.upstream == current.upstream:
+                return current
+            if fresh.state == "failed" and current.state == "failed":
+                return current
+            if fresh.state == current.state:
+                self._status[deployment_id] = fresh  # same state, new address
+                return fresh
+            return await self._set(fresh, None)
+
+    # -- logs and stats -----------------------------------------------------------
+
+    def _containers_of(self, deployment_id: str) -> tuple[_Record, Callable[[], list[Any]]]:
+        record = self._records.get(deployment_id)
+        if record is None:
+            raise UnknownDeployment(deployment_id)
+        return record, lambda: self._project_containers(record.project)
+
+    @staticmethod
+    def _service_key(container: Any, seen: Mapping[str, object]) -> str:
+        service = str(container.labels.get("com.docker.compose.service", container.name))
+        if service not in seen:
+            return service
+        number = container.labels.get("com.docker.compose.container-number", container.short_id)
+        return f"{service}#{number}"
+
+    async def logs(self, deployment_id: str, tail: int = 200) -> dict[str, str]:
+        """The last ``tail`` log lines per service (``service#n`` for extra replicas).
+
+        Raises :class:`UnknownDeployment`; Docker errors become the value's text.
+        """
+        _, list_containers = self._containers_of(deployment_id)
+        try:
+            containers = await self._sdk(list_containers)
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return {"": f"<logs unavailable: {exc}>"}
+        result: dict[str, str] = {}
+        for container in sorted(containers, key=lambda c: c.name):
+            key = self._service_key(container, result)
+            try:
+                raw = await self._sdk(lambda c=container: c.logs(tail=tail, timestamps=False))
+                result[key] = raw.decode("utf-8", "replace")
+            except Exception as exc:
+                if not _is_docker_error(exc):
+                    raise
+                result[key] = f"<logs unavailable: {exc}>"
+        return result
+
+    async def stats(self, deployment_id: str) -> dict[str, ServiceStats]:
+        """One resource sample per service container (taken concurrently).
+
+        Raises :class:`UnknownDeployment`; Docker errors land in ``ServiceStats.error``.
+        """
+        _, list_containers = self._containers_of(deployment_id)
+        try:
+            containers = await self._sdk(list_containers)
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return {"": ServiceStats(service="", container_id="", state="unknown", error=str(exc))}
+        keyed: dict[str, Any] = {}
+        for container in sorted(containers, key=lambda c: c.name):
+            keyed[self._service_key(container, keyed)] = container
+        result: dict[str, ServiceStats] = {}
+
+        async def sample(key: str, container: Any) -> None:
+            result[key] = await self._sample(key, container)
+
+        async with trio.open_nursery() as nursery:
+            for key, container in keyed.items():
+                nursery.start_soon(sample, key, container)
+        return {key: result[key] for key in keyed}
+
+    async def _sample(self, key: str, container: Any) -> ServiceStats:
+        base = ServiceStats(service=key, container_id=container.id, state=container.status)
+        if container.status != "running":
+            return base
+        try:
+            raw: Mapping[str, Any] = await self._sdk(lambda: container.stats(stream=False))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return attrs.evolve(base, error=str(exc))
+        memory = raw.get("memory_stats") or {}
+        usage = memory.get("usage")
+        if usage is not None:
+            extra = memory.get("stats") or {}
+            usage -= extra.get("inactive_file", extra.get("total_inactive_file", 0))
+        networks = (raw.get("networks") or {}).values()
+        return attrs.evolve(
+            base,
+            cpu_percent=_cpu_percent(raw),
+            memory_bytes=usage,
+            memory_limit_bytes=memory.get("limit"),
+            net_rx_bytes=sum(int(n.get("rx_bytes", 0)) for n in networks) if networks else None,
+            net_tx_bytes=sum(int(n.get("tx_bytes", 0)) for n in networks) if networks else None,
+            pids=(raw.get("pids_stats") or {}).get("current"),
+        )
+
+
+def _is_docker_error(exc: BaseException) -> bool:
+    """Docker SDK / daemon / transport errors (workload side), not programming errors."""
+    return isinstance(exc, docker.errors.DockerException | requests.RequestException | OSError)

@@ -1,0 +1,408 @@
+"""Compose documents, build contexts and the compose hash (pure; shared by CP and agent).
+
+A tenant's app version is a Docker Compose document plus an optional build context
+(a gzip-compressed tar). The CP validates and hashes both at upload; the agent
+validates and hashes them again before it runs anything, and reports the hash with
+every deployment (and binds it into attested health quotes). Both sides call
+:func:`compose_hash` from this module, so they agree byte for byte.
+
+Compose document
+----------------
+``validate_compose`` parses the text with ``yaml.safe_load``. The result must be a
+mapping with a non-empty ``services`` mapping whose values are mappings, and it must be
+plain JSON data: string mapping keys only (quote ``1:`` or ``yes:`` keys), no
+timestamps, binary, sets or NaN/Infinity, and at most :data:`MAX_COMPOSE_NODES` nodes
+after YAML alias expansion (so an alias bomb is refused, not expanded).
+
+Build context
+-------------
+``validate_build_context`` accepts a gzip tar (``.tar.gz``) within size caps on the
+compressed bytes, the uncompressed tar stream and the member count. Member names are
+normalised (``./a//b`` → ``a/b``; a root ``.`` directory entry is ignored). Refused,
+naming the member: absolute names, ``..`` components, duplicate names, members below a
+symlink or a non-directory, symlinks whose target is absolute or resolves outside the
+root, hardlinks to anything but an earlier regular file member, and device files,
+FIFOs and other special types.
+
+Hash definition (version 1)
+---------------------------
+With ``canonical_json`` from :mod:`ee.protocol.canonical` (sorted keys, no whitespace,
+UTF-8) and ``H(b) = "sha256:" + lowercase hex SHA-256 of b``::
+
+    context_digest = H(canonical_json([
+        {"path": p,            # normalised member name
+         "type": t,            # "file" | "dir" | "symlink" | "hardlink"
+         "mode": m,            # tar mode & 0o7777, as an integer
+         "sha256": s,          # lowercase hex SHA-256 of the content for "file", else null
+         "target": g},         # symlink: link text as stored; hardlink: normalised
+                               # target path; else null
+        ...                    # one per member, sorted by path (Unicode code points)
+    ]))
+
+    compose_hash = H(canonical_json({
+        "kind": "ee/v2/compose-hash/1",
+        "compose": yaml.safe_load(compose_text),
+        "build_context": context_digest,   # null when there is no build context
+    }))
+
+Only the member tree counts: compression level, gzip header, tar format, member order,
+mtimes and owners do not, so re-compressing the same tree gives the same hash, while
+any change to the compose document (other than formatting, comments and key order),
+to a file's bytes, name or mode, or to a link, changes it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import math
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import attrs
+import yaml
+
+from ee.protocol.canonical import canonical_json
+
+__all__ = [
+    "DEFAULT_MAX_CONTEXT_BYTES",
+    "DEFAULT_MAX_CONTEXT_MEMBERS",
+    "DEFAULT_MAX_UNCOMPRESSED_BYTES",
+    "HASH_KIND",
+    "MAX_COMPOSE_BYTES",
+    "MAX_COMPOSE_NODES",
+    "BuildContext",
+    "BuildContextError",
+    "ComposeError",
+    "ContextMember",
+    "LoadedBuildContext",
+    "compose_hash",
+    "compose_services",
+    "hash_compose_document",
+    "load_build_context",
+    "validate_build_context",
+    "validate_compose",
+]
+
+HASH_KIND = "ee/v2/compose-hash/1"
+MAX_COMPOSE_BYTES = 1024 * 1024
+MAX_COMPOSE_NODES = 100_000
+DEFAULT_MAX_CONTEXT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_CONTEXT_MEMBERS = 20_000
+
+MemberKind = Literal["file", "dir", "symlink", "hardlink"]
+
+
+class ComposeError(ValueError):
+    """The compose document is not acceptable (the message says why)."""
+
+
+class BuildContextError(ValueError):
+    """The build context is not acceptable; ``member`` names the offending entry."""
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message if member is None else f"{message}: {member!r}")
+        self.member = member
+
+
+@attrs.frozen
+class ContextMember:
+    """One normalised build-context entry, as it enters the context digest."""
+
+    path: str
+    kind: MemberKind
+    mode: int
+    size: int
+    sha256: str | None = None
+    target: str | None = None
+
+    def digest_entry(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "type": self.kind,
+            "mode": self.mode,
+            "sha256": self.sha256,
+            "target": self.target,
+        }
+
+
+@attrs.frozen
+class BuildContext:
+    """A validated build context: its members (sorted by path) and their digest."""
+
+    members: tuple[ContextMember, ...]
+    digest: str
+    compressed_size: int
+    uncompressed_size: int
+
+
+@attrs.frozen
+class LoadedBuildContext:
+    """A validated build context together with the bytes of its regular files."""
+
+    context: BuildContext
+    contents: Mapping[str, bytes]
+
+
+def _h(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Compose document
+
+
+def _check_json_data(doc: object) -> None:
+    """Refuse non-JSON YAML values and alias bombs (iterative, bounded walk)."""
+    budget = MAX_COMPOSE_NODES
+    stack: list[tuple[object, str]] = [(doc, "")]
+    while stack:
+        value, where = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ComposeError(
+                f"compose document too large: more than {MAX_COMPOSE_NODES} nodes "
+                "after alias expansion"
+            )
+        at = where or "<root>"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise ComposeError(f"mapping key {key!r} at {at} is not a string (quote it)")
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                stack.append((item, f"{at}[{index}]"))
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ComposeError(f"value at {at} is not a finite number")
+        elif value is not None and not isinstance(value, str | int | bool):
+            raise ComposeError(
+                f"value at {at} has YAML type {type(value).__name__}, "
+                "which has no JSON form (quote it)"
+            )
+
+
+def validate_compose(text: str) -> dict[str, Any]:
+    """Parse and check a compose document; return the parsed mapping.
+
+    Raises :class:`ComposeError` with a human-readable reason.
+    """
+    if not isinstance(text, str):
+        raise ComposeError(f"compose must be text, not {type(text).__name__}")
+    if len(text.encode("utf-8")) > MAX_COMPOSE_BYTES:
+        raise ComposeError(f"compose document larger than {MAX_COMPOSE_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ComposeError(f"compose is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        kind = "empty" if doc is None else f"a {type(doc).__name__}"
+        raise ComposeError(f"compose must be a YAML mapping, got {kind}")
+    _check_json_data(doc)
+    services = doc.get("services")
+    if services is None:
+        raise ComposeError("compose has no 'services' section")
+    if not isinstance(services, dict) or not services:
+        raise ComposeError("compose 'services' must be a non-empty mapping")
+    for name, service in services.items():
+        if not isinstance(service, dict):
+            raise ComposeError(f"compose service {name!r} must be a mapping")
+    return doc
+
+
+def compose_services(doc: Mapping[str, Any]) -> list[str]:
+    """Service names of a validated compose document, in file order."""
+    return list(doc["services"])
+
+
+# ---------------------------------------------------------------------------
+# Build context
+
+
+def _normalise_name(name: str) -> str:
+    if name.startswith("/"):
+        raise BuildContextError("absolute path in build context", name)
+    if "\x00" in name:
+        raise BuildContextError("NUL byte in build context member name", name)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise BuildContextError("'..' in build context member name", name)
+    return "/".join(parts)
+
+
+def _decompress(data: bytes, max_bytes: int, max_uncompressed: int) -> bytes:
+    if len(data) > max_bytes:
+        raise BuildContextError(
+            f"build context is {len(data)} bytes compressed, over the {max_bytes} byte limit"
+        )
+    out = io.BytesIO()
+    total = 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as stream:
+            while chunk := stream.read(1024 * 1024):
+                total += len(chunk)
+                if total > max_uncompressed:
+                    raise BuildContextError(
+                        "build context is over the uncompressed size limit "
+                        f"of {max_uncompressed} bytes"
+                    )
+                out.write(chunk)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BuildContextError(f"build context is not a valid gzip file ({exc})") from None
+    return out.getvalue()
+
+
+def load_build_context(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+    max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
+    max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
+) -> LoadedBuildContext:
+    """Validate a gzip tar build context and return its members and file contents.
+
+    Raises :class:`BuildContextError` naming the offending member. CPU-heavy for
+    large contexts: call it from a worker thread on an event loop.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"build context must be bytes, not {type(data).__name__}")
+    data = bytes(data)
+    raw = _decompress(data, max_bytes, max_uncompressed_bytes)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
+            members, contents = _scan(archive, max_members)
+    except tarfile.TarError as exc:
+        raise BuildContextError(f"build context is not a readable tar archive ({exc})") from None
+    ordered = tuple(sorted(members.values(), key=lambda m: m.path))
+    digest = _h(canonical_json([m.digest_entry() for m in ordered]))
+    context = BuildContext(
+        members=ordered,
+        digest=digest,
+        compressed_size=len(data),
+        uncompressed_size=len(raw),
+    )
+    return LoadedBuildContext(context=context, contents=contents)
+
+
+def _scan(
+    archive: tarfile.TarFile, max_members: int
+) -> tuple[dict[str, ContextMember], dict[str, bytes]]:
+    members: dict[str, ContextMember] = {}
+    parents: set[str] = set()  # directories implied by member names
+    contents: dict[str, bytes] = {}
+    while (info := archive.next()) is not None:
+        if len(members) >= max_members:
+            raise BuildContextError(f"build context has more than {max_members} members")
+        member = _check_member(info, members, parents)
+        if member is None:
+            continue
+        parent = posixpath.dirname(member.path)
+        while parent and parent not in parents:
+            parents.add(parent)
+            parent = posixpath.dirname(parent)
+        if member.kind == "file":
+            extracted = archive.extractfile(info)
+            assert extracted is not None  # regular files always have a stream
+            content = extracted.read()
+            contents[member.path] = content
+            member = attrs.evolve(member, sha256=hashlib.sha256(content).hexdigest())
+        members[member.path] = member
+    return members, contents
+
+
+def _check_member(
+    info: tarfile.TarInfo, seen: Mapping[str, ContextMember], parents: set[str]
+) -> ContextMember | None:
+    path = _normalise_name(info.name)
+    if not path:
+        if info.isdir():
+            return None  # the root directory entry ("." or "./")
+        raise BuildContextError("non-directory entry for the context root", info.name)
+    if path in seen:
+        raise BuildContextError("duplicate build context member", path)
+    parent = posixpath.dirname(path)
+    while parent:
+        above = seen.get(parent)
+        if above is not None and above.kind != "dir":
+            raise BuildContextError(f"member is below a {above.kind} ({parent!r})", path)
+        parent = posixpath.dirname(parent)
+    if path in parents and not info.isdir():
+        raise BuildContextError("non-directory member where earlier members need a directory", path)
+    mode = info.mode & 0o7777
+    if info.isreg():
+        return ContextMember(path=path, kind="file", mode=mode, size=info.size)
+    if info.isdir():
+        return ContextMember(path=path, kind="dir", mode=mode, size=0)
+    if info.issym():
+        target = info.linkname
+        if not target or target.startswith("/"):
+            raise BuildContextError("symlink with an absolute or empty target", path)
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise BuildContextError(f"symlink escapes the context root (-> {target!r})", path)
+        return ContextMember(path=path, kind="symlink", mode=mode, size=0, target=target)
+    if info.islnk():
+        target = _normalise_name(info.linkname)
+        linked = seen.get(target)
+        if linked is None or linked.kind != "file":
+            raise BuildContextError(
+                f"hardlink target {info.linkname!r} is not an earlier regular file", path
+            )
+        return ContextMember(path=path, kind="hardlink", mode=mode, size=0, target=target)
+    if info.ischr() or info.isblk():
+        raise BuildContextError("device file in build context", path)
+    if info.isfifo():
+        raise BuildContextError("FIFO in build context", path)
+    raise BuildContextError(f"unsupported tar member type {info.type!r}", path)
+
+
+def validate_build_context(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
+    max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
+    max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
+) -> BuildContext:
+    """Validate a gzip tar build context; return its member list and digest."""
+    return load_build_context(
+        data,
+        max_bytes=max_bytes,
+        max_uncompressed_bytes=max_uncompressed_bytes,
+        max_members=max_members,
+    ).context
+
+
+# ---------------------------------------------------------------------------
+# Hash
+
+
+def hash_compose_document(doc: Mapping[str, Any], context: BuildContext | None) -> str:
+    """The compose hash of an already validated document and build context."""
+    try:
+        payload = canonical_json(
+            {
+                "kind": HASH_KIND,
+                "compose": doc,
+                "build_context": None if context is None else context.digest,
+            }
+        )
+    except (TypeError, ValueError) as exc:
+        raise ComposeError(f"compose document has no canonical JSON form ({exc})") from None
+    return _h(payload)
+
+
+def compose_hash(compose_text: str, build_context: bytes | None) -> str:
+    """``"sha256:<hex>"`` over the canonical compose document and build context digest.
+
+    See the module docstring for the exact definition. Raises :class:`ComposeError` or
+    :class:`BuildContextError` when either input is not acceptable.
+    """
+    doc = validate_compose(compose_text)
+    context = None if build_context is None else validate_build_context(build_context)
+    return hash_compose_document(doc, context)

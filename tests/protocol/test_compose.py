@@ -1,0 +1,289 @@
+"""Compose validation, build context validation and the compose hash (pure)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+
+import pytest
+
+from ee.protocol.canonical import canonical_json
+from ee.protocol.compose import (
+    BuildContextError,
+    ComposeError,
+    compose_hash,
+    compose_services,
+    load_build_context,
+    validate_build_context,
+    validate_compose,
+)
+
+COMPOSE = """\
+services:
+  web:
+    build: .
+    environment:
+      GREETING: hello
+    labels: [a=1, b=2]
+  db:
+    image: ee-busybox:local
+    command: ["sleep", "3600"]
+"""
+
+# Same document: other key order, flow style, comments, quoting.
+COMPOSE_REORDERED = """\
+# a comment
+services:
+  db: {command: [sleep, "3600"], image: "ee-busybox:local"}
+  web:
+    labels:
+      - a=1
+      - b=2
+    environment: {GREETING: "hello"}
+    build: "."
+"""
+
+Entry = tuple[str, str, int, bytes | str | None]  # (name, kind, mode, content/target)
+
+TREE: list[Entry] = [
+    ("Dockerfile", "file", 0o644, b"FROM ee-busybox:local\n"),
+    ("www", "dir", 0o755, None),
+    ("www/health", "file", 0o644, b"ok\n"),
+    ("www/cgi-bin/echo", "file", 0o755, b"#!/bin/sh\ncat\n"),
+    ("www/alias", "symlink", 0o777, "health"),
+]
+
+
+def make_tar(
+    entries: list[Entry],
+    *,
+    level: int = 9,
+    mtime: int = 0,
+    prefix: str = "",
+    fmt: int = tarfile.PAX_FORMAT,
+    uid: int = 0,
+) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=fmt) as tar:
+        for name, kind, mode, payload in entries:
+            info = tarfile.TarInfo(prefix + name)
+            info.mode = mode
+            info.mtime = mtime
+            info.uid = uid
+            data = None
+            if kind == "file":
+                assert isinstance(payload, bytes)
+                info.size = len(payload)
+                data = io.BytesIO(payload)
+            elif kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "symlink":
+                info.type = tarfile.SYMTYPE
+                assert isinstance(payload, str)
+                info.linkname = payload
+            elif kind == "hardlink":
+                info.type = tarfile.LNKTYPE
+                assert isinstance(payload, str)
+                info.linkname = payload
+            elif kind == "chr":
+                info.type = tarfile.CHRTYPE
+                info.devmajor, info.devminor = 1, 3
+            elif kind == "fifo":
+                info.type = tarfile.FIFOTYPE
+            tar.addfile(info, data)
+    return gzip.compress(raw.getvalue(), compresslevel=level, mtime=mtime)
+
+
+# -- compose validation -----------------------------------------------------------
+
+
+def test_validate_compose_returns_mapping_in_file_order() -> None:
+    doc = validate_compose(COMPOSE)
+    assert compose_services(doc) == ["web", "db"]
+    assert doc["services"]["web"]["environment"] == {"GREETING": "hello"}
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "got empty"),
+        ("- a\n- b\n", "got a list"),
+        ("services: [\n", "not valid YAML"),
+        ("version: '3'\n", "no 'services'"),
+        ("services: {}\n", "non-empty mapping"),
+        ("services: [web]\n", "non-empty mapping"),
+        ("services:\n  web: nginx\n", "service 'web' must be a mapping"),
+        ("services:\n  web:\n    environment:\n      1: x\n", "key 1 at services.web.environment"),
+        ("services:\n  web:\n    labels:\n      when: 2024-01-01\n", "type date"),
+        ("services:\n  web:\n    cpus: .nan\n", "not a finite number"),
+        ("services:\n  web:\n    x: !!binary aGk=\n", "type bytes"),
+    ],
+)
+def test_validate_compose_rejects(text: str, reason: str) -> None:
+    with pytest.raises(ComposeError, match=reason):
+        validate_compose(text)
+
+
+def test_validate_compose_refuses_alias_bomb() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        prev = f"*a{i - 1}"
+        lines.append(f"a{i}: &a{i} [{', '.join([prev] * 10)}]")
+    lines.append("services:\n  web:\n    x: *a8")
+    with pytest.raises(ComposeError, match="too large"):
+        validate_compose("\n".join(lines))
+
+
+# -- hash ----------------------------------------------------------------------------
+
+
+def test_hash_format_and_definition() -> None:
+    context = make_tar(TREE)
+    digest = compose_hash(COMPOSE, context)
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    # Recompute from the documented definition.
+    members = sorted(
+        [
+            {
+                "path": name,
+                "type": kind,
+                "mode": mode,
+                "sha256": hashlib.sha256(payload).hexdigest()
+                if isinstance(payload, bytes)
+                else None,
+                "target": payload if isinstance(payload, str) else None,
+            }
+            for name, kind, mode, payload in TREE
+        ],
+        key=lambda m: str(m["path"]),
+    )
+    context_digest = "sha256:" + hashlib.sha256(canonical_json(members)).hexdigest()
+    assert validate_build_context(context).digest == context_digest
+    import yaml
+
+    expected = hashlib.sha256(
+        canonical_json(
+            {
+                "kind": "ee/v2/compose-hash/1",
+                "compose": yaml.safe_load(COMPOSE),
+                "build_context": context_digest,
+            }
+        )
+    ).hexdigest()
+    assert digest == "sha256:" + expected
+
+
+def test_hash_ignores_key_order_formatting_and_comments() -> None:
+    assert compose_hash(COMPOSE, None) == compose_hash(COMPOSE_REORDERED, None)
+
+
+def test_hash_stable_across_recompression_and_tar_metadata() -> None:
+    reference = compose_hash(COMPOSE, make_tar(TREE))
+    variants = [
+        make_tar(TREE, level=1),
+        make_tar(TREE, mtime=1_700_000_000),
+        make_tar(list(reversed(TREE))),
+        make_tar(TREE, prefix="./"),
+        make_tar(TREE, fmt=tarfile.GNU_FORMAT, uid=1000),
+        make_tar([("", "dir", 0o755, None), *TREE], prefix="./"),  # root "./" entry
+    ]
+    for variant in variants:
+        assert compose_hash(COMPOSE, variant) == reference
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda t: [(n, k, m, b"FROM other\n" if n == "Dockerfile" else p) for n, k, m, p in t],
+        lambda t: [(n, k, 0o600 if n == "www/health" else m, p) for n, k, m, p in t],
+        lambda t: [("www/Health" if n == "www/health" else n, k, m, p) for n, k, m, p in t],
+        lambda t: [(n, k, m, "cgi-bin" if k == "symlink" else p) for n, k, m, p in t],
+        lambda t: [*t, ("extra", "file", 0o644, b"")],
+        lambda t: [*t, ("emptydir", "dir", 0o755, None)],
+        lambda t: [e for e in t if e[0] != "www/cgi-bin/echo"],
+    ],
+)
+def test_hash_changes_with_any_context_change(change: object) -> None:
+    assert callable(change)
+    reference = compose_hash(COMPOSE, make_tar(TREE))
+    assert compose_hash(COMPOSE, make_tar(change(TREE))) != reference
+
+
+def test_hash_changes_with_compose_content_and_context_presence() -> None:
+    context = make_tar(TREE)
+    reference = compose_hash(COMPOSE, context)
+    assert compose_hash(COMPOSE.replace("hello", "hallo"), context) != reference
+    assert compose_hash(COMPOSE, None) != reference
+    assert compose_hash(COMPOSE, make_tar([])) != compose_hash(COMPOSE, None)
+
+
+# -- build context validation ---------------------------------------------------------
+
+
+def test_load_build_context_returns_contents() -> None:
+    loaded = load_build_context(make_tar(TREE))
+    assert loaded.contents["www/health"] == b"ok\n"
+    assert [m.path for m in loaded.context.members] == sorted(name for name, *_ in TREE)
+    hardlinked = load_build_context(
+        make_tar([*TREE, ("www/health2", "hardlink", 0o644, "./www/health")])
+    )
+    link = next(m for m in hardlinked.context.members if m.path == "www/health2")
+    assert (link.kind, link.target) == ("hardlink", "www/health")
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason", "member"),
+    [
+        ([("/etc/passwd", "file", 0o644, b"x")], "absolute path", "/etc/passwd"),
+        ([("a/../../x", "file", 0o644, b"x")], "'..'", "a/../../x"),
+        ([("../x", "file", 0o644, b"x")], "'..'", "../x"),
+        ([("l", "symlink", 0o777, "/etc")], "absolute", "l"),
+        ([("d/l", "symlink", 0o777, "../../etc")], "escapes", "d/l"),
+        ([("l", "symlink", 0o777, "d"), ("l/x", "file", 0o644, b"x")], "below a symlink", "l/x"),
+        ([("f", "file", 0o644, b""), ("f/x", "file", 0o644, b"x")], "below a file", "f/x"),
+        ([("a/x", "file", 0o644, b""), ("a", "symlink", 0o777, "b")], "need a directory", "a"),
+        ([("h", "hardlink", 0o644, "../outside")], "'..'", "../outside"),
+        ([("h", "hardlink", 0o644, "missing")], "not an earlier regular file", "h"),
+        ([("null", "chr", 0o644, None)], "device file", "null"),
+        ([("pipe", "fifo", 0o644, None)], "FIFO", "pipe"),
+        ([("x", "file", 0o644, b"1"), ("./x", "file", 0o644, b"2")], "duplicate", "x"),
+    ],
+)
+def test_build_context_refused_naming_member(
+    entries: list[Entry], reason: str, member: str
+) -> None:
+    with pytest.raises(BuildContextError, match=reason) as info:
+        validate_build_context(make_tar(entries))
+    assert info.value.member == member
+    assert repr(member) in str(info.value)
+
+
+def test_build_context_not_gzip_or_not_tar() -> None:
+    with pytest.raises(BuildContextError, match="not a valid gzip"):
+        validate_build_context(b"definitely not gzip")
+    with pytest.raises(BuildContextError, match="not a valid gzip"):
+        validate_build_context(make_tar(TREE)[:40])  # truncated
+    with pytest.raises(BuildContextError, match="tar"):
+        validate_build_context(gzip.compress(b"hello, not a tar archive" * 40))
+
+
+def test_build_context_size_caps() -> None:
+    data = make_tar([("big", "file", 0o644, b"\0" * 2_000_000)])
+    assert len(data) < 10_000  # compresses very well: the uncompressed cap must catch it
+    with pytest.raises(BuildContextError, match="compressed, over the 100 byte limit"):
+        validate_build_context(data, max_bytes=100)
+    with pytest.raises(BuildContextError, match="uncompressed size limit"):
+        validate_build_context(data, max_uncompressed_bytes=1_000_000)
+    assert validate_build_context(data).uncompressed_size > 2_000_000
+    many = make_tar([(f"f{i}", "file", 0o644, b"") for i in range(5)])
+    with pytest.raises(BuildContextError, match="more than 4 members"):
+        validate_build_context(many, max_members=4)
+
+
+def test_compose_hash_propagates_validation_errors() -> None:
+    with pytest.raises(ComposeError):
+        compose_hash("services: {}", None)
+    with pytest.raises(BuildContextError):
+        compose_hash(COMPOSE, b"junk")
