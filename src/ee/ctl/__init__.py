@@ -1,0 +1,1 @@
+"""eectl: the operators' tool (typed subcommands; the console REPL comes later)."""

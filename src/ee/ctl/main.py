@@ -1,0 +1,49 @@
+"""eectl entry point: argparse with one module per subcommand group.
+
+Each group module exposes ``register(subparsers)``, adding its parser and setting
+``handler`` (a function ``(args) -> int`` exit code) on each leaf subcommand. To add a
+group (`console`, `deploy`, `capacity`, ...), write its module and list it in GROUPS.
+Exit codes: 0 success, 1 the operation ran and said no (e.g. a quote was refused),
+2 usage or unreadable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from ee import __version__
+from ee.ctl import trust
+
+GROUPS: tuple[ModuleType, ...] = (trust,)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eectl", description="EasyEnclave operators' tool.")
+    parser.add_argument("--version", action="version", version=f"eectl {__version__}")
+    groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
+    for module in GROUPS:
+        module.register(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    return handler(args)
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
