@@ -192,7 +192,7 @@ class ActorRef:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ActorDead(self._name, "stopped") from None
 
-    async def ask(self, message: object, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
+    async def ask(self, message: object, timeout: float = 5.0) -> Any:
         """Send *message* and wait for the handler's return value.
 
         Raises ``AskTimeout`` after *timeout* seconds (waiting for mailbox room counts),

@@ -1,0 +1,1 @@
+"""Domain actors: AgentActor, DatacenterActor (and later AppActor, CapacityPoolActor)."""

@@ -1,0 +1,382 @@
+"""AgentActor: the CP's picture of one agent VM.
+
+It outlives its websocket: a session opening or closing is a message to it
+(``SessionOpened`` / ``SessionClosed``), so an agent that drops and comes back keeps
+its actor, its id and its drain flag. Its lifecycle follows the table in
+``ee.actors.lifecycle``; heartbeat age is checked on a timer (Trio time), turning a
+silent agent stale and then offline.
+
+Recovery (``started``) rebuilds from the sources, never from a copy: the identity
+comes from the live session (what registration proved) and the workload picture from
+a fresh ``snapshot`` asked of the agent. With no live session the agent is offline
+until it reconnects.
+
+Re-attestation runs in a helper task every ``attest_interval_s``: a fresh nonce, the
+agent's quote, verification in a worker thread; a refusal quarantines the agent (no
+new placements) and raises an event.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ee.actors.identity import Identity
+from ee.actors.lifecycle import AgentState, api_status, status_for_age, transition
+from ee.protocol.messages import (
+    Attest,
+    Attestation,
+    DeploymentSnapshot,
+    DeployStatus,
+    Heartbeat,
+    Message,
+    Snapshot,
+    SnapshotRequest,
+)
+from ee.runtime import Actor, ActorDead, MailboxFull, handler
+
+log = logging.getLogger("ee.actors.agent")
+
+
+class AgentLink(Protocol):
+    """The live, authenticated session of one agent (implemented by the agent plane)."""
+
+    @property
+    def session_id(self) -> int: ...
+
+    @property
+    def identity(self) -> Identity: ...
+
+    async def request(self, msg: Message, timeout: float) -> Message: ...
+
+    async def send(self, msg: Message) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+class Reattester(Protocol):
+    def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
+                 now: float) -> Any: ...
+
+
+@attrs.frozen
+class AgentSettings:
+    heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 30.0
+    offline_after_s: float = 60.0
+    attest_interval_s: float = 3600.0
+    request_timeout_s: float = 10.0
+
+
+@attrs.frozen
+class AgentDeps:
+    settings: AgentSettings
+    link_for: Callable[[str], AgentLink | None]  # agent id -> live session, if any
+    reattester: Reattester
+    emit: Callable[[str, str, Mapping[str, Any]], None]  # (kind, subject, data)
+    attest_limiter: trio.CapacityLimiter
+    # Operator intent, kept outside the actor so a restart does not forget it.
+    drained: set[str] = attrs.field(factory=set)
+
+
+# ---- messages ------------------------------------------------------------------------
+
+@attrs.frozen
+class SessionOpened:
+    link: AgentLink
+    snapshot: Snapshot
+
+
+@attrs.frozen
+class SessionClosed:
+    session_id: int
+    reason: str
+
+
+@attrs.frozen
+class HeartbeatIn:
+    session_id: int
+    heartbeat: Heartbeat
+
+
+@attrs.frozen
+class DeployStatusIn:
+    session_id: int
+    status: DeployStatus
+
+
+@attrs.frozen
+class Tick:
+    pass
+
+
+@attrs.frozen
+class Describe:
+    pass
+
+
+@attrs.frozen
+class SetDrain:
+    draining: bool
+
+
+@attrs.frozen
+class ReattestDone:
+    session_id: int
+    refusal: Any  # Refusal | None
+    at_unix: float
+
+
+@attrs.frozen
+class StatusReport:
+    """AgentActor → DatacenterActor: this agent's status changed (``at``: Trio time)."""
+
+    agent_id: str
+    status: str
+    attestation_pass: bool | None
+    at: float
+
+
+def _iso(unix: float | None) -> str | None:
+    if unix is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+class AgentActor(Actor):
+    def __init__(self, agent_id: str, deps: AgentDeps) -> None:
+        self.agent_id = agent_id
+        self.deps = deps
+        self.state = AgentState.OFFLINE
+        self.identity: Identity | None = None
+        self.link: AgentLink | None = None
+        self.draining = False
+        self.last_heartbeat: float | None = None  # trio time
+        self.last_heartbeat_unix: float | None = None
+        self.seq = 0
+        self.health: dict[str, Any] = {"status": "unknown", "detail": ""}
+        self.stats: dict[str, Any] = {}
+        self.deployments: dict[str, DeploymentSnapshot] = {}
+        self.quarantine_reasons: tuple[str, ...] = ()
+
+    # ---- recovery --------------------------------------------------------------------
+
+    async def started(self) -> None:
+        self.draining = self.agent_id in self.deps.drained
+        link = self.deps.link_for(self.agent_id)
+        if link is not None:
+            self.identity = link.identity
+            try:
+                reply = await link.request(SnapshotRequest(),
+                                           self.deps.settings.request_timeout_s)
+            except Exception as exc:  # the agent will reconnect; stay offline till then
+                log.info("agent %s: no snapshot on recovery (%s)", self.agent_id, exc)
+            else:
+                if isinstance(reply, Snapshot):
+                    self._adopt(link, reply)
+        self._announce()
+        self.start_soon(self._ticker)
+        self.start_soon(self._reattest_loop)
+
+    async def _ticker(self) -> None:
+        interval = max(0.5, self.deps.settings.heartbeat_interval_s / 2)
+        while True:
+            await trio.sleep(interval)
+            try:
+                self.ref.try_tell(Tick())
+            except MailboxFull:
+                pass  # a tick is already queued behind other work: nothing lost
+            except ActorDead:
+                return
+
+    async def _reattest_loop(self) -> None:
+        while True:
+            await trio.sleep(self.deps.settings.attest_interval_s)
+            link = self.link
+            if link is None or self.identity is None:
+                continue
+            nonce = secrets.token_bytes(32)
+            try:
+                reply = await link.request(Attest(nonce=nonce),
+                                           self.deps.settings.request_timeout_s)
+            except Exception as exc:
+                log.info("agent %s: re-attestation request failed: %s", self.agent_id, exc)
+                continue
+            if not isinstance(reply, Attestation):
+                continue
+            refusal = await trio.to_thread.run_sync(
+                functools.partial(self.deps.reattester.reattest, reply.quote, nonce,
+                                  self.identity, now=time.time()),
+                limiter=self.deps.attest_limiter)
+            await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+
+    # ---- state changes ---------------------------------------------------------------
+
+    def _set_state(self, target: AgentState) -> None:
+        if target is self.state:
+            return
+        old = self.state
+        self.state = transition(self.state, target)
+        self.deps.emit("agent.status", self.agent_id,
+                       {"from": old.value, "to": target.value, "vm_name": self.vm_name})
+        self._announce()
+
+    @property
+    def vm_name(self) -> str | None:
+        return self.identity.vm_name if self.identity else None
+
+    def _announce(self) -> None:
+        if self.identity is None:
+            return
+        passed = None if self.state is AgentState.OFFLINE else (
+            self.state is not AgentState.QUARANTINED)
+        report = StatusReport(self.agent_id, api_status(self.state), passed,
+                              trio.current_time())
+        try:
+            self.registry.ref(f"dc/{self.identity.datacenter}").try_tell(report)
+        except (ActorDead, MailboxFull):
+            pass  # the datacenter rebuilds from agents when it (re)starts
+
+    def _adopt(self, link: AgentLink, snapshot: Snapshot) -> None:
+        self.link = link
+        self.identity = link.identity
+        if self.state is not AgentState.CONNECTING:
+            self.state = transition(self.state, AgentState.CONNECTING)
+        self.state = transition(self.state, AgentState.REGISTERED)
+        self._apply_snapshot(snapshot)
+        self.last_heartbeat = trio.current_time()
+        self.last_heartbeat_unix = time.time()
+        self.quarantine_reasons = ()
+        self._set_state(AgentState.READY)
+
+    def _apply_snapshot(self, snapshot: Snapshot) -> None:
+        self.deployments = {d.deployment_id: d for d in snapshot.deployments}
+        self.health = {"status": snapshot.health.status, "detail": snapshot.health.detail}
+        self.seq = snapshot.seq
+
+    def _current(self, session_id: int) -> bool:
+        return self.link is not None and self.link.session_id == session_id
+
+    # ---- handlers --------------------------------------------------------------------
+
+    @handler(SessionOpened)
+    async def on_opened(self, msg: SessionOpened) -> None:
+        old = self.link
+        if old is not None and old.session_id != msg.link.session_id:
+            await old.close(1000, "replaced by a newer session of the same VM")
+        self._adopt(msg.link, msg.snapshot)
+        self.deps.emit("agent.connected", self.agent_id,
+                       {"vm_name": msg.link.identity.vm_name,
+                        "datacenter": msg.link.identity.datacenter})
+
+    @handler(SessionClosed)
+    async def on_closed(self, msg: SessionClosed) -> None:
+        if not self._current(msg.session_id):
+            return
+        self.link = None
+        self._set_state(AgentState.OFFLINE)
+        self.deps.emit("agent.disconnected", self.agent_id, {"reason": msg.reason})
+
+    @handler(HeartbeatIn)
+    async def on_heartbeat(self, msg: HeartbeatIn) -> None:
+        if not self._current(msg.session_id):
+            return
+        hb = msg.heartbeat
+        self.seq = hb.seq
+        self.health = {"status": hb.health.status, "detail": hb.health.detail}
+        self.stats = attrs.asdict(hb.stats)
+        self.last_heartbeat = trio.current_time()
+        self.last_heartbeat_unix = time.time()
+        if self.state is AgentState.STALE:
+            self._set_state(AgentState.READY)
+
+    @handler(DeployStatusIn)
+    async def on_deploy_status(self, msg: DeployStatusIn) -> None:
+        if not self._current(msg.session_id):
+            return
+        st = msg.status
+        old = self.deployments.get(st.deployment_id)
+        if old is not None:
+            self.deployments[st.deployment_id] = attrs.evolve(
+                old, state=st.state, compose_hash=st.compose_hash or old.compose_hash,
+                image_digests=st.image_digests or old.image_digests)
+
+    @handler(Tick)
+    async def on_tick(self, _: Tick) -> None:
+        if self.last_heartbeat is None:
+            return
+        age = trio.current_time() - self.last_heartbeat
+        s = self.deps.settings
+        target = status_for_age(self.state, age, s.stale_after_s, s.offline_after_s)
+        if target is AgentState.OFFLINE and self.link is not None:
+            link, self.link = self.link, None
+            await link.close(1001, f"no heartbeat for {age:.0f}s")
+        self._set_state(target)
+
+    @handler(SetDrain)
+    async def on_drain(self, msg: SetDrain) -> dict[str, Any]:
+        self.draining = msg.draining
+        if msg.draining:
+            self.deps.drained.add(self.agent_id)
+        else:
+            self.deps.drained.discard(self.agent_id)
+        self.deps.emit("agent.drain", self.agent_id, {"draining": msg.draining})
+        return self.view()
+
+    @handler(ReattestDone)
+    async def on_reattest(self, msg: ReattestDone) -> None:
+        if not self._current(msg.session_id) or self.identity is None:
+            return
+        if msg.refusal is None:
+            self.identity = attrs.evolve(self.identity, verified_at=msg.at_unix)
+            return
+        self.quarantine_reasons = tuple(msg.refusal.reasons)
+        self.deps.emit("agent.quarantined", self.agent_id,
+                       {"code": msg.refusal.code, "reasons": list(msg.refusal.reasons)})
+        if self.state in (AgentState.READY, AgentState.STALE):
+            self._set_state(AgentState.QUARANTINED)
+
+    @handler(Describe)
+    async def on_describe(self, _: Describe) -> dict[str, Any]:
+        return self.view()
+
+    def view(self) -> dict[str, Any]:
+        ident = self.identity
+        age = (trio.current_time() - self.last_heartbeat
+               if self.last_heartbeat is not None else None)
+        return {
+            "agent_id": self.agent_id,
+            "vm_name": ident.vm_name if ident else None,
+            "node_size": ident.node_size if ident else None,
+            "datacenter": ident.datacenter if ident else None,
+            "gpu": ident.gpu if ident else None,
+            "status": api_status(self.state),
+            "lifecycle": self.state.value,
+            "draining": self.draining,
+            "attestation": {
+                "verdict": ("fail" if self.state is AgentState.QUARANTINED
+                            else ident.verdict) if ident else None,
+                "provider": ident.provider if ident else None,
+                "mrtd": ident.mrtd if ident else None,
+                "tcb_status": ident.tcb_status if ident else None,
+                "verified_at": _iso(ident.verified_at) if ident else None,
+                "violations": list(ident.violations) if ident else [],
+                "quarantine_reasons": list(self.quarantine_reasons),
+            },
+            "deployment": [
+                {"deployment_id": d.deployment_id, "app": d.app, "version": d.version,
+                 "state": d.state, "compose_hash": d.compose_hash}
+                for d in self.deployments.values()
+            ],
+            "health": self.health,
+            "heartbeat_seq": self.seq,
+            "heartbeat_age_s": round(age, 3) if age is not None else None,
+            "last_heartbeat": _iso(self.last_heartbeat_unix),
+        }

@@ -1,0 +1,1 @@
+"""Control plane assembly: supervision tree, HTTP and agent plane, records, registration."""

@@ -1,0 +1,415 @@
+"""The agent plane: one trio-websocket listener for every agent session.
+
+Each connection runs challenge → register → registered | rejected, then a reader loop
+that hands frames to the agent's actor with a *non-blocking* send: a slow or flooding
+agent fills its own mailbox and is told so (then closed), and never stalls the reader
+of another agent or the CP. Replies (frames with ``re``) resolve the pending request
+of the ``Session``; every other frame type the agent may send is routed by type.
+
+Bad input gets an ``error`` frame naming the problem; the third bad frame on one
+connection closes it with 1008 (policy) or, for oversized frames, 1009. Frames larger
+than twice the limit are cut by trio-websocket itself (1009) without being buffered.
+
+Registration is decided by ``registration.Judge`` in a worker thread under a capacity
+limiter (quote verification is CPU work). The nonce is issued per connection, single
+use, with a TTL; a quote that binds an already-used nonce is named a replay.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+import trio
+import trio_websocket
+
+from ee.actors.agent import (
+    AgentActor,
+    AgentDeps,
+    DeployStatusIn,
+    HeartbeatIn,
+    SessionClosed,
+    SessionOpened,
+)
+from ee.actors.datacenter import DatacenterActor
+from ee.actors.identity import Identity
+from ee.cp.events import EventBus
+from ee.cp.registration import Admission, Judge, NonceBook, Refusal
+from ee.protocol import (
+    AgentProtocolError,
+    FrameTooLarge,
+    decode_message,
+    encode_message,
+    registration_report_data,
+)
+from ee.protocol.messages import (
+    Challenge,
+    DeployStatus,
+    ErrorMessage,
+    Heartbeat,
+    Message,
+    Reconnect,
+    Register,
+    Registered,
+    Rejected,
+)
+from ee.runtime import ActorDead, MailboxFull, Registry
+from ee.supervisors import ChildExists, Restart, Supervisor, actor_spec
+
+log = logging.getLogger("ee.cp.agent_plane")
+
+CONNECT_PATH = "/api/v2/agents/connect"
+
+
+class _SessionEnded(Exception):
+    """We closed the session (too many bad frames); unwinds the connection handler."""
+
+
+class AgentRequestError(Exception):
+    """The agent answered a request with an ``error`` frame, or not at all."""
+
+
+@attrs.frozen
+class PlaneSettings:
+    max_frame_bytes: int = 1 << 20
+    nonce_ttl_s: float = 30.0
+    max_bad_frames: int = 3
+    heartbeat_interval_s: float = 10.0
+    attest_interval_s: float = 3600.0
+    reconnect_after_s: float = 2.0
+
+
+class Session:
+    """One authenticated websocket session (the ``AgentLink`` AgentActors talk through)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, max_frame_bytes: int) -> None:
+        self.session_id = next(Session._ids)
+        self.ws = ws
+        self.max_frame_bytes = max_frame_bytes
+        self._identity: Identity | None = None
+        self._next_request = itertools.count(1)
+        self._pending: dict[int, tuple[trio.Event, list[Message]]] = {}
+        self._send_lock = trio.Lock()
+        self.bad_frames = 0
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise RuntimeError("session is not registered yet")
+        return self._identity
+
+    async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
+        text = encode_message(msg, id=id, re=re)
+        async with self._send_lock:
+            await self.ws.send_message(text)
+
+    async def request(self, msg: Message, timeout: float) -> Message:
+        request_id = next(self._next_request)
+        done = trio.Event()
+        box: list[Message] = []
+        self._pending[request_id] = (done, box)
+        try:
+            with trio.move_on_after(timeout):
+                try:
+                    await self.send(msg, id=request_id)
+                except trio_websocket.ConnectionClosed:
+                    raise AgentRequestError("session closed") from None
+                await done.wait()
+            if not box:
+                raise AgentRequestError(f"no answer to {type(msg).__name__} within {timeout}s")
+            reply = box[0]
+            if isinstance(reply, ErrorMessage):
+                raise AgentRequestError(f"agent refused: {reply.code}: {reply.message}")
+            return reply
+        finally:
+            self._pending.pop(request_id, None)
+
+    def resolve(self, re: int, msg: Message) -> bool:
+        entry = self._pending.get(re)
+        if entry is None:
+            return False
+        done, box = entry
+        box.append(msg)
+        done.set()
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(5):
+            await self.ws.aclose(code, reason[:120])
+
+
+class AgentPlane:
+    """Serves ``/api/v2/agents/connect``; a child of the CP's supervision tree."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        registry: Registry,
+        agents: Supervisor,
+        datacenters: Supervisor,
+        judge: Callable[[], Judge],
+        agent_deps: Callable[[], AgentDeps],
+        events: EventBus,
+        settings: PlaneSettings,
+        record_registration: Callable[[dict[str, Any]], None],
+        metrics: Any,
+        attest_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self.registry = registry
+        self.agents = agents
+        self.datacenters = datacenters
+        self.judge = judge
+        self.agent_deps = agent_deps
+        self.events = events
+        self.settings = settings
+        self.record_registration = record_registration
+        self.metrics = metrics
+        self.attest_limiter = attest_limiter
+        self.nonces = NonceBook(settings.nonce_ttl_s)
+        self.sessions: dict[str, Session] = {}
+        self.known: dict[str, Identity] = {}  # vm_name -> last admitted identity
+        self.bound_port: int | None = None
+        self._stop = trio.Event()
+
+    def link_for(self, agent_id: str) -> Session | None:
+        return self.sessions.get(agent_id)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                lambda task_status: trio_websocket.serve_websocket(
+                    self._handle, self.host, self.port, self.ssl_context,
+                    handler_nursery=nursery,
+                    max_message_size=2 * self.settings.max_frame_bytes,
+                    connect_timeout=10, disconnect_timeout=5, task_status=task_status))
+            self.bound_port = server.port
+            log.info("agent plane listening on %s:%d%s", self.host, server.port, CONNECT_PATH)
+            nursery.start_soon(self._prune_nonces)
+            task_status.started(server.port)
+            await self._stop.wait()
+            # Graceful: tell every agent to come back shortly, then close its session.
+            sessions = list(self.sessions.values())
+            async with trio.open_nursery() as closers:
+                for session in sessions:
+                    closers.start_soon(self._say_goodbye, session)
+            nursery.cancel_scope.cancel()
+
+    async def _say_goodbye(self, session: Session) -> None:
+        with trio.move_on_after(2):
+            try:
+                await session.send(Reconnect(reason="control plane restarting",
+                                             after_s=self.settings.reconnect_after_s))
+            except trio_websocket.ConnectionClosed:
+                return
+            await session.close(1012, "control plane restarting")
+
+    async def _prune_nonces(self) -> None:
+        while True:
+            await trio.sleep(self.settings.nonce_ttl_s)
+            self.nonces.prune(trio.current_time())
+
+    # ---- one connection ------------------------------------------------------------
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        path = request.path.split("?", 1)[0]
+        if path != CONNECT_PATH:
+            await request.reject(404, body=f"no websocket endpoint at {path}; agents "
+                                 f"connect to {CONNECT_PATH}".encode())
+            return
+        ws = await request.accept()
+        session = Session(ws, self.settings.max_frame_bytes)
+        try:
+            await self._serve(session)
+        except (trio_websocket.ConnectionClosed, _SessionEnded):
+            pass
+        finally:
+            if session._identity is not None:
+                agent_id = session.identity.agent_id
+                if self.sessions.get(agent_id) is session:
+                    del self.sessions[agent_id]
+                    try:
+                        self.registry.ref(f"agent/{agent_id}").try_tell(
+                            SessionClosed(session.session_id, "connection closed"))
+                    except (ActorDead, MailboxFull):
+                        pass
+            self.metrics.sessions.set(len(self.sessions))
+
+    async def _bad_frame(self, session: Session, exc: AgentProtocolError | str,
+                         code: str = "bad_frame") -> None:
+        session.bad_frames += 1
+        too_big = isinstance(exc, FrameTooLarge)
+        self.metrics.bad_frames.labels("too_large" if too_big else code).inc()
+        await session.send(ErrorMessage(code="frame_too_large" if too_big else code,
+                                        message=str(exc)[:500]))
+        if session.bad_frames >= self.settings.max_bad_frames:
+            await session.close(1009 if too_big else 1008,
+                                f"too many bad frames ({session.bad_frames})")
+            raise _SessionEnded
+
+    async def _serve(self, session: Session) -> None:
+        nonce, expires = self.nonces.issue(trio.current_time())
+        expires_at = datetime.fromtimestamp(time.time() + self.settings.nonce_ttl_s, UTC)
+        await session.send(Challenge(nonce=nonce, expires_at=expires_at))
+        register = await self._await_register(session, expires)
+        if register is None:
+            self.nonces.discard(nonce)
+            await self._reject(session, None, Refusal(
+                "NONCE_EXPIRED", ("no register before the challenge expired",)))
+            return
+        admission = await self._admit(session, register, nonce)
+        if admission.identity is None:
+            assert admission.refusal is not None
+            await self._reject(session, register, admission.refusal, admission)
+            return
+        await self._admitted(session, register, admission.identity)
+        await self._read_loop(session)
+
+    async def _await_register(self, session: Session, expires: float) -> Register | None:
+        with trio.move_on_at(expires):
+            while True:
+                data = await session.ws.get_message()
+                try:
+                    frame, msg = decode_message(data, max_bytes=self.settings.max_frame_bytes,
+                                                sender="agent")
+                except AgentProtocolError as exc:
+                    await self._bad_frame(session, exc)
+                    continue
+                if isinstance(msg, Register):
+                    return msg
+                await self._bad_frame(session, f"expected register, got {frame.type}",
+                                      "register_first")
+        return None
+
+    async def _admit(self, session: Session, register: Register, nonce: bytes) -> Admission:
+        refusal = self.nonces.consume(nonce, trio.current_time())
+        if refusal is not None:
+            return Admission(None, refusal)
+        judge = self.judge()
+        known = self.known.get(register.vm_name)
+        started = time.perf_counter()
+        now_unix = time.time()
+        admission = await trio.to_thread.run_sync(
+            lambda: judge.admit(register, nonce, now=now_unix, known=known),
+            limiter=self.attest_limiter)
+        self.metrics.attestation_seconds.observe(time.perf_counter() - started)
+        self.nonces.remember_binding(
+            registration_report_data(nonce, register.public_key), trio.current_time())
+        if (admission.refusal is not None and admission.refusal.code == "REPORTDATA_MISMATCH"
+                and admission.report_data is not None
+                and self.nonces.was_used(admission.report_data, trio.current_time())):
+            admission = attrs.evolve(admission, refusal=Refusal(
+                "NONCE_REPLAYED", ("the quote binds a challenge nonce that was already used",)))
+        return admission
+
+    async def _reject(self, session: Session, register: Register | None, refusal: Refusal,
+                      admission: Admission | None = None) -> None:
+        datacenter = register.datacenter if register else ""
+        self.metrics.registrations.labels("rejected", refusal.code).inc()
+        self.events.emit("registration.rejected", register.vm_name if register else "-",
+                         {"code": refusal.code, "reasons": list(refusal.reasons),
+                          "datacenter": datacenter})
+        self.record_registration({
+            "vm_name": register.vm_name if register else "-", "agent_id": None,
+            "datacenter": datacenter, "node_size": register.node_size if register else "",
+            "outcome": "rejected", "reasons": [refusal.code, *refusal.reasons],
+            "mrtd": admission.mrtd if admission else None,
+            "tcb_status": admission.tcb_status if admission else None})
+        log.info("registration rejected: %s %s", refusal.code, "; ".join(refusal.reasons))
+        await session.send(Rejected(code=refusal.code, reasons=refusal.reasons))
+        await session.close(1008, f"registration rejected: {refusal.code}")
+
+    async def _admitted(self, session: Session, register: Register, identity: Identity) -> None:
+        session._identity = identity
+        self.known[identity.vm_name] = identity
+        self.metrics.registrations.labels("admitted", identity.datacenter).inc()
+        self.record_registration({
+            "vm_name": identity.vm_name, "agent_id": identity.agent_id,
+            "datacenter": identity.datacenter, "node_size": identity.node_size,
+            "outcome": "admitted", "reasons": list(identity.violations),
+            "mrtd": identity.mrtd, "tcb_status": identity.tcb_status})
+        await self._ensure_actors(identity)
+        self.sessions[identity.agent_id] = session
+        self.metrics.sessions.set(len(self.sessions))
+        await session.send(Registered(agent_id=identity.agent_id,
+                                      heartbeat_interval_s=self.settings.heartbeat_interval_s,
+                                      attest_interval_s=self.settings.attest_interval_s))
+        await self.registry.ref(f"agent/{identity.agent_id}").tell(
+            SessionOpened(session, register.snapshot))
+
+    async def _ensure_actors(self, identity: Identity) -> None:
+        dc_name = f"dc/{identity.datacenter}"
+        if dc_name not in self.registry:
+            label = identity.datacenter
+            try:
+                await self.datacenters.start_child(actor_spec(
+                    self.registry, dc_name, lambda: DatacenterActor(label),
+                    mailbox_size=4096))
+            except ChildExists:
+                pass
+        name = f"agent/{identity.agent_id}"
+        if name not in self.registry:
+            agent_id = identity.agent_id
+            deps = self.agent_deps()
+            try:
+                await self.agents.start_child(actor_spec(
+                    self.registry, name, lambda: AgentActor(agent_id, deps),
+                    restart=Restart.TRANSIENT, mailbox_size=64))
+            except ChildExists:
+                pass
+
+    async def _read_loop(self, session: Session) -> None:
+        agent_ref = self.registry.ref(f"agent/{session.identity.agent_id}")
+        while True:
+            data = await session.ws.get_message()
+            try:
+                frame, msg = decode_message(data, max_bytes=self.settings.max_frame_bytes,
+                                            sender="agent")
+            except AgentProtocolError as exc:
+                await self._bad_frame(session, exc)
+                continue
+            if frame.re is not None:
+                if not session.resolve(frame.re, msg):
+                    log.debug("agent %s: late or unknown reply re=%s",
+                              session.identity.agent_id, frame.re)
+                continue
+            if isinstance(msg, Heartbeat):
+                self.metrics.heartbeats.inc()
+                handoff: object = HeartbeatIn(session.session_id, msg)
+            elif isinstance(msg, DeployStatus):
+                handoff = DeployStatusIn(session.session_id, msg)
+            elif isinstance(msg, ErrorMessage):
+                log.info("agent %s reported error %s: %s", session.identity.agent_id,
+                         msg.code, msg.message)
+                continue
+            else:
+                await self._bad_frame(session, f"unexpected {frame.type} frame", "unexpected")
+                continue
+            try:
+                agent_ref.try_tell(handoff)
+            except MailboxFull:
+                await self._bad_frame(session, "agent is sending faster than it is handled",
+                                      "flooding")
+            except ActorDead:
+                await session.close(1011, "agent actor is gone; reconnect")
+                return
+
+
+__all__ = ["CONNECT_PATH", "AgentPlane", "AgentRequestError", "PlaneSettings", "Session"]

@@ -1,0 +1,39 @@
+"""API errors and the one place that maps exceptions to HTTP answers (API.md shape)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ee.runtime import ActorDead, AskTimeout, MailboxFull
+
+log = logging.getLogger("ee.cp.http")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+def not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, "not_found", f"no {what} {ident!r}")
+
+
+def from_exception(exc: BaseException) -> ApiError:
+    """Map any exception escaping a route to an ApiError (never a stack trace)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ActorDead):
+        return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, AskTimeout | MailboxFull):
+        return ApiError(503, "busy", f"the control plane is overloaded: {exc}")
+    log.exception("unhandled error in a route", exc_info=exc)
+    return ApiError(500, "internal", "internal error; see the CP log")

@@ -1,0 +1,189 @@
+"""The CP's HTTP surface (Quart-Trio on Hypercorn): health, readiness, admin views,
+metrics and the admin events websocket.
+
+Every route answers JSON; every failure goes through ``errors.from_exception`` and
+comes out in API.md's error shape with a 4xx/5xx status — never a stack trace. Admin
+routes need ``Authorization: Bearer <admin token>`` (compared in constant time
+against the hash in the bootstrap bundle).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import trio
+from quart import Response, request, websocket
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ee import __version__
+from ee.actors.agent import Describe, SetDrain
+from ee.actors.datacenter import DescribeDatacenter
+from ee.cp.errors import ApiError, from_exception, not_found
+from ee.runtime import ActorError
+
+if TYPE_CHECKING:
+    from ee.cp.server import ControlPlane
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def make_app(cp: ControlPlane) -> QuartTrio:
+    app = QuartTrio("ee.cp")
+    app.config["MAX_CONTENT_LENGTH"] = cp.config.max_request_bytes
+
+    def admin(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            token = _bearer(request.headers.get("Authorization"))
+            if token is None:
+                raise ApiError(401, "unauthenticated",
+                               "this route needs 'Authorization: Bearer <admin token>'")
+            if not cp.bootstrap.admin_token_ok(token):
+                raise ApiError(403, "forbidden", "the token is not the admin token")
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    @app.errorhandler(ApiError)
+    async def api_error(exc: ApiError) -> Response:
+        return _json(exc.body(), exc.status)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        code = (exc.name or "error").lower().replace(" ", "_")
+        message = exc.description or exc.name or "error"
+        if status == 404:
+            message = f"no route {request.method} {request.path}"
+        return _json(ApiError(status, code, message).body(), status)
+
+    @app.errorhandler(Exception)
+    async def any_error(exc: Exception) -> Response:
+        err = from_exception(exc)
+        return _json(err.body(), err.status)
+
+    @app.get("/api/v2/health")
+    async def health() -> Response:
+        return _json({"status": "ok", "role": cp.config.role, "version": __version__,
+                      "cluster_id": cp.bootstrap.cluster_id})
+
+    @app.get("/api/v2/ready")
+    async def ready() -> Response:
+        state = cp.readiness()
+        return _json(state.to_dict(), 200 if state.ready else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await cp.refresh_metrics()
+        return Response(cp.metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.get("/api/v2/agents")
+    @admin
+    async def list_agents() -> Response:
+        views = await cp.describe_agents()
+        status = request.args.get("status")
+        if status:
+            views = [v for v in views if v["status"] == status]
+        return _json({"agents": views})
+
+    @app.get("/api/v2/agents/<agent_id>")
+    @admin
+    async def get_agent(agent_id: str) -> Response:
+        try:
+            view = await cp.registry.ref(f"agent/{agent_id}").ask(Describe(), timeout=5)
+        except ActorError:
+            raise not_found("agent", agent_id) from None
+        return _json(view)
+
+    @app.post("/api/v2/agents/<agent_id>/drain")
+    @admin
+    async def drain(agent_id: str) -> Response:
+        body = await request.get_json(force=True, silent=True)
+        draining = True
+        if isinstance(body, dict) and "draining" in body:
+            if not isinstance(body["draining"], bool):
+                raise ApiError(400, "bad_request", "'draining' must be true or false")
+            draining = body["draining"]
+        try:
+            view = await cp.registry.ref(f"agent/{agent_id}").ask(SetDrain(draining),
+                                                                  timeout=5)
+        except ActorError:
+            raise not_found("agent", agent_id) from None
+        return _json(view)
+
+    @app.get("/api/v2/datacenters")
+    @admin
+    async def datacenters() -> Response:
+        out = []
+        for name in cp.registry.names("dc/"):
+            try:
+                out.append(await cp.registry.ref(name).ask(DescribeDatacenter(), timeout=5))
+            except ActorError:
+                continue
+        return _json({"datacenters": out})
+
+    @app.get("/api/v2/admin/tree")
+    @admin
+    async def tree() -> Response:
+        return _json(cp.root.snapshot().to_dict())
+
+    @app.post("/api/v2/admin/crash")
+    @admin
+    async def crash() -> Response:
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            raise ApiError(400, "bad_request", "body must be {\"name\": \"<actor or child>\"}")
+        name = body["name"]
+        if not cp.root.crash(name):
+            raise not_found("running actor or child", name)
+        cp.events.emit("chaos.crash", name, {"by": "admin"})
+        return _json({"crashed": name}, 202)
+
+    @app.websocket("/api/v2/admin/events")
+    async def events() -> None:
+        token = _bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
+        if token is None or not cp.bootstrap.admin_token_ok(token):
+            await websocket.close(1008, "admin token required")
+            return
+        await websocket.accept()
+        async with cp.events.subscribe() as stream:
+            for event in list(cp.events.recent[-20:]):
+                await websocket.send(json.dumps(event.to_dict()))
+            async for event in stream:
+                await websocket.send(json.dumps(event.to_dict()))
+
+    return app
+
+
+async def serve_http(app: QuartTrio, bind: str, shutdown: trio.Event,
+                     certfile: str | None, keyfile: str | None,
+                     task_status: trio.TaskStatus[list[str]]) -> None:
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = [bind]
+    config.graceful_timeout = 5
+    config.accesslog = None
+    config.errorlog = "-"
+    if certfile and keyfile:
+        config.certfile = certfile
+        config.keyfile = keyfile
+    await serve(app, config, shutdown_trigger=shutdown.wait,
+                task_status=task_status)

@@ -1,0 +1,30 @@
+"""Prometheus metrics of one CP process (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class CpMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.registrations = Counter(
+            "ee_registrations_total", "Agent registrations by outcome and datacenter/code",
+            ["outcome", "detail"], registry=r)
+        self.attestation_seconds = Histogram(
+            "ee_attestation_seconds", "Registration quote verification latency",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.sessions = Gauge("ee_agent_sessions", "Open agent websocket sessions", registry=r)
+        self.agents = Gauge("ee_agents", "Agents by status", ["status"], registry=r)
+        self.heartbeat_age = Gauge(
+            "ee_agent_heartbeat_age_max_seconds", "Oldest heartbeat among live agents",
+            registry=r)
+        self.heartbeats = Counter("ee_heartbeats_total", "Heartbeats received", registry=r)
+        self.bad_frames = Counter("ee_bad_frames_total", "Refused agent frames", ["reason"],
+                                  registry=r)
+        self.restarts = Gauge("ee_actor_restarts", "Restarts by actor kind", ["kind"],
+                              registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,601 @@
+"""The CP's durable record store: SQLite through the standard library, in a worker thread.
+
+Theory of operation
+-------------------
+What lives here (DESIGN.md §2): *history* (events, registration outcomes) and the
+*audit trail*; later migrations add the durable business records (accounts, hashed API
+keys, the billing ledger). Nothing here is runtime state. Liveness, placement and
+readiness never read the store, so today deleting the file loses history and the audit
+trail, nothing else: the next :meth:`RecordStore.open` creates an empty store.
+
+One :class:`RecordStore` owns one ``sqlite3`` connection. Every call on it runs in
+``trio.to_thread.run_sync`` under a ``CapacityLimiter(1)``: the connection is used by
+one worker thread at a time (hence ``check_same_thread=False``) and the event loop
+never waits on disk. Worker threads are not abandoned on cancellation, so a call
+either completes or never started; the limiter is held until the thread is done.
+
+Transactions are explicit: the connection runs in autocommit mode
+(``isolation_level=None``), a single INSERT is its own transaction, and anything
+larger (a migration; later, a ledger posting) is ``BEGIN IMMEDIATE … COMMIT`` through
+:func:`_transaction`. A row is validated, by building its frozen record from exactly
+the column values to be stored, *before* it is written, so an invalid record is never
+stored and what a write returns equals what a later read gives. The tables' CHECK
+constraints are a second line of defence. Concurrent CP tasks serialise on the limiter;
+another process on the same file waits up to ``busy_timeout``.
+
+Opening a store: create the parent directory, drop orphaned ``-wal``/``-shm``/
+``-journal`` files of a deleted database, connect, set ``busy_timeout``,
+``foreign_keys=ON`` and ``journal_mode=WAL``, then migrate. Migrations are the
+packaged ``ee/cp/migrations/NNNN_name.sql`` files (:func:`packaged_migrations`); each
+pending one runs, with its ``schema_migrations`` row, in one transaction that also
+re-reads the version, so two processes opening the same new file do not both apply it.
+A store is refused with :class:`RecordStoreError` when it is not a SQLite database,
+is a SQLite database of something else, records a schema version newer than this code
+knows, or records a different name for a version (an edited migration).
+
+Values: timestamps are stored as fixed-width RFC 3339 UTC text
+(``2026-01-02T03:04:05.000006Z``), so text order is time order and the ``at``
+indexes serve ranges; callers pass an aware ``datetime`` or ``None`` for "now" (wall
+clock: right for records, while scheduling uses Trio time elsewhere). JSON columns hold
+:func:`~ee.protocol.canonical.canonical_json`. Reads return newest first (``at``, then
+``id``, descending).
+
+Errors say whose fault they are: ``ValueError``/``TypeError`` for a bad argument (the
+caller's), :class:`RecordStoreError` for the file or the database (every ``sqlite3``
+error is translated at the thread boundary, naming the path), and
+``trio.ClosedResourceError`` for a call after :meth:`RecordStore.close` (ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.resources
+import json
+import logging
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, TypeVar, get_args
+
+import attrs
+import trio
+
+from ee.protocol.canonical import canonical_json
+
+__all__ = [
+    "MEMORY",
+    "OUTCOMES",
+    "SEVERITIES",
+    "AuditRecord",
+    "EventRecord",
+    "Migration",
+    "Outcome",
+    "RecordStore",
+    "RecordStoreError",
+    "RegistrationRecord",
+    "Severity",
+    "packaged_migrations",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Severity = Literal["debug", "info", "warning", "error", "critical"]
+SEVERITIES: Final[tuple[Severity, ...]] = get_args(Severity)
+Outcome = Literal["admitted", "rejected"]
+OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
+
+MEMORY: Final = ":memory:"
+"""Path of a private in-memory store (tests): gone when closed."""
+
+_MIGRATION_FILE = re.compile(r"\A(\d{4})_([a-z0-9_]+)\.sql\Z")
+_MIGRATION_NAME = re.compile(r"\A[a-z0-9_]+\Z")
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+class RecordStoreError(Exception):
+    """The record store at *path* cannot be opened or used (the file's or the DB's fault)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        super().__init__(f"record store {path}: {detail}")
+        self.path = path
+        self.detail = detail
+
+
+# --- records ------------------------------------------------------------------------
+
+
+def _aware(_: object, attribute: attrs.Attribute[datetime], value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{attribute.name} must be a timezone-aware datetime, got {value!r}")
+
+
+def _nonempty(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
+
+
+_str = attrs.validators.instance_of(str)
+_opt_str = attrs.validators.optional(_str)
+_id = attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.gt(0))
+
+
+def _mapping(_: object, attribute: attrs.Attribute[Mapping[str, Any]], value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{attribute.name} must be a mapping, got {type(value).__name__}")
+
+
+def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
+class EventRecord:
+    """Something that happened, for operators: ``kind`` (``agent.registered``, …) about
+    ``subject`` (an agent id, app, datacenter label, …)."""
+
+    id: int = attrs.field(validator=_id)
+    at: datetime = attrs.field(validator=_aware)
+    kind: str = attrs.field(validator=_nonempty)
+    subject: str = attrs.field(validator=_str)
+    severity: Severity = attrs.field(validator=attrs.validators.in_(SEVERITIES))
+    data: Mapping[str, Any] = attrs.field(validator=_mapping)
+
+
+def _reasons_given(instance: RegistrationRecord, _: object, value: tuple[str, ...]) -> None:
+    if not all(isinstance(r, str) and r for r in value):
+        raise ValueError(f"reasons must be non-empty strings, got {value!r}")
+    if instance.outcome == "rejected" and not value:
+        raise ValueError("a rejected registration must give at least one reason")
+
+
+@attrs.frozen
+class RegistrationRecord:
+    """The outcome of one registration attempt. ``reasons`` are the policy's violations:
+    why it was rejected, or what was flagged when admitted in ``warn`` mode.
+    ``datacenter`` and ``node_size`` are what the VM claimed (empty when it was refused
+    before saying); ``agent_id`` is None when no id was assigned (a rejection); ``mrtd``
+    and ``tcb_status`` are None when the quote did not yield them."""
+
+    id: int = attrs.field(validator=_id)
+    at: datetime = attrs.field(validator=_aware)
+    vm_name: str = attrs.field(validator=_nonempty)
+    agent_id: str | None = attrs.field(validator=_opt_str)
+    datacenter: str = attrs.field(validator=_str)
+    node_size: str = attrs.field(validator=_str)
+    outcome: Outcome = attrs.field(validator=attrs.validators.in_(OUTCOMES))
+    reasons: tuple[str, ...] = attrs.field(converter=_as_tuple, validator=_reasons_given)
+    mrtd: str | None = attrs.field(validator=_opt_str)
+    tcb_status: str | None = attrs.field(validator=_opt_str)
+
+
+@attrs.frozen
+class AuditRecord:
+    """Who (``actor``: an admin token, account, API key id, ``cp`` itself) did what
+    (``action``) to what (``target``)."""
+
+    id: int = attrs.field(validator=_id)
+    at: datetime = attrs.field(validator=_aware)
+    actor: str = attrs.field(validator=_nonempty)
+    action: str = attrs.field(validator=_nonempty)
+    target: str = attrs.field(validator=_str)
+    data: Mapping[str, Any] = attrs.field(validator=_mapping)
+
+
+R = TypeVar("R", EventRecord, RegistrationRecord, AuditRecord)
+
+
+# --- migrations ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class Migration:
+    """One schema step: ``NNNN_name.sql`` as (version, name, SQL text)."""
+
+    version: int = attrs.field(validator=_id)
+    name: str = attrs.field(validator=attrs.validators.matches_re(_MIGRATION_NAME))
+    sql: str = attrs.field(validator=_str, repr=False)
+
+
+@functools.cache
+def packaged_migrations() -> tuple[Migration, ...]:
+    """The migrations shipped in ``ee.cp.migrations``, in version order."""
+    found: list[Migration] = []
+    for entry in importlib.resources.files("ee.cp.migrations").iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _MIGRATION_FILE.match(entry.name)
+        if match is None:
+            raise ValueError(f"migration file {entry.name!r} is not named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return _in_order(found)
+
+
+def _in_order(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
+    ordered = tuple(sorted(migrations, key=lambda m: m.version))
+    versions = [m.version for m in ordered]
+    if versions != list(range(1, len(ordered) + 1)):
+        raise ValueError(f"migration versions must be 1..N without gaps, got {versions}")
+    return ordered
+
+
+def _statements(sql: str) -> Iterator[str]:
+    """Split a script into single statements (``sqlite3.complete_statement`` knows
+    about strings, comments and trigger bodies)."""
+    start = 0
+    for i, char in enumerate(sql):
+        if char == ";" and sqlite3.complete_statement(sql[start : i + 1]):
+            yield sql[start : i + 1]
+            start = i + 1
+    if sql[start:].strip():
+        yield sql[start:]  # comments, or a last statement without its semicolon
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _applied(conn: sqlite3.Connection, path: str) -> dict[int, str]:
+    """Versions recorded in ``schema_migrations`` ({} for an empty database)."""
+    has_table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if has_table is None:
+        (objects,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if objects:
+            raise RecordStoreError(
+                path, "is a SQLite database but not a record store (no schema_migrations)"
+            )
+        return {}
+    rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
+    return {int(version): str(name) for version, name in rows}
+
+
+def _migrate(conn: sqlite3.Connection, path: str, migrations: tuple[Migration, ...]) -> int:
+    """Apply pending migrations, one transaction each; return the schema version."""
+    known = {m.version: m for m in migrations}
+    latest = max(known, default=0)
+    while True:
+        with _transaction(conn):
+            applied = _applied(conn, path)
+            current = max(applied, default=0)
+            if current > latest:
+                raise RecordStoreError(
+                    path,
+                    f"schema version {current} is newer than this code knows ({latest}); "
+                    "run a newer ee, or use another file",
+                )
+            for version, name in sorted(applied.items()):
+                if known[version].name != name:
+                    raise RecordStoreError(
+                        path,
+                        f"schema version {version} was applied as {name!r}, but this code "
+                        f"calls it {known[version].name!r} (an edited migration?)",
+                    )
+            if current == latest:
+                return current
+            step = known[current + 1]
+            for statement in _statements(step.sql):
+                conn.execute(statement)
+                if not conn.in_transaction:
+                    raise RecordStoreError(
+                        path, f"migration {step.version} ends the transaction; drop its COMMIT"
+                    )
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (step.version, step.name, _format_at(_utc(None))),
+            )
+        log.info("record store %s: applied migration %04d_%s", path, step.version, step.name)
+
+
+# --- values -------------------------------------------------------------------------
+
+
+def _utc(at: object) -> datetime:
+    """*at* (an aware datetime, or None for now) in UTC."""
+    if at is None:
+        return datetime.now(UTC)
+    if not isinstance(at, datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"at must be a timezone-aware datetime or None, got {at!r}")
+    return at.astimezone(UTC)
+
+
+def _format_at(at: datetime) -> str:
+    return at.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def _json_text(value: object, what: str) -> str:
+    try:
+        return canonical_json(value).decode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+# A record's attrs fields are its table's columns, by name; these few need converting.
+_JSON_COLUMNS: Final = frozenset({"data", "reasons"})
+
+
+def _to_row(values: Mapping[str, object]) -> dict[str, object]:
+    """Caller's values → column values: ``at`` to RFC 3339 UTC text, JSON columns to
+    canonical JSON. Raises ValueError/TypeError for a bad argument."""
+    row = dict(values)
+    row["at"] = _format_at(_utc(values["at"]))
+    if "data" in row:
+        if not isinstance(row["data"], Mapping):
+            raise TypeError(f"data must be a mapping, got {type(row['data']).__name__}")
+        row["data"] = _json_text(dict(row["data"]), "data")
+    if "reasons" in row:
+        reasons = row["reasons"]
+        if isinstance(reasons, str) or not isinstance(reasons, Iterable):
+            raise TypeError(f"reasons must be a sequence of strings, got {reasons!r}")
+        row["reasons"] = _json_text(list(reasons), "reasons")
+    return row
+
+
+def _from_row(cls: type[R], columns: Sequence[str], row: Sequence[Any]) -> R:
+    """Column values → a (validated) record."""
+    values = dict(zip(columns, row, strict=True))
+    values["at"] = datetime.fromisoformat(values["at"])
+    for column in _JSON_COLUMNS.intersection(values):
+        values[column] = json.loads(values[column])
+    return cls(**values)
+
+
+def _limit(limit: int) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"limit must be a non-negative int, got {limit!r}")
+    return limit
+
+
+def _translate(path: str, exc: sqlite3.Error) -> RecordStoreError:
+    code = getattr(exc, "sqlite_errorname", "")
+    if code == "SQLITE_NOTADB":
+        return RecordStoreError(path, "is not a database (not a SQLite file)")
+    if code == "SQLITE_CORRUPT":
+        return RecordStoreError(path, f"database is corrupt: {exc}")
+    return RecordStoreError(path, f"{code or type(exc).__name__}: {exc}")
+
+
+# --- opening ------------------------------------------------------------------------
+
+
+def _connect(
+    path: str, migrations: tuple[Migration, ...], busy_timeout: float
+) -> tuple[sqlite3.Connection, int]:
+    """Worker thread: open, configure and migrate; the connection and schema version."""
+    if path != MEMORY:
+        file = Path(path)
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            if not file.exists():
+                for suffix in _SIDE_FILES:  # left by a deleted database: not ours to replay
+                    Path(path + suffix).unlink(missing_ok=True)
+        except OSError as exc:
+            raise RecordStoreError(path, f"cannot prepare the file: {exc}") from exc
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise _translate(path, exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        version = _migrate(conn, path, migrations)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise _translate(path, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn, version
+
+
+class RecordStore:
+    """Handle on an open record store. Obtained from :meth:`open`; never built by hand."""
+
+    __slots__ = ("_conn", "_limiter", "_path", "_schema_version")
+    _conn: sqlite3.Connection | None
+    _limiter: trio.CapacityLimiter
+    _path: str
+    _schema_version: int
+
+    def __init__(self, *_: object, **__: object) -> None:
+        raise TypeError("RecordStore cannot be constructed; use await RecordStore.open(path)")
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        migrations: Sequence[Migration] | None = None,
+    ) -> RecordStore:
+        """Open (creating and migrating as needed) the store at *path*, or ``":memory:"``.
+
+        *migrations* defaults to :func:`packaged_migrations`; tests pass their own.
+        Raises :class:`RecordStoreError` when the file cannot be used as a record store.
+        """
+        path = os.fspath(path)
+        steps = packaged_migrations() if migrations is None else _in_order(migrations)
+        conn, version = await trio.to_thread.run_sync(_connect, path, steps, busy_timeout)
+        store = object.__new__(cls)
+        store._conn = conn
+        store._limiter = trio.CapacityLimiter(1)
+        store._path = path
+        store._schema_version = version
+        return store
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the store was at (or migrated to) when opened."""
+        return self._schema_version
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else f"schema {self._schema_version}"
+        return f"<RecordStore {self._path} {state}>"
+
+    async def __aenter__(self) -> RecordStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection once in-flight calls are done. Idempotent; shielded, so
+        it also closes from a cancelled scope (shutdown)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._close_now, limiter=self._limiter)
+
+    def _close_now(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error as exc:
+                raise _translate(self._path, exc) from exc
+
+    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            conn = self._conn  # read in the worker: close() cannot run concurrently
+            if conn is None:
+                raise trio.ClosedResourceError("record store is closed")
+            try:
+                return work(conn)
+            except sqlite3.Error as exc:
+                raise _translate(self._path, exc) from exc
+
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def _insert(self, cls: type[R], table: str, values: Mapping[str, object]) -> R:
+        """Validate the record (by building it from the row to be stored, the id not yet
+        known), then INSERT it; a bad argument raises here and stores nothing."""
+        row: dict[str, object] = _to_row(values)
+        draft = _from_row(cls, ("id", *row), (1, *row.values()))
+        sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+        params = tuple(row.values())
+        rowid = await self._call(lambda conn: conn.execute(sql, params).lastrowid)
+        assert rowid is not None  # always set by an INSERT into a rowid table
+        return attrs.evolve(draft, id=rowid)
+
+    async def _select(
+        self, cls: type[R], table: str, limit: int, filters: Mapping[str, str | None]
+    ) -> list[R]:
+        """The newest *limit* rows of *table* whose columns equal the non-None *filters*."""
+        columns = [field.name for field in attrs.fields(cls)]
+        used: dict[str, str] = {
+            column: value for column, value in filters.items() if value is not None
+        }
+        where = " AND ".join(f"{column} = ?" for column in used) or "1"
+        sql = (
+            f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
+            " ORDER BY at DESC, id DESC LIMIT ?"
+        )
+        params = (*used.values(), _limit(limit))
+        rows = await self._call(lambda conn: conn.execute(sql, params).fetchall())
+        try:
+            return [_from_row(cls, columns, row) for row in rows]
+        except (TypeError, ValueError) as exc:  # a row edited or damaged outside the CP
+            raise RecordStoreError(self._path, f"unreadable {table} row: {exc}") from exc
+
+    # --- events ---------------------------------------------------------------------
+
+    async def append_event(
+        self,
+        kind: str,
+        subject: str,
+        data: Mapping[str, object] | None = None,
+        severity: Severity = "info",
+        at: datetime | None = None,
+    ) -> EventRecord:
+        """Store an event; returns it with its id."""
+        values = {"at": at, "kind": kind, "subject": subject, "severity": severity}
+        return await self._insert(
+            EventRecord, "events", {**values, "data": {} if data is None else data}
+        )
+
+    async def recent_events(
+        self, limit: int = 100, kind: str | None = None, subject: str | None = None
+    ) -> list[EventRecord]:
+        """The newest *limit* events, optionally of one *kind* and/or *subject*."""
+        return await self._select(EventRecord, "events", limit, {"kind": kind, "subject": subject})
+
+    # --- registrations --------------------------------------------------------------
+
+    async def record_registration(
+        self,
+        *,
+        vm_name: str,
+        datacenter: str,
+        node_size: str,
+        outcome: Outcome,
+        reasons: Sequence[str] = (),
+        agent_id: str | None = None,
+        mrtd: str | None = None,
+        tcb_status: str | None = None,
+        at: datetime | None = None,
+    ) -> RegistrationRecord:
+        """Store a registration outcome; returns it with its id."""
+        values = {
+            "at": at,
+            "vm_name": vm_name,
+            "agent_id": agent_id,
+            "datacenter": datacenter,
+            "node_size": node_size,
+            "outcome": outcome,
+            "reasons": reasons,
+            "mrtd": mrtd,
+            "tcb_status": tcb_status,
+        }
+        return await self._insert(RegistrationRecord, "registrations", values)
+
+    async def registrations(
+        self, limit: int = 100, vm_name: str | None = None
+    ) -> list[RegistrationRecord]:
+        """The newest *limit* registration outcomes, optionally of one *vm_name*."""
+        return await self._select(RegistrationRecord, "registrations", limit, {"vm_name": vm_name})
+
+    # --- audit ----------------------------------------------------------------------
+
+    async def append_audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        data: Mapping[str, object] | None = None,
+        at: datetime | None = None,
+    ) -> AuditRecord:
+        """Store an audit entry; returns it with its id."""
+        values = {"at": at, "actor": actor, "action": action, "target": target}
+        return await self._insert(
+            AuditRecord, "audit", {**values, "data": {} if data is None else data}
+        )
+
+    async def audit(
+        self, limit: int = 100, actor: str | None = None, target: str | None = None
+    ) -> list[AuditRecord]:
+        """The newest *limit* audit entries, optionally by one *actor* and/or on one
+        *target*."""
+        return await self._select(AuditRecord, "audit", limit, {"actor": actor, "target": target})

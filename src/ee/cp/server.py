@@ -1,0 +1,452 @@
+"""``ee-cp``: the control plane process and its supervision tree.
+
+::
+
+    cp (one_for_one)
+    ├── records        record writer: events → SQLite history (not liveness)
+    ├── datacenters    dynamic: DatacenterActor per label
+    ├── agents         dynamic: AgentActor per agent (transient)
+    ├── agent-plane    trio-websocket listener for agent sessions (--agent-listen)
+    ├── checkpoint     writes the signed list of live agents (the readiness quorum)
+    └── http           Hypercorn serving the Quart-Trio app (--listen)
+
+Both listeners are children of the tree, so a crash of either is restarted like any
+actor, and a stop closes them in reverse order: HTTP first, then the agent plane (which
+tells every agent to reconnect shortly), then the actors. SIGTERM/SIGINT trigger that
+graceful stop; a second signal cancels at once.
+
+Parts of DESIGN.md not built yet (apps, capacity pools, billing, federation) are not
+in the tree; ``--role master|dc`` is refused with a clear error rather than pretended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ee.actors.agent import AgentDeps, AgentSettings, Describe
+from ee.attestation import Collateral, Verifier
+from ee.cp import bootstrap as bootstrap_mod
+from ee.cp.agent_plane import AgentPlane, PlaneSettings
+from ee.cp.bootstrap import Bootstrap, BootstrapError
+from ee.cp.events import EventBus
+from ee.cp.http import make_app, serve_http
+from ee.cp.metrics import CpMetrics
+from ee.cp.nodes import Vocabulary
+from ee.cp.readiness import Quorum, Readiness, assess
+from ee.cp.records import RecordStore, RecordStoreError
+from ee.cp.registration import Judge
+from ee.protocol.signing import SignatureError, read_signed, write_signed
+from ee.runtime import ActorError, Registry
+from ee.supervisors import ChildSpec, Supervisor
+
+log = logging.getLogger("ee.cp")
+
+CHECKPOINT = "checkpoint.json"
+
+
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what}: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@attrs.frozen
+class CpConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:8000"
+    agent_listen: str = "127.0.0.1:8001"
+    role: str = "standalone"
+    upstream: str | None = None
+    dev: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    agent_tls_cert: str | None = None
+    agent_tls_key: str | None = None
+    heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 30.0
+    offline_after_s: float = 90.0
+    attest_interval_s: float = 3600.0
+    nonce_ttl_s: float = 30.0
+    max_frame_bytes: int = 1 << 20
+    max_request_bytes: int = 64 << 20
+    checkpoint_interval_s: float = 30.0
+    quorum: Quorum = Quorum()
+    vocabulary: Vocabulary = Vocabulary()
+    collateral_file: str | None = None
+    attestation_threads: int = 2
+
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace) -> CpConfig:
+        doc: dict[str, Any] = {}
+        if args.config:
+            try:
+                doc = json.loads(Path(args.config).read_text())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"--config {args.config}: {exc}") from None
+            if not isinstance(doc, dict):
+                raise ValueError(f"--config {args.config}: expected a JSON object")
+        for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
+                     "tls_key", "agent_tls_cert", "agent_tls_key"):
+            value = getattr(args, flag, None)
+            if value is not None:
+                doc[flag] = value
+        if args.dev:
+            doc["dev"] = True
+        data_dir = Path(doc.pop("data_dir", None) or os.environ.get("EE_DATA_DIR")
+                        or "/var/lib/easyenclave/cp")
+        quorum = Quorum(**doc.pop("quorum", {}))
+        vocabulary = Vocabulary.from_config(doc.pop("vocabulary", None))
+        known = {f.name for f in attrs.fields(cls)}
+        unknown = set(doc) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        try:
+            config = cls(data_dir=data_dir, quorum=quorum, vocabulary=vocabulary, **doc)
+        except TypeError as exc:
+            raise ValueError(f"config: {exc}") from None
+        _host_port(config.listen, "listen")
+        _host_port(config.agent_listen, "agent_listen")
+        if config.role not in ("standalone", "master", "dc"):
+            raise ValueError(f"role must be standalone, master or dc, not {config.role!r}")
+        return config
+
+
+def _ssl(cert: str | None, key: str | None, what: str) -> ssl.SSLContext | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError(f"{what}: give both the certificate and the key")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class ControlPlane:
+    def __init__(self, config: CpConfig, boot: Bootstrap) -> None:
+        self.config = config
+        self.bootstrap = boot
+        self.registry = Registry()
+        self.events = EventBus()
+        self.metrics = CpMetrics()
+        self.attest_limiter = trio.CapacityLimiter(config.attestation_threads)
+        self.verifier = Verifier(boot.roots)
+        self.collateral: Collateral | None = None
+        self.collateral_refreshed = 0.0
+        self.records: RecordStore | None = None
+        self.started_at = 0.0
+        self.expected_agents = self._read_checkpoint()
+        self.seen_agents: set[str] = set()
+        self.drained: set[str] = set()  # operator intent (not yet a signed manifest)
+        self.http_port: int | None = None
+        self._http_stop = trio.Event()
+        self._ready_logged = False
+        self.datacenters = Supervisor("datacenters", max_restarts=100, period=10.0)
+        self.agents = Supervisor("agents", max_restarts=1000, period=10.0)
+        s = config
+        self.agent_settings = AgentSettings(
+            heartbeat_interval_s=s.heartbeat_interval_s, stale_after_s=s.stale_after_s,
+            offline_after_s=s.offline_after_s, attest_interval_s=s.attest_interval_s)
+        host, port = _host_port(config.agent_listen, "agent_listen")
+        self.plane = AgentPlane(
+            host=host, port=port,
+            ssl_context=_ssl(config.agent_tls_cert, config.agent_tls_key, "agent TLS"),
+            registry=self.registry, agents=self.agents, datacenters=self.datacenters,
+            judge=self.judge, agent_deps=self.agent_deps, events=self.events,
+            settings=PlaneSettings(max_frame_bytes=s.max_frame_bytes, nonce_ttl_s=s.nonce_ttl_s,
+                                   heartbeat_interval_s=s.heartbeat_interval_s,
+                                   attest_interval_s=s.attest_interval_s),
+            record_registration=self._record_registration, metrics=self.metrics,
+            attest_limiter=self.attest_limiter)
+        self.app = make_app(self)
+        self.root = Supervisor("cp", [
+            ChildSpec(id="records", start=self._run_records, shutdown=5.0),
+            self.datacenters.as_child(),
+            self.agents.as_child(),
+            ChildSpec(id="agent-plane", start=self.plane.run, stop=self.plane.request_stop,
+                      shutdown=10.0),
+            # After the plane, so it stops (and writes its last checkpoint) before the
+            # plane closes the sessions.
+            ChildSpec(id="checkpoint", start=self._run_checkpoint, shutdown=1.0),
+            ChildSpec(id="http", start=self._run_http, stop=self._stop_http,
+                      shutdown=10.0),
+        ], max_restarts=5, period=30.0)
+
+    # ---- trust -----------------------------------------------------------------------
+
+    def judge(self) -> Judge:
+        now = time.time()
+        if self.bootstrap.dev and now - self.collateral_refreshed > 86400:
+            from ee.attestation.providers.sim import SimTD
+
+            assert self.bootstrap.sim_dir is not None
+            td = SimTD.load(self.bootstrap.sim_dir)
+            self.collateral = td.collateral(issued_at=now - 3600)
+            self.collateral_refreshed = now
+        elif self.collateral is None and self.config.collateral_file:
+            self.collateral = Collateral.from_json(Path(self.config.collateral_file).read_text())
+        return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
+                     verifier=self.verifier, policy=self.bootstrap.policy,
+                     collateral=self.collateral)
+
+    def agent_deps(self) -> AgentDeps:
+        return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
+                         reattester=self.judge(), emit=self.events.emit,
+                         attest_limiter=self.attest_limiter, drained=self.drained)
+
+    # ---- readiness -------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        self.seen_agents.update(self.plane.sessions)
+        state = assess(self.config.quorum, self.seen_agents, self.expected_agents,
+                       trio.current_time() - self.started_at)
+        if state.ready and not self._ready_logged:
+            self._ready_logged = True
+            log.info("ready: %s", state.reason)
+            self.events.emit("cp.ready", "cp", state.to_dict())
+        return state
+
+    def _read_checkpoint(self) -> set[str]:
+        path = self.config.data_dir / CHECKPOINT
+        if not path.exists():
+            return set()
+        try:
+            doc = read_signed(path, self.bootstrap.signing_key.public_key())
+            return {str(a) for a in doc.get("agents", [])}
+        except SignatureError as exc:
+            log.warning("ignoring the checkpoint: %s", exc)
+            return set()
+
+    def _write_checkpoint(self) -> None:
+        agents = sorted(self.plane.sessions)
+        write_signed(self.config.data_dir / CHECKPOINT,
+                     {"agents": agents, "written_at": time.time(),
+                      "cluster_id": self.bootstrap.cluster_id},
+                     self.bootstrap.signing_key)
+
+    async def _run_checkpoint(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.config.checkpoint_interval_s)
+                if self.readiness().ready:
+                    self._write_checkpoint()
+        finally:
+            if self.readiness().ready:
+                self._write_checkpoint()
+
+    # ---- records ---------------------------------------------------------------------
+
+    async def _run_records(self, task_status: trio.TaskStatus[None]) -> None:
+        path = self.config.data_dir / "records.sqlite3"
+        try:
+            self.records = await RecordStore.open(path)
+        except RecordStoreError as exc:
+            # History is not liveness: run without it, loudly.
+            log.error("record store unavailable, running without history: %s", exc)
+            task_status.started()
+            await trio.sleep_forever()
+        store = self.records
+        assert store is not None
+        task_status.started()
+        try:
+            async for event in self.events.history_rx:
+                try:
+                    if event.kind == "registration":
+                        await store.record_registration(**event.data)
+                    else:
+                        await store.append_event(event.kind, event.subject, dict(event.data))
+                except (RecordStoreError, ValueError, TypeError) as exc:
+                    log.warning("history: dropped %s event: %s", event.kind, exc)
+        finally:
+            self.records = None
+            with trio.CancelScope(shield=True):
+                await store.close()
+
+    def _record_registration(self, data: dict[str, Any]) -> None:
+        self.events.emit("registration", data["vm_name"], data)
+
+    # ---- http ------------------------------------------------------------------------
+
+    def _stop_http(self) -> None:
+        self._http_stop.set()
+
+    async def _run_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        self._http_stop = trio.Event()
+        await serve_http(self.app, self.config.listen, self._http_stop, self.config.tls_cert,
+                         self.config.tls_key, task_status)
+
+    # ---- views -----------------------------------------------------------------------
+
+    async def describe_agents(self) -> list[dict[str, Any]]:
+        names = self.registry.names("agent/")
+        views: list[dict[str, Any]] = []
+
+        async def one(name: str) -> None:
+            try:
+                views.append(await self.registry.ref(name).ask(Describe(), timeout=5))
+            except ActorError:
+                pass
+
+        limiter = trio.CapacityLimiter(64)
+
+        async def bounded(name: str) -> None:
+            async with limiter:
+                await one(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(bounded, name)
+        views.sort(key=lambda v: str(v["agent_id"]))
+        return views
+
+    async def refresh_metrics(self) -> None:
+        views = await self.describe_agents()
+        counts = {"online": 0, "stale": 0, "offline": 0, "quarantined": 0}
+        oldest = 0.0
+        for v in views:
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+            if v["status"] in ("online", "stale") and v["heartbeat_age_s"] is not None:
+                oldest = max(oldest, float(v["heartbeat_age_s"]))
+        for status, n in counts.items():
+            self.metrics.agents.labels(status).set(n)
+        self.metrics.heartbeat_age.set(oldest)
+        kinds: dict[str, int] = {}
+        for node in self.root.snapshot().walk():
+            kind = node.name.split("/", 1)[0] if "/" in node.name else node.kind
+            kinds[kind] = kinds.get(kind, 0) + node.restarts
+        for kind, n in kinds.items():
+            self.metrics.restarts.labels(kind).set(n)
+
+    # ---- running ---------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[ControlPlane] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        self.started_at = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.root.run)
+            self.http_port = _bound_port(self.config.listen, self.root)
+            task_status.started(self)
+        self.events.close()
+
+    def request_stop(self) -> None:
+        self.root.request_stop()
+
+
+def _bound_port(listen: str, root: Supervisor) -> int | None:
+    found = root.find("http")
+    if found is None:
+        return None
+    owner, cid = found
+    binds = owner._children[cid].value
+    if isinstance(binds, list) and binds:
+        return int(str(binds[0]).rsplit(":", 1)[1])
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ee-cp",
+        description="Run an EasyEnclave control plane: the tenant/admin HTTP API and the "
+                    "agent plane (attested agent websocket sessions).")
+    p.add_argument("--config", metavar="FILE", help="JSON config file (flags override it)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="HTTP API (default 127.0.0.1:8000)")
+    p.add_argument("--agent-listen", metavar="HOST:PORT",
+                   help="agent plane websocket listener (default 127.0.0.1:8001)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="bootstrap bundle, keys, records (default $EE_DATA_DIR or "
+                        "/var/lib/easyenclave/cp)")
+    p.add_argument("--role", choices=("standalone", "master", "dc"),
+                   help="standalone (default); master/dc federation is not built yet")
+    p.add_argument("--upstream", metavar="URL", help="master CP URL (role dc)")
+    p.add_argument("--dev", action="store_true",
+                   help="create (once) a dev bootstrap bundle trusting the sim attestation "
+                        "provider, and an admin token (printed, kept in DATA_DIR/admin.token)")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate for --listen")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS key for --listen")
+    p.add_argument("--agent-tls-cert", metavar="PEM", help="TLS certificate for --agent-listen")
+    p.add_argument("--agent-tls-key", metavar="PEM", help="TLS key for --agent-listen")
+    p.add_argument("--log-level", default="INFO",
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def prepare(config: CpConfig) -> tuple[Bootstrap, str | None]:
+    """Load (or, with --dev, create once) the bootstrap bundle; returns it and a new token."""
+    token = None
+    bundle = config.data_dir / bootstrap_mod.BUNDLE
+    if config.dev and not bundle.exists():
+        token = bootstrap_mod.create_dev(config.data_dir)
+    boot = bootstrap_mod.load(config.data_dir)
+    if boot.dev and not config.dev:
+        log.warning("this data dir holds a dev bundle (it trusts the sim provider)")
+    return boot, token
+
+
+async def _serve(cp: ControlPlane, token_line: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_cp(task_status: trio.TaskStatus[ControlPlane]) -> None:
+                await cp.run(task_status=task_status)
+                nursery.cancel_scope.cancel()  # the tree has stopped: stop watching signals
+
+            await nursery.start(run_cp)
+            print(f"ee-cp: http on {cp.config.listen.rsplit(':', 1)[0]}:{cp.http_port}, "
+                  f"agents on ws://{cp.plane.host}:{cp.plane.bound_port}"
+                  "/api/v2/agents/connect", flush=True)
+            print(token_line, flush=True)
+            async for signum in signals:
+                if not cp.root.running:
+                    continue
+                log.info("signal %s: stopping gracefully (again to force)",
+                         signal.Signals(signum).name)
+                cp.request_stop()
+                break
+            async for _ in signals:
+                log.warning("second signal: cancelling")
+                nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = CpConfig.from_sources(args)
+        if config.role != "standalone":
+            raise ValueError(f"--role {config.role}: federation (master/dc CPs) is not built "
+                             "yet; run --role standalone")
+        boot, token = prepare(config)
+        cp = ControlPlane(config, boot)
+    except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:
+        print(f"ee-cp: {exc}", file=sys.stderr)
+        return 2
+    token_path = config.data_dir / bootstrap_mod.ADMIN_TOKEN
+    if token is not None:
+        token_line = f"ee-cp: admin token (new, kept in {token_path}): {token}"
+    elif boot.dev and token_path.exists():
+        token_line = f"ee-cp: admin token: {token_path.read_text().strip()} (from {token_path})"
+    else:
+        token_line = "ee-cp: admin token: as issued with the bootstrap bundle"
+    try:
+        trio.run(_serve, cp, token_line)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

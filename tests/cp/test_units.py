@@ -1,0 +1,119 @@
+"""Pure parts of the CP: lifecycle table, vocabulary, readiness, nonces, bootstrap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ee.actors.lifecycle import (
+    TRANSITIONS,
+    AgentState,
+    IllegalTransition,
+    api_status,
+    status_for_age,
+    transition,
+)
+from ee.cp import bootstrap
+from ee.cp.nodes import LabelError, Vocabulary
+from ee.cp.readiness import Quorum, assess
+from ee.cp.registration import NonceBook
+
+S = AgentState
+
+
+def test_lifecycle_table_allows_exactly_its_transitions() -> None:
+    for a in S:
+        for b in S:
+            if a is b or (a, b) in TRANSITIONS:
+                assert transition(a, b) is b
+            else:
+                with pytest.raises(IllegalTransition):
+                    transition(a, b)
+    # Spot checks of what must never happen.
+    for bad in [(S.OFFLINE, S.READY), (S.CONNECTING, S.READY), (S.QUARANTINED, S.READY),
+                (S.OFFLINE, S.QUARANTINED)]:
+        assert bad not in TRANSITIONS
+
+
+def test_status_for_age_and_api_status() -> None:
+    assert status_for_age(S.READY, 5, 30, 60) is S.READY
+    assert status_for_age(S.READY, 30, 30, 60) is S.STALE
+    assert status_for_age(S.STALE, 60, 30, 60) is S.OFFLINE
+    assert status_for_age(S.STALE, 1, 30, 60) is S.READY
+    assert status_for_age(S.QUARANTINED, 1000, 30, 60) is S.QUARANTINED
+    assert [api_status(s) for s in S] == [
+        "offline", "online", "online", "stale", "offline", "quarantined"]
+
+
+def test_vocabulary_labels_and_sizes() -> None:
+    v = Vocabulary()
+    assert v.normalise_label(" Google:US-Central1 ") == "gcp:us-central1"
+    assert v.normalise_label("bm:chicago-h100") == "baremetal:chicago-h100"
+    for bad in ("no-colon", ":zone", "cloud:", "gcp:us central", "gcp:zone:extra"):
+        with pytest.raises(LabelError):
+            v.normalise_label(bad)
+    assert v.size("llm") is not None and v.size("llm").gpu  # type: ignore[union-attr]
+    assert v.size("huge") is None
+    custom = Vocabulary.from_config({"node_sizes": [{"name": "gpu-xl", "vcpus": 64,
+                                                     "memory_mb": 512000, "gpu": True}]})
+    assert list(custom.sizes) == ["gpu-xl"]
+    with pytest.raises(ValueError, match="node_sizes"):
+        Vocabulary.from_config({"node_sizes": [{"name": "x"}]})
+
+
+def test_readiness_decisions() -> None:
+    q = Quorum(quorum_fraction=0.5, settle_timeout_s=60)
+    expected = {f"a{i}" for i in range(10)}
+    assert not assess(q, {"a1", "a2"}, expected, 1).ready
+    assert assess(q, {f"a{i}" for i in range(5)}, expected, 1).ready
+    assert not assess(q, {f"x{i}" for i in range(9)}, expected, 1).ready  # strangers don't count
+    assert assess(q, set(), expected, 60).ready
+    assert assess(q, set(), set(), 0).ready  # no checkpoint: nothing to wait for
+    assert not assess(Quorum(quorum_count=3), {"a", "b"}, set(), 1).ready
+    assert assess(Quorum(quorum_count=3), {"a", "b", "c"}, set(), 1).ready
+
+
+def test_nonces_are_single_use_and_expire() -> None:
+    book = NonceBook(ttl=10)
+    nonce, expires = book.issue(100.0)
+    assert expires == 110.0
+    assert book.consume(nonce, 105.0) is None
+    refusal = book.consume(nonce, 105.0)
+    assert refusal is not None and refusal.code == "NONCE_REPLAYED"
+    late, _ = book.issue(100.0)
+    refusal = book.consume(late, 110.5)
+    assert refusal is not None and refusal.code == "NONCE_EXPIRED"
+    book.remember_binding(b"rd", 100.0)
+    assert book.was_used(b"rd", 109.0) and not book.was_used(b"rd", 111.0)
+    book.issue(100.0)
+    book.prune(200.0)
+    assert len(book) == 0
+
+
+def test_bootstrap_refuses_missing_unsigned_and_tampered(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    monkeypatch.setenv("EE_SIM_DIR", str(tmp_path / "sim"))
+    data = tmp_path / "cp"
+    with pytest.raises(bootstrap.BootstrapError, match="no bootstrap bundle"):
+        bootstrap.load(data)
+    token = bootstrap.create_dev(data)
+    boot = bootstrap.load(data)
+    assert boot.admin_token_ok(token) and not boot.admin_token_ok(token + "x")
+    assert boot.dev and len(boot.roots) == 1
+    assert (data / "admin.token").stat().st_mode & 0o777 == 0o600
+
+    sig = data / "bootstrap.json.sig"
+    saved = sig.read_bytes()
+    sig.unlink()
+    with pytest.raises(bootstrap.BootstrapError, match="refused"):
+        bootstrap.load(data)
+    sig.write_bytes(saved)
+
+    doc = json.loads((data / "bootstrap.json").read_text())
+    doc["admin_token_sha256"] = "0" * 64
+    (data / "bootstrap.json").write_text(json.dumps(doc))
+    with pytest.raises(bootstrap.BootstrapError, match="refused"):
+        bootstrap.load(data)

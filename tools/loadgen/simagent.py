@@ -1,0 +1,189 @@
+"""A lean simulated agent: the CP session protocol over a real websocket, with quotes
+from the ``sim`` attestation provider. No workloads — for CP tests and load.
+
+One ``SimAgent`` is one task holding one trio-websocket connection; it registers,
+heartbeats on the interval the CP gives, and answers ``snapshot``, ``attest``, ``logs``
+and ``stats`` requests. Many run in one process (tools/loadgen/run.py).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import trio
+import trio_websocket
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ee.attestation.providers.sim import SimTD
+from ee.protocol import decode_message, encode_message, registration_report_data
+from ee.protocol.messages import (
+    Attest,
+    Attestation,
+    Challenge,
+    Health,
+    Heartbeat,
+    LogsReply,
+    LogsRequest,
+    Message,
+    NodeInfo,
+    NodeStats,
+    Reconnect,
+    Register,
+    Registered,
+    Rejected,
+    Snapshot,
+    SnapshotRequest,
+    StatsReply,
+    StatsRequest,
+)
+
+
+@attrs.define
+class SimAgent:
+    url: str
+    td: SimTD
+    vm_name: str
+    node_size: str = "standard"
+    datacenter: str = "local:dev"
+    gpu: bool = False
+    vcpus: int = 4
+    memory_mb: int = 16384
+    key: Ed25519PrivateKey = attrs.field(factory=Ed25519PrivateKey.generate)
+    heartbeats: bool = True
+    paused: bool = False  # True: keep the session but stop heartbeating (goes stale)
+    sessions: int = 0
+    quote_for: Callable[[bytes, bytes], bytes] | None = None  # (nonce, pubkey) -> quote
+    agent_id: str | None = None
+    rejected: Rejected | None = None
+    registered: Registered | None = None
+    seq: int = 0
+    reconnect: Reconnect | None = None
+    closed_code: int | None = None
+    requests_answered: int = 0
+    ws: trio_websocket.WebSocketConnection | None = None
+
+    @property
+    def public_key(self) -> bytes:
+        return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(deployments=(), health=Health(status="healthy"),
+                        node=NodeInfo(node_size=self.node_size, datacenter=self.datacenter,
+                                      gpu=self.gpu, vcpus=self.vcpus, memory_mb=self.memory_mb),
+                        seq=self.seq)
+
+    def register_message(self, nonce: bytes) -> Register:
+        if self.quote_for is not None:
+            quote = self.quote_for(nonce, self.public_key)
+        else:
+            quote = self.td.quote(registration_report_data(nonce, self.public_key))
+        return Register(vm_name=self.vm_name, node_size=self.node_size,
+                        datacenter=self.datacenter, agent_version="sim-1",
+                        public_key=self.public_key,
+                        attestation=Attestation(provider="sim", quote=quote),
+                        snapshot=self.snapshot())
+
+    async def receive(self) -> tuple[Any, Message]:
+        assert self.ws is not None
+        data = await self.ws.get_message()
+        return decode_message(data, max_bytes=64 << 20, sender="cp")
+
+    async def send(self, msg: Message, *, re: int | None = None) -> None:
+        assert self.ws is not None
+        await self.ws.send_message(encode_message(msg, id=None, re=re))
+
+    async def run(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Connect, register, then serve the session until it closes."""
+        async with trio_websocket.open_websocket_url(self.url) as ws:
+            self.ws = ws
+            try:
+                _, challenge = await self.receive()
+                assert isinstance(challenge, Challenge), challenge
+                await self.send(self.register_message(challenge.nonce))
+                _, answer = await self.receive()
+                if isinstance(answer, Rejected):
+                    self.rejected = answer
+                    task_status.started(self)
+                    await ws.get_message()  # until the CP closes
+                    return
+                assert isinstance(answer, Registered), answer
+                self.registered = answer
+                self.agent_id = answer.agent_id
+                self.sessions += 1
+                task_status.started(self)
+                async with trio.open_nursery() as nursery:
+                    if self.heartbeats:
+                        nursery.start_soon(self._heartbeat, answer.heartbeat_interval_s)
+                    await self._serve()
+                    nursery.cancel_scope.cancel()
+            except trio_websocket.ConnectionClosed as exc:
+                self.closed_code = exc.reason.code if exc.reason else None
+                if self.registered is None and self.rejected is None:
+                    task_status.started(self)
+            finally:
+                self.ws = None
+
+    async def run_forever(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
+        """Like an agent: reconnect (after the CP's ``reconnect.after_s``, else 0.1 s)."""
+        first = True
+        while True:
+            try:
+                if first:
+                    await self.run(task_status=task_status)
+                    first = False
+                else:
+                    await self.run()
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed):
+                if first:
+                    raise
+            delay = self.reconnect.after_s if self.reconnect is not None else 0.1
+            self.reconnect = None
+            await trio.sleep(min(delay, 1.0))
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            if self.paused:
+                continue
+            self.seq += 1
+            try:
+                await self.send(Heartbeat(seq=self.seq, health=Health(status="healthy"),
+                                          stats=NodeStats(uptime_s=float(self.seq))))
+            except trio_websocket.ConnectionClosed:
+                return
+
+    async def _serve(self) -> None:
+        try:
+            await self._serve_frames()
+        except trio_websocket.ConnectionClosed as exc:
+            self.closed_code = exc.reason.code if exc.reason else None
+
+    async def _serve_frames(self) -> None:
+        while True:
+            frame, msg = await self.receive()
+            reply: Message | None = None
+            if isinstance(msg, SnapshotRequest):
+                reply = self.snapshot()
+            elif isinstance(msg, Attest):
+                reply = Attestation(provider="sim", quote=self.td.quote(
+                    registration_report_data(msg.nonce, self.public_key)))
+            elif isinstance(msg, LogsRequest):
+                reply = LogsReply(lines=())
+            elif isinstance(msg, StatsRequest):
+                reply = StatsReply(node=NodeStats())
+            elif isinstance(msg, Reconnect):
+                self.reconnect = msg
+                continue
+            if reply is not None and frame.id is not None:
+                self.requests_answered += 1
+                await self.send(reply, re=frame.id)
+
+
+def random_vm_name(prefix: str = "sim") -> str:
+    return f"{prefix}-{secrets.token_hex(4)}"
