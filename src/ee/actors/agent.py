@@ -84,6 +84,7 @@ class AgentDeps:
     attest_limiter: trio.CapacityLimiter
     # Operator intent, kept outside the actor so a restart does not forget it.
     drained: set[str] = attrs.field(factory=set)
+    observe_heartbeat: Callable[[float], None] = lambda _seconds: None
 
 
 # ---- messages ------------------------------------------------------------------------
@@ -104,6 +105,7 @@ class SessionClosed:
 class HeartbeatIn:
     session_id: int
     heartbeat: Heartbeat
+    received_at: float = 0.0  # Trio time the frame was read (for handling latency)
 
 
 @attrs.frozen
@@ -289,6 +291,8 @@ class AgentActor(Actor):
         if not self._current(msg.session_id):
             return
         hb = msg.heartbeat
+        if msg.received_at:
+            self.deps.observe_heartbeat(trio.current_time() - msg.received_at)
         self.seq = hb.seq
         self.health = {"status": hb.health.status, "detail": hb.health.detail}
         self.stats = attrs.asdict(hb.stats)

@@ -392,7 +392,7 @@ class AgentPlane:
                 continue
             if isinstance(msg, Heartbeat):
                 self.metrics.heartbeats.inc()
-                handoff: object = HeartbeatIn(session.session_id, msg)
+                handoff: object = HeartbeatIn(session.session_id, msg, trio.current_time())
             elif isinstance(msg, DeployStatus):
                 handoff = DeployStatusIn(session.session_id, msg)
             elif isinstance(msg, ErrorMessage):

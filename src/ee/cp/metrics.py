@@ -20,6 +20,11 @@ class CpMetrics:
         self.heartbeat_age = Gauge(
             "ee_agent_heartbeat_age_max_seconds", "Oldest heartbeat among live agents",
             registry=r)
+        self.heartbeat_handling = Histogram(
+            "ee_heartbeat_handling_seconds",
+            "From reading a heartbeat frame to its AgentActor having handled it",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r)
         self.heartbeats = Counter("ee_heartbeats_total", "Heartbeats received", registry=r)
         self.bad_frames = Counter("ee_bad_frames_total", "Refused agent frames", ["reason"],
                                   registry=r)

@@ -204,7 +204,8 @@ class ControlPlane:
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
                          reattester=self.judge(), emit=self.events.emit,
-                         attest_limiter=self.attest_limiter, drained=self.drained)
+                         attest_limiter=self.attest_limiter, drained=self.drained,
+                         observe_heartbeat=self.metrics.heartbeat_handling.observe)
 
     # ---- readiness -------------------------------------------------------------------
 
@@ -420,8 +421,19 @@ async def _serve(cp: ControlPlane, token_line: str) -> None:
                 nursery.cancel_scope.cancel()
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one (one fd per agent session)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    raise_fd_limit()
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

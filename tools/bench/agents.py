@@ -1,0 +1,202 @@
+"""Agent-plane benchmark: one ``ee-cp`` process against N simulated agents.
+
+For each N: agents held, heartbeat handling p50/p99 (frame read → AgentActor handled,
+from the CP's own histogram), CP RSS per agent, CP and loadgen CPU during steady state
+(to show the generator is not the bottleneck), and time-to-ready after ``kill -9`` and
+restart of the CP (agents reconnect on their own).
+
+    python tools/bench/agents.py --agents 1000 10000 [--heartbeat 10] [--hold 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "loadgen"))
+
+from run import cpu_seconds, hold  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE // 1024
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def quantiles(metrics: str, name: str) -> tuple[float, float, int]:
+    buckets = []
+    for m in re.finditer(rf'^{name}_bucket{{le="([^"]+)"}} ([0-9.e+]+)$', metrics, re.M):
+        le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+        buckets.append((le, float(m.group(2))))
+    total = buckets[-1][1] if buckets else 0
+
+    def q(p: float) -> float:
+        target = p * total
+        prev_le, prev_n = 0.0, 0.0
+        for le, n in buckets:
+            if n >= target:
+                if le == float("inf"):
+                    return prev_le
+                frac = (target - prev_n) / (n - prev_n) if n > prev_n else 0
+                return prev_le + frac * (le - prev_le)
+            prev_le, prev_n = le, n
+        return prev_le
+
+    return q(0.5), q(0.99), int(total)
+
+
+class Cp:
+    def __init__(self, data: Path, env: dict[str, str], heartbeat: float) -> None:
+        self.data = data
+        self.env = env
+        self.http_port = free_port()
+        self.agent_port = free_port()
+        config = data.parent / "cp.json"
+        config.write_text(json.dumps({"heartbeat_interval_s": heartbeat,
+                                      "stale_after_s": heartbeat * 3,
+                                      "offline_after_s": heartbeat * 9,
+                                      "checkpoint_interval_s": 5,
+                                      "quorum": {"quorum_fraction": 0.95,
+                                                 "settle_timeout_s": 600}}))
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.agent_port}/api/v2/agents/connect"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ee.cp.server", "--dev", "--config", str(self.config),
+             "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.http_port}",
+             "--agent-listen", f"127.0.0.1:{self.agent_port}", "--log-level", "WARNING"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                httpx.get(f"{self.http}/api/v2/health", timeout=1)
+                return t0
+            except httpx.TransportError:
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+async def wait_http(cp: Cp, path: str, ok: int = 200) -> None:
+    async with httpx.AsyncClient(base_url=cp.http, timeout=30) as client:
+        while True:
+            try:
+                if (await client.get(path)).status_code == ok:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.1)
+
+
+async def bench(n: int, heartbeat: float, hold_s: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="ee-bench-"))
+    env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
+    os.environ["EE_SIM_DIR"] = env["EE_SIM_DIR"]
+    cp = Cp(tmp / "cp", env, heartbeat)
+    cp.start()
+    assert cp.proc is not None
+    base_rss = rss_kib(cp.proc.pid)
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        agents = await nursery.start(lambda task_status: hold(
+            cp.url, n, prefix="bench", concurrency=256, datacenters=4, hold_s=None,
+            task_status=task_status))
+        joined = sum(1 for a in agents if a.registered)
+        join_s = time.perf_counter() - t0
+        await trio.sleep(heartbeat * 2)  # settle: every agent heartbeats at least once
+        before = await _metrics(cp)
+        c_cp0, c_lg0, w0 = proc_cpu(cp.proc.pid), cpu_seconds(), time.perf_counter()
+        await trio.sleep(hold_s)
+        after = await _metrics(cp)
+        wall = time.perf_counter() - w0
+        cp_cpu = (proc_cpu(cp.proc.pid) - c_cp0) / wall * 100
+        lg_cpu = (cpu_seconds() - c_lg0) / wall * 100
+        rss = rss_kib(cp.proc.pid)
+        p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
+        _, _, count_before = quantiles(before, "ee_heartbeat_handling_seconds")
+        await trio.sleep(6)  # let a checkpoint with all agents land
+        cp.kill()
+        t_restart = cp.start()
+        await wait_http(cp, "/api/v2/ready")
+        ready_s = time.perf_counter() - t_restart
+        nursery.cancel_scope.cancel()
+    cp.stop()
+    print(f"agents={n:>6}  held={joined}  join={join_s:.1f}s  "
+          f"heartbeats handled in window={count - count_before} "
+          f"({(count - count_before) / hold_s:.0f}/s)")
+    print(f"    heartbeat handling p50={p50 * 1000:.2f} ms  p99={p99 * 1000:.2f} ms "
+          f"(goal p99 < 50 ms)")
+    print(f"    CP RSS {rss / 1024:.0f} MiB  = {(rss - base_rss) / n:.1f} KiB/agent over "
+          f"an idle CP of {base_rss / 1024:.0f} MiB (goal < 25 KB/agent)")
+    print(f"    steady-state CPU: CP {cp_cpu:.0f}%  loadgen {lg_cpu:.0f}% of one core")
+    print(f"    time-to-ready after kill -9 + restart: {ready_s:.1f}s "
+          f"(quorum 95% of checkpointed agents)")
+
+
+async def _metrics(cp: Cp) -> str:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return (await client.get(f"{cp.http}/metrics")).text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--heartbeat", type=float, default=10.0)
+    p.add_argument("--hold", type=float, default=30.0)
+    args = p.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"open files limit {hard}")
+    for n in args.agents:
+        trio.run(bench, n, args.heartbeat, args.hold)
+
+
+if __name__ == "__main__":
+    main()

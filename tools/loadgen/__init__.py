@@ -1,0 +1,1 @@
+"""Load generation: many simulated agents over real websockets from one process."""
