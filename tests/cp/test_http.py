@@ -35,7 +35,8 @@ async def test_auth_and_error_shapes(tmp_path: Path) -> None:
                 assert r.status_code == 400
                 tree = (await admin.get("/api/v2/admin/tree")).json()
                 assert [c["name"] for c in tree["children"]] == [
-                    "records", "datacenters", "agents", "agent-plane", "checkpoint", "http"]
+                    "records", "accounts", "datacenters", "agents", "apps", "agent-plane",
+                    "checkpoint", "http"]
 
 
 async def test_drain_crash_and_tree(tmp_path: Path) -> None:

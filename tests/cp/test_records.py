@@ -100,16 +100,16 @@ async def test_new_migrations_apply_in_order_on_reopen(db: Path) -> None:
         await (await RecordStore.open(db)).close()
         later = (
             *base,
-            step(n + 1, "accounts", "CREATE TABLE accounts (id INTEGER PRIMARY KEY, name TEXT);"),
-            step(n + 2, "account_keys", "ALTER TABLE accounts ADD COLUMN key_hash TEXT;"),
+            step(n + 1, "widgets", "CREATE TABLE widgets (id INTEGER PRIMARY KEY, name TEXT);"),
+            step(n + 2, "widget_keys", "ALTER TABLE widgets ADD COLUMN key_hash TEXT;"),
         )
         async with await RecordStore.open(db, migrations=later) as store:
             assert store.schema_version == n + 2
         assert rows(db, "SELECT version, name FROM schema_migrations ORDER BY version")[-2:] == [
-            (n + 1, "accounts"),
-            (n + 2, "account_keys"),
+            (n + 1, "widgets"),
+            (n + 2, "widget_keys"),
         ]
-        columns = [row[1] for row in rows(db, "PRAGMA table_info(accounts)")]
+        columns = [row[1] for row in rows(db, "PRAGMA table_info(widgets)")]
         assert columns == ["id", "name", "key_hash"]
 
 

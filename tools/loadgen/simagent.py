@@ -20,10 +20,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ee.attestation.providers.sim import SimTD
 from ee.protocol import decode_message, encode_message, registration_report_data
+from ee.protocol.compose import compose_hash
 from ee.protocol.messages import (
     Attest,
     Attestation,
     Challenge,
+    Deploy,
+    DeploymentSnapshot,
+    DeployStatus,
     Health,
     Heartbeat,
     LogsReply,
@@ -39,6 +43,7 @@ from ee.protocol.messages import (
     SnapshotRequest,
     StatsReply,
     StatsRequest,
+    Undeploy,
 )
 
 
@@ -64,6 +69,9 @@ class SimAgent:
     reconnect: Reconnect | None = None
     closed_code: int | None = None
     requests_answered: int = 0
+    # Simulated workloads: no containers; deploys "run" at once unless fail_deploys.
+    deployments: dict[str, DeploymentSnapshot] = attrs.field(factory=dict)
+    fail_deploys: bool = False
     ws: trio_websocket.WebSocketConnection | None = None
 
     @property
@@ -71,7 +79,8 @@ class SimAgent:
         return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(deployments=(), health=Health(status="healthy"),
+        return Snapshot(deployments=tuple(self.deployments.values()),
+                        health=Health(status="healthy"),
                         node=NodeInfo(node_size=self.node_size, datacenter=self.datacenter,
                                       gpu=self.gpu, vcpus=self.vcpus, memory_mb=self.memory_mb),
                         seq=self.seq)
@@ -146,6 +155,22 @@ class SimAgent:
             self.reconnect = None
             await trio.sleep(min(delay, 1.0))
 
+    async def _deploy(self, msg: Deploy) -> None:
+        digest = compose_hash(msg.compose, msg.build_context)
+        snap = DeploymentSnapshot(deployment_id=msg.deployment_id, app=msg.app,
+                                  version=msg.version, state="starting", compose_hash=digest)
+        self.deployments[msg.deployment_id] = snap
+        await self.send(DeployStatus(deployment_id=msg.deployment_id, state="starting"))
+        final = "failed" if self.fail_deploys else "running"
+        self.deployments[msg.deployment_id] = attrs.evolve(snap, state=final)
+        await self.send(DeployStatus(deployment_id=msg.deployment_id, state=final,
+                                     compose_hash=digest,
+                                     error="simulated failure" if self.fail_deploys else None))
+
+    async def _undeploy(self, msg: Undeploy) -> None:
+        if self.deployments.pop(msg.deployment_id, None) is not None:
+            await self.send(DeployStatus(deployment_id=msg.deployment_id, state="stopped"))
+
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await trio.sleep(interval)
@@ -179,6 +204,12 @@ class SimAgent:
                 reply = StatsReply(node=NodeStats())
             elif isinstance(msg, Reconnect):
                 self.reconnect = msg
+                continue
+            elif isinstance(msg, Deploy):
+                await self._deploy(msg)
+                continue
+            elif isinstance(msg, Undeploy):
+                await self._undeploy(msg)
                 continue
             if reply is not None and frame.id is not None:
                 self.requests_answered += 1

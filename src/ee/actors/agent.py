@@ -18,6 +18,7 @@ new placements) and raises an event.
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import secrets
@@ -33,12 +34,16 @@ from ee.actors.lifecycle import AgentState, api_status, status_for_age, transiti
 from ee.protocol.messages import (
     Attest,
     Attestation,
+    Deploy,
     DeploymentSnapshot,
     DeployStatus,
     Heartbeat,
+    LogsReply,
+    LogsRequest,
     Message,
     Snapshot,
     SnapshotRequest,
+    Undeploy,
 )
 from ee.runtime import Actor, ActorDead, MailboxFull, handler
 
@@ -137,6 +142,41 @@ class ReattestDone:
 
 
 @attrs.frozen
+class ReplicaReport:
+    """AgentActor → AppActor: a replica's state changed on that agent."""
+
+    deployment_id: str
+    agent_id: str
+    state: str
+    compose_hash: str | None
+    error: str | None
+
+
+@attrs.frozen
+class PushDeploy:
+    """AppActor → AgentActor: claim this agent for a replica and send ``deploy``.
+
+    Answers False when the agent cannot take it (offline, quarantined, draining, or
+    already running another deployment): the actor is the one arbiter of its agent.
+    """
+
+    app: str
+    deployment_id: str
+    version: Mapping[str, Any]
+
+
+@attrs.frozen
+class PushUndeploy:
+    deployment_id: str
+
+
+@attrs.frozen
+class FetchLogs:
+    deployment_id: str
+    tail: int = 200
+
+
+@attrs.frozen
 class StatusReport:
     """AgentActor → DatacenterActor: this agent's status changed (``at``: Trio time)."""
 
@@ -144,6 +184,10 @@ class StatusReport:
     status: str
     attestation_pass: bool | None
     at: float
+
+
+def _replica_report(st: DeployStatus, agent_id: str) -> ReplicaReport:
+    return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, st.error)
 
 
 def _iso(unix: float | None) -> str | None:
@@ -307,10 +351,70 @@ class AgentActor(Actor):
             return
         st = msg.status
         old = self.deployments.get(st.deployment_id)
-        if old is not None:
+        if old is None:
+            return  # not one the CP knows on this agent; the next snapshot settles it
+        if st.state == "stopped":
+            del self.deployments[st.deployment_id]
+        else:
             self.deployments[st.deployment_id] = attrs.evolve(
                 old, state=st.state, compose_hash=st.compose_hash or old.compose_hash,
                 image_digests=st.image_digests or old.image_digests)
+        report = _replica_report(st, self.agent_id)
+        try:
+            self.registry.ref(f"app/{old.app}").try_tell(report)
+        except (ActorDead, MailboxFull):
+            pass  # the app reconciles from agent views on its next pass
+
+    @handler(PushDeploy)
+    async def on_push_deploy(self, msg: PushDeploy) -> bool:
+        others = [d for d in self.deployments if d != msg.deployment_id]
+        if (self.link is None or self.state not in (AgentState.READY,)
+                or self.draining or others):
+            return False
+        if msg.deployment_id in self.deployments:
+            return True  # already there (adopted or in flight)
+        v = msg.version
+        context = v.get("build_context")
+        deploy = Deploy(deployment_id=msg.deployment_id, app=msg.app, version=v["version"],
+                        compose=v["compose"], expose_port=int(v["expose_port"]),
+                        health_path=v["health_path"], env=dict(v.get("env") or {}),
+                        build_context=base64.b64decode(context) if context else None,
+                        expose_service=v.get("expose_service"))
+        try:
+            await self.link.send(deploy)
+        except Exception as exc:  # the session just died; the app will re-place
+            log.info("agent %s: deploy %s not sent: %s", self.agent_id, msg.deployment_id, exc)
+            return False
+        self.deployments[msg.deployment_id] = DeploymentSnapshot(
+            deployment_id=msg.deployment_id, app=msg.app, version=v["version"],
+            state="pending", compose_hash=None)
+        return True
+
+    @handler(PushUndeploy)
+    async def on_push_undeploy(self, msg: PushUndeploy) -> bool:
+        old = self.deployments.get(msg.deployment_id)
+        if old is None:
+            return False
+        if self.link is not None:
+            try:
+                await self.link.send(Undeploy(deployment_id=msg.deployment_id))
+            except Exception as exc:
+                log.info("agent %s: undeploy not sent: %s", self.agent_id, exc)
+                return False
+            self.deployments[msg.deployment_id] = attrs.evolve(old, state="stopping")
+        return True
+
+    @handler(FetchLogs)
+    async def on_fetch_logs(self, msg: FetchLogs) -> list[dict[str, str]]:
+        if self.link is None:
+            raise_offline = f"agent {self.agent_id} is offline"
+            return [{"service": "-", "text": raise_offline}]
+        reply = await self.link.request(
+            LogsRequest(deployment_id=msg.deployment_id, tail=msg.tail),
+            self.deps.settings.request_timeout_s)
+        if not isinstance(reply, LogsReply):
+            return []
+        return [{"service": line.service, "text": line.text} for line in reply.lines]
 
     @handler(Tick)
     async def on_tick(self, _: Tick) -> None:
@@ -361,6 +465,7 @@ class AgentActor(Actor):
             "node_size": ident.node_size if ident else None,
             "datacenter": ident.datacenter if ident else None,
             "gpu": ident.gpu if ident else None,
+            "url": ident.url if ident else None,
             "status": api_status(self.state),
             "lifecycle": self.state.value,
             "draining": self.draining,
@@ -376,7 +481,8 @@ class AgentActor(Actor):
             },
             "deployment": [
                 {"deployment_id": d.deployment_id, "app": d.app, "version": d.version,
-                 "state": d.state, "compose_hash": d.compose_hash}
+                 "state": d.state, "compose_hash": d.compose_hash,
+                 "image_digests": dict(d.image_digests)}
                 for d in self.deployments.values()
             ],
             "health": self.health,

@@ -21,6 +21,7 @@ class Identity:
     verdict: str  # "pass" | "warn"
     violations: tuple[str, ...]
     verified_at: float  # unix time
+    url: str | None = None  # the agent's HTTP API, as it announced it
 
 
 def agent_id_for(cluster_id: str, vm_name: str) -> str:

@@ -168,6 +168,9 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             async for event in stream:
                 await websocket.send(json.dumps(event.to_dict()))
 
+    from ee.cp import tenants
+
+    tenants.register(app, cp)
     return app
 
 

@@ -599,3 +599,94 @@ class RecordStore:
         """The newest *limit* audit entries, optionally by one *actor* and/or on one
         *target*."""
         return await self._select(AuditRecord, "audit", limit, {"actor": actor, "target": target})
+
+
+# --- accounts and API keys (durable business) ----------------------------------------
+
+AccountKind = Literal["tenant", "provisioner"]
+ACCOUNT_KINDS: tuple[AccountKind, ...] = ("tenant", "provisioner")
+
+
+@attrs.frozen
+class AccountRecord:
+    account_id: str = attrs.field(validator=_nonempty)
+    name: str = attrs.field(validator=_nonempty)
+    kind: AccountKind = attrs.field(validator=attrs.validators.in_(ACCOUNT_KINDS))
+    created_at: datetime = attrs.field(validator=_aware)
+    balance: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"account_id": self.account_id, "name": self.name, "kind": self.kind,
+                "created_at": _format_at(self.created_at), "balance": self.balance}
+
+
+@attrs.frozen
+class ApiKeyRecord:
+    key_id: str = attrs.field(validator=_nonempty)
+    account_id: str = attrs.field(validator=_nonempty)
+    secret_sha256: str = attrs.field(validator=_nonempty)
+    created_at: datetime = attrs.field(validator=_aware)
+    revoked_at: datetime | None = None
+
+
+def _parse_at(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+async def create_account(store: RecordStore, account_id: str, name: str,
+                         kind: AccountKind) -> AccountRecord:
+    record = AccountRecord(account_id, name, kind, _utc(None))
+    at = _format_at(record.created_at)
+    await store._call(lambda conn: conn.execute(
+        "INSERT INTO accounts (account_id, name, kind, created_at) VALUES (?, ?, ?, ?)",
+        (account_id, name, kind, at)))
+    return record
+
+
+async def get_account(store: RecordStore, account_id: str) -> AccountRecord | None:
+    row = await store._call(lambda conn: conn.execute(
+        "SELECT account_id, name, kind, created_at, balance FROM accounts "
+        "WHERE account_id = ?", (account_id,)).fetchone())
+    if row is None:
+        return None
+    created = _parse_at(row[3])
+    assert created is not None
+    return AccountRecord(row[0], row[1], row[2], created, int(row[4]))
+
+
+async def add_api_key(store: RecordStore, key_id: str, account_id: str,
+                      secret_sha256: str) -> ApiKeyRecord:
+    record = ApiKeyRecord(key_id, account_id, secret_sha256, _utc(None))
+    at = _format_at(record.created_at)
+    await store._call(lambda conn: conn.execute(
+        "INSERT INTO api_keys (key_id, account_id, secret_sha256, created_at) "
+        "VALUES (?, ?, ?, ?)", (key_id, account_id, secret_sha256, at)))
+    return record
+
+
+async def find_api_key(store: RecordStore, key_id: str) -> ApiKeyRecord | None:
+    """The live (not revoked) key *key_id*, if any."""
+    row = await store._call(lambda conn: conn.execute(
+        "SELECT key_id, account_id, secret_sha256, created_at FROM api_keys "
+        "WHERE key_id = ? AND revoked_at IS NULL", (key_id,)).fetchone())
+    if row is None:
+        return None
+    created = _parse_at(row[3])
+    assert created is not None
+    return ApiKeyRecord(row[0], row[1], row[2], created)
+
+
+async def revoke_api_keys(store: RecordStore, account_id: str, *, keep: str | None = None
+                          ) -> int:
+    """Revoke every live key of *account_id* except *keep*; returns how many."""
+    at = _format_at(_utc(None))
+
+    def work(conn: sqlite3.Connection) -> int:
+        cur = conn.execute(
+            "UPDATE api_keys SET revoked_at = ? WHERE account_id = ? AND revoked_at IS NULL "
+            "AND key_id <> ?", (at, account_id, keep or ""))
+        return int(cur.rowcount)
+
+    return await store._call(work)

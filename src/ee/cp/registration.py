@@ -181,6 +181,7 @@ class Judge:
             verdict="warn" if verdict.violations else "pass",
             violations=verdict.reasons,
             verified_at=now,
+            url=msg.url,
         )
         return Admission(identity, None, mrtd=mrtd, tcb_status=verdict.tcb_status)
 

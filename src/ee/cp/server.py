@@ -4,8 +4,10 @@
 
     cp (one_for_one)
     ├── records        record writer: events → SQLite history (not liveness)
+    ├── accounts       SQLite store of accounts and hashed API keys (durable business)
     ├── datacenters    dynamic: DatacenterActor per label
     ├── agents         dynamic: AgentActor per agent (transient)
+    ├── apps           dynamic: AppActor per app, repopulated from signed manifests
     ├── agent-plane    trio-websocket listener for agent sessions (--agent-listen)
     ├── checkpoint     writes the signed list of live agents (the readiness quorum)
     └── http           Hypercorn serving the Quart-Trio app (--listen)
@@ -15,7 +17,7 @@ actor, and a stop closes them in reverse order: HTTP first, then the agent plane
 tells every agent to reconnect shortly), then the actors. SIGTERM/SIGINT trigger that
 graceful stop; a second signal cancels at once.
 
-Parts of DESIGN.md not built yet (apps, capacity pools, billing, federation) are not
+Parts of DESIGN.md not built yet (capacity pools, billing, federation) are not
 in the tree; ``--role master|dc`` is refused with a clear error rather than pretended.
 """
 
@@ -36,12 +38,14 @@ import attrs
 import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings, Describe
+from ee.actors.app import AppActor, AppDeps
 from ee.attestation import Collateral, Verifier
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
+from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
 from ee.cp.nodes import Vocabulary
 from ee.cp.readiness import Quorum, Readiness, assess
@@ -49,7 +53,7 @@ from ee.cp.records import RecordStore, RecordStoreError
 from ee.cp.registration import Judge
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
-from ee.supervisors import ChildSpec, Supervisor
+from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.cp")
 
@@ -146,6 +150,10 @@ class ControlPlane:
         self.collateral: Collateral | None = None
         self.collateral_refreshed = 0.0
         self.records: RecordStore | None = None
+        self.accounts: RecordStore | None = None
+        self.manifests = ManifestStore(config.data_dir / "manifests", boot.signing_key)
+        self.deployment_index: dict[str, str] = {}  # deployment id -> app key
+        self.refused_manifests: list[str] = []
         self.started_at = 0.0
         self.expected_agents = self._read_checkpoint()
         self.seen_agents: set[str] = set()
@@ -155,6 +163,8 @@ class ControlPlane:
         self._ready_logged = False
         self.datacenters = Supervisor("datacenters", max_restarts=100, period=10.0)
         self.agents = Supervisor("agents", max_restarts=1000, period=10.0)
+        self.apps = Supervisor("apps", max_restarts=100, period=10.0,
+                               populate=self._populate_apps)
         s = config
         self.agent_settings = AgentSettings(
             heartbeat_interval_s=s.heartbeat_interval_s, stale_after_s=s.stale_after_s,
@@ -173,8 +183,10 @@ class ControlPlane:
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
+            ChildSpec(id="accounts", start=self._run_accounts, shutdown=5.0),
             self.datacenters.as_child(),
             self.agents.as_child(),
+            self.apps.as_child(),
             ChildSpec(id="agent-plane", start=self.plane.run, stop=self.plane.request_stop,
                       shutdown=10.0),
             # After the plane, so it stops (and writes its last checkpoint) before the
@@ -278,6 +290,85 @@ class ControlPlane:
 
     def _record_registration(self, data: dict[str, Any]) -> None:
         self.events.emit("registration", data["vm_name"], data)
+
+    async def _run_accounts(self, task_status: trio.TaskStatus[None]) -> None:
+        store = await RecordStore.open(self.config.data_dir / "accounts.sqlite3")
+        self.accounts = store
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.accounts = None
+            with trio.CancelScope(shield=True):
+                await store.close()
+
+    # ---- desired state: apps -----------------------------------------------------------
+
+    def _load_desired(self) -> dict[str, dict[str, Any]]:
+        """Every app's manifests, grouped by app key (runs in a worker thread)."""
+        refused: list[str] = []
+        apps, bad = self.manifests.load("apps")
+        refused += [f"{r.path}: {r.reason}" for r in bad]
+        versions, bad = self.manifests.load("versions")
+        refused += [f"{r.path}: {r.reason}" for r in bad]
+        deployments, bad = self.manifests.load("deployments")
+        refused += [f"{r.path}: {r.reason}" for r in bad]
+        self.refused_manifests = refused
+        out: dict[str, dict[str, Any]] = {
+            a["app_key"]: {"app": a, "versions": [], "deployments": []} for a in apps}
+        for v in versions:
+            if v.get("app") in out:
+                out[v["app"]]["versions"].append(v)
+        for d in deployments:
+            if d.get("app") in out:
+                out[d["app"]]["deployments"].append(d)
+        return out
+
+    async def _load_app(self, app_key: str) -> dict[str, Any]:
+        desired = await trio.to_thread.run_sync(self._load_desired)
+        return desired[app_key]
+
+    async def _save_manifest(self, kind: str, ident: str, spec: dict[str, Any]) -> None:
+        if kind == "versions":
+            spec = {**spec, "app": ident.split("/", 1)[0]}
+        await trio.to_thread.run_sync(self.manifests.write, kind, ident, spec)
+
+    def app_deps(self) -> AppDeps:
+        return AppDeps(load=self._load_app, save=self._save_manifest,
+                       agent_views=self.describe_agents, emit=self.events.emit)
+
+    async def _start_app(self, app_key: str) -> None:
+        deps = self.app_deps()
+        await self.apps.start_child(actor_spec(
+            self.registry, f"app/{app_key}", lambda: AppActor(app_key, deps),
+            restart=Restart.PERMANENT, mailbox_size=256))
+
+    async def _populate_apps(self, apps: Supervisor) -> None:
+        desired = await trio.to_thread.run_sync(self._load_desired)
+        for message in self.refused_manifests:
+            self.events.emit("manifest.refused", "cp", {"detail": message})
+        for app_key, doc in desired.items():
+            for d in doc["deployments"]:
+                self.deployment_index[d["deployment_id"]] = app_key
+            await self._start_app(app_key)
+
+    async def create_app(self, app_key: str, spec: dict[str, Any]) -> dict[str, Any]:
+        spec = {**spec, "created_at": time.time()}
+        await trio.to_thread.run_sync(self.manifests.write, "apps", app_key, spec)
+        await self._start_app(app_key)
+        self.events.emit("app.created", app_key, {"name": spec["name"]})
+        from ee.actors.app import Describe as DescribeApp
+
+        view: dict[str, Any] = await self.registry.ref(f"app/{app_key}").ask(
+            DescribeApp(), timeout=10)
+        return view
+
+    def with_urls(self, view: dict[str, Any]) -> dict[str, Any]:
+        """Add each replica's URL (its agent's HTTP API, which proxies to the workload)."""
+        urls = {a: s.identity.url for a, s in self.plane.sessions.items()}
+        for replica in view.get("replicas", []):
+            replica["url"] = urls.get(replica["agent_id"])
+        return view
 
     # ---- http ------------------------------------------------------------------------
 

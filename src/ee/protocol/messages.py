@@ -86,7 +86,7 @@ NONCE_MIN_BYTES = 16
 NONCE_MAX_BYTES = 64
 PUBLIC_KEY_BYTES = 32  # raw Ed25519
 
-_HEX_DIGEST = re.compile(r"\A(?:[0-9a-f]{2})+\Z")
+_HEX_DIGEST = re.compile(r"\A(?:sha256:)?(?:[0-9a-f]{2})+\Z")  # compose hashes: "sha256:<hex>"
 
 _nonempty = check(lambda v: len(v) > 0, "must not be empty")
 _non_negative = check(lambda v: v >= 0, "must be >= 0")
@@ -237,6 +237,8 @@ class Register:
     attestation: Attestation
     snapshot: Snapshot
     bootstrap_token: str | None = None
+    #: Where the agent's HTTP API (health, attested health, workload proxy) answers.
+    url: str | None = None
 
 
 @attrs.frozen

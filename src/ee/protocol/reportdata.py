@@ -47,7 +47,11 @@ def registration_report_data(nonce: bytes, public_key: bytes) -> bytes:
 
 def health_report_data(nonce: bytes, compose_hash: bytes | str) -> bytes:
     """REPORTDATA for a workload health quote (64 bytes)."""
-    digest = bytes.fromhex(compose_hash) if isinstance(compose_hash, str) else compose_hash
+    if isinstance(compose_hash, str):
+        # Accept the "sha256:<hex>" form that ee.protocol.compose.compose_hash returns.
+        digest = bytes.fromhex(compose_hash.removeprefix("sha256:"))
+    else:
+        digest = compose_hash
     if not digest:
         raise ValueError("compose hash must not be empty")
     return hashlib.sha512(_HEALTH_TAG + nonce + digest).digest()

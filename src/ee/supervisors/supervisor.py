@@ -28,7 +28,9 @@ Theory of operation (after OTP's ``supervisor.erl``):
   hook called exactly once (an actor closes its mailbox and frees its name then).
 * **Dynamic children** (one per agent, thousands) are added with ``start_child`` from
   any task and behave like static ones (OTP's ``simple_one_for_one`` is the
-  one_for_one case). A restarted supervisor starts again from its static specs only.
+  one_for_one case). A restarted supervisor starts again from its static specs and
+  then its ``populate`` hook, which re-adds dynamic children from their sources (the
+  CP's apps supervisor reloads one AppActor per signed app manifest this way).
 * **Chaos**: ``crash(name)`` injects an exception into a named child anywhere below:
   actors get it raised inside their own task (failing the ask they were answering),
   other children have their scope cancelled and the injected exception recorded as
@@ -238,8 +240,10 @@ class Supervisor:
         period: float = 5.0,
         backoff: Backoff | None = None,
         rng: random.Random | None = None,
+        populate: Callable[[Supervisor], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
+        self.populate = populate
         self.strategy = strategy
         self.static_specs = tuple(children)
         ids = [s.id for s in self.static_specs]
@@ -396,6 +400,9 @@ class Supervisor:
                 self._nursery = nursery
                 try:
                     failure = await self._start_static()
+                    if failure is None and self.populate is not None:
+                        # Dynamic children rebuilt from their sources, at every (re)start.
+                        await self.populate(self)
                     if failure is None:
                         task_status.started(self)
                         failure = await self._control_loop()

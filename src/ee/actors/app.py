@@ -1,0 +1,434 @@
+"""AppActor: one tenant app — its versions, its deployments, and the reconciliation of
+what should run against what the agents say runs.
+
+Sources of truth, and how a (re)start rebuilds from them:
+
+* desired state — the app, its versions and its deployment intents — comes from the
+  signed manifests (``deps.load``), written before a change is acknowledged;
+* what runs comes from the agents: every AgentActor's view (itself rebuilt from its
+  agent's snapshot and ``deploy_status`` frames) lists the deployment ids it runs.
+
+A reconcile pass (on a timer and after every change) compares the two for each
+deployment: replicas whose agent went offline are dropped and re-placed elsewhere;
+replicas found on agents but not known (after a CP restart) are adopted, never
+restarted; replicas beyond the wanted count are stopped; a replica that failed is
+moved to another agent, up to ``max_attempts`` agents, then the deployment fails.
+Placement itself is ``ee.placement`` (pure); claiming an agent goes through its
+AgentActor (``PushDeploy``), which refuses if another deployment got there first, so
+two concurrent deploys never share an agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
+from ee.actors.deployment import derive, transition
+from ee.placement import AgentInfo, Constraints, Placement, Request, place
+from ee.runtime import Actor, ActorError, handler
+
+log = logging.getLogger("ee.actors.app")
+
+ACTIVE_REPLICA = ("pending", "pulling", "building", "starting", "running")
+
+
+@attrs.frozen
+class AppDeps:
+    load: Callable[[str], Awaitable[dict[str, Any]]]  # app key -> {app, versions, deployments}
+    save: Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (kind, id, spec)
+    agent_views: Callable[[], Awaitable[list[dict[str, Any]]]]
+    emit: Callable[[str, str, Mapping[str, Any]], None]
+    reconcile_interval_s: float = 2.0
+    max_attempts: int = 3
+
+
+# ---- messages -----------------------------------------------------------------------
+
+@attrs.frozen
+class AddVersion:
+    spec: dict[str, Any]
+
+
+@attrs.frozen
+class ListVersions:
+    pass
+
+
+@attrs.frozen
+class Describe:
+    pass
+
+
+@attrs.frozen
+class Preflight:
+    version: str
+    replicas: int
+    constraints: Constraints
+
+
+@attrs.frozen
+class CreateDeployment:
+    deployment_id: str
+    version: str
+    replicas: int
+    constraints: Constraints
+
+
+@attrs.frozen
+class GetDeployment:
+    deployment_id: str
+
+
+@attrs.frozen
+class StopDeployment:
+    deployment_id: str
+
+
+@attrs.frozen
+class DeploymentLogs:
+    deployment_id: str
+    tail: int
+
+
+@attrs.frozen
+class Reconcile:
+    pass
+
+
+# ---- state --------------------------------------------------------------------------
+
+@attrs.frozen
+class Replica:
+    agent_id: str
+    state: str
+    compose_hash: str | None = None
+    error: str | None = None
+
+
+@attrs.frozen
+class Deployment:
+    deployment_id: str
+    version: str
+    replicas_wanted: int
+    constraints: Constraints
+    desired: str  # "running" | "stopped"
+    created_at: float
+    state: str = "pending"
+    replicas: Mapping[str, Replica] = attrs.field(factory=dict)
+    failed_agents: frozenset[str] = frozenset()
+    error: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        c = self.constraints
+        return {"deployment_id": self.deployment_id, "version": self.version,
+                "replicas": self.replicas_wanted, "desired": self.desired,
+                "created_at": self.created_at,
+                "constraints": {"datacenter": c.datacenter, "node_size": c.node_size,
+                                "gpu": c.gpu, "exclude_agents": sorted(c.exclude_agents)}}
+
+
+def _iso(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
+
+
+def agent_info(view: Mapping[str, Any]) -> AgentInfo | None:
+    """Placement's view of an agent, from an AgentActor view (None if unidentified)."""
+    if not view.get("vm_name"):
+        return None
+    verdict = view["attestation"]["verdict"]
+    return AgentInfo(
+        agent_id=view["agent_id"], datacenter=view["datacenter"],
+        node_size=view["node_size"], gpu=bool(view["gpu"]), status=view["status"],
+        attested=verdict in ("pass", "warn"), draining=bool(view["draining"]),
+        deployments=tuple(d["deployment_id"] for d in view["deployment"]))
+
+
+class AppActor(Actor):
+    def __init__(self, app_key: str, deps: AppDeps) -> None:
+        self.app_key = app_key
+        self.deps = deps
+        self.app: dict[str, Any] = {}
+        self.versions: dict[str, dict[str, Any]] = {}
+        self.deployments: dict[str, Deployment] = {}
+
+    async def started(self) -> None:
+        desired = await self.deps.load(self.app_key)
+        self.app = desired["app"]
+        self.versions = {v["version"]: v for v in desired["versions"]}
+        for spec in desired["deployments"]:
+            c = spec["constraints"]
+            self.deployments[spec["deployment_id"]] = Deployment(
+                deployment_id=spec["deployment_id"], version=spec["version"],
+                replicas_wanted=int(spec["replicas"]),
+                constraints=Constraints.from_json(c), desired=spec["desired"],
+                created_at=float(spec["created_at"]))
+        self.start_soon(self._ticker)
+        if self.deployments:
+            await self._reconcile()
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self.deps.reconcile_interval_s)
+            try:
+                self.ref.try_tell(Reconcile())
+            except ActorError:
+                pass
+
+    # ---- views -----------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        return {**self.app, "versions": sorted(self.versions),
+                "deployments": sorted(self.deployments)}
+
+    def deployment_view(self, dep: Deployment) -> dict[str, Any]:
+        return {
+            "deployment_id": dep.deployment_id, "app": self.app["name"],
+            "version": dep.version, "state": dep.state, "desired": dep.desired,
+            "replicas_wanted": dep.replicas_wanted, "created_at": _iso(dep.created_at),
+            "compose_hash": self.versions.get(dep.version, {}).get("compose_hash"),
+            "error": dep.error,
+            "replicas": [{"agent_id": r.agent_id, "state": r.state,
+                          "compose_hash": r.compose_hash, "error": r.error}
+                         for r in sorted(dep.replicas.values(), key=lambda r: r.agent_id)],
+        }
+
+    # ---- handlers --------------------------------------------------------------------
+
+    @handler(Describe)
+    async def on_describe(self, _: Describe) -> dict[str, Any]:
+        return self.view()
+
+    @handler(AddVersion)
+    async def on_add_version(self, msg: AddVersion) -> dict[str, Any] | None:
+        version = msg.spec["version"]
+        if version in self.versions:
+            return None
+        await self.deps.save("versions", f"{self.app_key}/{version}", msg.spec)
+        self.versions[version] = msg.spec
+        self.deps.emit("app.version", self.app_key, {"version": version,
+                                                     "compose_hash": msg.spec["compose_hash"]})
+        return msg.spec
+
+    @handler(ListVersions)
+    async def on_list_versions(self, _: ListVersions) -> list[dict[str, Any]]:
+        return [self.versions[v] for v in sorted(self.versions)]
+
+    async def _placement(self, deployment_id: str | None, replicas: int,
+                         constraints: Constraints, views: list[dict[str, Any]]) -> Placement:
+        infos = [i for i in (agent_info(v) for v in views) if i is not None]
+        return place(Request(deployment_id=deployment_id, replicas=replicas,
+                             constraints=constraints), infos)
+
+    @handler(Preflight)
+    async def on_preflight(self, msg: Preflight) -> dict[str, Any]:
+        if msg.version not in self.versions:
+            return {"error": "unknown_version"}
+        placement = await self._placement(None, msg.replicas, msg.constraints,
+                                          await self.deps.agent_views())
+        return placement.to_dict()
+
+    @handler(CreateDeployment)
+    async def on_create(self, msg: CreateDeployment) -> dict[str, Any]:
+        if msg.version not in self.versions:
+            return {"error": "unknown_version"}
+        placement = await self._placement(None, msg.replicas, msg.constraints,
+                                          await self.deps.agent_views())
+        if not placement.placeable:
+            return {"error": "not_placeable", "placement": placement.to_dict()}
+        dep = Deployment(deployment_id=msg.deployment_id, version=msg.version,
+                         replicas_wanted=msg.replicas, constraints=msg.constraints,
+                         desired="running", created_at=time.time())
+        await self.deps.save("deployments", msg.deployment_id, {**dep.spec(),
+                                                                "app": self.app_key})
+        self.deployments[dep.deployment_id] = dep
+        self.deps.emit("deployment.created", dep.deployment_id,
+                       {"app": self.app_key, "version": msg.version, "replicas": msg.replicas})
+        await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+        return {"deployment_id": dep.deployment_id}
+
+    @handler(GetDeployment)
+    async def on_get(self, msg: GetDeployment) -> dict[str, Any] | None:
+        dep = self.deployments.get(msg.deployment_id)
+        return None if dep is None else self.deployment_view(dep)
+
+    @handler(StopDeployment)
+    async def on_stop(self, msg: StopDeployment) -> dict[str, Any] | None:
+        dep = self.deployments.get(msg.deployment_id)
+        if dep is None:
+            return None
+        if dep.desired != "stopped":
+            dep = attrs.evolve(dep, desired="stopped")
+            await self.deps.save("deployments", dep.deployment_id,
+                                 {**dep.spec(), "app": self.app_key})
+            self.deployments[dep.deployment_id] = dep
+            self.deps.emit("deployment.stopping", dep.deployment_id, {"app": self.app_key})
+        await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+        return self.deployment_view(self.deployments[dep.deployment_id])
+
+    @handler(DeploymentLogs)
+    async def on_logs(self, msg: DeploymentLogs) -> dict[str, Any] | None:
+        dep = self.deployments.get(msg.deployment_id)
+        if dep is None:
+            return None
+        out = []
+        for agent_id in sorted(dep.replicas):
+            try:
+                lines = await self.registry.ref(f"agent/{agent_id}").ask(
+                    FetchLogs(dep.deployment_id, msg.tail), timeout=15)
+                out.append({"agent_id": agent_id, "lines": lines})
+            except ActorError as exc:
+                out.append({"agent_id": agent_id, "error": str(exc)})
+        return {"deployment_id": dep.deployment_id, "replicas": out}
+
+    @handler(ReplicaReport)
+    async def on_report(self, msg: ReplicaReport) -> None:
+        dep = self.deployments.get(msg.deployment_id)
+        if dep is None:
+            return
+        replica = Replica(msg.agent_id, msg.state, msg.compose_hash, msg.error)
+        self._set(attrs.evolve(dep, replicas={**dep.replicas, msg.agent_id: replica}))
+        if msg.state == "failed":
+            await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+
+    @handler(Reconcile)
+    async def on_reconcile(self, _: Reconcile) -> None:
+        await self._reconcile()
+
+    # ---- reconciliation --------------------------------------------------------------
+
+    def _set(self, dep: Deployment) -> None:
+        state = derive(dep.desired, dep.replicas_wanted,
+                       [r.state for r in dep.replicas.values()],
+                       gave_up=dep.state == "failed" and dep.desired == "running"
+                       and not any(r.state in ACTIVE_REPLICA for r in dep.replicas.values()))
+        old = self.deployments.get(dep.deployment_id)
+        current = dep.state
+        if current == "pending" and state not in ("pending", "placing", "stopping"):
+            current = transition(current, "placing")  # placed in the same pass
+        new_state = transition(current, state)
+        dep = attrs.evolve(dep, state=new_state)
+        self.deployments[dep.deployment_id] = dep
+        if old is None or old.state != new_state:
+            self.deps.emit("deployment.state", dep.deployment_id,
+                           {"app": self.app_key, "state": new_state})
+
+    async def _reconcile(self) -> None:
+        live = [d for d in self.deployments.values() if d.state != "stopped"]
+        if not live:
+            return
+        views = await self.deps.agent_views()
+        for dep in live:
+            await self._reconcile_one(dep.deployment_id, views)
+
+    async def _reconcile_one(self, deployment_id: str, views: list[dict[str, Any]]) -> None:
+        dep = self.deployments[deployment_id]
+        by_id = {v["agent_id"]: v for v in views}
+        replicas = dict(dep.replicas)
+        failed_agents = set(dep.failed_agents)
+        # 1. What the agents say: adopt unknown replicas, refresh known ones, drop lost.
+        for view in views:
+            for d in view["deployment"]:
+                if d["deployment_id"] != deployment_id:
+                    continue
+                agent_id = view["agent_id"]
+                if view["status"] == "offline":
+                    continue
+                old = replicas.get(agent_id)
+                replicas[agent_id] = Replica(agent_id, d["state"],
+                                             d.get("compose_hash") or (old.compose_hash
+                                                                       if old else None),
+                                             old.error if old else None)
+        for agent_id in list(replicas):
+            seen = by_id.get(agent_id)
+            runs_it = seen is not None and any(
+                d["deployment_id"] == deployment_id for d in seen["deployment"])
+            if seen is None or seen["status"] == "offline":
+                self.deps.emit("replica.lost", deployment_id, {"agent_id": agent_id})
+                del replicas[agent_id]
+            elif not runs_it and replicas[agent_id].state not in ("pending",):
+                del replicas[agent_id]  # the agent no longer has it (stopped or never ran)
+        # 2. Failed replicas: stop them there and try elsewhere.
+        for agent_id, replica in list(replicas.items()):
+            if replica.state == "failed" and dep.desired == "running":
+                failed_agents.add(agent_id)
+                await self._undeploy_on(agent_id, deployment_id)
+                del replicas[agent_id]
+                self.deps.emit("replica.failed", deployment_id,
+                               {"agent_id": agent_id, "error": replica.error})
+        dep = attrs.evolve(dep, replicas=replicas, failed_agents=frozenset(failed_agents))
+        if dep.desired == "stopped":
+            for agent_id in sorted(replicas):
+                if replicas[agent_id].state != "stopping":
+                    await self._undeploy_on(agent_id, deployment_id)
+                    replicas[agent_id] = attrs.evolve(replicas[agent_id], state="stopping")
+            self._set(attrs.evolve(dep, replicas=replicas))
+            return
+        # 3. Surplus: stop the extras (not-running first, then by agent id).
+        active = [r for r in replicas.values() if r.state in ACTIVE_REPLICA]
+        surplus = len(active) - dep.replicas_wanted
+        if surplus > 0:
+            order = sorted(active, key=lambda r: (r.state == "running", r.agent_id))
+            for r in order[:surplus]:
+                await self._undeploy_on(r.agent_id, deployment_id)
+                del replicas[r.agent_id]
+                self.deps.emit("replica.surplus", deployment_id, {"agent_id": r.agent_id})
+        # 4. Deficit: place the missing replicas.
+        missing = dep.replicas_wanted - len([r for r in replicas.values()
+                                             if r.state in ACTIVE_REPLICA])
+        error = dep.error
+        gave_up = False
+        if missing > 0:
+            if len(failed_agents) >= self.deps.max_attempts:
+                gave_up = True
+                error = (f"replicas failed on {len(failed_agents)} agents: "
+                         + "; ".join(sorted(failed_agents)))
+            else:
+                constraints = attrs.evolve(
+                    dep.constraints,
+                    exclude_agents=dep.constraints.exclude_agents | failed_agents)
+                placement = place(Request(deployment_id=deployment_id,
+                                          replicas=dep.replicas_wanted,
+                                          constraints=constraints),
+                                  [i for i in (agent_info(v) for v in views) if i])
+                for agent_id in placement.chosen:
+                    if missing <= 0:
+                        break
+                    if agent_id in replicas:
+                        continue
+                    if await self._deploy_on(agent_id, dep):
+                        replicas[agent_id] = Replica(agent_id, "pending")
+                        missing -= 1
+        dep = attrs.evolve(dep, replicas=replicas, error=error)
+        if gave_up and not any(r.state in ACTIVE_REPLICA for r in replicas.values()):
+            dep = attrs.evolve(dep, state=transition(dep.state, "failed"))
+            self.deployments[deployment_id] = dep
+            self.deps.emit("deployment.state", deployment_id,
+                           {"app": self.app_key, "state": "failed", "error": error})
+            return
+        self._set(dep)
+
+    async def _deploy_on(self, agent_id: str, dep: Deployment) -> bool:
+        version = self.versions[dep.version]
+        try:
+            ok: bool = await self.registry.ref(f"agent/{agent_id}").ask(
+                PushDeploy(app=self.app_key, deployment_id=dep.deployment_id, version=version),
+                timeout=10)
+        except ActorError as exc:
+            log.info("deploy %s on %s: %s", dep.deployment_id, agent_id, exc)
+            return False
+        if ok:
+            self.deps.emit("replica.placed", dep.deployment_id, {"agent_id": agent_id})
+        return ok
+
+    async def _undeploy_on(self, agent_id: str, deployment_id: str) -> None:
+        try:
+            await self.registry.ref(f"agent/{agent_id}").ask(
+                PushUndeploy(deployment_id), timeout=10)
+        except ActorError as exc:
+            log.info("undeploy %s on %s: %s", deployment_id, agent_id, exc)

@@ -1,0 +1,378 @@
+"""Tenant-facing routes: accounts, API keys, apps, versions, preflight, deployments.
+
+Auth: ``Authorization: Bearer ee_<key id>_<secret>``. Only SHA-256 of the secret is
+stored; a key is shown once, at account creation or rotation. Every tenant route needs
+a tenant key; another tenant's app or deployment is answered 404 (not 403: its
+existence is not disclosed). Provisioner keys may do nothing here. Placement-type
+requests (preflight, deploy) answer 503 ``not_ready`` until rehydration is complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from ee.actors import app as app_actor
+from ee.cp.errors import ApiError, not_found
+from ee.cp.records import (
+    add_api_key,
+    create_account,
+    find_api_key,
+    get_account,
+    revoke_api_keys,
+)
+from ee.placement import Constraints, ConstraintsError
+from ee.protocol.compose import (
+    BuildContextError,
+    ComposeError,
+    compose_hash,
+    compose_services,
+    validate_build_context,
+    validate_compose,
+)
+
+if TYPE_CHECKING:
+    from ee.cp.server import ControlPlane
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+APP_NAME = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
+VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+MAX_CONTEXT_BYTES = 16 << 20
+MAX_REPLICAS = 100
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    import json
+
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def _bad(message: str, field: str | None = None) -> ApiError:
+    return ApiError(400, "bad_request", message, {"field": field} if field else {})
+
+
+async def _body() -> dict[str, Any]:
+    body = await request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    return body
+
+
+def new_api_key() -> tuple[str, str, str]:
+    """(key id, full key shown once, SHA-256 of its secret)."""
+    key_id = "k" + secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return key_id, f"ee_{key_id}_{secret}", hashlib.sha256(secret.encode()).hexdigest()
+
+
+def register(app: QuartTrio, cp: ControlPlane) -> None:
+    keys_cache: dict[str, tuple[str, str, str]] = {}  # key id -> (hash, account, kind)
+
+    def store() -> Any:
+        if cp.accounts is None:
+            raise ApiError(503, "unavailable", "the account store is not available yet")
+        return cp.accounts
+
+    async def authenticate(allow: tuple[str, ...]) -> str:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "unauthenticated",
+                           "this route needs 'Authorization: Bearer <API key>'")
+        token = token.strip()
+        parts = token.split("_", 2)
+        if len(parts) != 3 or parts[0] != "ee":
+            if cp.bootstrap.admin_token_ok(token):
+                raise ApiError(403, "forbidden", "the admin token is not a tenant API key")
+            raise ApiError(401, "unauthenticated", "malformed API key")
+        _, key_id, secret = parts
+        cached = keys_cache.get(key_id)
+        if cached is None:
+            record = await find_api_key(store(), key_id)
+            if record is None:
+                raise ApiError(401, "unauthenticated", "unknown or revoked API key")
+            account = await get_account(store(), record.account_id)
+            if account is None:
+                raise ApiError(401, "unauthenticated", "the key's account is gone")
+            cached = (record.secret_sha256, account.account_id, account.kind)
+            keys_cache[key_id] = cached
+        digest, account_id, kind = cached
+        if not hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), digest):
+            raise ApiError(401, "unauthenticated", "unknown or revoked API key")
+        if kind not in allow:
+            raise ApiError(403, "forbidden", f"a {kind} key cannot use this route")
+        g.account_id = account_id
+        g.key_id = key_id
+        return account_id
+
+    def tenant(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        @wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            await authenticate(("tenant",))
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    def admin_only() -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "unauthenticated",
+                           "this route needs 'Authorization: Bearer <admin token>'")
+        if not cp.bootstrap.admin_token_ok(token.strip()):
+            raise ApiError(403, "forbidden", "the token is not the admin token")
+
+    def require_ready() -> None:
+        state = cp.readiness()
+        if not state.ready:
+            raise ApiError(503, "not_ready", "the control plane is still rebuilding its "
+                           "picture from the agents", state.to_dict())
+
+    def app_ref(name: str) -> Any:
+        key = f"{g.account_id}.{name}"
+        if f"app/{key}" not in cp.registry:
+            raise not_found("app", name)
+        return cp.registry.ref(f"app/{key}")
+
+    # ---- accounts ------------------------------------------------------------------
+
+    @app.post("/api/v2/accounts")
+    async def create_account_route() -> Response:
+        admin_only()
+        body = await _body()
+        name = body.get("name")
+        kind = body.get("kind", "tenant")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise _bad("'name' must be a non-empty string", "name")
+        if kind not in ("tenant", "provisioner"):
+            raise _bad("'kind' must be 'tenant' or 'provisioner'", "kind")
+        account_id = "acct-" + secrets.token_hex(6)
+        account = await create_account(store(), account_id, name.strip(), kind)
+        key_id, key, digest = new_api_key()
+        await add_api_key(store(), key_id, account_id, digest)
+        cp.events.emit("account.created", account_id, {"name": account.name, "kind": kind})
+        return _json({**account.to_dict(), "api_key": key}, 201)
+
+    @app.get("/api/v2/accounts/me")
+    @tenant
+    async def me() -> Response:
+        account = await get_account(store(), g.account_id)
+        if account is None:
+            raise not_found("account", g.account_id)
+        return _json(account.to_dict())
+
+    @app.post("/api/v2/accounts/me/keys")
+    @tenant
+    async def rotate() -> Response:
+        key_id, key, digest = new_api_key()
+        await add_api_key(store(), key_id, g.account_id, digest)
+        revoked = await revoke_api_keys(store(), g.account_id, keep=key_id)
+        for kid, (_, account_id, _) in list(keys_cache.items()):
+            if account_id == g.account_id and kid != key_id:
+                del keys_cache[kid]
+        cp.events.emit("account.key_rotated", g.account_id, {"revoked": revoked})
+        return _json({"api_key": key, "revoked": revoked}, 201)
+
+    # ---- apps and versions ---------------------------------------------------------
+
+    @app.post("/api/v2/apps")
+    @tenant
+    async def create_app() -> Response:
+        body = await _body()
+        name = body.get("name")
+        if not isinstance(name, str) or not APP_NAME.match(name):
+            raise _bad("'name' must match [a-z0-9][a-z0-9-]{0,62}", "name")
+        key = f"{g.account_id}.{name}"
+        if f"app/{key}" in cp.registry:
+            raise ApiError(409, "conflict", f"app {name!r} already exists")
+        view = await cp.create_app(key, {"app_key": key, "name": name,
+                                         "account_id": g.account_id})
+        return _json(view, 201)
+
+    @app.get("/api/v2/apps")
+    @tenant
+    async def list_apps() -> Response:
+        out = []
+        for name in cp.registry.names(f"app/{g.account_id}."):
+            out.append(await cp.registry.ref(name).ask(app_actor.Describe(), timeout=5))
+        return _json({"apps": out})
+
+    @app.get("/api/v2/apps/<name>")
+    @tenant
+    async def get_app(name: str) -> Response:
+        return _json(await app_ref(name).ask(app_actor.Describe(), timeout=5))
+
+    @app.post("/api/v2/apps/<name>/versions")
+    @tenant
+    async def add_version(name: str) -> Response:
+        ref = app_ref(name)
+        spec = _version_spec(await _body())
+        result = await ref.ask(app_actor.AddVersion(spec), timeout=30)
+        if result is None:
+            raise ApiError(409, "conflict", f"version {spec['version']!r} already exists")
+        return _json(_public_version(result), 201)
+
+    @app.get("/api/v2/apps/<name>/versions")
+    @tenant
+    async def list_versions(name: str) -> Response:
+        versions = await app_ref(name).ask(app_actor.ListVersions(), timeout=5)
+        return _json({"versions": [_public_version(v) for v in versions]})
+
+    # ---- placement and deployments -------------------------------------------------
+
+    def _placement_body(body: dict[str, Any]) -> tuple[str, int, Constraints]:
+        version = body.get("version")
+        replicas = body.get("replicas", 1)
+        if not isinstance(version, str) or not version:
+            raise _bad("'version' must be a version string", "version")
+        if (not isinstance(replicas, int) or isinstance(replicas, bool)
+                or not 1 <= replicas <= MAX_REPLICAS):
+            raise _bad(f"'replicas' must be an integer 1..{MAX_REPLICAS}", "replicas")
+        try:
+            constraints = Constraints.from_json(body.get("constraints") or {})
+        except ConstraintsError as exc:
+            raise _bad(str(exc), f"constraints.{exc.field}") from None
+        if constraints.node_size and cp.config.vocabulary.size(constraints.node_size) is None:
+            raise _bad(f"unknown node size {constraints.node_size!r}", "constraints.node_size")
+        return version, replicas, constraints
+
+    @app.post("/api/v2/apps/<name>/preflight")
+    @tenant
+    async def preflight(name: str) -> Response:
+        ref = app_ref(name)
+        version, replicas, constraints = _placement_body(await _body())
+        require_ready()
+        result = await ref.ask(app_actor.Preflight(version, replicas, constraints), timeout=30)
+        if result.get("error") == "unknown_version":
+            raise not_found("version", version)
+        return _json(result)
+
+    @app.post("/api/v2/apps/<name>/deployments")
+    @tenant
+    async def deploy(name: str) -> Response:
+        ref = app_ref(name)
+        version, replicas, constraints = _placement_body(await _body())
+        require_ready()
+        deployment_id = "dep-" + secrets.token_hex(8)
+        result = await ref.ask(app_actor.CreateDeployment(deployment_id, version, replicas,
+                                                          constraints), timeout=60)
+        if result.get("error") == "unknown_version":
+            raise not_found("version", version)
+        if result.get("error") == "not_placeable":
+            raise ApiError(409, "not_placeable", "no placement satisfies this deployment",
+                           result["placement"])
+        cp.deployment_index[deployment_id] = f"{g.account_id}.{name}"
+        return _json({"deployment_id": deployment_id}, 202)
+
+    def dep_ref(deployment_id: str) -> Any:
+        key = cp.deployment_index.get(deployment_id)
+        if key is None or not key.startswith(f"{g.account_id}.") or \
+                f"app/{key}" not in cp.registry:
+            raise not_found("deployment", deployment_id)
+        return cp.registry.ref(f"app/{key}")
+
+    @app.get("/api/v2/deployments")
+    @tenant
+    async def list_deployments() -> Response:
+        out = []
+        for dep_id, key in sorted(cp.deployment_index.items()):
+            if key.startswith(f"{g.account_id}.") and f"app/{key}" in cp.registry:
+                view = await cp.registry.ref(f"app/{key}").ask(
+                    app_actor.GetDeployment(dep_id), timeout=5)
+                if view is not None:
+                    out.append(view)
+        return _json({"deployments": out})
+
+    @app.get("/api/v2/deployments/<deployment_id>")
+    @tenant
+    async def get_deployment(deployment_id: str) -> Response:
+        view = await dep_ref(deployment_id).ask(app_actor.GetDeployment(deployment_id),
+                                                timeout=5)
+        if view is None:
+            raise not_found("deployment", deployment_id)
+        return _json(cp.with_urls(view))
+
+    @app.delete("/api/v2/deployments/<deployment_id>")
+    @tenant
+    async def undeploy(deployment_id: str) -> Response:
+        view = await dep_ref(deployment_id).ask(app_actor.StopDeployment(deployment_id),
+                                                timeout=30)
+        if view is None:
+            raise not_found("deployment", deployment_id)
+        return _json(view, 202)
+
+    @app.get("/api/v2/deployments/<deployment_id>/logs")
+    @tenant
+    async def logs(deployment_id: str) -> Response:
+        tail = request.args.get("tail", "200")
+        if not tail.isdigit() or not 1 <= int(tail) <= 10_000:
+            raise _bad("'tail' must be 1..10000", "tail")
+        view = await dep_ref(deployment_id).ask(
+            app_actor.DeploymentLogs(deployment_id, int(tail)), timeout=60)
+        if view is None:
+            raise not_found("deployment", deployment_id)
+        return _json(view)
+
+
+def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in spec.items() if k != "build_context"}
+    out["has_build_context"] = bool(spec.get("build_context"))
+    return out
+
+
+def _version_spec(body: dict[str, Any]) -> dict[str, Any]:
+    version = body.get("version")
+    if not isinstance(version, str) or not VERSION.match(version):
+        raise _bad("'version' must match [A-Za-z0-9][A-Za-z0-9._+-]{0,63}", "version")
+    compose = body.get("compose")
+    if not isinstance(compose, str) or not compose.strip():
+        raise _bad("'compose' must be the compose file's text", "compose")
+    try:
+        doc = validate_compose(compose)
+    except ComposeError as exc:
+        raise _bad(f"compose: {exc}", "compose") from None
+    services = compose_services(doc)
+    context_b64 = body.get("build_context")
+    context: bytes | None = None
+    if context_b64 is not None:
+        if not isinstance(context_b64, str):
+            raise _bad("'build_context' must be base64 of a tar.gz", "build_context")
+        if len(context_b64) > MAX_CONTEXT_BYTES * 4 // 3 + 4:
+            raise ApiError(413, "too_large", f"build context over {MAX_CONTEXT_BYTES} bytes")
+        try:
+            context = base64.b64decode(context_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("'build_context' is not valid base64", "build_context") from None
+        try:
+            validate_build_context(context, max_bytes=MAX_CONTEXT_BYTES)
+        except BuildContextError as exc:
+            raise _bad(f"build_context: {exc}", "build_context") from None
+    port = body.get("expose_port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise _bad("'expose_port' must be a container port 1..65535", "expose_port")
+    service = body.get("expose_service") or services[0]
+    if not isinstance(service, str) or service not in services:
+        raise _bad(f"'expose_service' must be one of the compose services: "
+                   f"{', '.join(services)}", "expose_service")
+    health = body.get("health_path", "/")
+    if not isinstance(health, str) or not health.startswith("/"):
+        raise _bad("'health_path' must be a path starting with '/'", "health_path")
+    env = body.get("env") or {}
+    if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise _bad("'env' must be an object of strings", "env")
+    return {"version": version, "compose": compose, "build_context": context_b64,
+            "expose_port": port, "expose_service": service, "health_path": health,
+            "env": env, "compose_hash": compose_hash(compose, context)}
