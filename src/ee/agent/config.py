@@ -153,6 +153,8 @@ class TunnelConfig:
     command: str = attrs.field(default="cloudflared", validator=_nonempty)
     restart_backoff_base_s: float = attrs.field(default=1.0, validator=_positive)
     restart_backoff_max_s: float = attrs.field(default=60.0, validator=_positive)
+    #: Consecutive quick failures (exit within ``restart_backoff_max_s``) before giving up.
+    max_restarts: int = attrs.field(default=10, validator=check(lambda v: v >= 0, "must be >= 0"))
 
     def __attrs_post_init__(self) -> None:
         if self.restart_backoff_max_s < self.restart_backoff_base_s:

@@ -1,0 +1,544 @@
+"""The agent assembled: identity, workloads, CP session, HTTP server, tunnel.
+
+:class:`Agent` owns what outlives a CP session: its data dir (session key, control
+secret, workloads), the :class:`~ee.agent.workload.ComposeRunner`, the heartbeat
+sequence and the *current* deployment (the one the proxy and ``/api/health`` speak
+for: the one deployed last, remembered across restarts, else any running one).
+
+Deploys and undeploys run in tasks of the agent's own nursery, not of the session, so
+a CP disconnect never cancels a workload half-way; their ``deploy_status`` frames go to
+whatever session is live when they are reported (a status nobody hears is carried by
+the next registration's snapshot). An undeploy cancels an in-flight deploy of the same
+deployment first, and a redeploy cancels the previous in-flight deploy.
+
+:meth:`Agent.run` adopts what a previous process left running, serves HTTP, starts
+the tunnel when configured, then runs the session loop until it gives up; the
+terminal action (``exit`` or ``poweroff_command``) then runs and
+:class:`~ee.agent.session.Terminated` propagates to the caller. Without a CP URL the
+agent only serves HTTP. :meth:`Agent.request_stop` stops it gracefully (HTTP first,
+with a grace period); workloads keep running, to be adopted by the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+import trio_websocket
+
+from ee import __version__
+from ee.agent.backoff import ReconnectPolicy
+from ee.agent.config import AgentConfig, parse_host_port
+from ee.agent.cptrust import CpTrust
+from ee.agent.platform import (
+    KEY_FILE,
+    SECRET_FILE,
+    NodeSampler,
+    QuoteSource,
+    load_or_create_key,
+    load_or_create_secret,
+    node_info,
+    outbound_address,
+    public_key_bytes,
+)
+from ee.agent.session import SessionLink, SessionLoop, Terminated
+from ee.agent.tunnel import TunnelSupervisor
+from ee.agent.workload import ComposeRunner, DeploymentStatus, DeploySpec, WorkloadSettings
+from ee.protocol.frames import Frame
+from ee.protocol.messages import (
+    Attest,
+    Attestation,
+    ContainerStats,
+    Deploy,
+    DeploymentSnapshot,
+    DeployStatus,
+    ErrorMessage,
+    Health,
+    Heartbeat,
+    LogLine,
+    LogsReply,
+    LogsRequest,
+    Message,
+    Register,
+    Registered,
+    Snapshot,
+    SnapshotRequest,
+    StatsReply,
+    StatsRequest,
+    TunnelGrant,
+    Undeploy,
+)
+from ee.protocol.reportdata import registration_report_data
+
+__all__ = ["AGENT_VERSION", "Agent", "ChallengeBook"]
+
+log = logging.getLogger("ee.agent")
+
+AGENT_VERSION = f"ee-agent/{__version__}"
+CURRENT_FILE = "current-deployment"
+AGENT_ID_FILE = "agent-id"
+MAX_LOG_REPLY_BYTES = 512 * 1024
+HTTP_GRACE_S = 5.0
+
+
+class ChallengeBook:
+    """Single-use nonces for ``GET /api/control/challenge`` (Trio time, TTL)."""
+
+    def __init__(self, ttl_s: float = 60.0, limit: int = 1024) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self._issued: dict[bytes, float] = {}
+
+    def issue(self, now: float) -> tuple[bytes, float]:
+        self._issued = {n: t for n, t in self._issued.items() if t > now}
+        while len(self._issued) >= self.limit:
+            self._issued.pop(next(iter(self._issued)))
+        nonce = secrets.token_bytes(32)
+        self._issued[nonce] = now + self.ttl_s
+        return nonce, self.ttl_s
+
+    def consume(self, nonce: bytes, now: float) -> bool:
+        expires = self._issued.pop(nonce, None)
+        return expires is not None and expires > now
+
+
+class Agent:
+    """One agent process's state and tasks (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        runner: ComposeRunner | None = None,
+        workload_settings: WorkloadSettings | None = None,
+        quotes: QuoteSource | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.vm_name = config.vm_name or socket.gethostname()
+        self.key = load_or_create_key(self.data_dir / KEY_FILE)
+        self.public_key = public_key_bytes(self.key)
+        self.secret_path = self.data_dir / SECRET_FILE
+        self.secret, self.secret_created = load_or_create_secret(self.secret_path)
+        self.quotes = quotes or QuoteSource.from_config(config)
+        self.runner = runner or ComposeRunner(self.data_dir, workload_settings)
+        self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds)
+        self.sampler = NodeSampler(str(self.data_dir))
+        self.node = node_info(config)
+        self.challenges = ChallengeBook()
+        self.jitter = jitter
+        self.seq = 0
+        self.started_at = time.time()
+        self.agent_id: str | None = self._read_small(AGENT_ID_FILE)
+        self.current: str | None = self._read_small(CURRENT_FILE)
+        self.link: SessionLink | None = None
+        self.registered: Registered | None = None
+        self.session_loop: SessionLoop | None = None
+        self.tunnel: TunnelSupervisor | None = None
+        self.http_port: int | None = None
+        self._tunnel_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._inflight: dict[str, trio.CancelScope] = {}
+        self._stop = trio.Event()
+        self._http_stopped = trio.Event()
+        self.terminated: Terminated | None = None
+
+    # -- small persistent facts ---------------------------------------------------
+
+    def _read_small(self, name: str) -> str | None:
+        try:
+            return (self.data_dir / name).read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _write_small(self, name: str, value: str | None) -> None:
+        path = self.data_dir / name
+        if value is None:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(value + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    # -- what the agent reports ---------------------------------------------------
+
+    def current_status(self) -> DeploymentStatus | None:
+        """The deployment the proxy and health speak for (see the module docstring)."""
+        if self.current is not None:
+            status = self.runner.status(self.current)
+            if status is not None:
+                return status
+        known = self.runner.deployments()
+        running = [s for s in known if s.state == "running"]
+        candidates = running or known
+        return candidates[0] if candidates else None
+
+    def upstream(self) -> tuple[str, int] | None:
+        status = self.current_status()
+        return None if status is None else self.runner.upstream(status.deployment_id)
+
+    def health(self) -> Health:
+        status = self.current_status()
+        if status is None:
+            return Health(status="healthy", detail="no workload deployed")
+        if status.state == "running":
+            return Health(status="healthy", detail=f"{status.deployment_id} running")
+        if status.state == "starting":
+            return Health(status="starting", detail=f"{status.deployment_id} starting")
+        if status.state == "failed":
+            error = (status.error or "failed").strip().splitlines() or ["failed"]
+            return Health(status="unhealthy", detail=f"{status.deployment_id}: {error[-1][:300]}")
+        return Health(status="unknown", detail=f"{status.deployment_id} {status.state}")
+
+    def deployment_snapshots(self) -> tuple[DeploymentSnapshot, ...]:
+        return tuple(
+            DeploymentSnapshot(
+                deployment_id=s.deployment_id,
+                app=s.app or "unknown",
+                version=s.version or "unknown",
+                state=s.state,
+                compose_hash=s.compose_hash,
+                image_digests=dict(s.image_digests or {}),
+            )
+            for s in self.runner.deployments()
+        )
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            deployments=self.deployment_snapshots(),
+            health=self.health(),
+            node=self.node,
+            seq=self.seq,
+        )
+
+    # -- SessionHost ----------------------------------------------------------------
+
+    async def register_message(self, nonce: bytes) -> Register:
+        quote = await self.quotes.quote(registration_report_data(nonce, self.public_key))
+        return Register(
+            vm_name=self.vm_name,
+            node_size=self.config.node_size,
+            datacenter=self.config.datacenter,
+            agent_version=AGENT_VERSION,
+            public_key=self.public_key,
+            attestation=Attestation(provider=self.quotes.name, quote=quote),  # type: ignore[arg-type]
+            snapshot=self.snapshot(),
+            bootstrap_token=self.config.bootstrap_token,
+            url=self.public_url(),
+        )
+
+    def heartbeat(self) -> Heartbeat:
+        self.seq += 1
+        return Heartbeat(seq=self.seq, health=self.health(), stats=self.sampler.sample())
+
+    async def answer(self, msg: Message) -> Message:
+        if isinstance(msg, SnapshotRequest):
+            return self.snapshot()
+        if isinstance(msg, Attest):
+            quote = await self.quotes.quote(registration_report_data(msg.nonce, self.public_key))
+            return Attestation(provider=self.quotes.name, quote=quote)  # type: ignore[arg-type]
+        if isinstance(msg, LogsRequest):
+            return await self.logs_reply(msg.deployment_id, msg.tail)
+        if isinstance(msg, StatsRequest):
+            return await self.stats_reply()
+        return ErrorMessage(code="unsupported", message=f"cannot answer {msg.TYPE}")
+
+    def attach(self, link: SessionLink, registered: Registered) -> None:
+        self.link = link
+        self.registered = registered
+        if registered.agent_id != self.agent_id:
+            self.agent_id = registered.agent_id
+            self._write_small(AGENT_ID_FILE, registered.agent_id)
+        if registered.tunnel is not None:
+            self._start_tunnel(registered.tunnel)
+
+    def detach(self, link: SessionLink) -> None:
+        if self.link is link:
+            self.link = None
+
+    def write(self, frame: Frame, msg: Deploy | Undeploy) -> None:
+        verdict = self.trust.check(frame.type, frame.body, msg.envelope)
+        if verdict.accepted:
+            if verdict.pin is not None:
+                log.warning("pinned the CP MRTD %s (first envelope seen)", verdict.pin)
+            if isinstance(msg, Deploy):
+                self.start_deploy(msg)
+            else:
+                self.start_undeploy(msg.deployment_id)
+            return
+        log.error("%s", verdict.reason)
+        if isinstance(msg, Deploy):
+            refusal: Message = DeployStatus(
+                deployment_id=msg.deployment_id, state="failed", error=verdict.reason
+            )
+        else:
+            refusal = ErrorMessage(code="envelope_refused", message=verdict.reason)
+        self._spawn(self.send, refusal, frame.id if isinstance(msg, Undeploy) else None)
+
+    # -- sending --------------------------------------------------------------------
+
+    async def send(self, msg: Message, re: int | None = None) -> bool:
+        """Send on the live session, if any; False when nobody heard it."""
+        link = self.link
+        if link is None:
+            return False
+        try:
+            await link.send(msg, re=re)
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            return False
+        return True
+
+    async def _report(self, status: DeploymentStatus) -> None:
+        await self.send(DeployStatus(**status.to_wire()))
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the agent is not running")
+        self._nursery.start_soon(fn, *args)
+
+    # -- deploy and undeploy ----------------------------------------------------------
+
+    def start_deploy(self, msg: Deploy) -> None:
+        """Run a ``deploy`` in the background, reporting ``deploy_status`` frames."""
+        previous = self._inflight.pop(msg.deployment_id, None)
+        if previous is not None:
+            previous.cancel()
+        scope = trio.CancelScope()
+        self._inflight[msg.deployment_id] = scope
+        self._spawn(self._deploy, msg, scope)
+
+    async def deploy(self, msg: Deploy) -> DeploymentStatus:
+        """Deploy and wait for the outcome (what the background task runs)."""
+        scope = trio.CancelScope()
+        self._inflight[msg.deployment_id] = scope
+        await self._deploy(msg, scope)
+        status = self.runner.status(msg.deployment_id)
+        assert status is not None
+        return status
+
+    async def _deploy(self, msg: Deploy, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                try:
+                    spec = DeploySpec(
+                        deployment_id=msg.deployment_id,
+                        app=msg.app,
+                        version=msg.version,
+                        compose=msg.compose,
+                        expose_port=msg.expose_port,
+                        health_path=msg.health_path,
+                        build_context=msg.build_context,
+                        env=dict(msg.env),
+                        expose_service=msg.expose_service,
+                    )
+                except (TypeError, ValueError) as exc:
+                    await self.send(DeployStatus(deployment_id=msg.deployment_id, state="failed",
+                                                 error=f"invalid deploy: {exc}"))
+                    return
+                self.current = msg.deployment_id
+                self._write_small(CURRENT_FILE, msg.deployment_id)
+                await self.runner.deploy(spec, on_status=self._report)
+        except Exception as exc:  # a bug below must not take the agent down
+            log.exception("deploy %s crashed", msg.deployment_id)
+            await self.send(DeployStatus(deployment_id=msg.deployment_id, state="failed",
+                                         error=f"agent error: {type(exc).__name__}: {exc}"))
+        finally:
+            if self._inflight.get(msg.deployment_id) is scope:
+                del self._inflight[msg.deployment_id]
+
+    def start_undeploy(self, deployment_id: str) -> None:
+        inflight = self._inflight.pop(deployment_id, None)
+        if inflight is not None:
+            inflight.cancel()
+        self._spawn(self.undeploy, deployment_id)
+
+    async def undeploy(self, deployment_id: str) -> DeploymentStatus:
+        reported: list[DeploymentStatus] = []
+
+        async def report(status: DeploymentStatus) -> None:
+            reported.append(status)
+            await self._report(status)
+
+        try:
+            result = await self.runner.undeploy(deployment_id, on_status=report)
+        except Exception as exc:
+            log.exception("undeploy %s crashed", deployment_id)
+            result = DeploymentStatus(deployment_id=deployment_id, state="failed",
+                                      error=f"agent error: {type(exc).__name__}: {exc}")
+        if not reported or reported[-1] != result:
+            await self._report(result)
+        if result.state == "stopped" and self.current == deployment_id:
+            self.current = None
+            self._write_small(CURRENT_FILE, None)
+        return result
+
+    # -- logs and stats -------------------------------------------------------------
+
+    def _resolve(self, deployment_id: str | None) -> str | None:
+        if deployment_id is not None:
+            return deployment_id
+        status = self.current_status()
+        return None if status is None else status.deployment_id
+
+    async def logs(self, deployment_id: str | None, tail: int) -> dict[str, str]:
+        """Per-service log text; raises ``UnknownDeployment`` for an unknown id."""
+        target = self._resolve(deployment_id)
+        if target is None:
+            return {}
+        return await self.runner.logs(target, tail)
+
+    async def logs_reply(self, deployment_id: str | None, tail: int) -> LogsReply:
+        lines: list[LogLine] = []
+        size = 0
+        truncated = False
+        for service, text in (await self.logs(deployment_id, tail)).items():
+            for line in text.splitlines()[-tail:]:
+                size += len(line) + len(service) + 32
+                if size > MAX_LOG_REPLY_BYTES:
+                    truncated = True
+                    break
+                lines.append(LogLine(service=service, text=line))
+        return LogsReply(lines=tuple(lines), truncated=truncated)
+
+    async def stats(self) -> dict[str, Any]:
+        deployments: dict[str, Any] = {}
+        for status in self.runner.deployments():
+            samples = await self.runner.stats(status.deployment_id)
+            deployments[status.deployment_id] = {k: attrs.asdict(v) for k, v in samples.items()}
+        return {"node": attrs.asdict(self.sampler.sample()), "deployments": deployments}
+
+    async def stats_reply(self) -> StatsReply:
+        containers: list[ContainerStats] = []
+        for status in self.runner.deployments():
+            for key, sample in (await self.runner.stats(status.deployment_id)).items():
+                containers.append(ContainerStats(
+                    name=f"{status.deployment_id}/{key}",
+                    cpu_percent=max(0.0, sample.cpu_percent or 0.0),
+                    memory_mb=max(0, sample.memory_bytes or 0) >> 20,
+                ))
+        return StatsReply(node=self.sampler.sample(), containers=tuple(containers))
+
+    # -- tunnel ---------------------------------------------------------------------
+
+    def public_url(self) -> str:
+        """Where this agent's HTTP API answers, as told to the CP at registration.
+
+        The tunnel hostname once the CP granted one; else the listen address, with a
+        wildcard host replaced by the local address that routes to the CP.
+        """
+        if self.registered is not None and self.registered.tunnel is not None:
+            return f"https://{self.registered.tunnel.hostname}"
+        host, port = parse_host_port(self.config.listen)
+        if host in ("0.0.0.0", "::", ""):
+            cp_host = urlsplit(self.config.cp_url or "").hostname or "127.0.0.1"
+            host = outbound_address(cp_host)
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port or port}"
+
+    def _local_url(self) -> str:
+        host, port = parse_host_port(self.config.listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.http_port or port}"
+
+    def _start_tunnel(self, grant: TunnelGrant | None) -> None:
+        if self.tunnel is not None and self.tunnel.grant == grant:
+            return
+        if self._tunnel_scope is not None:
+            self._tunnel_scope.cancel()
+        supervisor = TunnelSupervisor(self.config.tunnel, self._local_url(), grant,
+                                      jitter=self.jitter)
+        self.tunnel = supervisor
+        scope = trio.CancelScope()
+        self._tunnel_scope = scope
+
+        async def run() -> None:
+            with scope:
+                await supervisor.run()
+
+        self._spawn(run)
+
+    # -- running --------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self, task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped; raises :class:`Terminated` after the terminal action."""
+        self._stop = trio.Event()
+        self.terminated = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            adopted = await self.runner.adopt()
+            for status in adopted:
+                log.info("adopted deployment %s (%s)", status.deployment_id, status.state)
+            binds = await nursery.start(self._serve_http)
+            self.http_port = int(str(binds[0]).rsplit(":", 1)[1])
+            if self.config.tunnel.enabled:
+                self._start_tunnel(None)
+            task_status.started(self)
+            async with trio.open_nursery() as inner:
+                if self.config.cp_url is not None:
+                    inner.start_soon(self._run_session, self.config.cp_url)
+                await self._stop.wait()
+                inner.cancel_scope.cancel()
+            with trio.move_on_after(HTTP_GRACE_S):
+                await self._http_stopped.wait()
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+        if self.terminated is not None:
+            raise self.terminated
+
+    async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        from ee.agent.http import serve_http
+
+        self._http_stopped = trio.Event()
+        try:
+            await serve_http(self, self._stop, task_status=task_status)
+        finally:
+            self._http_stopped.set()
+
+    async def _run_session(self, url: str) -> None:
+        config = self.config
+        policy = ReconnectPolicy(
+            base=config.reconnect_backoff_base_s,
+            cap=config.reconnect_backoff_max_s,
+            max_attempts=config.reconnect_max_attempts,
+            unreachable_after=config.unreachable_terminate_after_s,
+        )
+        self.session_loop = SessionLoop(self, url, policy, connect_timeout=config.connect_timeout_s,
+                                        jitter=self.jitter)
+        try:
+            await self.session_loop.run()
+        except Terminated as exc:
+            log.error("giving up on the CP: %s; terminal action: %s", exc, config.terminal_action)
+            if config.terminal_action == "poweroff":
+                await self._poweroff()
+            self.terminated = exc
+            self.request_stop()
+
+    async def _poweroff(self) -> None:
+        argv = list(self.config.poweroff_command)
+        try:
+            result = await trio.run_process(argv, check=False)
+        except OSError as exc:
+            log.error("poweroff command %s failed: %s", argv, exc)
+            return
+        if result.returncode != 0:
+            log.error("poweroff command %s exited with %d", argv, result.returncode)

@@ -1,0 +1,290 @@
+"""The agent's websocket session to its CP, and the reconnect loop around it.
+
+Theory of operation
+-------------------
+One *attempt* opens a websocket to the CP's agent plane and runs the handshake (API.md,
+"Agent session"): the CP sends ``challenge``; the agent answers ``register`` with a
+quote whose REPORTDATA is ``registration_report_data(nonce, public key)`` and its
+current snapshot; the CP answers ``registered`` or ``rejected``. A rejection (logged
+with its code and reasons), a connect error or a broken handshake is a *failed*
+attempt. After ``registered`` the session runs until the connection ends; it is then
+over, not failed: the CP was reached.
+
+During a session two tasks run: the **reader**, which never waits on anything but the
+socket (requests are answered in their own tasks; deploys and undeploys are handed to
+the host, which runs them in tasks that outlive the session), and the **heartbeat**
+sender. Every send goes through one lock, so frames never interleave.
+
+Between attempts the loop sleeps per :class:`ReconnectPolicy`, a pure object fed the
+Trio clock from outside: bounded exponential backoff with equal jitter after each
+failed attempt (the ceiling doubles from ``base`` up to ``cap``; the delay is drawn
+from the upper half of it, so a fleet spreads out but no agent retries in a hot loop),
+reset whenever the CP was reached. It gives up after ``max_attempts`` consecutive
+failures, or when the CP has not been reached for ``unreachable_after`` seconds; the
+loop then raises :class:`Terminated` and the host carries out the terminal action. A
+``reconnect`` frame (graceful CP shutdown) is not a failure: the agent waits
+``after_s`` (plus jitter up to one base delay) and reconnects with a fresh challenge.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+import trio
+import trio_websocket
+
+from ee.agent.backoff import GiveUp, ReconnectPolicy, backoff_delay
+from ee.protocol import AgentProtocolError, decode_message, encode_message
+from ee.protocol.frames import Frame
+from ee.protocol.messages import (
+    Attest,
+    Challenge,
+    Deploy,
+    ErrorMessage,
+    Heartbeat,
+    LogsRequest,
+    Message,
+    Reconnect,
+    Register,
+    Registered,
+    Rejected,
+    SnapshotRequest,
+    StatsRequest,
+    Undeploy,
+)
+
+__all__ = [
+    "Outcome",
+    "SessionHost",
+    "SessionLink",
+    "SessionLoop",
+    "Terminated",
+]
+
+log = logging.getLogger("ee.agent.session")
+
+MAX_FRAME_BYTES = 64 << 20  # what we accept from the CP (deploys carry build contexts)
+HANDSHAKE_TIMEOUT_S = 60.0  # registration verification happens on the CP meanwhile
+
+
+class Terminated(Exception):
+    """The agent gave up on its CP (attempts exhausted or unreachable for too long)."""
+
+
+@attrs.frozen
+class Outcome:
+    """How one attempt ended: ``registered`` (CP reached), and a CP-requested wait."""
+
+    registered: bool
+    reason: str
+    reconnect_after: float | None = None
+
+
+# --- the session --------------------------------------------------------------------
+
+
+class SessionLink:
+    """The live session's sending side (what deploy tasks report through)."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self._lock = trio.Lock()
+
+    async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
+        text = encode_message(msg, id=id, re=re)
+        async with self._lock:
+            await self.ws.send_message(text)
+
+
+class SessionHost(Protocol):
+    """What the session needs from the agent (implemented by ``ee.agent.server.Agent``)."""
+
+    async def register_message(self, nonce: bytes) -> Register: ...
+
+    def heartbeat(self) -> Heartbeat: ...
+
+    async def answer(self, msg: Message) -> Message: ...
+
+    def write(self, frame: Frame, msg: Deploy | Undeploy) -> None: ...
+
+    def attach(self, link: SessionLink, registered: Registered) -> None: ...
+
+    def detach(self, link: SessionLink) -> None: ...
+
+
+_REQUESTS = (SnapshotRequest, Attest, LogsRequest, StatsRequest)
+
+
+class SessionLoop:
+    """Attempts sessions to *url* forever, per the policy; raises :class:`Terminated`."""
+
+    def __init__(
+        self,
+        host: SessionHost,
+        url: str,
+        policy: ReconnectPolicy,
+        *,
+        connect_timeout: float = 10.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.host = host
+        self.url = url
+        self.policy = policy
+        self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.jitter = jitter
+        self.attempts = 0
+        self.sessions = 0
+        self.last_outcome: Outcome | None = None
+        self._reached = False
+
+    async def run(self) -> None:
+        self.policy.reached(trio.current_time())  # the clock starts now
+        while True:
+            self.attempts += 1
+            outcome = await self.attempt()
+            self.last_outcome = outcome
+            now = trio.current_time()
+            if outcome.registered:
+                self.policy.reached(now)
+            if outcome.reconnect_after is not None:
+                wait = outcome.reconnect_after + self.jitter() * self.policy.base
+                log.info("CP asked to reconnect (%s); reconnecting in %.1f s", outcome.reason, wait)
+                await trio.sleep(wait)
+                continue
+            if outcome.registered:
+                delay: float | GiveUp = backoff_delay(1, self.policy.base, self.policy.cap,
+                                                      self.jitter())
+            else:
+                delay = self.policy.failed(now, self.jitter())
+            if isinstance(delay, GiveUp):
+                raise Terminated(f"{delay.reason} (last: {outcome.reason})")
+            log.info("session to %s ended (%s); next attempt in %.1f s", self.url, outcome.reason,
+                     delay)
+            await trio.sleep(delay)
+            unreachable = self.policy.check_unreachable(trio.current_time())
+            if unreachable is not None:
+                raise Terminated(f"{unreachable.reason} (last: {outcome.reason})")
+
+    async def attempt(self) -> Outcome:
+        """One connection: handshake, then serve until it ends."""
+        self._reached = False
+        try:
+            async with trio_websocket.open_websocket_url(
+                self.url,
+                connect_timeout=self.connect_timeout,
+                disconnect_timeout=5,
+                max_message_size=MAX_FRAME_BYTES,
+            ) as ws:
+                return await self._session(ws)
+        except trio_websocket.HandshakeError as exc:
+            cause = exc.__cause__ or exc.__context__
+            detail = str(exc) or (f"{cause}" if cause else type(exc).__name__)
+            return Outcome(False, f"cannot connect: {detail}")
+        except trio_websocket.ConnectionClosed as exc:
+            return Outcome(self._reached, f"connection closed ({_close_reason(exc)})")
+        except (OSError, trio.BrokenResourceError) as exc:
+            what = "connection broken" if self._reached else "cannot connect"
+            return Outcome(self._reached, f"{what}: {type(exc).__name__}: {exc}")
+
+    async def _receive(self, ws: trio_websocket.WebSocketConnection) -> tuple[Frame, Message]:
+        while True:
+            data = await ws.get_message()
+            try:
+                return decode_message(data, max_bytes=MAX_FRAME_BYTES, sender="cp")
+            except AgentProtocolError as exc:
+                log.warning("bad frame from the CP: %s", exc)
+                await ws.send_message(
+                    encode_message(ErrorMessage(code="bad_frame", message=str(exc)[:500]))
+                )
+
+    async def _session(self, ws: trio_websocket.WebSocketConnection) -> Outcome:
+        registered: Registered | Outcome | None = None
+        with trio.move_on_after(self.handshake_timeout):
+            registered = await self._handshake(ws)
+        if registered is None:
+            return Outcome(False, f"handshake did not finish within {self.handshake_timeout:g} s")
+        if isinstance(registered, Outcome):
+            return registered
+        self._reached = True
+        self.sessions += 1
+        return await self._serve(ws, registered)  # no deadline: a session lasts
+
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> Registered | Outcome:
+        _, first = await self._receive(ws)
+        if not isinstance(first, Challenge):
+            return Outcome(False, f"expected challenge, got {first.TYPE}")
+        register = await self.host.register_message(first.nonce)
+        await ws.send_message(encode_message(register))
+        _, answer = await self._receive(ws)
+        if isinstance(answer, Rejected):
+            log.error("registration rejected: %s: %s", answer.code, "; ".join(answer.reasons))
+            return Outcome(False, f"rejected: {answer.code}: {'; '.join(answer.reasons)}")
+        if not isinstance(answer, Registered):
+            return Outcome(False, f"expected registered, got {answer.TYPE}")
+        return answer
+
+    async def _serve(self, ws: trio_websocket.WebSocketConnection, reg: Registered) -> Outcome:
+        log.info("registered as %s (heartbeat every %g s)", reg.agent_id, reg.heartbeat_interval_s)
+        link = SessionLink(ws)
+        self.host.attach(link, reg)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, link, reg.heartbeat_interval_s)
+                outcome = await self._read(ws, link, nursery)
+                nursery.cancel_scope.cancel()
+            return outcome
+        finally:
+            self.host.detach(link)
+
+    async def _heartbeats(self, link: SessionLink, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            try:
+                await link.send(self.host.heartbeat())
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+                return  # the reader sees the end too
+
+    async def _read(
+        self, ws: trio_websocket.WebSocketConnection, link: SessionLink, nursery: trio.Nursery
+    ) -> Outcome:
+        while True:
+            frame, msg = await self._receive(ws)
+            if isinstance(msg, _REQUESTS):
+                nursery.start_soon(self._answer, link, frame, msg)
+            elif isinstance(msg, Deploy | Undeploy):
+                self.host.write(frame, msg)
+            elif isinstance(msg, Reconnect):
+                return Outcome(True, msg.reason or "reconnect", reconnect_after=msg.after_s)
+            elif isinstance(msg, ErrorMessage):
+                log.warning("CP reported an error: %s: %s", msg.code, msg.message)
+            else:
+                await link.send(
+                    ErrorMessage(code="unexpected", message=f"unexpected {frame.type} frame"),
+                    re=frame.id,
+                )
+
+    async def _answer(self, link: SessionLink, frame: Frame, msg: Message) -> None:
+        try:
+            reply = await self.host.answer(msg)
+        except Exception as exc:  # one bad request must not end the session
+            log.warning("answering %s failed: %s", frame.type, exc, exc_info=True)
+            reply = ErrorMessage(code="request_failed", message=f"{type(exc).__name__}: {exc}")
+        if frame.id is None:
+            return
+        try:
+            await link.send(reply, re=frame.id)
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            pass
+
+
+def _close_reason(exc: trio_websocket.ConnectionClosed) -> str:
+    reason = exc.reason
+    if reason is None:
+        return "no close frame"
+    return f"{reason.code} {reason.name}{': ' + reason.reason if reason.reason else ''}"
