@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simagent import SimAgent
 
-from ee.attestation.providers.sim import SimTD
-from ee.cp.bootstrap import sim_dir_default
+from ee.attestation.providers.sim import SimTD, shared_sim_dir
 
 
 def cpu_seconds() -> float:
@@ -32,7 +31,7 @@ def cpu_seconds() -> float:
 async def hold(url: str, n: int, *, prefix: str, concurrency: int, datacenters: int,
                hold_s: float | None, task_status: trio.TaskStatus[list[SimAgent]]
                = trio.TASK_STATUS_IGNORED) -> None:
-    td = SimTD.load(sim_dir_default())
+    td = SimTD.load(shared_sim_dir())
     agents = [SimAgent(url=url, td=td, vm_name=f"{prefix}-{i:05d}",
                        datacenter=f"load:z{i % datacenters}") for i in range(n)]
     limiter = trio.CapacityLimiter(concurrency)

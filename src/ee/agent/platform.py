@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ee.agent.config import AgentConfig
 from ee.attestation.providers import QuoteProvider
+from ee.attestation.providers.sim import shared_sim_dir
 from ee.protocol.messages import NodeInfo, NodeStats
 
 __all__ = [
@@ -46,15 +47,6 @@ __all__ = [
 
 KEY_FILE = "agent.key"
 SECRET_FILE = "control.secret"
-
-
-def shared_sim_dir() -> Path:
-    """The sim TD directory dev CPs and dev agents on one host share.
-
-    Same rule as the CP's (``$EE_SIM_DIR``, else ``~/.local/share/easyenclave/sim``);
-    repeated here because the agent never imports the CP.
-    """
-    return Path(os.environ.get("EE_SIM_DIR", Path.home() / ".local/share/easyenclave/sim"))
 
 
 def outbound_address(peer_host: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import uuid
 from pathlib import Path
@@ -49,11 +48,6 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def sim_dir_default() -> Path:
-    """Where dev CPs and dev agents on one host share the sim TD's chain."""
-    return Path(os.environ.get("EE_SIM_DIR", Path.home() / ".local/share/easyenclave/sim"))
-
-
 @attrs.frozen
 class Bootstrap:
     cluster_id: str
@@ -78,12 +72,12 @@ def _dev_policy() -> dict[str, Any]:
 
 def create_dev(data_dir: Path) -> str:
     """Create key, bundle and admin token for a dev CP; returns the admin token."""
-    from ee.attestation.providers.sim import SimTD
+    from ee.attestation.providers.sim import SimTD, shared_sim_dir
 
     data_dir.mkdir(parents=True, exist_ok=True)
     key = generate_signing_key()
     save_private_key(data_dir / CP_KEY, key)
-    sim_dir = sim_dir_default()
+    sim_dir = shared_sim_dir()
     td = SimTD.load_or_create(sim_dir)
     token = "ee-admin-" + secrets.token_urlsafe(32)
     doc = {

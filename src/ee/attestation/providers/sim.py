@@ -565,3 +565,12 @@ class SimProvider:
 
     def get_quote(self, report_data: bytes) -> bytes:
         return self.td.quote(report_data)
+
+
+def shared_sim_dir() -> Path:
+    """Where dev CPs and dev agents on one host share the sim TD's chain.
+
+    ``$EE_SIM_DIR``, else ``~/.local/share/easyenclave/sim``: the sim "hardware" of a
+    development machine, so a dev agent's quotes chain to the root a dev CP trusts.
+    """
+    return Path(os.environ.get("EE_SIM_DIR", Path.home() / ".local/share/easyenclave/sim"))
