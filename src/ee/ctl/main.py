@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ee import __version__
-from ee.ctl import trust
+from ee.ctl import console, deploy, trust
 
-GROUPS: tuple[ModuleType, ...] = (trust,)
+GROUPS: tuple[ModuleType, ...] = (trust, console, deploy)
 
 Handler = Callable[[argparse.Namespace], int]
 

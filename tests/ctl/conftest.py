@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _sim_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One sim TD chain per test session (shared by test CPs and agents), never ~/."""
+    path = tmp_path_factory.getbasetemp() / "sim"
+    monkeypatch.setenv("EE_SIM_DIR", str(path))
+    return path
