@@ -233,14 +233,23 @@ class SessionLoop:
         log.info("registered as %s (heartbeat every %g s)", reg.agent_id, reg.heartbeat_interval_s)
         link = SessionLink(ws)
         self.host.attach(link, reg)
+        ended: Outcome | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, link, reg.heartbeat_interval_s)
-                outcome = await self._read(ws, link, nursery)
+                ended = await self._read(ws, link, nursery)
                 nursery.cancel_scope.cancel()
-            return outcome
+        except* trio_websocket.ConnectionClosed as group:
+            # The CP went away mid-session (killed, network cut): reconnect, don't crash.
+            exc = group.exceptions[0]
+            assert isinstance(exc, trio_websocket.ConnectionClosed)
+            ended = Outcome(True, f"connection closed ({_close_reason(exc)})")
+        except* (OSError, trio.BrokenResourceError) as group:
+            ended = Outcome(True, f"connection broken: {group.exceptions[0]!r}")
         finally:
             self.host.detach(link)
+        assert ended is not None
+        return ended
 
     async def _heartbeats(self, link: SessionLink, interval: float) -> None:
         while True:
