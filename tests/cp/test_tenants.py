@@ -245,3 +245,66 @@ async def test_restart_adopts_running_replicas(tmp_path: Path) -> None:
                 # Adopted, not restarted: each agent got exactly one deploy, ever.
                 assert all(len(a.deployments) == 1 for a in agents)
             agents_nursery.cancel_scope.cancel()
+
+
+async def test_chaos_crashing_app_and_agent_actors_during_deploys(tmp_path: Path) -> None:
+    """Every desired replica ends running exactly once, whatever crashes meanwhile."""
+    import random
+
+    rng = random.Random(11)
+    with trio.fail_after(120):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as n:
+            agents = [env.agent(f"vm-{i:02d}") for i in range(8)]
+            for agent in agents:
+                await n.start(agent.run_forever)
+            http = await tenant(env, "t")
+            async with http:
+                await setup_app(http)
+                await http.post("/api/v2/apps", json={"name": "other"})
+                await http.post("/api/v2/apps/other/versions", json={
+                    "version": "1", "compose": COMPOSE, "expose_port": 80})
+                stop_chaos = trio.Event()
+                crashes = 0
+
+                async def chaos() -> None:
+                    nonlocal crashes
+                    while not stop_chaos.is_set():
+                        names = (env.cp.registry.names("app/")
+                                 + env.cp.registry.names("agent/"))
+                        if names and env.cp.root.crash(rng.choice(names)):
+                            crashes += 1
+                        await trio.sleep(rng.uniform(0.02, 0.1))
+
+                n.start_soon(chaos)
+                wanted = {}
+                for app, replicas in (("hello", 3), ("other", 2), ("hello", 2)):
+                    while True:  # an ask may hit a crash: the tenant retries, as clients do
+                        r = await http.post(f"/api/v2/apps/{app}/deployments",
+                                            json={"version": "1" if app == "other"
+                                                  else "1.0", "replicas": replicas})
+                        if r.status_code == 202:
+                            break
+                        assert r.status_code == 503, r.text  # actor restarting: retry
+                        await trio.sleep(0.1)
+                    wanted[r.json()["deployment_id"]] = replicas
+                await trio.sleep(3)
+                stop_chaos.set()
+                assert crashes > 10
+
+                async def settled() -> bool:
+                    for dep_id, count in wanted.items():
+                        d = await deployment(http, dep_id)
+                        if d["state"] != "running" or len(d["replicas"]) != count:
+                            return False
+                    return True
+
+                await wait_until(settled, "all running")
+                # Exactly once: each agent runs at most one replica, and the agents
+                # themselves (the ground truth) hold exactly the wanted replicas.
+                held: dict[str, int] = {}
+                for agent in agents:
+                    assert len(agent.deployments) <= 1, agent.deployments
+                    for dep_id in agent.deployments:
+                        held[dep_id] = held.get(dep_id, 0) + 1
+                assert held == wanted
+            n.cancel_scope.cancel()

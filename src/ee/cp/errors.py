@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ee.runtime import ActorDead, AskTimeout, MailboxFull
+from ee.runtime import ActorCrashed, ActorDead, AskTimeout, MailboxFull
 
 log = logging.getLogger("ee.cp.http")
 
@@ -33,6 +33,12 @@ def from_exception(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ActorDead):
         return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, ActorCrashed):
+        # The actor is being restarted by its supervisor; the request may be retried.
+        log.error("actor crashed while answering a request: %s", exc.cause)
+        return ApiError(503, "actor_restarting",
+                        f"{exc.name} crashed while answering and is restarting; retry",
+                        {"retry_after_s": 1})
     if isinstance(exc, AskTimeout | MailboxFull):
         return ApiError(503, "busy", f"the control plane is overloaded: {exc}")
     log.exception("unhandled error in a route", exc_info=exc)
