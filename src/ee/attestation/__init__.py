@@ -22,8 +22,8 @@ from ee.attestation.policy import (
     Verdict,
     Violation,
     evaluate,
-    registration_report_data,
 )
+from ee.protocol.reportdata import registration_report_data  # the one definition
 from ee.attestation.quote import QeReport, Quote, QuoteHeader, QuoteSignature, TdReport, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
 

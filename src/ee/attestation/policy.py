@@ -20,7 +20,6 @@ still records the verification outcome. A debug TD is refused in every mode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -34,11 +33,6 @@ Mode = Literal["strict", "warn", "disabled"]
 MODES: tuple[Mode, ...] = ("strict", "warn", "disabled")
 REGISTER_DOMAIN = b"ee/v2/register"
 HARD_RULES = frozenset({"verification", "debug", "report_data"})
-
-
-def registration_report_data(nonce: bytes, public_key: bytes) -> bytes:
-    """REPORTDATA of a registration quote: SHA-512(b"ee/v2/register" || nonce || key)."""
-    return hashlib.sha512(REGISTER_DOMAIN + nonce + public_key).digest()
 
 
 def _hexset(values: Iterable[str]) -> frozenset[str]:
