@@ -23,9 +23,9 @@ from ee.attestation.policy import (
     Violation,
     evaluate,
 )
-from ee.protocol.reportdata import registration_report_data  # the one definition
 from ee.attestation.quote import QeReport, Quote, QuoteHeader, QuoteSignature, TdReport, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
+from ee.protocol.reportdata import registration_report_data  # the one definition
 
 __all__ = [
     "REGISTER_DOMAIN",
