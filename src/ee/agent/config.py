@@ -55,6 +55,7 @@ import attrs
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
+from ee.protocol.canonical import strict_json_loads
 from ee.protocol.strict import FieldValueError, check, make_converter, problems
 
 __all__ = [
@@ -243,24 +244,9 @@ def config_to_dict(config: AgentConfig) -> dict[str, Any]:
     return result
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def _parse_json(raw: bytes, *, source: str, location: str | None) -> AgentConfig:
     try:
-        data = json.loads(
-            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
+        data = strict_json_loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(source, "not UTF-8 text", location=location) from None
     except (ValueError, RecursionError) as exc:

@@ -43,6 +43,7 @@ from ee.cp.events import EventBus
 from ee.cp.registration import Admission, Judge, NonceBook, Refusal
 from ee.protocol import (
     AgentProtocolError,
+    Frame,
     FrameTooLarge,
     decode_message,
     encode_message,
@@ -264,6 +265,16 @@ class AgentPlane:
                                 f"too many bad frames ({session.bad_frames})")
             raise _SessionEnded
 
+    async def _next_frame(self, session: Session) -> tuple[Frame, Message]:
+        """The next well-formed frame; bad ones get an error frame (and, repeated, close)."""
+        while True:
+            data = await session.ws.get_message()
+            try:
+                return decode_message(data, max_bytes=self.settings.max_frame_bytes,
+                                      sender="agent")
+            except AgentProtocolError as exc:
+                await self._bad_frame(session, exc)
+
     async def _serve(self, session: Session) -> None:
         nonce, expires = self.nonces.issue(trio.current_time())
         expires_at = datetime.fromtimestamp(time.time() + self.settings.nonce_ttl_s, UTC)
@@ -285,13 +296,7 @@ class AgentPlane:
     async def _await_register(self, session: Session, expires: float) -> Register | None:
         with trio.move_on_at(expires):
             while True:
-                data = await session.ws.get_message()
-                try:
-                    frame, msg = decode_message(data, max_bytes=self.settings.max_frame_bytes,
-                                                sender="agent")
-                except AgentProtocolError as exc:
-                    await self._bad_frame(session, exc)
-                    continue
+                frame, msg = await self._next_frame(session)
                 if isinstance(msg, Register):
                     return msg
                 await self._bad_frame(session, f"expected register, got {frame.type}",
@@ -378,13 +383,7 @@ class AgentPlane:
     async def _read_loop(self, session: Session) -> None:
         agent_ref = self.registry.ref(f"agent/{session.identity.agent_id}")
         while True:
-            data = await session.ws.get_message()
-            try:
-                frame, msg = decode_message(data, max_bytes=self.settings.max_frame_bytes,
-                                            sender="agent")
-            except AgentProtocolError as exc:
-                await self._bad_frame(session, exc)
-                continue
+            frame, msg = await self._next_frame(session)
             if frame.re is not None:
                 if not session.resolve(frame.re, msg):
                     log.debug("agent %s: late or unknown reply re=%s",

@@ -20,7 +20,6 @@ public keys SubjectPublicKeyInfo. On the wire a public key is its raw 32 bytes
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -36,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from ee.protocol.canonical import canonical_json
+from ee.protocol.canonical import canonical_json, strict_json_loads
 
 __all__ = [
     "SIGNATURE_BYTES",
@@ -200,19 +199,6 @@ def write_signed(path: StrPath, doc: Mapping[str, Any], key: Ed25519PrivateKey) 
     _write_atomic(_signature_path(path), signature.hex().encode() + b"\n", 0o644, overwrite=True)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
@@ -229,11 +215,7 @@ def read_signed(path: StrPath, public_key: Ed25519PublicKey) -> dict[str, Any]:
     data = _read(doc_path, "document")
     sig_text = _read(sig_path, "signature").strip()
     try:
-        doc = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-        )
+        doc = strict_json_loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise SignatureError(f"{doc_path}: malformed JSON ({reason})") from None
