@@ -72,6 +72,7 @@ class SimAgent:
     # Simulated workloads: no containers; deploys "run" at once unless fail_deploys.
     deployments: dict[str, DeploymentSnapshot] = attrs.field(factory=dict)
     fail_deploys: bool = False
+    bootstrap_token: str | None = None  # a launch order's token, for VMs a provisioner made
     ws: trio_websocket.WebSocketConnection | None = None
 
     @property
@@ -94,7 +95,7 @@ class SimAgent:
                         datacenter=self.datacenter, agent_version="sim-1",
                         public_key=self.public_key,
                         attestation=Attestation(provider="sim", quote=quote),
-                        snapshot=self.snapshot())
+                        snapshot=self.snapshot(), bootstrap_token=self.bootstrap_token)
 
     async def receive(self) -> tuple[Any, Message]:
         assert self.ws is not None

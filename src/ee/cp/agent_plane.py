@@ -17,6 +17,7 @@ use, with a TTL; a quote that binds an already-used nonce is named a replay.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import ssl
@@ -60,7 +61,7 @@ from ee.protocol.messages import (
     Registered,
     Rejected,
 )
-from ee.runtime import ActorDead, MailboxFull, Registry
+from ee.runtime import ActorDead, ActorError, MailboxFull, Registry
 from ee.supervisors import ChildExists, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.cp.agent_plane")
@@ -290,6 +291,11 @@ class AgentPlane:
             assert admission.refusal is not None
             await self._reject(session, register, admission.refusal, admission)
             return
+        if register.bootstrap_token is not None:
+            refusal = await self._check_token(register, admission.identity)
+            if refusal is not None:
+                await self._reject(session, register, refusal, admission)
+                return
         await self._admitted(session, register, admission.identity)
         await self._read_loop(session)
 
@@ -323,6 +329,22 @@ class AgentPlane:
             admission = attrs.evolve(admission, refusal=Refusal(
                 "NONCE_REPLAYED", ("the quote binds a challenge nonce that was already used",)))
         return admission
+
+    async def _check_token(self, register: Register, identity: Identity) -> Refusal | None:
+        """A launch order's bootstrap token: verified and consumed by its pool."""
+        from ee.actors.pool import TokenAccepted, present_token
+
+        assert register.bootstrap_token is not None
+        try:
+            answer = await present_token(
+                self.registry, register.bootstrap_token, vm_name=identity.vm_name,
+                datacenter=identity.datacenter, node_size=identity.node_size,
+                agent_key=hashlib.sha256(identity.public_key).hexdigest())
+        except ActorError as exc:
+            return Refusal("TOKEN_UNAVAILABLE", (f"the pool could not check the token: {exc}",))
+        if isinstance(answer, TokenAccepted):
+            return None
+        return Refusal(answer.code, (answer.reason,))
 
     async def _reject(self, session: Session, register: Register | None, refusal: Refusal,
                       admission: Admission | None = None) -> None:

@@ -168,9 +168,10 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             async for event in stream:
                 await websocket.send(json.dumps(event.to_dict()))
 
-    from ee.cp import tenants
+    from ee.cp import capacity_routes, tenants
 
-    tenants.register(app, cp)
+    auth = tenants.register(app, cp)
+    capacity_routes.register(app, cp, auth)
     return app
 
 

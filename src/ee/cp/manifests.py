@@ -23,7 +23,7 @@ from ee.protocol.signing import SignatureError, read_signed, write_signed
 
 log = logging.getLogger("ee.cp.manifests")
 
-KINDS = ("apps", "versions", "deployments")
+KINDS = ("apps", "versions", "deployments", "pools")
 
 
 @attrs.frozen

@@ -28,6 +28,14 @@ class CpMetrics:
         self.heartbeats = Counter("ee_heartbeats_total", "Heartbeats received", registry=r)
         self.bad_frames = Counter("ee_bad_frames_total", "Refused agent frames", ["reason"],
                                   registry=r)
+        self.claim_to_registered = Histogram(
+            "ee_launch_order_claim_to_registered_seconds",
+            "From a provisioner claiming a launch order to its VM's agent registering",
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.pool_gauge = Gauge("ee_pool", "Capacity pool numbers",
+                                ["datacenter", "node_size", "what"], registry=r)
+        self.orders_gauge = Gauge("ee_launch_orders", "Launch orders by state",
+                                  ["datacenter", "node_size", "state"], registry=r)
         self.restarts = Gauge("ee_actor_restarts", "Restarts by actor kind", ["kind"],
                               registry=r)
 

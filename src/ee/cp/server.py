@@ -8,6 +8,7 @@
     ├── datacenters    dynamic: DatacenterActor per label
     ├── agents         dynamic: AgentActor per agent (transient)
     ├── apps           dynamic: AppActor per app, repopulated from signed manifests
+    ├── capacity       dynamic: CapacityPoolActor per (datacenter, node size), likewise
     ├── agent-plane    trio-websocket listener for agent sessions (--agent-listen)
     ├── checkpoint     writes the signed list of live agents (the readiness quorum)
     └── http           Hypercorn serving the Quart-Trio app (--listen)
@@ -17,7 +18,7 @@ actor, and a stop closes them in reverse order: HTTP first, then the agent plane
 tells every agent to reconnect shortly), then the actors. SIGTERM/SIGINT trigger that
 graceful stop; a second signal cancels at once.
 
-Parts of DESIGN.md not built yet (capacity pools, billing, federation) are not
+Parts of DESIGN.md not built yet (billing, federation) are not
 in the tree; ``--role master|dc`` is refused with a clear error rather than pretended.
 """
 
@@ -39,7 +40,9 @@ import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings, Describe
 from ee.actors.app import AppActor, AppDeps
+from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
+from ee.capacity import PoolKey
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
@@ -165,6 +168,12 @@ class ControlPlane:
         self.agents = Supervisor("agents", max_restarts=1000, period=10.0)
         self.apps = Supervisor("apps", max_restarts=100, period=10.0,
                                populate=self._populate_apps)
+        self.capacity = Supervisor("capacity", max_restarts=100, period=10.0,
+                                   populate=self._populate_pools)
+        self.pools = PoolDirectory(self.registry, self.capacity, PoolDeps(
+            load=self._load_pool, save=self._save_manifest, agent_views=self.describe_agents,
+            emit=self.events.emit, ready=lambda: self.readiness().ready,
+            observe_claim_to_registered=self.metrics.claim_to_registered.observe))
         s = config
         self.agent_settings = AgentSettings(
             heartbeat_interval_s=s.heartbeat_interval_s, stale_after_s=s.stale_after_s,
@@ -187,6 +196,7 @@ class ControlPlane:
             self.datacenters.as_child(),
             self.agents.as_child(),
             self.apps.as_child(),
+            self.capacity.as_child(),
             ChildSpec(id="agent-plane", start=self.plane.run, stop=self.plane.request_stop,
                       shutdown=10.0),
             # After the plane, so it stops (and writes its last checkpoint) before the
@@ -352,6 +362,21 @@ class ControlPlane:
                 self.deployment_index[d["deployment_id"]] = app_key
             await self._start_app(app_key)
 
+    async def _load_pool(self, ident: str) -> dict[str, Any] | None:
+        docs, _ = await trio.to_thread.run_sync(self.manifests.load, "pools")
+        for doc in docs:
+            if f"{doc.get('datacenter')}/{doc.get('node_size')}" == ident:
+                return doc
+        return None
+
+    async def _populate_pools(self, _: Supervisor) -> None:
+        docs, refused = await trio.to_thread.run_sync(self.manifests.load, "pools")
+        for r in refused:
+            self.events.emit("manifest.refused", "cp", {"detail": f"{r.path}: {r.reason}"})
+        keys = [PoolKey(str(d["datacenter"]), str(d["node_size"])) for d in docs
+                if d.get("datacenter") and d.get("node_size")]
+        await self.pools.populate(keys)
+
     async def create_app(self, app_key: str, spec: dict[str, Any]) -> dict[str, Any]:
         spec = {**spec, "created_at": time.time()}
         await trio.to_thread.run_sync(self.manifests.write, "apps", app_key, spec)
@@ -421,6 +446,13 @@ class ControlPlane:
             kinds[kind] = kinds.get(kind, 0) + node.restarts
         for kind, n in kinds.items():
             self.metrics.restarts.labels(kind).set(n)
+        for pool in await self.pools.describe_all():
+            dc, size = pool.get("datacenter", "?"), pool.get("node_size", "?")
+            for what in ("warm", "reserved", "shortfall", "deployed"):
+                if isinstance(pool.get(what), int):
+                    self.metrics.pool_gauge.labels(dc, size, what).set(pool[what])
+            for state, n in (pool.get("orders_by_state") or {}).items():
+                self.metrics.orders_gauge.labels(dc, size, state).set(n)
 
     # ---- running ---------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+import attrs
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
@@ -77,7 +78,16 @@ def new_api_key() -> tuple[str, str, str]:
     return key_id, f"ee_{key_id}_{secret}", hashlib.sha256(secret.encode()).hexdigest()
 
 
-def register(app: QuartTrio, cp: ControlPlane) -> None:
+@attrs.frozen
+class Auth:
+    """The tenant module's auth checks, shared with other route modules."""
+
+    authenticate: Callable[[tuple[str, ...]], Awaitable[str]]  # allowed kinds -> account
+    admin_only: Callable[[], None]
+    require_ready: Callable[[], None]
+
+
+def register(app: QuartTrio, cp: ControlPlane) -> Auth:
     keys_cache: dict[str, tuple[str, str, str]] = {}  # key id -> (hash, account, kind)
 
     def store() -> Any:
@@ -324,6 +334,8 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         if view is None:
             raise not_found("deployment", deployment_id)
         return _json(view)
+
+    return Auth(authenticate=authenticate, admin_only=admin_only, require_ready=require_ready)
 
 
 def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
