@@ -164,6 +164,9 @@ class Console:
                     self.cmd_deployments),
             Command("datacenters", "", "per datacenter: agents by status, attestation counts",
                     self.cmd_datacenters),
+            Command("pools", "", "capacity pools: warm, reserved, orders, shortfall vs target",
+                    self.cmd_pools),
+            Command("orders", "", "launch orders with their state", self.cmd_orders),
             Command("tree", "", "the CP's supervision tree with restarts and mailbox depth",
                     self.cmd_tree),
             Command("events", "[N]", "stream live events until Ctrl-C/EOF, or show N and stop",
@@ -364,6 +367,20 @@ class Console:
         self._no_args("datacenters", args)
         dcs = self.client.datacenters()
         self.say(datacenters_table(dcs) if dcs else "no datacenters")
+
+    def cmd_pools(self, args: list[str]) -> None:
+        from ee.ctl.capacity import pools_table
+
+        self._no_args("pools", args)
+        pools = self.client.get("/api/v2/capacity/pools")["pools"]
+        self.say(pools_table(pools) if pools else "no capacity pools")
+
+    def cmd_orders(self, args: list[str]) -> None:
+        from ee.ctl.capacity import orders_table
+
+        self._no_args("orders", args)
+        orders = self.client.get("/api/v2/capacity/launch-orders")["orders"]
+        self.say(orders_table(orders) if orders else "no launch orders")
 
     def cmd_tree(self, args: list[str]) -> None:
         self._no_args("tree", args)

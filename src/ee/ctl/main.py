@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ee import __version__
-from ee.ctl import console, deploy, trust
+from ee.ctl import capacity, console, deploy, trust
 
-GROUPS: tuple[ModuleType, ...] = (trust, console, deploy)
+GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity)
 
 Handler = Callable[[argparse.Namespace], int]
 
