@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+
 from .ctlkit import console, eectl, running_cp
 
 
