@@ -18,7 +18,8 @@ from ee.ctl.console import Console, agents_table, event_line, tree_table
 
 from .ctlkit import column, console, eectl, eectl_env, running_cp, tenant_app
 
-COMMANDS = ("help", "agents", "agent", "apps", "deployments", "datacenters", "tree",
+COMMANDS = ("help", "agents", "agent", "apps", "deployments", "datacenters", "pools", "orders",
+            "tree",
             "events", "drain", "undrain", "crash", "quit")
 
 

@@ -90,6 +90,7 @@ class AgentDeps:
     # Operator intent, kept outside the actor so a restart does not forget it.
     drained: set[str] = attrs.field(factory=set)
     observe_heartbeat: Callable[[float], None] = lambda _seconds: None
+    observe_heartbeat_gap: Callable[[float], None] = lambda _seconds: None
 
 
 # ---- messages ------------------------------------------------------------------------
@@ -337,6 +338,8 @@ class AgentActor(Actor):
         hb = msg.heartbeat
         if msg.received_at:
             self.deps.observe_heartbeat(trio.current_time() - msg.received_at)
+        if self.last_heartbeat is not None:
+            self.deps.observe_heartbeat_gap(trio.current_time() - self.last_heartbeat)
         self.seq = hb.seq
         self.health = {"status": hb.health.status, "detail": hb.health.detail}
         self.stats = attrs.asdict(hb.stats)

@@ -26,6 +26,7 @@ import binascii
 import hmac
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -162,7 +163,7 @@ def make_app(agent: Agent, client: httpx.AsyncClient) -> QuartTrio:
         require_secret()
         deployment_id = request.args.get("deployment_id") or None
         raw_tail = request.args.get("tail", "200")
-        if not raw_tail.isdigit() or not 1 <= int(raw_tail) <= 10_000:
+        if not re.fullmatch(r"[0-9]{1,5}", raw_tail) or not 1 <= int(raw_tail) <= 10_000:
             raise AgentHttpError(400, "bad_tail", "tail must be an integer 1..10000",
                                  {"tail": raw_tail})
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from quart import Response, g, request
+from quart import Response, g
 from quart_trio import QuartTrio
 
 from ee.actors import pool as pool_actor
@@ -20,7 +20,7 @@ from ee.capacity import (
     TargetError,
 )
 from ee.capacity.orders import OrderRefusal, rfc3339
-from ee.cp.errors import ApiError, not_found
+from ee.cp.errors import ApiError, json_object, not_found
 from ee.cp.tenants import Auth
 
 if TYPE_CHECKING:
@@ -32,10 +32,7 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 async def _body() -> dict[str, Any]:
-    body = await request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise ApiError(400, "bad_request", "the body must be a JSON object")
-    return body
+    return await json_object()
 
 
 def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:

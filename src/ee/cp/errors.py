@@ -23,6 +23,33 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
 
+async def json_object(*, required: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong with it.
+
+    Refuses (never 500s on) bodies that are not UTF-8, not JSON, nested too deeply, not
+    an object, or carry strings that are not valid Unicode (lone surrogates).
+    """
+    import json
+
+    from quart import request
+
+    raw = await request.get_data(as_text=False)
+    if not raw and not required:
+        return {}
+    try:
+        body = json.loads(raw if isinstance(raw, str) else raw.decode("utf-8"))
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeError:
+        raise ApiError(400, "bad_request", "the body is not valid UTF-8 / Unicode") from None
+    except RecursionError:
+        raise ApiError(400, "bad_request", "the body's JSON is nested too deeply") from None
+    except ValueError as exc:
+        raise ApiError(400, "bad_request", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "bad_request", "the body must be a JSON object")
+    return body
+
+
 def not_found(what: str, ident: str) -> ApiError:
     return ApiError(404, "not_found", f"no {what} {ident!r}")
 

@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from ee import __version__
 from ee.actors.agent import Describe, SetDrain
 from ee.actors.datacenter import DescribeDatacenter
-from ee.cp.errors import ApiError, from_exception, not_found
+from ee.cp.errors import ApiError, from_exception, json_object, not_found
 from ee.runtime import ActorError
 
 if TYPE_CHECKING:
@@ -59,6 +59,13 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             return await fn(*args, **kwargs)
 
         return wrapper
+
+    @app.before_request
+    async def read_body_first() -> None:
+        # Read the whole (size-capped) body before any answer: answering a request
+        # whose body is still unread (e.g. 401 before the body) can leave a kept-alive
+        # connection hanging under Hypercorn.
+        await request.get_data()
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
@@ -114,9 +121,9 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     @app.post("/api/v2/agents/<agent_id>/drain")
     @admin
     async def drain(agent_id: str) -> Response:
-        body = await request.get_json(force=True, silent=True)
+        body = await json_object(required=False)
         draining = True
-        if isinstance(body, dict) and "draining" in body:
+        if "draining" in body:
             if not isinstance(body["draining"], bool):
                 raise ApiError(400, "bad_request", "'draining' must be true or false")
             draining = body["draining"]
@@ -146,8 +153,8 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     @app.post("/api/v2/admin/crash")
     @admin
     async def crash() -> Response:
-        body = await request.get_json(force=True, silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        body = await json_object()
+        if not isinstance(body.get("name"), str):
             raise ApiError(400, "bad_request", "body must be {\"name\": \"<actor or child>\"}")
         name = body["name"]
         if not cp.root.crash(name):

@@ -17,9 +17,10 @@ class CpMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
         self.sessions = Gauge("ee_agent_sessions", "Open agent websocket sessions", registry=r)
         self.agents = Gauge("ee_agents", "Agents by status", ["status"], registry=r)
-        self.heartbeat_age = Gauge(
-            "ee_agent_heartbeat_age_max_seconds", "Oldest heartbeat among live agents",
-            registry=r)
+        self.heartbeat_gap = Histogram(
+            "ee_heartbeat_gap_seconds", "Time between consecutive heartbeats of an agent "
+            "(the heartbeat age each one ends)",
+            buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120), registry=r)
         self.heartbeat_handling = Histogram(
             "ee_heartbeat_handling_seconds",
             "From reading a heartbeat frame to its AgentActor having handled it",

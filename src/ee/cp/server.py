@@ -227,7 +227,8 @@ class ControlPlane:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
                          reattester=self.judge(), emit=self.events.emit,
                          attest_limiter=self.attest_limiter, drained=self.drained,
-                         observe_heartbeat=self.metrics.heartbeat_handling.observe)
+                         observe_heartbeat=self.metrics.heartbeat_handling.observe,
+                         observe_heartbeat_gap=self.metrics.heartbeat_gap.observe)
 
     # ---- readiness -------------------------------------------------------------------
 
@@ -430,16 +431,20 @@ class ControlPlane:
         return views
 
     async def refresh_metrics(self) -> None:
-        views = await self.describe_agents()
+        """Scrape-time gauges, from aggregates only (datacenters, pools, the tree): a
+        scrape never asks every AgentActor."""
+        from ee.actors.datacenter import DescribeDatacenter
+
         counts = {"online": 0, "stale": 0, "offline": 0, "quarantined": 0}
-        oldest = 0.0
-        for v in views:
-            counts[v["status"]] = counts.get(v["status"], 0) + 1
-            if v["status"] in ("online", "stale") and v["heartbeat_age_s"] is not None:
-                oldest = max(oldest, float(v["heartbeat_age_s"]))
+        for name in self.registry.names("dc/"):
+            try:
+                view = await self.registry.ref(name).ask(DescribeDatacenter(), timeout=5)
+            except ActorError:
+                continue
+            for status in counts:
+                counts[status] += int(view["agents"].get(status, 0))
         for status, n in counts.items():
             self.metrics.agents.labels(status).set(n)
-        self.metrics.heartbeat_age.set(oldest)
         kinds: dict[str, int] = {}
         for node in self.root.snapshot().walk():
             kind = node.name.split("/", 1)[0] if "/" in node.name else node.kind

@@ -24,7 +24,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
-from ee.cp.errors import ApiError, not_found
+from ee.cp.errors import ApiError, json_object, not_found
 from ee.cp.records import (
     add_api_key,
     create_account,
@@ -65,10 +65,7 @@ def _bad(message: str, field: str | None = None) -> ApiError:
 
 
 async def _body() -> dict[str, Any]:
-    body = await request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object")
-    return body
+    return await json_object()
 
 
 def new_api_key() -> tuple[str, str, str]:
@@ -327,7 +324,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
     @tenant
     async def logs(deployment_id: str) -> Response:
         tail = request.args.get("tail", "200")
-        if not tail.isdigit() or not 1 <= int(tail) <= 10_000:
+        if not re.fullmatch(r"[0-9]{1,5}", tail) or not 1 <= int(tail) <= 10_000:
             raise _bad("'tail' must be 1..10000", "tail")
         view = await dep_ref(deployment_id).ask(
             app_actor.DeploymentLogs(deployment_id, int(tail)), timeout=60)

@@ -201,10 +201,17 @@ def validate_compose(text: str) -> dict[str, Any]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ComposeError(f"compose is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ComposeError("compose is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+        raise ComposeError(f"compose has a value that cannot be read: {exc}") from None
     if not isinstance(doc, dict):
         kind = "empty" if doc is None else f"a {type(doc).__name__}"
         raise ComposeError(f"compose must be a YAML mapping, got {kind}")
-    _check_json_data(doc)
+    try:
+        _check_json_data(doc)
+    except RecursionError:
+        raise ComposeError("compose is nested too deeply") from None
     services = doc.get("services")
     if services is None:
         raise ComposeError("compose has no 'services' section")
