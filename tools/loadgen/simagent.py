@@ -9,6 +9,7 @@ and ``stats`` requests. Many run in one process (tools/loadgen/run.py).
 from __future__ import annotations
 
 import secrets
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ class SimAgent:
     deployments: dict[str, DeploymentSnapshot] = attrs.field(factory=dict)
     fail_deploys: bool = False
     bootstrap_token: str | None = None  # a launch order's token, for VMs a provisioner made
+    ssl_context: ssl.SSLContext | None = None  # for wss:// agent planes
     ws: trio_websocket.WebSocketConnection | None = None
 
     @property
@@ -109,7 +111,8 @@ class SimAgent:
     async def run(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Connect, register, then serve the session until it closes."""
-        async with trio_websocket.open_websocket_url(self.url) as ws:
+        async with trio_websocket.open_websocket_url(self.url,
+                                                     ssl_context=self.ssl_context) as ws:
             self.ws = ws
             try:
                 _, challenge = await self.receive()
