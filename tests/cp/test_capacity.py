@@ -116,3 +116,53 @@ async def test_targets_orders_claims_and_tokens(tmp_path: Path) -> None:
 
                 await wait_until(same, "the same pool numbers after a restart")
             agents.cancel_scope.cancel()
+
+
+async def test_deploys_consume_warm_reservations_without_sharing_agents(tmp_path: Path) -> None:
+    from test_tenants import COMPOSE
+
+    with trio.fail_after(90):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as n:
+            agents = [env.agent(f"vm-{i}") for i in range(4)]
+            for agent in agents:
+                await n.start(agent.run)
+            _, tenant_key = await accounts(env)
+            async with env.client() as admin:
+                r = await admin.put("/api/v2/capacity/pools/local:dev/standard",
+                                    json={"min_warm": 4, "dispatch": False, "reason": "t"})
+                assert r.status_code == 200, r.text
+            async with env.client(token=tenant_key) as http:
+                for app in ("a", "b", "c"):
+                    await http.post("/api/v2/apps", json={"name": app})
+                    await http.post(f"/api/v2/apps/{app}/versions", json={
+                        "version": "1", "compose": COMPOSE, "expose_port": 80})
+                constraints = {"datacenter": "local:dev", "node_size": "standard"}
+                ids: list[str] = []
+
+                async def deploy(app: str, replicas: int) -> None:
+                    r = await http.post(f"/api/v2/apps/{app}/deployments", json={
+                        "version": "1", "replicas": replicas, "constraints": constraints})
+                    assert r.status_code == 202, r.text
+                    ids.append(r.json()["deployment_id"])
+
+                async with trio.open_nursery() as deploys:  # concurrently
+                    deploys.start_soon(deploy, "a", 2)
+                    deploys.start_soon(deploy, "b", 1)
+                    deploys.start_soon(deploy, "c", 1)
+
+                async def all_running() -> list[dict[str, Any]] | None:
+                    views = []
+                    for dep_id in ids:
+                        d = (await http.get(f"/api/v2/deployments/{dep_id}")).json()
+                        if d["state"] != "running":
+                            return None
+                        views.append(d)
+                    return views
+
+                views = await wait_until(all_running, "all running")
+            placed = [r["agent_id"] for d in views for r in d["replicas"]]
+            assert len(placed) == 4 and len(set(placed)) == 4  # never the same agent twice
+            assert all(len(a.deployments) == 1 for a in agents)
+            events = [e.kind for e in env.cp.events.recent]
+            assert "reservation.made" in events
+            n.cancel_scope.cancel()

@@ -44,6 +44,11 @@ class AppDeps:
     save: Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (kind, id, spec)
     agent_views: Callable[[], Awaitable[list[dict[str, Any]]]]
     emit: Callable[[str, str, Mapping[str, Any]], None]
+    # Warm capacity: (deployment id, constraints, how many) -> reserve up to that many
+    # agents of the matching pool for it; then agent id -> what each agent is held for
+    # (a deployment id or a reservation id), for AgentInfo.reserved_for.
+    reserve_warm: Callable[[str, Constraints, int], Awaitable[None]] | None = None
+    holds: Callable[[], Awaitable[dict[str, str]]] | None = None
     reconcile_interval_s: float = 2.0
     max_attempts: int = 3
 
@@ -137,16 +142,19 @@ def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
-def agent_info(view: Mapping[str, Any]) -> AgentInfo | None:
+def agent_info(view: Mapping[str, Any], holds: Mapping[str, str] | None = None
+               ) -> AgentInfo | None:
     """Placement's view of an agent, from an AgentActor view (None if unidentified)."""
     if not view.get("vm_name"):
         return None
+    held = (holds or {}).get(view["agent_id"])
     verdict = view["attestation"]["verdict"]
     return AgentInfo(
         agent_id=view["agent_id"], datacenter=view["datacenter"],
         node_size=view["node_size"], gpu=bool(view["gpu"]), status=view["status"],
         attested=verdict in ("pass", "warn"), draining=bool(view["draining"]),
-        deployments=tuple(d["deployment_id"] for d in view["deployment"]))
+        deployments=tuple(d["deployment_id"] for d in view["deployment"]),
+        reserved_for=held)
 
 
 class AppActor(Actor):
@@ -219,9 +227,13 @@ class AppActor(Actor):
     async def on_list_versions(self, _: ListVersions) -> list[dict[str, Any]]:
         return [self.versions[v] for v in sorted(self.versions)]
 
+    async def _infos(self, views: list[dict[str, Any]]) -> list[AgentInfo]:
+        holds = await self.deps.holds() if self.deps.holds is not None else {}
+        return [i for i in (agent_info(v, holds) for v in views) if i is not None]
+
     async def _placement(self, deployment_id: str | None, replicas: int,
                          constraints: Constraints, views: list[dict[str, Any]]) -> Placement:
-        infos = [i for i in (agent_info(v) for v in views) if i is not None]
+        infos = await self._infos(views)
         return place(Request(deployment_id=deployment_id, replicas=replicas,
                              constraints=constraints), infos)
 
@@ -392,10 +404,14 @@ class AppActor(Actor):
                 constraints = attrs.evolve(
                     dep.constraints,
                     exclude_agents=dep.constraints.exclude_agents | failed_agents)
+                if self.deps.reserve_warm is not None:
+                    # Consume warm capacity first: reservations are made atomically by
+                    # the pool, so two deployments never hold the same agent.
+                    await self.deps.reserve_warm(deployment_id, constraints, missing)
                 placement = place(Request(deployment_id=deployment_id,
                                           replicas=dep.replicas_wanted,
                                           constraints=constraints),
-                                  [i for i in (agent_info(v) for v in views) if i])
+                                  await self._infos(views))
                 for agent_id in placement.chosen:
                     if missing <= 0:
                         break

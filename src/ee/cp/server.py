@@ -346,7 +346,40 @@ class ControlPlane:
 
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
-                       agent_views=self.describe_agents, emit=self.events.emit)
+                       agent_views=self.describe_agents, emit=self.events.emit,
+                       reserve_warm=self._reserve_warm, holds=self._holds)
+
+    async def _holds(self) -> dict[str, str]:
+        """Agent id -> what a pool holds it for: the deployment it was reserved for
+        (so that deployment's placement may use it) or else the reservation id."""
+        if not self.pools.keys():
+            return {}
+        out: dict[str, str] = {}
+        for pool in await self.pools.describe_all():
+            for r in pool.get("reservations", []):
+                out[r["agent_id"]] = r.get("deployment_id") or r["reservation_id"]
+        return out
+
+    async def _reserve_warm(self, deployment_id: str, constraints: Any, count: int) -> None:
+        """Reserve up to *count* warm agents of the pool the constraints name (if any)."""
+        from ee.actors.pool import Reserve
+
+        if not (constraints.datacenter and constraints.node_size):
+            return
+        try:
+            label = self.config.vocabulary.normalise_label(constraints.datacenter)
+        except ValueError:
+            return
+        key = PoolKey(label, constraints.node_size)
+        if key.actor_name not in self.registry:
+            return
+        ref = self.registry.ref(key.actor_name)
+        for _ in range(count):
+            try:
+                if await ref.ask(Reserve(deployment_id), timeout=10) is None:
+                    return
+            except ActorError:
+                return
 
     async def _start_app(self, app_key: str) -> None:
         deps = self.app_deps()
