@@ -3,17 +3,19 @@
 It outlives its websocket: a session opening or closing is a message to it
 (``SessionOpened`` / ``SessionClosed``), so an agent that drops and comes back keeps
 its actor, its id and its drain flag. Its lifecycle follows the table in
-``ee.actors.lifecycle``; heartbeat age is checked on a timer (Trio time), turning a
-silent agent stale and then offline.
+``ee.actors.lifecycle``; heartbeat age (Trio time) turns a silent agent stale and
+then offline.
 
 Recovery (``started``) rebuilds from the sources, never from a copy: the identity
 comes from the live session (what registration proved) and the workload picture from
 a fresh ``snapshot`` asked of the agent. With no live session the agent is offline
 until it reconnects.
 
-Re-attestation runs in a helper task every ``attest_interval_s``: a fresh nonce, the
-agent's quote, verification in a worker thread; a refusal quarantines the agent (no
-new placements) and raises an event.
+Timers live in the agent plane, not here: one sweep task there tells ``Tick`` to
+agents whose last frame is older than the stale threshold and ``ReattestDue`` every
+``attest_interval_s``, so an idle agent costs its actor no task and no wake-ups.
+Re-attestation is a fresh nonce, the agent's quote and verification in a worker
+thread; a refusal quarantines the agent (no new placements) and raises an event.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ee.protocol.messages import (
     LogsReply,
     LogsRequest,
     Message,
+    NodeStats,
     Snapshot,
     SnapshotRequest,
     Undeploy,
@@ -122,7 +125,12 @@ class DeployStatusIn:
 
 @attrs.frozen
 class Tick:
-    pass
+    """Check heartbeat age (sent by the agent plane's sweep to agents gone quiet)."""
+
+
+@attrs.frozen
+class ReattestDue:
+    """Time to re-attest (sent by the agent plane's sweep every attest interval)."""
 
 
 @attrs.frozen
@@ -209,9 +217,10 @@ class AgentActor(Actor):
         self.last_heartbeat_unix: float | None = None
         self.seq = 0
         self.health: dict[str, Any] = {"status": "unknown", "detail": ""}
-        self.stats: dict[str, Any] = {}
+        self.stats: NodeStats | None = None
         self.deployments: dict[str, DeploymentSnapshot] = {}
         self.quarantine_reasons: tuple[str, ...] = ()
+        self._reattesting = False
 
     # ---- recovery --------------------------------------------------------------------
 
@@ -229,40 +238,27 @@ class AgentActor(Actor):
                 if isinstance(reply, Snapshot):
                     self._adopt(link, reply)
         self._announce()
-        self.start_soon(self._ticker)
-        self.start_soon(self._reattest_loop)
 
-    async def _ticker(self) -> None:
-        interval = max(0.5, self.deps.settings.heartbeat_interval_s / 2)
-        while True:
-            await trio.sleep(interval)
-            try:
-                self.ref.try_tell(Tick())
-            except MailboxFull:
-                pass  # a tick is already queued behind other work: nothing lost
-            except ActorDead:
-                return
-
-    async def _reattest_loop(self) -> None:
-        while True:
-            await trio.sleep(self.deps.settings.attest_interval_s)
-            link = self.link
-            if link is None or self.identity is None:
-                continue
-            nonce = secrets.token_bytes(32)
-            try:
-                reply = await link.request(Attest(nonce=nonce),
-                                           self.deps.settings.request_timeout_s)
-            except Exception as exc:
-                log.info("agent %s: re-attestation request failed: %s", self.agent_id, exc)
-                continue
-            if not isinstance(reply, Attestation):
-                continue
-            refusal = await trio.to_thread.run_sync(
-                functools.partial(self.deps.reattester.reattest, reply.quote, nonce,
-                                  self.identity, now=time.time()),
-                limiter=self.deps.attest_limiter)
-            await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+    async def _reattest_once(self, link: AgentLink) -> None:
+        """One re-attestation: fresh nonce, the agent's quote, verification in a thread."""
+        identity = self.identity
+        if identity is None:
+            return
+        nonce = secrets.token_bytes(32)
+        try:
+            reply = await link.request(Attest(nonce=nonce), self.deps.settings.request_timeout_s)
+        except Exception as exc:
+            log.info("agent %s: re-attestation request failed: %s", self.agent_id, exc)
+            return
+        finally:
+            self._reattesting = False
+        if not isinstance(reply, Attestation):
+            return
+        refusal = await trio.to_thread.run_sync(
+            functools.partial(self.deps.reattester.reattest, reply.quote, nonce, identity,
+                              now=time.time()),
+            limiter=self.deps.attest_limiter)
+        await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
 
     # ---- state changes ---------------------------------------------------------------
 
@@ -342,7 +338,7 @@ class AgentActor(Actor):
             self.deps.observe_heartbeat_gap(trio.current_time() - self.last_heartbeat)
         self.seq = hb.seq
         self.health = {"status": hb.health.status, "detail": hb.health.detail}
-        self.stats = attrs.asdict(hb.stats)
+        self.stats = hb.stats  # kept as the frozen value; turned into JSON when viewed
         self.last_heartbeat = trio.current_time()
         self.last_heartbeat_unix = time.time()
         if self.state is AgentState.STALE:
@@ -431,6 +427,12 @@ class AgentActor(Actor):
             await link.close(1001, f"no heartbeat for {age:.0f}s")
         self._set_state(target)
 
+    @handler(ReattestDue)
+    async def on_reattest_due(self, _: ReattestDue) -> None:
+        if self.link is not None and not self._reattesting:
+            self._reattesting = True
+            self.start_soon(self._reattest_once, self.link)
+
     @handler(SetDrain)
     async def on_drain(self, msg: SetDrain) -> dict[str, Any]:
         self.draining = msg.draining
@@ -490,6 +492,7 @@ class AgentActor(Actor):
             ],
             "health": self.health,
             "heartbeat_seq": self.seq,
+            "stats": attrs.asdict(self.stats) if self.stats is not None else None,
             "heartbeat_age_s": round(age, 3) if age is not None else None,
             "last_heartbeat": _iso(self.last_heartbeat_unix),
         }

@@ -35,8 +35,10 @@ from ee.actors.agent import (
     AgentDeps,
     DeployStatusIn,
     HeartbeatIn,
+    ReattestDue,
     SessionClosed,
     SessionOpened,
+    Tick,
 )
 from ee.actors.datacenter import DatacenterActor
 from ee.actors.identity import Identity
@@ -83,6 +85,7 @@ class PlaneSettings:
     nonce_ttl_s: float = 30.0
     max_bad_frames: int = 3
     heartbeat_interval_s: float = 10.0
+    stale_after_s: float = 30.0
     attest_interval_s: float = 3600.0
     reconnect_after_s: float = 2.0
 
@@ -101,6 +104,8 @@ class Session:
         self._pending: dict[int, tuple[trio.Event, list[Message]]] = {}
         self._send_lock = trio.Lock()
         self.bad_frames = 0
+        self.last_frame = trio.current_time()  # for the plane's staleness sweep
+        self.attested_at = trio.current_time()
 
     @property
     def identity(self) -> Identity:
@@ -205,6 +210,7 @@ class AgentPlane:
             self.bound_port = server.port
             log.info("agent plane listening on %s:%d%s", self.host, server.port, CONNECT_PATH)
             nursery.start_soon(self._prune_nonces)
+            nursery.start_soon(self._sweep)
             task_status.started(server.port)
             await self._stop.wait()
             # Graceful: tell every agent to come back shortly, then close its session.
@@ -222,6 +228,26 @@ class AgentPlane:
             except trio_websocket.ConnectionClosed:
                 return
             await session.close(1012, "control plane restarting")
+
+    async def _sweep(self) -> None:
+        """One timer for every agent: Tick the quiet ones, ReattestDue the due ones."""
+        s = self.settings
+        interval = max(0.05, min(s.heartbeat_interval_s, s.stale_after_s / 2))
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for agent_id, session in list(self.sessions.items()):
+                due: list[object] = []
+                if now - session.last_frame >= s.stale_after_s:
+                    due.append(Tick())
+                if now - session.attested_at >= s.attest_interval_s:
+                    session.attested_at = now
+                    due.append(ReattestDue())
+                for msg in due:
+                    try:
+                        self.registry.ref(f"agent/{agent_id}").try_tell(msg)
+                    except (ActorDead, MailboxFull):
+                        pass  # busy or restarting: the next sweep tries again
 
     async def _prune_nonces(self) -> None:
         while True:
@@ -406,6 +432,7 @@ class AgentPlane:
         agent_ref = self.registry.ref(f"agent/{session.identity.agent_id}")
         while True:
             frame, msg = await self._next_frame(session)
+            session.last_frame = trio.current_time()
             if frame.re is not None:
                 if not session.resolve(frame.re, msg):
                     log.debug("agent %s: late or unknown reply re=%s",

@@ -186,6 +186,7 @@ class ControlPlane:
             judge=self.judge, agent_deps=self.agent_deps, events=self.events,
             settings=PlaneSettings(max_frame_bytes=s.max_frame_bytes, nonce_ttl_s=s.nonce_ttl_s,
                                    heartbeat_interval_s=s.heartbeat_interval_s,
+                                   stale_after_s=s.stale_after_s,
                                    attest_interval_s=s.attest_interval_s),
             record_registration=self._record_registration, metrics=self.metrics,
             attest_limiter=self.attest_limiter)
