@@ -308,3 +308,34 @@ async def test_chaos_crashing_app_and_agent_actors_during_deploys(tmp_path: Path
                         held[dep_id] = held.get(dep_id, 0) + 1
                 assert held == wanted
             n.cancel_scope.cancel()
+
+
+async def test_late_replica_reports_after_stop_do_not_crash_the_app(tmp_path: Path) -> None:
+    from ee.actors.agent import ReplicaReport
+
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as n:
+            agent = env.agent("vm-a")
+            await n.start(agent.run)
+            http = await tenant(env, "t")
+            async with http:
+                await setup_app(http)
+                r = await http.post("/api/v2/apps/hello/deployments",
+                                    json={"version": "1.0", "replicas": 1})
+                dep_id = r.json()["deployment_id"]
+
+                async def state_is(want: str) -> bool:
+                    return (await deployment(http, dep_id))["state"] == want
+
+                await wait_until(lambda: state_is("running"), "running")
+                await http.delete(f"/api/v2/deployments/{dep_id}")
+                await wait_until(lambda: state_is("stopped"), "stopped")
+                app = next(iter(env.cp.registry.names("app/")))
+                for state in ("stopped", "running", "failed"):
+                    await env.cp.registry.ref(app).tell(
+                        ReplicaReport(dep_id, agent.agent_id or "", state, None, None))
+                d = await deployment(http, dep_id)
+                assert d["state"] in ("stopped", "stopping")
+                node = next(x for x in env.cp.root.snapshot().walk() if x.name == app)
+                assert node.restarts == 0, node.last_error
+            n.cancel_scope.cancel()

@@ -117,3 +117,35 @@ def test_bootstrap_refuses_missing_unsigned_and_tampered(tmp_path: Path,
     (data / "bootstrap.json").write_text(json.dumps(doc))
     with pytest.raises(bootstrap.BootstrapError, match="refused"):
         bootstrap.load(data)
+
+
+def test_deployment_table_and_derivation() -> None:
+    from ee.actors.deployment import (
+        TRANSITIONS as DT,
+    )
+    from ee.actors.deployment import (
+        IllegalDeploymentTransition,
+        derive,
+    )
+    from ee.actors.deployment import (
+        transition as dtransition,
+    )
+
+    states = ["pending", "placing", "starting", "running", "failed", "stopping", "stopped"]
+    for a in states:
+        for b in states:
+            if a == b or (a, b) in DT:
+                assert dtransition(a, b) == b
+            else:
+                with pytest.raises(IllegalDeploymentTransition):
+                    dtransition(a, b)
+    for bad in [("stopped", "running"), ("pending", "running"), ("stopping", "running"),
+                ("pending", "stopped")]:
+        assert bad not in DT
+    assert derive("running", 2, [], gave_up=False) == "placing"
+    assert derive("running", 2, ["running"], gave_up=False) == "placing"
+    assert derive("running", 2, ["running", "starting"], gave_up=False) == "starting"
+    assert derive("running", 2, ["running", "running"], gave_up=False) == "running"
+    assert derive("running", 1, [], gave_up=True) == "failed"
+    assert derive("stopped", 1, ["running"], gave_up=False) == "stopping"
+    assert derive("stopped", 1, [], gave_up=False) == "stopped"

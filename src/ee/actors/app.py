@@ -175,7 +175,10 @@ class AppActor(Actor):
                 deployment_id=spec["deployment_id"], version=spec["version"],
                 replicas_wanted=int(spec["replicas"]),
                 constraints=Constraints.from_json(c), desired=spec["desired"],
-                created_at=float(spec["created_at"]))
+                created_at=float(spec["created_at"]),
+                # A stopped intent restarts as stopped (and goes back to stopping if an
+                # agent still runs a replica); a running one is placed from pending.
+                state="stopped" if spec["desired"] == "stopped" else "pending")
         self.start_soon(self._ticker)
         if self.deployments:
             await self._reconcile()
@@ -303,8 +306,13 @@ class AppActor(Actor):
         dep = self.deployments.get(msg.deployment_id)
         if dep is None:
             return
-        replica = Replica(msg.agent_id, msg.state, msg.compose_hash, msg.error)
-        self._set(attrs.evolve(dep, replicas={**dep.replicas, msg.agent_id: replica}))
+        replicas = {a: r for a, r in dep.replicas.items() if a != msg.agent_id}
+        if msg.state != "stopped":  # a stopped replica is gone, not a member
+            replicas[msg.agent_id] = Replica(msg.agent_id, msg.state, msg.compose_hash,
+                                             msg.error)
+        elif dep.state == "stopped" or msg.agent_id not in dep.replicas:
+            return  # a late report of what is already known to be gone
+        self._set(attrs.evolve(dep, replicas=replicas))
         if msg.state == "failed":
             await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
 

@@ -6,7 +6,8 @@ deployment's state from what its replicas report.
     pending → placing → starting → running
                  │          │         │
                  └──────────┴─────────┴──▶ failed        (placement or replicas gave up)
-    any live state ──undeploy──▶ stopping ──▶ stopped
+    any live state ──undeploy──▶ stopping ⇄ stopped   (back to stopping if a replica
+                                                       of a stopped one turns up)
 
 ``running → placing`` and ``running → starting`` happen when a replica is lost or
 restarts (its agent went offline, the workload failed) and is being replaced;
@@ -39,6 +40,9 @@ TRANSITIONS: Final[frozenset[tuple[str, str]]] = frozenset({
     ("failed", "running"),
     *((s, "stopping") for s in LIVE),
     ("stopping", "stopped"),
+    # A stopped deployment found still running somewhere (an agent that was away when
+    # it was undeployed comes back): stop it again.
+    ("stopped", "stopping"),
 })
 
 
