@@ -166,3 +166,30 @@ async def test_deploys_consume_warm_reservations_without_sharing_agents(tmp_path
             events = [e.kind for e in env.cp.events.recent]
             assert "reservation.made" in events
             n.cancel_scope.cancel()
+
+
+async def test_bad_provisioner_reports_are_400_and_never_crash_the_pool(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env:
+            prov_key, _ = await accounts(env)
+            async with env.client() as admin:
+                await admin.put("/api/v2/capacity/pools/local:dev/standard", json=TARGET)
+
+            async def opened() -> bool:
+                return (await pool(env))["pending_orders"] > 0
+
+            await wait_until(opened, "orders open")
+            async with env.client(token=prov_key) as prov:
+                grant = (await prov.post("/api/v2/capacity/launch-orders/claim", json={
+                    "datacenter": "local:dev", "node_size": "standard"})).json()
+                order = grant["order"]["order_id"]
+                base = f"/api/v2/capacity/launch-orders/{order}"
+                for path, body in ((f"{base}/provisioning", {"vm_name": 5}),
+                                   (f"{base}/provisioning", {"vm_name": ["a"]}),
+                                   (f"{base}/fulfil", {"vm_name": "x" * 1001}),
+                                   (f"{base}/fail", {"error": ""})):
+                    r = await prov.post(path, json=body)
+                    assert r.status_code == 400, (path, body, r.text)
+            node = next(x for x in env.cp.root.snapshot().walk()
+                        if x.name == "pool/local:dev/standard")
+            assert node.restarts == 0, node.last_error

@@ -259,3 +259,18 @@ async def test_flooding_agent_does_not_stall_others(tmp_path: Path) -> None:
             assert view["vm-calm"]["status"] == "online"
             assert calm.seq > 3
             nursery.cancel_scope.cancel()
+
+
+async def test_impostor_with_another_key_and_bad_vm_names_are_refused(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as nursery:
+            victim = env.agent("vm-victim")
+            await nursery.start(victim.run)
+            impostor = env.agent("vm-victim")  # same name, same measurements, new key
+            await register_with(env, impostor)
+            assert impostor.rejected is not None and impostor.rejected.code == "KEY_CHANGED"
+            assert victim.closed_code is None  # the real VM keeps its session
+            for name in ("x" * 64, "bad name", "../etc"):
+                odd = await register_with(env, env.agent(name))
+                assert odd.rejected is not None and odd.rejected.code == "BAD_VM_NAME"
+            nursery.cancel_scope.cancel()

@@ -339,3 +339,39 @@ async def test_late_replica_reports_after_stop_do_not_crash_the_app(tmp_path: Pa
                 node = next(x for x in env.cp.root.snapshot().walk() if x.name == app)
                 assert node.restarts == 0, node.last_error
             n.cancel_scope.cancel()
+
+
+async def test_concurrent_creates_and_stopping_a_failed_deployment(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as n:
+            for i in range(3):
+                await n.start(env.agent(f"vm-{i}", fail_deploys=True).run)
+            http = await tenant(env, "t")
+            async with http:
+                codes: list[int] = []
+
+                async def create() -> None:
+                    codes.append((await http.post("/api/v2/apps",
+                                                  json={"name": "dup"})).status_code)
+
+                async with trio.open_nursery() as creates:
+                    for _ in range(6):
+                        creates.start_soon(create)
+                assert sorted(codes) == [201] + [409] * 5
+                assert not [e for e in env.cp.events.recent if e.kind == "manifest.refused"]
+                await setup_app(http)
+                r = await http.post("/api/v2/apps/hello/deployments",
+                                    json={"version": "1.0", "replicas": 1})
+                dep_id = r.json()["deployment_id"]
+
+                async def failed() -> bool:
+                    return (await deployment(http, dep_id))["state"] == "failed"
+
+                await wait_until(failed, "failed")
+                r = await http.delete(f"/api/v2/deployments/{dep_id}")
+                assert r.status_code == 202, r.text
+                assert (await deployment(http, dep_id))["state"] == "stopped"
+                app = f"app/{env.cp.deployment_index[dep_id]}"
+                node = next(x for x in env.cp.root.snapshot().walk() if x.name == app)
+                assert node.restarts == 0, node.last_error
+            n.cancel_scope.cancel()

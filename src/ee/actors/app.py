@@ -329,8 +329,10 @@ class AppActor(Actor):
                        and not any(r.state in ACTIVE_REPLICA for r in dep.replicas.values()))
         old = self.deployments.get(dep.deployment_id)
         current = dep.state
-        if current == "pending" and state not in ("pending", "placing", "stopping"):
+        if current == "pending" and state not in ("pending", "placing", "stopping", "stopped"):
             current = transition(current, "placing")  # placed in the same pass
+        if state == "stopped" and current not in ("stopping", "stopped"):
+            current = transition(current, "stopping")  # nothing left to stop: stop at once
         new_state = transition(current, state)
         dep = attrs.evolve(dep, state=new_state)
         self.deployments[dep.deployment_id] = dep
@@ -371,8 +373,10 @@ class AppActor(Actor):
             if seen is None or seen["status"] == "offline":
                 self.deps.emit("replica.lost", deployment_id, {"agent_id": agent_id})
                 del replicas[agent_id]
-            elif not runs_it and replicas[agent_id].state not in ("pending",):
-                del replicas[agent_id]  # the agent no longer has it (stopped or never ran)
+            elif not runs_it:
+                # The agent no longer has it: stopped, or lost before it ran (an agent
+                # lists a deployment from the moment PushDeploy was accepted).
+                del replicas[agent_id]
         # 2. Failed replicas: stop them there and try elsewhere.
         for agent_id, replica in list(replicas.items()):
             if replica.state == "failed" and dep.desired == "running":

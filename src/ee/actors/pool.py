@@ -407,6 +407,8 @@ class CapacityPoolActor(Actor):
             new = apply(order, now)
         except IllegalOrderTransition as exc:
             return OrderRefusal(ORDER_CONFLICT, f"{exc} (the claim may have expired)")
+        except (TypeError, ValueError) as exc:  # a caller's bad value: refuse, don't crash
+            return OrderRefusal(ORDER_CONFLICT, f"report refused: {exc}")
         tokens = state.tokens
         if new.state in (OrderState.FAILED, OrderState.CANCELLED):
             tokens = tokens.revoke(new.token_sha256, now)

@@ -100,24 +100,27 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         assert isinstance(answer, LaunchOrder)
         return _json(answer.view(rfc3339))
 
-    def text(body: dict[str, Any], field: str) -> str:
+    def text(body: dict[str, Any], field: str, *, required: bool = True) -> str | None:
         value = body.get(field)
-        if not isinstance(value, str) or not value.strip():
-            raise ApiError(400, "bad_request", f"'{field}' must be a non-empty string",
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not value.strip() or len(value) > 1000:
+            raise ApiError(400, "bad_request",
+                           f"'{field}' must be a non-empty string of at most 1000 characters",
                            {"field": field})
         return value
 
     @app.post("/api/v2/capacity/launch-orders/<order_id>/fulfil")
     async def fulfil(order_id: str) -> Response:
         return await report(order_id, lambda b: pool_actor.Fulfil(
-            order_id, text(b, "vm_name"), by=g.account_id))
+            order_id, str(text(b, "vm_name")), by=g.account_id))
 
     @app.post("/api/v2/capacity/launch-orders/<order_id>/fail")
     async def fail(order_id: str) -> Response:
         return await report(order_id, lambda b: pool_actor.Fail(
-            order_id, text(b, "error"), by=g.account_id))
+            order_id, str(text(b, "error")), by=g.account_id))
 
     @app.post("/api/v2/capacity/launch-orders/<order_id>/provisioning")
     async def provisioning(order_id: str) -> Response:
         return await report(order_id, lambda b: pool_actor.Provisioning(
-            order_id, by=g.account_id, vm_name=b.get("vm_name")))
+            order_id, by=g.account_id, vm_name=text(b, "vm_name", required=False)))

@@ -11,10 +11,12 @@ NONCE_REPLAYED      the quote binds a nonce that was already used
 REPORTDATA_MISMATCH the quote binds another nonce or another public key
 BAD_QUOTE           the quote does not parse
 ATTESTATION_FAILED  signature chain, collateral or measurement policy refused it
+BAD_VM_NAME         the VM name is not a host-name-like label (1..63 characters)
 UNKNOWN_NODE_SIZE   the node size is not a configured preset
 BAD_DATACENTER      the datacenter label does not parse
 NODE_MISMATCH       the snapshot's node metadata disagrees with the registration
 DRIFT               a known VM came back with another MRTD, node size or datacenter
+KEY_CHANGED         a known VM name came back with another session key
 ==================  ===========================================================
 
 Nonces are single use: ``NonceBook.consume`` succeeds once per nonce and only before
@@ -25,6 +27,7 @@ a replay rather than a mere mismatch.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections import OrderedDict
 from typing import Final
@@ -38,6 +41,7 @@ from ee.protocol.messages import Register
 from ee.protocol.reportdata import registration_report_data
 
 NONCE_BYTES: Final = 32
+VM_NAME: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 @attrs.frozen
@@ -122,6 +126,9 @@ class Judge:
         *known* is the identity this VM name had before (drift check). CPU-heavy:
         call from a worker thread.
         """
+        if not VM_NAME.match(msg.vm_name):
+            return Admission(None, Refusal("BAD_VM_NAME", (
+                "vm_name must match [A-Za-z0-9][A-Za-z0-9._-]{0,62}",)))
         size = self.vocabulary.size(msg.node_size)
         if size is None:
             known_sizes = ", ".join(sorted(self.vocabulary.sizes))
@@ -168,6 +175,12 @@ class Judge:
             if drift:
                 return Admission(None, Refusal("DRIFT", tuple(drift)), mrtd=mrtd,
                                  tcb_status=result.tcb_status)
+            if known.public_key != msg.public_key:
+                # Same name, same measurements, another key: another VM claiming this
+                # one's identity (agents keep their key across restarts).
+                return Admission(None, Refusal("KEY_CHANGED", (
+                    f"VM {msg.vm_name!r} registered before with another session key",)),
+                    mrtd=mrtd, tcb_status=result.tcb_status)
         identity = Identity(
             agent_id=agent_id_for(self.cluster_id, msg.vm_name),
             vm_name=msg.vm_name,

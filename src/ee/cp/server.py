@@ -157,6 +157,7 @@ class ControlPlane:
         self.manifests = ManifestStore(config.data_dir / "manifests", boot.signing_key)
         self.deployment_index: dict[str, str] = {}  # deployment id -> app key
         self.refused_manifests: list[str] = []
+        self._create_lock = trio.Lock()
         self.started_at = 0.0
         self.expected_agents = self._read_checkpoint()
         self.seen_agents: set[str] = set()
@@ -338,6 +339,9 @@ class ControlPlane:
 
     async def _load_app(self, app_key: str) -> dict[str, Any]:
         desired = await trio.to_thread.run_sync(self._load_desired)
+        if app_key not in desired:
+            raise RuntimeError(f"no valid manifest for app {app_key} (see manifest.refused "
+                               "events)")
         return desired[app_key]
 
     async def _save_manifest(self, kind: str, ident: str, spec: dict[str, Any]) -> None:
@@ -412,10 +416,15 @@ class ControlPlane:
                 if d.get("datacenter") and d.get("node_size")]
         await self.pools.populate(keys)
 
-    async def create_app(self, app_key: str, spec: dict[str, Any]) -> dict[str, Any]:
-        spec = {**spec, "created_at": time.time()}
-        await trio.to_thread.run_sync(self.manifests.write, "apps", app_key, spec)
-        await self._start_app(app_key)
+    async def create_app(self, app_key: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+        """Create an app (manifest, then actor); None when it exists already. Serialised,
+        so concurrent creates of one name never interleave their manifest writes."""
+        async with self._create_lock:
+            if f"app/{app_key}" in self.registry:
+                return None
+            spec = {**spec, "created_at": time.time()}
+            await trio.to_thread.run_sync(self.manifests.write, "apps", app_key, spec)
+            await self._start_app(app_key)
         self.events.emit("app.created", app_key, {"name": spec["name"]})
         from ee.actors.app import Describe as DescribeApp
 

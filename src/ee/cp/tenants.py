@@ -202,10 +202,10 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         if not isinstance(name, str) or not APP_NAME.match(name):
             raise _bad("'name' must match [a-z0-9][a-z0-9-]{0,62}", "name")
         key = f"{g.account_id}.{name}"
-        if f"app/{key}" in cp.registry:
-            raise ApiError(409, "conflict", f"app {name!r} already exists")
         view = await cp.create_app(key, {"app_key": key, "name": name,
                                          "account_id": g.account_id})
+        if view is None:
+            raise ApiError(409, "conflict", f"app {name!r} already exists")
         return _json(view, 201)
 
     @app.get("/api/v2/apps")
