@@ -375,3 +375,36 @@ async def test_concurrent_creates_and_stopping_a_failed_deployment(tmp_path: Pat
                 node = next(x for x in env.cp.root.snapshot().walk() if x.name == app)
                 assert node.restarts == 0, node.last_error
             n.cancel_scope.cancel()
+
+
+async def test_a_replica_claimed_under_another_app_is_not_adopted(tmp_path: Path) -> None:
+    from ee.protocol.messages import DeploymentSnapshot
+
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as n:
+            await n.start(env.agent("vm-a").run)
+            http = await tenant(env, "t")
+            async with http:
+                await setup_app(http)
+                r = await http.post("/api/v2/apps/hello/deployments",
+                                    json={"version": "1.0", "replicas": 1})
+                dep_id = r.json()["deployment_id"]
+
+                async def running() -> dict[str, Any] | None:
+                    d = await deployment(http, dep_id)
+                    return d if d["state"] == "running" else None
+
+                before = await wait_until(running, "running")
+                liar = env.agent("vm-liar")
+                liar.deployments[dep_id] = DeploymentSnapshot(
+                    deployment_id=dep_id, app="acct-someone.else", version="1.0",
+                    state="running")
+                await n.start(liar.run)
+                await trio.sleep(4.5)  # two reconcile passes (every 2 s)
+                after = await deployment(http, dep_id)
+                assert [x["agent_id"] for x in after["replicas"]] == \
+                    [x["agent_id"] for x in before["replicas"]]
+                # Never counted as a member: no surplus stop was ever needed.
+                assert not [e for e in env.cp.events.recent
+                            if e.kind == "replica.surplus" and e.subject == dep_id]
+            n.cancel_scope.cancel()

@@ -356,8 +356,8 @@ class AppActor(Actor):
         # 1. What the agents say: adopt unknown replicas, refresh known ones, drop lost.
         for view in views:
             for d in view["deployment"]:
-                if d["deployment_id"] != deployment_id:
-                    continue
+                if d["deployment_id"] != deployment_id or d.get("app") != self.app_key:
+                    continue  # only this app's own deployments are ever adopted
                 agent_id = view["agent_id"]
                 if view["status"] == "offline":
                     continue
@@ -439,6 +439,10 @@ class AppActor(Actor):
             self.deps.emit("deployment.state", deployment_id,
                            {"app": self.app_key, "state": "failed", "error": error})
             return
+        if dep.failed_agents and all(r.state == "running" for r in replicas.values()) \
+                and len(replicas) >= dep.replicas_wanted:
+            # Healthy again: earlier failures no longer count against new shortfalls.
+            dep = attrs.evolve(dep, failed_agents=frozenset(), error=None)
         self._set(dep)
 
     async def _deploy_on(self, agent_id: str, dep: Deployment) -> bool:
