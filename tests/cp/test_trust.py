@@ -57,7 +57,7 @@ async def test_tampered_manifest_is_refused_and_reported(tmp_path: Path) -> None
         forged = next(p for p in (data / "manifests" / "apps").glob("*.json")
                       if "forged" in p.name)
         doc = json.loads(forged.read_text())
-        doc["spec"]["account_id"] = "acct-attacker"
+        doc["document"]["spec"]["account_id"] = "acct-attacker"
         forged.write_text(json.dumps(doc))
         async with running_cp(data) as env:
             async with env.client(token=key) as http:

@@ -140,3 +140,27 @@ def test_key_file_errors(tmp_path: Path) -> None:
     save_public_key(tmp_path / "cp.pub", PUB)
     with pytest.raises(KeyFileError):
         load_private_key(tmp_path / "cp.pub")
+
+
+def test_enveloped_round_trip_and_tamper(tmp_path: Path) -> None:
+    from ee.protocol.signing import read_enveloped, write_enveloped
+
+    key = generate_signing_key()
+    path = tmp_path / "m.json"
+    write_enveloped(path, {"b": 1, "a": [1, 2]}, key)
+    assert read_enveloped(path, key.public_key()) == {"a": [1, 2], "b": 1}
+    envelope = json.loads(path.read_text())
+    envelope["document"]["b"] = 2
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(SignatureError, match="bad signature"):
+        read_enveloped(path, key.public_key())
+    path.write_text('{"document": {}, "signature": "zz"}')
+    with pytest.raises(SignatureError, match="not hex"):
+        read_enveloped(path, key.public_key())
+    path.write_text("[]")
+    with pytest.raises(SignatureError, match="not a signed document"):
+        read_enveloped(path, key.public_key())
+    other = generate_signing_key()
+    write_enveloped(path, {"x": 1}, other)
+    with pytest.raises(SignatureError):
+        read_enveloped(path, key.public_key())

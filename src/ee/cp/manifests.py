@@ -4,8 +4,9 @@ the CP key, in ``<data-dir>/manifests/<kind>/``.
 Apps, versions and deployment intents live here, not in the record store, so a CP that
 lost its database resumes from these files. A manifest whose signature does not verify
 (edited by hand, truncated, signed by another key) is refused and reported, never
-loaded. Writes are atomic (temp file + rename, signature written after the document);
-callers run them in a worker thread.
+loaded. Each manifest is one file holding the document and its signature, replaced
+in one atomic rename, so a crash never pairs a document with another version's
+signature; callers run writes in a worker thread.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ee.protocol.signing import SignatureError, read_signed, write_signed
+from ee.protocol.signing import SignatureError, read_enveloped, write_enveloped
 
 log = logging.getLogger("ee.cp.manifests")
 
@@ -50,12 +51,10 @@ class ManifestStore:
     def write(self, kind: str, ident: str, doc: dict[str, Any]) -> None:
         path = self.path(kind, ident)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_signed(path, {"kind": kind, "id": ident, "spec": doc}, self.key)
+        write_enveloped(path, {"kind": kind, "id": ident, "spec": doc}, self.key)
 
     def delete(self, kind: str, ident: str) -> None:
-        path = self.path(kind, ident)
-        for p in (path, path.with_name(path.name + ".sig")):
-            p.unlink(missing_ok=True)
+        self.path(kind, ident).unlink(missing_ok=True)
 
     def load(self, kind: str) -> tuple[list[dict[str, Any]], list[Refused]]:
         """Every valid manifest of *kind* (its spec), and the ones refused with why."""
@@ -67,7 +66,7 @@ class ManifestStore:
         public = self.key.public_key()
         for path in sorted(folder.glob("*.json")):
             try:
-                doc = read_signed(path, public)
+                doc = read_enveloped(path, public)
             except SignatureError as exc:
                 refused.append(Refused(str(path), str(exc)))
                 log.error("manifest refused: %s: %s", path, exc)

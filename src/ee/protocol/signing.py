@@ -229,3 +229,38 @@ def read_signed(path: StrPath, public_key: Ed25519PublicKey) -> dict[str, Any]:
     except SignatureError as exc:
         raise SignatureError(f"{doc_path}: {exc}") from None
     return doc
+
+
+# --- one-file form: document and signature replaced together -------------------------
+
+
+def write_enveloped(path: StrPath, doc: Mapping[str, Any], key: Ed25519PrivateKey) -> None:
+    """Write ``{"document": doc, "signature": hex}`` to *path* in one atomic rename, so a
+    crash can never leave a document paired with another version's signature (the
+    detached form of :func:`write_signed` takes two renames)."""
+    envelope = {"document": dict(doc), "signature": sign_document(doc, key).hex()}
+    _write_atomic(path, canonical_json(envelope) + b"\n", 0o644, overwrite=True)
+
+
+def read_enveloped(path: StrPath, public_key: Ed25519PublicKey) -> dict[str, Any]:
+    """Read and verify a :func:`write_enveloped` file; :class:`SignatureError` says why."""
+    file = Path(path)
+    data = _read(file, "document")
+    try:
+        envelope = strict_json_loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SignatureError(f"{file}: malformed JSON ({reason})") from None
+    if (not isinstance(envelope, dict) or not isinstance(envelope.get("document"), dict)
+            or not isinstance(envelope.get("signature"), str)):
+        raise SignatureError(f"{file}: not a signed document (document + signature)")
+    try:
+        signature = bytes.fromhex(envelope["signature"])
+    except ValueError:
+        raise SignatureError(f"{file}: signature is not hex") from None
+    try:
+        verify_document(envelope["document"], signature, public_key)
+    except SignatureError as exc:
+        raise SignatureError(f"{file}: {exc}") from None
+    document: dict[str, Any] = envelope["document"]
+    return document
