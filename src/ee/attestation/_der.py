@@ -21,8 +21,12 @@ class DerError(ValueError):
     """The bytes are not the DER structure expected."""
 
 
-def _element(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
-    """(identifier octet, content start, content end) of the element at *pos*."""
+def _element(data: bytes, pos: int, end: int, *, strict: bool = False) -> tuple[int, int, int]:
+    """(identifier octet, content start, content end) of the element at *pos*.
+
+    *strict* also refuses non-minimal length encodings (for data we parse ourselves
+    rather than bytes `cryptography` already validated).
+    """
     if pos + 2 > end:
         raise DerError("truncated DER element")
     ident, first = data[pos], data[pos + 1]
@@ -36,6 +40,8 @@ def _element(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
         if n == 0 or n > 4 or pos + n > end:
             raise DerError("bad DER length")
         length = int.from_bytes(data[pos : pos + n], "big")
+        if strict and (length < 0x80 or data[pos] == 0):
+            raise DerError("non-minimal DER length")
         pos += n
     if pos + length > end:
         raise DerError("truncated DER element")

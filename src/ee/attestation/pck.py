@@ -12,7 +12,7 @@ import attrs
 from asn1crypto import core  # type: ignore[import-untyped]
 from cryptography import x509
 
-from ee.attestation._der import CertInfo, oid_bytes
+from ee.attestation._der import CertInfo, DerError, _element, oid_bytes
 
 SGX_EXTENSIONS_OID = "1.2.840.113741.1.13.1"
 _SGX_EXTENSIONS_OID_BYTES = oid_bytes(SGX_EXTENSIONS_OID)
@@ -89,26 +89,14 @@ def _tlvs(data: bytes) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     pos, end = 0, len(data)
     while pos < end:
-        if end - pos < 2:
-            raise PckExtensionError("truncated DER element")
-        ident, first = data[pos], data[pos + 1]
-        if ident & 0xC0 or (ident & 0x1F) == 0x1F:
-            raise PckExtensionError("unexpected non-universal or high-tag element")
-        pos += 2
-        if first < 0x80:
-            length = first
-        else:
-            n = first & 0x7F
-            if n == 0 or n > 4 or pos + n > end:
-                raise PckExtensionError("bad DER length")
-            length = int.from_bytes(data[pos : pos + n], "big")
-            if length < 0x80 or data[pos] == 0:
-                raise PckExtensionError("non-minimal DER length")
-            pos += n
-        if pos + length > end:
-            raise PckExtensionError("truncated DER element")
-        out.append((ident & 0x1F, data[pos : pos + length]))
-        pos += length
+        if data[pos] & 0xC0:
+            raise PckExtensionError("unexpected non-universal element")
+        try:
+            ident, start, stop = _element(data, pos, end, strict=True)
+        except DerError as exc:
+            raise PckExtensionError(str(exc)) from None
+        out.append((ident & 0x1F, data[start:stop]))
+        pos = stop
     return out
 
 
