@@ -5,7 +5,6 @@ CapacityPoolActors; this module only checks auth and input and maps answers to H
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from quart import Response, g
@@ -20,19 +19,13 @@ from ee.capacity import (
     TargetError,
 )
 from ee.capacity.orders import OrderRefusal, rfc3339
-from ee.cp.errors import ApiError, json_object, not_found
+from ee.cp.errors import ApiError, json_object, json_response, not_found
 from ee.cp.tenants import Auth
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-async def _body() -> dict[str, Any]:
-    return await json_object()
 
 
 def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
@@ -50,17 +43,17 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         auth.admin_only()
         key = key_of(datacenter, node_size)
         try:
-            target = PoolTarget.from_json(await _body())
+            target = PoolTarget.from_json(await json_object())
         except TargetError as exc:
             raise ApiError(400, "bad_request", str(exc), {"field": exc.field}) from None
         ref = await cp.pools.ensure(key)
         view = await ref.ask(pool_actor.SetTarget(target), timeout=30)
-        return _json(view)
+        return json_response(view)
 
     @app.get("/api/v2/capacity/pools")
     async def pools() -> Response:
         auth.admin_only()
-        return _json({"pools": await cp.pools.describe_all()})
+        return json_response({"pools": await cp.pools.describe_all()})
 
     @app.get("/api/v2/capacity/launch-orders")
     async def orders() -> Response:
@@ -69,12 +62,12 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         for key in cp.pools.keys():  # noqa: SIM118 (a PoolDirectory, not a dict)
             out.extend(await cp.registry.ref(key.actor_name).ask(
                 pool_actor.ListOrders(include_finished=True), timeout=10))
-        return _json({"orders": out})
+        return json_response({"orders": out})
 
     @app.post("/api/v2/capacity/launch-orders/claim")
     async def claim() -> Response:
         await auth.authenticate(("provisioner",))
-        body = await _body()
+        body = await json_object()
         dc, size = body.get("datacenter"), body.get("node_size")
         if not isinstance(dc, str) or not isinstance(size, str):
             raise ApiError(400, "bad_request", "body must be {datacenter, node_size}")
@@ -86,11 +79,11 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         if grant is None:
             return Response(b"", status=204)
         cp.events.emit("order.claim", grant.order.order_id, {"by": g.account_id})
-        return _json(grant.to_json())
+        return json_response(grant.to_json())
 
     async def report(order_id: str, make: Any) -> Response:
         await auth.authenticate(("provisioner",))
-        body = await _body()
+        body = await json_object()
         ref = await cp.pools.find_order(order_id)
         if ref is None:
             raise not_found("launch order", order_id)
@@ -98,7 +91,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         if isinstance(answer, OrderRefusal):
             raise ApiError(answer.http_status, answer.code.lower(), answer.message)
         assert isinstance(answer, LaunchOrder)
-        return _json(answer.view(rfc3339))
+        return json_response(answer.view(rfc3339))
 
     def text(body: dict[str, Any], field: str, *, required: bool = True) -> str | None:
         value = body.get(field)

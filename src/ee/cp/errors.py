@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from typing import Any
+
+from quart import Response, request
 
 from ee.runtime import ActorCrashed, ActorDead, AskTimeout, MailboxFull
 
@@ -23,16 +27,32 @@ class ApiError(Exception):
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
 
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body), status=status, content_type="application/json")
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if that is what it is."""
+    scheme, _, token = (header or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def require_admin(token_ok: Callable[[str], bool]) -> None:
+    """401 without a bearer token, 403 when it is not the admin token."""
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise ApiError(401, "unauthenticated",
+                       "this route needs 'Authorization: Bearer <admin token>'")
+    if not token_ok(token):
+        raise ApiError(403, "forbidden", "the token is not the admin token")
+
+
 async def json_object(*, required: bool = True) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 naming what is wrong with it.
 
     Refuses (never 500s on) bodies that are not UTF-8, not JSON, nested too deeply, not
     an object, or carry strings that are not valid Unicode (lone surrogates).
     """
-    import json
-
-    from quart import request
-
     raw = await request.get_data(as_text=False)
     if not raw and not required:
         return {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import trio
 from quart import Response, request, websocket
@@ -22,7 +22,15 @@ from werkzeug.exceptions import HTTPException
 from ee import __version__
 from ee.actors.agent import Describe, SetDrain
 from ee.actors.datacenter import DescribeDatacenter
-from ee.cp.errors import ApiError, from_exception, json_object, not_found
+from ee.cp.errors import (
+    ApiError,
+    bearer_token,
+    from_exception,
+    json_object,
+    json_response,
+    not_found,
+    require_admin,
+)
 from ee.runtime import ActorError
 
 if TYPE_CHECKING:
@@ -32,16 +40,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
 
 def make_app(cp: ControlPlane) -> QuartTrio:
     app = QuartTrio("ee.cp")
@@ -50,12 +48,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     def admin(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            token = _bearer(request.headers.get("Authorization"))
-            if token is None:
-                raise ApiError(401, "unauthenticated",
-                               "this route needs 'Authorization: Bearer <admin token>'")
-            if not cp.bootstrap.admin_token_ok(token):
-                raise ApiError(403, "forbidden", "the token is not the admin token")
+            require_admin(cp.bootstrap.admin_token_ok)
             return await fn(*args, **kwargs)
 
         return wrapper
@@ -69,7 +62,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
-        return _json(exc.body(), exc.status)
+        return json_response(exc.body(), exc.status)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -78,22 +71,22 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         message = exc.description or exc.name or "error"
         if status == 404:
             message = f"no route {request.method} {request.path}"
-        return _json(ApiError(status, code, message).body(), status)
+        return json_response(ApiError(status, code, message).body(), status)
 
     @app.errorhandler(Exception)
     async def any_error(exc: Exception) -> Response:
         err = from_exception(exc)
-        return _json(err.body(), err.status)
+        return json_response(err.body(), err.status)
 
     @app.get("/api/v2/health")
     async def health() -> Response:
-        return _json({"status": "ok", "role": cp.config.role, "version": __version__,
+        return json_response({"status": "ok", "role": cp.config.role, "version": __version__,
                       "cluster_id": cp.bootstrap.cluster_id})
 
     @app.get("/api/v2/ready")
     async def ready() -> Response:
         state = cp.readiness()
-        return _json(state.to_dict(), 200 if state.ready else 503)
+        return json_response(state.to_dict(), 200 if state.ready else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -107,7 +100,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         status = request.args.get("status")
         if status:
             views = [v for v in views if v["status"] == status]
-        return _json({"agents": views})
+        return json_response({"agents": views})
 
     @app.get("/api/v2/agents/<agent_id>")
     @admin
@@ -116,7 +109,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             view = await cp.registry.ref(f"agent/{agent_id}").ask(Describe(), timeout=5)
         except ActorError:
             raise not_found("agent", agent_id) from None
-        return _json(view)
+        return json_response(view)
 
     @app.post("/api/v2/agents/<agent_id>/drain")
     @admin
@@ -132,7 +125,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
                                                                   timeout=5)
         except ActorError:
             raise not_found("agent", agent_id) from None
-        return _json(view)
+        return json_response(view)
 
     @app.get("/api/v2/datacenters")
     @admin
@@ -143,12 +136,12 @@ def make_app(cp: ControlPlane) -> QuartTrio:
                 out.append(await cp.registry.ref(name).ask(DescribeDatacenter(), timeout=5))
             except ActorError:
                 continue
-        return _json({"datacenters": out})
+        return json_response({"datacenters": out})
 
     @app.get("/api/v2/admin/tree")
     @admin
     async def tree() -> Response:
-        return _json(cp.root.snapshot().to_dict())
+        return json_response(cp.root.snapshot().to_dict())
 
     @app.post("/api/v2/admin/crash")
     @admin
@@ -160,11 +153,11 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         if not cp.root.crash(name):
             raise not_found("running actor or child", name)
         cp.events.emit("chaos.crash", name, {"by": "admin"})
-        return _json({"crashed": name}, 202)
+        return json_response({"crashed": name}, 202)
 
     @app.websocket("/api/v2/admin/events")
     async def events() -> None:
-        token = _bearer(websocket.headers.get("Authorization")) or websocket.args.get("token")
+        token = bearer_token(websocket.headers.get("Authorization")) or websocket.args.get("token")
         if token is None or not cp.bootstrap.admin_token_ok(token):
             await websocket.close(1008, "admin token required")
             return

@@ -24,7 +24,14 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
-from ee.cp.errors import ApiError, json_object, not_found
+from ee.cp.errors import (
+    ApiError,
+    bearer_token,
+    json_object,
+    json_response,
+    not_found,
+    require_admin,
+)
 from ee.cp.records import (
     add_api_key,
     create_account,
@@ -54,18 +61,10 @@ MAX_CONTEXT_BYTES = 16 << 20
 MAX_REPLICAS = 100
 
 
-def _json(body: Any, status: int = 200) -> Response:
-    import json
-
-    return Response(json.dumps(body), status=status, content_type="application/json")
-
 
 def _bad(message: str, field: str | None = None) -> ApiError:
     return ApiError(400, "bad_request", message, {"field": field} if field else {})
 
-
-async def _body() -> dict[str, Any]:
-    return await json_object()
 
 
 def new_api_key() -> tuple[str, str, str]:
@@ -93,12 +92,10 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         return cp.accounts
 
     async def authenticate(allow: tuple[str, ...]) -> str:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
             raise ApiError(401, "unauthenticated",
                            "this route needs 'Authorization: Bearer <API key>'")
-        token = token.strip()
         parts = token.split("_", 2)
         if len(parts) != 3 or parts[0] != "ee":
             if cp.bootstrap.admin_token_ok(token):
@@ -133,13 +130,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         return wrapper
 
     def admin_only() -> None:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "unauthenticated",
-                           "this route needs 'Authorization: Bearer <admin token>'")
-        if not cp.bootstrap.admin_token_ok(token.strip()):
-            raise ApiError(403, "forbidden", "the token is not the admin token")
+        require_admin(cp.bootstrap.admin_token_ok)
 
     def require_ready() -> None:
         state = cp.readiness()
@@ -158,7 +149,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
     @app.post("/api/v2/accounts")
     async def create_account_route() -> Response:
         admin_only()
-        body = await _body()
+        body = await json_object()
         name = body.get("name")
         kind = body.get("kind", "tenant")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
@@ -170,7 +161,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         key_id, key, digest = new_api_key()
         await add_api_key(store(), key_id, account_id, digest)
         cp.events.emit("account.created", account_id, {"name": account.name, "kind": kind})
-        return _json({**account.to_dict(), "api_key": key}, 201)
+        return json_response({**account.to_dict(), "api_key": key}, 201)
 
     @app.get("/api/v2/accounts/me")
     @tenant
@@ -178,7 +169,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         account = await get_account(store(), g.account_id)
         if account is None:
             raise not_found("account", g.account_id)
-        return _json(account.to_dict())
+        return json_response(account.to_dict())
 
     @app.post("/api/v2/accounts/me/keys")
     @tenant
@@ -190,14 +181,14 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
             if account_id == g.account_id and kid != key_id:
                 del keys_cache[kid]
         cp.events.emit("account.key_rotated", g.account_id, {"revoked": revoked})
-        return _json({"api_key": key, "revoked": revoked}, 201)
+        return json_response({"api_key": key, "revoked": revoked}, 201)
 
     # ---- apps and versions ---------------------------------------------------------
 
     @app.post("/api/v2/apps")
     @tenant
     async def create_app() -> Response:
-        body = await _body()
+        body = await json_object()
         name = body.get("name")
         if not isinstance(name, str) or not APP_NAME.match(name):
             raise _bad("'name' must match [a-z0-9][a-z0-9-]{0,62}", "name")
@@ -206,7 +197,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
                                          "account_id": g.account_id})
         if view is None:
             raise ApiError(409, "conflict", f"app {name!r} already exists")
-        return _json(view, 201)
+        return json_response(view, 201)
 
     @app.get("/api/v2/apps")
     @tenant
@@ -214,28 +205,28 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
         out = []
         for name in cp.registry.names(f"app/{g.account_id}."):
             out.append(await cp.registry.ref(name).ask(app_actor.Describe(), timeout=5))
-        return _json({"apps": out})
+        return json_response({"apps": out})
 
     @app.get("/api/v2/apps/<name>")
     @tenant
     async def get_app(name: str) -> Response:
-        return _json(await app_ref(name).ask(app_actor.Describe(), timeout=5))
+        return json_response(await app_ref(name).ask(app_actor.Describe(), timeout=5))
 
     @app.post("/api/v2/apps/<name>/versions")
     @tenant
     async def add_version(name: str) -> Response:
         ref = app_ref(name)
-        spec = _version_spec(await _body())
+        spec = _version_spec(await json_object())
         result = await ref.ask(app_actor.AddVersion(spec), timeout=30)
         if result is None:
             raise ApiError(409, "conflict", f"version {spec['version']!r} already exists")
-        return _json(_public_version(result), 201)
+        return json_response(_public_version(result), 201)
 
     @app.get("/api/v2/apps/<name>/versions")
     @tenant
     async def list_versions(name: str) -> Response:
         versions = await app_ref(name).ask(app_actor.ListVersions(), timeout=5)
-        return _json({"versions": [_public_version(v) for v in versions]})
+        return json_response({"versions": [_public_version(v) for v in versions]})
 
     # ---- placement and deployments -------------------------------------------------
 
@@ -259,18 +250,18 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
     @tenant
     async def preflight(name: str) -> Response:
         ref = app_ref(name)
-        version, replicas, constraints = _placement_body(await _body())
+        version, replicas, constraints = _placement_body(await json_object())
         require_ready()
         result = await ref.ask(app_actor.Preflight(version, replicas, constraints), timeout=30)
         if result.get("error") == "unknown_version":
             raise not_found("version", version)
-        return _json(result)
+        return json_response(result)
 
     @app.post("/api/v2/apps/<name>/deployments")
     @tenant
     async def deploy(name: str) -> Response:
         ref = app_ref(name)
-        version, replicas, constraints = _placement_body(await _body())
+        version, replicas, constraints = _placement_body(await json_object())
         require_ready()
         deployment_id = "dep-" + secrets.token_hex(8)
         result = await ref.ask(app_actor.CreateDeployment(deployment_id, version, replicas,
@@ -281,7 +272,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
             raise ApiError(409, "not_placeable", "no placement satisfies this deployment",
                            result["placement"])
         cp.deployment_index[deployment_id] = f"{g.account_id}.{name}"
-        return _json({"deployment_id": deployment_id}, 202)
+        return json_response({"deployment_id": deployment_id}, 202)
 
     def dep_ref(deployment_id: str) -> Any:
         key = cp.deployment_index.get(deployment_id)
@@ -300,7 +291,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
                     app_actor.GetDeployment(dep_id), timeout=5)
                 if view is not None:
                     out.append(view)
-        return _json({"deployments": out})
+        return json_response({"deployments": out})
 
     @app.get("/api/v2/deployments/<deployment_id>")
     @tenant
@@ -309,7 +300,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
                                                 timeout=5)
         if view is None:
             raise not_found("deployment", deployment_id)
-        return _json(cp.with_urls(view))
+        return json_response(cp.with_urls(view))
 
     @app.delete("/api/v2/deployments/<deployment_id>")
     @tenant
@@ -318,7 +309,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
                                                 timeout=30)
         if view is None:
             raise not_found("deployment", deployment_id)
-        return _json(view, 202)
+        return json_response(view, 202)
 
     @app.get("/api/v2/deployments/<deployment_id>/logs")
     @tenant
@@ -330,7 +321,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
             app_actor.DeploymentLogs(deployment_id, int(tail)), timeout=60)
         if view is None:
             raise not_found("deployment", deployment_id)
-        return _json(view)
+        return json_response(view)
 
     return Auth(authenticate=authenticate, admin_only=admin_only, require_ready=require_ready)
 
