@@ -343,6 +343,7 @@ async def test_crash_of_a_plain_worker_records_the_injected_error(autojump_clock
     sup = Supervisor("s", [w.spec()], backoff=NO_BACKOFF)
     async with trio.open_nursery() as nursery:
         await nursery.start(sup.run)
+        assert sup.started_value("w") == "w" and sup.started_value("nobody") is None
         assert sup.crash("w")
         assert not sup.crash("nobody")
         await settle()

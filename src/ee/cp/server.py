@@ -255,12 +255,13 @@ class ControlPlane:
             log.warning("ignoring the checkpoint: %s", exc)
             return set()
 
-    def _write_checkpoint(self) -> None:
-        agents = sorted(self.plane.sessions)
-        write_signed(self.config.data_dir / CHECKPOINT,
-                     {"agents": agents, "written_at": time.time(),
-                      "cluster_id": self.bootstrap.cluster_id},
-                     self.bootstrap.signing_key)
+    async def _write_checkpoint(self) -> None:
+        """Sign and write the live agent list in a worker thread (10k ids: canonical
+        JSON, a signature and an fsync are no work for the event loop)."""
+        doc = {"agents": sorted(self.plane.sessions), "written_at": time.time(),
+               "cluster_id": self.bootstrap.cluster_id}
+        await trio.to_thread.run_sync(write_signed, self.config.data_dir / CHECKPOINT, doc,
+                                      self.bootstrap.signing_key)
 
     async def _run_checkpoint(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -268,10 +269,11 @@ class ControlPlane:
             while True:
                 await trio.sleep(self.config.checkpoint_interval_s)
                 if self.readiness().ready:
-                    self._write_checkpoint()
+                    await self._write_checkpoint()
         finally:
             if self.readiness().ready:
-                self._write_checkpoint()
+                with trio.CancelScope(shield=True):  # the last one, while stopping
+                    await self._write_checkpoint()
 
     # ---- records ---------------------------------------------------------------------
 
@@ -509,23 +511,14 @@ class ControlPlane:
         self.started_at = trio.current_time()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.root.run)
-            self.http_port = _bound_port(self.config.listen, self.root)
+            binds = self.root.started_value("http")
+            if isinstance(binds, list) and binds:
+                self.http_port = int(str(binds[0]).rsplit(":", 1)[1])
             task_status.started(self)
         self.events.close()
 
     def request_stop(self) -> None:
         self.root.request_stop()
-
-
-def _bound_port(listen: str, root: Supervisor) -> int | None:
-    found = root.find("http")
-    if found is None:
-        return None
-    owner, cid = found
-    binds = owner._children[cid].value
-    if isinstance(binds, list) and binds:
-        return int(str(binds[0]).rsplit(":", 1)[1])
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -323,6 +323,14 @@ class Supervisor:
                     return found
         return None
 
+    def started_value(self, name: str) -> object:
+        """What child *name* (anywhere below) passed to ``started()`` (None if absent)."""
+        found = self.find(name)
+        if found is None:
+            return None
+        owner, cid = found
+        return owner._children[cid].value
+
     def crash(self, name: str, error: BaseException | None = None) -> bool:
         """Chaos hook: inject *error* (default ``ChaosCrash``) into child *name* below."""
         found = self.find(name)
