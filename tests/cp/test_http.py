@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import trio
 from cpkit import running_cp
+from test_sessions import wait_until
 
 
 async def test_auth_and_error_shapes(tmp_path: Path) -> None:
@@ -50,11 +52,16 @@ async def test_drain_crash_and_tree(tmp_path: Path) -> None:
                 assert r.status_code == 200 and r.json()["draining"] is True
                 r = await admin.post("/api/v2/admin/crash", json={"name": name})
                 assert r.status_code == 202
-                await trio.sleep(0.3)
-                tree = (await admin.get("/api/v2/admin/tree")).json()
-                agents = next(c for c in tree["children"] if c["name"] == "agents")
-                node = next(c for c in agents["children"] if c["name"] == name)
-                assert node["restarts"] == 1 and "ChaosCrash" in node["last_error"]
+
+                async def restarted() -> dict[str, Any] | None:
+                    tree = (await admin.get("/api/v2/admin/tree")).json()
+                    agents = next(c for c in tree["children"] if c["name"] == "agents")
+                    node = next(c for c in agents["children"] if c["name"] == name)
+                    return node if node["restarts"] == 1 and node["state"] == "running" \
+                        else None
+
+                node = await wait_until(restarted, "restarted once")
+                assert "ChaosCrash" in node["last_error"]
                 view = (await admin.get(f"/api/v2/agents/{agent.agent_id}")).json()
                 # Rebuilt from the live session (a fresh snapshot), still online.
                 assert view["status"] == "online" and view["vm_name"] == "vm-d"

@@ -4,6 +4,7 @@ loses nothing."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -26,7 +27,15 @@ async def test_restart_with_wiped_records_relists_agents_with_same_ids(tmp_path:
                     await agents_nursery.start(agent.run_forever)
                 before = await wait_until(
                     lambda: _all_online(env, 20), "20 online")
-                await trio.sleep(0.5)  # one checkpoint with all 20
+
+                def checkpointed() -> bool:
+                    try:
+                        doc = json.loads((data / "checkpoint.json").read_text())
+                    except (OSError, ValueError):
+                        return False  # not written yet, or mid-rename
+                    return len(doc["agents"]) == 20
+
+                await wait_until(checkpointed, "a checkpoint with all 20 agents")
             # The CP told every agent to reconnect; they retry until it is back.
             assert all(a.reconnect is not None or a.sessions >= 1 for a in agents)
             (data / "records.sqlite3").unlink()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import trio
 from cpkit import running_cp
+from test_sessions import wait_until
 
 
 async def test_one_agent_registers_and_is_listed(tmp_path: Path) -> None:
@@ -14,9 +15,12 @@ async def test_one_agent_registers_and_is_listed(tmp_path: Path) -> None:
             async with trio.open_nursery() as nursery:
                 agent = await nursery.start(env.agent("vm-1").run)
                 assert agent.registered is not None, agent.rejected
-                await trio.sleep(0.2)
-                r = await http.get("/api/v2/agents")
-                agents = r.json()["agents"]
+
+                async def listed() -> list[dict[str, object]] | None:
+                    agents = (await http.get("/api/v2/agents")).json()["agents"]
+                    return agents or None
+
+                agents = await wait_until(listed, "the agent listed")
                 assert [a["vm_name"] for a in agents] == ["vm-1"]
                 assert agents[0]["status"] == "online"
                 nursery.cancel_scope.cancel()

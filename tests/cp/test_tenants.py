@@ -378,6 +378,7 @@ async def test_concurrent_creates_and_stopping_a_failed_deployment(tmp_path: Pat
 
 
 async def test_a_replica_claimed_under_another_app_is_not_adopted(tmp_path: Path) -> None:
+    from ee.actors.app import Reconcile
     from ee.protocol.messages import DeploymentSnapshot
 
     with trio.fail_after(60):
@@ -400,7 +401,9 @@ async def test_a_replica_claimed_under_another_app_is_not_adopted(tmp_path: Path
                     deployment_id=dep_id, app="acct-someone.else", version="1.0",
                     state="running")
                 await n.start(liar.run)
-                await trio.sleep(4.5)  # two reconcile passes (every 2 s)
+                app = env.cp.registry.ref(f"app/{env.cp.deployment_index[dep_id]}")
+                for _ in range(2):  # two full reconcile passes, after the liar registered
+                    await app.ask(Reconcile(), timeout=10)
                 after = await deployment(http, dep_id)
                 assert [x["agent_id"] for x in after["replicas"]] == \
                     [x["agent_id"] for x in before["replicas"]]
