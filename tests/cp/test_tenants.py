@@ -55,6 +55,16 @@ async def deployment(http: httpx.AsyncClient, dep_id: str) -> dict[str, Any]:
     return dict(r.json())
 
 
+async def reach_state(http: httpx.AsyncClient, dep_id: str, state: str) -> dict[str, Any]:
+    """Wait (under the caller's fail_after) until the deployment is in *state*."""
+
+    async def check() -> dict[str, Any] | None:
+        d = await deployment(http, dep_id)
+        return d if d["state"] == state else None
+
+    return dict(await wait_until(check, f"deployment {state}"))
+
+
 async def test_accounts_keys_and_isolation(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with running_cp(tmp_path / "cp") as env:
@@ -137,11 +147,7 @@ async def test_deploy_replace_and_undeploy(tmp_path: Path) -> None:
                 assert r.status_code == 202, r.text
                 dep_id = r.json()["deployment_id"]
 
-                async def running() -> dict[str, Any] | None:
-                    d = await deployment(http, dep_id)
-                    return d if d["state"] == "running" else None
-
-                d = await wait_until(running, "running")
+                d = await reach_state(http, dep_id, "running")
                 placed = {rep["agent_id"] for rep in d["replicas"]}
                 assert len(placed) == 2
                 assert all(rep["state"] == "running" for rep in d["replicas"])
@@ -174,10 +180,7 @@ async def test_deploy_replace_and_undeploy(tmp_path: Path) -> None:
                 r = await http.delete(f"/api/v2/deployments/{dep_id}")
                 assert r.status_code == 202
 
-                async def stopped() -> bool:
-                    return (await deployment(http, dep_id))["state"] == "stopped"
-
-                await wait_until(stopped, "stopped")
+                await reach_state(http, dep_id, "stopped")
                 assert all(not a.deployments for a in agents.values()
                            if a.agent_id != victim_id)
                 logs = await http.get(f"/api/v2/deployments/{dep_id}/logs")
@@ -197,11 +200,7 @@ async def test_failed_replica_moves_then_deployment_fails(tmp_path: Path) -> Non
                                     json={"version": "1.0", "replicas": 1})
                 dep_id = r.json()["deployment_id"]
 
-                async def failed() -> dict[str, Any] | None:
-                    d = await deployment(http, dep_id)
-                    return d if d["state"] == "failed" else None
-
-                d = await wait_until(failed, "failed")
+                d = await reach_state(http, dep_id, "failed")
                 assert "3 agents" in d["error"]
             n.cancel_scope.cancel()
 
@@ -223,10 +222,7 @@ async def test_restart_adopts_running_replicas(tmp_path: Path) -> None:
                                         json={"version": "1.0", "replicas": 2})
                     dep_id = r.json()["deployment_id"]
 
-                    async def running() -> bool:
-                        return (await deployment(http, dep_id))["state"] == "running"
-
-                    await wait_until(running, "running")
+                    await reach_state(http, dep_id, "running")
                     before = await deployment(http, dep_id)
             (data / "records.sqlite3").unlink()
             async with running_cp(data, agent_listen=listen, **FAST) as env:
@@ -324,12 +320,9 @@ async def test_late_replica_reports_after_stop_do_not_crash_the_app(tmp_path: Pa
                                     json={"version": "1.0", "replicas": 1})
                 dep_id = r.json()["deployment_id"]
 
-                async def state_is(want: str) -> bool:
-                    return (await deployment(http, dep_id))["state"] == want
-
-                await wait_until(lambda: state_is("running"), "running")
+                await reach_state(http, dep_id, "running")
                 await http.delete(f"/api/v2/deployments/{dep_id}")
-                await wait_until(lambda: state_is("stopped"), "stopped")
+                await reach_state(http, dep_id, "stopped")
                 app = next(iter(env.cp.registry.names("app/")))
                 for state in ("stopped", "running", "failed"):
                     await env.cp.registry.ref(app).tell(
@@ -364,10 +357,7 @@ async def test_concurrent_creates_and_stopping_a_failed_deployment(tmp_path: Pat
                                     json={"version": "1.0", "replicas": 1})
                 dep_id = r.json()["deployment_id"]
 
-                async def failed() -> bool:
-                    return (await deployment(http, dep_id))["state"] == "failed"
-
-                await wait_until(failed, "failed")
+                await reach_state(http, dep_id, "failed")
                 r = await http.delete(f"/api/v2/deployments/{dep_id}")
                 assert r.status_code == 202, r.text
                 assert (await deployment(http, dep_id))["state"] == "stopped"
@@ -391,11 +381,7 @@ async def test_a_replica_claimed_under_another_app_is_not_adopted(tmp_path: Path
                                     json={"version": "1.0", "replicas": 1})
                 dep_id = r.json()["deployment_id"]
 
-                async def running() -> dict[str, Any] | None:
-                    d = await deployment(http, dep_id)
-                    return d if d["state"] == "running" else None
-
-                before = await wait_until(running, "running")
+                before = await reach_state(http, dep_id, "running")
                 liar = env.agent("vm-liar")
                 liar.deployments[dep_id] = DeploymentSnapshot(
                     deployment_id=dep_id, app="acct-someone.else", version="1.0",
