@@ -65,7 +65,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, Protocol, TypeVar, get_args
 
 import attrs
 import trio
@@ -709,7 +709,11 @@ def history_cutoff(now: float, retention_s: float | None) -> datetime | None:
     return datetime.fromtimestamp(now - retention_s, UTC)
 
 
-async def prune_history_forever(store: RecordStore, retention_s: float | None,
+class Prunable(Protocol):
+    async def prune_history(self, before: datetime) -> int: ...
+
+
+async def prune_history_forever(store: Prunable, retention_s: float | None,
                                 interval_s: float,
                                 wall: Callable[[], float] | None = None) -> None:
     """Prune *store*'s history now and then every *interval_s* (Trio time). *wall*
