@@ -490,3 +490,108 @@ async def test_memory_stores_are_private() -> None:
 def test_store_cannot_be_built_by_hand() -> None:
     with pytest.raises(TypeError, match=r"RecordStore\.open"):
         RecordStore()
+
+
+# --- refused registrations, aggregated; retention ---------------------------------------
+
+
+def test_rejection_tally_counts_per_minute_and_code_and_stays_bounded() -> None:
+    from ee.cp.records import RejectionTally
+
+    t0 = T0.replace(second=0, microsecond=0).timestamp()
+    tally = RejectionTally(max_keys=3)
+    for i in range(50):
+        tally.add("BAD_URL", t0 + i % 59, f"vm-{i}", "url scheme must be http or https")
+    tally.add("BAD_URL", t0 + 60, "vm-next-minute", "r")
+    tally.add("KEY_CHANGED", t0 + 1, "vm-k", "r")
+    tally.add("DRIFT", t0 + 2, "vm-d", "r")  # a fourth (minute, code): folds into OTHER
+    counts = tally.take()
+    assert [(c.at.timestamp() - t0, c.code, c.count) for c in counts] == [
+        (0, "BAD_URL", 50), (0, "KEY_CHANGED", 1), (0, "OTHER", 1), (60, "BAD_URL", 1)]
+    assert counts[0].sample_vm_name == "vm-49"
+    assert tally.take() == [] and len(tally) == 0
+
+
+async def test_rejection_counts_add_up_in_the_store() -> None:
+    from ee.cp.records import RejectionTally
+
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(MEMORY) as store:
+            tally = RejectionTally()
+            for _ in range(4):
+                tally.add("BAD_VM_NAME", at(0).timestamp(), "bad name", "why")
+            await store.add_rejections(tally.take())
+            tally.add("BAD_VM_NAME", at(0).timestamp(), "other", "why")
+            tally.add("BAD_URL", at(1).timestamp(), "vm-u", "scheme")
+            await store.add_rejections(tally.take())
+            await store.add_rejections([])
+            got = [(c.at, c.code, c.count, c.sample_vm_name) for c in await store.rejections()]
+    minute = at(0).replace(second=0, microsecond=0)
+    assert got == [(minute + timedelta(minutes=1), "BAD_URL", 1, "vm-u"),
+                   (minute, "BAD_VM_NAME", 5, "other")]
+
+
+def test_history_cutoff_decision() -> None:
+    from ee.cp.records import history_cutoff
+
+    now = T0.timestamp()
+    assert history_cutoff(now, 3600) == T0 - timedelta(hours=1)
+    assert history_cutoff(now, None) is None
+    assert history_cutoff(now, 0) is None  # 0: keep history forever
+
+
+async def test_prune_history_deletes_only_old_history() -> None:
+    from ee.cp.records import RejectionCount
+
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(MEMORY) as store:
+            for minutes in (-120, -30, 0):
+                await store.append_event("e", str(minutes), at=at(minutes))
+                await store.record_registration(vm_name=f"vm{minutes}", datacenter="",
+                                                node_size="", outcome="admitted",
+                                                at=at(minutes))
+                await store.add_rejections([RejectionCount(
+                    at(minutes), "BAD_URL", 1, "vm", "why")])
+            await store.append_audit("admin", "old", "x", at=at(-10_000))
+
+            async def kept() -> list[str]:
+                subjects = [e.subject for e in await store.recent_events()]
+                assert [r.vm_name for r in await store.registrations()] == [
+                    f"vm{s}" for s in subjects]
+                assert len(await store.rejections()) == len(subjects)
+                return subjects
+
+            assert await store.prune_history(at(-60)) == 3
+            assert await kept() == ["0", "-30"]
+            assert await store.prune_history(at(-30)) == 0  # strictly older only
+            assert await store.prune_history(at(1)) == 6
+            assert await kept() == []
+            assert [a.action for a in await store.audit()] == ["old"]  # not history
+
+
+async def test_history_is_pruned_on_trio_time(autojump_clock: trio.abc.Clock) -> None:
+    from ee.cp.records import prune_history_forever
+
+    calls: list[tuple[float, datetime]] = []
+
+    class Store:
+        async def prune_history(self, before: datetime) -> int:
+            calls.append((trio.current_time() - start, before))
+            return 0
+
+    start = trio.current_time()
+
+    def wall() -> float:  # the unix clock, moving with Trio's
+        return at(0).timestamp() + trio.current_time() - start
+
+    with trio.fail_after(10 * 3600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prune_history_forever, Store(), 3600.0, 600.0, wall)
+            await trio.sleep(75 * 60)
+            nursery.cancel_scope.cancel()
+        assert calls == [(m * 60.0, at(m - 60)) for m in range(0, 80, 10)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(prune_history_forever, Store(), 0.0, 600.0, wall)
+            await trio.sleep(3600)  # retention 0: keep forever, never prune
+            nursery.cancel_scope.cancel()
+        assert len(calls) == 8 and trio.current_time() - start == 135 * 60

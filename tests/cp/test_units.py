@@ -149,3 +149,64 @@ def test_deployment_table_and_derivation() -> None:
     assert derive("running", 1, [], gave_up=True) == "failed"
     assert derive("stopped", 1, ["running"], gave_up=False) == "stopping"
     assert derive("stopped", 1, [], gave_up=False) == "stopped"
+
+
+GOOD_URLS = {
+    "http://10.0.0.5:8080": "http://10.0.0.5:8080",
+    "HTTPS://Agent-1.Example.COM/": "https://agent-1.example.com",
+    "http://[::1]:8000/api/": "http://[::1]:8000/api",
+    "https://abc.trycloudflare.com": "https://abc.trycloudflare.com",
+}
+BAD_URLS = [
+    "", "10.0.0.5:8080", "ftp://x", "file:///etc/passwd", "javascript:alert(1)",
+    "http://user:pw@x", "http://x@y", "http://x:0", "http://x:65536", "http://x:",
+    "http://x:+1", "http://x/?q", "http://x/#f", "http://x/?", "http://x/a/../b",
+    "http://x/./b", "http://x/a%2e%2e/b", "http://x\\@y", "http:// x", "http://x/\n",
+    "http://é.example", "http://ex_ample.com", "http://-x.example", "http://x-.example",
+    "http://1.2.3", "http://999.1.1.1", "http://[zz]", "http://[::1", "http://[fe80::1%25e]",
+    "http:x", "http:/x", "http://" + "a" * 60 + "." + "b" * 70 + ".com",
+    "http://" + ".".join(["abcdefghij"] * 50),
+]
+
+
+def test_agent_urls_allowlist() -> None:
+    from ee.cp.registration import MAX_URL, agent_url
+
+    for url, normal in GOOD_URLS.items():
+        assert agent_url(url) == normal
+        assert agent_url(normal) == normal
+    for url in [*BAD_URLS, "http://x.example/" + "a" * MAX_URL]:
+        with pytest.raises(ValueError):
+            agent_url(url)
+            pytest.fail(f"accepted {url!r}")
+
+
+def test_binding_decisions_and_manifest_names() -> None:
+    from ee.actors.identity import Binding
+    from ee.cp.manifests import ManifestStore, ident_of
+    from ee.cp.registration import check_binding
+
+    key, other = b"k" * 32, b"o" * 32
+    bound = Binding("vm-1", key, 1.0)
+    assert check_binding(None, "vm-1", key) is None
+    assert check_binding(bound, "vm-1", key) is None
+    refusal = check_binding(bound, "vm-1", other)
+    assert refusal is not None and refusal.code == "KEY_CHANGED"
+    held = Binding("vm-1", None, 0.0, problem="bad signature")
+    for k in (key, other):
+        refusal = check_binding(held, "vm-1", k)
+        assert refusal is not None and refusal.code == "BINDING_INVALID"
+        assert "bad signature" in refusal.reasons[0]
+    assert Binding.from_spec(bound.to_spec()) == bound
+    for spec in ({}, {"vm_name": "v", "public_key": "zz" * 32, "bound_at": 1},
+                 {"vm_name": "v", "public_key": "ab", "bound_at": 1},
+                 {"vm_name": "v", "public_key": "ab" * 32, "bound_at": True}):
+        with pytest.raises(ValueError):
+            Binding.from_spec(spec)
+
+    store = ManifestStore(Path("/nonexistent"), None)  # type: ignore[arg-type]
+    for name in ("vm-1", "a.b_c-d", "x" * 63):
+        assert ident_of(store.path("bindings", name)) == name
+    assert ident_of("/m/vm-1-000000000000.json") is None  # the digest does not match
+    assert ident_of("/m/odd.json") is None
+    assert ident_of(store.path("bindings", "has space")) is None

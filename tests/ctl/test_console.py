@@ -10,6 +10,7 @@ import struct
 import sys
 import termios
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -20,7 +21,7 @@ from .ctlkit import column, console, eectl, eectl_env, running_cp, tenant_app
 
 COMMANDS = ("help", "agents", "agent", "apps", "deployments", "datacenters", "pools", "orders",
             "tree",
-            "events", "drain", "undrain", "crash", "quit")
+            "events", "drain", "undrain", "crash", "names", "release-name", "quit")
 
 
 async def test_help_unknown_command_and_script_exit_status(tmp_path: Path) -> None:
@@ -116,16 +117,63 @@ async def test_crash_asks_to_confirm_then_tree_shows_the_restart(tmp_path: Path)
             nursery.cancel_scope.cancel()
 
 
+async def test_release_name_asks_to_confirm_and_eectl_agents_releases(
+        tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            async with trio.open_nursery() as nursery:
+                old = await nursery.start(env.agent("vm-r").run)
+                await nursery.start(env.agent("vm-s").run)
+                nursery.cancel_scope.cancel()
+            rebuilt = await _register(env.agent("vm-r"))
+            assert rebuilt.rejected is not None and rebuilt.rejected.code == "KEY_CHANGED"
+            r = await console(env, "names\nrelease-name vm-r\nvm-x\nnames\n",
+                              state_dir=tmp_path)
+            assert column(r.stdout, "vm-r", "STATE") == "bound"
+            assert column(r.stdout, "vm-r", "AGENT") == old.agent_id
+            assert r.err_lines == ["error: not confirmed; vm-r was not released"]
+            assert r.stdout.count("vm-r ") == 2  # still listed after the refusal
+            r = await console(env, "release-name vm-r\nvm-r\nnames\n", state_dir=tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert "released vm-r (was bound, key " in r.stdout
+            assert "vm-r " not in r.stdout.split("to register owns it", 1)[1]
+            assert (await _register(rebuilt)).registered is not None
+
+            typed = ("--cp", env.http, "--token", env.token)
+            r = await eectl("agents", "release-name", "vm-nobody", *typed, state_dir=tmp_path)
+            assert r.returncode == 1
+            assert r.err_lines == ["eectl agents release-name: no bound VM name 'vm-nobody' "
+                                   "(404 not_found)"]
+            r = await eectl("agents", "release-name", "vm-s", *typed, state_dir=tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.startswith("released vm-s (was bound")
+            r = await eectl("agents", "names", *typed, state_dir=tmp_path)
+            assert r.returncode == 0 and column(r.stdout, "vm-r", "STATE") == "bound"
+            assert "vm-s" not in r.stdout
+            r = await eectl("agents", "names", "--cp", env.http, "--token", "nope",
+                            state_dir=tmp_path)
+            assert r.returncode == 1 and "403 forbidden" in r.stderr
+
+
+async def _register(agent: Any) -> Any:
+    agent.rejected = agent.registered = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        nursery.cancel_scope.cancel()
+    return agent
+
+
 async def test_events_shows_agent_connected(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with running_cp(tmp_path / "cp") as env, trio.open_nursery() as nursery:
             a = await nursery.start(env.agent("vm-e").run)
-            r = await console(env, "events 3\nhelp events\n", state_dir=tmp_path)
+            r = await console(env, "events 4\nhelp events\n", state_dir=tmp_path)
             assert r.returncode == 0, r.stderr
             lines = r.stdout.splitlines()
-            assert len(lines) == 4  # three events, then the loop went on
+            assert len(lines) == 5  # four events, then the loop went on
             assert any(f"agent.connected {a.agent_id} vm_name=vm-e" in line
-                       for line in lines[:3])
+                       for line in lines[:4])
+            assert any("identity.bound vm-e" in line for line in lines[:4])
             assert lines[0].startswith("#1 ") and "registration vm-e" in lines[0]
             nursery.cancel_scope.cancel()
 

@@ -24,7 +24,7 @@ from ee.protocol.signing import SignatureError, read_enveloped, write_enveloped
 
 log = logging.getLogger("ee.cp.manifests")
 
-KINDS = ("apps", "versions", "deployments", "pools")
+KINDS = ("apps", "versions", "deployments", "pools", "bindings", "drains")
 
 
 @attrs.frozen
@@ -36,6 +36,16 @@ class Refused:
 def _filename(ident: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", ident)[:80]
     return f"{safe}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.json"
+
+
+def ident_of(path: str | Path) -> str | None:
+    """The id a manifest file is named for, when its name gives it back exactly (ids of
+    at most 80 characters of ``[A-Za-z0-9_.-]``); None otherwise. Lets the CP tell
+    *which* object a refused (unverifiable) manifest was about without trusting it."""
+    safe, _, _ = Path(path).name.removesuffix(".json").rpartition("-")
+    if safe and _filename(safe) == Path(path).name:
+        return safe
+    return None
 
 
 class ManifestStore:

@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-What lives here (DESIGN.md §2): *history* (events, registration outcomes) and the
-*audit trail*; later migrations add the durable business records (accounts, hashed API
-keys, the billing ledger). Nothing here is runtime state. Liveness, placement and
+What lives here (DESIGN.md §2): *history* (events, admitted registrations, refused
+registrations aggregated per minute and refusal code) and the *audit trail*; later
+migrations add the durable business records (accounts, hashed API keys, the billing
+ledger). Nothing here is runtime state. Liveness, placement and
 readiness never read the store, so today deleting the file loses history and the audit
 trail, nothing else: the next :meth:`RecordStore.open` creates an empty store.
 
@@ -33,6 +34,9 @@ A store is refused with :class:`RecordStoreError` when it is not a SQLite databa
 is a SQLite database of something else, records a schema version newer than this code
 knows, or records a different name for a version (an edited migration).
 
+History is kept for a configurable time: :func:`prune_history_forever` deletes rows
+older than the retention (:func:`history_cutoff`, a pure decision) on a Trio timer.
+
 Values: timestamps are stored as fixed-width RFC 3339 UTC text
 (``2026-01-02T03:04:05.000006Z``), so text order is time order and the ``at``
 indexes serve ranges; callers pass an aware ``datetime`` or ``None`` for "now" (wall
@@ -56,11 +60,12 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, Protocol, TypeVar, get_args
 
 import attrs
 import trio
@@ -78,8 +83,12 @@ __all__ = [
     "RecordStore",
     "RecordStoreError",
     "RegistrationRecord",
+    "RejectionCount",
+    "RejectionTally",
     "Severity",
+    "history_cutoff",
     "packaged_migrations",
+    "prune_history_forever",
 ]
 
 log = logging.getLogger(__name__)
@@ -599,6 +608,129 @@ class RecordStore:
         """The newest *limit* audit entries, optionally by one *actor* and/or on one
         *target*."""
         return await self._select(AuditRecord, "audit", limit, {"actor": actor, "target": target})
+
+
+    # --- refused registrations, aggregated -------------------------------------------
+
+    async def add_rejections(self, counts: Iterable[RejectionCount]) -> None:
+        """Add *counts* to the per-(minute, code) totals, in one transaction."""
+        rows = [(_format_at(c.at), c.code, c.count, c.sample_vm_name, c.sample_reason)
+                for c in counts]
+        if not rows:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO registration_rejections"
+                    " (at, code, count, sample_vm_name, sample_reason) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (at, code) DO UPDATE SET count = count + excluded.count,"
+                    " sample_vm_name = excluded.sample_vm_name,"
+                    " sample_reason = excluded.sample_reason", rows)
+
+        await self._call(work)
+
+    async def rejections(self, limit: int = 100) -> list[RejectionCount]:
+        """The newest *limit* (minute, code) totals of refused registrations."""
+        params = (_limit(limit),)
+        rows = await self._call(lambda conn: conn.execute(
+            "SELECT at, code, count, sample_vm_name, sample_reason"
+            " FROM registration_rejections ORDER BY at DESC, code LIMIT ?", params).fetchall())
+        try:
+            return [RejectionCount(datetime.fromisoformat(r[0]), *r[1:]) for r in rows]
+        except (TypeError, ValueError) as exc:
+            raise RecordStoreError(self._path, f"unreadable rejection row: {exc}") from exc
+
+    # --- retention ------------------------------------------------------------------
+
+    async def prune_history(self, before: datetime) -> int:
+        """Delete history (events, registration outcomes, rejection totals) older than
+        *before*; the audit trail and business records are kept. Returns rows deleted."""
+        cutoff = _format_at(_utc(before))
+
+        def work(conn: sqlite3.Connection) -> int:
+            deleted = 0
+            with _transaction(conn):
+                for table in HISTORY_TABLES:
+                    deleted += conn.execute(
+                        f"DELETE FROM {table} WHERE at < ?", (cutoff,)).rowcount
+            return deleted
+
+        return await self._call(work)
+
+
+HISTORY_TABLES: Final = ("events", "registrations", "registration_rejections")
+
+
+@attrs.frozen
+class RejectionCount:
+    """How many registrations were refused with ``code`` in the minute starting ``at``."""
+
+    at: datetime = attrs.field(validator=_aware)
+    code: str = attrs.field(validator=_nonempty)
+    count: int = attrs.field(validator=_id)
+    sample_vm_name: str = attrs.field(validator=_str)
+    sample_reason: str = attrs.field(validator=_str)
+
+
+class RejectionTally:
+    """Refused registrations counted per (minute, code) in memory until ``take`` (pure;
+    times are unix seconds passed in). Bounded: at most ``max_keys`` (minute, code)
+    pairs are kept between takes; beyond that, counts fold into code ``OTHER``."""
+
+    def __init__(self, max_keys: int = 1000) -> None:
+        self.max_keys = max_keys
+        self._counts: dict[tuple[int, str], list[Any]] = {}
+
+    def add(self, code: str, at: float, vm_name: str, reason: str) -> None:
+        minute = int(at // 60) * 60
+        key = (minute, code)
+        if key not in self._counts and len(self._counts) >= self.max_keys:
+            key = (minute, "OTHER")
+        entry = self._counts.setdefault(key, [0, "", ""])
+        entry[0] += 1
+        entry[1], entry[2] = vm_name[:253] or "-", reason[:500]
+
+    def take(self) -> list[RejectionCount]:
+        out = [RejectionCount(datetime.fromtimestamp(minute, UTC), code, n, vm, reason)
+               for (minute, code), (n, vm, reason) in sorted(self._counts.items())]
+        self._counts.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+def history_cutoff(now: float, retention_s: float | None) -> datetime | None:
+    """Rows older than this (unix *now* minus the retention) are pruned; None keeps
+    history forever (retention unset or not positive)."""
+    if retention_s is None or retention_s <= 0:
+        return None
+    return datetime.fromtimestamp(now - retention_s, UTC)
+
+
+class Prunable(Protocol):
+    async def prune_history(self, before: datetime) -> int: ...
+
+
+async def prune_history_forever(store: Prunable, retention_s: float | None,
+                                interval_s: float,
+                                wall: Callable[[], float] | None = None) -> None:
+    """Prune *store*'s history now and then every *interval_s* (Trio time). *wall*
+    gives the unix time the cutoff is computed from (``time.time`` by default)."""
+    clock = wall or time.time
+    while True:
+        cutoff = history_cutoff(clock(), retention_s)
+        if cutoff is not None:
+            try:
+                deleted = await store.prune_history(cutoff)
+            except RecordStoreError as exc:
+                log.warning("history pruning failed: %s", exc)
+            else:
+                if deleted:
+                    log.info("pruned %d history rows older than %s", deleted,
+                             _format_at(cutoff))
+        await trio.sleep(interval_s)
 
 
 # --- accounts and API keys (durable business) ----------------------------------------

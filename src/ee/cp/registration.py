@@ -15,9 +15,25 @@ BAD_VM_NAME         the VM name is not a host-name-like label (1..63 characters)
 UNKNOWN_NODE_SIZE   the node size is not a configured preset
 BAD_DATACENTER      the datacenter label does not parse
 NODE_MISMATCH       the snapshot's node metadata disagrees with the registration
+BAD_URL             the announced ``url`` is not a plain http(s) origin (below)
 DRIFT               a known VM came back with another MRTD, node size or datacenter
-KEY_CHANGED         a known VM name came back with another session key
+KEY_CHANGED         the VM name is bound to another session key
+BINDING_INVALID     the VM name's signed binding failed verification: the name is
+                    held until an operator releases it
 ==================  ===========================================================
+
+VM names are bound, durably, to the session key they first registered with
+(:class:`~ee.actors.identity.Binding`, kept as a signed manifest by
+:mod:`ee.cp.identities`), so neither a CP restart nor a wiped record store lets a new
+key take over a known name. The Judge only reads the bindings; the binding itself is
+made on admission, atomically on the event loop, by ``IdentityBook.claim``, which
+applies the same :func:`check_binding`.
+
+An agent's ``url`` is shown to tenants as the address of their replicas, so it is
+checked like any hostile input: scheme ``http``/``https``, a DNS host name or an IP
+literal, an optional port 1..65535, an optional plain path; no user info, query,
+fragment, whitespace or non-ASCII; at most ``MAX_URL`` characters. It is stored
+normalised (scheme and host lower-cased, no trailing slash).
 
 Nonces are single use: ``NonceBook.consume`` succeeds once per nonce and only before
 its expiry. Consumed nonces are remembered (for their TTL) by the REPORTDATA they
@@ -27,14 +43,17 @@ a replay rather than a mere mismatch.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Final
+from urllib.parse import urlsplit
 
 import attrs
 
-from ee.actors.identity import Identity, agent_id_for
+from ee.actors.identity import Binding, Identity, agent_id_for
 from ee.attestation import Collateral, Policy, QuoteFormatError, Verifier, evaluate
 from ee.cp.nodes import LabelError, Vocabulary
 from ee.protocol.messages import Register
@@ -42,12 +61,89 @@ from ee.protocol.reportdata import registration_report_data
 
 NONCE_BYTES: Final = 32
 VM_NAME: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+MAX_URL: Final = 512
+_HOST_LABEL: Final = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+_IPV6_CHARS: Final = re.compile(r"\A[0-9a-f:.]+\Z")
+_URL_PATH: Final = re.compile(r"\A(/[A-Za-z0-9._~-]+)*/?\Z")
 
 
 @attrs.frozen
 class Refusal:
     code: str
     reasons: tuple[str, ...]
+
+
+def agent_url(text: str) -> str:
+    """*text* as a normalised agent URL; ValueError naming what is wrong with it."""
+    if len(text) > MAX_URL:
+        raise ValueError(f"url is longer than {MAX_URL} characters")
+    if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
+        raise ValueError("url must be printable ASCII without spaces")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError("url does not parse (a bracketed host must be an IPv6 address)"
+                         ) from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError("url scheme must be http or https")
+    if "@" in parts.netloc:
+        raise ValueError("url must not carry user info")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("url must not carry a query or a fragment")
+    if "\\" in text or ".." in parts.path.split("/") or "." in parts.path.split("/"):
+        raise ValueError("url path must be plain (no '.', '..' or backslashes)")
+    if not _URL_PATH.match(parts.path):
+        raise ValueError("url path may hold only letters, digits and ._~-/")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("url port must be a number in 1..65535") from None
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("url port must be a number in 1..65535")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError("url has no host")
+    if parts.netloc.startswith("["):
+        try:
+            if not _IPV6_CHARS.match(host):
+                raise ValueError(host)
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("url host in brackets must be an IPv6 address") from None
+        host = f"[{host}]"
+    elif not _is_ipv4(host):
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+            raise ValueError("url host must be a DNS name or an IP address")
+        if labels[-1].isdigit():
+            raise ValueError("url host looks like a malformed IPv4 address")
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_binding(binding: Binding | None, vm_name: str,
+                  public_key: bytes) -> Refusal | None:
+    """May *public_key* register as *vm_name*, given the name's durable binding?"""
+    if binding is None:
+        return None
+    release = f"an operator can release it: eectl agents release-name {vm_name}"
+    if binding.held:
+        return Refusal("BINDING_INVALID", (
+            f"the signed binding of VM name {vm_name!r} failed verification "
+            f"({binding.problem}); {release}",))
+    if binding.public_key != public_key:
+        return Refusal("KEY_CHANGED", (
+            f"VM name {vm_name!r} is bound to another session key; {release}",))
+    return None
 
 
 class NonceBook:
@@ -118,6 +214,9 @@ class Judge:
     verifier: Verifier
     policy: Policy
     collateral: Collateral | None
+    #: VM name -> durable binding (read only here). None: no binding book, so the
+    #: key check falls back to *known* (this process's memory).
+    bindings: Mapping[str, Binding] | None = None
 
     def admit(self, msg: Register, nonce: bytes, *, now: float,
               known: Identity | None = None) -> Admission:
@@ -129,6 +228,12 @@ class Judge:
         if not VM_NAME.match(msg.vm_name):
             return Admission(None, Refusal("BAD_VM_NAME", (
                 "vm_name must match [A-Za-z0-9][A-Za-z0-9._-]{0,62}",)))
+        url = None
+        if msg.url is not None:
+            try:
+                url = agent_url(msg.url)
+            except ValueError as exc:
+                return Admission(None, Refusal("BAD_URL", (str(exc),)))
         size = self.vocabulary.size(msg.node_size)
         if size is None:
             known_sizes = ", ".join(sorted(self.vocabulary.sizes))
@@ -175,12 +280,18 @@ class Judge:
             if drift:
                 return Admission(None, Refusal("DRIFT", tuple(drift)), mrtd=mrtd,
                                  tcb_status=result.tcb_status)
-            if known.public_key != msg.public_key:
-                # Same name, same measurements, another key: another VM claiming this
-                # one's identity (agents keep their key across restarts).
-                return Admission(None, Refusal("KEY_CHANGED", (
-                    f"VM {msg.vm_name!r} registered before with another session key",)),
-                    mrtd=mrtd, tcb_status=result.tcb_status)
+        # Same name, another key: another VM claiming this one's identity (agents keep
+        # their key across restarts).
+        if self.bindings is not None:
+            refusal = check_binding(self.bindings.get(msg.vm_name), msg.vm_name,
+                                    msg.public_key)
+        elif known is not None and known.public_key != msg.public_key:
+            refusal = Refusal("KEY_CHANGED", (
+                f"VM {msg.vm_name!r} registered before with another session key",))
+        else:
+            refusal = None
+        if refusal is not None:
+            return Admission(None, refusal, mrtd=mrtd, tcb_status=result.tcb_status)
         identity = Identity(
             agent_id=agent_id_for(self.cluster_id, msg.vm_name),
             vm_name=msg.vm_name,
@@ -194,7 +305,7 @@ class Judge:
             verdict="warn" if verdict.violations else "pass",
             violations=verdict.reasons,
             verified_at=now,
-            url=msg.url,
+            url=url,
         )
         return Admission(identity, None, mrtd=mrtd, tcb_status=verdict.tcb_status)
 

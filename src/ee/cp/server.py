@@ -5,6 +5,7 @@
     cp (one_for_one)
     ├── records        record writer: events → SQLite history (not liveness)
     ├── accounts       SQLite store of accounts and hashed API keys (durable business)
+    ├── identities     VM-name bindings and drain flags as signed manifests (loads first)
     ├── datacenters    dynamic: DatacenterActor per label
     ├── agents         dynamic: AgentActor per agent (transient)
     ├── apps           dynamic: AppActor per app, repopulated from signed manifests
@@ -40,6 +41,7 @@ import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings, Describe
 from ee.actors.app import AppActor, AppDeps
+from ee.actors.identity import Binding
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
 from ee.capacity import PoolKey
@@ -48,11 +50,17 @@ from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
+from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
 from ee.cp.nodes import Vocabulary
 from ee.cp.readiness import Quorum, Readiness, assess
-from ee.cp.records import RecordStore, RecordStoreError
+from ee.cp.records import (
+    RecordStore,
+    RecordStoreError,
+    RejectionTally,
+    prune_history_forever,
+)
 from ee.cp.registration import Judge
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
@@ -94,6 +102,9 @@ class CpConfig:
     vocabulary: Vocabulary = Vocabulary()
     collateral_file: str | None = None
     attestation_threads: int = 2
+    history_retention_s: float = 30 * 86400.0  # history rows older than this are pruned
+    history_prune_interval_s: float = 3600.0
+    rejection_flush_interval_s: float = 5.0  # refused registrations: tally, then write
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
@@ -106,7 +117,7 @@ class CpConfig:
             if not isinstance(doc, dict):
                 raise ValueError(f"--config {args.config}: expected a JSON object")
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
-                     "tls_key", "agent_tls_cert", "agent_tls_key"):
+                     "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -161,7 +172,8 @@ class ControlPlane:
         self.started_at = 0.0
         self.expected_agents = self._read_checkpoint()
         self.seen_agents: set[str] = set()
-        self.drained: set[str] = set()  # operator intent (not yet a signed manifest)
+        self.identities = IdentityBook(self.manifests, self.events.emit)
+        self.drained = self.identities.drained  # operator intent, kept as signed manifests
         self.http_port: int | None = None
         self._http_stop = trio.Event()
         self._ready_logged = False
@@ -195,6 +207,10 @@ class ControlPlane:
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
             ChildSpec(id="accounts", start=self._run_accounts, shutdown=5.0),
+            # Before the agent plane: bindings and drains are loaded before any agent
+            # registers, and flushed after every agent actor has stopped.
+            ChildSpec(id="identities", start=self.identities.run,
+                      stop=self.identities.request_stop, shutdown=5.0),
             self.datacenters.as_child(),
             self.agents.as_child(),
             self.apps.as_child(),
@@ -223,14 +239,27 @@ class ControlPlane:
             self.collateral = Collateral.from_json(Path(self.config.collateral_file).read_text())
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
                      verifier=self.verifier, policy=self.bootstrap.policy,
-                     collateral=self.collateral)
+                     collateral=self.collateral, bindings=self.identities.bindings)
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
-                         reattester=self.judge(), emit=self.events.emit,
+                         reattester=self.judge(), emit=self._agent_event,
                          attest_limiter=self.attest_limiter, drained=self.drained,
                          observe_heartbeat=self.metrics.heartbeat_handling.observe,
                          observe_heartbeat_gap=self.metrics.heartbeat_gap.observe)
+
+    def _agent_event(self, kind: str, subject: str, data: Any = None) -> None:
+        self.events.emit(kind, subject, data)
+        if kind == "agent.drain":
+            self.identities.drain_changed(subject)
+
+    async def release_name(self, vm_name: str) -> Binding | None:
+        """Free *vm_name* for a new key (operator action): forget its durable binding and
+        what this process remembers of it. None when the name was not bound."""
+        released = await self.identities.release(vm_name)
+        if released is not None:
+            self.plane.known.pop(vm_name, None)
+        return released
 
     # ---- readiness -------------------------------------------------------------------
 
@@ -289,22 +318,60 @@ class ControlPlane:
         store = self.records
         assert store is not None
         task_status.started()
+        tally = RejectionTally()
         try:
-            async for event in self.events.history_rx:
-                try:
-                    if event.kind == "registration":
-                        await store.record_registration(**event.data)
-                    else:
-                        await store.append_event(event.kind, event.subject, dict(event.data))
-                except (RecordStoreError, ValueError, TypeError) as exc:
-                    log.warning("history: dropped %s event: %s", event.kind, exc)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_rejections, store, tally)
+                nursery.start_soon(prune_history_forever, store,
+                                   self.config.history_retention_s,
+                                   self.config.history_prune_interval_s)
+                async for event in self.events.history_rx:
+                    try:
+                        await self._record(store, tally, event)
+                    except (RecordStoreError, ValueError, TypeError) as exc:
+                        log.warning("history: dropped %s event: %s", event.kind, exc)
+                nursery.cancel_scope.cancel()
         finally:
             self.records = None
             with trio.CancelScope(shield=True):
+                try:
+                    await store.add_rejections(tally.take())
+                except RecordStoreError as exc:
+                    log.warning("history: dropped refused-registration counts: %s", exc)
                 await store.close()
+
+    @staticmethod
+    async def _record(store: RecordStore, tally: RejectionTally, event: Any) -> None:
+        """One event into history. A refused registration is counted, not stored as a
+        row (a peer reconnecting with bad registrations must not grow the store); its
+        ``registration.rejected`` event is the same fact, live only."""
+        if event.kind == "registration.rejected":
+            return
+        if event.kind == "registration" and event.data.get("outcome") == "rejected":
+            reasons = [str(r) for r in event.data.get("reasons") or ["UNKNOWN"]]
+            tally.add(reasons[0], event.at, str(event.data.get("vm_name") or "-"),
+                      "; ".join(reasons[1:]))
+        elif event.kind == "registration":
+            await store.record_registration(**event.data)
+        else:
+            await store.append_event(event.kind, event.subject, dict(event.data))
+
+    async def _flush_rejections(self, store: RecordStore, tally: RejectionTally) -> None:
+        while True:
+            await trio.sleep(self.config.rejection_flush_interval_s)
+            try:
+                await store.add_rejections(tally.take())
+            except RecordStoreError as exc:
+                log.warning("history: dropped refused-registration counts: %s", exc)
 
     def _record_registration(self, data: dict[str, Any]) -> None:
         self.events.emit("registration", data["vm_name"], data)
+        if data.get("outcome") == "admitted":
+            # The plane calls this on admission, right after remembering the identity.
+            # Binding here keeps every admitted name bound; see IdentityBook.claim.
+            identity = self.plane.known.get(data["vm_name"])
+            if identity is not None:
+                self.identities.claim(identity, time.time())
 
     async def _run_accounts(self, task_status: trio.TaskStatus[None]) -> None:
         store = await RecordStore.open(self.config.data_dir / "accounts.sqlite3")
@@ -543,6 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="PEM", help="TLS key for --listen")
     p.add_argument("--agent-tls-cert", metavar="PEM", help="TLS certificate for --agent-listen")
     p.add_argument("--agent-tls-key", metavar="PEM", help="TLS key for --agent-listen")
+    p.add_argument("--history-retention-s", type=float, metavar="SECONDS",
+                   help="keep history (events, registration outcomes) this long; 0 keeps "
+                        "it forever (default 30 days)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p

@@ -153,6 +153,14 @@ class CpClient:
         return dict(self.post(f"/api/v2/agents/{segment(agent_id)}/drain",
                               {"draining": draining}))
 
+    def vm_names(self) -> list[Json]:
+        """VM-name bindings: each name's key (sha256) and state (bound, or held)."""
+        return list(self.get("/api/v2/admin/vm-names").get("vm_names", []))
+
+    def release_name(self, vm_name: str) -> Json:
+        """Free a bound (or held) VM name for a new session key."""
+        return dict(self.post(f"/api/v2/admin/vm-names/{segment(vm_name)}/release"))
+
     def datacenters(self) -> list[Json]:
         return list(self.get("/api/v2/datacenters").get("datacenters", []))
 

@@ -177,6 +177,10 @@ class Console:
                     "agents"),
             Command("crash", "NAME", "chaos: crash an actor (e.g. agent/ag-…); asks to confirm",
                     self.cmd_crash, "actors"),
+            Command("names", "", "VM names and the session keys they are bound to",
+                    self.cmd_names),
+            Command("release-name", "NAME", "let a new key register as VM NAME (after a "
+                    "rebuild, or a held name); asks to confirm", self.cmd_release_name),
             Command("quit", "", "leave the console (also 'exit', EOF)", self.cmd_quit),
         ):
             self.commands[command.name] = command
@@ -435,6 +439,21 @@ class Console:
         else:
             self.say(f"crashed {name}; not restarted yet (see 'tree')")
 
+    def cmd_names(self, args: list[str]) -> None:
+        self._no_args("names", args)
+        self.say(names_table(self.client.vm_names()))
+
+    def cmd_release_name(self, args: list[str]) -> None:
+        name = self._one_arg("release-name", args)
+        try:
+            again = self.ask(f"release VM name {name!r}: the next key to register under it "
+                             "owns it. Type the name again to confirm:")
+        except EOFError:
+            again = ""
+        if again.strip() != name:
+            raise ConsoleUsage(f"not confirmed; {name} was not released")
+        self.say(release_line(self.client.release_name(name)))
+
     def cmd_quit(self, args: list[str]) -> None:
         raise _Quit
 
@@ -458,6 +477,21 @@ def agents_table(agents: list[Json]) -> str:
                      a.get("last_heartbeat")))
     return table(("AGENT", "VM", "SIZE", "DATACENTER", "STATUS", "ATTEST", "DRAINING",
                   "DEPLOYMENT", "LAST HEARTBEAT"), rows)
+
+
+def names_table(names: list[Json]) -> str:
+    rows = [(n.get("vm_name"), n.get("state"), short_hash(n.get("key_sha256")),
+             n.get("agent_id"), n.get("problem")) for n in names]
+    return table(("VM", "STATE", "KEY", "AGENT", "PROBLEM"), rows)
+
+
+def release_line(answer: Json) -> str:
+    released = answer.get("released") or {}
+    line = (f"released {released.get('vm_name')} (was {released.get('state')}, key "
+            f"{short_hash(released.get('key_sha256'))}); the next key to register owns it")
+    if answer.get("connected"):
+        line += "; an agent of that name is still connected"
+    return line
 
 
 def agent_detail(view: Json) -> str:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ee import __version__
-from ee.ctl import capacity, console, deploy, trust
+from ee.ctl import agents, capacity, console, deploy, trust
 
-GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity)
+GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents)
 
 Handler = Callable[[argparse.Namespace], int]
 
