@@ -41,7 +41,7 @@ Why ``user: root`` is allowed: with dockerd's user-namespace remapping (see
 agent drops every capability but :data:`DEFAULT_CAP_ADD`, and ``no-new-privileges``
 stops setuid escalation; many stock images need root at start to chown their data.
 
-Tenant environment (:func:`check_env`): names ``[A-Za-z_][A-Za-z0-9_]*``, no NUL, count
+Tenant environment (:func:`check_env`): names ``[A-Za-z_][A-Za-z0-9_]*``, no NUL or CR, count
 and size caps, and names that steer the Compose CLI, the dynamic loader, interpreters
 or TLS trust (``DOCKER_*``, ``COMPOSE_*``, ``LD_*``, ``PYTHON*``, ``PATH``, …) refused.
 The agent never puts tenant env in any process environment; the check is the second
@@ -695,8 +695,8 @@ def check_env(env: object, *, path: str = "env") -> None:
             raise _refuse(where, "bad_env_name", f"{name!r} is not [A-Za-z_][A-Za-z0-9_]*")
         if not isinstance(value, str):
             raise _refuse(where, "bad_type", "env values must be strings")
-        if "\x00" in value:
-            raise _refuse(where, "bad_env_value", "env values must not contain NUL")
+        if "\x00" in value or "\r" in value:
+            raise _refuse(where, "bad_env_value", "env values must not contain NUL or CR")
         upper = name.upper()
         if upper in RESERVED_ENV_NAMES or upper.startswith(RESERVED_ENV_PREFIXES):
             raise _refuse(where, "reserved_env_name",
