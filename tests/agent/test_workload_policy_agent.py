@@ -8,7 +8,6 @@ containers hardened, and never lets tenant env into the CLI's process environmen
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -37,7 +36,7 @@ from .test_workload import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
-from test_workload_policy import REFUSED  # noqa: E402
+from test_workload_policy import REFUSED
 
 
 def spec(deployment_id: str, compose: str, **changes: Any) -> DeploySpec:
@@ -45,9 +44,9 @@ def spec(deployment_id: str, compose: str, **changes: Any) -> DeploySpec:
                       expose_port=8080, health_path="/health", **changes)
 
 
-def nothing_of(runner: ComposeRunner, deployment_id: str) -> None:
-    assert project_containers(runner.project_name(deployment_id)) == []
-    assert not runner.workload_dir(deployment_id).exists()
+def nothing_of(of: ComposeRunner, deployment_id: str) -> None:
+    assert project_containers(of.project_name(deployment_id)) == []
+    assert not of.workload_dir(deployment_id).exists()
 
 
 @needs_docker
@@ -138,27 +137,27 @@ async def test_tenant_env_never_reaches_the_compose_process(
     control = tmp_path / "control"
     control.mkdir()
     (control / "sitecustomize.py").write_bytes(SITECUSTOMIZE)
-    subprocess.run(["docker-compose", "version"], check=True, capture_output=True, timeout=60,
-                   env={"PATH": os.environ["PATH"], "PYTHONPATH": str(control),
-                        "EE_TEST_MARKER": str(marker)})
+    await trio.run_process(["docker-compose", "version"], capture_stdout=True,
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": str(control),
+                                "EE_TEST_MARKER": str(marker)})
     assert marker.read_text() == "ran"
     marker.unlink()
 
-    runner = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    own = ComposeRunner(tmp_path / "data", settings_for(namespace))
     smuggled = spec("env", IMAGE_ONLY_COMPOSE.replace("init: true", "init: true\n"
                     "    environment: {P: '${PYTHONPATH}', M: '${EE_TEST_MARKER}'}"),
                     build_context=context, env={"GREETING": "x"})
-    context_dir = runner.workload_dir("env") / "context"
+    context_dir = own.workload_dir("env") / "context"
     object.__setattr__(smuggled, "env", MappingProxyType(
         {"PYTHONPATH": str(context_dir), "EE_TEST_MARKER": str(marker)}))
     with trio.fail_after(DOCKER_TIMEOUT):
-        status = await runner.deploy(smuggled)
+        status = await own.deploy(smuggled)
         assert status.state == "running", status.error
         assert not marker.exists()  # sitecustomize.py never ran in config/up
-        (container,) = project_containers(runner.project_name("env"))
+        (container,) = project_containers(own.project_name("env"))
         env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
         assert env["P"] == str(context_dir)  # the value reached the container only
-        assert (await runner.undeploy("env")).state == "stopped"
+        assert (await own.undeploy("env")).state == "stopped"
 
 
 @needs_docker

@@ -5,17 +5,35 @@ Theory of operation
 A *deployment* is one run of a tenant's app version on this agent. The
 :class:`ComposeRunner` keeps each one in its own directory and its own Compose project::
 
-    <data_dir>/workloads/<slug>/
-        deployment.json     what adopt() needs after an agent restart (0600: holds env)
-        docker-compose.yml  the tenant's compose text, byte for byte as hashed
+    <data_dir>/workloads/<slug>/           (workloads/ and each slug dir: 0700)
+        deployment.json     what adopt() needs after an agent restart (0600)
+        docker-compose.yml  the tenant's compose text, byte for byte as hashed (0600)
+        resolved-compose.yml  what Compose resolved, checked and hardened: what runs (0600)
+        empty.env           the env file of `up`/`down` (so no tenant .env is read)
         context/            the build context, extracted safely (empty without one)
 
-The Compose CLI runs as ``<cli> -p <project> -f docker-compose.yml --project-directory
-context ...``, so **relative paths in the compose file (``build: .``, ``env_file``, bind
-mounts) resolve against the root of the build context**, exactly as if the tenant had
-run ``docker compose up`` at the top of the tree they tarred up. ``env`` from the spec
-is given to the CLI's environment: it feeds ``${VAR}`` interpolation in the compose
-file (it is not injected into containers unless the compose file says so).
+**The workload boundary** (:mod:`ee.protocol.workload_policy`). ``deploy`` checks the
+tenant's YAML with the policy before it writes anything, so a refused feature runs
+nothing. It then runs the CLI's ``config`` on the tenant file with the tenant env in a
+0600 ``tenant.env`` given as ``--env-file`` (deleted right after; see
+:func:`env_file_text`), checks the CLI's resolved model with the policy again (paths
+must lie inside ``context/``), adds the agent's security options (``harden``:
+``no-new-privileges``, all capabilities dropped but a short list, default seccomp) and
+writes that as ``resolved-compose.yml``. ``up`` and ``down`` only ever run that file,
+so what runs is exactly what was checked. The CLI's own environment is fixed
+(``PATH``, ``HOME`` under the data dir, the agent's ``DOCKER_HOST``): tenant env reaches
+the containers through interpolation and ``environment:`` only, never a process of
+the agent. There are no bind mounts, so no container can read the data dir.
+The VM image's dockerd runs with ``ee/agent/dockerd.json`` (user-namespace remapping:
+root in a container is an unprivileged uid of the VM; ``no-new-privileges`` by default;
+no inter-container traffic on the default bridge). Images built or pulled before
+remapping was enabled are not visible under it, and the image must ship the
+``dockremap`` entries of /etc/subuid and /etc/subgid (its root is read-only).
+
+The Compose CLI runs as ``<cli> -p <project> -f resolved-compose.yml --project-directory
+context --env-file empty.env ...``; relative paths in the tenant's file (``build: .``,
+``env_file``) resolve against the root of the build context, exactly as if the tenant
+had run ``docker compose up`` at the top of the tree they tarred up.
 
 The project name is ``<namespace>-<slug>``: the namespace defaults to ``ee`` plus a
 short hash of the absolute data dir, so several agents can share one Docker host and
@@ -33,16 +51,17 @@ Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises):
     failed                      ──refresh──►  running               (it is back up)
     starting | running | failed ──undeploy─►  stopping ──► stopped | failed
 
-``deploy`` reports ``starting``, then validates the compose document and build
-context, computes the compose hash (:func:`ee.protocol.compose.compose_hash`), writes
-the directory (atomically, via a temporary sibling), runs ``up -d --build
+``deploy`` reports ``starting``, then validates the compose document (and the
+workload policy) and build context, computes the compose hash
+(:func:`ee.protocol.compose.compose_hash`), writes the directory (atomically, via a
+temporary sibling), resolves and checks the file as above, runs ``up -d --build
 --remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
 transient network failure), finds the exposed service's container and its IP address
 on the compose network (no host port is published), and polls
 ``http://<ip>:<expose_port><health_path>`` until it answers 2xx. It then reports
 ``running`` with the compose hash, the image ids of the service containers and the
 upstream address for the proxy. Any workload problem (bad compose, bad build context,
-CLI failure, unknown image, port conflict, container exit, health timeout) ends in
+policy refusal, CLI failure, unknown image, container exit, health timeout) ends in
 ``failed`` carrying the CLI's own error text (the last few KB) or a one-line reason;
 the runner does not raise for these. A failed deployment keeps its containers and
 directory, so its logs stay readable, until ``undeploy``.
