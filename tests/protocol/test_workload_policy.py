@@ -248,3 +248,25 @@ def test_env_refusals(env: Any, path: str, code: str) -> None:
 
 def test_env_allowed() -> None:
     check_env({"GREETING": "hi", "_x": "multi\nline ${NOT_EXPANDED} 'q' \\", "TZ": "UTC"})
+
+
+def test_resolved_stage_accepts_only_the_names_compose_v2_derives_from_the_project() -> None:
+    root, project = "/w/ctx", "ee1234-dep"
+    v2: dict[str, Any] = yaml.safe_load(
+        f"name: {project}\nservices:\n  web:\n    image: x\n    networks: {{default: null}}\n"
+        f"    volumes: ['data:/d:rw']\nnetworks:\n  default: {{name: {project}_default}}\n"
+        f"volumes:\n  data: {{name: {project}_data}}\n")
+    check_compose(v2, stage="resolved", context_root=root, project=project)
+    for where, other in (("name", "victim"), ("networks.default.name", "victim_default"),
+                         ("volumes.data.name", "victim_data")):
+        doc = yaml.safe_load(yaml.safe_dump(v2))
+        section, *rest = where.split(".")
+        if rest:
+            doc[section][rest[0]]["name"] = other
+        else:
+            doc["name"] = other
+        with pytest.raises(WorkloadPolicyError) as info:
+            check_compose(doc, stage="resolved", context_root=root, project=project)
+        assert info.value.path == where
+    with pytest.raises(WorkloadPolicyError):  # at upload, no name is the project's own
+        check_compose(v2, stage="upload")

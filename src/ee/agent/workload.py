@@ -845,7 +845,10 @@ class ComposeRunner:
         try:
             resolved = validate_compose(out)
             check_compose(
-                resolved, stage="resolved", context_root=str(record.directory / CONTEXT_DIR)
+                resolved,
+                stage="resolved",
+                context_root=str(record.directory / CONTEXT_DIR),
+                project=record.project,
             )
         except ComposeError as exc:
             raise _Failure(f"the Compose CLI's resolved file is not acceptable: {exc}") from None

@@ -130,6 +130,7 @@ class WorkloadPolicyError(ValueError):
 class _Ctx:
     stage: Stage
     root: str | None
+    project: str | None
     services: frozenset[str]
     volumes: frozenset[str]
     networks: frozenset[str]
@@ -577,10 +578,20 @@ _VOLUME_KEYS = _keys({"labels": _labels})
 _NETWORK_KEYS = _keys({"labels": _labels, "internal": _bool, "driver": _one_of("bridge")})
 
 
+def _without_default_name(name: str, spec: object, ctx: _Ctx) -> object:
+    """Compose v2's ``config`` names every network and volume ``<project>_<key>``: that
+    name (and only that one) is the project's own, so the resolved check accepts it."""
+    if (ctx.stage == "resolved" and isinstance(spec, dict) and ctx.project is not None
+            and spec.get("name") == f"{ctx.project}_{name}"):
+        return {k: v for k, v in spec.items() if k != "name"}
+    return spec
+
+
 def _top_volumes(path: str, value: object, ctx: _Ctx) -> None:
     for name, spec in _mapping(path, value).items():
         if not _VOLUME_NAME.fullmatch(name):
             raise _refuse(f"{path}.{name}", "bad_value", "bad volume name")
+        spec = _without_default_name(name, spec, ctx)
         if spec is not None:
             _refusals(f"{path}.{name}", spec, ("external", "name", "driver", "driver_opts"))
             _VOLUME_KEYS(f"{path}.{name}", spec, ctx)
@@ -588,6 +599,7 @@ def _top_volumes(path: str, value: object, ctx: _Ctx) -> None:
 
 def _top_networks(path: str, value: object, ctx: _Ctx) -> None:
     for name, spec in _mapping(path, value).items():
+        spec = _without_default_name(name, spec, ctx)
         if spec is not None:
             _refusals(f"{path}.{name}", spec, ("external", "name", "ipam", "driver_opts"))
             _NETWORK_KEYS(f"{path}.{name}", spec, ctx)
@@ -616,13 +628,19 @@ TOP_LEVEL_KEYS: Mapping[str, _Check] = MappingProxyType(
 
 
 def check_compose(
-    doc: Mapping[str, Any], *, stage: Stage = "upload", context_root: str | None = None
+    doc: Mapping[str, Any],
+    *,
+    stage: Stage = "upload",
+    context_root: str | None = None,
+    project: str | None = None,
 ) -> None:
     """Raise :class:`WorkloadPolicyError` for the first refused feature of ``doc``.
 
     ``doc`` is a compose document that :func:`ee.protocol.compose.validate_compose`
     accepted (``stage="upload"``) or the Compose CLI's ``config`` output
-    (``stage="resolved"``, with ``context_root`` the absolute project directory).
+    (``stage="resolved"``, with ``context_root`` the absolute project directory and
+    ``project`` the project name the agent gave the CLI: Compose v2 prints it as the
+    top-level ``name`` and in network and volume names).
     """
     if stage == "resolved" and (context_root is None or not context_root.startswith("/")):
         raise ValueError("the resolved stage needs an absolute context_root")
@@ -633,11 +651,13 @@ def check_compose(
         section = doc.get(key)
         return frozenset(section) if isinstance(section, dict) else frozenset()
 
-    ctx = _Ctx(stage=stage, root=root, services=frozenset(services),
+    ctx = _Ctx(stage=stage, root=root, project=project, services=frozenset(services),
                volumes=names("volumes"), networks=names("networks"))
     for key, value in doc.items():
         if key.startswith("x-"):
             continue  # extension fields: inert data (anchors live there)
+        if key == "name" and stage == "resolved" and project is not None and value == project:
+            continue  # Compose v2 prints the project name the agent chose
         row = TOP_LEVEL_KEYS.get(key)
         if row is None:
             raise _refuse(key, "unknown_key", f"top-level key {key!r} is not allowed")
