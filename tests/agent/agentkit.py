@@ -3,8 +3,9 @@
 ``running_cp`` runs the real ``ee.cp.server.ControlPlane`` (like tests/cp/cpkit.py,
 but with the agent-plane port choosable, so a CP can be restarted where its agents
 expect it). ``StandInCp`` is **not** the CP: a tiny websocket peer speaking the agent
-session protocol, standing in for the CP's ``deploy``/``undeploy`` path (the real CP
-does not send those yet) and for a ``registered.tunnel`` grant.
+session protocol that sends whatever frames a test gives it — ``deploy``/``undeploy``
+the real CP would never send (a compose the CP's workload policy refuses, a reserved
+env name: the agent must refuse them on its own) and ``registered.tunnel`` grants.
 """
 
 from __future__ import annotations

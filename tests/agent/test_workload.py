@@ -459,9 +459,9 @@ def _bad_cases(port: int) -> list[tuple[str, dict[str, Any], str]]:
     return [
         ("yaml", {"compose": "services: [\n", "build_context": None}, "not valid YAML"),
         (
-            "schema",  # valid YAML, refused by the Compose CLI itself
-            {"compose": "services:\n  web:\n    image: ee-busybox:local\n    ports: [1.5]\n"},
-            "ports",
+            "schema",  # valid YAML the policy allows, refused by the Compose CLI itself
+            {"compose": "services:\n  web:\n    image: ee-busybox:local\n    cpus: abc\n"},
+            "cpus",
         ),
         (
             "image",
@@ -472,7 +472,7 @@ def _bad_cases(port: int) -> list[tuple[str, dict[str, Any], str]]:
         ("notgzip", {"build_context": b"not a tarball"}, "not a valid gzip"),
         ("oversize", {"build_context": make_context({"big": (0o644, os.urandom(4096))})}, "limit"),
         (
-            "port",
+            "policy",  # host ports are refused before anything runs
             {
                 "compose": (
                     "services:\n  web:\n    image: ee-busybox:local\n"
@@ -481,7 +481,7 @@ def _bad_cases(port: int) -> list[tuple[str, dict[str, Any], str]]:
                 ),
                 "build_context": None,
             },
-            "already",  # "address already in use" / "port is already allocated"
+            "workload policy (host_port): services.web.ports",
         ),
         (
             "service",

@@ -287,3 +287,27 @@ def test_compose_hash_propagates_validation_errors() -> None:
         compose_hash("services: {}", None)
     with pytest.raises(BuildContextError):
         compose_hash(COMPOSE, b"junk")
+
+
+def test_decompression_ratio_cap_stops_a_bomb_early() -> None:
+    """250 MiB of zeros (a ~250 KiB gzip): refused by ratio, long before the size cap."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 250 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = gzip.compress(raw.getvalue(), compresslevel=9)
+    del raw
+    assert len(bomb) * 500 < 250 << 20
+    with pytest.raises(BuildContextError, match="expands more than 100x"):
+        validate_build_context(bomb, max_uncompressed_bytes=512 << 20)
+    # A context under the floor may compress as well as it likes (small generated files).
+    small = make_tar([("z", "file", 0o644, bytes(4 << 20))])
+    assert validate_build_context(small, max_ratio=2).uncompressed_size > 4 << 20
+
+
+def test_validate_keeps_no_contents_and_agrees_with_load() -> None:
+    data = make_tar(TREE)
+    loaded = load_build_context(data, keep_contents=False)
+    assert loaded.contents == {}
+    assert loaded.context == load_build_context(data).context == validate_build_context(data)

@@ -5,17 +5,35 @@ Theory of operation
 A *deployment* is one run of a tenant's app version on this agent. The
 :class:`ComposeRunner` keeps each one in its own directory and its own Compose project::
 
-    <data_dir>/workloads/<slug>/
-        deployment.json     what adopt() needs after an agent restart (0600: holds env)
-        docker-compose.yml  the tenant's compose text, byte for byte as hashed
+    <data_dir>/workloads/<slug>/           (workloads/ and each slug dir: 0700)
+        deployment.json     what adopt() needs after an agent restart (0600)
+        docker-compose.yml  the tenant's compose text, byte for byte as hashed (0600)
+        resolved-compose.yml  what Compose resolved, checked and hardened: what runs (0600)
+        empty.env           the env file of `up`/`down` (so no tenant .env is read)
         context/            the build context, extracted safely (empty without one)
 
-The Compose CLI runs as ``<cli> -p <project> -f docker-compose.yml --project-directory
-context ...``, so **relative paths in the compose file (``build: .``, ``env_file``, bind
-mounts) resolve against the root of the build context**, exactly as if the tenant had
-run ``docker compose up`` at the top of the tree they tarred up. ``env`` from the spec
-is given to the CLI's environment: it feeds ``${VAR}`` interpolation in the compose
-file (it is not injected into containers unless the compose file says so).
+**The workload boundary** (:mod:`ee.protocol.workload_policy`). ``deploy`` checks the
+tenant's YAML with the policy before it writes anything, so a refused feature runs
+nothing. It then runs the CLI's ``config`` on the tenant file with the tenant env in a
+0600 ``tenant.env`` given as ``--env-file`` (deleted right after; see
+:func:`env_file_text`), checks the CLI's resolved model with the policy again (paths
+must lie inside ``context/``), adds the agent's security options (``harden``:
+``no-new-privileges``, all capabilities dropped but a short list, default seccomp) and
+writes that as ``resolved-compose.yml``. ``up`` and ``down`` only ever run that file,
+so what runs is exactly what was checked. The CLI's own environment is fixed
+(``PATH``, ``HOME`` under the data dir, the agent's ``DOCKER_HOST``): tenant env reaches
+the containers through interpolation and ``environment:`` only, never a process of
+the agent. There are no bind mounts, so no container can read the data dir.
+The VM image's dockerd runs with ``ee/agent/dockerd.json`` (user-namespace remapping:
+root in a container is an unprivileged uid of the VM; ``no-new-privileges`` by default;
+no inter-container traffic on the default bridge). Images built or pulled before
+remapping was enabled are not visible under it, and the image must ship the
+``dockremap`` entries of /etc/subuid and /etc/subgid (its root is read-only).
+
+The Compose CLI runs as ``<cli> -p <project> -f resolved-compose.yml --project-directory
+context --env-file empty.env ...``; relative paths in the tenant's file (``build: .``,
+``env_file``) resolve against the root of the build context, exactly as if the tenant
+had run ``docker compose up`` at the top of the tree they tarred up.
 
 The project name is ``<namespace>-<slug>``: the namespace defaults to ``ee`` plus a
 short hash of the absolute data dir, so several agents can share one Docker host and
@@ -33,16 +51,17 @@ Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises):
     failed                      ──refresh──►  running               (it is back up)
     starting | running | failed ──undeploy─►  stopping ──► stopped | failed
 
-``deploy`` reports ``starting``, then validates the compose document and build
-context, computes the compose hash (:func:`ee.protocol.compose.compose_hash`), writes
-the directory (atomically, via a temporary sibling), runs ``up -d --build
+``deploy`` reports ``starting``, then validates the compose document (and the
+workload policy) and build context, computes the compose hash
+(:func:`ee.protocol.compose.compose_hash`), writes the directory (atomically, via a
+temporary sibling), resolves and checks the file as above, runs ``up -d --build
 --remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
 transient network failure), finds the exposed service's container and its IP address
 on the compose network (no host port is published), and polls
 ``http://<ip>:<expose_port><health_path>`` until it answers 2xx. It then reports
 ``running`` with the compose hash, the image ids of the service containers and the
 upstream address for the proxy. Any workload problem (bad compose, bad build context,
-CLI failure, unknown image, port conflict, container exit, health timeout) ends in
+policy refusal, CLI failure, unknown image, container exit, health timeout) ends in
 ``failed`` carrying the CLI's own error text (the last few KB) or a one-line reason;
 the runner does not raise for these. A failed deployment keeps its containers and
 directory, so its logs stay readable, until ``undeploy``.
@@ -86,6 +105,7 @@ import docker.errors  # type: ignore[import-untyped]
 import httpx
 import requests
 import trio
+import yaml
 
 from ee.protocol.compose import (
     BuildContext,
@@ -97,6 +117,7 @@ from ee.protocol.compose import (
     load_build_context,
     validate_compose,
 )
+from ee.protocol.workload_policy import WorkloadPolicyError, check_compose, check_env, harden
 
 __all__ = [
     "TRANSITIONS",
@@ -136,10 +157,17 @@ TRANSITIONS: Mapping[WorkloadState | None, frozenset[WorkloadState]] = MappingPr
 
 DEPLOYMENT_FILE = "deployment.json"
 COMPOSE_FILE = "docker-compose.yml"
+RESOLVED_FILE = "resolved-compose.yml"
+TENANT_ENV_FILE = "tenant.env"
+EMPTY_ENV_FILE = "empty.env"
 CONTEXT_DIR = "context"
+#: Never set in any environment (tenant names starting ``EE_`` are refused): its
+#: default, ``$``, is how a literal ``${`` survives python-dotenv's interpolation.
+_NO_SUCH_VARIABLE = "EE_NO_SUCH_VARIABLE"
+#: Agent-side variables the Compose CLI may see (the daemon address, never tenant data).
+_CLI_PASSTHROUGH = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
 _STATE_FORMAT = 1
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 #: Substrings (lowercase) of Compose/Docker errors worth retrying.
@@ -204,11 +232,26 @@ def _freeze_env(value: Mapping[str, str] | None) -> Mapping[str, str]:
 
 
 def _check_env(_: object, __: attrs.Attribute[Any], value: Mapping[str, str]) -> None:
-    for key, item in value.items():
-        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
-            raise ValueError(f"env name {key!r} is not a valid variable name")
-        if not isinstance(item, str) or "\x00" in item:
-            raise ValueError(f"env value of {key!r} must be a string without NUL")
+    check_env(value)  # WorkloadPolicyError is a ValueError
+
+
+def env_file_text(env: Mapping[str, str]) -> str:
+    """``env`` as a Compose v1 ``--env-file`` (python-dotenv) that reads back exactly.
+
+    Values are single-quoted (newlines allowed; ``\\'`` is the only escape we use).
+    python-dotenv expands ``${NAME:-default}`` even inside quotes and has no escape for
+    it, so a literal ``${`` is written ``${EE_NO_SUCH_VARIABLE:-$}{`` (an unset name
+    with default ``$``) and a backslash ``${EE_NO_SUCH_VARIABLE:-\\}``: no written value
+    then ends in a backslash, which would make ``\\'`` ambiguous and let one value run
+    into the next line. Carriage returns are refused by :func:`check_env`.
+    """
+    lines = []
+    for name, value in env.items():
+        text = value.replace("${", "${" + _NO_SUCH_VARIABLE + ":-$}{")
+        text = text.replace("\\", "${" + _NO_SUCH_VARIABLE + ":-\\}")
+        text = text.replace("'", "\\'")
+        lines.append(f"{name}='{text}'\n")
+    return "".join(lines)
 
 
 def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
@@ -407,7 +450,6 @@ class _Record:
     health_path: str
     compose_hash: str
     services: tuple[str, ...]
-    env: Mapping[str, str] = attrs.field(converter=_freeze_env, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -421,7 +463,6 @@ class _Record:
             "health_path": self.health_path,
             "compose_hash": self.compose_hash,
             "services": list(self.services),
-            "env": dict(self.env),
         }
 
     @classmethod
@@ -439,7 +480,6 @@ class _Record:
             health_path=str(data["health_path"]),
             compose_hash=str(data["compose_hash"]),
             services=tuple(str(s) for s in data["services"]),
-            env={str(k): str(v) for k, v in dict(data.get("env", {})).items()},
         )
 
 
@@ -471,7 +511,8 @@ def _extract(loaded: LoadedBuildContext, dest: Path) -> None:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if member.kind == "file":
-            with open(target, "xb") as handle:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as handle:
                 handle.write(loaded.contents[member.path])
             os.chmod(target, member.mode & 0o777)
         elif member.kind == "symlink":
@@ -484,6 +525,29 @@ def _extract(loaded: LoadedBuildContext, dest: Path) -> None:
             os.link(dest / member.target, dest / member.path)
     for path, mode in sorted(dir_modes, key=lambda item: -len(item[0].parts)):
         os.chmod(path, mode | 0o700)
+    _check_symlinks(loaded, dest)
+
+
+def _check_symlinks(loaded: LoadedBuildContext, dest: Path) -> None:
+    """Every extracted symlink resolves (by the kernel's rules) inside ``dest``.
+
+    Validation checks each link's target lexically; a chain of links (``c -> .`` then
+    ``a -> c/d/e/../../..``) can still climb out, and Compose follows links on the
+    host when it reads ``env_file`` or picks a build context. So resolve for real.
+    """
+    root = os.path.realpath(dest)
+    for member in loaded.context.members:
+        if member.kind == "symlink":
+            resolved = os.path.realpath(dest / member.path)
+            if resolved != root and not resolved.startswith(root + os.sep):
+                raise BuildContextError("symlink resolves outside the context root", member.path)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` (it must not exist, nor be a link) readable by the agent only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 def _container_ip(attrs_: Mapping[str, Any], project: str) -> str | None:
@@ -606,23 +670,39 @@ class ComposeRunner:
             await on_status(status)
         return status
 
-    def _compose_argv(self, cli: ComposeCLI, record: _Record, *command: str) -> list[str]:
+    def _compose_argv(
+        self,
+        cli: ComposeCLI,
+        record: _Record,
+        *command: str,
+        compose_file: str = RESOLVED_FILE,
+        env_file: str = EMPTY_ENV_FILE,
+    ) -> list[str]:
+        """The CLI's argv: always an explicit env file, so a tenant ``.env`` in the
+        project directory (which Compose v1 would read for ``DOCKER_HOST`` and
+        ``COMPOSE_*``) is never consulted."""
         return [
             *cli.argv,
             "-p",
             record.project,
             "-f",
-            str(record.directory / COMPOSE_FILE),
+            str(record.directory / compose_file),
             "--project-directory",
             str(record.directory / CONTEXT_DIR),
+            "--env-file",
+            str(record.directory / env_file),
             *command,
         ]
 
-    def _cli_env(self, record: _Record) -> dict[str, str]:
-        env = dict(os.environ)
-        for name in ("COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PATH_SEPARATOR"):
-            env.pop(name, None)
-        env.update(record.env)
+    def _cli_env(self) -> dict[str, str]:
+        """The Compose CLI's whole environment: fixed, agent-owned, never tenant data."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "HOME": str(self.data_dir / "cli-home"),
+        }
+        for name in _CLI_PASSTHROUGH:
+            if name in os.environ:
+                env[name] = os.environ[name]
         return env
 
     # -- deploy -----------------------------------------------------------------
@@ -653,6 +733,7 @@ class ComposeRunner:
                     raise _Failure(str(exc)) from None
                 record = await trio.to_thread.run_sync(self._prepare, spec)
                 self._records[spec.deployment_id] = record
+                await self._resolve(cli, record)
                 await self._up(cli, record)
                 containers = await self._sdk(self._project_containers, record.project)
                 upstream, digests = self._locate(record, containers)
@@ -683,11 +764,14 @@ class ComposeRunner:
                     max_uncompressed_bytes=self.settings.max_context_uncompressed_bytes,
                 )
                 context = loaded.context
+            check_compose(doc, stage="upload")
             digest = hash_compose_document(doc, context)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None
         except BuildContextError as exc:
             raise _Failure(f"invalid build context: {exc}") from None
+        except WorkloadPolicyError as exc:
+            raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
         services = compose_services(doc)
         expose = spec.expose_service or services[0]
         if expose not in services:
@@ -707,35 +791,78 @@ class ComposeRunner:
             health_path=spec.health_path,
             compose_hash=digest,
             services=tuple(services),
-            env=spec.env,
         )
         staging = self.workloads_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
         try:
-            staging.mkdir(parents=True, mode=0o700)
-            (staging / COMPOSE_FILE).write_text(spec.compose, encoding="utf-8")
+            self.workloads_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
+            os.chmod(self.workloads_dir, 0o700)
+            staging.mkdir(mode=0o700)
+            _write_private(staging / COMPOSE_FILE, spec.compose)
+            _write_private(staging / TENANT_ENV_FILE, env_file_text(spec.env))
+            _write_private(staging / EMPTY_ENV_FILE, "")
             (staging / CONTEXT_DIR).mkdir()
             if loaded is not None:
                 _extract(loaded, staging / CONTEXT_DIR)
-            state = staging / DEPLOYMENT_FILE
-            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(record.to_json(), handle, indent=2, sort_keys=True)
+            _write_private(
+                staging / DEPLOYMENT_FILE, json.dumps(record.to_json(), indent=2, sort_keys=True)
+            )
             if final.exists():
                 trash = self.workloads_dir / f".tmp-old-{final.name}-{secrets.token_hex(4)}"
                 final.rename(trash)
                 shutil.rmtree(trash, ignore_errors=True)
             staging.rename(final)
+        except BuildContextError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _Failure(f"invalid build context: {exc}") from None
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise _Failure(f"cannot write workload directory: {exc}") from None
         return record
+
+    async def _resolve(self, cli: ComposeCLI, record: _Record) -> None:
+        """Resolve the tenant's file with the CLI's ``config``, check it, write what runs.
+
+        ``config`` gets the tenant env only through ``--env-file`` (for interpolation);
+        the env file is deleted afterwards. The CLI's model is checked with the workload
+        policy (stage ``resolved``) and written, with :func:`harden`'s security options,
+        as the only file ``up`` and ``down`` ever see.
+        """
+        argv = self._compose_argv(
+            cli, record, "config", compose_file=COMPOSE_FILE, env_file=TENANT_ENV_FILE
+        )
+        try:
+            with trio.move_on_after(self.settings.down_timeout) as scope:
+                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(
+                    lambda: (record.directory / TENANT_ENV_FILE).unlink(missing_ok=True)
+                )
+        if scope.cancelled_caught:
+            raise _Failure(f"`config` did not finish within {self.settings.down_timeout:g} s")
+        if code != 0:
+            raise _Failure(_tail(err or out, self.settings.error_tail_bytes) or f"exit {code}")
+        try:
+            resolved = validate_compose(out)
+            check_compose(
+                resolved,
+                stage="resolved",
+                context_root=str(record.directory / CONTEXT_DIR),
+                project=record.project,
+            )
+        except ComposeError as exc:
+            raise _Failure(f"the Compose CLI's resolved file is not acceptable: {exc}") from None
+        except WorkloadPolicyError as exc:
+            raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
+        text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
+        await trio.to_thread.run_sync(_write_private, record.directory / RESOLVED_FILE, text)
 
     async def _up(self, cli: ComposeCLI, record: _Record) -> None:
         argv = self._compose_argv(cli, record, "up", "-d", "--build", "--remove-orphans")
         policy = self.settings.retry
         for attempt in range(1, policy.attempts + 1):
             with trio.move_on_after(self.settings.up_timeout) as scope:
-                code, out, err = await _run(argv, env=self._cli_env(record), cwd=record.directory)
+                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
             if scope.cancelled_caught:
                 raise _Failure(f"`up` did not finish within {self.settings.up_timeout:g} s")
             if code == 0:
@@ -880,7 +1007,7 @@ class ComposeRunner:
 
     async def _down(self, deployment_id: str, record: _Record | None) -> None:
         directory = self.workload_dir(deployment_id)
-        if record is not None and (record.directory / COMPOSE_FILE).exists():
+        if record is not None and (record.directory / RESOLVED_FILE).exists():
             try:
                 cli = await self.detect_cli()
             except ComposeCLIUnavailable as exc:
@@ -889,7 +1016,7 @@ class ComposeRunner:
                 cli, record, "down", "--remove-orphans", "-v", "--rmi", "local"
             )
             with trio.move_on_after(self.settings.down_timeout) as scope:
-                code, out, err = await _run(argv, env=self._cli_env(record), cwd=record.directory)
+                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
             if scope.cancelled_caught:
                 raise _Failure(f"`down` did not finish within {self.settings.down_timeout:g} s")
             if code != 0:

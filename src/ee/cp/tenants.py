@@ -20,6 +20,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import attrs
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
@@ -41,13 +42,15 @@ from ee.cp.records import (
 )
 from ee.placement import Constraints, ConstraintsError
 from ee.protocol.compose import (
+    BuildContext,
     BuildContextError,
     ComposeError,
-    compose_hash,
     compose_services,
+    hash_compose_document,
     validate_build_context,
     validate_compose,
 )
+from ee.protocol.workload_policy import WorkloadPolicyError, check_compose, check_env
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
@@ -59,7 +62,19 @@ APP_NAME = re.compile(r"\A[a-z0-9][a-z0-9-]{0,62}\Z")
 VERSION = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
 MAX_CONTEXT_BYTES = 16 << 20
 MAX_REPLICAS = 100
+#: Build contexts validated at once (each a worker thread holding one upload).
+CONTEXT_CHECKS = 2
 
+
+@attrs.frozen
+class TenantQuotas:
+    """Per-account caps on stored versions (count, and compose + build context bytes)."""
+
+    max_versions: int = 200
+    max_stored_bytes: int = 512 << 20
+
+
+DEFAULT_QUOTAS = TenantQuotas()
 
 
 def _bad(message: str, field: str | None = None) -> ApiError:
@@ -83,8 +98,10 @@ class Auth:
     require_ready: Callable[[], None]
 
 
-def register(app: QuartTrio, cp: ControlPlane) -> Auth:
+def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = None) -> Auth:
     keys_cache: dict[str, tuple[str, str, str]] = {}  # key id -> (hash, account, kind)
+    context_checks = trio.CapacityLimiter(CONTEXT_CHECKS)
+    upload_locks: dict[str, trio.Lock] = {}  # account -> serialises quota check + add
 
     def store() -> Any:
         if cp.accounts is None:
@@ -212,12 +229,42 @@ def register(app: QuartTrio, cp: ControlPlane) -> Auth:
     async def get_app(name: str) -> Response:
         return json_response(await app_ref(name).ask(app_actor.Describe(), timeout=5))
 
+    async def check_quota(spec: dict[str, Any]) -> None:
+        limits = quotas or DEFAULT_QUOTAS
+        count, stored = 1, _stored_bytes(spec)
+        for app_name in cp.registry.names(f"app/{g.account_id}."):
+            versions = await cp.registry.ref(app_name).ask(app_actor.ListVersions(), timeout=5)
+            count += len(versions)
+            stored += sum(_stored_bytes(v) for v in versions)
+        if count > limits.max_versions:
+            raise ApiError(403, "quota_exceeded",
+                           f"the account may keep at most {limits.max_versions} versions",
+                           {"quota": "versions", "limit": limits.max_versions})
+        if stored > limits.max_stored_bytes:
+            raise ApiError(403, "quota_exceeded",
+                           f"the account may store at most {limits.max_stored_bytes} bytes "
+                           "of compose files and build contexts",
+                           {"quota": "stored_bytes", "limit": limits.max_stored_bytes})
+
     @app.post("/api/v2/apps/<name>/versions")
     @tenant
     async def add_version(name: str) -> Response:
         ref = app_ref(name)
-        spec = _version_spec(await json_object())
-        result = await ref.ask(app_actor.AddVersion(spec), timeout=30)
+        try:
+            fields = _version_fields(await json_object())
+            context = None
+            if fields.build_context is not None:
+                context = await trio.to_thread.run_sync(
+                    _check_context, fields.build_context, limiter=context_checks)
+        except ApiError as exc:
+            cp.events.emit("app.version_refused", f"{g.account_id}.{name}",
+                           {"code": exc.code, **exc.details})
+            raise
+        spec = fields.spec(context)
+        lock = upload_locks.setdefault(g.account_id, trio.Lock())
+        async with lock:
+            await check_quota(spec)
+            result = await ref.ask(app_actor.AddVersion(spec), timeout=30)
         if result is None:
             raise ApiError(409, "conflict", f"version {spec['version']!r} already exists")
         return json_response(_public_version(result), 201)
@@ -332,7 +379,45 @@ def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _version_spec(body: dict[str, Any]) -> dict[str, Any]:
+def _stored_bytes(spec: dict[str, Any]) -> int:
+    return len(str(spec.get("compose") or "")) + len(str(spec.get("build_context") or ""))
+
+
+def _policy_error(exc: WorkloadPolicyError, field: str) -> ApiError:
+    """A workload policy refusal: 400 naming the field, the document path and the reason."""
+    return ApiError(400, "workload_policy", f"{field}: {exc}",
+                    {"field": field, "path": exc.path, "reason": exc.code})
+
+
+def _check_context(raw: bytes) -> BuildContext:  # worker thread
+    try:
+        return validate_build_context(raw, max_bytes=MAX_CONTEXT_BYTES)
+    except BuildContextError as exc:
+        raise _bad(f"build_context: {exc}", "build_context") from None
+
+
+@attrs.frozen
+class _VersionFields:
+    """A version upload, checked except for its build context (validated off the loop)."""
+
+    version: str
+    compose: str
+    doc: dict[str, Any]
+    build_context_b64: str | None
+    build_context: bytes | None
+    expose_port: int
+    expose_service: str
+    health_path: str
+    env: dict[str, str]
+
+    def spec(self, context: BuildContext | None) -> dict[str, Any]:
+        return {"version": self.version, "compose": self.compose,
+                "build_context": self.build_context_b64, "expose_port": self.expose_port,
+                "expose_service": self.expose_service, "health_path": self.health_path,
+                "env": self.env, "compose_hash": hash_compose_document(self.doc, context)}
+
+
+def _version_fields(body: dict[str, Any]) -> _VersionFields:
     version = body.get("version")
     if not isinstance(version, str) or not VERSION.match(version):
         raise _bad("'version' must match [A-Za-z0-9][A-Za-z0-9._+-]{0,63}", "version")
@@ -343,6 +428,10 @@ def _version_spec(body: dict[str, Any]) -> dict[str, Any]:
         doc = validate_compose(compose)
     except ComposeError as exc:
         raise _bad(f"compose: {exc}", "compose") from None
+    try:
+        check_compose(doc, stage="upload")
+    except WorkloadPolicyError as exc:
+        raise _policy_error(exc, "compose") from None
     services = compose_services(doc)
     context_b64 = body.get("build_context")
     context: bytes | None = None
@@ -355,10 +444,6 @@ def _version_spec(body: dict[str, Any]) -> dict[str, Any]:
             context = base64.b64decode(context_b64, validate=True)
         except (binascii.Error, ValueError):
             raise _bad("'build_context' is not valid base64", "build_context") from None
-        try:
-            validate_build_context(context, max_bytes=MAX_CONTEXT_BYTES)
-        except BuildContextError as exc:
-            raise _bad(f"build_context: {exc}", "build_context") from None
     port = body.get("expose_port")
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
         raise _bad("'expose_port' must be a container port 1..65535", "expose_port")
@@ -373,6 +458,11 @@ def _version_spec(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise _bad("'env' must be an object of strings", "env")
-    return {"version": version, "compose": compose, "build_context": context_b64,
-            "expose_port": port, "expose_service": service, "health_path": health,
-            "env": env, "compose_hash": compose_hash(compose, context)}
+    try:
+        check_env(env)
+    except WorkloadPolicyError as exc:
+        raise _policy_error(exc, "env") from None
+    return _VersionFields(version=version, compose=compose, doc=doc,
+                          build_context_b64=context_b64, build_context=context,
+                          expose_port=port, expose_service=service, health_path=health,
+                          env=env)

@@ -17,7 +17,8 @@ after YAML alias expansion (so an alias bomb is refused, not expanded).
 Build context
 -------------
 ``validate_build_context`` accepts a gzip tar (``.tar.gz``) within size caps on the
-compressed bytes, the uncompressed tar stream and the member count. Member names are
+compressed bytes, the uncompressed tar stream, the decompression ratio and the member
+count, in one streaming pass. Member names are
 normalised (``./a//b`` → ``a/b``; a root ``.`` directory entry is ignored). Refused,
 naming the member: absolute names, ``..`` components, duplicate names, members below a
 symlink or a non-directory, symlinks whose target is absolute or resolves outside the
@@ -71,6 +72,7 @@ from ee.protocol.canonical import canonical_json
 __all__ = [
     "DEFAULT_MAX_CONTEXT_BYTES",
     "DEFAULT_MAX_CONTEXT_MEMBERS",
+    "DEFAULT_MAX_RATIO",
     "DEFAULT_MAX_UNCOMPRESSED_BYTES",
     "HASH_KIND",
     "MAX_COMPOSE_BYTES",
@@ -94,6 +96,10 @@ MAX_COMPOSE_NODES = 100_000
 DEFAULT_MAX_CONTEXT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_UNCOMPRESSED_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_CONTEXT_MEMBERS = 20_000
+#: Largest uncompressed/compressed ratio accepted (past RATIO_FLOOR bytes): source trees
+#: compress 3-10x, a decompression bomb 1000x.
+DEFAULT_MAX_RATIO = 100
+RATIO_FLOOR = 8 * 1024 * 1024
 
 MemberKind = Literal["file", "dir", "symlink", "hardlink"]
 
@@ -243,26 +249,43 @@ def _normalise_name(name: str) -> str:
     return "/".join(parts)
 
 
-def _decompress(data: bytes, max_bytes: int, max_uncompressed: int) -> bytes:
-    if len(data) > max_bytes:
-        raise BuildContextError(
-            f"build context is {len(data)} bytes compressed, over the {max_bytes} byte limit"
-        )
-    out = io.BytesIO()
-    total = 0
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as stream:
-            while chunk := stream.read(1024 * 1024):
-                total += len(chunk)
-                if total > max_uncompressed:
-                    raise BuildContextError(
-                        "build context is over the uncompressed size limit "
-                        f"of {max_uncompressed} bytes"
-                    )
-                out.write(chunk)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise BuildContextError(f"build context is not a valid gzip file ({exc})") from None
-    return out.getvalue()
+class _CappedGunzip(io.RawIOBase):
+    """The gunzipped stream of ``data``, refusing more than the caps allow.
+
+    Caps: ``max_uncompressed`` bytes in total, and a decompression ratio of at most
+    ``max_ratio`` once past :data:`RATIO_FLOOR` bytes (a 250 MiB run of zeros is a
+    250 KiB gzip: refused after a few MiB of work instead of a full pass).
+    """
+
+    def __init__(self, data: bytes, max_uncompressed: int, max_ratio: int) -> None:
+        super().__init__()
+        self._gzip = gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb")
+        self._limit = min(max_uncompressed, max(RATIO_FLOOR, max_ratio * len(data)))
+        self._ratio_bound = self._limit < max_uncompressed
+        self._max_uncompressed = max_uncompressed
+        self._max_ratio = max_ratio
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            chunk = self._gzip.read(min(len(buffer), 1024 * 1024))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise BuildContextError(f"build context is not a valid gzip file ({exc})") from None
+        self.total += len(chunk)
+        if self.total > self._limit:
+            if self._ratio_bound:
+                raise BuildContextError(
+                    f"build context expands more than {self._max_ratio}x when decompressed"
+                )
+            raise BuildContextError(
+                "build context is over the uncompressed size limit "
+                f"of {self._max_uncompressed} bytes"
+            )
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def load_build_context(
@@ -271,19 +294,28 @@ def load_build_context(
     max_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
     max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
     max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
+    max_ratio: int = DEFAULT_MAX_RATIO,
+    keep_contents: bool = True,
 ) -> LoadedBuildContext:
     """Validate a gzip tar build context and return its members and file contents.
 
-    Raises :class:`BuildContextError` naming the offending member. CPU-heavy for
-    large contexts: call it from a worker thread on an event loop.
+    One streaming pass: gunzip, tar parsing and hashing happen together, under the
+    caps, without holding the uncompressed tar in memory (``keep_contents=False``
+    keeps no file bytes either). Raises :class:`BuildContextError` naming the
+    offending member. CPU-heavy for large contexts: call it from a worker thread on an
+    event loop.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"build context must be bytes, not {type(data).__name__}")
     data = bytes(data)
-    raw = _decompress(data, max_bytes, max_uncompressed_bytes)
+    if len(data) > max_bytes:
+        raise BuildContextError(
+            f"build context is {len(data)} bytes compressed, over the {max_bytes} byte limit"
+        )
+    stream = _CappedGunzip(data, max_uncompressed_bytes, max_ratio)
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as archive:
-            members, contents = _scan(archive, max_members)
+        with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
+            members, contents = _scan(archive, max_members, keep_contents)
     except tarfile.TarError as exc:
         raise BuildContextError(f"build context is not a readable tar archive ({exc})") from None
     ordered = tuple(sorted(members.values(), key=lambda m: m.path))
@@ -292,13 +324,13 @@ def load_build_context(
         members=ordered,
         digest=digest,
         compressed_size=len(data),
-        uncompressed_size=len(raw),
+        uncompressed_size=stream.total,
     )
     return LoadedBuildContext(context=context, contents=contents)
 
 
 def _scan(
-    archive: tarfile.TarFile, max_members: int
+    archive: tarfile.TarFile, max_members: int, keep_contents: bool
 ) -> tuple[dict[str, ContextMember], dict[str, bytes]]:
     members: dict[str, ContextMember] = {}
     parents: set[str] = set()  # directories implied by member names
@@ -316,9 +348,15 @@ def _scan(
         if member.kind == "file":
             extracted = archive.extractfile(info)
             assert extracted is not None  # regular files always have a stream
-            content = extracted.read()
-            contents[member.path] = content
-            member = attrs.evolve(member, sha256=hashlib.sha256(content).hexdigest())
+            digest = hashlib.sha256()
+            parts = []
+            while chunk := extracted.read(1024 * 1024):
+                digest.update(chunk)
+                if keep_contents:
+                    parts.append(chunk)
+            if keep_contents:
+                contents[member.path] = b"".join(parts)
+            member = attrs.evolve(member, sha256=digest.hexdigest())
         members[member.path] = member
     return members, contents
 
@@ -375,13 +413,16 @@ def validate_build_context(
     max_bytes: int = DEFAULT_MAX_CONTEXT_BYTES,
     max_uncompressed_bytes: int = DEFAULT_MAX_UNCOMPRESSED_BYTES,
     max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
+    max_ratio: int = DEFAULT_MAX_RATIO,
 ) -> BuildContext:
-    """Validate a gzip tar build context; return its member list and digest."""
+    """Validate a gzip tar build context; return its member list and digest (one pass)."""
     return load_build_context(
         data,
         max_bytes=max_bytes,
         max_uncompressed_bytes=max_uncompressed_bytes,
         max_members=max_members,
+        max_ratio=max_ratio,
+        keep_contents=False,
     ).context
 
 

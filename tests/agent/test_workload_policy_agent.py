@@ -1,0 +1,247 @@
+"""The workload boundary on the agent, against the real Compose CLI and Docker daemon.
+
+The agent refuses what the CP refuses even when told directly (nothing written, nothing
+run), checks the model the Compose CLI resolved (not only the YAML it was sent), runs
+containers hardened, and never lets tenant env into the CLI's process environment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import docker  # type: ignore[import-untyped]
+import pytest
+import trio
+import yaml
+
+from ee.agent.workload import ComposeRunner, DeploySpec, env_file_text
+from ee.protocol.messages import Deploy, DeployStatus, Message
+from ee.protocol.workload_policy import DEFAULT_CAP_ADD
+
+from .agentkit import StandInCp, agent_config, running_agent
+from .test_workload import (
+    DOCKER_TIMEOUT,
+    IMAGE_ONLY_COMPOSE,
+    busybox_image,  # noqa: F401  (fixture)
+    make_context,
+    namespace,  # noqa: F401  (fixture)
+    needs_docker,
+    project_containers,
+    runner,  # noqa: F401  (fixture)
+    settings_for,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
+from test_workload_policy import REFUSED
+
+
+def spec(deployment_id: str, compose: str, **changes: Any) -> DeploySpec:
+    return DeploySpec(deployment_id=deployment_id, app="x", version="1", compose=compose,
+                      expose_port=8080, health_path="/health", **changes)
+
+
+def nothing_of(of: ComposeRunner, deployment_id: str) -> None:
+    assert project_containers(of.project_name(deployment_id)) == []
+    assert not of.workload_dir(deployment_id).exists()
+
+
+@needs_docker
+async def test_every_refused_feature_is_refused_with_nothing_run(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    with trio.fail_after(DOCKER_TIMEOUT):
+        for index, (name, text, path, code) in enumerate(REFUSED):
+            deployment_id = f"refused-{index}"
+            status = await runner.deploy(spec(deployment_id, text))
+            assert status.state == "failed", name
+            assert status.error is not None
+            assert f"workload policy ({code})" in status.error and path in status.error, (
+                name, status.error)
+            nothing_of(runner, deployment_id)
+            assert (await runner.undeploy(deployment_id)).state == "stopped"
+
+
+@needs_docker
+async def test_the_resolved_model_is_checked_not_only_the_yaml(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """``/${V}`` is an anonymous volume in the YAML; interpolated by the CLI it is ``/:/host``,
+    a bind mount of the VM's root. Only the check of the resolved model sees that."""
+    compose = ("services:\n  web:\n    image: ee-busybox:local\n"
+               "    command: [sleep, '60']\n    volumes: ['/${V}']\n")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await runner.deploy(spec("interp", compose, env={"V": ":/host"}))
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "workload policy (bind_mount)" in status.error, status.error
+        assert "services.web.volumes[0]" in status.error
+        assert project_containers(runner.project_name("interp")) == []
+        workdir = runner.workload_dir("interp")
+        assert not (workdir / "resolved-compose.yml").exists()
+        assert not (workdir / "tenant.env").exists()  # the env file never outlives `config`
+        assert (await runner.undeploy("interp")).state == "stopped"
+
+
+@needs_docker
+async def test_symlink_chain_out_of_the_context_is_refused(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """``c -> .`` and ``a -> c/d/../..``: each fine lexically, together they climb out of
+    the context (to the workload dir holding deployment.json), which Compose would follow
+    for ``env_file: a/deployment.json``."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, kind, target in (("d", tarfile.DIRTYPE, ""), ("c", tarfile.SYMTYPE, "."),
+                                   ("a", tarfile.SYMTYPE, "c/d/../..")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+    context = gzip.compress(raw.getvalue())
+    compose = IMAGE_ONLY_COMPOSE.replace("    init: true\n",
+                                         "    init: true\n    env_file: a/deployment.json\n")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await runner.deploy(spec("chain", compose, build_context=context))
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "symlink resolves outside the context root: 'a'" in status.error, status.error
+        nothing_of(runner, "chain")
+        assert (await runner.undeploy("chain")).state == "stopped"
+
+
+SITECUSTOMIZE = b"""\
+import os
+open(os.environ.get("EE_TEST_MARKER", "/nonexistent/marker"), "w").write("ran")
+"""
+
+
+@needs_docker
+async def test_tenant_env_never_reaches_the_compose_process(
+    tmp_path: Path, namespace: str  # noqa: F811
+) -> None:
+    """The PYTHONPATH + sitecustomize.py attack: refused by name, and even smuggled past
+    the name check (a CP that does not check), the tenant's code does not run in the CLI."""
+    marker = tmp_path / "marker"
+    context = make_context({"sitecustomize.py": (0o644, SITECUSTOMIZE)})
+    with pytest.raises(ValueError, match="PYTHONPATH"):
+        spec("env", IMAGE_ONLY_COMPOSE, env={"PYTHONPATH": "context"})
+
+    # Positive control: this context *does* run code in a Compose process given the env.
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "sitecustomize.py").write_bytes(SITECUSTOMIZE)
+    await trio.run_process(["docker-compose", "version"], capture_stdout=True,
+                           env={"PATH": os.environ["PATH"], "PYTHONPATH": str(control),
+                                "EE_TEST_MARKER": str(marker)})
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+    own = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    smuggled = spec("env", IMAGE_ONLY_COMPOSE.replace("init: true", "init: true\n"
+                    "    environment: {P: '${PYTHONPATH}', M: '${EE_TEST_MARKER}'}"),
+                    build_context=context, env={"GREETING": "x"})
+    context_dir = own.workload_dir("env") / "context"
+    object.__setattr__(smuggled, "env", MappingProxyType(
+        {"PYTHONPATH": str(context_dir), "EE_TEST_MARKER": str(marker)}))
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await own.deploy(smuggled)
+        assert status.state == "running", status.error
+        assert not marker.exists()  # sitecustomize.py never ran in config/up
+        (container,) = project_containers(own.project_name("env"))
+        env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+        assert env["P"] == str(context_dir)  # the value reached the container only
+        assert (await own.undeploy("env")).state == "stopped"
+
+
+@needs_docker
+async def test_containers_run_hardened_from_the_resolved_file(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    compose = IMAGE_ONLY_COMPOSE.replace(
+        "init: true", "init: true\n    environment: {FROM_DOTENV: '${FROM_DOTENV:-unset}', "
+        "ODD: '${ODD}'}")
+    # A tenant .env in the project directory is never read (it could set DOCKER_HOST).
+    context = make_context({".env": (0o644, b"FROM_DOTENV=dotenv\nDOCKER_HOST=tcp://x:1\n")})
+    odd = "a ${B} $$ 'q' \\ \nnext"
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await runner.deploy(spec("hard", compose, build_context=context,
+                                          env={"ODD": odd}))
+        assert status.state == "running", status.error
+        (container,) = project_containers(runner.project_name("hard"))
+        host = container.attrs["HostConfig"]
+        assert host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["CapDrop"] == ["ALL"] and sorted(host["CapAdd"]) == sorted(DEFAULT_CAP_ADD)
+        assert host["Privileged"] is False and not host.get("Binds")
+        assert not [m for m in container.attrs["Mounts"] if m["Type"] == "bind"]
+        env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+        assert env["FROM_DOTENV"] == "unset"
+        assert env["ODD"] == odd  # exact, through --env-file and the resolved file
+        # Inside, no-new-privileges and the capability set hold.
+        status_text = container.exec_run(["cat", "/proc/self/status"]).output.decode()
+        assert "NoNewPrivs:\t1" in status_text
+        workdir = runner.workload_dir("hard")
+        resolved = yaml.safe_load((workdir / "resolved-compose.yml").read_text())
+        assert resolved["services"]["web"]["cap_drop"] == ["ALL"]
+        for name in ("resolved-compose.yml", "docker-compose.yml", "deployment.json"):
+            assert (workdir / name).stat().st_mode & 0o077 == 0, name
+        assert not (workdir / "tenant.env").exists()
+        assert runner.workloads_dir.stat().st_mode & 0o077 == 0
+        assert (await runner.undeploy("hard")).state == "stopped"
+
+
+def test_env_file_text_cannot_run_one_value_into_the_next() -> None:
+    text = env_file_text({"A": "x\\", "B": "\nDOCKER_HOST=tcp://evil\n'"})
+    assert "\nDOCKER_HOST" in text  # inside B's quotes, not a line of its own
+    lines = [line for line in text.split("\n") if line.startswith("DOCKER_HOST")]
+    assert lines == ["DOCKER_HOST=tcp://evil"]
+    assert not text.split("\n")[0].endswith("\\'")  # A's value cannot swallow its quote
+
+
+def _status(deployment_id: str) -> Any:
+    def match(_frame: object, msg: Message) -> bool:
+        return (isinstance(msg, DeployStatus) and msg.deployment_id == deployment_id
+                and msg.state == "failed")
+    return match
+
+
+@needs_docker
+async def test_agent_refuses_what_a_cp_sends_directly(
+    tmp_path: Path, namespace: str  # noqa: F811
+) -> None:
+    settings = settings_for(namespace)
+    bind = REFUSED[1][1]
+    with trio.fail_after(DOCKER_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            peer: StandInCp = await nursery.start(StandInCp().run)
+            config = agent_config(tmp_path / "agent", peer.url)
+            async with running_agent(config, workload_settings=settings) as agent:
+                await peer.send(Deploy(deployment_id="bind", app="a", version="1",
+                                       compose=bind, expose_port=80, health_path="/"))
+                _, msg = await peer.wait_for(_status("bind"))
+                assert isinstance(msg, DeployStatus) and msg.error is not None
+                assert "services.web.volumes[0]" in msg.error
+                assert project_containers(agent.runner.project_name("bind")) == []
+                assert not agent.runner.workload_dir("bind").exists()
+                await peer.send(Deploy(deployment_id="envy", app="a", version="1",
+                                       compose=IMAGE_ONLY_COMPOSE, expose_port=80,
+                                       health_path="/", env={"PYTHONPATH": "context"}))
+                _, msg = await peer.wait_for(_status("envy"))
+                assert isinstance(msg, DeployStatus) and msg.error is not None
+                assert "PYTHONPATH" in msg.error and "reserved" in msg.error
+                assert project_containers(agent.runner.project_name("envy")) == []
+            nursery.cancel_scope.cancel()
+    client = docker.from_env()
+    try:
+        assert not [c for c in client.containers.list(all=True)
+                    if c.labels.get("com.docker.compose.project", "").startswith(namespace)]
+    finally:
+        client.close()
+
+

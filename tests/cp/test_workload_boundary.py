@@ -1,0 +1,173 @@
+"""The workload boundary at the CP: policy 400s naming the compose path, reserved env
+names, build contexts validated off the event loop, per-account quotas."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import sys
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from cpkit import RunningCp, running_cp
+from test_tenants import COMPOSE, context, tenant
+
+import ee.cp.tenants as tenants_module
+from ee.protocol.compose import BuildContext
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
+from test_workload_policy import REFUSED
+
+
+def _events(env: RunningCp, kind: str) -> list[Any]:
+    return [e for e in env.cp.events.recent if e.kind == kind]
+
+
+async def test_every_refused_compose_feature_is_a_400_naming_the_path(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                assert (await http.post("/api/v2/apps", json={"name": "a"})).status_code == 201
+                for name, text, path, code in REFUSED:
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": text, "expose_port": 80})
+                    assert r.status_code == 400, (name, r.text)
+                    error = r.json()["error"]
+                    assert error["code"] == "workload_policy", (name, error)
+                    assert error["details"] == {"field": "compose", "path": path,
+                                                "reason": code}, name
+                    assert path in error["message"]
+                refused = _events(env, "app.version_refused")
+                assert len(refused) == len(REFUSED)
+                assert refused[0].data["reason"] == REFUSED[0][3]
+                # Nothing was stored: the app has no versions.
+                r = await http.get("/api/v2/apps/a/versions")
+                assert r.json()["versions"] == []
+                ok = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": COMPOSE, "build_context": context(),
+                    "expose_port": 80})
+                assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize(
+    ("env", "path", "reason"),
+    [
+        ({"PYTHONPATH": "context"}, "env.PYTHONPATH", "reserved_env_name"),
+        ({"LD_PRELOAD": "/x"}, "env.LD_PRELOAD", "reserved_env_name"),
+        ({"DOCKER_HOST": "tcp://evil:2375"}, "env.DOCKER_HOST", "reserved_env_name"),
+        ({"COMPOSE_PROJECT_NAME": "victim"}, "env.COMPOSE_PROJECT_NAME", "reserved_env_name"),
+        ({"PATH": "context"}, "env.PATH", "reserved_env_name"),
+        ({"BAD-NAME": "x"}, "env.BAD-NAME", "bad_env_name"),
+        ({"A": "x\u0000"}, "env.A", "bad_env_value"),
+    ],
+)
+async def test_reserved_and_bad_env_names_are_400(
+    tmp_path: Path, env: dict[str, str], path: str, reason: str
+) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as cp_env:
+            http = await tenant(cp_env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": COMPOSE, "expose_port": 80, "env": env})
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["code"] == "workload_policy"
+                assert r.json()["error"]["details"] == {"field": "env", "path": path,
+                                                        "reason": reason}
+
+
+async def test_build_context_is_validated_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a context is being validated (held mid-validation in its worker thread),
+    the CP keeps answering /health; then the upload completes. Were the validation on
+    the event loop, /health could not answer before it is released (fail_after)."""
+    entered = threading.Event()
+    release = threading.Event()
+    real = tenants_module._check_context
+
+    def held(raw: bytes) -> BuildContext:
+        entered.set()
+        assert release.wait(30)
+        return real(raw)
+
+    monkeypatch.setattr(tenants_module, "_check_context", held)
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http, trio.open_nursery() as nursery:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                result: dict[str, int] = {}
+
+                async def upload() -> None:
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": COMPOSE, "build_context": context(),
+                        "expose_port": 80})
+                    result["status"] = r.status_code
+
+                nursery.start_soon(upload)
+                await trio.to_thread.run_sync(entered.wait)
+                async with env.client(token=None) as anon:
+                    health = await anon.get("/api/v2/health")
+                assert health.status_code == 200
+                assert "status" not in result  # the upload is still being validated
+                release.set()
+            assert result["status"] == 201
+
+
+async def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("zeros")
+        info.size = 250 << 20
+        tar.addfile(info, io.BytesIO(bytes(info.size)))
+    bomb = base64.b64encode(gzip.compress(raw.getvalue(), compresslevel=9)).decode()
+    del raw
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": COMPOSE, "build_context": bomb,
+                    "expose_port": 80})
+                assert r.status_code == 400, r.text
+                assert "expands more than" in r.json()["error"]["message"]
+                assert r.json()["error"]["details"]["field"] == "build_context"
+
+
+async def test_per_account_quotas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tenants_module, "DEFAULT_QUOTAS",
+                        tenants_module.TenantQuotas(max_versions=3, max_stored_bytes=4000))
+    body = {"compose": COMPOSE, "expose_port": 80}
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            other = await tenant(env, "u")
+            async with http, other:
+                for app in ("a", "b"):
+                    await http.post("/api/v2/apps", json={"name": app})
+                for app, version in (("a", "1"), ("a", "2"), ("b", "1")):
+                    r = await http.post(f"/api/v2/apps/{app}/versions",
+                                        json={**body, "version": version})
+                    assert r.status_code == 201, r.text
+                r = await http.post("/api/v2/apps/b/versions", json={**body, "version": "2"})
+                assert r.status_code == 403, r.text
+                assert r.json()["error"]["code"] == "quota_exceeded"
+                assert r.json()["error"]["details"]["quota"] == "versions"
+                # Another account has its own quota; bytes count too.
+                await other.post("/api/v2/apps", json={"name": "a"})
+                big = COMPOSE + "# " + "x" * 5000 + "\n"
+                r = await other.post("/api/v2/apps/a/versions",
+                                     json={**body, "compose": big, "version": "1"})
+                assert r.status_code == 403, r.text
+                assert r.json()["error"]["details"]["quota"] == "stored_bytes"
+                r = await other.post("/api/v2/apps/a/versions", json={**body, "version": "1"})
+                assert r.status_code == 201, r.text
