@@ -105,6 +105,8 @@ class CpConfig:
     history_retention_s: float = 30 * 86400.0  # history rows older than this are pruned
     history_prune_interval_s: float = 3600.0
     rejection_flush_interval_s: float = 5.0  # refused registrations: tally, then write
+    tenant_max_versions: int = 200  # per account
+    tenant_max_stored_bytes: int = 512 << 20  # per account: compose texts + build contexts
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
