@@ -8,7 +8,15 @@ Intel Trust Authority exchange failing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+UNEXPECTED = "VERIFY_ERROR"  # reason prefix of a failure no specific check named
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
 class AttestationError(Exception):
@@ -52,3 +60,29 @@ class ProviderError(AttestationError):
 
 class ItaError(AttestationError):
     """The Intel Trust Authority appraisal failed or returned an untrustworthy token."""
+
+
+def describe(exc: BaseException, limit: int = 160) -> str:
+    """``<type>: <text>`` of *exc* on one printable line of at most *limit* characters
+    (the text may quote attacker bytes; it ends up in a refusal sent to the peer)."""
+    text = _UNPRINTABLE.sub(" ", str(exc)).strip()
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def quote_format_boundary() -> Iterator[None]:
+    """Turn any exception but `QuoteFormatError` raised inside into one.
+
+    Wraps code that decodes untrusted quote bytes: whatever a decoder raises (struct,
+    int parsing, a library), the caller sees only the typed error, with the exception
+    named in the message (``VERIFY_ERROR: <type>: <text>``); the traceback is logged
+    at debug level.
+    """
+    try:
+        yield
+    except QuoteFormatError:
+        raise
+    except Exception as exc:
+        log.debug("unexpected error decoding a quote", exc_info=True)
+        raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {describe(exc)}") from exc
