@@ -177,6 +177,28 @@ def _register(quote: bytes) -> Register:
     )
 
 
+def test_signature_with_unused_bits_is_refused() -> None:
+    """A certificate signature BIT STRING that declares unused bits: `cryptography`
+    reads the same signature from it (when those bits are zero), so without the strict
+    read this flip of the chain verified. Deterministic: a sim is drawn whose PCK leaf
+    signature ends in a zero bit (half of them do)."""
+    for _ in range(64):
+        sim = SimTD.create()
+        leaf = sim.chain.pck_cert
+        if not leaf.signature[-1] & 1:
+            break
+    raw = sim.quote(bytes(64))
+    der = parse_quote(raw).signature.pck_chain_der[0]
+    at = len(der) - len(leaf.signature) - 1  # BIT STRING: unused-bits octet, signature
+    assert der[at] == 0
+    bad = _with_leaf(raw, at, 0x01)
+    result = Verifier([sim.root_cert]).verify(bad, now=NOW)
+    assert not result.ok
+    assert "PCK_CERT_INVALID: certificate 0: signature BIT STRING has unused bits" in (
+        result.reasons
+    )
+
+
 @pytest.mark.parametrize(("craft", "why"), CRAFTED)
 def test_crafted_register_frames_are_refused(
     craft: object, why: str, sim: SimTD, raw: bytes, collateral: Collateral
