@@ -248,6 +248,21 @@ def test_unforeseen_failure_is_a_refusal(
     assert result.reasons == ("VERIFY_ERROR: LookupError: a decoder bug with a newline",)
 
 
+def test_unforeseen_parse_failure_is_a_format_error(
+    raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ee.attestation.quote as quote_module
+
+    def broken(*_: object) -> None:
+        raise IndexError("index out of range")
+
+    monkeypatch.setattr(quote_module, "_parse_td_report", broken)
+    with pytest.raises(QuoteFormatError) as info:
+        Verifier.intel().verify(raw, now=NOW)
+    assert (info.value.field, info.value.offset) == ("quote", 0)
+    assert info.value.message == "VERIFY_ERROR: IndexError: index out of range"
+
+
 # --- trailer and size caps ---------------------------------------------------------------
 
 

@@ -8,12 +8,15 @@ Intel Trust Authority exchange failing.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 UNEXPECTED = "VERIFY_ERROR"  # reason prefix of a failure no specific check named
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
@@ -70,19 +73,22 @@ def describe(exc: BaseException, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-@contextlib.contextmanager
-def quote_format_boundary() -> Iterator[None]:
-    """Turn any exception but `QuoteFormatError` raised inside into one.
+def quote_format_boundary(decode: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a decoder of untrusted quote bytes: it raises `QuoteFormatError` only.
 
-    Wraps code that decodes untrusted quote bytes: whatever a decoder raises (struct,
-    int parsing, a library), the caller sees only the typed error, with the exception
-    named in the message (``VERIFY_ERROR: <type>: <text>``); the traceback is logged
-    at debug level.
+    Whatever the decoder raises besides (struct, int parsing, a library), the caller
+    sees the typed error, with the exception named in its message
+    (``VERIFY_ERROR: <type>: <text>``); the traceback is logged at debug level.
     """
-    try:
-        yield
-    except QuoteFormatError:
-        raise
-    except Exception as exc:
-        log.debug("unexpected error decoding a quote", exc_info=True)
-        raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {describe(exc)}") from exc
+
+    @functools.wraps(decode)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return decode(*args, **kwargs)
+        except QuoteFormatError:
+            raise
+        except Exception as exc:
+            log.debug("unexpected error decoding a quote", exc_info=True)
+            raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {describe(exc)}") from exc
+
+    return guarded

@@ -37,7 +37,7 @@ Invariants the parser keeps, so that the verifier can trust the structure:
   root), so the work one quote can cause is bounded before any certificate is read.
 * Every failure is a `QuoteFormatError` naming the field and its offset: the parser
   raises it for every malformation it knows, and `parse_quote` is a boundary that
-  turns any other exception into one (see `errors.quote_format_boundary`).
+  turns any other exception into one (`errors.quote_format_boundary`).
 """
 
 from __future__ import annotations
@@ -367,6 +367,7 @@ def _parse_signature(r: _Reader) -> QuoteSignature:
     )
 
 
+@quote_format_boundary
 def parse_quote(data: bytes | bytearray | memoryview, *, allow_trailer: bool = False) -> Quote:
     """Parse a TDX quote (v4 or v5); raises `QuoteFormatError` on any malformation.
 
@@ -378,8 +379,7 @@ def parse_quote(data: bytes | bytearray | memoryview, *, allow_trailer: bool = F
         raise QuoteFormatError(
             "quote", MAX_QUOTE_BYTES, f"{len(raw)} bytes, more than the {MAX_QUOTE_BYTES} allowed"
         )
-    with quote_format_boundary():
-        quote = _parse_quote(raw)
+    quote = _parse_quote(raw)
     if quote.trailing and not allow_trailer:
         tail = raw[quote.size :]
         if tail.count(0) != len(tail):
