@@ -65,11 +65,12 @@ class ItaError(AttestationError):
     """The Intel Trust Authority appraisal failed or returned an untrustworthy token."""
 
 
-def describe(exc: BaseException, limit: int = 160) -> str:
-    """``<type>: <text>`` of *exc* on one printable line of at most *limit* characters
-    (the text may quote attacker bytes; it ends up in a refusal sent to the peer)."""
+def describe(exc: BaseException, *, typed: bool = True, limit: int = 160) -> str:
+    """``<type>: <text>`` of *exc* (just the text unless *typed*) on one printable line
+    of at most *limit* characters (the text may quote attacker bytes; it ends up in a
+    refusal sent to the peer)."""
     text = _UNPRINTABLE.sub(" ", str(exc)).strip()
-    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    line = text if not typed else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

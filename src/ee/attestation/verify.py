@@ -272,7 +272,8 @@ class Verifier:
             try:
                 infos.append(CertInfo.from_der(der))
             except ValueError as exc:
-                return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: certificate {i}: {exc}")
+                why = describe(exc, typed=False)
+                return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: certificate {i}: {why}")
         chain = check_chain("PCK chain", infos, self._roots, self._link)
         problems = list(chain.problems)
         leaf = infos[0].cert
