@@ -10,6 +10,7 @@ import pytest
 
 from ee.attestation.collateral import Collateral
 from ee.attestation.providers.sim import SimTD
+from ee.attestation.quote import Quote, parse_quote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = Path(os.environ.get("EE_TDX_SAMPLES", REPO_ROOT.parent / "shared" / "tdx"))
@@ -23,6 +24,9 @@ OUTDATED_NOW = 1772323200
 SPR_E4 = "go-tdx-guest-tdx_prod_quote_SPR_E4.bin"
 DEBUG = "trustee-tdx_quote_4-debug.bin"
 ALL_QUOTES = (UPTODATE, OUTDATED, SPR_E4, DEBUG)
+# go-tdx-guest appends a text note after the quote; the parser refuses non-zero
+# trailers unless told otherwise, which only the tests of this one file do.
+TRAILER_SAMPLES = frozenset({SPR_E4})
 
 # The sample collateral's window: the latest issue date (QE identity) and the earliest
 # next update (the PCK CRL).
@@ -46,6 +50,16 @@ def sample_bytes(samples: Path) -> Callable[[str], bytes]:
         return (samples / name).read_bytes()
 
     return read
+
+
+@pytest.fixture(scope="session")
+def sample_quote(sample_bytes: Callable[[str], bytes]) -> Callable[[str], Quote]:
+    """The parsed sample (its text trailer allowed where it has one)."""
+
+    def parse(name: str) -> Quote:
+        return parse_quote(sample_bytes(name), allow_trailer=name in TRAILER_SAMPLES)
+
+    return parse
 
 
 @pytest.fixture(scope="session")

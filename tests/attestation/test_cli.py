@@ -16,6 +16,7 @@ from .conftest import (
     OUTDATED,
     OUTDATED_COLLATERAL,
     OUTDATED_NOW,
+    SPR_E4,
     UPTODATE,
     UPTODATE_COLLATERAL,
     UPTODATE_NOW,
@@ -96,6 +97,16 @@ def test_debug_refused_even_in_warn_mode(samples: Path, tmp_path: Path) -> None:
     assert doc["fields"]["debug"] is True
     assert doc["signature_chain"]["valid"] is True
     assert doc["verdict"]["violations"] == ["debug: the TD has the DEBUG attribute set"]
+
+
+def test_text_trailer_needs_allow_trailer(samples: Path) -> None:
+    args = ["trust", "verify-quote", samples / SPR_E4, "--now", str(UPTODATE_NOW), "--json"]
+    refused = eectl(*args)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "malformed quote: trailer at offset 4935" in refused.stderr
+    read = eectl(*args, "--allow-trailer")
+    assert read.returncode == 1  # no collateral: the TCB status is unknown ...
+    assert json.loads(read.stdout)["signature_chain"]["valid"] is True  # ... but it verifies
 
 
 def test_sim_quote_with_sim_root(tmp_path: Path) -> None:

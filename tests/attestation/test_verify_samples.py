@@ -8,10 +8,16 @@ from pathlib import Path
 
 import dcap_qvl
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from ee.attestation import Collateral, Policy, QuoteFormatError, Verifier, evaluate, parse_quote
+from ee.attestation import (
+    Collateral,
+    Policy,
+    Quote,
+    QuoteFormatError,
+    Verifier,
+    evaluate,
+    parse_quote,
+)
 from ee.attestation.verify import INTEL_SGX_ROOT_CA_FINGERPRINT
 
 from .conftest import (
@@ -41,9 +47,9 @@ def intel() -> Verifier:
 
 @pytest.mark.parametrize("name", ALL_QUOTES)
 def test_signature_chain_valid_to_intel_root(
-    name: str, intel: Verifier, sample_bytes: Callable[[str], bytes]
+    name: str, intel: Verifier, sample_quote: Callable[[str], Quote]
 ) -> None:
-    result = intel.verify(sample_bytes(name), now=_now(name))
+    result = intel.verify(sample_quote(name), now=_now(name))
     assert result.signature_valid and result.qe_report_valid and result.qe_binding_valid
     assert result.chain_valid and result.ok, result.reasons
     assert result.root_fingerprint == INTEL_SGX_ROOT_CA_FINGERPRINT
@@ -99,9 +105,9 @@ def test_debug_quote_is_refused_by_any_policy(
 
 
 def test_spr_e4_quote_admitted_without_collateral_when_allowed(
-    intel: Verifier, sample_bytes: Callable[[str], bytes]
+    intel: Verifier, sample_quote: Callable[[str], Quote]
 ) -> None:
-    result = intel.verify(sample_bytes(SPR_E4), now=UPTODATE_NOW)
+    result = intel.verify(sample_quote(SPR_E4), now=UPTODATE_NOW)
     assert evaluate(Policy(require_collateral=False), result, now=UPTODATE_NOW).admitted
     refused = evaluate(Policy(), result, now=UPTODATE_NOW)
     assert [v.rule for v in refused.violations] == ["tcb_status"]
@@ -163,10 +169,11 @@ def test_verdict_agrees_with_dcap_qvl(
     samples: Path,
     intel: Verifier,
     sample_bytes: Callable[[str], bytes],
+    sample_quote: Callable[[str], Quote],
     sample_collateral: Callable[[str], Collateral],
 ) -> None:
     raw = sample_bytes(quote)
-    ours = intel.verify(raw, now=now, collateral=sample_collateral(collateral))
+    ours = intel.verify(sample_quote(quote), now=now, collateral=sample_collateral(collateral))
     theirs = _dcap(raw, samples / collateral, now)
     if theirs is None:
         assert not ours.ok
@@ -212,23 +219,41 @@ def test_tampered_collateral_is_rejected(
     assert "TCB info: signature invalid" in result.reasons
 
 
-MUTATION_TARGETS = (UPTODATE, OUTDATED)
+# Where the former hypothesis version of this test failed now and then (one run in
+# about 40): found by trying all 255 masks at every byte of both quotes (99 + 1 and
+# 99 + 4 bad masks of about 1.27 million each). Three bytes per quote hold the version
+# INTEGER of the three PCK chain certificates: most flips there made `cryptography`
+# raise `InvalidVersion` out of the verifier. One byte per certificate below the root
+# is the "unused bits" octet of its signature BIT STRING: a few flips there were
+# *accepted* (`cryptography` reads the same signature from it, unused bits or not).
+CORRUPT_NAMES = pytest.mark.filterwarnings("ignore:Attribute's length:UserWarning")
+FLAKY_BYTES = {
+    UPTODATE: (1302, 1303, 3075, 3076, 4031, 4032, 3865),
+    OUTDATED: (1372, 1373, 3145, 3146, 4101, 4102, 2977, 3935),
+}
 
 
-@settings(max_examples=300, deadline=None)
-@given(name=st.sampled_from(MUTATION_TARGETS), data=st.data())
-def test_any_flipped_byte_is_rejected(
-    name: str, data: st.DataObject, intel: Verifier, sample_bytes: Callable[[str], bytes]
+def _refused(intel: Verifier, data: bytes, now: int) -> bool:
+    try:
+        return not intel.verify(data, now=now).ok
+    except QuoteFormatError:
+        return True
+
+
+@CORRUPT_NAMES
+@pytest.mark.parametrize("name", [UPTODATE, OUTDATED])
+def test_any_flipped_bit_is_rejected(
+    name: str, intel: Verifier, sample_bytes: Callable[[str], bytes]
 ) -> None:
+    """Exhaustive and deterministic: each bit of the signed region and signature data,
+    and every mask at the bytes that once escaped; each flip is refused, never raised
+    as another exception nor accepted."""
     raw = sample_bytes(name)
     size = parse_quote(raw).size  # signed region + signature data
-    index = data.draw(st.integers(min_value=0, max_value=size - 1), label="index")
-    mask = data.draw(st.integers(min_value=1, max_value=255), label="mask")
     assert intel.verify(raw, now=_now(name)).ok  # the baseline passes
-    mutated = bytearray(raw)
-    mutated[index] ^= mask
-    try:
-        result = intel.verify(bytes(mutated), now=_now(name))
-    except QuoteFormatError:
-        return
-    assert not result.ok
+    flips = [(i, 1 << bit) for i in range(size) for bit in range(8)]
+    flips += [(i, mask) for i in FLAKY_BYTES[name] for mask in range(1, 256)]
+    for index, mask in flips:
+        mutated = bytearray(raw)
+        mutated[index] ^= mask
+        assert _refused(intel, bytes(mutated), _now(name)), (index, mask)

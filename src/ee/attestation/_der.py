@@ -11,6 +11,7 @@ only slice; the documents were already parsed and validated by `cryptography`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 
 import attrs
@@ -86,6 +87,7 @@ def oid_bytes(dotted: str) -> bytes:
 
 
 _BASIC_CONSTRAINTS = oid_bytes("2.5.29.19")
+_VERSION_V3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2
 
 
 @attrs.frozen
@@ -103,32 +105,52 @@ class CertInfo:
 
     @classmethod
     def from_der(cls, der: bytes) -> CertInfo:
-        cert = x509.load_der_x509_certificate(der)
+        """Read a certificate; raises `DerError` (a ValueError) unless it is X.509 v3.
+
+        Before `cryptography` sees the bytes, the outer structure is checked here: the
+        version must be v3, the serial number a positive INTEGER (RFC 5280; negative
+        serials break CRL lookups) and the signature BIT STRING must have no unused
+        bits (otherwise the same signature has several encodings, so a flipped bit in
+        a quote's chain could go unnoticed). Any error `cryptography` then raises
+        while loading is a `DerError` too.
+        """
         n = len(der)
         ident, start, end = _element(der, 0, n)
         if ident != 0x30 or end != n:
             raise DerError("not a single DER SEQUENCE")
-        ident, tbs_cstart, tbs_end = _element(der, start, end)
-        if ident != 0x30:
-            raise DerError("certificate has no TBSCertificate")
-        tbs = der[start:tbs_end]
-        # Walk only up to the subject: [0] version?, serial, signature, issuer, validity,
-        # subject; the rest (key, optional unique ids, [3] extensions) is read lazily.
+        parts = _children(der, start, end)
+        if [p[0] for p in parts] != [0x30, 0x30, 0x03]:
+            raise DerError("not a certificate (TBS, algorithm, signature BIT STRING)")
+        _, _, sig_cstart, sig_end = parts[2]
+        if sig_end - sig_cstart < 2 or der[sig_cstart] != 0:
+            raise DerError("signature BIT STRING has unused bits")
+        _, tbs_start, tbs_cstart, tbs_end = parts[0]
+        # Walk only up to the key: version, serial, signature, issuer, validity, subject,
+        # key; the rest (optional unique ids, [3] extensions) is read lazily.
         fields: list[tuple[int, int, int, int]] = []
         pos = tbs_cstart
-        while len(fields) < 6 and pos < tbs_end:
+        while len(fields) < 7 and pos < tbs_end:
             ident, cstart, cend = _element(der, pos, tbs_end)
-            if not (fields == [] and ident == 0xA0):
-                fields.append((ident, pos, cstart, cend))
+            fields.append((ident, pos, cstart, cend))
             pos = cend
-        if len(fields) < 6 or fields[2][0] != 0x30 or fields[4][0] != 0x30:
+        if len(fields) < 7 or der[fields[0][1] : fields[0][3]] != _VERSION_V3:
+            raise DerError("not an X.509 v3 certificate")
+        ident, _, serial_start, serial_end = fields[1]
+        serial = der[serial_start:serial_end]
+        if ident != 0x02 or not serial or serial[0] & 0x80 or not any(serial):
+            raise DerError("serial number is not a positive INTEGER")
+        if fields[3][0] != 0x30 or fields[5][0] != 0x30:
             raise DerError("unexpected TBSCertificate layout")
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except (ValueError, x509.InvalidVersion) as exc:
+            raise DerError(f"unreadable certificate: {exc}") from None
         return cls(
             cert=cert,
             der=der,
-            tbs=tbs,
-            issuer=der[fields[2][1] : fields[2][3]],
-            subject=der[fields[4][1] : fields[4][3]],
+            tbs=der[tbs_start:tbs_end],
+            issuer=der[fields[3][1] : fields[3][3]],
+            subject=der[fields[5][1] : fields[5][3]],
             tail=(pos, tbs_end),
         )
 
@@ -174,9 +196,13 @@ class CertInfo:
 
     @property
     def label(self) -> str:
-        """The certificate's common name (for messages; decodes the Name)."""
-        cns = self.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return str(cns[0].value) if cns else self.cert.subject.rfc4514_string()
+        """The certificate's common name (for messages; decodes the Name, which in a
+        corrupt certificate may not decode: then a digest names it)."""
+        try:
+            cns = self.cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            return str(cns[0].value) if cns else self.cert.subject.rfc4514_string()
+        except (ValueError, KeyError, TypeError):
+            return f"certificate sha256:{hashlib.sha256(self.der).hexdigest()[:16]}"
 
 
 @attrs.frozen

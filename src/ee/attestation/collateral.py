@@ -24,21 +24,16 @@ from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ee.attestation._der import CertInfo, CrlInfo, DerError, pem_certificates
-from ee.attestation.errors import CollateralFormatError
+from ee.attestation.errors import CollateralFormatError, describe
 from ee.attestation.pck import PckExtension
 from ee.attestation.quote import QeReport, TdReport
-
-# What lazily decoded parts of a corrupt certificate can raise in `cryptography`
-# (extensions and keys: ValueError / UnsupportedAlgorithm; names with an unknown string
-# type: KeyError).
-CERT_DECODE_ERRORS = (ValueError, TypeError, KeyError, UnsupportedAlgorithm)
 
 TCB_STATUSES = (
     "UpToDate",
@@ -608,12 +603,17 @@ def check_collateral(
     anchors: TrustAnchors,
     link: LinkCheck = link_problem,
 ) -> CollateralCheck:
-    """Check the collateral's chains, signatures and CRLs (not its time windows)."""
+    """Check the collateral's chains, signatures and CRLs (not its time windows).
+
+    Total: whatever a corrupt certificate or CRL makes a decoder raise (lazily decoded
+    names, extensions, keys) is a problem of the (cached) check, never an exception.
+    """
     try:
         return _check_collateral(collateral, anchors, link)
-    except CERT_DECODE_ERRORS as exc:
-        # Lazily decoded parts (extensions, keys) of a corrupt certificate or CRL.
-        return CollateralCheck((f"collateral: malformed ({exc})",), (), None, None, None, None)
+    except Exception as exc:
+        return CollateralCheck(
+            (f"collateral: malformed ({describe(exc)})",), (), None, None, None, None
+        )
 
 
 def _check_collateral(

@@ -8,7 +8,18 @@ Intel Trust Authority exchange failing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+UNEXPECTED = "VERIFY_ERROR"  # reason prefix of a failure no specific check named
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
 class AttestationError(Exception):
@@ -52,3 +63,33 @@ class ProviderError(AttestationError):
 
 class ItaError(AttestationError):
     """The Intel Trust Authority appraisal failed or returned an untrustworthy token."""
+
+
+def describe(exc: BaseException, *, typed: bool = True, limit: int = 160) -> str:
+    """``<type>: <text>`` of *exc* (just the text unless *typed*) on one printable line
+    of at most *limit* characters (the text may quote attacker bytes; it ends up in a
+    refusal sent to the peer)."""
+    text = _UNPRINTABLE.sub(" ", str(exc)).strip()
+    line = text if not typed else f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def quote_format_boundary(decode: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a decoder of untrusted quote bytes: it raises `QuoteFormatError` only.
+
+    Whatever the decoder raises besides (struct, int parsing, a library), the caller
+    sees the typed error, with the exception named in its message
+    (``VERIFY_ERROR: <type>: <text>``); the traceback is logged at debug level.
+    """
+
+    @functools.wraps(decode)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return decode(*args, **kwargs)
+        except QuoteFormatError:
+            raise
+        except Exception as exc:
+            log.debug("unexpected error decoding a quote", exc_info=True)
+            raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {describe(exc)}") from exc
+
+    return guarded

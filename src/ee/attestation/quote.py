@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A quote is a little-endian byte string in three parts::
 
-    header (48)  |  body  |  signature data (u32 length + content)  |  [ignored tail]
+    header (48)  |  body  |  signature data (u32 length + content)  |  [zero padding]
 
 * v4: the body is a TDX 1.0 TD report (584 bytes) right after the header.
 * v5: a body descriptor ``body_type u16, body_size u32`` precedes the body; type 2 is
@@ -25,11 +25,19 @@ Invariants the parser keeps, so that the verifier can trust the structure:
 * The PEM chain must be nothing but certificate blocks, each line ending in exactly
   one newline, then optional NUL padding, in canonical base64 -- whitespace or text
   that a lax PEM reader would skip is refused, so no byte of it is malleable.
-* Bytes after the signature data are not part of any structure and are not signed;
-  real quote files carry zero padding (or, in one test corpus, a text note) there.
-  They are tolerated and counted in `Quote.trailing`.
-* Every failure is a `QuoteFormatError` naming the field and its offset; the parser
-  never lets an `IndexError` or `struct.error` escape.
+* Bytes after the signature data are not part of any structure and are not signed.
+  Quote buffers from real platforms carry zero padding there, which is tolerated and
+  counted in `Quote.trailing`. A non-zero byte there is refused: nothing vouches for
+  it, so accepting it would let anyone relaying a quote append data to it (and make
+  the quote's bytes malleable while it still verifies). `allow_trailer=True` accepts
+  any tail; it exists for one public test corpus (go-tdx-guest) that appends a text
+  note, and no production path sets it.
+* Size caps: a quote is at most `MAX_QUOTE_BYTES` (real ones are ~5 KB) and its PCK
+  chain at most `MAX_PCK_CHAIN_CERTS` certificates (Intel's is 3: leaf, PCK CA,
+  root), so the work one quote can cause is bounded before any certificate is read.
+* Every failure is a `QuoteFormatError` naming the field and its offset: the parser
+  raises it for every malformation it knows, and `parse_quote` is a boundary that
+  turns any other exception into one (`errors.quote_format_boundary`).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import struct
 
 import attrs
 
-from ee.attestation.errors import QuoteFormatError
+from ee.attestation.errors import QuoteFormatError, quote_format_boundary
 
 HEADER_SIZE = 48
 TD_REPORT10_SIZE = 584
@@ -56,6 +64,8 @@ CERT_DATA_QE_REPORT = 6
 CERT_DATA_PCK_CHAIN = 5
 INTEL_QE_VENDOR_ID = bytes.fromhex("939a7233f79c4ca9940a0db3957f0607")
 TD_ATTRIBUTES_DEBUG = 0x01  # bit 0 of TDATTRIBUTES (TUD.DEBUG)
+MAX_QUOTE_BYTES = 64 * 1024
+MAX_PCK_CHAIN_CERTS = 4
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -247,7 +257,8 @@ def split_pem_chain(pem: bytes, offset: int = 0) -> tuple[bytes, ...]:
     """Split a PEM certificate chain strictly into DER certificates.
 
     Only back-to-back certificate blocks (lines ending in "\\n") and trailing NUL bytes
-    are allowed, and each block must be canonical base64 of its DER bytes. Error offsets
+    are allowed, at most `MAX_PCK_CHAIN_CERTS` of them, and each block must be
+    canonical base64 of its DER bytes. Error offsets
     are reported relative to *offset*. Results are memoised (a pure function of the
     bytes): in steady state every quote from a platform carries the same chain.
     """
@@ -263,6 +274,10 @@ def _split_pem_chain(pem: bytes) -> tuple[bytes, ...]:
     ders: list[bytes] = []
     pos = 0
     while pos < len(text):
+        if len(ders) == MAX_PCK_CHAIN_CERTS:
+            raise QuoteFormatError(
+                "pck_cert_chain", pos, f"more than {MAX_PCK_CHAIN_CERTS} certificates"
+            )
         m = _PEM_BLOCK.match(text, pos)
         if m is None:
             raise QuoteFormatError(
@@ -352,9 +367,30 @@ def _parse_signature(r: _Reader) -> QuoteSignature:
     )
 
 
-def parse_quote(data: bytes | bytearray | memoryview) -> Quote:
-    """Parse a TDX quote (v4 or v5); raises `QuoteFormatError` on any malformation."""
+@quote_format_boundary
+def parse_quote(data: bytes | bytearray | memoryview, *, allow_trailer: bool = False) -> Quote:
+    """Parse a TDX quote (v4 or v5); raises `QuoteFormatError` on any malformation.
+
+    Bytes after the signature data must be zero unless *allow_trailer* (test corpora
+    only; see the module docstring).
+    """
     raw = bytes(data)
+    if len(raw) > MAX_QUOTE_BYTES:
+        raise QuoteFormatError(
+            "quote", MAX_QUOTE_BYTES, f"{len(raw)} bytes, more than the {MAX_QUOTE_BYTES} allowed"
+        )
+    quote = _parse_quote(raw)
+    if quote.trailing and not allow_trailer:
+        tail = raw[quote.size :]
+        if tail.count(0) != len(tail):
+            at = quote.size + next(i for i, b in enumerate(tail) if b)
+            raise QuoteFormatError(
+                "trailer", at, "non-zero byte after the signature data (unsigned, refused)"
+            )
+    return quote
+
+
+def _parse_quote(raw: bytes) -> Quote:
     r = _Reader(raw)
     header = _parse_header(r)
     if header.version == 4:

@@ -28,12 +28,27 @@ caches are bounded LRUs guarded by a lock, so one `Verifier` can serve worker th
 
 The verifier never reads the clock and performs no I/O; it returns a
 `VerificationResult` listing every problem found (`reasons`), not just a bool.
-Malformed quote bytes raise `QuoteFormatError` from the parser.
+
+Exception boundary. `Verifier.verify` raises `QuoteFormatError` when the bytes do not
+parse, and nothing else: every other outcome, including a failure nobody foresaw, is
+a result with reasons (which every policy mode but ``disabled`` refuses). By design:
+
+* `parse_quote` is itself a boundary (any decoder exception -> `QuoteFormatError`);
+* certificate decoding is checked structurally before `cryptography` sees the bytes
+  (`CertInfo.from_der`: v3, positive serial, no unused signature bits), and the
+  cached PCK chain check turns anything a corrupt certificate raises into a
+  ``PCK_CERT_INVALID: ...`` reason;
+* `_refusing_unexpected` wraps the whole check of a parsed quote: any exception
+  becomes a refused result with the reason ``VERIFY_ERROR: <type>: <text>`` (the
+  traceback is logged at debug level). A new decoder bug therefore refuses one quote
+  instead of escaping into the caller (the CP's registration and re-attestation).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -47,7 +62,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ee.attestation._der import CertInfo
 from ee.attestation.collateral import (
-    CERT_DECODE_ERRORS,
     Collateral,
     CollateralCheck,
     TcbMatch,
@@ -59,13 +73,17 @@ from ee.attestation.collateral import (
     match_tcb,
     verify_p256,
 )
+from ee.attestation.errors import UNEXPECTED, describe
 from ee.attestation.pck import PckExtension, PckExtensionError, pck_extension_of
 from ee.attestation.quote import Quote, parse_quote
+
+log = logging.getLogger(__name__)
 
 INTEL_SGX_ROOT_CA_FINGERPRINT = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 
 K = TypeVar("K")
 V = TypeVar("V")
+PCK_CERT_INVALID = "PCK_CERT_INVALID"
 
 
 class _Lru(Generic[K, V]):
@@ -173,6 +191,30 @@ class VerificationResult:
     def fmspc(self) -> bytes | None:
         return self.pck.fmspc if self.pck is not None else None
 
+    @classmethod
+    def refused(cls, quote: Quote, reason: str) -> VerificationResult:
+        """A result that proves nothing about *quote*, for *reason*."""
+        return cls(quote, False, False, False, False, (reason,))
+
+
+_Check = Callable[["Verifier", Quote, float, "Collateral | None"], VerificationResult]
+
+
+def _refusing_unexpected(check: _Check) -> _Check:
+    """The boundary around checking a parsed quote: an exception is a refusal."""
+
+    @functools.wraps(check)
+    def guarded(
+        verifier: Verifier, quote: Quote, now: float, collateral: Collateral | None
+    ) -> VerificationResult:
+        try:
+            return check(verifier, quote, now, collateral)
+        except Exception as exc:
+            log.debug("unexpected error verifying a quote", exc_info=True)
+            return VerificationResult.refused(quote, f"{UNEXPECTED}: {describe(exc)}")
+
+    return guarded
+
 
 class Verifier:
     """Verifies quotes against a fixed set of trusted roots, with memoisation."""
@@ -215,18 +257,23 @@ class Verifier:
     # -- the cached, time-independent parts -------------------------------------------
 
     def _check_pck_chain(self, quote: Quote) -> _PckChainEntry:
+        """The chain check, total: whatever the certificates' bytes make a decoder raise
+        (here or in lazily decoded parts: names, extensions, keys) is a cached
+        ``PCK_CERT_INVALID`` problem, so a corrupt chain costs its work only once."""
         try:
             return self._check_pck_chain_unguarded(quote)
-        except CERT_DECODE_ERRORS as exc:
-            # Lazily decoded certificate parts (extensions, keys) of a corrupt chain.
-            return _PckChainEntry.failed(f"PCK chain: malformed certificate ({exc})")
+        except Exception as exc:
+            log.debug("corrupt PCK chain", exc_info=True)
+            return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: {describe(exc)}")
 
     def _check_pck_chain_unguarded(self, quote: Quote) -> _PckChainEntry:
-        ders = quote.signature.pck_chain_der
-        try:
-            infos = [CertInfo.from_der(d) for d in ders]
-        except ValueError as exc:
-            return _PckChainEntry.failed(f"PCK chain: unreadable certificate ({exc})")
+        infos = []
+        for i, der in enumerate(quote.signature.pck_chain_der):
+            try:
+                infos.append(CertInfo.from_der(der))
+            except ValueError as exc:
+                why = describe(exc, typed=False)
+                return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: certificate {i}: {why}")
         chain = check_chain("PCK chain", infos, self._roots, self._link)
         problems = list(chain.problems)
         leaf = infos[0].cert
@@ -273,11 +320,17 @@ class Verifier:
     ) -> VerificationResult:
         """Verify *quote* at unix time *now*, with *collateral* when given.
 
-        Raises `QuoteFormatError` for malformed bytes; everything else is reported in
-        the result's `reasons`.
+        Raises `QuoteFormatError` for malformed bytes and nothing else; everything
+        else, unforeseen failures included, is reported in the result's `reasons`.
         """
         if not isinstance(quote, Quote):
             quote = parse_quote(quote)
+        return self._verify_parsed(quote, now, collateral)
+
+    @_refusing_unexpected
+    def _verify_parsed(
+        self, quote: Quote, now: float, collateral: Collateral | None
+    ) -> VerificationResult:
         sig = quote.signature
         reasons: list[str] = []
 

@@ -60,6 +60,14 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     vq.add_argument("--policy", metavar="FILE", help="measurement policy JSON")
     vq.add_argument("--node-size", metavar="SIZE", help="apply this node size's allowlists")
+    vq.add_argument(
+        "--allow-trailer",
+        action="store_true",
+        help=(
+            "accept non-zero bytes after the quote's signature data (unsigned; some test "
+            "corpora append a note there). Default: only zero padding"
+        ),
+    )
     vq.add_argument("--json", action="store_true", help="print one JSON object")
     vq.set_defaults(handler=verify_quote)
 
@@ -165,7 +173,7 @@ def verify_quote(args: argparse.Namespace) -> int:
 def _verify_quote(args: argparse.Namespace) -> int:
     raw = _read(args.quote, "quote")
     try:
-        quote = parse_quote(raw)
+        quote = parse_quote(raw, allow_trailer=args.allow_trailer)
     except QuoteFormatError as exc:
         raise _InputError(f"{args.quote}: {exc}", EXIT_REFUSED) from None
     collateral = None
