@@ -3,6 +3,12 @@
 Everything lives under ``.ee-dev/`` (CP data dir, agent data dir, sim attestation chain,
 logs, the tenant key), so a second run reuses it: the same admin token, the same agent
 id, and the running workload is adopted rather than redeployed.
+
+The CP's and the agent's pids are kept in ``.ee-dev/quickstart.pids`` while they run;
+``--stop`` (from any terminal, e.g. after ``--detach``) stops the processes named there
+with SIGTERM (SIGKILL after a grace period). A pid is only signalled while its command
+line is still that ee-cp/ee-agent with this state folder, so a pid reused by another
+process is never touched.
 """
 
 from __future__ import annotations
@@ -76,6 +82,58 @@ def build_context() -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+PIDS_FILE = "quickstart.pids"
+STOP_GRACE_S = 20.0
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def ours(pid: int, program: str, state: Path) -> bool:
+    """Is *pid* still the *program* (ee-cp / ee-agent) this state folder started?"""
+    cmd = _cmdline(pid)
+    data_dirs = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == "--data-dir"]
+    return (any(Path(a).name == program for a in cmd[:2])
+            and any(Path(d).resolve().parent == state.resolve() for d in data_dirs))
+
+
+def write_pids(state: Path, procs: dict[str, int]) -> None:
+    (state / PIDS_FILE).write_text(json.dumps(procs) + "\n")
+
+
+def stop(state: Path) -> int:
+    """Stop the CP and agent a quick start left running; 0 also when none was running."""
+    path = state / PIDS_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        print(f"quickstart: nothing to stop (no {path})")
+        return 0
+    except ValueError:
+        fail(f"{path} is not a pid file; stop the processes by hand")
+    alive = {name: int(pid) for name, pid in recorded.items()
+             if ours(int(pid), name, state)}
+    for name, pid in sorted(alive.items(), key=lambda item: item[0] != "ee-agent"):
+        print(f"quickstart: stopping {name} (pid {pid})")
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while alive and time.monotonic() < deadline:
+        alive = {n: p for n, p in alive.items() if ours(p, n, state)}
+        time.sleep(0.2)
+    for name, pid in alive.items():
+        print(f"quickstart: {name} (pid {pid}) ignored SIGTERM; killing it")
+        os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    print("quickstart: stopped (the workload's containers keep running and are adopted "
+          "by the next quick start)")
+    return 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=str(ROOT / ".ee-dev"), help="state folder (.ee-dev)")
@@ -84,12 +142,17 @@ def main() -> None:
     p.add_argument("--agent-port", type=int, default=8080)
     p.add_argument("--detach", action="store_true",
                    help="leave the CP and agent running and return")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the CP and agent a quick start (e.g. --detach) left running")
     args = p.parse_args()
+    if args.stop:
+        sys.exit(stop(Path(args.dir)))
 
     for port in (args.cp_port, args.agent_plane_port, args.agent_port):
         if not port_free(port):
-            fail(f"port {port} is in use (another quickstart running? pick other ports "
-                 "with --cp-port/--agent-plane-port/--agent-port)")
+            fail(f"port {port} is in use (another quick start running? `tools/quickstart "
+                 "--stop` stops it; or pick other ports with --cp-port/--agent-plane-port/"
+                 "--agent-port)")
     if shutil.which("ee-cp") is None or shutil.which("ee-agent") is None:
         fail("ee-cp/ee-agent are not on PATH: run `pip install -e .` first")
     ensure_docker()
@@ -115,8 +178,10 @@ def main() -> None:
         ["ee-cp", "--dev", "--data-dir", str(state / "cp"),
          "--listen", f"127.0.0.1:{args.cp_port}",
          "--agent-listen", f"127.0.0.1:{args.agent_plane_port}"],
-        env=env, stdout=open(state / "cp.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        env=env, stdout=open(state / "cp.log", "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True)
     procs.append(cp)
+    write_pids(state, {"ee-cp": cp.pid})
     try:
         wait_for("the CP", lambda: cp.poll() is None and httpx.get(
             f"{cp_url}/api/v2/health", timeout=2).status_code == 200)
@@ -130,8 +195,9 @@ def main() -> None:
              "--listen", f"127.0.0.1:{args.agent_port}", "--data-dir", str(state / "agent"),
              "--vm-name", "dev-agent-1"],
             env=env, stdout=open(state / "agent.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(agent)
+        write_pids(state, {"ee-cp": cp.pid, "ee-agent": agent.pid})
         wait_for("the agent to register", lambda: agent.poll() is None and any(
             a["status"] == "online" for a in admin.get("/api/v2/agents").json()["agents"]))
         if agent.poll() is not None:
@@ -188,6 +254,7 @@ EasyEnclave is running.
 """, flush=True)
         if args.detach:
             procs.clear()
+            print("Detached: `tools/quickstart --stop` stops the CP and the agent.")
             return
         print("Ctrl-C stops the CP and the agent (the workload keeps running and is "
               "adopted next time).", flush=True)
@@ -198,7 +265,9 @@ EasyEnclave is running.
     except KeyboardInterrupt:
         print("\nquickstart: stopping")
     finally:
-        stop_all()
+        if procs:
+            stop_all()
+            (state / PIDS_FILE).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
