@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ee import __version__
-from ee.ctl import agents, capacity, console, deploy, trust
+from ee.ctl import agents, capacity, console, deploy, release, tenant, trust
 
-GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents)
+GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant)
 
 Handler = Callable[[argparse.Namespace], int]
 
