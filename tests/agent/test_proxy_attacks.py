@@ -346,6 +346,20 @@ async def test_proxy_tricks_are_refused_and_reach_nothing(tmp_path: Path) -> Non
                 answer = parse_answer(data)
                 assert (answer.status, answer.code) == (400, "ambiguous_framing")
             env.untouched()
+            # An h2c upgrade turns the connection into HTTP/2 (Hypercorn does that before
+            # any app code); the same gate refuses the request inside it.
+            with trio.fail_after(10):
+                async with await trio.open_tcp_stream("127.0.0.1", env.port) as stream:
+                    await stream.send_all(head(
+                        f"GET http://127.0.0.1:{env.elsewhere.port}/x HTTP/1.1",
+                        "Upgrade: h2c", "Connection: Upgrade, HTTP2-Settings",
+                        "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+                    ).replace(b"Connection: close\r\n", b""))
+                    frames = b""
+                    while b'"absolute_form"' not in frames:
+                        frames += await stream.receive_some(65536)
+            assert frames.startswith(b"HTTP/1.1 101 ")
+            env.untouched()
             # Hypercorn's h11 refuses these before the agent's code runs (a bare 4xx/5xx,
             # no JSON body); they reach nothing either.
             for request in (

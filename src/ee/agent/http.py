@@ -312,8 +312,8 @@ def response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]
 class TokenBucket:
     """At most *burst* at once, refilled at *rate* per second; fed Trio time."""
 
-    rate: float = attrs.field(validator=attrs.validators.gt(0))
-    burst: float = attrs.field(validator=attrs.validators.ge(1))
+    rate: float = attrs.field(validator=attrs.validators.gt(0.0))
+    burst: float = attrs.field(validator=attrs.validators.ge(1.0))
     _tokens: float = attrs.field(init=False)
     _at: float | None = attrs.field(init=False, default=None)
 
@@ -331,9 +331,7 @@ class TokenBucket:
         return (1 - self._tokens) / self.rate
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+_positive = attrs.validators.gt(0.0)
 
 
 @attrs.frozen
