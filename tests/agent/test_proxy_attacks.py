@@ -41,7 +41,7 @@ from ee.agent.http import (
 from ee.agent.server import Agent
 from ee.agent.workload import DeploymentStatus
 
-from .agentkit import agent_config
+from .agentkit import agent_config, eventually
 
 COMPOSE_HASH = "sha256:" + "ab" * 32
 TENANT_APP = "acct-7f3a9c.shop"  # the CP names apps <account id>.<name>
@@ -67,10 +67,13 @@ class Seen:
 class Upstream:
     """A loopback HTTP/1.1 server that records every connection and request."""
 
-    def __init__(self) -> None:
+    def __init__(self, reads: bool = True) -> None:
+        self.reads = reads  # False: accept connections, never read from them
         self.port = 0
         self.connections = 0
         self.requests: list[Seen] = []
+        self.held = 0  # requests for /hold waiting for release
+        self.release = trio.Event()
 
     async def serve(self, task_status: trio.TaskStatus[Upstream] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -81,6 +84,8 @@ class Upstream:
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        if not self.reads:
+            await trio.sleep_forever()
         conn = h11.Connection(h11.SERVER)
         seen: Seen | None = None
         body = bytearray()
@@ -102,6 +107,9 @@ class Upstream:
                     assert seen is not None
                     seen.body = bytes(body)
                     self.requests.append(seen)
+                    if seen.target == "/hold":
+                        self.held += 1
+                        await self.release.wait()
                     await stream.send_all(conn.send(self._answer(seen)) or b"")
                     await stream.send_all(conn.send(h11.Data(data=b"upstream-ok")) or b"")
                     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
@@ -166,9 +174,11 @@ class Setup:
 
 
 @asynccontextmanager
-async def agent_port(tmp_path: Path, limits: HttpLimits | None = None) -> AsyncIterator[Setup]:
+async def agent_port(tmp_path: Path, limits: HttpLimits | None = None,
+                     workload: Upstream | None = None) -> AsyncIterator[Setup]:
     async with trio.open_nursery() as nursery:
-        workload: Upstream = await nursery.start(Upstream().serve)
+        workload = await nursery.start((workload or Upstream()).serve)
+        assert workload is not None
         elsewhere: Upstream = await nursery.start(Upstream().serve)
         agent = LoopbackWorkloadAgent(agent_config(tmp_path / "agent"),
                                       workload_port=workload.port, http_limits=limits)
@@ -240,9 +250,9 @@ async def read_to_eof(stream: trio.abc.ReceiveStream) -> bytes:
     return bytes(data)
 
 
-async def raw(port: int, request: bytes) -> Answer:
+async def raw(port: int, request: bytes, timeout: float = 10) -> Answer:
     """Send *request* as is on a fresh connection; read one whole response."""
-    with trio.fail_after(10):
+    with trio.fail_after(timeout):
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             await stream.send_all(request)
             reader = Reader()
@@ -466,6 +476,51 @@ async def test_attested_health_is_rate_limited(tmp_path: Path) -> None:
             bad = await raw(env.port, head("GET /api/health?attest=true&nonce=zz HTTP/1.1"))
             assert (bad.status, bad.code) == (400, "bad_nonce")
             assert (await raw(env.port, head("GET /api/health HTTP/1.1"))).status == 200
+
+
+async def test_an_upload_waits_for_the_workload(tmp_path: Path) -> None:
+    """A fast client and a workload that reads nothing: the agent buffers about its
+    window (1 MiB), not the upload; the rest waits in the client (TCP pushes back)."""
+    total = 256 << 20
+    sent = 0
+    with trio.fail_after(120):
+        async with agent_port(tmp_path, workload=Upstream(reads=False)) as env:
+            async with await trio.open_tcp_stream("127.0.0.1", env.port) as stream:
+                await stream.send_all(head("POST /upload HTTP/1.1", f"Content-Length: {total}"))
+
+                async def push() -> None:
+                    nonlocal sent
+                    chunk = bytes(1 << 16)
+                    while sent < total:
+                        await stream.send_all(chunk)
+                        sent += len(chunk)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(push)
+                    await trio.testing.wait_all_tasks_blocked(cushion=0.5)
+                    nursery.cancel_scope.cancel()
+            assert env.workload.connections == 1
+    # What sits in kernel socket buffers (two connections) and the window, no more.
+    assert sent < 64 << 20, sent
+
+
+async def test_slow_requests_do_not_starve_the_others(tmp_path: Path) -> None:
+    """120 requests the workload sits on; the next one is still proxied at once."""
+    with trio.fail_after(60):
+        async with agent_port(tmp_path) as env:
+            answers: list[Answer] = []
+
+            async def held() -> None:
+                answers.append(await raw(env.port, head("GET /hold HTTP/1.1"), timeout=60))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(120):
+                    nursery.start_soon(held)
+                await eventually(lambda: env.workload.held == 120, timeout=30)
+                answer = await raw(env.port, head("GET /fine HTTP/1.1"))
+                assert (answer.status, answer.body) == (200, b"upstream-ok")
+                env.workload.release.set()
+            assert [a.status for a in answers] == [200] * 120
 
 
 # --- slow clients (Trio time: the autojump clock skips the waiting) ---------------------

@@ -52,8 +52,11 @@ Time limits (:class:`HttpLimits`): the request head must arrive within
 connections); a proxied request body may pause at most ``body_idle_timeout_s`` between
 chunks and must end within ``body_timeout_s`` (408 ``body_timeout``, connection
 closed); the workload must connect within ``upstream_connect_timeout_s`` and may pause
-at most ``upstream_read_timeout_s`` while answering. Response bodies stream, so their
-size costs the agent no memory.
+at most ``upstream_read_timeout_s`` while answering. Memory: a request body is read
+at most :data:`BODY_WINDOW_BYTES` ahead of what the workload has taken
+(:class:`BodyWindow`; the client waits on TCP beyond that), and response bodies
+stream, so neither size costs the agent memory. Upstream connections are not pooled
+under a cap, so slow requests cannot starve the others of connections.
 
 No workload, or one that does not answer, is a 502 with a JSON error; a connect
 failure also makes the agent re-inspect the deployment, so a dead container shows up
@@ -82,6 +85,7 @@ import trio
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
+    ASGIReceiveEvent,
     ASGISendCallable,
     ASGISendEvent,
     HTTPResponseBodyEvent,
@@ -143,6 +147,8 @@ CONNECTION_TOKENS = HOP_BY_HOP | {"close"}
 FORWARDED_BY_US = frozenset({"x-forwarded-proto", "x-forwarded-host"})
 MAX_NONCE_BYTES = 64
 MAX_TARGET_BYTES = 8192
+BODY_WINDOW_BYTES = 1 << 20  # request body read ahead of the workload, per request
+BODY_WINDOW_KEY = "ee.body_window"
 
 # RFC 3986 pchar / "/" / "?" (unreserved, sub-delims, ":", "@", "%"), plus "|^[]"
 # which browsers send unescaped. Everything else in a target is refused.
@@ -179,6 +185,35 @@ class RequestRefused(AgentHttpError):
 
 class BodyTimeout(Exception):
     """The client sent its request body too slowly (raised into the upstream send)."""
+
+
+class BodyWindow:
+    """Flow control for one request body: at most *limit* bytes read ahead.
+
+    Hypercorn hands the app body chunks as fast as the client sends them, and Quart's
+    ``request.body`` keeps every chunk until it is read; behind a workload that reads
+    slowly (or not at all) a client could park its whole upload in the agent's memory.
+    The guard's ``receive`` waits while more than *limit* bytes are received but not
+    yet forwarded; Hypercorn then stops reading the socket and TCP pushes back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ahead = 0
+        self._room = trio.Event()
+
+    def received(self, size: int) -> None:
+        self.ahead += size
+
+    def forwarded(self, size: int) -> None:
+        self.ahead -= size
+        if self.ahead <= self.limit:
+            self._room.set()
+            self._room = trio.Event()
+
+    async def wait_for_room(self) -> None:
+        while self.ahead > self.limit:
+            await self._room.wait()
 
 
 # --- pure checks (no I/O; tested line by line) ----------------------------------------
@@ -429,7 +464,10 @@ class RequestGuard:
                 await send(HTTPResponseBodyEvent(type="http.response.body", body=body,
                                                  more_body=False))
                 return
-            await self.app(scope, receive, partial(_send_shielding_the_end, send))
+            window = BodyWindow(BODY_WINDOW_BYTES)
+            cast(dict[str, Any], scope)[BODY_WINDOW_KEY] = window
+            await self.app(scope, partial(_receive_within, window, receive),
+                           partial(_send_shielding_the_end, send))
             return
         await self.app(scope, receive, send)
 
@@ -448,6 +486,15 @@ class RequestGuard:
             headers=[*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
         await send(WebsocketResponseBodyEvent(type="websocket.http.response.body", body=body,
                                               more_body=False))
+
+
+async def _receive_within(window: BodyWindow, receive: ASGIReceiveCallable
+                          ) -> ASGIReceiveEvent:
+    await window.wait_for_room()
+    message = await receive()
+    if message["type"] == "http.request":
+        window.received(len(message.get("body", b"")))
+    return message
 
 
 async def _send_shielding_the_end(send: ASGISendCallable, message: ASGISendEvent) -> None:
@@ -678,6 +725,8 @@ async def _proxy(agent: HttpHost, client: httpx.AsyncClient) -> Response:
         k.lower() == b"content-length" and v.strip() != b"0" for k, v in scope["headers"])
     limits = agent.http_limits
 
+    window: BodyWindow | None = cast(dict[str, Any], scope).get(BODY_WINDOW_KEY)
+
     async def body() -> AsyncIterator[bytes]:
         chunks = request.body.__aiter__()
         deadline = trio.current_time() + limits.body_timeout_s
@@ -691,6 +740,8 @@ async def _proxy(agent: HttpHost, client: httpx.AsyncClient) -> Response:
             if waited.cancelled_caught:
                 raise BodyTimeout()
             yield chunk
+            if window is not None:
+                window.forwarded(len(chunk))
 
     outgoing = client.build_request(
         request.method, url, headers=headers, content=body() if has_body else None)
@@ -745,7 +796,10 @@ async def serve_http(
     timeout = httpx.Timeout(connect=limits.upstream_connect_timeout_s,
                             read=limits.upstream_read_timeout_s,
                             write=limits.body_timeout_s, pool=10.0)
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+    # No cap on upstream connections: a pool limit would let a hundred slow clients
+    # starve everyone else (each proxied request holds one for its whole life).
+    pool = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+    async with httpx.AsyncClient(timeout=timeout, limits=pool, trust_env=False,
                                  follow_redirects=False) as client:
         app = RequestGuard(cast(ASGIFramework, make_app(agent, client)))
         await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
