@@ -69,6 +69,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -358,7 +359,7 @@ class TokenBucket:
     def take(self, now: float) -> float:
         """0.0 when a token was taken, else the seconds until one is available."""
         if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
         self._at = now
         if self._tokens >= 1:
             self._tokens -= 1
@@ -683,6 +684,7 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
     wait = bucket.take(trio.current_time())
     if wait > 0:
         retry = max(1, math.ceil(wait))
+        log.warning("attested health refused: rate limit (retry in %ss)", retry)
         raise AgentHttpError(429, "rate_limited", "too many attested health requests; retry later",
                              {"retry_after_s": retry})
     quote = await agent.quotes.quote(report_data)
@@ -696,7 +698,13 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
 
 
 def _is_loopback(address: str) -> bool:
-    return address == "::1" or address.startswith("127.")
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 async def _proxy(agent: HttpHost, client: httpx.AsyncClient) -> Response:
