@@ -132,7 +132,15 @@ class Agent:
         http_limits: HttpLimits | None = None,
     ) -> None:
         self.config = config
-        self.http_limits = http_limits or HttpLimits()
+        self.http_limits = http_limits or HttpLimits(
+            header_timeout_s=config.http_header_timeout_s,
+            body_idle_timeout_s=config.http_body_idle_timeout_s,
+            body_timeout_s=config.http_body_timeout_s,
+            upstream_connect_timeout_s=config.upstream_connect_timeout_s,
+            upstream_read_timeout_s=config.upstream_read_timeout_s,
+            attest_rate_per_s=config.attest_rate_per_s,
+            attest_burst=config.attest_burst,
+        )
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.vm_name = config.vm_name or socket.gethostname()
