@@ -34,8 +34,9 @@ deployments). So:
 * the failure budget (``failed_agents``) is in the manifest too, so a restart does not
   give a failed deployment another round. An agent that goes away is a lost replica,
   not a failed one: it never counts against the budget.
-* with ``ready`` given, a placed agent that has not reconnected since a CP restart is
-  waited for (not re-placed) until the CP's rehydration quorum is met, then let go.
+* a placed agent that has not reconnected since a CP restart stays placed (adopted
+  when it returns) until the deployment is healthy without it; with ``ready`` given,
+  it is not even re-placed until the CP's rehydration quorum is met.
 
 A deployment that cannot be placed stays ``placing`` and says why in ``error``, with
 the placement reason codes of the agents it could not use.
@@ -496,20 +497,15 @@ class AppActor(Actor):
             elif agent_id not in listed:
                 del replicas[agent_id]
                 placed.discard(agent_id)
-        # Placed agents holding no replica: not back since a CP restart (waited for
-        # until the CP is ready), offline, or without it (the deploy never arrived).
-        ready = self.deps.ready() if self.deps.ready is not None else None
-        awaited = 0
-        for agent_id in sorted(placed - set(replicas)):
-            seen = by_id.get(agent_id)
-            if seen is None and ready is False:
-                awaited += 1
-            elif seen is None and ready:
-                self.deps.emit("replica.lost", deployment_id,
-                               {"agent_id": agent_id, "reason": "not back after a restart"})
-                placed.discard(agent_id)
-            elif seen is not None:
-                placed.discard(agent_id)
+        # Placed agents holding no replica. One not back since a CP restart stays placed
+        # (adopted if it returns with the replica) until the deployment is healthy
+        # without it, and is waited for (not re-placed) while the CP is not ready. One
+        # that is back (or offline) without the replica lets it go: the deploy never
+        # arrived, or the replica was lost.
+        absent = {a for a in placed - set(replicas) if a not in by_id}
+        placed &= set(replicas) | absent
+        waiting = bool(absent) and self.deps.ready is not None and not self.deps.ready()
+        awaited = len(absent) if waiting else 0
         # 2. Failed replicas: stop them there and try elsewhere.
         for agent_id, replica in list(replicas.items()):
             if replica.state == "failed" and dep.desired == "running":
