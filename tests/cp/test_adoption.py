@@ -106,7 +106,7 @@ class Cp:
 @asynccontextmanager
 async def control_plane(data: Path, agent_listen: str, *,
                         wrap_save: Callable[[Save], Save] | None = None,
-                        settle_s: float = 30) -> AsyncIterator[Cp]:
+                        settle_s: float = 30, max_attempts: int = 3) -> AsyncIterator[Cp]:
     """A CP with the readiness wiring AppDeps.ready asks for (applied here until
     server.py passes it), a quick reconcile, and optionally a wrapped manifest save."""
     config = dev_config(data, agent_listen=agent_listen, quorum=Quorum(settle_timeout_s=settle_s),
@@ -118,7 +118,7 @@ async def control_plane(data: Path, agent_listen: str, *,
 
     def app_deps() -> Any:
         deps = base()
-        changes: dict[str, Any] = {"reconcile_interval_s": 0.3}
+        changes: dict[str, Any] = {"reconcile_interval_s": 0.3, "max_attempts": max_attempts}
         if deps.ready is None:
             changes["ready"] = lambda: cp.readiness().ready
         if wrap_save is not None:
@@ -282,6 +282,102 @@ async def test_placed_replica_with_a_wrong_hash_is_failed_not_adopted(tmp_path: 
                 assert [(e["agent_id"], e["reason"]) for e in stray] == \
                     [(b.agent_id, "COMPOSE_HASH_MISMATCH")]
                 assert a.received == [("deploy", dep_id)]  # adopted, not restarted
+            agents.cancel_scope.cancel()
+
+
+async def test_budget_spent_on_the_first_pass_after_a_restart(tmp_path: Path) -> None:
+    """The adopted replica is the last try (budget 1) and has the wrong hash: the
+    deployment fails straight from pending, without crashing its actor."""
+    data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
+    with trio.fail_after(60):
+        async with trio.open_nursery() as agents:
+            async with control_plane(data, listen) as cp:
+                a = cp.agent("vm-a")
+                await agents.start(a.run_forever)
+                http = await tenant(cp.env, "t")
+                async with http:
+                    await setup_app(http)
+                    dep_id = await deploy(http)
+                    await reach_state(http, dep_id, "running")
+                    key = await key_of(http)
+            a.deployments[dep_id] = attrs.evolve(a.deployments[dep_id],
+                                                 compose_hash=WRONG_HASH)
+            async with control_plane(data, listen, max_attempts=1) as cp:
+                async with cp.env.client(token=key) as http:
+                    d = await reach_state(http, dep_id, "failed")
+                assert d["failures"] == 1 and d["replicas"] == []
+                app = f"app/{cp.env.cp.deployment_index[dep_id]}"
+                node = next(x for x in cp.env.cp.root.snapshot().walk() if x.name == app)
+                assert node.restarts == 0, node.last_error
+                assert a.undeploys(dep_id) == 1
+            agents.cancel_scope.cancel()
+
+
+async def test_app_restart_that_spends_the_budget_on_its_first_pass(tmp_path: Path) -> None:
+    """An AppActor restarted (chaos) with one failure on record finds its replica with
+    the wrong hash on its first pass: the deployment goes pending → failed (budget 2
+    spent), and the actor does not crash over it."""
+    data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
+    hold = {"saves": False}
+    blocked = trio.Event()
+
+    def blocker(save: Save) -> Save:
+        async def wrapped(kind: str, ident: str, spec: dict[str, Any]) -> None:
+            if hold["saves"]:
+                blocked.set()
+                await trio.sleep_forever()
+            await save(kind, ident, spec)
+
+        return wrapped
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as agents, \
+                control_plane(data, listen, wrap_save=blocker, max_attempts=2) as cp:
+            fleet = {}
+            for name in ("vm-a", "vm-b"):
+                agent = cp.agent(name)
+                await agents.start(agent.run)
+                fleet[agent.agent_id] = agent
+            http = await tenant(cp.env, "t")
+            async with http, trio.open_nursery() as requests:
+                await setup_app(http)
+                dep_id = await deploy(http)
+                d = await reach_state(http, dep_id, "running")
+                first = fleet[d["replicas"][0]["agent_id"]]
+                await first.send(DeployStatus(deployment_id=dep_id, state="running",
+                                              compose_hash=WRONG_HASH))
+
+                async def moved() -> dict[str, Any] | None:
+                    d = await deployment(http, dep_id)
+                    ids = [r["agent_id"] for r in d["replicas"]]
+                    ok = d["state"] == "running" and ids and ids != [first.agent_id]
+                    return d if ok else None
+
+                d = await wait_until(moved, "moved after the first failure")
+                assert d["failures"] == 1
+                second = fleet[d["replicas"][0]["agent_id"]]
+                # Hold the app actor in a save, let the second agent's workload change
+                # meanwhile, then crash the actor: its restart sees the change first.
+                hold["saves"] = True
+                requests.start_soon(deploy_into_a_crash, http)
+                await blocked.wait()
+                await second.send(DeployStatus(deployment_id=dep_id, state="running",
+                                               compose_hash=WRONG_HASH))
+
+                async def agent_shows_it() -> bool:
+                    async with cp.env.client() as admin:
+                        view = (await admin.get(f"/api/v2/agents/{second.agent_id}")).json()
+                    return any(x["compose_hash"] == WRONG_HASH for x in view["deployment"])
+
+                await wait_until(agent_shows_it, "the agent's view changed")
+                hold["saves"] = False
+                app = f"app/{cp.env.cp.deployment_index[dep_id]}"
+                assert cp.env.cp.root.crash(app)
+                d = await reach_state(http, dep_id, "failed")
+                assert d["failures"] == 2 and "2 agents" in d["error"]
+                node = next(x for x in cp.env.cp.root.snapshot().walk() if x.name == app)
+                assert node.restarts == 1, node.last_error  # the chaos crash, no other
+                requests.cancel_scope.cancel()
             agents.cancel_scope.cancel()
 
 

@@ -4,8 +4,8 @@ deployment's state from what its replicas report.
 ::
 
     pending → placing → starting → running
-                 │          │         │
-                 └──────────┴─────────┴──▶ failed        (placement or replicas gave up)
+       │         │          │         │
+       └─────────┴──────────┴─────────┴──▶ failed        (placement or replicas gave up)
     any live state ──undeploy──▶ stopping ⇄ stopped   (back to stopping if a replica
                                                        of a stopped one turns up)
 
@@ -40,6 +40,9 @@ LIVE: Final = ("pending", "placing", "starting", "running", "failed")
 
 TRANSITIONS: Final[frozenset[tuple[str, str]]] = frozenset({
     ("pending", "placing"),
+    # The budget ran out on the first pass (after a CP restart: the failures so far
+    # are in the manifest, and an adopted replica turns out failed).
+    ("pending", "failed"),
     ("placing", "starting"),
     ("placing", "running"),  # every replica adopted already running (after a CP restart)
     ("placing", "failed"),
