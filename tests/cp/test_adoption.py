@@ -86,6 +86,12 @@ class Agent(SimAgent):
     def undeploys(self, dep_id: str) -> int:
         return self.received.count(("undeploy", dep_id))
 
+    async def lose(self) -> None:
+        """The VM goes away: no more heartbeats, the session closed under the CP."""
+        self.heartbeats = False
+        assert self.ws is not None
+        await self.ws.aclose()
+
 
 @attrs.define
 class Cp:
@@ -97,6 +103,14 @@ class Cp:
 
     def agent(self, vm_name: str, **kw: Any) -> Agent:
         return Agent(url=self.env.agent_url, td=self.env.td, vm_name=vm_name, **kw)
+
+    async def start(self, nursery: trio.Nursery, *names: str, forever: bool = False,
+                    **kw: Any) -> list[Agent]:
+        """Agents registered (``forever``: reconnecting, as across a CP restart)."""
+        agents = [self.agent(name, **kw) for name in names]
+        for agent in agents:
+            await nursery.start(agent.run_forever if forever else agent.run)
+        return agents
 
     def events(self, kind: str, subject: str | None = None) -> list[dict[str, Any]]:
         return [dict(e.data) for e in self.env.cp.events.recent
@@ -251,9 +265,7 @@ async def test_placed_replica_with_a_wrong_hash_is_failed_not_adopted(tmp_path: 
     with trio.fail_after(90):
         async with trio.open_nursery() as agents:
             async with control_plane(data, listen) as cp:
-                a, b = cp.agent("vm-a"), cp.agent("vm-b")
-                for agent in (a, b):
-                    await agents.start(agent.run_forever)
+                a, b = await cp.start(agents, "vm-a", "vm-b", forever=True)
                 http = await tenant(cp.env, "t")
                 async with http:
                     await setup_app(http)
@@ -264,8 +276,7 @@ async def test_placed_replica_with_a_wrong_hash_is_failed_not_adopted(tmp_path: 
             b.deployments[dep_id] = attrs.evolve(b.deployments[dep_id],
                                                  compose_hash=WRONG_HASH)
             async with control_plane(data, listen) as cp:
-                c = cp.agent("vm-c")
-                await agents.start(c.run_forever)
+                [c] = await cp.start(agents, "vm-c", forever=True)
                 async with cp.env.client(token=key) as http:
 
                     async def moved() -> dict[str, Any] | None:
@@ -292,8 +303,7 @@ async def test_budget_spent_on_the_first_pass_after_a_restart(tmp_path: Path) ->
     with trio.fail_after(60):
         async with trio.open_nursery() as agents:
             async with control_plane(data, listen) as cp:
-                a = cp.agent("vm-a")
-                await agents.start(a.run_forever)
+                [a] = await cp.start(agents, "vm-a", forever=True)
                 http = await tenant(cp.env, "t")
                 async with http:
                     await setup_app(http)
@@ -333,11 +343,7 @@ async def test_app_restart_that_spends_the_budget_on_its_first_pass(tmp_path: Pa
     with trio.fail_after(60):
         async with trio.open_nursery() as agents, \
                 control_plane(data, listen, wrap_save=blocker, max_attempts=2) as cp:
-            fleet = {}
-            for name in ("vm-a", "vm-b"):
-                agent = cp.agent(name)
-                await agents.start(agent.run)
-                fleet[agent.agent_id] = agent
+            fleet = {a.agent_id: a for a in await cp.start(agents, "vm-a", "vm-b")}
             http = await tenant(cp.env, "t")
             async with http, trio.open_nursery() as requests:
                 await setup_app(http)
@@ -385,9 +391,7 @@ async def test_a_report_with_a_wrong_hash_fails_the_replica(tmp_path: Path) -> N
     data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
     with trio.fail_after(60):
         async with trio.open_nursery() as agents, control_plane(data, listen) as cp:
-            fleet = [cp.agent(f"vm-{i}") for i in range(2)]
-            for agent in fleet:
-                await agents.start(agent.run)
+            fleet = await cp.start(agents, "vm-0", "vm-1")
             http = await tenant(cp.env, "t")
             async with http:
                 await setup_app(http)
@@ -417,8 +421,7 @@ async def test_a_stray_is_never_placed_on(tmp_path: Path) -> None:
     data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
     with trio.fail_after(60):
         async with trio.open_nursery() as agents, control_plane(data, listen) as cp:
-            a = cp.agent("vm-a")
-            await agents.start(a.run)
+            [a] = await cp.start(agents, "vm-a")
             http = await tenant(cp.env, "t")
             async with http:
                 d = await setup_app(http)
@@ -429,11 +432,8 @@ async def test_a_stray_is_never_placed_on(tmp_path: Path) -> None:
                                                    d["compose_hash"])
                 await agents.start(liar.run)
                 await wait_until(lambda: liar.undeploys(dep_id), "stray stopped")
-                spare = cp.agent("vm-spare")
-                await agents.start(spare.run)
-                a.heartbeats = False
-                assert a.ws is not None
-                await a.ws.aclose()  # the real replica's agent is lost
+                [spare] = await cp.start(agents, "vm-spare")
+                await a.lose()  # the real replica's agent
 
                 async def replaced() -> dict[str, Any] | None:
                     d = await deployment(http, dep_id)
@@ -485,8 +485,7 @@ async def test_crash_between_placement_save_and_deploy(tmp_path: Path, when: str
         async with trio.open_nursery() as agents:
             async with control_plane(data, listen,
                                      wrap_save=_blocking_save(when, saved, record)) as cp:
-                a = cp.agent("vm-a")
-                await agents.start(a.run_forever)
+                [a] = await cp.start(agents, "vm-a", forever=True)
                 http = await tenant(cp.env, "t")
                 key = await key_of(http)
                 async with http, trio.open_nursery() as requests:
@@ -548,21 +547,17 @@ async def test_agent_lost_mid_deploy_is_not_a_failure(tmp_path: Path) -> None:
         if lost:
             return True
         lost.append(agent)
-        agent.heartbeats = False
         return False  # never runs it, never reports: the test closes its session
 
     with trio.fail_after(60):
         async with trio.open_nursery() as agents, control_plane(data, listen) as cp:
-            fleet = [cp.agent(f"vm-{i}", on_deploy=vanish) for i in range(2)]
-            for agent in fleet:
-                await agents.start(agent.run)
+            fleet = await cp.start(agents, "vm-0", "vm-1", on_deploy=vanish)
             http = await tenant(cp.env, "t")
             async with http:
                 await setup_app(http)
                 dep_id = await deploy(http)
                 await wait_until(lambda: lost, "one agent got the deploy")
-                assert lost[0].ws is not None
-                await lost[0].ws.aclose()  # gone mid-deploy, never reported anything
+                await lost[0].lose()  # gone mid-deploy, never reported anything
                 d = await reach_state(http, dep_id, "running")
                 survivor = next(a for a in fleet if a is not lost[0])
                 assert [r["agent_id"] for r in d["replicas"]] == [survivor.agent_id]
@@ -578,9 +573,8 @@ async def test_failure_count_survives_a_restart(tmp_path: Path) -> None:
     with trio.fail_after(90):
         async with trio.open_nursery() as agents:
             async with control_plane(data, listen) as cp:
-                fleet = [cp.agent(f"vm-{i}", fail_deploys=True) for i in range(4)]
-                for agent in fleet:
-                    await agents.start(agent.run_forever)
+                fleet = await cp.start(agents, *(f"vm-{i}" for i in range(4)),
+                                       forever=True, fail_deploys=True)
                 http = await tenant(cp.env, "t")
                 async with http:
                     await setup_app(http)
@@ -610,17 +604,13 @@ async def test_unplaceable_deployment_says_why(tmp_path: Path) -> None:
     data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
     with trio.fail_after(60):
         async with trio.open_nursery() as agents, control_plane(data, listen) as cp:
-            fleet = [cp.agent(f"vm-{i}") for i in range(2)]
-            for agent in fleet:
-                await agents.start(agent.run)
+            fleet = await cp.start(agents, "vm-0", "vm-1")
             http = await tenant(cp.env, "t")
             async with http:
                 await setup_app(http)
                 dep_id = await deploy(http, replicas=2)
                 await reach_state(http, dep_id, "running")
-                fleet[0].heartbeats = False
-                assert fleet[0].ws is not None
-                await fleet[0].ws.aclose()
+                await fleet[0].lose()
 
                 async def short() -> dict[str, Any] | None:
                     d = await deployment(http, dep_id)
@@ -632,8 +622,7 @@ async def test_unplaceable_deployment_says_why(tmp_path: Path) -> None:
                 assert d["error"] == ("cannot place 1 of 2 replicas: 1 candidate, "
                                       "1 agent rejected (OFFLINE: 1, BUSY: 1)")
                 assert d["failures"] == 0
-                spare = cp.agent("vm-spare")
-                await agents.start(spare.run)
+                await cp.start(agents, "vm-spare")
                 d = await reach_state(http, dep_id, "running")
                 assert d["error"] is None
             agents.cancel_scope.cancel()
