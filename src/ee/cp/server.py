@@ -423,7 +423,8 @@ class ControlPlane:
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
                        agent_views=self.describe_agents, emit=self.events.emit,
-                       reserve_warm=self._reserve_warm, holds=self._holds)
+                       reserve_warm=self._reserve_warm, holds=self._holds,
+                       ready=lambda: self.readiness().ready)
 
     async def _holds(self) -> dict[str, str]:
         """Agent id -> what a pool holds it for: the deployment it was reserved for
