@@ -21,16 +21,13 @@ from ee.capacity import (
     PoolTarget,
     TargetError,
 )
-from ee.capacity.orders import OrderRefusal, rfc3339
+from ee.capacity.orders import MAX_TEXT, OrderRefusal, rfc3339
 from ee.cp.errors import ApiError, Who, guard, json_object, json_response, not_found, request_body
 from ee.protocol.strict import check
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
     from ee.cp.tenants import Auth
-
-MAX_TEXT = 1000
-
 
 def _text(value: str) -> bool:
     return bool(value.strip()) and len(value) <= MAX_TEXT
