@@ -16,6 +16,7 @@ import pytest
 import trio
 from cpkit import RunningCp, running_cp
 
+from ee.cp import http as cp_http
 from ee.cp.http import ANONYMOUS_BODY_BYTES
 
 BIG = 100 << 20  # over the CP's 64 MiB max_request_bytes
@@ -234,6 +235,19 @@ async def test_bodies_without_credentials_are_capped_small(tmp_path: Path) -> No
                 assert_error(await conn.response(), 404, "not_found")
                 await conn.send(head("GET", "/api/v2/health"))
                 assert (await conn.response()).status == 200
+
+
+async def test_a_stranger_trickling_a_body_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cp_http, "ANONYMOUS_BODY_TIMEOUT_S", 0.5)
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp") as env, raw(env) as conn:
+            await conn.send(head("POST", "/api/v2/nowhere", length=100) + b"{")
+            r = await conn.response()  # the other 99 bytes never come
+            assert_error(r, 408, "request_timeout")
+            assert r.headers.get("connection") == "close"
+            assert await conn.closed_by_server()
 
 
 async def test_authenticated_bodies_over_the_limit_are_413_and_closed(tmp_path: Path) -> None:

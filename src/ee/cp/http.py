@@ -16,8 +16,9 @@ Theory of operation of the request gate (``gate``, run before every route):
   with ``Connection: close``: the unread body must not be taken for the next request,
   and the connection is not worth keeping for a caller without credentials.
 * **Small bodies for strangers.** Public routes (``Who.PUBLIC``) and unknown routes
-  (404, 405) read at most ``ANONYMOUS_BODY_BYTES``; more is a 413 that closes the
-  connection. Authenticated callers get ``max_request_bytes``.
+  (404, 405) read at most ``ANONYMOUS_BODY_BYTES`` within ``ANONYMOUS_BODY_TIMEOUT_S``;
+  more is a 413, slower a 408, and either closes the connection. Authenticated callers
+  get ``max_request_bytes`` (and Quart's body timeout).
 * **Bodies are read before the route answers** (for authenticated callers): a route
   that answered with the body half-read would have to close the connection too.
 * **Answers sent before the body was read must close the connection.** Hypercorn does
@@ -68,6 +69,8 @@ R = TypeVar("R")
 
 ANONYMOUS_BODY_BYTES: Final = 16 << 10
 """The most body a caller without credentials may send (public and unknown routes)."""
+ANONYMOUS_BODY_TIMEOUT_S = 10.0
+"""How long such a body may take to arrive (then 408, connection closed)."""
 FINAL_SEND_GRACE_S: Final = 10.0
 """How long the last chunk of a response (and Hypercorn's close after it) may take."""
 
@@ -117,10 +120,14 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         if declared is not None and declared > ANONYMOUS_BODY_BYTES:
             raise too_large(ANONYMOUS_BODY_BYTES)
         seen = 0
-        async for chunk in request.body:
-            seen += len(chunk)
-            if seen > ANONYMOUS_BODY_BYTES:
-                raise too_large(ANONYMOUS_BODY_BYTES)
+        with trio.move_on_after(ANONYMOUS_BODY_TIMEOUT_S) as slow:
+            async for chunk in request.body:
+                seen += len(chunk)
+                if seen > ANONYMOUS_BODY_BYTES:
+                    raise too_large(ANONYMOUS_BODY_BYTES)
+        if slow.cancelled_caught:
+            raise ApiError(408, "request_timeout", "the request body came too slowly",
+                           {"timeout_s": ANONYMOUS_BODY_TIMEOUT_S}, close_connection=True)
 
     def too_large(limit: int) -> ApiError:
         return ApiError(413, "too_large", f"the request body is over {limit} bytes",
