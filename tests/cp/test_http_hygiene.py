@@ -276,10 +276,13 @@ async def test_405_carries_allow(tmp_path: Path) -> None:
             assert set(error["details"]["allowed"]) == allowed
             r = await anon.get("/api/v2/capacity/launch-orders/claim")
             assert r.status_code == 405 and "POST" in r.headers["allow"]
+            r = await anon.get("/api/v2/admin/events")  # a websocket, without the upgrade
+            assert r.status_code == 426 and r.headers["upgrade"] == "websocket"
+            assert r.json()["error"]["code"] == "upgrade_required"
 
 
-@pytest.mark.parametrize("status", ["bogus", "", "ONLINE"])
-async def test_agent_status_filter_is_an_enum(tmp_path: Path, status: str) -> None:
+@pytest.mark.parametrize("status", ["bogus", "", "ONLINE", ["online", "bogus"]])
+async def test_agent_status_filter_is_an_enum(tmp_path: Path, status: str | list[str]) -> None:
     with trio.fail_after(30):
         async with running_cp(tmp_path / "cp") as env, env.client() as admin:
             r = await admin.get("/api/v2/agents", params={"status": status})

@@ -41,6 +41,7 @@ import trio
 from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+from werkzeug.routing.exceptions import WebsocketMismatch
 
 from ee import __version__
 from ee.actors.agent import Describe, SetDrain
@@ -164,6 +165,10 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         details: dict[str, Any] = {}
         if status == 404:
             message = f"no route {request.method} {request.path}"
+        if isinstance(exc, WebsocketMismatch):  # an HTTP request to a websocket route
+            return ApiError(426, "upgrade_required",
+                            f"{request.path} is a websocket: open it with an upgrade",
+                            headers={"Upgrade": "websocket"}).response()
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             allowed = sorted(exc.valid_methods)
             headers["Allow"] = ", ".join(allowed)
@@ -200,10 +205,11 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     @app.get("/api/v2/agents")
     @admin
     async def list_agents() -> Response:
-        status = request.args.get("status")
-        if status is not None and status not in STATUSES:
+        given = request.args.getlist("status")
+        status = given[0] if given else None
+        if len(given) > 1 or (status is not None and status not in STATUSES):
             raise ApiError(400, "bad_request",
-                           f"'status' must be one of {', '.join(STATUSES)}",
+                           f"'status' must be one of {', '.join(STATUSES)} (once)",
                            {"field": "status", "allowed": list(STATUSES)})
         views = await cp.describe_agents()
         if status is not None:
