@@ -159,6 +159,33 @@ async def test_refused_on_headers_before_any_body_byte(
                 assert sent < min(length, SOCKET_SLACK), sent
 
 
+async def test_a_tenant_route_refuses_other_kinds_on_headers(tmp_path: Path) -> None:
+    # tenants.py's routes are not marked yet: mark one here as they would be.
+    from quart import Response
+
+    from ee.cp.errors import Who, guard
+
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp") as env:
+
+            @env.cp.app.post("/api/v2/test/tenant-only")
+            @guard(Who.TENANT)
+            async def tenant_only() -> Response:
+                return Response(b"{}", content_type="application/json")
+
+            tenant, prov = await tenant_and_provisioner_keys(env)
+            for token, status in ((prov, 403), (env.token, 403), ("bad", 401)):
+                async with raw(env) as conn:
+                    await conn.send(head("POST", "/api/v2/test/tenant-only", length=UNDER_CAP,
+                                         token=token))
+                    r = await conn.response()
+                    assert r.status == status and r.headers.get("connection") == "close"
+            async with raw(env) as conn:
+                await conn.send(head("POST", "/api/v2/test/tenant-only", length=2, token=tenant)
+                                + b"{}")
+                assert (await conn.response()).status == 200
+
+
 async def test_an_accepted_caller_still_gets_the_body_read(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with running_cp(tmp_path / "cp") as env:

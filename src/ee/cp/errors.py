@@ -63,6 +63,7 @@ class Who(enum.Enum):
     PUBLIC = "public"
     ANY = "any"  # any valid credential; the route checks the kind (the default)
     ADMIN = "admin"
+    TENANT = "tenant"
     PROVISIONER = "provisioner"
 
 

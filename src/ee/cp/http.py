@@ -10,11 +10,12 @@ Theory of operation of the request gate (``gate``, run before every route):
 
 * **Credentials before bodies.** Who may call a route is known from its headers
   alone, so the gate decides it before a single byte of the body is read: a route
-  marked ``guard(Who.ADMIN)`` or ``guard(Who.PROVISIONER)`` checks exactly that; any
-  other non-public route needs *some* valid credential (the admin token or a live API
-  key; the route itself then checks the kind). A refusal here is answered at once,
-  with ``Connection: close``: the unread body must not be taken for the next request,
-  and the connection is not worth keeping for a caller without credentials.
+  marked ``guard(Who.ADMIN)``, ``guard(Who.TENANT)`` or ``guard(Who.PROVISIONER)``
+  checks exactly that; any other non-public route needs *some* valid credential (the
+  admin token or a live API key; the route itself then checks the kind). A refusal
+  here is answered at once, with ``Connection: close``: the unread body must not be
+  taken for the next request, and the connection is not worth keeping for a caller
+  without credentials.
 * **Small bodies for strangers.** Public routes (``Who.PUBLIC``) and unknown routes
   (404, 405) read at most ``ANONYMOUS_BODY_BYTES`` within ``ANONYMOUS_BODY_TIMEOUT_S``;
   more is a 413, slower a 408, and either closes the connection. Authenticated callers
@@ -109,8 +110,8 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             require_admin(cp.bootstrap.admin_token_ok)
             return
         assert auth is not None
-        if who is Who.PROVISIONER:
-            await auth.authenticate(("provisioner",))
+        if who in (Who.TENANT, Who.PROVISIONER):
+            await auth.authenticate((who.value,))
             return
         token = bearer_token(request.headers.get("Authorization"))
         if token is None or not cp.bootstrap.admin_token_ok(token):
