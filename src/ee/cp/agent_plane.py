@@ -264,7 +264,7 @@ class AgentPlane:
                 listeners = await trio.open_ssl_over_tcp_listeners(
                     self.port, self.ssl_context, host=self.host, https_compatible=True)
             server = _GuardedServer(
-                self._handle, listeners, handler_nursery=nursery,
+                self._on_request, listeners, handler_nursery=nursery,
                 max_message_size=2 * self.settings.max_frame_bytes,
                 connect_timeout=10, disconnect_timeout=5,
                 on_fault=lambda exc: self._fault("transport", "-", exc))
@@ -325,6 +325,9 @@ class AgentPlane:
                   stage, printable(peer, 80), exc_info=exc)
         self.events.emit("agent.session_fault", peer[:80],
                          {"stage": stage, "error": type(exc).__name__})
+
+    async def _on_request(self, request: trio_websocket.WebSocketRequest) -> None:
+        await self._handle(request)  # looked up per connection (tests replace _handle)
 
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
         """One connection, under its own exception boundary (see the module docstring)."""
