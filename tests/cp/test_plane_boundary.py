@@ -29,7 +29,7 @@ from ee.protocol import registration_report_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "fuzz"))
 
-from agent_plane import cert_ders, crafted_quotes, flip_cert_bit  # noqa: E402
+from agent_plane import cert_ders, crafted_quotes, flip_cert_bit
 
 FAST = {"heartbeat_interval_s": 0.2, "stale_after_s": 0.8, "offline_after_s": 2.5}
 
@@ -214,7 +214,9 @@ async def test_a_crash_of_the_plane_itself_is_logged_with_its_traceback(
             plane._sweep = broken_sweep  # type: ignore[method-assign]
             assert env.cp.root.crash("agent-plane")  # restart it with the broken sweep
 
-            while not any("agent plane crashed" in r.getMessage() for r in caplog.records):
+            while True:
+                if any("agent plane crashed" in r.getMessage() for r in caplog.records):
+                    break
                 await trio.sleep(0.05)
             record = next(r for r in caplog.records if "agent plane crashed" in r.getMessage())
             assert record.exc_info is not None and record.levelno == logging.ERROR
