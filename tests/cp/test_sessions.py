@@ -334,9 +334,10 @@ async def test_agent_strings_cannot_forge_or_flood_log_lines(
                 await agent.ws.send_message(json.dumps(
                     {"type": "error", "body": {"code": "c" + forged, "message": message}}))
             # A refused registration quoting a hostile node size, too.
-            liar = await register_with(env, env.agent("vm-size", node_size="big" + forged))
+            liar = await register_with(env, env.agent("vm-size",
+                                                      node_size="big" + forged + "z" * 50_000))
             assert liar.rejected is not None
-            assert all("\n" not in r for r in liar.rejected.reasons)
+            assert all("\n" not in r and len(r) < 400 for r in liar.rejected.reasons)
 
             def logged(text: str) -> list[str]:
                 return [r.getMessage() for r in caplog.records if text in r.getMessage()]

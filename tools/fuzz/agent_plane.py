@@ -162,6 +162,7 @@ class Counts:
     replies: collections.Counter[str] = attrs.field(factory=collections.Counter)
     closes: collections.Counter[str] = attrs.field(factory=collections.Counter)
     connect_errors: int = 0
+    stuck: int = 0  # connections the CP left hanging for a minute
     internal_closes: int = 0  # 1011 from the CP: a fault it caught (logged, counted)
     leaked: list[str] = attrs.field(factory=list)  # internal text in an error frame
 
@@ -383,12 +384,16 @@ class Worker:
             fuzz.counts.scenarios[scenario] += 1
             fuzz.counts.connections += 1
             try:
-                if scenario == "raw":
-                    await self.raw()
-                else:
-                    await self.websocket(scenario)
+                with trio.move_on_after(60) as scope:  # a CP that stops reading
+                    if scenario == "raw":
+                        await self.raw()
+                    else:
+                        await self.websocket(scenario)
+                if scope.cancelled_caught:
+                    fuzz.counts.stuck += 1
             except (OSError, trio_websocket.HandshakeError, trio.BrokenResourceError):
                 fuzz.counts.connect_errors += 1
+                fuzz.check_reachable()
 
     async def websocket(self, scenario: str) -> None:
         fuzz = self.fuzz
@@ -522,6 +527,7 @@ class Summary:
     replies: dict[str, int]
     closes: dict[str, int]
     connect_errors: int
+    stuck: int
 
     @property
     def crashes(self) -> int:
@@ -535,7 +541,8 @@ class Summary:
                 f"{self.bystander_status} (sessions {self.bystander_sessions}), rss "
                 f"{self.rss_start_mb:.0f}->{self.rss_end_mb:.0f} MB, log {self.log_bytes // 1024}"
                 f" KiB, forged lines {self.forged_lines}, plane faults {self.plane_faults}, "
-                f"1011 closes {self.internal_closes}, leaks {len(self.leaked)}; "
+                f"1011 closes {self.internal_closes}, leaks {len(self.leaked)}, connect "
+                f"errors {self.connect_errors}, stuck {self.stuck}; "
                 f"scenarios {dict(self.scenarios)}; closes {dict(self.closes)}; replies: {top}")
 
 
@@ -562,14 +569,21 @@ class Fuzzer:
         self.token = ""
         self._next_report = frames // 10 or 1
         self.warm = trio.Event()
+        self.stopped = False
+        self.proc: subprocess.Popen[bytes]
 
     @property
     def agent_url(self) -> str:
         return f"ws://127.0.0.1:{self.agent_port}{PATH}"
 
+    def check_reachable(self) -> None:
+        """Stop the run when the CP is gone (dead, or its plane moved to another port)."""
+        if self.proc.poll() is not None or self.counts.connect_errors > 500:
+            self.stopped = True
+
     def take(self, n: int) -> bool:
-        """Spend *n* frames of the budget; False once it is spent."""
-        if self.counts.frames >= self.frames:
+        """Spend *n* frames of the budget; False once it is spent (or the run stopped)."""
+        if self.stopped or self.counts.frames >= self.frames:
             return False
         self.counts.frames += n
         if self.counts.frames >= self._next_report:
@@ -586,27 +600,29 @@ class Fuzzer:
                                       "offline_after_s": 15.0}))
         self.log_path = self.workdir / "cp.log"
         env = {**os.environ, "EE_SIM_DIR": str(self.workdir / "sim")}
-        log = self.log_path.open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ee.cp.server", "--dev", "--config", str(config),
-             "--data-dir", str(self.workdir / "cp"), "--listen", "127.0.0.1:0",
-             "--agent-listen", "127.0.0.1:0", "--log-level", "INFO"],
-            stdout=subprocess.PIPE, stderr=log, env=env)
-        log.close()
-        assert proc.stdout is not None
-        first = proc.stdout.readline().decode()
-        match = re.search(r"http on [\d.]+:(\d+), agents on ws://[\d.]+:(\d+)", first)
-        if not match:
-            proc.kill()
-            raise RuntimeError(f"ee-cp did not start: {first!r}; see {self.log_path}")
+        out_path = self.workdir / "cp.out"
+        with self.log_path.open("wb") as log, out_path.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ee.cp.server", "--dev", "--config", str(config),
+                 "--data-dir", str(self.workdir / "cp"), "--listen", "127.0.0.1:0",
+                 "--agent-listen", "127.0.0.1:0", "--log-level", "INFO"],
+                stdout=out, stderr=log, env=env)
+        # The first stdout line names the ports the kernel chose (a file, not a pipe:
+        # the CP keeps printing, and a closed pipe would kill it).
+        deadline = time.monotonic() + 60
+        while not (match := re.search(r"http on [\d.]+:(\d+), agents on ws://[\d.]+:(\d+)",
+                                      out_path.read_text())):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"ee-cp did not start; see {self.log_path}")
+            time.sleep(0.05)
         self.http_port, self.agent_port = int(match.group(1)), int(match.group(2))
-        proc.stdout.close()
         self.token = (self.workdir / "cp" / "admin.token").read_text().strip()
         self.td = SimTD.load(self.workdir / "sim")
         return proc
 
     async def run(self) -> Summary:
-        proc = self.start_cp()
+        proc = self.proc = self.start_cp()
         started = time.perf_counter()
         try:
             return await self._run(proc, started)
@@ -677,7 +693,7 @@ class Fuzzer:
                              if line.startswith(FORGED)),
             plane_faults=faults, internal_closes=c.internal_closes, leaked=c.leaked,
             scenarios=dict(c.scenarios), replies=dict(c.replies), closes=dict(c.closes),
-            connect_errors=c.connect_errors)
+            connect_errors=c.connect_errors, stuck=c.stuck)
 
 
 def run(*, frames: int, seed: int, workers: int = 16, workdir: Path | None = None,
