@@ -247,3 +247,34 @@ async def test_error_replies_never_carry_internal_exception_text(tmp_path: Path)
             assert answers[1] == "frame is not JSON: nested too deeply"
             for text in answers:
                 assert "Error" not in text and "attribute" not in text, text
+
+
+async def test_a_verifier_raising_on_reattestation_quarantines_without_a_restart(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", attest_interval_s=0.3, **FAST) as env, \
+                trio.open_nursery() as nursery:
+            agent = env.agent("vm-reattest")
+            await nursery.start(agent.run)
+            verifier = env.cp.verifier
+
+            def raising(quote: bytes, **_: Any) -> Any:
+                raise InvalidVersion("18 is not a valid X509 version", 18)
+
+            verifier.verify = raising  # type: ignore[method-assign]
+            try:
+                while True:
+                    async with env.client() as http:
+                        view = (await http.get(f"/api/v2/agents/{agent.agent_id}")).json()
+                    if view["status"] == "quarantined":
+                        break
+                    await trio.sleep(0.05)
+            finally:
+                del verifier.verify
+            assert any("could not be verified" in r
+                       for r in view["attestation"]["quarantine_reasons"])
+            assert restarts(env) == {}
+            assert agent.closed_code is None  # the session stays; placements stop
+            logged = [r for r in caplog.records if "re-attestation could not" in r.getMessage()]
+            assert logged and logged[0].exc_info
+            nursery.cancel_scope.cancel()
