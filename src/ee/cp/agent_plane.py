@@ -323,7 +323,7 @@ class AgentPlane:
         self.metrics.plane_faults.labels(stage).inc()
         log.error("agent plane: %s fault serving %s; only this connection is affected",
                   stage, printable(peer, 80), exc_info=exc)
-        self.events.emit("agent.session_fault", peer[:80],
+        self.events.emit("agent.session_fault", printable(peer, 80),
                          {"stage": stage, "error": type(exc).__name__})
 
     async def _on_request(self, request: trio_websocket.WebSocketRequest) -> None:
