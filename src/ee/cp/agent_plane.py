@@ -221,6 +221,7 @@ class AgentPlane:
         record_registration: Callable[[dict[str, Any]], None],
         metrics: Any,
         attest_limiter: trio.CapacityLimiter,
+        claim_name: Callable[[Identity, float], Refusal | None] = lambda _i, _t: None,
     ) -> None:
         self.host = host
         self.port = port
@@ -235,6 +236,7 @@ class AgentPlane:
         self.record_registration = record_registration
         self.metrics = metrics
         self.attest_limiter = attest_limiter
+        self.claim_name = claim_name  # binds a VM name to its key, atomically; or refuses
         self.nonces = NonceBook(settings.nonce_ttl_s)
         self.sessions: dict[str, Session] = {}
         self.known: dict[str, Identity] = {}  # vm_name -> last admitted identity
@@ -418,6 +420,13 @@ class AgentPlane:
             if refusal is not None:
                 await self._reject(session, register, refusal, admission)
                 return
+        # The judge checked the name's binding before verification; two registrations of
+        # one new name with different keys may both have passed it while verifying. The
+        # claim below runs with no await before admission, so only the first one binds.
+        refusal = self.claim_name(admission.identity, time.time())
+        if refusal is not None:
+            await self._reject(session, register, refusal, admission)
+            return
         await self._admitted(session, register, admission.identity)
         await self._read_loop(session)
 

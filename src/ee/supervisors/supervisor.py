@@ -503,8 +503,9 @@ class Supervisor:
         if abnormal:
             assert event.error is not None
             child.last_error = _describe(event.error)
-            log.warning(
-                "supervisor %s: child %s crashed: %s", self.name, child.spec.id, child.last_error
+            log.error(
+                "supervisor %s: child %s crashed: %s", self.name, child.spec.id,
+                child.last_error, exc_info=event.error,
             )
         if child.state is _State.RESTARTING:
             # A sibling's restart plan already stopped this child and will start it
