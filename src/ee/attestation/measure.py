@@ -21,6 +21,7 @@ PCR   event (type, data)                                   TDX register
       RTMR1 too)
 9     EV_EVENT_TAG "LOADED_IMAGE::LoadOptions": digest of   RTMR2
       UTF-16LE(cmdline + " initrd=initrd") + NUL NUL
+      (newer TDVF: "initrd=initrd " + cmdline)
 9     EV_EVENT_TAG "Linux initrd": digest of the initrd     RTMR2
       file
 ====  ===================================================  ====================
@@ -59,7 +60,11 @@ CALLING_EFI_APPLICATION = b"Calling EFI Application from Boot Option"
 SEPARATOR = b"\x00\x00\x00\x00"
 EXIT_BOOT_SERVICES = b"Exit Boot Services Invocation"
 EXIT_BOOT_SERVICES_OK = b"Exit Boot Services Returned with Success"
-INITRD_SUFFIX = " initrd=initrd"  # OVMF's QemuKernelLoaderFs names the initrd "initrd"
+INITRD_ARG = "initrd=initrd"  # OVMF's QemuKernelLoaderFs names the initrd "initrd"
+# Where OVMF puts it in the load options: after the command line (OVMF 2022.11, as
+# booted here; dstack's TDVF) or before it (edk2-stable202602 TDVF, per published
+# hardware vectors).
+InitrdArg = Literal["suffix", "prefix"]
 
 # QEMU (hw/i386/pc.c) reserves this much below the top of low memory for ACPI data.
 QEMU_ACPI_DATA_SIZE = 0x20000 + 0x8000
@@ -192,10 +197,15 @@ def qemu_patch_kernel(
     return bytes(k)
 
 
-def cmdline_event_data(cmdline: str, *, with_initrd: bool = True) -> bytes:
+def cmdline_event_data(
+    cmdline: str, *, with_initrd: bool = True, initrd_arg: InitrdArg = "suffix"
+) -> bytes:
     """The load options OVMF hands the kernel (what the EFI stub measures): UTF-16LE of
-    the command line, with " initrd=initrd" when an initrd is given, NUL-terminated."""
-    text = cmdline + (INITRD_SUFFIX if with_initrd else "")
+    the command line with "initrd=initrd" when an initrd is given (after it, or before
+    it with *initrd_arg* "prefix"), NUL-terminated."""
+    text = cmdline
+    if with_initrd:
+        text = f"{cmdline} {INITRD_ARG}" if initrd_arg == "suffix" else f"{INITRD_ARG} {cmdline}"
     return text.encode("utf-16-le") + b"\x00\x00"
 
 
@@ -254,6 +264,7 @@ def predict(
     patched: bool = True,
     firmware: bytes | None = None,
     qemu_interleaved: bool = True,
+    initrd_arg: InitrdArg = "suffix",
 ) -> Prediction:
     """Predict RTMR1/RTMR2 (SHA-384), PCR4/PCR9 (SHA-256) and, given a TDVF *firmware*,
     MRTD, for a direct kernel boot of *memory* bytes (pure; CPU-bound: run it in a
@@ -261,7 +272,7 @@ def predict(
     if "\x00" in cmdline:
         raise MeasureError("the command line contains a NUL")
     image = qemu_patch_kernel(kernel, initrd_size=len(initrd), memory=memory) if patched else kernel
-    options = cmdline_event_data(cmdline, with_initrd=bool(initrd))
+    options = cmdline_event_data(cmdline, with_initrd=bool(initrd), initrd_arg=initrd_arg)
 
     def events(alg: str, kernel_digest: bytes, exit_events: bool) -> tuple[bytes, ...]:
         fixed = [CALLING_EFI_APPLICATION, SEPARATOR]
@@ -320,9 +331,12 @@ def tdvf_sections(fw: bytes) -> tuple[TdvfSection, ...]:
     """The TDVF metadata sections of a firmware image (strict; `MeasureError`)."""
     if len(fw) > MAX_FIRMWARE_BYTES:
         raise MeasureError(f"firmware of {len(fw)} bytes exceeds {MAX_FIRMWARE_BYTES}")
-    foot = len(fw) - 32
+    # The table ends 32 bytes before the end of the image; its last entry is the footer
+    # (u16 table length, then the footer GUID); entries are {data, u16 length, GUID}
+    # and are walked from the end.
+    foot = len(fw) - 32 - 16
     if foot < 18 or fw[foot : foot + 16] != FOOTER_GUID:
-        raise MeasureError("no OVMF GUIDed table footer at 32 bytes before the end")
+        raise MeasureError("no OVMF GUIDed table footer GUID 48 bytes before the end")
     table_len = _u16(fw, foot - 2, "GUIDed table length")
     start = foot + 16 - table_len
     if table_len < 18 or start < 0:

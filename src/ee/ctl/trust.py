@@ -130,6 +130,15 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="the firmware measures the kernel file as is (OVMF >= edk2-stable202505)",
     )
     me.add_argument(
+        "--initrd-arg",
+        choices=("suffix", "prefix"),
+        default="suffix",
+        help=(
+            "where the firmware puts initrd=initrd in the measured command line: after it "
+            "(OVMF 2022.11, default) or before it (edk2-stable202602 TDVF)"
+        ),
+    )
+    me.add_argument(
         "--qemu8-mrtd",
         action="store_true",
         help="MRTD as QEMU 8.x TDX builds add pages (all ADDs of a section, then EXTENDs)",
@@ -375,6 +384,7 @@ def _measure(args: argparse.Namespace) -> int:
             patched=not args.unpatched_kernel,
             firmware=firmware,
             qemu_interleaved=not args.qemu8_mrtd,
+            initrd_arg=args.initrd_arg,
         )
     except MeasureError as exc:
         raise _InputError(str(exc)) from None
