@@ -236,7 +236,11 @@ def test_runtime_log_replays_to_rtmr3(tmp_path: Path) -> None:
     from ee.attestation.eventlog import RuntimeEvent, replay_runtime
 
     ev = RuntimeEvent(
-        type="deploy", app="web", version="v1", deployment_id="d1", compose_hash="0f" * 32
+        type="deploy",
+        app="web",
+        version="v1",
+        deployment_id="d1",
+        compose_hash="sha256:" + "0f" * 32,
     )
     (tmp_path / "rt.jsonl").write_bytes(ev.canonical() + b"\n")
     good = (bytes(48), bytes(48), bytes(48), replay_runtime([ev]))

@@ -382,7 +382,11 @@ def test_published_tdx_log_replays_to_the_published_rtmrs() -> None:
 # --- RTMR3 runtime log ------------------------------------------------------------
 
 RT = RuntimeEvent(
-    type="deploy", app="web", version="v1", deployment_id="dep-1", compose_hash="ab" * 32
+    type="deploy",
+    app="web",
+    version="v1",
+    deployment_id="dep-1",
+    compose_hash="sha256:" + "ab" * 32,
 )
 
 
@@ -394,7 +398,7 @@ def test_runtime_event_digest_is_sha384_of_canonical_json() -> None:
     canonical = json.dumps(
         {
             "app": "web",
-            "compose_hash": "ab" * 32,
+            "compose_hash": "sha256:" + "ab" * 32,
             "deployment_id": "dep-1",
             "type": "deploy",
             "version": "v1",
@@ -407,7 +411,11 @@ def test_runtime_event_digest_is_sha384_of_canonical_json() -> None:
 
 def test_runtime_log_replay() -> None:
     two = RuntimeEvent(
-        type="deploy", app="api", version="v2", deployment_id="dep-2", compose_hash="cd" * 32
+        type="deploy",
+        app="api",
+        version="v2",
+        deployment_id="dep-2",
+        compose_hash="sha256:" + "cd" * 32,
     )
     events = parse_runtime_log(runtime_log(RT, two))
     assert events == (RT, two)
@@ -427,6 +435,8 @@ def test_runtime_log_replay() -> None:
         (runtime_log(RT).replace(b"deploy", b"rm -rf"), 1, "type"),
         (runtime_log(RT).replace(b'"web"', b'"../x"'), 1, "identifier"),
         (runtime_log(RT).replace(b"ab" * 32, b"AB" * 32), 1, "compose_hash"),
+        (runtime_log(RT).replace(b"sha256:", b""), 1, "compose_hash"),
+        (runtime_log(RT).replace(b'"web"', b'"web\\n"'), 1, "identifier"),
         (runtime_log(RT).replace(b'"v1"', b"1"), 1, "identifier"),
         (b"x" * 5000 + b"\n", 1, "exceeds"),
     ],

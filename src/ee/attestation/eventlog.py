@@ -471,8 +471,8 @@ RUNTIME_EVENT_FIELDS = ("type", "app", "version", "deployment_id", "compose_hash
 RUNTIME_EVENT_TYPES = frozenset({"deploy"})
 MAX_RUNTIME_EVENTS = 10_000
 MAX_RUNTIME_LINE = 4096
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,199}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}\Z")
+_COMPOSE_HASH = re.compile(r"\Asha256:[0-9a-f]{64}\Z")  # ee.protocol.compose.compose_hash
 
 
 class RuntimeLogError(AttestationError):
@@ -485,7 +485,7 @@ class RuntimeLogError(AttestationError):
 
 
 def _runtime_id(value: str) -> str:
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ValueError(f"{value!r} is not an identifier")
     return value
 
@@ -497,8 +497,8 @@ def _runtime_type(value: str) -> str:
 
 
 def _compose_hash(value: str) -> str:
-    if not isinstance(value, str) or not _HEX64.match(value):
-        raise ValueError(f"compose_hash {value!r} is not 32 bytes of lowercase hex")
+    if not isinstance(value, str) or not _COMPOSE_HASH.fullmatch(value):
+        raise ValueError(f"compose_hash {value!r} is not sha256:<64 lowercase hex>")
     return value
 
 
