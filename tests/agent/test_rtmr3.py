@@ -15,6 +15,7 @@ from ee.agent.rtmr3 import (
     SoftwareRegister,
     SysfsRegister,
     open_register,
+    read_boot_log,
 )
 from ee.attestation.eventlog import RuntimeEvent, parse_runtime_log, replay_runtime
 
@@ -152,3 +153,12 @@ def test_sysfs_register_io(tmp_path: Path) -> None:
         reg.read()
     with pytest.raises(Rtmr3Error, match="cannot read"):
         SysfsRegister(tmp_path / "gone").read()
+
+
+def test_read_boot_log(tmp_path: Path) -> None:
+    assert read_boot_log(tmp_path / "CCEL") is None
+    (tmp_path / "CCEL").write_bytes(b"log")
+    assert read_boot_log(tmp_path / "CCEL") == b"log"
+    (tmp_path / "CCEL").write_bytes(bytes(8 * 1024 * 1024 + 1))
+    with pytest.raises(Rtmr3Error, match="larger than"):
+        read_boot_log(tmp_path / "CCEL")

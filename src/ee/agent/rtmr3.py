@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import attrs
 
 from ee.attestation.eventlog import (
+    MAX_LOG_BYTES,
     MAX_RUNTIME_EVENTS,
     RuntimeEvent,
     RuntimeLogError,
@@ -54,6 +55,7 @@ from ee.attestation.eventlog import (
 )
 
 TDX_RTMR3 = Path("/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
+CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")  # the firmware's RTMR0..2 event log
 DIGEST_SIZE = 48
 
 
@@ -144,6 +146,21 @@ def open_register(provider: str, *, sysfs: Path = TDX_RTMR3) -> Register:
     if provider in ("sim", "tpm"):
         return SoftwareRegister()
     raise Rtmr3Unavailable(f"no RTMR3 for attestation provider {provider!r}")
+
+
+def read_boot_log(path: Path = CCEL) -> bytes | None:
+    """The firmware's CC event log (binary CCEL) to serve beside a quote, or None when
+    this platform has none (sim, tpm, a kernel without the ACPI table data file)."""
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_LOG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise Rtmr3Error(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_LOG_BYTES:
+        raise Rtmr3Error(f"{path} is larger than {MAX_LOG_BYTES} bytes")
+    return raw
 
 
 class RuntimeMeasurements:

@@ -392,6 +392,17 @@ def replay_rtmrs(log: EventLog) -> tuple[bytes, bytes, bytes, bytes]:
     return regs[0], regs[1], regs[2], regs[3]
 
 
+def rtmr_mismatches(log: EventLog, quoted: Sequence[bytes]) -> list[str]:
+    """Why the CCEL *log* does not explain the quote's RTMR0..2 (*quoted*); empty when
+    it does. The one comparison `eectl trust verify-quote` and the CP share."""
+    replayed = replay_rtmrs(log)
+    return [
+        f"event_log: RTMR{i} replays to {replayed[i].hex()}, the quote has {quoted[i].hex()}"
+        for i in range(3)
+        if replayed[i] != quoted[i]
+    ]
+
+
 def replay_digests(digests: Iterable[bytes], alg: int = ALG_SHA384) -> bytes:
     """Extend a zero register with *digests* in order."""
     reg = bytes(ALGORITHMS[alg][1])
@@ -555,3 +566,11 @@ def parse_runtime_log(raw: bytes) -> tuple[RuntimeEvent, ...]:
 def replay_runtime(events: Iterable[RuntimeEvent]) -> bytes:
     """RTMR3 after extending each event's digest (from zeros)."""
     return replay_digests(e.digest for e in events)
+
+
+def runtime_mismatches(events: Sequence[RuntimeEvent], quoted_rtmr3: bytes) -> list[str]:
+    """Why the runtime log does not explain the quote's RTMR3; empty when it does."""
+    rtmr3 = replay_runtime(events)
+    if rtmr3 == quoted_rtmr3:
+        return []
+    return [f"runtime_log: RTMR3 replays to {rtmr3.hex()}, the quote has {quoted_rtmr3.hex()}"]

@@ -30,6 +30,8 @@ from ee.attestation.eventlog import (
     parse_runtime_log,
     replay_rtmrs,
     replay_runtime,
+    rtmr_mismatches,
+    runtime_mismatches,
 )
 from ee.attestation.measure import MeasureError, Prediction, gib, predict
 from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
@@ -315,13 +317,8 @@ def _event_log(path: str, quote: Quote) -> dict[str, Any]:
     except EventLogFormatError as exc:
         raise _InputError(f"{path}: {exc}", EXIT_REFUSED) from None
     replayed = replay_rtmrs(log)
-    report = quote.report
-    quoted = (report.rtmr0, report.rtmr1, report.rtmr2)
-    mismatches = [
-        f"event_log: RTMR{i} replays to {replayed[i].hex()}, the quote has {quoted[i].hex()}"
-        for i in range(3)
-        if replayed[i] != quoted[i]
-    ]
+    r = quote.report
+    mismatches = rtmr_mismatches(log, (r.rtmr0, r.rtmr1, r.rtmr2))
     return {
         "rtmr0": replayed[0].hex(),
         "rtmr1": replayed[1].hex(),
@@ -339,12 +336,7 @@ def _runtime_log(path: str, quote: Quote) -> dict[str, Any]:
     except RuntimeLogError as exc:
         raise _InputError(f"{path}: {exc}", EXIT_REFUSED) from None
     rtmr3 = replay_runtime(events)
-    quoted = quote.report.rtmr3
-    mismatches = (
-        []
-        if rtmr3 == quoted
-        else [f"runtime_log: RTMR3 replays to {rtmr3.hex()}, the quote has {quoted.hex()}"]
-    )
+    mismatches = runtime_mismatches(events, quote.report.rtmr3)
     return {
         "rtmr3": rtmr3.hex(),
         "matches": not mismatches,
