@@ -323,3 +323,23 @@ def test_intel_rooted_quote_is_provider_tdx(
     }
     sim_only = Policy(measurements=Measurements(providers=["sim"]))
     assert "provider" in {v.rule for v in evaluate(sim_only, result, now=UPTODATE_NOW).violations}
+
+
+def test_event_log_rule(results: dict[str, VerificationResult]) -> None:
+    base = {"max_collateral_age_s": 86400}
+    lax = Policy(**base)  # type: ignore[arg-type]
+    required = Policy.from_json({"require_event_log": True, **base})
+    assert required.require_event_log
+    ok = results["ok"]
+    assert evaluate(lax, ok, now=NOW).admitted  # no log, not required
+    assert evaluate(required, ok, now=NOW, event_log=[]).admitted  # a log that replays
+    missing = evaluate(required, ok, now=NOW)
+    assert not missing.admitted and [v.rule for v in missing.violations] == ["event_log"]
+    lying = ["event_log: RTMR1 replays to aa.., the quote has bb.."]
+    for policy in (lax, required):
+        verdict = evaluate(policy, ok, now=NOW, event_log=lying)
+        assert not verdict.admitted and verdict.reasons == (f"event_log: {lying[0]}",)
+    warn = Policy(mode="warn", require_event_log=True, **base)  # type: ignore[arg-type]
+    assert evaluate(warn, ok, now=NOW, event_log=lying).admitted
+    with pytest.raises(PolicyFormatError):
+        Policy.from_json({"require_event_log": "yes"})

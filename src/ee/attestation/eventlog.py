@@ -397,7 +397,7 @@ def rtmr_mismatches(log: EventLog, quoted: Sequence[bytes]) -> list[str]:
     it does. The one comparison `eectl trust verify-quote` and the CP share."""
     replayed = replay_rtmrs(log)
     return [
-        f"event_log: RTMR{i} replays to {replayed[i].hex()}, the quote has {quoted[i].hex()}"
+        f"RTMR{i} replays to {replayed[i].hex()}, the quote has {quoted[i].hex()}"
         for i in range(3)
         if replayed[i] != quoted[i]
     ]
@@ -573,4 +573,4 @@ def runtime_mismatches(events: Sequence[RuntimeEvent], quoted_rtmr3: bytes) -> l
     rtmr3 = replay_runtime(events)
     if rtmr3 == quoted_rtmr3:
         return []
-    return [f"runtime_log: RTMR3 replays to {rtmr3.hex()}, the quote has {quoted_rtmr3.hex()}"]
+    return [f"RTMR3 (runtime log) replays to {rtmr3.hex()}, the quote has {quoted_rtmr3.hex()}"]

@@ -17,7 +17,12 @@ Rules, each producing a `Violation` when broken:
   root, ``sim`` otherwise;
 * ``tcb_status`` -- collateral gave a status outside `allowed_tcb_statuses`, or no
   status is known (no collateral) while `require_collateral` is set;
-* ``collateral_age`` -- the TCB info / QE identity were issued too long ago.
+* ``collateral_age`` -- the TCB info / QE identity were issued too long ago;
+* ``event_log`` -- the event logs served with the quote (CCEL for RTMR0..2, the
+  agent's runtime log for RTMR3) do not replay to the quoted registers, or none was
+  given while `require_event_log` is set. The caller replays
+  (`ee.attestation.eventlog.rtmr_mismatches` / `runtime_mismatches`) and passes the
+  mismatches; this module only decides.
 
 Modes: ``strict`` refuses on any violation. ``warn`` admits and lists every violation,
 except *hard* ones -- verification failure, a debug TD, a REPORTDATA mismatch -- which
@@ -36,7 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import attrs
@@ -167,6 +172,7 @@ class Policy:
     )
     require_collateral: bool = True
     max_collateral_age_s: float | None = None
+    require_event_log: bool = False
 
     @classmethod
     def from_json(cls, doc: str | bytes | Mapping[str, Any]) -> Policy:
@@ -191,6 +197,7 @@ class Policy:
             "allowed_tcb_statuses",
             "require_collateral",
             "max_collateral_age_s",
+            "require_event_log",
         }
         extra = set(doc) - known
         if extra:
@@ -230,6 +237,9 @@ class Policy:
         require = doc.get("require_collateral", True)
         if not isinstance(require, bool):
             raise PolicyFormatError("require_collateral must be true or false")
+        require_log = doc.get("require_event_log", False)
+        if not isinstance(require_log, bool):
+            raise PolicyFormatError("require_event_log must be true or false")
         mode = doc.get("mode", "strict")
         if not isinstance(mode, str):
             raise PolicyFormatError("mode must be a string")
@@ -240,6 +250,7 @@ class Policy:
             allowed_tcb_statuses=statuses,
             require_collateral=require,
             max_collateral_age_s=age,
+            require_event_log=require_log,
         )
 
 
@@ -334,8 +345,11 @@ def evaluate(
     now: float,
     node_size: str | None = None,
     expected_report_data: bytes | None = None,
+    event_log: Sequence[str] | None = None,
 ) -> Verdict:
-    """Judge *result* under *policy* at unix time *now* (pure)."""
+    """Judge *result* under *policy* at unix time *now* (pure). *event_log* is the list
+    of replay mismatches of the logs served with the quote (empty: they replay), or None
+    when no log was served."""
     report = result.quote.report
     violations: list[Violation] = []
     if report.debug:
@@ -380,6 +394,11 @@ def evaluate(
                         f"collateral is {int(age)} s old (max {int(policy.max_collateral_age_s)})",
                     )
                 )
+        if event_log is None:
+            if policy.require_event_log:
+                violations.append(Violation("event_log", "no event log was served"))
+        else:
+            violations.extend(Violation("event_log", m) for m in event_log)
     return _decide(policy, violations, result.tcb_status)
 
 

@@ -291,23 +291,16 @@ def _verify_quote(args: argparse.Namespace) -> int:
     now = args.now if args.now is not None else time.time()
     event_log = _event_log(args.event_log, quote) if args.event_log else None
     runtime_log = _runtime_log(args.runtime_log, quote) if args.runtime_log else None
+    logs = {k: v for k, v in (("event_log", event_log), ("runtime_log", runtime_log)) if v}
+    mismatches = [m for log in logs.values() for m in log["mismatches"]] if logs else None
     result = Verifier(roots).verify(quote, now=now, collateral=collateral)
-    verdict = evaluate(policy, result, now=now, node_size=args.node_size)
-    doc = _report(quote, result, verdict)
-    accepted = verdict.admitted
-    for key, log in (("event_log", event_log), ("runtime_log", runtime_log)):
-        if log is None:
-            continue
-        doc[key] = log
-        if not log["matches"]:
-            accepted = False
-            doc["verdict"]["accepted"] = False
-            doc["verdict"]["violations"].extend(log["mismatches"])
+    verdict = evaluate(policy, result, now=now, node_size=args.node_size, event_log=mismatches)
+    doc = {**_report(quote, result, verdict), **logs}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         _print_human(doc)
-    return EXIT_ACCEPTED if accepted else EXIT_REFUSED
+    return EXIT_ACCEPTED if verdict.admitted else EXIT_REFUSED
 
 
 def _event_log(path: str, quote: Quote) -> dict[str, Any]:
