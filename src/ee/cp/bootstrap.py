@@ -328,7 +328,7 @@ def _legacy_dev(doc: dict[str, Any], key: Ed25519PrivateKey) -> Bootstrap:
 # --- loading ----------------------------------------------------------------------------
 
 
-def _peek(bundle: Path) -> dict[str, Any]:
+def read_unverified(bundle: Path) -> dict[str, Any]:
     """The unverified document, only to learn which key must have signed it."""
     try:
         doc = strict_json_loads(bundle.read_text())
@@ -378,7 +378,7 @@ def load(data_dir: Path, *, dev: bool = True,
     if not bundle.exists():
         raise BootstrapError(f"no bootstrap bundle at {bundle} (create one with "
                              "`eectl cp bundle create`, or run with --dev)")
-    peek = _peek(bundle)
+    peek = read_unverified(bundle)
     is_dev = peek.get("environment") == "dev"
     if is_dev and not dev:
         raise BootstrapError(f"bootstrap bundle refused: {bundle} is a dev bundle (it trusts "
