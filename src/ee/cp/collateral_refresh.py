@@ -36,13 +36,14 @@ serving while its copy is valid.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -54,11 +55,12 @@ from prometheus_client.registry import Collector
 from ee.actors.identity import Identity
 from ee.attestation.collateral import Collateral, TrustAnchors, check_collateral
 from ee.attestation.errors import CollateralFormatError
-from ee.attestation.pccs import PCK_CAS, PccsClient, PccsError
+from ee.attestation.pccs import PCK_CAS, PccsError
 from ee.cp.registration import Admission, Judge, Refusal
 from ee.protocol.messages import Register
 
 log = logging.getLogger("ee.cp.collateral")
+_T = TypeVar("_T")
 
 StalePolicy = Literal["strict", "warn"]
 STALE_POLICIES: tuple[StalePolicy, ...] = ("strict", "warn")
@@ -217,14 +219,28 @@ def _window_probe(doc: dict[str, Any]) -> float:
     return float(doc["fetched_at"])
 
 
+class Offload(Protocol):
+    """How blocking work runs (`trio.to_thread.run_sync`; tests on an autojump clock
+    run it inline so that virtual time does not jump while a thread works)."""
+
+    async def __call__(self, fn: Callable[[], _T], /) -> _T: ...
+
+
+class CollateralSource(Protocol):
+    """Where collateral comes from (`ee.attestation.pccs.PccsClient`)."""
+
+    async def fetch(self, fmspc: bytes, *, ca: str = "platform") -> Collateral: ...
+
+
 class CollateralRefresher:
     """Keeps `cache` filled for *fmspcs* from one PCS/PCCS (a supervised CP child)."""
 
-    def __init__(self, client: PccsClient, fmspcs: Sequence[bytes],
+    def __init__(self, client: CollateralSource, fmspcs: Sequence[bytes],
                  roots: Iterable[x509.Certificate], settings: RefreshSettings, *,
                  registry: CollectorRegistry, emit: Callable[[str, str, Any], None],
                  directory: Path | None = None, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 offload: Offload = trio.to_thread.run_sync) -> None:
         self.client = client
         self.fmspcs = tuple(dict.fromkeys(fmspcs))
         self.anchors = TrustAnchors(roots)
@@ -237,14 +253,15 @@ class CollateralRefresher:
         self.last_error: dict[bytes, str] = {}
         self.metrics = CollateralMetrics(registry, lambda: self.cache, clock)
         self.attempts = 0
+        self.offload = offload  # CPU work (signature checks) off the event loop
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load copies from disk, try one fetch per FMSPC, report started, keep refreshing."""
         failures: dict[bytes, int] = {}
         for fmspc in self.fmspcs:
             if self.directory is not None:
-                entry = await trio.to_thread.run_sync(
-                    load_entry, self.directory, fmspc, self.anchors, self.clock())
+                entry = await self.offload(functools.partial(
+                    load_entry, self.directory, fmspc, self.anchors, self.clock()))
                 if entry is not None:
                     self.cache[fmspc] = entry
             failures[fmspc] = 0 if await self.refresh(fmspc) else 1
@@ -265,8 +282,9 @@ class CollateralRefresher:
         self.attempts += 1
         try:
             collateral = await self.client.fetch(fmspc, ca=self.settings.ca)
-            entry = await trio.to_thread.run_sync(
-                lambda: admit_fetched(fmspc, collateral, self.anchors, now=self.clock()))
+            now = self.clock()
+            entry = await self.offload(
+                lambda: admit_fetched(fmspc, collateral, self.anchors, now=now))
         except PccsError as exc:
             self.metrics.failures.labels(label, exc.kind).inc()
             self.last_error[fmspc] = str(exc)
@@ -281,7 +299,8 @@ class CollateralRefresher:
         self.emit("collateral.refreshed", label, {"next_update": entry.next_update})
         if self.directory is not None:
             try:
-                await trio.to_thread.run_sync(save_entry, self.directory, entry)
+                directory = self.directory
+                await self.offload(lambda: save_entry(directory, entry))
             except OSError as exc:
                 log.warning("cannot keep collateral for FMSPC %s on disk: %s", label, exc)
         return True
