@@ -128,12 +128,13 @@ def _signed_document(what: str, body: bytes, member: str) -> tuple[str, bytes]:
 
 def _crl_der(what: str, body: bytes) -> bytes:
     """A CRL as DER from DER, PEM or hex-encoded DER (what PCCS and PCS send)."""
-    data = body.strip()
     try:
-        if data.startswith(b"-----BEGIN X509 CRL-----"):
-            return x509.load_pem_x509_crl(data).public_bytes(Encoding.DER)
-        if data[:1] != b"\x30":
-            data = bytes.fromhex(data.decode("ascii"))
+        if body[:1] == b"\x30":  # DER (never stripped: its last byte may be 0x20)
+            data = body
+        elif body.strip().startswith(b"-----BEGIN X509 CRL-----"):
+            return x509.load_pem_x509_crl(body.strip()).public_bytes(Encoding.DER)
+        else:
+            data = bytes.fromhex(body.strip().decode("ascii"))
         x509.load_der_x509_crl(data)
         return bytes(data)
     except (ValueError, UnicodeDecodeError) as exc:
