@@ -17,13 +17,15 @@ Expired or not-yet-valid collateral is data: put such a `Collateral` in ``platfo
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import attrs
 import trio
+import trio.lowlevel
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -139,3 +141,27 @@ async def running_standin(platforms: dict[str, Collateral], **kw: Any
             yield standin
         finally:
             stop.set()
+
+
+@contextmanager
+def standin_in_thread(platforms: dict[str, Collateral], **kw: Any) -> Iterator[Standin]:
+    """`running_standin` in its own thread and Trio run, for synchronous tests (CLIs)."""
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with running_standin(platforms, **kw) as standin:
+            box["standin"], box["stop"] = standin, trio.Event()
+            box["token"] = trio.lowlevel.current_trio_token()
+            ready.set()
+            await box["stop"].wait()
+
+    thread = threading.Thread(target=trio.run, args=(serve,))
+    thread.start()
+    try:
+        assert ready.wait(20), "the stand-in did not start"
+        yield box["standin"]
+    finally:
+        if "stop" in box:
+            trio.from_thread.run_sync(box["stop"].set, trio_token=box["token"])
+        thread.join(20)

@@ -310,3 +310,67 @@ async def test_refresher_over_http_survives_a_failing_pccs(td: SimTD) -> None:
             assert counts == {"http": 1, "format": 1, "mismatch": 1}
             assert r.describe(time.time())[0]["state"] == "fresh"
             assert "FMSPC" in (r.describe(time.time())[0]["last_error"] or "")
+
+
+def test_der_crl_ending_in_whitespace_byte_is_kept() -> None:
+    from ee.attestation.pccs import _crl_der
+
+    td = SimTD.create()
+    c = td.chain
+    for _ in range(2000):  # CRL signatures vary: find one whose DER ends in whitespace
+        der = td._crl(c.pck_ca_cert, c.pck_ca_key, 1_700_000_000, 1_700_086_400, ())
+        if der[-1:] in (b" ", b"\n", b"\t", b"\r"):
+            break
+    else:
+        raise AssertionError("no CRL ending in a whitespace byte in 2000 tries")
+    assert _crl_der("PCK CRL", der) == der
+    assert _crl_der("PCK CRL", der.hex().encode() + b"\n") == der
+
+
+def eectl_trust(*argv: str) -> int:
+    import argparse
+
+    from ee.ctl.collateral import register_collateral
+
+    parser = argparse.ArgumentParser(prog="eectl")
+    trust = parser.add_subparsers(dest="group").add_parser("trust")
+    register_collateral(trust.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["trust", *argv])
+    code: int = args.handler(args)
+    return code
+
+
+def test_eectl_trust_collateral_fetch_and_show(
+        samples: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .pccs_standin import standin_in_thread
+
+    original = Collateral.from_json((samples / UPTODATE_COLLATERAL).read_text())
+    out = tmp_path / "collateral.json"
+    td = SimTD.create()
+    root = tmp_path / "root.pem"
+    root.write_bytes(td.root_pem())
+    with standin_in_thread({SAMPLE_FMSPC: original,
+                            SIM_FMSPC.hex().upper(): sim_collateral(td, 1_700_000_000)}) as pccs:
+        # The real collateral expired in 2025: fetched, checked, refused as expired.
+        assert eectl_trust("collateral", "fetch", "--pccs", pccs.url, "--quote",
+                           str(samples / UPTODATE), "--out", str(out), "--json") == 1
+        view = json.loads(capsys.readouterr().out)
+        assert view["fmspc"] == SAMPLE_FMSPC and not view["valid"]
+        assert any("expired" in p for p in view["problems"]) and not out.exists()
+        # Fresh sim collateral under its own root: written, readable by verify-quote.
+        fresh = sim_collateral(td, __import__("time").time() - 60)
+        pccs.platforms = {SIM_FMSPC.hex().upper(): fresh}  # CRLs, QE identity: sim's
+        assert eectl_trust("collateral", "fetch", "--pccs", pccs.url, "--fmspc",
+                           SIM_FMSPC.hex(), "--root", str(root), "--out", str(out)) == 0
+        assert Collateral.from_json(out.read_text()) == fresh
+        pccs.mode = "fail"
+        assert eectl_trust("collateral", "fetch", "--pccs", pccs.url, "--fmspc",
+                           SIM_FMSPC.hex(), "--root", str(root)) == 1
+        assert "HTTP 500" in capsys.readouterr().err
+    (tmp_path / "real.json").write_text(json.dumps(original.to_json()))
+    capsys.readouterr()
+    assert eectl_trust("collateral", "show", str(tmp_path / "real.json"), "--now",
+                       str(UPTODATE_NOW), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["valid"]
+    assert eectl_trust("collateral", "show", str(tmp_path / "real.json")) == 1
+    assert eectl_trust("collateral", "fetch", "--pccs", "ftp://x", "--fmspc", "00") == 2
