@@ -19,6 +19,7 @@ import pytest
 import trio
 from cpkit import _identity_routes
 from simagent import SimAgent
+from test_bundle import eectl_cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,20 +30,8 @@ from ee.cp.bootstrap import fingerprint
 from ee.cp.collateral_refresh import admit_fetched
 from ee.cp.readiness import Quorum
 from ee.cp.server import ControlPlane, CpConfig, prepare
-from ee.ctl import cpbundle
 
 FMSPC = SIM_FMSPC.hex().upper()
-
-
-def eectl_cp(*argv: str) -> int:
-    """Run ``eectl cp ...`` through the cpbundle module's own parser."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="eectl")
-    cpbundle.register(parser.add_subparsers(dest="group", required=True))
-    args = parser.parse_args(["cp", *argv])
-    code: int = args.handler(args)
-    return code
 
 
 def production_bundle(tmp: Path, root: SimTD, policy: dict[str, Any] | None = None) -> Path:

@@ -38,7 +38,6 @@ from ee.protocol.signing import (
     load_public_key,
     public_key_bytes,
     save_private_key,
-    save_public_key,
     write_signed,
 )
 
@@ -153,19 +152,10 @@ def _fail(code: int, message: str) -> int:
 
 
 def keygen_command(args: argparse.Namespace) -> int:
-    private, public = Path(args.out + ".key"), Path(args.out + ".pub")
-    for path in (private, public):
-        if path.exists():
-            return _fail(EXIT_USAGE, f"{path} exists; refusing to overwrite")
-    key = generate_signing_key()
-    try:
-        save_private_key(private, key)
-        save_public_key(public, key.public_key())
-    except OSError as exc:
-        return _fail(EXIT_USAGE, str(exc))
-    print(f"wrote {private} (keep it secret) and {public}; public key "
-          f"{public_key_bytes(key).hex()}")
-    return EXIT_OK
+    """The release signing key format (PKCS#8 PEM + SubjectPublicKeyInfo PEM)."""
+    from ee.ctl.release import keygen_command as release_keygen
+
+    return release_keygen(args)
 
 
 def create_command(args: argparse.Namespace) -> int:
