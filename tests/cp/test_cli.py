@@ -83,3 +83,62 @@ def test_dev_start_reuses_bundle_and_stops_on_sigterm(tmp_path: Path) -> None:
     (data / "bootstrap.json").write_text(json.dumps(bundle))
     r = run(["--data-dir", str(data)], env)
     assert r.returncode == 2 and "bootstrap bundle refused" in r.stderr
+
+
+def test_production_bundle_start_and_refusals(tmp_path: Path) -> None:
+    """Without --dev: a dev bundle, a production bundle without its pinned key, one
+    signed by another key, an unsigned or a tampered one: exit 2, one line each; a good
+    production bundle starts."""
+    from test_bundle import eectl_cp
+
+    env = {**os.environ, "EE_SIM_DIR": str(tmp_path / "sim")}
+    assert eectl_cp("bundle", "keygen", "--out", str(tmp_path / "offline")) == 0
+    assert eectl_cp("bundle", "keygen", "--out", str(tmp_path / "other")) == 0
+    data = tmp_path / "prod"
+    assert eectl_cp("bundle", "create", "--signing-key", str(tmp_path / "offline.key"),
+                    "--out", str(data), "--cluster-id", "prod-cli") == 0
+    pub = ["--bundle-pubkey", str(tmp_path / "offline.pub")]
+
+    def refused(args: list[str], text: str) -> None:
+        r = run(args, env)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().count("\n") == 0 and text in r.stderr, r.stderr
+
+    dev_cp = start(tmp_path / "dev", env)[0]  # makes a dev data dir
+    dev_cp.send_signal(signal.SIGTERM)
+    assert dev_cp.wait(timeout=20) == 0
+    refused(["--data-dir", str(tmp_path / "dev")], "is a dev bundle")
+    refused(["--data-dir", str(data)], "--bundle-pubkey")
+    refused(["--data-dir", str(data), "--bundle-pubkey", str(tmp_path / "other.pub")],
+            "bad signature")
+    refused(["--data-dir", str(data), "--bundle-pubkey", str(tmp_path / "nope.pub")],
+            "unreadable")
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [*CP, "--data-dir", str(data), *pub, "--listen", f"127.0.0.1:{port}",
+         "--agent-listen", f"127.0.0.1:{free_port()}", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v2/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        assert r.json()["cluster_id"] == "prod-cli"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+    sig = data / "bootstrap.json.sig"
+    saved = sig.read_text()
+    sig.unlink()
+    refused(["--data-dir", str(data), *pub], "signature missing")
+    sig.write_text(saved)
+    doc = json.loads((data / "bootstrap.json").read_text())
+    doc["trust"]["policy"]["mode"] = "disabled"
+    (data / "bootstrap.json").write_text(json.dumps(doc))
+    refused(["--data-dir", str(data), *pub], "bad signature")

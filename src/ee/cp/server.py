@@ -33,6 +33,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,15 @@ import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings, Describe
 from ee.actors.app import AppActor, AppDeps
-from ee.actors.identity import Binding
+from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
+from ee.attestation.pccs import PccsClient, normalise_fmspc
 from ee.capacity import PoolKey
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
+from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
@@ -61,7 +64,7 @@ from ee.cp.records import (
     RejectionTally,
     prune_history_forever,
 )
-from ee.cp.registration import Judge
+from ee.cp.registration import Judge, Refusal
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
@@ -101,6 +104,17 @@ class CpConfig:
     quorum: Quorum = Quorum()
     vocabulary: Vocabulary = Vocabulary()
     collateral_file: str | None = None
+    # Production trust (bootstrap bundle signer, collateral from PCS/PCCS): see
+    # ee.cp.bootstrap and ee.cp.collateral_refresh.
+    bundle_pubkey: str | None = None
+    pccs_url: str | None = None
+    pccs_fmspcs: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    pccs_ca: str = "platform"
+    pccs_timeout_s: float = 10.0
+    pccs_api_key_env: str | None = None  # name of the env var holding a PCS API key
+    collateral_refresh_s: float = 86400.0
+    collateral_stale: str = "strict"  # strict: refuse on stale collateral; warn: admit, flag
+    collateral_grace_s: float = 7 * 86400.0
     attestation_threads: int = 2
     history_retention_s: float = 30 * 86400.0  # history rows older than this are pruned
     history_prune_interval_s: float = 3600.0
@@ -119,7 +133,8 @@ class CpConfig:
             if not isinstance(doc, dict):
                 raise ValueError(f"--config {args.config}: expected a JSON object")
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
-                     "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s"):
+                     "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
+                     "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -141,7 +156,17 @@ class CpConfig:
         _host_port(config.agent_listen, "agent_listen")
         if config.role not in ("standalone", "master", "dc"):
             raise ValueError(f"role must be standalone, master or dc, not {config.role!r}")
+        config.refresh_settings()  # validates the collateral settings
+        for fmspc in config.pccs_fmspcs:
+            normalise_fmspc(fmspc)
+        if config.pccs_url and not config.pccs_fmspcs:
+            raise ValueError("pccs_url: name the platforms' FMSPCs to fetch (--pccs-fmspc)")
         return config
+
+    def refresh_settings(self) -> RefreshSettings:
+        return RefreshSettings(refresh_interval_s=self.collateral_refresh_s,
+                               stale=self.collateral_stale,  # type: ignore[arg-type]
+                               grace_s=self.collateral_grace_s, ca=self.pccs_ca)
 
 
 def _ssl(cert: str | None, key: str | None, what: str) -> ssl.SSLContext | None:
@@ -165,6 +190,7 @@ class ControlPlane:
         self.verifier = Verifier(boot.roots)
         self.collateral: Collateral | None = None
         self.collateral_refreshed = 0.0
+        self.refresher = self._make_refresher()
         self.records: RecordStore | None = None
         self.accounts: RecordStore | None = None
         self.manifests = ManifestStore(config.data_dir / "manifests", boot.signing_key)
@@ -210,6 +236,8 @@ class ControlPlane:
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
             ChildSpec(id="accounts", start=self._run_accounts, shutdown=5.0),
+            *([ChildSpec(id="collateral", start=self.refresher.run, shutdown=1.0)]
+              if self.refresher is not None else []),
             # Before the agent plane: bindings and drains are loaded before any agent
             # registers, and flushed after every agent actor has stopped.
             ChildSpec(id="identities", start=self.identities.run,
@@ -229,9 +257,28 @@ class ControlPlane:
 
     # ---- trust -----------------------------------------------------------------------
 
+    def _make_refresher(self) -> CollateralRefresher | None:
+        c = self.config
+        if not c.pccs_url:
+            return None
+        api_key = os.environ.get(c.pccs_api_key_env) if c.pccs_api_key_env else None
+        return CollateralRefresher(
+            PccsClient(c.pccs_url, timeout_s=c.pccs_timeout_s, api_key=api_key),
+            [normalise_fmspc(f) for f in c.pccs_fmspcs], self.bootstrap.roots,
+            c.refresh_settings(), registry=self.metrics.registry, emit=self.events.emit,
+            directory=c.data_dir / "collateral")
+
     def judge(self) -> Judge:
         now = time.time()
-        if self.bootstrap.dev and now - self.collateral_refreshed > 86400:
+        if self.refresher is not None:
+            collateral, grace_at = self.refresher.choose(now)
+            if grace_at is not None:
+                return GraceJudge(cluster_id=self.bootstrap.cluster_id,
+                                  vocabulary=self.config.vocabulary, verifier=self.verifier,
+                                  policy=self.bootstrap.policy, collateral=collateral,
+                                  bindings=self.identities.bindings, grace_at=grace_at)
+            self.collateral = collateral
+        elif self.bootstrap.dev and now - self.collateral_refreshed > 86400:
             from ee.attestation.providers.sim import SimTD
 
             assert self.bootstrap.sim_dir is not None
@@ -246,7 +293,7 @@ class ControlPlane:
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
-                         reattester=self.judge(), emit=self._agent_event,
+                         reattester=_CurrentJudge(self.judge), emit=self._agent_event,
                          attest_limiter=self.attest_limiter, drained=self.drained,
                          observe_heartbeat=self.metrics.heartbeat_handling.observe,
                          observe_heartbeat_gap=self.metrics.heartbeat_gap.observe,
@@ -587,6 +634,18 @@ class ControlPlane:
         self.root.request_stop()
 
 
+class _CurrentJudge:
+    """Re-attestation through the judge of the moment (collateral refreshes while an
+    agent stays connected; a judge captured at registration would go stale)."""
+
+    def __init__(self, judge: Callable[[], Judge]) -> None:
+        self._judge = judge
+
+    def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
+                 now: float) -> Refusal | None:
+        return self._judge().reattest(quote, nonce, identity, now=now)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ee-cp",
@@ -612,6 +671,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history-retention-s", type=float, metavar="SECONDS",
                    help="keep history (events, registration outcomes) this long; 0 keeps "
                         "it forever (default 30 days)")
+    p.add_argument("--bundle-pubkey", metavar="FILE",
+                   help="the offline key's public half (PEM, or 64 hex characters) a "
+                        "production bootstrap bundle must be signed with")
+    p.add_argument("--pccs-url", metavar="URL",
+                   help="Intel PCS or a PCCS to fetch verification collateral from "
+                        "(refreshed before it expires)")
+    p.add_argument("--pccs-fmspc", dest="pccs_fmspcs", action="append", metavar="HEX",
+                   help="an FMSPC (12 hex characters) whose collateral to fetch; repeat")
+    p.add_argument("--collateral-stale", choices=("strict", "warn"),
+                   help="when collateral is past its next update and cannot be refreshed: "
+                        "strict refuses quotes (default), warn admits them with a violation")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
@@ -623,9 +693,9 @@ def prepare(config: CpConfig) -> tuple[Bootstrap, str | None]:
     bundle = config.data_dir / bootstrap_mod.BUNDLE
     if config.dev and not bundle.exists():
         token = bootstrap_mod.create_dev(config.data_dir)
-    boot = bootstrap_mod.load(config.data_dir)
-    if boot.dev and not config.dev:
-        log.warning("this data dir holds a dev bundle (it trusts the sim provider)")
+    pubkey = (bootstrap_mod.load_bundle_pubkey(config.bundle_pubkey)
+              if config.bundle_pubkey else None)
+    boot = bootstrap_mod.load(config.data_dir, dev=config.dev, bundle_pubkey=pubkey)
     return boot, token
 
 
