@@ -37,6 +37,7 @@ from ee.attestation.measure import MeasureError, Prediction, gib, predict
 from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
 from ee.attestation.quote import BODY_TYPE_TD15, Quote, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
+from ee.ctl.collateral import register_collateral
 
 EXIT_ACCEPTED = 0
 EXIT_REFUSED = 1
@@ -153,6 +154,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     me.add_argument("--node-size", metavar="SIZE", help="the node size entry (with --policy-out)")
     me.set_defaults(handler=measure)
+
+    register_collateral(commands)
 
     # --- I12a hook (the integrator adds this one line): `eectl trust reproducibility-check`
     # ee.image.<module>.register_reproducibility_check(commands)
