@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -77,5 +78,7 @@ class Binding:
     def to_view(self) -> dict[str, Any]:
         return {"vm_name": self.vm_name, "agent_id": self.agent_id or None,
                 "key_sha256": key_sha256(self.public_key) if self.public_key else None,
-                "bound_at": self.bound_at, "state": "held" if self.held else "bound",
+                "bound_at": (datetime.fromtimestamp(self.bound_at, UTC).isoformat()
+                             .replace("+00:00", "Z") if self.bound_at else None),
+                "state": "held" if self.held else "bound",
                 "problem": self.problem}

@@ -19,6 +19,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 UNEXPECTED = "VERIFY_ERROR"  # reason prefix of a failure no specific check named
+# What a peer is told of such a failure: the exception's type and text stay in the log
+# (they are library internals, and may quote the peer's bytes back).
+UNEXPECTED_TEXT = "the quote could not be checked (the verifier logged why)"
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
 
 
@@ -79,7 +82,7 @@ def quote_format_boundary(decode: Callable[P, R]) -> Callable[P, R]:
 
     Whatever the decoder raises besides (struct, int parsing, a library), the caller
     sees the typed error, with the exception named in its message
-    (``VERIFY_ERROR: <type>: <text>``); the traceback is logged at debug level.
+    (``VERIFY_ERROR: <fixed text>``); the exception and its traceback are logged.
     """
 
     @functools.wraps(decode)
@@ -89,7 +92,8 @@ def quote_format_boundary(decode: Callable[P, R]) -> Callable[P, R]:
         except QuoteFormatError:
             raise
         except Exception as exc:
-            log.debug("unexpected error decoding a quote", exc_info=True)
-            raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {describe(exc)}") from exc
+            log.info("unexpected error decoding a quote: %s", describe(exc))
+            log.debug("its traceback", exc_info=True)
+            raise QuoteFormatError("quote", 0, f"{UNEXPECTED}: {UNEXPECTED_TEXT}") from exc
 
     return guarded

@@ -39,8 +39,8 @@ a result with reasons (which every policy mode but ``disabled`` refuses). By des
   cached PCK chain check turns anything a corrupt certificate raises into a
   ``PCK_CERT_INVALID: ...`` reason;
 * `_refusing_unexpected` wraps the whole check of a parsed quote: any exception
-  becomes a refused result with the reason ``VERIFY_ERROR: <type>: <text>`` (the
-  traceback is logged at debug level). A new decoder bug therefore refuses one quote
+  becomes a refused result with the reason ``VERIFY_ERROR: <fixed text>`` (the
+  exception is logged, its traceback at debug level). A new decoder bug therefore refuses one quote
   instead of escaping into the caller (the CP's registration and re-attestation).
 """
 
@@ -73,7 +73,7 @@ from ee.attestation.collateral import (
     match_tcb,
     verify_p256,
 )
-from ee.attestation.errors import UNEXPECTED, describe
+from ee.attestation.errors import UNEXPECTED, UNEXPECTED_TEXT, describe
 from ee.attestation.pck import PckExtension, PckExtensionError, pck_extension_of
 from ee.attestation.quote import Quote, parse_quote
 
@@ -210,8 +210,9 @@ def _refusing_unexpected(check: _Check) -> _Check:
         try:
             return check(verifier, quote, now, collateral)
         except Exception as exc:
-            log.debug("unexpected error verifying a quote", exc_info=True)
-            return VerificationResult.refused(quote, f"{UNEXPECTED}: {describe(exc)}")
+            log.info("unexpected error verifying a quote: %s", describe(exc))
+            log.debug("its traceback", exc_info=True)
+            return VerificationResult.refused(quote, f"{UNEXPECTED}: {UNEXPECTED_TEXT}")
 
     return guarded
 
@@ -263,8 +264,10 @@ class Verifier:
         try:
             return self._check_pck_chain_unguarded(quote)
         except Exception as exc:
-            log.debug("corrupt PCK chain", exc_info=True)
-            return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: {describe(exc)}")
+            log.info("corrupt PCK chain: %s", describe(exc))
+            log.debug("its traceback", exc_info=True)
+            return _PckChainEntry.failed(f"{PCK_CERT_INVALID}: the certificate chain could "
+                                         "not be decoded")
 
     def _check_pck_chain_unguarded(self, quote: Quote) -> _PckChainEntry:
         infos = []
