@@ -238,6 +238,11 @@ def scenario(c: Conformance) -> dict[str, str]:
 
     agents = c.call("GET /api/v2/agents", expect=200).json()["agents"]
     agent = {"agent_id": agents[0]["agent_id"]}
+    vm = {"vm_name": agents[0]["vm_name"]}
+    names = c.call("GET /api/v2/admin/vm-names", expect=200).json()["vm_names"]
+    assert [n["vm_name"] for n in names] == [vm["vm_name"]]
+    c.call("POST /api/v2/admin/vm-names/{vm_name}/release", path={"vm_name": "vm-nope"},
+           expect=404)
     c.call("GET /api/v2/agents", query={"status": "online"}, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path=agent, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path={"agent_id": "ag-nope"}, expect=404)
@@ -307,7 +312,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
-    return {**agent, **app, **dep, **pool, **order}
+    return {**agent, **vm, **app, **dep, **pool, **order}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:
