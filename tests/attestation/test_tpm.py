@@ -13,12 +13,15 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 import attrs
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from ee.attestation import QuoteFormatError, policy
 from ee.attestation import tpm as T
@@ -138,6 +141,8 @@ def test_quote_for_another_nonce_or_key_is_refused(world: World, good: T.TpmEvid
                                                    nonce: bytes, key: bytes) -> None:
     result = verify(world, good, qd=T.qualifying_data(nonce, key))
     assert [r.split(":")[0] for r in result.reasons] == ["QUALIFYING_DATA_MISMATCH"]
+    with pytest.raises(ValueError):  # refused evidence gets no credential challenge
+        world.verifier().credential(result)
 
 
 # --- PCRs and the event log ---------------------------------------------------------------------
@@ -188,15 +193,16 @@ def test_tampered_attest_is_refused(world: World, good: T.TpmEvidence) -> None:
 
 def soft_evidence(good: T.TpmEvidence, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
                   *, attributes: int = T.AK_REQUIRED, scheme: int | None = None,
-                  **attest_kw: object) -> T.TpmEvidence:
+                  name_alg: int = T.ALG_SHA256, **attest_kw: object) -> T.TpmEvidence:
     """Evidence signed by a software key posing as an AK, quoting A's real PCR values
     (or whatever *attest_kw* says), with A's EK certificate."""
     fields: dict[str, object] = {"extra": QD, "pcrs": range(10),
                                  "digest": hashlib.sha256(b"".join(good.pcr_values)).digest()}
     fields.update(attest_kw)
     attest = K.attest_bytes(**fields)  # type: ignore[arg-type]
-    return attrs.evolve(good, ak_public=K.soft_public(key, attributes=attributes, scheme=scheme),
-                        attest=attest, signature=K.soft_sign(key, attest, scheme=scheme))
+    public = K.soft_public(key, attributes=attributes, scheme=scheme, name_alg=name_alg)
+    return attrs.evolve(good, ak_public=public, attest=attest,
+                        signature=K.soft_sign(key, attest, scheme=scheme))
 
 
 @pytest.mark.parametrize("key,scheme", [
@@ -240,6 +246,26 @@ def test_other_pcr_bank_or_bad_selection_is_refused(world: World, good: T.TpmEvi
         "10 PCR values for 9 quoted PCRs",)
 
 
+def test_pcr_outside_the_bank_is_refused(world: World, good: T.TpmEvidence) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = soft_evidence(good, key, pcrs=[*range(9), 25], select_size=4)
+    assert verify(world, forged).reasons == ("the quote's PCR selection is invalid",)
+
+
+def test_ak_name_algorithm_must_be_sha256(world: World, good: T.TpmEvidence) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    assert verify(world, soft_evidence(good, key, name_alg=T.ALG_SHA1)).reasons == (
+        "AK name algorithm is not SHA-256",)
+
+
+def test_signature_hash_must_be_sha256(world: World, good: T.TpmEvidence) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    forged = soft_evidence(good, key)
+    sig = forged.signature[:2] + struct.pack(">H", T.ALG_SHA384) + forged.signature[4:]
+    assert verify(world, attrs.evolve(forged, signature=sig)).reasons == (
+        "quote signature hash 0x000c is not SHA-256",)
+
+
 def test_signature_scheme_must_match_the_ak(world: World, good: T.TpmEvidence) -> None:
     key = rsa.generate_private_key(65537, 2048)
     forged = soft_evidence(good, key, scheme=T.ALG_RSASSA)
@@ -277,6 +303,29 @@ def test_ek_cert_outside_its_validity_is_refused(world: World, good: T.TpmEviden
 def test_ek_cert_garbage_is_refused(world: World, good: T.TpmEvidence) -> None:
     result = verify(world, attrs.evolve(good, ek_cert=good.ek_cert[:-1] + b"\x01"))
     assert result.reasons and result.reasons[0].startswith("EK")
+
+
+def test_ek_key_must_fit_a_standard_template(world: World, good: T.TpmEvidence) -> None:
+    """A certificate the CA signed for a key no standard EK template makes (RSA-3072):
+    refused before any credential is made for it."""
+    ca_key = rsa.generate_private_key(65537, 2048)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "test EK CA")])
+    start, end = datetime(2020, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+    root = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(ca_key.public_key()).serial_number(1).not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    ek = (x509.CertificateBuilder().subject_name(x509.Name([]))
+          .issuer_name(name).public_key(rsa.generate_private_key(65537, 3072).public_key())
+          .serial_number(2).not_valid_before(start).not_valid_after(end)
+          .sign(ca_key, hashes.SHA256()))
+    evidence = attrs.evolve(good, ek_cert=ek.public_bytes(Encoding.DER), ek_chain=())
+    result = T.TpmVerifier([root]).verify(evidence, expected_qualifying_data=QD, now=NOW)
+    assert result.reasons == ("EK certificate: RSA EK of 3072 bits (only RSA-2048 is "
+                              "supported)",)
+    with pytest.raises(ValueError):
+        T.TpmVerifier([root]).credential(result)
 
 
 def test_ak_from_another_tpm_cannot_activate(world: World) -> None:
@@ -346,6 +395,10 @@ def test_attest_caps_and_type() -> None:
         T.parse_attest(K.attest_bytes(extra=QD, pcrs=[4], digest=bytes(32), type_=0x8017))
     with pytest.raises(T.TpmFormatError, match="extraData"):
         T.parse_attest(base[:42] + b"\x00\x41" + base[44:])  # extraData size 65 > 64
+    safe = 6 + 36 + 34 + 16  # magic, type, qualifiedSigner, extraData, clock..restart
+    assert base[safe] == 1
+    with pytest.raises(T.TpmFormatError, match="TPMI_YES_NO"):
+        T.parse_attest(base[:safe] + b"\x02" + base[safe + 1:])
     with pytest.raises(T.TpmFormatError, match="trailing"):
         T.parse_attest(base + b"\x00")
     with pytest.raises(T.TpmFormatError, match="longer than"):

@@ -165,10 +165,11 @@ def tpm2b(data: bytes) -> bytes:
 
 
 def soft_public(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, *,
-                attributes: int = T.AK_REQUIRED | 0x40, scheme: int | None = None) -> bytes:
+                attributes: int = T.AK_REQUIRED | 0x40, scheme: int | None = None,
+                name_alg: int = T.ALG_SHA256) -> bytes:
     """A TPM2B_PUBLIC for *key*, claiming *attributes* (default: a restricted AK)."""
     head = struct.pack(">HHI", T.ALG_ECC if isinstance(key, ec.EllipticCurvePrivateKey)
-                       else T.ALG_RSA, T.ALG_SHA256, attributes) + tpm2b(b"")
+                       else T.ALG_RSA, name_alg, attributes) + tpm2b(b"")
     if isinstance(key, ec.EllipticCurvePrivateKey):
         nums = key.public_key().public_numbers()
         size = (key.curve.key_size + 7) // 8
@@ -185,13 +186,14 @@ def soft_public(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, *,
 
 def attest_bytes(*, extra: bytes, pcrs: Sequence[int], digest: bytes,
                  magic: int = T.TPM_GENERATED_VALUE, type_: int = T.TPM_ST_ATTEST_QUOTE,
-                 bank: int = T.ALG_SHA256, signer: bytes = b"\x00\x0b" + bytes(32)) -> bytes:
-    bitmap = bytearray(3)
+                 bank: int = T.ALG_SHA256, signer: bytes = b"\x00\x0b" + bytes(32),
+                 select_size: int = 3) -> bytes:
+    bitmap = bytearray(select_size)
     for i in pcrs:
         bitmap[i // 8] |= 1 << (i % 8)
     return (struct.pack(">IH", magic, type_) + tpm2b(signer) + tpm2b(extra)
             + struct.pack(">QIIBQ", 1234, 1, 0, 1, 0x2019102300163636)
-            + struct.pack(">IHB", 1, bank, 3) + bytes(bitmap) + tpm2b(digest))
+            + struct.pack(">IHB", 1, bank, select_size) + bytes(bitmap) + tpm2b(digest))
 
 
 def soft_sign(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, message: bytes, *,
