@@ -107,6 +107,8 @@ def test_good_quote_verifies_and_the_ak_activates(world: World, good: T.TpmEvide
     assert result.event_count == 2
     assert result.ak_name == T.parse_public(world.a.ak_public()).name
     assert result.ek_fingerprint == hashlib.sha256(good.ek_cert).hexdigest()
+    assert result.qualifying_ok
+    assert result.measurement == "tpm:" + hashlib.sha256(expected[4] + expected[9]).hexdigest()
     credential = world.verifier().credential(result)
     answer = world.a.activate(credential.credential_blob, credential.encrypted_secret)
     assert credential.matches(answer)
@@ -141,6 +143,7 @@ def test_quote_for_another_nonce_or_key_is_refused(world: World, good: T.TpmEvid
                                                    nonce: bytes, key: bytes) -> None:
     result = verify(world, good, qd=T.qualifying_data(nonce, key))
     assert [r.split(":")[0] for r in result.reasons] == ["QUALIFYING_DATA_MISMATCH"]
+    assert not result.qualifying_ok
     with pytest.raises(ValueError):  # refused evidence gets no credential challenge
         world.verifier().credential(result)
 

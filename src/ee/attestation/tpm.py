@@ -541,10 +541,20 @@ class TpmResult:
         default=None, eq=False, repr=False)
     ek_fingerprint: str | None = None
     event_count: int = 0
+    #: the quote's extraData equals the expected qualifying data (also a reason if not)
+    qualifying_ok: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.reasons
+
+    @property
+    def measurement(self) -> str:
+        """The boot measurement as one comparable value (the registration records it
+        where a TDX agent has its MRTD, and a change is drift): ``tpm:`` + SHA-256 of
+        PCR4 || PCR9 (zeros for a PCR the quote left out)."""
+        both = self.pcrs.get(4, bytes(32)) + self.pcrs.get(9, bytes(32))
+        return "tpm:" + hashlib.sha256(both).hexdigest()
 
     @property
     def ak_name(self) -> bytes | None:
@@ -677,7 +687,8 @@ class TpmVerifier:
             reasons.append(problem)
         if attest.magic != TPM_GENERATED_VALUE:
             reasons.append("attest magic is not TPM_GENERATED_VALUE")
-        if not hmac.compare_digest(attest.extra_data, expected):
+        qualifying_ok = hmac.compare_digest(attest.extra_data, expected)
+        if not qualifying_ok:
             reasons.append("QUALIFYING_DATA_MISMATCH: the quote does not bind this "
                            "challenge's nonce and the registration's public key")
 
@@ -700,7 +711,8 @@ class TpmVerifier:
                                + ", ".join(map(str, bad)))
         ek_public = ek_key if isinstance(ek_key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey) \
             else None
-        return TpmResult(tuple(reasons), pcrs, attest, ak, ek_public, ek_fp, len(events))
+        return TpmResult(tuple(reasons), pcrs, attest, ak, ek_public, ek_fp, len(events),
+                         qualifying_ok)
 
 
 def load_ek_roots(pem: bytes) -> list[x509.Certificate]:
