@@ -106,7 +106,12 @@ def running(state: Path) -> Iterator[SwTpm]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("swtpm did not start")
             time.sleep(0.02)
-        yield SwTpm(state, sock, proc)
+        tpm = SwTpm(state, sock, proc)
+        yield tpm
+        # An orderly TPM2_Shutdown: without one the next startup counts a dictionary
+        # attack failure, and a few restarts lock DA-protected keys (the AK) out.
+        subprocess.run(["tpm2_shutdown"], env={**os.environ, "TPM2TOOLS_TCTI": tpm.tcti},
+                       capture_output=True, timeout=30, check=False)
     finally:
         proc.terminate()
         try:

@@ -95,9 +95,11 @@ class TpmProvider:
         except OSError as exc:
             raise ProviderError(f"tpm: cannot run {args[0]}: {exc}") from None
         if done.returncode != 0:
-            err = done.stderr.decode("utf-8", "replace").strip().splitlines()
-            last = err[-1] if err else f"exit status {done.returncode}"
-            raise ProviderError(f"tpm: {args[0]} failed: {last[:200]}")
+            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            # tpm2-tools ends with "Unable to run <tool>"; the line before names the cause.
+            why = [ln for ln in lines if "Unable to run" not in ln][-1:] or lines[-1:]
+            raise ProviderError(f"tpm: {args[0]} failed: "
+                                f"{why[0][:200] if why else f'exit status {done.returncode}'}")
         return done.stdout
 
     def _flush(self) -> None:
