@@ -64,10 +64,14 @@ async def test_health_and_secret_routes_without_workload(tmp_path: Path) -> None
         async with running_agent(config) as agent, agent_http(agent) as http:
             r = await http.get("/api/health")
             assert r.status_code == 200
+            # The public view: no names, no ids (see test_proxy_attacks for a tenant's).
+            assert r.json() == {"status": "healthy", "compose_hash": None, "deployments": []}
+            r = await http.get("/api/health", headers={"Authorization": f"Bearer {agent.secret}"})
             body = r.json()
             assert body["status"] == "healthy" and body["vm_name"] == config.vm_name
             assert body["agent_id"] is None and body["deployments"] == []
             assert body["compose_hash"] is None and body["cp_connected"] is False
+            assert body["detail"] == "no workload deployed" and body["tunnel"] is None
 
             r = await http.get("/api/health", params={"attest": "true", "nonce": "zz"})
             assert r.status_code == 400 and _error_code(r) == "bad_nonce"
@@ -175,15 +179,19 @@ async def test_deploy_proxy_attest_adopt_undeploy(tmp_path: Path, namespace: str
                     health = r.json()
                     assert health["status"] == "healthy"
                     assert health["compose_hash"] == expected_hash
-                    [shown] = health["deployments"]
-                    assert (shown["deployment_id"], shown["state"]) == (deployment_id, "running")
-                    assert shown["compose_hash"] == expected_hash
-                    assert health["agent_id"] == f"ag-standin-{config.vm_name}"
+                    assert health["deployments"] == [{"state": "running",
+                                                      "compose_hash": expected_hash}]
+                    assert "echo" not in r.text and deployment_id not in r.text
                     quote = base64.b64decode(health["attestation"]["quote"])
                     digest = bytes.fromhex(expected_hash.removeprefix("sha256:"))
                     assert quote_report_data(quote) == health_report_data(nonce, digest)
 
                     auth = {"Authorization": f"Bearer {agent.secret}"}
+                    operator = (await http.get("/api/health", headers=auth)).json()
+                    [shown] = operator["deployments"]
+                    assert (shown["deployment_id"], shown["state"]) == (deployment_id, "running")
+                    assert (shown["app"], shown["compose_hash"]) == ("echo", expected_hash)
+                    assert operator["agent_id"] == f"ag-standin-{config.vm_name}"
                     r = await http.get("/api/logs", headers=auth)
                     assert r.json()["deployment_id"] == deployment_id
                     assert "sidecar-up" in r.json()["logs"]["sidecar"]

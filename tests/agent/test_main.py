@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 from ee.agent.main import apply_flags, build_parser, main
 from ee.agent.platform import shared_sim_dir
 
 from .agentkit import eventually, free_port, running_cp
+from .test_proxy_attacks import Upstream, head, raw
 
 AGENT = [sys.executable, "-m", "ee.agent.main"]
 
@@ -122,3 +125,39 @@ async def test_runs_against_a_real_cp_and_stops_on_sigterm(tmp_path: Path) -> No
             process.send_signal(signal.SIGTERM)
             assert await process.wait() == 0
             assert (tmp_path / "data" / "agent.key").stat().st_mode & 0o077 == 0
+
+
+async def test_the_real_agent_refuses_proxy_tricks(tmp_path: Path) -> None:
+    """The gate is on in the ``ee-agent`` process: the tricks that made its proxy an
+    open SSRF relay (``GET @host:port/…``) or a 500 (``GET http://…``) are 400s."""
+    argv = [*AGENT, "--dev", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data"),
+            "--vm-name", "vm-raw"]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            elsewhere: Upstream = await nursery.start(Upstream().serve)
+            process = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.DEVNULL)
+            try:
+                assert process.stdout is not None
+                out = b""
+                while (found := re.search(rb"http on 127\.0\.0\.1:([0-9]+)", out)) is None:
+                    chunk = await process.stdout.receive_some(4096)
+                    assert chunk, out
+                    out += chunk
+                port = int(found.group(1))
+                other = f"127.0.0.1:{elsewhere.port}"
+                for line, code in ((f"GET @{other}/x HTTP/1.1", "userinfo_in_target"),
+                                   (f"GET http://{other}/x HTTP/1.1", "absolute_form"),
+                                   (f"CONNECT {other} HTTP/1.1", "connect_refused")):
+                    answer = await raw(port, head(line))
+                    assert (answer.status, answer.code) == (400, code), line
+                assert elsewhere.connections == 0
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                assert process.stdout is not None
+                await process.stdout.aclose()
+            nursery.cancel_scope.cancel()

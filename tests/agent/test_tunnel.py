@@ -111,7 +111,7 @@ async def test_grant_from_registration_runs_the_tunnel(tmp_path: Path) -> None:
             peer: StandInCp = await nursery.start(StandInCp(tunnel=grant).run)
             config = agent_config(tmp_path / "agent", peer.url,
                                   tunnel=TunnelConfig(command=command))
-            async with running_agent(config) as agent, agent_http(agent) as http:
+            async with running_agent(config) as agent, agent_http(agent, agent.secret) as http:
                 await eventually(lambda: (tmp_path / "pid").exists())
                 pid = int((tmp_path / "pid").read_text())
                 assert (tmp_path / "args").read_text().strip() == (

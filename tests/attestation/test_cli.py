@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -164,3 +165,171 @@ def test_help_everywhere() -> None:
     for args in ([], ["trust"], ["trust", "verify-quote"]):
         p = eectl(*args, "--help")
         assert p.returncode == 0 and "usage: eectl" in p.stdout
+
+
+# --- verify-quote --event-log / --runtime-log ----------------------------------------
+
+NOW = "1760000001"
+
+
+def _sim_files(tmp_path: Path, rtmrs: tuple[bytes, bytes, bytes, bytes]) -> list[str | Path]:
+    """A sim quote with these RTMRs, its root and collateral; the verify-quote args."""
+    td = SimTD.create(rtmrs=rtmrs)
+    (tmp_path / "q.bin").write_bytes(td.quote(bytes(64)))
+    (tmp_path / "root.pem").write_bytes(td.root_pem())
+    (tmp_path / "c.json").write_text(json.dumps(td.collateral(issued_at=1_760_000_000).to_json()))
+    return [
+        "trust", "verify-quote", tmp_path / "q.bin", "--collateral", tmp_path / "c.json",
+        "--root", tmp_path / "root.pem", "--now", NOW, "--json",
+    ]  # fmt: skip
+
+
+def _ccel() -> tuple[bytes, tuple[bytes, bytes, bytes, bytes]]:
+    from ee.attestation.eventlog import ALG_SHA384, encode_log, parse_ccel, replay_rtmrs
+
+    raw = (
+        encode_log(
+            [(1, 0x80000008, b"fv"), (2, 0x80000003, b"kernel"), (3, 6, b"cmdline"), (3, 6, b"rd")],
+            (ALG_SHA384,),
+        )
+        + b"\xff" * 512
+    )
+    return raw, replay_rtmrs(parse_ccel(raw))
+
+
+def test_event_log_replay_matches_the_quote(tmp_path: Path) -> None:
+    raw, rtmrs = _ccel()
+    (tmp_path / "ccel.bin").write_bytes(raw)
+    p = eectl(*_sim_files(tmp_path, rtmrs), "--event-log", tmp_path / "ccel.bin")
+    assert p.returncode == 0, p.stdout + p.stderr
+    log = json.loads(p.stdout)["event_log"]
+    assert log["matches"] is True
+    assert [log["rtmr0"], log["rtmr1"], log["rtmr2"]] == [r.hex() for r in rtmrs[:3]]
+    assert [e["index"] for e in log["events"]] == [1, 2, 3, 3]
+    assert log["events"][1]["digests"]["sha384"] == hashlib.sha384(b"kernel").hexdigest()
+    human = eectl(*_sim_files(tmp_path, rtmrs)[:-1], "--event-log", tmp_path / "ccel.bin")
+    assert "event log: 4 events, matches the quote" in human.stdout
+
+
+def test_event_log_that_does_not_replay_to_the_quote_is_refused(tmp_path: Path) -> None:
+    raw, rtmrs = _ccel()
+    (tmp_path / "ccel.bin").write_bytes(raw)
+    other = (rtmrs[0], bytes(48), rtmrs[2], rtmrs[3])  # the quote's RTMR1 differs
+    p = eectl(*_sim_files(tmp_path, other), "--event-log", tmp_path / "ccel.bin")
+    assert p.returncode == 1
+    doc = json.loads(p.stdout)
+    assert doc["event_log"]["matches"] is False
+    assert doc["verdict"]["accepted"] is False
+    assert any(v.startswith("event_log: RTMR1 replays to") for v in doc["verdict"]["violations"])
+
+
+def test_malformed_event_log_names_the_offset(tmp_path: Path) -> None:
+    raw, rtmrs = _ccel()
+    (tmp_path / "ccel.bin").write_bytes(raw[:100])
+    p = eectl(*_sim_files(tmp_path, rtmrs), "--event-log", tmp_path / "ccel.bin")
+    assert p.returncode == 1
+    assert "malformed event log: event[0].digests[0].digest at offset 79" in p.stderr
+    assert p.stdout == ""
+
+
+def test_runtime_log_replays_to_rtmr3(tmp_path: Path) -> None:
+    from ee.attestation.eventlog import RuntimeEvent, replay_runtime
+
+    ev = RuntimeEvent(
+        type="deploy",
+        app="web",
+        version="v1",
+        deployment_id="d1",
+        compose_hash="sha256:" + "0f" * 32,
+    )
+    (tmp_path / "rt.jsonl").write_bytes(ev.canonical() + b"\n")
+    good = (bytes(48), bytes(48), bytes(48), replay_runtime([ev]))
+    p = eectl(*_sim_files(tmp_path, good), "--runtime-log", tmp_path / "rt.jsonl")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert json.loads(p.stdout)["runtime_log"]["events"][0]["app"] == "web"
+    bad = eectl(*_sim_files(tmp_path, (bytes(48),) * 4), "--runtime-log", tmp_path / "rt.jsonl")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["runtime_log"]["matches"] is False
+    (tmp_path / "rt.jsonl").write_bytes(b"{}\n")
+    broken = eectl(*_sim_files(tmp_path, good), "--runtime-log", tmp_path / "rt.jsonl")
+    assert broken.returncode == 1 and "line 1" in broken.stderr
+
+
+# --- measure ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        pytest.skip("no /boot/vmlinuz-*")
+    d = tmp_path / "image"
+    d.mkdir()
+    (d / "vmlinuz").write_bytes(kernels[-1].read_bytes())
+    (d / "initrd.img").write_bytes(b"an initrd")
+    (d / "cmdline").write_text("console=ttyS0 root=/dev/vda\n")
+    return d
+
+
+def test_measure_json_is_the_prediction(image: Path) -> None:
+    from ee.attestation.measure import predict
+
+    p = eectl("trust", "measure", "--image", image, "--memory", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    want = predict(
+        (image / "vmlinuz").read_bytes(), b"an initrd", "console=ttyS0 root=/dev/vda",
+        memory=2 << 30,
+    )  # fmt: skip
+    for key in ("rtmr1", "rtmr2", "pcr4", "pcr9"):
+        assert doc[key] == getattr(want, key).hex()
+    assert doc["mrtd"] is None and doc["cmdline"] == "console=ttyS0 root=/dev/vda"
+    human = eectl("trust", "measure", "--image", image)
+    assert human.returncode == 0 and f"rtmr1: {want.rtmr1.hex()}" in human.stdout
+
+
+def test_measure_with_firmware_predicts_mrtd(image: Path) -> None:
+    fw = Path("/usr/share/ovmf/OVMF.fd")
+    if not fw.is_file():
+        pytest.skip("no TDVF-capable OVMF.fd")
+    p = eectl("trust", "measure", "--image", image, "--firmware", fw, "--json")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["mrtd"]) == 96
+    no_tdvf = eectl("trust", "measure", "--image", image, "--firmware", image / "cmdline")
+    assert no_tdvf.returncode == 2 and "GUIDed table" in no_tdvf.stderr
+
+
+def test_measure_writes_a_policy_entry(image: Path, tmp_path: Path) -> None:
+    from ee.attestation.policy import Policy
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"mode": "warn", "node_sizes": {"big": {"rtmr1": ["aa" * 48]}}}))
+    args = ["trust", "measure", "--image", image, "--policy-out", policy, "--node-size", "small"]
+    assert eectl(*args, "--memory", "2").returncode == 0
+    assert eectl(*args, "--memory", "2.5").returncode == 0  # another memory size: added
+    loaded = Policy.from_json(policy.read_text())
+    assert loaded.mode == "warn" and loaded.node_sizes["big"].rtmr1 == {"aa" * 48}
+    small = loaded.node_sizes["small"]
+    assert len(small.rtmr1) == 2 and len(small.pcr4) == 2  # kernel digest moves with memory
+    assert len(small.rtmr2) == 1 and len(small.pcr9) == 1  # cmdline/initrd do not
+    measured = json.loads(eectl("trust", "measure", "--image", image, "--json").stdout)
+    assert measured["rtmr1"] in small.rtmr1 and measured["pcr9"] in small.pcr9
+
+    before = '{"mode": "lenient"}'
+    policy.write_text(before)
+    bad = eectl(*args)
+    assert bad.returncode == 2 and "mode must be one of" in bad.stderr
+    assert policy.read_text() == before  # nothing written
+    assert eectl("trust", "measure", "--image", image, "--policy-out", policy).returncode == 2
+
+
+def test_measure_refusals(image: Path) -> None:
+    (image / "initrd.img").unlink()
+    p = eectl("trust", "measure", "--image", image)
+    assert p.returncode == 2 and "cannot read initrd" in p.stderr
+    (image / "initrd.img").write_bytes(b"x")
+    (image / "vmlinuz").write_bytes(b"not a kernel")
+    p = eectl("trust", "measure", "--image", image)
+    assert p.returncode == 2 and "too short" in p.stderr
+    p = eectl("trust", "measure", "--image", image, "--memory", "0")
+    assert p.returncode == 2 and "GiB" in p.stderr

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from ee.attestation import (
+    Collateral,
     Measurements,
     Policy,
     PolicyFormatError,
+    Quote,
     Verifier,
     evaluate,
+    load_intel_root,
     registration_report_data,
 )
 from ee.attestation.providers.sim import SimTD
@@ -157,3 +162,184 @@ def test_registration_report_data_binding() -> None:
 
     assert hashlib.sha512(b"ee/v2/register" + NONCE + KEY).digest() == BOUND
     assert len(BOUND) == 64
+
+
+# --- providers and the vTPM (PCR4/PCR9) rules ---------------------------------------
+
+PCR_A = "11" * 32
+PCR_B = "22" * 32
+PCRS = {4: bytes.fromhex(PCR_A), 9: bytes.fromhex(PCR_B)}
+
+
+def test_sim_quote_is_provider_sim_and_refused_by_a_tdx_only_policy(
+    results: dict[str, VerificationResult],
+) -> None:
+    from ee.attestation.policy import quote_provider
+
+    assert quote_provider(results["ok"]) == "sim"  # chain ends at the sim root, not Intel's
+    for mode in ("strict", "warn", "disabled"):
+        verdict = evaluate(
+            Policy(mode=mode, measurements=Measurements(providers=["tdx"])),  # type: ignore[arg-type]
+            results["ok"],
+            now=NOW,
+            expected_report_data=BOUND,
+        )
+        assert not verdict.admitted, mode
+        assert [v.rule for v in verdict.violations] == ["provider"]
+    # a node size may accept what the global policy does not
+    policy = Policy(
+        measurements=Measurements(providers=["tdx"]),
+        node_sizes={"dev": Measurements(providers=["sim"])},
+        max_collateral_age_s=86400,
+    )
+    assert evaluate(policy, results["ok"], now=NOW, node_size="dev").admitted
+    assert not evaluate(policy, results["ok"], now=NOW, node_size="prod").admitted
+
+
+TPM_TABLE = [
+    # policy document, node size, pcrs, kwargs, admitted, rules
+    ({}, None, PCRS, {}, False, ["provider"]),  # default providers: tdx, sim
+    ({"providers": ["tdx"]}, None, PCRS, {}, False, ["provider"]),
+    ({"providers": ["tdx"], "mode": "disabled"}, None, PCRS, {}, False, ["provider"]),
+    ({"providers": ["tdx"], "mode": "warn"}, None, PCRS, {}, False, ["provider"]),
+    ({"providers": ["tpm"]}, None, PCRS, {}, True, []),
+    ({"providers": ["tpm"], "pcr4": [PCR_A], "pcr9": [PCR_B]}, None, PCRS, {}, True, []),
+    ({"providers": ["tpm"], "pcr4": [PCR_B]}, None, PCRS, {}, False, ["pcr4"]),
+    ({"providers": ["tpm"], "mode": "warn", "pcr9": [PCR_A]}, None, PCRS, {}, True, ["pcr9"]),
+    ({"providers": ["tpm"], "pcr9": [PCR_B]}, None, {4: PCRS[4]}, {}, False, ["pcr9"]),
+    ({"providers": ["tpm"], "pcr4": [PCR_A]}, None, {4: b"\x11" * 48}, {}, False, ["pcr4"]),
+    (
+        {"providers": ["tpm"]},
+        None,
+        PCRS,
+        {"verification_reasons": ["TPM quote signature invalid"]},
+        False,
+        ["verification"],
+    ),
+    (
+        {"providers": ["tpm"], "mode": "warn"},
+        None,
+        PCRS,
+        {"report_data_ok": False},
+        False,
+        ["report_data"],
+    ),
+    # node size entries replace the global lists and providers
+    (
+        {"providers": ["tdx"], "node_sizes": {"small": {"providers": ["tpm"], "pcr4": [PCR_A]}}},
+        "small",
+        PCRS,
+        {},
+        True,
+        [],
+    ),
+    (
+        {"providers": ["tpm"], "pcr4": [PCR_A], "node_sizes": {"small": {"pcr4": [PCR_B]}}},
+        "small",
+        PCRS,
+        {},
+        False,
+        ["pcr4"],
+    ),
+    (
+        {"providers": ["tpm"], "node_sizes": {"llm": {"providers": ["tdx"]}}},
+        "llm",
+        PCRS,
+        {},
+        False,
+        ["provider"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc", "size", "pcrs", "kwargs", "admitted", "rules"), TPM_TABLE)
+def test_evaluate_tpm_table(
+    doc: dict[str, object],
+    size: str | None,
+    pcrs: dict[int, bytes],
+    kwargs: dict[str, object],
+    admitted: bool,
+    rules: list[str],
+) -> None:
+    from ee.attestation.policy import evaluate_tpm
+
+    verdict = evaluate_tpm(Policy.from_json(doc), size, pcrs, **kwargs)  # type: ignore[arg-type]
+    assert verdict.admitted is admitted
+    assert [v.rule for v in verdict.violations] == rules
+    assert verdict.tcb_status is None
+
+
+def test_tpm_accepting_policy_does_not_accept_a_tdx_policy_size(
+    results: dict[str, VerificationResult],
+) -> None:
+    # a policy accepting only tpm refuses TDX-quote evidence (sim here) too
+    policy = Policy.from_json({"providers": ["tpm"]})
+    assert "provider" in {v.rule for v in evaluate(policy, results["ok"], now=NOW).violations}
+
+
+def test_policy_from_json_pcrs_and_providers() -> None:
+    policy = Policy.from_json(
+        {
+            "providers": ["tdx", "tpm"],
+            "pcr4": [PCR_A.upper()],
+            "node_sizes": {"small": {"rtmr1": [GOOD], "pcr9": [PCR_B], "providers": ["tpm"]}},
+        }
+    )
+    assert policy.measurements.providers == frozenset({"tdx", "tpm"})
+    assert policy.measurements.pcr4 == frozenset({PCR_A})
+    assert policy.node_sizes["small"].providers == frozenset({"tpm"})
+    assert policy.node_sizes["small"].to_json() == {
+        "rtmr1": [GOOD],
+        "pcr9": [PCR_B],
+        "providers": ["tpm"],
+    }
+    for bad in (
+        {"providers": ["sgx"]},
+        {"providers": []},
+        {"providers": "tdx"},
+        {"pcr4": [GOOD]},  # 48 bytes is not a SHA-256 PCR
+        {"rtmr1": [PCR_A]},  # 32 bytes is not an RTMR
+        {"node_sizes": {"x": {"pcr7": []}}},
+        {"node_sizes": {"x": {"providers": ["tdx", 1]}}},
+    ):
+        with pytest.raises(PolicyFormatError):
+            Policy.from_json(bad)  # type: ignore[arg-type]
+
+
+def test_intel_rooted_quote_is_provider_tdx(
+    sample_quote: Callable[[str], Quote], sample_collateral: Callable[[str], Collateral]
+) -> None:
+    from tests.attestation.conftest import UPTODATE, UPTODATE_COLLATERAL, UPTODATE_NOW
+
+    from ee.attestation.policy import quote_provider
+
+    result = Verifier([load_intel_root()]).verify(
+        sample_quote(UPTODATE), now=UPTODATE_NOW, collateral=sample_collateral(UPTODATE_COLLATERAL)
+    )
+    assert quote_provider(result) == "tdx"
+    tdx_only = Policy(measurements=Measurements(providers=["tdx"]))
+    assert "provider" not in {
+        v.rule for v in evaluate(tdx_only, result, now=UPTODATE_NOW).violations
+    }
+    sim_only = Policy(measurements=Measurements(providers=["sim"]))
+    assert "provider" in {v.rule for v in evaluate(sim_only, result, now=UPTODATE_NOW).violations}
+
+
+def test_event_log_rule(results: dict[str, VerificationResult]) -> None:
+    base = {"max_collateral_age_s": 86400}
+    lax = Policy(**base)  # type: ignore[arg-type]
+    required = Policy.from_json({"require_event_log": True, **base})
+    assert required.require_event_log
+    ok = results["ok"]
+    assert evaluate(lax, ok, now=NOW).admitted  # no log, not required
+    assert evaluate(required, ok, now=NOW, event_log=[]).admitted  # a log that replays
+    missing = evaluate(required, ok, now=NOW)
+    assert not missing.admitted and [v.rule for v in missing.violations] == ["event_log"]
+    lying = ["event_log: RTMR1 replays to aa.., the quote has bb.."]
+    for policy in (lax, required):
+        verdict = evaluate(policy, ok, now=NOW, event_log=lying)
+        assert not verdict.admitted and verdict.reasons == (f"event_log: {lying[0]}",)
+    warn = Policy(mode="warn", require_event_log=True, **base)  # type: ignore[arg-type]
+    assert evaluate(warn, ok, now=NOW, event_log=lying).admitted
+    with pytest.raises(PolicyFormatError):
+        Policy.from_json({"require_event_log": "yes"})

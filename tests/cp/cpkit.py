@@ -64,25 +64,6 @@ def dev_config(data_dir: Path, **overrides: Any) -> CpConfig:
     return CpConfig(data_dir=data_dir, dev=True, **overrides)
 
 
-def _identity_routes(cp: ControlPlane) -> None:
-    """Register ``ee.cp.identity_routes`` when ``ee.cp.http.make_app`` does not (yet):
-    the one-line registration there belongs to another branch."""
-    from ee.cp import identity_routes
-    from ee.cp.errors import require_admin
-    from ee.cp.tenants import Auth
-
-    if any(rule.rule == "/api/v2/admin/vm-names" for rule in cp.app.url_map.iter_rules()):
-        return
-
-    async def no_tenants(_: tuple[str, ...]) -> str:
-        raise AssertionError("identity routes are admin only")
-
-    identity_routes.register(cp.app, cp, Auth(
-        authenticate=no_tenants,
-        admin_only=lambda: require_admin(cp.bootstrap.admin_token_ok),
-        require_ready=lambda: None))
-
-
 @asynccontextmanager
 async def running_cp(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningCp]:
     overrides.setdefault("quorum", Quorum(settle_timeout_s=5))
@@ -92,7 +73,6 @@ async def running_cp(data_dir: Path, **overrides: Any) -> AsyncIterator[RunningC
     assert boot.sim_dir is not None
     td = SimTD.load(boot.sim_dir)
     cp = ControlPlane(config, boot)
-    _identity_routes(cp)
     async with trio.open_nursery() as nursery:
         await nursery.start(cp.run)
         try:

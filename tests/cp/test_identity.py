@@ -219,3 +219,38 @@ async def test_drain_survives_a_restart(tmp_path: Path) -> None:
             assert await wait_until(views, "both agents listed") == {
                 "vm-drained": True, "vm-other": False}
             nursery.cancel_scope.cancel()
+
+
+async def test_two_new_keys_racing_for_one_name_bind_only_one(tmp_path: Path) -> None:
+    """Both registrations pass the judge's binding check while their quotes are being
+    verified; only the claim made right before admission decides, so exactly one key
+    gets the name and the other is refused KEY_CHANGED."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env:
+            plane = env.cp.plane
+            admit = plane._admit
+            admitted = 0
+            both = trio.Event()
+
+            async def admit_together(*args: Any) -> Any:
+                nonlocal admitted
+                result = await admit(*args)
+                admitted += 1
+                if admitted == 2:
+                    both.set()
+                await both.wait()
+                return result
+
+            plane._admit = admit_together  # type: ignore[method-assign]
+            racers = [env.agent("vm-race"), env.agent("vm-race")]
+            async with trio.open_nursery() as nursery:
+                for racer in racers:
+                    nursery.start_soon(register_with, env, racer)
+            outcomes = sorted(
+                "registered" if r.registered is not None else r.rejected.code  # type: ignore[union-attr]
+                for r in racers)
+            assert outcomes == ["KEY_CHANGED", "registered"]
+            winner = next(r for r in racers if r.registered is not None)
+            names = {n["vm_name"]: n for n in env.cp.identities.views()}
+            assert names["vm-race"]["state"] == "bound"
+            assert names["vm-race"]["agent_id"] == winner.registered.agent_id  # type: ignore[union-attr]

@@ -2,11 +2,14 @@
 
 A real CP runs in this test's event loop with one simulated agent; a real agent (HTTP
 only, no CP and no workload) in another test. Schemathesis is synchronous (requests),
-so it runs in a worker thread and talks to the server over localhost.
+so it runs in a worker thread and talks to the server over localhost, on kept-alive
+connections (a refusal answered before its body was read closes its connection, and
+the session opens a new one).
 
 For the CP a scripted scenario first walks every route's happy path and main refusals
-(accounts, app, versions, preflight, deploy, conflicts, undeploy), so the document is
-checked against real objects; then every operation is fuzzed with generated requests,
+(accounts, app, versions, preflight, deploy, conflicts, undeploy, pool targets, launch
+orders claimed and reported by a provisioner), so the document is checked against real
+objects; then every operation is fuzzed with generated requests,
 valid (positive) and invalid (negative) ones, with generated path parameters and with
 those of the real objects. Every response must pass:
 
@@ -22,9 +25,9 @@ curl command reproducing each. Credentials follow each operation's ``security``.
 ``POST /api/v2/admin/crash`` (chaos) is exercised only with an unknown name, and the
 websockets not at all (OpenAPI cannot describe them). Runs are derandomized
 (``EE_OPENAPI_EXPLORE=1`` makes them random); ``EE_OPENAPI_EXAMPLES`` sets the
-generated requests per operation and mode (15). Server bugs found here are pinned by
-the xfail tests at the end; fuzzing counts their responses (``KNOWN_BUGS``) instead of
-failing on them until they are fixed.
+generated requests per operation and mode (15). Server bugs found here get a
+regression test at the end of this file once fixed; while a fix is pending, fuzzing
+counts their responses (``KNOWN_BUGS``, empty today) instead of failing on them.
 """
 
 from __future__ import annotations
@@ -121,8 +124,7 @@ class Conformance:
         self.ops = {op.label: op for op in (r.ok() for r in self.schema.get_all_operations())}
 
     def headers(self, label: str) -> dict[str, str]:
-        # A fresh connection per request: see test_keep_alive_after_a_refused_request.
-        headers = {"Connection": "close"}
+        headers: dict[str, str] = {}
         method, path = label.split(" ", 1)
         op = self.raw["paths"][path][method.lower()]
         schemes = [name for req in op.get("security", self.raw.get("security", []))
@@ -149,7 +151,7 @@ class Conformance:
             return response
         try:
             case.validate_response(response, checks=CHECKS, headers=headers, transport_kwargs={
-                "base_url": self.base_url, "headers": {"Connection": "close"}, "timeout": 20})
+                "base_url": self.base_url, "timeout": 20})
         except (Failure, FailureGroup) as exc:
             self.record(case, response, exc)
         return response
@@ -226,7 +228,9 @@ def scenario(c: Conformance) -> dict[str, str]:
                                    expect=201).json()["api_key"]
     c.tokens["rotating"] = c.call("POST /api/v2/accounts", body={"name": "rot", "kind": "tenant"},
                                   expect=201).json()["api_key"]
-    c.call("POST /api/v2/accounts", body={"name": "prov", "kind": "provisioner"}, expect=201)
+    c.tokens["provisionerKey"] = c.call(
+        "POST /api/v2/accounts", body={"name": "prov", "kind": "provisioner"},
+        expect=201).json()["api_key"]
     c.call("POST /api/v2/accounts", body={"name": "  "}, expect=400)
     c.call("GET /api/v2/accounts/me", expect=200)
     c.call(ROTATE, expect=201)
@@ -282,7 +286,28 @@ def scenario(c: Conformance) -> dict[str, str]:
     logs = "GET /api/v2/deployments/{deployment_id}/logs"
     c.call(logs, path=dep, query={"tail": 10}, expect=200)
     c.call(logs, path=dep, query={"tail": 0}, expect=400)
-    return {**agent, **app, **dep}
+    c.call("GET /api/v2/agents", query={"status": "gone"}, expect=400)
+
+    pool = {"datacenter": "local:dev", "node_size": "standard"}
+    target = "PUT /api/v2/capacity/pools/{datacenter}/{node_size}"
+    c.call(target, path=pool, body={"min_warm": 3, "dispatch": True, "reason": "fuzz"},
+           expect=200)
+    c.call(target, path={**pool, "node_size": "gigantic"},
+           body={"min_warm": 1, "dispatch": True, "reason": "x"}, expect=400)
+    c.call(target, path=pool, body={"min_warm": 1, "dispatch": True, "reason": "x",
+                                    "colour": "blue"}, expect=400)
+    c.call("GET /api/v2/capacity/pools", expect=200)
+    claim = "POST /api/v2/capacity/launch-orders/claim"
+    order = {"order_id": c.call(claim, body=pool, expect=200).json()["order"]["order_id"]}
+    c.call(claim, body={"datacenter": "local:dev", "node_size": "tiny"}, expect=204)
+    c.call(claim, body={**pool, "count": 2}, expect=400)
+    orders = "POST /api/v2/capacity/launch-orders/{order_id}"
+    c.call(f"{orders}/provisioning", path=order, body={"vm_name": "vm-p1"}, expect=200)
+    c.call(f"{orders}/fulfil", path=order, body={"vm_name": "vm-p1"}, expect=200)
+    c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
+    c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
+    c.call("GET /api/v2/capacity/launch-orders", expect=200)
+    return {**agent, **app, **dep, **pool, **order}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

@@ -274,3 +274,128 @@ async def test_impostor_with_another_key_and_bad_vm_names_are_refused(tmp_path: 
                 odd = await register_with(env, env.agent(name))
                 assert odd.rejected is not None and odd.rejected.code == "BAD_VM_NAME"
             nursery.cancel_scope.cancel()
+
+
+# ---- liveness, log hygiene, error frames (issue 11) -----------------------------------
+
+async def test_only_heartbeats_keep_an_agent_alive(tmp_path: Path) -> None:
+    """An agent that stopped heartbeating but keeps sending other frames (orphan
+    replies, deploy_status for unknown deployments, an error frame) goes stale, then
+    offline, and is disconnected, like a silent one."""
+    from ee.protocol import encode_message
+    from ee.protocol.messages import DeployStatus, LogsReply
+
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as nursery:
+            agent = env.agent("vm-chatty", heartbeats=False)
+            await nursery.start(agent.run)
+            frames = [encode_message(DeployStatus(deployment_id="nope", state="running")),
+                      encode_message(LogsReply(lines=()), re=424242),
+                      json.dumps({"type": "error", "body": {"code": "c", "message": "m"}})]
+
+            async def chatter() -> None:
+                i = 0
+                while agent.ws is not None:
+                    # One error frame in all (they count as bad frames), then the rest.
+                    frame = frames[2] if i == 3 else frames[i % 2]
+                    try:
+                        await agent.ws.send_message(frame)
+                    except trio_websocket.ConnectionClosed:
+                        return
+                    i += 1
+                    await trio.sleep(0.1)
+
+            nursery.start_soon(chatter)
+            seen: set[str] = set()
+
+            async def offline() -> bool:
+                status = (await agents_by_vm(env))["vm-chatty"]["status"]
+                seen.add(status)
+                return status == "offline"
+
+            await wait_until(offline, "offline")
+            assert "stale" in seen
+            await wait_until(lambda: agent.closed_code == 1001, "closed by the CP")
+            nursery.cancel_scope.cancel()
+
+
+async def test_agent_strings_cannot_forge_or_flood_log_lines(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    forged = "\n2026-01-01 00:00:00,000 CRITICAL ee.cp: FORGED"
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as nursery:
+            agent = env.agent("vm-liar")
+            await nursery.start(agent.run)
+            assert agent.ws is not None
+            for message in (forged, "x" * 200_000):
+                await agent.ws.send_message(json.dumps(
+                    {"type": "error", "body": {"code": "c" + forged, "message": message}}))
+            # A refused registration quoting a hostile node size, too.
+            liar = await register_with(env, env.agent("vm-size",
+                                                      node_size="big" + forged + "z" * 50_000))
+            assert liar.rejected is not None
+            assert all("\n" not in r and len(r) < 400 for r in liar.rejected.reasons)
+
+            def logged(text: str) -> list[str]:
+                return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+            await wait_until(lambda: len(logged("reported error")) == 2, "both logged")
+            await wait_until(lambda: logged("UNKNOWN_NODE_SIZE"), "refusal logged")
+            for line in logged("reported error") + logged("UNKNOWN_NODE_SIZE"):
+                assert "\n" not in line and len(line) < 1200, line[:200]
+            assert "FORGED" in logged("reported error")[0]  # escaped, still visible
+            nursery.cancel_scope.cancel()
+
+
+async def test_unsolicited_error_frames_use_up_the_bad_frame_budget(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as nursery:
+            agent = env.agent("vm-noisy")
+            await nursery.start(agent.run)
+            ws = agent.ws
+            assert ws is not None
+            for re in (None, 99, None):  # unsolicited, or answering nothing
+                frame: dict[str, Any] = {"type": "error", "body": {"code": "x"}}
+                if re is not None:
+                    frame["re"] = re
+                await ws.send_message(json.dumps(frame))
+            await wait_until(lambda: agent.closed_code is not None, "closed")
+            assert agent.closed_code == 1008
+            nursery.cancel_scope.cancel()
+
+
+async def test_error_frames_name_the_refused_frame_with_re(tmp_path: Path) -> None:
+    from ee.protocol import encode_message
+    from ee.protocol.messages import Health, Heartbeat, NodeStats
+
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp", **FAST) as env:
+            async with trio_websocket.open_websocket_url(env.agent_url) as ws:
+                await ws.get_message()  # challenge
+                await ws.send_message(encode_message(
+                    Heartbeat(seq=1, health=Health(), stats=NodeStats()), id=41))
+                before = json.loads(await ws.get_message())
+                await ws.send_message(json.dumps({"type": "register", "id": 42,
+                                                  "body": {"vm_name": 5}}))
+                bad = json.loads(await ws.get_message())
+            assert before["type"] == "error" and before["re"] == 41
+            assert before["body"]["code"] == "register_first"
+            assert bad["type"] == "error" and bad["re"] == 42
+            assert "vm_name" in bad["body"]["message"]
+
+            # After registration too: a frame the agent may not send, with an id.
+            agent = env.agent("vm-asks")
+            async with trio_websocket.open_websocket_url(env.agent_url) as ws:
+                challenge = json.loads(await ws.get_message())
+                await ws.send_message(encode_message(agent.register_message(
+                    bytes.fromhex(challenge["body"]["nonce"]))))
+                assert json.loads(await ws.get_message())["type"] == "registered"
+                await ws.send_message(json.dumps(
+                    {"type": "attestation", "id": 7,
+                     "body": {"provider": "sim", "quote": "AAAA"}}))
+                refused = json.loads(await ws.get_message())
+            assert refused["type"] == "error" and refused["re"] == 7
+            assert refused["body"]["code"] == "unexpected"

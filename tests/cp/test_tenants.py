@@ -393,7 +393,13 @@ async def test_a_replica_claimed_under_another_app_is_not_adopted(tmp_path: Path
                 after = await deployment(http, dep_id)
                 assert [x["agent_id"] for x in after["replicas"]] == \
                     [x["agent_id"] for x in before["replicas"]]
-                # Never counted as a member: no surplus stop was ever needed.
+                # Never counted as a member: no surplus stop was ever needed. It is a stray:
+                # reported, and stopped on the agent that listed it.
                 assert not [e for e in env.cp.events.recent
                             if e.kind == "replica.surplus" and e.subject == dep_id]
+                strays = [dict(e.data) for e in env.cp.events.recent
+                          if e.kind == "replica.stray" and e.subject == dep_id]
+                assert [(e["agent_id"], e["reason"]) for e in strays] == \
+                    [(liar.agent_id, "WRONG_APP")]
+                await wait_until(lambda: dep_id not in liar.deployments, "stray stopped")
             n.cancel_scope.cancel()

@@ -143,12 +143,11 @@ async def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
                 assert r.json()["error"]["details"]["field"] == "build_context"
 
 
-async def test_per_account_quotas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tenants_module, "DEFAULT_QUOTAS",
-                        tenants_module.TenantQuotas(max_versions=3, max_stored_bytes=4000))
+async def test_per_account_quotas(tmp_path: Path) -> None:
     body = {"compose": COMPOSE, "expose_port": 80}
     with trio.fail_after(60):
-        async with running_cp(tmp_path / "cp") as env:
+        async with running_cp(tmp_path / "cp", tenant_max_versions=3,
+                              tenant_max_stored_bytes=4000) as env:
             http = await tenant(env, "t")
             other = await tenant(env, "u")
             async with http, other:

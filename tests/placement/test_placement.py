@@ -473,3 +473,32 @@ def test_placement_is_a_frozen_value() -> None:
     assert isinstance(result, Placement)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         result.placeable = False  # type: ignore[misc]
+
+
+# -- why a deployment cannot be placed (its ``error``) ------------------------------
+
+
+def test_why_with_no_agents_at_all() -> None:
+    p = place(request(2), [])
+    assert not p.placeable and p.reason_counts() == {}
+    assert p.why() == "no agents connected"
+
+
+def test_why_counts_each_reason_in_reason_order() -> None:
+    p = place(request(3), [
+        agent("a1"),
+        agent("a2", status="offline", deployments=("dep-9",)),
+        agent("a3", deployments=("dep-9",)),
+        agent("a4", draining=True, attested=False),
+    ])
+    assert p.shortfall == 2
+    assert p.reason_counts() == {"OFFLINE": 1, "NOT_ATTESTED": 1, "DRAINING": 1, "BUSY": 2}
+    assert p.why() == ("1 candidate, 3 agents rejected "
+                       "(OFFLINE: 1, NOT_ATTESTED: 1, DRAINING: 1, BUSY: 2)")
+
+
+def test_why_without_rejections() -> None:
+    p = place(request(3), [agent("a1"), agent("a2")])
+    assert p.why() == "2 candidates"
+    assert place(request(1), [agent("a1", status="stale")]).why() == \
+        "0 candidates, 1 agent rejected (STALE: 1)"

@@ -154,3 +154,33 @@ def test_arbitrary_envelopes_only_raise_protocol_errors(envelope: dict[str, obje
     except AgentProtocolError:
         return
     assert frame.type == envelope["type"]
+
+
+def test_hostile_json_yields_frame_errors_with_no_internal_text() -> None:
+    """Whatever the JSON, decode_frame raises FrameError with a short message of ours."""
+    deep_body = '{"type": "heartbeat", "body": ' + "[" * 950 + "]" * 950 + "}"
+    deep_type = '{"type": ' + "[" * 950 + "]" * 950 + "}"
+    for text, expected in [
+        ("[" * 100_000 + "]" * 100_000, "frame is not JSON: nested too deeply"),
+        (deep_body, "frame body is not a JSON object, got an array of 1 items"),
+        (deep_type, "frame type missing or not a string: an array of 1 items"),
+        ('{"type": "heartbeat", "id": ' + "9" * 5000 + "}", "frame is not JSON"),
+        ('{"type": "' + "t" * 500_000 + '"}', "unknown message type 't"),
+    ]:
+        with pytest.raises(FrameError) as info:
+            decode_frame(text, max_bytes=1 << 20)
+        message = str(info.value)
+        assert message.startswith(expected), message[:200]
+        assert len(message) < 200
+        assert "recursion" not in message and "Error" not in message
+
+
+def test_describe_is_short_escaped_and_cheap() -> None:
+    from ee.protocol.strict import describe, printable
+
+    assert describe("a\nb") == "'a\\nb'"
+    assert len(describe("x" * 10**6)) < 100
+    assert describe([[[]]]) == "an array of 1 items"
+    assert describe(2**400).startswith("an integer of 401 bits")
+    assert printable("ok\n2026 CRITICAL forged\x1b[31m") == "ok\\n2026 CRITICAL forged\\x1b[31m"
+    assert printable("é" * 10, 4) == "éééé...(6 more chars)"

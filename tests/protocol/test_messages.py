@@ -281,3 +281,65 @@ def test_local_construction_is_validated() -> None:
             attestation=Attestation(provider="sim", quote=b"q"),
             snapshot=SNAPSHOT,
         )
+
+
+# ---- strict on every call (issue 11) -------------------------------------------------
+
+_BAD_DIGESTS_SNAPSHOT = {
+    "deployments": [{"deployment_id": "d", "app": "a", "version": "v", "state": "running",
+                     "image_digests": "xyz"}],
+    "health": {}, "seq": 0,
+    "node": {"node_size": "s", "datacenter": "d:x", "gpu": False, "vcpus": 1, "memory_mb": 1},
+}
+
+
+@pytest.mark.parametrize("first", ["deploy_status", "snapshot", "deploy"])
+def test_mapping_fields_stay_strict_whatever_was_structured_first(first: str) -> None:
+    """Structuring one mapping field must not make the next class's mapping lenient
+    (cattrs' ``gen_structure_mapping`` registers its lenient hook as a side effect)."""
+    from ee.protocol import messages
+    from ee.protocol.strict import make_converter
+
+    fresh = make_converter(forbid_extra_keys=False)
+    warmups = {
+        "deploy_status": (DeployStatus, {"deployment_id": "d", "state": "running",
+                                         "image_digests": {"a": "b"}}),
+        "snapshot": (Snapshot, json.loads(json.dumps(body_to_dict(SNAPSHOT)))),
+        "deploy": (Deploy, {"deployment_id": "d", "app": "a", "version": "v",
+                            "compose": "c", "expose_port": 80, "health_path": "/",
+                            "env": {"K": "V"}}),
+    }
+    cls, body = warmups[first]
+    fresh.structure(body, cls)
+    original = messages.converter
+    messages.converter = fresh
+    try:
+        for _ in range(2):
+            with pytest.raises(FrameError) as info:
+                parse_body("snapshot", _BAD_DIGESTS_SNAPSHOT, sender="agent")
+            assert str(info.value).endswith(
+                "body.deployments[0].image_digests: expected object, got 'xyz'")
+            with pytest.raises(FrameError, match=re.escape("body.image_digests: expected object")):
+                parse_body("deploy_status", {"deployment_id": "d", "state": "running",
+                                             "image_digests": "abc"}, sender="agent")
+            with pytest.raises(FrameError, match=re.escape("body.env: expected object")):
+                parse_body("deploy", {**warmups["deploy"][1], "env": "K=V"}, sender="cp")
+    finally:
+        messages.converter = original
+
+
+def test_reasons_never_carry_library_exception_text() -> None:
+    from ee.protocol.strict import problems
+
+    for exc in (AttributeError("'str' object has no attribute 'items'"),
+                RecursionError("maximum recursion depth exceeded"),
+                ValueError("invalid literal for int() with base 10")):
+        ((path, reason),) = problems(exc, "body.x")
+        assert (path, reason) == ("body.x", "invalid value")
+
+
+def test_peer_chosen_mapping_keys_do_not_grow_error_messages() -> None:
+    body = {"deployment_id": "d", "state": "running", "image_digests": {"k" * 100_000: 5}}
+    with pytest.raises(FrameError) as info:
+        parse_body("deploy_status", body, sender="agent")
+    assert len(str(info.value)) < 300

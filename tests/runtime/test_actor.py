@@ -219,3 +219,46 @@ async def test_chaos_injection_fails_the_inflight_ask_with_the_injected_cause(
         assert sup.snapshot().children[0].restarts == 1
         assert await ref.ask(Get()) == 0
         sup.request_stop()
+
+
+@attrs.frozen
+class HelperFails:
+    reason: str
+
+
+class WithHelper(Actor):
+    """Answers HelperFails by starting a helper that raises while the handler waits."""
+
+    @handler(HelperFails)
+    async def on_helper_fails(self, msg: HelperFails) -> str:
+        async def helper() -> None:
+            await trio.sleep(1)
+            raise ValueError(msg.reason)
+
+        self.start_soon(helper)
+        await trio.sleep(100)  # cancelled when the helper crashes the incarnation
+        return "never"
+
+    @handler(Get)
+    async def on_get(self, _: Get) -> str:
+        return "alive"
+
+
+async def test_failing_helper_fails_the_inflight_ask_with_its_cause(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    registry = Registry()
+    sup = Supervisor("root", [actor_spec(registry, "h", WithHelper)], backoff=NO_BACKOFF)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        ref = registry.ref("h")
+        with pytest.raises(ActorCrashed) as info:
+            await ref.ask(HelperFails("helper broke"), timeout=50)
+        assert isinstance(info.value.cause, ValueError)
+        assert str(info.value.cause) == "helper broke"
+        # The helper's exception is the incarnation's exit reason, and it restarts.
+        assert await ref.ask(Get()) == "alive"
+        child = sup.snapshot().children[0]
+        assert child.restarts == 1
+        assert child.last_error == "ValueError('helper broke')"
+        sup.request_stop()

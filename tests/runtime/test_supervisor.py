@@ -160,6 +160,60 @@ async def test_intensity_window_slides(autojump_clock: Clock) -> None:
         sup.request_stop()
 
 
+async def test_children_crashing_together_count_as_one_restart(autojump_clock: Clock) -> None:
+    # OTP flushes the exits of the children a restart plan stops: children that die
+    # together are one restart, not one each.
+    log: list[str] = []
+    w = workers(log, "a", "b", "c")
+    sup = Supervisor("s", [x.spec() for x in w.values()], strategy=Strategy.ONE_FOR_ALL,
+                     max_restarts=1, period=100.0, backoff=NO_BACKOFF)
+    survived_the_pair = False
+    with pytest.RaisesGroup(SupervisorGaveUp) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            # Both exits are queued before the control loop handles either: the two
+            # children run in the same scheduler batch, in either order (one_for_all
+            # makes the order irrelevant; rest_for_one is covered by the test below).
+            w["a"].exit(RuntimeError("together 1"))
+            w["b"].exit(RuntimeError("together 2"))
+            await settle()
+            assert [x.incarnations for x in w.values()] == [2, 2, 2]
+            survived_the_pair = True
+            w["c"].exit(RuntimeError("later"))  # the second restart in 100 s exceeds 1
+            await settle()
+            pytest.fail("supervisor should have given up")
+    assert survived_the_pair, "two exits flushed by one plan must count as one restart"
+    gave_up = info.value.exceptions[0]
+    assert isinstance(gave_up, SupervisorGaveUp) and "later" in repr(gave_up.cause)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.ONE_FOR_ALL, Strategy.REST_FOR_ONE])
+async def test_sibling_crashing_while_the_plan_stops_others_is_flushed(
+    strategy: Strategy, autojump_clock: Clock
+) -> None:
+    log: list[str] = []
+    w = workers(log, "a", "b", "c", "d")
+    w["d"].ignore_stop = True  # stopping d takes its whole 5 s grace
+    sup = Supervisor("s", [x.spec(shutdown=5.0) for x in w.values()], strategy=strategy,
+                     max_restarts=1, period=100.0, backoff=NO_BACKOFF)
+
+    async def crash_during_the_stop_of_d() -> None:
+        await trio.sleep(1)
+        assert log == ["stop b"]  # d is still being stopped, c not reached yet
+        w["c"].exit(RuntimeError("c died on its own"))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        log.clear()
+        nursery.start_soon(crash_during_the_stop_of_d)
+        w["b"].exit(RuntimeError("b died"))
+        await trio.sleep(10)
+        assert sup.running, "c's exit was flushed by b's plan: one restart"
+        assert w["c"].incarnations == w["d"].incarnations == 2
+        assert sup.snapshot().children[2].last_error == "RuntimeError('c died on its own')"
+        sup.request_stop()
+
+
 async def test_escalation_through_two_levels(autojump_clock: Clock) -> None:
     log: list[str] = []
     w = Worker("w", log)

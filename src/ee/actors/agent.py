@@ -15,7 +15,9 @@ Timers live in the agent plane, not here: one sweep task there tells ``Tick`` to
 agents whose last frame is older than the stale threshold and ``ReattestDue`` every
 ``attest_interval_s``, so an idle agent costs its actor no task and no wake-ups.
 Re-attestation is a fresh nonce, the agent's quote and verification in a worker
-thread; a refusal quarantines the agent (no new placements) and raises an event.
+thread; a refusal quarantines the agent (no new placements) and raises an event. A
+verifier that raises on the agent's quote is a refusal too (``VERIFY_ERROR``, logged
+with its traceback), never a crash of this actor.
 """
 
 from __future__ import annotations
@@ -94,6 +96,16 @@ class AgentDeps:
     drained: set[str] = attrs.field(factory=set)
     observe_heartbeat: Callable[[float], None] = lambda _seconds: None
     observe_heartbeat_gap: Callable[[float], None] = lambda _seconds: None
+    count_fault: Callable[[str], None] = lambda _stage: None  # ee_agent_plane_faults_total
+
+
+@attrs.frozen
+class VerifyFault:
+    """The refusal of a re-attestation whose verification raised (shaped like a Refusal)."""
+
+    code: str = "VERIFY_ERROR"
+    reasons: tuple[str, ...] = ("the quote could not be verified (an internal error, "
+                                "logged by the CP); it is not trusted",)
 
 
 # ---- messages ------------------------------------------------------------------------
@@ -195,8 +207,12 @@ class StatusReport:
     at: float
 
 
+MAX_ERROR_CHARS = 2000  # of a replica error the agent reports (shown in views, events)
+
+
 def _replica_report(st: DeployStatus, agent_id: str) -> ReplicaReport:
-    return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, st.error)
+    error = st.error[:MAX_ERROR_CHARS] if st.error is not None else None
+    return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, error)
 
 
 def _iso(unix: float | None) -> str | None:
@@ -254,10 +270,18 @@ class AgentActor(Actor):
             self._reattesting = False
         if not isinstance(reply, Attestation):
             return
-        refusal = await trio.to_thread.run_sync(
-            functools.partial(self.deps.reattester.reattest, reply.quote, nonce, identity,
-                              now=time.time()),
-            limiter=self.deps.attest_limiter)
+        try:
+            refusal = await trio.to_thread.run_sync(
+                functools.partial(self.deps.reattester.reattest, reply.quote, nonce, identity,
+                                  now=time.time()),
+                limiter=self.deps.attest_limiter)
+        except Exception as exc:
+            # The quote came from the agent: whatever the verifier raised on it, the
+            # outcome is a refusal (fail closed: quarantine), never a crashed actor.
+            log.error("agent %s: re-attestation could not be verified", self.agent_id,
+                      exc_info=exc)
+            self.deps.count_fault("reattest")
+            refusal = VerifyFault()
         await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
 
     # ---- state changes ---------------------------------------------------------------

@@ -10,12 +10,36 @@ Sources of truth, and how a (re)start rebuilds from them:
 
 A reconcile pass (on a timer and after every change) compares the two for each
 deployment: replicas whose agent went offline are dropped and re-placed elsewhere;
-replicas found on agents but not known (after a CP restart) are adopted, never
-restarted; replicas beyond the wanted count are stopped; a replica that failed is
-moved to another agent, up to ``max_attempts`` agents, then the deployment fails.
-Placement itself is ``ee.placement`` (pure); claiming an agent goes through its
-AgentActor (``PushDeploy``), which refuses if another deployment got there first, so
-two concurrent deploys never share an agent.
+replicas beyond the wanted count are stopped; a replica that failed is moved to another
+agent, up to ``max_attempts`` agents, then the deployment fails. Placement itself is
+``ee.placement`` (pure); claiming an agent goes through its AgentActor (``PushDeploy``),
+which refuses if another deployment got there first, so two concurrent deploys never
+share an agent.
+
+Agents are not trusted to say what they run (an attested agent may still lie about its
+deployments). So:
+
+* the deployment manifest records its **placements** (the agents the intent put a
+  replica on), written *before* the ``deploy`` leaves: a CP that dies between the two
+  still knows the agent may run it. After a (CP) restart a listed replica is adopted —
+  never restarted — only on a placed agent, under this app, with the version's compose
+  hash (``ee.actors.deployment.stray_reason`` / ``hash_problem``). Anything else an
+  agent lists under this deployment id is a **stray**: a ``replica.stray`` event, an
+  undeploy sent to that agent for that id (the agent lists it, so only it is touched),
+  and it is never a member, so it cannot displace a placed replica, count as running
+  or surface to the tenant. Placement sees a stray's agent as busy.
+* a ``deploy_status`` changes a replica only if the reporting agent holds it; any other
+  report is ignored (``replica.report_ignored``). A placed replica whose compose hash is
+  not the version's (or that claims ``running`` without one) is failed at once.
+* the failure budget (``failed_agents``) is in the manifest too, so a restart does not
+  give a failed deployment another round. An agent that goes away is a lost replica,
+  not a failed one: it never counts against the budget.
+* a placed agent that has not reconnected since a CP restart stays placed (adopted
+  when it returns) until the deployment is healthy without it; with ``ready`` given,
+  it is not even re-placed until the CP's rehydration quorum is met.
+
+A deployment that cannot be placed stays ``placing`` and says why in ``error``, with
+the placement reason codes of the agents it could not use.
 """
 
 from __future__ import annotations
@@ -29,7 +53,7 @@ import attrs
 import trio
 
 from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
-from ee.actors.deployment import derive, transition
+from ee.actors.deployment import HashProblem, derive, hash_problem, stray_reason, transition
 from ee.placement import AgentInfo, Constraints, Placement, Request, place
 from ee.runtime import Actor, ActorError, handler
 
@@ -49,6 +73,8 @@ class AppDeps:
     # (a deployment id or a reservation id), for AgentInfo.reserved_for.
     reserve_warm: Callable[[str, Constraints, int], Awaitable[None]] | None = None
     holds: Callable[[], Awaitable[dict[str, str]]] | None = None
+    # Has the CP's rehydration quorum been met? (None: never wait for absent agents.)
+    ready: Callable[[], bool] | None = None
     reconcile_interval_s: float = 2.0
     max_attempts: int = 3
 
@@ -126,6 +152,9 @@ class Deployment:
     created_at: float
     state: str = "pending"
     replicas: Mapping[str, Replica] = attrs.field(factory=dict)
+    # Persisted (signed manifest): the agents the intent placed a replica on, and the
+    # agents its replicas failed on (the failure budget).
+    placements: frozenset[str] = frozenset()
     failed_agents: frozenset[str] = frozenset()
     error: str | None = None
 
@@ -135,7 +164,34 @@ class Deployment:
                 "replicas": self.replicas_wanted, "desired": self.desired,
                 "created_at": self.created_at,
                 "constraints": {"datacenter": c.datacenter, "node_size": c.node_size,
-                                "gpu": c.gpu, "exclude_agents": sorted(c.exclude_agents)}}
+                                "gpu": c.gpu, "exclude_agents": sorted(c.exclude_agents)},
+                "placements": sorted(self.placements),
+                "failed_agents": sorted(self.failed_agents)}
+
+
+def _ids(value: object) -> frozenset[str]:
+    """A list of agent ids from a (signed) manifest; anything else reads as none."""
+    if not isinstance(value, list):
+        return frozenset()
+    return frozenset(v for v in value if isinstance(v, str) and v)
+
+
+def _gave_up(failed_agents: frozenset[str]) -> str:
+    return (f"replicas failed on {len(failed_agents)} agents: "
+            + "; ".join(sorted(failed_agents)))
+
+
+STRAY_MARK = "stray:"  # how placement sees a deployment id an agent lists unverified
+
+
+def _for_placement(info: AgentInfo, deployment_id: str, members: Mapping[str, Replica]
+                   ) -> AgentInfo:
+    """An agent listing this deployment without holding a replica of it is busy (with
+    a stray), not an existing replica to place on."""
+    if deployment_id not in info.deployments or info.agent_id in members:
+        return info
+    return attrs.evolve(info, deployments=tuple(
+        STRAY_MARK + d if d == deployment_id else d for d in info.deployments))
 
 
 def _iso(unix: float) -> str:
@@ -171,14 +227,20 @@ class AppActor(Actor):
         self.versions = {v["version"]: v for v in desired["versions"]}
         for spec in desired["deployments"]:
             c = spec["constraints"]
+            failed = _ids(spec.get("failed_agents"))
+            exhausted = len(failed) >= self.deps.max_attempts
+            # A stopped intent restarts as stopped (and goes back to stopping if an agent
+            # still runs a replica); a failed one stays failed (its budget is spent); a
+            # running one is placed from pending.
+            state = ("stopped" if spec["desired"] == "stopped"
+                     else "failed" if exhausted else "pending")
             self.deployments[spec["deployment_id"]] = Deployment(
                 deployment_id=spec["deployment_id"], version=spec["version"],
                 replicas_wanted=int(spec["replicas"]),
                 constraints=Constraints.from_json(c), desired=spec["desired"],
-                created_at=float(spec["created_at"]),
-                # A stopped intent restarts as stopped (and goes back to stopping if an
-                # agent still runs a replica); a running one is placed from pending.
-                state="stopped" if spec["desired"] == "stopped" else "pending")
+                created_at=float(spec["created_at"]), state=state,
+                placements=_ids(spec.get("placements")), failed_agents=failed,
+                error=_gave_up(failed) if state == "failed" else None)
         self.start_soon(self._ticker)
         if self.deployments:
             await self._reconcile()
@@ -202,12 +264,31 @@ class AppActor(Actor):
             "deployment_id": dep.deployment_id, "app": self.app["name"],
             "version": dep.version, "state": dep.state, "desired": dep.desired,
             "replicas_wanted": dep.replicas_wanted, "created_at": _iso(dep.created_at),
-            "compose_hash": self.versions.get(dep.version, {}).get("compose_hash"),
-            "error": dep.error,
+            "compose_hash": self._expected_hash(dep),
+            "error": dep.error, "failures": len(dep.failed_agents),
             "replicas": [{"agent_id": r.agent_id, "state": r.state,
                           "compose_hash": r.compose_hash, "error": r.error}
                          for r in sorted(dep.replicas.values(), key=lambda r: r.agent_id)],
         }
+
+    def _expected_hash(self, dep: Deployment) -> str | None:
+        value = self.versions.get(dep.version, {}).get("compose_hash")
+        return value if isinstance(value, str) else None
+
+    async def _persist(self, dep: Deployment) -> None:
+        await self.deps.save("deployments", dep.deployment_id,
+                             {**dep.spec(), "app": self.app_key})
+
+    def _hash_failed(self, dep: Deployment, agent_id: str, state: str,
+                     reported: str | None, problem: HashProblem) -> Replica:
+        """The replica, failed: it does not run the version's workload."""
+        expected = self._expected_hash(dep)
+        self.deps.emit("replica.stray", dep.deployment_id, {
+            "agent_id": agent_id, "reason": problem.value, "state": state,
+            "compose_hash": reported, "expected": expected, "action": "failed"})
+        return Replica(agent_id, "failed", reported,
+                       f"{problem.value}: reported {reported or 'none'}, "
+                       f"version {dep.version} is {expected}")
 
     # ---- handlers --------------------------------------------------------------------
 
@@ -259,8 +340,7 @@ class AppActor(Actor):
         dep = Deployment(deployment_id=msg.deployment_id, version=msg.version,
                          replicas_wanted=msg.replicas, constraints=msg.constraints,
                          desired="running", created_at=time.time())
-        await self.deps.save("deployments", msg.deployment_id, {**dep.spec(),
-                                                                "app": self.app_key})
+        await self._persist(dep)
         self.deployments[dep.deployment_id] = dep
         self.deps.emit("deployment.created", dep.deployment_id,
                        {"app": self.app_key, "version": msg.version, "replicas": msg.replicas})
@@ -279,8 +359,7 @@ class AppActor(Actor):
             return None
         if dep.desired != "stopped":
             dep = attrs.evolve(dep, desired="stopped")
-            await self.deps.save("deployments", dep.deployment_id,
-                                 {**dep.spec(), "app": self.app_key})
+            await self._persist(dep)
             self.deployments[dep.deployment_id] = dep
             self.deps.emit("deployment.stopping", dep.deployment_id, {"app": self.app_key})
         await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
@@ -306,14 +385,28 @@ class AppActor(Actor):
         dep = self.deployments.get(msg.deployment_id)
         if dep is None:
             return
+        old = dep.replicas.get(msg.agent_id)
+        if old is None:
+            # A report never makes a replica: only a placement (or the adoption of a
+            # placed one, from the agent's view, under the same checks) does. A late
+            # "stopped" of a replica already let go is routine; the rest is reported.
+            if msg.state != "stopped" and msg.agent_id not in dep.placements:
+                self.deps.emit("replica.report_ignored", dep.deployment_id, {
+                    "agent_id": msg.agent_id, "state": msg.state,
+                    "reason": "NOT_A_REPLICA"})
+            return
         replicas = {a: r for a, r in dep.replicas.items() if a != msg.agent_id}
+        failed = False
         if msg.state != "stopped":  # a stopped replica is gone, not a member
-            replicas[msg.agent_id] = Replica(msg.agent_id, msg.state, msg.compose_hash,
-                                             msg.error)
-        elif dep.state == "stopped" or msg.agent_id not in dep.replicas:
-            return  # a late report of what is already known to be gone
+            reported = msg.compose_hash or old.compose_hash
+            replica = Replica(msg.agent_id, msg.state, reported, msg.error)
+            problem = hash_problem(msg.state, reported, self._expected_hash(dep))
+            if problem is not None:
+                replica = self._hash_failed(dep, msg.agent_id, msg.state, reported, problem)
+            replicas[msg.agent_id] = replica
+            failed = replica.state == "failed"
         self._set(attrs.evolve(dep, replicas=replicas))
-        if msg.state == "failed":
+        if failed:
             await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
 
     @handler(Reconcile)
@@ -341,57 +434,94 @@ class AppActor(Actor):
                            {"app": self.app_key, "state": new_state})
 
     async def _reconcile(self) -> None:
-        live = [d for d in self.deployments.values() if d.state != "stopped"]
-        if not live:
+        if not self.deployments:
             return
         views = await self.deps.agent_views()
-        for dep in live:
-            await self._reconcile_one(dep.deployment_id, views)
+        listed = {d["deployment_id"] for v in views for d in v["deployment"]}
+        # A stopped deployment is looked at again only when an agent lists it (one that
+        # was away when it was stopped came back, or a stray): it is stopped there.
+        for dep in list(self.deployments.values()):
+            if dep.state != "stopped" or dep.deployment_id in listed:
+                await self._reconcile_one(dep.deployment_id, views)
 
     async def _reconcile_one(self, deployment_id: str, views: list[dict[str, Any]]) -> None:
         dep = self.deployments[deployment_id]
         by_id = {v["agent_id"]: v for v in views}
+        listed = {v["agent_id"]: d for v in views for d in v["deployment"]
+                  if d["deployment_id"] == deployment_id and v["status"] != "offline"}
         replicas = dict(dep.replicas)
+        placed = set(dep.placements)
         failed_agents = set(dep.failed_agents)
-        # 1. What the agents say: adopt unknown replicas, refresh known ones, drop lost.
-        for view in views:
-            for d in view["deployment"]:
-                if d["deployment_id"] != deployment_id or d.get("app") != self.app_key:
-                    continue  # only this app's own deployments are ever adopted
-                agent_id = view["agent_id"]
-                if view["status"] == "offline":
-                    continue
-                old = replicas.get(agent_id)
-                replicas[agent_id] = Replica(agent_id, d["state"],
-                                             d.get("compose_hash") or (old.compose_hash
-                                                                       if old else None),
+        saved = (dep.placements, dep.failed_agents)
+
+        async def persist() -> None:
+            nonlocal dep, saved
+            now = (frozenset(placed), frozenset(failed_agents))
+            if now != saved:
+                dep = attrs.evolve(dep, placements=now[0], failed_agents=now[1])
+                await self._persist(dep)
+                saved = now
+
+        # 1. What the agents list under this id: refresh or adopt replicas of placed
+        #    agents, fail those with the wrong hash, stop strays.
+        for agent_id, d in sorted(listed.items()):
+            stray = stray_reason(placed=agent_id in placed, claimed_app=d.get("app"),
+                                 app=self.app_key)
+            if stray is not None:
+                replicas.pop(agent_id, None)
+                placed.discard(agent_id)
+                if d["state"] != "stopping":  # not yet told to stop
+                    self.deps.emit("replica.stray", deployment_id, {
+                        "agent_id": agent_id, "reason": stray.value, "state": d["state"],
+                        "claimed_app": d.get("app"), "action": "undeploy"})
+                    await self._undeploy_on(agent_id, deployment_id)
+                continue
+            old = replicas.get(agent_id)
+            reported = d.get("compose_hash") or (old.compose_hash if old else None)
+            problem = hash_problem(d["state"], reported, self._expected_hash(dep))
+            if problem is None:
+                replicas[agent_id] = Replica(agent_id, d["state"], reported,
                                              old.error if old else None)
+            elif old is None or old.state != "failed":  # (else: failed, and said so)
+                replicas[agent_id] = self._hash_failed(dep, agent_id, d["state"], reported,
+                                                       problem)
+        # Members whose agent went away, or no longer lists the replica (stopped, or lost
+        # before it ran: an agent lists a deployment from the moment PushDeploy was
+        # accepted). Lost is not failed: it never counts against the budget.
         for agent_id in list(replicas):
             seen = by_id.get(agent_id)
-            runs_it = seen is not None and any(
-                d["deployment_id"] == deployment_id for d in seen["deployment"])
             if seen is None or seen["status"] == "offline":
                 self.deps.emit("replica.lost", deployment_id, {"agent_id": agent_id})
                 del replicas[agent_id]
-            elif not runs_it:
-                # The agent no longer has it: stopped, or lost before it ran (an agent
-                # lists a deployment from the moment PushDeploy was accepted).
+                placed.discard(agent_id)
+            elif agent_id not in listed:
                 del replicas[agent_id]
+                placed.discard(agent_id)
+        # Placed agents holding no replica. One not back since a CP restart stays placed
+        # (adopted if it returns with the replica) until the deployment is healthy
+        # without it, and is waited for (not re-placed) while the CP is not ready. One
+        # that is back (or offline) without the replica lets it go: the deploy never
+        # arrived, or the replica was lost.
+        absent = {a for a in placed - set(replicas) if a not in by_id}
+        placed &= set(replicas) | absent
+        waiting = bool(absent) and self.deps.ready is not None and not self.deps.ready()
+        awaited = len(absent) if waiting else 0
         # 2. Failed replicas: stop them there and try elsewhere.
         for agent_id, replica in list(replicas.items()):
             if replica.state == "failed" and dep.desired == "running":
                 failed_agents.add(agent_id)
                 await self._undeploy_on(agent_id, deployment_id)
                 del replicas[agent_id]
+                placed.discard(agent_id)
                 self.deps.emit("replica.failed", deployment_id,
                                {"agent_id": agent_id, "error": replica.error})
-        dep = attrs.evolve(dep, replicas=replicas, failed_agents=frozenset(failed_agents))
         if dep.desired == "stopped":
             for agent_id in sorted(replicas):
                 if replicas[agent_id].state != "stopping":
                     await self._undeploy_on(agent_id, deployment_id)
                     replicas[agent_id] = attrs.evolve(replicas[agent_id], state="stopping")
-            self._set(attrs.evolve(dep, replicas=replicas))
+            await persist()
+            self._set(attrs.evolve(dep, replicas=replicas, error=None))
             return
         # 3. Surplus: stop the extras (not-running first, then by agent id).
         active = [r for r in replicas.values() if r.state in ACTIVE_REPLICA]
@@ -401,17 +531,18 @@ class AppActor(Actor):
             for r in order[:surplus]:
                 await self._undeploy_on(r.agent_id, deployment_id)
                 del replicas[r.agent_id]
+                placed.discard(r.agent_id)
                 self.deps.emit("replica.surplus", deployment_id, {"agent_id": r.agent_id})
-        # 4. Deficit: place the missing replicas.
-        missing = dep.replicas_wanted - len([r for r in replicas.values()
-                                             if r.state in ACTIVE_REPLICA])
-        error = dep.error
+        # 4. Deficit: place the missing replicas, each placement signed into the
+        #    manifest before its deploy leaves.
+        missing = dep.replicas_wanted - awaited - len(
+            [r for r in replicas.values() if r.state in ACTIVE_REPLICA])
+        error: str | None = None
         gave_up = False
         if missing > 0:
             if len(failed_agents) >= self.deps.max_attempts:
                 gave_up = True
-                error = (f"replicas failed on {len(failed_agents)} agents: "
-                         + "; ".join(sorted(failed_agents)))
+                error = _gave_up(frozenset(failed_agents))
             else:
                 constraints = attrs.evolve(
                     dep.constraints,
@@ -420,18 +551,33 @@ class AppActor(Actor):
                     # Consume warm capacity first: reservations are made atomically by
                     # the pool, so two deployments never hold the same agent.
                     await self.deps.reserve_warm(deployment_id, constraints, missing)
+                infos = [_for_placement(i, deployment_id, replicas)
+                         for i in await self._infos(views)]
                 placement = place(Request(deployment_id=deployment_id,
                                           replicas=dep.replicas_wanted,
-                                          constraints=constraints),
-                                  await self._infos(views))
-                for agent_id in placement.chosen:
-                    if missing <= 0:
-                        break
-                    if agent_id in replicas:
-                        continue
-                    if await self._deploy_on(agent_id, dep):
+                                          constraints=constraints), infos)
+                targets = [a for a in placement.chosen if a not in replicas][:missing]
+                placed.update(targets)
+                await persist()  # before any deploy leaves
+                for agent_id in targets:
+                    sent = await self._deploy_on(agent_id, dep)
+                    if sent:
                         replicas[agent_id] = Replica(agent_id, "pending")
                         missing -= 1
+                    elif sent is not None:  # refused: never sent
+                        placed.discard(agent_id)
+                    # None (no answer): stays placed; the next pass adopts or lets it go
+                if missing > 0:
+                    error = (f"cannot place {missing} of {dep.replicas_wanted} "
+                             f"replica{'' if dep.replicas_wanted == 1 else 's'}: "
+                             f"{placement.why()}")
+        if not gave_up and len(replicas) >= dep.replicas_wanted and all(
+                r.state == "running" for r in replicas.values()):
+            # Healthy: earlier failures no longer count against new shortfalls, and
+            # the placements are exactly the replicas.
+            failed_agents.clear()
+            placed.intersection_update(replicas)
+        await persist()
         dep = attrs.evolve(dep, replicas=replicas, error=error)
         if gave_up and not any(r.state in ACTIVE_REPLICA for r in replicas.values()):
             dep = attrs.evolve(dep, state=transition(dep.state, "failed"))
@@ -439,13 +585,10 @@ class AppActor(Actor):
             self.deps.emit("deployment.state", deployment_id,
                            {"app": self.app_key, "state": "failed", "error": error})
             return
-        if dep.failed_agents and all(r.state == "running" for r in replicas.values()) \
-                and len(replicas) >= dep.replicas_wanted:
-            # Healthy again: earlier failures no longer count against new shortfalls.
-            dep = attrs.evolve(dep, failed_agents=frozenset(), error=None)
         self._set(dep)
 
-    async def _deploy_on(self, agent_id: str, dep: Deployment) -> bool:
+    async def _deploy_on(self, agent_id: str, dep: Deployment) -> bool | None:
+        """True: sent; False: the agent refused (nothing sent); None: no answer."""
         version = self.versions[dep.version]
         try:
             ok: bool = await self.registry.ref(f"agent/{agent_id}").ask(
@@ -453,7 +596,7 @@ class AppActor(Actor):
                 timeout=10)
         except ActorError as exc:
             log.info("deploy %s on %s: %s", dep.deployment_id, agent_id, exc)
-            return False
+            return None
         if ok:
             self.deps.emit("replica.placed", dep.deployment_id, {"agent_id": agent_id})
         return ok

@@ -4,18 +4,32 @@ deployment's state from what its replicas report.
 ::
 
     pending → placing → starting → running
-                 │          │         │
-                 └──────────┴─────────┴──▶ failed        (placement or replicas gave up)
+       │         │          │         │
+       └─────────┴──────────┴─────────┴──▶ failed        (placement or replicas gave up)
     any live state ──undeploy──▶ stopping ⇄ stopped   (back to stopping if a replica
                                                        of a stopped one turns up)
 
 ``running → placing`` and ``running → starting`` happen when a replica is lost or
 restarts (its agent went offline, the workload failed) and is being replaced;
 ``failed → placing`` when a tenant's redeploy or a returning agent gives it another go.
+
+Which replicas an agent lists are the deployment's own is decided here too, by two pure
+checks the AppActor applies to every listing (a snapshot, a view, a ``deploy_status``):
+
+* ``stray_reason`` — a listing is a replica only on an agent the signed intent placed it
+  on (the placement is written to the deployment's manifest before the deploy leaves,
+  so a CP that dies between the two still knows) and only under this deployment's own
+  app. Anything else is a stray: reported, stopped on that agent, never a member, so it
+  can never displace a placed replica or be shown to the tenant.
+* ``hash_problem`` — a replica of a placed agent that reports a compose hash other than
+  the version's, or claims ``running`` without one, runs code the tenant did not ask
+  for: it is marked failed (stopped there, that agent excluded, counted against the
+  failure budget) and never counts as running.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable
 from typing import Final, Literal
 
@@ -26,6 +40,9 @@ LIVE: Final = ("pending", "placing", "starting", "running", "failed")
 
 TRANSITIONS: Final[frozenset[tuple[str, str]]] = frozenset({
     ("pending", "placing"),
+    # The budget ran out on the first pass (after a CP restart: the failures so far
+    # are in the manifest, and an adopted replica turns out failed).
+    ("pending", "failed"),
     ("placing", "starting"),
     ("placing", "running"),  # every replica adopted already running (after a CP restart)
     ("placing", "failed"),
@@ -71,3 +88,40 @@ def derive(desired: str, wanted: int, replica_states: Iterable[str], *,
     if len(states) < wanted:
         return "placing"
     return "starting"
+
+
+class Stray(enum.StrEnum):
+    """Why a listed replica is not one of the deployment's (event reason codes)."""
+
+    NOT_PLACED = "NOT_PLACED"  # the intent never placed this deployment on that agent
+    WRONG_APP = "WRONG_APP"  # listed under another app than the deployment's
+
+
+class HashProblem(enum.StrEnum):
+    """Why a placed replica does not count as the version's workload."""
+
+    COMPOSE_HASH_MISMATCH = "COMPOSE_HASH_MISMATCH"
+    COMPOSE_HASH_MISSING = "COMPOSE_HASH_MISSING"  # claims running, proves nothing
+
+
+def stray_reason(*, placed: bool, claimed_app: object, app: str) -> Stray | None:
+    """None when an agent's listing may be a replica of this deployment (pure)."""
+    if claimed_app != app:
+        return Stray.WRONG_APP
+    if not placed:
+        return Stray.NOT_PLACED
+    return None
+
+
+def hash_problem(state: str, reported: str | None, expected: str | None
+                 ) -> HashProblem | None:
+    """None when a replica's reported compose hash is acceptable (pure).
+
+    A hash, when reported, must be the version's; a replica in flight (pending,
+    pulling, building, starting) may not have one yet, a running one must.
+    """
+    if reported is not None:
+        return None if reported == expected else HashProblem.COMPOSE_HASH_MISMATCH
+    if state == "running":
+        return HashProblem.COMPOSE_HASH_MISSING
+    return None

@@ -209,6 +209,13 @@ class AgentConfig:
     trusted_cp_mrtds: tuple[str, ...] = attrs.field(default=(), validator=_each_mrtd)
     unreachable_terminate_after_s: float | None = attrs.field(default=None, validator=_positive)
     measurement_mode: bool = False
+    http_header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    http_body_idle_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    http_body_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    upstream_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
+    attest_burst: int = attrs.field(default=5, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_backoff_max_s < self.reconnect_backoff_base_s:

@@ -1,22 +1,67 @@
 """The agent's HTTP port (Quart-Trio on Hypercorn): its own routes, then the workload.
 
+Theory of operation
+-------------------
+Anyone on the network reaches this port, so every request passes one gate before any
+route sees it: :class:`RequestGuard`, an ASGI wrapper around the Quart app that runs
+two pure checks on what Hypercorn parsed off the wire.
+
+- :func:`check_request_target` takes the method and the raw request target (the ASGI
+  scope's ``raw_path`` and ``query_string``, exactly the bytes of the request line) and
+  returns the origin-form target ``/path?query`` or raises :class:`RequestRefused`
+  (400 with a reason code). Only origin-form passes: no absolute form
+  (``http://other/``), no authority form (``host:port``, ``@host:port/…``), no asterisk
+  form (``OPTIONS *``), no ``CONNECT``, no scheme-relative ``//host/path``, no
+  backslash, no dot segment (raw or percent-encoded, ``%2F..`` included), no encoded
+  control character, no malformed ``%`` escape, no character outside RFC 3986 (plus
+  ``|^[]``, which browsers send raw), no fragment.
+- :func:`check_request_headers` refuses ambiguous framing (``Content-Length`` *and*
+  ``Transfer-Encoding``: a smuggling vector, RFC 9112 §6.3), a ``Host`` that is not
+  ``host[:port]`` (``@``, ``/``, ``\\``…), and a ``Connection`` header naming anything
+  but hop-by-hop tokens (``Connection: Authorization`` would make a proxy strip an
+  end-to-end header).
+
+h11 itself already refuses some things before the gate (two ``Host`` headers,
+conflicting ``Content-Length``, any ``Transfer-Encoding`` but ``chunked``, non-ASCII
+request lines); websocket handshakes reach the gate as a websocket scope and are
+refused with 501 ``websocket_unsupported``.
+
 Own routes (API.md, "Agent HTTP"):
 
-- ``GET /api/health``: liveness and what runs; with ``?attest=true&nonce=<hex>`` it
-  adds a quote whose REPORTDATA is ``health_report_data(nonce, compose hash)``, so a
-  client can check which code answers it (compose hashes are ``"sha256:<hex>"``;
-  the quote binds the digest bytes);
+- ``GET /api/health``: public liveness: status, the compose hashes and states of what
+  runs, and with ``?attest=true&nonce=<hex>`` a quote whose REPORTDATA is
+  ``health_report_data(nonce, compose hash)``; quotes are rate-limited by a
+  :class:`TokenBucket` (429 ``rate_limited`` with ``Retry-After``). Nothing that names a
+  tenant or a deployment is public (apps are named ``<account id>.<name>``); a caller
+  with the agent secret gets the operator view (vm name, agent id, deployment ids,
+  apps, versions, errors, CP link, tunnel);
 - ``GET /api/state-snapshot``, ``/api/logs``, ``/api/stats``, ``/api/control/challenge``:
   need ``Authorization: Bearer <per-agent secret>`` (compared in constant time).
 
 Every other path and method is reverse-proxied to the current deployment's exposed
-container (``ComposeRunner.upstream``) through httpx, streaming both ways: the request
-body is forwarded as it arrives (with its ``Content-Length`` when it had one) and the
-response body as the workload produces it. Hop-by-hop headers are dropped and
-``X-Forwarded-*`` added. No workload, or one that does not answer, is a 502 with a JSON
-error; a connect failure also makes the agent re-inspect the deployment, so a dead
-container shows up as ``failed`` at once. Errors are ``{"error": {"code", "message",
-"details"}}``, never a stack trace.
+container (``HttpHost.upstream()``; never anything the client sent) through httpx,
+streaming both ways, redirects not followed. The upstream URL is built from the
+upstream's address and the checked origin-form target only. A request that carries the
+agent secret in any header or in its target is refused (400 ``agent_secret_refused``)
+rather than handed to the tenant's code. Hop-by-hop headers (and those ``Connection``
+names) are dropped both ways; ``X-Forwarded-For`` is appended to and
+``X-Forwarded-Proto``/``-Host`` set (kept from a loopback peer, i.e. the tunnel).
+
+Time limits (:class:`HttpLimits`): the request head must arrive within
+``header_timeout_s`` (Hypercorn's keep-alive timer, which also closes idle
+connections); a proxied request body may pause at most ``body_idle_timeout_s`` between
+chunks and must end within ``body_timeout_s`` (408 ``body_timeout``, connection
+closed); the workload must connect within ``upstream_connect_timeout_s`` and may pause
+at most ``upstream_read_timeout_s`` while answering. Memory: a request body is read
+at most :data:`BODY_WINDOW_BYTES` ahead of what the workload has taken
+(:class:`BodyWindow`; the client waits on TCP beyond that), and response bodies
+stream, so neither size costs the agent memory. Upstream connections are not pooled
+under a cap, so slow requests cannot starve the others of connections.
+
+No workload, or one that does not answer, is a 502 with a JSON error; a connect
+failure also makes the agent re-inspect the deployment, so a dead container shows up
+as ``failed`` at once. Errors are ``{"error": {"code", "message", "details"}}``, never
+a stack trace.
 """
 
 from __future__ import annotations
@@ -24,25 +69,59 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, Protocol, cast
+from urllib.parse import unquote_to_bytes
 
+import attrs
 import httpx
 import trio
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    HTTPScope,
+    Scope,
+    WebsocketCloseEvent,
+    WebsocketResponseBodyEvent,
+    WebsocketResponseStartEvent,
+    WebsocketScope,
+)
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ee.agent.server import Agent
 from ee.agent.workload import DeploymentStatus, UnknownDeployment
-from ee.protocol.messages import body_to_dict
+from ee.protocol.messages import Health, Snapshot, body_to_dict
 from ee.protocol.reportdata import health_report_data
 
-__all__ = ["make_app", "serve_http"]
+__all__ = [
+    "HOP_BY_HOP",
+    "AgentHttpError",
+    "HttpHost",
+    "HttpLimits",
+    "RequestGuard",
+    "RequestRefused",
+    "TokenBucket",
+    "carries_secret",
+    "check_request_headers",
+    "check_request_target",
+    "make_app",
+    "response_headers",
+    "serve_http",
+    "upstream_headers",
+]
 
 log = logging.getLogger("ee.agent.http")
 
@@ -59,9 +138,29 @@ HOP_BY_HOP = frozenset(
         "trailers",
         "transfer-encoding",
         "upgrade",
+        "http2-settings",
     }
 )
+# What a Connection header may name: its own options and the hop-by-hop headers.
+CONNECTION_TOKENS = HOP_BY_HOP | {"close"}
+# Set by the agent from what it knows; a client's copy is replaced unless the peer is
+# loopback (the tunnel, which set them for the real client).
+FORWARDED_BY_US = frozenset({"x-forwarded-proto", "x-forwarded-host"})
 MAX_NONCE_BYTES = 64
+MAX_TARGET_BYTES = 8192
+BODY_WINDOW_BYTES = 1 << 20  # request body read ahead of the workload, per request
+BODY_WINDOW_KEY = "ee.body_window"
+
+# RFC 3986 pchar / "/" / "?" (unreserved, sub-delims, ":", "@", "%"), plus "|^[]"
+# which browsers send unescaped. Everything else in a target is refused.
+_TARGET_CHARS = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%|^\[\]]*")
+_PERCENT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_ENCODED_CONTROL = re.compile(rb"%(?:[01][0-9A-Fa-f]|7[Ff])")
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.\-]*:")
+_AUTHORITY = re.compile(rb"[^/@?]*:[0-9]*")
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?")
+# The secret is token_urlsafe; other characters split header values into candidates.
+_SECRET_SPLIT = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
 class AgentHttpError(Exception):
@@ -75,6 +174,353 @@ class AgentHttpError(Exception):
         self.code = code
         self.message = message
         self.details = details or {}
+
+
+class RequestRefused(AgentHttpError):
+    """A request the agent will not route or forward (400 unless said otherwise)."""
+
+    def __init__(self, code: str, message: str, status: int = 400,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(status, code, message, details)
+
+
+class BodyTimeout(Exception):
+    """The client sent its request body too slowly (raised into the upstream send)."""
+
+
+class BodyWindow:
+    """Flow control for one request body: at most *limit* bytes read ahead.
+
+    Hypercorn hands the app body chunks as fast as the client sends them, and Quart's
+    ``request.body`` keeps every chunk until it is read; behind a workload that reads
+    slowly (or not at all) a client could park its whole upload in the agent's memory.
+    The guard's ``receive`` waits while more than *limit* bytes are received but not
+    yet forwarded; Hypercorn then stops reading the socket and TCP pushes back.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ahead = 0
+        self._room = trio.Event()
+
+    def received(self, size: int) -> None:
+        self.ahead += size
+
+    def forwarded(self, size: int) -> None:
+        self.ahead -= size
+        if self.ahead <= self.limit:
+            self._room.set()
+            self._room = trio.Event()
+
+    async def wait_for_room(self) -> None:
+        while self.ahead > self.limit:
+            await self._room.wait()
+
+
+# --- pure checks (no I/O; tested line by line) ----------------------------------------
+
+
+def check_request_target(method: str, raw_path: bytes, query_string: bytes = b"") -> str:
+    """The origin-form target ``/path[?query]``, or :class:`RequestRefused`.
+
+    *raw_path* and *query_string* are the ASGI scope's: the request line's target split
+    at the first ``?``. The result is what the upstream request is built from.
+    """
+    if method.upper() == "CONNECT":
+        raise RequestRefused("connect_refused", "CONNECT is not served: this is no forward proxy")
+    target = raw_path + (b"?" + query_string if query_string else b"")
+    shown = target[:200].decode("latin-1")
+    if len(target) > MAX_TARGET_BYTES:
+        raise RequestRefused("target_too_long", f"request target over {MAX_TARGET_BYTES} bytes",
+                             414, {"bytes": len(target)})
+    if not raw_path.startswith(b"/"):
+        if raw_path == b"*":
+            code, what = "asterisk_form", "'*' (asterisk form)"
+        elif _SCHEME.match(raw_path) and b"//" in raw_path:
+            code, what = "absolute_form", "an absolute URI"
+        elif b"@" in raw_path.split(b"/", 1)[0]:
+            code, what = "userinfo_in_target", "'user@host' (authority with userinfo)"
+        elif _AUTHORITY.fullmatch(raw_path):
+            code, what = "authority_form", "'host:port' (authority form)"
+        else:
+            code, what = "not_origin_form", "not a path"
+        raise RequestRefused(code, f"the request target is {what}; only /path?query is served",
+                             details={"target": shown})
+    if raw_path.startswith(b"//"):
+        raise RequestRefused("scheme_relative", "the path starts with '//' (a host, to some "
+                             "parsers)", details={"target": shown})
+    if b"\\" in target or b"%5c" in target.lower():
+        raise RequestRefused("backslash", "backslashes (raw or %5C) are refused in targets",
+                             details={"target": shown})
+    if b"#" in target:
+        raise RequestRefused("fragment", "a fragment ('#') is never sent to a server",
+                             details={"target": shown})
+    if not _TARGET_CHARS.fullmatch(target):
+        bad = next(chr(b) for b in target if not _TARGET_CHARS.fullmatch(bytes([b])))
+        raise RequestRefused("bad_character", f"character {bad!r} must be percent-encoded",
+                             details={"target": shown})
+    if _PERCENT.search(target):
+        raise RequestRefused("bad_percent_encoding", "'%' must be followed by two hex digits",
+                             details={"target": shown})
+    if _ENCODED_CONTROL.search(target):
+        raise RequestRefused("control_character", "encoded control characters are refused",
+                             details={"target": shown})
+    segments = unquote_to_bytes(raw_path).split(b"/")
+    if any(segment in (b".", b"..") for segment in segments):
+        raise RequestRefused("dot_segment", "'.' and '..' segments (raw or encoded) are refused",
+                             details={"target": shown})
+    return target.decode("ascii")
+
+
+def _values(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[str]:
+    return [v.decode("latin-1") for k, v in headers if k.lower() == name]
+
+
+def _tokens(values: Iterable[str]) -> list[str]:
+    return [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+
+
+def check_request_headers(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Refuse ambiguous framing, a malformed Host, and Connection naming real headers."""
+    headers = list(headers)
+    names = {k.lower() for k, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise RequestRefused("ambiguous_framing",
+                             "both Content-Length and Transfer-Encoding (request smuggling)")
+    hosts = _values(headers, b"host")
+    if len(hosts) > 1 or any(not _HOST.fullmatch(h) for h in hosts):
+        raise RequestRefused("bad_host", "Host must be one 'host[:port]'",
+                             details={"host": [h[:200] for h in hosts]})
+    named = [t for t in _tokens(_values(headers, b"connection")) if t not in CONNECTION_TOKENS]
+    if named:
+        raise RequestRefused("connection_names_header",
+                             "Connection may name only hop-by-hop headers",
+                             details={"names": named[:20]})
+
+
+def carries_secret(headers: Iterable[tuple[bytes, bytes]], target: str, secret: str) -> bool:
+    """Whether any header value or the target holds *secret* (constant-time compares)."""
+    wanted = secret.encode("utf-8")
+    found = False
+    for text in [v.decode("latin-1") for _, v in headers] + [target]:
+        candidates = [*_SECRET_SPLIT.split(text), text.strip(), _bearer(text) or ""]
+        for candidate in candidates:
+            found |= hmac.compare_digest(candidate.encode("latin-1", "replace"), wanted)
+    return found
+
+
+def upstream_headers(
+    headers: Iterable[tuple[bytes, bytes]], *, client: str, scheme: str, loopback_peer: bool
+) -> list[tuple[str, str]]:
+    """The headers to send the workload: hop-by-hop gone, ``X-Forwarded-*`` ours."""
+    headers = list(headers)
+    drop = HOP_BY_HOP | set(_tokens(_values(headers, b"connection")))
+    if not loopback_peer:
+        drop |= FORWARDED_BY_US
+    out: list[tuple[str, str]] = []
+    previous: list[str] = []
+    host = ""
+    for key, value in headers:
+        name, text = key.decode("latin-1"), value.decode("latin-1")
+        lower = name.lower()
+        if lower == "host":
+            host = text
+        if lower == "x-forwarded-for":
+            previous.append(text)
+        elif lower not in drop:
+            out.append((name, text))
+    names = {k.lower() for k, _ in out}
+    out.append(("X-Forwarded-For", ", ".join([*previous, client])))
+    if "x-forwarded-proto" not in names:
+        out.append(("X-Forwarded-Proto", scheme))
+    if host and "x-forwarded-host" not in names:
+        out.append(("X-Forwarded-Host", host))
+    return out
+
+
+def response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The workload's response headers minus hop-by-hop ones (and those it names)."""
+    drop = HOP_BY_HOP | set(_tokens(v for k, v in headers if k.lower() == "connection"))
+    return [(k, v) for k, v in headers if k.lower() not in drop]
+
+
+@attrs.define
+class TokenBucket:
+    """At most *burst* at once, refilled at *rate* per second; fed Trio time."""
+
+    rate: float = attrs.field(validator=attrs.validators.gt(0.0))
+    burst: float = attrs.field(validator=attrs.validators.ge(1.0))
+    _tokens: float = attrs.field(init=False)
+    _at: float | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = self.burst
+
+    def take(self, now: float) -> float:
+        """0.0 when a token was taken, else the seconds until one is available."""
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        return (1 - self._tokens) / self.rate
+
+
+_positive = attrs.validators.gt(0.0)
+
+
+@attrs.frozen
+class HttpLimits:
+    """Time and rate limits of the agent's HTTP port (see the module docstring)."""
+
+    header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    body_idle_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    body_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    upstream_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
+    attest_burst: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+
+
+# --- what the HTTP app needs from the agent ---------------------------------------------
+
+
+class _Quotes(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    async def quote(self, report_data: bytes) -> bytes: ...
+
+
+class _Challenges(Protocol):
+    def issue(self, now: float) -> tuple[bytes, float]: ...
+
+
+class HttpHost(Protocol):
+    """The agent as its HTTP port sees it (``ee.agent.server.Agent`` is one)."""
+
+    @property
+    def secret(self) -> str: ...
+    @property
+    def vm_name(self) -> str: ...
+    @property
+    def agent_id(self) -> str | None: ...
+    @property
+    def current(self) -> str | None: ...
+    @property
+    def cp_connected(self) -> bool: ...
+    @property
+    def quotes(self) -> _Quotes: ...
+    @property
+    def challenges(self) -> _Challenges: ...
+    @property
+    def http_limits(self) -> HttpLimits: ...
+    @property
+    def listen(self) -> str: ...
+
+    def current_status(self) -> DeploymentStatus | None: ...
+    def deployment_statuses(self) -> list[DeploymentStatus]: ...
+    def upstream(self) -> tuple[str, int] | None: ...
+    def health(self) -> Health: ...
+    def snapshot(self) -> Snapshot: ...
+    def tunnel_view(self) -> dict[str, Any] | None: ...
+    async def recheck(self, deployment_id: str) -> None: ...
+    async def logs(self, deployment_id: str | None, tail: int) -> dict[str, str]: ...
+    async def stats(self) -> dict[str, Any]: ...
+
+
+# --- the gate ---------------------------------------------------------------------------
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def _error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message,
+                                 "details": details or {}}}).encode("utf-8")
+
+
+class RequestGuard:
+    """ASGI wrapper: every request passes the pure checks before the app sees it."""
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable,
+                       send: ASGISendCallable) -> None:
+        if scope["type"] == "websocket":
+            await self._refuse_websocket(scope, receive, send)
+            return
+        if scope["type"] == "http":
+            try:
+                check_request_target(scope["method"], scope["raw_path"], scope["query_string"])
+                check_request_headers(scope["headers"])
+            except RequestRefused as exc:
+                _log_refusal(scope, exc)
+                body = _error_body(exc.code, exc.message, exc.details)
+                await send(HTTPResponseStartEvent(
+                    type="http.response.start", status=exc.status,
+                    headers=[*_JSON_HEADERS, (b"content-length", str(len(body)).encode()),
+                             (b"connection", b"close")]))
+                await send(HTTPResponseBodyEvent(type="http.response.body", body=body,
+                                                 more_body=False))
+                return
+            window = BodyWindow(BODY_WINDOW_BYTES)
+            cast(dict[str, Any], scope)[BODY_WINDOW_KEY] = window
+            await self.app(scope, partial(_receive_within, window, receive),
+                           partial(_send_shielding_the_end, send))
+            return
+        await self.app(scope, receive, send)
+
+    async def _refuse_websocket(self, scope: WebsocketScope, receive: ASGIReceiveCallable,
+                                send: ASGISendCallable) -> None:
+        exc = RequestRefused("websocket_unsupported",
+                             "websocket upgrades are not proxied to the workload", 501)
+        _log_refusal(scope, exc)
+        await receive()  # websocket.connect
+        if "websocket.http.response" not in (scope.get("extensions") or {}):
+            await send(WebsocketCloseEvent(type="websocket.close", code=1008, reason=exc.code))
+            return
+        body = _error_body(exc.code, exc.message)
+        await send(WebsocketResponseStartEvent(
+            type="websocket.http.response.start", status=exc.status,
+            headers=[*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]))
+        await send(WebsocketResponseBodyEvent(type="websocket.http.response.body", body=body,
+                                              more_body=False))
+
+
+async def _receive_within(window: BodyWindow, receive: ASGIReceiveCallable
+                          ) -> ASGIReceiveEvent:
+    await window.wait_for_room()
+    message = await receive()
+    if message["type"] == "http.request":
+        window.received(len(message.get("body", b"")))
+    return message
+
+
+async def _send_shielding_the_end(send: ASGISendCallable, message: ASGISendEvent) -> None:
+    """Send the last body message shielded from cancellation.
+
+    Hypercorn closes a ``Connection: close`` (or half-read) connection from inside this
+    send; Quart-Trio cancels the request's tasks as soon as Hypercorn reports the
+    disconnect that close causes, which would cancel the close half-way and leave the
+    socket open for as long as the client likes (found by the slow-body tests).
+    Hypercorn shields its own socket writes the same way.
+    """
+    if message["type"] == "http.response.body" and not message.get("more_body", False):
+        with trio.CancelScope(shield=True):
+            await send(message)
+    else:
+        await send(message)
+
+
+def _log_refusal(scope: HTTPScope | WebsocketScope, exc: AgentHttpError) -> None:
+    client = (scope.get("client") or ("?", 0))[0]
+    log.warning("refused a request from %s: %s %s (%s)", client, exc.status, exc.code,
+                exc.message)
+
+
+# --- the Quart app ----------------------------------------------------------------------
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -92,25 +538,22 @@ def _bearer(header: str | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _hop_by_hop(connection_values: list[str]) -> set[str]:
-    """Hop-by-hop names, including those the ``Connection`` header(s) list."""
-    names = set(HOP_BY_HOP)
-    for value in connection_values:
-        names.update(part.strip().lower() for part in value.split(",") if part.strip())
-    return names
-
-
-def make_app(agent: Agent, client: httpx.AsyncClient) -> QuartTrio:
+def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
+    """The Quart app (serve it behind :class:`RequestGuard`, as :func:`serve_http` does)."""
     app = QuartTrio("ee.agent")
+    limits = agent.http_limits
     app.config["MAX_CONTENT_LENGTH"] = None  # the workload decides what it accepts
-    app.config["BODY_TIMEOUT"] = None
+    app.config["BODY_TIMEOUT"] = limits.body_timeout_s
     app.config["RESPONSE_TIMEOUT"] = None
+    attest_bucket = TokenBucket(rate=limits.attest_rate_per_s, burst=limits.attest_burst)
+
+    def has_secret() -> bool:
+        token = _bearer(request.headers.get("Authorization"))
+        return token is not None and hmac.compare_digest(
+            token.encode("utf-8"), agent.secret.encode("utf-8"))
 
     def require_secret() -> None:
-        token = _bearer(request.headers.get("Authorization"))
-        if token is None or not hmac.compare_digest(
-            token.encode("utf-8"), agent.secret.encode("utf-8")
-        ):
+        if not has_secret():
             raise AgentHttpError(
                 401,
                 "unauthenticated",
@@ -119,7 +562,10 @@ def make_app(agent: Agent, client: httpx.AsyncClient) -> QuartTrio:
 
     @app.errorhandler(AgentHttpError)
     async def on_agent_error(exc: AgentHttpError) -> Response:
-        return _error(exc.status, exc.code, exc.message, exc.details)
+        response = _error(exc.status, exc.code, exc.message, exc.details)
+        if exc.status == 429 and "retry_after_s" in exc.details:
+            response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+        return response
 
     @app.errorhandler(HTTPException)
     async def on_http_error(exc: HTTPException) -> Response:
@@ -136,18 +582,24 @@ def make_app(agent: Agent, client: httpx.AsyncClient) -> QuartTrio:
     async def health() -> Response:
         status = agent.current_status()
         health = agent.health()
+        compose_hash = status.compose_hash if status else None
         body: dict[str, Any] = {
             "status": health.status,
-            "detail": health.detail,
-            "vm_name": agent.vm_name,
-            "agent_id": agent.agent_id,
-            "deployments": [_deployment_view(d) for d in agent.runner.deployments()],
-            "compose_hash": status.compose_hash if status else None,
-            "cp_connected": agent.link is not None,
-            "tunnel": agent.tunnel.status.to_json() if agent.tunnel else None,
+            "compose_hash": compose_hash,
+            "deployments": [{"state": d.state, "compose_hash": d.compose_hash}
+                            for d in agent.deployment_statuses()],
         }
+        if has_secret():  # the operator view
+            body.update(
+                detail=health.detail,
+                vm_name=agent.vm_name,
+                agent_id=agent.agent_id,
+                deployments=[_deployment_view(d) for d in agent.deployment_statuses()],
+                cp_connected=agent.cp_connected,
+                tunnel=agent.tunnel_view(),
+            )
         if request.args.get("attest", "").lower() in ("1", "true", "yes"):
-            body["attestation"] = await _attest(agent, status.compose_hash if status else None)
+            body["attestation"] = await _attest(agent, compose_hash, attest_bucket)
         return _json(body)
 
     @app.get("/api/state-snapshot")
@@ -211,7 +663,8 @@ def _deployment_view(status: DeploymentStatus) -> dict[str, Any]:
     return view
 
 
-async def _attest(agent: Agent, compose_hash: str | None) -> dict[str, Any]:
+async def _attest(agent: HttpHost, compose_hash: str | None,
+                  bucket: TokenBucket) -> dict[str, Any]:
     raw = request.args.get("nonce", "")
     try:
         nonce = bytes.fromhex(raw)
@@ -228,6 +681,12 @@ async def _attest(agent: Agent, compose_hash: str | None) -> dict[str, Any]:
         report_data = health_report_data(nonce, compose_hash)
     except (ValueError, binascii.Error):
         raise AgentHttpError(409, "no_workload", "the current compose hash is unusable") from None
+    wait = bucket.take(trio.current_time())
+    if wait > 0:
+        retry = max(1, math.ceil(wait))
+        log.warning("attested health refused: rate limit (retry in %ss)", retry)
+        raise AgentHttpError(429, "rate_limited", "too many attested health requests; retry later",
+                             {"retry_after_s": retry})
     quote = await agent.quotes.quote(report_data)
     return {
         "provider": agent.quotes.name,
@@ -238,85 +697,117 @@ async def _attest(agent: Agent, compose_hash: str | None) -> dict[str, Any]:
     }
 
 
-async def _proxy(agent: Agent, client: httpx.AsyncClient) -> Response:
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+async def _proxy(agent: HttpHost, client: httpx.AsyncClient) -> Response:
+    scope = cast(HTTPScope, request.scope)
+    # The guard checked this already; the URL is built from this call's result only.
+    target = check_request_target(scope["method"], scope["raw_path"], scope["query_string"])
+    if carries_secret(scope["headers"], target, agent.secret):
+        raise RequestRefused("agent_secret_refused",
+                             "this request carries the agent secret; it is not forwarded to "
+                             "the workload (is the path an agent route?)")
     status = agent.current_status()
     upstream = agent.upstream()
     if status is None or upstream is None:
-        detail = {"deployment_id": status.deployment_id, "state": status.state} if status else {}
+        detail = {"state": status.state} if status else {}
         message = ("no workload is deployed on this agent" if status is None
-                   else f"workload {status.deployment_id} is {status.state}, not running")
+                   else f"the workload is {status.state}, not running")
         return _error(502, "no_workload", message, detail)
 
     host, port = upstream
-    raw_path = request.scope.get("raw_path") or request.path.encode("utf-8")
-    target = f"http://{host}:{port}{raw_path.decode('latin-1')}"
-    query = request.scope.get("query_string") or b""
-    if query:
-        target += "?" + query.decode("latin-1")
+    url = httpx.URL(scheme="http", host=host, port=port, raw_path=target.encode("ascii"))
+    client_addr = (scope.get("client") or ("", 0))[0]
+    headers = upstream_headers(scope["headers"], client=client_addr, scheme=scope["scheme"],
+                               loopback_peer=_is_loopback(client_addr))
+    names = {k.lower() for k, _ in scope["headers"]}
+    has_body = b"transfer-encoding" in names or any(
+        k.lower() == b"content-length" and v.strip() != b"0" for k, v in scope["headers"])
+    limits = agent.http_limits
 
-    drop = _hop_by_hop(request.headers.getlist("Connection"))
-    headers = [(k, v) for k, v in request.headers.items() if k.lower() not in drop]
-    client_addr = (request.scope.get("client") or ("", 0))[0]
-    previous = request.headers.get("X-Forwarded-For")
-    headers.append(("X-Forwarded-For", f"{previous}, {client_addr}" if previous else client_addr))
-    headers.append(("X-Forwarded-Proto", request.scheme))
-    if request.host:
-        headers.append(("X-Forwarded-Host", request.host))
-
-    has_body = request.headers.get("Content-Length") not in (None, "0") or (
-        "chunked" in request.headers.get("Transfer-Encoding", "").lower())
+    window: BodyWindow | None = cast(dict[str, Any], scope).get(BODY_WINDOW_KEY)
 
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in request.body:
+        chunks = request.body.__aiter__()
+        deadline = trio.current_time() + limits.body_timeout_s
+        while True:
+            wait_until = min(deadline, trio.current_time() + limits.body_idle_timeout_s)
+            with trio.move_on_at(wait_until) as waited:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+            if waited.cancelled_caught:
+                raise BodyTimeout()
             yield chunk
+            if window is not None:
+                window.forwarded(len(chunk))
 
     outgoing = client.build_request(
-        request.method, target, headers=headers, content=body() if has_body else None)
+        request.method, url, headers=headers, content=body() if has_body else None)
     try:
-        answer = await client.send(outgoing, stream=True)
+        answer = await client.send(outgoing, stream=True, follow_redirects=False)
+    except BodyTimeout:
+        log.info("request body from %s too slow; cut off", client_addr)
+        response = _error(408, "body_timeout",
+                          f"the request body did not arrive in time (at most "
+                          f"{limits.body_idle_timeout_s:g}s between chunks, "
+                          f"{limits.body_timeout_s:g}s in all)")
+        response.headers["Connection"] = "close"
+        return response
     except httpx.HTTPError as exc:
-        log.info("proxy to %s failed: %s", target, exc)
+        log.info("proxy to %s failed: %s", url, exc)
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            try:
-                await agent.runner.refresh(status.deployment_id)
-            except UnknownDeployment:
-                pass
+            await agent.recheck(status.deployment_id)
         return _error(502, "workload_unreachable",
-                      f"the workload did not answer: {type(exc).__name__}: {exc}",
-                      {"deployment_id": status.deployment_id})
+                      f"the workload did not answer: {type(exc).__name__}")
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             async for chunk in answer.aiter_raw():
                 yield chunk
+        except httpx.HTTPError as exc:
+            log.info("workload response from %s broke off: %s", url, exc)
         finally:
             await answer.aclose()
 
-    drop_out = _hop_by_hop(answer.headers.get_list("connection"))
-    out_headers = [(k, v) for k, v in answer.headers.multi_items() if k.lower() not in drop_out]
     response = Response(stream(), status=answer.status_code)
     response.headers.clear()
-    for key, value in out_headers:
+    for key, value in response_headers(answer.headers.multi_items()):
         response.headers.add(key, value)
     response.timeout = None
     return response
 
 
 async def serve_http(
-    agent: Agent, shutdown: trio.Event, *, task_status: trio.TaskStatus[list[str]]
+    agent: HttpHost, shutdown: trio.Event, *, task_status: trio.TaskStatus[list[str]]
 ) -> None:
     """Serve the agent's HTTP port until *shutdown* is set (graceful, then returns)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    limits = agent.http_limits
     config = Config()
-    config.bind = [agent.config.listen]
+    config.bind = [agent.listen]
     config.graceful_timeout = 5
+    config.keep_alive_timeout = limits.header_timeout_s  # also bounds reading a request head
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    timeout = httpx.Timeout(connect=5.0, read=None, write=None, pool=10.0)
-    async with httpx.AsyncClient(timeout=timeout, trust_env=False,
+    timeout = httpx.Timeout(connect=limits.upstream_connect_timeout_s,
+                            read=limits.upstream_read_timeout_s,
+                            write=limits.body_timeout_s, pool=10.0)
+    # No cap on upstream connections: a pool limit would let a hundred slow clients
+    # starve everyone else (each proxied request holds one for its whole life).
+    pool = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+    async with httpx.AsyncClient(timeout=timeout, limits=pool, trust_env=False,
                                  follow_redirects=False) as client:
-        app = make_app(agent, client)
-        await serve(app, config, shutdown_trigger=shutdown.wait,
-                    task_status=task_status)
+        app = RequestGuard(cast(ASGIFramework, make_app(agent, client)))
+        await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)

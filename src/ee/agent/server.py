@@ -39,6 +39,7 @@ from ee import __version__
 from ee.agent.backoff import ReconnectPolicy
 from ee.agent.config import AgentConfig, parse_host_port
 from ee.agent.cptrust import CpTrust
+from ee.agent.http import HttpLimits, serve_http
 from ee.agent.platform import (
     KEY_FILE,
     SECRET_FILE,
@@ -52,7 +53,13 @@ from ee.agent.platform import (
 )
 from ee.agent.session import SessionLink, SessionLoop, Terminated
 from ee.agent.tunnel import TunnelSupervisor
-from ee.agent.workload import ComposeRunner, DeploymentStatus, DeploySpec, WorkloadSettings
+from ee.agent.workload import (
+    ComposeRunner,
+    DeploymentStatus,
+    DeploySpec,
+    UnknownDeployment,
+    WorkloadSettings,
+)
 from ee.protocol.frames import Frame
 from ee.protocol.messages import (
     Attest,
@@ -122,8 +129,18 @@ class Agent:
         workload_settings: WorkloadSettings | None = None,
         quotes: QuoteSource | None = None,
         jitter: Callable[[], float] = random.random,
+        http_limits: HttpLimits | None = None,
     ) -> None:
         self.config = config
+        self.http_limits = http_limits or HttpLimits(
+            header_timeout_s=config.http_header_timeout_s,
+            body_idle_timeout_s=config.http_body_idle_timeout_s,
+            body_timeout_s=config.http_body_timeout_s,
+            upstream_connect_timeout_s=config.upstream_connect_timeout_s,
+            upstream_read_timeout_s=config.upstream_read_timeout_s,
+            attest_rate_per_s=config.attest_rate_per_s,
+            attest_burst=config.attest_burst,
+        )
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.vm_name = config.vm_name or socket.gethostname()
@@ -185,8 +202,30 @@ class Agent:
         return candidates[0] if candidates else None
 
     def upstream(self) -> tuple[str, int] | None:
+        """Where the proxy sends requests: the current deployment's container, if running."""
         status = self.current_status()
         return None if status is None else self.runner.upstream(status.deployment_id)
+
+    def deployment_statuses(self) -> list[DeploymentStatus]:
+        return list(self.runner.deployments())
+
+    async def recheck(self, deployment_id: str) -> None:
+        """Re-inspect a deployment the proxy could not reach (a dead one turns ``failed``)."""
+        try:
+            await self.runner.refresh(deployment_id)
+        except UnknownDeployment:
+            pass
+
+    @property
+    def cp_connected(self) -> bool:
+        return self.link is not None
+
+    @property
+    def listen(self) -> str:
+        return self.config.listen
+
+    def tunnel_view(self) -> dict[str, Any] | None:
+        return self.tunnel.status.to_json() if self.tunnel else None
 
     def health(self) -> Health:
         status = self.current_status()
@@ -506,8 +545,6 @@ class Agent:
             raise self.terminated
 
     async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        from ee.agent.http import serve_http
-
         self._http_stopped = trio.Event()
         try:
             await serve_http(self, self._stop, task_status=task_status)

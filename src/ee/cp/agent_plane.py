@@ -13,6 +13,27 @@ than twice the limit are cut by trio-websocket itself (1009) without being buffe
 Registration is decided by ``registration.Judge`` in a worker thread under a capacity
 limiter (quote verification is CPU work). The nonce is issued per connection, single
 use, with a TTL; a quote that binds an already-used nonce is named a replay.
+
+Exception boundaries (nothing one peer sends can reach the plane's nursery):
+
+1. verification: anything the judge raises is a ``VERIFY_ERROR`` refusal, never an
+   exception (the verifier is meant to raise only typed errors, but a refusal must not
+   depend on that);
+2. the connection handler (``_handle``): anything unexpected while serving one peer is
+   logged with its traceback, counted (``ee_agent_plane_faults_total``), emitted as an
+   ``agent.session_fault`` event, and closes that connection with 1011. The peer sees a
+   close reason, never exception text;
+3. the transport (``_GuardedServer``): the same for anything raised by the websocket
+   layer around the handler.
+
+A crash of the plane itself (its listener or sweep: a real bug) is logged with its
+traceback before it reaches the supervisor.
+
+Liveness: an agent counts as alive only on heartbeats it sends (``last_heartbeat``),
+never on other frames (error frames, orphan replies, unknown ``deploy_status``), so an
+agent that stopped heartbeating goes stale and offline whatever else it sends. An
+``error`` frame that answers no pending request is a bad frame. Strings an agent
+chooses are logged through ``printable`` (one line, capped, escaped).
 """
 
 from __future__ import annotations
@@ -48,8 +69,9 @@ from ee.protocol import (
     AgentProtocolError,
     Frame,
     FrameTooLarge,
-    decode_message,
+    decode_frame,
     encode_message,
+    parse_frame,
     registration_report_data,
 )
 from ee.protocol.messages import (
@@ -63,12 +85,15 @@ from ee.protocol.messages import (
     Registered,
     Rejected,
 )
+from ee.protocol.strict import printable
 from ee.runtime import ActorDead, ActorError, MailboxFull, Registry
 from ee.supervisors import ChildExists, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.cp.agent_plane")
 
 CONNECT_PATH = "/api/v2/agents/connect"
+MAX_REASONS = 8  # per refusal, each cut to REASON_CHARS (reasons may quote the peer)
+REASON_CHARS = 300
 
 
 class _SessionEnded(Exception):
@@ -104,7 +129,8 @@ class Session:
         self._pending: dict[int, tuple[trio.Event, list[Message]]] = {}
         self._send_lock = trio.Lock()
         self.bad_frames = 0
-        self.last_frame = trio.current_time()  # for the plane's staleness sweep
+        # For the plane's staleness sweep: heartbeats only (see the module docstring).
+        self.last_heartbeat = trio.current_time()
         self.attested_at = trio.current_time()
 
     @property
@@ -134,7 +160,8 @@ class Session:
                 raise AgentRequestError(f"no answer to {type(msg).__name__} within {timeout}s")
             reply = box[0]
             if isinstance(reply, ErrorMessage):
-                raise AgentRequestError(f"agent refused: {reply.code}: {reply.message}")
+                raise AgentRequestError(f"agent refused: {printable(reply.code, 64)}: "
+                                        f"{printable(reply.message, 200)}")
             return reply
         finally:
             self._pending.pop(request_id, None)
@@ -151,6 +178,28 @@ class Session:
     async def close(self, code: int, reason: str) -> None:
         with trio.move_on_after(5):
             await self.ws.aclose(code, reason[:120])
+
+
+class _GuardedServer(trio_websocket.WebSocketServer):
+    """trio-websocket's server with an exception boundary around each connection.
+
+    ``_handle_connection`` is trio-websocket's per-connection entry point (handshake,
+    reader task, handler); anything it raises would otherwise land in the plane's
+    nursery and end every session. Here it is logged and counted, and only that
+    connection's stream is closed.
+    """
+
+    def __init__(self, *args: Any, on_fault: Callable[[BaseException], None],
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_fault = on_fault
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        try:
+            await super()._handle_connection(stream)
+        except Exception as exc:
+            self._on_fault(exc)
+            await trio.aclose_forcefully(stream)
 
 
 class AgentPlane:
@@ -172,6 +221,7 @@ class AgentPlane:
         record_registration: Callable[[dict[str, Any]], None],
         metrics: Any,
         attest_limiter: trio.CapacityLimiter,
+        claim_name: Callable[[Identity, float], Refusal | None] = lambda _i, _t: None,
     ) -> None:
         self.host = host
         self.port = port
@@ -186,6 +236,7 @@ class AgentPlane:
         self.record_registration = record_registration
         self.metrics = metrics
         self.attest_limiter = attest_limiter
+        self.claim_name = claim_name  # binds a VM name to its key, atomically; or refuses
         self.nonces = NonceBook(settings.nonce_ttl_s)
         self.sessions: dict[str, Session] = {}
         self.known: dict[str, Identity] = {}  # vm_name -> last admitted identity
@@ -199,14 +250,27 @@ class AgentPlane:
         self._stop.set()
 
     async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        except Exception:
+            # Peers cannot get here (see the boundaries above): this is a bug in the plane.
+            log.exception("agent plane crashed; every session ends")
+            raise
+
+    async def _run(self, task_status: trio.TaskStatus[int]) -> None:
         self._stop = trio.Event()
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: trio_websocket.serve_websocket(
-                    self._handle, self.host, self.port, self.ssl_context,
-                    handler_nursery=nursery,
-                    max_message_size=2 * self.settings.max_frame_bytes,
-                    connect_timeout=10, disconnect_timeout=5, task_status=task_status))
+            if self.ssl_context is None:
+                listeners: Any = await trio.open_tcp_listeners(self.port, host=self.host)
+            else:
+                listeners = await trio.open_ssl_over_tcp_listeners(
+                    self.port, self.ssl_context, host=self.host, https_compatible=True)
+            server = _GuardedServer(
+                self._on_request, listeners, handler_nursery=nursery,
+                max_message_size=2 * self.settings.max_frame_bytes,
+                connect_timeout=10, disconnect_timeout=5,
+                on_fault=lambda exc: self._fault("transport", "-", exc))
+            await nursery.start(server.run)
             self.bound_port = server.port
             log.info("agent plane listening on %s:%d%s", self.host, server.port, CONNECT_PATH)
             nursery.start_soon(self._prune_nonces)
@@ -225,7 +289,7 @@ class AgentPlane:
             try:
                 await session.send(Reconnect(reason="control plane restarting",
                                              after_s=self.settings.reconnect_after_s))
-            except trio_websocket.ConnectionClosed:
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
                 return
             await session.close(1012, "control plane restarting")
 
@@ -238,7 +302,7 @@ class AgentPlane:
             now = trio.current_time()
             for agent_id, session in list(self.sessions.items()):
                 due: list[object] = []
-                if now - session.last_frame >= s.stale_after_s:
+                if now - session.last_heartbeat >= s.stale_after_s:
                     due.append(Tick())
                 if now - session.attested_at >= s.attest_interval_s:
                     session.attested_at = now
@@ -256,38 +320,71 @@ class AgentPlane:
 
     # ---- one connection ------------------------------------------------------------
 
+    def _fault(self, stage: str, peer: str, exc: BaseException) -> None:
+        """Record an unexpected exception that ended (or refused) one connection."""
+        self.metrics.plane_faults.labels(stage).inc()
+        log.error("agent plane: %s fault serving %s; only this connection is affected",
+                  stage, printable(peer, 80), exc_info=exc)
+        self.events.emit("agent.session_fault", printable(peer, 80),
+                         {"stage": stage, "error": type(exc).__name__})
+
+    async def _on_request(self, request: trio_websocket.WebSocketRequest) -> None:
+        await self._handle(request)  # looked up per connection (tests replace _handle)
+
     async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        """One connection, under its own exception boundary (see the module docstring)."""
         path = request.path.split("?", 1)[0]
-        if path != CONNECT_PATH:
-            await request.reject(404, body=f"no websocket endpoint at {path}; agents "
-                                 f"connect to {CONNECT_PATH}".encode())
-            return
-        ws = await request.accept()
+        try:
+            if path != CONNECT_PATH:
+                await request.reject(404, body=f"no websocket endpoint at "
+                                     f"{printable(path, 80)}; agents connect to "
+                                     f"{CONNECT_PATH}".encode())
+                return
+            ws = await request.accept()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            return  # the peer left during the handshake
         session = Session(ws, self.settings.max_frame_bytes)
         try:
             await self._serve(session)
-        except (trio_websocket.ConnectionClosed, _SessionEnded):
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, _SessionEnded):
             pass
+        except Exception as exc:
+            peer = (session.identity.agent_id if session._identity is not None
+                    else f"unregistered peer {request.remote}")
+            self._fault("session", peer, exc)
+            try:
+                await session.close(1011, "internal error; the CP logged it")
+            except Exception as close_exc:  # the transport boundary has the rest
+                log.debug("closing after a fault failed: %r", close_exc)
         finally:
-            if session._identity is not None:
-                agent_id = session.identity.agent_id
-                if self.sessions.get(agent_id) is session:
-                    del self.sessions[agent_id]
-                    try:
-                        self.registry.ref(f"agent/{agent_id}").try_tell(
-                            SessionClosed(session.session_id, "connection closed"))
-                    except (ActorDead, MailboxFull):
-                        pass
-            self.metrics.sessions.set(len(self.sessions))
+            self._forget(session)
+
+    def _forget(self, session: Session) -> None:
+        if session._identity is not None:
+            agent_id = session.identity.agent_id
+            if self.sessions.get(agent_id) is session:
+                del self.sessions[agent_id]
+                try:
+                    self.registry.ref(f"agent/{agent_id}").try_tell(
+                        SessionClosed(session.session_id, "connection closed"))
+                except (ActorDead, MailboxFull):
+                    pass
+        self.metrics.sessions.set(len(self.sessions))
+
+    def _count_bad(self, session: Session, reason: str) -> bool:
+        """Count one bad frame; True when the session has used up its budget."""
+        session.bad_frames += 1
+        self.metrics.bad_frames.labels(reason).inc()
+        return session.bad_frames >= self.settings.max_bad_frames
 
     async def _bad_frame(self, session: Session, exc: AgentProtocolError | str,
-                         code: str = "bad_frame") -> None:
-        session.bad_frames += 1
+                         code: str = "bad_frame", *, re: int | None = None) -> None:
+        """Answer a refused frame with ``error`` (``re``: its id); close when over budget."""
         too_big = isinstance(exc, FrameTooLarge)
-        self.metrics.bad_frames.labels("too_large" if too_big else code).inc()
+        spent = self._count_bad(session, "too_large" if too_big else code)
         await session.send(ErrorMessage(code="frame_too_large" if too_big else code,
-                                        message=str(exc)[:500]))
-        if session.bad_frames >= self.settings.max_bad_frames:
+                                        message=str(exc)[:500]), re=re)
+        if spent:
             await session.close(1009 if too_big else 1008,
                                 f"too many bad frames ({session.bad_frames})")
             raise _SessionEnded
@@ -296,11 +393,12 @@ class AgentPlane:
         """The next well-formed frame; bad ones get an error frame (and, repeated, close)."""
         while True:
             data = await session.ws.get_message()
+            frame: Frame | None = None
             try:
-                return decode_message(data, max_bytes=self.settings.max_frame_bytes,
-                                      sender="agent")
+                frame = decode_frame(data, max_bytes=self.settings.max_frame_bytes)
+                return frame, parse_frame(frame, sender="agent")
             except AgentProtocolError as exc:
-                await self._bad_frame(session, exc)
+                await self._bad_frame(session, exc, re=frame.id if frame else None)
 
     async def _serve(self, session: Session) -> None:
         nonce, expires = self.nonces.issue(trio.current_time())
@@ -322,6 +420,13 @@ class AgentPlane:
             if refusal is not None:
                 await self._reject(session, register, refusal, admission)
                 return
+        # The judge checked the name's binding before verification; two registrations of
+        # one new name with different keys may both have passed it while verifying. The
+        # claim below runs with no await before admission, so only the first one binds.
+        refusal = self.claim_name(admission.identity, time.time())
+        if refusal is not None:
+            await self._reject(session, register, refusal, admission)
+            return
         await self._admitted(session, register, admission.identity)
         await self._read_loop(session)
 
@@ -332,20 +437,27 @@ class AgentPlane:
                 if isinstance(msg, Register):
                     return msg
                 await self._bad_frame(session, f"expected register, got {frame.type}",
-                                      "register_first")
+                                      "register_first", re=frame.id)
         return None
 
     async def _admit(self, session: Session, register: Register, nonce: bytes) -> Admission:
         refusal = self.nonces.consume(nonce, trio.current_time())
         if refusal is not None:
             return Admission(None, refusal)
-        judge = self.judge()
         known = self.known.get(register.vm_name)
         started = time.perf_counter()
         now_unix = time.time()
-        admission = await trio.to_thread.run_sync(
-            lambda: judge.admit(register, nonce, now=now_unix, known=known),
-            limiter=self.attest_limiter)
+        try:
+            judge = self.judge()
+            admission = await trio.to_thread.run_sync(
+                lambda: judge.admit(register, nonce, now=now_unix, known=known),
+                limiter=self.attest_limiter)
+        except Exception as exc:
+            # Boundary 1: whatever the verifier raised, this peer is refused, not crashed.
+            self._fault("verify", f"vm {register.vm_name}", exc)
+            return Admission(None, Refusal("VERIFY_ERROR", (
+                "the registration could not be verified (an internal error, logged by "
+                "the CP); the quote is not trusted",)))
         self.metrics.attestation_seconds.observe(time.perf_counter() - started)
         self.nonces.remember_binding(
             registration_report_data(nonce, register.public_key), trio.current_time())
@@ -374,19 +486,24 @@ class AgentPlane:
 
     async def _reject(self, session: Session, register: Register | None, refusal: Refusal,
                       admission: Admission | None = None) -> None:
-        datacenter = register.datacenter if register else ""
+        # Reasons may quote what the peer sent (a node size, a parse error): one line
+        # each, capped, a bounded number of them, wherever they go.
+        reasons = tuple(printable(r, REASON_CHARS) for r in refusal.reasons[:MAX_REASONS])
+        vm_name = printable(register.vm_name, 80) if register else "-"
+        datacenter = printable(register.datacenter, 80) if register else ""
         self.metrics.registrations.labels("rejected", refusal.code).inc()
-        self.events.emit("registration.rejected", register.vm_name if register else "-",
-                         {"code": refusal.code, "reasons": list(refusal.reasons),
+        self.events.emit("registration.rejected", vm_name,
+                         {"code": refusal.code, "reasons": list(reasons),
                           "datacenter": datacenter})
         self.record_registration({
-            "vm_name": register.vm_name if register else "-", "agent_id": None,
-            "datacenter": datacenter, "node_size": register.node_size if register else "",
-            "outcome": "rejected", "reasons": [refusal.code, *refusal.reasons],
+            "vm_name": vm_name, "agent_id": None,
+            "datacenter": datacenter,
+            "node_size": printable(register.node_size, 80) if register else "",
+            "outcome": "rejected", "reasons": [refusal.code, *reasons],
             "mrtd": admission.mrtd if admission else None,
             "tcb_status": admission.tcb_status if admission else None})
-        log.info("registration rejected: %s %s", refusal.code, "; ".join(refusal.reasons))
-        await session.send(Rejected(code=refusal.code, reasons=refusal.reasons))
+        log.info("registration rejected: %s %s: %s", vm_name, refusal.code, "; ".join(reasons))
+        await session.send(Rejected(code=refusal.code, reasons=reasons))
         await session.close(1008, f"registration rejected: {refusal.code}")
 
     async def _admitted(self, session: Session, register: Register, identity: Identity) -> None:
@@ -401,6 +518,7 @@ class AgentPlane:
         await self._ensure_actors(identity)
         self.sessions[identity.agent_id] = session
         self.metrics.sessions.set(len(self.sessions))
+        session.last_heartbeat = trio.current_time()
         await session.send(Registered(agent_id=identity.agent_id,
                                       heartbeat_interval_s=self.settings.heartbeat_interval_s,
                                       attest_interval_s=self.settings.attest_interval_s))
@@ -429,14 +547,19 @@ class AgentPlane:
                 pass
 
     async def _read_loop(self, session: Session) -> None:
-        agent_ref = self.registry.ref(f"agent/{session.identity.agent_id}")
+        agent_id = session.identity.agent_id
+        agent_ref = self.registry.ref(f"agent/{agent_id}")
         while True:
             frame, msg = await self._next_frame(session)
-            session.last_frame = trio.current_time()
             if frame.re is not None:
-                if not session.resolve(frame.re, msg):
-                    log.debug("agent %s: late or unknown reply re=%s",
-                              session.identity.agent_id, frame.re)
+                if session.resolve(frame.re, msg):
+                    continue
+                if isinstance(msg, ErrorMessage):  # an error that answers nothing
+                    if self._count_bad(session, "orphan_error"):
+                        await session.close(1008, f"too many bad frames ({session.bad_frames})")
+                        raise _SessionEnded
+                else:  # late (after its request timed out) or unknown: dropped
+                    log.debug("agent %s: late or unknown reply re=%s", agent_id, frame.re)
                 continue
             if isinstance(msg, Heartbeat):
                 self.metrics.heartbeats.inc()
@@ -444,20 +567,29 @@ class AgentPlane:
             elif isinstance(msg, DeployStatus):
                 handoff = DeployStatusIn(session.session_id, msg)
             elif isinstance(msg, ErrorMessage):
-                log.info("agent %s reported error %s: %s", session.identity.agent_id,
-                         msg.code, msg.message)
+                # Unsolicited: logged (escaped, capped) and counted, never answered (an
+                # error for an error could ping-pong between two peers).
+                log.info("agent %s reported error %s: %s", agent_id,
+                         printable(msg.code, 64), printable(msg.message, 200))
+                if self._count_bad(session, "agent_error"):
+                    await session.close(1008, f"too many bad frames ({session.bad_frames})")
+                    raise _SessionEnded
                 continue
             else:
-                await self._bad_frame(session, f"unexpected {frame.type} frame", "unexpected")
+                await self._bad_frame(session, f"unexpected {frame.type} frame", "unexpected",
+                                      re=frame.id)
                 continue
             try:
                 agent_ref.try_tell(handoff)
             except MailboxFull:
                 await self._bad_frame(session, "agent is sending faster than it is handled",
-                                      "flooding")
+                                      "flooding", re=frame.id)
+                continue
             except ActorDead:
                 await session.close(1011, "agent actor is gone; reconnect")
                 return
+            if isinstance(msg, Heartbeat):
+                session.last_heartbeat = trio.current_time()
 
 
 __all__ = ["CONNECT_PATH", "AgentPlane", "AgentRequestError", "PlaneSettings", "Session"]

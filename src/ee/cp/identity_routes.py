@@ -19,7 +19,7 @@ from quart import Response
 from quart_trio import QuartTrio
 
 from ee.actors.identity import agent_id_for
-from ee.cp.errors import json_response, not_found
+from ee.cp.errors import Who, guard, json_response, not_found
 from ee.cp.tenants import Auth
 
 if TYPE_CHECKING:
@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 
 def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
     @app.get("/api/v2/admin/vm-names")
+    @guard(Who.ADMIN)
     async def vm_names() -> Response:
         auth.admin_only()
         return json_response({"vm_names": cp.identities.views()})
 
     @app.post("/api/v2/admin/vm-names/<vm_name>/release")
+    @guard(Who.ADMIN)
     async def release_vm_name(vm_name: str) -> Response:
         auth.admin_only()
         released = await cp.release_name(vm_name)

@@ -29,6 +29,12 @@ class CpMetrics:
         self.heartbeats = Counter("ee_heartbeats_total", "Heartbeats received", registry=r)
         self.bad_frames = Counter("ee_bad_frames_total", "Refused agent frames", ["reason"],
                                   registry=r)
+        self.plane_faults = Counter(
+            "ee_agent_plane_faults_total",
+            "Unexpected exceptions while serving one agent connection, by stage (verify: "
+            "the quote verifier raised; session: the connection handler; transport: the "
+            "websocket layer). Each closed or refused only that connection; each is logged "
+            "with its traceback.", ["stage"], registry=r)
         self.claim_to_registered = Histogram(
             "ee_launch_order_claim_to_registered_seconds",
             "From a provisioner claiming a launch order to its VM's agent registering",

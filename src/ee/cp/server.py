@@ -199,6 +199,7 @@ class ControlPlane:
             ssl_context=_ssl(config.agent_tls_cert, config.agent_tls_key, "agent TLS"),
             registry=self.registry, agents=self.agents, datacenters=self.datacenters,
             judge=self.judge, agent_deps=self.agent_deps, events=self.events,
+            claim_name=lambda identity, now: self.identities.claim(identity, now),
             settings=PlaneSettings(max_frame_bytes=s.max_frame_bytes, nonce_ttl_s=s.nonce_ttl_s,
                                    heartbeat_interval_s=s.heartbeat_interval_s,
                                    stale_after_s=s.stale_after_s,
@@ -248,7 +249,8 @@ class ControlPlane:
                          reattester=self.judge(), emit=self._agent_event,
                          attest_limiter=self.attest_limiter, drained=self.drained,
                          observe_heartbeat=self.metrics.heartbeat_handling.observe,
-                         observe_heartbeat_gap=self.metrics.heartbeat_gap.observe)
+                         observe_heartbeat_gap=self.metrics.heartbeat_gap.observe,
+                         count_fault=lambda stage: self.metrics.plane_faults.labels(stage).inc())
 
     def _agent_event(self, kind: str, subject: str, data: Any = None) -> None:
         self.events.emit(kind, subject, data)
@@ -368,12 +370,6 @@ class ControlPlane:
 
     def _record_registration(self, data: dict[str, Any]) -> None:
         self.events.emit("registration", data["vm_name"], data)
-        if data.get("outcome") == "admitted":
-            # The plane calls this on admission, right after remembering the identity.
-            # Binding here keeps every admitted name bound; see IdentityBook.claim.
-            identity = self.plane.known.get(data["vm_name"])
-            if identity is not None:
-                self.identities.claim(identity, time.time())
 
     async def _run_accounts(self, task_status: trio.TaskStatus[None]) -> None:
         store = await RecordStore.open(self.config.data_dir / "accounts.sqlite3")
@@ -423,7 +419,8 @@ class ControlPlane:
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
                        agent_views=self.describe_agents, emit=self.events.emit,
-                       reserve_warm=self._reserve_warm, holds=self._holds)
+                       reserve_warm=self._reserve_warm, holds=self._holds,
+                       ready=lambda: self.readiness().ready)
 
     async def _holds(self) -> dict[str, str]:
         """Agent id -> what a pool holds it for: the deployment it was reserved for
@@ -641,10 +638,13 @@ async def _serve(cp: ControlPlane, token_line: str) -> None:
                 nursery.cancel_scope.cancel()  # the tree has stopped: stop watching signals
 
             await nursery.start(run_cp)
-            print(f"ee-cp: http on {cp.config.listen.rsplit(':', 1)[0]}:{cp.http_port}, "
-                  f"agents on ws://{cp.plane.host}:{cp.plane.bound_port}"
-                  "/api/v2/agents/connect", flush=True)
-            print(token_line, flush=True)
+            try:  # a closed stdout must not take the CP down
+                print(f"ee-cp: http on {cp.config.listen.rsplit(':', 1)[0]}:{cp.http_port}, "
+                      f"agents on ws://{cp.plane.host}:{cp.plane.bound_port}"
+                      "/api/v2/agents/connect", flush=True)
+                print(token_line, flush=True)
+            except OSError as exc:
+                log.warning("ee-cp: cannot write the start-up lines to stdout: %s", exc)
             async for signum in signals:
                 if not cp.root.running:
                     continue

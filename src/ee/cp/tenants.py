@@ -27,7 +27,9 @@ from quart_trio import QuartTrio
 from ee.actors import app as app_actor
 from ee.cp.errors import (
     ApiError,
+    Who,
     bearer_token,
+    guard,
     json_object,
     json_response,
     not_found,
@@ -144,7 +146,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             await authenticate(("tenant",))
             return await fn(*args, **kwargs)
 
-        return wrapper
+        return guard(Who.TENANT)(wrapper)
 
     def admin_only() -> None:
         require_admin(cp.bootstrap.admin_token_ok)
@@ -164,6 +166,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     # ---- accounts ------------------------------------------------------------------
 
     @app.post("/api/v2/accounts")
+    @guard(Who.ADMIN)
     async def create_account_route() -> Response:
         admin_only()
         body = await json_object()

@@ -1,10 +1,19 @@
-"""`eectl trust`: attestation trust tools (verify-quote)."""
+"""`eectl trust`: attestation trust tools (verify-quote, measure).
+
+``verify-quote --event-log CCEL`` replays a TDX event log to RTMR0..2 and requires the
+quote's values (``--runtime-log`` does the same for RTMR3 with the agent's runtime
+log); ``measure --image DIR`` predicts RTMR1/RTMR2, PCR4/PCR9 and (with
+``--firmware``) MRTD from an image's artefacts and can merge them into a measurement
+policy's node size entry.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +23,18 @@ from cryptography import x509
 
 from ee.attestation.collateral import Collateral
 from ee.attestation.errors import CollateralFormatError, PolicyFormatError, QuoteFormatError
-from ee.attestation.policy import Policy, Verdict, evaluate
+from ee.attestation.eventlog import (
+    EventLogFormatError,
+    RuntimeLogError,
+    parse_ccel,
+    parse_runtime_log,
+    replay_rtmrs,
+    replay_runtime,
+    rtmr_mismatches,
+    runtime_mismatches,
+)
+from ee.attestation.measure import MeasureError, Prediction, gib, predict
+from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
 from ee.attestation.quote import BODY_TYPE_TD15, Quote, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
 
@@ -68,8 +88,74 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "corpora append a note there). Default: only zero padding"
         ),
     )
+    vq.add_argument(
+        "--event-log",
+        metavar="CCEL",
+        help=(
+            "TDX event log (binary CCEL, as /sys/firmware/acpi/tables/data/CCEL): replay "
+            "RTMR0..2 and refuse unless they equal the quote's"
+        ),
+    )
+    vq.add_argument(
+        "--runtime-log",
+        metavar="FILE",
+        help="the agent's RTMR3 runtime log (JSON lines): replay and require the quote's RTMR3",
+    )
     vq.add_argument("--json", action="store_true", help="print one JSON object")
     vq.set_defaults(handler=verify_quote)
+
+    me = commands.add_parser(
+        "measure",
+        help="predict an image's boot measurements",
+        description=(
+            "Predict, from an image's artefacts (DIR/vmlinuz, DIR/initrd.img, DIR/cmdline), "
+            "the TDX RTMR1/RTMR2 (SHA-384) and the vTPM PCR4/PCR9 (SHA-256) of a direct "
+            "kernel boot under QEMU with OVMF/TDVF, and MRTD given the TDVF firmware. "
+            "RTMR0 (ACPI tables) is not predicted."
+        ),
+    )
+    me.add_argument("--image", metavar="DIR", required=True, help="image directory")
+    me.add_argument("--firmware", metavar="FILE", help="TDVF/OVMF firmware: also predict MRTD")
+    me.add_argument(
+        "--memory",
+        metavar="GIB",
+        type=float,
+        default=2.0,
+        help=(
+            "guest memory in GiB (default 2; QEMU patches the kernel's header with an "
+            "initrd address that depends on it below 2.75 GiB)"
+        ),
+    )
+    me.add_argument(
+        "--unpatched-kernel",
+        action="store_true",
+        help="the firmware measures the kernel file as is (OVMF >= edk2-stable202505)",
+    )
+    me.add_argument(
+        "--initrd-arg",
+        choices=("suffix", "prefix"),
+        default="suffix",
+        help=(
+            "where the firmware puts initrd=initrd in the measured command line: after it "
+            "(OVMF 2022.11, default) or before it (edk2-stable202602 TDVF)"
+        ),
+    )
+    me.add_argument(
+        "--qemu8-mrtd",
+        action="store_true",
+        help="MRTD as QEMU 8.x TDX builds add pages (all ADDs of a section, then EXTENDs)",
+    )
+    me.add_argument("--json", action="store_true", help="print one JSON object")
+    me.add_argument(
+        "--policy-out",
+        metavar="FILE",
+        help="merge the predicted values into this policy file's node size entry",
+    )
+    me.add_argument("--node-size", metavar="SIZE", help="the node size entry (with --policy-out)")
+    me.set_defaults(handler=measure)
+
+    # --- I12a hook (the integrator adds this one line): `eectl trust reproducibility-check`
+    # ee.image.<module>.register_reproducibility_check(commands)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -156,6 +242,13 @@ def _print_human(doc: dict[str, Any]) -> None:
     print(f"{'advisories':>15}: {', '.join(doc['advisory_ids']) or 'none'}")
     for reason in doc["reasons"]:
         print(f"{'problem':>15}: {reason}")
+    for key, regs in (("event_log", ("rtmr0", "rtmr1", "rtmr2")), ("runtime_log", ("rtmr3",))):
+        log = doc.get(key)
+        if log is not None:
+            state = "matches the quote" if log["matches"] else "DOES NOT MATCH the quote"
+            print(f"{key.replace('_', ' '):>15}: {len(log['events'])} events, {state}")
+            for reg in regs:
+                print(f"{'replayed ' + reg:>15}: {log[reg]}")
     v = doc["verdict"]
     print(f"{'verdict':>15}: {'ACCEPTED' if v['accepted'] else 'REFUSED'} (mode {v['mode']})")
     for violation in v["violations"]:
@@ -196,11 +289,144 @@ def _verify_quote(args: argparse.Namespace) -> int:
         except PolicyFormatError as exc:
             raise _InputError(f"{args.policy}: {exc}") from None
     now = args.now if args.now is not None else time.time()
+    event_log = _event_log(args.event_log, quote) if args.event_log else None
+    runtime_log = _runtime_log(args.runtime_log, quote) if args.runtime_log else None
+    logs = {k: v for k, v in (("event_log", event_log), ("runtime_log", runtime_log)) if v}
+    mismatches = [m for log in logs.values() for m in log["mismatches"]] if logs else None
     result = Verifier(roots).verify(quote, now=now, collateral=collateral)
-    verdict = evaluate(policy, result, now=now, node_size=args.node_size)
-    doc = _report(quote, result, verdict)
+    verdict = evaluate(policy, result, now=now, node_size=args.node_size, event_log=mismatches)
+    doc = {**_report(quote, result, verdict), **logs}
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
         _print_human(doc)
     return EXIT_ACCEPTED if verdict.admitted else EXIT_REFUSED
+
+
+def _event_log(path: str, quote: Quote) -> dict[str, Any]:
+    """Replay a CCEL against the quote's RTMR0..2; malformed logs refuse (exit 1)."""
+    try:
+        log = parse_ccel(_read(path, "event log"))
+    except EventLogFormatError as exc:
+        raise _InputError(f"{path}: {exc}", EXIT_REFUSED) from None
+    replayed = replay_rtmrs(log)
+    r = quote.report
+    mismatches = rtmr_mismatches(log, (r.rtmr0, r.rtmr1, r.rtmr2))
+    return {
+        "rtmr0": replayed[0].hex(),
+        "rtmr1": replayed[1].hex(),
+        "rtmr2": replayed[2].hex(),
+        "matches": not mismatches,
+        "mismatches": mismatches,
+        "events": [e.to_json() for e in log.events],
+    }
+
+
+def _runtime_log(path: str, quote: Quote) -> dict[str, Any]:
+    """Replay the agent's runtime log against the quote's RTMR3."""
+    try:
+        events = parse_runtime_log(_read(path, "runtime log"))
+    except RuntimeLogError as exc:
+        raise _InputError(f"{path}: {exc}", EXIT_REFUSED) from None
+    rtmr3 = replay_runtime(events)
+    mismatches = runtime_mismatches(events, quote.report.rtmr3)
+    return {
+        "rtmr3": rtmr3.hex(),
+        "matches": not mismatches,
+        "mismatches": mismatches,
+        "events": [e.to_json() for e in events],
+    }
+
+
+# --- eectl trust measure ----------------------------------------------------------
+
+
+def measure(args: argparse.Namespace) -> int:
+    try:
+        return _measure(args)
+    except _InputError as exc:
+        print(f"eectl trust measure: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _measure(args: argparse.Namespace) -> int:
+    if bool(args.policy_out) != bool(args.node_size):
+        raise _InputError("--policy-out and --node-size go together")
+    image = Path(args.image)
+    kernel = _read(str(image / "vmlinuz"), "kernel")
+    initrd = _read(str(image / "initrd.img"), "initrd")
+    try:
+        cmdline = _read(str(image / "cmdline"), "command line").decode().strip()
+    except UnicodeDecodeError:
+        raise _InputError(f"{image / 'cmdline'} is not UTF-8") from None
+    firmware = _read(args.firmware, "firmware") if args.firmware else None
+    try:
+        prediction = predict(
+            kernel,
+            initrd,
+            cmdline,
+            memory=gib(args.memory),
+            patched=not args.unpatched_kernel,
+            firmware=firmware,
+            qemu_interleaved=not args.qemu8_mrtd,
+            initrd_arg=args.initrd_arg,
+        )
+    except MeasureError as exc:
+        raise _InputError(str(exc)) from None
+    if args.policy_out:
+        _merge_policy(Path(args.policy_out), args.node_size, prediction)
+    doc: dict[str, Any] = {"image": str(image), "cmdline": cmdline, **prediction.to_json()}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{'memory':>8}: {args.memory:g} GiB")
+        for key in ("mrtd", "rtmr1", "rtmr2", "pcr4", "pcr9"):
+            if doc[key] is not None:
+                print(f"{key:>8}: {doc[key]}")
+        if args.policy_out:
+            print(f"{'policy':>8}: node size {args.node_size} in {args.policy_out}")
+    return EXIT_ACCEPTED
+
+
+def policy_entry(prediction: Prediction) -> Measurements:
+    """The node size entry that allows *prediction* (MRTD only when predicted)."""
+    return Measurements(
+        mrtd=[prediction.mrtd.hex()] if prediction.mrtd is not None else [],
+        rtmr1=[prediction.rtmr1.hex()],
+        rtmr2=[prediction.rtmr2.hex()],
+        pcr4=[prediction.pcr4.hex()],
+        pcr9=[prediction.pcr9.hex()],
+    )
+
+
+def _merge_policy(path: Path, node_size: str, prediction: Prediction) -> None:
+    """Add the prediction to *path*'s ``node_sizes[node_size]`` (created if absent); the
+    result must load as a `Policy` before it replaces the file."""
+    doc: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = json.loads(_read(str(path), "policy"))
+        except ValueError as exc:
+            raise _InputError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise _InputError(f"{path}: a policy is a JSON object")
+        doc = loaded
+    try:
+        current = Policy.from_json(doc)
+    except PolicyFormatError as exc:
+        raise _InputError(f"{path}: {exc}") from None
+    entry = current.node_sizes.get(node_size, Measurements()).merged(policy_entry(prediction))
+    doc["node_sizes"] = {**doc.get("node_sizes", {}), node_size: entry.to_json()}
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    try:
+        Policy.from_json(text)
+    except PolicyFormatError as exc:  # pragma: no cover - merged() keeps entries valid
+        raise _InputError(f"{path}: the merged policy is invalid: {exc}") from None
+    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _InputError(f"cannot write {path}: {exc.strerror or exc}") from None

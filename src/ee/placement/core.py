@@ -252,6 +252,27 @@ class Placement:
             "shortfall": self.shortfall,
         }
 
+    def reason_counts(self) -> dict[str, int]:
+        """How many rejected agents gave each reason, in ``Reason`` order."""
+        counts = {r.value: 0 for r in Reason}
+        for rejection in self.rejected:
+            for reason in rejection.reasons:
+                counts[reason.value] += 1
+        return {k: n for k, n in counts.items() if n}
+
+    def why(self) -> str:
+        """One line saying what placement had to choose from, with the reason codes
+        of the rejected agents (a deployment's ``error`` while it cannot be placed)."""
+        if not self.candidates and not self.rejected:
+            return "no agents connected"
+        n = len(self.candidates)
+        text = f"{n} candidate{'' if n == 1 else 's'}"
+        if self.rejected:
+            m = len(self.rejected)
+            counts = ", ".join(f"{k}: {v}" for k, v in self.reason_counts().items())
+            text += f", {m} agent{'' if m == 1 else 's'} rejected ({counts})"
+        return text
+
     def require(self) -> tuple[str, ...]:
         """The chosen agents, or ``PlacementImpossible`` when not all replicas fit."""
         if not self.placeable:

@@ -83,8 +83,10 @@ def decode_frame(data: str | bytes, *, max_bytes: int) -> Frame:
         value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise FrameError("frame is not valid UTF-8 text") from None
-    except (ValueError, RecursionError) as exc:
-        raise FrameError(f"frame is not JSON: {exc}") from None
+    except RecursionError:
+        raise FrameError("frame is not JSON: nested too deeply") from None
+    except ValueError as exc:  # json's own messages name only the position
+        raise FrameError(f"frame is not JSON: {str(exc)[:120]}") from None
     if not isinstance(value, dict):
         raise FrameError(f"frame is not a JSON object, got {type(value).__name__}")
     type_ = value.get("type")

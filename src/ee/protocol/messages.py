@@ -85,6 +85,7 @@ ReplicaState: TypeAlias = Literal[
 NONCE_MIN_BYTES = 16
 NONCE_MAX_BYTES = 64
 PUBLIC_KEY_BYTES = 32  # raw Ed25519
+MAX_PATH_CHARS = 120  # of a field path in a FrameError (mapping keys are the peer's)
 
 _HEX_DIGEST = re.compile(r"\A(?:sha256:)?(?:[0-9a-f]{2})+\Z")  # compose hashes: "sha256:<hex>"
 
@@ -360,7 +361,12 @@ class StatsReply:
 
 @attrs.frozen
 class ErrorMessage:
-    """Either side: a frame was refused (``re`` names it when it had an ``id``)."""
+    """Either side: a frame was refused (``re`` names it when it had an ``id``).
+
+    As a reply (``re`` set) it answers the request it names. An ``error`` frame that
+    answers nothing is itself a bad frame for the CP (it counts toward the sender's
+    bad-frame budget); it is never answered with another ``error``.
+    """
 
     TYPE: ClassVar[str] = "error"
     SENDER: ClassVar[str] = "any"
@@ -451,6 +457,8 @@ def parse_body(type_: str, body: Mapping[str, Any], *, sender: Sender) -> Messag
     except Exception as exc:  # cattrs raises exception groups of any builtin kind
         found = problems(exc, "body")
         path, reason = found[0]
+        if len(path) > MAX_PATH_CHARS:  # a path names mapping keys, which peers choose
+            path = path[:MAX_PATH_CHARS] + "..."
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise FrameError(f"{type_}: {path}: {reason}{more}") from None
     return msg

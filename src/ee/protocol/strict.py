@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
-from cattrs.cols import homogenous_tuple_structure_factory
+from cattrs.cols import homogenous_tuple_structure_factory, mapping_structure_factory
 from cattrs.errors import (
     ClassValidationError,
     ForbiddenExtraKeysError,
@@ -50,6 +50,7 @@ __all__ = [
     "describe",
     "first_problem",
     "make_converter",
+    "printable",
     "problems",
 ]
 
@@ -72,9 +73,31 @@ class FieldValueError(ValueError):
 
 
 def describe(value: object, limit: int = 40) -> str:
-    """A short repr of *value* for error messages (long values are cut)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """A short, escaped repr of *value* for error messages and logs (long values cut).
+
+    Safe for any decoded JSON a peer sent: strings and bytes are cut *before* they are
+    repr'd (a 1 MB string costs nothing), containers are named by size instead of being
+    printed (no deep recursion), and the result is one line of printable text (a
+    ``\\n`` in a peer's string cannot start a forged log line).
+    """
+    if isinstance(value, str | bytes):
+        text = repr(value[:limit])
+        if len(value) > limit:
+            text += f"...({len(value)} chars)" if isinstance(value, str) else (
+                f"...({len(value)} bytes)")
+    elif isinstance(value, dict | list | tuple) and not value:
+        text = repr(value)
+    elif isinstance(value, dict):
+        text = f"an object of {len(value)} keys"
+    elif isinstance(value, list | tuple):
+        text = f"an array of {len(value)} items"
+    elif value is None or isinstance(value, bool | float):
+        text = repr(value)
+    elif isinstance(value, int):
+        text = repr(value) if abs(value) < 10**30 else f"an integer of {value.bit_length()} bits"
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit + 30 else text[: limit + 27] + "..."
 
 
 def check(
@@ -90,6 +113,20 @@ def check(
             raise FieldValueError(attribute.name, f"{reason}, got {describe(value)}")
 
     return validator
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """*text* as one printable line of at most about *limit* characters, for logs.
+
+    Control characters (``\\n``, ``\\r``, escape sequences) and other unprintable
+    code points come out as Python escapes, so a peer's string can neither start a
+    forged log line nor grow the log by more than *limit*; the cut names what it cut.
+    """
+    cut = text[:limit]
+    out = cut if cut.isprintable() else repr(cut)[1:-1]
+    if len(text) > limit:
+        out += f"...({len(text) - limit} more chars)"
+    return out
 
 
 def _wrong(expected: str, value: object) -> WireTypeError:
@@ -219,7 +256,10 @@ def make_converter(*, forbid_extra_keys: bool) -> cattrs.Converter:
         return structure_tuple
 
     def mapping_factory(tp: Any) -> Callable[[Any, Any], Any]:
-        inner = conv.gen_structure_mapping(tp)
+        # Not ``conv.gen_structure_mapping``: that also registers its (lenient) result
+        # as *the* hook for ``tp``, so every class built afterwards would skip the type
+        # check below (``'str' object has no attribute 'items'`` instead of a refusal).
+        inner = mapping_structure_factory(tp, conv, dict, detailed_validation=True)
 
         def structure_mapping(value: Any, _: Any) -> Any:
             if not isinstance(value, dict):
@@ -307,10 +347,13 @@ def problems(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
         found.append((_join(path, exc.field), exc.reason))
     elif isinstance(exc, KeyError):
         found.append((path, "required field missing"))
-    elif isinstance(exc, WireTypeError | ValueError | TypeError):
-        found.append((path, str(exc) or type(exc).__name__))
+    elif isinstance(exc, WireTypeError):
+        found.append((path, str(exc)))
     else:
-        found.append((path, f"{type(exc).__name__}: {exc}"))
+        # Anything else is not ours to word (a library's ``AttributeError``, a
+        # ``RecursionError``): its text describes our internals, not the input, and a
+        # reason may be shown to a peer. The path still names the field.
+        found.append((path, "invalid value"))
     return found
 
 

@@ -87,9 +87,21 @@ class Actor:
     def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run a helper task that lives and dies with this incarnation.
 
-        A helper that raises crashes the actor, like a handler that raises.
+        A helper that raises crashes the actor, like a handler that raises: its
+        exception is the incarnation's exit reason, and the ask being answered at that
+        moment fails with ``ActorCrashed`` carrying it (not ``ActorDead``: the handler
+        was merely cancelled, the helper's exception is why).
         """
-        self._nursery.start_soon(fn, *args)
+        self._nursery.start_soon(self._helper, fn, args)
+
+    async def _helper(self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception as exc:
+            # Crash the incarnation with this cause, as a chaos injection does; if no
+            # incarnation runs any more (teardown), let the nursery see it as usual.
+            if not self._slot.crash(exc):
+                raise
 
     def request_stop(self) -> None:
         """Graceful stop trigger: finish the current message, run ``stopping``, return."""

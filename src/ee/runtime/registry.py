@@ -97,10 +97,14 @@ class Slot:
         return 0 if self.closed else self.depth
 
     def crash(self, error: BaseException) -> bool:
-        """Chaos hook: raise *error* inside the running incarnation. False if none runs."""
+        """Raise *error* inside the running incarnation (chaos, failed helpers).
+
+        False if no incarnation runs. When two crashes race, the first cause wins.
+        """
         if self.closed or self.incarnation_scope is None:
             return False
-        self.injected = error
+        if self.injected is None:  # the first cause of a crash is the one reported
+            self.injected = error
         self.incarnation_scope.cancel()
         return True
 

@@ -12,7 +12,9 @@ acts on what they return, so every rule below is testable line by line:
   ``period`` seconds and the fourth escalates.
 * ``plan_restart``: which children a strategy stops (in reverse start order) and starts
   again (in start order). Temporary children stopped because of a sibling are removed,
-  not restarted, as OTP does.
+  not restarted, as OTP does. The plan absorbs the children it stops: if one of them
+  had already exited on its own (crashed together with *failed*), that exit is flushed
+  rather than counted and planned again, so one plan is one restart in the window.
 * ``Backoff``: exponential delay with jitter before a restart, per child; the count of
   consecutive failures resets once the child has run ``reset_after`` seconds.
 """

@@ -12,7 +12,9 @@ Theory of operation (after OTP's ``supervisor.erl``):
 * **Exit**: a child that exits on its own sends an event to the supervisor's control
   loop (one task, so decisions are serialised like OTP's single supervisor process).
   The restart type says whether it is restarted (``bookkeeping.wants_restart``); the
-  strategy says which siblings go with it (``bookkeeping.plan_restart``). Each restart
+  strategy says which siblings go with it (``bookkeeping.plan_restart``). A sibling the
+  plan stops that had already exited on its own has its exit flushed (OTP's
+  ``terminate_children``): children that crash together are one restart. Each restart
   is counted in one window for the whole supervisor; the restart that exceeds
   ``max_restarts`` within ``period`` seconds makes the supervisor stop all its
   children and raise ``SupervisorGaveUp`` to *its* parent, which treats that as an
@@ -501,9 +503,15 @@ class Supervisor:
         if abnormal:
             assert event.error is not None
             child.last_error = _describe(event.error)
-            log.warning(
-                "supervisor %s: child %s crashed: %s", self.name, child.spec.id, child.last_error
+            log.error(
+                "supervisor %s: child %s crashed: %s", self.name, child.spec.id,
+                child.last_error, exc_info=event.error,
             )
+        if child.state is _State.RESTARTING:
+            # A sibling's restart plan already stopped this child and will start it
+            # again: its own exit is flushed, as OTP's terminate_children does, so
+            # children that die together count as one restart.
+            return None
         child.state = _State.STOPPED
         if not wants_restart(child.spec.restart, abnormal):
             self._remove(child)
