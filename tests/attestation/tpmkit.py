@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
+from ee.attestation import eventlog as E
 from ee.attestation import tpm as T
 
 
@@ -134,25 +135,13 @@ def tpm2(tcti: str, *args: str, cwd: Path | None = None) -> bytes:
 
 def event_log(events: Sequence[tuple[int, bytes]], *, locality: int | None = None) -> bytes:
     """A TCG2 crypto-agile log (SHA-256 bank only) extending (PCR, digest) in order."""
-    spec = (b"Spec ID Event03\x00" + struct.pack("<IBBBB", 0, 0, 2, 0, 2)
-            + struct.pack("<IHH", 1, T.ALG_SHA256, 32) + b"\x00")
-    # TCG event logs are little-endian (UEFI), unlike TPM structures.
-    out = [_le_header(spec)]
+    out = [E.encode_header([E.ALG_SHA256])]
     if locality is not None:
-        out.append(_le_event2(0, T.EV_NO_ACTION, bytes(32), b"StartupLocality\x00"
-                              + bytes([locality])))
-    for pcr, digest in events:
-        out.append(_le_event2(pcr, 0x0D, digest, b"ee test event"))
+        out.append(E.encode_event(0, E.EV_NO_ACTION, {E.ALG_SHA256: bytes(32)},
+                                  E.STARTUP_LOCALITY_SIGNATURE + bytes([locality])))
+    out += [E.encode_event(pcr, E.EV_IPL, {E.ALG_SHA256: digest}, b"ee test event")
+            for pcr, digest in events]
     return b"".join(out)
-
-
-def _le_header(spec: bytes) -> bytes:
-    return struct.pack("<II", 0, T.EV_NO_ACTION) + bytes(20) + struct.pack("<I", len(spec)) + spec
-
-
-def _le_event2(pcr: int, type_: int, digest: bytes, data: bytes) -> bytes:
-    return (struct.pack("<IIIH", pcr, type_, 1, T.ALG_SHA256) + digest
-            + struct.pack("<I", len(data)) + data)
 
 
 def replay(events: Sequence[tuple[int, bytes]]) -> dict[int, bytes]:

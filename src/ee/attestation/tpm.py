@@ -34,10 +34,11 @@ Exception boundary (as `ee.attestation.verify`): decoding raises `TpmFormatError
 bytes decode, every outcome, an unforeseen exception included, is a `TpmResult` with
 reasons. Blocking and CPU-bound (RSA/ECDSA, hashing the log): call from a worker thread.
 
-The event log is replayed by a minimal TCG2 parser here (`replay_event_log`): only the
-SHA-256 bank, EV_NO_ACTION events skipped except the StartupLocality event (PCR0's
-initial value). The measurement policy (PCR4/PCR9 allowlists, accepted providers) is
-applied by the caller to `TpmResult.pcrs` (`ee.attestation.policy.evaluate_tpm`).
+The event log is parsed and replayed (SHA-256 bank) by `ee.attestation.eventlog`; every
+quoted PCR must equal its replayed value (zeros when the log never extends it), so a
+log that is missing, partial or altered refuses. The measurement policy (PCR4/PCR9
+allowlists, accepted providers) is applied by the caller to `TpmResult.pcrs`
+(`ee.attestation.policy.evaluate_tpm`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from ee.attestation._der import CertInfo
 from ee.attestation.collateral import TrustAnchors, cert_window, check_chain
 from ee.attestation.errors import UNEXPECTED, QuoteFormatError, describe, quote_format_boundary
+from ee.attestation.eventlog import EventLogFormatError, parse_event_log, replay_pcrs
 from ee.attestation.tpm_credential import Credential, UnsupportedEk, ek_template, make_credential
 from ee.protocol.reportdata import registration_report_data
 
@@ -109,12 +111,9 @@ MAX_PUBLIC = 1024
 MAX_ATTEST = 1024
 MAX_SIGNATURE = 1024
 MAX_EVENT_LOG = 256 * 1024
-MAX_EVENTS = 4096
-MAX_EVENT_DATA = 64 * 1024
 EVIDENCE_MAGIC = b"EETPM\x00\x01\x00"
 _QUALIFYING_TAG = "sha256"
 
-EV_NO_ACTION = 0x00000003
 
 
 class TpmFormatError(QuoteFormatError):
@@ -379,68 +378,18 @@ def _verify_signature(ak: AkPublic, sig: TpmSignature, message: bytes) -> str | 
 # --- the event log ------------------------------------------------------------------------
 
 
-@quote_format_boundary
 def replay_event_log(data: bytes) -> dict[int, bytes]:
-    """Replay a TCG2 crypto-agile event log's SHA-256 bank: PCR index -> final value
-    (PCRs without events are absent). Empty log: no PCRs. `TpmFormatError` if malformed."""
+    """Replay a TCG2 crypto-agile event log's SHA-256 bank (`ee.attestation.eventlog`):
+    PCR index -> final value (PCRs without events are absent). Empty log: no PCRs.
+    `TpmFormatError` if malformed."""
     if len(data) > MAX_EVENT_LOG:
         raise TpmFormatError("event_log", 0, f"longer than {MAX_EVENT_LOG} bytes")
-    pcrs: dict[int, bytes] = {}
     if not data:
-        return pcrs
-    r = _Reader(data, "event_log", "<")
-    # First event: TCG_PCR_EVENT (SHA-1 format) holding the Spec ID Event03.
-    r.u32("header.pcrIndex")
-    if r.u32("header.eventType") != EV_NO_ACTION:
-        raise r.fail("header.eventType", "first event is not EV_NO_ACTION (not crypto-agile)")
-    r.take(20, "header.digest")
-    spec = _Reader(r.take(_event_size(r, "header"), "header.event"), "event_log.specId", "<")
-    if spec.take(16, "signature") != b"Spec ID Event03\x00":
-        raise spec.fail("signature", "not a crypto-agile log (Spec ID Event03)")
-    spec.take(6, "platformClass+version")  # platformClass u32, minor, major
-    spec.take(2, "errata+uintnSize")
-    sizes: dict[int, int] = {}
-    for k in range(min(spec.u32("numberOfAlgorithms"), 16)):
-        alg, size = spec.u16(f"alg[{k}].id"), spec.u16(f"alg[{k}].size")
-        if size > MAX_DIGEST:
-            raise spec.fail(f"alg[{k}].size", f"{size} > {MAX_DIGEST}")
-        sizes[alg] = size
-    if sizes.get(ALG_SHA256) != 32:
-        raise spec.fail("algorithms", "the log has no SHA-256 bank")
-    for n in range(MAX_EVENTS + 1):
-        if r.pos == len(data):
-            return pcrs
-        if n == MAX_EVENTS:
-            raise r.fail("events", f"more than {MAX_EVENTS} events")
-        where = f"event[{n}]"
-        index = r.u32(f"{where}.pcrIndex")
-        event_type = r.u32(f"{where}.eventType")
-        digest = None
-        for k in range(r.u32(f"{where}.digests.count")):
-            alg = r.u16(f"{where}.digests[{k}].hashAlg")
-            if alg not in sizes:
-                raise r.fail(f"{where}.digests[{k}]", f"algorithm 0x{alg:04x} not in the header")
-            value = r.take(sizes[alg], f"{where}.digests[{k}]")
-            if alg == ALG_SHA256:
-                digest = value
-        body = r.take(_event_size(r, where), f"{where}.event")
-        if event_type == EV_NO_ACTION:
-            if index == 0 and body.startswith(b"StartupLocality\x00") and len(body) == 17:
-                pcrs[0] = bytes(31) + body[16:17]
-            continue
-        if index >= PCR_COUNT:
-            raise r.fail(f"{where}.pcrIndex", f"PCR {index} does not exist")
-        if digest is None:
-            raise r.fail(where, "event has no SHA-256 digest")
-        pcrs[index] = hashlib.sha256(pcrs.get(index, bytes(32)) + digest).digest()
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _event_size(r: _Reader, where: str) -> int:
-    size = r.u32(f"{where}.eventSize")
-    if size > MAX_EVENT_DATA:
-        raise r.fail(f"{where}.eventSize", f"{size} > {MAX_EVENT_DATA}")
-    return size
+        return {}
+    try:
+        return replay_pcrs(parse_event_log(data), ALG_SHA256)
+    except EventLogFormatError as exc:
+        raise TpmFormatError(f"event_log.{exc.field}", exc.offset, exc.message) from None
 
 
 # --- the evidence blob --------------------------------------------------------------------
