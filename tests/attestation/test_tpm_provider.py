@@ -130,7 +130,7 @@ needs_wiring = pytest.mark.skipif(not WIRED, reason="needs the tpm session wirin
 async def tpm_cp(data_dir: Path, ca: K.LocalCa, providers: list[str],
                  monkeypatch: pytest.MonkeyPatch,
                  **settings: Any) -> AsyncIterator[Any]:
-    from tests.cp.cpkit import RunningCp, _identity_routes, dev_config
+    from tests.cp.cpkit import RunningCp, dev_config
 
     from ee.cp.server import ControlPlane, prepare
 
@@ -140,7 +140,6 @@ async def tpm_cp(data_dir: Path, ca: K.LocalCa, providers: list[str],
     doc = {"providers": providers, "require_collateral": False}
     boot = attrs.evolve(boot, ek_roots=(ca.root,), policy=policy.Policy.from_json(doc))
     cp = ControlPlane(config, boot)
-    _identity_routes(cp)
     async with trio.open_nursery() as nursery:
         await nursery.start(cp.run)
         try:
