@@ -118,12 +118,7 @@ def test_unreachable_tpm_is_a_provider_error(tmp_path: Path) -> None:
         p.evidence(b"q" * 33)
 
 
-# --- with the session wiring (registration.py, agent_plane.py, messages.py, agent) -------
-# These run once the integrator has applied the wiring from the i12c report; until then
-# they are skipped (the protocol has no `credential` message yet).
-
-WIRED = hasattr(messages, "CredentialChallenge") and hasattr(policy, "evaluate_tpm")
-needs_wiring = pytest.mark.skipif(not WIRED, reason="needs the tpm session wiring (i12c report)")
+# --- through the real session: registration, credential round trip, re-attestation -----
 
 
 @asynccontextmanager
@@ -197,7 +192,6 @@ def two_tpms(tmp_path: Path) -> Iterator[tuple[K.LocalCa, TpmProvider, TpmProvid
                                 event_log=None) for n, t in (("a", a), ("b", b)))
 
 
-@needs_wiring
 async def test_cp_admits_a_tpm_agent_only_after_activation(
         tmp_path: Path, two_tpms: tuple[K.LocalCa, TpmProvider, TpmProvider],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +237,6 @@ async def test_cp_admits_a_tpm_agent_only_after_activation(
             assert replayed.code == "NONCE_REPLAYED", replayed
 
 
-@needs_wiring
 async def test_tdx_only_policy_refuses_tpm_evidence(
         tmp_path: Path, two_tpms: tuple[K.LocalCa, TpmProvider, TpmProvider],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +249,6 @@ async def test_tdx_only_policy_refuses_tpm_evidence(
             assert any(r.startswith("provider") for r in answer.reasons), answer.reasons
 
 
-@needs_wiring
 async def test_tpm_agent_registers_and_reattests(
         tmp_path: Path, swtpm: K.SwTpm, ca: K.LocalCa, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real agent (config -> QuoteSource -> session handshake) on swtpm: admitted,

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# The simulated agent (tools/loadgen/simagent.py) is imported by many tests here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "loadgen"))
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,6 @@ import attrs
 import httpx
 import pytest
 import trio
-from cpkit import _identity_routes
 from simagent import SimAgent
 from test_bundle import eectl_cp
 
@@ -80,7 +79,6 @@ async def production_cp(tmp: Path, td: SimTD, **overrides: Any) -> AsyncIterator
         boot, token = prepare(config)
         assert token is None and not boot.dev and boot.environment == "production"
         cp = ControlPlane(config, boot)
-        _identity_routes(cp)
         async with trio.open_nursery() as nursery:
             await nursery.start(cp.run)
             try:

@@ -17,6 +17,8 @@ from ee.protocol.messages import (
     Challenge,
     ContainerStats,
     CpEnvelope,
+    CredentialAnswer,
+    CredentialChallenge,
     Deploy,
     DeploymentSnapshot,
     DeployStatus,
@@ -137,10 +139,16 @@ SAMPLES: list[tuple[Message, str]] = [
 ]
 
 
+SAMPLES += [
+    (CredentialChallenge(credential_blob=b"\x00\x44blob", encrypted_secret=b"\x01\x00es"), "cp"),
+    (CredentialAnswer(secret=b"\x5a" * 32), "agent"),
+]
+
+
 def test_samples_cover_every_message_type() -> None:
     assert {msg.TYPE for msg, _ in SAMPLES} == MESSAGE_TYPES
     classes = {type(msg) for msg, _ in SAMPLES}
-    assert len(classes) == 18
+    assert len(classes) == 20
 
 
 @pytest.mark.parametrize(("msg", "sender"), SAMPLES, ids=lambda v: type(v).__name__)
@@ -218,7 +226,7 @@ def _register_body() -> dict[str, object]:
         ),
         (
             lambda b: b["attestation"].__setitem__("provider", "sgx"),
-            "register: body.attestation.provider: expected one of 'tsm', 'sim', got 'sgx'",
+            "register: body.attestation.provider: expected one of 'tsm', 'sim', 'tpm', got 'sgx'",
         ),
         (
             lambda b: b["snapshot"].__setitem__("deployments", {"a": 1}),

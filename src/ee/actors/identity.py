@@ -26,6 +26,9 @@ class Identity:
     violations: tuple[str, ...]
     verified_at: float  # unix time
     url: str | None = None  # the agent's HTTP API, validated by registration.agent_url
+    #: provider ``tpm``: the name (hex) of the AK credential activation proved to live in
+    #: the EK certificate's TPM; re-attestation must quote with this AK.
+    ak_name: str | None = None
 
 
 def agent_id_for(cluster_id: str, vm_name: str) -> str:

@@ -190,9 +190,16 @@ class AgentConfig:
     vm_name: str | None = attrs.field(default=None, validator=_nonempty)
     node_size: str = attrs.field(default="standard", validator=_nonempty)
     datacenter: str = attrs.field(default="local:dev", validator=_nonempty)
-    attestation_provider: Literal["tsm", "sim"] = "tsm"
+    attestation_provider: Literal["tsm", "sim", "tpm"] = "tsm"
     tsm_root: str = attrs.field(default="/sys/kernel/config/tsm/report", validator=_nonempty)
     sim_dir: str | None = attrs.field(default=None, validator=_nonempty)
+    #: provider ``tpm``: the TCTI (the raw device: activation needs a policy session that
+    #: outlives one tool process, which /dev/tpmrm0 does not keep; or ``tabrmd``), a PEM
+    #: file of EK CA intermediates to send with the EK certificate, the firmware event log
+    tpm_tcti: str = attrs.field(default="device:/dev/tpm0", validator=_nonempty)
+    tpm_ek_chain: str | None = attrs.field(default=None, validator=_nonempty)
+    tpm_event_log: str = attrs.field(
+        default="/sys/kernel/security/tpm0/binary_bios_measurements", validator=_nonempty)
     connect_timeout_s: float = attrs.field(default=10.0, validator=_positive)
     reconnect_max_attempts: int | None = attrs.field(
         default=None, validator=check(lambda v: v >= 1, "must be >= 1 (or null: unbounded)")

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ee.agent.config import AgentConfig
+from ee.attestation.errors import ProviderError
 from ee.attestation.providers import QuoteProvider
 from ee.attestation.providers.sim import shared_sim_dir
 from ee.protocol.messages import NodeInfo, NodeStats
@@ -130,6 +131,19 @@ class QuoteSource:
 
             sim_dir = config.sim_dir or os.path.join(config.data_dir, "sim")
             return cls("sim", SimProvider(SimTD.load_or_create(sim_dir)))
+        if config.attestation_provider == "tpm":
+            from cryptography import x509
+            from cryptography.hazmat.primitives.serialization import Encoding
+
+            from ee.attestation.providers.tpm import TpmProvider
+
+            chain: tuple[bytes, ...] = ()
+            if config.tpm_ek_chain is not None:
+                pem = Path(config.tpm_ek_chain).read_bytes()
+                chain = tuple(c.public_bytes(Encoding.DER)
+                              for c in x509.load_pem_x509_certificates(pem))
+            return cls("tpm", TpmProvider(config.tpm_tcti, os.path.join(config.data_dir, "tpm"),
+                                          ek_chain=chain, event_log=config.tpm_event_log))
         from ee.attestation.providers.tsm import TsmProvider
 
         return cls("tsm", TsmProvider(config.tsm_root))
@@ -137,6 +151,16 @@ class QuoteSource:
     async def quote(self, report_data: bytes) -> bytes:
         return await trio.to_thread.run_sync(
             self.provider.get_quote, report_data, limiter=self.limiter
+        )
+
+    async def activate(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """Provider ``tpm``: answer the CP's credential challenge (TPM2_ActivateCredential)."""
+        from ee.attestation.providers.tpm import TpmProvider
+
+        if not isinstance(self.provider, TpmProvider):
+            raise ProviderError(f"provider {self.name} has no credential activation")
+        return await trio.to_thread.run_sync(
+            self.provider.activate, credential_blob, encrypted_secret, limiter=self.limiter
         )
 
 

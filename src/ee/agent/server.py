@@ -277,6 +277,10 @@ class Agent:
             url=self.public_url(),
         )
 
+    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes
+                                  ) -> bytes:
+        return await self.quotes.activate(credential_blob, encrypted_secret)
+
     def heartbeat(self) -> Heartbeat:
         self.seq += 1
         return Heartbeat(seq=self.seq, health=self.health(), stats=self.sampler.sample())

@@ -43,6 +43,8 @@ from ee.protocol.frames import Frame
 from ee.protocol.messages import (
     Attest,
     Challenge,
+    CredentialAnswer,
+    CredentialChallenge,
     Deploy,
     ErrorMessage,
     Heartbeat,
@@ -104,6 +106,9 @@ class SessionHost(Protocol):
     """What the session needs from the agent (implemented by ``ee.agent.server.Agent``)."""
 
     async def register_message(self, nonce: bytes) -> Register: ...
+
+    async def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes
+                                  ) -> bytes: ...
 
     def heartbeat(self) -> Heartbeat: ...
 
@@ -222,6 +227,11 @@ class SessionLoop:
         register = await self.host.register_message(first.nonce)
         await ws.send_message(encode_message(register))
         _, answer = await self._receive(ws)
+        if isinstance(answer, CredentialChallenge):  # provider tpm: prove the AK's TPM
+            secret = await self.host.activate_credential(answer.credential_blob,
+                                                         answer.encrypted_secret)
+            await ws.send_message(encode_message(CredentialAnswer(secret=secret)))
+            _, answer = await self._receive(ws)
         if isinstance(answer, Rejected):
             log.error("registration rejected: %s: %s", answer.code, "; ".join(answer.reasons))
             return Outcome(False, f"rejected: {answer.code}: {'; '.join(answer.reasons)}")

@@ -63,6 +63,8 @@ from ee.actors.agent import (
 )
 from ee.actors.datacenter import DatacenterActor
 from ee.actors.identity import Identity
+from ee.attestation.tpm import qualifying_data
+from ee.attestation.tpm_credential import Credential
 from ee.cp.events import EventBus
 from ee.cp.registration import Admission, Judge, NonceBook, Refusal
 from ee.protocol import (
@@ -76,6 +78,8 @@ from ee.protocol import (
 )
 from ee.protocol.messages import (
     Challenge,
+    CredentialAnswer,
+    CredentialChallenge,
     DeployStatus,
     ErrorMessage,
     Heartbeat,
@@ -415,6 +419,11 @@ class AgentPlane:
             assert admission.refusal is not None
             await self._reject(session, register, admission.refusal, admission)
             return
+        if admission.credential is not None:
+            refusal = await self._activate(session, admission.credential, expires)
+            if refusal is not None:
+                await self._reject(session, register, refusal, admission)
+                return
         if register.bootstrap_token is not None:
             refusal = await self._check_token(register, admission.identity)
             if refusal is not None:
@@ -440,6 +449,24 @@ class AgentPlane:
                                       "register_first", re=frame.id)
         return None
 
+    async def _activate(self, session: Session, credential: Credential,
+                        expires: float) -> Refusal | None:
+        """Provider ``tpm``: the credential round trip, within the challenge's TTL."""
+        await session.send(CredentialChallenge(credential_blob=credential.credential_blob,
+                                               encrypted_secret=credential.encrypted_secret))
+        with trio.move_on_at(expires):
+            while True:
+                frame, msg = await self._next_frame(session)
+                if isinstance(msg, CredentialAnswer):
+                    if credential.matches(msg.secret):
+                        return None
+                    return Refusal("CREDENTIAL_FAILED", (
+                        "the activation secret is wrong: the AK is not in the TPM the EK "
+                        "certificate names",))
+                await self._bad_frame(session, f"expected activation, got {frame.type}",
+                                      "activation_first")
+        return Refusal("CREDENTIAL_FAILED", ("no activation before the challenge expired",))
+
     async def _admit(self, session: Session, register: Register, nonce: bytes) -> Admission:
         refusal = self.nonces.consume(nonce, trio.current_time())
         if refusal is not None:
@@ -461,6 +488,8 @@ class AgentPlane:
         self.metrics.attestation_seconds.observe(time.perf_counter() - started)
         self.nonces.remember_binding(
             registration_report_data(nonce, register.public_key), trio.current_time())
+        self.nonces.remember_binding(  # what a tpm quote binds
+            qualifying_data(nonce, register.public_key), trio.current_time())
         if (admission.refusal is not None and admission.refusal.code == "REPORTDATA_MISMATCH"
                 and admission.report_data is not None
                 and self.nonces.was_used(admission.report_data, trio.current_time())):

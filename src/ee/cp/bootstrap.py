@@ -12,7 +12,8 @@ over the canonical JSON, ``ee.protocol.signing``). Format ``ee/v2/bootstrap/2``:
      "admin": {"token_sha256": "<hex>"},
      "trust": {"roots": [{"name": "intel-sgx-root-ca", "sha256": "<fingerprint>",
                           "pem": "-----BEGIN CERTIFICATE-----..."}],
-               "policy": {<ee.attestation.Policy JSON: mode, allowlists, node_sizes,...>}},
+               "policy": {<ee.attestation.Policy JSON: mode, allowlists, node_sizes,...>},
+               "ek_roots": [<pinned like roots: the EK CAs the tpm provider trusts>]},
      "federation_ca": null | {"name": ..., "sha256": ..., "pem": ...},
      "dev": null | {"sim_dir": "..."}}
 
@@ -80,7 +81,7 @@ _TOP = {"format", "cluster_id", "environment", "created_at", "cp_key", "admin", 
         "federation_ca", "dev"}
 _CP_KEY = {"file", "public_key"}
 _ADMIN = {"token_sha256"}
-_TRUST = {"roots", "policy"}
+_TRUST = {"roots", "policy", "ek_roots"}
 _ROOT = {"name", "sha256", "pem"}
 _DEV = {"sim_dir"}
 
@@ -110,6 +111,9 @@ class Bootstrap:
     sim_dir: str | None
     doc: dict[str, Any]
     federation_ca: x509.Certificate | None = None
+    #: EK certificate authorities for the ``tpm`` provider (TPM vendors' CAs; none: the
+    #: CP refuses vTPM evidence)
+    ek_roots: tuple[x509.Certificate, ...] = ()
 
     def admin_token_ok(self, token: str) -> bool:
         return hmac.compare_digest(token_hash(token), self.admin_token_sha256)
@@ -217,6 +221,7 @@ class BundleDoc:
     federation_ca: x509.Certificate | None
     sim_dir: str | None
     doc: dict[str, Any]
+    ek_roots: tuple[x509.Certificate, ...] = ()
 
     @property
     def dev(self) -> bool:
@@ -247,6 +252,11 @@ def parse_bundle(doc: object) -> BundleDoc:
         policy = Policy.from_json(trust.get("policy", {}))
     except PolicyFormatError as exc:
         raise BootstrapError(f"bundle.trust.policy: {exc}") from None
+    ek_entries = trust.get("ek_roots", [])
+    if not isinstance(ek_entries, list):
+        raise BootstrapError("bundle.trust.ek_roots: must be a list")
+    ek_roots = tuple(_pinned_cert(e, f"bundle.trust.ek_roots[{i}]")
+                     for i, e in enumerate(ek_entries))
     fed = top.get("federation_ca")
     federation_ca = None if fed is None else _pinned_cert(fed, "bundle.federation_ca")
     dev = top.get("dev")
@@ -257,13 +267,14 @@ def parse_bundle(doc: object) -> BundleDoc:
         raise BootstrapError("bundle.dev: present exactly when the environment is dev")
     return BundleDoc(cluster_id, environment, key_file, _hex(cp_key, "public_key",
                      "bundle.cp_key", 32), token_sha, roots, policy, federation_ca, sim_dir,
-                     top)
+                     top, ek_roots)
 
 
 def make_bundle(*, cluster_id: str, environment: str, cp_public_key: Ed25519PublicKey,
                 admin_token_sha256: str, roots: Sequence[tuple[str, x509.Certificate]],
                 policy: Mapping[str, Any], federation_ca: x509.Certificate | None = None,
-                sim_dir: str | None = None, cp_key_file: str = CP_KEY) -> dict[str, Any]:
+                sim_dir: str | None = None, cp_key_file: str = CP_KEY,
+                ek_roots: Sequence[tuple[str, x509.Certificate]] = ()) -> dict[str, Any]:
     """A bundle document (checked by `parse_bundle` before it is returned)."""
     doc: dict[str, Any] = {
         "format": FORMAT,
@@ -273,7 +284,9 @@ def make_bundle(*, cluster_id: str, environment: str, cp_public_key: Ed25519Publ
         "cp_key": {"file": cp_key_file, "public_key": public_key_bytes(cp_public_key).hex()},
         "admin": {"token_sha256": admin_token_sha256},
         "trust": {"roots": [root_entry(cert, name) for name, cert in roots],
-                  "policy": dict(policy)},
+                  "policy": dict(policy),
+                  **({"ek_roots": [root_entry(cert, name) for name, cert in ek_roots]}
+                     if ek_roots else {})},
         "federation_ca": (root_entry(federation_ca, "federation-ca")
                           if federation_ca is not None else None),
         "dev": {"sim_dir": sim_dir} if sim_dir is not None else None,
@@ -422,4 +435,5 @@ def load(data_dir: Path, *, dev: bool = True,
         sim_dir=parsed.sim_dir,
         doc=parsed.doc,
         federation_ca=parsed.federation_ca,
+        ek_roots=parsed.ek_roots,
     )

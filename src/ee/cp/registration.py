@@ -10,6 +10,8 @@ NONCE_EXPIRED       the challenge's nonce outlived its TTL before ``register``
 NONCE_REPLAYED      the quote binds a nonce that was already used
 REPORTDATA_MISMATCH the quote binds another nonce or another public key
 BAD_QUOTE           the quote does not parse
+CREDENTIAL_FAILED   provider ``tpm``: the agent did not answer the credential
+                    challenge with its secret (the AK is not in the EK's TPM)
 ATTESTATION_FAILED  signature chain, collateral or measurement policy refused it
 BAD_VM_NAME         the VM name is not a host-name-like label (1..63 characters)
 UNKNOWN_NODE_SIZE   the node size is not a configured preset
@@ -55,6 +57,9 @@ import attrs
 
 from ee.actors.identity import Binding, Identity, agent_id_for
 from ee.attestation import Collateral, Policy, QuoteFormatError, Verifier, evaluate
+from ee.attestation.policy import Verdict, evaluate_tpm
+from ee.attestation.tpm import TpmVerifier, qualifying_data
+from ee.attestation.tpm_credential import Credential
 from ee.cp.nodes import LabelError, Vocabulary
 from ee.protocol.messages import Register
 from ee.protocol.reportdata import registration_report_data
@@ -203,6 +208,9 @@ class Admission:
     mrtd: str | None = None
     tcb_status: str | None = None
     report_data: bytes | None = None  # what the quote bound (to name replays)
+    #: provider ``tpm``: the activation challenge; the agent plane admits the identity
+    #: only when the agent's ``activation`` answer matches it
+    credential: Credential | None = None
 
 
 @attrs.frozen
@@ -217,6 +225,8 @@ class Judge:
     #: VM name -> durable binding (read only here). None: no binding book, so the
     #: key check falls back to *known* (this process's memory).
     bindings: Mapping[str, Binding] | None = None
+    #: the ``tpm`` provider's verifier (EK CAs from the bootstrap bundle); None: refused
+    tpm: TpmVerifier | None = None
 
     def admit(self, msg: Register, nonce: bytes, *, now: float,
               known: Identity | None = None) -> Admission:
@@ -251,6 +261,9 @@ class Judge:
             return Admission(None, Refusal("NODE_MISMATCH", (
                 f"node size {size.name} has gpu={size.gpu} but the node reports "
                 f"gpu={msg.snapshot.node.gpu}",)))
+        if msg.attestation.provider == "tpm":
+            return self._admit_tpm(msg, nonce, now=now, known=known, datacenter=datacenter,
+                                   gpu=size.gpu, url=url)
         expected = registration_report_data(nonce, msg.public_key)
         try:
             result = self.verifier.verify(msg.attestation.quote, now=now,
@@ -269,6 +282,45 @@ class Judge:
         if not verdict.admitted:
             return Admission(None, Refusal("ATTESTATION_FAILED", verdict.reasons),
                              mrtd=mrtd, tcb_status=result.tcb_status)
+        return self._finish(msg, verdict, now=now, known=known, datacenter=datacenter,
+                            gpu=size.gpu, url=url, mrtd=mrtd)
+
+    def _admit_tpm(self, msg: Register, nonce: bytes, *, now: float, known: Identity | None,
+                   datacenter: str, gpu: bool, url: str | None) -> Admission:
+        """vTPM evidence: verified here, the AK bound to the EK by the agent plane's
+        credential round trip (`Admission.credential`)."""
+        if self.tpm is None:
+            return Admission(None, Refusal("ATTESTATION_FAILED", (
+                "provider: this CP trusts no EK certificate authority (tpm not accepted)",)))
+        try:
+            expected = qualifying_data(nonce, msg.public_key)
+            result = self.tpm.verify(msg.attestation.quote, expected_qualifying_data=expected,
+                                     now=now)
+        except QuoteFormatError as exc:
+            return Admission(None, Refusal("BAD_QUOTE", (str(exc),)))
+        mrtd = result.measurement
+        if not result.qualifying_ok:
+            return Admission(None, Refusal("REPORTDATA_MISMATCH", (
+                "the TPM quote's qualifying data does not bind this challenge's nonce and "
+                "the registration's public key",)), mrtd=mrtd,
+                report_data=result.attest.extra_data if result.attest else None)
+        verdict = evaluate_tpm(self.policy, msg.node_size, result.pcrs,
+                               verification_reasons=result.reasons)
+        if not verdict.admitted or not result.ok:
+            return Admission(None, Refusal("ATTESTATION_FAILED",
+                                           verdict.reasons or result.reasons), mrtd=mrtd)
+        admission = self._finish(msg, verdict, now=now, known=known, datacenter=datacenter,
+                                 gpu=gpu, url=url, mrtd=mrtd)
+        if admission.identity is None:
+            return admission
+        assert result.ak_name is not None
+        return attrs.evolve(admission, credential=self.tpm.credential(result),
+                            identity=attrs.evolve(admission.identity,
+                                                  ak_name=result.ak_name.hex()))
+
+    def _finish(self, msg: Register, verdict: Verdict, *, now: float, known: Identity | None,
+                datacenter: str, gpu: bool, url: str | None, mrtd: str) -> Admission:
+        """Drift and key binding checks, then the identity (any provider)."""
         if known is not None:
             drift = []
             if known.mrtd != mrtd:
@@ -279,7 +331,7 @@ class Judge:
                 drift.append(f"datacenter changed from {known.datacenter} to {datacenter}")
             if drift:
                 return Admission(None, Refusal("DRIFT", tuple(drift)), mrtd=mrtd,
-                                 tcb_status=result.tcb_status)
+                                 tcb_status=verdict.tcb_status)
         # Same name, another key: another VM claiming this one's identity (agents keep
         # their key across restarts).
         if self.bindings is not None:
@@ -291,13 +343,13 @@ class Judge:
         else:
             refusal = None
         if refusal is not None:
-            return Admission(None, refusal, mrtd=mrtd, tcb_status=result.tcb_status)
+            return Admission(None, refusal, mrtd=mrtd, tcb_status=verdict.tcb_status)
         identity = Identity(
             agent_id=agent_id_for(self.cluster_id, msg.vm_name),
             vm_name=msg.vm_name,
             node_size=msg.node_size,
             datacenter=datacenter,
-            gpu=size.gpu,
+            gpu=gpu,
             public_key=msg.public_key,
             provider=msg.attestation.provider,
             mrtd=mrtd,
@@ -312,6 +364,8 @@ class Judge:
     def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
                  now: float) -> Refusal | None:
         """Check a periodic re-attestation quote; None when it passes."""
+        if identity.provider == "tpm":
+            return self._reattest_tpm(quote, nonce, identity, now=now)
         try:
             result = self.verifier.verify(quote, now=now, collateral=self.collateral)
         except QuoteFormatError as exc:
@@ -323,4 +377,28 @@ class Judge:
             return Refusal("ATTESTATION_FAILED", verdict.reasons)
         if result.quote.report.mr_td.hex() != identity.mrtd:
             return Refusal("DRIFT", ("MRTD changed since registration",))
+        return None
+
+    def _reattest_tpm(self, quote: bytes, nonce: bytes, identity: Identity, *,
+                      now: float) -> Refusal | None:
+        """vTPM re-attestation: the same verification, and the AK activated at
+        registration (no new credential round trip)."""
+        if self.tpm is None:
+            return Refusal("ATTESTATION_FAILED", ("this CP no longer trusts any EK CA",))
+        try:
+            result = self.tpm.verify(
+                quote, expected_qualifying_data=qualifying_data(nonce, identity.public_key),
+                now=now)
+        except QuoteFormatError as exc:
+            return Refusal("BAD_QUOTE", (str(exc),))
+        verdict = evaluate_tpm(self.policy, identity.node_size, result.pcrs,
+                               verification_reasons=result.reasons,
+                               report_data_ok=result.qualifying_ok)
+        if not verdict.admitted or not result.ok:
+            return Refusal("ATTESTATION_FAILED", verdict.reasons or result.reasons)
+        if result.ak_name is None or result.ak_name.hex() != identity.ak_name:
+            return Refusal("ATTESTATION_FAILED", (
+                "the quote is signed by another AK than the one activated at registration",))
+        if result.measurement != identity.mrtd:
+            return Refusal("DRIFT", ("PCR4/PCR9 changed since registration",))
         return None

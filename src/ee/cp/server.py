@@ -46,6 +46,7 @@ from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
 from ee.attestation.pccs import PccsClient, normalise_fmspc
+from ee.attestation.tpm import TpmVerifier
 from ee.capacity import PoolKey
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
@@ -188,6 +189,7 @@ class ControlPlane:
         self.metrics = CpMetrics()
         self.attest_limiter = trio.CapacityLimiter(config.attestation_threads)
         self.verifier = Verifier(boot.roots)
+        self.tpm_verifier = TpmVerifier(boot.ek_roots) if boot.ek_roots else None
         self.collateral: Collateral | None = None
         self.collateral_refreshed = 0.0
         self.refresher = self._make_refresher()
@@ -276,7 +278,8 @@ class ControlPlane:
                 return GraceJudge(cluster_id=self.bootstrap.cluster_id,
                                   vocabulary=self.config.vocabulary, verifier=self.verifier,
                                   policy=self.bootstrap.policy, collateral=collateral,
-                                  bindings=self.identities.bindings, grace_at=grace_at)
+                                  bindings=self.identities.bindings, grace_at=grace_at,
+                                  tpm=self.tpm_verifier)
             self.collateral = collateral
         elif self.bootstrap.dev and now - self.collateral_refreshed > 86400:
             from ee.attestation.providers.sim import SimTD
@@ -289,7 +292,8 @@ class ControlPlane:
             self.collateral = Collateral.from_json(Path(self.config.collateral_file).read_text())
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
                      verifier=self.verifier, policy=self.bootstrap.policy,
-                     collateral=self.collateral, bindings=self.identities.bindings)
+                     collateral=self.collateral, bindings=self.identities.bindings,
+                     tpm=self.tpm_verifier)
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,

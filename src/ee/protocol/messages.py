@@ -43,6 +43,8 @@ __all__ = [
     "Attestation",
     "ContainerStats",
     "CpEnvelope",
+    "CredentialAnswer",
+    "CredentialChallenge",
     "Deploy",
     "DeployStatus",
     "DeploymentSnapshot",
@@ -76,7 +78,7 @@ __all__ = [
 ]
 
 Sender: TypeAlias = Literal["cp", "agent"]
-Provider: TypeAlias = Literal["tsm", "sim"]
+Provider: TypeAlias = Literal["tsm", "sim", "tpm"]
 HealthStatus: TypeAlias = Literal["healthy", "unhealthy", "starting", "unknown"]
 ReplicaState: TypeAlias = Literal[
     "pending", "pulling", "building", "starting", "running", "failed", "stopping", "stopped"
@@ -98,6 +100,7 @@ _nonce = check(
     f"must be {NONCE_MIN_BYTES}..{NONCE_MAX_BYTES} bytes",
 )
 _public_key = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte Ed25519 key")
+_credential_secret = check(lambda v: 1 <= len(v) <= 64, "must be 1..64 bytes")
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
 _abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
 _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
@@ -204,6 +207,28 @@ class Attestation:
     SENDER: ClassVar[str] = "agent"
     provider: Provider
     quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+
+
+@attrs.frozen
+class CredentialChallenge:
+    """CP → agent, between ``register`` and ``registered`` when the provider is ``tpm``:
+    TPM2_MakeCredential for the AK in the evidence, sealed to the EK of the evidence's
+    EK certificate (:mod:`ee.attestation.tpm_credential`). The agent answers
+    ``activation`` with what TPM2_ActivateCredential releases."""
+
+    TYPE: ClassVar[str] = "credential"
+    SENDER: ClassVar[str] = "cp"
+    credential_blob: bytes = attrs.field(validator=_nonempty, metadata=_B64)  # TPM2B_ID_OBJECT
+    encrypted_secret: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+
+
+@attrs.frozen
+class CredentialAnswer:
+    """Agent → CP: the secret TPM2_ActivateCredential released (hex)."""
+
+    TYPE: ClassVar[str] = "activation"
+    SENDER: ClassVar[str] = "agent"
+    secret: bytes = attrs.field(validator=_credential_secret)
 
 
 @attrs.frozen
@@ -387,6 +412,8 @@ class Reconnect:
 Message: TypeAlias = (
     Challenge
     | Register
+    | CredentialChallenge
+    | CredentialAnswer
     | Registered
     | Rejected
     | Heartbeat
@@ -408,6 +435,8 @@ Message: TypeAlias = (
 _ALL: tuple[type[Message], ...] = (
     Challenge,
     Register,
+    CredentialChallenge,
+    CredentialAnswer,
     Registered,
     Rejected,
     Heartbeat,
