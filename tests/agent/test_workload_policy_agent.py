@@ -245,3 +245,59 @@ async def test_agent_refuses_what_a_cp_sends_directly(
         client.close()
 
 
+
+
+@needs_docker
+async def test_second_interpolation_bind_mount(
+    tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Compose v1 `config` prints ``'hostdir$${PATH}'`` in a volume as ``hostdir${PATH}``
+    (unescaped) and `up` would interpolate it again with the CLI's PATH: a RW bind mount
+    of ``<hostdir>/usr/bin`` on ``/usr/local/bin``. Refused after `config`, nothing run."""
+    monkeypatch.setenv("PATH", "/usr/bin:/usr/local/bin")
+    hostdir = tmp_path / "hostdir"
+    (hostdir / "usr" / "bin").mkdir(parents=True)
+    (hostdir / "usr" / "bin" / "marker").write_text("HOST-SECRET\n")
+    own = ComposeRunner(tmp_path / "d", settings_for(namespace, health_timeout=5))
+    compose = ("services:\n  web:\n    image: ee-busybox:local\n"
+               "    command: [sh, -c, 'cat /usr/local/bin/marker; "
+               "echo pwned > /usr/local/bin/written; sleep 60']\n"
+               f"    volumes: ['{hostdir}$${{PATH}}']\n")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await own.deploy(spec("again", compose))
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "workload policy (interpolation)" in status.error, status.error
+        assert "services.web.volumes[0]" in status.error
+        assert project_containers(own.project_name("again")) == []
+        assert not (hostdir / "usr" / "bin" / "written").exists()
+        # The same through a tenant env value: V='${PATH}' used as '/x${V}'.
+        tenant = compose.replace(f"{hostdir}$${{PATH}}", f"{hostdir}${{V}}")
+        status = await own.deploy(spec("again2", tenant, env={"V": "${PATH}"}))
+        assert status.state == "failed"
+        assert status.error is not None and "(interpolation)" in status.error, status.error
+        assert project_containers(own.project_name("again2")) == []
+        assert not (hostdir / "usr" / "bin" / "written").exists()
+        for deployment_id in ("again", "again2"):
+            assert (await own.undeploy(deployment_id)).state == "stopped"
+
+
+@needs_docker
+async def test_interpolation_reads_nothing_of_the_agent(
+    tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """``${HOME}`` and ``${DOCKER_HOST}`` in a tenant's file: `config` runs with PATH and
+    a neutral HOME only, so neither the data dir nor the daemon address leaks."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")
+    own = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    compose = IMAGE_ONLY_COMPOSE.replace(
+        "init: true", "init: true\n    environment: {H: '${HOME}', "
+        "D: '${DOCKER_HOST:-unset}'}")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await own.deploy(spec("leak", compose))
+        assert status.state == "running", status.error
+        (container,) = project_containers(own.project_name("leak"))
+        env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+        assert env["H"] == "/nonexistent" and str(tmp_path) not in env["H"]
+        assert env["D"] == "unset"
+        assert (await own.undeploy("leak")).state == "stopped"

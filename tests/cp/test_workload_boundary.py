@@ -170,3 +170,19 @@ async def test_per_account_quotas(tmp_path: Path) -> None:
                 assert r.json()["error"]["details"]["quota"] == "stored_bytes"
                 r = await other.post("/api/v2/apps/a/versions", json={**body, "version": "1"})
                 assert r.status_code == 201, r.text
+
+
+async def test_health_path_the_agent_would_refuse_is_a_400(tmp_path: Path) -> None:
+    """One shared check (``check_health_path``): what the agent's DeploySpec refuses
+    (space, '#', CR/LF, tab) the CP refuses at upload."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                for bad in ("/a b", "/a#b", "/a\r\nHost: x", "/a\tb", "health"):
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": COMPOSE, "expose_port": 80,
+                        "health_path": bad})
+                    assert r.status_code == 400, (bad, r.text)
+                    assert r.json()["error"]["details"] == {"field": "health_path"}, bad

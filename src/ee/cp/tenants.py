@@ -52,7 +52,12 @@ from ee.protocol.compose import (
     validate_build_context,
     validate_compose,
 )
-from ee.protocol.workload_policy import WorkloadPolicyError, check_compose, check_env
+from ee.protocol.workload_policy import (
+    WorkloadPolicyError,
+    check_compose,
+    check_env,
+    check_health_path,
+)
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
@@ -455,8 +460,11 @@ def _version_fields(body: dict[str, Any]) -> _VersionFields:
         raise _bad(f"'expose_service' must be one of the compose services: "
                    f"{', '.join(services)}", "expose_service")
     health = body.get("health_path", "/")
-    if not isinstance(health, str) or not health.startswith("/"):
-        raise _bad("'health_path' must be a path starting with '/'", "health_path")
+    try:
+        check_health_path(health)
+    except WorkloadPolicyError as exc:
+        raise _bad(f"'health_path': {exc.message}", "health_path") from None
+    assert isinstance(health, str)
     env = body.get("env") or {}
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
