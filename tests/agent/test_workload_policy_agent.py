@@ -301,3 +301,34 @@ async def test_interpolation_reads_nothing_of_the_agent(
         assert env["H"] == "/nonexistent" and str(tmp_path) not in env["H"]
         assert env["D"] == "unset"
         assert (await own.undeploy("leak")).state == "stopped"
+
+
+@needs_docker
+async def test_another_projects_built_image_cannot_be_named(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """Built images are named after their project; naming one (in any spelling Docker
+    resolves locally, interpolated or not) would run another deployment's build."""
+    victim = runner.project_name("victim") + "_web"
+    with trio.fail_after(DOCKER_TIMEOUT):
+        for index, image in enumerate([victim, f"docker.io/library/{victim}",
+                                       "library/${I}"]):
+            compose = f"services:\n  web:\n    image: '{image}'\n    command: [sleep, '60']\n"
+            deployment_id = f"thief-{index}"
+            status = await runner.deploy(spec(deployment_id, compose, env={"I": victim}))
+            assert status.state == "failed"
+            assert status.error is not None
+            assert "workload policy (foreign_image)" in status.error, status.error
+            assert project_containers(runner.project_name(deployment_id)) == []
+            assert (await runner.undeploy(deployment_id)).state == "stopped"
+
+
+def test_check_images_normalises_docker_hub_spellings() -> None:
+    from ee.agent.workload import check_images
+    from ee.protocol.workload_policy import WorkloadPolicyError
+
+    check_images({"services": {"a": {"image": "nginx:1.25"}, "b": {"build": "."}}}, "ee1")
+    check_images({"services": {"a": {"image": "ee1x-y_web"}}}, "ee1")
+    for image in ("ee1-y_web", "EE1-y_web:latest", "index.docker.io/library/ee1-y_web"):
+        with pytest.raises(WorkloadPolicyError):
+            check_images({"services": {"a": {"image": image}}}, "ee1")

@@ -272,6 +272,28 @@ def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
     check_health_path(value)  # WorkloadPolicyError is a ValueError
 
 
+def check_images(resolved: Mapping[str, Any], namespace: str) -> None:
+    """Refuse ``image:`` names of this runner's projects (pure).
+
+    Every image a project builds is named ``<namespace>-<slug>_<service>`` (v1) or
+    ``-<service>`` (v2) on the VM's shared dockerd: another deployment naming one would
+    run a build of someone else's context (its files, its baked-in secrets). Docker
+    resolves ``docker.io/library/x`` and ``library/x`` to the local ``x``, so those
+    spellings are normalised first.
+    """
+    for name, service in dict(resolved.get("services") or {}).items():
+        image = service.get("image") if isinstance(service, dict) else None
+        if not isinstance(image, str):
+            continue
+        bare = image.lower()
+        for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/", "library/"):
+            bare = bare.removeprefix(prefix)
+        if bare.startswith(namespace.lower() + "-"):
+            raise WorkloadPolicyError(
+                f"services.{name}.image", "foreign_image",
+                f"image {image!r} is a build of one of this agent's projects")
+
+
 def _bytes_repr(value: bytes | None) -> str:
     return "None" if value is None else f"<{len(value)} bytes>"
 
@@ -874,6 +896,7 @@ class ComposeRunner:
                 context_root=str(record.directory / CONTEXT_DIR),
                 project=record.project,
             )
+            check_images(resolved, self.namespace)
         except ComposeError as exc:
             raise _Failure(f"the Compose CLI's resolved file is not acceptable: {exc}") from None
         except WorkloadPolicyError as exc:
