@@ -18,7 +18,9 @@ Build context
 -------------
 ``validate_build_context`` accepts a gzip tar (``.tar.gz``) within size caps on the
 compressed bytes, the uncompressed tar stream, the decompression ratio and the member
-count, in one streaming pass. Member names are
+count, in one streaming pass. Sparse members (GNU ``S`` or
+pax ``GNU.sparse.*``) are refused and the member bytes read are capped as well: tarfile
+fills a sparse file's holes itself, past the capped gunzip. Member names are
 normalised (``./a//b`` → ``a/b``; a root ``.`` directory entry is ignored). Refused,
 naming the member: absolute names, ``..`` components, duplicate names, members below a
 symlink or a non-directory, symlinks whose target is absolute or resolves outside the
@@ -315,8 +317,13 @@ def load_build_context(
     stream = _CappedGunzip(data, max_uncompressed_bytes, max_ratio)
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
-            members, contents = _scan(archive, max_members, keep_contents)
-    except tarfile.TarError as exc:
+            members, contents = _scan(
+                archive, max_members, keep_contents, max_uncompressed_bytes
+            )
+    except BuildContextError:
+        raise
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        # tarfile raises plain ValueError for some malformed headers (pax sparse maps).
         raise BuildContextError(f"build context is not a readable tar archive ({exc})") from None
     ordered = tuple(sorted(members.values(), key=lambda m: m.path))
     digest = _h(canonical_json([m.digest_entry() for m in ordered]))
@@ -330,9 +337,10 @@ def load_build_context(
 
 
 def _scan(
-    archive: tarfile.TarFile, max_members: int, keep_contents: bool
+    archive: tarfile.TarFile, max_members: int, keep_contents: bool, max_uncompressed: int
 ) -> tuple[dict[str, ContextMember], dict[str, bytes]]:
     members: dict[str, ContextMember] = {}
+    read = 0  # bytes of member content read, whatever tarfile synthesised
     parents: set[str] = set()  # directories implied by member names
     contents: dict[str, bytes] = {}
     while (info := archive.next()) is not None:
@@ -351,6 +359,11 @@ def _scan(
             digest = hashlib.sha256()
             parts = []
             while chunk := extracted.read(1024 * 1024):
+                read += len(chunk)
+                if read > max_uncompressed:  # belt and braces: members are capped too
+                    raise BuildContextError(
+                        "build context members are over the uncompressed size limit "
+                        f"of {max_uncompressed} bytes", member.path)
                 digest.update(chunk)
                 if keep_contents:
                     parts.append(chunk)
@@ -359,6 +372,11 @@ def _scan(
             member = attrs.evolve(member, sha256=digest.hexdigest())
         members[member.path] = member
     return members, contents
+
+
+def _is_sparse(info: tarfile.TarInfo) -> bool:
+    return (info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE
+            or any(key.startswith("GNU.sparse.") for key in info.pax_headers))
 
 
 def _check_member(
@@ -380,6 +398,10 @@ def _check_member(
     if path in parents and not info.isdir():
         raise BuildContextError("non-directory member where earlier members need a directory", path)
     mode = info.mode & 0o7777
+    if _is_sparse(info):
+        # tarfile synthesises a sparse member's holes as zeros that never pass through
+        # the capped gunzip: 96 compressed bytes could become gigabytes to hash.
+        raise BuildContextError("sparse file in build context", path)
     if info.isreg():
         return ContextMember(path=path, kind="file", mode=mode, size=info.size)
     if info.isdir():
