@@ -186,3 +186,58 @@ async def test_health_path_the_agent_would_refuse_is_a_400(tmp_path: Path) -> No
                         "health_path": bad})
                     assert r.status_code == 400, (bad, r.text)
                     assert r.json()["error"]["details"] == {"field": "health_path"}, bad
+
+
+async def test_compose_is_validated_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YAML parse and policy run in a worker thread: while one upload's compose is held
+    mid-validation, /health answers (on the loop, it could not: fail_after)."""
+    entered = threading.Event()
+    release = threading.Event()
+    real = tenants_module._version_fields
+
+    def held(body: dict[str, Any]) -> Any:
+        entered.set()
+        assert release.wait(30)
+        return real(body)
+
+    monkeypatch.setattr(tenants_module, "_version_fields", held)
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http, trio.open_nursery() as nursery:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                result: dict[str, int] = {}
+
+                async def upload() -> None:
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": COMPOSE, "expose_port": 80})
+                    result["status"] = r.status_code
+
+                nursery.start_soon(upload)
+                await trio.to_thread.run_sync(entered.wait)
+                async with env.client(token=None) as anon:
+                    health = await anon.get("/api/v2/health")
+                assert health.status_code == 200
+                assert "status" not in result
+                release.set()
+            assert result["status"] == 201
+
+
+async def test_a_pathological_compose_is_refused_by_the_yaml_bound(tmp_path: Path) -> None:
+    """A 1 MB flow list (~30 s of pure-Python parsing) is refused by the YAML bound."""
+    pad = "services:\n  web: {image: x}\nx-pad: [" + ",".join(["1"] * 500_000) + "]\n"
+    block = "services:\n  web: {image: x}\nx-pad:\n" + "- 1\n" * 25_000
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                for text in (pad, block):
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": text, "expose_port": 80})
+                    assert r.status_code == 400, r.text
+                    error = r.json()["error"]
+                    assert error["details"] == {"field": "compose"}
+                    assert "too many YAML nodes" in error["message"]

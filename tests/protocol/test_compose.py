@@ -373,3 +373,29 @@ def test_member_bytes_are_capped_even_past_the_gunzip(monkeypatch: pytest.Monkey
     assert len(data) < 200
     with pytest.raises(BuildContextError, match="over the uncompressed size limit"):
         validate_build_context(data, max_uncompressed_bytes=4 << 20)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A 1 MB flow list: refused by the structural-character count, before parsing.
+        "services:\n  web: {image: x}\nx-pad: [" + ",".join(["1"] * 500_000) + "]\n",
+        # Under that count, the loader stops composing at MAX_YAML_NODES.
+        "services:\n  web: {image: x}\nx-pad:\n" + "- 1\n" * 25_000,
+        "services:\n  web: {image: x}\nx-pad: [" + " ".join(["'1',"] * 25_000) + "]\n",
+    ],
+    ids=["flow_list_1mb", "block_list", "flow_list_quoted"],
+)
+def test_yaml_work_is_bounded_before_and_while_parsing(text: str) -> None:
+    with pytest.raises(ComposeError, match="too many YAML nodes"):
+        validate_compose(text)
+
+
+def test_a_large_real_compose_is_within_the_yaml_bounds() -> None:
+    services = "".join(
+        f"  s{i}:\n    image: 'registry.example:5000/app-{i}:1.2.3'\n"
+        f"    command: [sh, -c, 'echo a:b-c, d; sleep 1']\n"
+        f"    environment: {{A: '1', B: 'http://x:80/-'}}\n"
+        f"    depends_on: [s0]\n" for i in range(300))
+    doc = validate_compose("services:\n" + services)
+    assert len(doc["services"]) == 300

@@ -259,16 +259,14 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     async def add_version(name: str) -> Response:
         ref = app_ref(name)
         try:
-            fields = _version_fields(await json_object())
-            context = None
-            if fields.build_context is not None:
-                context = await trio.to_thread.run_sync(
-                    _check_context, fields.build_context, limiter=context_checks)
+            body = await json_object()
+            # YAML parse, policy, build context and hash: all CPU work, off the loop.
+            spec = await trio.to_thread.run_sync(
+                _checked_version, body, limiter=context_checks)
         except ApiError as exc:
             cp.events.emit("app.version_refused", f"{g.account_id}.{name}",
                            {"code": exc.code, **exc.details})
             raise
-        spec = fields.spec(context)
         lock = upload_locks.setdefault(g.account_id, trio.Lock())
         async with lock:
             await check_quota(spec)
@@ -395,6 +393,13 @@ def _policy_error(exc: WorkloadPolicyError, field: str) -> ApiError:
     """A workload policy refusal: 400 naming the field, the document path and the reason."""
     return ApiError(400, "workload_policy", f"{field}: {exc}",
                     {"field": field, "path": exc.path, "reason": exc.code})
+
+
+def _checked_version(body: dict[str, Any]) -> dict[str, Any]:  # worker thread
+    """A version upload checked whole (fields, compose, policy, context, hash)."""
+    fields = _version_fields(body)
+    context = None if fields.build_context is None else _check_context(fields.build_context)
+    return fields.spec(context)
 
 
 def _check_context(raw: bytes) -> BuildContext:  # worker thread
