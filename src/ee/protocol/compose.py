@@ -240,7 +240,7 @@ def validate_compose(text: str) -> dict[str, Any]:
             f"characters, at most {MAX_YAML_INDICATORS})"
         )
     try:
-        doc = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
+        doc = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
     except ComposeError:
         raise
     except yaml.YAMLError as exc:
