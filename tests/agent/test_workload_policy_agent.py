@@ -332,3 +332,45 @@ def test_check_images_normalises_docker_hub_spellings() -> None:
     for image in ("ee1-y_web", "EE1-y_web:latest", "index.docker.io/library/ee1-y_web"):
         with pytest.raises(WorkloadPolicyError):
             check_images({"services": {"a": {"image": image}}}, "ee1")
+
+
+@needs_docker
+async def test_dockerfile_add_of_a_loopback_url_is_refused_before_building(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """``ADD http://127.0.0.1:<port>/secret`` would be fetched by dockerd from the VM's
+    own loopback (the classic builder) and baked into the image: refused first."""
+    import socket
+
+    secret = b"LOOPBACK-SECRET\n"
+    fetched: list[bytes] = []
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def serve() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                fetched.append(await conn.recv(4096))
+                await conn.send(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(secret)
+                                + secret)
+
+    dockerfile = (b"FROM ee-busybox:local\n"
+                  b"ADD http://127.0.0.1:%d/secret /stolen\n"
+                  b'CMD ["sleep", "60"]\n' % port)
+    context = make_context({"Dockerfile": (0o644, dockerfile)})
+    with trio.fail_after(DOCKER_TIMEOUT), listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            status = await runner.deploy(spec("add", "services:\n  web:\n    build: .\n",
+                                              build_context=context))
+            nursery.cancel_scope.cancel()
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "workload policy (dockerfile_remote_source)" in status.error, status.error
+        assert "Dockerfile:2" in status.error
+        assert fetched == []
+        nothing_of(runner, "add")
+        assert (await runner.undeploy("add")).state == "stopped"

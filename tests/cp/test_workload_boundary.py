@@ -93,10 +93,10 @@ async def test_build_context_is_validated_off_the_event_loop(
     release = threading.Event()
     real = tenants_module._check_context
 
-    def held(raw: bytes) -> BuildContext:
+    def held(raw: bytes, doc: dict[str, Any]) -> BuildContext:
         entered.set()
         assert release.wait(30)
-        return real(raw)
+        return real(raw, doc)
 
     monkeypatch.setattr(tenants_module, "_check_context", held)
     with trio.fail_after(60):
@@ -241,3 +241,41 @@ async def test_a_pathological_compose_is_refused_by_the_yaml_bound(tmp_path: Pat
                     error = r.json()["error"]
                     assert error["details"] == {"field": "compose"}
                     assert "too many YAML nodes" in error["message"]
+
+
+def _context_with(files: dict[str, bytes]) -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def test_a_dockerfile_add_of_a_url_is_a_400(tmp_path: Path) -> None:
+    """dockerd's classic builder fetches ``ADD http://…`` from the VM's network
+    (loopback-only services too): refused at upload, naming the Dockerfile and line."""
+    compose = "services:\n  web:\n    build: {context: app, dockerfile: Dockerfile.web}\n"
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                bad = _context_with({"app/Dockerfile.web": b"FROM ee-busybox:local\n"
+                                     b"ADD http://127.0.0.1:18777/secret /stolen\n"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": compose, "build_context": bad,
+                    "expose_port": 80})
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["details"] == {
+                    "field": "build_context", "path": "app/Dockerfile.web:2",
+                    "reason": "dockerfile_remote_source"}
+                assert _events(env, "app.version_refused")[-1].data["reason"] == (
+                    "dockerfile_remote_source")
+                good = _context_with({"app/Dockerfile.web": b"FROM ee-busybox:local\n"
+                                      b"COPY . /srv\n"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": compose, "build_context": good,
+                    "expose_port": 80})
+                assert r.status_code == 201, r.text

@@ -123,6 +123,7 @@ from ee.protocol.compose import (
     load_build_context,
     validate_compose,
 )
+from ee.protocol.dockerfile import check_build_dockerfiles
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -809,6 +810,7 @@ class ComposeRunner:
                 )
                 context = loaded.context
             check_compose(doc, stage="upload")
+            check_build_dockerfiles(doc, loaded)
             digest = hash_compose_document(doc, context)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None

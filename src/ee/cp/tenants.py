@@ -49,9 +49,10 @@ from ee.protocol.compose import (
     ComposeError,
     compose_services,
     hash_compose_document,
-    validate_build_context,
+    load_build_context,
     validate_compose,
 )
+from ee.protocol.dockerfile import check_build_dockerfiles, dockerfile_paths
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -398,15 +399,24 @@ def _policy_error(exc: WorkloadPolicyError, field: str) -> ApiError:
 def _checked_version(body: dict[str, Any]) -> dict[str, Any]:  # worker thread
     """A version upload checked whole (fields, compose, policy, context, hash)."""
     fields = _version_fields(body)
-    context = None if fields.build_context is None else _check_context(fields.build_context)
+    context = None
+    if fields.build_context is not None:
+        context = _check_context(fields.build_context, fields.doc)
     return fields.spec(context)
 
 
-def _check_context(raw: bytes) -> BuildContext:  # worker thread
+def _check_context(raw: bytes, doc: dict[str, Any]) -> BuildContext:  # worker thread
+    """The build context, and the Dockerfile of every service that builds from it."""
     try:
-        return validate_build_context(raw, max_bytes=MAX_CONTEXT_BYTES)
+        loaded = load_build_context(raw, max_bytes=MAX_CONTEXT_BYTES, keep_contents=False,
+                                    keep_paths=frozenset(dockerfile_paths(doc)))
     except BuildContextError as exc:
         raise _bad(f"build_context: {exc}", "build_context") from None
+    try:
+        check_build_dockerfiles(doc, loaded)
+    except WorkloadPolicyError as exc:
+        raise _policy_error(exc, "build_context") from None
+    return loaded.context
 
 
 @attrs.frozen

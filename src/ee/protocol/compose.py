@@ -334,14 +334,15 @@ def load_build_context(
     max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
     max_ratio: int = DEFAULT_MAX_RATIO,
     keep_contents: bool = True,
+    keep_paths: frozenset[str] = frozenset(),
 ) -> LoadedBuildContext:
     """Validate a gzip tar build context and return its members and file contents.
 
     One streaming pass: gunzip, tar parsing and hashing happen together, under the
     caps, without holding the uncompressed tar in memory (``keep_contents=False``
-    keeps no file bytes either). Raises :class:`BuildContextError` naming the
-    offending member. CPU-heavy for large contexts: call it from a worker thread on an
-    event loop.
+    keeps no file bytes either, except for the members named in ``keep_paths``).
+    Raises :class:`BuildContextError` naming the offending member. CPU-heavy for large
+    contexts: call it from a worker thread on an event loop.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"build context must be bytes, not {type(data).__name__}")
@@ -354,7 +355,7 @@ def load_build_context(
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
             members, contents = _scan(
-                archive, max_members, keep_contents, max_uncompressed_bytes
+                archive, max_members, keep_contents, max_uncompressed_bytes, keep_paths
             )
     except BuildContextError:
         raise
@@ -373,7 +374,11 @@ def load_build_context(
 
 
 def _scan(
-    archive: tarfile.TarFile, max_members: int, keep_contents: bool, max_uncompressed: int
+    archive: tarfile.TarFile,
+    max_members: int,
+    keep_contents: bool,
+    max_uncompressed: int,
+    keep_paths: frozenset[str],
 ) -> tuple[dict[str, ContextMember], dict[str, bytes]]:
     members: dict[str, ContextMember] = {}
     read = 0  # bytes of member content read, whatever tarfile synthesised
@@ -393,6 +398,7 @@ def _scan(
             extracted = archive.extractfile(info)
             assert extracted is not None  # regular files always have a stream
             digest = hashlib.sha256()
+            keep = keep_contents or member.path in keep_paths
             parts = []
             while chunk := extracted.read(1024 * 1024):
                 read += len(chunk)
@@ -401,9 +407,9 @@ def _scan(
                         "build context members are over the uncompressed size limit "
                         f"of {max_uncompressed} bytes", member.path)
                 digest.update(chunk)
-                if keep_contents:
+                if keep:
                     parts.append(chunk)
-            if keep_contents:
+            if keep:
                 contents[member.path] = b"".join(parts)
             member = attrs.evolve(member, sha256=digest.hexdigest())
         members[member.path] = member
