@@ -77,7 +77,8 @@ def test_build_context_dockerfiles_are_checked_and_links_refused() -> None:
     good = make_tar([("app/Dockerfile", "file", 0o644, b"FROM x\nCOPY . /\n")])
     check_build_dockerfiles(doc, load_build_context(good, keep_contents=False,
                                                     keep_paths=keep))
-    bad = make_tar([("app/dockerfile", "file", 0o644, b"FROM x\nADD http://h/s /s\n")])  # the fallback
+    # "dockerfile" is the builder's fallback name
+    bad = make_tar([("app/dockerfile", "file", 0o644, b"FROM x\nADD http://h/s /s\n")])
     with pytest.raises(WorkloadPolicyError, match="app/dockerfile:2"):
         check_build_dockerfiles(doc, load_build_context(bad, keep_contents=False,
                                                         keep_paths=keep))
