@@ -24,6 +24,9 @@ The same function runs twice, on two views of the same document:
     model, then runs exactly that resolved file (:func:`harden` only adds the agent's
     security options). Paths are absolute there and must lie inside ``context_root``.
     So there is no parser differential between what is checked and what is run.
+    ``up`` interpolates that file once more (with the CLI's own environment), and
+    Compose v1's ``config`` does not re-escape ``$`` in volume specs, so the resolved
+    check refuses any unescaped ``$`` left anywhere in it (reason ``interpolation``).
 
 What a workload may use: images or build contexts, command/entrypoint, environment,
 ``expose`` (never host ``ports``), named volumes without driver options, anonymous
@@ -35,6 +38,14 @@ added capabilities, devices, ``security_opt``, sysctls, bind mounts and the Dock
 socket, host ports, ``external`` or named (``name:``) networks and volumes, volume and
 network drivers, foreign logging drivers (they run in the host's network namespace),
 ``secrets``/``configs`` (bind mounts of host files in Compose v1), and every other key.
+
+Images are shared by every deployment on the VM's dockerd, so a service that builds may
+not name its image (``image_with_build``: Compose would tag the build with that name,
+``down --rmi local`` would keep it, and the next deployment naming it would run it); the
+agent also refuses names of its own projects' builds. ``pull_policy`` stays open: with
+no way to create a tag but the project's own (removed at undeploy), which local image a
+name resolves to is no longer the tenant's to choose, and ``always`` would break
+offline VMs.
 
 Why ``user: root`` is allowed: with dockerd's user-namespace remapping (see
 ``ee/agent/dockerd.json``) root in a container is an unprivileged uid on the VM, the
