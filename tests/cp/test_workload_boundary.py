@@ -18,7 +18,6 @@ from cpkit import RunningCp, running_cp
 from test_tenants import COMPOSE, context, tenant
 
 import ee.cp.tenants as tenants_module
-from ee.protocol.compose import BuildContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
 from test_workload_policy import REFUSED
@@ -83,22 +82,22 @@ async def test_reserved_and_bad_env_names_are_400(
                                                         "reason": reason}
 
 
-async def test_build_context_is_validated_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _health_answers_while_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, upload: dict[str, Any]
 ) -> None:
-    """While a context is being validated (held mid-validation in its worker thread),
-    the CP keeps answering /health; then the upload completes. Were the validation on
-    the event loop, /health could not answer before it is released (fail_after)."""
+    """Hold ``tenants.<name>`` mid-call in its worker thread during an upload: /health
+    must answer meanwhile (were the work on the event loop, it could not: fail_after),
+    then the upload completes with 201."""
     entered = threading.Event()
     release = threading.Event()
-    real = tenants_module._check_context
+    real = getattr(tenants_module, name)
 
-    def held(raw: bytes, doc: dict[str, Any]) -> BuildContext:
+    def held(*args: Any) -> Any:
         entered.set()
         assert release.wait(30)
-        return real(raw, doc)
+        return real(*args)
 
-    monkeypatch.setattr(tenants_module, "_check_context", held)
+    monkeypatch.setattr(tenants_module, name, held)
     with trio.fail_after(60):
         async with running_cp(tmp_path / "cp") as env:
             http = await tenant(env, "t")
@@ -106,13 +105,11 @@ async def test_build_context_is_validated_off_the_event_loop(
                 await http.post("/api/v2/apps", json={"name": "a"})
                 result: dict[str, int] = {}
 
-                async def upload() -> None:
-                    r = await http.post("/api/v2/apps/a/versions", json={
-                        "version": "1", "compose": COMPOSE, "build_context": context(),
-                        "expose_port": 80})
+                async def send() -> None:
+                    r = await http.post("/api/v2/apps/a/versions", json=upload)
                     result["status"] = r.status_code
 
-                nursery.start_soon(upload)
+                nursery.start_soon(send)
                 await trio.to_thread.run_sync(entered.wait)
                 async with env.client(token=None) as anon:
                     health = await anon.get("/api/v2/health")
@@ -120,6 +117,13 @@ async def test_build_context_is_validated_off_the_event_loop(
                 assert "status" not in result  # the upload is still being validated
                 release.set()
             assert result["status"] == 201
+
+
+async def test_build_context_is_validated_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _health_answers_while_held(tmp_path, monkeypatch, "_check_context", {
+        "version": "1", "compose": COMPOSE, "build_context": context(), "expose_port": 80})
 
 
 async def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
@@ -191,38 +195,9 @@ async def test_health_path_the_agent_would_refuse_is_a_400(tmp_path: Path) -> No
 async def test_compose_is_validated_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """YAML parse and policy run in a worker thread: while one upload's compose is held
-    mid-validation, /health answers (on the loop, it could not: fail_after)."""
-    entered = threading.Event()
-    release = threading.Event()
-    real = tenants_module._version_fields
-
-    def held(body: dict[str, Any]) -> Any:
-        entered.set()
-        assert release.wait(30)
-        return real(body)
-
-    monkeypatch.setattr(tenants_module, "_version_fields", held)
-    with trio.fail_after(60):
-        async with running_cp(tmp_path / "cp") as env:
-            http = await tenant(env, "t")
-            async with http, trio.open_nursery() as nursery:
-                await http.post("/api/v2/apps", json={"name": "a"})
-                result: dict[str, int] = {}
-
-                async def upload() -> None:
-                    r = await http.post("/api/v2/apps/a/versions", json={
-                        "version": "1", "compose": COMPOSE, "expose_port": 80})
-                    result["status"] = r.status_code
-
-                nursery.start_soon(upload)
-                await trio.to_thread.run_sync(entered.wait)
-                async with env.client(token=None) as anon:
-                    health = await anon.get("/api/v2/health")
-                assert health.status_code == 200
-                assert "status" not in result
-                release.set()
-            assert result["status"] == 201
+    """YAML parse and policy run in the worker thread too."""
+    await _health_answers_while_held(tmp_path, monkeypatch, "_version_fields", {
+        "version": "1", "compose": COMPOSE, "expose_port": 80})
 
 
 async def test_a_pathological_compose_is_refused_by_the_yaml_bound(tmp_path: Path) -> None:
