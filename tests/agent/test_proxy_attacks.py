@@ -28,12 +28,14 @@ import trio
 import trio.testing
 
 from ee.agent.http import (
+    ClientRateLimit,
     HttpLimits,
     RequestRefused,
     TokenBucket,
     carries_secret,
     check_request_headers,
     check_request_target,
+    client_key,
     response_headers,
     serve_http,
     upstream_headers,
@@ -766,3 +768,76 @@ def test_http_limits_validate() -> None:
     for bad in ({"header_timeout_s": 0}, {"body_timeout_s": -1}, {"attest_burst": 0}):
         with pytest.raises(ValueError):
             HttpLimits(**bad)  # type: ignore[arg-type]
+
+
+async def test_one_noisy_client_does_not_starve_the_others(tmp_path: Path) -> None:
+    """The attest rate limit is per client: one that keeps its bucket empty gets 429s,
+    another verifier (here through the loopback tunnel, keyed on the X-Forwarded-For
+    the tunnel appended) still gets quotes."""
+    limits = HttpLimits(attest_burst=2, attest_rate_per_s=0.001)
+    path = f"GET /api/health?attest=true&nonce={'ab' * 16} HTTP/1.1"
+    noisy, verifier = "X-Forwarded-For: 203.0.113.5", "X-Forwarded-For: 10.0.0.1, 198.51.100.7"
+    with trio.fail_after(60):
+        async with agent_port(tmp_path, limits) as env:
+            for _ in range(2):
+                assert (await raw(env.port, head(path, noisy))).status == 200
+            for _ in range(3):
+                answer = await raw(env.port, head(path, noisy))
+                assert (answer.status, answer.code) == (429, "rate_limited")
+            answer = await raw(env.port, head(path, verifier))
+            assert answer.status == 200, answer.body
+            assert "quote" in json.loads(answer.body)["attestation"]
+
+
+def test_client_keys() -> None:
+    assert client_key("203.0.113.5") == "203.0.113.5"
+    assert client_key("::ffff:203.0.113.5") == "203.0.113.5"
+    assert client_key("2001:db8:1:2:aaaa::1") == client_key("2001:db8:1:2:ffff::9") == (
+        "2001:db8:1:2::/64")
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+    assert client_key(" 198.51.100.7") == "198.51.100.7"
+    assert client_key("not-an-ip" * 20) == ("not-an-ip" * 20)[:64]
+
+
+def test_client_rate_limit_per_client_global_ceiling_and_lru() -> None:
+    limit = ClientRateLimit(rate=1.0, burst=2, global_rate=1.0, global_burst=3, max_clients=2)
+    assert [limit.take("a", 0.0) for _ in range(2)] == [0.0, 0.0]
+    assert limit.take("a", 0.0) == pytest.approx(1.0)  # a's own bucket is empty
+    assert limit.take("b", 0.0) == 0.0  # b is not affected ...
+    assert limit.take("c", 0.0) == pytest.approx(1.0)  # ... but the global ceiling is hit
+    assert len(limit) == 2  # "a" (least recently used) was evicted for "c"
+    assert limit.take("b", 1.0) == 0.0  # the global bucket refilled one
+    with pytest.raises(ValueError):
+        ClientRateLimit(rate=1, burst=1, global_rate=0, global_burst=1)
+
+
+async def test_client_rate_limit_on_trio_time(autojump_clock: trio.testing.MockClock) -> None:
+    """A noisy client asking as fast as it may for a minute, a polite one once a
+    second: the polite one is never refused; the global ceiling holds for both."""
+    limit = ClientRateLimit(rate=1.0, burst=5, global_rate=3.0, global_burst=5)
+    granted = {"noisy": 0, "polite": 0}
+    refused_polite = 0
+
+    async def noisy() -> None:
+        while True:
+            wait = limit.take("noisy", trio.current_time())
+            if wait:
+                await trio.sleep(0.01)
+            else:
+                granted["noisy"] += 1
+
+    async def polite() -> None:
+        nonlocal refused_polite
+        while True:
+            if limit.take("polite", trio.current_time()):
+                refused_polite += 1
+            else:
+                granted["polite"] += 1
+            await trio.sleep(1.0)
+
+    with trio.move_on_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(noisy)
+            nursery.start_soon(polite)
+    assert refused_polite == 0 and granted["polite"] >= 60
+    assert 64 <= granted["noisy"] <= 66  # its burst, then one a second

@@ -245,3 +245,132 @@ async def test_agent_refuses_what_a_cp_sends_directly(
         client.close()
 
 
+
+
+@needs_docker
+async def test_second_interpolation_bind_mount(
+    tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Compose v1 `config` prints ``'hostdir$${PATH}'`` in a volume as ``hostdir${PATH}``
+    (unescaped) and `up` would interpolate it again with the CLI's PATH: a RW bind mount
+    of ``<hostdir>/usr/bin`` on ``/usr/local/bin``. Refused after `config`, nothing run."""
+    monkeypatch.setenv("PATH", "/usr/bin:/usr/local/bin")
+    hostdir = tmp_path / "hostdir"
+    (hostdir / "usr" / "bin").mkdir(parents=True)
+    (hostdir / "usr" / "bin" / "marker").write_text("HOST-SECRET\n")
+    own = ComposeRunner(tmp_path / "d", settings_for(namespace, health_timeout=5))
+    compose = ("services:\n  web:\n    image: ee-busybox:local\n"
+               "    command: [sh, -c, 'cat /usr/local/bin/marker; "
+               "echo pwned > /usr/local/bin/written; sleep 60']\n"
+               f"    volumes: ['{hostdir}$${{PATH}}']\n")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await own.deploy(spec("again", compose))
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "workload policy (interpolation)" in status.error, status.error
+        assert "services.web.volumes[0]" in status.error
+        assert project_containers(own.project_name("again")) == []
+        assert not (hostdir / "usr" / "bin" / "written").exists()
+        # The same through a tenant env value: V='${PATH}' used as '/x${V}'.
+        tenant = compose.replace(f"{hostdir}$${{PATH}}", f"{hostdir}${{V}}")
+        status = await own.deploy(spec("again2", tenant, env={"V": "${PATH}"}))
+        assert status.state == "failed"
+        assert status.error is not None and "(interpolation)" in status.error, status.error
+        assert project_containers(own.project_name("again2")) == []
+        assert not (hostdir / "usr" / "bin" / "written").exists()
+        for deployment_id in ("again", "again2"):
+            assert (await own.undeploy(deployment_id)).state == "stopped"
+
+
+@needs_docker
+async def test_interpolation_reads_nothing_of_the_agent(
+    tmp_path: Path, namespace: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """``${HOME}`` and ``${DOCKER_HOST}`` in a tenant's file: `config` runs with PATH and
+    a neutral HOME only, so neither the data dir nor the daemon address leaks."""
+    monkeypatch.setenv("DOCKER_HOST", "unix:///var/run/docker.sock")
+    own = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    compose = IMAGE_ONLY_COMPOSE.replace(
+        "init: true", "init: true\n    environment: {H: '${HOME}', "
+        "D: '${DOCKER_HOST:-unset}'}")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        status = await own.deploy(spec("leak", compose))
+        assert status.state == "running", status.error
+        (container,) = project_containers(own.project_name("leak"))
+        env = dict(e.split("=", 1) for e in container.attrs["Config"]["Env"])
+        assert env["H"] == "/nonexistent" and str(tmp_path) not in env["H"]
+        assert env["D"] == "unset"
+        assert (await own.undeploy("leak")).state == "stopped"
+
+
+@needs_docker
+async def test_another_projects_built_image_cannot_be_named(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """Built images are named after their project; naming one (in any spelling Docker
+    resolves locally, interpolated or not) would run another deployment's build."""
+    victim = runner.project_name("victim") + "_web"
+    with trio.fail_after(DOCKER_TIMEOUT):
+        for index, image in enumerate([victim, f"docker.io/library/{victim}",
+                                       "library/${I}"]):
+            compose = f"services:\n  web:\n    image: '{image}'\n    command: [sleep, '60']\n"
+            deployment_id = f"thief-{index}"
+            status = await runner.deploy(spec(deployment_id, compose, env={"I": victim}))
+            assert status.state == "failed"
+            assert status.error is not None
+            assert "workload policy (foreign_image)" in status.error, status.error
+            assert project_containers(runner.project_name(deployment_id)) == []
+            assert (await runner.undeploy(deployment_id)).state == "stopped"
+
+
+def test_check_images_normalises_docker_hub_spellings() -> None:
+    from ee.agent.workload import check_images
+    from ee.protocol.workload_policy import WorkloadPolicyError
+
+    check_images({"services": {"a": {"image": "nginx:1.25"}, "b": {"build": "."}}}, "ee1")
+    check_images({"services": {"a": {"image": "ee1x-y_web"}}}, "ee1")
+    for image in ("ee1-y_web", "EE1-y_web:latest", "index.docker.io/library/ee1-y_web"):
+        with pytest.raises(WorkloadPolicyError):
+            check_images({"services": {"a": {"image": image}}}, "ee1")
+
+
+@needs_docker
+async def test_dockerfile_add_of_a_loopback_url_is_refused_before_building(
+    runner: ComposeRunner,  # noqa: F811
+) -> None:
+    """``ADD http://127.0.0.1:<port>/secret`` would be fetched by dockerd from the VM's
+    own loopback (the classic builder) and baked into the image: refused first."""
+    import socket
+
+    secret = b"LOOPBACK-SECRET\n"
+    fetched: list[bytes] = []
+    listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    async def serve() -> None:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                fetched.append(await conn.recv(4096))
+                await conn.send(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n" % len(secret)
+                                + secret)
+
+    dockerfile = (b"FROM ee-busybox:local\n"
+                  b"ADD http://127.0.0.1:%d/secret /stolen\n"
+                  b'CMD ["sleep", "60"]\n' % port)
+    context = make_context({"Dockerfile": (0o644, dockerfile)})
+    with trio.fail_after(DOCKER_TIMEOUT), listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            status = await runner.deploy(spec("add", "services:\n  web:\n    build: .\n",
+                                              build_context=context))
+            nursery.cancel_scope.cancel()
+        assert status.state == "failed"
+        assert status.error is not None
+        assert "workload policy (dockerfile_remote_source)" in status.error, status.error
+        assert "Dockerfile:2" in status.error
+        assert fetched == []
+        nothing_of(runner, "add")
+        assert (await runner.undeploy("add")).state == "stopped"

@@ -254,3 +254,16 @@ async def test_two_new_keys_racing_for_one_name_bind_only_one(tmp_path: Path) ->
             names = {n["vm_name"]: n for n in env.cp.identities.views()}
             assert names["vm-race"]["state"] == "bound"
             assert names["vm-race"]["agent_id"] == winner.registered.agent_id  # type: ignore[union-attr]
+
+
+async def test_vm_name_spellings_cannot_make_distinct_bindings(tmp_path: Path) -> None:
+    """``vm-1`` binds; ``VM-1``, ``vm-1.`` and ``vm..1`` are refused as BAD_VM_NAME
+    rather than becoming further bindings of the same host."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env:
+            for name in ("VM-1", "vm-1.", "vm..1"):
+                agent = await register_with(env, env.agent(name))
+                assert agent.rejected is not None, name
+                assert agent.rejected.code == "BAD_VM_NAME", (name, agent.rejected)
+            ok = await register_with(env, env.agent("vm-1"))
+            assert ok.registered is not None

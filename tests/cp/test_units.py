@@ -166,6 +166,7 @@ BAD_URLS = [
     "http://1.2.3", "http://999.1.1.1", "http://[zz]", "http://[::1", "http://[fe80::1%25e]",
     "http:x", "http:/x", "http://" + "a" * 60 + "." + "b" * 70 + ".com",
     "http://" + ".".join(["abcdefghij"] * 50),
+    "http://[1::2]x", "http://[::1]x:80", "http://[::1]]",
 ]
 
 
@@ -179,6 +180,31 @@ def test_agent_urls_allowlist() -> None:
         with pytest.raises(ValueError):
             agent_url(url)
             pytest.fail(f"accepted {url!r}")
+
+
+def test_agent_urls_outside_dev_need_global_ip_literals() -> None:
+    from ee.cp.registration import agent_url
+
+    for url in ("http://127.0.0.1:8000", "http://10.0.0.5", "http://192.168.1.2",
+                "http://169.254.169.254", "http://[::1]", "http://[fe80::1]",
+                "http://[fd00::1]", "http://0.0.0.0", "http://100.64.0.1",
+                "http://[::ffff:127.0.0.1]"):
+        assert agent_url(url)  # dev mode (the default) accepts them
+        with pytest.raises(ValueError, match="not a global address"):
+            agent_url(url, public_only=True)
+    for url in ("http://203.0.113.0.example.com", "https://8.8.8.8:443",
+                "http://[2606:4700::1111]", "https://agent.example.com"):
+        assert agent_url(url, public_only=True)
+
+
+def test_vm_names_have_one_spelling() -> None:
+    from ee.cp.registration import VM_NAME
+
+    for good in ("vm-1", "a", "vm_1", "node.dc1", "a" * 63, "0vm"):
+        assert VM_NAME.match(good), good
+    for bad in ("VM-1", "Vm-1", "vm-1.", "vm..1", ".vm", "a" * 64, "", "-vm", "vm 1",
+                "vm-1\n", "vm/1"):
+        assert not VM_NAME.match(bad), bad
 
 
 def test_binding_decisions_and_manifest_names() -> None:

@@ -18,7 +18,6 @@ from cpkit import RunningCp, running_cp
 from test_tenants import COMPOSE, context, tenant
 
 import ee.cp.tenants as tenants_module
-from ee.protocol.compose import BuildContext
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
 from test_workload_policy import REFUSED
@@ -83,22 +82,22 @@ async def test_reserved_and_bad_env_names_are_400(
                                                         "reason": reason}
 
 
-async def test_build_context_is_validated_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _health_answers_while_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, upload: dict[str, Any]
 ) -> None:
-    """While a context is being validated (held mid-validation in its worker thread),
-    the CP keeps answering /health; then the upload completes. Were the validation on
-    the event loop, /health could not answer before it is released (fail_after)."""
+    """Hold ``tenants.<name>`` mid-call in its worker thread during an upload: /health
+    must answer meanwhile (were the work on the event loop, it could not: fail_after),
+    then the upload completes with 201."""
     entered = threading.Event()
     release = threading.Event()
-    real = tenants_module._check_context
+    real = getattr(tenants_module, name)
 
-    def held(raw: bytes) -> BuildContext:
+    def held(*args: Any) -> Any:
         entered.set()
         assert release.wait(30)
-        return real(raw)
+        return real(*args)
 
-    monkeypatch.setattr(tenants_module, "_check_context", held)
+    monkeypatch.setattr(tenants_module, name, held)
     with trio.fail_after(60):
         async with running_cp(tmp_path / "cp") as env:
             http = await tenant(env, "t")
@@ -106,13 +105,11 @@ async def test_build_context_is_validated_off_the_event_loop(
                 await http.post("/api/v2/apps", json={"name": "a"})
                 result: dict[str, int] = {}
 
-                async def upload() -> None:
-                    r = await http.post("/api/v2/apps/a/versions", json={
-                        "version": "1", "compose": COMPOSE, "build_context": context(),
-                        "expose_port": 80})
+                async def send() -> None:
+                    r = await http.post("/api/v2/apps/a/versions", json=upload)
                     result["status"] = r.status_code
 
-                nursery.start_soon(upload)
+                nursery.start_soon(send)
                 await trio.to_thread.run_sync(entered.wait)
                 async with env.client(token=None) as anon:
                     health = await anon.get("/api/v2/health")
@@ -120,6 +117,13 @@ async def test_build_context_is_validated_off_the_event_loop(
                 assert "status" not in result  # the upload is still being validated
                 release.set()
             assert result["status"] == 201
+
+
+async def test_build_context_is_validated_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _health_answers_while_held(tmp_path, monkeypatch, "_check_context", {
+        "version": "1", "compose": COMPOSE, "build_context": context(), "expose_port": 80})
 
 
 async def test_a_decompression_bomb_is_refused(tmp_path: Path) -> None:
@@ -169,4 +173,84 @@ async def test_per_account_quotas(tmp_path: Path) -> None:
                 assert r.status_code == 403, r.text
                 assert r.json()["error"]["details"]["quota"] == "stored_bytes"
                 r = await other.post("/api/v2/apps/a/versions", json={**body, "version": "1"})
+                assert r.status_code == 201, r.text
+
+
+async def test_health_path_the_agent_would_refuse_is_a_400(tmp_path: Path) -> None:
+    """One shared check (``check_health_path``): what the agent's DeploySpec refuses
+    (space, '#', CR/LF, tab) the CP refuses at upload."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                for bad in ("/a b", "/a#b", "/a\r\nHost: x", "/a\tb", "health"):
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": COMPOSE, "expose_port": 80,
+                        "health_path": bad})
+                    assert r.status_code == 400, (bad, r.text)
+                    assert r.json()["error"]["details"] == {"field": "health_path"}, bad
+
+
+async def test_compose_is_validated_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """YAML parse and policy run in the worker thread too."""
+    await _health_answers_while_held(tmp_path, monkeypatch, "_version_fields", {
+        "version": "1", "compose": COMPOSE, "expose_port": 80})
+
+
+async def test_a_pathological_compose_is_refused_by_the_yaml_bound(tmp_path: Path) -> None:
+    """A 1 MB flow list (~30 s of pure-Python parsing) is refused by the YAML bound."""
+    pad = "services:\n  web: {image: x}\nx-pad: [" + ",".join(["1"] * 500_000) + "]\n"
+    block = "services:\n  web: {image: x}\nx-pad:\n" + "- 1\n" * 25_000
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                for text in (pad, block):
+                    r = await http.post("/api/v2/apps/a/versions", json={
+                        "version": "1", "compose": text, "expose_port": 80})
+                    assert r.status_code == 400, r.text
+                    error = r.json()["error"]
+                    assert error["details"] == {"field": "compose"}
+                    assert "too many YAML nodes" in error["message"]
+
+
+def _context_with(files: dict[str, bytes]) -> str:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+async def test_a_dockerfile_add_of_a_url_is_a_400(tmp_path: Path) -> None:
+    """dockerd's classic builder fetches ``ADD http://…`` from the VM's network
+    (loopback-only services too): refused at upload, naming the Dockerfile and line."""
+    compose = "services:\n  web:\n    build: {context: app, dockerfile: Dockerfile.web}\n"
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            http = await tenant(env, "t")
+            async with http:
+                await http.post("/api/v2/apps", json={"name": "a"})
+                bad = _context_with({"app/Dockerfile.web": b"FROM ee-busybox:local\n"
+                                     b"ADD http://127.0.0.1:18777/secret /stolen\n"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": compose, "build_context": bad,
+                    "expose_port": 80})
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["details"] == {
+                    "field": "build_context", "path": "app/Dockerfile.web:2",
+                    "reason": "dockerfile_remote_source"}
+                assert _events(env, "app.version_refused")[-1].data["reason"] == (
+                    "dockerfile_remote_source")
+                good = _context_with({"app/Dockerfile.web": b"FROM ee-busybox:local\n"
+                                      b"COPY . /srv\n"})
+                r = await http.post("/api/v2/apps/a/versions", json={
+                    "version": "1", "compose": compose, "build_context": good,
+                    "expose_port": 80})
                 assert r.status_code == 201, r.text

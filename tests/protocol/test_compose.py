@@ -11,6 +11,7 @@ import pytest
 
 from ee.protocol.canonical import canonical_json
 from ee.protocol.compose import (
+    DEFAULT_MAX_UNCOMPRESSED_BYTES,
     BuildContextError,
     ComposeError,
     compose_hash,
@@ -311,3 +312,90 @@ def test_validate_keeps_no_contents_and_agrees_with_load() -> None:
     loaded = load_build_context(data, keep_contents=False)
     assert loaded.contents == {}
     assert loaded.context == load_build_context(data).context == validate_build_context(data)
+
+
+def _itn(n: int) -> bytes:
+    return (b"%011o" % n) + b"\0"
+
+
+def sparse_context(realsize: int) -> bytes:
+    """A GNU sparse member (type 'S'): 512 stored bytes, ``realsize`` once tarfile fills
+    the holes with zeros (the reviewer's reproduction)."""
+    info = tarfile.TarInfo("big.bin")
+    info.size, info.mode = 512, 0o644
+    h = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    h[156:157] = b"S"
+    h[386:398], h[398:410] = _itn(realsize - 512), _itn(512)
+    h[483:495] = _itn(realsize)
+    h[148:156] = b"        "
+    h[148:156] = b"%06o\0 " % sum(h[:512])
+    return gzip.compress(bytes(h[:512]) + b"A" * 512 + b"\0" * 1024)
+
+
+def pax_sparse_context(headers: dict[str, str], payload: bytes = b"AAAA") -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size = len(payload)
+        info.pax_headers = headers
+        tar.addfile(info, io.BytesIO(payload))
+    return gzip.compress(raw.getvalue())
+
+
+PAX_01 = {"GNU.sparse.size": str(1 << 30), "GNU.sparse.numblocks": "1",
+          "GNU.sparse.map": "0,4", "GNU.sparse.name": "big.bin"}
+PAX_10 = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+          "GNU.sparse.realsize": str(1 << 30), "GNU.sparse.name": "big.bin"}
+
+
+def test_a_malformed_pax_sparse_map_is_a_refusal_not_a_crash() -> None:
+    with pytest.raises(BuildContextError, match="not a readable tar"):
+        validate_build_context(pax_sparse_context(PAX_10, b"AAAA"))
+
+
+@pytest.mark.parametrize("data", [
+    sparse_context(4096), sparse_context(DEFAULT_MAX_UNCOMPRESSED_BYTES + (1 << 20)),
+    pax_sparse_context(PAX_01),
+    pax_sparse_context(PAX_10, b"1\n0\n4\n".ljust(512, b"\0") + b"AAAA")],
+    ids=["gnu_small", "gnu_huge", "pax_0.1", "pax_1.0"])
+def test_sparse_members_are_refused(data: bytes) -> None:
+    with pytest.raises(BuildContextError, match="sparse") as info:
+        validate_build_context(data)
+    assert info.value.member == "big.bin"
+
+
+def test_member_bytes_are_capped_even_past_the_gunzip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a sparse member let through, its synthesised zeros still count."""
+    import ee.protocol.compose as compose_module
+
+    monkeypatch.setattr(compose_module, "_is_sparse", lambda info: False)
+    data = sparse_context((4 << 20) + 4096)
+    assert len(data) < 200
+    with pytest.raises(BuildContextError, match="over the uncompressed size limit"):
+        validate_build_context(data, max_uncompressed_bytes=4 << 20)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # A 1 MB flow list: refused by the structural-character count, before parsing.
+        "services:\n  web: {image: x}\nx-pad: [" + ",".join(["1"] * 500_000) + "]\n",
+        # Under that count, the loader stops composing at MAX_YAML_NODES.
+        "services:\n  web: {image: x}\nx-pad:\n" + "- 1\n" * 25_000,
+        "services:\n  web: {image: x}\nx-pad: [" + " ".join(["'1',"] * 25_000) + "]\n",
+    ],
+    ids=["flow_list_1mb", "block_list", "flow_list_quoted"],
+)
+def test_yaml_work_is_bounded_before_and_while_parsing(text: str) -> None:
+    with pytest.raises(ComposeError, match="too many YAML nodes"):
+        validate_compose(text)
+
+
+def test_a_large_real_compose_is_within_the_yaml_bounds() -> None:
+    services = "".join(
+        f"  s{i}:\n    image: 'registry.example:5000/app-{i}:1.2.3'\n"
+        f"    command: [sh, -c, 'echo a:b-c, d; sleep 1']\n"
+        f"    environment: {{A: '1', B: 'http://x:80/-'}}\n"
+        f"    depends_on: [s0]\n" for i in range(300))
+    doc = validate_compose("services:\n" + services)
+    assert len(doc["services"]) == 300

@@ -15,6 +15,7 @@ from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
     check_env,
+    check_health_path,
     harden,
 )
 
@@ -141,6 +142,12 @@ REFUSED: list[tuple[str, str, str, str]] = [
     ("gpu_devices", svc("    deploy: {resources: {reservations: {devices: "
                         "[{capabilities: [gpu]}]}}}\n"),
      "services.web.deploy.resources.reservations.devices", "unknown_key"),
+    ("image_with_build", "services:\n  web:\n    build: .\n    image: nginx:latest\n",
+     "services.web.image", "image_with_build"),
+    ("ulimit_rtprio", svc("    ulimits: {rtprio: 99}\n"), "services.web.ulimits.rtprio",
+     "bad_value"),
+    ("ulimit_memlock", svc("    ulimits: {memlock: {soft: -1, hard: -1}}\n"),
+     "services.web.ulimits.memlock", "bad_value"),
     ("merge_key_smuggle", "x-bad: &bad\n  privileged: true\n"
      "services:\n  web:\n    <<: *bad\n    image: x\n", "services.web.privileged", "privileged"),
 ]
@@ -270,3 +277,44 @@ def test_resolved_stage_accepts_only_the_names_compose_v2_derives_from_the_proje
         assert info.value.path == where
     with pytest.raises(WorkloadPolicyError):  # at upload, no name is the project's own
         check_compose(v2, stage="upload")
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("volumes", ["/tmp/r1/hostdir${PATH}"]),  # Compose v1 `config` of '$${PATH}'
+        ("volumes", ["/x$HOME"]),
+        ("environment", {"P": "${HOME}"}),
+        ("command", ["sh", "-c", "echo $$$X"]),  # "$$" then "$X": "$" then interpolated
+        ("labels", {"a${X}": "1"}),
+    ],
+)
+def test_resolved_stage_refuses_anything_left_to_interpolate(where: str, value: Any) -> None:
+    """`up` interpolates the resolved file again with the CLI's environment, so after
+    `config` no unescaped '$' may be left anywhere (keys included)."""
+    root = "/data/workloads/d/context"
+    doc: dict[str, Any] = {"services": {"web": {"image": "x", where: value}}}
+    with pytest.raises(WorkloadPolicyError) as info:
+        check_compose(doc, stage="resolved", context_root=root)
+    assert info.value.code == "interpolation", str(info.value)
+    assert info.value.path.startswith(f"services.web.{where}")
+    # Escaped dollars ("$$", what `config` prints for a literal '$') stay allowed, and
+    # the upload stage does not apply this check (the CLI has not interpolated yet).
+    ok: dict[str, Any] = {"services": {"web": {"image": "x", "command": "echo $$HOME $$$$"}}}
+    check_compose(ok, stage="resolved", context_root=root)
+    if where != "volumes":
+        check_compose(doc, stage="upload")
+
+
+@pytest.mark.parametrize("value", ["/", "/health?x=1", "/a/b%20c"])
+def test_health_path_allowed(value: str) -> None:
+    check_health_path(value)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "health", "/a b", "/a#b", "/a\r\nHost: x", "/a\tb", "/\x00", 5, None,
+              "/" + "a" * 1024])
+def test_health_path_refused(value: object) -> None:
+    with pytest.raises(WorkloadPolicyError) as info:
+        check_health_path(value)
+    assert info.value.code == "bad_health_path"

@@ -30,8 +30,9 @@ Own routes (API.md, "Agent HTTP"):
 
 - ``GET /api/health``: public liveness: status, the compose hashes and states of what
   runs, and with ``?attest=true&nonce=<hex>`` a quote whose REPORTDATA is
-  ``health_report_data(nonce, compose hash)``; quotes are rate-limited by a
-  :class:`TokenBucket` (429 ``rate_limited`` with ``Retry-After``). Nothing that names a
+  ``health_report_data(nonce, compose hash)``; quotes are rate-limited per
+  client (IPv4 address or IPv6 /64) and under a global ceiling by a
+  :class:`ClientRateLimit` (429 ``rate_limited`` with ``Retry-After``). Nothing that names a
   tenant or a deployment is public (apps are named ``<account id>.<name>``); a caller
   with the agent secret gets the operator view (vm name, agent id, deployment ids,
   apps, versions, errors, CP link, tunnel);
@@ -109,6 +110,7 @@ from ee.protocol.reportdata import health_report_data
 __all__ = [
     "HOP_BY_HOP",
     "AgentHttpError",
+    "ClientRateLimit",
     "HttpHost",
     "HttpLimits",
     "RequestGuard",
@@ -117,6 +119,7 @@ __all__ = [
     "carries_secret",
     "check_request_headers",
     "check_request_target",
+    "client_key",
     "make_app",
     "response_headers",
     "serve_http",
@@ -366,6 +369,67 @@ class TokenBucket:
             return 0.0
         return (1 - self._tokens) / self.rate
 
+    def refund(self) -> None:
+        """Give back the token just taken (the request did not go ahead after all)."""
+        self._tokens = min(self.burst, self._tokens + 1)
+
+
+def client_key(address: str) -> str:
+    """The rate-limit key of a peer address: the IPv4 address, or the IPv6 /64 (one
+    host usually owns a whole /64); anything unparseable is its own key."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@attrs.define
+class ClientRateLimit:
+    """A :class:`TokenBucket` per client key, plus one global ceiling; fed Trio time.
+
+    One noisy client empties only its own bucket (legitimate verifiers keep theirs);
+    the global bucket bounds the total work however many addresses take part. The
+    per-client table holds at most *max_clients* keys, least recently used evicted
+    first (an evicted client starts again with a full burst: the global ceiling still
+    holds). A request refused by its own bucket costs the global bucket nothing, and
+    one refused by the global bucket costs the client nothing.
+    """
+
+    rate: float = attrs.field(validator=attrs.validators.gt(0.0))
+    burst: float = attrs.field(validator=attrs.validators.ge(1.0))
+    global_rate: float = attrs.field(validator=attrs.validators.gt(0.0))
+    global_burst: float = attrs.field(validator=attrs.validators.ge(1.0))
+    max_clients: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
+    _clients: dict[str, TokenBucket] = attrs.field(init=False, factory=dict)
+    _global: TokenBucket = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._global = TokenBucket(rate=self.global_rate, burst=self.global_burst)
+
+    def take(self, key: str, now: float) -> float:
+        """0.0 when the request may go ahead, else the seconds to wait."""
+        bucket = self._clients.pop(key, None)  # re-inserted last: dicts keep order
+        if bucket is None:
+            bucket = TokenBucket(rate=self.rate, burst=self.burst)
+            while len(self._clients) >= self.max_clients:
+                del self._clients[next(iter(self._clients))]
+        self._clients[key] = bucket
+        wait = bucket.take(now)
+        if wait > 0:
+            return wait
+        wait = self._global.take(now)
+        if wait > 0:
+            bucket.refund()
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
 
 _positive = attrs.validators.gt(0.0)
 
@@ -381,6 +445,10 @@ class HttpLimits:
     upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
     attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
     attest_burst: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    #: Per client (IPv4 address, IPv6 /64) above; this ceiling is for all of them.
+    attest_global_rate_per_s: float = attrs.field(default=10.0, validator=_positive)
+    attest_global_burst: int = attrs.field(default=20, validator=attrs.validators.ge(1))
+    attest_clients: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
 
 
 # --- what the HTTP app needs from the agent ---------------------------------------------
@@ -545,7 +613,10 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = None  # the workload decides what it accepts
     app.config["BODY_TIMEOUT"] = limits.body_timeout_s
     app.config["RESPONSE_TIMEOUT"] = None
-    attest_bucket = TokenBucket(rate=limits.attest_rate_per_s, burst=limits.attest_burst)
+    attest_bucket = ClientRateLimit(
+        rate=limits.attest_rate_per_s, burst=limits.attest_burst,
+        global_rate=limits.attest_global_rate_per_s, global_burst=limits.attest_global_burst,
+        max_clients=limits.attest_clients)
 
     def has_secret() -> bool:
         token = _bearer(request.headers.get("Authorization"))
@@ -664,7 +735,7 @@ def _deployment_view(status: DeploymentStatus) -> dict[str, Any]:
 
 
 async def _attest(agent: HttpHost, compose_hash: str | None,
-                  bucket: TokenBucket) -> dict[str, Any]:
+                  bucket: ClientRateLimit) -> dict[str, Any]:
     raw = request.args.get("nonce", "")
     try:
         nonce = bytes.fromhex(raw)
@@ -681,7 +752,7 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
         report_data = health_report_data(nonce, compose_hash)
     except (ValueError, binascii.Error):
         raise AgentHttpError(409, "no_workload", "the current compose hash is unusable") from None
-    wait = bucket.take(trio.current_time())
+    wait = bucket.take(_rate_key(), trio.current_time())
     if wait > 0:
         retry = max(1, math.ceil(wait))
         log.warning("attested health refused: rate limit (retry in %ss)", retry)
@@ -695,6 +766,17 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
         "report_data": report_data.hex(),
         "quote": base64.b64encode(quote).decode("ascii"),
     }
+
+
+def _rate_key() -> str:
+    """The client of this request for rate limiting: the peer, or (peer on loopback:
+    the tunnel) the last ``X-Forwarded-For`` entry, which the tunnel appended."""
+    peer = str((request.scope.get("client") or ("", 0))[0])
+    if _is_loopback(peer):
+        forwarded = ",".join(request.headers.getlist("X-Forwarded-For")).split(",")
+        if forwarded[-1].strip():
+            return client_key(forwarded[-1])
+    return client_key(peer)
 
 
 def _is_loopback(address: str) -> bool:

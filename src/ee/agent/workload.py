@@ -21,9 +21,12 @@ must lie inside ``context/``), adds the agent's security options (``harden``:
 ``no-new-privileges``, all capabilities dropped but a short list, default seccomp) and
 writes that as ``resolved-compose.yml``. ``up`` and ``down`` only ever run that file,
 so what runs is exactly what was checked. The CLI's own environment is fixed
-(``PATH``, ``HOME`` under the data dir, the agent's ``DOCKER_HOST``): tenant env reaches
-the containers through interpolation and ``environment:`` only, never a process of
-the agent. There are no bind mounts, so no container can read the data dir.
+(``config``: ``PATH`` and a neutral ``HOME`` only, so interpolation reads nothing of
+the agent's; ``up``/``down``: ``HOME`` under the data dir and the agent's
+``DOCKER_HOST``, with nothing left to interpolate since the resolved check refuses any
+unescaped ``$``): tenant env reaches the containers through interpolation and
+``environment:`` only, never a process of the agent. There are no bind mounts, so no
+container can read the data dir.
 The VM image's dockerd runs with ``ee/agent/dockerd.json`` (user-namespace remapping:
 root in a container is an unprivileged uid of the VM; ``no-new-privileges`` by default;
 no inter-container traffic on the default bridge). Images built or pulled before
@@ -70,8 +73,11 @@ directory, so its logs stay readable, until ``undeploy``.
 anonymous/project volumes go, and so do the images Compose *built* for the project
 (each deployment builds under its own project name, so keeping them would leak one
 image per deployment). Base images and the builder cache stay, so a redeploy is fast.
-An image the compose file both builds and names with ``image:`` is kept (that is what
-``--rmi local`` means). Then the directory is removed.
+A service that builds may not also name its image (``image:`` with ``build:`` is
+refused by the policy): Compose would tag the build with that name on the shared
+dockerd, ``--rmi local`` would keep it, and the next deployment naming that image (any
+tenant's) would run it. So every image a project builds carries the project's name and
+goes at undeploy. Then the directory is removed.
 
 ``adopt`` (at agent start) reads every ``deployment.json`` and inspects the project's
 containers without touching them: running ones come back as ``running`` (same
@@ -117,7 +123,14 @@ from ee.protocol.compose import (
     load_build_context,
     validate_compose,
 )
-from ee.protocol.workload_policy import WorkloadPolicyError, check_compose, check_env, harden
+from ee.protocol.dockerfile import check_build_dockerfiles
+from ee.protocol.workload_policy import (
+    WorkloadPolicyError,
+    check_compose,
+    check_env,
+    check_health_path,
+    harden,
+)
 
 __all__ = [
     "TRANSITIONS",
@@ -166,6 +179,8 @@ CONTEXT_DIR = "context"
 _NO_SUCH_VARIABLE = "EE_NO_SUCH_VARIABLE"
 #: Agent-side variables the Compose CLI may see (the daemon address, never tenant data).
 _CLI_PASSTHROUGH = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
+#: ``HOME`` of the interpolating ``config`` run: exists nowhere, says nothing.
+NEUTRAL_HOME = "/nonexistent"
 _STATE_FORMAT = 1
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -255,8 +270,29 @@ def env_file_text(env: Mapping[str, str]) -> str:
 
 
 def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
-    if not value.startswith("/") or any(c in value for c in " \r\n\t#"):
-        raise ValueError(f"health_path must be an absolute URL path, got {value!r}")
+    check_health_path(value)  # WorkloadPolicyError is a ValueError
+
+
+def check_images(resolved: Mapping[str, Any], namespace: str) -> None:
+    """Refuse ``image:`` names of this runner's projects (pure).
+
+    Every image a project builds is named ``<namespace>-<slug>_<service>`` (v1) or
+    ``-<service>`` (v2) on the VM's shared dockerd: another deployment naming one would
+    run a build of someone else's context (its files, its baked-in secrets). Docker
+    resolves ``docker.io/library/x`` and ``library/x`` to the local ``x``, so those
+    spellings are normalised first.
+    """
+    for name, service in dict(resolved.get("services") or {}).items():
+        image = service.get("image") if isinstance(service, dict) else None
+        if not isinstance(image, str):
+            continue
+        bare = image.lower()
+        for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/", "library/"):
+            bare = bare.removeprefix(prefix)
+        if bare.startswith(namespace.lower() + "-"):
+            raise WorkloadPolicyError(
+                f"services.{name}.image", "foreign_image",
+                f"image {image!r} is a build of one of this agent's projects")
 
 
 def _bytes_repr(value: bytes | None) -> str:
@@ -694,12 +730,21 @@ class ComposeRunner:
             *command,
         ]
 
-    def _cli_env(self) -> dict[str, str]:
-        """The Compose CLI's whole environment: fixed, agent-owned, never tenant data."""
+    def _cli_env(self, *, interpolating: bool = False) -> dict[str, str]:
+        """The Compose CLI's whole environment: fixed, agent-owned, never tenant data.
+
+        ``interpolating`` (the ``config`` run, the only one that interpolates: the
+        resolved file it prints has nothing left to interpolate, see
+        :func:`ee.protocol.workload_policy.check_compose`): ``PATH`` and a neutral
+        ``HOME`` only, so ``${HOME}`` or ``${DOCKER_HOST}`` in a tenant's file reveal
+        nothing about the agent (``config`` needs no daemon).
+        """
         env = {
             "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-            "HOME": str(self.data_dir / "cli-home"),
+            "HOME": NEUTRAL_HOME if interpolating else str(self.data_dir / "cli-home"),
         }
+        if interpolating:
+            return env
         for name in _CLI_PASSTHROUGH:
             if name in os.environ:
                 env[name] = os.environ[name]
@@ -765,6 +810,7 @@ class ComposeRunner:
                 )
                 context = loaded.context
             check_compose(doc, stage="upload")
+            check_build_dockerfiles(doc, loaded)
             digest = hash_compose_document(doc, context)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None
@@ -832,7 +878,9 @@ class ComposeRunner:
         )
         try:
             with trio.move_on_after(self.settings.down_timeout) as scope:
-                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
+                code, out, err = await _run(
+                    argv, env=self._cli_env(interpolating=True), cwd=record.directory
+                )
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(
@@ -850,6 +898,7 @@ class ComposeRunner:
                 context_root=str(record.directory / CONTEXT_DIR),
                 project=record.project,
             )
+            check_images(resolved, self.namespace)
         except ComposeError as exc:
             raise _Failure(f"the Compose CLI's resolved file is not acceptable: {exc}") from None
         except WorkloadPolicyError as exc:

@@ -13,7 +13,8 @@ BAD_QUOTE           the quote does not parse
 CREDENTIAL_FAILED   provider ``tpm``: the agent did not answer the credential
                     challenge with its secret (the AK is not in the EK's TPM)
 ATTESTATION_FAILED  signature chain, collateral or measurement policy refused it
-BAD_VM_NAME         the VM name is not a host-name-like label (1..63 characters)
+BAD_VM_NAME         the VM name is not a lower-case host-name-like name (1..63
+                    characters, no trailing dot, no '..')
 UNKNOWN_NODE_SIZE   the node size is not a configured preset
 BAD_DATACENTER      the datacenter label does not parse
 NODE_MISMATCH       the snapshot's node metadata disagrees with the registration
@@ -34,7 +35,9 @@ applies the same :func:`check_binding`.
 An agent's ``url`` is shown to tenants as the address of their replicas, so it is
 checked like any hostile input: scheme ``http``/``https``, a DNS host name or an IP
 literal, an optional port 1..65535, an optional plain path; no user info, query,
-fragment, whitespace or non-ASCII; at most ``MAX_URL`` characters. It is stored
+fragment, whitespace, non-ASCII or text after a bracketed IPv6 host; at most
+``MAX_URL`` characters; with ``Judge.public_urls_only`` (outside dev mode) no
+non-global IP literal (loopback, private, link-local, ...). It is stored
 normalised (scheme and host lower-cased, no trailing slash).
 
 Nonces are single use: ``NonceBook.consume`` succeeds once per nonce and only before
@@ -65,7 +68,12 @@ from ee.protocol.messages import Register
 from ee.protocol.reportdata import registration_report_data
 
 NONCE_BYTES: Final = 32
-VM_NAME: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+#: Lower case only, dot-separated non-empty labels, no trailing dot: one spelling per
+#: name, so ``vm-1``, ``VM-1`` and ``vm-1.`` cannot become three bindings of one host.
+VM_NAME: Final = re.compile(r"\A(?=[^\n]{1,63}\Z)[a-z0-9][a-z0-9_-]*(?:\.[a-z0-9_-]+)*\Z")
+VM_NAME_RULE: Final = ("vm_name must be 1..63 of [a-z0-9._-], starting with a letter or "
+                       "digit, without a trailing dot or '..'")
+_BRACKETED_NETLOC: Final = re.compile(r"\A\[[^\]]*\](?::[0-9]*)?\Z")
 MAX_URL: Final = 512
 _HOST_LABEL: Final = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 _IPV6_CHARS: Final = re.compile(r"\A[0-9a-f:.]+\Z")
@@ -78,8 +86,13 @@ class Refusal:
     reasons: tuple[str, ...]
 
 
-def agent_url(text: str) -> str:
-    """*text* as a normalised agent URL; ValueError naming what is wrong with it."""
+def agent_url(text: str, *, public_only: bool = False) -> str:
+    """*text* as a normalised agent URL; ValueError naming what is wrong with it.
+
+    ``public_only`` (a production CP): an IP-literal host must be a global address
+    (no loopback, private, link-local, unique-local or reserved ranges). DNS names are
+    not resolved here: what they point at is the operator's DNS.
+    """
     if len(text) > MAX_URL:
         raise ValueError(f"url is longer than {MAX_URL} characters")
     if not text.isascii() or not text.isprintable() or any(c.isspace() for c in text):
@@ -110,6 +123,8 @@ def agent_url(text: str) -> str:
     if not host:
         raise ValueError("url has no host")
     if parts.netloc.startswith("["):
+        if not _BRACKETED_NETLOC.match(parts.netloc):
+            raise ValueError("url has text after the bracketed IPv6 host")
         try:
             if not _IPV6_CHARS.match(host):
                 raise ValueError(host)
@@ -123,6 +138,15 @@ def agent_url(text: str) -> str:
             raise ValueError("url host must be a DNS name or an IP address")
         if labels[-1].isdigit():
             raise ValueError("url host looks like a malformed IPv4 address")
+    if public_only:
+        literal = host.strip("[]")
+        try:
+            ip = ipaddress.ip_address(literal)
+        except ValueError:
+            ip = None
+        if ip is not None and not ip.is_global:
+            raise ValueError(f"url host {literal} is not a global address (allowed in dev "
+                             "mode only)")
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
 
@@ -227,6 +251,8 @@ class Judge:
     bindings: Mapping[str, Binding] | None = None
     #: the ``tpm`` provider's verifier (EK CAs from the bootstrap bundle); None: refused
     tpm: TpmVerifier | None = None
+    #: Refuse agent URLs whose host is a non-global IP literal (set outside --dev).
+    public_urls_only: bool = False
 
     def admit(self, msg: Register, nonce: bytes, *, now: float,
               known: Identity | None = None) -> Admission:
@@ -236,12 +262,11 @@ class Judge:
         call from a worker thread.
         """
         if not VM_NAME.match(msg.vm_name):
-            return Admission(None, Refusal("BAD_VM_NAME", (
-                "vm_name must match [A-Za-z0-9][A-Za-z0-9._-]{0,62}",)))
+            return Admission(None, Refusal("BAD_VM_NAME", (VM_NAME_RULE,)))
         url = None
         if msg.url is not None:
             try:
-                url = agent_url(msg.url)
+                url = agent_url(msg.url, public_only=self.public_urls_only)
             except ValueError as exc:
                 return Admission(None, Refusal("BAD_URL", (str(exc),)))
         size = self.vocabulary.size(msg.node_size)

@@ -49,10 +49,16 @@ from ee.protocol.compose import (
     ComposeError,
     compose_services,
     hash_compose_document,
-    validate_build_context,
+    load_build_context,
     validate_compose,
 )
-from ee.protocol.workload_policy import WorkloadPolicyError, check_compose, check_env
+from ee.protocol.dockerfile import check_build_dockerfiles, dockerfile_paths
+from ee.protocol.workload_policy import (
+    WorkloadPolicyError,
+    check_compose,
+    check_env,
+    check_health_path,
+)
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
@@ -254,16 +260,14 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     async def add_version(name: str) -> Response:
         ref = app_ref(name)
         try:
-            fields = _version_fields(await json_object())
-            context = None
-            if fields.build_context is not None:
-                context = await trio.to_thread.run_sync(
-                    _check_context, fields.build_context, limiter=context_checks)
+            body = await json_object()
+            # YAML parse, policy, build context and hash: all CPU work, off the loop.
+            spec = await trio.to_thread.run_sync(
+                _checked_version, body, limiter=context_checks)
         except ApiError as exc:
             cp.events.emit("app.version_refused", f"{g.account_id}.{name}",
                            {"code": exc.code, **exc.details})
             raise
-        spec = fields.spec(context)
         lock = upload_locks.setdefault(g.account_id, trio.Lock())
         async with lock:
             await check_quota(spec)
@@ -392,11 +396,27 @@ def _policy_error(exc: WorkloadPolicyError, field: str) -> ApiError:
                     {"field": field, "path": exc.path, "reason": exc.code})
 
 
-def _check_context(raw: bytes) -> BuildContext:  # worker thread
+def _checked_version(body: dict[str, Any]) -> dict[str, Any]:  # worker thread
+    """A version upload checked whole (fields, compose, policy, context, hash)."""
+    fields = _version_fields(body)
+    context = None
+    if fields.build_context is not None:
+        context = _check_context(fields.build_context, fields.doc)
+    return fields.spec(context)
+
+
+def _check_context(raw: bytes, doc: dict[str, Any]) -> BuildContext:  # worker thread
+    """The build context, and the Dockerfile of every service that builds from it."""
     try:
-        return validate_build_context(raw, max_bytes=MAX_CONTEXT_BYTES)
+        loaded = load_build_context(raw, max_bytes=MAX_CONTEXT_BYTES, keep_contents=False,
+                                    keep_paths=frozenset(dockerfile_paths(doc)))
     except BuildContextError as exc:
         raise _bad(f"build_context: {exc}", "build_context") from None
+    try:
+        check_build_dockerfiles(doc, loaded)
+    except WorkloadPolicyError as exc:
+        raise _policy_error(exc, "build_context") from None
+    return loaded.context
 
 
 @attrs.frozen
@@ -455,8 +475,11 @@ def _version_fields(body: dict[str, Any]) -> _VersionFields:
         raise _bad(f"'expose_service' must be one of the compose services: "
                    f"{', '.join(services)}", "expose_service")
     health = body.get("health_path", "/")
-    if not isinstance(health, str) or not health.startswith("/"):
-        raise _bad("'health_path' must be a path starting with '/'", "health_path")
+    try:
+        check_health_path(health)
+    except WorkloadPolicyError as exc:
+        raise _bad(f"'health_path': {exc.message}", "health_path") from None
+    assert isinstance(health, str)
     env = body.get("env") or {}
     if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()):

@@ -12,13 +12,17 @@ Compose document
 mapping with a non-empty ``services`` mapping whose values are mappings, and it must be
 plain JSON data: string mapping keys only (quote ``1:`` or ``yes:`` keys), no
 timestamps, binary, sets or NaN/Infinity, and at most :data:`MAX_COMPOSE_NODES` nodes
-after YAML alias expansion (so an alias bomb is refused, not expanded).
+after YAML alias expansion (so an alias bomb is refused, not expanded). The parser is
+pure Python (~30 µs a node), so its work is bounded before and while it runs: a count
+of structural characters first, then at most :data:`MAX_YAML_NODES` composed nodes.
 
 Build context
 -------------
 ``validate_build_context`` accepts a gzip tar (``.tar.gz``) within size caps on the
 compressed bytes, the uncompressed tar stream, the decompression ratio and the member
-count, in one streaming pass. Member names are
+count, in one streaming pass. Sparse members (GNU ``S`` or
+pax ``GNU.sparse.*``) are refused and the member bytes read are capped as well: tarfile
+fills a sparse file's holes itself, past the capped gunzip. Member names are
 normalised (``./a//b`` → ``a/b``; a root ``.`` directory entry is ignored). Refused,
 naming the member: absolute names, ``..`` components, duplicate names, members below a
 symlink or a non-directory, symlinks whose target is absolute or resolves outside the
@@ -77,6 +81,8 @@ __all__ = [
     "HASH_KIND",
     "MAX_COMPOSE_BYTES",
     "MAX_COMPOSE_NODES",
+    "MAX_YAML_INDICATORS",
+    "MAX_YAML_NODES",
     "BuildContext",
     "BuildContextError",
     "ComposeError",
@@ -194,6 +200,30 @@ def _check_json_data(doc: object) -> None:
             )
 
 
+#: Characters every YAML node but the root needs one of nearby (``-`` block entries,
+#: ``,``/``[`` flow entries, ``:``/``?`` mapping pairs, ``{`` flow mappings): a cheap
+#: C-speed upper bound on the node count, checked before the pure-Python parser runs.
+_INDICATORS = "-,[:?{"
+#: Nodes the parser may compose (aliases count once: expansion is bounded separately by
+#: :data:`MAX_COMPOSE_NODES`). A large real compose file has a few thousand.
+MAX_YAML_NODES = 20_000
+MAX_YAML_INDICATORS = 4 * MAX_YAML_NODES
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops composing after :data:`MAX_YAML_NODES` nodes, so a
+    pathological document costs a bounded parse, not one proportional to its size."""
+
+    _nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise ComposeError(f"compose document has too many YAML nodes "
+                               f"(more than {MAX_YAML_NODES})")
+        return super().compose_node(parent, index)
+
+
 def validate_compose(text: str) -> dict[str, Any]:
     """Parse and check a compose document; return the parsed mapping.
 
@@ -203,8 +233,16 @@ def validate_compose(text: str) -> dict[str, Any]:
         raise ComposeError(f"compose must be text, not {type(text).__name__}")
     if len(text.encode("utf-8")) > MAX_COMPOSE_BYTES:
         raise ComposeError(f"compose document larger than {MAX_COMPOSE_BYTES} bytes")
+    indicators = sum(text.count(c) for c in _INDICATORS)
+    if indicators > MAX_YAML_INDICATORS:
+        raise ComposeError(
+            f"compose document has too many YAML nodes ({indicators} structural "
+            f"characters, at most {MAX_YAML_INDICATORS})"
+        )
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
+    except ComposeError:
+        raise
     except yaml.YAMLError as exc:
         raise ComposeError(f"compose is not valid YAML: {exc}") from None
     except RecursionError:
@@ -296,14 +334,15 @@ def load_build_context(
     max_members: int = DEFAULT_MAX_CONTEXT_MEMBERS,
     max_ratio: int = DEFAULT_MAX_RATIO,
     keep_contents: bool = True,
+    keep_paths: frozenset[str] = frozenset(),
 ) -> LoadedBuildContext:
     """Validate a gzip tar build context and return its members and file contents.
 
     One streaming pass: gunzip, tar parsing and hashing happen together, under the
     caps, without holding the uncompressed tar in memory (``keep_contents=False``
-    keeps no file bytes either). Raises :class:`BuildContextError` naming the
-    offending member. CPU-heavy for large contexts: call it from a worker thread on an
-    event loop.
+    keeps no file bytes either, except for the members named in ``keep_paths``).
+    Raises :class:`BuildContextError` naming the offending member. CPU-heavy for large
+    contexts: call it from a worker thread on an event loop.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"build context must be bytes, not {type(data).__name__}")
@@ -315,8 +354,13 @@ def load_build_context(
     stream = _CappedGunzip(data, max_uncompressed_bytes, max_ratio)
     try:
         with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
-            members, contents = _scan(archive, max_members, keep_contents)
-    except tarfile.TarError as exc:
+            members, contents = _scan(
+                archive, max_members, keep_contents, max_uncompressed_bytes, keep_paths
+            )
+    except BuildContextError:
+        raise
+    except (tarfile.TarError, ValueError, EOFError) as exc:
+        # tarfile raises plain ValueError for some malformed headers (pax sparse maps).
         raise BuildContextError(f"build context is not a readable tar archive ({exc})") from None
     ordered = tuple(sorted(members.values(), key=lambda m: m.path))
     digest = _h(canonical_json([m.digest_entry() for m in ordered]))
@@ -330,9 +374,14 @@ def load_build_context(
 
 
 def _scan(
-    archive: tarfile.TarFile, max_members: int, keep_contents: bool
+    archive: tarfile.TarFile,
+    max_members: int,
+    keep_contents: bool,
+    max_uncompressed: int,
+    keep_paths: frozenset[str],
 ) -> tuple[dict[str, ContextMember], dict[str, bytes]]:
     members: dict[str, ContextMember] = {}
+    read = 0  # bytes of member content read, whatever tarfile synthesised
     parents: set[str] = set()  # directories implied by member names
     contents: dict[str, bytes] = {}
     while (info := archive.next()) is not None:
@@ -349,16 +398,27 @@ def _scan(
             extracted = archive.extractfile(info)
             assert extracted is not None  # regular files always have a stream
             digest = hashlib.sha256()
+            keep = keep_contents or member.path in keep_paths
             parts = []
             while chunk := extracted.read(1024 * 1024):
+                read += len(chunk)
+                if read > max_uncompressed:  # belt and braces: members are capped too
+                    raise BuildContextError(
+                        "build context members are over the uncompressed size limit "
+                        f"of {max_uncompressed} bytes", member.path)
                 digest.update(chunk)
-                if keep_contents:
+                if keep:
                     parts.append(chunk)
-            if keep_contents:
+            if keep:
                 contents[member.path] = b"".join(parts)
             member = attrs.evolve(member, sha256=digest.hexdigest())
         members[member.path] = member
     return members, contents
+
+
+def _is_sparse(info: tarfile.TarInfo) -> bool:
+    return (info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE
+            or any(key.startswith("GNU.sparse.") for key in info.pax_headers))
 
 
 def _check_member(
@@ -380,6 +440,10 @@ def _check_member(
     if path in parents and not info.isdir():
         raise BuildContextError("non-directory member where earlier members need a directory", path)
     mode = info.mode & 0o7777
+    if _is_sparse(info):
+        # tarfile synthesises a sparse member's holes as zeros that never pass through
+        # the capped gunzip: 96 compressed bytes could become gigabytes to hash.
+        raise BuildContextError("sparse file in build context", path)
     if info.isreg():
         return ContextMember(path=path, kind="file", mode=mode, size=info.size)
     if info.isdir():

@@ -24,6 +24,9 @@ The same function runs twice, on two views of the same document:
     model, then runs exactly that resolved file (:func:`harden` only adds the agent's
     security options). Paths are absolute there and must lie inside ``context_root``.
     So there is no parser differential between what is checked and what is run.
+    ``up`` interpolates that file once more (with the CLI's own environment), and
+    Compose v1's ``config`` does not re-escape ``$`` in volume specs, so the resolved
+    check refuses any unescaped ``$`` left anywhere in it (reason ``interpolation``).
 
 What a workload may use: images or build contexts, command/entrypoint, environment,
 ``expose`` (never host ``ports``), named volumes without driver options, anonymous
@@ -35,6 +38,14 @@ added capabilities, devices, ``security_opt``, sysctls, bind mounts and the Dock
 socket, host ports, ``external`` or named (``name:``) networks and volumes, volume and
 network drivers, foreign logging drivers (they run in the host's network namespace),
 ``secrets``/``configs`` (bind mounts of host files in Compose v1), and every other key.
+
+Images are shared by every deployment on the VM's dockerd, so a service that builds may
+not name its image (``image_with_build``: Compose would tag the build with that name,
+``down --rmi local`` would keep it, and the next deployment naming it would run it); the
+agent also refuses names of its own projects' builds. ``pull_policy`` stays open: with
+no way to create a tag but the project's own (removed at undeploy), which local image a
+name resolves to is no longer the tenant's to choose, and ``always`` would break
+offline VMs.
 
 Why ``user: root`` is allowed: with dockerd's user-namespace remapping (see
 ``ee/agent/dockerd.json``) root in a container is an unprivileged uid on the VM, the
@@ -59,6 +70,7 @@ from typing import Any, Literal
 import attrs
 
 __all__ = [
+    "ALLOWED_ULIMITS",
     "DEFAULT_CAP_ADD",
     "MAX_ENV_TOTAL_BYTES",
     "MAX_ENV_VALUE_BYTES",
@@ -72,6 +84,7 @@ __all__ = [
     "WorkloadPolicyError",
     "check_compose",
     "check_env",
+    "check_health_path",
     "harden",
 ]
 
@@ -424,8 +437,18 @@ def _restart(path: str, value: object, _: _Ctx) -> None:
                       "on-failure[:N]")
 
 
+#: ``nofile`` and ``nproc`` only: ``rtprio``/``nice`` buy real-time or raised scheduling
+#: priority over other tenants, ``memlock`` pins memory outside reclaim, and the rest
+#: (``core``, ``stack``, ``fsize``, ...) no workload needs to raise.
+ALLOWED_ULIMITS: frozenset[str] = frozenset({"nofile", "nproc"})
+
+
 def _ulimits(path: str, value: object, ctx: _Ctx) -> None:
     for name, limit in _mapping(path, value).items():
+        if name not in ALLOWED_ULIMITS:
+            raise _refuse(f"{path}.{name}", "bad_value",
+                          f"ulimit {name!r} is not allowed (only "
+                          f"{', '.join(sorted(ALLOWED_ULIMITS))})")
         if isinstance(limit, dict):
             _keys({"soft": _typed(int), "hard": _typed(int)})(f"{path}.{name}", limit, ctx)
         else:
@@ -676,6 +699,41 @@ def check_compose(
             row(f"{path}.{key}", value, ctx)
         if "image" not in service and "build" not in service:
             raise _refuse(path, "bad_value", "a service needs 'image' or 'build'")
+        if "image" in service and "build" in service:
+            # Compose would tag the built image with that name on the VM's shared
+            # dockerd, and ``down --rmi local`` keeps named images: a later deployment
+            # (any tenant) naming the same image would run this one's build.
+            raise _refuse(f"{path}.image", "image_with_build",
+                          "a service that builds may not name its image: the agent names "
+                          "it after the project and removes it at undeploy")
+    if stage == "resolved":
+        _check_no_interpolation(doc)
+
+
+def _check_no_interpolation(doc: Mapping[str, Any]) -> None:
+    """Refuse any ``$`` left unescaped in the CLI's resolved document.
+
+    ``config`` escapes ``$`` as ``$$`` in ordinary strings but (Compose v1) not in
+    volume specs, and ``up`` interpolates the resolved file again with the CLI's own
+    environment: ``'/x$${PATH}'`` would come back from ``config`` as ``/x${PATH}`` and
+    become a bind mount at ``up``. So after ``config`` nothing may be left to
+    interpolate, anywhere (keys included). One iterative walk over the whole document.
+    """
+    stack: list[tuple[str, object]] = [("", doc)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                at = f"{where}.{key}" if where else str(key)
+                if isinstance(key, str) and "$" in key.replace("$$", ""):
+                    raise _refuse(at, "interpolation",
+                                  f"key {key!r} would be interpolated again by the CLI")
+                stack.append((at, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and "$" in value.replace("$$", ""):
+            raise _refuse(where or "<root>", "interpolation",
+                          f"{value!r} would be interpolated again by the Compose CLI")
 
 
 def harden(resolved: Mapping[str, Any]) -> dict[str, Any]:
@@ -696,6 +754,20 @@ def harden(resolved: Mapping[str, Any]) -> dict[str, Any]:
         services[name] = hardened
     out["services"] = services
     return out
+
+
+# ---------------------------------------------------------------------------
+# Health path
+
+
+def check_health_path(value: object, *, path: str = "health_path") -> None:
+    """The path the agent GETs for health: absolute, printable, no space, ``#`` or
+    control character (CP at upload and the agent's DeploySpec use this one check)."""
+    if (not isinstance(value, str) or not value.startswith("/") or len(value) > 1024
+            or any(c in value for c in " #") or not value.isprintable()):
+        raise _refuse(path, "bad_health_path",
+                      "health_path must be an absolute URL path (no space, '#' or control "
+                      "characters, at most 1024 characters)")
 
 
 # ---------------------------------------------------------------------------
