@@ -143,7 +143,7 @@ class Agent:
         )
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.vm_name = config.vm_name or socket.gethostname()
+        self.vm_name = config.vm_name or socket.gethostname().lower().rstrip(".")
         self.key = load_or_create_key(self.data_dir / KEY_FILE)
         self.public_key = public_key_bytes(self.key)
         self.secret_path = self.data_dir / SECRET_FILE
