@@ -417,8 +417,9 @@ def _install_links(rootfs: Path, unit: str, seen: set[str]) -> None:
             if key == "Also":
                 _install_links(rootfs, item, seen)
                 continue
-            link = (rootfs / "etc/systemd/system" / (
-                item if key == "Alias" else f"{item}.{'wants' if key == 'WantedBy' else 'requires'}/{unit}"))
+            kind = "wants" if key == "WantedBy" else "requires"
+            name = item if key == "Alias" else f"{item}.{kind}/{unit}"
+            link = rootfs / "etc/systemd/system" / name
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
             link.symlink_to(f"/{base}/{unit}")
@@ -654,17 +655,24 @@ def reproducibility_check(profile: Profile, work: Path, *, reference: Path | Non
         build_image(profile, BuildOptions(out=out, cache=work / f"cache-{n}"), progress)
         shutil.rmtree(work / f"cache-{n}", ignore_errors=True)
         outs.append(out)
-    a, b = (json.loads((o / "manifest.json").read_text()) for o in outs)
-    if a == b:
-        progress.note(f"reproducible: root_hash {a['root_hash']}")
+    return compare_builds(outs[0], outs[1], progress)
+
+
+def compare_builds(first: Path, second: Path, progress: Progress) -> int:
+    """0 when two build outputs have identical manifests; else name what differs, 1."""
+    if (first / "manifest.json").read_bytes() == (second / "manifest.json").read_bytes():
+        root_hash = json.loads((first / "manifest.json").read_text())["root_hash"]
+        progress.note(f"reproducible: root_hash {root_hash}")
         return 0
+    a, b = (json.loads((o / "manifest.json").read_text()) for o in (first, second))
     for name in sorted(set(a["artefacts"]) | set(b["artefacts"])):
         if a["artefacts"].get(name) != b["artefacts"].get(name):
             progress.note(f"differs: {name}")
     for key in sorted(set(a) | set(b)):
         if key != "artefacts" and a.get(key) != b.get(key):
             progress.note(f"differs: manifest field {key}")
-    files = diff_file_lists(*((o / "rootfs.files").read_text().splitlines() for o in outs))
+    files = diff_file_lists(*((o / "rootfs.files").read_text().splitlines()
+                              for o in (first, second)))
     for path in files[:200]:
         progress.note(f"differs in root: {path}")
     if len(files) > 200:
