@@ -78,6 +78,13 @@ async def test_tampered_root_does_not_boot(built_image: BuildResult, qemu_tools:
     assert re.search(r"verity.*data block 0 is corrupted", log), log[-3000:]
     assert "Kernel panic" in log
     assert "ee-init: root verified" not in log
+    m = built_image.manifest
+    v = m.verity
+    bad = await trio.run_process(
+        ["veritysetup", "verify", "--no-superblock", f"--hash-offset={v['hash_offset']}",
+         f"--data-blocks={v['data_blocks']}", "--salt", str(v["salt"]), str(tampered),
+         str(tampered), m.root_hash], capture_stdout=True, capture_stderr=True, check=False)
+    assert bad.returncode != 0
 
 
 async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu_tools: None,
@@ -92,12 +99,16 @@ async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu
             data_dir="/data/easyenclave", reconnect_backoff_base_s=1.0,
             reconnect_backoff_max_s=5.0)
         port = free_port()
+        data = tmp_path / "data.img"
+        with data.open("wb") as f:
+            f.truncate(1 << 30)  # sparse, blank: becomes /data under dm-crypt
         spec = vm_spec(built_image.out, serial, extra_cmdline=encode_cmdline(config),
-                       agent_port=port,
+                       agent_port=port, data_disk=data,
                        fw_cfg=((SIM_FW_CFG, Path(env["EE_SIM_DIR"]) / "sim-td.json"),))
         headers = {"Authorization": f"Bearer {token}"}
         async with booted(spec, tmp_path / "qemu.log") as qemu, \
                 httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as admin:
+            started = trio.current_time()
             with trio.fail_after(420):
                 while True:
                     assert qemu.returncode is None, serial.read_text(errors="replace")[-3000:]
@@ -106,9 +117,13 @@ async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu
                            for a in agents):
                         break
                     await trio.sleep(2)
+            print(f"boot to registered: {trio.current_time() - started:.0f}s ({spec.accel})")
             async with httpx.AsyncClient(timeout=10) as client:
                 health = (await client.get(f"http://127.0.0.1:{port}/api/health")).json()
             assert health["cp_connected"] is True
             assert health["vm_name"] == "image-vm"
-    log = serial.read_text(errors="replace")
+    log = re.sub(r"\x1b\[[0-9;]*m", "", serial.read_text(errors="replace"))
     assert "ee-init: root verified by dm-verity" in log
+    assert "ee-data: /data is dm-crypt (ephemeral key) on /dev/vdb" in log
+    assert "Started docker.service" in log
+    assert "ee-sim-material: sim chain in /run/easyenclave/sim" in log

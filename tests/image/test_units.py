@@ -123,3 +123,17 @@ def test_diff_file_lists_names_paths() -> None:
     a = ["aa\t100644\t0:0\t/etc/x", "bb\t100644\t0:0\t/etc/y"]
     b = ["aa\t100644\t0:0\t/etc/x", "cc\t100644\t0:0\t/etc/y", "dd\t100644\t0:0\t/etc/z"]
     assert diff_file_lists(a, b) == ["/etc/y", "/etc/z"]
+
+
+def test_cli_reports_missing_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from ee.ctl import image
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert image.main(["image", "build", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "missing host tools: debootstrap" in err and "apt-get install" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exc:
+        image.main(["image", "build"])
+    assert exc.value.code == 2

@@ -381,7 +381,9 @@ def step_python(profile: Profile, checkout: Path, cache: Path, rootfs: Path, wor
     for info in sorted(site.glob("*.dist-info")):
         meta = dict(re.findall(r"^(Name|Version): (.*)$", (info / "METADATA").read_text(), re.M))
         installed.append((meta["Name"], meta["Version"]))
-        (info / "RECORD").unlink(missing_ok=True)  # lists host paths of removed scripts
+        # RECORD lists the removed host-shebang scripts; direct_url.json the wheel's temp path
+        (info / "RECORD").unlink(missing_ok=True)
+        (info / "direct_url.json").unlink(missing_ok=True)
         if info.name.startswith("easyenclave-"):
             ep = (info / "entry_points.txt").read_text()
             section = ep.split("[console_scripts]", 1)[1].split("[", 1)[0]
@@ -521,6 +523,7 @@ def step_root_image(rootfs: Path, out: Path, epoch: int, salt: str) -> dict[str,
     squash = out / "root.img"
     squash.unlink(missing_ok=True)
     _run("squashfs", ["mksquashfs", str(rootfs), str(squash), "-noappend", "-comp", "zstd",
+                      "-Xcompression-level", "6",
                       "-no-xattrs", "-all-time", str(epoch), "-mkfs-time", str(epoch),
                       "-quiet", "-no-progress"])
     size = squash.stat().st_size
