@@ -125,5 +125,5 @@ async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu
     log = re.sub(r"\x1b\[[0-9;]*m", "", serial.read_text(errors="replace"))
     assert "ee-init: root verified by dm-verity" in log
     assert "ee-data: /data is dm-crypt (ephemeral key) on /dev/vdb" in log
-    assert "Started docker.service" in log
+    assert "API listen on /run/docker.sock" in log  # dockerd up, data root on /data
     assert "ee-sim-material: sim chain in /run/easyenclave/sim" in log
