@@ -1,0 +1,106 @@
+"""``eectl image build``: build the measured VM image from this checkout.
+
+``eectl image build --out DIR [--profile agent] [--cache DIR]`` writes ``DIR/vmlinuz``,
+``DIR/initrd.img``, ``DIR/root.img`` (squashfs with its dm-verity tree appended),
+``DIR/cmdline`` and ``DIR/manifest.json``. :func:`reproducibility_check` is the body of
+``eectl trust reproducibility-check``. Exit: 0 built, 1 the build failed, 2 usage or a
+missing host tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ee.image.build import (
+    BuildOptions,
+    Progress,
+    build_image,
+    default_cache_dir,
+)
+from ee.image.build import (
+    reproducibility_check as _check,
+)
+from ee.image.errors import ImageError, ProfileError, ToolMissing
+from ee.image.profile import load_profile
+
+__all__ = ["register", "register_trust_commands", "reproducibility_check"]
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"eectl: {message}", file=sys.stderr)
+    return code
+
+
+def _build(args: argparse.Namespace) -> int:
+    try:
+        profile = load_profile(args.profile)
+        result = build_image(profile, BuildOptions(
+            out=Path(args.out), cache=Path(args.cache) if args.cache else default_cache_dir()))
+    except (ToolMissing, ProfileError) as exc:
+        return _fail(str(exc), 2)
+    except ImageError as exc:
+        return _fail(str(exc), 1)
+    m = result.manifest
+    size = sum(a.size for a in m.artefacts)
+    print(f"built {m.profile} image in {args.out}: root_hash {m.root_hash}, "
+          f"{size / 2**20:.0f} MiB, {sum(result.timings.values()):.0f}s")
+    return 0
+
+
+def reproducibility_check(profile: str = "agent", work: str | None = None) -> int:
+    """Build twice from scratch and compare; 0 identical, 1 different, 2 cannot run."""
+    try:
+        loaded = load_profile(profile)
+        if work is not None:
+            return _check(loaded, Path(work), progress=Progress())
+        with tempfile.TemporaryDirectory(prefix="ee-repro-") as tmp:
+            return _check(loaded, Path(tmp), progress=Progress())
+    except (ToolMissing, ProfileError) as exc:
+        return _fail(str(exc), 2)
+    except ImageError as exc:
+        return _fail(str(exc), 1)
+
+
+def _repro(args: argparse.Namespace) -> int:
+    return reproducibility_check(args.profile, args.work)
+
+
+def register_trust_commands(trust: Any) -> None:
+    """Add ``reproducibility-check`` to the ``eectl trust`` subparsers."""
+    p = trust.add_parser(
+        "reproducibility-check",
+        help="build the image twice from scratch; exit 0 only when both are identical")
+    p.add_argument("--profile", default="agent")
+    p.add_argument("--work", metavar="DIR", help="keep both builds here (default: a temp dir)")
+    p.set_defaults(handler=_repro)
+
+
+def register(subparsers: Any) -> None:
+    group = subparsers.add_parser("image", help="build the measured VM image")
+    sub = group.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
+    p = sub.add_parser("build", help="build vmlinuz, initrd.img, root.img, cmdline, manifest")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--profile", default="agent", help="image/profiles/NAME.json (default agent)")
+    p.add_argument("--cache", metavar="DIR",
+                   help="debootstrap and wheel cache (default ~/.cache/easyenclave/image)")
+    p.set_defaults(handler=_build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``image`` group (and ``reproducibility-check``) without ``eectl``'s GROUPS."""
+    parser = argparse.ArgumentParser(prog="eectl")
+    groups = parser.add_subparsers(dest="group", required=True)
+    register(groups)
+    trust = groups.add_parser("trust").add_subparsers(dest="trust_command", required=True)
+    register_trust_commands(trust)
+    args = parser.parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

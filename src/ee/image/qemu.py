@@ -1,0 +1,112 @@
+"""QEMU command lines for booting a built image by direct kernel boot.
+
+:func:`qemu_command` is pure: a :class:`VmSpec` in, an argv out. The VM gets the root
+image read-only as the first virtio disk (``/dev/vda``), an optional data disk
+(``/dev/vdb``, encrypted with an ephemeral key inside), optional extra read-only drives
+(a config-drive ISO), user networking where the guest reaches the host's loopback
+services at 10.0.2.2 and the host reaches the guest's agent through a loopback-only
+``hostfwd``, the serial console in a file, and ``-no-reboot`` so a kernel panic (a
+refused root, say) ends QEMU. With OVMF (and optionally swtpm) the firmware measures the
+kernel, initrd and cmdline into the vTPM — the evidence path the ``tpm`` provider uses.
+
+Acceleration is chosen at run time by :func:`choose_accel`: KVM only when ``/dev/kvm``
+is usable and not PVM-backed (a stock kernel hangs under PVM), else TCG.
+``$EE_QEMU_ACCEL`` (``tcg``/``kvm``) overrides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+__all__ = [
+    "QEMU_TOOLS",
+    "SIM_FW_CFG",
+    "VmSpec",
+    "choose_accel",
+    "qemu_command",
+    "swtpm_command",
+]
+
+Accel = Literal["tcg", "kvm"]
+QEMU_TOOLS = {"qemu-system-x86_64": "qemu-system-x86"}
+#: fw_cfg name under which a dev host hands the sim chain to the guest
+SIM_FW_CFG = "opt/easyenclave/sim-td.json"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+
+
+def choose_accel(env: dict[str, str] | None = None, sys_module: Path = Path("/sys/module"),
+                 dev_kvm: Path = Path("/dev/kvm")) -> Accel:
+    """``kvm`` where it is usable, else ``tcg`` (``$EE_QEMU_ACCEL`` wins)."""
+    env = dict(os.environ) if env is None else env
+    forced = env.get("EE_QEMU_ACCEL")
+    if forced in ("tcg", "kvm"):
+        return forced  # type: ignore[return-value]
+    if not os.access(dev_kvm, os.R_OK | os.W_OK) or (sys_module / "kvm_pvm").exists():
+        return "tcg"
+    return "kvm"
+
+
+@attrs.frozen
+class VmSpec:
+    """Everything one boot needs; paths are host paths."""
+
+    kernel: Path
+    initrd: Path
+    root: Path
+    cmdline: str
+    serial_log: Path
+    accel: Accel = "tcg"
+    memory_mib: int = 2048
+    cpus: int = 2
+    #: host loopback port forwarded to the guest's agent port
+    agent_port: int | None = None
+    guest_agent_port: int = 8080
+    data_disk: Path | None = None
+    drives: tuple[Path, ...] = ()
+    #: (name, host file) items readable in the guest under /sys/firmware/qemu_fw_cfg
+    fw_cfg: tuple[tuple[str, Path], ...] = ()
+    ovmf_code: Path | None = None
+    ovmf_vars: Path | None = None
+    tpm_socket: Path | None = None
+
+
+def qemu_command(spec: VmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+    argv = [
+        binary, "-machine", "q35", "-accel", spec.accel,
+        "-cpu", "max" if spec.accel == "tcg" else "host",
+        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", f"file:{spec.serial_log}", "-monitor", "none",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
+        "-drive", f"file={spec.root},format=raw,if=virtio,readonly=on",
+    ]
+    if spec.data_disk is not None:
+        argv += ["-drive", f"file={spec.data_disk},format=raw,if=virtio"]
+    for drive in spec.drives:
+        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
+    netdev = "user,id=net0"
+    if spec.agent_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
+    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
+             "-device", "virtio-rng-pci"]
+    for name, path in spec.fw_cfg:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    if spec.ovmf_code is not None:
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.ovmf_code}"]
+        if spec.ovmf_vars is not None:
+            argv += ["-drive", f"if=pflash,format=raw,unit=1,file={spec.ovmf_vars}"]
+    if spec.tpm_socket is not None:
+        argv += ["-chardev", f"socket,id=chrtpm,path={spec.tpm_socket}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+    return argv
+
+
+def swtpm_command(state_dir: Path, socket: Path) -> list[str]:
+    """A TPM 2.0 emulator for one VM (start it before QEMU; it exits with the VM)."""
+    return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
+            "--ctrl", f"type=unixio,path={socket}", "--flags", "startup-clear",
+            "--log", "level=0"]
