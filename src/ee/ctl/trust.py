@@ -38,6 +38,7 @@ from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
 from ee.attestation.quote import BODY_TYPE_TD15, Quote, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
 from ee.ctl.collateral import register_collateral
+from ee.ctl.image import register_trust_commands
 
 EXIT_ACCEPTED = 0
 EXIT_REFUSED = 1
@@ -156,9 +157,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     me.set_defaults(handler=measure)
 
     register_collateral(commands)
+    register_trust_commands(commands)  # reproducibility-check (ee.ctl.image)
 
-    # --- I12a hook (the integrator adds this one line): `eectl trust reproducibility-check`
-    # ee.image.<module>.register_reproducibility_check(commands)
 
 
 def _read(path: str, what: str) -> bytes:
