@@ -182,19 +182,20 @@ def test_agent_urls_allowlist() -> None:
             pytest.fail(f"accepted {url!r}")
 
 
-def test_agent_urls_outside_dev_need_global_ip_literals() -> None:
+def test_agent_urls_outside_dev_need_reachable_ip_literals() -> None:
     from ee.cp.registration import agent_url
 
-    for url in ("http://127.0.0.1:8000", "http://10.0.0.5", "http://192.168.1.2",
-                "http://169.254.169.254", "http://[::1]", "http://[fe80::1]",
-                "http://[fd00::1]", "http://0.0.0.0", "http://100.64.0.1",
-                "http://[::ffff:127.0.0.1]"):
+    for url in ("http://127.0.0.1:8000", "http://169.254.169.254", "http://[::1]",
+                "http://[fe80::1]", "http://0.0.0.0", "http://[::ffff:127.0.0.1]",
+                "http://[::ffff:169.254.169.254]", "http://224.0.0.1", "http://240.0.0.1"):
         assert agent_url(url)  # dev mode (the default) accepts them
-        with pytest.raises(ValueError, match="not a global address"):
-            agent_url(url, public_only=True)
-    for url in ("http://203.0.113.0.example.com", "https://8.8.8.8:443",
+        with pytest.raises(ValueError, match="not an address another machine can reach"):
+            agent_url(url, routable_only=True)
+    # Datacenter agents have private addresses; those, and DNS names, are fine.
+    for url in ("http://10.0.0.5", "http://192.168.1.2", "http://[fd00::1]",
+                "http://100.64.0.1", "http://203.0.113.0.example.com", "https://8.8.8.8:443",
                 "http://[2606:4700::1111]", "https://agent.example.com"):
-        assert agent_url(url, public_only=True)
+        assert agent_url(url, routable_only=True)
 
 
 def test_vm_names_have_one_spelling() -> None:

@@ -36,8 +36,8 @@ An agent's ``url`` is shown to tenants as the address of their replicas, so it i
 checked like any hostile input: scheme ``http``/``https``, a DNS host name or an IP
 literal, an optional port 1..65535, an optional plain path; no user info, query,
 fragment, whitespace, non-ASCII or text after a bracketed IPv6 host; at most
-``MAX_URL`` characters; with ``Judge.public_urls_only`` (outside dev mode) no
-non-global IP literal (loopback, private, link-local, ...). It is stored
+``MAX_URL`` characters; with ``Judge.routable_urls_only`` (outside dev mode) no
+IP literal another machine cannot reach (loopback, link-local, unspecified, ...). It is stored
 normalised (scheme and host lower-cased, no trailing slash).
 
 Nonces are single use: ``NonceBook.consume`` succeeds once per nonce and only before
@@ -86,12 +86,14 @@ class Refusal:
     reasons: tuple[str, ...]
 
 
-def agent_url(text: str, *, public_only: bool = False) -> str:
+def agent_url(text: str, *, routable_only: bool = False) -> str:
     """*text* as a normalised agent URL; ValueError naming what is wrong with it.
 
-    ``public_only`` (a production CP): an IP-literal host must be a global address
-    (no loopback, private, link-local, unique-local or reserved ranges). DNS names are
-    not resolved here: what they point at is the operator's DNS.
+    ``routable_only`` (a production CP): an IP-literal host must be an address another
+    machine could reach: no loopback, link-local (cloud metadata lives there),
+    unspecified, multicast or reserved ranges, also when IPv4-mapped. Private ranges
+    (RFC 1918, unique-local, shared) stay allowed: agents in a datacenter have them. DNS
+    names are not resolved here: what they point at is the operator's DNS.
     """
     if len(text) > MAX_URL:
         raise ValueError(f"url is longer than {MAX_URL} characters")
@@ -138,15 +140,19 @@ def agent_url(text: str, *, public_only: bool = False) -> str:
             raise ValueError("url host must be a DNS name or an IP address")
         if labels[-1].isdigit():
             raise ValueError("url host looks like a malformed IPv4 address")
-    if public_only:
+    if routable_only:
         literal = host.strip("[]")
         try:
-            ip = ipaddress.ip_address(literal)
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = (
+                ipaddress.ip_address(literal))
         except ValueError:
             ip = None
-        if ip is not None and not ip.is_global:
-            raise ValueError(f"url host {literal} is not a global address (allowed in dev "
-                             "mode only)")
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip is not None and (ip.is_loopback or ip.is_link_local or ip.is_unspecified
+                               or ip.is_multicast or ip.is_reserved):
+            raise ValueError(f"url host {literal} is not an address another machine can "
+                             "reach (loopback, link-local, ...: allowed in dev mode only)")
     netloc = host if port is None else f"{host}:{port}"
     return f"{scheme}://{netloc}{parts.path.rstrip('/')}"
 
@@ -252,7 +258,7 @@ class Judge:
     #: the ``tpm`` provider's verifier (EK CAs from the bootstrap bundle); None: refused
     tpm: TpmVerifier | None = None
     #: Refuse agent URLs whose host is a non-global IP literal (set outside --dev).
-    public_urls_only: bool = False
+    routable_urls_only: bool = False
 
     def admit(self, msg: Register, nonce: bytes, *, now: float,
               known: Identity | None = None) -> Admission:
@@ -266,7 +272,7 @@ class Judge:
         url = None
         if msg.url is not None:
             try:
-                url = agent_url(msg.url, public_only=self.public_urls_only)
+                url = agent_url(msg.url, routable_only=self.routable_urls_only)
             except ValueError as exc:
                 return Admission(None, Refusal("BAD_URL", (str(exc),)))
         size = self.vocabulary.size(msg.node_size)

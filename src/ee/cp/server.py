@@ -280,7 +280,7 @@ class ControlPlane:
                                   policy=self.bootstrap.policy, collateral=collateral,
                                   bindings=self.identities.bindings, grace_at=grace_at,
                                   tpm=self.tpm_verifier,
-                                  public_urls_only=not self.bootstrap.dev)
+                                  routable_urls_only=not self.bootstrap.dev)
             self.collateral = collateral
         elif self.bootstrap.dev and now - self.collateral_refreshed > 86400:
             from ee.attestation.providers.sim import SimTD
@@ -294,7 +294,7 @@ class ControlPlane:
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
                      verifier=self.verifier, policy=self.bootstrap.policy,
                      collateral=self.collateral, bindings=self.identities.bindings,
-                     tpm=self.tpm_verifier, public_urls_only=not self.bootstrap.dev)
+                     tpm=self.tpm_verifier, routable_urls_only=not self.bootstrap.dev)
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
