@@ -43,6 +43,13 @@ REFUSED: list[tuple[str, str, str, str]] = [
      "services.web.volumes[0].source", "bind_mount"),
     ("undeclared_volume", svc("    volumes: ['data:/d']\n"), "services.web.volumes[0]",
      "undeclared_volume"),
+    # '/${V}' with V=':/host' is '/:/host' once interpolated: refused as uploaded.
+    ("volume_variable", svc("    volumes: ['/${V}']\n"), "services.web.volumes[0]",
+     "interpolation"),
+    ("volume_variable_long", svc("    volumes:\n      - {type: '${T}', source: x, target: /e}\n"),
+     "services.web.volumes[0].type", "interpolation"),
+    ("tmpfs_variable", svc("    tmpfs: ['/run${T}']\n"), "services.web.tmpfs[0]",
+     "interpolation"),
     ("volume_driver_opts", svc("    volumes: ['data:/d']\n") + "volumes:\n  data:\n"
      "    driver_opts: {type: none, o: bind, device: /}\n", "volumes.data.driver_opts",
      "driver"),

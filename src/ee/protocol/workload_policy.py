@@ -297,8 +297,18 @@ def _mount_source_refusal(path: str, source: str) -> WorkloadPolicyError:
                    f"bind mount of host path {source!r}: use a named volume or tmpfs")
 
 
+def _no_interpolation_in_mount(path: str, value: object) -> None:
+    """Mount specs must be checkable as uploaded: a ``${VAR}`` in one (``'/${V}'`` with
+    ``V=':/host'``) only shows what it mounts after interpolation, so the CP could not
+    refuse it at upload (the agent's resolved-stage check would, late)."""
+    if isinstance(value, str) and "$" in value.replace("$$", ""):
+        raise _refuse(path, "interpolation",
+                      f"{value!r}: variables are not allowed in volume or tmpfs specs")
+
+
 def _service_volume(path: str, value: object, ctx: _Ctx) -> None:
     if isinstance(value, str):
+        _no_interpolation_in_mount(path, value)
         parts = value.split(":")
         if len(parts) == 1:
             if not value.startswith("/"):
@@ -318,6 +328,8 @@ def _service_volume(path: str, value: object, ctx: _Ctx) -> None:
             raise _refuse(path, "bad_value", f"volume mode {rest[1]!r} is not allowed")
         return
     mount = _mapping(path, value)
+    for key in ("type", "source", "target"):
+        _no_interpolation_in_mount(f"{path}.{key}", mount.get(key))
     kind = mount.get("type")
     mount_source = mount.get("source")
     if kind in ("bind", "npipe"):
@@ -463,6 +475,9 @@ def _logging(path: str, value: object, ctx: _Ctx) -> None:
 
 def _tmpfs(path: str, value: object, ctx: _Ctx) -> None:
     _str_list(path, value, ctx)
+    for index, item in enumerate(value if isinstance(value, list) else [value]):
+        _no_interpolation_in_mount(f"{path}[{index}]" if isinstance(value, list) else path,
+                                   item)
 
 
 def _refused(code: str, message: str) -> Callable[[str, object, _Ctx], None]:
