@@ -255,7 +255,9 @@ async def test_session_outlives_the_handshake_deadline_and_survives_bad_frames(
             assert len(beats) >= 5 and [b.seq for b in beats] == sorted(b.seq for b in beats)
 
             await peer.send_raw('{"type": "deploy", "body": {"deployment_id": 5}}')
-            _, error = await peer.wait_for(lambda f, m: isinstance(m, ErrorMessage))
+            # (the stand-in proves nothing: the agent said so first, ENVELOPE_MISSING)
+            _, error = await peer.wait_for(
+                lambda f, m: isinstance(m, ErrorMessage) and m.code == "bad_frame")
             assert isinstance(error, ErrorMessage) and error.code == "bad_frame"
             assert "deployment_id" in error.message
             frame_id = await peer.send(SnapshotRequest(), with_id=True)
@@ -290,3 +292,21 @@ def test_public_url(tmp_path: Path) -> None:
     wildcard = Agent(agent_config(tmp_path / "b", "ws://127.0.0.1:9/api/v2/agents/connect",
                                   listen="0.0.0.0:8124"))
     assert wildcard.public_url() == "http://127.0.0.1:8124"  # the address that reaches the CP
+
+
+async def test_each_session_sends_a_fresh_cp_nonce(tmp_path: Path) -> None:
+    """The CP's proof must bind a nonce the agent chose for *this* session."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            peer: StandInCp = await nursery.start(StandInCp(heartbeat_s=0.1).run)
+            agent = Agent(agent_config(tmp_path / "agent", peer.url))
+            loop = SessionLoop(agent, peer.url, ReconnectPolicy(base=0.05, cap=0.1))
+            nursery.start_soon(loop.run)
+            await eventually(lambda: agent.link is not None)
+            assert peer.ws is not None
+            await peer.ws.aclose(1012, "again")
+            await eventually(lambda: len(peer.registers) == 2)
+            nonces = [r.cp_nonce for r in peer.registers]
+            assert all(n is not None and len(n) == 32 for n in nonces)
+            assert nonces[0] != nonces[1]
+            nursery.cancel_scope.cancel()
