@@ -26,7 +26,7 @@ from ee.agent.cptrust import (
 )
 from ee.agent.platform import shared_sim_dir
 from ee.attestation.providers.sim import SimProvider, SimTD
-from ee.cp.envelope import EnvelopeProver, WriteSigner
+from ee.cp.envelope import EnvelopeProver, WriteSigner, make_prover
 from ee.cp.events import Event
 from ee.protocol.messages import CpProof, Deploy, Undeploy, body_to_dict
 from ee.protocol.reportdata import cp_envelope_report_data
@@ -257,6 +257,7 @@ async def test_real_cp_signed_writes_accepted_and_replays_refused(tmp_path: Path
 
 @pytest.mark.parametrize(("setup", "code"), [
     ("none", "ENVELOPE_MISSING"),
+    ("quote_fails", "ENVELOPE_MISSING"),
     ("foreign", "CP_QUOTE_INVALID"),
     ("replayed_proof", "CP_QUOTE_INVALID"),
     ("not_allowed", "CP_MRTD_NOT_ALLOWED"),
@@ -286,6 +287,8 @@ async def test_real_cp_untrusted_writes_refused_with_reason_at_cp(
                     return recorded
 
                 prover.prove = replay  # type: ignore[method-assign]
+            if setup == "quote_fails":  # cp_attestation tsm on a host without TDX
+                prover = make_prover("tsm", tsm_root=tmp_path / "no-tsm")  # type: ignore[assignment]
             rcp.cp.plane.prover = None if setup == "none" else prover
             config = agent_config(tmp_path / "a", rcp.agent_url, **changes)
             async with running_agent(config) as agent:
@@ -304,3 +307,7 @@ async def test_real_cp_untrusted_writes_refused_with_reason_at_cp(
                              if e.kind == "agent.write_refused" and
                              e.data.get("deployment_id") == "dep-1")
                 assert event.data["reason"].startswith(f"{code}: deploy refused")
+                if setup == "quote_fails":  # admitted all the same, and the CP says why
+                    failed = [e for e in rcp.cp.events.recent
+                              if e.kind == "cp.envelope_proof_failed"]
+                    assert failed and "ProviderError" in failed[0].data["error"]
