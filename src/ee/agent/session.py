@@ -222,16 +222,16 @@ class SessionLoop:
         registered: tuple[Registered, bytes] | Outcome | None = None
         with trio.move_on_after(self.handshake_timeout):
             registered = await self._handshake(ws)
-            if isinstance(registered, tuple):
-                await self._judge_cp(ws, *registered)
         if registered is None:
             return Outcome(False, f"handshake did not finish within {self.handshake_timeout:g} s")
         if isinstance(registered, Outcome):
             return registered
-        self._reached = True
+        self._reached = True  # registered: whatever follows, the CP was reached
         self.sessions += 1
+        reg, cp_nonce = registered
         try:
-            return await self._serve(ws, registered[0])  # no deadline: a session lasts
+            await self._judge_cp(ws, reg, cp_nonce)
+            return await self._serve(ws, reg)  # no deadline: a session lasts
         finally:
             self.host.trust.close_session()
 
@@ -268,8 +268,11 @@ class SessionLoop:
             return
         log.error("the CP's proof is refused (%s: %s); every write on this session will be "
                   "refused", verdict.code, verdict.reason)
-        await ws.send_message(encode_message(ErrorMessage(code=verdict.code,
-                                                          message=verdict.reason[:500])))
+        try:
+            await ws.send_message(encode_message(ErrorMessage(code=verdict.code,
+                                                              message=verdict.reason[:500])))
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            pass  # the session's reader sees the end (after any frame still queued)
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, reg: Registered) -> Outcome:
         log.info("registered as %s (heartbeat every %g s)", reg.agent_id, reg.heartbeat_interval_s)
