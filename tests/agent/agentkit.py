@@ -28,11 +28,20 @@ from ee.agent.platform import shared_sim_dir
 from ee.agent.server import Agent
 from ee.attestation import parse_quote
 from ee.attestation.providers.sim import SimTD
+from ee.cp.envelope import WriteSigner, make_prover
 from ee.cp.readiness import Quorum
 from ee.cp.server import ControlPlane, CpConfig, prepare
 from ee.protocol import decode_message, encode_message, registration_report_data
 from ee.protocol.frames import Frame
-from ee.protocol.messages import Challenge, Message, Register, Registered, TunnelGrant
+from ee.protocol.messages import (
+    Challenge,
+    Deploy,
+    Message,
+    Register,
+    Registered,
+    TunnelGrant,
+    Undeploy,
+)
 
 
 def free_port() -> int:
@@ -147,11 +156,18 @@ class StandInCp:
 
     Stands in for the CP's deploy path (and for tunnel grants); it checks that the
     registration quote binds the nonce and key, and records every frame it receives.
+    With ``prove`` (the default) it proves a write key with a sim quote bound to the
+    agent's ``cp_nonce`` and signs every deploy/undeploy it sends, as the real CP does
+    (`ee.cp.envelope`); without, it sends unsigned writes (an agent requiring envelopes
+    refuses them).
     """
 
-    def __init__(self, tunnel: TunnelGrant | None = None, heartbeat_s: float = 0.5) -> None:
+    def __init__(self, tunnel: TunnelGrant | None = None, heartbeat_s: float = 0.5,
+                 prove: bool = True) -> None:
         self.tunnel = tunnel
         self.heartbeat_s = heartbeat_s
+        self.prover = make_prover("sim") if prove else None
+        self.signer: WriteSigner | None = None
         self.port: int | None = None
         self.frames: list[tuple[Frame, Message]] = []
         self.registers: list[Register] = []
@@ -181,9 +197,13 @@ class StandInCp:
         assert quote_report_data(register.attestation.quote) == registration_report_data(
             nonce, register.public_key)
         self.registers.append(register)
+        proof = None
+        if self.prover is not None and register.cp_nonce is not None:
+            proof = await self.prover.prove(register.cp_nonce)
+            self.signer = self.prover.signer(register.cp_nonce)
         await ws.send_message(encode_message(Registered(
             agent_id=f"ag-standin-{register.vm_name}", heartbeat_interval_s=self.heartbeat_s,
-            attest_interval_s=3600, tunnel=self.tunnel)))
+            attest_interval_s=3600, tunnel=self.tunnel, cp_proof=proof)))
         self.ws = ws
         self._wake()
         try:
@@ -208,6 +228,8 @@ class StandInCp:
         if with_id:
             self._next_id += 1
             frame_id = self._next_id
+        if self.signer is not None and isinstance(msg, Deploy | Undeploy):
+            msg = self.signer.sign(msg)
         await self.ws.send_message(encode_message(msg, id=frame_id))
         return frame_id
 

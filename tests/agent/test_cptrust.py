@@ -1,87 +1,313 @@
-"""Trust in CP writes: the envelope decision (pure) and the persisted MRTD pin."""
+"""Trust in CP writes: the proof and write decisions (pure), the pin, and real sessions.
+
+The integration tests run the real CP (its agent plane signs writes with a sim
+``EnvelopeProver``) and a real agent over real websockets; each attack is refused by
+the agent with a reason code the CP sees (an ``agent.write_refused`` event, and the
+``deploy_status`` its AgentActor receives).
+"""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+import trio
 
-from ee.agent.cptrust import PIN_FILE, CpTrust, judge_envelope
-from ee.attestation.providers.sim import SimTD
-from ee.protocol.messages import CpEnvelope, Deploy, Undeploy, body_to_dict
+from ee.agent.cptrust import (
+    PIN_FILE,
+    CpTrust,
+    ProofVerdict,
+    cp_quote_verifier,
+    judge_proof,
+    judge_write,
+)
+from ee.agent.platform import shared_sim_dir
+from ee.attestation.providers.sim import SimProvider, SimTD
+from ee.cp.envelope import EnvelopeProver, WriteSigner, make_prover
+from ee.cp.events import Event
+from ee.protocol.messages import CpProof, Deploy, Undeploy, body_to_dict
 from ee.protocol.reportdata import cp_envelope_report_data
+from ee.protocol.signing import generate_signing_key, public_key_bytes
+
+from .agentkit import agent_config, eventually, running_agent, running_cp
 
 MRTD_A = bytes([0xA1]) * 48
 MRTD_B = bytes([0xB2]) * 48
+NONCE = bytes(range(32))
 
 
 @pytest.fixture(scope="module")
-def chain() -> SimTD:
-    return SimTD.create()
+def td() -> SimTD:
+    return SimTD.create(mr_td=MRTD_A)
 
 
-def _deploy() -> Deploy:
-    return Deploy(deployment_id="d1", app="a", version="1", compose="services: {}\n",
+def _deploy(dep: str = "d1") -> Deploy:
+    return Deploy(deployment_id=dep, app="a", version="1", compose="services: {}\n",
                   expose_port=8080, health_path="/")
 
 
-def _sealed(td: SimTD, msg: Deploy | Undeploy, mrtd: bytes) -> tuple[dict[str, Any], CpEnvelope]:
-    """The wire body of *msg* with an envelope quoted by a CP whose MRTD is *mrtd*."""
-    body = body_to_dict(msg)
-    quote = td.evolve(mr_td=mrtd).quote(cp_envelope_report_data(msg.TYPE, body))
-    envelope = CpEnvelope(provider="sim", quote=quote)
-    return {**body, "envelope": body_to_dict(envelope)}, envelope  # type: ignore[arg-type]
+def _proof(td: SimTD, nonce: bytes = NONCE, key: bytes | None = None,
+           bound_key: bytes | None = None) -> CpProof:
+    key = key or public_key_bytes(generate_signing_key())
+    quote = td.quote(cp_envelope_report_data(nonce, bound_key or key))
+    return CpProof(provider="sim", public_key=key, quote=quote)
 
 
-def test_modes_without_an_envelope() -> None:
-    body = body_to_dict(_deploy())
-    assert judge_envelope("disabled", "deploy", body, None).accepted
-    assert judge_envelope("optional", "deploy", body, None).accepted
-    verdict = judge_envelope("required", "deploy", body, None)
-    assert not verdict.accepted and "cp_envelope is required" in verdict.reason
+def _judge(td: SimTD, proof: CpProof | None, mode: str = "required",
+           **kw: Any) -> ProofVerdict:
+    return judge_proof(mode, NONCE, proof,  # type: ignore[arg-type]
+                       verify_quote=cp_quote_verifier((td.root_cert,)), **kw)
 
 
-def test_trusted_list(chain: SimTD) -> None:
-    body, envelope = _sealed(chain, _deploy(), MRTD_A)
-    ok = judge_envelope("required", "deploy", body, envelope, trusted_mrtds=(MRTD_A.hex(),))
-    assert ok.accepted and ok.mrtd == MRTD_A.hex() and ok.pin is None
-    bad = judge_envelope("required", "deploy", body, envelope, trusted_mrtds=(MRTD_B.hex(),))
-    assert not bad.accepted and "not in trusted_cp_mrtds" in bad.reason
-    # `optional` still refuses an envelope that is present and wrong
-    assert not judge_envelope("optional", "deploy", body, envelope,
-                              trusted_mrtds=(MRTD_B.hex(),)).accepted
-    assert judge_envelope("disabled", "deploy", body, envelope,
-                          trusted_mrtds=(MRTD_B.hex(),)).accepted
+# ---- the proof (once per session) ------------------------------------------------------
 
 
-def test_envelope_binds_type_and_body(chain: SimTD) -> None:
-    body, envelope = _sealed(chain, _deploy(), MRTD_A)
-    tampered = {**body, "expose_port": 9090}
-    verdict = judge_envelope("required", "deploy", tampered, envelope)
-    assert not verdict.accepted and "REPORTDATA does not bind" in verdict.reason
-    verdict = judge_envelope("required", "undeploy", body, envelope)
-    assert not verdict.accepted and "REPORTDATA" in verdict.reason
+def test_proof_accepted_and_pinned_on_first_use(td: SimTD) -> None:
+    proof = _proof(td)
+    verdict = _judge(td, proof)
+    assert verdict.accepted and verdict.key == proof.public_key
+    assert verdict.pin == MRTD_A.hex() and verdict.mrtd == MRTD_A.hex()
+    again = _judge(td, proof, pinned=MRTD_A.hex())
+    assert again.accepted and again.pin is None
 
 
-def test_garbage_quote_is_refused() -> None:
-    body = body_to_dict(_deploy())
-    verdict = judge_envelope("optional", "deploy", body,
-                             CpEnvelope(provider="sim", quote=b"not a quote"))
-    assert not verdict.accepted and "invalid" in verdict.reason
+def test_missing_proof_by_mode(td: SimTD) -> None:
+    refused = _judge(td, None, "required")
+    assert not refused.accepted and refused.code == "ENVELOPE_MISSING"
+    optional = _judge(td, None, "optional")
+    assert optional.accepted and optional.key is None
+    assert _judge(td, None, "disabled").accepted
 
 
-def test_pin_on_first_use_is_persisted(tmp_path: Path, chain: SimTD) -> None:
-    trust = CpTrust("required", tmp_path)
-    body, envelope = _sealed(chain, _deploy(), MRTD_A)
-    first = trust.check("deploy", body, envelope)
-    assert first.accepted and first.pin == MRTD_A.hex()
-    assert (tmp_path / PIN_FILE).read_text().strip() == MRTD_A.hex()
-    assert (tmp_path / PIN_FILE).stat().st_mode & 0o077 == 0
+def test_foreign_cp_quote_is_refused(td: SimTD) -> None:
+    """A quote that does not chain to the agent's roots (another sim 'platform')."""
+    foreign = SimTD.create(mr_td=MRTD_A)
+    verdict = _judge(td, _proof(foreign))
+    assert not verdict.accepted and verdict.code == "CP_QUOTE_INVALID"
+    assert "does not verify" in verdict.reason
 
-    again = CpTrust("required", tmp_path)  # a restarted agent keeps the pin
-    undeploy_body, undeploy_env = _sealed(chain, Undeploy(deployment_id="d1"), MRTD_A)
-    assert again.check("undeploy", undeploy_body, undeploy_env).accepted
-    other_body, other_env = _sealed(chain, _deploy(), MRTD_B)
-    verdict = again.check("deploy", other_body, other_env)
-    assert not verdict.accepted and "differs from the pinned" in verdict.reason
+
+def test_no_roots_refuses_a_proof(td: SimTD) -> None:
+    verdict = judge_proof("required", NONCE, _proof(td), verify_quote=None)
+    assert not verdict.accepted and verdict.code == "CP_QUOTE_INVALID"
+
+
+def test_proof_for_another_nonce_or_key_is_refused(td: SimTD) -> None:
+    """A proof recorded on another session (its nonce) or for another key."""
+    replayed = _judge(td, _proof(td, nonce=bytes(32)))
+    assert not replayed.accepted and replayed.code == "CP_QUOTE_INVALID"
+    assert "cp_nonce" in replayed.reason
+    other_key = _judge(td, _proof(td, bound_key=public_key_bytes(generate_signing_key())))
+    assert not other_key.accepted and other_key.code == "CP_QUOTE_INVALID"
+
+
+def test_debug_cp_is_refused(td: SimTD) -> None:
+    verdict = _judge(td, _proof(td.evolve(debug=True)))
+    assert not verdict.accepted and verdict.code == "CP_QUOTE_INVALID"
+    assert "debug" in verdict.reason
+
+
+def test_mrtd_allowlist_and_pin(td: SimTD) -> None:
+    proof = _proof(td)
+    allowed = _judge(td, proof, trusted_mrtds=(MRTD_A.hex(),))
+    assert allowed.accepted and allowed.pin is None  # an allowlist never pins
+    not_allowed = _judge(td, proof, trusted_mrtds=(MRTD_B.hex(),))
+    assert not not_allowed.accepted and not_allowed.code == "CP_MRTD_NOT_ALLOWED"
+    mismatch = _judge(td, proof, pinned=MRTD_B.hex())
+    assert not mismatch.accepted and mismatch.code == "CP_PIN_MISMATCH"
+
+
+def test_optional_holds_a_cp_that_sends_a_proof_to_it(td: SimTD) -> None:
+    foreign = SimTD.create(mr_td=MRTD_A)
+    verdict = _judge(td, _proof(foreign), "optional")
+    assert not verdict.accepted and verdict.code == "CP_QUOTE_INVALID"
+
+
+# ---- each write ------------------------------------------------------------------------
+
+
+def _signed(signer: WriteSigner, msg: Deploy | Undeploy) -> tuple[dict[str, Any], Any]:
+    signed = signer.sign(msg)
+    return body_to_dict(signed), signed.envelope
+
+
+def test_signed_writes_and_their_refusals(td: SimTD) -> None:
+    key = generate_signing_key()
+    proof = ProofVerdict(True, key=public_key_bytes(key), mrtd=MRTD_A.hex())
+    signer = WriteSigner(key, NONCE)
+    body, envelope = _signed(signer, _deploy())
+    assert envelope.seq == 1
+    assert judge_write(proof, NONCE, 0, "deploy", body, envelope).accepted
+    # the same write again on this session: replayed
+    replay = judge_write(proof, NONCE, 1, "deploy", body, envelope)
+    assert not replay.accepted and replay.code == "ENVELOPE_REPLAYED"
+    assert replay.reason.startswith("ENVELOPE_REPLAYED: deploy refused")
+    # on another session (another nonce): the signature does not verify
+    other = judge_write(proof, bytes(32), 0, "deploy", body, envelope)
+    assert not other.accepted and other.code == "ENVELOPE_BAD_SIGNATURE"
+    # a body changed after signing
+    tampered = judge_write(proof, NONCE, 0, "deploy", body | {"app": "evil"}, envelope)
+    assert not tampered.accepted and tampered.code == "ENVELOPE_BAD_SIGNATURE"
+    # a signature for another type
+    as_undeploy = judge_write(proof, NONCE, 0, "undeploy", body, envelope)
+    assert as_undeploy.code == "ENVELOPE_BAD_SIGNATURE"
+    # signed by another key
+    forged, forged_env = _signed(WriteSigner(generate_signing_key(), NONCE), _deploy())
+    assert judge_write(proof, NONCE, 0, "deploy", forged, forged_env).code == \
+        "ENVELOPE_BAD_SIGNATURE"
+    # unsigned under a proven key
+    missing = judge_write(proof, NONCE, 0, "deploy", body_to_dict(_deploy()), None)
+    assert not missing.accepted and missing.code == "ENVELOPE_MISSING"
+
+
+def test_writes_under_a_refused_or_absent_proof() -> None:
+    refused = ProofVerdict(False, "CP_PIN_MISMATCH", "CP MRTD x differs from the pinned y")
+    verdict = judge_write(refused, NONCE, 0, "undeploy", {"deployment_id": "d"}, None)
+    assert not verdict.accepted and verdict.code == "CP_PIN_MISMATCH"
+    assert judge_write(None, NONCE, 0, "undeploy", {"deployment_id": "d"}, None).code == \
+        "ENVELOPE_MISSING"
+    unsigned_ok = ProofVerdict(True, reason="optional")
+    assert judge_write(unsigned_ok, NONCE, 0, "undeploy", {"deployment_id": "d"}, None).accepted
+
+
+def test_cptrust_consumes_seq_and_persists_the_pin(tmp_path: Path, td: SimTD) -> None:
+    trust = CpTrust("required", tmp_path, verify_quote=cp_quote_verifier((td.root_cert,)))
+    key = generate_signing_key()
+    proof = _proof(td, key=public_key_bytes(key))
+    verdict = trust.judge_proof(NONCE, proof)
+    assert verdict.accepted and (tmp_path / PIN_FILE).read_text().strip() == MRTD_A.hex()
+    trust.open_session(NONCE, verdict)
+    signer = WriteSigner(key, NONCE)
+    first = signer.sign(_deploy("d1"))
+    second = signer.sign(_deploy("d2"))
+    assert trust.check("deploy", body_to_dict(second), second.envelope).accepted
+    # seq 1 arrives after seq 2: refused (the CP sends in seq order)
+    assert trust.check("deploy", body_to_dict(first), first.envelope).code == \
+        "ENVELOPE_REPLAYED"
+    trust.close_session()
+    assert trust.check("deploy", body_to_dict(second), second.envelope).code == \
+        "ENVELOPE_MISSING"
+    # a restarted agent (new CpTrust, same data dir) keeps the pin
+    other = td.evolve(mr_td=MRTD_B)
+    again = CpTrust("required", tmp_path, verify_quote=cp_quote_verifier((td.root_cert,)))
+    assert again.judge_proof(NONCE, _proof(other)).code == "CP_PIN_MISMATCH"
+
+
+# ---- real CP, real agent, real websockets ----------------------------------------------
+
+
+def _refusals(events: list[Event], agent_id: str) -> list[str]:
+    return [e.data["code"] for e in events
+            if e.kind == "agent.write_refused" and e.subject == agent_id]
+
+
+async def _session_of(rcp: Any, agent: Any) -> Any:
+    await eventually(lambda: agent.agent_id in rcp.cp.plane.sessions and agent.link)
+    return rcp.cp.plane.sessions[agent.agent_id]
+
+
+def _shared_prover(**measurements: object) -> EnvelopeProver:
+    return EnvelopeProver(SimProvider(SimTD.load_or_create(shared_sim_dir(), **measurements)))
+
+
+BAD_COMPOSE = "services:\n  web:\n    image: ee-busybox:local\n    privileged: true\n"
+
+
+async def test_real_cp_signed_writes_accepted_and_replays_refused(tmp_path: Path) -> None:
+    """A signed deploy passes the envelope (then the workload policy refuses its compose,
+    so nothing runs); the recorded frame re-sent on the session is ENVELOPE_REPLAYED,
+    and on the next session ENVELOPE_BAD_SIGNATURE; both reach the CP."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as rcp:
+            rcp.cp.plane.prover = _shared_prover()
+            async with running_agent(agent_config(tmp_path / "a", rcp.agent_url)) as agent:
+                session = await _session_of(rcp, agent)
+                assert agent.trust.proof is not None and agent.trust.proof.accepted
+                sent: list[str] = []
+                real_send = session.ws.send_message
+
+                async def recording(text: str) -> None:
+                    sent.append(text)
+                    await real_send(text)
+
+                session.ws.send_message = recording
+                deploy = attrs.evolve(_deploy("dep-ok"), compose=BAD_COMPOSE)
+                await session.send(deploy)
+                status = await eventually(lambda: agent.runner.status("dep-ok") or
+                                          _refusals(rcp.cp.events.recent, agent.agent_id))
+                assert not isinstance(status, list), f"refused: {status}"  # envelope passed
+                recorded = next(t for t in sent if '"deploy"' in t)
+                assert '"envelope"' in recorded
+                await real_send(recorded)  # the recorded frame, again
+                codes = await eventually(lambda: _refusals(rcp.cp.events.recent,
+                                                           agent.agent_id))
+                assert codes == ["ENVELOPE_REPLAYED"]
+                # next session: the recorded frame is signed for another cp_nonce
+                await session.close(1012, "test: reconnect")
+                new = await eventually(lambda: (s := rcp.cp.plane.sessions.get(agent.agent_id))
+                                       is not None and s is not session and agent.link and s)
+                await new.ws.send_message(recorded)
+                codes = await eventually(lambda: _refusals(rcp.cp.events.recent,
+                                                           agent.agent_id)[1:])
+                assert codes == ["ENVELOPE_BAD_SIGNATURE"]
+
+
+@pytest.mark.parametrize(("setup", "code"), [
+    ("none", "ENVELOPE_MISSING"),
+    ("quote_fails", "ENVELOPE_MISSING"),
+    ("foreign", "CP_QUOTE_INVALID"),
+    ("replayed_proof", "CP_QUOTE_INVALID"),
+    ("not_allowed", "CP_MRTD_NOT_ALLOWED"),
+    ("pin_mismatch", "CP_PIN_MISMATCH"),
+])
+async def test_real_cp_untrusted_writes_refused_with_reason_at_cp(
+    tmp_path: Path, setup: str, code: str,
+) -> None:
+    """A CP that proves nothing, a foreign CP, a replayed proof, an MRTD off the
+    allowlist, an MRTD other than the pinned one: the agent tells the CP at once, and
+    refuses every deploy/undeploy with the code; the AgentActor sees the failure."""
+    changes: dict[str, Any] = {}
+    if setup == "not_allowed":
+        changes["trusted_cp_mrtds"] = (MRTD_B.hex(),)
+    if setup == "pin_mismatch":
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / PIN_FILE).write_text(MRTD_B.hex() + "\n")
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as rcp:
+            prover = _shared_prover()
+            if setup == "foreign":
+                prover = EnvelopeProver(SimProvider(SimTD.create()))
+            if setup == "replayed_proof":
+                recorded = await prover.prove(secrets.token_bytes(32))
+
+                async def replay(_nonce: bytes) -> CpProof:
+                    return recorded
+
+                prover.prove = replay  # type: ignore[method-assign]
+            if setup == "quote_fails":  # cp_attestation tsm on a host without TDX
+                prover = make_prover("tsm", tsm_root=tmp_path / "no-tsm")  # type: ignore[assignment]
+            rcp.cp.plane.prover = None if setup == "none" else prover
+            config = agent_config(tmp_path / "a", rcp.agent_url, **changes)
+            async with running_agent(config) as agent:
+                session = await _session_of(rcp, agent)
+                # told at once, when the proof is judged
+                assert await eventually(lambda: _refusals(rcp.cp.events.recent,
+                                                          agent.agent_id)) == [code]
+                await session.send(_deploy("dep-1"))
+                await session.send(Undeploy(deployment_id="dep-1"))
+                codes = await eventually(lambda: _refusals(rcp.cp.events.recent,
+                                                           agent.agent_id)[2:] and
+                                         _refusals(rcp.cp.events.recent, agent.agent_id))
+                assert codes == [code, code, code]
+                assert agent.runner.status("dep-1") is None  # nothing ran
+                event = next(e for e in rcp.cp.events.recent
+                             if e.kind == "agent.write_refused" and
+                             e.data.get("deployment_id") == "dep-1")
+                assert event.data["reason"].startswith(f"{code}: deploy refused")
+                if setup == "quote_fails":  # admitted all the same, and the CP says why
+                    failed = [e for e in rcp.cp.events.recent
+                              if e.kind == "cp.envelope_proof_failed"]
+                    assert failed and "ProviderError" in failed[0].data["error"]

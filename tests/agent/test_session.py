@@ -255,7 +255,9 @@ async def test_session_outlives_the_handshake_deadline_and_survives_bad_frames(
             assert len(beats) >= 5 and [b.seq for b in beats] == sorted(b.seq for b in beats)
 
             await peer.send_raw('{"type": "deploy", "body": {"deployment_id": 5}}')
-            _, error = await peer.wait_for(lambda f, m: isinstance(m, ErrorMessage))
+            # (the stand-in proves nothing: the agent said so first, ENVELOPE_MISSING)
+            _, error = await peer.wait_for(
+                lambda f, m: isinstance(m, ErrorMessage) and m.code == "bad_frame")
             assert isinstance(error, ErrorMessage) and error.code == "bad_frame"
             assert "deployment_id" in error.message
             frame_id = await peer.send(SnapshotRequest(), with_id=True)
@@ -290,3 +292,53 @@ def test_public_url(tmp_path: Path) -> None:
     wildcard = Agent(agent_config(tmp_path / "b", "ws://127.0.0.1:9/api/v2/agents/connect",
                                   listen="0.0.0.0:8124"))
     assert wildcard.public_url() == "http://127.0.0.1:8124"  # the address that reaches the CP
+
+
+async def test_each_session_sends_a_fresh_cp_nonce(tmp_path: Path) -> None:
+    """The CP's proof must bind a nonce the agent chose for *this* session."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            peer: StandInCp = await nursery.start(StandInCp(heartbeat_s=0.1).run)
+            agent = Agent(agent_config(tmp_path / "agent", peer.url))
+            loop = SessionLoop(agent, peer.url, ReconnectPolicy(base=0.05, cap=0.1))
+            nursery.start_soon(loop.run)
+            await eventually(lambda: agent.link is not None)
+            assert peer.ws is not None
+            await peer.ws.aclose(1012, "again")
+            await eventually(lambda: len(peer.registers) == 2)
+            nonces = [r.cp_nonce for r in peer.registers]
+            assert all(n is not None and len(n) == 32 for n in nonces)
+            assert nonces[0] != nonces[1]
+            nursery.cancel_scope.cancel()
+
+
+async def test_cp_leaving_while_its_proof_is_judged_is_a_reached_session(tmp_path: Path) -> None:
+    """``registered`` then, at once, ``reconnect`` and a close: the agent is judging
+    the (absent) proof and telling the CP so; the attempt still counts as registered
+    and the ``reconnect`` is honoured, not lost."""
+    from datetime import UTC, datetime, timedelta
+
+    from ee.protocol import decode_message, encode_message
+    from ee.protocol.messages import Challenge, Reconnect, Registered
+
+    async def hasty(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(encode_message(Challenge(
+            nonce=secrets.token_bytes(32), expires_at=datetime.now(UTC) + timedelta(seconds=30))))
+        decode_message(await ws.get_message(), max_bytes=1 << 24, sender="agent")
+        await ws.send_message(encode_message(Registered(
+            agent_id="ag-hasty", heartbeat_interval_s=10, attest_interval_s=3600)))
+        await ws.send_message(encode_message(Reconnect(reason="bye", after_s=1.0)))
+        await ws.aclose(1012, "restarting")
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(trio_websocket.serve_websocket, hasty, "127.0.0.1", 0,
+                                         None)
+            url = f"ws://127.0.0.1:{server.port}/api/v2/agents/connect"
+            agent = Agent(agent_config(tmp_path / "agent", url))
+            loop = SessionLoop(agent, url, ReconnectPolicy(base=0.1, cap=0.1))
+            for _ in range(5):
+                outcome = await loop.attempt()
+                assert outcome.registered, outcome
+            nursery.cancel_scope.cancel()

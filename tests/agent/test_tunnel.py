@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import trio
 
 from ee.agent.config import TunnelConfig
 from ee.agent.tunnel import TunnelSupervisor, tunnel_command
+from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.messages import TunnelGrant
 
-from .agentkit import StandInCp, agent_config, agent_http, eventually, running_agent
+from .agentkit import (
+    StandInCp,
+    agent_config,
+    agent_http,
+    eventually,
+    running_agent,
+    running_cp,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cp"))
+from cloudflare_standin import CloudflareStandIn
 
 
 def script(tmp_path: Path, name: str, body: str) -> str:
@@ -134,3 +146,42 @@ async def test_config_enabled_quick_tunnel_points_at_the_agent(tmp_path: Path) -
                              and (tmp_path / "args").read_text().strip())
             assert (tmp_path / "args").read_text().strip() == (
                 f"token= args=tunnel --no-autoupdate --url http://127.0.0.1:{agent.http_port}")
+
+
+async def test_real_cp_grants_a_cloudflare_tunnel_the_agent_runs(tmp_path: Path) -> None:
+    """The CP's plane grants a tunnel through the Cloudflare API (a local stand-in) at
+    registration; the agent's supervision runs cloudflared with that token. A failed
+    grant never blocks registration (event ``agent.tunnel_failed``) and is retried at
+    the agent's next registration."""
+    with CloudflareStandIn().serving() as cf, trio.fail_after(60):
+        token_file = tmp_path / "cf.token"
+        token_file.write_text(cf.token)
+        async with running_cp(tmp_path / "cp") as rcp:
+            rcp.cp.plane.tunnels = CloudflareTunnels(CloudflareSettings(
+                account_id=cf.account_id, zone_id=cf.zone_id, api_token_file=str(token_file),
+                domain="agents.example.com", api_base=cf.base, timeout_s=5))
+            cf.fail["create_tunnel"] = 500  # the first registration: no tunnel
+            tunnel = TunnelConfig(command=long_running(tmp_path))
+            config = agent_config(tmp_path / "a", rcp.agent_url, vm_name="vm-tun",
+                                  tunnel=tunnel, cp_envelope="disabled")
+            async with running_agent(config) as agent:
+                await eventually(lambda: agent.registered is not None)
+                assert agent.registered is not None and agent.registered.tunnel is None
+                failed = [e for e in rcp.cp.events.recent if e.kind == "agent.tunnel_failed"]
+                assert failed and "create tunnel: HTTP 500" in failed[0].data["error"]
+                assert cf.token not in str(failed[0].data)
+                # the next registration retries, and the agent runs what it was granted
+                session = rcp.cp.plane.sessions[agent.agent_id]  # type: ignore[index]
+                await session.close(1012, "test: reconnect")
+                await eventually(lambda: agent.registered is not None
+                                 and agent.registered.tunnel is not None)
+                assert agent.registered is not None and agent.registered.tunnel is not None
+                hostname = agent.registered.tunnel.hostname
+                assert hostname == f"{agent.agent_id}.agents.example.com"
+                [cf_tunnel] = cf.tunnels.values()
+                args = await eventually(lambda: (tmp_path / "args").exists()
+                                        and (tmp_path / "args").read_text())
+                assert f"token={cf_tunnel['token']} " in args
+                assert agent.tunnel is not None and agent.tunnel.status.hostname == hostname
+                assert {r["name"] for r in cf.dns.values()} == {
+                    hostname, "vm-tun.agents.example.com"}

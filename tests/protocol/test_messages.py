@@ -17,6 +17,7 @@ from ee.protocol.messages import (
     Challenge,
     ContainerStats,
     CpEnvelope,
+    CpProof,
     CredentialAnswer,
     CredentialChallenge,
     Deploy,
@@ -78,6 +79,7 @@ SAMPLES: list[tuple[Message, str]] = [
             attestation=Attestation(provider="sim", quote=b"\x04\x00quote\xff"),
             snapshot=SNAPSHOT,
             bootstrap_token="tok",
+            cp_nonce=NONCE,
         ),
         "agent",
     ),
@@ -87,6 +89,7 @@ SAMPLES: list[tuple[Message, str]] = [
             heartbeat_interval_s=5.0,
             attest_interval_s=3600.0,
             tunnel=TunnelGrant(hostname="x.example.com", token="t"),
+            cp_proof=CpProof(provider="tsm", public_key=KEY, quote=b"\x04\x00q"),
         ),
         "cp",
     ),
@@ -107,7 +110,7 @@ SAMPLES: list[tuple[Message, str]] = [
             env={"A": "1"},
             build_context=b"\x1f\x8b tarball",
             expose_service="web",
-            envelope=CpEnvelope(provider="tsm", quote=b"q" * 10),
+            envelope=CpEnvelope(seq=7, signature=b"s" * 64),
         ),
         "cp",
     ),
@@ -122,6 +125,7 @@ SAMPLES: list[tuple[Message, str]] = [
     ),
     (DeployStatus(deployment_id="dep-1", state="failed", error="pull failed"), "agent"),
     (Undeploy(deployment_id="dep-1"), "cp"),
+    (Undeploy(deployment_id="dep-1", envelope=CpEnvelope(seq=1, signature=b"\x00" * 64)), "cp"),
     (Attest(nonce=NONCE), "cp"),
     (Attestation(provider="tsm", quote=b"\x00" * 100), "agent"),
     (SnapshotRequest(), "cp"),
@@ -167,6 +171,12 @@ def test_byte_encodings() -> None:
     body = body_to_dict(register)
     assert body["public_key"] == KEY.hex()
     assert body["attestation"]["quote"] == base64.b64encode(b"\x04\x00quote\xff").decode()
+    assert body["cp_nonce"] == NONCE.hex()
+    registered = body_to_dict(SAMPLES[2][0])
+    assert registered["cp_proof"] == {"provider": "tsm", "public_key": KEY.hex(),
+                                      "quote": base64.b64encode(b"\x04\x00q").decode()}
+    deploy = next(m for m, _ in SAMPLES if isinstance(m, Deploy))
+    assert body_to_dict(deploy)["envelope"] == {"seq": 7, "signature": (b"s" * 64).hex()}
     challenge = body_to_dict(SAMPLES[0][0])
     assert challenge == {"nonce": NONCE.hex(), "expires_at": "2025-01-02T03:04:05Z"}
 
@@ -259,6 +269,19 @@ def test_value_checks() -> None:
             parse_body("deploy", deploy | {field: value}, sender="cp")
     with pytest.raises(FrameError, match=re.escape("body.nonce: must be 16..64 bytes")):
         parse_body("attest", {"nonce": "00" * 8}, sender="cp")
+    envelope = {"seq": 1, "signature": "00" * 64}
+    for bad, reason in [({"seq": 0}, "envelope.seq: must be > 0"),
+                        ({"signature": "00" * 63}, "envelope.signature: must be a 64-byte"),
+                        ({"seq": "1"}, "envelope.seq: expected int")]:
+        with pytest.raises(FrameError, match=re.escape(reason)):
+            parse_body("undeploy", {"deployment_id": "d", "envelope": envelope | bad},
+                       sender="cp")
+    with pytest.raises(FrameError, match=re.escape("body.cp_nonce: must be 16..64 bytes")):
+        parse_body("register", _register_body() | {"cp_nonce": "00" * 8}, sender="agent")
+    registered = body_to_dict(SAMPLES[2][0])
+    with pytest.raises(FrameError, match=re.escape("cp_proof.public_key: must be a 32-byte")):
+        parse_body("registered", registered | {"cp_proof": registered["cp_proof"] | {
+            "public_key": "00" * 31}}, sender="cp")
     with pytest.raises(FrameError, match=re.escape("body.expires_at: expected RFC 3339")):
         parse_body("challenge", {"nonce": NONCE.hex(), "expires_at": "2025-01-01"}, sender="cp")
     with pytest.raises(FrameError, match=re.escape("body.after_s: must be >= 0")):

@@ -8,6 +8,7 @@ import pytest
 
 from ee.protocol.reportdata import (
     cp_envelope_report_data,
+    cp_write_document,
     health_report_data,
     registration_report_data,
 )
@@ -36,15 +37,18 @@ def test_health_binding_accepts_raw_or_hex_digest() -> None:
     assert health_report_data(NONCE, KEY) != registration_report_data(NONCE, KEY)
 
 
-def test_envelope_binding_ignores_envelope_and_key_order() -> None:
+def test_cp_envelope_binding_is_tagged_and_binds_nonce_and_key() -> None:
+    value = cp_envelope_report_data(NONCE, KEY)
+    assert value == hashlib.sha512(b"ee/v2/cp-envelope" + NONCE + KEY).digest()
+    assert cp_envelope_report_data(NONCE[:-1] + b"\x00", KEY) != value
+    assert cp_envelope_report_data(NONCE, KEY[:-1] + b"\x00") != value
+    assert registration_report_data(NONCE, KEY) != value  # another domain tag
+    with pytest.raises(ValueError):
+        cp_envelope_report_data(NONCE, KEY[:16])
+
+
+def test_cp_write_document_leaves_the_envelope_out() -> None:
     body = {"deployment_id": "d", "app": "a"}
-    value = cp_envelope_report_data("undeploy", body)
-    assert len(value) == 64
-    assert (
-        cp_envelope_report_data(
-            "undeploy", {"app": "a", "deployment_id": "d", "envelope": {"quote": "x"}}
-        )
-        == value
-    )
-    assert cp_envelope_report_data("deploy", body) != value
-    assert cp_envelope_report_data("undeploy", body | {"app": "b"}) != value
+    doc = cp_write_document("undeploy", body | {"envelope": {"seq": 1}}, NONCE, 3)
+    assert doc == {"domain": "ee/v2/cp-write", "type": "undeploy", "body": body,
+                   "cp_nonce": NONCE.hex(), "seq": 3}

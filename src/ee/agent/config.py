@@ -172,9 +172,13 @@ class AgentConfig:
     retries forever; ``terminal_action`` is what the agent does when it gives up
     (reconnects exhausted, unreachable for ``unreachable_terminate_after_s``):
     ``exit`` the process or run ``poweroff_command``. ``cp_envelope`` says whether CP
-    writes must carry the CP's own quote, checked against ``trusted_cp_mrtds`` (hex;
-    empty: pin the first seen). The CP dictates heartbeat and attestation intervals at
-    registration, so they are not configured here.
+    writes must be signed by a key the CP proves with its own quote (``required`` by
+    default; ``optional``: only when the CP sends a proof; ``disabled``), whose MRTD
+    is checked against ``trusted_cp_mrtds`` (hex; empty: pin the first seen). The
+    quote must chain to Intel's root, or, for an agent that itself attests with
+    ``sim``, to the sim root in ``sim_dir`` (see ``ee.agent.cptrust``). The CP
+    dictates heartbeat and attestation intervals at registration, so they are not
+    configured here.
     """
 
     cp_url: str | None = attrs.field(
@@ -212,7 +216,7 @@ class AgentConfig:
     )
     bootstrap_token: str | None = attrs.field(default=None, validator=_nonempty)
     tunnel: TunnelConfig = attrs.field(factory=TunnelConfig)
-    cp_envelope: Literal["required", "optional", "disabled"] = "optional"
+    cp_envelope: Literal["required", "optional", "disabled"] = "required"
     trusted_cp_mrtds: tuple[str, ...] = attrs.field(default=(), validator=_each_mrtd)
     unreachable_terminate_after_s: float | None = attrs.field(default=None, validator=_positive)
     measurement_mode: bool = False

@@ -15,6 +15,14 @@ socket (requests are answered in their own tasks; deploys and undeploys are hand
 the host, which runs them in tasks that outlive the session), and the **heartbeat**
 sender. Every send goes through one lock, so frames never interleave.
 
+**CP trust.** Each attempt sends a fresh random ``cp_nonce`` in ``register``. Once
+``registered`` arrives, its ``cp_proof`` is judged in a worker thread by the host's
+:class:`~ee.agent.cptrust.CpTrust` (quote verification, MRTD allowlist or pin) before
+any frame of the session is read; the verdict holds for the whole session, and every
+``deploy``/``undeploy`` is then judged against it by the host (signature and sequence).
+A refused proof is told to the CP at once (an ``error`` frame whose code is the
+refusal's), and again on every write it sends.
+
 Between attempts the loop sleeps per :class:`ReconnectPolicy`, a pure object fed the
 Trio clock from outside: bounded exponential backoff with equal jitter after each
 failed attempt (the ceiling doubles from ``base`` up to ``cap``; the delay is drawn
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 from collections.abc import Callable
 from typing import Protocol
 
@@ -38,6 +47,8 @@ import trio
 import trio_websocket
 
 from ee.agent.backoff import GiveUp, ReconnectPolicy, backoff_delay
+from ee.agent.config import AgentConfig
+from ee.agent.cptrust import CpTrust, config_quote_check
 from ee.protocol import AgentProtocolError, decode_message, encode_message
 from ee.protocol.frames import Frame
 from ee.protocol.messages import (
@@ -71,6 +82,7 @@ log = logging.getLogger("ee.agent.session")
 
 MAX_FRAME_BYTES = 64 << 20  # what we accept from the CP (deploys carry build contexts)
 HANDSHAKE_TIMEOUT_S = 60.0  # registration verification happens on the CP meanwhile
+CP_NONCE_BYTES = 32
 
 
 class Terminated(Exception):
@@ -104,6 +116,9 @@ class SessionLink:
 
 class SessionHost(Protocol):
     """What the session needs from the agent (implemented by ``ee.agent.server.Agent``)."""
+
+    config: AgentConfig
+    trust: CpTrust
 
     async def register_message(self, nonce: bytes) -> Register: ...
 
@@ -209,22 +224,30 @@ class SessionLoop:
                 )
 
     async def _session(self, ws: trio_websocket.WebSocketConnection) -> Outcome:
-        registered: Registered | Outcome | None = None
+        registered: tuple[Registered, bytes] | Outcome | None = None
         with trio.move_on_after(self.handshake_timeout):
             registered = await self._handshake(ws)
         if registered is None:
             return Outcome(False, f"handshake did not finish within {self.handshake_timeout:g} s")
         if isinstance(registered, Outcome):
             return registered
-        self._reached = True
+        self._reached = True  # registered: whatever follows, the CP was reached
         self.sessions += 1
-        return await self._serve(ws, registered)  # no deadline: a session lasts
+        reg, cp_nonce = registered
+        try:
+            await self._judge_cp(ws, reg, cp_nonce)
+            return await self._serve(ws, reg)  # no deadline: a session lasts
+        finally:
+            self.host.trust.close_session()
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection) -> Registered | Outcome:
+    async def _handshake(
+        self, ws: trio_websocket.WebSocketConnection
+    ) -> tuple[Registered, bytes] | Outcome:
         _, first = await self._receive(ws)
         if not isinstance(first, Challenge):
             return Outcome(False, f"expected challenge, got {first.TYPE}")
-        register = await self.host.register_message(first.nonce)
+        cp_nonce = secrets.token_bytes(CP_NONCE_BYTES)  # fresh per session: see CpTrust
+        register = attrs.evolve(await self.host.register_message(first.nonce), cp_nonce=cp_nonce)
         await ws.send_message(encode_message(register))
         _, answer = await self._receive(ws)
         if isinstance(answer, CredentialChallenge):  # provider tpm: prove the AK's TPM
@@ -237,7 +260,29 @@ class SessionLoop:
             return Outcome(False, f"rejected: {answer.code}: {'; '.join(answer.reasons)}")
         if not isinstance(answer, Registered):
             return Outcome(False, f"expected registered, got {answer.TYPE}")
-        return answer
+        return answer, cp_nonce
+
+    async def _judge_cp(self, ws: trio_websocket.WebSocketConnection, reg: Registered,
+                        cp_nonce: bytes) -> None:
+        """Judge the CP's proof for this session (a worker thread: quote verification)."""
+        trust = self.host.trust
+        if trust.verify_quote is None:  # a host that built CpTrust without roots
+            trust.verify_quote = await trio.to_thread.run_sync(config_quote_check,
+                                                               self.host.config)
+        verdict = await trio.to_thread.run_sync(trust.judge_proof, cp_nonce, reg.cp_proof)
+        trust.open_session(cp_nonce, verdict)
+        if verdict.pin is not None:
+            log.warning("pinned the CP MRTD %s (first proof seen)", verdict.pin)
+        if verdict.accepted:
+            log.info("CP writes on this session: %s", verdict.reason)
+            return
+        log.error("the CP's proof is refused (%s: %s); every write on this session will be "
+                  "refused", verdict.code, verdict.reason)
+        try:
+            await ws.send_message(encode_message(ErrorMessage(code=verdict.code,
+                                                              message=verdict.reason[:500])))
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            pass  # the session's reader sees the end (after any frame still queued)
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, reg: Registered) -> Outcome:
         log.info("registered as %s (heartbeat every %g s)", reg.agent_id, reg.heartbeat_interval_s)

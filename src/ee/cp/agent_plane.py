@@ -29,6 +29,19 @@ Exception boundaries (nothing one peer sends can reach the plane's nursery):
 A crash of the plane itself (its listener or sweep: a real bug) is logged with its
 traceback before it reaches the supervisor.
 
+CP envelopes and tunnels (at ``registered``): when the agent sent a ``cp_nonce`` and the
+CP has an ``EnvelopeProver`` (``ee.cp.envelope``), ``registered.cp_proof`` carries the
+CP's quote over that nonce and its write key, and the session signs every ``deploy``
+and ``undeploy`` it sends (under its send lock, so ``seq`` follows the wire order).
+With a ``TunnelProvider`` (``ee.cp.tunnels``), ``registered.tunnel`` carries the
+agent's grant. Neither ever blocks a registration: a failed quote or grant is logged,
+emitted (``cp.envelope_proof_failed``, ``agent.tunnel_failed``) and the agent is
+admitted without it (the tunnel is retried at its next registration). An agent that
+refuses a write says why (``deploy_status`` ``failed`` with ``error`` "<CODE>: ...",
+or an ``error`` frame with the code, ``WRITE_REFUSAL_CODES``): the plane emits
+``agent.write_refused`` with the code. Such error frames are not bad frames, up to
+``max_write_refusals`` per session.
+
 Liveness: an agent counts as alive only on heartbeats it sends (``last_heartbeat``),
 never on other frames (error frames, orphan replies, unknown ``deploy_status``), so an
 agent that stopped heartbeating goes stale and offline whatever else it sends. An
@@ -65,8 +78,10 @@ from ee.actors.datacenter import DatacenterActor
 from ee.actors.identity import Identity
 from ee.attestation.tpm import qualifying_data
 from ee.attestation.tpm_credential import Credential
+from ee.cp.envelope import EnvelopeProver, WriteSigner
 from ee.cp.events import EventBus
 from ee.cp.registration import Admission, Judge, NonceBook, Refusal
+from ee.cp.tunnels import TunnelError, TunnelProvider
 from ee.protocol import (
     AgentProtocolError,
     Frame,
@@ -77,9 +92,12 @@ from ee.protocol import (
     registration_report_data,
 )
 from ee.protocol.messages import (
+    WRITE_REFUSAL_CODES,
     Challenge,
+    CpProof,
     CredentialAnswer,
     CredentialChallenge,
+    Deploy,
     DeployStatus,
     ErrorMessage,
     Heartbeat,
@@ -88,6 +106,8 @@ from ee.protocol.messages import (
     Register,
     Registered,
     Rejected,
+    TunnelGrant,
+    Undeploy,
 )
 from ee.protocol.strict import printable
 from ee.runtime import ActorDead, ActorError, MailboxFull, Registry
@@ -117,6 +137,9 @@ class PlaneSettings:
     stale_after_s: float = 30.0
     attest_interval_s: float = 3600.0
     reconnect_after_s: float = 2.0
+    tunnel_timeout_s: float = 15.0  # per grant; registration waits at most this long
+    proof_timeout_s: float = 15.0  # per CP quote
+    max_write_refusals: int = 64  # per session, before refusal error frames count as bad
 
 
 class Session:
@@ -133,6 +156,8 @@ class Session:
         self._pending: dict[int, tuple[trio.Event, list[Message]]] = {}
         self._send_lock = trio.Lock()
         self.bad_frames = 0
+        self.write_refusals = 0
+        self.signer: WriteSigner | None = None  # set at registration when the CP proved itself
         # For the plane's staleness sweep: heartbeats only (see the module docstring).
         self.last_heartbeat = trio.current_time()
         self.attested_at = trio.current_time()
@@ -144,9 +169,10 @@ class Session:
         return self._identity
 
     async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
-        text = encode_message(msg, id=id, re=re)
         async with self._send_lock:
-            await self.ws.send_message(text)
+            if self.signer is not None and isinstance(msg, Deploy | Undeploy):
+                msg = self.signer.sign(msg)  # in the lock: seq follows the wire order
+            await self.ws.send_message(encode_message(msg, id=id, re=re))
 
     async def request(self, msg: Message, timeout: float) -> Message:
         request_id = next(self._next_request)
@@ -226,6 +252,8 @@ class AgentPlane:
         metrics: Any,
         attest_limiter: trio.CapacityLimiter,
         claim_name: Callable[[Identity, float], Refusal | None] = lambda _i, _t: None,
+        prover: EnvelopeProver | None = None,
+        tunnels: TunnelProvider | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -241,6 +269,8 @@ class AgentPlane:
         self.metrics = metrics
         self.attest_limiter = attest_limiter
         self.claim_name = claim_name  # binds a VM name to its key, atomically; or refuses
+        self.prover = prover  # the CP's write key and quote (None: the CP proves nothing)
+        self.tunnels = tunnels  # grants registered.tunnel (None: no tunnels)
         self.nonces = NonceBook(settings.nonce_ttl_s)
         self.sessions: dict[str, Session] = {}
         self.known: dict[str, Identity] = {}  # vm_name -> last admitted identity
@@ -535,7 +565,60 @@ class AgentPlane:
         await session.send(Rejected(code=refusal.code, reasons=reasons))
         await session.close(1008, f"registration rejected: {refusal.code}")
 
+    async def _prove(self, session: Session, register: Register,
+                     identity: Identity) -> CpProof | None:
+        """The CP's proof for this session, and its signer; None when there is none."""
+        if self.prover is None or register.cp_nonce is None:
+            return None
+        proof = None
+        try:
+            with trio.move_on_after(self.settings.proof_timeout_s):
+                proof = await self.prover.prove(register.cp_nonce)
+            problem = "timed out" if proof is None else ""
+        except Exception as exc:  # a provider fault must not refuse or crash the session
+            problem = f"{type(exc).__name__}: {exc}"
+        if proof is None:
+            log.error("cannot prove the CP write key to %s: %s", identity.agent_id, problem)
+            self.events.emit("cp.envelope_proof_failed", identity.agent_id,
+                             {"error": printable(problem, REASON_CHARS)})
+            return None
+        session.signer = self.prover.signer(register.cp_nonce)
+        return proof
+
+    async def _grant_tunnel(self, identity: Identity) -> TunnelGrant | None:
+        if self.tunnels is None:
+            return None
+        grant = None
+        try:
+            with trio.move_on_after(self.settings.tunnel_timeout_s):
+                grant = await self.tunnels.grant(identity.agent_id, identity.vm_name)
+            problem = "timed out" if grant is None else ""
+        except TunnelError as exc:
+            problem = str(exc)
+        except Exception as exc:  # a provider bug must not refuse or crash the session
+            log.exception("tunnel provider failed for %s", identity.agent_id)
+            problem = f"{type(exc).__name__}: {exc}"
+        if grant is None:
+            log.warning("no tunnel for %s (retried at its next registration): %s",
+                        identity.agent_id, printable(problem, REASON_CHARS))
+            self.events.emit("agent.tunnel_failed", identity.agent_id,
+                             {"error": printable(problem, REASON_CHARS)})
+            return None
+        self.events.emit("agent.tunnel_granted", identity.agent_id, {"hostname": grant.hostname})
+        return grant
+
+    def _write_refused(self, session: Session, code: str, message: str,
+                       deployment_id: str | None = None) -> None:
+        """The agent refused a CP write (or the CP's proof): say so to the operator."""
+        agent_id = session.identity.agent_id
+        detail = printable(message, REASON_CHARS)
+        log.warning("agent %s refused a CP write: %s: %s", agent_id, code, detail)
+        self.events.emit("agent.write_refused", agent_id,
+                         {"code": code, "reason": detail, "deployment_id": deployment_id})
+
     async def _admitted(self, session: Session, register: Register, identity: Identity) -> None:
+        proof = await self._prove(session, register, identity)
+        tunnel = await self._grant_tunnel(identity)
         session._identity = identity
         self.known[identity.vm_name] = identity
         self.metrics.registrations.labels("admitted", identity.datacenter).inc()
@@ -550,7 +633,8 @@ class AgentPlane:
         session.last_heartbeat = trio.current_time()
         await session.send(Registered(agent_id=identity.agent_id,
                                       heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                                      attest_interval_s=self.settings.attest_interval_s))
+                                      attest_interval_s=self.settings.attest_interval_s,
+                                      tunnel=tunnel, cp_proof=proof))
         await self.registry.ref(f"agent/{identity.agent_id}").tell(
             SessionOpened(session, register.snapshot))
 
@@ -594,7 +678,15 @@ class AgentPlane:
                 self.metrics.heartbeats.inc()
                 handoff: object = HeartbeatIn(session.session_id, msg, trio.current_time())
             elif isinstance(msg, DeployStatus):
+                code = _refusal_code(msg)
+                if code is not None:
+                    self._write_refused(session, code, msg.error or "", msg.deployment_id)
                 handoff = DeployStatusIn(session.session_id, msg)
+            elif (isinstance(msg, ErrorMessage) and (code := _error_refusal_code(msg))
+                  and session.write_refusals < self.settings.max_write_refusals):
+                session.write_refusals += 1
+                self._write_refused(session, code, msg.message)
+                continue
             elif isinstance(msg, ErrorMessage):
                 # Unsolicited: logged (escaped, capped) and counted, never answered (an
                 # error for an error could ping-pong between two peers).
@@ -619,6 +711,25 @@ class AgentPlane:
                 return
             if isinstance(msg, Heartbeat):
                 session.last_heartbeat = trio.current_time()
+
+
+def _refusal_code(status: DeployStatus) -> str | None:
+    """The write-refusal code a ``failed`` deploy status starts with, if any."""
+    if status.state != "failed" or not status.error:
+        return None
+    code = status.error.split(":", 1)[0]
+    return code if code in WRITE_REFUSAL_CODES else None
+
+
+def _error_refusal_code(msg: ErrorMessage) -> str | None:
+    """The write-refusal code of an ``error`` frame: its code, or (``envelope_refused``,
+    the agent's generic code) the one its message starts with."""
+    if msg.code in WRITE_REFUSAL_CODES:
+        return msg.code
+    prefix = msg.message.split(":", 1)[0]
+    if msg.code == "envelope_refused" and prefix in WRITE_REFUSAL_CODES:
+        return prefix
+    return None
 
 
 __all__ = ["CONNECT_PATH", "AgentPlane", "AgentRequestError", "PlaneSettings", "Session"]

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -52,6 +52,7 @@ from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
+from ee.cp.envelope import CpAttestation, EnvelopeProver, make_prover
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
@@ -66,6 +67,7 @@ from ee.cp.records import (
     prune_history_forever,
 )
 from ee.cp.registration import Judge, Refusal
+from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
@@ -122,6 +124,14 @@ class CpConfig:
     rejection_flush_interval_s: float = 5.0  # refused registrations: tally, then write
     tenant_max_versions: int = 200  # per account
     tenant_max_stored_bytes: int = 512 << 20  # per account: compose texts + build contexts
+    # How the CP proves its write key to agents (ee.cp.envelope): "tsm" (the CP runs in a
+    # TD), "sim" (dev, or a test TD), "none" (no proof: agents with cp_envelope=required
+    # refuse every write). Default: sim with --dev, else tsm.
+    cp_attestation: str | None = None
+    tsm_root: str = "/sys/kernel/config/tsm/report"
+    # Cloudflare tunnels granted at registration (ee.cp.tunnels.CloudflareSettings fields:
+    # account_id, zone_id, api_token_file, domain, api_base?, origin_service?, timeout_s?).
+    tunnels: dict[str, Any] | None = None
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
@@ -233,7 +243,9 @@ class ControlPlane:
                                    stale_after_s=s.stale_after_s,
                                    attest_interval_s=s.attest_interval_s),
             record_registration=self._record_registration, metrics=self.metrics,
-            attest_limiter=self.attest_limiter)
+            attest_limiter=self.attest_limiter, prover=self._make_prover(),
+            tunnels=(CloudflareTunnels(CloudflareSettings(**config.tunnels))
+                     if config.tunnels else None))
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
@@ -269,6 +281,17 @@ class ControlPlane:
             [normalise_fmspc(f) for f in c.pccs_fmspcs], self.bootstrap.roots,
             c.refresh_settings(), registry=self.metrics.registry, emit=self.events.emit,
             directory=c.data_dir / "collateral")
+
+    def _make_prover(self) -> EnvelopeProver | None:
+        kind = self.config.cp_attestation or ("sim" if self.bootstrap.dev else "tsm")
+        if kind not in ("tsm", "sim", "none"):
+            raise ValueError(f"cp_attestation must be tsm, sim or none, not {kind!r}")
+        if kind == "tsm" and not Path(self.config.tsm_root).exists():
+            log.warning("cp_attestation tsm: %s does not exist, so this CP cannot prove its "
+                        "writes and agents with cp_envelope=required will refuse them "
+                        "(run the CP in a TD, or set cp_attestation)", self.config.tsm_root)
+        return make_prover(cast(CpAttestation, kind), sim_dir=self.bootstrap.sim_dir,
+                           tsm_root=self.config.tsm_root)
 
     def judge(self) -> Judge:
         now = time.time()

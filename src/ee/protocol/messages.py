@@ -39,10 +39,12 @@ from ee.protocol.strict import check, make_converter, problems
 
 __all__ = [
     "MESSAGE_TYPES",
+    "WRITE_REFUSAL_CODES",
     "Attest",
     "Attestation",
     "ContainerStats",
     "CpEnvelope",
+    "CpProof",
     "CredentialAnswer",
     "CredentialChallenge",
     "Deploy",
@@ -87,7 +89,19 @@ ReplicaState: TypeAlias = Literal[
 NONCE_MIN_BYTES = 16
 NONCE_MAX_BYTES = 64
 PUBLIC_KEY_BYTES = 32  # raw Ed25519
+SIGNATURE_BYTES = 64  # Ed25519
 MAX_PATH_CHARS = 120  # of a field path in a FrameError (mapping keys are the peer's)
+
+#: Why an agent refused a CP write (``deploy_status.error`` starts with "<CODE>: ";
+#: an ``error`` frame carries it as its ``code``). See ``ee.agent.cptrust``.
+WRITE_REFUSAL_CODES: frozenset[str] = frozenset({
+    "ENVELOPE_MISSING",
+    "ENVELOPE_REPLAYED",
+    "ENVELOPE_BAD_SIGNATURE",
+    "CP_QUOTE_INVALID",
+    "CP_MRTD_NOT_ALLOWED",
+    "CP_PIN_MISMATCH",
+})
 
 _HEX_DIGEST = re.compile(r"\A(?:sha256:)?(?:[0-9a-f]{2})+\Z")  # compose hashes: "sha256:<hex>"
 
@@ -101,6 +115,7 @@ _nonce = check(
 )
 _public_key = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte Ed25519 key")
 _credential_secret = check(lambda v: 1 <= len(v) <= 64, "must be 1..64 bytes")
+_signature = check(lambda v: len(v) == SIGNATURE_BYTES, "must be a 64-byte Ed25519 signature")
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
 _abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
 _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
@@ -162,15 +177,35 @@ class TunnelGrant:
 
 
 @attrs.frozen
-class CpEnvelope:
-    """The CP's own quote attached to a write (deploy, undeploy) when it runs in a TD.
+class CpProof:
+    """The CP's proof of its session key, sent once per session in ``registered``.
 
-    Its REPORTDATA is :func:`ee.protocol.reportdata.cp_envelope_report_data` of the
-    message type and body (without the envelope).
+    ``public_key`` is the CP's Ed25519 write key (one per CP process, born inside the
+    CP's TD); ``quote`` is the CP's own TD quote whose REPORTDATA is
+    :func:`ee.protocol.reportdata.cp_envelope_report_data` of the ``cp_nonce`` the
+    agent sent in ``register`` and ``public_key``. So the quote is fresh for this
+    session and vouches for the key that signs every write of it.
     """
 
     provider: Provider
+    public_key: bytes = attrs.field(validator=_public_key)
     quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+
+
+@attrs.frozen
+class CpEnvelope:
+    """The CP's signature on one write (``deploy``, ``undeploy``).
+
+    ``signature`` is Ed25519 by the key of the session's :class:`CpProof` over
+    :func:`ee.protocol.reportdata.cp_write_document` of the type, the body as sent
+    (without ``envelope``), the session's ``cp_nonce`` and ``seq``. ``seq`` starts at
+    1 and grows by at least one per write on a session: a write recorded on another
+    session fails the signature (other nonce), one re-sent on this session fails the
+    sequence.
+    """
+
+    seq: int = attrs.field(validator=_positive)
+    signature: bytes = attrs.field(validator=_signature)
 
 
 @attrs.frozen
@@ -265,6 +300,9 @@ class Register:
     bootstrap_token: str | None = None
     #: Where the agent's HTTP API (health, attested health, workload proxy) answers.
     url: str | None = None
+    #: Fresh per session, chosen by the agent: the CP's quote in ``registered.cp_proof``
+    #: must bind it, so a proof (and the writes signed under it) cannot be replayed.
+    cp_nonce: bytes | None = attrs.field(default=None, validator=_nonce)
 
 
 @attrs.frozen
@@ -277,6 +315,9 @@ class Registered:
     heartbeat_interval_s: float = attrs.field(validator=_positive)
     attest_interval_s: float = attrs.field(validator=_positive)
     tunnel: TunnelGrant | None = None
+    #: The CP's quote over ``register.cp_nonce`` and its write key (absent when the CP
+    #: does not run in a TD, or the agent sent no ``cp_nonce``).
+    cp_proof: CpProof | None = None
 
 
 @attrs.frozen

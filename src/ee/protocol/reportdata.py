@@ -9,12 +9,17 @@ for one purpose cannot be replayed for another:
 - workload health (``GET /api/health?attest=true``):
   ``SHA-512(b"ee/v2/health" || nonce || compose_hash)`` where ``compose_hash`` is the
   raw digest (pass the bytes, or the hex string as reported, which is decoded);
-- CP envelope on writes: ``SHA-512(b"ee/v2/cp-envelope" || type || 0x00 ||
-  canonical_json(body without "envelope"))``.
+- CP proof (``registered.cp_proof``): ``SHA-512(b"ee/v2/cp-envelope" || cp_nonce ||
+  cp_public_key)``, binding the CP's quote to the nonce the agent chose for this
+  session and to the CP's raw 32-byte Ed25519 write key.
 
 The tagged fields have fixed meanings but not all fixed lengths; the nonce and key
 lengths are fixed by the protocol (nonce 16..64 bytes is checked by the messages, the
-public key is always 32 bytes), so concatenation is unambiguous for registration.
+public key is always 32 bytes, and it comes last), so concatenation is unambiguous.
+
+What the CP's write key signs on each write (``envelope.signature``) is not REPORTDATA
+but lives here too, beside the proof it hangs from: :func:`cp_write_document`, a JSON
+object signed with :func:`ee.protocol.signing.sign_document` (canonical JSON).
 """
 
 from __future__ import annotations
@@ -23,11 +28,10 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from ee.protocol.canonical import canonical_json
-
 __all__ = [
     "REPORT_DATA_BYTES",
     "cp_envelope_report_data",
+    "cp_write_document",
     "health_report_data",
     "registration_report_data",
 ]
@@ -36,6 +40,7 @@ REPORT_DATA_BYTES = 64
 _REGISTER_TAG = b"ee/v2/register"
 _HEALTH_TAG = b"ee/v2/health"
 _ENVELOPE_TAG = b"ee/v2/cp-envelope"
+CP_WRITE_DOMAIN = "ee/v2/cp-write"
 
 
 def registration_report_data(nonce: bytes, public_key: bytes) -> bytes:
@@ -57,9 +62,20 @@ def health_report_data(nonce: bytes, compose_hash: bytes | str) -> bytes:
     return hashlib.sha512(_HEALTH_TAG + nonce + digest).digest()
 
 
-def cp_envelope_report_data(type_: str, body: Mapping[str, Any]) -> bytes:
-    """REPORTDATA for the CP's quote on a write message (64 bytes)."""
+def cp_envelope_report_data(cp_nonce: bytes, cp_public_key: bytes) -> bytes:
+    """REPORTDATA for the CP's quote proving its write key to one session (64 bytes)."""
+    if len(cp_public_key) != 32:
+        raise ValueError(f"public key must be 32 raw bytes, got {len(cp_public_key)}")
+    if not cp_nonce:
+        raise ValueError("cp_nonce must not be empty")
+    return hashlib.sha512(_ENVELOPE_TAG + cp_nonce + cp_public_key).digest()
+
+
+def cp_write_document(
+    type_: str, body: Mapping[str, Any], cp_nonce: bytes, seq: int
+) -> dict[str, Any]:
+    """What the CP's write key signs for one write: the message type, its body as sent
+    (without ``envelope``), the session's ``cp_nonce`` (hex) and the write's ``seq``."""
     unsigned = {k: v for k, v in body.items() if k != "envelope"}
-    return hashlib.sha512(
-        _ENVELOPE_TAG + type_.encode("utf-8") + b"\x00" + canonical_json(unsigned)
-    ).digest()
+    return {"domain": CP_WRITE_DOMAIN, "type": type_, "body": unsigned,
+            "cp_nonce": cp_nonce.hex(), "seq": seq}
