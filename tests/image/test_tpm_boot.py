@@ -195,6 +195,8 @@ async def test_changed_cmdline_is_refused(world: TpmWorld, tmp_path: Path) -> No
                 while not (found := refused.search(
                         await trio.Path(tmp_path / "cp.log").read_text())):
                     assert qemu.returncode is None, serial_text(boot.serial)[-3000:]
+                    agents = (await admin.get("/api/v2/agents")).json()["agents"]
+                    assert not [a for a in agents if a["vm_name"] == "tpm-vm-2"], agents
                     await trio.sleep(2)
             print(f"OVMF + vTPM boot to refused: {trio.current_time() - started:.0f}s "
                   f"({spec.accel})")
