@@ -9,6 +9,7 @@ outlives the test). `tpm2(tcti, ...)` runs one tpm2-tools command.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import struct
@@ -23,6 +24,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+from cryptography.x509.oid import NameOID
 
 from ee.attestation import eventlog as E
 from ee.attestation import tpm as T
@@ -67,6 +74,33 @@ def local_ca(directory: Path) -> LocalCa:
         f"create_certs_tool_options = {directory}/localca.options\n"
         "active_pcr_banks = sha256\n")
     return LocalCa(directory)
+
+
+def direct_ca(directory: Path) -> LocalCa:
+    """A swtpm-localca whose signing key is a self-signed root CA made here, so the EK
+    certificates it issues chain to the root directly (no intermediate for the agent to
+    send: what a VM that carries no ``tpm_ek_chain`` file needs). ``root_pem`` is that
+    root, the one to pin as an EK root. ECDSA P-256: bundles pin only ECDSA roots."""
+    ca = local_ca(directory)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EE test EK root")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (directory / "signkey.pem").write_bytes(key.private_bytes(
+        Encoding.PEM, PrivateFormat.TraditionalOpenSSL, NoEncryption()))
+    (directory / "signkey.pem").chmod(0o600)
+    for f in ("issuercert.pem", "swtpm-localca-rootca-cert.pem"):
+        (directory / f).write_bytes(cert.public_bytes(Encoding.PEM))
+    return ca
 
 
 def manufacture(ca: LocalCa, state: Path) -> None:

@@ -167,3 +167,50 @@ def test_dev_bundle_only_with_dev(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     write_signed(data / "bootstrap.json", doc, load_private_key(data / "cp.key"))
     with pytest.raises(BootstrapError, match="--bundle-pubkey"):
         load(data, dev=False)
+
+
+def test_ek_roots_are_pinned_from_the_cli(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ek-root PEM`` (repeatable) pins TPM EK CAs into ``trust.ek_roots``; a bundle
+    without it trusts none (the CP then refuses vTPM evidence); a non-CA, a CA that is
+    not self-signed, or an unreadable file is refused at creation."""
+    assert eectl_cp("bundle", "keygen", "--out", str(tmp_path / "offline")) == 0
+    key, pub = tmp_path / "offline.key", tmp_path / "offline.pub"
+    td, other = SimTD.create(), SimTD.create()
+    pems = []
+    for name, cert in (("vendor-a", td.root_cert), ("vendor-b", other.root_cert),
+                       ("leaf", td.chain.pck_cert), ("intermediate", td.chain.pck_ca_cert)):
+        pems.append(tmp_path / f"{name}.pem")
+        pems[-1].write_bytes(cert.public_bytes(Encoding.PEM))
+
+    def create(out: str, *extra: str) -> int:
+        return eectl_cp("bundle", "create", "--signing-key", str(key), "--out",
+                        str(tmp_path / out), "--cluster-id", "c1", *extra)
+
+    assert create("plain") == 0
+    assert load(tmp_path / "plain", dev=False, bundle_pubkey=load_bundle_pubkey(pub)
+                ).ek_roots == ()
+    assert create("tpm", "--ek-root", str(pems[0]), "--ek-root", str(pems[1])) == 0
+    boot = load(tmp_path / "tpm", dev=False, bundle_pubkey=load_bundle_pubkey(pub))
+    assert [fingerprint(c) for c in boot.ek_roots] == [fingerprint(td.root_cert),
+                                                        fingerprint(other.root_cert)]
+    assert [fingerprint(r) for r in boot.roots] == [INTEL_FP]  # --root is independent
+    entries = json.loads((tmp_path / "tpm" / "bootstrap.json").read_text())["trust"]["ek_roots"]
+    assert [e["name"] for e in entries] == ["vendor-a", "vendor-b"]
+    capsys.readouterr()
+    assert eectl_cp("bundle", "show", str(tmp_path / "tpm"), "--pubkey", str(pub),
+                    "--json") == 0
+    view = json.loads(capsys.readouterr().out)
+    assert [r["sha256"] for r in view["ek_roots"]] == [e["sha256"] for e in entries]
+    # A pinned EK root swapped for another CA after signing does not load.
+    resign(tmp_path / "tpm", tmp_path,
+           lambda d: d["trust"]["ek_roots"][0].update(
+               pem=other.root_cert.public_bytes(Encoding.PEM).decode()))
+    refused(tmp_path / "tpm", pub, r"ek_roots\[0\] \(vendor-a\): fingerprint")
+    assert create("leaf", "--ek-root", str(pems[2])) == 1
+    assert create("mid", "--ek-root", str(pems[3])) == 1
+    assert not (tmp_path / "leaf" / "bootstrap.json").exists()
+    assert create("missing", "--ek-root", str(tmp_path / "nope.pem")) == 2
+    capsys.readouterr()
+    assert create("garbage", "--ek-root", str(key)) == 2  # a key, not a certificate
+    assert "--ek-root" in capsys.readouterr().err

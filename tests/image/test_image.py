@@ -120,8 +120,8 @@ async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu
             print(f"boot to registered: {trio.current_time() - started:.0f}s ({spec.accel})")
             async with httpx.AsyncClient(timeout=10) as client:
                 health = (await client.get(f"http://127.0.0.1:{port}/api/health")).json()
-            assert health["cp_connected"] is True
-            assert health["vm_name"] == "image-vm"
+            # the public view (the operator fields need the control secret, inside the VM)
+            assert health == {"status": "healthy", "compose_hash": None, "deployments": []}
     log = re.sub(r"\x1b\[[0-9;]*m", "", serial.read_text(errors="replace"))
     assert "ee-init: root verified by dm-verity" in log
     assert "ee-data: /data is dm-crypt (ephemeral key) on /dev/vdb" in log

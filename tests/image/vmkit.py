@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ee.image.qemu import VmSpec, choose_accel, qemu_command
+from ee.image.qemu import VmSpec, choose_accel, qemu_command, swtpm_command
 
 
 def free_port() -> int:
@@ -57,11 +57,12 @@ async def booted(spec: VmSpec, log: Path) -> AsyncIterator[trio.Process]:
 
 
 @asynccontextmanager
-async def dev_cp(tmp: Path) -> AsyncIterator[tuple[str, int, str, dict[str, str]]]:
-    """A real ``ee-cp --dev`` on loopback: (http base, agent-plane port, token, env)."""
-    env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
+async def cp_server(tmp: Path, args: list[str], env: dict[str, str],
+                    token: Path) -> AsyncIterator[tuple[str, int, str, dict[str, str]]]:
+    """A real ``ee-cp`` (*args* after the listeners) on loopback, healthy: (http base,
+    agent-plane port, admin token read from *token*, env). Its log is ``tmp/cp.log``."""
     port, plane = free_port(), free_port()
-    argv = [sys.executable, "-m", "ee.cp.server", "--dev", "--data-dir", str(tmp / "cp"),
+    argv = [sys.executable, "-m", "ee.cp.server", *args,
             "--listen", f"127.0.0.1:{port}", "--agent-listen", f"127.0.0.1:{plane}"]
     base = f"http://127.0.0.1:{port}"
     async with running(argv, tmp / "cp.log", env) as proc:
@@ -75,5 +76,34 @@ async def dev_cp(tmp: Path) -> AsyncIterator[tuple[str, int, str, dict[str, str]
                     except httpx.HTTPError:
                         pass
                     await trio.sleep(0.5)
-        token = (tmp / "cp" / "admin.token").read_text().strip()
-        yield base, plane, token, env
+        yield base, plane, (await trio.Path(token).read_text()).strip(), env
+
+
+@asynccontextmanager
+async def dev_cp(tmp: Path) -> AsyncIterator[tuple[str, int, str, dict[str, str]]]:
+    """A real ``ee-cp --dev`` on loopback: (http base, agent-plane port, token, env)."""
+    env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
+    async with cp_server(tmp, ["--dev", "--data-dir", str(tmp / "cp")], env,
+                         tmp / "cp" / "admin.token") as cp:
+        yield cp
+
+
+@asynccontextmanager
+async def production_cp(tmp: Path, data: Path,
+                        bundle_pubkey: Path) -> AsyncIterator[tuple[str, int, str, dict[str, str]]]:
+    """A real production ``ee-cp`` (no --dev) from the signed bundle in *data*."""
+    async with cp_server(tmp, ["--data-dir", str(data), "--bundle-pubkey", str(bundle_pubkey)],
+                         dict(os.environ), data / "admin.token") as cp:
+        yield cp
+
+
+@asynccontextmanager
+async def swtpm(state: Path, sock: Path, log: Path) -> AsyncIterator[trio.Process]:
+    """swtpm serving the TPM in *state* to one QEMU on *sock* (gone when QEMU is)."""
+    await trio.Path(sock).unlink(missing_ok=True)
+    async with running(swtpm_command(state, sock, log), log.with_suffix(".out")) as proc:
+        with trio.fail_after(20):
+            while not await trio.Path(sock).exists():
+                assert proc.returncode is None, f"swtpm exited: see {log}"
+                await trio.sleep(0.05)
+        yield proc

@@ -4,7 +4,8 @@
                                               bundle signing key, or the CP's own key
     eectl cp bundle create --signing-key FILE --out DATA_DIR --cluster-id ID
           [--environment production|staging] [--root intel|PEM]... [--policy FILE]
-          [--federation-ca PEM] [--cp-pubkey FILE] [--admin-token-sha256 HEX]
+          [--ek-root PEM]... [--federation-ca PEM] [--cp-pubkey FILE]
+          [--admin-token-sha256 HEX]
     eectl cp bundle verify DATA_DIR|BUNDLE --pubkey FILE
     eectl cp bundle show DATA_DIR|BUNDLE [--pubkey FILE]
 
@@ -79,6 +80,10 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         choices=("production", "staging"))
     create.add_argument("--root", action="append", metavar="intel|PEM",
                         help="a trusted attestation root; repeat (default: intel)")
+    create.add_argument("--ek-root", action="append", metavar="PEM",
+                        help="a TPM endorsement key CA (self-signed) the tpm provider's "
+                             "EK certificates must chain to; repeat (default: none, vTPM "
+                             "evidence is refused)")
     create.add_argument("--policy", metavar="FILE",
                         help="measurement policy JSON (mode, allowlists, node_sizes, "
                              "allowed_tcb_statuses, ...); default: strict, any measurement")
@@ -127,6 +132,10 @@ def _roots(specs: list[str] | None) -> list[tuple[str, x509.Certificate]]:
     return out
 
 
+def _ek_roots(paths: list[str] | None) -> list[tuple[str, x509.Certificate]]:
+    return [(Path(p).stem, _cert(p, "--ek-root")) for p in paths or []]
+
+
 def _cert(path: str, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
@@ -166,6 +175,7 @@ def create_command(args: argparse.Namespace) -> int:
             raise _Usage(f"{target} exists (--force replaces it)")
         signer = load_private_key(args.signing_key)
         roots = _roots(args.root)
+        ek_roots = _ek_roots(args.ek_root)
         policy = _policy(args.policy)
         fed = _cert(args.federation_ca, "--federation-ca") if args.federation_ca else None
         out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +198,7 @@ def create_command(args: argparse.Namespace) -> int:
         doc = bootstrap.make_bundle(
             cluster_id=args.cluster_id, environment=args.environment, cp_public_key=cp_pub,
             admin_token_sha256=token_sha.lower(), roots=roots, policy=policy,
-            federation_ca=fed)
+            federation_ca=fed, ek_roots=ek_roots)
     except (_Usage, KeyFileError, OSError) as exc:
         return _fail(EXIT_USAGE, str(exc))
     except (BootstrapError, PolicyFormatError) as exc:
@@ -200,7 +210,8 @@ def create_command(args: argparse.Namespace) -> int:
         path.chmod(0o600)
         print(f"admin token (kept in {path}, mode 0600): {token}")
     print(f"wrote {target} (+ .sig): cluster {args.cluster_id}, {args.environment}, "
-          f"{len(roots)} root(s), signer {public_key_bytes(signer).hex()}")
+          f"{len(roots)} root(s), {len(ek_roots)} EK root(s), "
+          f"signer {public_key_bytes(signer).hex()}")
     return EXIT_OK
 
 
@@ -228,6 +239,10 @@ def describe(parsed: bootstrap.BundleDoc) -> dict[str, Any]:
         "roots": [{"name": e["name"], "sha256": e["sha256"],
                    "subject": c.subject.rfc4514_string()}
                   for e, c in zip(parsed.doc["trust"]["roots"], parsed.roots, strict=True)],
+        "ek_roots": [{"name": e["name"], "sha256": e["sha256"],
+                      "subject": c.subject.rfc4514_string()}
+                     for e, c in zip(parsed.doc["trust"].get("ek_roots", []),
+                                     parsed.ek_roots, strict=True)],
         "policy": parsed.doc["trust"].get("policy", {}),
         "federation_ca": (parsed.federation_ca.subject.rfc4514_string()
                           if parsed.federation_ca is not None else None),
@@ -252,6 +267,8 @@ def show_command(args: argparse.Namespace) -> int:
         print(f"{key:>14}: {view[key]}")
     for root in view["roots"]:
         print(f"{'root':>14}: {root['name']} sha256 {root['sha256']} ({root['subject']})")
+    for root in view["ek_roots"]:
+        print(f"{'ek root':>14}: {root['name']} sha256 {root['sha256']} ({root['subject']})")
     print(f"{'policy':>14}: {json.dumps(view['policy'], sort_keys=True)}")
     if view["federation_ca"]:
         print(f"{'federation ca':>14}: {view['federation_ca']}")

@@ -105,8 +105,10 @@ def qemu_command(spec: VmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     return argv
 
 
-def swtpm_command(state_dir: Path, socket: Path) -> list[str]:
-    """A TPM 2.0 emulator for one VM (start it before QEMU; it exits with the VM)."""
-    return ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
-            "--ctrl", f"type=unixio,path={socket}", "--flags", "startup-clear",
-            "--log", "level=0"]
+def swtpm_command(state_dir: Path, socket: Path, log: Path | None = None) -> list[str]:
+    """A TPM 2.0 emulator for one VM, serving QEMU's control channel on *socket* (start it
+    before QEMU; it exits when the VM ends). The firmware sends TPM2_Startup itself, as on
+    a real machine, so the TPM is not started here."""
+    argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}",
+            "--ctrl", f"type=unixio,path={socket}", "--terminate"]
+    return argv + (["--log", f"file={log},level=1"] if log is not None else [])
