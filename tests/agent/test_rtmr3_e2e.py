@@ -145,12 +145,17 @@ async def test_deploys_are_measured_served_replayed_and_resumed(
 
             # Restarted on the same data dir: the software register resumes from the log
             # (the adopted deployment is already measured: no new event).
-            async with running_agent(config, workload_settings=settings) as agent2:
+            # (With a firmware event log, here a stand-in file, it is served too.)
+            ccel = tmp_path / "CCEL"
+            ccel.write_bytes(b"\x00firmware event log\xff")
+            async with running_agent(config, workload_settings=settings,
+                                     boot_log=ccel) as agent2:
                 await eventually(lambda: len(peer.registers) == 2)
                 assert agent2.runtime is not None
                 assert agent2.runtime.register.read() == rtmr3
                 attestation, quote, _ = await _attest(agent2, agent2.secret)
                 assert attestation["runtime_log"] == events
+                assert base64.b64decode(attestation["event_log"]) == ccel.read_bytes()
                 assert parse_quote(quote).report.rtmr3 == rtmr3
 
             # As after a TD reboot (log and register gone, containers back): the adopted
