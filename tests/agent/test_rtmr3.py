@@ -162,3 +162,29 @@ def test_read_boot_log(tmp_path: Path) -> None:
     (tmp_path / "CCEL").write_bytes(bytes(8 * 1024 * 1024 + 1))
     with pytest.raises(Rtmr3Error, match="larger than"):
         read_boot_log(tmp_path / "CCEL")
+
+
+def test_sim_quotes_carry_the_software_register(tmp_path: Path) -> None:
+    from ee.attestation import parse_quote
+    from ee.attestation.providers.sim import SimProvider, SimTD
+
+    td = SimTD.create(rtmrs=(b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, b"\x04" * 48))
+    m = RuntimeMeasurements.open(SoftwareRegister(), tmp_path / "rtmr3.jsonl")
+    provider = SimProvider(td, rtmr3=m.register.read)
+    deploy(m, 1)
+    report = parse_quote(provider.get_quote(bytes(64))).report
+    assert report.rtmr3 == m.check() and report.rtmr2 == b"\x03" * 48
+    assert parse_quote(SimProvider(td).get_quote(bytes(64))).report.rtmr3 == b"\x04" * 48
+
+
+def test_measured_names_the_last_event_of_a_deployment(tmp_path: Path) -> None:
+    from ee.agent.rtmr3 import TD_RUNTIME_LOG, runtime_log_path
+
+    m = RuntimeMeasurements.open(SoftwareRegister(), tmp_path / "rtmr3.jsonl")
+    assert not m.measured("dep-1", HASH_A)
+    deploy(m, 1)
+    assert m.measured("dep-1", HASH_A) and not m.measured("dep-2", HASH_A)
+    m.record_deploy(app="web", version="v9", deployment_id="dep-1", compose_hash=HASH_B)
+    assert m.measured("dep-1", HASH_B) and not m.measured("dep-1", HASH_A)
+    assert runtime_log_path("tsm", tmp_path) == TD_RUNTIME_LOG
+    assert runtime_log_path("sim", tmp_path) == tmp_path / "rtmr3.jsonl"

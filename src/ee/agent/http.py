@@ -30,7 +30,14 @@ Own routes (API.md, "Agent HTTP"):
 
 - ``GET /api/health``: public liveness: status, the compose hashes and states of what
   runs, and with ``?attest=true&nonce=<hex>`` a quote whose REPORTDATA is
-  ``health_report_data(nonce, compose hash)``; quotes are rate-limited per
+  ``health_report_data(nonce, compose hash)``, served with the logs that explain its
+  RTMRs: ``event_log`` (the firmware's CCEL, base64, RTMR0..2; null off TDX) and
+  ``runtime_digests`` (the RTMR3 runtime events' SHA-384 digests, in order: anyone can
+  replay them to the quoted RTMR3) and, for a caller with the agent secret only (the
+  events name apps, versions and deployments), ``runtime_log`` (the events themselves,
+  :mod:`ee.agent.rtmr3`); both null when RTMR3 is not measured. The logs are read
+  *before* the quote is taken, so a deploy that lands in between makes the replay fall
+  short of the quoted RTMR3 and the client asks again; quotes are rate-limited per
   client (IPv4 address or IPv6 /64) and under a global ceiling by a
   :class:`ClientRateLimit` (429 ``rate_limited`` with ``Retry-After``). Nothing that names a
   tenant or a deployment is public (apps are named ``<account id>.<name>``); a caller
@@ -103,7 +110,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ee.agent.rtmr3 import AttestationLogs, Rtmr3Error
 from ee.agent.workload import DeploymentStatus, UnknownDeployment
+from ee.attestation.eventlog import RUNTIME_EVENT_FIELDS
 from ee.protocol.messages import Health, Snapshot, body_to_dict
 from ee.protocol.reportdata import health_report_data
 
@@ -496,6 +505,7 @@ class HttpHost(Protocol):
     async def recheck(self, deployment_id: str) -> None: ...
     async def logs(self, deployment_id: str | None, tail: int) -> dict[str, str]: ...
     async def stats(self) -> dict[str, Any]: ...
+    async def attestation_logs(self) -> AttestationLogs: ...
 
 
 # --- the gate ---------------------------------------------------------------------------
@@ -670,7 +680,8 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
                 tunnel=agent.tunnel_view(),
             )
         if request.args.get("attest", "").lower() in ("1", "true", "yes"):
-            body["attestation"] = await _attest(agent, compose_hash, attest_bucket)
+            body["attestation"] = await _attest(agent, compose_hash, attest_bucket,
+                                                operator=has_secret())
         return _json(body)
 
     @app.get("/api/state-snapshot")
@@ -735,7 +746,7 @@ def _deployment_view(status: DeploymentStatus) -> dict[str, Any]:
 
 
 async def _attest(agent: HttpHost, compose_hash: str | None,
-                  bucket: ClientRateLimit) -> dict[str, Any]:
+                  bucket: ClientRateLimit, *, operator: bool) -> dict[str, Any]:
     raw = request.args.get("nonce", "")
     try:
         nonce = bytes.fromhex(raw)
@@ -758,6 +769,12 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
         log.warning("attested health refused: rate limit (retry in %ss)", retry)
         raise AgentHttpError(429, "rate_limited", "too many attested health requests; retry later",
                              {"retry_after_s": retry})
+    try:
+        logs = await agent.attestation_logs()  # before the quote: see the module docstring
+    except Rtmr3Error as exc:
+        log.error("attested health: cannot read the event logs: %s", exc)
+        raise AgentHttpError(503, "event_log_unavailable",
+                             "the agent cannot read its event logs; retry later") from None
     quote = await agent.quotes.quote(report_data)
     return {
         "provider": agent.quotes.name,
@@ -765,6 +782,12 @@ async def _attest(agent: HttpHost, compose_hash: str | None,
         "compose_hash": compose_hash,
         "report_data": report_data.hex(),
         "quote": base64.b64encode(quote).decode("ascii"),
+        "event_log": None if logs.event_log is None
+        else base64.b64encode(logs.event_log).decode("ascii"),
+        "runtime_digests": None if logs.runtime_log is None
+        else [e.digest.hex() for e in logs.runtime_log],
+        "runtime_log": None if logs.runtime_log is None or not operator
+        else [{k: getattr(e, k) for k in RUNTIME_EVENT_FIELDS} for e in logs.runtime_log],
     }
 
 

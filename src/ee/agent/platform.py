@@ -19,6 +19,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -125,12 +126,17 @@ class QuoteSource:
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(1))
 
     @classmethod
-    def from_config(cls, config: AgentConfig) -> QuoteSource:
+    def from_config(
+        cls, config: AgentConfig, rtmr3: Callable[[], bytes] | None = None
+    ) -> QuoteSource:
+        """The provider *config* names; *rtmr3* (the agent's software RTMR3 register's
+        ``read``) is what ``sim`` quotes report as RTMR3 (a real TD's quote carries the
+        hardware register, a vTPM quote none)."""
         if config.attestation_provider == "sim":
             from ee.attestation.providers.sim import SimProvider, SimTD
 
             sim_dir = config.sim_dir or os.path.join(config.data_dir, "sim")
-            return cls("sim", SimProvider(SimTD.load_or_create(sim_dir)))
+            return cls("sim", SimProvider(SimTD.load_or_create(sim_dir), rtmr3=rtmr3))
         if config.attestation_provider == "tpm":
             from cryptography import x509
             from cryptography.hazmat.primitives.serialization import Encoding

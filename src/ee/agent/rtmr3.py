@@ -30,8 +30,19 @@ Registers (`open_register`):
   provider can put it in its quotes' RTMR3; a vTPM quote does not carry it, so for
   ``tpm`` the log is informational only.
 
-The log must live exactly as long as the register: on a TD, in tmpfs (``/run``), so
-that both reset on reboot.
+The log must live exactly as long as the register (`runtime_log_path`): on a TD
+(``tsm``), in tmpfs, ``/run/easyenclave/rtmr3.jsonl``, so that both reset on reboot;
+with a software register (``sim``, ``tpm``), ``<data_dir>/rtmr3.jsonl``, which is the
+register's only memory, so an agent restarted on the same data dir resumes it.
+
+The agent (`ee.agent.server`) measures a deployment after the workload policy
+accepted it and before ``compose up`` runs it (`ee.agent.workload.ComposeRunner`); a
+failure to measure fails the deploy and nothing starts. Deployments adopted after an
+agent restart are measured again if the log's last event for them does not name their
+compose hash (a TD reboot resets RTMR3 while dockerd may keep the containers). The
+attested health (``GET /api/health?attest=true``) serves `AttestationLogs`: the log as
+read just before the quote was taken, so it explains the quoted RTMR3 unless a deploy
+landed in between (the replay then mismatches and the client asks again).
 """
 
 from __future__ import annotations
@@ -55,6 +66,8 @@ from ee.attestation.eventlog import (
 )
 
 TDX_RTMR3 = Path("/sys/devices/virtual/misc/tdx_guest/measurements/rtmr3:sha384")
+TD_RUNTIME_LOG = Path("/run/easyenclave/rtmr3.jsonl")  # tmpfs: resets with the TD
+RUNTIME_LOG_FILE = "rtmr3.jsonl"  # under the data dir, for software registers
 CCEL = Path("/sys/firmware/acpi/tables/data/CCEL")  # the firmware's RTMR0..2 event log
 DIGEST_SIZE = 48
 
@@ -146,6 +159,21 @@ def open_register(provider: str, *, sysfs: Path = TDX_RTMR3) -> Register:
     if provider in ("sim", "tpm"):
         return SoftwareRegister()
     raise Rtmr3Unavailable(f"no RTMR3 for attestation provider {provider!r}")
+
+
+def runtime_log_path(provider: str, data_dir: Path) -> Path:
+    """Where the runtime log lives for *provider*: as long as its register does."""
+    return TD_RUNTIME_LOG if provider == "tsm" else data_dir / RUNTIME_LOG_FILE
+
+
+@attrs.frozen
+class AttestationLogs:
+    """What the attested health serves beside its quote: the firmware's event log
+    (binary CCEL, RTMR0..2) and the runtime log's events (RTMR3), each None when this
+    agent has none."""
+
+    event_log: bytes | None = None
+    runtime_log: tuple[RuntimeEvent, ...] | None = None
 
 
 def read_boot_log(path: Path = CCEL) -> bytes | None:
@@ -244,6 +272,15 @@ class RuntimeMeasurements:
                 compose_hash=compose_hash,
             )
         )
+
+    def measured(self, deployment_id: str, compose_hash: str) -> bool:
+        """Whether the log's last event for *deployment_id* names *compose_hash*."""
+        with self._lock:
+            events = self._events
+        for event in reversed(events):
+            if event.deployment_id == deployment_id:
+                return event.compose_hash == compose_hash
+        return False
 
     def check(self) -> bytes:
         """RTMR3, after checking that the log replays to it."""

@@ -11,6 +11,12 @@ whatever session is live when they are reported (a status nobody hears is carrie
 the next registration's snapshot). An undeploy cancels an in-flight deploy of the same
 deployment first, and a redeploy cancels the previous in-flight deploy.
 
+:attr:`Agent.runtime` is RTMR3 and its runtime log (:mod:`ee.agent.rtmr3`): the runner
+measures each deployment into it before running it, the sim provider's quotes carry its
+register, and the attested health serves its log (with the firmware's event log on a
+TD). Under ``tsm`` on a kernel that cannot extend RTMR3 it is None: deployments then
+run unmeasured and the attested health serves ``runtime_log: null`` (logged at start).
+
 :meth:`Agent.run` adopts what a previous process left running, serves HTTP, starts
 the tunnel when configured, then runs the session loop until it gives up; the
 terminal action (``exit`` or ``poweroff_command``) then runs and
@@ -27,6 +33,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,6 +57,16 @@ from ee.agent.platform import (
     node_info,
     outbound_address,
     public_key_bytes,
+)
+from ee.agent.rtmr3 import (
+    CCEL,
+    AttestationLogs,
+    Rtmr3Error,
+    Rtmr3Unavailable,
+    RuntimeMeasurements,
+    open_register,
+    read_boot_log,
+    runtime_log_path,
 )
 from ee.agent.session import SessionLink, SessionLoop, Terminated
 from ee.agent.tunnel import TunnelSupervisor
@@ -130,7 +147,12 @@ class Agent:
         quotes: QuoteSource | None = None,
         jitter: Callable[[], float] = random.random,
         http_limits: HttpLimits | None = None,
+        runtime_log: Path | None = None,
+        boot_log: Path | None = None,
     ) -> None:
+        """*runtime_log* overrides where the RTMR3 runtime log lives
+        (`ee.agent.rtmr3.runtime_log_path`); *boot_log* where the firmware's event log
+        is read (default: the CCEL under ``tsm``, none otherwise)."""
         self.config = config
         self.http_limits = http_limits or HttpLimits(
             header_timeout_s=config.http_header_timeout_s,
@@ -148,8 +170,14 @@ class Agent:
         self.public_key = public_key_bytes(self.key)
         self.secret_path = self.data_dir / SECRET_FILE
         self.secret, self.secret_created = load_or_create_secret(self.secret_path)
-        self.quotes = quotes or QuoteSource.from_config(config)
-        self.runner = runner or ComposeRunner(self.data_dir, workload_settings)
+        self.runtime = self._open_runtime(runtime_log)
+        self.boot_log = boot_log or (CCEL if config.attestation_provider == "tsm" else None)
+        self._boot_log_bytes: bytes | None = None
+        self.quotes = quotes or QuoteSource.from_config(
+            config, rtmr3=None if self.runtime is None else self.runtime.register.read
+        )
+        self.runner = runner or ComposeRunner(self.data_dir, workload_settings,
+                                              measurer=self.runtime)
         self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds)
         self.sampler = NodeSampler(str(self.data_dir))
         self.node = node_info(config)
@@ -170,6 +198,46 @@ class Agent:
         self._stop = trio.Event()
         self._http_stopped = trio.Event()
         self.terminated: Terminated | None = None
+
+    def _open_runtime(self, override: Path | None) -> RuntimeMeasurements | None:
+        """RTMR3 and its log (see the module docstring); raises `Rtmr3Error` when the
+        log does not explain the register (the agent must not start lying)."""
+        provider = self.config.attestation_provider
+        path = override or runtime_log_path(provider, self.data_dir)
+        try:
+            register = open_register(provider)
+        except Rtmr3Unavailable as exc:
+            log.error("RTMR3 unavailable, deployments will not be measured: %s", exc)
+            return None
+        runtime = RuntimeMeasurements.open(register, path)
+        log.info("RTMR3 (%s) %s, %d runtime events in %s", register.kind,
+                 register.read().hex(), len(runtime.events), path)
+        return runtime
+
+    async def attestation_logs(self) -> AttestationLogs:
+        """The logs served with an attested health, read before its quote is taken."""
+        if self.boot_log is not None and self._boot_log_bytes is None:
+            self._boot_log_bytes = await trio.to_thread.run_sync(read_boot_log, self.boot_log)
+        runtime = None if self.runtime is None else self.runtime.events
+        return AttestationLogs(event_log=self._boot_log_bytes, runtime_log=runtime)
+
+    async def _measure_adopted(self, adopted: list[DeploymentStatus]) -> None:
+        """Measure adopted deployments the runtime log does not show (a TD reboot
+        resets RTMR3 and its log while the containers may come back)."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        for status in adopted:
+            if status.compose_hash is None or runtime.measured(status.deployment_id,
+                                                               status.compose_hash):
+                continue
+            try:
+                await trio.to_thread.run_sync(partial(
+                    runtime.record_deploy, app=status.app, version=status.version,
+                    deployment_id=status.deployment_id, compose_hash=status.compose_hash))
+            except (Rtmr3Error, ValueError) as exc:
+                log.error("cannot measure adopted deployment %s into RTMR3: %s",
+                          status.deployment_id, exc)
 
     # -- small persistent facts ---------------------------------------------------
 
@@ -531,6 +599,7 @@ class Agent:
             adopted = await self.runner.adopt()
             for status in adopted:
                 log.info("adopted deployment %s (%s)", status.deployment_id, status.state)
+            await self._measure_adopted(adopted)
             binds = await nursery.start(self._serve_http)
             self.http_port = int(str(binds[0]).rsplit(":", 1)[1])
             if self.config.tunnel.enabled:

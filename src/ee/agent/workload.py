@@ -57,7 +57,10 @@ Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises):
 ``deploy`` reports ``starting``, then validates the compose document (and the
 workload policy) and build context, computes the compose hash
 (:func:`ee.protocol.compose.compose_hash`), writes the directory (atomically, via a
-temporary sibling), resolves and checks the file as above, runs ``up -d --build
+temporary sibling), resolves and checks the file as above, measures the deployment
+(app, version, deployment id, compose hash) into RTMR3 through the runner's
+:class:`DeployMeasurer` (:mod:`ee.agent.rtmr3`; a measurement that fails ends the
+deploy ``failed`` with ``rtmr3: ...`` before anything runs), runs ``up -d --build
 --remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
 transient network failure), finds the exposed service's container and its IP address
 on the compose network (no host port is published), and polls
@@ -100,10 +103,11 @@ import re
 import secrets
 import shutil
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from functools import partial
 from hashlib import sha256
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import attrs
 import docker  # type: ignore[import-untyped]
@@ -113,6 +117,7 @@ import requests
 import trio
 import yaml
 
+from ee.agent.rtmr3 import Rtmr3Error
 from ee.protocol.compose import (
     BuildContext,
     BuildContextError,
@@ -427,6 +432,15 @@ class ComposeCLI:
 StatusCallback = Callable[[DeploymentStatus], Awaitable[None]]
 
 
+class DeployMeasurer(Protocol):
+    """Measures a deployment before it runs (``ee.agent.rtmr3.RuntimeMeasurements``);
+    blocking (called in a worker thread); raises ``Rtmr3Error`` or ``ValueError``."""
+
+    def record_deploy(
+        self, *, app: str, version: str, deployment_id: str, compose_hash: str
+    ) -> bytes: ...
+
+
 async def _run(
     argv: Iterable[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
 ) -> tuple[int, str, str]:
@@ -617,9 +631,15 @@ class ComposeRunner:
     concurrently; operations on one deployment are serialised.
     """
 
-    def __init__(self, data_dir: Path | str, settings: WorkloadSettings | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str,
+        settings: WorkloadSettings | None = None,
+        measurer: DeployMeasurer | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.settings = settings or WorkloadSettings()
+        self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
         self.namespace = self.settings.namespace or (
             "ee" + sha256(str(self.data_dir).encode("utf-8")).hexdigest()[:8]
@@ -779,6 +799,7 @@ class ComposeRunner:
                 record = await trio.to_thread.run_sync(self._prepare, spec)
                 self._records[spec.deployment_id] = record
                 await self._resolve(cli, record)
+                await self._measure(record)
                 await self._up(cli, record)
                 containers = await self._sdk(self._project_containers, record.project)
                 upstream, digests = self._locate(record, containers)
@@ -905,6 +926,22 @@ class ComposeRunner:
             raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
         text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
         await trio.to_thread.run_sync(_write_private, record.directory / RESOLVED_FILE, text)
+
+    async def _measure(self, record: _Record) -> None:
+        """Extend RTMR3 with this deployment (and log it) before it runs."""
+        if self.measurer is None:
+            return
+        measure = partial(
+            self.measurer.record_deploy,
+            app=record.app,
+            version=record.version,
+            deployment_id=record.deployment_id,
+            compose_hash=record.compose_hash,
+        )
+        try:
+            await trio.to_thread.run_sync(measure)
+        except (Rtmr3Error, ValueError) as exc:
+            raise _Failure(f"rtmr3: cannot measure the deployment into RTMR3: {exc}") from None
 
     async def _up(self, cli: ComposeCLI, record: _Record) -> None:
         argv = self._compose_argv(cli, record, "up", "-d", "--build", "--remove-orphans")

@@ -25,7 +25,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -556,15 +556,24 @@ class SimTD:
 
 
 class SimProvider:
-    """The `sim` attestation provider: quotes from a `SimTD`."""
+    """The `sim` attestation provider: quotes from a `SimTD`.
+
+    With *rtmr3* (the agent passes its software RTMR3 register's ``read``), each quote
+    carries that register's value at quoting time as RTMR3, as a TD's quote carries the
+    hardware register; RTMR0..2 stay the `SimTD`'s.
+    """
 
     name = "sim"
 
-    def __init__(self, td: SimTD) -> None:
+    def __init__(self, td: SimTD, rtmr3: Callable[[], bytes] | None = None) -> None:
         self.td = td
+        self.rtmr3 = rtmr3
 
     def get_quote(self, report_data: bytes) -> bytes:
-        return self.td.quote(report_data)
+        td = self.td
+        if self.rtmr3 is not None:
+            td = td.evolve(rtmrs=(*td.rtmrs[:3], self.rtmr3()))
+        return td.quote(report_data)
 
 
 def shared_sim_dir() -> Path:
