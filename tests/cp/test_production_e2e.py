@@ -83,7 +83,6 @@ class Env:
 @asynccontextmanager
 async def production_env(tmp: Path, td: SimTD) -> AsyncIterator[Env]:
     """The non-dev CP: production bundle, PCCS stand-in, sim CP attestation, tunnels."""
-    tmp.mkdir()
     data = production_bundle(tmp, td)
     cf_token = tmp / "cf.token"
     collateral = td.collateral(issued_at=time.time() - 3600)
@@ -169,7 +168,7 @@ async def test_production_cp_end_to_end(tmp_path: Path, namespace: str) -> None:
                            trusted_cp_mrtds=(OTHER_MRTD,),
                            tunnel=TunnelConfig(command=long_running(tmp_path / "tun-bad")))
     with trio.fail_after(DOCKER_TIMEOUT * 3):
-        async with production_env(tmp_path / "env", td) as env:
+        async with production_env(tmp_path, td) as env:
             # Exactly the pinned test root; collateral fetched from the PCCS before serving.
             assert [fingerprint(r) for r in env.cp.verifier.trusted_roots] == [
                 fingerprint(td.root_cert)]
