@@ -213,9 +213,10 @@ async def test_production_cp_end_to_end(tmp_path: Path, namespace: str) -> None:
                 # A tenant deploys through the HTTP API: signed deploy, verified, running.
                 dep_id = await _deploy(tenant, exclude=[str(bad.agent_id)])
                 running = await eventually(
-                    lambda: _running(tenant, dep_id), timeout=DOCKER_TIMEOUT)
-                assert [r["agent_id"] for r in running["replicas"]] == [good.agent_id]
+                    lambda: env.refusals(good.agent_id) or _running(tenant, dep_id),
+                    timeout=DOCKER_TIMEOUT)
                 assert env.refusals(good.agent_id) == []
+                assert [r["agent_id"] for r in running["replicas"]] == [good.agent_id]
                 project = good.runner.project_name(dep_id)
                 assert project_containers(project)
                 # The undeploy (signed too) is accepted: the containers go.
