@@ -5,16 +5,22 @@ self-signed CAs, a dev bundle without --dev, a CP key the bundle does not name).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 
 from ee.attestation import load_intel_root
 from ee.attestation.providers.sim import SimTD
+from ee.attestation.tpm import TpmVerifier
 from ee.cp import bootstrap
 from ee.cp.bootstrap import BootstrapError, fingerprint, load, load_bundle_pubkey
 from ee.ctl import cpbundle
@@ -214,3 +220,79 @@ def test_ek_roots_are_pinned_from_the_cli(tmp_path: Path,
     capsys.readouterr()
     assert create("garbage", "--ek-root", str(key)) == 2  # a key, not a certificate
     assert "--ek-root" in capsys.readouterr().err
+
+
+def _self_signed_ca(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, *,
+                    signer: rsa.RSAPrivateKey | None = None) -> x509.Certificate:
+    """A self-signed CA certificate for *key* (signed by *signer* instead: a self-signature
+    that does not verify)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EE test EK vendor CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                         False), critical=True)
+            .sign(signer or key, hashes.SHA256()))
+
+
+@pytest.fixture(scope="module")
+def rsa_root() -> x509.Certificate:
+    return _self_signed_ca(rsa.generate_private_key(65537, 2048))
+
+
+def test_rsa_ek_root_is_accepted(tmp_path: Path, rsa_root: x509.Certificate) -> None:
+    """TPM vendors' EK CAs are often RSA: an RSA EK root (PKCS#1 v1.5 self-signature)
+    is pinned by the CLI, loads, and makes a TpmVerifier."""
+    assert eectl_cp("bundle", "keygen", "--out", str(tmp_path / "offline")) == 0
+    pem = tmp_path / "vendor-rsa.pem"
+    pem.write_bytes(rsa_root.public_bytes(Encoding.PEM))
+    assert eectl_cp("bundle", "create", "--signing-key", str(tmp_path / "offline.key"),
+                    "--out", str(tmp_path / "cp"), "--cluster-id", "c1",
+                    "--ek-root", str(pem)) == 0
+    boot = load(tmp_path / "cp", dev=False,
+                bundle_pubkey=load_bundle_pubkey(tmp_path / "offline.pub"))
+    assert [fingerprint(c) for c in boot.ek_roots] == [fingerprint(rsa_root)]
+    assert TpmVerifier(boot.ek_roots).ek_roots == boot.ek_roots
+
+
+def test_rsa_attestation_root_is_refused(made: tuple[Path, Path], tmp_path: Path,
+                                         rsa_root: x509.Certificate) -> None:
+    """Attestation roots stay ECDSA-only (Intel's are P-256): an RSA root in
+    ``trust.roots`` (or the federation CA) is refused, from the CLI and in a bundle."""
+    data, pub = made
+    entry = {"name": "rsa", "sha256": fingerprint(rsa_root),
+             "pem": rsa_root.public_bytes(Encoding.PEM).decode()}
+    resign(data, tmp_path, lambda d: d.update(federation_ca=entry))
+    refused(data, pub, r"federation_ca \(rsa\).*not an ECDSA key")
+    resign(data, tmp_path, lambda d: d.update(federation_ca=None))
+    resign(data, tmp_path, lambda d: d["trust"].update(roots=[entry]))
+    refused(data, pub, r"roots\[0\] \(rsa\).*not an ECDSA key \(attestation roots")
+    pem = tmp_path / "rsa.pem"
+    pem.write_bytes(rsa_root.public_bytes(Encoding.PEM))
+    assert eectl_cp("bundle", "create", "--signing-key", str(tmp_path / "offline.key"),
+                    "--out", str(tmp_path / "new"), "--cluster-id", "c2",
+                    "--root", str(pem)) == 1
+    assert not (tmp_path / "new" / "bootstrap.json").exists()
+
+
+def test_weak_or_forged_rsa_ek_roots_are_refused(made: tuple[Path, Path], tmp_path: Path,
+                                                  rsa_root: x509.Certificate) -> None:
+    """An RSA EK root must be at least 2048 bits and its self-signature must verify."""
+    data, pub = made
+    small = _self_signed_ca(rsa.generate_private_key(65537, 1024))
+    forged = _self_signed_ca(rsa.generate_private_key(65537, 2048),
+                             signer=rsa.generate_private_key(65537, 2048))
+    for cert, text in ((small, "an RSA key of 1024 bits"),
+                       (forged, "its self-signature does not verify")):
+        entry = {"name": "vendor", "sha256": fingerprint(cert),
+                 "pem": cert.public_bytes(Encoding.PEM).decode()}
+        resign(data, tmp_path, lambda d, e=entry: d["trust"].update(ek_roots=[e]))
+        refused(data, pub, rf"ek_roots\[0\] \(vendor\).*{text}")
+    entry = {"name": "vendor", "sha256": fingerprint(rsa_root),
+             "pem": rsa_root.public_bytes(Encoding.PEM).decode()}
+    resign(data, tmp_path, lambda d: d["trust"].update(ek_roots=[entry]))
+    boot = load(data, dev=False, bundle_pubkey=load_bundle_pubkey(pub))
+    assert boot.ek_roots == (rsa_root,)

@@ -31,11 +31,12 @@ Who signs it decides what it is:
 
 Every root is pinned twice: by its PEM and by its SHA-256 fingerprint, and each must
 be a self-signed CA certificate (basicConstraints CA, keyCertSign, a signature that
-verifies with its own key). The Intel SGX Root CA ships in the package and is named
-``intel`` on the command line; the bundle records its fingerprint, which must be
-Intel's. Unknown fields at any level are refused (a field this code does not know
-cannot be honoured, so it must not be ignored). Every refusal is one line
-(`BootstrapError`).
+verifies with its own key). Attestation roots (and the federation CA) must be ECDSA;
+EK roots may also be RSA (TPM vendors' EK CAs often are). The Intel SGX Root CA ships
+in the package and is named ``intel`` on the command line; the bundle records its
+fingerprint, which must be Intel's. Unknown fields at any level are refused (a field
+this code does not know cannot be honoured, so it must not be ignored). Every refusal
+is one line (`BootstrapError`).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ee.attestation import Policy, PolicyFormatError, load_intel_root
@@ -122,8 +123,17 @@ class Bootstrap:
 # --- roots ------------------------------------------------------------------------------
 
 
-def check_root(cert: x509.Certificate, what: str) -> None:
-    """Refuse anything but a self-signed CA certificate (`BootstrapError`)."""
+#: the smallest RSA modulus an EK root may have
+MIN_RSA_BITS = 2048
+
+
+def check_root(cert: x509.Certificate, what: str, *, rsa_allowed: bool = False) -> None:
+    """Refuse anything but a self-signed CA certificate (`BootstrapError`).
+
+    Attestation roots must be ECDSA (Intel's are P-256). *rsa_allowed* (EK roots only:
+    many TPM vendors' EK CAs are RSA) also accepts an RSA key of at least
+    `MIN_RSA_BITS` bits whose self-signature is PKCS#1 v1.5 with the cert's hash.
+    """
     label = f"{what} ({cert.subject.rfc4514_string()})"
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -140,24 +150,35 @@ def check_root(cert: x509.Certificate, what: str) -> None:
     if cert.issuer != cert.subject:
         raise BootstrapError(f"{label} is not self-signed (a trust root must be)")
     key = cert.public_key()
+    if isinstance(key, rsa.RSAPublicKey) and rsa_allowed:
+        if key.key_size < MIN_RSA_BITS:
+            raise BootstrapError(f"{label}: an RSA key of {key.key_size} bits (at least "
+                                 f"{MIN_RSA_BITS})")
+    elif not isinstance(key, ec.EllipticCurvePublicKey):
+        raise BootstrapError(f"{label}: not an ECDSA key " + (
+            "or an RSA key" if rsa_allowed else "(attestation roots are ECDSA: Intel's "
+            "are P-256)"))
     try:
-        if not isinstance(key, ec.EllipticCurvePublicKey):
-            raise BootstrapError(f"{label}: not an ECDSA key (Intel's roots are P-256)")
         hash_alg = cert.signature_hash_algorithm
         if hash_alg is None:
             raise InvalidSignature
-        key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
+                       hash_alg)
+        else:
+            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hash_alg))
     except (InvalidSignature, UnsupportedAlgorithm, ValueError):
         raise BootstrapError(f"{label}: its self-signature does not verify") from None
 
 
-def root_entry(cert: x509.Certificate, name: str) -> dict[str, str]:
-    check_root(cert, f"root {name}")
+def root_entry(cert: x509.Certificate, name: str, *,
+               rsa_allowed: bool = False) -> dict[str, str]:
+    check_root(cert, f"root {name}", rsa_allowed=rsa_allowed)
     return {"name": name, "sha256": fingerprint(cert),
             "pem": cert.public_bytes(serialization.Encoding.PEM).decode()}
 
 
-def _pinned_cert(entry: object, where: str) -> x509.Certificate:
+def _pinned_cert(entry: object, where: str, *, rsa_allowed: bool = False) -> x509.Certificate:
     doc = _object(entry, where, _ROOT)
     pem, pinned, name = doc.get("pem"), doc.get("sha256"), doc.get("name")
     if not isinstance(pem, str) or not isinstance(pinned, str) or not isinstance(name, str):
@@ -173,7 +194,7 @@ def _pinned_cert(entry: object, where: str) -> x509.Certificate:
     if name == INTEL_ROOT_NAME and actual != fingerprint(load_intel_root()):
         raise BootstrapError(f"{where}: names the Intel SGX Root CA but is another "
                              "certificate")
-    check_root(cert, f"{where} ({name})")
+    check_root(cert, f"{where} ({name})", rsa_allowed=rsa_allowed)
     return cert
 
 
@@ -255,7 +276,7 @@ def parse_bundle(doc: object) -> BundleDoc:
     ek_entries = trust.get("ek_roots", [])
     if not isinstance(ek_entries, list):
         raise BootstrapError("bundle.trust.ek_roots: must be a list")
-    ek_roots = tuple(_pinned_cert(e, f"bundle.trust.ek_roots[{i}]")
+    ek_roots = tuple(_pinned_cert(e, f"bundle.trust.ek_roots[{i}]", rsa_allowed=True)
                      for i, e in enumerate(ek_entries))
     fed = top.get("federation_ca")
     federation_ca = None if fed is None else _pinned_cert(fed, "bundle.federation_ca")
@@ -285,7 +306,8 @@ def make_bundle(*, cluster_id: str, environment: str, cp_public_key: Ed25519Publ
         "admin": {"token_sha256": admin_token_sha256},
         "trust": {"roots": [root_entry(cert, name) for name, cert in roots],
                   "policy": dict(policy),
-                  **({"ek_roots": [root_entry(cert, name) for name, cert in ek_roots]}
+                  **({"ek_roots": [root_entry(cert, name, rsa_allowed=True)
+                                  for name, cert in ek_roots]}
                      if ek_roots else {})},
         "federation_ca": (root_entry(federation_ca, "federation-ca")
                           if federation_ca is not None else None),
