@@ -256,7 +256,8 @@ async def test_the_real_agent_sends_its_logs(tmp_path: Path) -> None:
                 assert agent.runtime is not None
                 r0, r1, r2, _ = boot_rtmrs(boot)
                 td = env.td.evolve(rtmrs=(r0, r1, r2, bytes(48)))
-                agent.quotes = QuoteSource("sim", SimProvider(td, rtmr3=agent.runtime.register.read))
+                agent.quotes = QuoteSource("sim", SimProvider(
+                    td, rtmr3=agent.runtime.register.read))
                 sent = await agent.register_message(b"x" * 32)
                 assert sent.attestation.event_log == CCEL  # trimmed
                 assert sent.attestation.runtime_log == RUNTIME_LOG
