@@ -7,10 +7,13 @@ import json
 import re
 from datetime import UTC, datetime
 
+import attrs
 import pytest
 
 from ee.protocol import FrameError, decode_message, encode_message
 from ee.protocol.messages import (
+    MAX_EVENT_LOG_BYTES,
+    MAX_RUNTIME_LOG_CHARS,
     MESSAGE_TYPES,
     Attest,
     Attestation,
@@ -128,6 +131,8 @@ SAMPLES: list[tuple[Message, str]] = [
     (Undeploy(deployment_id="dep-1", envelope=CpEnvelope(seq=1, signature=b"\x00" * 64)), "cp"),
     (Attest(nonce=NONCE), "cp"),
     (Attestation(provider="tsm", quote=b"\x00" * 100), "agent"),
+    (Attestation(provider="tsm", quote=b"\x00" * 100, event_log=b"\x00\x01ccel",
+                 runtime_log='{"type":"deploy"}\n'), "agent"),
     (SnapshotRequest(), "cp"),
     (SNAPSHOT, "agent"),
     (LogsRequest(deployment_id="dep-1", tail=50), "cp"),
@@ -179,6 +184,39 @@ def test_byte_encodings() -> None:
     assert body_to_dict(deploy)["envelope"] == {"seq": 7, "signature": (b"s" * 64).hex()}
     challenge = body_to_dict(SAMPLES[0][0])
     assert challenge == {"nonce": NONCE.hex(), "expires_at": "2025-01-02T03:04:05Z"}
+
+
+def test_event_logs_travel_with_the_quote() -> None:
+    """``attestation`` (alone and in ``register``) carries the CCEL as base64 and the
+    runtime log as text; both are optional (older agents send neither) and capped so
+    that a register still fits the CP's 1 MiB frame."""
+    body = body_to_dict(Attestation(provider="tsm", quote=b"q", event_log=b"\x00\xffccel",
+                                    runtime_log="line\n"))
+    assert body["event_log"] == base64.b64encode(b"\x00\xffccel").decode()
+    assert body["runtime_log"] == "line\n"
+    old = {"provider": "sim", "quote": base64.b64encode(b"q").decode()}
+    assert parse_body("attestation", old, sender="agent") == Attestation(provider="sim",
+                                                                          quote=b"q")
+    for field, value, reason in [
+        ("event_log", "not base64!", "body.event_log: expected base64 string"),
+        ("event_log", "", "body.event_log: must be 1..393216 bytes"),
+        ("event_log", base64.b64encode(b"\x00" * (MAX_EVENT_LOG_BYTES + 1)).decode(),
+         "body.event_log: must be 1..393216 bytes"),
+        ("runtime_log", ["line"], "body.runtime_log: expected string"),
+        ("runtime_log", "x" * (MAX_RUNTIME_LOG_CHARS + 1),
+         "body.runtime_log: must be at most 262144 characters"),
+    ]:
+        with pytest.raises(FrameError, match=re.escape(f"attestation: {reason}")):
+            parse_body("attestation", old | {field: value}, sender="agent")
+    register = _register_body()
+    register["attestation"] = register["attestation"] | {"event_log": ""}  # type: ignore[operator]
+    with pytest.raises(FrameError, match=re.escape("register: body.attestation.event_log")):
+        parse_body("register", register, sender="agent")
+    # At their caps, both logs, a large quote and the snapshot fit one 1 MiB frame.
+    full = attrs.evolve(SAMPLES[1][0], attestation=Attestation(
+        provider="tsm", quote=b"q" * 16384, event_log=b"\xee" * MAX_EVENT_LOG_BYTES,
+        runtime_log="r" * MAX_RUNTIME_LOG_CHARS))
+    assert len(encode_message(full)) < 1 << 20
 
 
 def test_direction_selects_request_or_reply() -> None:

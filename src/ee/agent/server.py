@@ -77,8 +77,11 @@ from ee.agent.workload import (
     UnknownDeployment,
     WorkloadSettings,
 )
+from ee.attestation.eventlog import EventLogFormatError, RuntimeEvent, parse_ccel
 from ee.protocol.frames import Frame
 from ee.protocol.messages import (
+    MAX_EVENT_LOG_BYTES,
+    MAX_RUNTIME_LOG_CHARS,
     Attest,
     Attestation,
     ContainerStats,
@@ -112,6 +115,20 @@ CURRENT_FILE = "current-deployment"
 AGENT_ID_FILE = "agent-id"
 MAX_LOG_REPLY_BYTES = 512 * 1024
 HTTP_GRACE_S = 5.0
+ATTEST_TRIES = 3
+
+
+def _wire_runtime_log(events: tuple[RuntimeEvent, ...] | None) -> str | None:
+    """The runtime log as sent to the CP: its exact canonical lines; None (logged) when
+    it exceeds the frame's share."""
+    if events is None:
+        return None
+    text = "".join(e.canonical().decode() + "\n" for e in events)
+    if len(text) > MAX_RUNTIME_LOG_CHARS:
+        log.error("the runtime log has %d events (%d characters, max %d), it is not sent",
+                  len(events), len(text), MAX_RUNTIME_LOG_CHARS)
+        return None
+    return text
 
 
 class ChallengeBook:
@@ -173,6 +190,7 @@ class Agent:
         self.runtime = self._open_runtime(runtime_log)
         self.boot_log = boot_log or (CCEL if config.attestation_provider == "tsm" else None)
         self._boot_log_bytes: bytes | None = None
+        self._boot_log_wire: tuple[bytes, bytes | None] | None = None  # (read, as sent)
         self.quotes = quotes or QuoteSource.from_config(
             config, rtmr3=None if self.runtime is None else self.runtime.register.read
         )
@@ -220,6 +238,45 @@ class Agent:
             self._boot_log_bytes = await trio.to_thread.run_sync(read_boot_log, self.boot_log)
         runtime = None if self.runtime is None else self.runtime.events
         return AttestationLogs(event_log=self._boot_log_bytes, runtime_log=runtime)
+
+    async def attestation(self, report_data: bytes) -> Attestation:
+        """A quote over *report_data* with the event logs that explain it (for the CP:
+        ``register`` and the answer to ``attest``). The logs are read before the quote;
+        a deploy measured in between would make the runtime log miss an event the quote
+        holds, so then both are taken again (`ATTEST_TRIES` times at most; the CP refuses
+        a log that does not replay, and the agent registers again)."""
+        for _ in range(ATTEST_TRIES):
+            try:
+                logs = await self.attestation_logs()
+            except Rtmr3Error as exc:
+                log.error("cannot read the event logs, the quote goes without them: %s", exc)
+                logs = AttestationLogs()
+            quote = await self.quotes.quote(report_data)
+            if self.runtime is None or self.runtime.events is logs.runtime_log:
+                break
+        return Attestation(provider=self.quotes.name, quote=quote,  # type: ignore[arg-type]
+                           event_log=await self._wire_boot_log(logs.event_log),
+                           runtime_log=_wire_runtime_log(logs.runtime_log))
+
+    async def _wire_boot_log(self, raw: bytes | None) -> bytes | None:
+        """The CCEL as sent to the CP: without its padding (the firmware reserves a
+        fixed area), None when it does not parse or exceeds the frame's share."""
+        if raw is None:
+            return None
+        if self._boot_log_wire is None or self._boot_log_wire[0] is not raw:
+            try:
+                size = (await trio.to_thread.run_sync(parse_ccel, raw)).size
+            except EventLogFormatError as exc:
+                log.error("the boot event log does not parse, it is not sent: %s", exc)
+                wire = None
+            else:
+                wire = raw[:size]
+                if len(wire) > MAX_EVENT_LOG_BYTES:
+                    log.error("the boot event log has %d bytes (max %d), it is not sent",
+                              len(wire), MAX_EVENT_LOG_BYTES)
+                    wire = None
+            self._boot_log_wire = (raw, wire)
+        return self._boot_log_wire[1]
 
     async def _measure_adopted(self, adopted: list[DeploymentStatus]) -> None:
         """Measure adopted deployments the runtime log does not show (a TD reboot
@@ -332,14 +389,14 @@ class Agent:
     # -- SessionHost ----------------------------------------------------------------
 
     async def register_message(self, nonce: bytes) -> Register:
-        quote = await self.quotes.quote(registration_report_data(nonce, self.public_key))
+        attestation = await self.attestation(registration_report_data(nonce, self.public_key))
         return Register(
             vm_name=self.vm_name,
             node_size=self.config.node_size,
             datacenter=self.config.datacenter,
             agent_version=AGENT_VERSION,
             public_key=self.public_key,
-            attestation=Attestation(provider=self.quotes.name, quote=quote),  # type: ignore[arg-type]
+            attestation=attestation,
             snapshot=self.snapshot(),
             bootstrap_token=self.config.bootstrap_token,
             url=self.public_url(),
@@ -357,8 +414,7 @@ class Agent:
         if isinstance(msg, SnapshotRequest):
             return self.snapshot()
         if isinstance(msg, Attest):
-            quote = await self.quotes.quote(registration_report_data(msg.nonce, self.public_key))
-            return Attestation(provider=self.quotes.name, quote=quote)  # type: ignore[arg-type]
+            return await self.attestation(registration_report_data(msg.nonce, self.public_key))
         if isinstance(msg, LogsRequest):
             return await self.logs_reply(msg.deployment_id, msg.tail)
         if isinstance(msg, StatsRequest):

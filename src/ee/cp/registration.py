@@ -10,9 +10,13 @@ NONCE_EXPIRED       the challenge's nonce outlived its TTL before ``register``
 NONCE_REPLAYED      the quote binds a nonce that was already used
 REPORTDATA_MISMATCH the quote binds another nonce or another public key
 BAD_QUOTE           the quote does not parse
+BAD_EVENT_LOG       an event log sent with the quote does not parse (the reason
+                    names the log and the byte offset or line)
 CREDENTIAL_FAILED   provider ``tpm``: the agent did not answer the credential
                     challenge with its secret (the AK is not in the EK's TPM)
 ATTESTATION_FAILED  signature chain, collateral or measurement policy refused it
+                    (``event_log: ...`` reasons: the logs do not replay to the
+                    quote, or the policy requires logs and none were sent)
 BAD_VM_NAME         the VM name is not a lower-case host-name-like name (1..63
                     characters, no trailing dot, no '..')
 UNKNOWN_NODE_SIZE   the node size is not a configured preset
@@ -40,6 +44,16 @@ fragment, whitespace, non-ASCII or text after a bracketed IPv6 host; at most
 IP literal another machine cannot reach (loopback, link-local, unspecified, ...). It is stored
 normalised (scheme and host lower-cased, no trailing slash).
 
+Event logs (TDX and sim quotes): an ``attestation`` may carry the firmware's CCEL
+(RTMR0..2) and the agent's runtime log (RTMR3). :func:`log_mismatches` parses them
+(a parse error is ``BAD_EVENT_LOG``) and replays them against the quoted registers;
+the policy (``event_log`` rule) judges the mismatches, and with ``require_event_log``
+an attestation without logs. When an agent sends one log but not the other, the
+missing one counts as empty under ``require_event_log`` (so a non-zero register it
+should explain is a mismatch) and is not checked otherwise. Only ``deploy`` runtime
+events are known; any other type does not parse. A vTPM quote carries no RTMR, so
+the ``tpm`` path ignores the logs.
+
 Nonces are single use: ``NonceBook.consume`` succeeds once per nonce and only before
 its expiry. Consumed nonces are remembered (for their TTL) by the REPORTDATA they
 imply for the key that used them, so a quote replayed onto a new connection is named
@@ -60,11 +74,20 @@ import attrs
 
 from ee.actors.identity import Binding, Identity, agent_id_for
 from ee.attestation import Collateral, Policy, QuoteFormatError, Verifier, evaluate
+from ee.attestation.eventlog import (
+    EventLogFormatError,
+    RuntimeLogError,
+    parse_ccel,
+    parse_runtime_log,
+    rtmr_mismatches,
+    runtime_mismatches,
+)
 from ee.attestation.policy import Verdict, evaluate_tpm
+from ee.attestation.quote import TdReport
 from ee.attestation.tpm import TpmVerifier, qualifying_data
 from ee.attestation.tpm_credential import Credential
 from ee.cp.nodes import LabelError, Vocabulary
-from ee.protocol.messages import Register
+from ee.protocol.messages import Attestation, Register
 from ee.protocol.reportdata import registration_report_data
 
 NONCE_BYTES: Final = 32
@@ -163,6 +186,33 @@ def _is_ipv4(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def log_mismatches(attestation: Attestation, report: TdReport, *,
+                   require: bool) -> tuple[str, ...] | None:
+    """Why the logs *attestation* carries do not explain *report*'s RTMR0..3: empty when
+    they do, None when it carries no log. *require* (the policy's ``require_event_log``)
+    counts a missing log as empty. Raises `EventLogFormatError` / `RuntimeLogError`
+    when a log does not parse. Pure; CPU-bound (call from a worker thread)."""
+    if attestation.event_log is None and attestation.runtime_log is None:
+        return None
+    found: list[str] = []
+    if attestation.event_log is not None:
+        found += rtmr_mismatches(parse_ccel(attestation.event_log), report.rtmrs[:3])
+    elif require:
+        found += [f"RTMR{i} is {report.rtmrs[i].hex()} and no CCEL was sent to explain it"
+                  for i in range(3) if any(report.rtmrs[i])]
+    if attestation.runtime_log is not None:
+        events = parse_runtime_log(attestation.runtime_log.encode())
+        found += runtime_mismatches(events, report.rtmr3)
+    elif require and any(report.rtmr3):
+        found.append(f"RTMR3 is {report.rtmr3.hex()} and no runtime log was sent to explain it")
+    return tuple(found)
+
+
+def _bad_log(exc: EventLogFormatError | RuntimeLogError) -> Refusal:
+    which = "event_log" if isinstance(exc, EventLogFormatError) else "runtime_log"
+    return Refusal("BAD_EVENT_LOG", (f"{which}: {exc}",))
 
 
 def check_binding(binding: Binding | None, vm_name: str,
@@ -308,8 +358,13 @@ class Judge:
                 "the quote's REPORTDATA does not bind this challenge's nonce and the "
                 "registration's public key",)), mrtd=mrtd, tcb_status=result.tcb_status,
                 report_data=report.report_data)
+        try:
+            logs = log_mismatches(msg.attestation, report,
+                                  require=self.policy.require_event_log)
+        except (EventLogFormatError, RuntimeLogError) as exc:
+            return Admission(None, _bad_log(exc), mrtd=mrtd, tcb_status=result.tcb_status)
         verdict = evaluate(self.policy, result, now=now, node_size=msg.node_size,
-                           expected_report_data=expected)
+                           expected_report_data=expected, event_log=logs)
         if not verdict.admitted:
             return Admission(None, Refusal("ATTESTATION_FAILED", verdict.reasons),
                              mrtd=mrtd, tcb_status=result.tcb_status)
@@ -394,16 +449,32 @@ class Judge:
 
     def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
                  now: float) -> Refusal | None:
-        """Check a periodic re-attestation quote; None when it passes."""
+        """Check a periodic re-attestation quote sent without event logs; None when it
+        passes (`reattest_answer` checks the logs of an ``attestation`` answer too)."""
+        return self._reattest(quote, None, nonce, identity, now=now)
+
+    def reattest_answer(self, answer: Attestation, nonce: bytes, identity: Identity, *,
+                        now: float) -> Refusal | None:
+        """Check an ``attestation`` answer to a re-attestation (its quote and event
+        logs); None when it passes. CPU-heavy: call from a worker thread."""
+        return self._reattest(answer.quote, answer, nonce, identity, now=now)
+
+    def _reattest(self, quote: bytes, answer: Attestation | None, nonce: bytes,
+                  identity: Identity, *, now: float) -> Refusal | None:
         if identity.provider == "tpm":
             return self._reattest_tpm(quote, nonce, identity, now=now)
         try:
             result = self.verifier.verify(quote, now=now, collateral=self.collateral)
         except QuoteFormatError as exc:
             return Refusal("BAD_QUOTE", (str(exc),))
+        try:
+            logs = None if answer is None else log_mismatches(
+                answer, result.quote.report, require=self.policy.require_event_log)
+        except (EventLogFormatError, RuntimeLogError) as exc:
+            return _bad_log(exc)
         expected = registration_report_data(nonce, identity.public_key)
         verdict = evaluate(self.policy, result, now=now, node_size=identity.node_size,
-                           expected_report_data=expected)
+                           expected_report_data=expected, event_log=logs)
         if not verdict.admitted:
             return Refusal("ATTESTATION_FAILED", verdict.reasons)
         if result.quote.report.mr_td.hex() != identity.mrtd:

@@ -38,6 +38,8 @@ from ee.protocol.errors import FrameError
 from ee.protocol.strict import check, make_converter, problems
 
 __all__ = [
+    "MAX_EVENT_LOG_BYTES",
+    "MAX_RUNTIME_LOG_CHARS",
     "MESSAGE_TYPES",
     "WRITE_REFUSAL_CODES",
     "Attest",
@@ -86,6 +88,10 @@ ReplicaState: TypeAlias = Literal[
     "pending", "pulling", "building", "starting", "running", "failed", "stopping", "stopped"
 ]
 
+#: Caps of the event logs an ``attestation`` carries: together with the quote and the
+#: snapshot they must fit the CP's 1 MiB frame (base64 grows the CCEL by 4/3).
+MAX_EVENT_LOG_BYTES = 384 * 1024
+MAX_RUNTIME_LOG_CHARS = 256 * 1024
 NONCE_MIN_BYTES = 16
 NONCE_MAX_BYTES = 64
 PUBLIC_KEY_BYTES = 32  # raw Ed25519
@@ -120,6 +126,10 @@ _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase h
 _abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
 _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
 _B64 = {"wire": "base64"}
+_event_log = check(lambda v: 0 < len(v) <= MAX_EVENT_LOG_BYTES,
+                   f"must be 1..{MAX_EVENT_LOG_BYTES} bytes")
+_runtime_log = check(lambda v: len(v) <= MAX_RUNTIME_LOG_CHARS,
+                     f"must be at most {MAX_RUNTIME_LOG_CHARS} characters")
 
 
 # --- shared parts -------------------------------------------------------------------
@@ -236,12 +246,25 @@ class Challenge:
 
 @attrs.frozen
 class Attestation:
-    """Agent → CP: a quote (answer to ``attest``; also nested in ``register``)."""
+    """Agent → CP: a quote (answer to ``attest``; also nested in ``register``) and the
+    event logs that explain its registers, so the CP can replay them
+    (:mod:`ee.attestation.eventlog`):
+
+    - ``event_log``: the firmware's CC event log (binary CCEL, base64; RTMR0..2), sent
+      by a TD (provider ``tsm``) that has one, without its padding;
+    - ``runtime_log``: the agent's RTMR3 runtime log, the exact canonical JSON lines
+      (one ``deploy`` event per deployment it measured; "" when it measured none).
+
+    Either is None when the agent has none to send. The CP refuses a log that does not
+    parse (``BAD_EVENT_LOG``) or does not replay to the quote (``ATTESTATION_FAILED``).
+    """
 
     TYPE: ClassVar[str] = "attestation"
     SENDER: ClassVar[str] = "agent"
     provider: Provider
     quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+    event_log: bytes | None = attrs.field(default=None, validator=_event_log, metadata=_B64)
+    runtime_log: str | None = attrs.field(default=None, validator=_runtime_log)
 
 
 @attrs.frozen
