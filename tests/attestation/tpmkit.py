@@ -80,7 +80,7 @@ def direct_ca(directory: Path) -> LocalCa:
     """A swtpm-localca whose signing key is a self-signed root CA made here, so the EK
     certificates it issues chain to the root directly (no intermediate for the agent to
     send: what a VM that carries no ``tpm_ek_chain`` file needs). ``root_pem`` is that
-    root, the one to pin as an EK root. ECDSA P-256: bundles pin only ECDSA roots."""
+    root, the one to pin as an EK root. ECDSA P-256 (bundles also accept RSA EK roots)."""
     ca = local_ca(directory)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "EE test EK root")])

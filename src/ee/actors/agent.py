@@ -72,8 +72,8 @@ class AgentLink(Protocol):
 
 
 class Reattester(Protocol):
-    def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
-                 now: float) -> Any: ...
+    def reattest_answer(self, answer: Attestation, nonce: bytes, identity: Identity, *,
+                        now: float) -> Any: ...
 
 
 @attrs.frozen
@@ -272,7 +272,7 @@ class AgentActor(Actor):
             return
         try:
             refusal = await trio.to_thread.run_sync(
-                functools.partial(self.deps.reattester.reattest, reply.quote, nonce, identity,
+                functools.partial(self.deps.reattester.reattest_answer, reply, nonce, identity,
                                   now=time.time()),
                 limiter=self.deps.attest_limiter)
         except Exception as exc:

@@ -57,7 +57,7 @@ from ee.attestation.collateral import Collateral, TrustAnchors, check_collateral
 from ee.attestation.errors import CollateralFormatError
 from ee.attestation.pccs import PCK_CAS, PccsError
 from ee.cp.registration import Admission, Judge, Refusal
-from ee.protocol.messages import Register
+from ee.protocol.messages import Attestation, Register
 
 log = logging.getLogger("ee.cp.collateral")
 _T = TypeVar("_T")
@@ -359,3 +359,7 @@ class GraceJudge(Judge):
     def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
                  now: float) -> Refusal | None:
         return super().reattest(quote, nonce, identity, now=min(now, self.grace_at))
+
+    def reattest_answer(self, answer: Attestation, nonce: bytes, identity: Identity, *,
+                        now: float) -> Refusal | None:
+        return super().reattest_answer(answer, nonce, identity, now=min(now, self.grace_at))

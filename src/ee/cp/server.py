@@ -68,6 +68,7 @@ from ee.cp.records import (
 )
 from ee.cp.registration import Judge, Refusal
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
+from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
@@ -669,9 +670,9 @@ class _CurrentJudge:
     def __init__(self, judge: Callable[[], Judge]) -> None:
         self._judge = judge
 
-    def reattest(self, quote: bytes, nonce: bytes, identity: Identity, *,
-                 now: float) -> Refusal | None:
-        return self._judge().reattest(quote, nonce, identity, now=now)
+    def reattest_answer(self, answer: Attestation, nonce: bytes, identity: Identity, *,
+                        now: float) -> Refusal | None:
+        return self._judge().reattest_answer(answer, nonce, identity, now=now)
 
 
 def build_parser() -> argparse.ArgumentParser:
