@@ -428,3 +428,16 @@ def test_print_config_usage_errors() -> None:
     )
     assert result.returncode == 2
     assert "--print-config is required" in result.stderr
+
+
+def test_http_limits_come_from_the_config_and_are_checked() -> None:
+    config = config_from_dict({"http": {"header_timeout_s": 2, "attest_clients": 9}},
+                              source="file")
+    assert config.http.header_timeout_s == 2.0 and config.http.attest_clients == 9
+    assert config.http.body_timeout_s == 300.0  # the rest keep their defaults
+    for bad, field in (({"attest_burst": 0}, "http.attest_burst"),
+                       ({"body_timeout_s": -1}, "http.body_timeout_s"),
+                       ({"nope": 1}, "http.nope")):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"http": bad}, source="file")
+        assert info.value.field == field

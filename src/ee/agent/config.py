@@ -70,6 +70,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "AgentConfig",
     "ConfigError",
+    "HttpLimits",
     "ResolvedConfig",
     "Source",
     "TunnelConfig",
@@ -146,6 +147,27 @@ def _each_mrtd(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ..
             )
 
 
+_at_least_one = check(lambda v: v >= 1, "must be >= 1")
+
+
+@attrs.frozen
+class HttpLimits:
+    """Time and rate limits of the agent's HTTP port (`ee.agent.http` says how each
+    applies): request head and body timeouts, upstream timeouts, and the attested-health
+    rate limit per client (IPv4 address, IPv6 /64) under a ceiling for all of them."""
+
+    header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    body_idle_timeout_s: float = attrs.field(default=30.0, validator=_positive)
+    body_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    upstream_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+    upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
+    attest_burst: int = attrs.field(default=5, validator=_at_least_one)
+    attest_global_rate_per_s: float = attrs.field(default=10.0, validator=_positive)
+    attest_global_burst: int = attrs.field(default=20, validator=_at_least_one)
+    attest_clients: int = attrs.field(default=4096, validator=_at_least_one)
+
+
 @attrs.frozen
 class TunnelConfig:
     """Optional cloudflared tunnel, supervised with restart backoff."""
@@ -220,13 +242,7 @@ class AgentConfig:
     trusted_cp_mrtds: tuple[str, ...] = attrs.field(default=(), validator=_each_mrtd)
     unreachable_terminate_after_s: float | None = attrs.field(default=None, validator=_positive)
     measurement_mode: bool = False
-    http_header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    http_body_idle_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    http_body_timeout_s: float = attrs.field(default=300.0, validator=_positive)
-    upstream_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
-    upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
-    attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
-    attest_burst: int = attrs.field(default=5, validator=_positive)
+    http: HttpLimits = attrs.field(factory=HttpLimits)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_backoff_max_s < self.reconnect_backoff_base_s:

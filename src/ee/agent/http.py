@@ -110,6 +110,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ee.agent.config import HttpLimits
 from ee.agent.rtmr3 import AttestationLogs, Rtmr3Error
 from ee.agent.workload import DeploymentStatus, UnknownDeployment
 from ee.attestation.eventlog import RUNTIME_EVENT_FIELDS
@@ -438,26 +439,6 @@ class ClientRateLimit:
 
     def __len__(self) -> int:
         return len(self._clients)
-
-
-_positive = attrs.validators.gt(0.0)
-
-
-@attrs.frozen
-class HttpLimits:
-    """Time and rate limits of the agent's HTTP port (see the module docstring)."""
-
-    header_timeout_s: float = attrs.field(default=10.0, validator=_positive)
-    body_idle_timeout_s: float = attrs.field(default=30.0, validator=_positive)
-    body_timeout_s: float = attrs.field(default=300.0, validator=_positive)
-    upstream_connect_timeout_s: float = attrs.field(default=5.0, validator=_positive)
-    upstream_read_timeout_s: float = attrs.field(default=120.0, validator=_positive)
-    attest_rate_per_s: float = attrs.field(default=1.0, validator=_positive)
-    attest_burst: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    #: Per client (IPv4 address, IPv6 /64) above; this ceiling is for all of them.
-    attest_global_rate_per_s: float = attrs.field(default=10.0, validator=_positive)
-    attest_global_burst: int = attrs.field(default=20, validator=attrs.validators.ge(1))
-    attest_clients: int = attrs.field(default=4096, validator=attrs.validators.ge(1))
 
 
 # --- what the HTTP app needs from the agent ---------------------------------------------

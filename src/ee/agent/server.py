@@ -171,15 +171,7 @@ class Agent:
         (`ee.agent.rtmr3.runtime_log_path`); *boot_log* where the firmware's event log
         is read (default: the CCEL under ``tsm``, none otherwise)."""
         self.config = config
-        self.http_limits = http_limits or HttpLimits(
-            header_timeout_s=config.http_header_timeout_s,
-            body_idle_timeout_s=config.http_body_idle_timeout_s,
-            body_timeout_s=config.http_body_timeout_s,
-            upstream_connect_timeout_s=config.upstream_connect_timeout_s,
-            upstream_read_timeout_s=config.upstream_read_timeout_s,
-            attest_rate_per_s=config.attest_rate_per_s,
-            attest_burst=config.attest_burst,
-        )
+        self.http_limits = http_limits or config.http
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.vm_name = config.vm_name or socket.gethostname().lower().rstrip(".")
