@@ -23,6 +23,7 @@ from simagent import SimAgent
 from test_sessions import FAST, wait_until
 from test_tenants import deployment, reach_state, setup_app, tenant
 
+from ee.actors.app import Reconcile
 from ee.actors.deployment import HashProblem, Stray, hash_problem, stray_reason
 from ee.attestation.providers.sim import SimTD
 from ee.cp.readiness import Quorum
@@ -592,7 +593,9 @@ async def test_failure_count_survives_a_restart(tmp_path: Path) -> None:
                     # Give it every chance to try again: all agents back, passes run.
                     await wait_until(lambda: cp.env.cp.readiness().ready, "ready")
                     await wait_until(lambda: all(a.sessions >= 2 for a in fleet), "back")
-                    await trio.sleep(1.0)  # > 3 reconcile passes (0.3 s)
+                    app = cp.env.cp.registry.ref(f"app/{cp.env.cp.deployment_index[dep_id]}")
+                    for _ in range(3):  # full reconcile passes with every agent back
+                        await app.ask(Reconcile(), timeout=10)
                     assert (await deployment(http, dep_id))["state"] == "failed"
                 assert [a.deploys(dep_id) for a in fleet] == deploys  # no new try
             agents.cancel_scope.cancel()
