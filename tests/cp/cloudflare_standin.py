@@ -110,7 +110,7 @@ class CloudflareStandIn:
 
     def _find_dns(self, _p: dict[str, str], q: dict[str, str], _b: Any) -> tuple[int, Any]:
         found = [r for r in self.dns.values()
-                 if r["name"] == q.get("name") and r["type"] == q.get("type", r["type"])]
+                 if r["name"] == q.get("name") and r.get("type") == q.get("type", r.get("type"))]
         return 200, _ok(found)
 
     def _create_dns(self, _p: dict[str, str], _q: dict[str, str], b: Any) -> tuple[int, Any]:

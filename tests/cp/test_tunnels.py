@@ -56,13 +56,43 @@ async def test_grant_creates_tunnel_ingress_dns_and_is_idempotent(
 
 
 async def test_stale_dns_record_is_updated(cf: CloudflareStandIn, tmp_path: Path) -> None:
+    """This agent's own record from an earlier tunnel is repointed."""
     cf.dns["old"] = {"id": "old", "type": "CNAME", "name": "vm-7.agents.example.com",
-                     "content": "someone-else.cfargotunnel.com", "proxied": True}
+                     "content": "earlier-tunnel.cfargotunnel.com", "proxied": True,
+                     "comment": f"easyenclave tunnel of {AGENT}"}
     with trio.fail_after(20):
         await _provider(cf, tmp_path).grant(AGENT, "vm-7")
     [tunnel] = cf.tunnels.values()
     assert cf.dns["old"]["content"] == f"{tunnel['id']}.cfargotunnel.com"
     assert ("PUT", "/client/v4/zones/zone1/dns_records/old") in cf.calls
+
+
+@pytest.mark.parametrize("comment", [None, "easyenclave tunnel of ag-ffffffffffffffffffff"])
+async def test_records_that_are_not_this_agents_are_never_repointed(
+        cf: CloudflareStandIn, tmp_path: Path, comment: str | None) -> None:
+    """An agent naming itself like the operator's record (``www``) or another agent's
+    alias gets no alias; its canonical name taken so is an error; nothing is written."""
+    theirs = {"type": "CNAME", "content": "elsewhere.example.net", "proxied": True,
+              **({"comment": comment} if comment else {})}
+    cf.dns["www"] = {"id": "www", "name": "www.agents.example.com", **theirs}
+    with trio.fail_after(20):
+        grant = await _provider(cf, tmp_path).grant(AGENT, "www")
+    assert cf.dns["www"]["content"] == "elsewhere.example.net"
+    [tunnel] = cf.tunnels.values()
+    assert [r.get("hostname") for r in tunnel["config"]["ingress"]] == [grant.hostname, None]
+    cf.dns["canon"] = {"id": "canon", "name": "ag-1111111111aaaaaaaaaa.agents.example.com",
+                       **theirs}
+    with trio.fail_after(20), pytest.raises(TunnelError, match="not this agent's"):
+        await _provider(cf, tmp_path).grant("ag-1111111111aaaaaaaaaa", "vm-9")
+    assert cf.dns["canon"]["content"] == "elsewhere.example.net"
+
+
+async def test_an_alias_shaped_like_an_agent_id_is_never_made(
+        cf: CloudflareStandIn, tmp_path: Path) -> None:
+    """vm_name ``ag-<20 hex>`` would claim another agent's canonical hostname first."""
+    with trio.fail_after(20):
+        grant = await _provider(cf, tmp_path).grant(AGENT, "ag-2222222222bbbbbbbbbb")
+    assert [r["name"] for r in cf.dns.values()] == [grant.hostname]
 
 
 @pytest.mark.parametrize("vm_name", ["Evil.Name", "a/../b", "x" * 64, "-lead", "vm-7\n", ""])

@@ -12,17 +12,23 @@ reconnecting agent (or a restarted CP) gets the same tunnel and records again:
 1. the tunnel ``ee-<agent_id>``: ``GET /accounts/{account}/cfd_tunnel?name=…&
    is_deleted=false``, created with ``POST /accounts/{account}/cfd_tunnel``
    (``config_src: cloudflare``: its ingress is managed through the API) when absent;
-2. its ingress: ``PUT /accounts/{account}/cfd_tunnel/{id}/configurations`` routing the
-   canonical hostname ``<agent_id>.<domain>`` and the stable alias ``<vm_name>.<domain>``
-   to ``origin_service`` (the agent's HTTP port inside the VM), anything else 404;
-3. DNS: for each of the two names a proxied CNAME to ``<id>.cfargotunnel.com``,
-   upserted (``GET /zones/{zone}/dns_records?type=CNAME&name=…``, then ``PUT`` the
-   record found or ``POST`` a new one);
+2. DNS: for the canonical hostname ``<agent_id>.<domain>`` and the stable alias
+   ``<vm_name>.<domain>`` a proxied CNAME to ``<id>.cfargotunnel.com``, upserted
+   (``GET /zones/{zone}/dns_records?type=CNAME&name=…``, then ``PUT`` the record found or
+   ``POST`` a new one). Every record we write carries the comment
+   ``easyenclave tunnel of <agent_id>``, and an existing record is only ever updated when
+   it carries *this* agent's comment: a record of another agent or of the operator
+   (``www``, ``cp``, ...) is never repointed;
+3. its ingress: ``PUT /accounts/{account}/cfd_tunnel/{id}/configurations`` routing the
+   names whose records are this agent's to ``origin_service`` (the agent's HTTP port
+   inside the VM), anything else 404;
 4. the token: ``GET /accounts/{account}/cfd_tunnel/{id}/token``.
 
 VM names are chosen by agents: the alias is made only when the name is a DNS label
-(lowercase letters, digits, inner hyphens, at most 63); otherwise only the canonical
-name is routed. Every API answer is checked (``success``, the shapes used); anything
+(lowercase letters, digits, inner hyphens, at most 63) that is not shaped like an agent
+id (``ag-`` + 20 hex: another agent's canonical name); an alias whose name is taken by a
+record that is not this agent's is skipped; a canonical name taken so is a
+:class:`TunnelError`. Every API answer is checked (``success``, the shapes used); anything
 else is a :class:`TunnelError` naming the step. The CP never lets a failed grant block
 a registration: the agent is admitted without a tunnel, an event is emitted, and the
 next registration of that agent (every reconnect) tries again.
@@ -48,6 +54,8 @@ CLOUDFLARE_API = "https://api.cloudflare.com/client/v4"
 TUNNEL_TARGET = "cfargotunnel.com"
 _LABEL = re.compile(r"\A[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 MAX_ERROR_CHARS = 300
+OWNER_COMMENT = "easyenclave tunnel of "  # + agent id: marks the DNS records we own
+_AGENT_ID_SHAPE = re.compile(r"ag-[0-9a-f]{20}")
 
 
 class TunnelError(Exception):
@@ -96,21 +104,26 @@ class CloudflareTunnels:
         if label is None:
             raise TunnelError(f"agent id {agent_id!r} is not a DNS label")
         hostname = f"{label}.{s.domain}"
-        names = [hostname]
         alias = dns_label(vm_name)
-        if alias is not None and alias != label:
-            names.append(f"{alias}.{s.domain}")
+        owner = OWNER_COMMENT + agent_id
         async with httpx.AsyncClient(base_url=s.api_base, headers=self._headers,
                                      timeout=s.timeout_s, transport=self._transport,
                                      trust_env=False) as http:
             tunnel_id = await self._ensure_tunnel(http, f"ee-{agent_id}")
+            target = f"{tunnel_id}.{TUNNEL_TARGET}"
+            if not await self._upsert_cname(http, hostname, target, owner):
+                raise TunnelError(f"DNS name {hostname} exists and is not this agent's "
+                                  "tunnel record")
+            names = [hostname]
+            if alias is not None and alias != label and not _AGENT_ID_SHAPE.fullmatch(alias):
+                name = f"{alias}.{s.domain}"
+                if await self._upsert_cname(http, name, target, owner):
+                    names.append(name)
             await self._call(http, "configure ingress", "PUT",
                              f"/accounts/{s.account_id}/cfd_tunnel/{tunnel_id}/configurations",
                              json={"config": {"ingress": [
                                  *({"hostname": n, "service": s.origin_service} for n in names),
                                  {"service": "http_status:404"}]}})
-            for name in names:
-                await self._upsert_cname(http, name, f"{tunnel_id}.{TUNNEL_TARGET}")
             token = await self._call(http, "get token", "GET",
                                      f"/accounts/{s.account_id}/cfd_tunnel/{tunnel_id}/token")
         if not isinstance(token, str) or not token:
@@ -133,21 +146,28 @@ class CloudflareTunnels:
             raise TunnelError("create tunnel: the API returned no tunnel id")
         return str(created["id"])
 
-    async def _upsert_cname(self, http: httpx.AsyncClient, name: str, target: str) -> None:
+    async def _upsert_cname(self, http: httpx.AsyncClient, name: str, target: str,
+                            owner: str) -> bool:
+        """Point *name* at *target*; False (nothing written) when a record of that name
+        exists that is not *owner*'s."""
         path = f"/zones/{self.settings.zone_id}/dns_records"
-        record = {"type": "CNAME", "name": name, "content": target, "proxied": True, "ttl": 1}
+        record = {"type": "CNAME", "name": name, "content": target, "proxied": True, "ttl": 1,
+                  "comment": owner}
         found = await self._call(http, f"find DNS record {name}", "GET", path,
-                                 params={"type": "CNAME", "name": name})
+                                 params={"name": name})
         if not isinstance(found, list):
             raise TunnelError(f"find DNS record {name}: expected a list")
         for existing in found:
-            if isinstance(existing, dict) and existing.get("name") == name and \
-                    isinstance(existing.get("id"), str):
+            if isinstance(existing, dict) and existing.get("name") == name:
+                if existing.get("comment") != owner or existing.get("type") != "CNAME" \
+                        or not isinstance(existing.get("id"), str):
+                    return False
                 if existing.get("content") != target or existing.get("proxied") is not True:
                     await self._call(http, f"update DNS record {name}", "PUT",
                                      f"{path}/{existing['id']}", json=record)
-                return
+                return True
         await self._call(http, f"create DNS record {name}", "POST", path, json=record)
+        return True
 
     async def _call(self, http: httpx.AsyncClient, step: str, method: str, path: str,
                     **kwargs: Any) -> Any:
