@@ -8,6 +8,8 @@ values keyed by FMSPC, with switches that make it misbehave::
     mode "garbage"      200 with a body that is not what the route returns
     mode "wrong_fmspc"  TCB info of another platform whatever FMSPC is asked for
     mode "huge"         a TCB info body larger than any client cap
+    mode "deep_json"    a TCB info body of 100,000 nested arrays
+    mode "bad_chain"    issuer chains whose certificate does not decode
     delay_s             sleep this long before answering (a slow PCCS)
     pcs_root_crl        404 on /rootcacrl (as Intel's PCS), so clients use the CRL DP
 
@@ -59,6 +61,13 @@ class Standin:
         if self.mode == "garbage":
             return 200, {"TCB-Info-Issuer-Chain": "nonsense"}, b"<html>not json</html>"
         c = self._any()
+        if self.mode == "deep_json" and path == "/tdx/certification/v4/tcb":
+            return 200, {"TCB-Info-Issuer-Chain": _chain_header(c.tcb_info_issuer_chain)}, \
+                b"[" * 100_000
+        if self.mode == "bad_chain":
+            bad = "-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"
+            c = attrs.evolve(c, tcb_info_issuer_chain=bad, pck_crl_issuer_chain=bad,
+                             qe_identity_issuer_chain=bad)
         if path == "/sgx/certification/v4/pckcrl":
             if query.get("ca", [""])[0] not in ("platform", "processor"):
                 return 400, {}, b"bad ca"

@@ -77,6 +77,7 @@ async def test_root_crl_from_distribution_point_when_pcs_has_no_route(td: SimTD)
     ("garbage", "format", "not a PCS answer"),
     ("wrong_fmspc", "mismatch", "the PCCS answered with FMSPC 000000000000"),
     ("huge", "too_large", "larger than"),
+    ("deep_json", "format", "nested too deeply"),
 ])
 async def test_misbehaving_pccs_gives_clear_errors(td: SimTD, mode: str, kind: str,
                                                    text: str) -> None:
@@ -87,6 +88,19 @@ async def test_misbehaving_pccs_gives_clear_errors(td: SimTD, mode: str, kind: s
                 await PccsClient(pccs.url).fetch(SIM_FMSPC)
     assert exc.value.kind == kind
     assert text in str(exc.value) and "\n" not in str(exc.value)
+
+
+async def test_an_undecodable_issuer_chain_is_a_format_error(td: SimTD) -> None:
+    """With no rootcacrl route the client reads the CRL distribution point out of the
+    served (not yet checked) chain: garbage there is a PccsError, never a ValueError
+    that would crash the CP's refresher."""
+    c = sim_collateral(td, 1_700_000_000)
+    with trio.fail_after(20):
+        async with running_standin({SIM_FMSPC.hex().upper(): c}, mode="bad_chain",
+                                   pcs_root_crl=True) as pccs:
+            with pytest.raises(PccsError) as exc:
+                await PccsClient(pccs.url).fetch(SIM_FMSPC)
+    assert exc.value.kind == "format" and "\n" not in str(exc.value)
 
 
 async def test_unknown_fmspc_slow_and_unreachable_pccs(td: SimTD) -> None:

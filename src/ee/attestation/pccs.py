@@ -124,6 +124,8 @@ def _signed_document(what: str, body: bytes, member: str) -> tuple[str, bytes]:
         return raw_member(text, member), raw_sig
     except (UnicodeDecodeError, ValueError, IndexError) as exc:
         raise PccsError("format", f"{what}: not a PCS answer ({exc})") from None
+    except RecursionError:
+        raise PccsError("format", f"{what}: not a PCS answer (nested too deeply)") from None
 
 
 def _crl_der(what: str, body: bytes) -> bytes:
@@ -245,7 +247,11 @@ class PccsClient:
             raise PccsError("http", f"root CA CRL: {sgx}/rootcacrl answered HTTP "
                             f"{answer.status}")
         # Intel's PCS has no rootcacrl route: follow the root's CRL distribution point.
-        url = crl_distribution_point(chain_pem)
+        try:
+            url = crl_distribution_point(chain_pem)
+        except ValueError as exc:  # the served chain is not checked yet: it may be garbage
+            raise PccsError("format", f"root CA CRL: the issuer chain does not decode "
+                            f"({exc})") from None
         if url is None:
             raise PccsError("format", "root CA CRL: no rootcacrl route and no CRL "
                             "distribution point in the root certificate")
