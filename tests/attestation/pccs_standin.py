@@ -56,6 +56,14 @@ class Standin:
         return next(iter(self.platforms.values()))
 
     def answer(self, path: str, query: dict[str, list[str]]) -> Answer:
+        status, headers, body = self._answer(path, query)
+        if self.mode == "bad_chain":  # a PEM block whose DER is not a certificate
+            bad = _chain_header("-----BEGIN CERTIFICATE-----\nMAMCAQE=\n"
+                                "-----END CERTIFICATE-----\n")
+            headers = {k: bad if k.endswith("Issuer-Chain") else v for k, v in headers.items()}
+        return status, headers, body
+
+    def _answer(self, path: str, query: dict[str, list[str]]) -> Answer:
         if self.mode == "fail":
             return 500, {}, b"internal error"
         if self.mode == "garbage":
@@ -64,10 +72,6 @@ class Standin:
         if self.mode == "deep_json" and path == "/tdx/certification/v4/tcb":
             return 200, {"TCB-Info-Issuer-Chain": _chain_header(c.tcb_info_issuer_chain)}, \
                 b"[" * 100_000
-        if self.mode == "bad_chain":
-            bad = "-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"
-            c = attrs.evolve(c, tcb_info_issuer_chain=bad, pck_crl_issuer_chain=bad,
-                             qe_identity_issuer_chain=bad)
         if path == "/sgx/certification/v4/pckcrl":
             if query.get("ca", [""])[0] not in ("platform", "processor"):
                 return 400, {}, b"bad ca"
