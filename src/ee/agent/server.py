@@ -426,8 +426,11 @@ class Agent:
         if self.link is link:
             self.link = None
 
-    def write(self, frame: Frame, msg: Deploy | Undeploy) -> None:
-        verdict = self.trust.check(frame.type, frame.body, msg.envelope)
+    async def write(self, frame: Frame, msg: Deploy | Undeploy) -> None:
+        # Canonical JSON of the whole body (build context included) and an Ed25519
+        # check: off the event loop. The reader awaits each write, so seq stays ordered.
+        verdict = await trio.to_thread.run_sync(
+            self.trust.check, frame.type, frame.body, msg.envelope)
         if verdict.accepted:
             if verdict.pin is not None:
                 log.warning("pinned the CP MRTD %s (first envelope seen)", verdict.pin)

@@ -129,7 +129,7 @@ class SessionHost(Protocol):
 
     async def answer(self, msg: Message) -> Message: ...
 
-    def write(self, frame: Frame, msg: Deploy | Undeploy) -> None: ...
+    async def write(self, frame: Frame, msg: Deploy | Undeploy) -> None: ...
 
     def attach(self, link: SessionLink, registered: Registered) -> None: ...
 
@@ -322,7 +322,7 @@ class SessionLoop:
             if isinstance(msg, _REQUESTS):
                 nursery.start_soon(self._answer, link, frame, msg)
             elif isinstance(msg, Deploy | Undeploy):
-                self.host.write(frame, msg)
+                await self.host.write(frame, msg)  # in order: seq checks follow the wire
             elif isinstance(msg, Reconnect):
                 return Outcome(True, msg.reason or "reconnect", reconnect_after=msg.after_s)
             elif isinstance(msg, ErrorMessage):

@@ -170,9 +170,16 @@ class Session:
 
     async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
         async with self._send_lock:
-            if self.signer is not None and isinstance(msg, Deploy | Undeploy):
-                msg = self.signer.sign(msg)  # in the lock: seq follows the wire order
-            await self.ws.send_message(encode_message(msg, id=id, re=re))
+            if isinstance(msg, Deploy | Undeploy):
+                # Signing (canonical JSON + Ed25519 over a body that may carry a 16 MiB
+                # build context) and encoding a deploy: off the event loop. Still in the
+                # lock, so seq follows the wire order.
+                write, signer = msg, self.signer
+                text = await trio.to_thread.run_sync(lambda: encode_message(
+                    write if signer is None else signer.sign(write), id=id, re=re))
+            else:
+                text = encode_message(msg, id=id, re=re)
+            await self.ws.send_message(text)
 
     async def request(self, msg: Message, timeout: float) -> Message:
         request_id = next(self._next_request)
