@@ -240,6 +240,7 @@ def test_transition_table() -> None:
     check_transition("running", "stopping")
     check_transition("stopping", "stopped")
     check_transition("failed", "running")  # refresh sees a restarted container
+    check_transition("starting", "starting")  # a deploy superseding a cancelled one
     for old, new in [(None, "stopped"), ("stopped", "running"), ("starting", "stopped")]:
         with pytest.raises(InvalidTransition):
             check_transition(old, new)  # type: ignore[arg-type]

@@ -165,7 +165,10 @@ WorkloadState = Literal["starting", "running", "failed", "stopping", "stopped"]
 TRANSITIONS: Mapping[WorkloadState | None, frozenset[WorkloadState]] = MappingProxyType(
     {
         None: frozenset({"starting", "running", "failed"}),  # deploy; adopt
-        "starting": frozenset({"running", "failed", "stopping"}),  # stopping: deploy cancelled
+        # starting: a deploy superseding one that was cancelled mid-way (the agent cancels
+        # an in-flight deploy of the same id; the cancelled one leaves "starting");
+        # stopping: an undeploy of a deploy in flight.
+        "starting": frozenset({"starting", "running", "failed", "stopping"}),
         "running": frozenset({"starting", "failed", "stopping"}),
         "failed": frozenset({"starting", "running", "stopping"}),
         "stopping": frozenset({"stopped", "failed"}),
@@ -911,21 +914,25 @@ class ComposeRunner:
             raise _Failure(f"`config` did not finish within {self.settings.down_timeout:g} s")
         if code != 0:
             raise _Failure(_tail(err or out, self.settings.error_tail_bytes) or f"exit {code}")
-        try:
-            resolved = validate_compose(out)
-            check_compose(
-                resolved,
-                stage="resolved",
-                context_root=str(record.directory / CONTEXT_DIR),
-                project=record.project,
-            )
-            check_images(resolved, self.namespace)
-        except ComposeError as exc:
-            raise _Failure(f"the Compose CLI's resolved file is not acceptable: {exc}") from None
-        except WorkloadPolicyError as exc:
-            raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
-        text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
-        await trio.to_thread.run_sync(_write_private, record.directory / RESOLVED_FILE, text)
+        def check_and_write() -> None:  # YAML parse, policy, dump: off the event loop
+            try:
+                resolved = validate_compose(out)
+                check_compose(
+                    resolved,
+                    stage="resolved",
+                    context_root=str(record.directory / CONTEXT_DIR),
+                    project=record.project,
+                )
+                check_images(resolved, self.namespace)
+            except ComposeError as exc:
+                raise _Failure(
+                    f"the Compose CLI's resolved file is not acceptable: {exc}") from None
+            except WorkloadPolicyError as exc:
+                raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
+            text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
+            _write_private(record.directory / RESOLVED_FILE, text)
+
+        await trio.to_thread.run_sync(check_and_write)
 
     async def _measure(self, record: _Record) -> None:
         """Extend RTMR3 with this deployment (and log it) before it runs."""
