@@ -419,6 +419,33 @@ async def test_redeploy_in_place_updates_workload(runner: ComposeRunner) -> None
 
 
 @needs_docker
+async def test_a_deploy_supersedes_one_cancelled_mid_way(runner: ComposeRunner) -> None:
+    """The agent cancels an in-flight deploy when the same id is deployed again; the
+    cancelled one leaves ``starting`` and the next deploy must still run."""
+    spec = DeploySpec(deployment_id="again", app="a", version="1", compose=IMAGE_ONLY_COMPOSE,
+                      expose_port=8080, health_path="/health")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            cancelled = trio.CancelScope()
+            started = trio.Event()
+
+            async def on_status(status: DeploymentStatus) -> None:
+                if status.state == "starting":
+                    started.set()
+
+            async def first() -> None:
+                with cancelled:
+                    await runner.deploy(spec, on_status)
+
+            nursery.start_soon(first)
+            await started.wait()
+            cancelled.cancel()
+        second = await runner.deploy(attrs.evolve(spec, version="2"))
+        assert second.state == "running" and second.version == "2", second.error
+        assert (await runner.undeploy("again")).state == "stopped"
+
+
+@needs_docker
 async def test_failing_health_reports_failed_and_keeps_logs(tmp_path: Path, namespace: str) -> None:
     runner = ComposeRunner(tmp_path / "data", settings_for(namespace, health_timeout=3.0))
     with trio.fail_after(DOCKER_TIMEOUT):
