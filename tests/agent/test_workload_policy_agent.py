@@ -8,6 +8,7 @@ containers hardened, and never lets tenant env into the CLI's process environmen
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -130,6 +131,7 @@ async def test_symlink_chain_out_of_the_context_is_refused(
 
 SITECUSTOMIZE = b"""\
 import os
+import subprocess
 open(os.environ.get("EE_TEST_MARKER", "/nonexistent/marker"), "w").write("ran")
 """
 
@@ -209,11 +211,24 @@ async def test_containers_run_hardened_from_the_resolved_file(
 
 
 def test_env_file_text_cannot_run_one_value_into_the_next() -> None:
-    text = env_file_text({"A": "x\\", "B": "\nDOCKER_HOST=tcp://evil\n'"})
-    assert "\nDOCKER_HOST" in text  # inside B's quotes, not a line of its own
-    lines = [line for line in text.split("\n") if line.startswith("DOCKER_HOST")]
-    assert lines == ["DOCKER_HOST=tcp://evil"]
-    assert not text.split("\n")[0].endswith("\\'")  # A's value cannot swallow its quote
+    """Read back by the env-file reader the Compose CLI uses (python-dotenv, in the
+    interpreter of ``docker-compose``), the file holds exactly the tenant's values: no
+    extra ``DOCKER_HOST`` variable, no value running into the next."""
+    import json
+    import shutil
+
+    values = {"A": "x\\", "B": "\nDOCKER_HOST=tcp://evil\n'", "C": "${HOME}$$ \"q\" #"}
+    text = env_file_text(values)
+    cli = shutil.which("docker-compose")
+    if cli is None:
+        pytest.skip("needs docker-compose (its python-dotenv reads the env file)")
+    interpreter = Path(cli).read_text(errors="replace").splitlines()[0].removeprefix("#!")
+    read = subprocess.run(
+        [*interpreter.split(), "-c",
+         "import io, json, sys, dotenv; print(json.dumps(dict(dotenv.dotenv_values("
+         "stream=io.StringIO(sys.stdin.read())))))"],
+        input=text, capture_output=True, text=True, check=True, timeout=30)
+    assert json.loads(read.stdout) == values
 
 
 def _status(deployment_id: str) -> Any:

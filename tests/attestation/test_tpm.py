@@ -121,9 +121,7 @@ def test_qualifying_data_binds_the_registration_report_data() -> None:
 
 
 def test_policy_applies_to_the_quoted_pcr4_and_pcr9(world: World, good: T.TpmEvidence) -> None:
-    evaluate_tpm = getattr(policy, "evaluate_tpm", None)
-    if evaluate_tpm is None:
-        pytest.skip("needs ee.attestation.policy.evaluate_tpm (branch i12b-measure)")
+    evaluate_tpm = policy.evaluate_tpm
     result = verify(world, good)
     pcr4, pcr9 = result.pcrs[4].hex(), result.pcrs[9].hex()
     allow = policy.Policy.from_json({"providers": ["tpm"], "pcr4": [pcr4], "pcr9": [pcr9]})

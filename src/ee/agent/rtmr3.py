@@ -51,7 +51,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 
@@ -290,14 +290,3 @@ class RuntimeMeasurements:
                 raise Rtmr3Error("RTMR3 no longer equals the replay of the runtime log")
             return value
 
-    def to_json(self) -> dict[str, Any]:
-        """What the agent serves with its attested health: the register kind, RTMR3 as
-        the log replays it, and the log (the exact lines, for replay elsewhere)."""
-        with self._lock:
-            events = self._events
-        return {
-            "register": self.register.kind,
-            "rtmr3": replay_runtime(events).hex(),
-            "events": [e.to_json() for e in events],
-            "log": "".join(e.canonical().decode() + "\n" for e in events),
-        }

@@ -243,6 +243,8 @@ class Agent:
             except Rtmr3Error as exc:
                 log.error("cannot read the event logs, the quote goes without them: %s", exc)
                 logs = AttestationLogs()
+                quote = await self.quotes.quote(report_data)
+                break  # nothing to keep consistent with the quote
             quote = await self.quotes.quote(report_data)
             if self.runtime is None or self.runtime.events is logs.runtime_log:
                 break
