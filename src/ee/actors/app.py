@@ -279,6 +279,19 @@ class AppActor(Actor):
         await self.deps.save("deployments", dep.deployment_id,
                              {**dep.spec(), "app": self.app_key})
 
+    def _replica_as_reported(self, dep: Deployment, old: Replica | None, agent_id: str,
+                             state: str, compose_hash: str | None,
+                             error: str | None) -> Replica:
+        """A placed agent's replica as it reports it (a ``deploy_status`` or a listing),
+        failed when the compose hash is not the version's (`hash_problem`)."""
+        reported = compose_hash or (old.compose_hash if old else None)
+        problem = hash_problem(state, reported, self._expected_hash(dep))
+        if problem is None:
+            return Replica(agent_id, state, reported, error)
+        if old is not None and old.state == "failed":
+            return old  # failed already, and said so
+        return self._hash_failed(dep, agent_id, state, reported, problem)
+
     def _hash_failed(self, dep: Deployment, agent_id: str, state: str,
                      reported: str | None, problem: HashProblem) -> Replica:
         """The replica, failed: it does not run the version's workload."""
@@ -398,11 +411,8 @@ class AppActor(Actor):
         replicas = {a: r for a, r in dep.replicas.items() if a != msg.agent_id}
         failed = False
         if msg.state != "stopped":  # a stopped replica is gone, not a member
-            reported = msg.compose_hash or old.compose_hash
-            replica = Replica(msg.agent_id, msg.state, reported, msg.error)
-            problem = hash_problem(msg.state, reported, self._expected_hash(dep))
-            if problem is not None:
-                replica = self._hash_failed(dep, msg.agent_id, msg.state, reported, problem)
+            replica = self._replica_as_reported(dep, old, msg.agent_id, msg.state,
+                                                msg.compose_hash, msg.error)
             replicas[msg.agent_id] = replica
             failed = replica.state == "failed"
         self._set(attrs.evolve(dep, replicas=replicas))
@@ -477,14 +487,9 @@ class AppActor(Actor):
                     await self._undeploy_on(agent_id, deployment_id)
                 continue
             old = replicas.get(agent_id)
-            reported = d.get("compose_hash") or (old.compose_hash if old else None)
-            problem = hash_problem(d["state"], reported, self._expected_hash(dep))
-            if problem is None:
-                replicas[agent_id] = Replica(agent_id, d["state"], reported,
-                                             old.error if old else None)
-            elif old is None or old.state != "failed":  # (else: failed, and said so)
-                replicas[agent_id] = self._hash_failed(dep, agent_id, d["state"], reported,
-                                                       problem)
+            replicas[agent_id] = self._replica_as_reported(
+                dep, old, agent_id, d["state"], d.get("compose_hash"),
+                old.error if old else None)
         # Members whose agent went away, or no longer lists the replica (stopped, or lost
         # before it ran: an agent lists a deployment from the moment PushDeploy was
         # accepted). Lost is not failed: it never counts against the budget.
