@@ -203,20 +203,17 @@ def load_entry(directory: Path, fmspc: bytes, anchors: TrustAnchors, now: float
     path = _cache_path(directory, fmspc)
     try:
         doc = json.loads(path.read_text())
+        # Windows are checked at the fetch time: a stale copy still loads (`freshness`
+        # then says it is stale).
+        fetched_at = float(doc["fetched_at"])
         entry = admit_fetched(fmspc, Collateral.from_json(doc["collateral"]), anchors,
-                              now=min(now, _window_probe(doc)))
-        return attrs.evolve(entry, fetched_at=float(doc["fetched_at"]))
+                              now=min(now, fetched_at))
+        return attrs.evolve(entry, fetched_at=fetched_at)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError, CollateralFormatError, PccsError) as exc:
         log.warning("ignoring cached collateral %s: %s", path, exc)
         return None
-
-
-def _window_probe(doc: dict[str, Any]) -> float:
-    """The time to check a cached copy's windows at: its fetch time (a stale copy is
-    still loaded; `freshness` then says it is stale)."""
-    return float(doc["fetched_at"])
 
 
 class Offload(Protocol):

@@ -32,6 +32,7 @@ import os
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +204,7 @@ class ControlPlane:
         self.tpm_verifier = TpmVerifier(boot.ek_roots) if boot.ek_roots else None
         self.collateral: Collateral | None = None
         self.collateral_refreshed = 0.0
+        self._collateral_lock = threading.Lock()
         self.refresher = self._make_refresher()
         self.records: RecordStore | None = None
         self.accounts: RecordStore | None = None
@@ -306,15 +308,20 @@ class ControlPlane:
                                   tpm=self.tpm_verifier,
                                   routable_urls_only=not self.bootstrap.dev)
             self.collateral = collateral
-        elif self.bootstrap.dev and now - self.collateral_refreshed > 86400:
-            from ee.attestation.providers.sim import SimTD
+        else:
+            # Re-attestation asks for the judge from worker threads (_CurrentJudge): the
+            # lazily made collateral is shared state.
+            with self._collateral_lock:
+                if self.bootstrap.dev and now - self.collateral_refreshed > 86400:
+                    from ee.attestation.providers.sim import SimTD
 
-            assert self.bootstrap.sim_dir is not None
-            td = SimTD.load(self.bootstrap.sim_dir)
-            self.collateral = td.collateral(issued_at=now - 3600)
-            self.collateral_refreshed = now
-        elif self.collateral is None and self.config.collateral_file:
-            self.collateral = Collateral.from_json(Path(self.config.collateral_file).read_text())
+                    assert self.bootstrap.sim_dir is not None
+                    td = SimTD.load(self.bootstrap.sim_dir)
+                    self.collateral = td.collateral(issued_at=now - 3600)
+                    self.collateral_refreshed = now
+                elif self.collateral is None and self.config.collateral_file:
+                    self.collateral = Collateral.from_json(
+                        Path(self.config.collateral_file).read_text())
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
                      verifier=self.verifier, policy=self.bootstrap.policy,
                      collateral=self.collateral, bindings=self.identities.bindings,
