@@ -621,8 +621,23 @@ class Fuzzer:
         self.td = SimTD.load(self.workdir / "sim")
         return proc
 
+    async def settle(self, http: httpx.AsyncClient, proc: subprocess.Popen[bytes]) -> None:
+        """Until the CP has handled the last frames: its frame counters (registrations,
+        heartbeats, refused frames) read the same twice in a row (bounded)."""
+        previous = None
+        with trio.move_on_after(30):
+            while proc.poll() is None:
+                text = (await http.get("/metrics")).text
+                counters = [line for line in text.splitlines()
+                            if line.startswith(("ee_registrations_total",
+                                                "ee_heartbeats_total", "ee_bad_frames_total"))]
+                if counters == previous:
+                    return
+                previous = counters
+                await trio.sleep(0.2)
+
     async def run(self) -> Summary:
-        proc = self.proc = self.start_cp()
+        proc = self.proc = await trio.to_thread.run_sync(self.start_cp)
         started = time.perf_counter()
         try:
             return await self._run(proc, started)
@@ -655,7 +670,7 @@ class Fuzzer:
             async with trio.open_nursery() as workers:
                 for i in range(self.workers):
                     workers.start_soon(Worker(self, i).run)
-            await trio.sleep(0.5)  # let the last frames be handled
+            await self.settle(http, proc)
             alive = proc.poll() is None
             rss_end = rss_mb(proc.pid) if alive else 0.0
             health = tree = status = None
