@@ -20,7 +20,7 @@ import pytest
 import trio
 from cpkit import RunningCp, dev_config
 from simagent import SimAgent
-from test_sessions import register_with
+from test_sessions import register_with, wait_until
 
 from ee.agent.config import AgentConfig
 from ee.agent.platform import QuoteSource
@@ -263,12 +263,15 @@ async def test_the_real_agent_sends_its_logs(tmp_path: Path) -> None:
                 assert sent.attestation.runtime_log == RUNTIME_LOG
                 async with trio.open_nursery() as nursery:
                     await nursery.start(agent.run)
-                    while True:
-                        refused = [e.to_dict() for e in env.cp.events.recent
-                                   if e.subject == name and e.kind == "registration.rejected"]
-                        if refused or name in env.cp.plane.known:
-                            break
-                        await trio.sleep(0.05)
+                    def rejections(vm: str = name) -> list[dict[str, Any]]:
+                        return [e.to_dict() for e in env.cp.events.recent
+                                if e.subject == vm and e.kind == "registration.rejected"]
+
+                    def decided(vm: str = name) -> bool:
+                        return bool(rejections(vm)) or vm in env.cp.plane.known
+
+                    await wait_until(decided, "admitted or refused")
+                    refused = rejections()
                     agent.request_stop()
                 if boot is CCEL:
                     assert name in env.cp.plane.known and not refused, refused

@@ -24,6 +24,7 @@ import trio_websocket
 from cpkit import RunningCp, running_cp
 from cryptography.x509 import InvalidVersion
 from simagent import SimAgent
+from test_sessions import wait_until
 
 from ee.protocol import registration_report_data
 
@@ -214,10 +215,8 @@ async def test_a_crash_of_the_plane_itself_is_logged_with_its_traceback(
             plane._sweep = broken_sweep  # type: ignore[method-assign]
             assert env.cp.root.crash("agent-plane")  # restart it with the broken sweep
 
-            while True:
-                if any("agent plane crashed" in r.getMessage() for r in caplog.records):
-                    break
-                await trio.sleep(0.05)
+            await wait_until(lambda: any("agent plane crashed" in r.getMessage()
+                                         for r in caplog.records), "the crash logged")
             record = next(r for r in caplog.records if "agent plane crashed" in r.getMessage())
             assert record.exc_info is not None and record.levelno == logging.ERROR
             del plane._sweep
@@ -262,13 +261,13 @@ async def test_a_verifier_raising_on_reattestation_quarantines_without_a_restart
                 raise InvalidVersion("18 is not a valid X509 version", 18)
 
             verifier.verify = raising  # type: ignore[method-assign]
+            async def quarantined() -> dict[str, Any] | None:
+                async with env.client() as http:
+                    view = (await http.get(f"/api/v2/agents/{agent.agent_id}")).json()
+                return view if view["status"] == "quarantined" else None
+
             try:
-                while True:
-                    async with env.client() as http:
-                        view = (await http.get(f"/api/v2/agents/{agent.agent_id}")).json()
-                    if view["status"] == "quarantined":
-                        break
-                    await trio.sleep(0.05)
+                view = await wait_until(quarantined, "quarantined")
             finally:
                 del verifier.verify
             assert any("could not be verified" in r
