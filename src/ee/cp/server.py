@@ -47,6 +47,7 @@ from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
 from ee.attestation.pccs import PccsClient, normalise_fmspc
+from ee.attestation.policy import Policy
 from ee.attestation.tpm import TpmVerifier
 from ee.capacity import PoolKey
 from ee.cp import bootstrap as bootstrap_mod
@@ -68,6 +69,7 @@ from ee.cp.records import (
     prune_history_forever,
 )
 from ee.cp.registration import Judge, Refusal
+from ee.cp.releases import AdmittedRelease, policy_with
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -217,6 +219,7 @@ class ControlPlane:
         self.seen_agents: set[str] = set()
         self.identities = IdentityBook(self.manifests, self.events.emit)
         self.drained = self.identities.drained  # operator intent, kept as signed manifests
+        self.releases = self._load_releases()  # admitted signed releases (ee.cp.releases)
         self.http_port: int | None = None
         self._http_stop = trio.Event()
         self._ready_logged = False
@@ -303,7 +306,7 @@ class ControlPlane:
             if grace_at is not None:
                 return GraceJudge(cluster_id=self.bootstrap.cluster_id,
                                   vocabulary=self.config.vocabulary, verifier=self.verifier,
-                                  policy=self.bootstrap.policy, collateral=collateral,
+                                  policy=self.policy, collateral=collateral,
                                   bindings=self.identities.bindings, grace_at=grace_at,
                                   tpm=self.tpm_verifier,
                                   routable_urls_only=not self.bootstrap.dev)
@@ -323,9 +326,45 @@ class ControlPlane:
                     self.collateral = Collateral.from_json(
                         Path(self.config.collateral_file).read_text())
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
-                     verifier=self.verifier, policy=self.bootstrap.policy,
+                     verifier=self.verifier, policy=self.policy,
                      collateral=self.collateral, bindings=self.identities.bindings,
                      tpm=self.tpm_verifier, routable_urls_only=not self.bootstrap.dev)
+
+    @property
+    def policy(self) -> Policy:
+        """The bundle's policy with the admitted releases' measurements added."""
+        return self._policy
+
+    def _load_releases(self) -> dict[str, AdmittedRelease]:
+        docs, refused = self.manifests.load("releases")
+        self.refused_manifests += [r.path for r in refused]
+        kept: dict[str, AdmittedRelease] = {}
+        for doc in docs:
+            try:
+                release = AdmittedRelease.from_json(doc)
+            except ValueError as exc:
+                log.error("kept release refused: %s", exc)
+                continue
+            kept[release.ident] = release
+        self._policy = policy_with(self.bootstrap.policy, kept.values())
+        return kept
+
+    async def admit_release(self, release: AdmittedRelease) -> bool:
+        """Keep *release* and extend the policy with it; False when already admitted."""
+        if release.ident in self.releases:
+            return False
+        await trio.to_thread.run_sync(self.manifests.write, "releases", release.ident,
+                                      release.to_json())
+        self.releases[release.ident] = release
+        self._policy = policy_with(self.bootstrap.policy, self.releases.values())
+        self.events.emit("release.admitted", release.node_size,
+                         {"name": release.name, "version": release.version,
+                          "commit": release.commit, "key": release.key_name,
+                          "manifest_sha256": release.manifest_sha256,
+                          "measurements": release.measurements.to_json()})
+        log.info("release %s %s (%s) admitted for node size %s", release.name,
+                 release.version, release.commit[:12], release.node_size)
+        return True
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
