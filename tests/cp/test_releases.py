@@ -4,6 +4,7 @@ it across a restart, and agents of that size are then judged against it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -28,6 +29,7 @@ from ee.cp.readiness import Quorum
 from ee.cp.releases import ReleaseRefused, check_admission, policy_with
 from ee.cp.server import ControlPlane, CpConfig, prepare
 from ee.ctl.main import main as eectl
+from ee.ctl.release import FileFacts, image_entry, make_manifest
 from ee.protocol.signing import (
     generate_signing_key,
     load_private_key,
@@ -40,12 +42,16 @@ FMSPC = SIM_FMSPC.hex().upper()
 R1, R2 = "a1" * 48, "b2" * 48
 
 
-def manifest(rtmr1: str = R1, rtmr2: str = R2, **image: Any) -> dict[str, Any]:
-    return {"name": "easyenclave", "version": "2.0.0", "git_commit": "c" * 40,
-            "commit": "c" * 40, "source_date_epoch": 1, "artifacts": {},
-            "image": {"root_hash": "d" * 64, "source_date_epoch": 1, **image,
-                      "measurements": {"rtmr1": rtmr1, "rtmr2": rtmr2, "pcr4": "e" * 64,
-                                       "pcr9": "f" * 64}}}
+def manifest(rtmr1: str = R1, rtmr2: str = R2) -> dict[str, Any]:
+    """A release manifest as `eectl release build --image` makes it, the image's
+    measurements.json shaped as `eectl trust measure --json` prints it."""
+    measured = {"image": "img", "cmdline": "console=ttyS0", "memory_bytes": 4 << 30,
+                "kernel_patched": True, "mrtd": None, "rtmr1": rtmr1, "rtmr2": rtmr2,
+                "pcr4": "e" * 64, "pcr9": "f" * 64, "events": {"rtmr1": [], "rtmr2": []}}
+    return make_manifest(name="easyenclave", version="2.0.0", commit="c" * 40,
+                         source_date_epoch=1,
+                         artifacts={"dist/x.whl": FileFacts("0" * 64, 1)},
+                         image=image_entry({"root_hash": "d" * 64}, measured))
 
 
 def body(doc: dict[str, Any], key: Ed25519PrivateKey, node_size: str = "standard"
@@ -79,13 +85,14 @@ def test_admission_needs_a_pinned_key() -> None:
     (lambda b: b.update(node_size="Big Size"), "node_size"),
     (lambda b: b.update(signature="zz"), "signature"),
     (lambda b: b.update(manifest=[]), "manifest"),
+    (lambda b: b.update(node_size="gigantic"), "not a node size this CP knows"),
 ])
 def test_bad_bodies_are_refused_400(change: Any, reason: str) -> None:
     key = Ed25519PrivateKey.generate()
     doc = body(manifest(), key)
     change(doc)
     with pytest.raises(ReleaseRefused, match=reason) as refused:
-        check_admission(doc, [("rel", key.public_key())])
+        check_admission(doc, [("rel", key.public_key())], ("tiny", "standard", "llm"))
     assert refused.value.status == 400
 
 
@@ -105,11 +112,16 @@ def test_a_release_without_usable_measurements_is_refused(image: Any, reason: st
 def test_policy_with_adds_to_the_node_size_only() -> None:
     key = Ed25519PrivateKey.generate()
     pinned = [("rel", key.public_key())]
-    base = Policy(node_sizes={"llm": Measurements(rtmr1=["11" * 48])})
+    base = Policy(measurements=Measurements(rtmr1=["33" * 48], providers=["tdx"]),
+                  node_sizes={"llm": Measurements(rtmr1=["11" * 48])})
     first = check_admission(body(manifest(), key), pinned)
     second = check_admission(body(manifest(rtmr1="22" * 48), key), pinned)
+    assert first.commit == "c" * 40 and first.measurements.mrtd == frozenset()
     policy = policy_with(base, [first, second])
-    assert policy.node_sizes["standard"].rtmr1 == {R1, "22" * 48}
+    # A size without its own entry starts from the global lists: the globally allowed
+    # image stays allowed for it (adding never narrows a list that had values).
+    assert policy.node_sizes["standard"].rtmr1 == {"33" * 48, R1, "22" * 48}
+    assert policy.node_sizes["standard"].providers is None  # still inherits the global
     assert policy.node_sizes["llm"] == base.node_sizes["llm"]
     assert policy.measurements == base.measurements
     assert policy_with(base, []) is base
@@ -208,6 +220,22 @@ async def test_cp_admits_a_signed_release_and_judges_agents_by_it(
         assert (await register(cp, nursery, "vm-new-1", new_image)).registered is not None
         nursery.cancel_scope.cancel()
 
+    async def concurrent_admits(cp: ControlPlane, nursery: trio.Nursery) -> None:
+        release = check_admission(body(manifest(rtmr1="44" * 48), load_private_key(
+            tmp_path / "rel.key")), cp.bootstrap.release_keys)
+        results: list[bool] = []
+
+        async def one() -> None:
+            results.append(await cp.admit_release(release))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(one)
+            inner.start_soon(one)
+        assert sorted(results) == [False, True]
+        assert await cp.withdraw_release(release.ident) is not None
+        assert release.ident not in cp.releases
+        nursery.cancel_scope.cancel()
+
     async def after_restart(cp: ControlPlane, nursery: trio.Nursery) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.http_port}",
                                      headers={"Authorization": f"Bearer {token}"}) as http:
@@ -224,6 +252,15 @@ async def test_cp_admits_a_signed_release_and_judges_agents_by_it(
         assert (await register(cp, nursery, "vm-new-2", new_image)).registered is not None
         nursery.cancel_scope.cancel()
 
+    async def key_removed(cp: ControlPlane, nursery: trio.Nursery) -> None:
+        # The bundle no longer pins the key: the kept release is dropped at start, said
+        # in an event, and the old image is admitted again.
+        assert cp.releases == {}
+        assert any(e.kind == "manifest.refused" and "dropped (release_untrusted"
+                   in e.data["detail"] for e in cp.events.recent)
+        assert (await register(cp, nursery, "vm-old-5", old_image)).registered is not None
+        nursery.cancel_scope.cancel()
+
     with trio.fail_after(90):
         await run_cp(first)
         # The records database goes; the admitted release (a signed manifest) stays.
@@ -231,3 +268,11 @@ async def test_cp_admits_a_signed_release_and_judges_agents_by_it(
             db.unlink()
         shutil.rmtree(data / "records", ignore_errors=True)
         await run_cp(after_restart)
+        await run_cp(concurrent_admits)
+        # The bundle is re-signed offline without the release key.
+        assert eectl_cp("bundle", "create", "--signing-key", str(tmp_path / "offline.key"),
+                        "--out", str(data), "--cluster-id", "prod", "--root", str(root_pem),
+                        "--policy", str(tmp_path / "policy.json"), "--force",
+                        "--admin-token-sha256", hashlib.sha256(token.encode()).hexdigest()
+                        ) == 0
+        await run_cp(key_removed)

@@ -5,6 +5,8 @@
   ``"admitted": false`` when the same manifest is already admitted for that node size);
   400 ``bad_release``, 403 ``release_untrusted`` (``ee.cp.releases`` says when).
 * ``GET /api/v2/admin/releases`` → ``{"releases": [...], "release_keys": [names]}``.
+* ``DELETE /api/v2/admin/releases/{id}`` → 200 ``{"withdrawn": {...}}`` (its
+  measurements leave the policy; event ``release.withdrawn``), 404 when unknown.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from ee.cp.errors import ApiError, Who, guard, json_object, json_response
+from ee.cp.errors import ApiError, Who, guard, json_object, json_response, not_found
 from ee.cp.releases import ReleaseRefused, check_admission
 from ee.cp.tenants import Auth
 
@@ -39,7 +41,8 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         body = await json_object()
         try:
             release = await trio.to_thread.run_sync(
-                check_admission, body, cp.bootstrap.release_keys)
+                check_admission, body, cp.bootstrap.release_keys,
+                tuple(cp.config.vocabulary.sizes))
         except ReleaseRefused as exc:
             cp.events.emit("release.refused", "releases",
                            {"code": exc.code, "reason": exc.reason})
@@ -47,3 +50,12 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         added = await cp.admit_release(release)
         return json_response({"release": release.to_json(), "admitted": added},
                              status=201 if added else 200)
+
+    @app.delete("/api/v2/admin/releases/<ident>")
+    @guard(Who.ADMIN)
+    async def withdraw_release(ident: str) -> Response:
+        auth.admin_only()
+        release = await cp.withdraw_release(ident)
+        if release is None:
+            raise not_found("admitted release", ident)
+        return json_response({"withdrawn": release.to_json()})

@@ -17,13 +17,23 @@ release is refused); that the manifest has an image with the measurements a poli
 entry needs. Only then is the release kept as a signed manifest (kind ``releases``,
 so a CP restart or a records wipe keeps it) and the node size's policy entry extended
 with its measurements (:func:`policy_with`): the values are *added* to that node
-size's allowlists, exactly as ``eectl trust measure --policy-out --node-size`` would
-add them, so agents already running an admitted image stay admitted. An admission is
+size's allowlists; a node size with no entry of its own starts from the global lists,
+so agents running a globally allowed image stay admitted. A list that was empty (any
+value) becomes the release's values: admitting the first release *pins* an open node
+size to released images, and agents of that size running anything else are refused at
+their next registration or re-attestation (quarantined) — admit releases before
+rolling agents onto them, and on a policy that lists what already runs. An admission is
 idempotent: the same manifest for the same node size is one release.
 
-Refusals: 400 ``bad_release`` (shape, or no image measurements), 403
-``release_untrusted`` (no pinned key verifies the signature), each with an event
-``release.refused``; success is an event ``release.admitted``.
+A kept release is only as good as the key that signed it: the kept manifest holds the
+release's own manifest and signature, and at every start the CP checks them again
+under the keys the bundle pins *now* (:func:`recheck`), so removing a key from the
+bundle (a leaked key, a withdrawn image) drops its releases; ``DELETE
+/api/v2/admin/releases/{id}`` withdraws one by hand.
+
+Refusals: 400 ``bad_release`` (shape, no image measurements, a node size the CP does
+not know), 403 ``release_untrusted`` (no pinned key verifies the signature), each with
+an event ``release.refused``; success is an event ``release.admitted``.
 """
 
 from __future__ import annotations
@@ -36,7 +46,6 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ee.attestation.errors import PolicyFormatError
 from ee.attestation.policy import Measurements, Policy
 from ee.protocol.canonical import canonical_json
 from ee.protocol.signing import SignatureError, verify_document
@@ -75,33 +84,32 @@ class AdmittedRelease:
     commit: str
     key_name: str
     measurements: Measurements
+    #: the admitted body (manifest + signature + node size), checked again at each start
+    body: Mapping[str, Any] = attrs.field(eq=False, repr=False, factory=dict)
 
     @property
     def ident(self) -> str:
         return f"{self.node_size}.{self.manifest_sha256[:32]}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"manifest_sha256": self.manifest_sha256, "node_size": self.node_size,
+        return {"id": self.ident, "manifest_sha256": self.manifest_sha256,
+                "node_size": self.node_size,
                 "name": self.name, "version": self.version, "commit": self.commit,
                 "key_name": self.key_name, "measurements": self.measurements.to_json()}
 
-    @classmethod
-    def from_json(cls, doc: Mapping[str, Any]) -> AdmittedRelease:
-        """A kept release (from a CP-signed manifest); ValueError when malformed."""
-        try:
-            return cls(manifest_sha256=str(doc["manifest_sha256"]),
-                       node_size=str(doc["node_size"]), name=str(doc["name"]),
-                       version=str(doc["version"]), commit=str(doc["commit"]),
-                       key_name=str(doc["key_name"]),
-                       measurements=Measurements(**_measurement_lists(doc["measurements"])))
-        except (KeyError, TypeError, PolicyFormatError) as exc:
-            raise ValueError(f"not a kept release: {exc}") from None
+    def to_manifest(self) -> dict[str, Any]:
+        """What the CP keeps: the view, and the body it admitted (to check again)."""
+        return {**self.to_json(), "body": dict(self.body)}
 
 
-def _measurement_lists(doc: object) -> dict[str, list[str]]:
-    if not isinstance(doc, Mapping):
-        raise TypeError("measurements must be an object")
-    return {k: list(v) for k, v in doc.items() if k in _REQUIRED or k in _OPTIONAL}
+def recheck(kept: Mapping[str, Any], keys: Sequence[tuple[str, Ed25519PublicKey]]
+            ) -> AdmittedRelease:
+    """A kept release, admitted again from its own body under today's pinned *keys*
+    (`ReleaseRefused` when no pinned key verifies it any more, or it is malformed)."""
+    body = kept.get("body")
+    if not isinstance(body, Mapping):
+        raise _bad("the kept release has no admitted body")
+    return check_admission(body, keys)
 
 
 def _text(doc: Mapping[str, Any], key: str, *, limit: int = 200) -> str:
@@ -111,9 +119,10 @@ def _text(doc: Mapping[str, Any], key: str, *, limit: int = 200) -> str:
     return value
 
 
-def check_admission(body: object, keys: Sequence[tuple[str, Ed25519PublicKey]]
-                    ) -> AdmittedRelease:
-    """The release *body* asks to admit, checked against the pinned *keys* (pure)."""
+def check_admission(body: object, keys: Sequence[tuple[str, Ed25519PublicKey]],
+                    node_sizes: Iterable[str] | None = None) -> AdmittedRelease:
+    """The release *body* asks to admit, checked against the pinned *keys* (pure); with
+    *node_sizes*, the node size must be one of them."""
     if not isinstance(body, Mapping):
         raise _bad("the body is a JSON object")
     unknown = set(body) - _BODY
@@ -123,6 +132,9 @@ def check_admission(body: object, keys: Sequence[tuple[str, Ed25519PublicKey]]
                                       body.get("node_size"))
     if not isinstance(node_size, str) or not _NODE_SIZE.match(node_size):
         raise _bad("node_size: 1-32 characters of a-z, 0-9, '_' and '-'")
+    if node_sizes is not None and node_size not in set(node_sizes):
+        raise _bad(f"node_size: {node_size!r} is not a node size this CP knows "
+                   f"({', '.join(sorted(node_sizes))})")
     if not isinstance(manifest, dict):
         raise _bad("manifest: the release's manifest.json object")
     if not isinstance(signature, str) or not _SIG.match(signature):
@@ -148,8 +160,9 @@ def check_admission(body: object, keys: Sequence[tuple[str, Ed25519PublicKey]]
     return AdmittedRelease(
         manifest_sha256=hashlib.sha256(canonical_json(manifest)).hexdigest(),
         node_size=node_size, name=_text(manifest, "name"), version=_text(manifest, "version"),
-        commit=_text(manifest, "commit"), key_name=key_name,
-        measurements=Measurements(**lists))
+        commit=_text(manifest, "git_commit"), key_name=key_name,
+        measurements=Measurements(**lists),
+        body={"manifest": manifest, "signature": signature, "node_size": node_size})
 
 
 def _signer(manifest: Mapping[str, Any], signature: bytes,
@@ -170,11 +183,14 @@ def _signer(manifest: Mapping[str, Any], signature: bytes,
 
 
 def policy_with(base: Policy, releases: Iterable[AdmittedRelease]) -> Policy:
-    """*base* with every release's measurements added to its node size's entry."""
+    """*base* with every release's measurements added to its node size's entry; a node
+    size without an entry of its own starts from the global lists (a non-empty node size
+    list replaces the global one, so starting empty would narrow, not add)."""
     sizes = dict(base.node_sizes)
     for release in releases:
-        sizes[release.node_size] = sizes.get(release.node_size,
-                                             Measurements()).merged(release.measurements)
+        start = sizes.get(release.node_size,
+                          attrs.evolve(base.measurements, providers=None))
+        sizes[release.node_size] = start.merged(release.measurements)
     if sizes == dict(base.node_sizes):
         return base
     return attrs.evolve(base, node_sizes=sizes)

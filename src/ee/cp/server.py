@@ -69,7 +69,7 @@ from ee.cp.records import (
     prune_history_forever,
 )
 from ee.cp.registration import Judge, Refusal
-from ee.cp.releases import AdmittedRelease, policy_with
+from ee.cp.releases import AdmittedRelease, ReleaseRefused, policy_with, recheck
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -219,6 +219,7 @@ class ControlPlane:
         self.seen_agents: set[str] = set()
         self.identities = IdentityBook(self.manifests, self.events.emit)
         self.drained = self.identities.drained  # operator intent, kept as signed manifests
+        self._release_lock = trio.Lock()
         self.releases = self._load_releases()  # admitted signed releases (ee.cp.releases)
         self.http_port: int | None = None
         self._http_stop = trio.Event()
@@ -336,35 +337,55 @@ class ControlPlane:
         return self._policy
 
     def _load_releases(self) -> dict[str, AdmittedRelease]:
+        """The kept releases that still verify under the keys the bundle pins now."""
         docs, refused = self.manifests.load("releases")
-        self.refused_manifests += [r.path for r in refused]
+        self.refused_releases = [f"{r.path}: {r.reason}" for r in refused]
         kept: dict[str, AdmittedRelease] = {}
         for doc in docs:
             try:
-                release = AdmittedRelease.from_json(doc)
-            except ValueError as exc:
-                log.error("kept release refused: %s", exc)
+                release = recheck(doc, self.bootstrap.release_keys)
+            except ReleaseRefused as exc:
+                self.refused_releases.append(
+                    f"release {doc.get('name')} {doc.get('version')} for node size "
+                    f"{doc.get('node_size')}: dropped ({exc.code}: {exc.reason})")
                 continue
             kept[release.ident] = release
+        for message in self.refused_releases:
+            log.error("kept release refused: %s", message)
         self._policy = policy_with(self.bootstrap.policy, kept.values())
         return kept
 
     async def admit_release(self, release: AdmittedRelease) -> bool:
         """Keep *release* and extend the policy with it; False when already admitted."""
-        if release.ident in self.releases:
-            return False
-        await trio.to_thread.run_sync(self.manifests.write, "releases", release.ident,
-                                      release.to_json())
-        self.releases[release.ident] = release
-        self._policy = policy_with(self.bootstrap.policy, self.releases.values())
+        async with self._release_lock:
+            if release.ident in self.releases:
+                return False
+            await trio.to_thread.run_sync(self.manifests.write, "releases", release.ident,
+                                          release.to_manifest())
+            self.releases[release.ident] = release
+            self._policy = policy_with(self.bootstrap.policy, self.releases.values())
         self.events.emit("release.admitted", release.node_size,
-                         {"name": release.name, "version": release.version,
-                          "commit": release.commit, "key": release.key_name,
+                         {"id": release.ident, "name": release.name,
+                          "version": release.version, "commit": release.commit,
+                          "key": release.key_name,
                           "manifest_sha256": release.manifest_sha256,
                           "measurements": release.measurements.to_json()})
         log.info("release %s %s (%s) admitted for node size %s", release.name,
                  release.version, release.commit[:12], release.node_size)
         return True
+
+    async def withdraw_release(self, ident: str) -> AdmittedRelease | None:
+        """Forget an admitted release and take its measurements out of the policy."""
+        async with self._release_lock:
+            release = self.releases.get(ident)
+            if release is None:
+                return None
+            await trio.to_thread.run_sync(self.manifests.delete, "releases", ident)
+            del self.releases[ident]
+            self._policy = policy_with(self.bootstrap.policy, self.releases.values())
+        self.events.emit("release.withdrawn", release.node_size,
+                         {"id": ident, "name": release.name, "version": release.version})
+        return release
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
@@ -584,7 +605,7 @@ class ControlPlane:
 
     async def _populate_apps(self, apps: Supervisor) -> None:
         desired = await trio.to_thread.run_sync(self._load_desired)
-        for message in self.refused_manifests:
+        for message in [*self.refused_manifests, *self.refused_releases]:
             self.events.emit("manifest.refused", "cp", {"detail": message})
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
