@@ -243,6 +243,14 @@ def scenario(c: Conformance) -> dict[str, str]:
     assert [n["vm_name"] for n in names] == [vm["vm_name"]]
     c.call("POST /api/v2/admin/vm-names/{vm_name}/release", path={"vm_name": "vm-nope"},
            expect=404)
+    # Releases: a dev CP pins no release key, so a well-formed release is untrusted.
+    c.call("GET /api/v2/admin/releases", expect=200)
+    c.call("POST /api/v2/admin/releases", body={"manifest": {}, "signature": "0" * 128,
+                                               "node_size": "tiny"}, expect=403)
+    c.call("POST /api/v2/admin/releases", body={"manifest": {}, "signature": "x",
+                                               "node_size": "tiny"}, expect=400)
+    release = {"release_id": "tiny.0000"}
+    c.call("DELETE /api/v2/admin/releases/{release_id}", path=release, expect=404)
     c.call("GET /api/v2/agents", query={"status": "online"}, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path=agent, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path={"agent_id": "ag-nope"}, expect=404)
@@ -312,7 +320,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
-    return {**agent, **vm, **app, **dep, **pool, **order}
+    return {**agent, **vm, **app, **dep, **pool, **order, **release}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

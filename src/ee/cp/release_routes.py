@@ -5,7 +5,7 @@
   ``"admitted": false`` when the same manifest is already admitted for that node size);
   400 ``bad_release``, 403 ``release_untrusted`` (``ee.cp.releases`` says when).
 * ``GET /api/v2/admin/releases`` → ``{"releases": [...], "release_keys": [names]}``.
-* ``DELETE /api/v2/admin/releases/{id}`` → 200 ``{"withdrawn": {...}}`` (its
+* ``DELETE /api/v2/admin/releases/{release_id}`` → 200 ``{"withdrawn": {...}}`` (its
   measurements leave the policy; event ``release.withdrawn``), 404 when unknown.
 """
 
@@ -51,11 +51,11 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         return json_response({"release": release.to_json(), "admitted": added},
                              status=201 if added else 200)
 
-    @app.delete("/api/v2/admin/releases/<ident>")
+    @app.delete("/api/v2/admin/releases/<release_id>")
     @guard(Who.ADMIN)
-    async def withdraw_release(ident: str) -> Response:
+    async def withdraw_release(release_id: str) -> Response:
         auth.admin_only()
-        release = await cp.withdraw_release(ident)
+        release = await cp.withdraw_release(release_id)
         if release is None:
-            raise not_found("admitted release", ident)
+            raise not_found("admitted release", release_id)
         return json_response({"withdrawn": release.to_json()})

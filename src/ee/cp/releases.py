@@ -29,7 +29,7 @@ A kept release is only as good as the key that signed it: the kept manifest hold
 release's own manifest and signature, and at every start the CP checks them again
 under the keys the bundle pins *now* (:func:`recheck`), so removing a key from the
 bundle (a leaked key, a withdrawn image) drops its releases; ``DELETE
-/api/v2/admin/releases/{id}`` withdraws one by hand.
+/api/v2/admin/releases/{release_id}`` withdraws one by hand.
 
 Refusals: 400 ``bad_release`` (shape, no image measurements, a node size the CP does
 not know), 403 ``release_untrusted`` (no pinned key verifies the signature), each with
