@@ -179,7 +179,8 @@ def test_byte_encodings() -> None:
     assert body["cp_nonce"] == NONCE.hex()
     registered = body_to_dict(SAMPLES[2][0])
     assert registered["cp_proof"] == {"provider": "tsm", "public_key": KEY.hex(),
-                                      "quote": base64.b64encode(b"\x04\x00q").decode()}
+                                      "quote": base64.b64encode(b"\x04\x00q").decode(),
+                                      "release_manifest": None, "release_signature": None}
     deploy = next(m for m, _ in SAMPLES if isinstance(m, Deploy))
     assert body_to_dict(deploy)["envelope"] == {"seq": 7, "signature": (b"s" * 64).hex()}
     challenge = body_to_dict(SAMPLES[0][0])

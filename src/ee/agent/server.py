@@ -45,7 +45,7 @@ import trio_websocket
 from ee import __version__
 from ee.agent.backoff import ReconnectPolicy
 from ee.agent.config import AgentConfig, parse_host_port
-from ee.agent.cptrust import CpTrust
+from ee.agent.cptrust import CpTrust, release_keys_of
 from ee.agent.http import HttpLimits, serve_http
 from ee.agent.platform import (
     KEY_FILE,
@@ -188,7 +188,8 @@ class Agent:
         )
         self.runner = runner or ComposeRunner(self.data_dir, workload_settings,
                                               measurer=self.runtime)
-        self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds)
+        self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds,
+                             release_keys=release_keys_of(config))
         self.sampler = NodeSampler(str(self.data_dir))
         self.node = node_info(config)
         self.challenges = ChallengeBook()

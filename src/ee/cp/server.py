@@ -54,7 +54,7 @@ from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
-from ee.cp.envelope import CpAttestation, EnvelopeProver, make_prover
+from ee.cp.envelope import CpAttestation, EnvelopeProver, load_cp_release, make_prover
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
@@ -133,6 +133,9 @@ class CpConfig:
     # refuse every write). Default: sim with --dev, else tsm.
     cp_attestation: str | None = None
     tsm_root: str = "/sys/kernel/config/tsm/report"
+    # The signed release this CP runs (a release directory: manifest.json + .sig), shown
+    # to agents with each proof so those that pin release keys accept this CP's MRTD.
+    release: str | None = None
     # Cloudflare tunnels granted at registration (ee.cp.tunnels.CloudflareSettings fields:
     # account_id, zone_id, api_token_file, domain, api_base?, origin_service?, timeout_s?).
     tunnels: dict[str, Any] | None = None
@@ -149,7 +152,8 @@ class CpConfig:
                 raise ValueError(f"--config {args.config}: expected a JSON object")
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
                      "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
-                     "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale"):
+                     "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
+                     "release"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -297,8 +301,13 @@ class ControlPlane:
             log.warning("cp_attestation tsm: %s does not exist, so this CP cannot prove its "
                         "writes and agents with cp_envelope=required will refuse them "
                         "(run the CP in a TD, or set cp_attestation)", self.config.tsm_root)
+        release = None
+        if self.config.release:
+            release = load_cp_release(self.config.release, self.bootstrap.release_keys)
+            log.info("showing agents release %s (signed by %s; image MRTD %s)",
+                     self.config.release, release.key_name, release.mrtd)
         return make_prover(cast(CpAttestation, kind), sim_dir=self.bootstrap.sim_dir,
-                           tsm_root=self.config.tsm_root)
+                           tsm_root=self.config.tsm_root, release=release)
 
     def judge(self) -> Judge:
         now = time.time()
@@ -778,6 +787,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collateral-stale", choices=("strict", "warn"),
                    help="when collateral is past its next update and cannot be refreshed: "
                         "strict refuses quotes (default), warn admits them with a violation")
+    p.add_argument("--release", metavar="DIR",
+                   help="the signed release this CP runs (manifest.json + .sig, signed by a "
+                        "release key the bundle pins): agents that pin release keys accept "
+                        "the CP's MRTD when this release names it")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p

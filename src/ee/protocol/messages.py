@@ -128,6 +128,9 @@ _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
 _B64 = {"wire": "base64"}
 _event_log = check(lambda v: 0 < len(v) <= MAX_EVENT_LOG_BYTES,
                    f"must be 1..{MAX_EVENT_LOG_BYTES} bytes")
+MAX_RELEASE_MANIFEST_CHARS = 64 * 1024
+_release_manifest = check(lambda v: 0 < len(v) <= MAX_RELEASE_MANIFEST_CHARS,
+                          f"must be 1..{MAX_RELEASE_MANIFEST_CHARS} characters")
 _runtime_log = check(lambda v: len(v) <= MAX_RUNTIME_LOG_CHARS,
                      f"must be at most {MAX_RUNTIME_LOG_CHARS} characters")
 
@@ -195,11 +198,18 @@ class CpProof:
     :func:`ee.protocol.reportdata.cp_envelope_report_data` of the ``cp_nonce`` the
     agent sent in ``register`` and ``public_key``. So the quote is fresh for this
     session and vouches for the key that signs every write of it.
+
+    ``release_manifest`` / ``release_signature`` (optional): the manifest.json text of the
+    release the CP runs (``ee-cp --release DIR``) and its Ed25519 release signature, so
+    an agent that pins release keys (``trusted_release_keys``) accepts the CP's MRTD
+    when a pinned key vouches for it (the manifest's ``image.measurements.mrtd``).
     """
 
     provider: Provider
     public_key: bytes = attrs.field(validator=_public_key)
     quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+    release_manifest: str | None = attrs.field(default=None, validator=_release_manifest)
+    release_signature: bytes | None = attrs.field(default=None, validator=_signature)
 
 
 @attrs.frozen
