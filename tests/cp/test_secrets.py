@@ -31,8 +31,8 @@ def _files_containing(root: Path, needle: bytes) -> list[Path]:
 
 async def test_secret_routes_never_show_values_and_refuse_bad_input(tmp_path: Path) -> None:
     with trio.fail_after(60):
-        async with running_cp(tmp_path / "cp") as env:
-            async with await tenant(env, "t1") as http, await tenant(env, "t2") as other:
+        async with running_cp(tmp_path / "cp") as env, \
+                await tenant(env, "t1") as http, await tenant(env, "t2") as other:
                 await _app(http)
                 r = await http.put("/api/v2/apps/vault/secrets/db_password",
                                    json={"value": VALUE})
@@ -108,12 +108,11 @@ async def test_secret_routes_never_show_values_and_refuse_bad_input(tmp_path: Pa
 async def test_secrets_are_sealed_at_rest_and_survive_a_history_wipe(tmp_path: Path) -> None:
     data = tmp_path / "cp"
     with trio.fail_after(90):
-        async with running_cp(data) as env:
-            async with await tenant(env, "t1") as http:
+        async with running_cp(data) as env, await tenant(env, "t1") as http:
                 await _app(http)
                 r = await http.put("/api/v2/apps/vault/secrets/api_key", json={"value": VALUE})
                 assert r.status_code == 201
-                key = [k for k in env.cp.registry.names("app/")][0].removeprefix("app/")
+                key = next(iter(env.cp.registry.names("app/"))).removeprefix("app/")
                 assert (await env.cp.secret_vault.open(key, "api_key")) == (1, VALUE.encode())
                 token = http.headers["Authorization"]
         # Sealed: no file of the CP's data dir holds the value (nor its hex).
@@ -124,8 +123,8 @@ async def test_secrets_are_sealed_at_rest_and_survive_a_history_wipe(tmp_path: P
         # Wipe the history store: secrets are durable business state.
         for path in data.glob("records.sqlite3*"):
             path.unlink()
-        async with running_cp(data) as env:
-            async with env.client(token=token.removeprefix("Bearer ")) as http:
+        async with running_cp(data) as env, \
+                env.client(token=token.removeprefix("Bearer ")) as http:
                 r = await http.get("/api/v2/apps/vault/secrets")
                 assert r.status_code == 200, r.text
                 assert [s["name"] for s in r.json()["secrets"]] == ["api_key"]
