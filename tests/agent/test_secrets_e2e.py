@@ -275,3 +275,26 @@ async def test_a_recorded_release_is_refused_by_another_agent_and_on_replay(
             assert ack.code == "SECRET_UNKNOWN_DEPLOYMENT"
             assert _files_containing(secrets_base(other.data_dir), [value.encode()]) == []
             await _undeploy_all(http, agents, dep_id)
+
+
+async def test_a_key_not_vouched_for_by_the_attested_session_key_gets_nothing(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    value = _value()
+    with trio.fail_after(DOCKER_TIMEOUT * 3):
+        async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
+            stranger = Ed25519PrivateKey.generate()
+            prove = agent.secret_store.prove
+            agent.secret_store.prove = (  # type: ignore[method-assign]
+                lambda nonce, _key: prove(nonce, stranger))
+            await _prepare(http, value)
+            dep_id = await _deploy(http)
+
+            async def refused() -> bool:
+                return any(e["code"] == "KEY_PROOF_INVALID" for e in await _audit(http))
+
+            await eventually(refused, DOCKER_TIMEOUT)
+            assert _read_secret(agent, dep_id) is None
+            assert not [e for e in await _audit(http) if e["action"] == "released"]
+            await _undeploy_all(http, [agent], dep_id)
