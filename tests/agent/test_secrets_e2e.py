@@ -163,6 +163,9 @@ async def test_release_rotation_quarantine_and_no_value_anywhere(
             await _prepare(http, first)
             dep_id = await _deploy(http)
             await eventually(lambda: _read_secret(agent, dep_id) == first, DOCKER_TIMEOUT)
+            code, _ = _container(agent, dep_id).exec_run(
+                ["sh", "-c", f"echo x > /run/secrets/{SECRET}; echo x > /run/secrets/new"])
+            assert code != 0 and _read_secret(agent, dep_id) == first  # mounted read-only
             # Rotation: the running container sees the new value, not restarted.
             before = _container(agent, dep_id)
             r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": second})

@@ -262,6 +262,10 @@ class SecretVault:
         self._data_key: bytes | None = None
         self._key_lock = trio.Lock()
 
+    @property
+    def available(self) -> bool:
+        return self._store() is not None
+
     def _db(self) -> _Store:
         store = self._store()
         if store is None:
@@ -474,6 +478,8 @@ class SecretReleaser:
 
     async def sweep(self) -> None:
         """One pass over every app that has secrets or delivered ones."""
+        if not self.deps.vault.available:  # starting or stopping: the next pass does it
+            return
         self.passes += 1
         apps = set(await self.deps.vault.apps())
         views = {v["agent_id"]: v for v in await self.deps.agent_views()}
