@@ -70,11 +70,7 @@ async def _prepare(http: httpx.AsyncClient, value: str) -> None:
         "version": "1", "compose": COMPOSE, "expose_port": 8080, "health_path": "/health",
         "secrets": [{"name": SECRET, "as": "file"}]})
     assert r.status_code == 201, r.text
-    # The dev CP has no collateral, so its sim agents have no TCB status: this tenant
-    # accepts that (the default policy, UpToDate only, would release nothing).
-    r = await http.put("/api/v2/apps/sec/secret-policy",
-                       json={"tcb_statuses": ["UpToDate", "unknown"]})
-    assert r.status_code == 200, r.text
+    # The default release policy: the version's compose hash, verdict pass, UpToDate.
 
 
 async def _deploy(http: httpx.AsyncClient) -> str:
