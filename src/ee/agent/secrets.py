@@ -18,7 +18,8 @@ A ``secret_release`` is judged, in this order, before anything is written:
 
 The plaintext lives in a ``bytearray`` that is zeroed once written. Each deployment has
 a directory ``<base>/<slug>/`` on a tmpfs (``/dev/shm`` by default: never on disk),
-0755 so the container's user can traverse it, bind-mounted read-only at
+0755 so the container's user can traverse it (the root is 0700, made when first
+needed and removed with the last deployment), bind-mounted read-only at
 ``/run/secrets`` into every service by the runner (``ee.agent.workload``). A value is
 written to a temporary file in that directory and renamed over ``NAME``: a reader
 sees the old file or the new one, never half of one; the old inode is then
@@ -108,14 +109,13 @@ class SecretStore:
         self.public_key = x25519_public_bytes(self.key)
         self._nonces: OrderedDict[bytes, None] = OrderedDict()
         self._held: dict[tuple[str, str], _Held] = {}
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
         # Fail closed: what an earlier process was given is wiped (the directories stay,
         # running containers have them mounted); the CP releases again to this key.
-        for directory in self.root.iterdir():
-            if directory.is_dir() and not directory.is_symlink():
-                for path in directory.iterdir():
-                    _wipe(path)
+        if self.root.is_dir() and not self.root.is_symlink():
+            for directory in self.root.iterdir():
+                if directory.is_dir() and not directory.is_symlink():
+                    for path in directory.iterdir():
+                        _wipe(path)
 
     def prove(self, nonce: bytes, session_key: Ed25519PrivateKey) -> bytes:
         """The session key's signature vouching for this process's X25519 key."""
@@ -123,6 +123,8 @@ class SecretStore:
 
     def directory(self, deployment_id: str) -> Path:
         """The deployment's secrets directory (made, empty, if missing)."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # made when first used
+        os.chmod(self.root, 0o700)
         path = self.root / _slug(deployment_id)
         path.mkdir(mode=0o755, exist_ok=True)
         os.chmod(path, 0o755)
@@ -224,3 +226,7 @@ class SecretStore:
             for path in directory.iterdir():
                 _wipe(path)
             shutil.rmtree(directory, ignore_errors=True)
+        try:
+            self.root.rmdir()  # the last one: leave nothing behind on the host
+        except OSError:
+            pass
