@@ -30,6 +30,7 @@ from ee.protocol.messages import Attestation, Deploy, SecretAck, SecretRelease
 from .agentkit import RunningCp, agent_config, eventually, running_agent, running_cp
 from .test_workload import (
     DOCKER_TIMEOUT,
+    IMAGE_ONLY_COMPOSE,
     busybox_image,  # noqa: F401  (fixture)
     namespace,  # noqa: F401  (fixture)
     needs_docker,
@@ -38,13 +39,7 @@ from .test_workload import (
 
 pytestmark = needs_docker
 
-COMPOSE = """\
-services:
-  web:
-    image: ee-busybox:local
-    init: true
-    command: ["sh", "-c", "mkdir -p /w && echo ok > /w/health && exec httpd -f -p 8080 -h /w"]
-"""
+COMPOSE = IMAGE_ONLY_COMPOSE
 SECRET = "db_password"
 
 
