@@ -281,6 +281,19 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(versions, path=app, body={**version, "version": "3", "build_context": "!!"},
            expect=400)
     c.call("GET /api/v2/apps/{name}/versions", path=app, expect=200)
+    secret = {**app, "secret": "db_password"}
+    put_secret = "PUT /api/v2/apps/{name}/secrets/{secret}"
+    c.call(put_secret, path=secret, body={"value": "v"}, expect=201)
+    c.call(put_secret, path={**app, "secret": "Bad"}, body={"value": "v"}, expect=400)
+    c.call("GET /api/v2/apps/{name}/secrets", path=app, expect=200)
+    c.call("PUT /api/v2/apps/{name}/secret-policy", path=app,
+           body={"node_sizes": ["nope"]}, expect=400)
+    c.call("PUT /api/v2/apps/{name}/secret-policy", path=app,
+           body={"min_attested_replicas": 1}, expect=200)
+    c.call("GET /api/v2/apps/{name}/secret-policy", path=app, expect=200)
+    c.call("GET /api/v2/apps/{name}/secret-events", path=app, expect=200)
+    c.call(versions, path=app, expect=201, body={
+        **version, "version": "4", "secrets": [{"name": "db_password", "as": "file"}]})
 
     placement = {"version": "1.0", "replicas": 1, "constraints": {"gpu": False}}
     preflight = "POST /api/v2/apps/{name}/preflight"
@@ -320,7 +333,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
-    return {**agent, **vm, **app, **dep, **pool, **order, **release}
+    return {**agent, **vm, **app, **dep, **pool, **order, **release, "secret": "db_password"}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

@@ -473,6 +473,7 @@ class AgentActor(Actor):
             return
         if msg.refusal is None:
             self.identity = attrs.evolve(self.identity, verified_at=msg.at_unix)
+            self.deps.emit("agent.reattested", self.agent_id, {"vm_name": self.vm_name})
             return
         self.quarantine_reasons = tuple(msg.refusal.reasons)
         self.deps.emit("agent.quarantined", self.agent_id,

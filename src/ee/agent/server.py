@@ -68,7 +68,8 @@ from ee.agent.rtmr3 import (
     read_boot_log,
     runtime_log_path,
 )
-from ee.agent.session import SessionLink, SessionLoop, Terminated
+from ee.agent.secrets import SecretStore, secrets_base
+from ee.agent.session import SessionLink, SessionLoop, Terminated, Write
 from ee.agent.tunnel import TunnelSupervisor
 from ee.agent.workload import (
     ComposeRunner,
@@ -97,6 +98,11 @@ from ee.protocol.messages import (
     Message,
     Register,
     Registered,
+    SecretAck,
+    SecretRelease,
+    SecretRevoke,
+    SecretsKey,
+    SecretsKeyRequest,
     Snapshot,
     SnapshotRequest,
     StatsReply,
@@ -186,8 +192,11 @@ class Agent:
         self.quotes = quotes or QuoteSource.from_config(
             config, rtmr3=None if self.runtime is None else self.runtime.register.read
         )
+        self.secret_store = SecretStore(secrets_base(self.data_dir))
         self.runner = runner or ComposeRunner(self.data_dir, workload_settings,
                                               measurer=self.runtime)
+        if self.runner.secrets_dir is None:
+            self.runner.secrets_dir = self.secret_store.directory
         self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds,
                              release_keys=release_keys_of(config))
         self.sampler = NodeSampler(str(self.data_dir))
@@ -414,6 +423,10 @@ class Agent:
             return await self.logs_reply(msg.deployment_id, msg.tail)
         if isinstance(msg, StatsRequest):
             return await self.stats_reply()
+        if isinstance(msg, SecretsKeyRequest):
+            store = self.secret_store
+            return SecretsKey(public_key=store.public_key, signature=store.prove(msg.nonce,
+                                                                                  self.key))
         return ErrorMessage(code="unsupported", message=f"cannot answer {msg.TYPE}")
 
     def attach(self, link: SessionLink, registered: Registered) -> None:
@@ -429,7 +442,7 @@ class Agent:
         if self.link is link:
             self.link = None
 
-    async def write(self, frame: Frame, msg: Deploy | Undeploy) -> None:
+    async def write(self, frame: Frame, msg: Write) -> None:
         # Canonical JSON of the whole body (build context included) and an Ed25519
         # check: off the event loop. The reader awaits each write, so seq stays ordered.
         verdict = await trio.to_thread.run_sync(
@@ -439,10 +452,17 @@ class Agent:
                 log.warning("pinned the CP MRTD %s (first envelope seen)", verdict.pin)
             if isinstance(msg, Deploy):
                 self.start_deploy(msg)
-            else:
+            elif isinstance(msg, Undeploy):
                 self.start_undeploy(msg.deployment_id)
+            else:
+                self._spawn(self._secret_write, msg, frame.id)
             return
         log.error("%s", verdict.reason)
+        if isinstance(msg, SecretRelease | SecretRevoke):
+            self._spawn(self.send, SecretAck(
+                deployment_id=msg.deployment_id, state="refused", name=msg.name,
+                code=verdict.code or "ENVELOPE_MISSING", reason=verdict.reason[:500]), frame.id)
+            return
         if isinstance(msg, Deploy):
             refusal: Message = DeployStatus(
                 deployment_id=msg.deployment_id, state="failed", error=verdict.reason
@@ -450,6 +470,17 @@ class Agent:
         else:
             refusal = ErrorMessage(code="envelope_refused", message=verdict.reason)
         self._spawn(self.send, refusal, frame.id if isinstance(msg, Undeploy) else None)
+
+    async def _secret_write(self, msg: SecretRelease | SecretRevoke, re: int | None) -> None:
+        """Apply a release (or a revocation) in a worker thread and answer ``secret_ack``."""
+        store = self.secret_store
+        if isinstance(msg, SecretRevoke):
+            ack = await trio.to_thread.run_sync(store.revoke, msg)
+        else:
+            status = self.runner.status(msg.deployment_id)
+            runs = status is not None and status.state in ("starting", "running")
+            ack = await trio.to_thread.run_sync(store.apply, msg, runs)
+        await self.send(ack, re)
 
     # -- sending --------------------------------------------------------------------
 
@@ -543,6 +574,8 @@ class Agent:
                                       error=f"agent error: {type(exc).__name__}: {exc}")
         if not reported or reported[-1] != result:
             await self._report(result)
+        if result.state == "stopped":
+            await trio.to_thread.run_sync(self.secret_store.forget, deployment_id)
         if result.state == "stopped" and self.current == deployment_id:
             self.current = None
             self._write_small(CURRENT_FILE, None)

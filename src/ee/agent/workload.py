@@ -25,8 +25,10 @@ so what runs is exactly what was checked. The CLI's own environment is fixed
 the agent's; ``up``/``down``: ``HOME`` under the data dir and the agent's
 ``DOCKER_HOST``, with nothing left to interpolate since the resolved check refuses any
 unescaped ``$``): tenant env reaches the containers through interpolation and
-``environment:`` only, never a process of the agent. There are no bind mounts, so no
-container can read the data dir.
+``environment:`` only, never a process of the agent. The only bind mount is the
+agent's own, added after the policy check: the deployment's tmpfs secrets directory,
+read-only at ``/run/secrets`` (``ee.agent.secrets``); no container can read the data
+dir.
 The VM image's dockerd runs with ``ee/agent/dockerd.json`` (user-namespace remapping:
 root in a container is an unprivileged uid of the VM; ``no-new-privileges`` by default;
 no inter-container traffic on the default bridge). Images built or pulled before
@@ -301,6 +303,22 @@ def check_images(resolved: Mapping[str, Any], namespace: str) -> None:
             raise WorkloadPolicyError(
                 f"services.{name}.image", "foreign_image",
                 f"image {image!r} is a build of one of this agent's projects")
+
+
+SECRETS_TARGET = "/run/secrets"
+
+
+def with_secrets_mount(resolved: Mapping[str, Any], source: Path) -> dict[str, Any]:
+    """*resolved* with the deployment's secrets directory bound read-only at
+    :data:`SECRETS_TARGET` in every service (a directory, so a rotated file shows)."""
+    mount = {"type": "bind", "source": str(source), "target": SECRETS_TARGET,
+             "read_only": True}
+    out = dict(resolved)
+    out["services"] = {
+        name: {**service, "volumes": [*service.get("volumes", []), mount]}
+        for name, service in dict(resolved["services"]).items()
+    }
+    return out
 
 
 def _bytes_repr(value: bytes | None) -> str:
@@ -639,8 +657,12 @@ class ComposeRunner:
         data_dir: Path | str,
         settings: WorkloadSettings | None = None,
         measurer: DeployMeasurer | None = None,
+        secrets_dir: Callable[[str], Path] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        #: deployment id -> its tmpfs secrets directory (``ee.agent.secrets``), bound
+        #: read-only at /run/secrets into every service (None: no secrets mount)
+        self.secrets_dir = secrets_dir
         self.settings = settings or WorkloadSettings()
         self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
@@ -929,7 +951,11 @@ class ComposeRunner:
                     f"the Compose CLI's resolved file is not acceptable: {exc}") from None
             except WorkloadPolicyError as exc:
                 raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
-            text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
+            hardened = harden(resolved)
+            if self.secrets_dir is not None:  # added after the policy check: ours, not the
+                # tenant's (a tenant bind mount is still refused above)
+                hardened = with_secrets_mount(hardened, self.secrets_dir(record.deployment_id))
+            text = yaml.safe_dump(hardened, sort_keys=True, allow_unicode=True)
             _write_private(record.directory / RESOLVED_FILE, text)
 
         await trio.to_thread.run_sync(check_and_write)

@@ -35,7 +35,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ee.attestation.providers import QuoteProvider
 from ee.protocol.canonical import canonical_json
-from ee.protocol.messages import CpEnvelope, CpProof, Deploy, Undeploy, body_to_dict
+from ee.protocol.messages import (
+    CpEnvelope,
+    CpProof,
+    Deploy,
+    SecretRelease,
+    SecretRevoke,
+    Undeploy,
+    body_to_dict,
+)
 from ee.protocol.reportdata import cp_envelope_report_data, cp_write_document
 from ee.protocol.signing import (
     SignatureError,
@@ -48,7 +56,7 @@ from ee.protocol.signing import (
 __all__ = ["CpAttestation", "EnvelopeProver", "WriteSigner", "make_prover"]
 
 CpAttestation: TypeAlias = Literal["tsm", "sim", "none"]
-Write: TypeAlias = Deploy | Undeploy
+Write: TypeAlias = Deploy | Undeploy | SecretRelease | SecretRevoke
 
 
 class WriteSigner:

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,7 +43,7 @@ import attrs
 import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings, Describe
-from ee.actors.app import AppActor, AppDeps
+from ee.actors.app import AppActor, AppDeps, GetDeployment, ListVersions
 from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
@@ -60,7 +61,7 @@ from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
-from ee.cp.nodes import Vocabulary
+from ee.cp.nodes import LabelError, Vocabulary
 from ee.cp.readiness import Quorum, Readiness, assess
 from ee.cp.records import (
     RecordStore,
@@ -70,6 +71,14 @@ from ee.cp.records import (
 )
 from ee.cp.registration import Judge, Refusal
 from ee.cp.releases import AdmittedRelease, ReleaseRefused, policy_with, recheck
+from ee.cp.secrets import (
+    PolicyError,
+    ReleasePolicy,
+    ReleaserDeps,
+    SecretReleaser,
+    SecretVault,
+    load_or_create_wrapping_key,
+)
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -257,6 +266,12 @@ class ControlPlane:
             attest_limiter=self.attest_limiter, prover=self._make_prover(),
             tunnels=(CloudflareTunnels(CloudflareSettings(**config.tunnels))
                      if config.tunnels else None))
+        self.secret_vault = SecretVault(lambda: self.accounts,
+                                        load_or_create_wrapping_key(config.data_dir))
+        self.secret_releaser = SecretReleaser(ReleaserDeps(
+            vault=self.secret_vault, emit=self.events.emit, link_for=self.plane.link_for,
+            agent_views=self.describe_agents, deployments=self._app_deployments,
+            policy=self.secret_policy))
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
@@ -276,6 +291,8 @@ class ControlPlane:
             # After the plane, so it stops (and writes its last checkpoint) before the
             # plane closes the sessions.
             ChildSpec(id="checkpoint", start=self._run_checkpoint, shutdown=1.0),
+            ChildSpec(id="secrets", shutdown=1.0, start=partial(
+                self.secret_releaser.run, self.events.subscribe)),
             ChildSpec(id="http", start=self._run_http, stop=self._stop_http,
                       shutdown=10.0),
         ], max_restarts=5, period=30.0)
@@ -668,6 +685,39 @@ class ControlPlane:
         self._http_stop = trio.Event()
         await serve_http(self.app, self.config.listen, self._http_stop, self.config.tls_cert,
                          self.config.tls_key, task_status)
+
+    # ---- secrets ---------------------------------------------------------------------
+
+    async def secret_policy(self, app_key: str) -> ReleasePolicy:
+        """The app's release policy (default when none is stored; one that no longer
+        parses, say a node size since removed, releases nothing)."""
+        doc = await self.secret_vault.policy_doc(app_key)
+        if doc is None:
+            return ReleasePolicy()
+        vocab = self.config.vocabulary
+        try:
+            return ReleasePolicy.from_json(doc, known_sizes=vocab.sizes,
+                                           normalise_datacenter=vocab.normalise_label)
+        except (PolicyError, LabelError) as exc:
+            log.error("secret policy of %s no longer valid (%s): releasing nothing",
+                      app_key, exc)
+            return ReleasePolicy(verdicts=())
+
+    async def _app_deployments(self, app_key: str
+                               ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        name = f"app/{app_key}"
+        if name not in self.registry:
+            return []
+        ref = self.registry.ref(name)
+        versions = {v["version"]: v for v in await ref.ask(ListVersions(), timeout=5)}
+        out = []
+        for dep_id, key in sorted(self.deployment_index.items()):
+            if key != app_key:
+                continue
+            view = await ref.ask(GetDeployment(dep_id), timeout=5)
+            if view is not None and view["version"] in versions:
+                out.append((view, versions[view["version"]]))
+        return out
 
     # ---- views -----------------------------------------------------------------------
 

@@ -41,6 +41,8 @@ __all__ = [
     "MAX_EVENT_LOG_BYTES",
     "MAX_RUNTIME_LOG_CHARS",
     "MESSAGE_TYPES",
+    "SECRET_NAME",
+    "SECRET_REFUSAL_CODES",
     "WRITE_REFUSAL_CODES",
     "Attest",
     "Attestation",
@@ -68,6 +70,11 @@ __all__ = [
     "Registered",
     "Rejected",
     "ReplicaState",
+    "SecretAck",
+    "SecretRelease",
+    "SecretRevoke",
+    "SecretsKey",
+    "SecretsKeyRequest",
     "Sender",
     "Snapshot",
     "SnapshotRequest",
@@ -109,6 +116,20 @@ WRITE_REFUSAL_CODES: frozenset[str] = frozenset({
     "CP_PIN_MISMATCH",
 })
 
+#: Why an agent refused a ``secret_release`` (``secret_ack.code``). See ``ee.agent.secrets``.
+SECRET_REFUSAL_CODES: frozenset[str] = frozenset({
+    "SECRET_NOT_FOR_ME",  # encrypted to another key than this agent process's
+    "SECRET_UNSEALABLE",  # does not open with this agent's key and the release's fields
+    "SECRET_REPLAYED",  # a release nonce this agent already saw
+    "SECRET_STALE",  # an older secret version than the one it holds
+    "SECRET_UNKNOWN_DEPLOYMENT",  # for a deployment this agent does not run
+    "SECRET_WRITE_FAILED",  # the secrets tmpfs could not be written
+})
+#: Tenant secret names (also file names under /run/secrets).
+SECRET_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
+MAX_SECRET_BYTES = 64 * 1024
+MAX_SEALED_BYTES = MAX_SECRET_BYTES + 64
+
 _HEX_DIGEST = re.compile(r"\A(?:sha256:)?(?:[0-9a-f]{2})+\Z")  # compose hashes: "sha256:<hex>"
 
 _nonempty = check(lambda v: len(v) > 0, "must not be empty")
@@ -120,6 +141,11 @@ _nonce = check(
     f"must be {NONCE_MIN_BYTES}..{NONCE_MAX_BYTES} bytes",
 )
 _public_key = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte Ed25519 key")
+_x25519 = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte X25519 key")
+_secret_name = check(lambda v: bool(SECRET_NAME.match(v)),
+                     "must match [a-z0-9][a-z0-9_.-]{0,62}")
+_sealed = check(lambda v: 28 <= len(v) <= MAX_SEALED_BYTES,
+                f"must be 28..{MAX_SEALED_BYTES} bytes")
 _credential_secret = check(lambda v: 1 <= len(v) <= 64, "must be 1..64 bytes")
 _signature = check(lambda v: len(v) == SIGNATURE_BYTES, "must be a 64-byte Ed25519 signature")
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
@@ -412,6 +438,77 @@ class Undeploy:
 
 
 @attrs.frozen
+class SecretsKeyRequest:
+    """CP → agent: prove your X25519 secrets key for this *nonce* (``ee.protocol.sealing``)."""
+
+    TYPE: ClassVar[str] = "secrets_key"
+    SENDER: ClassVar[str] = "cp"
+    nonce: bytes = attrs.field(validator=_nonce)
+
+
+@attrs.frozen
+class SecretsKey:
+    """Agent → CP: its X25519 public key for secret releases, and an Ed25519 signature
+    by its session key (the one its attestation binds) over
+    :func:`ee.protocol.sealing.secrets_key_document` of the request's nonce and the key."""
+
+    TYPE: ClassVar[str] = "secrets_key"
+    SENDER: ClassVar[str] = "agent"
+    public_key: bytes = attrs.field(validator=_x25519)
+    signature: bytes = attrs.field(validator=_signature)
+
+
+@attrs.frozen
+class SecretRelease:
+    """CP → agent (a signed write): one secret version for one deployment's workload.
+
+    ``sealed`` is IV || AES-GCM ciphertext under HKDF(X25519(ephemeral_key, recipient)),
+    with :func:`ee.protocol.sealing.release_aad` of the deployment id, name, version,
+    ``nonce`` and ``recipient`` as associated data. The agent answers ``secret_ack``.
+    """
+
+    TYPE: ClassVar[str] = "secret_release"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    name: str = attrs.field(validator=_secret_name)
+    version: int = attrs.field(validator=_positive)
+    nonce: bytes = attrs.field(validator=_nonce)
+    recipient: bytes = attrs.field(validator=_x25519)
+    ephemeral_key: bytes = attrs.field(validator=_x25519)
+    sealed: bytes = attrs.field(validator=_sealed, metadata=_B64)
+    envelope: CpEnvelope | None = None
+
+
+@attrs.frozen
+class SecretRevoke:
+    """CP → agent (a signed write): remove a deployment's secret (``name`` None: all of
+    them) from the workload and wipe it. The agent answers ``secret_ack``."""
+
+    TYPE: ClassVar[str] = "secret_revoke"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    name: str | None = attrs.field(default=None, validator=_secret_name)
+    reason: str = ""
+    envelope: CpEnvelope | None = None
+
+
+@attrs.frozen
+class SecretAck:
+    """Agent → CP, the reply to ``secret_release``/``secret_revoke``: ``applied``,
+    ``revoked`` or ``refused`` (``code`` from ``SECRET_REFUSAL_CODES`` or
+    ``WRITE_REFUSAL_CODES``)."""
+
+    TYPE: ClassVar[str] = "secret_ack"
+    SENDER: ClassVar[str] = "agent"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    state: Literal["applied", "revoked", "refused"]
+    name: str | None = None
+    version: int | None = None
+    code: str | None = None
+    reason: str = ""
+
+
+@attrs.frozen
 class Attest:
     """CP → agent: re-attest; the agent answers with ``attestation``."""
 
@@ -504,6 +601,11 @@ Message: TypeAlias = (
     | StatsReply
     | ErrorMessage
     | Reconnect
+    | SecretsKeyRequest
+    | SecretsKey
+    | SecretRelease
+    | SecretRevoke
+    | SecretAck
 )
 
 _ALL: tuple[type[Message], ...] = (
@@ -527,6 +629,11 @@ _ALL: tuple[type[Message], ...] = (
     StatsReply,
     ErrorMessage,
     Reconnect,
+    SecretsKeyRequest,
+    SecretsKey,
+    SecretRelease,
+    SecretRevoke,
+    SecretAck,
 )
 
 _BY_SENDER: dict[str, dict[str, type[Message]]] = {"cp": {}, "agent": {}}
