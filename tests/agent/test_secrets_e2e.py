@@ -292,3 +292,75 @@ async def test_a_key_not_vouched_for_by_the_attested_session_key_gets_nothing(
             assert _read_secret(agent, dep_id) is None
             assert not [e for e in await _audit(http) if e["action"] == "released"]
             await _undeploy_all(http, [agent], dep_id)
+
+
+TRAP_COMPOSE = """\
+services:
+  web:
+    image: ee-busybox:local
+    init: true
+    command:
+      - sh
+      - -c
+      - >-
+        mkdir -p /w && echo ok > /w/health && httpd -p 8080 -h /w &&
+        trap 'cat /run/secrets/db_password > /w/hup' HUP &&
+        while true; do sleep 1; done
+"""
+
+
+@pytest.mark.parametrize("on_rotate", ["signal", "restart"])
+async def test_rotation_signals_or_restarts_when_the_version_asks(
+        tmp_path: Path, namespace: str, on_rotate: str) -> None:  # noqa: F811
+    """``on_rotate: signal`` sends the version's signal to the running services after the
+    new file is in place (the container's trap reads the new value, same container);
+    ``restart`` restarts them (a new start, the new value at /run/secrets)."""
+    first, second = _value(), _value()
+    with trio.fail_after(DOCKER_TIMEOUT * 3):
+        async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
+            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
+            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": first})
+            assert r.status_code == 201, r.text
+            rotate = {"on_rotate": "signal", "signal": "SIGHUP"} if on_rotate == "signal" \
+                else {"on_rotate": "restart"}
+            r = await http.post("/api/v2/apps/sec/versions", json={
+                "version": "1", "compose": TRAP_COMPOSE, "expose_port": 8080,
+                "health_path": "/health", "secrets": [{"name": SECRET, "as": "file", **rotate}]})
+            assert r.status_code == 201, r.text
+            dep_id = await _deploy(http)
+            await eventually(lambda: _read_secret(agent, dep_id) == first, DOCKER_TIMEOUT)
+            before = _container(agent, dep_id)
+            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": second})
+            assert r.json()["version"] == 2
+            await eventually(lambda: _read_secret(agent, dep_id) == second, 30)
+            if on_rotate == "signal":
+                def trapped() -> bool:
+                    code, out = _container(agent, dep_id).exec_run(["cat", "/w/hup"])
+                    return code == 0 and out.decode() == second
+                await eventually(trapped, 30)
+                after = _container(agent, dep_id)
+                assert after.attrs["State"]["StartedAt"] == before.attrs["State"]["StartedAt"]
+            else:
+                def restarted() -> Any:
+                    now = _container(agent, dep_id)  # None while it is down
+                    return now is not None and now.attrs["State"]["StartedAt"] != before.attrs[
+                        "State"]["StartedAt"] and now
+                now = await eventually(restarted, 60)
+                assert now.id == before.id  # restarted, not recreated
+            await _undeploy_all(http, [agent], dep_id)
+
+
+def test_rotation_settings_are_checked_at_upload() -> None:
+    from ee.cp.errors import ApiError
+    from ee.cp.tenants import _version_secrets
+
+    ok = _version_secrets([{"name": "a", "as": "file", "on_rotate": "signal",
+                            "signal": "SIGUSR1"}, {"name": "b", "on_rotate": "restart"}])
+    assert [s["on_rotate"] for s in ok] == ["signal", "restart"]
+    for bad in ({"name": "a", "on_rotate": "signal"},  # no signal
+                {"name": "a", "on_rotate": "signal", "signal": "SIGKILL"},
+                {"name": "a", "on_rotate": "restart", "signal": "SIGHUP"},
+                {"name": "a", "on_rotate": "reboot"}):
+        with pytest.raises(ApiError) as refused:
+            _version_secrets([bad])
+        assert refused.value.status == 400

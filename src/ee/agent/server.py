@@ -479,7 +479,18 @@ class Agent:
         else:
             status = self.runner.status(msg.deployment_id)
             runs = status is not None and status.state in ("starting", "running")
+            before = store.held(msg.deployment_id).get(msg.name)
             ack = await trio.to_thread.run_sync(store.apply, msg, runs)
+            rotated = ack.state == "applied" and before is not None and before < msg.version
+            if rotated and msg.on_rotate != "none":
+                # The new file is in place; tell the services before answering, so the
+                # CP (which awaits this answer) rotates replicas one at a time.
+                problem = await self.runner.on_secret_rotated(
+                    msg.deployment_id, msg.on_rotate, msg.signal)
+                what = (f"sent {msg.signal}" if msg.on_rotate == "signal"
+                        else "restarted the services")
+                ack = attrs.evolve(ack, reason=f"{ack.reason}; rotated: " + (
+                    what if problem is None else f"could not {msg.on_rotate}: {problem}"))
         await self.send(ack, re)
 
     # -- sending --------------------------------------------------------------------

@@ -554,6 +554,10 @@ class _Record:
         )
 
 
+#: what a version may ask the agent to send its services when a secret rotates
+ROTATION_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
 def _tail(text: str, limit: int) -> str:
     text = _ANSI.sub("", text).strip()
     if len(text.encode("utf-8")) <= limit:
@@ -1148,6 +1152,33 @@ class ComposeRunner:
             # No compose file to drive `down`: remove what carries the project label.
             await self._remove_by_label(deployment_id, None)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    async def on_secret_rotated(self, deployment_id: str, action: str,
+                                signal: str | None = None) -> str | None:
+        """Tell a running workload its secret files changed: ``signal`` sends *signal*
+        to every service's containers (``kill -s``), ``restart`` restarts them (their
+        named volumes and the /run/secrets mount stay). None when done, else why not."""
+        record = self._records.get(deployment_id)
+        if record is None or not (record.directory / RESOLVED_FILE).exists():
+            return "the deployment does not run here"
+        if action not in ("signal", "restart") or (action == "signal" and signal not in
+                                                    ROTATION_SIGNALS):
+            return f"unknown rotation action {action!r}"
+        try:
+            cli = await self.detect_cli()
+        except ComposeCLIUnavailable as exc:
+            return str(exc)
+        command = ("kill", "-s", str(signal)) if action == "signal" else ("restart",)
+        argv = self._compose_argv(cli, record, *command)
+        with trio.move_on_after(self.settings.down_timeout) as scope:
+            code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
+        if scope.cancelled_caught:
+            return f"`{command[0]}` did not finish within {self.settings.down_timeout:g} s"
+        if code != 0:
+            return _tail(err or out, self.settings.error_tail_bytes) or f"exit {code}"
+        log.info("deployment %s: secrets rotated, %s", deployment_id,
+                 f"sent {signal}" if action == "signal" else "restarted")
+        return None
 
     async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
         try:

@@ -418,6 +418,15 @@ WAKE_KINDS: Final = ("deployment.", "replica.", "agent.status", "agent.quarantin
                      "secret.deleted", "secret.policy")
 
 
+def _rotation(spec: Mapping[str, Any]) -> dict[str, tuple[str, str | None]]:
+    """Per secret name, what the version asks on rotation: (on_rotate, signal)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for entry in spec.get("secrets") or []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+            out[entry["name"]] = (str(entry.get("on_rotate", "none")), entry.get("signal"))
+    return out
+
+
 def _wanted(spec: Mapping[str, Any]) -> list[str]:
     """The secret names a version asks for (validated at upload)."""
     out = []
@@ -513,7 +522,8 @@ class SecretReleaser:
                     continue
                 if refusal is None:
                     self.refused.pop((agent_id, dep_id), None)
-                    await self._release(app_key, dep_id, agent_id, wanted, stored)
+                    await self._release(app_key, dep_id, agent_id, wanted, stored,
+                                        _rotation(spec))
                     await self._revoke_gone(app_key, dep_id, agent_id, set(wanted))
                 else:
                     await self._refuse(app_key, dep_id, agent_id, refusal)
@@ -548,7 +558,11 @@ class SecretReleaser:
         return await link.request(msg, self.deps.request_timeout_s)
 
     async def _release(self, app_key: str, dep_id: str, agent_id: str, wanted: list[str],
-                       stored: Mapping[str, int]) -> None:
+                       stored: Mapping[str, int],
+                       rotation: Mapping[str, tuple[str, str | None]] | None = None) -> None:
+        """Release what *agent_id*'s replica lacks, one secret at a time; each answer is
+        awaited (an agent restarting its services on rotation answers when done), so
+        replicas are rotated one after another, never all at once."""
         link = self.deps.link_for(agent_id)
         if link is None:
             return
@@ -575,8 +589,11 @@ class SecretReleaser:
                               recipient=recipient)
             ephemeral, sealed = await trio.to_thread.run_sync(seal_release, recipient, value, aad)
             del value
+            on_rotate, signal = (rotation or {}).get(name, ("none", None))
             msg = SecretRelease(deployment_id=dep_id, name=name, version=version, nonce=nonce,
-                                recipient=recipient, ephemeral_key=ephemeral, sealed=sealed)
+                                recipient=recipient, ephemeral_key=ephemeral, sealed=sealed,
+                                on_rotate=on_rotate,  # type: ignore[arg-type]
+                                signal=signal)  # type: ignore[arg-type]
             try:
                 reply = await self._write(link, msg)
             except Exception as exc:

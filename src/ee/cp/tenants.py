@@ -450,10 +450,12 @@ MAX_VERSION_SECRETS = 32
 
 
 def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
-    """A version's ``secrets``: ``[{"name": NAME, "as": "file"}, ...]``, names unique.
+    """A version's ``secrets``: ``[{"name": NAME, "as": "file", "on_rotate": "none" |
+    "signal" | "restart", "signal": "SIGHUP"|"SIGUSR1"|"SIGUSR2"}, ...]``, names unique.
 
-    ``"as": "env"`` is refused (``unsupported``) until the agent can hand a released
-    value to a running workload as an environment variable."""
+    ``"as": "env"`` is refused (``unsupported``): a container's environment is fixed
+    when it starts, before the CP can release anything to it (a release needs the
+    running replica's reported compose hash)."""
     if value is None:
         return ()
     if not isinstance(value, list) or len(value) > MAX_VERSION_SECRETS:
@@ -462,7 +464,8 @@ def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
     out: list[dict[str, str]] = []
     for i, entry in enumerate(value):
         field = f"secrets[{i}]"
-        if not isinstance(entry, dict) or not set(entry) <= {"name", "as", "env"}:
+        if not isinstance(entry, dict) or not set(entry) <= {"name", "as", "env",
+                                                               "on_rotate", "signal"}:
             raise _bad(f"'{field}' must be an object with 'name' and 'as'", field)
         name = entry.get("name")
         if not isinstance(name, str) or not SECRET_NAME.match(name):
@@ -477,7 +480,17 @@ def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
             raise _bad(f"'{field}.as' must be \"file\"", f"{field}.as")
         if any(o["name"] == name for o in out):
             raise _bad(f"secret {name!r} is named twice", field)
-        out.append({"name": name, "as": "file"})
+        on_rotate = entry.get("on_rotate", "none")
+        if on_rotate not in ("none", "signal", "restart"):
+            raise _bad(f"'{field}.on_rotate' must be \"none\", \"signal\" or \"restart\"",
+                       f"{field}.on_rotate")
+        signal = entry.get("signal")
+        if (on_rotate == "signal") != (signal is not None) or (
+                signal is not None and signal not in ("SIGHUP", "SIGUSR1", "SIGUSR2")):
+            raise _bad(f"'{field}.signal': SIGHUP, SIGUSR1 or SIGUSR2, given exactly when "
+                       "on_rotate is \"signal\"", f"{field}.signal")
+        out.append({"name": name, "as": "file", "on_rotate": on_rotate,
+                    **({"signal": signal} if signal else {})})
     return tuple(out)
 
 

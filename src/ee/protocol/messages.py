@@ -477,6 +477,12 @@ class SecretRelease:
     ephemeral_key: bytes = attrs.field(validator=_x25519)
     sealed: bytes = attrs.field(validator=_sealed, metadata=_B64)
     envelope: CpEnvelope | None = None
+    #: what the agent does when this replaces an older version it holds (a rotation):
+    #: nothing (the file is replaced; the workload rereads it), send ``signal`` to the
+    #: services, or restart them (the CP releases to one replica at a time, so a
+    #: deployment restarts replica by replica)
+    on_rotate: Literal["none", "signal", "restart"] = "none"
+    signal: Literal["SIGHUP", "SIGUSR1", "SIGUSR2"] | None = None
 
 
 @attrs.frozen
