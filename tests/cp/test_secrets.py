@@ -94,7 +94,8 @@ async def test_secret_routes_never_show_values_and_refuse_bad_input(tmp_path: Pa
                 r = await http.post("/api/v2/apps/vault/versions", json={
                     **base, "version": "1", "secrets": [{"name": "db_password"}]})
                 assert r.status_code == 201, r.text
-                assert r.json()["secrets"] == [{"name": "db_password", "as": "file", "on_rotate": "none"}]
+                assert r.json()["secrets"] == [
+                    {"name": "db_password", "as": "file", "on_rotate": "none"}]
                 r = await http.delete("/api/v2/apps/vault/secrets/db_password")
                 assert r.status_code == 200
                 r = await http.delete("/api/v2/apps/vault/secrets/db_password")
