@@ -364,3 +364,87 @@ def test_rotation_settings_are_checked_at_upload() -> None:
         with pytest.raises(ApiError) as refused:
             _version_secrets([bad])
         assert refused.value.status == 400
+
+
+ENV_COMPOSE = """\
+services:
+  web:
+    image: ee-busybox:local
+    init: true
+    command:
+      - sh
+      - -c
+      - >-
+        mkdir -p /w && echo ok > /w/health && env | grep ^DB_PASSWORD= > /w/env &&
+        exec httpd -f -p 8080 -h /w
+"""
+
+
+def _served_env(agent: Agent, dep_id: str) -> str | None:
+    container = _container(agent, dep_id)
+    if container is None:
+        return None
+    try:
+        code, out = container.exec_run(["cat", "/w/env"])
+    except docker.errors.APIError:  # stopped or removed meanwhile (being recreated)
+        return None
+    return out.decode().strip().removeprefix("DB_PASSWORD=") if code == 0 else None
+
+
+async def test_an_env_secret_is_in_the_environment_from_the_start_and_recreated_on_rotation(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    """``"as": "env"``: the agent reports ``starting`` with the compose hash, waits for
+    the release, then starts the services with the variable set (the env file is on
+    tmpfs, nowhere in the agent's data dir); a rotation recreates them with the new
+    value."""
+    first, second = _value(), _value()
+    with trio.fail_after(DOCKER_TIMEOUT * 3):
+        async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
+            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
+            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": first})
+            assert r.status_code == 201, r.text
+            r = await http.post("/api/v2/apps/sec/versions", json={
+                "version": "1", "compose": ENV_COMPOSE, "expose_port": 8080,
+                "health_path": "/health",
+                "secrets": [{"name": SECRET, "as": "env", "env": "DB_PASSWORD"}]})
+            assert r.status_code == 201, r.text
+            assert r.json()["secrets"] == [{"name": SECRET, "as": "env", "env": "DB_PASSWORD",
+                                            "on_rotate": "restart"}]
+            dep_id = await _deploy(http)
+            await eventually(lambda: _served_env(agent, dep_id) == first, DOCKER_TIMEOUT)
+            before = _container(agent, dep_id)
+            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": second})
+            assert r.json()["version"] == 2
+            await eventually(lambda: _served_env(agent, dep_id) == second, 60)
+            assert _container(agent, dep_id).id != before.id  # recreated: a new environment
+            assert _files_containing(tmp_path / "a0", [first.encode(), second.encode()]) == []
+            assert (await _view(http, dep_id))["state"] == "running"
+            await _undeploy_all(http, [agent], dep_id)
+            assert not agent.secret_store.env_path(dep_id).exists()
+
+
+async def test_an_env_secret_never_released_fails_the_deployment_with_the_reason(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    """A release policy that refuses the replica: the deployment does not start
+    without its environment; it fails after the wait, saying why."""
+    with trio.fail_after(DOCKER_TIMEOUT * 3):
+        async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
+            agent.runner.settings = attrs.evolve(agent.runner.settings, secret_wait_timeout=2.0)
+            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
+            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": _value()})
+            assert r.status_code == 201, r.text
+            r = await http.put("/api/v2/apps/sec/secret-policy",
+                               json={"datacenters": ["nowhere:x"]})
+            assert r.status_code == 200, r.text
+            r = await http.post("/api/v2/apps/sec/versions", json={
+                "version": "1", "compose": ENV_COMPOSE, "expose_port": 8080,
+                "health_path": "/health",
+                "secrets": [{"name": SECRET, "as": "env", "env": "DB_PASSWORD"}]})
+            assert r.status_code == 201, r.text
+            dep_id = await _deploy(http)
+            failed = await eventually(lambda: [
+                e for e in env.cp.events.recent if e.kind == "replica.failed"
+                and e.subject == dep_id], DOCKER_TIMEOUT)
+            assert "was not released within 2 s" in failed[0].data["error"], failed
+            assert _container(agent, dep_id) is None  # nothing started without it
+            await _undeploy_all(http, [agent], dep_id)

@@ -402,7 +402,9 @@ class AgentActor(Actor):
                         compose=v["compose"], expose_port=int(v["expose_port"]),
                         health_path=v["health_path"], env=dict(v.get("env") or {}),
                         build_context=base64.b64decode(context) if context else None,
-                        expose_service=v.get("expose_service"))
+                        expose_service=v.get("expose_service"),
+                        secret_env={s["env"]: s["name"] for s in v.get("secrets") or []
+                                    if s.get("as") == "env"})
         try:
             await self.link.send(deploy)
         except Exception as exc:  # the session just died; the app will re-place

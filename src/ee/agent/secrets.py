@@ -26,6 +26,13 @@ sees the old file or the new one, never half of one; the old inode is then
 overwritten with zeros (so a process still holding it open reads nothing of the old
 value) and released. Revocation (a ``secret_revoke``, an undeploy) does the same
 wipe and removes the file; the deployment's directory goes at undeploy.
+
+A version may feed an environment variable from a secret (``"as": "env"``): the runner
+asks :meth:`SecretStore.write_env` for ``<root>/<slug>.env`` (``VAR=value`` lines, on
+the same tmpfs but outside the directory the containers see) and names it as the
+services' ``env_file``. It exists only while every such secret is held; a revocation
+wipes it with the values (a running container keeps the environment it started with:
+that is what an environment is).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import os
 import secrets
 import shutil
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -58,6 +66,7 @@ log = logging.getLogger("ee.agent.secrets")
 
 DEFAULT_BASE = Path("/dev/shm")
 MAX_NONCES = 4096  # remembered release nonces (oldest forgotten first)
+MAX_ENV_SECRET_BYTES = 32 * 1024  # an environment variable's value, at most
 
 
 def secrets_base(data_dir: Path, base: Path = DEFAULT_BASE) -> Path:
@@ -116,6 +125,8 @@ class SecretStore:
                 if directory.is_dir() and not directory.is_symlink():
                     for path in directory.iterdir():
                         _wipe(path)
+                elif directory.is_file():  # an env-secret file
+                    _wipe(directory)
 
     def prove(self, nonce: bytes, session_key: Ed25519PrivateKey) -> bytes:
         """The session key's signature vouching for this process's X25519 key."""
@@ -129,6 +140,45 @@ class SecretStore:
         path.mkdir(mode=0o755, exist_ok=True)
         os.chmod(path, 0o755)
         return path
+
+    def env_path(self, deployment_id: str) -> Path:
+        """Where :meth:`write_env` writes the deployment's env-secret file."""
+        return self.root / f"{_slug(deployment_id)}.env"
+
+    def write_env(self, deployment_id: str, variables: Mapping[str, str]) -> None:
+        """Write ``VAR=value`` for each *variables* entry (VAR -> secret name) to
+        :meth:`env_path`; KeyError while a secret is not released yet, ValueError for a
+        value an env file cannot carry (a newline, CR or NUL)."""
+        directory = self.directory(deployment_id)
+        text = bytearray()
+        try:
+            for variable, name in sorted(variables.items()):
+                if (deployment_id, name) not in self._held:
+                    raise KeyError(name)
+                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    value = bytearray(os.read(fd, MAX_ENV_SECRET_BYTES + 1))
+                finally:
+                    os.close(fd)
+                bad = len(value) > MAX_ENV_SECRET_BYTES or any(c in value for c in b"\n\r\x00")
+                if bad:
+                    value[:] = bytes(len(value))
+                    raise ValueError(f"secret {name!r} cannot be an environment variable "
+                                     "(a newline, CR or NUL, or over "
+                                     f"{MAX_ENV_SECRET_BYTES} bytes)")
+                text += variable.encode() + b"=" + value + b"\n"
+                value[:] = bytes(len(value))
+            final = self.env_path(deployment_id)
+            tmp = self.root / f".{final.name}.{secrets.token_hex(4)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+            _wipe(final)
+            os.replace(tmp, final)
+        finally:
+            text[:] = bytes(len(text))
 
     def held(self, deployment_id: str) -> dict[str, int]:
         return {name: h.version for (dep, name), h in self._held.items() if dep == deployment_id}
@@ -216,6 +266,7 @@ class SecretStore:
         for held in names:
             self._held.pop((deployment_id, held), None)
             _wipe(directory / held)
+        _wipe(self.env_path(deployment_id))  # its values are no longer released
         return sorted(names)
 
     def forget(self, deployment_id: str) -> None:

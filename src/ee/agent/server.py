@@ -197,6 +197,8 @@ class Agent:
                                               measurer=self.runtime)
         if self.runner.secrets_dir is None:
             self.runner.secrets_dir = self.secret_store.directory
+        if self.runner.secret_env is None:
+            self.runner.secret_env = self.secret_store
         self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds,
                              release_keys=release_keys_of(config))
         self.sampler = NodeSampler(str(self.data_dir))
@@ -486,7 +488,7 @@ class Agent:
                 # The new file is in place; tell the services before answering, so the
                 # CP (which awaits this answer) rotates replicas one at a time.
                 problem = await self.runner.on_secret_rotated(
-                    msg.deployment_id, msg.on_rotate, msg.signal)
+                    msg.deployment_id, msg.name, msg.on_rotate, msg.signal)
                 what = (f"sent {msg.signal}" if msg.on_rotate == "signal"
                         else "restarted the services")
                 ack = attrs.evolve(ack, reason=f"{ack.reason}; rotated: " + (
@@ -547,6 +549,7 @@ class Agent:
                         health_path=msg.health_path,
                         build_context=msg.build_context,
                         env=dict(msg.env),
+                        secret_env=dict(msg.secret_env),
                         expose_service=msg.expose_service,
                     )
                 except (TypeError, ValueError) as exc:

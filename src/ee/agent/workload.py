@@ -358,6 +358,8 @@ class DeploySpec:
         factory=dict, converter=_freeze_env, validator=_check_env, repr=False
     )
     expose_service: str | None = None
+    #: environment variables fed from released secrets: VAR -> secret name
+    secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env)
 
 
 @attrs.frozen
@@ -422,6 +424,8 @@ class WorkloadSettings:
     """Tunables of the runner (seconds unless named otherwise)."""
 
     health_timeout: float = 120.0
+    #: how long a deployment whose environment needs secrets waits for their release
+    secret_wait_timeout: float = 120.0
     #: Upper bound of the health poll interval (polls start at 50 ms and double).
     health_interval: float = 1.0
     health_request_timeout: float = 3.0
@@ -451,6 +455,14 @@ class ComposeCLI:
 
 
 StatusCallback = Callable[[DeploymentStatus], Awaitable[None]]
+
+
+class SecretEnv(Protocol):
+    """Writes a deployment's env-secret file (``ee.agent.secrets.SecretStore``)."""
+
+    def env_path(self, deployment_id: str) -> Path: ...
+
+    def write_env(self, deployment_id: str, variables: Mapping[str, str]) -> None: ...
 
 
 class DeployMeasurer(Protocol):
@@ -521,6 +533,7 @@ class _Record:
     health_path: str
     compose_hash: str
     services: tuple[str, ...]
+    secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -534,6 +547,7 @@ class _Record:
             "health_path": self.health_path,
             "compose_hash": self.compose_hash,
             "services": list(self.services),
+            "secret_env": dict(self.secret_env),
         }
 
     @classmethod
@@ -551,6 +565,7 @@ class _Record:
             health_path=str(data["health_path"]),
             compose_hash=str(data["compose_hash"]),
             services=tuple(str(s) for s in data["services"]),
+            secret_env={str(k): str(v) for k, v in dict(data.get("secret_env") or {}).items()},
         )
 
 
@@ -667,6 +682,8 @@ class ComposeRunner:
         #: deployment id -> its tmpfs secrets directory (``ee.agent.secrets``), bound
         #: read-only at /run/secrets into every service (None: no secrets mount)
         self.secrets_dir = secrets_dir
+        #: the store that writes env-secret files (``ee.agent.secrets.SecretStore``)
+        self.secret_env: SecretEnv | None = None
         self.settings = settings or WorkloadSettings()
         self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
@@ -829,6 +846,12 @@ class ComposeRunner:
                 self._records[spec.deployment_id] = record
                 await self._resolve(cli, record)
                 await self._measure(record)
+                if record.secret_env:
+                    # Say what will run, so the CP can judge this replica and release
+                    # the secrets its environment needs; start once they are here.
+                    await self._set(attrs.evolve(base, compose_hash=record.compose_hash),
+                                    on_status)
+                    await self._await_secret_env(record)
                 await self._up(cli, record)
                 containers = await self._sdk(self._project_containers, record.project)
                 upstream, digests = self._locate(record, containers)
@@ -887,6 +910,7 @@ class ComposeRunner:
             health_path=spec.health_path,
             compose_hash=digest,
             services=tuple(services),
+            secret_env=spec.secret_env,
         )
         staging = self.workloads_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
         try:
@@ -959,6 +983,14 @@ class ComposeRunner:
             if self.secrets_dir is not None:  # added after the policy check: ours, not the
                 # tenant's (a tenant bind mount is still refused above)
                 hardened = with_secrets_mount(hardened, self.secrets_dir(record.deployment_id))
+            if record.secret_env:
+                if self.secret_env is None:
+                    raise _Failure("this agent cannot feed environment variables from "
+                                   "secrets (no secret store)")
+                path = str(self.secret_env.env_path(record.deployment_id))
+                hardened["services"] = {
+                    name: {**service, "env_file": [path]}
+                    for name, service in hardened["services"].items()}
             text = yaml.safe_dump(hardened, sort_keys=True, allow_unicode=True)
             _write_private(record.directory / RESOLVED_FILE, text)
 
@@ -1128,9 +1160,18 @@ class ComposeRunner:
         self._status.pop(deployment_id, None)
         return stopped
 
+    def _env_placeholder(self, record: _Record) -> None:  # worker thread
+        """The Compose CLI reads every ``env_file`` even to stop: when the env-secret
+        file is gone (revoked, or never released), an empty one lets ``down`` run."""
+        if record.secret_env and self.secret_env is not None:
+            path = self.secret_env.env_path(record.deployment_id)
+            if not path.exists() and path.parent.is_dir():
+                path.touch(mode=0o400)
+
     async def _down(self, deployment_id: str, record: _Record | None) -> None:
         directory = self.workload_dir(deployment_id)
         if record is not None and (record.directory / RESOLVED_FILE).exists():
+            await trio.to_thread.run_sync(self._env_placeholder, record)
             try:
                 cli = await self.detect_cli()
             except ComposeCLIUnavailable as exc:
@@ -1153,11 +1194,13 @@ class ComposeRunner:
             await self._remove_by_label(deployment_id, None)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
 
-    async def on_secret_rotated(self, deployment_id: str, action: str,
+    async def on_secret_rotated(self, deployment_id: str, name: str, action: str,
                                 signal: str | None = None) -> str | None:
-        """Tell a running workload its secret files changed: ``signal`` sends *signal*
+        """Tell a running workload its secret *name* changed: ``signal`` sends *signal*
         to every service's containers (``kill -s``), ``restart`` restarts them (their
-        named volumes and the /run/secrets mount stay). None when done, else why not."""
+        named volumes and the /run/secrets mount stay) — or, when *name* feeds an
+        environment variable, rewrites the env file and recreates the services (``up
+        -d``: an environment is fixed at start). None when done, else why not."""
         record = self._records.get(deployment_id)
         if record is None or not (record.directory / RESOLVED_FILE).exists():
             return "the deployment does not run here"
@@ -1168,7 +1211,16 @@ class ComposeRunner:
             cli = await self.detect_cli()
         except ComposeCLIUnavailable as exc:
             return str(exc)
-        command = ("kill", "-s", str(signal)) if action == "signal" else ("restart",)
+        command: tuple[str, ...] = (
+            ("kill", "-s", str(signal)) if action == "signal" else ("restart",))
+        await trio.to_thread.run_sync(self._env_placeholder, record)
+        if name in record.secret_env.values() and self.secret_env is not None:
+            try:
+                await trio.to_thread.run_sync(self.secret_env.write_env, deployment_id,
+                                              record.secret_env)
+            except (KeyError, ValueError, OSError) as exc:
+                return f"cannot write the env-secret file: {exc}"
+            command = ("up", "-d", "--no-build")
         argv = self._compose_argv(cli, record, *command)
         with trio.move_on_after(self.settings.down_timeout) as scope:
             code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
@@ -1179,6 +1231,27 @@ class ComposeRunner:
         log.info("deployment %s: secrets rotated, %s", deployment_id,
                  f"sent {signal}" if action == "signal" else "restarted")
         return None
+
+    async def _await_secret_env(self, record: _Record) -> None:
+        """Wait (bounded) until every env secret is released, then write the env file."""
+        assert self.secret_env is not None  # checked when the resolved file was written
+        deadline = trio.current_time() + self.settings.secret_wait_timeout
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.secret_env.write_env, record.deployment_id,
+                                              record.secret_env)
+                return
+            except KeyError as exc:
+                missing = exc.args[0]
+            except (ValueError, OSError) as exc:
+                raise _Failure(f"cannot feed the environment from secrets: {exc}") from None
+            if trio.current_time() >= deadline:
+                raise _Failure(
+                    f"secret {missing!r} (for an environment variable) was not released "
+                    f"within {self.settings.secret_wait_timeout:g} s: the app's release "
+                    "policy refused this replica, or the secret does not exist "
+                    "(see the app's secret-events)")
+            await trio.sleep(0.25)
 
     async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
         try:

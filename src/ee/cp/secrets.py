@@ -220,8 +220,12 @@ def judge_replica(policy: ReleasePolicy, *, deployment_id: str, expected_hash: s
         return Refusal("NODE_SIZE", f"node size {agent.get('node_size')!r} is not allowed")
     if policy.datacenters is not None and agent.get("datacenter") not in policy.datacenters:
         return Refusal("DATACENTER", f"datacenter {agent.get('datacenter')!r} is not allowed")
-    if replica.get("state") != "running":
-        return Refusal("NOT_RUNNING", f"the replica is {replica.get('state')}")
+    state = replica.get("state")
+    # A replica whose environment needs secrets says what it will run (``starting``
+    # with its compose hash) and waits for them: it is judged like a running one.
+    if state not in ("running", "starting") or (
+            state == "starting" and not replica.get("compose_hash")):
+        return Refusal("NOT_RUNNING", f"the replica is {state}")
     if expected_hash is None or replica.get("compose_hash") != expected_hash:
         return Refusal("COMPOSE_HASH", f"the replica reports {replica.get('compose_hash')}, "
                        f"the version is {expected_hash}")

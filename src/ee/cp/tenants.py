@@ -453,9 +453,9 @@ def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
     """A version's ``secrets``: ``[{"name": NAME, "as": "file", "on_rotate": "none" |
     "signal" | "restart", "signal": "SIGHUP"|"SIGUSR1"|"SIGUSR2"}, ...]``, names unique.
 
-    ``"as": "env"`` is refused (``unsupported``): a container's environment is fixed
-    when it starts, before the CP can release anything to it (a release needs the
-    running replica's reported compose hash)."""
+    ``"as": "env"`` with ``"env": VAR`` feeds the variable from the secret: the agent
+    starts the services only once it is released, and recreates them on rotation (a
+    container's environment is fixed when it starts), so ``on_rotate`` is ``restart``."""
     if value is None:
         return ()
     if not isinstance(value, list) or len(value) > MAX_VERSION_SECRETS:
@@ -472,15 +472,26 @@ def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
             raise ApiError(400, "bad_secret_name", f"'{field}.name' must match "
                            "[a-z0-9][a-z0-9_.-]{0,62}", {"field": f"{field}.name"})
         mode = entry.get("as", "file")
+        if mode not in ("file", "env"):
+            raise _bad(f"'{field}.as' must be \"file\" or \"env\"", f"{field}.as")
+        variable = entry.get("env")
+        if mode == "file" and variable is not None:
+            raise _bad(f"'{field}.env' goes with \"as\": \"env\"", f"{field}.env")
         if mode == "env":
-            raise ApiError(400, "unsupported", f"'{field}.as': env secrets are not "
-                           "supported yet; use \"file\" (/run/secrets/NAME)",
-                           {"field": f"{field}.as"})
-        if mode != "file" or "env" in entry:
-            raise _bad(f"'{field}.as' must be \"file\"", f"{field}.as")
+            if not isinstance(variable, str):
+                raise _bad(f"'{field}.env' must name an environment variable", f"{field}.env")
+            try:
+                check_env({variable: ""}, path=f"{field}.env")
+            except WorkloadPolicyError as exc:
+                raise _policy_error(exc, f"{field}.env") from None
+            if any(o.get("env") == variable for o in out):
+                raise _bad(f"environment variable {variable!r} is fed twice", f"{field}.env")
+            if entry.get("on_rotate", "restart") != "restart":
+                raise _bad(f"'{field}.on_rotate': an env secret rotates by restarting the "
+                           "services (\"restart\")", f"{field}.on_rotate")
         if any(o["name"] == name for o in out):
             raise _bad(f"secret {name!r} is named twice", field)
-        on_rotate = entry.get("on_rotate", "none")
+        on_rotate = entry.get("on_rotate", "restart" if mode == "env" else "none")
         if on_rotate not in ("none", "signal", "restart"):
             raise _bad(f"'{field}.on_rotate' must be \"none\", \"signal\" or \"restart\"",
                        f"{field}.on_rotate")
@@ -489,8 +500,9 @@ def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
                 signal is not None and signal not in ("SIGHUP", "SIGUSR1", "SIGUSR2")):
             raise _bad(f"'{field}.signal': SIGHUP, SIGUSR1 or SIGUSR2, given exactly when "
                        "on_rotate is \"signal\"", f"{field}.signal")
-        out.append({"name": name, "as": "file", "on_rotate": on_rotate,
-                    **({"signal": signal} if signal else {})})
+        out.append({"name": name, "as": mode, "on_rotate": on_rotate,
+                    **({"signal": signal} if signal else {}),
+                    **({"env": str(variable)} if mode == "env" else {})})
     return tuple(out)
 
 
@@ -543,6 +555,10 @@ def _version_fields(body: dict[str, Any]) -> _VersionFields:
     except WorkloadPolicyError as exc:
         raise _policy_error(exc, "env") from None
     secrets_list = _version_secrets(body.get("secrets"))
+    for i, entry in enumerate(secrets_list):
+        if entry.get("env") in env:
+            raise _bad(f"'secrets[{i}].env': {entry['env']!r} is also set in the version's "
+                       "env", f"secrets[{i}].env")
     return _VersionFields(version=version, compose=compose, doc=doc,
                           build_context_b64=context_b64, build_context=context,
                           expose_port=port, expose_service=service, health_path=health,

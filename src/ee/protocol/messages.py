@@ -414,6 +414,10 @@ class Deploy:
     build_context: bytes | None = attrs.field(default=None, metadata=_B64)
     expose_service: str | None = None
     envelope: CpEnvelope | None = None
+    #: environment variables fed from released secrets (VAR -> secret name): the agent
+    #: reports ``starting`` with the compose hash, waits for these releases, then starts
+    #: the services with them (never written outside tmpfs)
+    secret_env: Mapping[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
