@@ -84,7 +84,12 @@ async def test_secret_routes_never_show_values_and_refuse_bad_input(tmp_path: Pa
                 # A version's secrets list is checked at upload.
                 base = {"compose": COMPOSE, "build_context": context(), "expose_port": 80}
                 for entry, code in (({"name": "Bad!"}, "bad_secret_name"),
-                                    ({"name": "ok", "as": "env", "env": "X"}, "unsupported"),
+                                    ({"name": "ok", "as": "env", "env": "LD_PRELOAD"},
+                                     "workload_policy"),
+                                    ({"name": "ok", "as": "env"}, "bad_request"),
+                                    ({"name": "ok", "env": "X"}, "bad_request"),
+                                    ({"name": "ok", "as": "env", "env": "X",
+                                      "on_rotate": "none"}, "bad_request"),
                                     ({"name": "ok", "as": "disk"}, "bad_request"),
                                     ("ok", "bad_request")):
                     r = await http.post("/api/v2/apps/vault/versions",
@@ -171,7 +176,10 @@ def test_judge_replica_table() -> None:
     assert _judge(attestation={"verdict": "pass", "tcb_status": "OutOfDate"}) == "TCB_STATUS"
     assert _judge(ReleasePolicy(node_sizes=("llm",))) == "NODE_SIZE"
     assert _judge(ReleasePolicy(datacenters=("gcp:x",))) == "DATACENTER"
-    assert _judge(replica={"state": "starting", "compose_hash": HASH}) == "NOT_RUNNING"
+    # A starting replica that says what it will run is judged like a running one (env
+    # secrets are released before its services start); without a hash it is not.
+    assert _judge(replica={"state": "starting", "compose_hash": HASH}) is None
+    assert _judge(replica={"state": "starting"}) == "NOT_RUNNING"
     assert _judge(replica={"state": "running", "compose_hash": "sha256:" + "cd" * 32}
                   ) == "COMPOSE_HASH"
     assert _judge(deployment=[{"deployment_id": "dep-1",
