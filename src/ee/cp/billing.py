@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 *Money* is integer minor units (cents of USD) everywhere; prices are integer
-micro-dollars per hour. A node size costs ``vcpus × vcpu + GiB × memory + gpu × GPU``
+micro-dollars per hour. A node size costs ``vcpus x vcpu + GiB x memory + gpu x GPU``
 micro-dollars an hour, times the SLA multiplier (per mille); a minute of it is the
 exact rational ``r`` cents (:class:`fractions.Fraction`, never a float). Window ``w``
-(the unix minute) is charged ``floor(r·(w+1)) − floor(r·w)`` cents: each window's
+(the unix minute) is charged ``floor(r*(w+1)) - floor(r*w)`` cents: each window's
 amount depends on nothing but the price and the window, so any writer computes the
 same amount for it, and consecutive windows telescope to the exact total (less than a
 cent short, ever). The platform keeps ``fee_bp`` basis points of each charge
@@ -40,6 +40,7 @@ that brings the balance back clears the hold (``billing.resumed``); it restarts 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from ee.cp.records import RecordStore, RecordStoreError
 from ee.cp.store import ledger
 from ee.cp.store.backend import Retryable
 from ee.cp.store.ledger import PassResult, Run, RunAdvance, WindowCharge
+from ee.protocol.strict import check
 
 log = logging.getLogger("ee.cp.billing")
 
@@ -64,19 +66,18 @@ MICRO_PER_MINOR: Final = 10_000  # micro-dollars in a cent
 PRICE_LIMIT: Final = 10**9
 
 
-def _rate(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= PRICE_LIMIT:
-        raise ValueError(f"{attribute.name} must be an integer 0..{PRICE_LIMIT}")
+def _is_rate(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= PRICE_LIMIT
 
 
-def _bp(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
-        raise ValueError(f"{attribute.name} must be an integer 0..10000 (basis points)")
+def _is_bp(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10_000
 
 
-def _currency(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in ledger.CURRENCIES:
-        raise ValueError(f"{attribute.name}: unknown currency {value!r}")
+_rate = check(_is_rate, f"must be an integer 0..{PRICE_LIMIT}")
+_bp = check(_is_bp, "must be an integer 0..10000 (basis points)")
+_currency = check(lambda v: v in ledger.CURRENCIES,
+                  f"must be one of {', '.join(sorted(ledger.CURRENCIES))}")
 
 
 @attrs.frozen
@@ -332,20 +333,21 @@ class Billing:
             hold = held.get(account_id)
             action = hold_step(balance, s.low_balance_minor, hold, now, s.grace_s)
             if action == "warn":
-                await self._db(lambda c, a=account_id: ledger.set_hold(c, a, now, None))
+                await self._db(functools.partial(ledger.set_hold, account_id=account_id,
+                                                 low_since=now, suspended_at=None))
                 self.deps.emit("billing.low_balance", account_id, {
                     "balance_minor": balance, "threshold_minor": s.low_balance_minor,
                     "grace_s": s.grace_s})
             elif action in ("suspend", "enforce"):
                 assert hold is not None
                 if action == "suspend":
-                    await self._db(lambda c, a=account_id, h=hold: ledger.set_hold(
-                        c, a, h[0], now))
+                    await self._db(functools.partial(ledger.set_hold, account_id=account_id,
+                                                     low_since=hold[0], suspended_at=now))
                 for deployment_id in await self.deps.stop_account(account_id):
                     self.deps.emit("billing.suspended", deployment_id, {
                         "account_id": account_id, "balance_minor": balance})
             elif action == "clear":
-                await self._db(lambda c, a=account_id: ledger.clear_hold(c, a))
+                await self._db(functools.partial(ledger.clear_hold, account_id=account_id))
                 self.deps.emit("billing.resumed", account_id, {"balance_minor": balance})
 
 
@@ -421,3 +423,17 @@ async def stop_account_deployments(registry: Any, deployment_index: Mapping[str,
 __all__ = ["Billing", "BillingDeps", "BillingSettings", "PriceBook", "Prices", "Sighting",
            "cp_sightings", "hold_step", "plan_charges", "plan_observation",
            "stop_account_deployments"]
+
+
+async def pool_orders(registry: Any, keys: Any) -> list[dict[str, Any]]:
+    """Every pool's launch orders (finished ones too: they name who made a VM)."""
+    from ee.actors.pool import ListOrders
+    from ee.runtime import ActorError
+
+    out: list[dict[str, Any]] = []
+    for key in keys:
+        try:
+            out.extend(await registry.ref(key.actor_name).ask(ListOrders(True), timeout=10))
+        except ActorError:
+            continue
+    return out

@@ -215,12 +215,12 @@ def connect(target: str, busy_timeout: float) -> Conn:
         if not file.exists():
             for suffix in SIDE_FILES:  # left by a deleted database: not ours to replay
                 Path(target + suffix).unlink(missing_ok=True)
-    raw = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
+    lite = sqlite3.connect(target, isolation_level=None, check_same_thread=False)
     try:
-        raw.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
-        raw.execute("PRAGMA foreign_keys = ON")
-        raw.execute("PRAGMA journal_mode = WAL")
+        lite.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
+        lite.execute("PRAGMA foreign_keys = ON")
+        lite.execute("PRAGMA journal_mode = WAL")
     except BaseException:
-        raw.close()
+        lite.close()
         raise
-    return Conn(raw, Dialect.SQLITE, target)
+    return Conn(lite, Dialect.SQLITE, target)

@@ -21,7 +21,7 @@ opposite entries whose ``corrects`` names the original.
 deployment, replica and minute window) in one transaction: for each window, the
 ``usage_windows`` row goes first, ``ON CONFLICT DO NOTHING``; only a window whose row
 this pass inserted gets its charge transaction (key ``usage:<usage id>``, entries
-tenant −amount, provider +share, platform +fee). So no window is ever charged twice,
+tenant -amount, provider +share, platform +fee). So no window is ever charged twice,
 whatever runs concurrently (two CPs on one PostgreSQL, a pass restarted after a
 crash). Windows are taken in key order and cached balances moved last, once per
 (account, currency), in account order: concurrent writers lock in the same order and
@@ -95,7 +95,7 @@ class Posting:
     key: str
     kind: str
     actor: str
-    entries: tuple[Entry, ...] = attrs.field(converter=tuple)
+    entries: tuple[Entry, ...]
     memo: str = ""
     corrects: int | None = None
     data: Mapping[str, Any] = attrs.field(factory=dict)
@@ -520,7 +520,8 @@ def clear_hold(conn: Conn, account_id: str) -> None:
 
 def usage_page(conn: Conn, account_id: str, limit: int, before: int | None,
                deployment_id: str | None) -> list[dict[str, Any]]:
-    where, params = "account_id = ?", [account_id]
+    where = "account_id = ?"
+    params: list[object] = [account_id]
     if before is not None:
         where += " AND id < ?"
         params.append(before)
@@ -538,7 +539,8 @@ def usage_page(conn: Conn, account_id: str, limit: int, before: int | None,
 
 def ledger_page(conn: Conn, account: str, limit: int, before: int | None
                 ) -> list[dict[str, Any]]:
-    where, params = "e.account = ?", [account]
+    where = "e.account = ?"
+    params: list[object] = [account]
     if before is not None:
         where += " AND e.entry_id < ?"
         params.append(before)
