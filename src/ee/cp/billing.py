@@ -290,30 +290,38 @@ class Billing:
                 log.warning("billing tick failed (retried next tick): %s", exc)
 
     async def tick(self) -> PassResult:
-        """Observe, charge, and act on low balances: one meter tick."""
+        """One meter tick: observe what runs and charge what is due (one database
+        transaction: a crash leaves neither or both), then act on low balances."""
         sightings, present = await self.deps.sightings()
-        window = int(self.deps.wall() // WINDOW_S)
-        runs = await self._db(ledger.open_runs)
-        plan = plan_observation(runs, sightings, frozenset(present), window,
-                                self.settings.max_gap_windows)
-        await self._db(lambda c: ledger.observe(c, plan.new, plan.seen, plan.closed))
-        result = await self.charge_pass(window)
+        result = await self.charge_pass(int(self.deps.wall() // WINDOW_S), sightings,
+                                        frozenset(present))
         await self.enforce_funds()
         return result
 
-    async def charge_pass(self, window: int) -> PassResult:
+    async def charge_pass(self, window: int, sightings: Sequence[Sighting] | None = None,
+                          present: frozenset[str] = frozenset()) -> PassResult:
+        """Observe *sightings* (None: observe nothing) and charge every due window."""
         book = await self.price_book()
-        runs = await self._db(ledger.runs_to_charge)
-        charges, advances = plan_charges(runs, window, book, self.deps.sizes,
-                                         self.settings.max_windows_per_pass)
-        if not advances:
-            return PassResult(0, 0)
-        started = trio.current_time()
+        s = self.settings
+        actor = f"meter:{self.deps.cp_name}"
         now = at_text(self.deps.wall())
-        result: PassResult = await self._db(lambda c: ledger.charge(
-            c, charges, advances, f"meter:{self.deps.cp_name}", now))
+
+        def work(conn: Any) -> PassResult:
+            with conn.transaction():
+                if sightings is not None:
+                    plan = plan_observation(ledger.open_runs(conn), sightings, present,
+                                            window, s.max_gap_windows)
+                    ledger.observe_in(conn, plan.new, plan.seen, plan.closed)
+                charges, advances = plan_charges(ledger.runs_to_charge(conn), window, book,
+                                                 self.deps.sizes, s.max_windows_per_pass)
+                result = ledger.charge_in(conn, charges, advances, actor, now)
+                if result.windows:
+                    ledger.record_pass(conn, now, self.deps.cp_name, result, 0)
+                return result
+
+        started = trio.current_time()
+        result: PassResult = await self._db(work)
         ms = round((trio.current_time() - started) * 1000)
-        await self._db(lambda c: ledger.record_pass(c, now, self.deps.cp_name, result, ms))
         self.last_pass = {"at": now, "windows": result.windows,
                           "amount_minor": result.amount, "duration_ms": ms}
         if result.windows:

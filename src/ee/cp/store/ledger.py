@@ -296,29 +296,34 @@ SELECT count(*) FROM u
 def charge(conn: Conn, charges: Sequence[WindowCharge], advances: Sequence[RunAdvance],
            actor: str, at: str) -> PassResult:
     """Write one charge pass (see the module docstring); one database transaction."""
+    with conn.transaction():
+        return charge_in(conn, charges, advances, actor, at)
+
+
+def charge_in(conn: Conn, charges: Sequence[WindowCharge], advances: Sequence[RunAdvance],
+              actor: str, at: str) -> PassResult:
+    """:func:`charge`, inside the caller's transaction."""
     ordered = sorted(charges, key=lambda c: (c.deployment_id, c.replica_id, c.window))
     for c in ordered:
         if not (_int(c.amount) and _int(c.fee) and 0 <= c.fee <= c.amount <= MAX_AMOUNT):
             raise LedgerError(f"bad window charge {c!r}")
         if c.currency not in CURRENCIES:
             raise LedgerError(f"unknown currency {c.currency!r}")
-    owned: list[WindowCharge] = []
-    with conn.transaction():
-        if conn.dialect is Dialect.POSTGRESQL:
-            owned = _charge_pg(conn, ordered, actor, at)
-        else:
-            owned = _charge_sqlite(conn, ordered, actor, at)
-        deltas: dict[tuple[str, str], int] = defaultdict(int)
-        for c in owned:
-            for account, amount in c.entries():
-                deltas[(account, c.currency)] += amount
-        _move_balances(conn, deltas)
-        conn.executemany(
-            "UPDATE meter_runs SET charged_through = ? WHERE deployment_id = ?"
-            " AND replica_id = ? AND started_window = ? AND charged_through < ?",
-            [(a.window, a.deployment_id, a.replica_id, a.started_window, a.window)
-             for a in sorted(advances, key=lambda a: (a.deployment_id, a.replica_id,
-                                                       a.started_window))])
+    if conn.dialect is Dialect.POSTGRESQL:
+        owned = _charge_pg(conn, ordered, actor, at)
+    else:
+        owned = _charge_sqlite(conn, ordered, actor, at)
+    deltas: dict[tuple[str, str], int] = defaultdict(int)
+    for c in owned:
+        for account, amount in c.entries():
+            deltas[(account, c.currency)] += amount
+    _move_balances(conn, deltas)
+    conn.executemany(
+        "UPDATE meter_runs SET charged_through = ? WHERE deployment_id = ?"
+        " AND replica_id = ? AND started_window = ? AND charged_through < ?",
+        [(a.window, a.deployment_id, a.replica_id, a.started_window, a.window)
+         for a in sorted(advances, key=lambda a: (a.deployment_id, a.replica_id,
+                                                   a.started_window))])
     return PassResult(len(owned), sum(c.amount for c in owned))
 
 
@@ -428,20 +433,26 @@ def runs_to_charge(conn: Conn) -> list[Run]:
 
 def observe(conn: Conn, new: Sequence[Run], seen: Sequence[tuple[Run, int]],
             closed: Sequence[Run]) -> None:
-    """One meter observation, in one transaction: start *new* runs, move the last
-    sighting of *seen* runs forward, close *closed* ones."""
+    """One meter observation, in one transaction (see :func:`observe_in`)."""
     with conn.transaction():
-        conn.executemany(
-            f"INSERT INTO meter_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"
-            " ON CONFLICT DO NOTHING",
-            [(r.deployment_id, r.replica_id, r.started_window, r.account_id, r.node_size,
-              r.provider, r.seen_window, r.charged_through) for r in new])
-        key = " WHERE deployment_id = ? AND replica_id = ? AND started_window = ?"
-        conn.executemany(
-            "UPDATE meter_runs SET seen_window = ?" + key + " AND seen_window < ?",
-            [(w, r.deployment_id, r.replica_id, r.started_window, w) for r, w in seen])
-        conn.executemany("UPDATE meter_runs SET closed = 1" + key,
-                         [(r.deployment_id, r.replica_id, r.started_window) for r in closed])
+        observe_in(conn, new, seen, closed)
+
+
+def observe_in(conn: Conn, new: Sequence[Run], seen: Sequence[tuple[Run, int]],
+               closed: Sequence[Run]) -> None:
+    """Start *new* runs, move the last sighting of *seen* runs forward, close *closed*
+    ones (inside the caller's transaction)."""
+    conn.executemany(
+        f"INSERT INTO meter_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0)"
+        " ON CONFLICT DO NOTHING",
+        [(r.deployment_id, r.replica_id, r.started_window, r.account_id, r.node_size,
+          r.provider, r.seen_window, r.charged_through) for r in new])
+    key = " WHERE deployment_id = ? AND replica_id = ? AND started_window = ?"
+    conn.executemany(
+        "UPDATE meter_runs SET seen_window = ?" + key + " AND seen_window < ?",
+        [(w, r.deployment_id, r.replica_id, r.started_window, w) for r, w in seen])
+    conn.executemany("UPDATE meter_runs SET closed = 1" + key,
+                     [(r.deployment_id, r.replica_id, r.started_window) for r in closed])
 
 
 def record_pass(conn: Conn, at: str, cp: str, result: PassResult, duration_ms: int) -> None:
