@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ee.cp.billing import Prices, at_text
@@ -355,7 +355,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
             secret = (await trio.Path(settings.webhook_secret_file).read_bytes()).strip()
         except OSError:
             raise ApiError(404, "not_found", "no payment webhook is configured") from None
-        raw = await request.get_data(as_text=False)
+        raw = g.get("public_body", b"")  # read (and capped) by the gate
         assert isinstance(raw, bytes)
         check_signature(secret, request.headers.get("EE-Signature"), raw, time.time(),
                         settings.webhook_tolerance_s)
