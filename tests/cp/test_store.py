@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from pgkit import pg_server, pg_url  # noqa: F401  (fixtures)
 
 from ee.cp.records import (
     RecordStore,
@@ -25,6 +24,7 @@ from ee.cp.records import (
 from ee.cp.store import ledger
 from ee.cp.store.backend import Dialect, ddl, redact, translate
 from ee.cp.store.ledger import Entry, IdempotencyConflict, LedgerError, Posting
+from pgkit import pg_server, pg_url  # noqa: F401  (fixtures)
 
 TIMEOUT = 60
 AT = "2026-01-02T03:04:05.000000Z"
@@ -195,3 +195,28 @@ async def test_verify_names_the_offending_rows(target: str) -> None:
                                   "short_transaction"}
             assert list(codes["balance_mismatch"].rows[0])[:3] == ["tenant:a", "USD", 99]
             assert codes["unbalanced_transaction"].rows[0][0] == 900
+
+
+async def test_eectl_billing_verify_exits_1_naming_the_offending_rows(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    target = str(tmp_path / "durable.sqlite3")
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(target) as store:
+            await store._call(lambda c: ledger.post(c, credit("a", 100, "k1"), AT))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+        command = [sys.executable, "-m", "ee.ctl.main", "billing", "verify", "--database",
+                   target]
+        ok = await trio.run_process(command, capture_stdout=True, env=env)
+        assert b"every invariant holds" in ok.stdout
+        async with await RecordStore.open(target) as store:
+            await store._call(lambda c: c.execute(
+                "UPDATE ledger_balances SET balance = 7 WHERE account = 'tenant:a'"))
+        bad = await trio.run_process(command, capture_stdout=True, check=False, env=env)
+        assert bad.returncode == 1
+        assert b"FAIL balance_mismatch" in bad.stdout and b"tenant:a" in bad.stdout
+        missing = await trio.run_process([*command[:-1], str(tmp_path / "nope")],
+                                         capture_stderr=True, check=False, env=env)
+        assert missing.returncode == 1 and b"no store at" in missing.stderr
