@@ -17,11 +17,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from pgkit import pg_server  # noqa: F401  (fixture)
 
 from ee.cp.records import RecordStore, create_account
 from ee.cp.store import ledger
 from ee.cp.store.backend import Conn
+from pgkit import pg_server  # noqa: F401  (fixture)
 
 WINDOW = 29_100_000  # a unix minute, well in the past of the seeded runs' "now"
 

@@ -199,7 +199,6 @@ async def test_verify_names_the_offending_rows(target: str) -> None:
 
 async def test_eectl_billing_verify_exits_1_naming_the_offending_rows(tmp_path: Path) -> None:
     import os
-    import subprocess
     import sys
 
     target = str(tmp_path / "durable.sqlite3")
