@@ -27,6 +27,7 @@ from ee.cp.store.ledger import Entry, IdempotencyConflict, LedgerError, Posting
 from pgkit import pg_server, pg_url  # noqa: F401  (fixtures)
 
 TIMEOUT = 60
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 AT = "2026-01-02T03:04:05.000000Z"
 
 
@@ -205,7 +206,7 @@ async def test_eectl_billing_verify_exits_1_naming_the_offending_rows(tmp_path: 
     with trio.fail_after(TIMEOUT):
         async with await RecordStore.open(target) as store:
             await store._call(lambda c: ledger.post(c, credit("a", 100, "k1"), AT))
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+        env = {**os.environ, "PYTHONPATH": SRC}
         command = [sys.executable, "-m", "ee.ctl.main", "billing", "verify", "--database",
                    target]
         ok = await trio.run_process(command, capture_stdout=True, env=env)
