@@ -75,6 +75,8 @@ class PgServer:
 
     @classmethod
     def start(cls, directory: Path) -> PgServer:
+        """A new cluster in *directory* (made; when running as root, its parents must be
+        traversable by ``nobody``: use ``tempfile.mkdtemp()`` directly under /tmp)."""
         binary = pg_bin()
         if binary is None:
             raise FileNotFoundError("PostgreSQL server binaries (initdb, pg_ctl) not found; "

@@ -4,6 +4,7 @@ metering a real deployment, and a CP restart with its history store wiped."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,20 @@ async def test_credits_balance_ledger_and_their_refusals(tmp_path: Path) -> None
                 r = await admin.put("/api/v2/admin/prices", json={"vcpu_hour_micro": 0.04})
                 assert r.status_code == 400
                 assert (await admin.get("/api/v2/admin/earnings")).status_code == 200
+                overview = (await admin.get("/api/v2/admin/billing")).json()
+            from ee.ctl.billing import billing_overview
+
+            text = billing_overview(overview)
+            assert account in text and "no charge pass yet" in text
+            assert "suspended accounts: none" in text
+            cli = await trio.run_process(
+                [sys.executable, "-m", "ee.ctl.main", "billing", "verify", "--cp", env.http,
+                 "--token", env.token], capture_stdout=True, check=False)
+            assert cli.returncode == 0 and b"every invariant holds" in cli.stdout
+            cli = await trio.run_process(
+                [sys.executable, "-m", "ee.ctl.main", "billing", "verify", "--cp", env.http,
+                 "--token", "wrong"], capture_stdout=True, capture_stderr=True, check=False)
+            assert cli.returncode == 1 and b"403" in cli.stderr
 
 
 def signed(body: dict[str, Any], at: float, secret: bytes = SECRET) -> dict[str, Any]:
