@@ -97,7 +97,7 @@ async def test_reopen_is_idempotent_and_keeps_records(db: Path) -> None:
 async def test_new_migrations_apply_in_order_on_reopen(db: Path) -> None:
     with trio.fail_after(TIMEOUT):
         base = packaged_migrations()
-        n = len(base)
+        n = base[-1].version
         await (await RecordStore.open(db)).close()
         later = (
             *base,
@@ -117,7 +117,7 @@ async def test_new_migrations_apply_in_order_on_reopen(db: Path) -> None:
 async def test_failing_migration_rolls_back_to_previous_version(db: Path) -> None:
     with trio.fail_after(TIMEOUT):
         base = packaged_migrations()
-        n = len(base)
+        n = base[-1].version
         broken = step(n + 1, "broken", "CREATE TABLE half (x);\nINSERT INTO nowhere VALUES (1);")
         with pytest.raises(RecordStoreError, match="no such table: nowhere") as info:
             await RecordStore.open(db, migrations=(*base, broken))
@@ -131,7 +131,7 @@ async def test_failing_migration_rolls_back_to_previous_version(db: Path) -> Non
 
 async def test_migration_that_commits_is_refused(db: Path) -> None:
     with trio.fail_after(TIMEOUT):
-        rogue = step(len(packaged_migrations()) + 1, "rogue", "CREATE TABLE r (x); COMMIT;")
+        rogue = step(packaged_migrations()[-1].version + 1, "rogue", "CREATE TABLE r (x); COMMIT;")
         with pytest.raises(RecordStoreError, match="ends the transaction"):
             await RecordStore.open(db, migrations=(*packaged_migrations(), rogue))
 

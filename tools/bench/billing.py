@@ -9,7 +9,7 @@ Prints numbers; asserts nothing (the goal: a 10,000-replica pass under 2 s on SQ
   due one window each), then ``Billing.charge_pass``: plan, write N usage windows, N
   charge transactions of 3 entries, the cached balances, in one database transaction;
   then the same pass again (nothing due: the idempotent no-op).
-* *concurrent writers* (PostgreSQL): W processes charge the same N×4 windows at once,
+* *concurrent writers* (PostgreSQL): W processes charge the same Nx4 windows at once,
   2000 windows per pass; every window is written once (checked), and the wall time
   gives windows/s for the whole.
 """
@@ -28,11 +28,11 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from ee.cp.billing import Billing, BillingDeps, BillingSettings  # noqa: E402
-from ee.cp.nodes import DEFAULT_NODE_SIZES  # noqa: E402
-from ee.cp.records import RecordStore  # noqa: E402
-from ee.cp.store import ledger  # noqa: E402
-from ee.cp.store.backend import Conn  # noqa: E402
+from ee.cp.billing import Billing, BillingDeps, BillingSettings
+from ee.cp.nodes import DEFAULT_NODE_SIZES
+from ee.cp.records import RecordStore
+from ee.cp.store import ledger
+from ee.cp.store.backend import Conn
 
 WINDOW = 29_200_000
 

@@ -9,8 +9,10 @@ exact rational ``r`` cents (:class:`fractions.Fraction`, never a float). Window 
 (the unix minute) is charged ``floor(r*(w+1)) - floor(r*w)`` cents: each window's
 amount depends on nothing but the price and the window, so any writer computes the
 same amount for it, and consecutive windows telescope to the exact total (less than a
-cent short, ever). The platform keeps ``fee_bp`` basis points of each charge
-(rounded down); the provider who owns the capacity gets the rest.
+cent short, ever). The platform's fee (``platform_fee_bp`` basis points) telescopes
+the same way, over the cumulative amount, so it is never lost to rounding on small
+charges and never more than a window's amount; the provider who owns the capacity
+gets the rest.
 
 *Metering* (:func:`plan_observation`, pure): each tick samples the replicas the agents'
 reports show running (a replica of the AppActor's deployment, state ``running``, on an
@@ -109,13 +111,19 @@ class PriceBook:
         return hourly_micro * Fraction(p.sla_multiplier_milli, 1000) / 60 / MICRO_PER_MINOR
 
     def window_amount(self, size: NodeSize | None, window: int) -> int:
-        if size is None:
-            return 0
-        rate = self.minute_rate(size)
-        return floor(rate * (window + 1)) - floor(rate * window)
+        return self.window_split(size, window)[0]
 
-    def fee(self, amount: int) -> int:
-        return amount * self.prices.platform_fee_bp // 10_000
+    def window_split(self, size: NodeSize | None, window: int) -> tuple[int, int]:
+        """(amount, platform fee) of *window* for *size*: both telescope (the fee is
+        the fee share of the cumulative amount, rounded down, differenced), so a small
+        per-minute charge still pays the platform its share over time, and the fee is
+        never more than the amount."""
+        if size is None:
+            return 0, 0
+        rate = self.minute_rate(size)
+        before, after = floor(rate * window), floor(rate * (window + 1))
+        share = Fraction(self.prices.platform_fee_bp, 10_000)
+        return after - before, floor(share * after) - floor(share * before)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, **self.prices.to_dict()}
@@ -182,11 +190,10 @@ def plan_charges(runs: Sequence[Run], window: int, book: PriceBook,
             continue
         size = sizes.get(run.node_size)
         for w in range(run.charged_through + 1, last + 1):
-            amount = book.window_amount(size, w)
+            amount, fee = book.window_split(size, w)
             charges.append(WindowCharge(run.deployment_id, run.replica_id, w,
                                         run.account_id, run.node_size, run.provider,
-                                        book.version, amount, book.fee(amount),
-                                        book.prices.currency))
+                                        book.version, amount, fee, book.prices.currency))
         advances.append(RunAdvance(run.deployment_id, run.replica_id, run.started_window,
                                    last))
     return charges, advances

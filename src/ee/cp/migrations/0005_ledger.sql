@@ -43,7 +43,8 @@ CREATE TABLE ledger_balances (
 
 -- One row per (deployment, replica, minute window) ever charged: the primary key is
 -- the guarantee that no window is charged twice. `window_start` is the unix minute
--- (unix seconds // 60). A zero-amount window has no transaction.
+-- (unix seconds // 60). Its charge is the transaction keyed 'usage:<id>' (none for a
+-- zero-amount window).
 CREATE TABLE usage_windows (
     id            INTEGER PRIMARY KEY,
     deployment_id TEXT   NOT NULL,
@@ -55,7 +56,6 @@ CREATE TABLE usage_windows (
     price_version BIGINT NOT NULL,
     amount_minor  BIGINT NOT NULL CHECK (amount_minor >= 0),
     currency      TEXT   NOT NULL,
-    txn_id        BIGINT REFERENCES ledger_transactions (txn_id),
     UNIQUE (deployment_id, replica_id, window_start)
 );
 CREATE INDEX usage_windows_account ON usage_windows (account_id, id);
