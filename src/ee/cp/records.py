@@ -469,7 +469,12 @@ class RecordStore:
             except DB_ERRORS as exc:
                 raise _translate(self.path, exc) from exc
 
-    async def _call(self, work: Callable[[Conn], T]) -> T:
+    async def _call(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(conn)`` in the store's worker thread; *conn* is a
+        :class:`~ee.cp.store.backend.Conn` (typed ``Any`` so that callers written
+        against ``sqlite3.Connection`` — ``execute``/``fetchone``/``fetchall`` — keep
+        working unchanged on both backends)."""
+
         def run() -> T:
             conn = self._conn  # read in the worker: close() cannot run concurrently
             if conn is None:
