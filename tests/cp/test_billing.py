@@ -359,3 +359,57 @@ def test_ledger_invariants_hold_over_random_histories_postgresql(
 
 def test_module_exports() -> None:
     assert set(billing_mod.__all__) <= set(dir(billing_mod))
+
+
+# --- what the CP's actors say runs ------------------------------------------------------
+
+class _Ref:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    async def ask(self, message: Any, timeout: float) -> Any:
+        return self.answer(message) if callable(self.answer) else self.answer
+
+
+class _Registry:
+    def __init__(self, refs: dict[str, Any]) -> None:
+        self.refs = refs
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.refs
+
+    def ref(self, name: str) -> _Ref:
+        return _Ref(self.refs[name])
+
+
+async def test_sightings_trust_the_app_actor_and_pay_the_capacity_owner() -> None:
+    deployment = {"replicas": [
+        {"agent_id": "ag1", "state": "running"},  # its provisioner's order made vm-1
+        {"agent_id": "ag2", "state": "running"},  # datacenter owner configured
+        {"agent_id": "ag3", "state": "running"},  # nobody: the platform's own capacity
+        {"agent_id": "ag4", "state": "starting"},  # not running: not metered
+        {"agent_id": "ag5", "state": "running"},  # its agent is offline: lost
+    ]}
+    registry = _Registry({"app/acct1.web": deployment})
+
+    def view(agent: str, vm: str, dc: str, status: str = "online") -> dict[str, Any]:
+        return {"agent_id": agent, "vm_name": vm, "datacenter": dc, "node_size": "tiny",
+                "status": status}
+
+    async def agents() -> list[dict[str, Any]]:
+        return [view("ag1", "vm-1", "gcp:a"), view("ag2", "vm-2", "bm:chicago"),
+                view("ag3", "vm-3", "gcp:a"), view("ag4", "vm-4", "gcp:a"),
+                view("ag5", "vm-5", "gcp:a", "offline"),
+                view("ag9", "vm-9", "gcp:a")]  # lists the deployment, not a member
+
+    async def orders() -> list[dict[str, Any]]:
+        return [{"registered_vm": "vm-1", "claimed_by": "acct-prov"},
+                {"vm_name": "vm-3", "claimed_by": None}]
+
+    sightings, present = await billing_mod.cp_sightings(
+        registry, {"dep-1": "acct1.web", "dep-gone": "acct1.gone"}, agents, orders,
+        {"bm:chicago": "acct-dc"})
+    assert [(s.replica_id, s.account_id, s.provider) for s in sightings] == [
+        ("ag1", "acct1", "provider:acct-prov"), ("ag2", "acct1", "provider:acct-dc"),
+        ("ag3", "acct1", ledger.PLATFORM_REVENUE)]
+    assert present == {"ag1", "ag2", "ag3", "ag4", "ag5", "ag9"}
