@@ -37,9 +37,8 @@ async def test_auth_and_error_shapes(tmp_path: Path) -> None:
                 assert r.status_code == 400
                 tree = (await admin.get("/api/v2/admin/tree")).json()
                 assert [c["name"] for c in tree["children"]] == [
-                    "records", "accounts", "identities", "datacenters", "agents", "apps",
-                    "capacity", "agent-plane",
-                    "checkpoint", "http"]
+                    "records", "accounts", "billing", "identities", "datacenters", "agents",
+                    "apps", "capacity", "agent-plane", "checkpoint", "secrets", "http"]
 
 
 async def test_drain_crash_and_tree(tmp_path: Path) -> None:

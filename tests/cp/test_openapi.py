@@ -333,7 +333,32 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
-    return {**agent, **vm, **app, **dep, **pool, **order, **release, "secret": "db_password"}
+    account = {"account_id": c.call("GET /api/v2/accounts/me", expect=200).json()["account_id"]}
+    credit = {"amount_minor": 2500, "currency": "USD", "reason": "fuzz",
+              "idempotency_key": "fuzz-1"}
+    credits = "POST /api/v2/admin/accounts/{account_id}/credits"
+    txn = c.call(credits, path=account, body=credit, expect=201).json()["transaction"]
+    c.call(credits, path=account, body=credit, expect=200)
+    c.call(credits, path=account, body={**credit, "amount_minor": 9}, expect=409)
+    c.call(credits, path=account, body={**credit, "amount_minor": -1}, expect=400)
+    c.call(credits, path={"account_id": "acct-nope"}, body=credit, expect=404)
+    c.call("GET /api/v2/accounts/me/balance", expect=200)
+    c.call("GET /api/v2/accounts/me/usage", query={"limit": 10}, expect=200)
+    c.call("GET /api/v2/accounts/me/ledger", query={"format": "csv"}, expect=200)
+    c.call("GET /api/v2/accounts/me/ledger", query={"limit": 501}, expect=400)
+    c.call("POST /api/v2/admin/ledger/{txn_id}/corrections",
+           path={"txn_id": str(txn["txn_id"])},
+           body={"reason": "fuzz", "idempotency_key": "fix-1"}, expect=201)
+    c.call("GET /api/v2/admin/prices", expect=200)
+    c.call("PUT /api/v2/admin/prices", body={"vcpu_hour_micro": 40000}, expect=201)
+    c.call("GET /api/v2/admin/earnings", expect=200)
+    c.call("GET /api/v2/admin/billing", expect=200)
+    c.call("GET /api/v2/admin/billing/verify", expect=200)
+    c.call("POST /api/v2/billing/payments", body={"event_id": "e", "account_id": "a",
+                                                "amount_minor": 1, "currency": "USD"},
+           expect=404)
+    return {**account, "txn_id": str(txn["txn_id"]), **agent, **vm, **app, **dep, **pool,
+            **order, **release, "secret": "db_password"}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

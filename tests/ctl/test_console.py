@@ -20,7 +20,7 @@ from ee.ctl.console import Console, agents_table, event_line, tree_table
 from .ctlkit import column, console, eectl, eectl_env, running_cp, tenant_app
 
 COMMANDS = ("help", "agents", "agent", "apps", "deployments", "datacenters", "pools", "orders",
-            "tree",
+            "billing", "tree",
             "events", "drain", "undrain", "crash", "names", "release-name", "quit")
 
 

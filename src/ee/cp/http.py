@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
 
 import attrs
 import trio
-from quart import Response, request, websocket
+from quart import Response, g, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 from werkzeug.routing.exceptions import WebsocketMismatch
@@ -121,15 +121,16 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         declared = request.content_length
         if declared is not None and declared > ANONYMOUS_BODY_BYTES:
             raise too_large(ANONYMOUS_BODY_BYTES)
-        seen = 0
+        seen = bytearray()
         with trio.move_on_after(ANONYMOUS_BODY_TIMEOUT_S) as slow:
             async for chunk in request.body:
-                seen += len(chunk)
-                if seen > ANONYMOUS_BODY_BYTES:
+                seen += chunk
+                if len(seen) > ANONYMOUS_BODY_BYTES:
                     raise too_large(ANONYMOUS_BODY_BYTES)
         if slow.cancelled_caught:
             raise ApiError(408, "request_timeout", "the request body came too slowly",
                            {"timeout_s": ANONYMOUS_BODY_TIMEOUT_S}, close_connection=True)
+        g.public_body = bytes(seen)  # consumed here: a public route reads it from g
 
     def too_large(limit: int) -> ApiError:
         return ApiError(413, "too_large", f"the request body is over {limit} bytes",
@@ -275,7 +276,14 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             async for event in stream:
                 await websocket.send(json.dumps(event.to_dict()))
 
-    from ee.cp import capacity_routes, identity_routes, release_routes, secret_routes, tenants
+    from ee.cp import (
+        billing_routes,
+        capacity_routes,
+        identity_routes,
+        release_routes,
+        secret_routes,
+        tenants,
+    )
 
     quotas = tenants.TenantQuotas(max_versions=cp.config.tenant_max_versions,
                                   max_stored_bytes=cp.config.tenant_max_stored_bytes)
@@ -284,6 +292,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     identity_routes.register(app, cp, auth)
     release_routes.register(app, cp, auth)
     secret_routes.register(app, cp, auth)
+    billing_routes.register(app, cp, auth)
     return app
 
 

@@ -1,4 +1,4 @@
-"""The CP's durable record store: SQLite through the standard library, in a worker thread.
+"""The CP's record store: SQLite (embedded default) or PostgreSQL, in a worker thread.
 
 Theory of operation
 -------------------
@@ -9,7 +9,12 @@ ledger). Nothing here is runtime state. Liveness, placement and
 readiness never read the store, so today deleting the file loses history and the audit
 trail, nothing else: the next :meth:`RecordStore.open` creates an empty store.
 
-One :class:`RecordStore` owns one ``sqlite3`` connection. Every call on it runs in
+Backends: a file path (or ``:memory:``) opens SQLite through the standard library; a
+``postgresql://`` URL opens PostgreSQL through psycopg 3. Both run the same portable SQL
+through :mod:`ee.cp.store.backend` (placeholders, DDL substitutions, per-dialect blocks,
+error translation); the tests run the store on both.
+
+One :class:`RecordStore` owns one connection. Every call on it runs in
 ``trio.to_thread.run_sync`` under a ``CapacityLimiter(1)``: the connection is used by
 one worker thread at a time (hence ``check_same_thread=False``) and the event loop
 never waits on disk. Worker threads are not abandoned on cancellation, so a call
@@ -18,18 +23,21 @@ either completes or never started; the limiter is held until the thread is done.
 Transactions are explicit: the connection runs in autocommit mode
 (``isolation_level=None``), a single INSERT is its own transaction, and anything
 larger (a migration; later, a ledger posting) is ``BEGIN IMMEDIATE … COMMIT`` through
-:func:`_transaction`. A row is validated, by building its frozen record from exactly
+``Conn.transaction``. A row is validated, by building its frozen record from exactly
 the column values to be stored, *before* it is written, so an invalid record is never
 stored and what a write returns equals what a later read gives. The tables' CHECK
 constraints are a second line of defence. Concurrent CP tasks serialise on the limiter;
 another process on the same file waits up to ``busy_timeout``.
 
-Opening a store: create the parent directory, drop orphaned ``-wal``/``-shm``/
+Opening a store: (SQLite) create the parent directory, drop orphaned ``-wal``/``-shm``/
 ``-journal`` files of a deleted database, connect, set ``busy_timeout``,
-``foreign_keys=ON`` and ``journal_mode=WAL``, then migrate. Migrations are the
-packaged ``ee/cp/migrations/NNNN_name.sql`` files (:func:`packaged_migrations`); each
-pending one runs, with its ``schema_migrations`` row, in one transaction that also
-re-reads the version, so two processes opening the same new file do not both apply it.
+``foreign_keys=ON`` and ``journal_mode=WAL``; (PostgreSQL) connect in autocommit mode
+with a ``lock_timeout``; then migrate. Migrations are the packaged
+``ee/cp/migrations/NNNN_name.sql`` files (:func:`packaged_migrations`), versions
+increasing (a gap is allowed: a version another branch owns lands later and is applied
+then); each pending one runs, with its ``schema_migrations`` row, in one transaction
+that also re-reads the applied set (under an advisory lock on PostgreSQL), so two
+processes opening the same new store do not both apply it.
 A store is refused with :class:`RecordStoreError` when it is not a SQLite database,
 is a SQLite database of something else, records a schema version newer than this code
 knows, or records a different name for a version (an edited migration).
@@ -45,14 +53,13 @@ clock: right for records, while scheduling uses Trio time elsewhere). JSON colum
 ``id``, descending).
 
 Errors say whose fault they are: ``ValueError``/``TypeError`` for a bad argument (the
-caller's), :class:`RecordStoreError` for the file or the database (every ``sqlite3``
-error is translated at the thread boundary, naming the path), and
+caller's), :class:`RecordStoreError` for the file or the database (every engine
+error is translated at the thread boundary, naming the path, a URL without password), and
 ``trio.ClosedResourceError`` for a call after :meth:`RecordStore.close` (ours).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.resources
 import json
@@ -61,15 +68,15 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol, TypeVar, get_args
 
 import attrs
 import trio
 
+from ee.cp.store.backend import DB_ERRORS, Conn, Dialect, connect, ddl, is_url, redact
 from ee.protocol.canonical import canonical_json
 
 __all__ = [
@@ -229,64 +236,38 @@ def packaged_migrations() -> tuple[Migration, ...]:
 def _in_order(migrations: Sequence[Migration]) -> tuple[Migration, ...]:
     ordered = tuple(sorted(migrations, key=lambda m: m.version))
     versions = [m.version for m in ordered]
-    if versions != list(range(1, len(ordered) + 1)):
-        raise ValueError(f"migration versions must be 1..N without gaps, got {versions}")
+    if len(set(versions)) != len(versions) or (versions and versions[0] != 1):
+        raise ValueError(f"migration versions must start at 1 and be unique, got {versions}")
     return ordered
 
 
-def _statements(sql: str) -> Iterator[str]:
-    """Split a script into single statements (``sqlite3.complete_statement`` knows
-    about strings, comments and trigger bodies)."""
-    start = 0
-    for i, char in enumerate(sql):
-        if char == ";" and sqlite3.complete_statement(sql[start : i + 1]):
-            yield sql[start : i + 1]
-            start = i + 1
-    if sql[start:].strip():
-        yield sql[start:]  # comments, or a last statement without its semicolon
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _applied(conn: sqlite3.Connection, path: str) -> dict[int, str]:
+def _applied(conn: Conn, path: str) -> dict[int, str]:
     """Versions recorded in ``schema_migrations`` ({} for an empty database)."""
-    has_table = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
-    ).fetchone()
-    if has_table is None:
-        (objects,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        if objects:
+    tables = conn.table_names()
+    if "schema_migrations" not in tables:
+        if tables:
             raise RecordStoreError(
-                path, "is a SQLite database but not a record store (no schema_migrations)"
-            )
+                path, "is a database but not a record store (no schema_migrations)")
         return {}
     rows = conn.execute("SELECT version, name FROM schema_migrations").fetchall()
     return {int(version): str(name) for version, name in rows}
 
 
-def _migrate(conn: sqlite3.Connection, path: str, migrations: tuple[Migration, ...]) -> int:
+def _migrate(conn: Conn, path: str, migrations: tuple[Migration, ...]) -> int:
     """Apply pending migrations, one transaction each; return the schema version."""
     known = {m.version: m for m in migrations}
     latest = max(known, default=0)
     while True:
-        with _transaction(conn):
+        with conn.transaction():
+            conn.lock_migrations()
             applied = _applied(conn, path)
             current = max(applied, default=0)
-            if current > latest:
+            unknown = sorted(set(applied) - set(known))
+            if unknown:
                 raise RecordStoreError(
                     path,
-                    f"schema version {current} is newer than this code knows ({latest}); "
-                    "run a newer ee, or use another file",
+                    f"schema version {unknown[-1]} is newer than this code knows "
+                    f"({latest}); run a newer ee, or use another store",
                 )
             for version, name in sorted(applied.items()):
                 if known[version].name != name:
@@ -295,20 +276,20 @@ def _migrate(conn: sqlite3.Connection, path: str, migrations: tuple[Migration, .
                         f"schema version {version} was applied as {name!r}, but this code "
                         f"calls it {known[version].name!r} (an edited migration?)",
                     )
-            if current == latest:
+            pending = sorted(set(known) - set(applied))
+            if not pending:
                 return current
-            step = known[current + 1]
-            for statement in _statements(step.sql):
-                conn.execute(statement)
-                if not conn.in_transaction:
-                    raise RecordStoreError(
-                        path, f"migration {step.version} ends the transaction; drop its COMMIT"
-                    )
+            step = known[pending[0]]
+            try:
+                conn.script(ddl(step.sql, conn.dialect))
+            except ValueError as exc:
+                raise RecordStoreError(path, f"migration {step.version}: {exc}") from None
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (step.version, step.name, _format_at(_utc(None))),
             )
-        log.info("record store %s: applied migration %04d_%s", path, step.version, step.name)
+        log.info("record store %s: applied migration %04d_%s", redact(path), step.version,
+                 step.name)
 
 
 # --- values -------------------------------------------------------------------------
@@ -370,13 +351,16 @@ def _limit(limit: int) -> int:
     return limit
 
 
-def _translate(path: str, exc: sqlite3.Error) -> RecordStoreError:
-    code = getattr(exc, "sqlite_errorname", "")
-    if code == "SQLITE_NOTADB":
-        return RecordStoreError(path, "is not a database (not a SQLite file)")
-    if code == "SQLITE_CORRUPT":
-        return RecordStoreError(path, f"database is corrupt: {exc}")
-    return RecordStoreError(path, f"{code or type(exc).__name__}: {exc}")
+def _translate(path: str, exc: Exception) -> RecordStoreError:
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorname", "")
+        if code == "SQLITE_NOTADB":
+            return RecordStoreError(path, "is not a database (not a SQLite file)")
+        if code == "SQLITE_CORRUPT":
+            return RecordStoreError(path, f"database is corrupt: {exc}")
+        return RecordStoreError(path, f"{code or type(exc).__name__}: {exc}")
+    sqlstate = getattr(exc, "sqlstate", None) or type(exc).__name__
+    return RecordStoreError(path, f"{sqlstate}: {' '.join(str(exc).split())}")
 
 
 # --- opening ------------------------------------------------------------------------
@@ -384,27 +368,17 @@ def _translate(path: str, exc: sqlite3.Error) -> RecordStoreError:
 
 def _connect(
     path: str, migrations: tuple[Migration, ...], busy_timeout: float
-) -> tuple[sqlite3.Connection, int]:
+) -> tuple[Conn, int]:
     """Worker thread: open, configure and migrate; the connection and schema version."""
-    if path != MEMORY:
-        file = Path(path)
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            if not file.exists():
-                for suffix in _SIDE_FILES:  # left by a deleted database: not ours to replay
-                    Path(path + suffix).unlink(missing_ok=True)
-        except OSError as exc:
-            raise RecordStoreError(path, f"cannot prepare the file: {exc}") from exc
     try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
+        conn = connect(path, busy_timeout)
+    except OSError as exc:
+        raise RecordStoreError(path, f"cannot prepare the file: {exc}") from exc
+    except DB_ERRORS as exc:
         raise _translate(path, exc) from exc
     try:
-        conn.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
         version = _migrate(conn, path, migrations)
-    except sqlite3.Error as exc:
+    except DB_ERRORS as exc:
         conn.close()
         raise _translate(path, exc) from exc
     except BaseException:
@@ -417,7 +391,7 @@ class RecordStore:
     """Handle on an open record store. Obtained from :meth:`open`; never built by hand."""
 
     __slots__ = ("_conn", "_limiter", "_path", "_schema_version")
-    _conn: sqlite3.Connection | None
+    _conn: Conn | None
     _limiter: trio.CapacityLimiter
     _path: str
     _schema_version: int
@@ -433,12 +407,15 @@ class RecordStore:
         busy_timeout: float = 5.0,
         migrations: Sequence[Migration] | None = None,
     ) -> RecordStore:
-        """Open (creating and migrating as needed) the store at *path*, or ``":memory:"``.
+        """Open (creating and migrating as needed) the store at *path*, ``":memory:"``,
+        or a ``postgresql://`` URL.
 
         *migrations* defaults to :func:`packaged_migrations`; tests pass their own.
         Raises :class:`RecordStoreError` when the file cannot be used as a record store.
         """
         path = os.fspath(path)
+        if is_url(path):
+            busy_timeout = max(busy_timeout, 1.0)
         steps = packaged_migrations() if migrations is None else _in_order(migrations)
         conn, version = await trio.to_thread.run_sync(_connect, path, steps, busy_timeout)
         store = object.__new__(cls)
@@ -450,7 +427,13 @@ class RecordStore:
 
     @property
     def path(self) -> str:
-        return self._path
+        """The file, or the URL without its password."""
+        return redact(self._path)
+
+    @property
+    def dialect(self) -> Dialect:
+        assert self._conn is not None, "record store is closed"
+        return self._conn.dialect
 
     @property
     def schema_version(self) -> int:
@@ -459,7 +442,7 @@ class RecordStore:
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else f"schema {self._schema_version}"
-        return f"<RecordStore {self._path} {state}>"
+        return f"<RecordStore {self.path} {state}>"
 
     async def __aenter__(self) -> RecordStore:
         return self
@@ -483,18 +466,28 @@ class RecordStore:
         if conn is not None:
             try:
                 conn.close()
-            except sqlite3.Error as exc:
-                raise _translate(self._path, exc) from exc
+            except DB_ERRORS as exc:
+                raise _translate(self.path, exc) from exc
 
-    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(conn)`` in the store's worker thread; *conn* is a
+        :class:`~ee.cp.store.backend.Conn` (typed ``Any`` so that callers written
+        against ``sqlite3.Connection`` — ``execute``/``fetchone``/``fetchall`` — keep
+        working unchanged on both backends)."""
+
         def run() -> T:
             conn = self._conn  # read in the worker: close() cannot run concurrently
             if conn is None:
                 raise trio.ClosedResourceError("record store is closed")
+            if conn.broken:  # the server went away: one fresh connection per call
+                try:
+                    self._conn = conn = connect(self._path, 5.0)
+                except DB_ERRORS as exc:
+                    raise _translate(self.path, exc) from exc
             try:
                 return work(conn)
-            except sqlite3.Error as exc:
-                raise _translate(self._path, exc) from exc
+            except DB_ERRORS as exc:
+                raise _translate(self.path, exc) from exc
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
 
@@ -505,8 +498,9 @@ class RecordStore:
         draft = _from_row(cls, ("id", *row), (1, *row.values()))
         sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
         params = tuple(row.values())
-        rowid = await self._call(lambda conn: conn.execute(sql, params).lastrowid)
-        assert rowid is not None  # always set by an INSERT into a rowid table
+        rowid = await self._call(
+            lambda conn: conn.execute(sql + " RETURNING id", params).fetchone()[0])
+        assert isinstance(rowid, int)
         return attrs.evolve(draft, id=rowid)
 
     async def _select(
@@ -517,7 +511,7 @@ class RecordStore:
         used: dict[str, str] = {
             column: value for column, value in filters.items() if value is not None
         }
-        where = " AND ".join(f"{column} = ?" for column in used) or "1"
+        where = " AND ".join(f"{column} = ?" for column in used) or "TRUE"
         sql = (
             f"SELECT {', '.join(columns)} FROM {table} WHERE {where}"
             " ORDER BY at DESC, id DESC LIMIT ?"
@@ -527,7 +521,7 @@ class RecordStore:
         try:
             return [_from_row(cls, columns, row) for row in rows]
         except (TypeError, ValueError) as exc:  # a row edited or damaged outside the CP
-            raise RecordStoreError(self._path, f"unreadable {table} row: {exc}") from exc
+            raise RecordStoreError(self.path, f"unreadable {table} row: {exc}") from exc
 
     # --- events ---------------------------------------------------------------------
 
@@ -619,12 +613,13 @@ class RecordStore:
         if not rows:
             return
 
-        def work(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+        def work(conn: Conn) -> None:
+            with conn.transaction():
                 conn.executemany(
                     "INSERT INTO registration_rejections"
                     " (at, code, count, sample_vm_name, sample_reason) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (at, code) DO UPDATE SET count = count + excluded.count,"
+                    " ON CONFLICT (at, code) DO UPDATE SET"
+                    " count = registration_rejections.count + excluded.count,"
                     " sample_vm_name = excluded.sample_vm_name,"
                     " sample_reason = excluded.sample_reason", rows)
 
@@ -639,7 +634,7 @@ class RecordStore:
         try:
             return [RejectionCount(datetime.fromisoformat(r[0]), *r[1:]) for r in rows]
         except (TypeError, ValueError) as exc:
-            raise RecordStoreError(self._path, f"unreadable rejection row: {exc}") from exc
+            raise RecordStoreError(self.path, f"unreadable rejection row: {exc}") from exc
 
     # --- retention ------------------------------------------------------------------
 
@@ -648,9 +643,9 @@ class RecordStore:
         *before*; the audit trail and business records are kept. Returns rows deleted."""
         cutoff = _format_at(_utc(before))
 
-        def work(conn: sqlite3.Connection) -> int:
+        def work(conn: Conn) -> int:
             deleted = 0
-            with _transaction(conn):
+            with conn.transaction():
                 for table in HISTORY_TABLES:
                     deleted += conn.execute(
                         f"DELETE FROM {table} WHERE at < ?", (cutoff,)).rowcount
@@ -778,9 +773,14 @@ async def create_account(store: RecordStore, account_id: str, name: str,
 
 
 async def get_account(store: RecordStore, account_id: str) -> AccountRecord | None:
+    # The balance is the ledger's (ee.cp.store.ledger): the cached balance of the
+    # account's tenant ledger account, which `eectl billing verify` proves equal to
+    # the sum of its entries. The legacy accounts.balance column is not used.
     row = await store._call(lambda conn: conn.execute(
-        "SELECT account_id, name, kind, created_at, balance FROM accounts "
-        "WHERE account_id = ?", (account_id,)).fetchone())
+        "SELECT a.account_id, a.name, a.kind, a.created_at, COALESCE(b.balance, 0)"
+        " FROM accounts a LEFT JOIN ledger_balances b"
+        " ON b.account = 'tenant:' || a.account_id AND b.currency = 'USD'"
+        " WHERE a.account_id = ?", (account_id,)).fetchone())
     if row is None:
         return None
     created = _parse_at(row[3])
@@ -815,7 +815,7 @@ async def revoke_api_keys(store: RecordStore, account_id: str, *, keep: str | No
     """Revoke every live key of *account_id* except *keep*; returns how many."""
     at = _format_at(_utc(None))
 
-    def work(conn: sqlite3.Connection) -> int:
+    def work(conn: Conn) -> int:
         cur = conn.execute(
             "UPDATE api_keys SET revoked_at = ? WHERE account_id = ? AND revoked_at IS NULL "
             "AND key_id <> ?", (at, account_id, keep or ""))

@@ -4,7 +4,9 @@
 
     cp (one_for_one)
     ├── records        record writer: events → SQLite history (not liveness)
-    ├── accounts       SQLite store of accounts and hashed API keys (durable business)
+    ├── accounts       durable business store (SQLite, or PostgreSQL with --database):
+    │                  accounts, hashed API keys, the billing ledger
+    ├── billing        metering loop: usage windows charged to the ledger (ee.cp.billing)
     ├── identities     VM-name bindings and drain flags as signed manifests (loads first)
     ├── datacenters    dynamic: DatacenterActor per label
     ├── agents         dynamic: AgentActor per agent (transient)
@@ -19,7 +21,7 @@ actor, and a stop closes them in reverse order: HTTP first, then the agent plane
 tells every agent to reconnect shortly), then the actors. SIGTERM/SIGINT trigger that
 graceful stop; a second signal cancels at once.
 
-Parts of DESIGN.md not built yet (billing, federation) are not
+Parts of DESIGN.md not built yet (federation) are not
 in the tree; ``--role master|dc`` is refused with a clear error rather than pretended.
 """
 
@@ -51,8 +53,10 @@ from ee.attestation.pccs import PccsClient, normalise_fmspc
 from ee.attestation.policy import Policy
 from ee.attestation.tpm import TpmVerifier
 from ee.capacity import PoolKey
+from ee.cp import billing as billing_mod
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
+from ee.cp.billing import Billing, BillingDeps, BillingSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
 from ee.cp.envelope import CpAttestation, EnvelopeProver, load_cp_release, make_prover
@@ -148,6 +152,10 @@ class CpConfig:
     # Cloudflare tunnels granted at registration (ee.cp.tunnels.CloudflareSettings fields:
     # account_id, zone_id, api_token_file, domain, api_base?, origin_service?, timeout_s?).
     tunnels: dict[str, Any] | None = None
+    # Durable business state (accounts, keys, ledger): a postgresql:// URL, or None for
+    # DATA_DIR/accounts.sqlite3. Billing settings: ee.cp.billing.BillingSettings fields.
+    database: str | None = None
+    billing: dict[str, Any] | None = None
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
@@ -162,7 +170,7 @@ class CpConfig:
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
                      "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
                      "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
-                     "release"):
+                     "release", "database"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -185,6 +193,7 @@ class CpConfig:
         if config.role not in ("standalone", "master", "dc"):
             raise ValueError(f"role must be standalone, master or dc, not {config.role!r}")
         config.refresh_settings()  # validates the collateral settings
+        BillingSettings.from_config(config.billing)  # validates the billing settings
         for fmspc in config.pccs_fmspcs:
             normalise_fmspc(fmspc)
         if config.pccs_url and not config.pccs_fmspcs:
@@ -272,10 +281,22 @@ class ControlPlane:
             vault=self.secret_vault, emit=self.events.emit, link_for=self.plane.link_for,
             agent_views=self.describe_agents, deployments=self._app_deployments,
             policy=self.secret_policy))
+        billing = BillingSettings.from_config(config.billing)
+        self.billing = Billing(billing, BillingDeps(
+            store=lambda: self.accounts,
+            sightings=lambda: billing_mod.cp_sightings(
+                self.registry, self.deployment_index, self.describe_agents,
+                lambda: billing_mod.pool_orders(self.registry, self.pools.keys()),
+                billing.datacenter_owners),
+            stop_account=lambda account: billing_mod.stop_account_deployments(
+                self.registry, self.deployment_index, account),
+            emit=self.events.emit, sizes=config.vocabulary.sizes,
+            cp_name=f"{boot.cluster_id}/{os.getpid()}"))
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
             ChildSpec(id="accounts", start=self._run_accounts, shutdown=5.0),
+            ChildSpec(id="billing", start=self.billing.run, shutdown=5.0),
             *([ChildSpec(id="collateral", start=self.refresher.run, shutdown=1.0)]
               if self.refresher is not None else []),
             # Before the agent plane: bindings and drains are loaded before any agent
@@ -541,7 +562,8 @@ class ControlPlane:
         self.events.emit("registration", data["vm_name"], data)
 
     async def _run_accounts(self, task_status: trio.TaskStatus[None]) -> None:
-        store = await RecordStore.open(self.config.data_dir / "accounts.sqlite3")
+        store = await RecordStore.open(self.config.database
+                                       or self.config.data_dir / "accounts.sqlite3")
         self.accounts = store
         task_status.started()
         try:
@@ -841,6 +863,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the signed release this CP runs (manifest.json + .sig, signed by a "
                         "release key the bundle pins): agents that pin release keys accept "
                         "the CP's MRTD when this release names it")
+    p.add_argument("--database", metavar="URL",
+                   help="durable business state (accounts, API keys, billing ledger): "
+                        "postgresql://USER@HOST/DB (psycopg 3), or a SQLite file path "
+                        "(default DATA_DIR/accounts.sqlite3)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p

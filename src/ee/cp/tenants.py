@@ -318,6 +318,9 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         ref = app_ref(name)
         version, replicas, constraints = _placement_body(await json_object())
         require_ready()
+        if await cp.billing.suspended(g.account_id):
+            raise ApiError(402, "payment_required", "the account is suspended for "
+                           "insufficient funds; a credit lifts the suspension")
         deployment_id = "dep-" + secrets.token_hex(8)
         result = await ref.ask(app_actor.CreateDeployment(deployment_id, version, replicas,
                                                           constraints), timeout=60)

@@ -167,6 +167,8 @@ class Console:
             Command("pools", "", "capacity pools: warm, reserved, orders, shortfall vs target",
                     self.cmd_pools),
             Command("orders", "", "launch orders with their state", self.cmd_orders),
+            Command("billing", "", "balances, holds (low balance / suspended), last charge "
+                    "passes", self.cmd_billing),
             Command("tree", "", "the CP's supervision tree with restarts and mailbox depth",
                     self.cmd_tree),
             Command("events", "[N]", "stream live events until Ctrl-C/EOF, or show N and stop",
@@ -385,6 +387,12 @@ class Console:
         self._no_args("orders", args)
         orders = self.client.get("/api/v2/capacity/launch-orders")["orders"]
         self.say(orders_table(orders) if orders else "no launch orders")
+
+    def cmd_billing(self, args: list[str]) -> None:
+        from ee.ctl.billing import billing_overview
+
+        self._no_args("billing", args)
+        self.say(billing_overview(self.client.get("/api/v2/admin/billing")))
 
     def cmd_tree(self, args: list[str]) -> None:
         self._no_args("tree", args)

@@ -1,8 +1,9 @@
 """Schema migrations of the CP record store (:mod:`ee.cp.records`), as package data.
 
 One file per migration, ``NNNN_name.sql`` (four-digit version, lower-case name),
-numbered 1, 2, 3, … without gaps. :meth:`ee.cp.records.RecordStore.open` applies the pending ones
-in order, each in its own transaction together with its ``schema_migrations`` row.
+versions increasing; a gap is filled when its migration lands later.
+:meth:`ee.cp.records.RecordStore.open` applies the pending ones in order, each in its own
+transaction together with its ``schema_migrations`` row, on SQLite or PostgreSQL.
 
 Rules for a new migration:
 
@@ -10,6 +11,10 @@ Rules for a new migration:
   recorded name for a version differs from the file's is refused);
 * no ``BEGIN``/``COMMIT`` inside: the runner owns the transaction, and SQLite DDL is
   transactional, so a failing migration leaves the store at the previous version;
+* SQL must be portable (SQLite and PostgreSQL): ``INTEGER PRIMARY KEY`` becomes an
+  identity column on PostgreSQL; engine-specific SQL goes in ``-- @sqlite`` /
+  ``-- @postgresql … -- @end`` blocks; qualify the target table's columns in
+  ``ON CONFLICT DO UPDATE``;
 * a store written by newer code (a version this package does not have) is refused
   rather than guessed at: roll the code forward, or point the CP at another file.
 
