@@ -649,9 +649,10 @@ class AgentPlane:
         dc_name = f"dc/{identity.datacenter}"
         if dc_name not in self.registry:
             label = identity.datacenter
+            directory = self.agent_deps().directory
             try:
                 await self.datacenters.start_child(actor_spec(
-                    self.registry, dc_name, lambda: DatacenterActor(label),
+                    self.registry, dc_name, lambda: DatacenterActor(label, directory),
                     mailbox_size=4096))
             except ChildExists:
                 pass

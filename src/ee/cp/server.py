@@ -41,8 +41,9 @@ from typing import Any, cast
 import attrs
 import trio
 
-from ee.actors.agent import AgentDeps, AgentSettings, Describe
-from ee.actors.app import AppActor, AppDeps
+from ee.actors.agent import AgentDeps, AgentSettings
+from ee.actors.app import AppActor, AppDeps, Reconcile
+from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
@@ -197,6 +198,12 @@ class ControlPlane:
         self.config = config
         self.bootstrap = boot
         self.registry = Registry()
+        # The one picture of every agent (AgentActors publish, everyone reads), and the
+        # change feed that nudges exactly the apps a change concerns.
+        self.directory = AgentDirectory()
+        self.nudges = Nudges(self._nudge_app)
+        self.directory.subscribe(self.nudges.changed)
+        self._preloaded: dict[str, dict[str, Any]] = {}  # app key -> desired, first start
         self.events = EventBus()
         self.metrics = CpMetrics()
         self.attest_limiter = trio.CapacityLimiter(config.attestation_threads)
@@ -228,8 +235,9 @@ class ControlPlane:
                                    populate=self._populate_pools)
         self.pools = PoolDirectory(self.registry, self.capacity, PoolDeps(
             load=self._load_pool, save=self._save_manifest, agent_views=self.describe_agents,
-            emit=self.events.emit, ready=lambda: self.readiness().ready,
-            observe_claim_to_registered=self.metrics.claim_to_registered.observe))
+            emit=self.events.emit, ready=self.is_ready,
+            observe_claim_to_registered=self.metrics.claim_to_registered.observe,
+            agent_views_for=self._pool_views))
         s = config
         self.agent_settings = AgentSettings(
             heartbeat_interval_s=s.heartbeat_interval_s, stale_after_s=s.stale_after_s,
@@ -263,7 +271,7 @@ class ControlPlane:
             self.agents.as_child(),
             self.apps.as_child(),
             self.capacity.as_child(),
-            ChildSpec(id="agent-plane", start=self.plane.run, stop=self.plane.request_stop,
+            ChildSpec(id="agent-plane", start=self.plane.run, stop=self._stop_plane,
                       shutdown=10.0),
             # After the plane, so it stops (and writes its last checkpoint) before the
             # plane closes the sessions.
@@ -333,7 +341,8 @@ class ControlPlane:
                          attest_limiter=self.attest_limiter, drained=self.drained,
                          observe_heartbeat=self.metrics.heartbeat_handling.observe,
                          observe_heartbeat_gap=self.metrics.heartbeat_gap.observe,
-                         count_fault=lambda stage: self.metrics.plane_faults.labels(stage).inc())
+                         count_fault=lambda stage: self.metrics.plane_faults.labels(stage).inc(),
+                         directory=self.directory)
 
     def _agent_event(self, kind: str, subject: str, data: Any = None) -> None:
         self.events.emit(kind, subject, data)
@@ -358,7 +367,13 @@ class ControlPlane:
             self._ready_logged = True
             log.info("ready: %s", state.reason)
             self.events.emit("cp.ready", "cp", state.to_dict())
+            # Apps waiting for absent agents may now re-place their replicas.
+            self.nudges.nudge_all()
         return state
+
+    def is_ready(self) -> bool:
+        """Has the quorum been met (once met, it stays met: no recount per question)?"""
+        return self._ready_logged or self.readiness().ready
 
     def _read_checkpoint(self) -> set[str]:
         path = self.config.data_dir / CHECKPOINT
@@ -488,6 +503,9 @@ class ControlPlane:
         return out
 
     async def _load_app(self, app_key: str) -> dict[str, Any]:
+        preloaded = self._preloaded.pop(app_key, None)
+        if preloaded is not None:
+            return preloaded
         desired = await trio.to_thread.run_sync(self._load_desired)
         if app_key not in desired:
             raise RuntimeError(f"no valid manifest for app {app_key} (see manifest.refused "
@@ -501,20 +519,31 @@ class ControlPlane:
 
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
-                       agent_views=self.describe_agents, emit=self.events.emit,
+                       directory=self.directory, emit=self.events.emit,
                        reserve_warm=self._reserve_warm, holds=self._holds,
-                       ready=lambda: self.readiness().ready)
+                       ready=self.is_ready, nudges=self.nudges)
+
+    def _nudge_app(self, app_key: str) -> bool:
+        """One ``Reconcile`` for *app_key* (the directory's change feed); False if it
+        could not be queued (the next change or the safety sweep tries again)."""
+        try:
+            self.registry.ref(f"app/{app_key}").try_tell(Reconcile())
+        except ActorError:
+            return False
+        return True
 
     async def _holds(self) -> dict[str, str]:
         """Agent id -> what a pool holds it for: the deployment it was reserved for
         (so that deployment's placement may use it) or else the reservation id."""
         if not self.pools.keys():
             return {}
-        out: dict[str, str] = {}
-        for pool in await self.pools.describe_all():
-            for r in pool.get("reservations", []):
-                out[r["agent_id"]] = r.get("deployment_id") or r["reservation_id"]
-        return out
+        return await self.pools.holds(by_deployment=True)
+
+    async def _pool_views(self, key: PoolKey) -> list[dict[str, Any]]:
+        """The views of one pool's agents, from the directory (O(pool), no asks)."""
+        return self.directory.views(trio.current_time(),
+                                    self.directory.pool_members(key.datacenter,
+                                                                key.node_size))
 
     async def _reserve_warm(self, deployment_id: str, constraints: Any, count: int) -> None:
         """Reserve up to *count* warm agents of the pool the constraints name (if any)."""
@@ -547,6 +576,9 @@ class ControlPlane:
         desired = await trio.to_thread.run_sync(self._load_desired)
         for message in self.refused_manifests:
             self.events.emit("manifest.refused", "cp", {"detail": message})
+        # Each app's first start takes its part of this one load (O(manifests) once,
+        # not once per app); a restart of one app reads the manifests again.
+        self._preloaded = dict(desired)
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key
@@ -585,10 +617,14 @@ class ControlPlane:
 
     def with_urls(self, view: dict[str, Any]) -> dict[str, Any]:
         """Add each replica's URL (its agent's HTTP API, which proxies to the workload)."""
-        urls = {a: s.identity.url for a, s in self.plane.sessions.items()}
         for replica in view.get("replicas", []):
-            replica["url"] = urls.get(replica["agent_id"])
+            session = self.plane.sessions.get(replica["agent_id"])
+            replica["url"] = session.identity.url if session is not None else None
         return view
+
+    def _stop_plane(self) -> None:
+        self.nudges.paused = True  # sessions close because we stop: nothing is lost
+        self.plane.request_stop()
 
     # ---- http ------------------------------------------------------------------------
 
@@ -603,41 +639,13 @@ class ControlPlane:
     # ---- views -----------------------------------------------------------------------
 
     async def describe_agents(self) -> list[dict[str, Any]]:
-        names = self.registry.names("agent/")
-        views: list[dict[str, Any]] = []
-
-        async def one(name: str) -> None:
-            try:
-                views.append(await self.registry.ref(name).ask(Describe(), timeout=5))
-            except ActorError:
-                pass
-
-        limiter = trio.CapacityLimiter(64)
-
-        async def bounded(name: str) -> None:
-            async with limiter:
-                await one(name)
-
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(bounded, name)
-        views.sort(key=lambda v: str(v["agent_id"]))
-        return views
+        """Every agent's view, by agent id: read from the directory, no asks."""
+        return self.directory.views(trio.current_time())
 
     async def refresh_metrics(self) -> None:
         """Scrape-time gauges, from aggregates only (datacenters, pools, the tree): a
         scrape never asks every AgentActor."""
-        from ee.actors.datacenter import DescribeDatacenter
-
-        counts = {"online": 0, "stale": 0, "offline": 0, "quarantined": 0}
-        for name in self.registry.names("dc/"):
-            try:
-                view = await self.registry.ref(name).ask(DescribeDatacenter(), timeout=5)
-            except ActorError:
-                continue
-            for status in counts:
-                counts[status] += int(view["agents"].get(status, 0))
-        for status, n in counts.items():
+        for status, n in self.directory.status_counts().items():
             self.metrics.agents.labels(status).set(n)
         kinds: dict[str, int] = {}
         for node in self.root.snapshot().walk():
