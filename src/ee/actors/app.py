@@ -61,7 +61,7 @@ import trio
 
 from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
 from ee.actors.deployment import HashProblem, derive, hash_problem, stray_reason, transition
-from ee.actors.directory import AgentDirectory, Nudges
+from ee.actors.directory import AgentDirectory, AgentRecord, Nudges
 from ee.placement import AgentInfo, Constraints, Request, place
 from ee.runtime import Actor, ActorError, handler
 
@@ -191,6 +191,20 @@ def _gave_up(failed_agents: frozenset[str]) -> str:
             + "; ".join(sorted(failed_agents)))
 
 
+def _same(now: tuple[object, ...], before: tuple[object, ...] | None) -> bool:
+    """The same pass inputs: the same objects (records, deployment) and equal flags."""
+    if before is None or len(now) != len(before):
+        return False
+    return (now[0] is before[0] and now[1] == before[1] and now[2] == before[2]
+            and all(a is b for a, b in zip(now[3:], before[3:], strict=True)))
+
+
+def _absent(record: AgentRecord | None) -> bool:
+    """Not back since the CP (re)started: never identified by a session of this CP
+    (an actor started for it publishes an unidentified record before its session)."""
+    return record is None or record.identity is None
+
+
 STRAY_MARK = "stray:"  # how placement sees a deployment id an agent lists unverified
 
 
@@ -215,6 +229,8 @@ class AppActor(Actor):
         self.app: dict[str, Any] = {}
         self.versions: dict[str, dict[str, Any]] = {}
         self.deployments: dict[str, Deployment] = {}
+        # deployment id -> the inputs of its last pass (see _inputs)
+        self._seen: dict[str, tuple[object, ...]] = {}
 
     async def started(self) -> None:
         desired = await self.deps.load(self.app_key)
@@ -403,6 +419,9 @@ class AppActor(Actor):
                 self.deps.emit("replica.report_ignored", dep.deployment_id, {
                     "agent_id": msg.agent_id, "state": msg.state,
                     "reason": "NOT_A_REPLICA"})
+                # A stray claims progress: look again (it is stopped there again).
+                await self._reconcile_one(dep.deployment_id)
+                self._watch()
             return
         replicas = {a: r for a, r in dep.replicas.items() if a != msg.agent_id}
         failed = False
@@ -450,8 +469,31 @@ class AppActor(Actor):
         # was away when it was stopped came back, or a stray): it is stopped there.
         for dep in list(self.deployments.values()):
             if dep.state != "stopped" or directory.listed(dep.deployment_id):
+                inputs = self._inputs(dep)
+                if inputs is not None and _same(inputs, self._seen.get(dep.deployment_id)):
+                    continue  # nothing it depends on changed since its last pass
                 await self._reconcile_one(dep.deployment_id)
+                after = self._inputs(self.deployments[dep.deployment_id])
+                if after is not None:
+                    self._seen[dep.deployment_id] = after
+                else:
+                    self._seen.pop(dep.deployment_id, None)
         self._watch()
+
+    def _inputs(self, dep: Deployment) -> tuple[object, ...] | None:
+        """What a pass over *dep* depends on, or None when it must run regardless (short
+        of replicas: free agents and pool holds may have changed without a record of
+        its own agents changing). Records are immutable and replaced on change, so
+        comparing them by identity is exact (see ``_same``)."""
+        active = sum(1 for r in dep.replicas.values() if r.state in ACTIVE_REPLICA)
+        if dep.desired == "running" and (active < dep.replicas_wanted or any(
+                r.state == "failed" for r in dep.replicas.values())):
+            return None
+        directory = self.deps.directory
+        agents = sorted(dep.placements | dep.replicas.keys()
+                        | directory.listers(dep.deployment_id))
+        ready = self.deps.ready() if self.deps.ready is not None else True
+        return (dep, ready, tuple(agents), *(directory.get(a) for a in agents))
 
     def _watch(self) -> None:
         """Tell the change feed which agents this app's passes depend on."""
@@ -522,7 +564,7 @@ class AppActor(Actor):
         # without it, and is waited for (not re-placed) while the CP is not ready. One
         # that is back (or offline) without the replica lets it go: the deploy never
         # arrived, or the replica was lost.
-        absent = {a for a in placed - set(replicas) if a not in directory}
+        absent = {a for a in placed - set(replicas) if _absent(directory.get(a))}
         placed &= set(replicas) | absent
         waiting = bool(absent) and self.deps.ready is not None and not self.deps.ready()
         awaited = len(absent) if waiting else 0

@@ -26,13 +26,16 @@ every ``put`` that changed a record (``old`` is None for a newly seen agent). It
 not block or raise (a listener that raises is logged and kept). ``Nudges`` is the feed
 the CP wires to the AppActors: it turns a change into a ``Reconcile`` for exactly the
 apps concerned (the owner of every deployment id listed before or after, the apps
-that watch that agent, and — when an agent becomes free to take work — the apps with a
+that watch that agent, and, when an agent becomes free to take work, the apps with a
 deployment still short of replicas), coalesced so an app has at most one nudge queued.
+A change that is only a listed replica's progress (its ``state``, compose hash) nudges
+nobody: the AgentActor tells the replica's app (``ReplicaReport``) itself.
 
 Placement over the directory. ``shortlist(request, holds)`` returns the only agents
 ``ee.placement.place`` can choose for *request*: the agents listing its deployment id,
 the agents held for its claims, and from each free bucket matching the constraints
-the ``k`` smallest agent ids (``k`` = replicas + excluded + held ids). Within a tier
+the ``k`` smallest agent ids (``k`` = replicas + excluded + held ids; the buckets are
+kept sorted, so that is a slice). Within a tier
 placement takes agents per datacenter by id and never more than ``replicas`` from one
 datacenter, so the chosen agents (and their order) over the shortlist are exactly those
 over all agents; only the diagnostics of rejected agents are missing, and those are
@@ -41,7 +44,7 @@ computed (O(agents)) only when a request cannot be placed.
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -173,7 +176,7 @@ class AgentDirectory:
         self._records: dict[str, AgentRecord] = {}
         self._beats: dict[str, Beat] = {}
         self._by_deployment: dict[str, set[str]] = {}
-        self._free: dict[_Bucket, set[str]] = {}
+        self._free: dict[_Bucket, list[str]] = {}  # sorted agent ids
         self._by_pool: dict[tuple[str, str], set[str]] = {}
         self._by_dc: dict[str, set[str]] = {}
         self._listeners: list[Listener] = []
@@ -212,8 +215,8 @@ class AgentDirectory:
         self._by_pool.setdefault((ident.datacenter, ident.node_size), set()).add(r.agent_id)
         self._by_dc.setdefault(ident.datacenter, set()).add(r.agent_id)
         if r.free:
-            self._free.setdefault((ident.datacenter, ident.node_size, ident.gpu),
-                                  set()).add(r.agent_id)
+            bisect.insort(self._free.setdefault(
+                (ident.datacenter, ident.node_size, ident.gpu), []), r.agent_id)
 
     def _unindex(self, r: AgentRecord | None) -> None:
         if r is None:
@@ -228,10 +231,14 @@ class AgentDirectory:
         if ident is None:
             return
         for ids in (self._by_pool.get((ident.datacenter, ident.node_size)),
-                    self._by_dc.get(ident.datacenter),
-                    self._free.get((ident.datacenter, ident.node_size, ident.gpu))):
+                    self._by_dc.get(ident.datacenter)):
             if ids is not None:
                 ids.discard(r.agent_id)
+        if r.free:
+            free = self._free.get((ident.datacenter, ident.node_size, ident.gpu), [])
+            i = bisect.bisect_left(free, r.agent_id)
+            if i < len(free) and free[i] == r.agent_id:
+                del free[i]
 
     def subscribe(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -258,6 +265,9 @@ class AgentDirectory:
                 if d.deployment_id == deployment_id:
                     out[agent_id] = d
         return out
+
+    def listers(self, deployment_id: str) -> frozenset[str]:
+        return frozenset(self._by_deployment.get(deployment_id, ()))
 
     def listed(self, deployment_id: str) -> bool:
         return deployment_id in self._by_deployment
@@ -331,7 +341,7 @@ class AgentDirectory:
                     or (c.node_size is not None and size != c.node_size)
                     or (c.gpu and not gpu) or not ids):
                 continue
-            picked.update(ids if len(ids) <= k else heapq.nsmallest(k, ids))
+            picked.update(ids[:k])
         out = []
         for agent_id in picked:
             record = self._records.get(agent_id)
@@ -348,6 +358,13 @@ class AgentDirectory:
         if placement.placeable:
             return placement
         return place(request, [adjust(i) for i in self.infos(holds)])
+
+
+def _shape(r: AgentRecord) -> tuple[object, ...]:
+    """What a pass decides on, short of a listed replica's progress (``state``, its
+    compose hash), which reaches the replica's app directly (``ReplicaReport``)."""
+    return (r.identity, r.state, r.draining, r.quarantine_reasons,
+            tuple((d.deployment_id, d.app) for d in r.deployments))
 
 
 class Nudges:
@@ -418,6 +435,8 @@ class Nudges:
             self.nudge(app_key)
 
     def changed(self, old: AgentRecord | None, new: AgentRecord | None) -> None:
+        if old is not None and new is not None and _shape(old) == _shape(new):
+            return  # only a replica's progress: its app hears it as a ReplicaReport
         apps: set[str] = set()
         agent_id = (new or old).agent_id if (new or old) is not None else None  # type: ignore[union-attr]
         for r in (old, new):

@@ -61,7 +61,7 @@ from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
 from ee.cp.nodes import Vocabulary
-from ee.cp.readiness import Quorum, Readiness, assess
+from ee.cp.readiness import Quorum, Readiness, Tally
 from ee.cp.records import (
     RecordStore,
     RecordStoreError,
@@ -221,7 +221,11 @@ class ControlPlane:
         self._create_lock = trio.Lock()
         self.started_at = 0.0
         self.expected_agents = self._read_checkpoint()
-        self.seen_agents: set[str] = set()
+        # Agents back since start: counted when their actor has adopted a session (and
+        # published it), not when the session opens, so an app woken by readiness sees
+        # every agent readiness counted.
+        self.tally = Tally(self.expected_agents)
+        self.directory.subscribe(self._seen)
         self.identities = IdentityBook(self.manifests, self.events.emit)
         self.drained = self.identities.drained  # operator intent, kept as signed manifests
         self.http_port: int | None = None
@@ -360,9 +364,7 @@ class ControlPlane:
     # ---- readiness -------------------------------------------------------------------
 
     def readiness(self) -> Readiness:
-        self.seen_agents.update(self.plane.sessions)
-        state = assess(self.config.quorum, self.seen_agents, self.expected_agents,
-                       trio.current_time() - self.started_at)
+        state = self.tally.assess(self.config.quorum, trio.current_time() - self.started_at)
         if state.ready and not self._ready_logged:
             self._ready_logged = True
             log.info("ready: %s", state.reason)
@@ -370,6 +372,10 @@ class ControlPlane:
             # Apps waiting for absent agents may now re-place their replicas.
             self.nudges.nudge_all()
         return state
+
+    def _seen(self, _old: Any, new: Any) -> None:
+        if new is not None and new.identity is not None:
+            self.tally.see(new.agent_id)
 
     def is_ready(self) -> bool:
         """Has the quorum been met (once met, it stays met: no recount per question)?"""
