@@ -55,6 +55,7 @@ import hashlib
 import itertools
 import logging
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -118,6 +119,7 @@ log = logging.getLogger("ee.cp.agent_plane")
 CONNECT_PATH = "/api/v2/agents/connect"
 MAX_REASONS = 8  # per refusal, each cut to REASON_CHARS (reasons may quote the peer)
 REASON_CHARS = 300
+SWEEP_SLICE = 500  # sessions looked at between two checkpoints of the sweep
 
 
 class _SessionEnded(Exception):
@@ -144,6 +146,10 @@ class PlaneSettings:
 
 class Session:
     """One authenticated websocket session (the ``AgentLink`` AgentActors talk through)."""
+
+    __slots__ = ("_identity", "_next_request", "_pending", "_send_lock", "attested_at",
+                 "bad_frames", "last_heartbeat", "max_frame_bytes", "session_id", "signer",
+                 "write_refusals", "ws")
 
     _ids = itertools.count(1)
 
@@ -335,24 +341,34 @@ class AgentPlane:
             await session.close(1012, "control plane restarting")
 
     async def _sweep(self) -> None:
-        """One timer for every agent: Tick the quiet ones, ReattestDue the due ones."""
+        """One timer for every agent: Tick the quiet ones, ReattestDue the due ones.
+
+        The pass walks the sessions in slices of ``SWEEP_SLICE`` with a checkpoint
+        between them, so 10,000 sessions never hold the event loop in one stretch
+        (a heartbeat read meanwhile waits one slice, not the whole plane)."""
         s = self.settings
         interval = max(0.05, min(s.heartbeat_interval_s, s.stale_after_s / 2))
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            for agent_id, session in list(self.sessions.items()):
-                due: list[object] = []
-                if now - session.last_heartbeat >= s.stale_after_s:
-                    due.append(Tick())
-                if now - session.attested_at >= s.attest_interval_s:
-                    session.attested_at = now
-                    due.append(ReattestDue())
-                for msg in due:
-                    try:
-                        self.registry.ref(f"agent/{agent_id}").try_tell(msg)
-                    except (ActorDead, MailboxFull):
-                        pass  # busy or restarting: the next sweep tries again
+            items = list(self.sessions.items())
+            for start in range(0, len(items), SWEEP_SLICE):
+                if start:
+                    await trio.lowlevel.checkpoint()
+                for agent_id, session in items[start:start + SWEEP_SLICE]:
+                    stale = now - session.last_heartbeat >= s.stale_after_s
+                    due = now - session.attested_at >= s.attest_interval_s
+                    if not (stale or due):
+                        continue
+                    if due:
+                        session.attested_at = now
+                    for msg in (Tick() if stale else None, ReattestDue() if due else None):
+                        if msg is None:
+                            continue
+                        try:
+                            self.registry.ref(f"agent/{agent_id}").try_tell(msg)
+                        except (ActorDead, MailboxFull):
+                            pass  # busy or restarting: the next sweep tries again
 
     async def _prune_nonces(self) -> None:
         while True:
@@ -624,6 +640,7 @@ class AgentPlane:
                          {"code": code, "reason": detail, "deployment_id": deployment_id})
 
     async def _admitted(self, session: Session, register: Register, identity: Identity) -> None:
+        identity = _interned(identity)
         proof = await self._prove(session, register, identity)
         tunnel = await self._grant_tunnel(identity)
         session._identity = identity
@@ -719,6 +736,18 @@ class AgentPlane:
                 return
             if isinstance(msg, Heartbeat):
                 session.last_heartbeat = trio.current_time()
+
+
+def _interned(identity: Identity) -> Identity:
+    """The identity with the strings thousands of agents share (datacenter, node size,
+    provider, MRTD, TCB status) interned: one copy each, not one per agent."""
+    tcb = identity.tcb_status
+    return attrs.evolve(identity, datacenter=sys.intern(identity.datacenter),
+                        node_size=sys.intern(identity.node_size),
+                        provider=sys.intern(identity.provider),
+                        mrtd=sys.intern(identity.mrtd),
+                        tcb_status=sys.intern(tcb) if tcb is not None else None,
+                        verdict=sys.intern(identity.verdict))
 
 
 def _refusal_code(status: DeployStatus) -> str | None:

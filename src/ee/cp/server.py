@@ -26,6 +26,7 @@ in the tree; ``--role master|dc`` is refused with a clear error rather than pret
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -231,6 +232,8 @@ class ControlPlane:
         self.http_port: int | None = None
         self._http_stop = trio.Event()
         self._ready_logged = False
+        # ee-cp (not an in-process test CP) freezes the collector's view once ready.
+        self.freeze_gc_when_ready = False
         self.datacenters = Supervisor("datacenters", max_restarts=100, period=10.0)
         self.agents = Supervisor("agents", max_restarts=1000, period=10.0)
         self.apps = Supervisor("apps", max_restarts=100, period=10.0,
@@ -371,6 +374,10 @@ class ControlPlane:
             self.events.emit("cp.ready", "cp", state.to_dict())
             # Apps waiting for absent agents may now re-place their replicas.
             self.nudges.nudge_all()
+            if self.freeze_gc_when_ready:
+                # The rebuilt picture is long-lived: out of the collector's sight, so
+                # later full collections do not walk every agent's objects (pauses).
+                gc.freeze()
         return state
 
     def _seen(self, _old: Any, new: Any) -> None:
@@ -395,10 +402,15 @@ class ControlPlane:
     async def _write_checkpoint(self) -> None:
         """Sign and write the live agent list in a worker thread (10k ids: canonical
         JSON, a signature and an fsync are no work for the event loop)."""
-        doc = {"agents": sorted(self.plane.sessions), "written_at": time.time(),
-               "cluster_id": self.bootstrap.cluster_id}
-        await trio.to_thread.run_sync(write_signed, self.config.data_dir / CHECKPOINT, doc,
-                                      self.bootstrap.signing_key)
+        agents = list(self.plane.sessions)  # the copy is on the loop; the sort is not
+        cluster_id, key = self.bootstrap.cluster_id, self.bootstrap.signing_key
+        path = self.config.data_dir / CHECKPOINT
+
+        def write() -> None:
+            write_signed(path, {"agents": sorted(agents), "written_at": time.time(),
+                                "cluster_id": cluster_id}, key)
+
+        await trio.to_thread.run_sync(write)
 
     async def _run_checkpoint(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -790,9 +802,8 @@ def raise_fd_limit() -> int:
 def tune_gc() -> None:
     """Fewer, cheaper collections: a CP holds tens of thousands of long-lived objects per
     thousand agents, and default thresholds make full collections stall the event loop
-    (heartbeat p99). Objects alive at start-up are frozen out of collection."""
-    import gc
-
+    (heartbeat p99). Objects alive at start-up are frozen out of collection (and those
+    alive when the rehydration quorum is met: ``ControlPlane.freeze_gc_when_ready``)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
@@ -811,6 +822,7 @@ def main(argv: list[str] | None = None) -> int:
                              "yet; run --role standalone")
         boot, token = prepare(config)
         cp = ControlPlane(config, boot)
+        cp.freeze_gc_when_ready = True
     except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:
         print(f"ee-cp: {exc}", file=sys.stderr)
         return 2
