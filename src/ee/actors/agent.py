@@ -14,6 +14,9 @@ until it reconnects.
 Timers live in the agent plane, not here: one sweep task there tells ``Tick`` to
 agents whose last frame is older than the stale threshold and ``ReattestDue`` every
 ``attest_interval_s``, so an idle agent costs its actor no task and no wake-ups.
+Heartbeats of a ready agent do not reach the actor at all: the plane records them in
+the directory's ``Beat`` (``AgentPlane._beat_inline``), which is where this actor
+reads heartbeat age from; the actor handles those that can change its state.
 Re-attestation is a fresh nonce, the agent's quote and verification in a worker
 thread; a refusal quarantines the agent (no new placements) and raises an event. A
 verifier that raises on the agent's quote is a refusal too (``VERIFY_ERROR``, logged
@@ -225,9 +228,9 @@ class AgentActor(Actor):
         self.identity: Identity | None = None
         self.link: AgentLink | None = None
         self.draining = False
-        self.last_heartbeat: float | None = None  # trio time
-        # The latest heartbeat lives in the directory (updated in place, read by views).
-        self.beat: Beat = Beat()
+        # The latest heartbeat lives in the directory, updated in place (by the agent
+        # plane while the agent is ready, by this actor otherwise); age comes from it.
+        self.beat: Beat = deps.directory.beat_of(agent_id)
         self.deployments: dict[str, DeploymentSnapshot] = {}
         self.quarantine_reasons: tuple[str, ...] = ()
         self._reattesting = False
@@ -328,9 +331,8 @@ class AgentActor(Actor):
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         self.deployments = {d.deployment_id: d for d in snapshot.deployments}
-        self.last_heartbeat = trio.current_time()
         self.beat = self.deps.directory.beat(self.agent_id, snapshot.seq, snapshot.health,
-                                             None, self.last_heartbeat, time.time())
+                                             None, trio.current_time(), time.time())
 
     def _current(self, session_id: int) -> bool:
         return self.link is not None and self.link.session_id == session_id
@@ -363,9 +365,8 @@ class AgentActor(Actor):
         now = trio.current_time()
         if msg.received_at:
             self.deps.observe_heartbeat(now - msg.received_at)
-        if self.last_heartbeat is not None:
-            self.deps.observe_heartbeat_gap(now - self.last_heartbeat)
-        self.last_heartbeat = now
+        if self.beat.at is not None:
+            self.deps.observe_heartbeat_gap(now - self.beat.at)
         # In place: the frozen frame values are kept, turned into JSON only when viewed.
         self.deps.directory.beat(self.agent_id, hb.seq, hb.health, hb.stats, now,
                                  time.time())
@@ -448,9 +449,9 @@ class AgentActor(Actor):
 
     @handler(Tick)
     async def on_tick(self, _: Tick) -> None:
-        if self.last_heartbeat is None:
+        if self.beat.at is None:
             return
-        age = trio.current_time() - self.last_heartbeat
+        age = trio.current_time() - self.beat.at
         s = self.deps.settings
         target = status_for_age(self.state, age, s.stale_after_s, s.offline_after_s)
         if target is AgentState.OFFLINE and self.link is not None:

@@ -2,17 +2,21 @@
 
 Every AgentActor *publishes* its agent here (``put``) whenever what others decide on
 changes (lifecycle state, identity, drain flag, the deployments it lists, quarantine),
-and records each heartbeat in place (``beat``: no allocation beyond the frame's own
-values). Everyone else *reads* it, synchronously, without asking an actor: AppActors
+and each heartbeat is recorded in place (``beat``: no allocation beyond the frame's own
+values), by the agent plane itself while the agent is ``ready`` (nothing for the actor
+to decide), by the AgentActor otherwise (a stale agent comes back). Everyone else
+*reads* it, synchronously, without asking an actor: AppActors
 (what is listed under a deployment id, an agent's status), capacity pools (the agents
 of one ``(datacenter, node size)``), placement (a shortlist instead of every agent), the
 datacenter counts, the console and the HTTP routes.
 
 Invariants:
 
-* Only AgentActors write, and each writes only its own agent; a write is a whole new
-  frozen ``AgentRecord`` (never half of one), so a reader between two writes sees one
-  consistent version. Trio runs everything on one thread: no locks.
+* Only AgentActors write records, and each writes only its own agent; a write is a
+  whole new frozen ``AgentRecord`` (never half of one), so a reader between two writes
+  sees one consistent version. Trio runs everything on one thread: no locks. A
+  ``Beat`` (heartbeat freshness) is written by the agent plane or the actor, never both
+  for one frame.
 * The record outlives the actor's incarnations: a crashed AgentActor is still listed,
   as last published, until its next incarnation publishes again from its agent's
   fresh snapshot. A record is not a source of truth for recovery (DESIGN.md §1); it is
@@ -198,11 +202,16 @@ class AgentDirectory:
             except Exception:
                 log.exception("directory listener failed on %s", record.agent_id)
 
-    def beat(self, agent_id: str, seq: int, health: Health, stats: NodeStats | None,
-             at: float, at_unix: float) -> Beat:
+    def beat_of(self, agent_id: str) -> Beat:
+        """The agent's one ``Beat`` (made on first use), shared by its writers."""
         b = self._beats.get(agent_id)
         if b is None:
             b = self._beats[agent_id] = Beat()
+        return b
+
+    def beat(self, agent_id: str, seq: int, health: Health, stats: NodeStats | None,
+             at: float, at_unix: float) -> Beat:
+        b = self.beat_of(agent_id)
         b.seq, b.health, b.stats, b.at, b.at_unix = seq, health, stats, at, at_unix
         return b
 
