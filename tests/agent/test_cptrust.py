@@ -311,3 +311,110 @@ async def test_real_cp_untrusted_writes_refused_with_reason_at_cp(
                     failed = [e for e in rcp.cp.events.recent
                               if e.kind == "cp.envelope_proof_failed"]
                     assert failed and "ProviderError" in failed[0].data["error"]
+
+
+# ---- release keys: a signed release vouches for the CP's MRTD -----------------------
+
+
+def _release(mrtd: bytes | None, key: Any, **extra: Any) -> tuple[str, bytes]:
+    """(manifest text, signature): a release whose image names *mrtd*."""
+    from ee.protocol.canonical import canonical_json
+    from ee.protocol.signing import sign_document
+
+    doc = {"name": "easyenclave", "version": "2.1.0", "git_commit": "c" * 40,
+           "image": {"root_hash": "d" * 64,
+                     "measurements": {"mrtd": mrtd.hex() if mrtd else None}}, **extra}
+    return canonical_json(doc).decode(), sign_document(doc, key)
+
+
+def _released_proof(td: SimTD, manifest: str, signature: bytes) -> CpProof:
+    return attrs.evolve(_proof(td), release_manifest=manifest, release_signature=signature)
+
+
+def test_a_pinned_release_vouches_for_the_cp_mrtd(td: SimTD) -> None:
+    key, other = generate_signing_key(), generate_signing_key()
+    pinned = (key.public_key(),)
+    good = _released_proof(td, *_release(MRTD_A, key))
+    verdict = _judge(td, good, release_keys=pinned)
+    assert verdict.accepted and verdict.pin is None  # no trust-on-first-use pin
+    assert "release" in verdict.reason
+    refusals = {
+        "unpinned signer": _released_proof(td, *_release(MRTD_A, other)),
+        "another MRTD": _released_proof(td, *_release(MRTD_B, key)),
+        "no MRTD": _released_proof(td, *_release(None, key)),
+        "no release": _proof(td),
+    }
+    text, sig = _release(MRTD_A, key)
+    refusals["tampered"] = _released_proof(td, text.replace("2.1.0", "2.1.1"), sig)
+    refusals["not JSON"] = _released_proof(td, "{", sig)
+    for what, proof in refusals.items():
+        refused = _judge(td, proof, release_keys=pinned)
+        assert not refused.accepted and refused.code == "CP_MRTD_NOT_ALLOWED", what
+    assert "--release" in _judge(td, _proof(td), release_keys=pinned).reason
+    # An explicit MRTD allowlist still admits on its own; a pin file is not consulted.
+    assert _judge(td, _proof(td), release_keys=pinned, trusted_mrtds=(MRTD_A.hex(),)).accepted
+    assert not _judge(td, _proof(td), release_keys=pinned, pinned=MRTD_A.hex()).accepted
+
+
+def test_the_cp_loads_only_a_release_its_bundle_pins(tmp_path: Path) -> None:
+    from ee.cp.envelope import load_cp_release
+    from ee.protocol.signing import write_signed
+
+    key, other = generate_signing_key(), generate_signing_key()
+    doc = {"name": "easyenclave", "version": "2.1.0",
+           "image": {"measurements": {"mrtd": MRTD_A.hex()}}}
+    write_signed(tmp_path / "manifest.json", doc, key)
+    release = load_cp_release(tmp_path, [("other", other.public_key()),
+                                         ("rel", key.public_key())])
+    assert (release.key_name, release.mrtd) == ("rel", MRTD_A.hex())
+    with pytest.raises(ValueError, match="pins no release key"):
+        load_cp_release(tmp_path, [])
+    with pytest.raises(ValueError, match="not signed by a pinned release key"):
+        load_cp_release(tmp_path, [("other", other.public_key())])
+
+
+def test_ee_cp_refuses_a_release_its_dev_bundle_cannot_vouch_for(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ee.cp.server import main as ee_cp
+    from ee.protocol.signing import write_signed
+
+    (tmp_path / "rel").mkdir()
+    write_signed(tmp_path / "rel" / "manifest.json", {"name": "x"}, generate_signing_key())
+    assert ee_cp(["--dev", "--data-dir", str(tmp_path / "cp"), "--release",
+                  str(tmp_path / "rel")]) == 2
+    assert "pins no release key" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signer_pinned", [True, False])
+async def test_real_agent_trusts_a_cp_by_its_signed_release(
+        tmp_path: Path, signer_pinned: bool) -> None:
+    """An agent pinning release keys (no MRTD list, no pin file) accepts the CP's signed
+    writes when the CP shows a release signed by a pinned key naming its MRTD, and
+    refuses them, telling the CP, when the signer is not pinned."""
+    from ee.cp.envelope import CpRelease
+    from ee.protocol.signing import public_key_bytes
+
+    key, other = generate_signing_key(), generate_signing_key()
+    sim = SimTD.load_or_create(shared_sim_dir())
+    text, signature = _release(sim.mr_td, key)
+    pinned = key if signer_pinned else other
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as rcp:
+            rcp.cp.plane.prover = EnvelopeProver(
+                SimProvider(sim), release=CpRelease(text, signature, "rel", sim.mr_td.hex()))
+            config = agent_config(tmp_path / "a", rcp.agent_url,
+                                  trusted_release_keys=(public_key_bytes(pinned).hex(),))
+            async with running_agent(config) as agent:
+                session = await _session_of(rcp, agent)
+                assert agent.trust.proof is not None
+                assert agent.trust.proof.accepted == signer_pinned
+                deploy = attrs.evolve(_deploy("dep-rel"), compose=BAD_COMPOSE)
+                await session.send(deploy)
+                if signer_pinned:
+                    await eventually(lambda: agent.runner.status("dep-rel"))
+                    assert _refusals(rcp.cp.events.recent, agent.agent_id) == []
+                else:
+                    codes = await eventually(lambda: _refusals(rcp.cp.events.recent,
+                                                               agent.agent_id))
+                    assert codes[0] == "CP_MRTD_NOT_ALLOWED"
+                assert not (tmp_path / "a" / PIN_FILE).exists()

@@ -243,6 +243,14 @@ def scenario(c: Conformance) -> dict[str, str]:
     assert [n["vm_name"] for n in names] == [vm["vm_name"]]
     c.call("POST /api/v2/admin/vm-names/{vm_name}/release", path={"vm_name": "vm-nope"},
            expect=404)
+    # Releases: a dev CP pins no release key, so a well-formed release is untrusted.
+    c.call("GET /api/v2/admin/releases", expect=200)
+    c.call("POST /api/v2/admin/releases", body={"manifest": {}, "signature": "0" * 128,
+                                               "node_size": "tiny"}, expect=403)
+    c.call("POST /api/v2/admin/releases", body={"manifest": {}, "signature": "x",
+                                               "node_size": "tiny"}, expect=400)
+    release = {"release_id": "tiny.0000"}
+    c.call("DELETE /api/v2/admin/releases/{release_id}", path=release, expect=404)
     c.call("GET /api/v2/agents", query={"status": "online"}, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path=agent, expect=200)
     c.call("GET /api/v2/agents/{agent_id}", path={"agent_id": "ag-nope"}, expect=404)
@@ -273,6 +281,19 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(versions, path=app, body={**version, "version": "3", "build_context": "!!"},
            expect=400)
     c.call("GET /api/v2/apps/{name}/versions", path=app, expect=200)
+    secret = {**app, "secret": "db_password"}
+    put_secret = "PUT /api/v2/apps/{name}/secrets/{secret}"
+    c.call(put_secret, path=secret, body={"value": "v"}, expect=201)
+    c.call(put_secret, path={**app, "secret": "Bad"}, body={"value": "v"}, expect=400)
+    c.call("GET /api/v2/apps/{name}/secrets", path=app, expect=200)
+    c.call("PUT /api/v2/apps/{name}/secret-policy", path=app,
+           body={"node_sizes": ["nope"]}, expect=400)
+    c.call("PUT /api/v2/apps/{name}/secret-policy", path=app,
+           body={"min_attested_replicas": 1}, expect=200)
+    c.call("GET /api/v2/apps/{name}/secret-policy", path=app, expect=200)
+    c.call("GET /api/v2/apps/{name}/secret-events", path=app, expect=200)
+    c.call(versions, path=app, expect=201, body={
+        **version, "version": "4", "secrets": [{"name": "db_password", "as": "file"}]})
 
     placement = {"version": "1.0", "replicas": 1, "constraints": {"gpu": False}}
     preflight = "POST /api/v2/apps/{name}/preflight"
@@ -312,7 +333,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fail", path=order, body={"error": "too late"}, expect=409)
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
-    return {**agent, **vm, **app, **dep, **pool, **order}
+    return {**agent, **vm, **app, **dep, **pool, **order, **release, "secret": "db_password"}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

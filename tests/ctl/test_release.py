@@ -233,3 +233,37 @@ def test_build_refuses_a_used_directory_and_a_bad_image(tmp_path: Path) -> None:
     (image / "vmlinuz").write_bytes(b"other kernel")
     assert eectl("build", "--out", str(tmp_path / "o"), "--source", str(ROOT),
                  "--image", str(image)) == 1
+
+
+def test_verify_against_the_keys_a_bundle_pins(
+        tmp_path: Path, keys: tuple[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--bundle: the release must be signed by a key the (verified) bundle pins."""
+    from ee.ctl import cpbundle
+
+    def eectl_cp(*argv: str) -> int:
+        parser = argparse.ArgumentParser(prog="eectl")
+        cpbundle.register(parser.add_subparsers(dest="group", required=True))
+        args = parser.parse_args(["cp", *argv])
+        return int(args.handler(args))
+
+    private, public = keys
+    out = hand_made(tmp_path, {"dist/pkg.whl": b"wheel"})
+    assert eectl("sign", str(out), "--key", private) == 0
+    assert eectl_cp("bundle", "keygen", "--out", str(tmp_path / "offline")) == 0
+    assert eectl("keygen", "--out", str(tmp_path / "other")) == 0
+    for name, pinned in (("pins-ours", public), ("pins-other", str(tmp_path / "other.pub"))):
+        assert eectl_cp("bundle", "create", "--signing-key", str(tmp_path / "offline.key"),
+                        "--out", str(tmp_path / name), "--cluster-id", "c",
+                        "--release-pubkey", pinned) == 0
+    capsys.readouterr()
+    offline = str(tmp_path / "offline.pub")
+    assert eectl("verify", str(out), "--bundle", str(tmp_path / "pins-ours"),
+                 "--bundle-pubkey", offline) == 0
+    assert eectl("verify", str(out), "--bundle", str(tmp_path / "pins-other"),
+                 "--bundle-pubkey", offline) == 1
+    assert "signature: " in capsys.readouterr().err
+    # The bundle itself must verify under its signer before its pins count.
+    assert eectl("verify", str(out), "--bundle", str(tmp_path / "pins-ours"),
+                 "--bundle-pubkey", public) == 2
+    assert "bootstrap bundle refused" in capsys.readouterr().err
+    assert eectl("verify", str(out), "--bundle", str(tmp_path / "pins-ours")) == 2

@@ -39,6 +39,11 @@ from ee.protocol.messages import (
     Register,
     Registered,
     Rejected,
+    SecretAck,
+    SecretRelease,
+    SecretRevoke,
+    SecretsKey,
+    SecretsKeyRequest,
     Snapshot,
     SnapshotRequest,
     StatsReply,
@@ -151,13 +156,21 @@ SAMPLES: list[tuple[Message, str]] = [
 SAMPLES += [
     (CredentialChallenge(credential_blob=b"\x00\x44blob", encrypted_secret=b"\x01\x00es"), "cp"),
     (CredentialAnswer(secret=b"\x5a" * 32), "agent"),
+    (SecretsKeyRequest(nonce=b"\x01" * 32), "cp"),
+    (SecretsKey(public_key=b"\x02" * 32, signature=b"\x03" * 64), "agent"),
+    (SecretRelease(deployment_id="dep-1", name="db_password", version=2, nonce=b"\x04" * 32,
+                   recipient=b"\x05" * 32, ephemeral_key=b"\x06" * 32, sealed=b"\x07" * 40),
+     "cp"),
+    (SecretRevoke(deployment_id="dep-1", name="db_password", reason="AGENT_QUARANTINED"), "cp"),
+    (SecretAck(deployment_id="dep-1", state="refused", name="db_password", version=2,
+               code="SECRET_REPLAYED", reason="seen"), "agent"),
 ]
 
 
 def test_samples_cover_every_message_type() -> None:
     assert {msg.TYPE for msg, _ in SAMPLES} == MESSAGE_TYPES
     classes = {type(msg) for msg, _ in SAMPLES}
-    assert len(classes) == 20
+    assert len(classes) == 25
 
 
 @pytest.mark.parametrize(("msg", "sender"), SAMPLES, ids=lambda v: type(v).__name__)
@@ -179,7 +192,8 @@ def test_byte_encodings() -> None:
     assert body["cp_nonce"] == NONCE.hex()
     registered = body_to_dict(SAMPLES[2][0])
     assert registered["cp_proof"] == {"provider": "tsm", "public_key": KEY.hex(),
-                                      "quote": base64.b64encode(b"\x04\x00q").decode()}
+                                      "quote": base64.b64encode(b"\x04\x00q").decode(),
+                                      "release_manifest": None, "release_signature": None}
     deploy = next(m for m, _ in SAMPLES if isinstance(m, Deploy))
     assert body_to_dict(deploy)["envelope"] == {"seq": 7, "signature": (b"s" * 64).hex()}
     challenge = body_to_dict(SAMPLES[0][0])

@@ -483,6 +483,7 @@ class AgentActor(Actor):
         if msg.refusal is None:
             self.identity = attrs.evolve(self.identity, verified_at=msg.at_unix)
             self._publish()
+            self.deps.emit("agent.reattested", self.agent_id, {"vm_name": self.vm_name})
             return
         self.quarantine_reasons = tuple(msg.refusal.reasons)
         self._publish()

@@ -147,6 +147,18 @@ def _each_mrtd(_inst: Any, attribute: attrs.Attribute[Any], value: tuple[str, ..
             )
 
 
+_RELEASE_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _each_release_key(_inst: Any, attribute: attrs.Attribute[Any],
+                      value: tuple[str, ...]) -> None:
+    for index, key in enumerate(value):
+        if not _RELEASE_KEY.match(key):
+            raise FieldValueError(f"{attribute.name}[{index}]",
+                                  f"must be an Ed25519 public key, 64 lowercase hex "
+                                  f"characters, got {key!r}")
+
+
 _at_least_one = check(lambda v: v >= 1, "must be >= 1")
 
 
@@ -196,7 +208,9 @@ class AgentConfig:
     ``exit`` the process or run ``poweroff_command``. ``cp_envelope`` says whether CP
     writes must be signed by a key the CP proves with its own quote (``required`` by
     default; ``optional``: only when the CP sends a proof; ``disabled``), whose MRTD
-    is checked against ``trusted_cp_mrtds`` (hex; empty: pin the first seen). The
+    is checked against ``trusted_cp_mrtds`` (hex) or vouched for by the CP's release
+    signed with one of ``trusted_release_keys`` (Ed25519 public keys, 64 hex; the
+    release keys a CP bundle pins); with neither, the first MRTD seen is pinned. The
     quote must chain to Intel's root, or, for an agent that itself attests with
     ``sim``, to the sim root in ``sim_dir`` (see ``ee.agent.cptrust``). The CP
     dictates heartbeat and attestation intervals at registration, so they are not
@@ -240,6 +254,8 @@ class AgentConfig:
     tunnel: TunnelConfig = attrs.field(factory=TunnelConfig)
     cp_envelope: Literal["required", "optional", "disabled"] = "required"
     trusted_cp_mrtds: tuple[str, ...] = attrs.field(default=(), validator=_each_mrtd)
+    trusted_release_keys: tuple[str, ...] = attrs.field(default=(),
+                                                        validator=_each_release_key)
     unreachable_terminate_after_s: float | None = attrs.field(default=None, validator=_positive)
     measurement_mode: bool = False
     http: HttpLimits = attrs.field(factory=HttpLimits)

@@ -14,8 +14,12 @@ the agent could claim to be its CP. So where the CP runs in a TD it proves itsel
    PCK chain to its trust roots: Intel's root, plus the sim root for a dev agent that
    itself attests with ``sim``), refuses a debug TD, checks that REPORTDATA binds *its*
    nonce and the key (a proof recorded on another session binds another nonce), and
-   checks the CP's MRTD against ``trusted_cp_mrtds`` or, with an empty list, against the
-   MRTD pinned at the first accepted proof (trust on first use, persisted in
+   checks the CP's MRTD: it is accepted when it is in ``trusted_cp_mrtds``, or when
+   the agent pins release keys (``trusted_release_keys``) and the proof carries the CP's
+   release (manifest text + signature) signed by one of them whose
+   ``image.measurements.mrtd`` is the quoted MRTD — so a CP upgraded to a new signed
+   release is trusted without reconfiguring agents. With neither configured, the MRTD
+   pinned at the first accepted proof is required (trust on first use, persisted in
    ``<data_dir>/cp-mrtd.pin`` so a restart keeps the pin). :func:`judge_proof`.
 2. **per write**: every ``deploy``/``undeploy`` carries ``envelope {seq, signature}``,
    an Ed25519 signature by the proven key over
@@ -52,10 +56,12 @@ from typing import Any, Literal
 
 import attrs
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ee.agent.config import AgentConfig
 from ee.agent.platform import write_private
 from ee.attestation import AttestationError, Verifier, load_intel_root, parse_quote
+from ee.protocol.canonical import strict_json_loads
 from ee.protocol.messages import WRITE_REFUSAL_CODES, CpEnvelope, CpProof
 from ee.protocol.reportdata import cp_envelope_report_data, cp_write_document
 from ee.protocol.signing import SignatureError, public_key_from_bytes, verify_document
@@ -70,6 +76,8 @@ __all__ = [
     "cp_quote_verifier",
     "judge_proof",
     "judge_write",
+    "release_keys_of",
+    "release_vouches",
 ]
 
 PIN_FILE = "cp-mrtd.pin"
@@ -130,6 +138,7 @@ def judge_proof(
     verify_quote: QuoteCheck | None,
     trusted_mrtds: tuple[str, ...] = (),
     pinned: str | None = None,
+    release_keys: tuple[Ed25519PublicKey, ...] = (),
 ) -> ProofVerdict:
     """Decide what the session's ``cp_proof`` is worth (see the module docstring)."""
     if mode == "disabled":
@@ -154,11 +163,17 @@ def judge_proof(
         return ProofVerdict(False, "CP_QUOTE_INVALID", "the CP's quote does not bind this "
                             "session's cp_nonce and the CP's write key (a replayed proof?)",
                             mrtd=mrtd)
-    if trusted_mrtds:
-        if mrtd not in trusted_mrtds:
-            return ProofVerdict(False, "CP_MRTD_NOT_ALLOWED",
-                                f"CP MRTD {mrtd} is not in trusted_cp_mrtds", mrtd=mrtd)
-        return ProofVerdict(True, reason="CP MRTD trusted", key=proof.public_key, mrtd=mrtd)
+    if trusted_mrtds or release_keys:
+        if mrtd in trusted_mrtds:
+            return ProofVerdict(True, reason="CP MRTD trusted", key=proof.public_key,
+                                mrtd=mrtd)
+        vouched = release_vouches(proof, mrtd, release_keys) if release_keys else (
+            "it is not in trusted_cp_mrtds")
+        if vouched is None:
+            return ProofVerdict(True, reason="CP MRTD vouched for by a pinned release key",
+                                key=proof.public_key, mrtd=mrtd)
+        return ProofVerdict(False, "CP_MRTD_NOT_ALLOWED",
+                            f"CP MRTD {mrtd} is not trusted: {vouched}", mrtd=mrtd)
     if pinned is None:
         return ProofVerdict(True, reason="CP MRTD pinned on first use", key=proof.public_key,
                             mrtd=mrtd, pin=mrtd)
@@ -166,6 +181,36 @@ def judge_proof(
         return ProofVerdict(False, "CP_PIN_MISMATCH",
                             f"CP MRTD {mrtd} differs from the pinned {pinned}", mrtd=mrtd)
     return ProofVerdict(True, reason="CP MRTD matches the pin", key=proof.public_key, mrtd=mrtd)
+
+
+def release_vouches(proof: CpProof, mrtd: str,
+                    keys: tuple[Ed25519PublicKey, ...]) -> str | None:
+    """None when the proof's release is signed by one of *keys* and names *mrtd* as its
+    image's MRTD; otherwise why not (pure)."""
+    if proof.release_manifest is None or proof.release_signature is None:
+        return ("it is not in trusted_cp_mrtds and the CP sent no signed release "
+                "(run it with --release)")
+    try:
+        manifest = strict_json_loads(proof.release_manifest)
+    except (ValueError, RecursionError):
+        return "the CP's release manifest is not JSON"
+    if not isinstance(manifest, dict):
+        return "the CP's release manifest is not a JSON object"
+    for key in keys:
+        try:
+            verify_document(manifest, proof.release_signature, key)
+        except SignatureError:
+            continue
+        break
+    else:
+        return "the CP's release is not signed by a pinned release key"
+    image = manifest.get("image")
+    measured = image.get("measurements") if isinstance(image, dict) else None
+    released = measured.get("mrtd") if isinstance(measured, dict) else None
+    if released != mrtd:
+        return (f"the signed release {manifest.get('version')!r} names MRTD {released!r}, "
+                "not the quoted one")
+    return None
 
 
 def judge_write(
@@ -241,6 +286,11 @@ def config_quote_check(config: AgentConfig) -> QuoteCheck:
     return cp_quote_verifier(roots_for(config.attestation_provider, sim_dir))
 
 
+def release_keys_of(config: AgentConfig) -> tuple[Ed25519PublicKey, ...]:
+    """The release keys an agent config pins (validated hex)."""
+    return tuple(public_key_from_bytes(bytes.fromhex(k)) for k in config.trusted_release_keys)
+
+
 class CpTrust:
     """The agent's CP-trust state: the persisted pin and the live session's proof.
 
@@ -255,10 +305,12 @@ class CpTrust:
         data_dir: Path,
         trusted_mrtds: tuple[str, ...] = (),
         verify_quote: QuoteCheck | None = None,
+        release_keys: tuple[Ed25519PublicKey, ...] = (),
     ) -> None:
         self.mode = mode
         self.pin_path = data_dir / PIN_FILE
         self.trusted_mrtds = trusted_mrtds
+        self.release_keys = release_keys
         self.verify_quote = verify_quote
         self.proof: ProofVerdict | None = None
         self.cp_nonce = b""
@@ -268,7 +320,7 @@ class CpTrust:
     def from_config(cls, config: AgentConfig) -> CpTrust:
         """From an :class:`~ee.agent.config.AgentConfig` (its roots, MRTDs and mode)."""
         return cls(config.cp_envelope, Path(config.data_dir), tuple(config.trusted_cp_mrtds),
-                   config_quote_check(config))
+                   config_quote_check(config), release_keys_of(config))
 
     @property
     def pinned(self) -> str | None:
@@ -280,7 +332,8 @@ class CpTrust:
     def judge_proof(self, cp_nonce: bytes, proof: CpProof | None) -> ProofVerdict:
         """Judge a session's proof and persist a first-use pin (blocking: a thread)."""
         verdict = judge_proof(self.mode, cp_nonce, proof, verify_quote=self.verify_quote,
-                              trusted_mrtds=self.trusted_mrtds, pinned=self.pinned)
+                              trusted_mrtds=self.trusted_mrtds, pinned=self.pinned,
+                              release_keys=self.release_keys)
         if verdict.pin is not None and not write_private(
             self.pin_path, (verdict.pin + "\n").encode("ascii")
         ):

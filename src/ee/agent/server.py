@@ -45,7 +45,7 @@ import trio_websocket
 from ee import __version__
 from ee.agent.backoff import ReconnectPolicy
 from ee.agent.config import AgentConfig, parse_host_port
-from ee.agent.cptrust import CpTrust
+from ee.agent.cptrust import CpTrust, release_keys_of
 from ee.agent.http import HttpLimits, serve_http
 from ee.agent.platform import (
     KEY_FILE,
@@ -68,7 +68,8 @@ from ee.agent.rtmr3 import (
     read_boot_log,
     runtime_log_path,
 )
-from ee.agent.session import SessionLink, SessionLoop, Terminated
+from ee.agent.secrets import SecretStore, secrets_base
+from ee.agent.session import SessionLink, SessionLoop, Terminated, Write
 from ee.agent.tunnel import TunnelSupervisor
 from ee.agent.workload import (
     ComposeRunner,
@@ -97,6 +98,11 @@ from ee.protocol.messages import (
     Message,
     Register,
     Registered,
+    SecretAck,
+    SecretRelease,
+    SecretRevoke,
+    SecretsKey,
+    SecretsKeyRequest,
     Snapshot,
     SnapshotRequest,
     StatsReply,
@@ -186,9 +192,13 @@ class Agent:
         self.quotes = quotes or QuoteSource.from_config(
             config, rtmr3=None if self.runtime is None else self.runtime.register.read
         )
+        self.secret_store = SecretStore(secrets_base(self.data_dir))
         self.runner = runner or ComposeRunner(self.data_dir, workload_settings,
                                               measurer=self.runtime)
-        self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds)
+        if self.runner.secrets_dir is None:
+            self.runner.secrets_dir = self.secret_store.directory
+        self.trust = CpTrust(config.cp_envelope, self.data_dir, config.trusted_cp_mrtds,
+                             release_keys=release_keys_of(config))
         self.sampler = NodeSampler(str(self.data_dir))
         self.node = node_info(config)
         self.challenges = ChallengeBook()
@@ -413,6 +423,10 @@ class Agent:
             return await self.logs_reply(msg.deployment_id, msg.tail)
         if isinstance(msg, StatsRequest):
             return await self.stats_reply()
+        if isinstance(msg, SecretsKeyRequest):
+            store = self.secret_store
+            return SecretsKey(public_key=store.public_key, signature=store.prove(msg.nonce,
+                                                                                  self.key))
         return ErrorMessage(code="unsupported", message=f"cannot answer {msg.TYPE}")
 
     def attach(self, link: SessionLink, registered: Registered) -> None:
@@ -428,7 +442,7 @@ class Agent:
         if self.link is link:
             self.link = None
 
-    async def write(self, frame: Frame, msg: Deploy | Undeploy) -> None:
+    async def write(self, frame: Frame, msg: Write) -> None:
         # Canonical JSON of the whole body (build context included) and an Ed25519
         # check: off the event loop. The reader awaits each write, so seq stays ordered.
         verdict = await trio.to_thread.run_sync(
@@ -438,10 +452,17 @@ class Agent:
                 log.warning("pinned the CP MRTD %s (first envelope seen)", verdict.pin)
             if isinstance(msg, Deploy):
                 self.start_deploy(msg)
-            else:
+            elif isinstance(msg, Undeploy):
                 self.start_undeploy(msg.deployment_id)
+            else:
+                self._spawn(self._secret_write, msg, frame.id)
             return
         log.error("%s", verdict.reason)
+        if isinstance(msg, SecretRelease | SecretRevoke):
+            self._spawn(self.send, SecretAck(
+                deployment_id=msg.deployment_id, state="refused", name=msg.name,
+                code=verdict.code or "ENVELOPE_MISSING", reason=verdict.reason[:500]), frame.id)
+            return
         if isinstance(msg, Deploy):
             refusal: Message = DeployStatus(
                 deployment_id=msg.deployment_id, state="failed", error=verdict.reason
@@ -449,6 +470,28 @@ class Agent:
         else:
             refusal = ErrorMessage(code="envelope_refused", message=verdict.reason)
         self._spawn(self.send, refusal, frame.id if isinstance(msg, Undeploy) else None)
+
+    async def _secret_write(self, msg: SecretRelease | SecretRevoke, re: int | None) -> None:
+        """Apply a release (or a revocation) in a worker thread and answer ``secret_ack``."""
+        store = self.secret_store
+        if isinstance(msg, SecretRevoke):
+            ack = await trio.to_thread.run_sync(store.revoke, msg)
+        else:
+            status = self.runner.status(msg.deployment_id)
+            runs = status is not None and status.state in ("starting", "running")
+            before = store.held(msg.deployment_id).get(msg.name)
+            ack = await trio.to_thread.run_sync(store.apply, msg, runs)
+            rotated = ack.state == "applied" and before is not None and before < msg.version
+            if rotated and msg.on_rotate != "none":
+                # The new file is in place; tell the services before answering, so the
+                # CP (which awaits this answer) rotates replicas one at a time.
+                problem = await self.runner.on_secret_rotated(
+                    msg.deployment_id, msg.on_rotate, msg.signal)
+                what = (f"sent {msg.signal}" if msg.on_rotate == "signal"
+                        else "restarted the services")
+                ack = attrs.evolve(ack, reason=f"{ack.reason}; rotated: " + (
+                    what if problem is None else f"could not {msg.on_rotate}: {problem}"))
+        await self.send(ack, re)
 
     # -- sending --------------------------------------------------------------------
 
@@ -542,6 +585,8 @@ class Agent:
                                       error=f"agent error: {type(exc).__name__}: {exc}")
         if not reported or reported[-1] != result:
             await self._report(result)
+        if result.state == "stopped":
+            await trio.to_thread.run_sync(self.secret_store.forget, deployment_id)
         if result.state == "stopped" and self.current == deployment_id:
             self.current = None
             self._write_small(CURRENT_FILE, None)

@@ -19,7 +19,8 @@ sender. Every send goes through one lock, so frames never interleave.
 ``registered`` arrives, its ``cp_proof`` is judged in a worker thread by the host's
 :class:`~ee.agent.cptrust.CpTrust` (quote verification, MRTD allowlist or pin) before
 any frame of the session is read; the verdict holds for the whole session, and every
-``deploy``/``undeploy`` is then judged against it by the host (signature and sequence).
+write (``deploy``, ``undeploy``, ``secret_release``, ``secret_revoke``) is then judged
+against it by the host (signature and sequence).
 A refused proof is told to the CP at once (an ``error`` frame whose code is the
 refusal's), and again on every write it sends.
 
@@ -65,6 +66,9 @@ from ee.protocol.messages import (
     Register,
     Registered,
     Rejected,
+    SecretRelease,
+    SecretRevoke,
+    SecretsKeyRequest,
     SnapshotRequest,
     StatsRequest,
     Undeploy,
@@ -129,14 +133,16 @@ class SessionHost(Protocol):
 
     async def answer(self, msg: Message) -> Message: ...
 
-    async def write(self, frame: Frame, msg: Deploy | Undeploy) -> None: ...
+    async def write(self, frame: Frame, msg: Write) -> None: ...
 
     def attach(self, link: SessionLink, registered: Registered) -> None: ...
 
     def detach(self, link: SessionLink) -> None: ...
 
 
-_REQUESTS = (SnapshotRequest, Attest, LogsRequest, StatsRequest)
+_REQUESTS = (SnapshotRequest, Attest, LogsRequest, StatsRequest, SecretsKeyRequest)
+#: CP writes: judged against the session's CP proof, in wire order (seq).
+Write = Deploy | Undeploy | SecretRelease | SecretRevoke
 
 
 class SessionLoop:
@@ -321,7 +327,7 @@ class SessionLoop:
             frame, msg = await self._receive(ws)
             if isinstance(msg, _REQUESTS):
                 nursery.start_soon(self._answer, link, frame, msg)
-            elif isinstance(msg, Deploy | Undeploy):
+            elif isinstance(msg, Write):
                 await self.host.write(frame, msg)  # in order: seq checks follow the wire
             elif isinstance(msg, Reconnect):
                 return Outcome(True, msg.reason or "reconnect", reconnect_after=msg.after_s)

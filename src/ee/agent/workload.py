@@ -25,8 +25,10 @@ so what runs is exactly what was checked. The CLI's own environment is fixed
 the agent's; ``up``/``down``: ``HOME`` under the data dir and the agent's
 ``DOCKER_HOST``, with nothing left to interpolate since the resolved check refuses any
 unescaped ``$``): tenant env reaches the containers through interpolation and
-``environment:`` only, never a process of the agent. There are no bind mounts, so no
-container can read the data dir.
+``environment:`` only, never a process of the agent. The only bind mount is the
+agent's own, added after the policy check: the deployment's tmpfs secrets directory,
+read-only at ``/run/secrets`` (``ee.agent.secrets``); no container can read the data
+dir.
 The VM image's dockerd runs with ``ee/agent/dockerd.json`` (user-namespace remapping:
 root in a container is an unprivileged uid of the VM; ``no-new-privileges`` by default;
 no inter-container traffic on the default bridge). Images built or pulled before
@@ -303,6 +305,22 @@ def check_images(resolved: Mapping[str, Any], namespace: str) -> None:
                 f"image {image!r} is a build of one of this agent's projects")
 
 
+SECRETS_TARGET = "/run/secrets"
+
+
+def with_secrets_mount(resolved: Mapping[str, Any], source: Path) -> dict[str, Any]:
+    """*resolved* with the deployment's secrets directory bound read-only at
+    :data:`SECRETS_TARGET` in every service (a directory, so a rotated file shows)."""
+    mount = {"type": "bind", "source": str(source), "target": SECRETS_TARGET,
+             "read_only": True}
+    out = dict(resolved)
+    out["services"] = {
+        name: {**service, "volumes": [*service.get("volumes", []), mount]}
+        for name, service in dict(resolved["services"]).items()
+    }
+    return out
+
+
 def _bytes_repr(value: bytes | None) -> str:
     return "None" if value is None else f"<{len(value)} bytes>"
 
@@ -536,6 +554,10 @@ class _Record:
         )
 
 
+#: what a version may ask the agent to send its services when a secret rotates
+ROTATION_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
+
+
 def _tail(text: str, limit: int) -> str:
     text = _ANSI.sub("", text).strip()
     if len(text.encode("utf-8")) <= limit:
@@ -639,8 +661,12 @@ class ComposeRunner:
         data_dir: Path | str,
         settings: WorkloadSettings | None = None,
         measurer: DeployMeasurer | None = None,
+        secrets_dir: Callable[[str], Path] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        #: deployment id -> its tmpfs secrets directory (``ee.agent.secrets``), bound
+        #: read-only at /run/secrets into every service (None: no secrets mount)
+        self.secrets_dir = secrets_dir
         self.settings = settings or WorkloadSettings()
         self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
@@ -929,7 +955,11 @@ class ComposeRunner:
                     f"the Compose CLI's resolved file is not acceptable: {exc}") from None
             except WorkloadPolicyError as exc:
                 raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
-            text = yaml.safe_dump(harden(resolved), sort_keys=True, allow_unicode=True)
+            hardened = harden(resolved)
+            if self.secrets_dir is not None:  # added after the policy check: ours, not the
+                # tenant's (a tenant bind mount is still refused above)
+                hardened = with_secrets_mount(hardened, self.secrets_dir(record.deployment_id))
+            text = yaml.safe_dump(hardened, sort_keys=True, allow_unicode=True)
             _write_private(record.directory / RESOLVED_FILE, text)
 
         await trio.to_thread.run_sync(check_and_write)
@@ -1122,6 +1152,33 @@ class ComposeRunner:
             # No compose file to drive `down`: remove what carries the project label.
             await self._remove_by_label(deployment_id, None)
         await trio.to_thread.run_sync(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+    async def on_secret_rotated(self, deployment_id: str, action: str,
+                                signal: str | None = None) -> str | None:
+        """Tell a running workload its secret files changed: ``signal`` sends *signal*
+        to every service's containers (``kill -s``), ``restart`` restarts them (their
+        named volumes and the /run/secrets mount stay). None when done, else why not."""
+        record = self._records.get(deployment_id)
+        if record is None or not (record.directory / RESOLVED_FILE).exists():
+            return "the deployment does not run here"
+        if action not in ("signal", "restart") or (action == "signal" and signal not in
+                                                    ROTATION_SIGNALS):
+            return f"unknown rotation action {action!r}"
+        try:
+            cli = await self.detect_cli()
+        except ComposeCLIUnavailable as exc:
+            return str(exc)
+        command = ("kill", "-s", str(signal)) if action == "signal" else ("restart",)
+        argv = self._compose_argv(cli, record, *command)
+        with trio.move_on_after(self.settings.down_timeout) as scope:
+            code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
+        if scope.cancelled_caught:
+            return f"`{command[0]}` did not finish within {self.settings.down_timeout:g} s"
+        if code != 0:
+            return _tail(err or out, self.settings.error_tail_bytes) or f"exit {code}"
+        log.info("deployment %s: secrets rotated, %s", deployment_id,
+                 f"sent {signal}" if action == "signal" else "restarted")
+        return None
 
     async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
         try:

@@ -109,6 +109,8 @@ from ee.protocol.messages import (
     Register,
     Registered,
     Rejected,
+    SecretRelease,
+    SecretRevoke,
     TunnelGrant,
     Undeploy,
 )
@@ -178,7 +180,7 @@ class Session:
 
     async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
         async with self._send_lock:
-            if isinstance(msg, Deploy | Undeploy):
+            if isinstance(msg, Deploy | Undeploy | SecretRelease | SecretRevoke):
                 # Signing (canonical JSON + Ed25519 over a body that may carry a 16 MiB
                 # build context) and encoding a deploy: off the event loop. Still in the
                 # lock, so seq follows the wire order.

@@ -13,7 +13,8 @@ over the canonical JSON, ``ee.protocol.signing``). Format ``ee/v2/bootstrap/2``:
      "trust": {"roots": [{"name": "intel-sgx-root-ca", "sha256": "<fingerprint>",
                           "pem": "-----BEGIN CERTIFICATE-----..."}],
                "policy": {<ee.attestation.Policy JSON: mode, allowlists, node_sizes,...>},
-               "ek_roots": [<pinned like roots: the EK CAs the tpm provider trusts>]},
+               "ek_roots": [<pinned like roots: the EK CAs the tpm provider trusts>],
+               "release_keys": [{"name": "release-2026", "public_key": "<Ed25519, hex>"}]},
      "federation_ca": null | {"name": ..., "sha256": ..., "pem": ...},
      "dev": null | {"sim_dir": "..."}}
 
@@ -28,6 +29,11 @@ Who signs it decides what it is:
   CP's own key and trusts the sim provider's root. A CP refuses it unless started
   with ``--dev``; a ``--dev`` CP also refuses a production bundle whose signer it was
   not told to pin.
+
+``trust.release_keys`` pins the public halves of the keys that sign releases
+(``eectl release sign``): a CP admits a signed release's expected measurements into its
+policy (``POST /api/v2/admin/releases``, ``ee.cp.releases``) only when the signature
+verifies under one of them; with none pinned it admits no release.
 
 Every root is pinned twice: by its PEM and by its SHA-256 fingerprint, and each must
 be a self-signed CA certificate (basicConstraints CA, keyCertSign, a signature that
@@ -82,7 +88,8 @@ _TOP = {"format", "cluster_id", "environment", "created_at", "cp_key", "admin", 
         "federation_ca", "dev"}
 _CP_KEY = {"file", "public_key"}
 _ADMIN = {"token_sha256"}
-_TRUST = {"roots", "policy", "ek_roots"}
+_TRUST = {"roots", "policy", "ek_roots", "release_keys"}
+_RELEASE_KEY = {"name", "public_key"}
 _ROOT = {"name", "sha256", "pem"}
 _DEV = {"sim_dir"}
 
@@ -115,6 +122,8 @@ class Bootstrap:
     #: EK certificate authorities for the ``tpm`` provider (TPM vendors' CAs; none: the
     #: CP refuses vTPM evidence)
     ek_roots: tuple[x509.Certificate, ...] = ()
+    #: the release signing keys this cluster trusts, by name (Ed25519 public keys)
+    release_keys: tuple[tuple[str, Ed25519PublicKey], ...] = ()
 
     def admin_token_ok(self, token: str) -> bool:
         return hmac.compare_digest(token_hash(token), self.admin_token_sha256)
@@ -243,6 +252,7 @@ class BundleDoc:
     sim_dir: str | None
     doc: dict[str, Any]
     ek_roots: tuple[x509.Certificate, ...] = ()
+    release_keys: tuple[tuple[str, Ed25519PublicKey], ...] = ()
 
     @property
     def dev(self) -> bool:
@@ -278,6 +288,7 @@ def parse_bundle(doc: object) -> BundleDoc:
         raise BootstrapError("bundle.trust.ek_roots: must be a list")
     ek_roots = tuple(_pinned_cert(e, f"bundle.trust.ek_roots[{i}]", rsa_allowed=True)
                      for i, e in enumerate(ek_entries))
+    release_keys = _release_keys(trust.get("release_keys", []))
     fed = top.get("federation_ca")
     federation_ca = None if fed is None else _pinned_cert(fed, "bundle.federation_ca")
     dev = top.get("dev")
@@ -288,14 +299,34 @@ def parse_bundle(doc: object) -> BundleDoc:
         raise BootstrapError("bundle.dev: present exactly when the environment is dev")
     return BundleDoc(cluster_id, environment, key_file, _hex(cp_key, "public_key",
                      "bundle.cp_key", 32), token_sha, roots, policy, federation_ca, sim_dir,
-                     top, ek_roots)
+                     top, ek_roots, release_keys)
+
+
+def _release_keys(entries: object) -> tuple[tuple[str, Ed25519PublicKey], ...]:
+    if not isinstance(entries, list):
+        raise BootstrapError("bundle.trust.release_keys: must be a list")
+    out: list[tuple[str, Ed25519PublicKey]] = []
+    for i, entry in enumerate(entries):
+        where = f"bundle.trust.release_keys[{i}]"
+        doc = _object(entry, where, _RELEASE_KEY)
+        name = _string(doc, "name", where)
+        if name in {n for n, _ in out}:
+            raise BootstrapError(f"{where}.name: {name!r} is pinned twice")
+        out.append((name, Ed25519PublicKey.from_public_bytes(_hex(doc, "public_key",
+                                                                   where, 32))))
+    return tuple(out)
+
+
+def release_key_entry(name: str, key: Ed25519PublicKey) -> dict[str, str]:
+    return {"name": name, "public_key": public_key_bytes(key).hex()}
 
 
 def make_bundle(*, cluster_id: str, environment: str, cp_public_key: Ed25519PublicKey,
                 admin_token_sha256: str, roots: Sequence[tuple[str, x509.Certificate]],
                 policy: Mapping[str, Any], federation_ca: x509.Certificate | None = None,
                 sim_dir: str | None = None, cp_key_file: str = CP_KEY,
-                ek_roots: Sequence[tuple[str, x509.Certificate]] = ()) -> dict[str, Any]:
+                ek_roots: Sequence[tuple[str, x509.Certificate]] = (),
+                release_keys: Sequence[tuple[str, Ed25519PublicKey]] = ()) -> dict[str, Any]:
     """A bundle document (checked by `parse_bundle` before it is returned)."""
     doc: dict[str, Any] = {
         "format": FORMAT,
@@ -308,7 +339,10 @@ def make_bundle(*, cluster_id: str, environment: str, cp_public_key: Ed25519Publ
                   "policy": dict(policy),
                   **({"ek_roots": [root_entry(cert, name, rsa_allowed=True)
                                   for name, cert in ek_roots]}
-                     if ek_roots else {})},
+                     if ek_roots else {}),
+                  **({"release_keys": [release_key_entry(name, key)
+                                       for name, key in release_keys]}
+                     if release_keys else {})},
         "federation_ca": (root_entry(federation_ca, "federation-ca")
                           if federation_ca is not None else None),
         "dev": {"sim_dir": sim_dir} if sim_dir is not None else None,
@@ -458,4 +492,5 @@ def load(data_dir: Path, *, dev: bool = True,
         doc=parsed.doc,
         federation_ca=parsed.federation_ca,
         ek_roots=parsed.ek_roots,
+        release_keys=parsed.release_keys,
     )

@@ -275,13 +275,15 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             async for event in stream:
                 await websocket.send(json.dumps(event.to_dict()))
 
-    from ee.cp import capacity_routes, identity_routes, tenants
+    from ee.cp import capacity_routes, identity_routes, release_routes, secret_routes, tenants
 
     quotas = tenants.TenantQuotas(max_versions=cp.config.tenant_max_versions,
                                   max_stored_bytes=cp.config.tenant_max_stored_bytes)
     auth = tenants.register(app, cp, quotas=quotas)
     capacity_routes.register(app, cp, auth)
     identity_routes.register(app, cp, auth)
+    release_routes.register(app, cp, auth)
+    secret_routes.register(app, cp, auth)
     return app
 
 

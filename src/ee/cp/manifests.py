@@ -24,7 +24,7 @@ from ee.protocol.signing import SignatureError, read_enveloped, write_enveloped
 
 log = logging.getLogger("ee.cp.manifests")
 
-KINDS = ("apps", "versions", "deployments", "pools", "bindings", "drains")
+KINDS = ("apps", "versions", "deployments", "pools", "bindings", "drains", "releases")
 
 
 @attrs.frozen

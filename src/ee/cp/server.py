@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,25 +44,26 @@ import attrs
 import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings
-from ee.actors.app import AppActor, AppDeps, Reconcile
+from ee.actors.app import AppActor, AppDeps, GetDeployment, ListVersions, Reconcile
 from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
 from ee.attestation.pccs import PccsClient, normalise_fmspc
+from ee.attestation.policy import Policy
 from ee.attestation.tpm import TpmVerifier
 from ee.capacity import PoolKey
 from ee.cp import bootstrap as bootstrap_mod
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
-from ee.cp.envelope import CpAttestation, EnvelopeProver, make_prover
+from ee.cp.envelope import CpAttestation, EnvelopeProver, load_cp_release, make_prover
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
-from ee.cp.nodes import Vocabulary
+from ee.cp.nodes import LabelError, Vocabulary
 from ee.cp.readiness import Quorum, Readiness, Tally
 from ee.cp.records import (
     RecordStore,
@@ -70,6 +72,15 @@ from ee.cp.records import (
     prune_history_forever,
 )
 from ee.cp.registration import Judge, Refusal
+from ee.cp.releases import AdmittedRelease, ReleaseRefused, policy_with, recheck
+from ee.cp.secrets import (
+    PolicyError,
+    ReleasePolicy,
+    ReleaserDeps,
+    SecretReleaser,
+    SecretVault,
+    load_or_create_wrapping_key,
+)
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -133,6 +144,9 @@ class CpConfig:
     # refuse every write). Default: sim with --dev, else tsm.
     cp_attestation: str | None = None
     tsm_root: str = "/sys/kernel/config/tsm/report"
+    # The signed release this CP runs (a release directory: manifest.json + .sig), shown
+    # to agents with each proof so those that pin release keys accept this CP's MRTD.
+    release: str | None = None
     # Cloudflare tunnels granted at registration (ee.cp.tunnels.CloudflareSettings fields:
     # account_id, zone_id, api_token_file, domain, api_base?, origin_service?, timeout_s?).
     tunnels: dict[str, Any] | None = None
@@ -149,7 +163,8 @@ class CpConfig:
                 raise ValueError(f"--config {args.config}: expected a JSON object")
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
                      "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
-                     "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale"):
+                     "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
+                     "release"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -229,6 +244,8 @@ class ControlPlane:
         self.directory.subscribe(self._seen)
         self.identities = IdentityBook(self.manifests, self.events.emit)
         self.drained = self.identities.drained  # operator intent, kept as signed manifests
+        self._release_lock = trio.Lock()
+        self.releases = self._load_releases()  # admitted signed releases (ee.cp.releases)
         self.http_port: int | None = None
         self._http_stop = trio.Event()
         self._ready_logged = False
@@ -265,6 +282,12 @@ class ControlPlane:
             attest_limiter=self.attest_limiter, prover=self._make_prover(),
             tunnels=(CloudflareTunnels(CloudflareSettings(**config.tunnels))
                      if config.tunnels else None))
+        self.secret_vault = SecretVault(lambda: self.accounts,
+                                        load_or_create_wrapping_key(config.data_dir))
+        self.secret_releaser = SecretReleaser(ReleaserDeps(
+            vault=self.secret_vault, emit=self.events.emit, link_for=self.plane.link_for,
+            agent_views=self.describe_agents, deployments=self._app_deployments,
+            policy=self.secret_policy))
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
@@ -284,6 +307,8 @@ class ControlPlane:
             # After the plane, so it stops (and writes its last checkpoint) before the
             # plane closes the sessions.
             ChildSpec(id="checkpoint", start=self._run_checkpoint, shutdown=1.0),
+            ChildSpec(id="secrets", shutdown=1.0, start=partial(
+                self.secret_releaser.run, self.events.subscribe)),
             ChildSpec(id="http", start=self._run_http, stop=self._stop_http,
                       shutdown=10.0),
         ], max_restarts=5, period=30.0)
@@ -309,8 +334,13 @@ class ControlPlane:
             log.warning("cp_attestation tsm: %s does not exist, so this CP cannot prove its "
                         "writes and agents with cp_envelope=required will refuse them "
                         "(run the CP in a TD, or set cp_attestation)", self.config.tsm_root)
+        release = None
+        if self.config.release:
+            release = load_cp_release(self.config.release, self.bootstrap.release_keys)
+            log.info("showing agents release %s (signed by %s; image MRTD %s)",
+                     self.config.release, release.key_name, release.mrtd)
         return make_prover(cast(CpAttestation, kind), sim_dir=self.bootstrap.sim_dir,
-                           tsm_root=self.config.tsm_root)
+                           tsm_root=self.config.tsm_root, release=release)
 
     def judge(self) -> Judge:
         now = time.time()
@@ -319,7 +349,7 @@ class ControlPlane:
             if grace_at is not None:
                 return GraceJudge(cluster_id=self.bootstrap.cluster_id,
                                   vocabulary=self.config.vocabulary, verifier=self.verifier,
-                                  policy=self.bootstrap.policy, collateral=collateral,
+                                  policy=self.policy, collateral=collateral,
                                   bindings=self.identities.bindings, grace_at=grace_at,
                                   tpm=self.tpm_verifier,
                                   routable_urls_only=not self.bootstrap.dev)
@@ -339,9 +369,65 @@ class ControlPlane:
                     self.collateral = Collateral.from_json(
                         Path(self.config.collateral_file).read_text())
         return Judge(cluster_id=self.bootstrap.cluster_id, vocabulary=self.config.vocabulary,
-                     verifier=self.verifier, policy=self.bootstrap.policy,
+                     verifier=self.verifier, policy=self.policy,
                      collateral=self.collateral, bindings=self.identities.bindings,
                      tpm=self.tpm_verifier, routable_urls_only=not self.bootstrap.dev)
+
+    @property
+    def policy(self) -> Policy:
+        """The bundle's policy with the admitted releases' measurements added."""
+        return self._policy
+
+    def _load_releases(self) -> dict[str, AdmittedRelease]:
+        """The kept releases that still verify under the keys the bundle pins now."""
+        docs, refused = self.manifests.load("releases")
+        self.refused_releases = [f"{r.path}: {r.reason}" for r in refused]
+        kept: dict[str, AdmittedRelease] = {}
+        for doc in docs:
+            try:
+                release = recheck(doc, self.bootstrap.release_keys)
+            except ReleaseRefused as exc:
+                self.refused_releases.append(
+                    f"release {doc.get('name')} {doc.get('version')} for node size "
+                    f"{doc.get('node_size')}: dropped ({exc.code}: {exc.reason})")
+                continue
+            kept[release.ident] = release
+        for message in self.refused_releases:
+            log.error("kept release refused: %s", message)
+        self._policy = policy_with(self.bootstrap.policy, kept.values())
+        return kept
+
+    async def admit_release(self, release: AdmittedRelease) -> bool:
+        """Keep *release* and extend the policy with it; False when already admitted."""
+        async with self._release_lock:
+            if release.ident in self.releases:
+                return False
+            await trio.to_thread.run_sync(self.manifests.write, "releases", release.ident,
+                                          release.to_manifest())
+            self.releases[release.ident] = release
+            self._policy = policy_with(self.bootstrap.policy, self.releases.values())
+        self.events.emit("release.admitted", release.node_size,
+                         {"id": release.ident, "name": release.name,
+                          "version": release.version, "commit": release.commit,
+                          "key": release.key_name,
+                          "manifest_sha256": release.manifest_sha256,
+                          "measurements": release.measurements.to_json()})
+        log.info("release %s %s (%s) admitted for node size %s", release.name,
+                 release.version, release.commit[:12], release.node_size)
+        return True
+
+    async def withdraw_release(self, ident: str) -> AdmittedRelease | None:
+        """Forget an admitted release and take its measurements out of the policy."""
+        async with self._release_lock:
+            release = self.releases.get(ident)
+            if release is None:
+                return None
+            await trio.to_thread.run_sync(self.manifests.delete, "releases", ident)
+            del self.releases[ident]
+            self._policy = policy_with(self.bootstrap.policy, self.releases.values())
+        self.events.emit("release.withdrawn", release.node_size,
+                         {"id": ident, "name": release.name, "version": release.version})
+        return release
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
@@ -593,7 +679,7 @@ class ControlPlane:
 
     async def _populate_apps(self, apps: Supervisor) -> None:
         desired = await trio.to_thread.run_sync(self._load_desired)
-        for message in self.refused_manifests:
+        for message in [*self.refused_manifests, *self.refused_releases]:
             self.events.emit("manifest.refused", "cp", {"detail": message})
         # Each app's first start takes its part of this one load (O(manifests) once,
         # not once per app); a restart of one app reads the manifests again.
@@ -654,6 +740,39 @@ class ControlPlane:
         self._http_stop = trio.Event()
         await serve_http(self.app, self.config.listen, self._http_stop, self.config.tls_cert,
                          self.config.tls_key, task_status)
+
+    # ---- secrets ---------------------------------------------------------------------
+
+    async def secret_policy(self, app_key: str) -> ReleasePolicy:
+        """The app's release policy (default when none is stored; one that no longer
+        parses, say a node size since removed, releases nothing)."""
+        doc = await self.secret_vault.policy_doc(app_key)
+        if doc is None:
+            return ReleasePolicy()
+        vocab = self.config.vocabulary
+        try:
+            return ReleasePolicy.from_json(doc, known_sizes=vocab.sizes,
+                                           normalise_datacenter=vocab.normalise_label)
+        except (PolicyError, LabelError) as exc:
+            log.error("secret policy of %s no longer valid (%s): releasing nothing",
+                      app_key, exc)
+            return ReleasePolicy(verdicts=())
+
+    async def _app_deployments(self, app_key: str
+                               ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        name = f"app/{app_key}"
+        if name not in self.registry:
+            return []
+        ref = self.registry.ref(name)
+        versions = {v["version"]: v for v in await ref.ask(ListVersions(), timeout=5)}
+        out = []
+        for dep_id, key in sorted(self.deployment_index.items()):
+            if key != app_key:
+                continue
+            view = await ref.ask(GetDeployment(dep_id), timeout=5)
+            if view is not None and view["version"] in versions:
+                out.append((view, versions[view["version"]]))
+        return out
 
     # ---- views -----------------------------------------------------------------------
 
@@ -745,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collateral-stale", choices=("strict", "warn"),
                    help="when collateral is past its next update and cannot be refreshed: "
                         "strict refuses quotes (default), warn admits them with a violation")
+    p.add_argument("--release", metavar="DIR",
+                   help="the signed release this CP runs (manifest.json + .sig, signed by a "
+                        "release key the bundle pins): agents that pin release keys accept "
+                        "the CP's MRTD when this release names it")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p

@@ -53,6 +53,7 @@ from ee.protocol.compose import (
     validate_compose,
 )
 from ee.protocol.dockerfile import check_build_dockerfiles, dockerfile_paths
+from ee.protocol.messages import SECRET_NAME
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -432,12 +433,65 @@ class _VersionFields:
     expose_service: str
     health_path: str
     env: dict[str, str]
+    secrets: tuple[dict[str, str], ...] = ()
 
     def spec(self, context: BuildContext | None) -> dict[str, Any]:
-        return {"version": self.version, "compose": self.compose,
-                "build_context": self.build_context_b64, "expose_port": self.expose_port,
-                "expose_service": self.expose_service, "health_path": self.health_path,
-                "env": self.env, "compose_hash": hash_compose_document(self.doc, context)}
+        out: dict[str, Any] = {
+            "version": self.version, "compose": self.compose,
+            "build_context": self.build_context_b64, "expose_port": self.expose_port,
+            "expose_service": self.expose_service, "health_path": self.health_path,
+            "env": self.env, "compose_hash": hash_compose_document(self.doc, context)}
+        if self.secrets:
+            out["secrets"] = [dict(s) for s in self.secrets]
+        return out
+
+
+MAX_VERSION_SECRETS = 32
+
+
+def _version_secrets(value: object) -> tuple[dict[str, str], ...]:
+    """A version's ``secrets``: ``[{"name": NAME, "as": "file", "on_rotate": "none" |
+    "signal" | "restart", "signal": "SIGHUP"|"SIGUSR1"|"SIGUSR2"}, ...]``, names unique.
+
+    ``"as": "env"`` is refused (``unsupported``): a container's environment is fixed
+    when it starts, before the CP can release anything to it (a release needs the
+    running replica's reported compose hash)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_VERSION_SECRETS:
+        raise _bad(f"'secrets' must be a list of at most {MAX_VERSION_SECRETS} entries",
+                   "secrets")
+    out: list[dict[str, str]] = []
+    for i, entry in enumerate(value):
+        field = f"secrets[{i}]"
+        if not isinstance(entry, dict) or not set(entry) <= {"name", "as", "env",
+                                                               "on_rotate", "signal"}:
+            raise _bad(f"'{field}' must be an object with 'name' and 'as'", field)
+        name = entry.get("name")
+        if not isinstance(name, str) or not SECRET_NAME.match(name):
+            raise ApiError(400, "bad_secret_name", f"'{field}.name' must match "
+                           "[a-z0-9][a-z0-9_.-]{0,62}", {"field": f"{field}.name"})
+        mode = entry.get("as", "file")
+        if mode == "env":
+            raise ApiError(400, "unsupported", f"'{field}.as': env secrets are not "
+                           "supported yet; use \"file\" (/run/secrets/NAME)",
+                           {"field": f"{field}.as"})
+        if mode != "file" or "env" in entry:
+            raise _bad(f"'{field}.as' must be \"file\"", f"{field}.as")
+        if any(o["name"] == name for o in out):
+            raise _bad(f"secret {name!r} is named twice", field)
+        on_rotate = entry.get("on_rotate", "none")
+        if on_rotate not in ("none", "signal", "restart"):
+            raise _bad(f"'{field}.on_rotate' must be \"none\", \"signal\" or \"restart\"",
+                       f"{field}.on_rotate")
+        signal = entry.get("signal")
+        if (on_rotate == "signal") != (signal is not None) or (
+                signal is not None and signal not in ("SIGHUP", "SIGUSR1", "SIGUSR2")):
+            raise _bad(f"'{field}.signal': SIGHUP, SIGUSR1 or SIGUSR2, given exactly when "
+                       "on_rotate is \"signal\"", f"{field}.signal")
+        out.append({"name": name, "as": "file", "on_rotate": on_rotate,
+                    **({"signal": signal} if signal else {})})
+    return tuple(out)
 
 
 def _version_fields(body: dict[str, Any]) -> _VersionFields:
@@ -488,7 +542,8 @@ def _version_fields(body: dict[str, Any]) -> _VersionFields:
         check_env(env)
     except WorkloadPolicyError as exc:
         raise _policy_error(exc, "env") from None
+    secrets_list = _version_secrets(body.get("secrets"))
     return _VersionFields(version=version, compose=compose, doc=doc,
                           build_context_b64=context_b64, build_context=context,
                           expose_port=port, expose_service=service, health_path=health,
-                          env=env)
+                          env=env, secrets=secrets_list)

@@ -4,7 +4,8 @@
                                               bundle signing key, or the CP's own key
     eectl cp bundle create --signing-key FILE --out DATA_DIR --cluster-id ID
           [--environment production|staging] [--root intel|PEM]... [--policy FILE]
-          [--ek-root PEM]... [--federation-ca PEM] [--cp-pubkey FILE]
+          [--ek-root PEM]... [--release-pubkey FILE]... [--federation-ca PEM]
+          [--cp-pubkey FILE]
           [--admin-token-sha256 HEX]
     eectl cp bundle verify DATA_DIR|BUNDLE --pubkey FILE
     eectl cp bundle show DATA_DIR|BUNDLE [--pubkey FILE]
@@ -84,6 +85,10 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                         help="a TPM endorsement key CA (self-signed) the tpm provider's "
                              "EK certificates must chain to; repeat (default: none, vTPM "
                              "evidence is refused)")
+    create.add_argument("--release-pubkey", action="append", metavar="FILE",
+                        help="public half of a release signing key (eectl release keygen): "
+                             "the CP admits a release's measurements only when it is signed "
+                             "by a pinned key; repeat; named by the file's stem")
     create.add_argument("--policy", metavar="FILE",
                         help="measurement policy JSON (mode, allowlists, node_sizes, "
                              "allowed_tcb_statuses, ...); default: strict, any measurement")
@@ -136,6 +141,10 @@ def _ek_roots(paths: list[str] | None) -> list[tuple[str, x509.Certificate]]:
     return [(Path(p).stem, _cert(p, "--ek-root")) for p in paths or []]
 
 
+def _release_keys(paths: list[str] | None) -> list[tuple[str, Ed25519PublicKey]]:
+    return [(Path(p).stem, load_public_key(p)) for p in paths or []]
+
+
 def _cert(path: str, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
@@ -176,6 +185,7 @@ def create_command(args: argparse.Namespace) -> int:
         signer = load_private_key(args.signing_key)
         roots = _roots(args.root)
         ek_roots = _ek_roots(args.ek_root)
+        release_keys = _release_keys(args.release_pubkey)
         policy = _policy(args.policy)
         fed = _cert(args.federation_ca, "--federation-ca") if args.federation_ca else None
         out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +208,7 @@ def create_command(args: argparse.Namespace) -> int:
         doc = bootstrap.make_bundle(
             cluster_id=args.cluster_id, environment=args.environment, cp_public_key=cp_pub,
             admin_token_sha256=token_sha.lower(), roots=roots, policy=policy,
-            federation_ca=fed, ek_roots=ek_roots)
+            federation_ca=fed, ek_roots=ek_roots, release_keys=release_keys)
     except (_Usage, KeyFileError, OSError) as exc:
         return _fail(EXIT_USAGE, str(exc))
     except (BootstrapError, PolicyFormatError) as exc:
@@ -211,6 +221,7 @@ def create_command(args: argparse.Namespace) -> int:
         print(f"admin token (kept in {path}, mode 0600): {token}")
     print(f"wrote {target} (+ .sig): cluster {args.cluster_id}, {args.environment}, "
           f"{len(roots)} root(s), {len(ek_roots)} EK root(s), "
+          f"{len(release_keys)} release key(s), "
           f"signer {public_key_bytes(signer).hex()}")
     return EXIT_OK
 
@@ -243,6 +254,7 @@ def describe(parsed: bootstrap.BundleDoc) -> dict[str, Any]:
                       "subject": c.subject.rfc4514_string()}
                      for e, c in zip(parsed.doc["trust"].get("ek_roots", []),
                                      parsed.ek_roots, strict=True)],
+        "release_keys": parsed.doc["trust"].get("release_keys", []),
         "policy": parsed.doc["trust"].get("policy", {}),
         "federation_ca": (parsed.federation_ca.subject.rfc4514_string()
                           if parsed.federation_ca is not None else None),

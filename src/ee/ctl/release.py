@@ -2,7 +2,8 @@
 
     eectl release build --out DIR [--source REPO] [--ref REF] [--image IMAGE_DIR]
     eectl release sign DIR (--key FILE | --key-env NAME)
-    eectl release verify DIR --pubkey FILE [--commit SHA]
+    eectl release verify DIR (--pubkey FILE | --bundle B --bundle-pubkey FILE) [--commit SHA]
+    eectl release admit DIR --node-size SIZE --cp URL --token T
     eectl release keygen --out PREFIX          (PREFIX.key, mode 0600, and PREFIX.pub)
 
 A release directory holds the artefacts under ``dist/`` (the wheel and the sdist) and,
@@ -12,7 +13,11 @@ every artefact's SHA-256 and size, and the image's verity root hash and expected
 measurements (``image: null`` when there is no image); ``SHA256SUMS`` in
 ``sha256sum -c`` form; and, after ``sign``, ``manifest.json.sig``: an Ed25519
 signature over the canonical JSON of the manifest (``ee.protocol.signing``). The
-public half of the signing key is what a verifier pins.
+public half of the signing key is what a verifier pins: given by hand (``--pubkey``), or
+the keys a CP bootstrap bundle pins (``trust.release_keys``; ``--bundle`` with the
+bundle's own signer, ``--bundle-pubkey``, so the pin itself is verified first). ``admit``
+sends a signed release to a CP, which checks it against those same pinned keys and adds
+the image's expected measurements to a node size's policy entry (``ee.cp.releases``).
 
 Reproducibility: ``build`` exports the commit with ``git archive`` (so nothing
 uncommitted leaks in and every source file carries the commit time) and builds with
@@ -52,8 +57,9 @@ from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ee.ctl.client import CtlError, add_cp_options, client_from_args
 from ee.protocol.canonical import canonical_json, strict_json_loads
 from ee.protocol.signing import (
     KeyFileError,
@@ -132,10 +138,28 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "size and SHA-256, SHA256SUMS and that nothing unlisted is present. "
                     "Exit 0 when all holds, 1 naming each difference, 2 on bad usage.")
     verify.add_argument("dir", metavar="DIR", help="release directory")
-    verify.add_argument("--pubkey", required=True, metavar="FILE",
-                        help="the pinned Ed25519 public key (PEM)")
+    pin = verify.add_mutually_exclusive_group(required=True)
+    pin.add_argument("--pubkey", metavar="FILE", help="the pinned Ed25519 public key (PEM)")
+    pin.add_argument("--bundle", metavar="DATA_DIR|BUNDLE",
+                     help="accept any release key this CP bootstrap bundle pins "
+                          "(trust.release_keys); needs --bundle-pubkey")
+    verify.add_argument("--bundle-pubkey", metavar="FILE",
+                        help="the offline key the bundle is signed with (PEM)")
     verify.add_argument("--commit", metavar="SHA", help="also require this git commit")
     verify.set_defaults(handler=verify_command)
+
+    admit = commands.add_parser(
+        "admit", help="admit a signed release's image measurements on a CP",
+        description="Send DIR's manifest.json and its signature to the CP (admin "
+                    "token). The CP verifies the signature under the release keys its "
+                    "bootstrap bundle pins, then adds the image's expected measurements to "
+                    "NODE_SIZE's policy entry, so agents booted from that image are "
+                    "admitted. Idempotent. Exit 0 admitted (or already), 1 refused.")
+    admit.add_argument("dir", metavar="DIR", help="a signed release directory")
+    admit.add_argument("--node-size", required=True, metavar="SIZE",
+                       help="the node size whose policy entry gains the measurements")
+    add_cp_options(admit)
+    admit.set_defaults(handler=admit_command)
 
     keygen = commands.add_parser(
         "keygen", help="make a release signing key pair",
@@ -459,22 +483,48 @@ def _read_sums(directory: Path) -> str | None:
         return None
 
 
+def bundle_release_keys(bundle: Path, bundle_pubkey: Path
+                        ) -> list[tuple[str, Ed25519PublicKey]]:
+    """The release keys a bundle pins, after verifying the bundle with its signer."""
+    from ee.cp import bootstrap
+
+    path = bundle / bootstrap.BUNDLE if bundle.is_dir() else bundle
+    try:
+        parsed = bootstrap.verify_bundle(path, bootstrap.load_bundle_pubkey(bundle_pubkey))
+    except bootstrap.BootstrapError as exc:
+        raise ReleaseUsage(f"--bundle: {exc}") from None
+    if not parsed.release_keys:
+        raise ReleaseUsage(f"--bundle: {path} pins no release key (trust.release_keys)")
+    return list(parsed.release_keys)
+
+
 def verify_release(directory: Path, public_key_file: Path | None, *,
-                   commit: str | None = None) -> list[str]:
-    """Every problem with the release directory (signature first); empty when good."""
+                   commit: str | None = None,
+                   keys: list[tuple[str, Ed25519PublicKey]] | None = None) -> list[str]:
+    """Every problem with the release directory (signature first); empty when good.
+    The signature must verify under *public_key_file*'s key or any of *keys*."""
     if not directory.is_dir():
         raise ReleaseUsage(f"{directory}: not a directory")
     problems = []
     manifest = _read_manifest(directory)
+    candidates = list(keys or [])
     if public_key_file is not None:
         try:
-            key = load_public_key(public_key_file)
+            candidates.append((str(public_key_file), load_public_key(public_key_file)))
         except KeyFileError as exc:
             raise ReleaseUsage(str(exc)) from None
-        try:
-            read_signed(directory / MANIFEST, key)
-        except SignatureError as exc:
-            problems.append(f"signature: {exc}")
+    if candidates:
+        errors = []
+        for _, key in candidates:
+            try:
+                read_signed(directory / MANIFEST, key)
+                break
+            except SignatureError as exc:
+                errors.append(str(exc))
+        else:
+            problems.append(f"signature: {errors[0]}" if len(candidates) == 1 else
+                            f"signature: no pinned key verifies it "
+                            f"({', '.join(name for name, _ in candidates)}): {errors[0]}")
     problems += check_release(manifest, _read_sums(directory), scan(directory),
                               commit=commit)
     return problems
@@ -542,7 +592,15 @@ def sign_command(args: argparse.Namespace) -> int:
 
 def verify_command(args: argparse.Namespace) -> int:
     try:
-        problems = verify_release(Path(args.dir), Path(args.pubkey), commit=args.commit)
+        keys = None
+        if args.bundle:
+            if not args.bundle_pubkey:
+                raise ReleaseUsage("--bundle needs --bundle-pubkey (the bundle's signer)")
+            keys = bundle_release_keys(Path(args.bundle), Path(args.bundle_pubkey))
+        elif args.bundle_pubkey:
+            raise ReleaseUsage("--bundle-pubkey goes with --bundle")
+        problems = verify_release(Path(args.dir), Path(args.pubkey) if args.pubkey else None,
+                                  commit=args.commit, keys=keys)
     except ReleaseError as exc:
         return _fail("verify", exc)
     for problem in problems:
@@ -553,6 +611,35 @@ def verify_command(args: argparse.Namespace) -> int:
     manifest = _read_manifest(Path(args.dir))
     print(f"OK: {manifest['name']} {manifest['version']} at {manifest['git_commit']}, "
           f"{len(manifest['artifacts'])} artifacts, signature valid")
+    return EXIT_OK
+
+
+def admit_command(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    try:
+        manifest = _read_manifest(directory)
+        sig_path = directory / (MANIFEST + ".sig")
+        try:
+            signature = sig_path.read_text().strip()
+        except OSError as exc:
+            raise ReleaseUsage(f"{sig_path}: {exc.strerror or exc} (sign the release "
+                               "first: eectl release sign)") from None
+    except ReleaseError as exc:
+        return _fail("admit", exc)
+    try:
+        with client_from_args(args) as client:
+            answer = client.post("/api/v2/admin/releases", {
+                "manifest": manifest, "signature": signature, "node_size": args.node_size})
+    except CtlError as exc:
+        print(f"eectl release admit: {exc}", file=sys.stderr)
+        return exc.exit_code
+    release = answer.get("release", {})
+    verb = "admitted" if answer.get("admitted") else "already admitted"
+    print(f"{verb}: {release.get('name')} {release.get('version')} "
+          f"({str(release.get('commit'))[:12]}) for node size {release.get('node_size')}, "
+          f"signed by {release.get('key_name')}")
+    for register, values in sorted(release.get("measurements", {}).items()):
+        print(f"{register:>8}: {', '.join(values)}")
     return EXIT_OK
 
 

@@ -41,6 +41,8 @@ __all__ = [
     "MAX_EVENT_LOG_BYTES",
     "MAX_RUNTIME_LOG_CHARS",
     "MESSAGE_TYPES",
+    "SECRET_NAME",
+    "SECRET_REFUSAL_CODES",
     "WRITE_REFUSAL_CODES",
     "Attest",
     "Attestation",
@@ -68,6 +70,11 @@ __all__ = [
     "Registered",
     "Rejected",
     "ReplicaState",
+    "SecretAck",
+    "SecretRelease",
+    "SecretRevoke",
+    "SecretsKey",
+    "SecretsKeyRequest",
     "Sender",
     "Snapshot",
     "SnapshotRequest",
@@ -109,6 +116,20 @@ WRITE_REFUSAL_CODES: frozenset[str] = frozenset({
     "CP_PIN_MISMATCH",
 })
 
+#: Why an agent refused a ``secret_release`` (``secret_ack.code``). See ``ee.agent.secrets``.
+SECRET_REFUSAL_CODES: frozenset[str] = frozenset({
+    "SECRET_NOT_FOR_ME",  # encrypted to another key than this agent process's
+    "SECRET_UNSEALABLE",  # does not open with this agent's key and the release's fields
+    "SECRET_REPLAYED",  # a release nonce this agent already saw
+    "SECRET_STALE",  # an older secret version than the one it holds
+    "SECRET_UNKNOWN_DEPLOYMENT",  # for a deployment this agent does not run
+    "SECRET_WRITE_FAILED",  # the secrets tmpfs could not be written
+})
+#: Tenant secret names (also file names under /run/secrets).
+SECRET_NAME = re.compile(r"\A[a-z0-9][a-z0-9_.-]{0,62}\Z")
+MAX_SECRET_BYTES = 64 * 1024
+MAX_SEALED_BYTES = MAX_SECRET_BYTES + 64
+
 _HEX_DIGEST = re.compile(r"\A(?:sha256:)?(?:[0-9a-f]{2})+\Z")  # compose hashes: "sha256:<hex>"
 
 _nonempty = check(lambda v: len(v) > 0, "must not be empty")
@@ -120,6 +141,11 @@ _nonce = check(
     f"must be {NONCE_MIN_BYTES}..{NONCE_MAX_BYTES} bytes",
 )
 _public_key = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte Ed25519 key")
+_x25519 = check(lambda v: len(v) == PUBLIC_KEY_BYTES, "must be a 32-byte X25519 key")
+_secret_name = check(lambda v: bool(SECRET_NAME.match(v)),
+                     "must match [a-z0-9][a-z0-9_.-]{0,62}")
+_sealed = check(lambda v: 28 <= len(v) <= MAX_SEALED_BYTES,
+                f"must be 28..{MAX_SEALED_BYTES} bytes")
 _credential_secret = check(lambda v: 1 <= len(v) <= 64, "must be 1..64 bytes")
 _signature = check(lambda v: len(v) == SIGNATURE_BYTES, "must be a 64-byte Ed25519 signature")
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
@@ -128,6 +154,9 @@ _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
 _B64 = {"wire": "base64"}
 _event_log = check(lambda v: 0 < len(v) <= MAX_EVENT_LOG_BYTES,
                    f"must be 1..{MAX_EVENT_LOG_BYTES} bytes")
+MAX_RELEASE_MANIFEST_CHARS = 64 * 1024
+_release_manifest = check(lambda v: 0 < len(v) <= MAX_RELEASE_MANIFEST_CHARS,
+                          f"must be 1..{MAX_RELEASE_MANIFEST_CHARS} characters")
 _runtime_log = check(lambda v: len(v) <= MAX_RUNTIME_LOG_CHARS,
                      f"must be at most {MAX_RUNTIME_LOG_CHARS} characters")
 
@@ -195,11 +224,18 @@ class CpProof:
     :func:`ee.protocol.reportdata.cp_envelope_report_data` of the ``cp_nonce`` the
     agent sent in ``register`` and ``public_key``. So the quote is fresh for this
     session and vouches for the key that signs every write of it.
+
+    ``release_manifest`` / ``release_signature`` (optional): the manifest.json text of the
+    release the CP runs (``ee-cp --release DIR``) and its Ed25519 release signature, so
+    an agent that pins release keys (``trusted_release_keys``) accepts the CP's MRTD
+    when a pinned key vouches for it (the manifest's ``image.measurements.mrtd``).
     """
 
     provider: Provider
     public_key: bytes = attrs.field(validator=_public_key)
     quote: bytes = attrs.field(validator=_nonempty, metadata=_B64)
+    release_manifest: str | None = attrs.field(default=None, validator=_release_manifest)
+    release_signature: bytes | None = attrs.field(default=None, validator=_signature)
 
 
 @attrs.frozen
@@ -402,6 +438,83 @@ class Undeploy:
 
 
 @attrs.frozen
+class SecretsKeyRequest:
+    """CP → agent: prove your X25519 secrets key for this *nonce* (``ee.protocol.sealing``)."""
+
+    TYPE: ClassVar[str] = "secrets_key"
+    SENDER: ClassVar[str] = "cp"
+    nonce: bytes = attrs.field(validator=_nonce)
+
+
+@attrs.frozen
+class SecretsKey:
+    """Agent → CP: its X25519 public key for secret releases, and an Ed25519 signature
+    by its session key (the one its attestation binds) over
+    :func:`ee.protocol.sealing.secrets_key_document` of the request's nonce and the key."""
+
+    TYPE: ClassVar[str] = "secrets_key"
+    SENDER: ClassVar[str] = "agent"
+    public_key: bytes = attrs.field(validator=_x25519)
+    signature: bytes = attrs.field(validator=_signature)
+
+
+@attrs.frozen
+class SecretRelease:
+    """CP → agent (a signed write): one secret version for one deployment's workload.
+
+    ``sealed`` is IV || AES-GCM ciphertext under HKDF(X25519(ephemeral_key, recipient)),
+    with :func:`ee.protocol.sealing.release_aad` of the deployment id, name, version,
+    ``nonce`` and ``recipient`` as associated data. The agent answers ``secret_ack``.
+    """
+
+    TYPE: ClassVar[str] = "secret_release"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    name: str = attrs.field(validator=_secret_name)
+    version: int = attrs.field(validator=_positive)
+    nonce: bytes = attrs.field(validator=_nonce)
+    recipient: bytes = attrs.field(validator=_x25519)
+    ephemeral_key: bytes = attrs.field(validator=_x25519)
+    sealed: bytes = attrs.field(validator=_sealed, metadata=_B64)
+    envelope: CpEnvelope | None = None
+    #: what the agent does when this replaces an older version it holds (a rotation):
+    #: nothing (the file is replaced; the workload rereads it), send ``signal`` to the
+    #: services, or restart them (the CP releases to one replica at a time, so a
+    #: deployment restarts replica by replica)
+    on_rotate: Literal["none", "signal", "restart"] = "none"
+    signal: Literal["SIGHUP", "SIGUSR1", "SIGUSR2"] | None = None
+
+
+@attrs.frozen
+class SecretRevoke:
+    """CP → agent (a signed write): remove a deployment's secret (``name`` None: all of
+    them) from the workload and wipe it. The agent answers ``secret_ack``."""
+
+    TYPE: ClassVar[str] = "secret_revoke"
+    SENDER: ClassVar[str] = "cp"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    name: str | None = attrs.field(default=None, validator=_secret_name)
+    reason: str = ""
+    envelope: CpEnvelope | None = None
+
+
+@attrs.frozen
+class SecretAck:
+    """Agent → CP, the reply to ``secret_release``/``secret_revoke``: ``applied``,
+    ``revoked`` or ``refused`` (``code`` from ``SECRET_REFUSAL_CODES`` or
+    ``WRITE_REFUSAL_CODES``)."""
+
+    TYPE: ClassVar[str] = "secret_ack"
+    SENDER: ClassVar[str] = "agent"
+    deployment_id: str = attrs.field(validator=_nonempty)
+    state: Literal["applied", "revoked", "refused"]
+    name: str | None = None
+    version: int | None = None
+    code: str | None = None
+    reason: str = ""
+
+
+@attrs.frozen
 class Attest:
     """CP → agent: re-attest; the agent answers with ``attestation``."""
 
@@ -494,6 +607,11 @@ Message: TypeAlias = (
     | StatsReply
     | ErrorMessage
     | Reconnect
+    | SecretsKeyRequest
+    | SecretsKey
+    | SecretRelease
+    | SecretRevoke
+    | SecretAck
 )
 
 _ALL: tuple[type[Message], ...] = (
@@ -517,6 +635,11 @@ _ALL: tuple[type[Message], ...] = (
     StatsReply,
     ErrorMessage,
     Reconnect,
+    SecretsKeyRequest,
+    SecretsKey,
+    SecretRelease,
+    SecretRevoke,
+    SecretAck,
 )
 
 _BY_SENDER: dict[str, dict[str, type[Message]]] = {"cp": {}, "agent": {}}
