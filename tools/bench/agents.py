@@ -153,10 +153,13 @@ async def bench(n: int, heartbeat: float, hold_s: float) -> None:
         await trio.sleep(heartbeat * 2)  # settle: every agent heartbeats at least once
         before = await _metrics(cp)
         c_cp0, c_lg0, w0 = proc_cpu(cp.proc.pid), cpu_seconds(), time.perf_counter()
+        load0 = os.getloadavg()[0]
         await trio.sleep(hold_s)
         after = await _metrics(cp)
         wall = time.perf_counter() - w0
-        cp_cpu = (proc_cpu(cp.proc.pid) - c_cp0) / wall * 100
+        cp_cpu_s = proc_cpu(cp.proc.pid) - c_cp0
+        cp_cpu = cp_cpu_s / wall * 100
+        load = (load0 + os.getloadavg()[0]) / 2
         lg_cpu = (cpu_seconds() - c_lg0) / wall * 100
         rss = rss_kib(cp.proc.pid)
         p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
@@ -175,7 +178,10 @@ async def bench(n: int, heartbeat: float, hold_s: float) -> None:
           f"(goal p99 < 50 ms)")
     print(f"    CP RSS {rss / 1024:.0f} MiB  = {(rss - base_rss) / n:.1f} KiB/agent over "
           f"an idle CP of {base_rss / 1024:.0f} MiB (goal < 25 KB/agent)")
-    print(f"    steady-state CPU: CP {cp_cpu:.0f}%  loadgen {lg_cpu:.0f}% of one core")
+    handled = max(1, count - count_before)
+    print(f"    steady-state CPU: CP {cp_cpu:.0f}%  loadgen {lg_cpu:.0f}% of one core; "
+          f"CP CPU per heartbeat {cp_cpu_s / handled * 1000:.3f} ms; host load average "
+          f"{load:.1f} on {os.cpu_count()} cores (shared machine)")
     print(f"    time-to-ready after kill -9 + restart: {ready_s:.1f}s "
           f"(quorum 95% of checkpointed agents)")
 

@@ -14,6 +14,9 @@ until it reconnects.
 Timers live in the agent plane, not here: one sweep task there tells ``Tick`` to
 agents whose last frame is older than the stale threshold and ``ReattestDue`` every
 ``attest_interval_s``, so an idle agent costs its actor no task and no wake-ups.
+Heartbeats of a ready agent do not reach the actor at all: the plane records them in
+the directory's ``Beat`` (``AgentPlane._beat_inline``), which is where this actor
+reads heartbeat age from; the actor handles those that can change its state.
 Re-attestation is a fresh nonce, the agent's quote and verification in a worker
 thread; a refusal quarantines the agent (no new placements) and raises an event. A
 verifier that raises on the agent's quote is a refusal too (``VERIFY_ERROR``, logged
@@ -33,6 +36,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from ee.actors.directory import AgentDirectory, AgentRecord, Beat, render
 from ee.actors.identity import Identity
 from ee.actors.lifecycle import AgentState, api_status, status_for_age, transition
 from ee.protocol.messages import (
@@ -45,7 +49,6 @@ from ee.protocol.messages import (
     LogsReply,
     LogsRequest,
     Message,
-    NodeStats,
     Snapshot,
     SnapshotRequest,
     Undeploy,
@@ -97,6 +100,8 @@ class AgentDeps:
     observe_heartbeat: Callable[[float], None] = lambda _seconds: None
     observe_heartbeat_gap: Callable[[float], None] = lambda _seconds: None
     count_fault: Callable[[str], None] = lambda _stage: None  # ee_agent_plane_faults_total
+    # Where the agent is published for everyone else to read (one per CP).
+    directory: AgentDirectory = attrs.field(factory=AgentDirectory)
 
 
 @attrs.frozen
@@ -215,12 +220,6 @@ def _replica_report(st: DeployStatus, agent_id: str) -> ReplicaReport:
     return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, error)
 
 
-def _iso(unix: float | None) -> str | None:
-    if unix is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
-
-
 class AgentActor(Actor):
     def __init__(self, agent_id: str, deps: AgentDeps) -> None:
         self.agent_id = agent_id
@@ -229,11 +228,9 @@ class AgentActor(Actor):
         self.identity: Identity | None = None
         self.link: AgentLink | None = None
         self.draining = False
-        self.last_heartbeat: float | None = None  # trio time
-        self.last_heartbeat_unix: float | None = None
-        self.seq = 0
-        self.health: dict[str, Any] = {"status": "unknown", "detail": ""}
-        self.stats: NodeStats | None = None
+        # The latest heartbeat lives in the directory, updated in place (by the agent
+        # plane while the agent is ready, by this actor otherwise); age comes from it.
+        self.beat: Beat = deps.directory.beat_of(agent_id)
         self.deployments: dict[str, DeploymentSnapshot] = {}
         self.quarantine_reasons: tuple[str, ...] = ()
         self._reattesting = False
@@ -254,6 +251,7 @@ class AgentActor(Actor):
                 if isinstance(reply, Snapshot):
                     self._adopt(link, reply)
         self._announce()
+        self._publish()
 
     async def _reattest_once(self, link: AgentLink) -> None:
         """One re-attestation: fresh nonce, the agent's quote, verification in a thread."""
@@ -294,10 +292,19 @@ class AgentActor(Actor):
         self.deps.emit("agent.status", self.agent_id,
                        {"from": old.value, "to": target.value, "vm_name": self.vm_name})
         self._announce()
+        self._publish()
 
     @property
     def vm_name(self) -> str | None:
         return self.identity.vm_name if self.identity else None
+
+    def record(self) -> AgentRecord:
+        return AgentRecord(self.agent_id, self.identity, self.state, self.draining,
+                           tuple(self.deployments.values()), self.quarantine_reasons)
+
+    def _publish(self) -> None:
+        """Put this agent's current record in the directory (a no-op when unchanged)."""
+        self.deps.directory.put(self.record())
 
     def _announce(self) -> None:
         if self.identity is None:
@@ -318,15 +325,14 @@ class AgentActor(Actor):
             self.state = transition(self.state, AgentState.CONNECTING)
         self.state = transition(self.state, AgentState.REGISTERED)
         self._apply_snapshot(snapshot)
-        self.last_heartbeat = trio.current_time()
-        self.last_heartbeat_unix = time.time()
         self.quarantine_reasons = ()
         self._set_state(AgentState.READY)
+        self._publish()
 
     def _apply_snapshot(self, snapshot: Snapshot) -> None:
         self.deployments = {d.deployment_id: d for d in snapshot.deployments}
-        self.health = {"status": snapshot.health.status, "detail": snapshot.health.detail}
-        self.seq = snapshot.seq
+        self.beat = self.deps.directory.beat(self.agent_id, snapshot.seq, snapshot.health,
+                                             None, trio.current_time(), time.time())
 
     def _current(self, session_id: int) -> bool:
         return self.link is not None and self.link.session_id == session_id
@@ -356,15 +362,14 @@ class AgentActor(Actor):
         if not self._current(msg.session_id):
             return
         hb = msg.heartbeat
+        now = trio.current_time()
         if msg.received_at:
-            self.deps.observe_heartbeat(trio.current_time() - msg.received_at)
-        if self.last_heartbeat is not None:
-            self.deps.observe_heartbeat_gap(trio.current_time() - self.last_heartbeat)
-        self.seq = hb.seq
-        self.health = {"status": hb.health.status, "detail": hb.health.detail}
-        self.stats = hb.stats  # kept as the frozen value; turned into JSON when viewed
-        self.last_heartbeat = trio.current_time()
-        self.last_heartbeat_unix = time.time()
+            self.deps.observe_heartbeat(now - msg.received_at)
+        if self.beat.at is not None:
+            self.deps.observe_heartbeat_gap(now - self.beat.at)
+        # In place: the frozen frame values are kept, turned into JSON only when viewed.
+        self.deps.directory.beat(self.agent_id, hb.seq, hb.health, hb.stats, now,
+                                 time.time())
         if self.state is AgentState.STALE:
             self._set_state(AgentState.READY)
 
@@ -382,6 +387,7 @@ class AgentActor(Actor):
             self.deployments[st.deployment_id] = attrs.evolve(
                 old, state=st.state, compose_hash=st.compose_hash or old.compose_hash,
                 image_digests=st.image_digests or old.image_digests)
+        self._publish()
         report = _replica_report(st, self.agent_id)
         try:
             self.registry.ref(f"app/{old.app}").try_tell(report)
@@ -413,6 +419,7 @@ class AgentActor(Actor):
         self.deployments[msg.deployment_id] = DeploymentSnapshot(
             deployment_id=msg.deployment_id, app=msg.app, version=v["version"],
             state="pending", compose_hash=None)
+        self._publish()
         return True
 
     @handler(PushUndeploy)
@@ -427,6 +434,7 @@ class AgentActor(Actor):
                 log.info("agent %s: undeploy not sent: %s", self.agent_id, exc)
                 return False
             self.deployments[msg.deployment_id] = attrs.evolve(old, state="stopping")
+            self._publish()
         return True
 
     @handler(FetchLogs)
@@ -443,9 +451,9 @@ class AgentActor(Actor):
 
     @handler(Tick)
     async def on_tick(self, _: Tick) -> None:
-        if self.last_heartbeat is None:
+        if self.beat.at is None:
             return
-        age = trio.current_time() - self.last_heartbeat
+        age = trio.current_time() - self.beat.at
         s = self.deps.settings
         target = status_for_age(self.state, age, s.stale_after_s, s.offline_after_s)
         if target is AgentState.OFFLINE and self.link is not None:
@@ -466,6 +474,7 @@ class AgentActor(Actor):
             self.deps.drained.add(self.agent_id)
         else:
             self.deps.drained.discard(self.agent_id)
+        self._publish()
         self.deps.emit("agent.drain", self.agent_id, {"draining": msg.draining})
         return self.view()
 
@@ -475,9 +484,11 @@ class AgentActor(Actor):
             return
         if msg.refusal is None:
             self.identity = attrs.evolve(self.identity, verified_at=msg.at_unix)
+            self._publish()
             self.deps.emit("agent.reattested", self.agent_id, {"vm_name": self.vm_name})
             return
         self.quarantine_reasons = tuple(msg.refusal.reasons)
+        self._publish()
         self.deps.emit("agent.quarantined", self.agent_id,
                        {"code": msg.refusal.code, "reasons": list(msg.refusal.reasons)})
         if self.state in (AgentState.READY, AgentState.STALE):
@@ -488,38 +499,4 @@ class AgentActor(Actor):
         return self.view()
 
     def view(self) -> dict[str, Any]:
-        ident = self.identity
-        age = (trio.current_time() - self.last_heartbeat
-               if self.last_heartbeat is not None else None)
-        return {
-            "agent_id": self.agent_id,
-            "vm_name": ident.vm_name if ident else None,
-            "node_size": ident.node_size if ident else None,
-            "datacenter": ident.datacenter if ident else None,
-            "gpu": ident.gpu if ident else None,
-            "url": ident.url if ident else None,
-            "status": api_status(self.state),
-            "lifecycle": self.state.value,
-            "draining": self.draining,
-            "attestation": {
-                "verdict": ("fail" if self.state is AgentState.QUARANTINED
-                            else ident.verdict) if ident else None,
-                "provider": ident.provider if ident else None,
-                "mrtd": ident.mrtd if ident else None,
-                "tcb_status": ident.tcb_status if ident else None,
-                "verified_at": _iso(ident.verified_at) if ident else None,
-                "violations": list(ident.violations) if ident else [],
-                "quarantine_reasons": list(self.quarantine_reasons),
-            },
-            "deployment": [
-                {"deployment_id": d.deployment_id, "app": d.app, "version": d.version,
-                 "state": d.state, "compose_hash": d.compose_hash,
-                 "image_digests": dict(d.image_digests)}
-                for d in self.deployments.values()
-            ],
-            "health": self.health,
-            "heartbeat_seq": self.seq,
-            "stats": attrs.asdict(self.stats) if self.stats is not None else None,
-            "heartbeat_age_s": round(age, 3) if age is not None else None,
-            "last_heartbeat": _iso(self.last_heartbeat_unix),
-        }
+        return render(self.record(), self.beat, trio.current_time())

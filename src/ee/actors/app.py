@@ -5,11 +5,18 @@ Sources of truth, and how a (re)start rebuilds from them:
 
 * desired state — the app, its versions and its deployment intents — comes from the
   signed manifests (``deps.load``), written before a change is acknowledged;
-* what runs comes from the agents: every AgentActor's view (itself rebuilt from its
-  agent's snapshot and ``deploy_status`` frames) lists the deployment ids it runs.
+* what runs comes from the agents: every AgentActor publishes in the agent directory
+  (``ee.actors.directory``) what its agent lists (rebuilt from its agent's snapshot and
+  ``deploy_status`` frames); the app reads the directory, never asks every agent.
 
-A reconcile pass (on a timer and after every change) compares the two for each
-deployment: replicas whose agent went offline are dropped and re-placed elsewhere;
+A reconcile pass compares the two for each deployment. Passes are driven by change:
+the directory's ``Nudges`` feed sends a ``Reconcile`` when an agent this app watches
+(placed or holding a replica) changes, when an agent lists one of its deployment ids,
+and (while a deployment is short of replicas) when an agent becomes free; plus after
+every change of its own and a slow safety sweep (``reconcile_interval_s``). A pass
+costs O(its deployments and their replicas), not O(agents); placement reads a
+shortlist of the directory (``AgentDirectory.place``). In a pass:
+replicas whose agent went offline are dropped and re-placed elsewhere;
 replicas beyond the wanted count are stopped; a replica that failed is moved to another
 agent, up to ``max_attempts`` agents, then the deployment fails. Placement itself is
 ``ee.placement`` (pure); claiming an agent goes through its AgentActor (``PushDeploy``),
@@ -54,7 +61,8 @@ import trio
 
 from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
 from ee.actors.deployment import HashProblem, derive, hash_problem, stray_reason, transition
-from ee.placement import AgentInfo, Constraints, Placement, Request, place
+from ee.actors.directory import AgentDirectory, AgentRecord, Nudges
+from ee.placement import AgentInfo, Constraints, Request, place
 from ee.runtime import Actor, ActorError, handler
 
 log = logging.getLogger("ee.actors.app")
@@ -66,7 +74,7 @@ ACTIVE_REPLICA = ("pending", "pulling", "building", "starting", "running")
 class AppDeps:
     load: Callable[[str], Awaitable[dict[str, Any]]]  # app key -> {app, versions, deployments}
     save: Callable[[str, str, dict[str, Any]], Awaitable[None]]  # (kind, id, spec)
-    agent_views: Callable[[], Awaitable[list[dict[str, Any]]]]
+    directory: AgentDirectory
     emit: Callable[[str, str, Mapping[str, Any]], None]
     # Warm capacity: (deployment id, constraints, how many) -> reserve up to that many
     # agents of the matching pool for it; then agent id -> what each agent is held for
@@ -75,7 +83,9 @@ class AppDeps:
     holds: Callable[[], Awaitable[dict[str, str]]] | None = None
     # Has the CP's rehydration quorum been met? (None: never wait for absent agents.)
     ready: Callable[[], bool] | None = None
-    reconcile_interval_s: float = 2.0
+    # The change feed that nudges this app (None: only its own changes and the sweep).
+    nudges: Nudges | None = None
+    reconcile_interval_s: float = 30.0  # the safety sweep; changes drive passes
     max_attempts: int = 3
 
 
@@ -181,6 +191,20 @@ def _gave_up(failed_agents: frozenset[str]) -> str:
             + "; ".join(sorted(failed_agents)))
 
 
+def _same(now: tuple[object, ...], before: tuple[object, ...] | None) -> bool:
+    """The same pass inputs: the same objects (records, deployment) and equal flags."""
+    if before is None or len(now) != len(before):
+        return False
+    return (now[0] is before[0] and now[1] == before[1] and now[2] == before[2]
+            and all(a is b for a, b in zip(now[3:], before[3:], strict=True)))
+
+
+def _absent(record: AgentRecord | None) -> bool:
+    """Not back since the CP (re)started: never identified by a session of this CP
+    (an actor started for it publishes an unidentified record before its session)."""
+    return record is None or record.identity is None
+
+
 STRAY_MARK = "stray:"  # how placement sees a deployment id an agent lists unverified
 
 
@@ -198,21 +222,6 @@ def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
-def agent_info(view: Mapping[str, Any], holds: Mapping[str, str] | None = None
-               ) -> AgentInfo | None:
-    """Placement's view of an agent, from an AgentActor view (None if unidentified)."""
-    if not view.get("vm_name"):
-        return None
-    held = (holds or {}).get(view["agent_id"])
-    verdict = view["attestation"]["verdict"]
-    return AgentInfo(
-        agent_id=view["agent_id"], datacenter=view["datacenter"],
-        node_size=view["node_size"], gpu=bool(view["gpu"]), status=view["status"],
-        attested=verdict in ("pass", "warn"), draining=bool(view["draining"]),
-        deployments=tuple(d["deployment_id"] for d in view["deployment"]),
-        reserved_for=held)
-
-
 class AppActor(Actor):
     def __init__(self, app_key: str, deps: AppDeps) -> None:
         self.app_key = app_key
@@ -220,6 +229,8 @@ class AppActor(Actor):
         self.app: dict[str, Any] = {}
         self.versions: dict[str, dict[str, Any]] = {}
         self.deployments: dict[str, Deployment] = {}
+        # deployment id -> the inputs of its last pass (see _inputs)
+        self._seen: dict[str, tuple[object, ...]] = {}
 
     async def started(self) -> None:
         desired = await self.deps.load(self.app_key)
@@ -241,6 +252,8 @@ class AppActor(Actor):
                 created_at=float(spec["created_at"]), state=state,
                 placements=_ids(spec.get("placements")), failed_agents=failed,
                 error=_gave_up(failed) if state == "failed" else None)
+        if self.deps.nudges is not None:
+            self.deps.nudges.own(self.app_key, self.deployments)
         self.start_soon(self._ticker)
         if self.deployments:
             await self._reconcile()
@@ -324,30 +337,25 @@ class AppActor(Actor):
     async def on_list_versions(self, _: ListVersions) -> list[dict[str, Any]]:
         return [self.versions[v] for v in sorted(self.versions)]
 
-    async def _infos(self, views: list[dict[str, Any]]) -> list[AgentInfo]:
-        holds = await self.deps.holds() if self.deps.holds is not None else {}
-        return [i for i in (agent_info(v, holds) for v in views) if i is not None]
-
-    async def _placement(self, deployment_id: str | None, replicas: int,
-                         constraints: Constraints, views: list[dict[str, Any]]) -> Placement:
-        infos = await self._infos(views)
-        return place(Request(deployment_id=deployment_id, replicas=replicas,
-                             constraints=constraints), infos)
+    async def _holds(self) -> dict[str, str]:
+        return await self.deps.holds() if self.deps.holds is not None else {}
 
     @handler(Preflight)
     async def on_preflight(self, msg: Preflight) -> dict[str, Any]:
         if msg.version not in self.versions:
             return {"error": "unknown_version"}
-        placement = await self._placement(None, msg.replicas, msg.constraints,
-                                          await self.deps.agent_views())
-        return placement.to_dict()
+        # A preflight shows every agent's verdict: placement over all of them.
+        request = Request(deployment_id=None, replicas=msg.replicas,
+                          constraints=msg.constraints)
+        return place(request, self.deps.directory.infos(await self._holds())).to_dict()
 
     @handler(CreateDeployment)
     async def on_create(self, msg: CreateDeployment) -> dict[str, Any]:
         if msg.version not in self.versions:
             return {"error": "unknown_version"}
-        placement = await self._placement(None, msg.replicas, msg.constraints,
-                                          await self.deps.agent_views())
+        placement = self.deps.directory.place(
+            Request(deployment_id=None, replicas=msg.replicas, constraints=msg.constraints),
+            await self._holds())
         if not placement.placeable:
             return {"error": "not_placeable", "placement": placement.to_dict()}
         dep = Deployment(deployment_id=msg.deployment_id, version=msg.version,
@@ -355,9 +363,12 @@ class AppActor(Actor):
                          desired="running", created_at=time.time())
         await self._persist(dep)
         self.deployments[dep.deployment_id] = dep
+        if self.deps.nudges is not None:
+            self.deps.nudges.own(self.app_key, (dep.deployment_id,))
         self.deps.emit("deployment.created", dep.deployment_id,
                        {"app": self.app_key, "version": msg.version, "replicas": msg.replicas})
-        await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+        await self._reconcile_one(dep.deployment_id)
+        self._watch()
         return {"deployment_id": dep.deployment_id}
 
     @handler(GetDeployment)
@@ -375,7 +386,8 @@ class AppActor(Actor):
             await self._persist(dep)
             self.deployments[dep.deployment_id] = dep
             self.deps.emit("deployment.stopping", dep.deployment_id, {"app": self.app_key})
-        await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+        await self._reconcile_one(dep.deployment_id)
+        self._watch()
         return self.deployment_view(self.deployments[dep.deployment_id])
 
     @handler(DeploymentLogs)
@@ -407,6 +419,9 @@ class AppActor(Actor):
                 self.deps.emit("replica.report_ignored", dep.deployment_id, {
                     "agent_id": msg.agent_id, "state": msg.state,
                     "reason": "NOT_A_REPLICA"})
+                # A stray claims progress: look again (it is stopped there again).
+                await self._reconcile_one(dep.deployment_id)
+                self._watch()
             return
         replicas = {a: r for a, r in dep.replicas.items() if a != msg.agent_id}
         failed = False
@@ -417,7 +432,8 @@ class AppActor(Actor):
             failed = replica.state == "failed"
         self._set(attrs.evolve(dep, replicas=replicas))
         if failed:
-            await self._reconcile_one(dep.deployment_id, await self.deps.agent_views())
+            await self._reconcile_one(dep.deployment_id)
+            self._watch()
 
     @handler(Reconcile)
     async def on_reconcile(self, _: Reconcile) -> None:
@@ -444,21 +460,63 @@ class AppActor(Actor):
                            {"app": self.app_key, "state": new_state})
 
     async def _reconcile(self) -> None:
+        if self.deps.nudges is not None:
+            self.deps.nudges.taken(self.app_key)  # changes from now on nudge again
         if not self.deployments:
             return
-        views = await self.deps.agent_views()
-        listed = {d["deployment_id"] for v in views for d in v["deployment"]}
+        directory = self.deps.directory
         # A stopped deployment is looked at again only when an agent lists it (one that
         # was away when it was stopped came back, or a stray): it is stopped there.
         for dep in list(self.deployments.values()):
-            if dep.state != "stopped" or dep.deployment_id in listed:
-                await self._reconcile_one(dep.deployment_id, views)
+            if dep.state != "stopped" or directory.listed(dep.deployment_id):
+                inputs = self._inputs(dep)
+                if inputs is not None and _same(inputs, self._seen.get(dep.deployment_id)):
+                    continue  # nothing it depends on changed since its last pass
+                await self._reconcile_one(dep.deployment_id)
+                after = self._inputs(self.deployments[dep.deployment_id])
+                if after is not None:
+                    self._seen[dep.deployment_id] = after
+                else:
+                    self._seen.pop(dep.deployment_id, None)
+        self._watch()
 
-    async def _reconcile_one(self, deployment_id: str, views: list[dict[str, Any]]) -> None:
+    def _inputs(self, dep: Deployment) -> tuple[object, ...] | None:
+        """What a pass over *dep* depends on, or None when it must run regardless (short
+        of replicas: free agents and pool holds may have changed without a record of
+        its own agents changing). Records are immutable and replaced on change, so
+        comparing them by identity is exact (see ``_same``)."""
+        active = sum(1 for r in dep.replicas.values() if r.state in ACTIVE_REPLICA)
+        if dep.desired == "running" and (active < dep.replicas_wanted or any(
+                r.state == "failed" for r in dep.replicas.values())):
+            return None
+        directory = self.deps.directory
+        agents = sorted(dep.placements | dep.replicas.keys()
+                        | directory.listers(dep.deployment_id))
+        ready = self.deps.ready() if self.deps.ready is not None else True
+        return (dep, ready, tuple(agents), *(directory.get(a) for a in agents))
+
+    def _watch(self) -> None:
+        """Tell the change feed which agents this app's passes depend on."""
+        if self.deps.nudges is None:
+            return
+        agents: set[str] = set()
+        hungry = False
+        for dep in self.deployments.values():
+            agents.update(dep.placements)
+            agents.update(dep.replicas)
+            if dep.desired == "running" and dep.state != "failed":
+                active = sum(1 for r in dep.replicas.values() if r.state in ACTIVE_REPLICA)
+                hungry = hungry or active < dep.replicas_wanted
+        self.deps.nudges.watch(self.app_key, agents, hungry=hungry)
+
+    async def _reconcile_one(self, deployment_id: str) -> None:
         dep = self.deployments[deployment_id]
-        by_id = {v["agent_id"]: v for v in views}
-        listed = {v["agent_id"]: d for v in views for d in v["deployment"]
-                  if d["deployment_id"] == deployment_id and v["status"] != "offline"}
+        directory = self.deps.directory
+        listed = {}
+        for agent_id, d in directory.listing(deployment_id).items():
+            record = directory.get(agent_id)
+            if record is not None and record.status != "offline":
+                listed[agent_id] = d
         replicas = dict(dep.replicas)
         placed = set(dep.placements)
         failed_agents = set(dep.failed_agents)
@@ -475,27 +533,26 @@ class AppActor(Actor):
         # 1. What the agents list under this id: refresh or adopt replicas of placed
         #    agents, fail those with the wrong hash, stop strays.
         for agent_id, d in sorted(listed.items()):
-            stray = stray_reason(placed=agent_id in placed, claimed_app=d.get("app"),
+            stray = stray_reason(placed=agent_id in placed, claimed_app=d.app,
                                  app=self.app_key)
             if stray is not None:
                 replicas.pop(agent_id, None)
                 placed.discard(agent_id)
-                if d["state"] != "stopping":  # not yet told to stop
+                if d.state != "stopping":  # not yet told to stop
                     self.deps.emit("replica.stray", deployment_id, {
-                        "agent_id": agent_id, "reason": stray.value, "state": d["state"],
-                        "claimed_app": d.get("app"), "action": "undeploy"})
+                        "agent_id": agent_id, "reason": stray.value, "state": d.state,
+                        "claimed_app": d.app, "action": "undeploy"})
                     await self._undeploy_on(agent_id, deployment_id)
                 continue
             old = replicas.get(agent_id)
             replicas[agent_id] = self._replica_as_reported(
-                dep, old, agent_id, d["state"], d.get("compose_hash"),
-                old.error if old else None)
+                dep, old, agent_id, d.state, d.compose_hash, old.error if old else None)
         # Members whose agent went away, or no longer lists the replica (stopped, or lost
         # before it ran: an agent lists a deployment from the moment PushDeploy was
         # accepted). Lost is not failed: it never counts against the budget.
         for agent_id in list(replicas):
-            seen = by_id.get(agent_id)
-            if seen is None or seen["status"] == "offline":
+            seen = directory.get(agent_id)
+            if seen is None or seen.status == "offline":
                 self.deps.emit("replica.lost", deployment_id, {"agent_id": agent_id})
                 del replicas[agent_id]
                 placed.discard(agent_id)
@@ -507,7 +564,7 @@ class AppActor(Actor):
         # without it, and is waited for (not re-placed) while the CP is not ready. One
         # that is back (or offline) without the replica lets it go: the deploy never
         # arrived, or the replica was lost.
-        absent = {a for a in placed - set(replicas) if a not in by_id}
+        absent = {a for a in placed - set(replicas) if _absent(directory.get(a))}
         placed &= set(replicas) | absent
         waiting = bool(absent) and self.deps.ready is not None and not self.deps.ready()
         awaited = len(absent) if waiting else 0
@@ -556,11 +613,11 @@ class AppActor(Actor):
                     # Consume warm capacity first: reservations are made atomically by
                     # the pool, so two deployments never hold the same agent.
                     await self.deps.reserve_warm(deployment_id, constraints, missing)
-                infos = [_for_placement(i, deployment_id, replicas)
-                         for i in await self._infos(views)]
-                placement = place(Request(deployment_id=deployment_id,
-                                          replicas=dep.replicas_wanted,
-                                          constraints=constraints), infos)
+                members = dict(replicas)
+                placement = directory.place(
+                    Request(deployment_id=deployment_id, replicas=dep.replicas_wanted,
+                            constraints=constraints), await self._holds(),
+                    adjust=lambda i: _for_placement(i, deployment_id, members))
                 targets = [a for a in placement.chosen if a not in replicas][:missing]
                 placed.update(targets)
                 await persist()  # before any deploy leaves

@@ -1,9 +1,10 @@
 """DatacenterActor: per-label aggregate of its agents' status and attestation.
 
 It holds only what the AgentActors report (``StatusReport``, each stamped with Trio
-time so a late report never overwrites a newer one). On (re)start it rebuilds by
+time so a late report never overwrites a newer one). On (re)start it rebuilds from the
+agent directory (what every AgentActor last published: no asks); without one, by
 asking every agent actor of its label for its view, in a helper task so reports keep
-flowing meanwhile; agents also re-announce themselves when they restart.
+flowing meanwhile. Agents also re-announce themselves when they restart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import attrs
 import trio
 
 from ee.actors.agent import Describe, StatusReport
+from ee.actors.directory import AgentDirectory
+from ee.actors.lifecycle import AgentState
 from ee.runtime import Actor, ActorError, handler
 
 
@@ -23,12 +26,21 @@ class DescribeDatacenter:
 
 
 class DatacenterActor(Actor):
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, directory: AgentDirectory | None = None) -> None:
         self.label = label
+        self.directory = directory
         self.agents: dict[str, StatusReport] = {}
 
     async def started(self) -> None:
-        self.start_soon(self._rebuild)
+        if self.directory is None:
+            self.start_soon(self._rebuild)
+            return
+        stamp = trio.current_time()
+        for record in self.directory.in_datacenter(self.label):
+            passed = (None if record.state is AgentState.OFFLINE
+                      else record.state is not AgentState.QUARANTINED)
+            self.agents[record.agent_id] = StatusReport(record.agent_id, record.status,
+                                                        passed, stamp)
 
     async def _rebuild(self) -> None:
         for name in self.registry.names("agent/"):

@@ -85,6 +85,7 @@ from ee.capacity.pool import (
     choose_agent,
     classify,
     expire_orders,
+    held,
     members,
     pool_view,
     reconcile,
@@ -124,6 +125,9 @@ class PoolDeps:
     ready: Callable[[], bool] = lambda: True  # CP rehydration quorum met?
     new_id: Callable[[str], str] = _new_id  # prefix ("lo", "rsv") -> fresh id
     observe_claim_to_registered: Callable[[float], None] = lambda _seconds: None
+    # The views of one pool's agents only (the CP: from the agent directory, O(pool));
+    # when given, used instead of ``agent_views``.
+    agent_views_for: Callable[[PoolKey], Awaitable[list[dict[str, Any]]]] | None = None
 
 
 # ---- messages ------------------------------------------------------------------------
@@ -150,7 +154,11 @@ class HasOrder:
 
 @attrs.frozen
 class Holds:
-    """→ agent id → reservation id of live reservations (placement's ``reserved_for``)."""
+    """→ agent id → reservation id of live reservations (placement's ``reserved_for``);
+    with ``by_deployment``, the deployment a reservation was made for where it names
+    one (so that deployment's placement may use the agent)."""
+
+    by_deployment: bool = False
 
 
 @attrs.frozen
@@ -246,7 +254,8 @@ class CapacityPoolActor(Actor):
     # ---- plumbing --------------------------------------------------------------------
 
     async def _agents(self) -> list[AgentView]:
-        views = await self.deps.agent_views()
+        views = (await self.deps.agent_views_for(self.key) if self.deps.agent_views_for
+                 is not None else await self.deps.agent_views())
         agents = (AgentView.from_view(v) for v in views)
         return members((a for a in agents if a is not None), self.key)
 
@@ -323,8 +332,12 @@ class CapacityPoolActor(Actor):
         return msg.order_id in self.state.orders
 
     @handler(Holds)
-    async def on_holds(self, _: Holds) -> dict[str, str]:
-        return reserved_for(self.state.reservations.values(), self.deps.clock())
+    async def on_holds(self, msg: Holds) -> dict[str, str]:
+        now = self.deps.clock()
+        if msg.by_deployment:
+            return {a: r.deployment_id or r.reservation_id
+                    for a, r in held(self.state.reservations.values(), now).items()}
+        return reserved_for(self.state.reservations.values(), now)
 
     @handler(Reconcile)
     async def on_reconcile(self, _: Reconcile) -> dict[str, Any]:
@@ -544,13 +557,14 @@ class PoolDirectory:
                 log.info("pool %s: no view (%s)", key.ident, exc)
         return views
 
-    async def holds(self, timeout: float = 10.0) -> dict[str, str]:
+    async def holds(self, timeout: float = 10.0, *,
+                    by_deployment: bool = False) -> dict[str, str]:
         """Agent id → reservation id over every pool (for ``AgentInfo.reserved_for``)."""
         out: dict[str, str] = {}
         for key in self.keys():
             try:
-                out.update(await self.registry.ref(key.actor_name).ask(Holds(),
-                                                                        timeout=timeout))
+                out.update(await self.registry.ref(key.actor_name).ask(
+                    Holds(by_deployment), timeout=timeout))
             except ActorError as exc:
                 log.info("pool %s: no holds (%s)", key.ident, exc)
         return out

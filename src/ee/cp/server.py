@@ -28,6 +28,7 @@ in the tree; ``--role master|dc`` is refused with a clear error rather than pret
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -44,8 +45,9 @@ from typing import Any, cast
 import attrs
 import trio
 
-from ee.actors.agent import AgentDeps, AgentSettings, Describe
-from ee.actors.app import AppActor, AppDeps, GetDeployment, ListVersions
+from ee.actors.agent import AgentDeps, AgentSettings
+from ee.actors.app import AppActor, AppDeps, GetDeployment, ListVersions, Reconcile
+from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
 from ee.attestation import Collateral, Verifier
@@ -66,7 +68,7 @@ from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
 from ee.cp.metrics import CpMetrics
 from ee.cp.nodes import LabelError, Vocabulary
-from ee.cp.readiness import Quorum, Readiness, assess
+from ee.cp.readiness import Quorum, Readiness, Tally
 from ee.cp.records import (
     RecordStore,
     RecordStoreError,
@@ -221,6 +223,12 @@ class ControlPlane:
         self.config = config
         self.bootstrap = boot
         self.registry = Registry()
+        # The one picture of every agent (AgentActors publish, everyone reads), and the
+        # change feed that nudges exactly the apps a change concerns.
+        self.directory = AgentDirectory()
+        self.nudges = Nudges(self._nudge_app)
+        self.directory.subscribe(self.nudges.changed)
+        self._preloaded: dict[str, dict[str, Any]] = {}  # app key -> desired, first start
         self.events = EventBus()
         self.metrics = CpMetrics()
         self.attest_limiter = trio.CapacityLimiter(config.attestation_threads)
@@ -238,7 +246,11 @@ class ControlPlane:
         self._create_lock = trio.Lock()
         self.started_at = 0.0
         self.expected_agents = self._read_checkpoint()
-        self.seen_agents: set[str] = set()
+        # Agents back since start: counted when their actor has adopted a session (and
+        # published it), not when the session opens, so an app woken by readiness sees
+        # every agent readiness counted.
+        self.tally = Tally(self.expected_agents)
+        self.directory.subscribe(self._seen)
         self.identities = IdentityBook(self.manifests, self.events.emit)
         self.drained = self.identities.drained  # operator intent, kept as signed manifests
         self._release_lock = trio.Lock()
@@ -246,6 +258,8 @@ class ControlPlane:
         self.http_port: int | None = None
         self._http_stop = trio.Event()
         self._ready_logged = False
+        # ee-cp (not an in-process test CP) freezes the collector's view once ready.
+        self.freeze_gc_when_ready = False
         self.datacenters = Supervisor("datacenters", max_restarts=100, period=10.0)
         self.agents = Supervisor("agents", max_restarts=1000, period=10.0)
         self.apps = Supervisor("apps", max_restarts=100, period=10.0,
@@ -254,8 +268,9 @@ class ControlPlane:
                                    populate=self._populate_pools)
         self.pools = PoolDirectory(self.registry, self.capacity, PoolDeps(
             load=self._load_pool, save=self._save_manifest, agent_views=self.describe_agents,
-            emit=self.events.emit, ready=lambda: self.readiness().ready,
-            observe_claim_to_registered=self.metrics.claim_to_registered.observe))
+            emit=self.events.emit, ready=self.is_ready,
+            observe_claim_to_registered=self.metrics.claim_to_registered.observe,
+            agent_views_for=self._pool_views))
         s = config
         self.agent_settings = AgentSettings(
             heartbeat_interval_s=s.heartbeat_interval_s, stale_after_s=s.stale_after_s,
@@ -267,6 +282,7 @@ class ControlPlane:
             registry=self.registry, agents=self.agents, datacenters=self.datacenters,
             judge=self.judge, agent_deps=self.agent_deps, events=self.events,
             claim_name=lambda identity, now: self.identities.claim(identity, now),
+            directory=self.directory,
             settings=PlaneSettings(max_frame_bytes=s.max_frame_bytes, nonce_ttl_s=s.nonce_ttl_s,
                                    heartbeat_interval_s=s.heartbeat_interval_s,
                                    stale_after_s=s.stale_after_s,
@@ -307,7 +323,7 @@ class ControlPlane:
             self.agents.as_child(),
             self.apps.as_child(),
             self.capacity.as_child(),
-            ChildSpec(id="agent-plane", start=self.plane.run, stop=self.plane.request_stop,
+            ChildSpec(id="agent-plane", start=self.plane.run, stop=self._stop_plane,
                       shutdown=10.0),
             # After the plane, so it stops (and writes its last checkpoint) before the
             # plane closes the sessions.
@@ -440,7 +456,8 @@ class ControlPlane:
                          attest_limiter=self.attest_limiter, drained=self.drained,
                          observe_heartbeat=self.metrics.heartbeat_handling.observe,
                          observe_heartbeat_gap=self.metrics.heartbeat_gap.observe,
-                         count_fault=lambda stage: self.metrics.plane_faults.labels(stage).inc())
+                         count_fault=lambda stage: self.metrics.plane_faults.labels(stage).inc(),
+                         directory=self.directory)
 
     def _agent_event(self, kind: str, subject: str, data: Any = None) -> None:
         self.events.emit(kind, subject, data)
@@ -458,14 +475,26 @@ class ControlPlane:
     # ---- readiness -------------------------------------------------------------------
 
     def readiness(self) -> Readiness:
-        self.seen_agents.update(self.plane.sessions)
-        state = assess(self.config.quorum, self.seen_agents, self.expected_agents,
-                       trio.current_time() - self.started_at)
+        state = self.tally.assess(self.config.quorum, trio.current_time() - self.started_at)
         if state.ready and not self._ready_logged:
             self._ready_logged = True
             log.info("ready: %s", state.reason)
             self.events.emit("cp.ready", "cp", state.to_dict())
+            # Apps waiting for absent agents may now re-place their replicas.
+            self.nudges.nudge_all()
+            if self.freeze_gc_when_ready:
+                # The rebuilt picture is long-lived: out of the collector's sight, so
+                # later full collections do not walk every agent's objects (pauses).
+                gc.freeze()
         return state
+
+    def _seen(self, _old: Any, new: Any) -> None:
+        if new is not None and new.identity is not None:
+            self.tally.see(new.agent_id)
+
+    def is_ready(self) -> bool:
+        """Has the quorum been met (once met, it stays met: no recount per question)?"""
+        return self._ready_logged or self.readiness().ready
 
     def _read_checkpoint(self) -> set[str]:
         path = self.config.data_dir / CHECKPOINT
@@ -481,10 +510,15 @@ class ControlPlane:
     async def _write_checkpoint(self) -> None:
         """Sign and write the live agent list in a worker thread (10k ids: canonical
         JSON, a signature and an fsync are no work for the event loop)."""
-        doc = {"agents": sorted(self.plane.sessions), "written_at": time.time(),
-               "cluster_id": self.bootstrap.cluster_id}
-        await trio.to_thread.run_sync(write_signed, self.config.data_dir / CHECKPOINT, doc,
-                                      self.bootstrap.signing_key)
+        agents = list(self.plane.sessions)  # the copy is on the loop; the sort is not
+        cluster_id, key = self.bootstrap.cluster_id, self.bootstrap.signing_key
+        path = self.config.data_dir / CHECKPOINT
+
+        def write() -> None:
+            write_signed(path, {"agents": sorted(agents), "written_at": time.time(),
+                                "cluster_id": cluster_id}, key)
+
+        await trio.to_thread.run_sync(write)
 
     async def _run_checkpoint(self, task_status: trio.TaskStatus[None]) -> None:
         task_status.started()
@@ -596,6 +630,9 @@ class ControlPlane:
         return out
 
     async def _load_app(self, app_key: str) -> dict[str, Any]:
+        preloaded = self._preloaded.pop(app_key, None)
+        if preloaded is not None:
+            return preloaded
         desired = await trio.to_thread.run_sync(self._load_desired)
         if app_key not in desired:
             raise RuntimeError(f"no valid manifest for app {app_key} (see manifest.refused "
@@ -609,20 +646,31 @@ class ControlPlane:
 
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
-                       agent_views=self.describe_agents, emit=self.events.emit,
+                       directory=self.directory, emit=self.events.emit,
                        reserve_warm=self._reserve_warm, holds=self._holds,
-                       ready=lambda: self.readiness().ready)
+                       ready=self.is_ready, nudges=self.nudges)
+
+    def _nudge_app(self, app_key: str) -> bool:
+        """One ``Reconcile`` for *app_key* (the directory's change feed); False if it
+        could not be queued (the next change or the safety sweep tries again)."""
+        try:
+            self.registry.ref(f"app/{app_key}").try_tell(Reconcile())
+        except ActorError:
+            return False
+        return True
 
     async def _holds(self) -> dict[str, str]:
         """Agent id -> what a pool holds it for: the deployment it was reserved for
         (so that deployment's placement may use it) or else the reservation id."""
         if not self.pools.keys():
             return {}
-        out: dict[str, str] = {}
-        for pool in await self.pools.describe_all():
-            for r in pool.get("reservations", []):
-                out[r["agent_id"]] = r.get("deployment_id") or r["reservation_id"]
-        return out
+        return await self.pools.holds(by_deployment=True)
+
+    async def _pool_views(self, key: PoolKey) -> list[dict[str, Any]]:
+        """The views of one pool's agents, from the directory (O(pool), no asks)."""
+        return self.directory.views(trio.current_time(),
+                                    self.directory.pool_members(key.datacenter,
+                                                                key.node_size))
 
     async def _reserve_warm(self, deployment_id: str, constraints: Any, count: int) -> None:
         """Reserve up to *count* warm agents of the pool the constraints name (if any)."""
@@ -655,6 +703,9 @@ class ControlPlane:
         desired = await trio.to_thread.run_sync(self._load_desired)
         for message in [*self.refused_manifests, *self.refused_releases]:
             self.events.emit("manifest.refused", "cp", {"detail": message})
+        # Each app's first start takes its part of this one load (O(manifests) once,
+        # not once per app); a restart of one app reads the manifests again.
+        self._preloaded = dict(desired)
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key
@@ -693,10 +744,14 @@ class ControlPlane:
 
     def with_urls(self, view: dict[str, Any]) -> dict[str, Any]:
         """Add each replica's URL (its agent's HTTP API, which proxies to the workload)."""
-        urls = {a: s.identity.url for a, s in self.plane.sessions.items()}
         for replica in view.get("replicas", []):
-            replica["url"] = urls.get(replica["agent_id"])
+            session = self.plane.sessions.get(replica["agent_id"])
+            replica["url"] = session.identity.url if session is not None else None
         return view
+
+    def _stop_plane(self) -> None:
+        self.nudges.paused = True  # sessions close because we stop: nothing is lost
+        self.plane.request_stop()
 
     # ---- http ------------------------------------------------------------------------
 
@@ -744,41 +799,13 @@ class ControlPlane:
     # ---- views -----------------------------------------------------------------------
 
     async def describe_agents(self) -> list[dict[str, Any]]:
-        names = self.registry.names("agent/")
-        views: list[dict[str, Any]] = []
-
-        async def one(name: str) -> None:
-            try:
-                views.append(await self.registry.ref(name).ask(Describe(), timeout=5))
-            except ActorError:
-                pass
-
-        limiter = trio.CapacityLimiter(64)
-
-        async def bounded(name: str) -> None:
-            async with limiter:
-                await one(name)
-
-        async with trio.open_nursery() as nursery:
-            for name in names:
-                nursery.start_soon(bounded, name)
-        views.sort(key=lambda v: str(v["agent_id"]))
-        return views
+        """Every agent's view, by agent id: read from the directory, no asks."""
+        return self.directory.views(trio.current_time())
 
     async def refresh_metrics(self) -> None:
         """Scrape-time gauges, from aggregates only (datacenters, pools, the tree): a
         scrape never asks every AgentActor."""
-        from ee.actors.datacenter import DescribeDatacenter
-
-        counts = {"online": 0, "stale": 0, "offline": 0, "quarantined": 0}
-        for name in self.registry.names("dc/"):
-            try:
-                view = await self.registry.ref(name).ask(DescribeDatacenter(), timeout=5)
-            except ActorError:
-                continue
-            for status in counts:
-                counts[status] += int(view["agents"].get(status, 0))
-        for status, n in counts.items():
+        for status, n in self.directory.status_counts().items():
             self.metrics.agents.labels(status).set(n)
         kinds: dict[str, int] = {}
         for node in self.root.snapshot().walk():
@@ -925,9 +952,8 @@ def raise_fd_limit() -> int:
 def tune_gc() -> None:
     """Fewer, cheaper collections: a CP holds tens of thousands of long-lived objects per
     thousand agents, and default thresholds make full collections stall the event loop
-    (heartbeat p99). Objects alive at start-up are frozen out of collection."""
-    import gc
-
+    (heartbeat p99). Objects alive at start-up are frozen out of collection (and those
+    alive when the rehydration quorum is met: ``ControlPlane.freeze_gc_when_ready``)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
@@ -946,6 +972,7 @@ def main(argv: list[str] | None = None) -> int:
                              "yet; run --role standalone")
         boot, token = prepare(config)
         cp = ControlPlane(config, boot)
+        cp.freeze_gc_when_ready = True
     except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:
         print(f"ee-cp: {exc}", file=sys.stderr)
         return 2
