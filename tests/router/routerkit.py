@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -130,3 +130,14 @@ class HeaderAgent(SimAgent):
                 self.closed_code = exc.reason.code if exc.reason else None
             finally:
                 self.ws = None
+
+
+async def wait_until(check: Callable[[], Awaitable[bool] | bool], poll: float = 0.05) -> None:
+    """Poll *check* until it is true (the caller holds a fail_after)."""
+    while True:
+        value = check()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return
+        await trio.sleep(poll)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
-from routerkit import HeaderAgent, Stacks, config_doc, running_router, two_stacks
+from routerkit import (
+    HeaderAgent,
+    Stacks,
+    config_doc,
+    running_router,
+    two_stacks,
+    wait_until,
+)
 
 from ee.router import decision as d
 
@@ -48,3 +55,103 @@ async def test_tenant_writes_follow_the_account_and_never_flip_back(tmp_path: Pa
                 assert seen[0] == "old"
             # one lookup per key, however many requests
             assert rr.router.resolver.lookups == len(stacks.keys)
+
+
+async def test_kill_switch_acts_on_the_next_request(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with two_stacks(tmp_path, accounts=1) as stacks, \
+                running_router(stacks, tmp_path, config_doc(A=100, B=100)) as rr:
+            _, key = stacks.keys[0]
+            async with rr.client(key) as c:
+                r = await c.get("/api/v2/apps")
+                assert r.headers[d.STACK_HEADER] == "new"
+                await rr.set({**config_doc(A=100, B=100), "kill_switch": True})
+                r = await c.get("/api/v2/apps")
+                assert r.headers[d.STACK_HEADER] == "old"
+                r = await c.post("/api/v2/apps", json={"name": "after-kill"})
+                assert r.headers[d.STACK_HEADER] == "old"
+            assert "after-kill" in await apps_on(stacks, "old", key)
+
+
+async def test_config_file_change_is_picked_up_and_bad_files_are_kept_out(
+        tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with two_stacks(tmp_path) as stacks, \
+                running_router(stacks, tmp_path, poll_interval_s=0.05) as rr:
+            rr.config_path.write_text('{"kill_switch": false, "classes": {"A": 100}}')
+            with trio.fail_after(5):
+                await wait_until(lambda: rr.router.config.points["A"] == 10_000)
+            rr.config_path.write_text('{"kill_switch": "yes"}')
+            with trio.fail_after(5):
+                await wait_until(lambda: rr.router.config_error is not None)
+            assert rr.router.config.points["A"] == 10_000  # the last good one stays
+            async with rr.client() as c:
+                r = await c.get("/api/v2/health")
+                assert r.headers[d.STACK_HEADER] == "new"
+
+
+async def test_admin_endpoint_needs_the_token(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with two_stacks(tmp_path, accounts=1) as stacks, \
+                running_router(stacks, tmp_path) as rr:
+            doc = {**config_doc(A=100), "kill_switch": False}
+            for token in (None, "wrong-token-0123456789", stacks.old.token, stacks.keys[0][1]):
+                async with rr.client(token) as c:
+                    r = await c.put("/_ee/router/config", json=doc)
+                    assert r.status_code == 401, r.text
+                    r = await c.get("/_ee/router/config")
+                    assert r.status_code == 401, r.text
+            assert rr.router.config.points["A"] == 0
+            async with rr.admin() as c:
+                r = await c.put("/_ee/router/config", json={"classes": {"A": 101}})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "bad_config"
+                r = await c.put("/_ee/router/config", json={"shadow": {"B": 1}})
+                assert r.status_code == 400, r.text
+                r = await c.put("/_ee/router/config", content=b"x" * (70 << 10))
+                assert r.status_code == 413, r.text
+            assert rr.router.config.points["A"] == 0
+
+
+async def test_agents_are_routed_by_vm_name_and_stay_across_reconnects(
+        tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        async with two_stacks(tmp_path) as stacks, \
+                running_router(stacks, tmp_path, config_doc(C=50)) as rr:
+            url = rr.url.replace("http://", "ws://") + "/api/v2/agents/connect"
+            names = [f"vm-{i}" for i in range(8)]
+            config = d.RolloutConfig.from_json(config_doc(C=50))
+            want = {n: d.decide(config, "C", f"agent:{n}").stack for n in names}
+            assert set(want.values()) == {"old", "new"}  # both stacks get agents
+
+            async def placed() -> dict[str, str]:
+                out: dict[str, str] = {}
+                for stack in d.STACKS:
+                    async with stacks.of(stack).client() as c:
+                        for a in (await c.get("/api/v2/agents")).json()["agents"]:
+                            if a["status"] == "online":
+                                out[a["vm_name"]] = stack
+                return out
+
+            async def has(expected: dict[str, str]) -> bool:
+                return await placed() == expected
+
+            async def on_old(vm: str) -> bool:
+                return (await placed()).get(vm) == "old"
+
+            agents = [HeaderAgent(url=url, td=stacks.old.td, vm_name=n) for n in names]
+            for _round in range(2):  # connect, drop, reconnect (same agents, same keys)
+                async with trio.open_nursery() as nursery:
+                    for agent in agents:
+                        await nursery.start(agent.run)
+                        assert agent.registered is not None
+                    with trio.fail_after(10):
+                        await wait_until(lambda: has(want))
+                    nursery.cancel_scope.cancel()
+            # without the header the agent goes to the stable stack
+            from simagent import SimAgent
+            async with trio.open_nursery() as nursery:
+                plain = SimAgent(url=url, td=stacks.old.td, vm_name="vm-noheader")
+                await nursery.start(plain.run)
+                with trio.fail_after(10):
+                    await wait_until(lambda: on_old("vm-noheader"))
+                nursery.cancel_scope.cancel()

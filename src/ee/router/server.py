@@ -586,7 +586,10 @@ class Router:
     async def _scrape(self, stack: str) -> dict[Any, float] | None:
         try:
             with trio.fail_after(5):
-                resp = await self.clients[stack].get("/metrics")
+                # its own connection: a kept-alive one after /metrics was seen to hang the
+                # next request on it once the clock had jumped (tests)
+                resp = await self.clients[stack].get("/metrics",
+                                                     headers={"Connection": "close"})
             if resp.status_code != 200:
                 return None
             return parse_prometheus(resp.text)
