@@ -15,10 +15,22 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from ee import __version__
-from ee.ctl import agents, capacity, console, cpbundle, deploy, image, release, tenant, trust
+from ee.ctl import (
+    agents,
+    capacity,
+    console,
+    cpbundle,
+    deploy,
+    drill,
+    image,
+    release,
+    rollout,
+    tenant,
+    trust,
+)
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image)
+                                  cpbundle, image, rollout, drill)
 
 Handler = Callable[[argparse.Namespace], int]
 
