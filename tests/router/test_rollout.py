@@ -148,13 +148,13 @@ async def test_eectl_rollout_drives_the_workers_kv_config(tmp_path: Path) -> Non
     with KvStandIn().serving() as kv, trio.fail_after(60):
         where = ("--cloudflare", "--cf-api", kv.base, "--cf-account", "acc1",
                  "--cf-namespace", "ns1", "--cf-token-file", str(tmp_path / "cf.token"))
-        rc, out, err = await eectl("rollout", "step", "C", *where)
+        rc, _out, err = await eectl("rollout", "step", "C", *where)
         assert rc == 0, err
         assert json.loads(kv.values["config"])["classes"]["C"] == 2
-        rc, out, err = await eectl("rollout", "kill", *where)
+        rc, _out, err = await eectl("rollout", "kill", *where)
         assert rc == 0 and json.loads(kv.values["config"])["kill_switch"] is True
         assert ("PUT", "/client/v4/accounts/acc1/storage/kv/namespaces/ns1/values/config") \
             in kv.calls
         (tmp_path / "cf.token").write_text("wrong")
-        rc, out, err = await eectl("rollout", "unkill", *where)
+        rc, _, err = await eectl("rollout", "unkill", *where)
         assert rc == 2 and json.loads(kv.values["config"])["kill_switch"] is True
