@@ -155,3 +155,46 @@ async def test_agents_are_routed_by_vm_name_and_stay_across_reconnects(
                 with trio.fail_after(10):
                     await wait_until(lambda: on_old("vm-noheader"))
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_key_is_answered_by_its_lookup_and_not_forwarded(
+        tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with two_stacks(tmp_path, accounts=1) as stacks, \
+                running_router(stacks, tmp_path, config_doc(A=100, B=100)) as rr:
+            for i in range(3):
+                async with rr.client(f"ee_k{i:04d}_not-a-secret") as c:
+                    r = await c.post("/api/v2/apps", json={"name": "junk"})
+                    assert r.status_code == 401 and r.headers[d.STACK_HEADER] == "old"
+                    assert r.json()["error"]["code"] == "unauthenticated"
+            assert rr.router.resolver.lookups == 3
+            assert rr.router.requests == {}  # nothing was forwarded to either stack
+            _, key = stacks.keys[0]
+            async with rr.client(key) as c:
+                assert (await c.get("/api/v2/apps")).headers[d.STACK_HEADER] == "new"
+
+
+async def test_the_router_enforces_the_promotion_gate_when_given_a_drill_key(
+        tmp_path: Path) -> None:
+    import time
+
+    from ee.protocol.signing import generate_signing_key, sign_document
+
+    key = generate_signing_key()
+    with trio.fail_after(60):
+        async with two_stacks(tmp_path) as stacks, \
+                running_router(stacks, tmp_path, config_doc(A=25),
+                               drill_pubkey=key.public_key()) as rr, rr.admin() as c:
+            r = await c.put("/_ee/router/config", json=config_doc(A=50))
+            assert r.status_code == 409 and r.json()["error"]["code"] == "promotion_refused"
+            doc = {"drill": "db-wipe", "passed": True, "finished_unix": time.time()}
+            forged = {"document": doc, "signature": sign_document(
+                doc, generate_signing_key()).hex()}
+            r = await c.put("/_ee/router/config", json={**config_doc(A=50), "drill": forged})
+            assert r.status_code == 409, r.text
+            assert rr.router.config.percent("A") == 25
+            good = {"document": doc, "signature": sign_document(doc, key).hex()}
+            r = await c.put("/_ee/router/config", json={**config_doc(A=50), "drill": good})
+            assert r.status_code == 200 and rr.router.config.percent("A") == 50
+            r = await c.put("/_ee/router/config", json=config_doc(A=10))  # back: no drill
+            assert r.status_code == 200

@@ -46,7 +46,6 @@ from ee.protocol.signing import (
     SignatureError,
     load_public_key,
     read_enveloped,
-    verify_document,
 )
 from ee.router.decision import (
     CLASSES,
@@ -56,10 +55,9 @@ from ee.router.decision import (
     next_stage,
     previous_stage,
 )
+from ee.router.promotion import DEFAULT_DRILL_MAX_AGE_S, drill_ok, promotion_refusal
 
-GATE_PERCENT = 25
 DEFAULT_SOAK_S = 3600.0
-DEFAULT_DRILL_MAX_AGE_S = 7 * 86400.0
 
 
 class Refused(Exception):
@@ -71,27 +69,6 @@ class Unreachable(Exception):
 
 
 # ---- pure planning -----------------------------------------------------------------
-
-
-def drill_ok(doc: Any, pubkey: Any, now: float, max_age_s: float) -> str | None:
-    """None when *doc* (``{"document", "signature"}``) is a passed, signed, recent drill
-    result; otherwise the reason it is not."""
-    if pubkey is None:
-        return "no --drill-pubkey given to check the DB-wipe drill result"
-    if not isinstance(doc, dict) or not isinstance(doc.get("document"), dict) \
-            or not isinstance(doc.get("signature"), str):
-        return "no DB-wipe drill result is recorded (eectl rollout record-drill)"
-    try:
-        verify_document(doc["document"], bytes.fromhex(doc["signature"]), pubkey)
-    except (SignatureError, ValueError):
-        return "the recorded DB-wipe drill result is not signed by the pinned key"
-    body = doc["document"]
-    if body.get("drill") != "db-wipe" or body.get("passed") is not True:
-        return "the recorded DB-wipe drill did not pass"
-    finished = body.get("finished_unix")
-    if not isinstance(finished, int | float) or now - finished > max_age_s:
-        return f"the recorded DB-wipe drill is older than {max_age_s:.0f} s"
-    return None
 
 
 def _with_percent(config: RolloutConfig, moves: Mapping[str, float], now: float
@@ -106,10 +83,9 @@ def _with_percent(config: RolloutConfig, moves: Mapping[str, float], now: float
 
 def _gate(config: RolloutConfig, moves: Mapping[str, float], pubkey: Any, now: float,
           max_age_s: float) -> None:
-    if any(pct > GATE_PERCENT and pct > config.percent(c) for c, pct in moves.items()):
-        reason = drill_ok(config.extra.get("drill"), pubkey, now, max_age_s)
-        if reason is not None:
-            raise Refused(f"promotion above {GATE_PERCENT} % refused: {reason}")
+    reason = promotion_refusal(config, moves, config.extra.get("drill"), pubkey, now, max_age_s)
+    if reason is not None:
+        raise Refused(reason)
 
 
 def plan_set(config: RolloutConfig, klass: str, pct: float, *, pubkey: Any, now: float,

@@ -61,6 +61,7 @@ from ee.router.guardrails import (
     total,
     triggers_from_json,
 )
+from ee.router.promotion import promotion_refusal
 
 log = logging.getLogger("ee.router")
 
@@ -94,6 +95,7 @@ class RouterSettings:
     old_agents: str | None = None
     new_agents: str | None = None
     admin_token: str | None = None
+    drill_pubkey: Any = None  # Ed25519PublicKey: PUT config enforces the promotion gate
     guard_interval_s: float = 15.0
     poll_interval_s: float = 1.0
     resolve_timeout_s: float = 5.0
@@ -116,14 +118,24 @@ class RouterSettings:
         return url + (f"?{query.decode('latin-1')}" if query else "")
 
 
+class KeyRefused(Exception):
+    """The stable stack refused the caller's API key (401): its answer, to pass on."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
 class AccountResolver:
     """API key id → cohort (``account:<id>``, or ``key:<id>`` for a provisioner key).
 
     The key id in ``ee_<key id>_<secret>`` is random and does not name the account, so
     the router asks the stable stack once per key (``GET /api/v2/accounts/me`` with the
-    caller's own key), and caches the answer (bounded, with a TTL). A key the stack
-    refuses (401) is not cached and its request goes to the stable stack, which then
-    refuses it itself; lookups run at most ``limit`` at a time.
+    caller's own key), and caches the answer (bounded, with a TTL; a hit must also
+    match the whole key's digest). A key the stack refuses (401) is not cached, and
+    that refusal is the answer to the caller (``KeyRefused``): junk keys cost the CP
+    one request each, as without the router. Lookups run at most ``limit`` at a time;
+    a lookup that fails otherwise leaves the request without a cohort (stable stack).
     """
 
     def __init__(self, client: httpx.AsyncClient, ttl_s: float = RESOLVE_TTL_S,
@@ -163,6 +175,8 @@ class AccountResolver:
                 cohort = f"account:{account}"
         elif resp.status_code == 403:
             cohort = f"key:{key_id}"  # the secret matched, the key is not a tenant's
+        elif resp.status_code == 401:
+            raise KeyRefused(401, resp.content[:4096])
         if cohort is not None:
             self.cache[key_id] = (cohort, now + self.ttl_s, digest)
             while len(self.cache) > self.size:
@@ -382,7 +396,15 @@ class Router:
         klass = d.classify(method, path)
         tenant = None
         if klass not in ("C", "E") and "authorization" in headers:
-            tenant = await self.resolver.resolve(headers["authorization"])
+            try:
+                tenant = await self.resolver.resolve(headers["authorization"])
+            except KeyRefused as refused:
+                if kind == "http":
+                    await _raw(send, refused.status, refused.body, "old")
+                    return
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+                return
         client = scope.get("client")
         config = self.config  # one config for the whole request
         cohort = d.cohort_key(klass, headers, tenant=tenant,
@@ -533,6 +555,12 @@ class Router:
                     triggers = triggers_from_json(config.extra.get("guardrails"))
                 except (ValueError, d.ConfigError) as exc:
                     raise BadAdminRequest(400, "bad_config", str(exc)) from None
+                if self.settings.drill_pubkey is not None:
+                    refusal = promotion_refusal(
+                        self.config, {c: config.percent(c) for c in d.CLASSES},
+                        config.extra.get("drill"), self.settings.drill_pubkey, time.time())
+                    if refusal is not None:
+                        raise BadAdminRequest(409, "promotion_refused", refusal)
                 self.write_file(config)
                 self.apply(config, triggers, source="admin")
                 await _json(send, 200, config.to_json())
@@ -669,6 +697,13 @@ async def _json(send: Send, status: int, doc: Any, stack: str | None = None) -> 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def _raw(send: Send, status: int, body: bytes, stack: str) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (d.STACK_HEADER.lower().encode(), stack.encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 async def _relay(upstream: trio_websocket.WebSocketConnection, receive: Receive,
                  send: Send) -> None:
     """Frames both ways until either side closes; the close code crosses over."""
@@ -714,6 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='{"kill_switch": bool, "classes": {"A": pct, …}, "shadow": {"A": rate}}')
     p.add_argument("--admin-token-file", metavar="FILE",
                    help="enables the /_ee/router/ admin endpoints for this bearer token")
+    p.add_argument("--drill-pubkey", metavar="FILE",
+                   help="refuse admin config changes that promote a class above 25 %% "
+                        "without a passed DB-wipe drill signed by this Ed25519 key")
     p.add_argument("--guard-interval", type=float, default=15.0, metavar="SECONDS",
                    help="guardrail evaluation interval (0: off)")
     p.add_argument("--log-level", default="INFO")
@@ -734,10 +772,18 @@ def main(argv: list[str] | None = None) -> int:
         if len(token) < 16:
             print("ee-router: the admin token must be at least 16 characters", file=sys.stderr)
             return 2
+    pubkey = None
+    if args.drill_pubkey:
+        from ee.protocol.signing import KeyFileError, load_public_key
+        try:
+            pubkey = load_public_key(args.drill_pubkey)
+        except KeyFileError as exc:
+            print(f"ee-router: --drill-pubkey: {exc}", file=sys.stderr)
+            return 2
     settings = RouterSettings(listen=args.listen, old=args.old, new=args.new,
                               config_path=Path(args.config), old_agents=args.old_agents,
                               new_agents=args.new_agents, admin_token=token,
-                              guard_interval_s=args.guard_interval)
+                              drill_pubkey=pubkey, guard_interval_s=args.guard_interval)
     router = Router(settings, d.RolloutConfig())
     router.load_file()
     if router.config_error is not None:
