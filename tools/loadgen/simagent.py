@@ -111,8 +111,9 @@ class SimAgent:
     async def run(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Connect, register, then serve the session until it closes."""
-        async with trio_websocket.open_websocket_url(self.url,
-                                                     ssl_context=self.ssl_context) as ws:
+        async with trio_websocket.open_websocket_url(
+                self.url, ssl_context=self.ssl_context,
+                extra_headers=[(b"x-ee-agent", self.vm_name.encode())]) as ws:
             self.ws = ws
             try:
                 _, challenge = await self.receive()

@@ -123,6 +123,7 @@ class SessionHost(Protocol):
 
     config: AgentConfig
     trust: CpTrust
+    vm_name: str
 
     async def register_message(self, nonce: bytes) -> Register: ...
 
@@ -203,6 +204,9 @@ class SessionLoop:
         try:
             async with trio_websocket.open_websocket_url(
                 self.url,
+                # The cohort key a rollout router (ee-router, the Worker) routes this
+                # agent by, so its reconnects stay on one CP stack (not a credential).
+                extra_headers=[(b"x-ee-agent", self.host.vm_name.encode())],
                 connect_timeout=self.connect_timeout,
                 disconnect_timeout=5,
                 max_message_size=MAX_FRAME_BYTES,

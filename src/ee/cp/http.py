@@ -33,6 +33,7 @@ Theory of operation of the request gate (``gate``, run before every route):
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import TYPE_CHECKING, Any, Final, ParamSpec, TypeVar
@@ -85,6 +86,13 @@ class DrainRequest:
 
 
 @attrs.frozen
+class ChaosErrorsRequest:
+    """``POST /api/v2/admin/chaos/errors`` (dev only): answer this share of requests 500."""
+
+    rate: float = attrs.field(validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)])
+
+
+@attrs.frozen
 class CrashRequest:
     """``POST /api/v2/admin/crash``."""
 
@@ -95,6 +103,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     app = QuartTrio("ee.cp")
     app.config["MAX_CONTENT_LENGTH"] = cp.config.max_request_bytes
     auth: Auth | None = None  # set once the tenant routes are registered, below
+    chaos_errors = [0.0]  # dev only: share of requests answered 500 (rollout drills)
 
     def admin(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         @wraps(fn)
@@ -141,6 +150,10 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         view = app.view_functions.get(request.endpoint or "") \
             if request.url_rule is not None else None
         who = who_may_call(view)
+        if chaos_errors[0] and request.path != "/api/v2/admin/chaos/errors" \
+                and random.random() < chaos_errors[0]:
+            raise ApiError(500, "chaos", "injected by /api/v2/admin/chaos/errors",
+                           close_connection=True)
         if who is Who.PUBLIC:
             await read_anonymous_body()
             return
@@ -262,6 +275,15 @@ def make_app(cp: ControlPlane) -> QuartTrio:
             raise not_found("running actor or child", name)
         cp.events.emit("chaos.crash", name, {"by": "admin"})
         return json_response({"crashed": name}, 202)
+
+    @app.post("/api/v2/admin/chaos/errors")
+    @admin
+    async def chaos_errors_route() -> Response:
+        if not cp.config.dev:
+            raise ApiError(403, "dev_only", "injected errors exist only under --dev")
+        chaos_errors[0] = (await request_body(ChaosErrorsRequest)).rate
+        cp.events.emit("chaos.errors", "http", {"rate": chaos_errors[0], "by": "admin"})
+        return json_response({"rate": chaos_errors[0]})
 
     @app.websocket("/api/v2/admin/events")
     async def events() -> None:

@@ -22,14 +22,16 @@ from ee.ctl import (
     console,
     cpbundle,
     deploy,
+    drill,
     image,
     release,
+    rollout,
     tenant,
     trust,
 )
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image, billing)
+                                  cpbundle, image, billing, rollout, drill)
 
 Handler = Callable[[argparse.Namespace], int]
 
