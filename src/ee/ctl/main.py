@@ -16,9 +16,10 @@ from types import ModuleType
 
 from ee import __version__
 from ee.ctl import agents, capacity, console, cpbundle, deploy, image, release, tenant, trust
+from ee.ctl import vm as vm_group
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image)
+                                  cpbundle, image, vm_group)
 
 Handler = Callable[[argparse.Namespace], int]
 
