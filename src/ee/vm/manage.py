@@ -48,7 +48,7 @@ __all__ = [
 DEFAULT_ROOT = Path("/var/lib/easyenclave/vms")
 IMAGE_FILES = ("vmlinuz", "initrd.img", "root.img", "cmdline")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-_MILESTONE = re.compile(r"ee-init:|ee-data:|ee-sim-material:|ee-agent: |registered as|"
+_MILESTONE = re.compile(r"ee-init:|ee-data:|ee-sim-material:|ee-agent: |session: registered|"
                         r"Kernel panic|FATAL|API listen on|Reached target .*Multi-User")
 
 
@@ -83,14 +83,45 @@ def _check_host(req: CreateRequest, host: VmHost) -> None:
         raise VmRefused("a data disk needs qemu-img (apt-get install qemu-utils)")
 
 
+def _qemu_can_reach(path: Path, uid: int, gid: int, *, read: bool) -> bool:
+    """Whether QEMU (uid/gid) can traverse to *path* (and read it when *read*)."""
+    if uid == 0:
+        return True
+    chain = [*reversed(path.parents), path] if read else [*reversed(path.parents)]
+    for p in chain:
+        st = p.stat()
+        need = 0o4 if (p == path and read) else 0o1
+        if st.st_uid == uid:
+            need <<= 6
+        elif st.st_gid == gid:
+            need <<= 3
+        if not st.st_mode & need:
+            return False
+    return True
+
+
+def _check_access(req: CreateRequest, host: VmHost) -> None:
+    uid, gid = host.qemu_user()
+    root = req.root_dir.resolve()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not _qemu_can_reach(existing / "x", uid, gid, read=False):
+        raise VmRefused(f"QEMU runs as uid {uid} and cannot reach {root}: make its parent "
+                        f"directories traversable (chmod o+x) or use another --root")
+    if not _qemu_can_reach(req.image.resolve() / "root.img", uid, gid, read=True):
+        raise VmRefused(f"QEMU runs as uid {uid} and cannot read {req.image}/root.img "
+                        f"(the image is shared, so it is not relabelled): make it readable "
+                        f"(chmod o+r, parents o+x)")
+
+
 def create_vm(req: CreateRequest, host: VmHost, *, sim_chain: Path | None = None,
               agent_port: int | None = None) -> VmPlan:
     """Plan, write the work dir, define and start the domain. VmRefused (nothing made)
     or VmError (whatever was made is removed again)."""
     base = check_image(req.image)
-    _check_host(req, host)
     plan = plan_vm(req, image_cmdline=base,
                    agent_port=agent_port if agent_port is not None else free_port())
+    _check_host(req, host)
+    _check_access(req, host)
     if host.info(req.name) is not None:
         raise VmRefused(f"a VM named {req.name} exists already (eectl vm delete {req.name})")
     work = plan.workdir
