@@ -188,3 +188,47 @@ def _fields(spec: DomainSpec) -> dict[str, object]:
     import attrs
 
     return {f.name: getattr(spec, f.name) for f in attrs.fields(DomainSpec)}
+
+
+class _Host:
+    """Just enough of VmHost for delete_vm: one domain whose labels name *workdir*."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.destroyed: list[str] = []
+
+    def info(self, name: str) -> DomainInfo | None:
+        return DomainInfo(name, "running", Labels(workdir=str(self.workdir)))
+
+    def destroy(self, name: str) -> bool:
+        self.destroyed.append(name)
+        return True
+
+
+def test_delete_never_removes_a_work_dir_outside_the_root(tmp_path: Path) -> None:
+    from ee.vm.errors import VmError
+    from ee.vm.manage import delete_vm
+
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    host = _Host(outside)
+    with pytest.raises(VmError, match="not under"):
+        delete_vm("vm-1", host, tmp_path / "vms")  # type: ignore[arg-type]
+    assert (outside / "keep").exists()
+    inside = tmp_path / "vms" / "vm-1"
+    inside.mkdir(parents=True)
+    assert delete_vm("vm-1", _Host(inside), tmp_path / "vms") == [  # type: ignore[arg-type]
+        "domain vm-1", f"work dir {inside}"]
+    assert not inside.exists()
+
+
+def test_cloud_vms_power_off_when_their_cp_stays_unreachable(tmp_path: Path) -> None:
+    cloud = plan_vm(request(tmp_path, poweroff_after_s=900.0, bootstrap_token="eebt1.a.b",
+                            order_id="lo-1"), image_cmdline=IMAGE_CMDLINE, agent_port=1)
+    assert cloud.config.terminal_action == "poweroff"
+    assert cloud.config.unreachable_terminate_after_s == 900.0
+    assert cloud.config.bootstrap_token == "eebt1.a.b" and cloud.spec.labels.order_id == "lo-1"
+    plain = plan_vm(request(tmp_path), image_cmdline=IMAGE_CMDLINE, agent_port=1)
+    assert plain.config.terminal_action == "exit"
+    assert plain.config.unreachable_terminate_after_s is None
