@@ -1,5 +1,9 @@
 """`eectl capacity`: warm capacity per (datacenter, node size) against its targets.
 
+``provision`` runs a provisioner: it claims launch orders for the given pools with a
+provisioner key and turns each into a libvirt VM whose agent registers with the
+order's bootstrap token (``ee.capacity.provisioner``; runs until interrupted).
+
 ``verify-clouds`` prints every pool with its target, warm/reserved/deployed counts,
 open launch orders and shortfall, and exits 1 when any pool is short (0 otherwise), so
 it can gate a rollout or page an operator.
@@ -26,6 +30,97 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                     "short of its target, 0 when all are met.")
     add_cp_options(verify)
     verify.set_defaults(handler=verify_clouds)
+    register_provision(commands)
+
+
+def register_provision(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = commands.add_parser(
+        "provision", help="turn launch orders into libvirt VMs (runs until interrupted)",
+        description="Claim launch orders for the pools given with --pool, create a VM per "
+                    "order with its bootstrap token, report fulfilment or failure, retry "
+                    "with bounded backoff, delete VMs of failed or expired orders.")
+    p.add_argument("--cp", required=True, metavar="URL", help="the CP's HTTP API")
+    p.add_argument("--key", metavar="KEY", help="provisioner key (default $EE_PROVISIONER_KEY)")
+    p.add_argument("--key-file", metavar="FILE", help="read the provisioner key from FILE")
+    p.add_argument("--image", required=True, metavar="DIR", help="a built agent image")
+    p.add_argument("--agent-cp", required=True, metavar="URL",
+                   help="the CP's agent plane as VMs dial it (ws:// or wss://)")
+    p.add_argument("--pool", action="append", required=True, metavar="DATACENTER/SIZE",
+                   help="a pool to serve (repeatable), e.g. local:dev/tiny")
+    p.add_argument("--max", type=int, default=4, metavar="N", help="VMs in the making at once")
+    p.add_argument("--max-attempts", type=int, default=3, metavar="N")
+    p.add_argument("--backoff-max", type=float, default=120.0, metavar="S")
+    p.add_argument("--poll", type=float, default=10.0, metavar="S")
+    p.add_argument("--poweroff-after", type=float, default=1800.0, metavar="S",
+                   help="a VM whose agent cannot reach the CP this long powers off (0: never)")
+    p.add_argument("--dev", action="store_true", help="VMs for a dev CP on this host")
+    p.add_argument("--accel", choices=("tcg", "kvm"))
+    p.add_argument("--memory", metavar="GIB")
+    p.add_argument("--vcpus", metavar="N")
+    p.add_argument("--disk", metavar="GIB")
+    p.add_argument("--connect", default="qemu:///system", metavar="URI")
+    p.add_argument("--root", metavar="DIR", help="VM work dirs (default $EE_VM_ROOT or "
+                                                 "/var/lib/easyenclave/vms)")
+    p.set_defaults(handler=provision)
+
+
+def provision(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import httpx
+    import trio
+
+    from ee.attestation.providers.sim import SIM_FILE, shared_sim_dir
+    from ee.capacity.provisioner import (
+        Provisioner,
+        ProvisionerSettings,
+        pools_from_text,
+        supervised,
+    )
+    from ee.ctl.client import UsageError
+    from ee.image.qemu import choose_accel
+    from ee.vm.launcher import LibvirtLauncher
+    from ee.vm.manage import DEFAULT_ROOT
+
+    try:
+        key = args.key or os.environ.get("EE_PROVISIONER_KEY")
+        if args.key_file:
+            key = Path(args.key_file).read_text().strip()
+        if not key:
+            raise UsageError("a provisioner key is needed: --key, --key-file or "
+                             "$EE_PROVISIONER_KEY")
+        settings = ProvisionerSettings(
+            pools=pools_from_text(args.pool), max_vms=args.max,
+            max_attempts=args.max_attempts, backoff_max_s=args.backoff_max,
+            backoff_base_s=min(5.0, args.backoff_max), poll_interval_s=args.poll)
+    except (ValueError, OSError, CtlError) as exc:
+        print(f"eectl capacity provision: {exc}", file=sys.stderr)
+        return 2
+    launcher = LibvirtLauncher(
+        uri=args.connect, image=Path(args.image).resolve(),
+        root_dir=Path(args.root or os.environ.get("EE_VM_ROOT") or DEFAULT_ROOT),
+        cp=args.agent_cp, api=args.cp, dev=args.dev,
+        accel=args.accel or choose_accel(),
+        poweroff_after_s=args.poweroff_after or None,
+        sim_chain=shared_sim_dir() / SIM_FILE if args.dev else None,
+        memory_gib=args.memory, vcpus=args.vcpus, disk_gib=args.disk)
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=args.cp, timeout=30, headers={
+                "Authorization": f"Bearer {key}"}) as client:
+            prov = Provisioner(client, launcher, settings,
+                               say=lambda line: print(line, flush=True))
+            print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} "
+                  f"from {args.cp} (accel {launcher.accel}, at most {settings.max_vms} "
+                  f"at once)", flush=True)
+            await supervised(prov).run()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def pools_table(pools: list[Json]) -> str:

@@ -29,9 +29,10 @@ from ee.ctl import (
     tenant,
     trust,
 )
+from ee.ctl import vm as vm_group
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image, billing, rollout, drill)
+                                  cpbundle, image, billing, rollout, drill, vm_group)
 
 Handler = Callable[[argparse.Namespace], int]
 
