@@ -2,9 +2,11 @@
 
 ``eectl image build --out DIR [--profile agent] [--cache DIR]`` writes ``DIR/vmlinuz``,
 ``DIR/initrd.img``, ``DIR/root.img`` (squashfs with its dm-verity tree appended),
-``DIR/cmdline`` and ``DIR/manifest.json``. :func:`reproducibility_check` is the body of
-``eectl trust reproducibility-check``. Exit: 0 built, 1 the build failed, 2 usage or a
-missing host tool.
+``DIR/cmdline`` and ``DIR/manifest.json``. ``eectl image bake-gcp --image DIR --out
+FILE.tar.gz`` packs such a build as a GCP disk image (`ee.image.disk`);
+``eectl image publish-gcp`` uploads it (`ee.ctl.cloud`). :func:`reproducibility_check`
+is the body of ``eectl trust reproducibility-check``. Exit: 0 built, 1 the build failed,
+2 usage or a missing host tool.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ee.ctl.cloud import register_cloud_commands
 from ee.image.build import (
     BuildOptions,
     Progress,
@@ -51,6 +54,22 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bake_gcp(args: argparse.Namespace) -> int:
+    from ee.image.disk import bake_gcp
+
+    try:
+        result = bake_gcp(Path(args.image), Path(args.out), name=args.name, family=args.family)
+    except ToolMissing as exc:
+        return _fail(str(exc), 2)
+    except ImageError as exc:
+        return _fail(str(exc), 1)
+    info = result.info
+    print(f"baked {args.out} ({info['tar_size'] / 2**20:.0f} MiB; disk.raw "
+          f"{result.disk_size / 2**30:.0f} GiB): image {info['name']} family {info['family']}, "
+          f"root_hash {info['root_hash']}, sha256 {info['tar_sha256']}")
+    return 0
+
+
 def reproducibility_check(profile: str = "agent", work: str | None = None) -> int:
     """Build twice from scratch and compare; 0 identical, 1 different, 2 cannot run."""
     try:
@@ -79,6 +98,16 @@ def register_trust_commands(trust: Any) -> None:
     p.set_defaults(handler=_repro)
 
 
+def _gcp_name(value: str) -> str:
+    from ee.cloud.gcp import valid_resource_name
+
+    if not valid_resource_name(value, max_len=40):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: lower-case letters, digits and '-', starting with a letter, "
+            "at most 40 characters")
+    return value
+
+
 def register(subparsers: Any) -> None:
     group = subparsers.add_parser("image", help="build the measured VM image")
     sub = group.add_subparsers(dest="image_command", metavar="COMMAND", required=True)
@@ -88,6 +117,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache", metavar="DIR",
                    help="debootstrap and wheel cache (default ~/.cache/easyenclave/image)")
     p.set_defaults(handler=_build)
+    p = sub.add_parser(
+        "bake-gcp", help="a GCP-importable UEFI disk (ESP + UKI + dm-verity root) as .tar.gz",
+        description="Pack a built image (DIR from `eectl image build`) as disk.raw (GPT: ESP "
+        "with a unified kernel image, the squashfs root, its verity hash tree) alone in a "
+        "gzip'd GNU tar, as GCP images.insert imports it; FILE.json beside it records the "
+        "digests. Byte-reproducible.")
+    p.add_argument("--image", required=True, metavar="DIR", help="a built image directory")
+    p.add_argument("--out", required=True, metavar="FILE.tar.gz")
+    p.add_argument("--name", default="easyenclave-agent", type=_gcp_name,
+                   help="GCP image name (default easyenclave-agent; publish-gcp appends the "
+                   "content digest)")
+    p.add_argument("--family", default="easyenclave-agent", type=_gcp_name,
+                   help="GCP image family (default easyenclave-agent)")
+    p.set_defaults(handler=_bake_gcp)
+    register_cloud_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
