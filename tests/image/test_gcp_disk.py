@@ -9,7 +9,8 @@
   policy is the prediction (verdict pass; the CP's measurement of the verified quote is
   SHA-256(PCR4 || PCR9) of the predicted values); the PCRs the guest prints equal the
   prediction (PCR5, PCR11 too);
-* one flipped byte in the root partition: dm-verity refuses it and the VM panics.
+* one flipped byte in the root partition: dm-verity refuses it and the VM panics;
+* a second disk with the same partitions: the initramfs refuses to choose, the VM panics.
 
 Slow: a bake (~15 s), two TCG boots.
 """
@@ -32,10 +33,11 @@ from attestation import tpmkit
 from ee.agent.bootconfig import write_config_drive
 from ee.agent.config import AgentConfig
 from ee.image.build import BuildResult
-from ee.image.disk import BAKE_TOOLS, ROOT_LABEL, bake_gcp
+from ee.image.disk import BAKE_TOOLS, ROOT_LABEL, ROOT_TYPE, bake_gcp
 from ee.image.qemu import OVMF_CODE, DiskVmSpec, choose_accel, disk_qemu_command
 
 from .conftest import require_tools
+from .test_image import flip_byte
 from .test_tpm_boot import OVMF_VARS, TPM_TOOLS, eectl, serial_text
 from .vmkit import free_port, production_cp, running, swtpm
 
@@ -99,15 +101,6 @@ def test_measure_disk_predicts_and_writes_policy(baked: Baked, tmp_path: Path) -
         {k: doc[k] for k in ("pcr4", "pcr9", "pcr11", "rtmr1")}
 
 
-def _flip(src: Path, dst: Path, offset: int) -> None:
-    shutil.copyfile(src, dst)
-    with dst.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-
-
 async def test_flipped_root_byte_does_not_boot(baked: Baked, tmp_path: Path) -> None:
     """One byte of the root partition flipped (block 0, past the squashfs superblock):
     the UKI and initramfs are intact, dm-verity refuses the block, the kernel panics."""
@@ -115,7 +108,7 @@ async def test_flipped_root_byte_does_not_boot(baked: Baked, tmp_path: Path) -> 
     root = next(p for p in baked.info["partitions"]  # type: ignore[attr-defined]
                 if p["label"] == ROOT_LABEL)
     disk = tmp_path / "disk.raw"
-    _flip(baked.disk, disk, root["first_lba"] * 512 + 3000)
+    flip_byte(baked.disk, disk, root["first_lba"] * 512 + 3000)
     shutil.copyfile(OVMF_VARS, tmp_path / "vars.fd")
     serial = tmp_path / "serial.log"
     spec = DiskVmSpec(disk=disk, serial_log=serial, ovmf_code=OVMF_CODE,
@@ -129,6 +122,28 @@ async def test_flipped_root_byte_does_not_boot(baked: Baked, tmp_path: Path) -> 
     assert re.search(r"verity.*data block 0 is corrupted", log), log[-3000:]
     assert "Kernel panic" in log
     assert "ee-init: root verified" not in log
+
+
+async def test_a_second_disk_with_the_root_refuses_to_boot(baked: Baked,
+                                                          tmp_path: Path) -> None:
+    """Root and tree are found by GPT type and label, on any disk: a second disk carrying
+    matching partitions makes the choice ambiguous, and the initramfs refuses to pick."""
+    require_tools({"qemu-system-x86_64": "qemu-system-x86", "cp": "coreutils"})
+    twin = tmp_path / "twin.raw"
+    with trio.fail_after(120):
+        await trio.run_process(["cp", "--sparse=always", str(baked.disk), str(twin)])
+    shutil.copyfile(OVMF_VARS, tmp_path / "vars.fd")
+    serial = tmp_path / "serial.log"
+    spec = DiskVmSpec(disk=baked.disk, serial_log=serial, ovmf_code=OVMF_CODE,
+                      ovmf_vars=tmp_path / "vars.fd", accel=choose_accel(), memory_mib=1024,
+                      cpus=1, drives=(twin,))
+    with trio.fail_after(300):
+        async with running(disk_qemu_command(spec), tmp_path / "qemu.log") as qemu:
+            await qemu.wait()
+    log = serial_text(serial)
+    assert f"ee-init: FATAL: two partitions match GPT:{ROOT_TYPE}:{ROOT_LABEL}" in log, \
+        log[-3000:]
+    assert "Kernel panic" in log and "ee-init: root verified" not in log
 
 
 async def test_baked_disk_boots_to_registered_agent(baked: Baked, tmp_path: Path) -> None:

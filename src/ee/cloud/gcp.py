@@ -40,6 +40,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -66,6 +67,7 @@ __all__ = [
     "ServiceAccount",
     "TokenSource",
     "check_endpoint",
+    "client_from_env",
     "jwt_assertion",
     "load_service_account",
     "valid_resource_name",
@@ -510,3 +512,18 @@ class GcpClient:
             if not token:
                 return out
         raise GcpApiError("GET", "instances", 0, f"more than {max_pages} pages")
+
+
+def client_from_env(http: httpx.AsyncClient, env: Mapping[str, str] | None = None,
+                    **kw: Any) -> GcpClient:
+    """A client from ``$GOOGLE_APPLICATION_CREDENTIALS`` (a service-account key file) and
+    the endpoint overrides ``$EE_GCP_STORAGE_URL`` / ``$EE_GCP_COMPUTE_URL``."""
+    env = dict(os.environ) if env is None else env
+    path = env.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not path:
+        raise GcpConfigError("GOOGLE_APPLICATION_CREDENTIALS is not set "
+                             "(a service-account key file)")
+    account = load_service_account(Path(path))
+    return GcpClient(http, TokenSource(account, http),
+                     storage_url=env.get("EE_GCP_STORAGE_URL") or STORAGE_URL,
+                     compute_url=env.get("EE_GCP_COMPUTE_URL") or COMPUTE_URL, **kw)

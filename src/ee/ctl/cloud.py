@@ -10,7 +10,6 @@ there), 1 the cloud refused or failed, 2 usage or credentials.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,39 +17,17 @@ from typing import Any
 import httpx
 import trio
 
-from ee.cloud.gcp import (
-    COMPUTE_URL,
-    STORAGE_URL,
-    GcpClient,
-    GcpConfigError,
-    GcpError,
-    TokenSource,
-    load_service_account,
-)
+from ee.cloud.gcp import GcpConfigError, GcpError, client_from_env
 from ee.cloud.publish import publish, read_bake_info
 
-__all__ = ["gcp_client_from_env", "register_cloud_commands"]
-
-
-def gcp_client_from_env(http: httpx.AsyncClient,
-                        env: dict[str, str] | None = None) -> GcpClient:
-    """A client from ``$GOOGLE_APPLICATION_CREDENTIALS`` and the endpoint overrides."""
-    env = dict(os.environ) if env is None else env
-    path = env.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if not path:
-        raise GcpConfigError("GOOGLE_APPLICATION_CREDENTIALS is not set "
-                             "(a service-account key file)")
-    account = load_service_account(Path(path))
-    return GcpClient(http, TokenSource(account, http),
-                     storage_url=env.get("EE_GCP_STORAGE_URL") or STORAGE_URL,
-                     compute_url=env.get("EE_GCP_COMPUTE_URL") or COMPUTE_URL)
+__all__ = ["register_cloud_commands"]
 
 
 async def _publish(args: argparse.Namespace) -> int:
     tarball = Path(args.file)
     info = await trio.to_thread.run_sync(read_bake_info, tarball)
     async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=20)) as http:
-        client = gcp_client_from_env(http)
+        client = client_from_env(http)
         result = await publish(client, args.project, args.bucket, tarball, info)
     what = ("published" if result.created else "already published")
     print(f"{what}: image {result.image} (family {info['family']}) in project "

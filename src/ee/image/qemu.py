@@ -76,35 +76,54 @@ class VmSpec:
     tpm_socket: Path | None = None
 
 
+def _machine(binary: str, accel: Accel, cpus: int, memory_mib: int,
+             serial_log: Path) -> list[str]:
+    return [
+        binary, "-machine", "q35", "-accel", accel,
+        "-cpu", "max" if accel == "tcg" else "host",
+        "-smp", str(cpus), "-m", str(memory_mib),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", f"file:{serial_log}", "-monitor", "none",
+    ]
+
+
+def _devices(drives: tuple[Path, ...], agent_port: int | None, guest_agent_port: int,
+             fw_cfg: tuple[tuple[str, Path], ...], nic: str) -> list[str]:
+    """Read-only extra drives, user networking (loopback hostfwd), rng, fw_cfg items."""
+    argv: list[str] = []
+    for drive in drives:
+        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
+    netdev = "user,id=net0"
+    if agent_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{agent_port}-:{guest_agent_port}"
+    argv += ["-netdev", netdev, "-device", nic, "-device", "virtio-rng-pci"]
+    for name, path in fw_cfg:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    return argv
+
+
+def _tpm(socket: Path | None) -> list[str]:
+    if socket is None:
+        return []
+    return ["-chardev", f"socket,id=chrtpm,path={socket}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+
+
 def qemu_command(spec: VmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     argv = [
-        binary, "-machine", "q35", "-accel", spec.accel,
-        "-cpu", "max" if spec.accel == "tcg" else "host",
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", f"file:{spec.serial_log}", "-monitor", "none",
+        *_machine(binary, spec.accel, spec.cpus, spec.memory_mib, spec.serial_log),
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
         "-drive", f"file={spec.root},format=raw,if=virtio,readonly=on",
     ]
     if spec.data_disk is not None:
         argv += ["-drive", f"file={spec.data_disk},format=raw,if=virtio"]
-    for drive in spec.drives:
-        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
-    netdev = "user,id=net0"
-    if spec.agent_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
-    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
-             "-device", "virtio-rng-pci"]
-    for name, path in spec.fw_cfg:
-        argv += ["-fw_cfg", f"name={name},file={path}"]
+    argv += _devices(spec.drives, spec.agent_port, spec.guest_agent_port, spec.fw_cfg,
+                     "virtio-net-pci,netdev=net0")
     if spec.ovmf_code is not None:
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.ovmf_code}"]
         if spec.ovmf_vars is not None:
             argv += ["-drive", f"if=pflash,format=raw,unit=1,file={spec.ovmf_vars}"]
-    if spec.tpm_socket is not None:
-        argv += ["-chardev", f"socket,id=chrtpm,path={spec.tpm_socket}",
-                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
-    return argv
+    return argv + _tpm(spec.tpm_socket)
 
 
 @attrs.frozen
@@ -131,33 +150,18 @@ class DiskVmSpec:
 
 def disk_qemu_command(spec: DiskVmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     argv = [
-        binary, "-machine", "q35", "-accel", spec.accel,
-        "-cpu", "max" if spec.accel == "tcg" else "host",
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", f"file:{spec.serial_log}", "-monitor", "none",
+        *_machine(binary, spec.accel, spec.cpus, spec.memory_mib, spec.serial_log),
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.ovmf_code}",
         "-drive", f"if=pflash,format=raw,unit=1,file={spec.ovmf_vars}",
         "-drive", f"file={spec.disk},format=raw,if=none,id=boot0",
+        "-device", ("nvme,drive=boot0,serial=ee-boot,bootindex=0"
+                    if spec.disk_interface == "nvme" else
+                    "virtio-blk-pci,drive=boot0,bootindex=0"),
     ]
-    if spec.disk_interface == "nvme":
-        argv += ["-device", "nvme,drive=boot0,serial=ee-boot,bootindex=0"]
-    else:
-        argv += ["-device", "virtio-blk-pci,drive=boot0,bootindex=0"]
-    for drive in spec.drives:
-        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
-    netdev = "user,id=net0"
-    if spec.agent_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
     # romfile= (empty): no iPXE option ROM, so the firmware tries no network boot
-    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile=",
-             "-device", "virtio-rng-pci"]
-    for name, path in spec.fw_cfg:
-        argv += ["-fw_cfg", f"name={name},file={path}"]
-    if spec.tpm_socket is not None:
-        argv += ["-chardev", f"socket,id=chrtpm,path={spec.tpm_socket}",
-                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
-    return argv
+    argv += _devices(spec.drives, spec.agent_port, spec.guest_agent_port, spec.fw_cfg,
+                     "virtio-net-pci,netdev=net0,romfile=")
+    return argv + _tpm(spec.tpm_socket)
 
 
 def swtpm_command(state_dir: Path, socket: Path, log: Path | None = None) -> list[str]:
