@@ -313,9 +313,9 @@ class GcpClient:
                        f"Bearer {await self.tokens.token()}"}
             try:
                 response = await self.http.request(method, url, headers=headers, **kw)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if attempt + 1 == self.retry.attempts:
-                    raise
+                    raise GcpApiError(method, url, 0, f"transport: {exc}") from None
                 await trio.sleep(self.retry.delay(attempt))
                 kw["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
                 continue

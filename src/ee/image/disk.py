@@ -104,6 +104,7 @@ GIB = 1 << 30
 ESP_MIN = 64 * MIB
 GPT_ENTRIES = 128
 MAX_DISK = 64 * GIB
+MAX_ESP_READ = 256 * MIB
 
 
 @attrs.frozen
@@ -364,11 +365,19 @@ def _read_image(image: Path) -> tuple[dict[str, Any], bytes, bytes, str, Path]:
     except (OSError, ValueError) as exc:
         raise BuildFailed("inputs", f"{image} is not a built image ({exc})") from None
     root = image / "root.img"
-    for name, data in (("vmlinuz", kernel), ("initrd.img", initrd)):
-        if hashlib.sha256(data).hexdigest() != manifest["artefacts"][name]["sha256"]:
-            raise BuildFailed("inputs", f"{image / name} does not match manifest.json")
-    if not root.is_file() or root.stat().st_size != manifest["artefacts"]["root.img"]["size"]:
-        raise BuildFailed("inputs", f"{root} does not match manifest.json")
+    try:
+        for name, data in (("vmlinuz", kernel), ("initrd.img", initrd)):
+            if hashlib.sha256(data).hexdigest() != manifest["artefacts"][name]["sha256"]:
+                raise BuildFailed("inputs", f"{image / name} does not match manifest.json")
+        if not root.is_file() or \
+                root.stat().st_size != manifest["artefacts"]["root.img"]["size"]:
+            raise BuildFailed("inputs", f"{root} does not match manifest.json")
+        missing = [k for k in ("profile", "root_hash", "source_date_epoch") if k not in manifest]
+        if missing:
+            raise KeyError(missing[0])
+        int(manifest["verity"]["hash_offset"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BuildFailed("inputs", f"{image / 'manifest.json'}: malformed ({exc!r})") from None
     return manifest, kernel, initrd, cmdline, root
 
 
@@ -491,8 +500,8 @@ def read_uki(path: Path) -> tuple[bytes, GptRead]:
     if len(esps) != 1:
         raise BuildFailed("disk", f"{path}: {len(esps)} EFI system partitions (want one)")
     esp = esps[0]
-    if esp.size > 1 * GIB:
-        raise BuildFailed("disk", f"{path}: the ESP is larger than 1 GiB")
+    if esp.size > MAX_ESP_READ:
+        raise BuildFailed("disk", f"{path}: the ESP is larger than {MAX_ESP_READ >> 20} MiB")
     disk = read_disk_prefix(path, esp.offset + esp.size)
     if len(disk) < esp.offset + esp.size:
         raise BuildFailed("disk", f"{path}: truncated before the end of the ESP")
