@@ -4,7 +4,10 @@
 ``DIR/initrd.img``, ``DIR/root.img`` (squashfs with its dm-verity tree appended),
 ``DIR/cmdline`` and ``DIR/manifest.json``. ``eectl image bake-gcp --image DIR --out
 FILE.tar.gz`` packs such a build as a GCP disk image (`ee.image.disk`);
-``eectl image publish-gcp`` uploads it (`ee.ctl.cloud`). :func:`reproducibility_check`
+``eectl image publish-gcp FILE --project P --bucket B`` uploads it and creates the image
+(`ee.cloud.publish`; credentials from ``$GOOGLE_APPLICATION_CREDENTIALS``;
+``$EE_GCP_STORAGE_URL``/``$EE_GCP_COMPUTE_URL`` replace the endpoints: https, or http to
+loopback; exit 1 when the cloud refuses, 2 on usage or credentials). :func:`reproducibility_check`
 is the body of ``eectl trust reproducibility-check``. Exit: 0 built, 1 the build failed,
 2 usage or a missing host tool.
 """
@@ -17,7 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ee.ctl.cloud import register_cloud_commands
+import httpx
+import trio
+
+from ee.cloud.gcp import GcpConfigError, GcpError, client_from_env, valid_resource_name
+from ee.cloud.publish import publish, read_bake_info
 from ee.image.build import (
     BuildOptions,
     Progress,
@@ -98,9 +105,47 @@ def register_trust_commands(trust: Any) -> None:
     p.set_defaults(handler=_repro)
 
 
-def _gcp_name(value: str) -> str:
-    from ee.cloud.gcp import valid_resource_name
+async def _publish(args: argparse.Namespace) -> int:
+    tarball = Path(args.file)
+    info = await trio.to_thread.run_sync(read_bake_info, tarball)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=20)) as http:
+        client = client_from_env(http)
+        result = await publish(client, args.project, args.bucket, tarball, info)
+    what = ("published" if result.created else "already published")
+    print(f"{what}: image {result.image} (family {info['family']}) in project "
+          f"{args.project}; gs://{args.bucket}/{result.object} "
+          f"{'uploaded' if result.uploaded else 'already stored'}")
+    if result.self_link:
+        print(f"selfLink: {result.self_link}")
+    return 0
 
+
+def _publish_cmd(args: argparse.Namespace) -> int:
+    try:
+        return trio.run(_publish, args)
+    except GcpConfigError as exc:
+        print(f"eectl image publish-gcp: {exc}", file=sys.stderr)
+        return 2
+    except (GcpError, httpx.HTTPError, OSError) as exc:
+        print(f"eectl image publish-gcp: {exc}", file=sys.stderr)
+        return 1
+
+
+def _register_publish_gcp(sub: Any) -> None:
+    """Add ``publish-gcp`` to the ``eectl image`` subcommands."""
+    p = sub.add_parser(
+        "publish-gcp", help="upload a baked disk and create the GCP image (idempotent)",
+        description="Upload FILE (from `eectl image bake-gcp`) to gs://BUCKET by a resumable "
+        "upload and create the Compute image NAME-DIGEST (family from the bake) with the "
+        "guest OS features UEFI_COMPATIBLE, TDX_CAPABLE, GVNIC. Credentials from "
+        "$GOOGLE_APPLICATION_CREDENTIALS. Publishing the same file again changes nothing.")
+    p.add_argument("file", metavar="FILE.tar.gz")
+    p.add_argument("--project", required=True)
+    p.add_argument("--bucket", required=True)
+    p.set_defaults(handler=_publish_cmd)
+
+
+def _gcp_name(value: str) -> str:
     if not valid_resource_name(value, max_len=40):
         raise argparse.ArgumentTypeError(
             f"{value!r}: lower-case letters, digits and '-', starting with a letter, "
@@ -131,7 +176,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--family", default="easyenclave-agent", type=_gcp_name,
                    help="GCP image family (default easyenclave-agent)")
     p.set_defaults(handler=_bake_gcp)
-    register_cloud_commands(sub)
+    _register_publish_gcp(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
