@@ -434,3 +434,111 @@ def fixed_event_digests(alg: str) -> Sequence[bytes]:
         hashlib.new(alg, d).digest()
         for d in (CALLING_EFI_APPLICATION, SEPARATOR, EXIT_BOOT_SERVICES, EXIT_BOOT_SERVICES_OK)
     ]
+
+
+# --- UEFI boot of a unified kernel image from a disk (GCP) ------------------------
+
+UKI_MEASURED_SECTIONS = (".linux", ".osrel", ".cmdline", ".initrd", ".splash", ".dtb",
+                         ".pcrsig", ".pcrpkey")
+"""systemd-stub (252)'s section list: each present section but ``.pcrsig`` is measured
+into PCR11 in this order, its name (ASCII + NUL) then its bytes (VirtualSize)."""
+UKI_UNMEASURED = frozenset({".pcrsig"})
+PCR11_PHASES = (b"sysinit", b"ready")
+"""What systemd-pcrphase (252, in the root) extends into PCR11 once booted from a UKI,
+before the agent starts: the running system's PCR11 is the stub's events then these."""
+
+
+@attrs.frozen
+class UkiPrediction:
+    """Predicted registers of a UEFI disk boot of a UKI (see `predict_uki`)."""
+
+    pcr4_events: tuple[bytes, ...]
+    pcr5_events: tuple[bytes, ...]
+    pcr9_events: tuple[bytes, ...]
+    pcr11_events: tuple[bytes, ...]
+    rtmr1_events: tuple[bytes, ...]
+    rtmr2_events: tuple[bytes, ...]
+    uki_authenticode_sha256: bytes
+    kernel_authenticode_sha256: bytes
+
+    @property
+    def registers(self) -> dict[str, bytes]:
+        out = {f"pcr{n}": replay_digests(getattr(self, f"pcr{n}_events"), ALG_SHA256)
+               for n in (4, 5, 9, 11)}
+        phases = [hashlib.sha256(p).digest() for p in PCR11_PHASES]
+        out["pcr11_running"] = replay_digests((*self.pcr11_events, *phases), ALG_SHA256)
+        out["pcr12"] = bytes(32)  # no command line from the boot entry
+        out["rtmr1"] = replay_digests(self.rtmr1_events, ALG_SHA384)
+        out["rtmr2"] = replay_digests(self.rtmr2_events, ALG_SHA384)
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **{k: v.hex() for k, v in self.registers.items()},
+            "uki_authenticode_sha256": self.uki_authenticode_sha256.hex(),
+            "kernel_authenticode_sha256": self.kernel_authenticode_sha256.hex(),
+            "events": {
+                name: [d.hex() for d in getattr(self, f"{name}_events")]
+                for name in ("pcr4", "pcr5", "pcr9", "pcr11", "rtmr1", "rtmr2")
+            },
+        }
+
+
+def load_options_data(cmdline: bytes) -> bytes:
+    """The LoadOptions systemd-stub gives the kernel for a ``.cmdline`` section: the
+    text as UTF-16LE with a terminating NUL (what the Linux EFI stub measures)."""
+    try:
+        text = cmdline.decode("ascii")
+    except UnicodeDecodeError:
+        raise MeasureError("the UKI's .cmdline is not ASCII") from None
+    if "\x00" in text:
+        raise MeasureError("the UKI's .cmdline contains a NUL")
+    return text.encode("utf-16-le") + b"\x00\x00"
+
+
+def predict_uki(uki: bytes, sections: dict[str, bytes], gpt_event: bytes) -> UkiPrediction:
+    """Predict a UEFI (OVMF/TDVF-style boot manager) boot of *uki* from a GPT disk whose
+    EV_EFI_GPT_EVENT data is *gpt_event*; *sections* are the UKI's stub sections as
+    `ee.image.disk.uki_parts` reads them. Pure; CPU-bound.
+
+    PCR4: "Calling EFI Application", separator (ReadyToBoot), the UKI's Authenticode
+    digest (the firmware's LoadImage), the kernel's (``.linux``, loaded by the stub
+    through LoadImage, unpatched). PCR5: separator, the GPT, Exit Boot Services x2.
+    PCR9: the Linux EFI stub's LoadOptions (the ``.cmdline`` as UTF-16 + NUL) and initrd
+    (``.initrd``) events. PCR11: systemd-stub's section names and contents (and, once
+    the root runs, systemd-pcrphase's words: ``pcr11_running``). TDX maps
+    PCR4/5 to RTMR1 (one separator) and PCR9 to RTMR2; systemd 252's stub measures only
+    through the TPM protocol, so PCR11 has no RTMR counterpart (the UKI digest in RTMR1
+    covers the same bytes)."""
+    for required in (".linux", ".cmdline", ".initrd"):
+        if required not in sections:
+            raise MeasureError(f"the UKI has no {required} section")
+    kernel = sections[".linux"]
+    options = load_options_data(sections[".cmdline"])
+
+    def h(alg: str, data: bytes) -> bytes:
+        return hashlib.new(alg, data).digest()
+
+    def uefi(alg: str) -> tuple[list[bytes], list[bytes]]:
+        pcr4 = [h(alg, CALLING_EFI_APPLICATION), h(alg, SEPARATOR), authenticode(uki, alg),
+                authenticode(kernel, alg)]
+        pcr5 = [h(alg, SEPARATOR), h(alg, gpt_event), h(alg, EXIT_BOOT_SERVICES),
+                h(alg, EXIT_BOOT_SERVICES_OK)]
+        return pcr4, pcr5
+
+    pcr4, pcr5 = uefi("sha256")
+    t4, t5 = uefi("sha384")
+    pcr11 = []
+    for name in UKI_MEASURED_SECTIONS:
+        if name in sections and name not in UKI_UNMEASURED:
+            pcr11 += [h("sha256", name.encode() + b"\x00"), h("sha256", sections[name])]
+    return UkiPrediction(
+        pcr4_events=tuple(pcr4),
+        pcr5_events=tuple(pcr5),
+        pcr9_events=(h("sha256", options), h("sha256", sections[".initrd"])),
+        pcr11_events=tuple(pcr11),
+        rtmr1_events=(t4[0], t4[1], t5[1], t4[2], t4[3], t5[2], t5[3]),
+        rtmr2_events=(h("sha384", options), h("sha384", sections[".initrd"])),
+        uki_authenticode_sha256=pcr4[2],
+        kernel_authenticode_sha256=pcr4[3],
+    )

@@ -3,8 +3,9 @@
 ``verify-quote --event-log CCEL`` replays a TDX event log to RTMR0..2 and requires the
 quote's values (``--runtime-log`` does the same for RTMR3 with the agent's runtime
 log); ``measure --image DIR`` predicts RTMR1/RTMR2, PCR4/PCR9 and (with
-``--firmware``) MRTD from an image's artefacts and can merge them into a measurement
-policy's node size entry.
+``--firmware``) MRTD from an image's artefacts, ``measure --disk FILE`` the UEFI boot of
+a baked GCP disk (``eectl image bake-gcp``), and either can merge them into a
+measurement policy's node size entries.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from ee.attestation.eventlog import (
     rtmr_mismatches,
     runtime_mismatches,
 )
-from ee.attestation.measure import MeasureError, Prediction, gib, predict
+from ee.attestation.measure import (
+    MeasureError,
+    Prediction,
+    UkiPrediction,
+    gib,
+    predict,
+    predict_uki,
+)
 from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
 from ee.attestation.quote import BODY_TYPE_TD15, Quote, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
@@ -116,7 +124,16 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
             "RTMR0 (ACPI tables) is not predicted."
         ),
     )
-    me.add_argument("--image", metavar="DIR", required=True, help="image directory")
+    source = me.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", metavar="DIR", help="image directory (direct kernel boot)")
+    source.add_argument(
+        "--disk",
+        metavar="FILE",
+        help=(
+            "a baked disk (`eectl image bake-gcp`: FILE.tar.gz or disk.raw): predict its "
+            "UEFI boot (PCR4/5/9/11, RTMR1/RTMR2); independent of the memory size"
+        ),
+    )
     me.add_argument("--firmware", metavar="FILE", help="TDVF/OVMF firmware: also predict MRTD")
     me.add_argument(
         "--memory",
@@ -153,7 +170,12 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="FILE",
         help="merge the predicted values into this policy file's node size entry",
     )
-    me.add_argument("--node-size", metavar="SIZE", help="the node size entry (with --policy-out)")
+    me.add_argument(
+        "--node-size",
+        metavar="SIZE",
+        action="append",
+        help="the node size entry (with --policy-out; repeat for several, e.g. every gcp size)",
+    )
     me.set_defaults(handler=measure)
 
     register_collateral(commands)
@@ -355,6 +377,8 @@ def measure(args: argparse.Namespace) -> int:
 def _measure(args: argparse.Namespace) -> int:
     if bool(args.policy_out) != bool(args.node_size):
         raise _InputError("--policy-out and --node-size go together")
+    if args.disk:
+        return _measure_disk(args)
     image = Path(args.image)
     kernel = _read(str(image / "vmlinuz"), "kernel")
     initrd = _read(str(image / "initrd.img"), "initrd")
@@ -377,7 +401,8 @@ def _measure(args: argparse.Namespace) -> int:
     except MeasureError as exc:
         raise _InputError(str(exc)) from None
     if args.policy_out:
-        _merge_policy(Path(args.policy_out), args.node_size, prediction)
+        for size in args.node_size:
+            _merge_policy(Path(args.policy_out), size, policy_entry(prediction))
     doc: dict[str, Any] = {"image": str(image), "cmdline": cmdline, **prediction.to_json()}
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -387,8 +412,57 @@ def _measure(args: argparse.Namespace) -> int:
             if doc[key] is not None:
                 print(f"{key:>8}: {doc[key]}")
         if args.policy_out:
-            print(f"{'policy':>8}: node size {args.node_size} in {args.policy_out}")
+            print(f"{'policy':>8}: node size {', '.join(args.node_size)} in {args.policy_out}")
     return EXIT_ACCEPTED
+
+
+def _measure_disk(args: argparse.Namespace) -> int:
+    """``measure --disk``: the UKI on the disk's ESP and its GPT, predicted (`predict_uki`)."""
+    from ee.image.disk import read_uki, uki_parts
+    from ee.image.errors import ImageError
+
+    if args.firmware or args.unpatched_kernel or args.qemu8_mrtd:
+        raise _InputError("--firmware/--unpatched-kernel/--qemu8-mrtd are for --image")
+    try:
+        uki, gpt = read_uki(Path(args.disk))
+        sections = uki_parts(uki)
+        prediction = predict_uki(uki, sections, gpt.event_data())
+    except (ImageError, MeasureError) as exc:
+        raise _InputError(str(exc), EXIT_REFUSED) from None
+    if args.policy_out:
+        for size in args.node_size:
+            _merge_policy(Path(args.policy_out), size, uki_policy_entry(prediction))
+    doc: dict[str, Any] = {
+        "disk": args.disk,
+        "cmdline": sections[".cmdline"].decode("ascii"),
+        "partitions": [
+            {"number": p.number, "label": p.label, "type": p.type, "guid": p.guid}
+            for p in gpt.partitions
+        ],
+        **prediction.to_json(),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        for key in ("pcr4", "pcr5", "pcr9", "pcr11", "pcr11_running", "pcr12", "rtmr1",
+                    "rtmr2"):
+            print(f"{key:>13}: {doc[key]}")
+        if args.policy_out:
+            print(f"{'policy':>13}: node size {', '.join(args.node_size)} in {args.policy_out}")
+    return EXIT_ACCEPTED
+
+
+def uki_policy_entry(prediction: UkiPrediction) -> Measurements:
+    """The node size entry for a UKI disk boot: PCR4 (the UKI's and the kernel's
+    Authenticode digests: every section) and PCR9 (command line and initrd) on the vTPM,
+    RTMR1/RTMR2 under TDX."""
+    regs = prediction.registers
+    return Measurements(
+        rtmr1=[regs["rtmr1"].hex()],
+        rtmr2=[regs["rtmr2"].hex()],
+        pcr4=[regs["pcr4"].hex()],
+        pcr9=[regs["pcr9"].hex()],
+    )
 
 
 def policy_entry(prediction: Prediction) -> Measurements:
@@ -402,8 +476,8 @@ def policy_entry(prediction: Prediction) -> Measurements:
     )
 
 
-def _merge_policy(path: Path, node_size: str, prediction: Prediction) -> None:
-    """Add the prediction to *path*'s ``node_sizes[node_size]`` (created if absent); the
+def _merge_policy(path: Path, node_size: str, add: Measurements) -> None:
+    """Add *add* to *path*'s ``node_sizes[node_size]`` (created if absent); the
     result must load as a `Policy` before it replaces the file."""
     doc: dict[str, Any] = {}
     if path.exists():
@@ -418,7 +492,7 @@ def _merge_policy(path: Path, node_size: str, prediction: Prediction) -> None:
         current = Policy.from_json(doc)
     except PolicyFormatError as exc:
         raise _InputError(f"{path}: {exc}") from None
-    entry = current.node_sizes.get(node_size, Measurements()).merged(policy_entry(prediction))
+    entry = current.node_sizes.get(node_size, Measurements()).merged(add)
     doc["node_sizes"] = {**doc.get("node_sizes", {}), node_size: entry.to_json()}
     text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     try:

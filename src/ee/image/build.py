@@ -314,6 +314,10 @@ def step_rootfs(profile: Profile, mirror: str, cache: Path, dest: Path, epoch: i
         _run("rootfs", ["cp", "-a", str(cached), str(dest)])
 
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
+
+
 def step_kernel(profile: Profile, ref: DebRef, cache: Path, rootfs: Path) -> tuple[Path, Path]:
     """(vmlinuz, module tree) of the kernel; the profile's modules copied into the root."""
     tree = _extract_deb(_fetch_deb(ref, cache), cache, ref.sha256)
@@ -325,11 +329,14 @@ def step_kernel(profile: Profile, ref: DebRef, cache: Path, rootfs: Path) -> tup
     if not (modules / "modules.dep").exists():
         _run("kernel", ["depmod", "-b", str(tree), release])
     target = rootfs / "usr" / "lib" / "modules" / release
-    excluded = tuple(profile.kernel.rootfs_modules_exclude)
     for top in profile.kernel.rootfs_modules:
+        # an exclusion wider than *top* does not apply to it: "kernel/drivers/net/ethernet"
+        # excluded, "kernel/drivers/net/ethernet/google" listed -> gve is copied
+        excluded = tuple(e for e in profile.kernel.rootfs_modules_exclude
+                         if not _under(top, e))
         for src in sorted((modules / top).rglob("*")):
             rel = src.relative_to(modules).as_posix()
-            if src.is_dir() or any(rel == e or rel.startswith(e + "/") for e in excluded):
+            if src.is_dir() or any(_under(rel, e) for e in excluded):
                 continue
             dst = target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)

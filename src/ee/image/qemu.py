@@ -25,8 +25,10 @@ import attrs
 __all__ = [
     "QEMU_TOOLS",
     "SIM_FW_CFG",
+    "DiskVmSpec",
     "VmSpec",
     "choose_accel",
+    "disk_qemu_command",
     "qemu_command",
     "swtpm_command",
 ]
@@ -74,35 +76,92 @@ class VmSpec:
     tpm_socket: Path | None = None
 
 
+def _machine(binary: str, accel: Accel, cpus: int, memory_mib: int,
+             serial_log: Path) -> list[str]:
+    return [
+        binary, "-machine", "q35", "-accel", accel,
+        "-cpu", "max" if accel == "tcg" else "host",
+        "-smp", str(cpus), "-m", str(memory_mib),
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-serial", f"file:{serial_log}", "-monitor", "none",
+    ]
+
+
+def _devices(drives: tuple[Path, ...], agent_port: int | None, guest_agent_port: int,
+             fw_cfg: tuple[tuple[str, Path], ...], nic: str) -> list[str]:
+    """Read-only extra drives, user networking (loopback hostfwd), rng, fw_cfg items."""
+    argv: list[str] = []
+    for drive in drives:
+        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
+    netdev = "user,id=net0"
+    if agent_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{agent_port}-:{guest_agent_port}"
+    argv += ["-netdev", netdev, "-device", nic, "-device", "virtio-rng-pci"]
+    for name, path in fw_cfg:
+        argv += ["-fw_cfg", f"name={name},file={path}"]
+    return argv
+
+
+def _tpm(socket: Path | None) -> list[str]:
+    if socket is None:
+        return []
+    return ["-chardev", f"socket,id=chrtpm,path={socket}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
+
+
 def qemu_command(spec: VmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
     argv = [
-        binary, "-machine", "q35", "-accel", spec.accel,
-        "-cpu", "max" if spec.accel == "tcg" else "host",
-        "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
-        "-nodefaults", "-display", "none", "-no-reboot",
-        "-serial", f"file:{spec.serial_log}", "-monitor", "none",
+        *_machine(binary, spec.accel, spec.cpus, spec.memory_mib, spec.serial_log),
         "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", spec.cmdline,
         "-drive", f"file={spec.root},format=raw,if=virtio,readonly=on",
     ]
     if spec.data_disk is not None:
         argv += ["-drive", f"file={spec.data_disk},format=raw,if=virtio"]
-    for drive in spec.drives:
-        argv += ["-drive", f"file={drive},format=raw,if=virtio,readonly=on"]
-    netdev = "user,id=net0"
-    if spec.agent_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
-    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0",
-             "-device", "virtio-rng-pci"]
-    for name, path in spec.fw_cfg:
-        argv += ["-fw_cfg", f"name={name},file={path}"]
+    argv += _devices(spec.drives, spec.agent_port, spec.guest_agent_port, spec.fw_cfg,
+                     "virtio-net-pci,netdev=net0")
     if spec.ovmf_code is not None:
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.ovmf_code}"]
         if spec.ovmf_vars is not None:
             argv += ["-drive", f"if=pflash,format=raw,unit=1,file={spec.ovmf_vars}"]
-    if spec.tpm_socket is not None:
-        argv += ["-chardev", f"socket,id=chrtpm,path={spec.tpm_socket}",
-                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm", "-device", "tpm-tis,tpmdev=tpm0"]
-    return argv
+    return argv + _tpm(spec.tpm_socket)
+
+
+@attrs.frozen
+class DiskVmSpec:
+    """A UEFI boot from a disk (a baked ``disk.raw``, as GCP boots it): no kernel from the
+    host; OVMF finds ``/EFI/BOOT/BOOTX64.EFI`` on the ESP of the boot disk. The disk is
+    an NVMe namespace by default (GCP's TDX machines attach disks over NVMe) and is
+    writable as a cloud disk is (dm-verity, not the device, keeps the root intact)."""
+
+    disk: Path
+    serial_log: Path
+    ovmf_code: Path
+    ovmf_vars: Path
+    accel: Accel = "tcg"
+    memory_mib: int = 2048
+    cpus: int = 2
+    disk_interface: Literal["nvme", "virtio"] = "nvme"
+    agent_port: int | None = None
+    guest_agent_port: int = 8080
+    drives: tuple[Path, ...] = ()
+    fw_cfg: tuple[tuple[str, Path], ...] = ()
+    tpm_socket: Path | None = None
+
+
+def disk_qemu_command(spec: DiskVmSpec, binary: str = "qemu-system-x86_64") -> list[str]:
+    argv = [
+        *_machine(binary, spec.accel, spec.cpus, spec.memory_mib, spec.serial_log),
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.ovmf_code}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={spec.ovmf_vars}",
+        "-drive", f"file={spec.disk},format=raw,if=none,id=boot0",
+        "-device", ("nvme,drive=boot0,serial=ee-boot,bootindex=0"
+                    if spec.disk_interface == "nvme" else
+                    "virtio-blk-pci,drive=boot0,bootindex=0"),
+    ]
+    # romfile= (empty): no iPXE option ROM, so the firmware tries no network boot
+    argv += _devices(spec.drives, spec.agent_port, spec.guest_agent_port, spec.fw_cfg,
+                     "virtio-net-pci,netdev=net0,romfile=")
+    return argv + _tpm(spec.tpm_socket)
 
 
 def swtpm_command(state_dir: Path, socket: Path, log: Path | None = None) -> list[str]:

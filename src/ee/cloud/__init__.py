@@ -1,0 +1,1 @@
+"""Cloud provider clients (GCP: Cloud Storage + Compute Engine over REST)."""
