@@ -28,6 +28,8 @@ from typing import Any
 import attrs
 
 from ee.agent.config import AgentConfig, config_to_dict
+from ee.capacity.provisioner import LaunchFailed as ProvisionLaunchFailed
+from ee.capacity.provisioner import LaunchRequest
 from ee.cloud.gcp import GcpApiError, GcpClient, GcpError, valid_resource_name
 
 __all__ = [
@@ -142,9 +144,11 @@ class GcpLauncher:
         return (f"labels.{AGENT_LABEL[0]}={AGENT_LABEL[1]} AND "
                 f"labels.ee-datacenter={label_value(self.config.datacenter)}")
 
-    async def launch(self, order_id: str, bootstrap_token: str, size: str) -> str:
-        """Insert the order's instance; its name. Idempotent per order id."""
-        name = instance_name(order_id)
+    async def launch(self, order_id: str, bootstrap_token: str, size: str,
+                     name: str | None = None) -> str:
+        """Insert the order's instance (named *name*, default :func:`instance_name` of the
+        order); its name. Idempotent per order id."""
+        name = name or instance_name(order_id)
         body = instance_body(self.config, name, bootstrap_token, size)
         try:
             await self.client.insert_instance(self.config.project, self.config.zone, body)
@@ -175,6 +179,42 @@ def _labelled(item: Mapping[str, Any], datacenter: str) -> bool:
     labels = item.get("labels") or {}
     return bool(labels.get(AGENT_LABEL[0]) == AGENT_LABEL[1]
                 and labels.get("ee-datacenter") == label_value(datacenter))
+
+
+#: instance statuses of a VM that is (or is becoming) up; anything else is stopped
+LIVE_STATUSES = frozenset({"PROVISIONING", "STAGING", "RUNNING", "REPAIRING"})
+
+
+class ProvisionerLauncher:
+    """The provisioner's ``Launcher`` (``ee.capacity.provisioner``) over a
+    :class:`GcpLauncher`: the instance is named with the provisioner's VM name (the
+    agent registers under it, which is how the CP matches it to its launch order)."""
+
+    def __init__(self, gcp: GcpLauncher) -> None:
+        self.gcp = gcp
+
+    async def launch(self, request: LaunchRequest) -> None:
+        if request.datacenter != self.gcp.config.datacenter:
+            raise ProvisionLaunchFailed(
+                f"this launcher serves {self.gcp.config.datacenter}, not {request.datacenter}")
+        try:
+            await self.gcp.launch(request.order_id, request.bootstrap_token,
+                                  request.node_size, name=request.vm_name)
+        except (GcpError, LaunchRefused) as exc:
+            raise ProvisionLaunchFailed(str(exc)) from None
+
+    async def destroy(self, vm_name: str) -> None:
+        try:
+            await self.gcp.delete(vm_name)
+        except LaunchRefused:
+            return  # not ours, or gone already: nothing to delete
+
+    async def launched(self) -> Mapping[str, str]:
+        items = await self.gcp.client.list_instances(self.gcp.config.project,
+                                                     self.gcp.config.zone, self.gcp._filter())
+        return {str(i["name"]): "running" if i.get("status", "PROVISIONING") in LIVE_STATUSES
+                else str(i.get("status")).lower()
+                for i in items if _labelled(i, self.gcp.config.datacenter) and "name" in i}
 
 
 async def count_instances(launcher: GcpLauncher) -> dict[str, int]:

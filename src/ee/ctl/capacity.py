@@ -29,6 +29,9 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Print each pool against its warm target; exit 1 when any pool is "
                     "short of its target, 0 when all are met.")
     add_cp_options(verify)
+    verify.add_argument("--gcp", action="append", default=[], metavar="DATACENTER=PROJECT/ZONE",
+                        help="also count this datacenter's agent instances in GCP (credentials "
+                             "from $GOOGLE_APPLICATION_CREDENTIALS); repeatable")
     verify.set_defaults(handler=verify_clouds)
     register_provision(commands)
 
@@ -42,7 +45,14 @@ def register_provision(commands: argparse._SubParsersAction[argparse.ArgumentPar
     p.add_argument("--cp", required=True, metavar="URL", help="the CP's HTTP API")
     p.add_argument("--key", metavar="KEY", help="provisioner key (default $EE_PROVISIONER_KEY)")
     p.add_argument("--key-file", metavar="FILE", help="read the provisioner key from FILE")
-    p.add_argument("--image", required=True, metavar="DIR", help="a built agent image")
+    p.add_argument("--image", metavar="DIR", help="a built agent image (libvirt VMs)")
+    p.add_argument("--gcp", metavar="PROJECT/ZONE",
+                   help="launch GCP confidential (TDX) instances instead of libvirt VMs, "
+                        "from --gcp-image (credentials: $GOOGLE_APPLICATION_CREDENTIALS); "
+                        "serves exactly one datacenter")
+    p.add_argument("--gcp-image", metavar="IMAGE",
+                   help="image or family (default projects/PROJECT/global/images/family/"
+                        "easyenclave-agent)")
     p.add_argument("--agent-cp", required=True, metavar="URL",
                    help="the CP's agent plane as VMs dial it (ws:// or wss://)")
     p.add_argument("--pool", action="append", required=True, metavar="DATACENTER/SIZE",
@@ -94,9 +104,13 @@ def provision(args: argparse.Namespace) -> int:
             pools=pools_from_text(args.pool), max_vms=args.max,
             max_attempts=args.max_attempts, backoff_max_s=args.backoff_max,
             backoff_base_s=min(5.0, args.backoff_max), poll_interval_s=args.poll)
+        if bool(args.gcp) == bool(args.image):
+            raise UsageError("give --image DIR (libvirt VMs) or --gcp PROJECT/ZONE")
     except (ValueError, OSError, CtlError) as exc:
         print(f"eectl capacity provision: {exc}", file=sys.stderr)
         return 2
+    if args.gcp:
+        return _provision_gcp(args, key, settings)
     launcher = LibvirtLauncher(
         uri=args.connect, image=Path(args.image).resolve(),
         root_dir=Path(args.root or os.environ.get("EE_VM_ROOT") or DEFAULT_ROOT),
@@ -123,6 +137,91 @@ def provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gcp_target(text: str) -> tuple[str, str]:
+    project, sep, zone = text.partition("/")
+    if not sep or not project or not zone:
+        raise ValueError(f"{text!r}: expected PROJECT/ZONE")
+    return project, zone
+
+
+def _provision_gcp(args: argparse.Namespace, key: str, settings: Any) -> int:
+    import httpx
+    import trio
+
+    from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, ProvisionerLauncher
+    from ee.capacity.provisioner import Provisioner, supervised
+    from ee.cloud.gcp import GcpError, client_from_env
+
+    datacenters = {dc for dc, _ in settings.pools}
+    try:
+        project, zone = _gcp_target(args.gcp)
+        if len(datacenters) != 1:
+            raise ValueError("--gcp serves one datacenter: give its pools only")
+    except ValueError as exc:
+        print(f"eectl capacity provision: {exc}", file=sys.stderr)
+        return 2
+    config = GcpLaunchConfig(
+        project=project, zone=zone, datacenter=datacenters.pop(), cp_url=args.agent_cp,
+        image=args.gcp_image or f"projects/{project}/global/images/family/easyenclave-agent")
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=20)) as gcp_http, \
+                httpx.AsyncClient(base_url=args.cp, timeout=30, headers={
+                    "Authorization": f"Bearer {key}"}) as client:
+            launcher = ProvisionerLauncher(GcpLauncher(client_from_env(gcp_http), config))
+            prov = Provisioner(client, launcher, settings,
+                               say=lambda line: print(line, flush=True))
+            print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} from "
+                  f"{args.cp} as GCP instances in {project}/{zone}", flush=True)
+            await supervised(prov).run()
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        return 0
+    except GcpError as exc:
+        print(f"eectl capacity provision: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def gcp_counts(targets: list[str]) -> tuple[list[str], bool]:
+    """``verify-clouds --gcp``: one line per datacenter with its instances by status,
+    and whether every cloud answered."""
+    import httpx
+    import trio
+
+    from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, count_instances
+    from ee.cloud.gcp import GcpError, client_from_env
+
+    lines: list[str] = []
+    ok = True
+
+    async def main() -> None:
+        nonlocal ok
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=20)) as http:
+            client = client_from_env(http)
+            for target in targets:
+                dc, sep, where = target.partition("=")
+                try:
+                    if not sep or not dc:
+                        raise ValueError(f"--gcp {target!r}: expected DATACENTER=PROJECT/ZONE")
+                    project, zone = _gcp_target(where)
+                    launcher = GcpLauncher(client, GcpLaunchConfig(
+                        project=project, zone=zone, image="-", cp_url="wss://-",
+                        datacenter=dc))
+                    counts = await count_instances(launcher)
+                except (GcpError, ValueError) as exc:
+                    lines.append(f"{dc or target}: {exc}")
+                    ok = False
+                    continue
+                lines.append(f"{dc}: {counts['total']} instances" + "".join(
+                    f", {k} {v}" for k, v in sorted(counts.items()) if k != "total"))
+
+    trio.run(main)
+    return lines, ok
+
+
 def pools_table(pools: list[Json]) -> str:
     rows = []
     for p in sorted(pools, key=lambda p: (p["datacenter"], p["node_size"])):
@@ -144,15 +243,26 @@ def orders_table(orders: list[Json]) -> str:
 
 
 def verify_clouds(args: argparse.Namespace) -> int:
+    from ee.cloud.gcp import GcpError
+
     try:
         with client_from_args(args) as client:
             pools = client.get("/api/v2/capacity/pools")["pools"]
     except CtlError as exc:
         print(f"eectl capacity verify-clouds: {exc}", file=sys.stderr)
         return exc.exit_code
+    clouds_ok = True
+    if args.gcp:
+        try:
+            lines, clouds_ok = gcp_counts(args.gcp)
+        except (GcpError, OSError, ValueError) as exc:  # credentials missing, unreadable
+            print(f"eectl capacity verify-clouds: GCP: {exc}", file=sys.stderr)
+            return 1
+        for line in lines:
+            print(f"gcp {line}")
     if not pools:
         print("no capacity pools have targets")
-        return 0
+        return 0 if clouds_ok else 1
     print(pools_table(pools))
     short = [p for p in pools if p.get("shortfall", 0) > 0]
     if short:
@@ -160,4 +270,4 @@ def verify_clouds(args: argparse.Namespace) -> int:
                           for p in short)
         print(f"short: {names}", file=sys.stderr)
         return 1
-    return 0
+    return 0 if clouds_ok else 1
