@@ -74,6 +74,17 @@ async def test_tenant_b_cannot_touch_tenant_a_deployments(tmp_path: Path) -> Non
                 assert [d["deployment_id"] for d in r.json()["deployments"]] == [dep_a]
                 r = await alice.get(f"/api/v2/deployments/{dep_a}/logs")
                 assert r.status_code == 200
+                # An agent refusing the logs request answers the tenant with the reason
+                # and never crashes its AgentActor.
+                holder.refuse_logs = True
+                r = await alice.get(f"/api/v2/deployments/{dep_a}/logs")
+                assert r.status_code == 200
+                (replica,) = r.json()["replicas"]
+                assert "logs unavailable" in replica["lines"][0]["text"], replica
+                holder.refuse_logs = False
+                node = next(x for x in env.cp.root.snapshot().walk()
+                            if x.name == f"agent/{holder.agent_id}")
+                assert node.restarts == 0, node.last_error
 
                 # And the other way round: A stopping its own leaves B's running.
                 assert (await alice.delete(f"/api/v2/deployments/{dep_a}")).status_code == 202

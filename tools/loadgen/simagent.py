@@ -29,6 +29,7 @@ from ee.protocol.messages import (
     Deploy,
     DeploymentSnapshot,
     DeployStatus,
+    ErrorMessage,
     Health,
     Heartbeat,
     LogsReply,
@@ -61,6 +62,7 @@ class SimAgent:
     key: Ed25519PrivateKey = attrs.field(factory=Ed25519PrivateKey.generate)
     heartbeats: bool = True
     paused: bool = False  # True: keep the session but stop heartbeating (goes stale)
+    refuse_logs: bool = False  # True: answer logs requests with an error frame
     sessions: int = 0
     quote_for: Callable[[bytes, bytes], bytes] | None = None  # (nonce, pubkey) -> quote
     agent_id: str | None = None
@@ -204,7 +206,8 @@ class SimAgent:
                 reply = Attestation(provider="sim", quote=self.td.quote(
                     registration_report_data(msg.nonce, self.public_key)))
             elif isinstance(msg, LogsRequest):
-                reply = LogsReply(lines=())
+                reply = (ErrorMessage(code="unknown_deployment", message="no such deployment")
+                         if self.refuse_logs else LogsReply(lines=()))
             elif isinstance(msg, StatsRequest):
                 reply = StatsReply(node=NodeStats())
             elif isinstance(msg, Reconnect):

@@ -442,9 +442,13 @@ class AgentActor(Actor):
         if self.link is None:
             raise_offline = f"agent {self.agent_id} is offline"
             return [{"service": "-", "text": raise_offline}]
-        reply = await self.link.request(
-            LogsRequest(deployment_id=msg.deployment_id, tail=msg.tail),
-            self.deps.settings.request_timeout_s)
+        try:
+            reply = await self.link.request(
+                LogsRequest(deployment_id=msg.deployment_id, tail=msg.tail),
+                self.deps.settings.request_timeout_s)
+        except Exception as exc:  # refused, no answer, session gone: the asker's problem,
+            # never this actor's (a tenant asking for logs must not crash it)
+            return [{"service": "-", "text": f"logs unavailable: {exc}"}]
         if not isinstance(reply, LogsReply):
             return []
         return [{"service": line.service, "text": line.text} for line in reply.lines]
