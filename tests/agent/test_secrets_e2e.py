@@ -388,7 +388,7 @@ def _served_env(agent: Agent, dep_id: str) -> str | None:
         code, out = container.exec_run(["cat", "/w/env"])
     except docker.errors.APIError:  # stopped or removed meanwhile (being recreated)
         return None
-    return out.decode().strip().removeprefix("DB_PASSWORD=") if code == 0 else None
+    return out.decode().removesuffix("\n").removeprefix("DB_PASSWORD=") if code == 0 else None
 
 
 async def test_an_env_secret_is_in_the_environment_from_the_start_and_recreated_on_rotation(
@@ -396,8 +396,10 @@ async def test_an_env_secret_is_in_the_environment_from_the_start_and_recreated_
     """``"as": "env"``: the agent reports ``starting`` with the compose hash, waits for
     the release, then starts the services with the variable set (the env file is on
     tmpfs, nowhere in the agent's data dir); a rotation recreates them with the new
-    value."""
-    first, second = _value(), _value()
+    value. The value reaches the container exactly: nothing in it is expanded from the
+    Compose CLI's environment, cut at `` #`` or unquoted."""
+    first = "pw-${HOME}-$PATH 'q\" #tail " + _value()
+    second = _value()
     with trio.fail_after(DOCKER_TIMEOUT * 3):
         async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
             assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201

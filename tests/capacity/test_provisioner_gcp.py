@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +28,10 @@ from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, ProvisionerLauncher
 from ee.capacity.provisioner import Provisioner
 from ee.cloud.gcp import GcpClient, TokenSource, load_service_account
 from ee.ctl.capacity import gcp_counts
-from image.gcp_standin import StandIn, gcp_standin, new_service_account
+from image.gcp_standin import StandIn
+from image.test_gcp_publish import key_file, standin  # noqa: F401 -- fixtures
 
 DATACENTER = "local:dev"  # the pool SETTINGS serves (test_provisioner.POOL)
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with gcp_standin() as s:
-        yield s
-
-
-@pytest.fixture
-def key_file(standin: StandIn, tmp_path: Path) -> Path:
-    doc, key = new_service_account(standin.base)
-    standin.trust(doc["client_email"], key)
-    path = tmp_path / "sa.json"
-    path.write_text(json.dumps(doc))
-    return path
 
 
 def _agent_config(instance: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +40,7 @@ def _agent_config(instance: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_an_order_becomes_a_gcp_instance_whose_agent_joins_the_pool(
-        tmp_path: Path, standin: StandIn, key_file: Path,
+        tmp_path: Path, standin: StandIn, key_file: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
     booted: set[str] = set()
     with trio.fail_after(90):

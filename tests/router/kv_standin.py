@@ -15,11 +15,11 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from cloudflare_standin import _err, _ok
+from cloudflare_standin import _err, _ok, serve_handler
 
 VALUE = re.compile(r"\A/client/v4/accounts/(?P<acc>[^/]+)/storage/kv/namespaces/(?P<ns>[^/]+)"
                    r"/values/(?P<key>[^/]+)\Z")
@@ -93,14 +93,6 @@ class KvStandIn:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self.port = server.server_address[1]
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        try:
+        with serve_handler(Handler) as port:
+            self.port = port
             yield self
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)

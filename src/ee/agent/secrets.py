@@ -149,9 +149,12 @@ class SecretStore:
         """Write ``VAR=value`` for each *variables* entry (VAR -> secret name) to
         :meth:`env_path`; KeyError while a secret is not released yet, ValueError for a
         value an env file cannot carry (a newline, CR or NUL)."""
+        from ee.agent.workload import env_file_text
+
         directory = self.directory(deployment_id)
         text = bytearray()
         try:
+            values: dict[str, str] = {}
             for variable, name in sorted(variables.items()):
                 if (deployment_id, name) not in self._held:
                     raise KeyError(name)
@@ -160,14 +163,22 @@ class SecretStore:
                     value = bytearray(os.read(fd, MAX_ENV_SECRET_BYTES + 1))
                 finally:
                     os.close(fd)
-                bad = len(value) > MAX_ENV_SECRET_BYTES or any(c in value for c in b"\n\r\x00")
-                if bad:
-                    value[:] = bytes(len(value))
+                try:
+                    if len(value) > MAX_ENV_SECRET_BYTES or any(c in value for c in b"\r\x00"):
+                        raise ValueError("a CR or NUL, or over "
+                                         f"{MAX_ENV_SECRET_BYTES} bytes")
+                    values[variable] = value.decode("utf-8")
+                except ValueError as exc:
+                    reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
                     raise ValueError(f"secret {name!r} cannot be an environment variable "
-                                     "(a newline, CR or NUL, or over "
-                                     f"{MAX_ENV_SECRET_BYTES} bytes)")
-                text += variable.encode() + b"=" + value + b"\n"
-                value[:] = bytes(len(value))
+                                     f"({reason})") from None
+                finally:
+                    value[:] = bytes(len(value))
+            # Quoted and escaped as the Compose CLI's dotenv reads it back exactly: no
+            # ``${...}`` expansion from the CLI's environment, no value running into the
+            # next line (the str copies cannot be zeroed; the bytes are).
+            text += env_file_text(values).encode("utf-8")
+            values.clear()
             final = self.env_path(deployment_id)
             tmp = self.root / f".{final.name}.{secrets.token_hex(4)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)

@@ -1201,12 +1201,20 @@ class ComposeRunner:
         named volumes and the /run/secrets mount stay) — or, when *name* feeds an
         environment variable, rewrites the env file and recreates the services (``up
         -d``: an environment is fixed at start). None when done, else why not."""
-        record = self._records.get(deployment_id)
-        if record is None or not (record.directory / RESOLVED_FILE).exists():
-            return "the deployment does not run here"
         if action not in ("signal", "restart") or (action == "signal" and signal not in
                                                     ROTATION_SIGNALS):
             return f"unknown rotation action {action!r}"
+        async with self._lock(deployment_id):  # never beside a deploy or an undeploy
+            status = self._status.get(deployment_id)
+            record = self._records.get(deployment_id)
+            if (record is None or status is None or status.state != "running"
+                    or not (record.directory / RESOLVED_FILE).exists()):
+                return "the deployment does not run here (any more)"
+            return await self._rotated(record, name, action, signal)
+
+    async def _rotated(self, record: _Record, name: str, action: str,
+                       signal: str | None) -> str | None:
+        deployment_id = record.deployment_id
         try:
             cli = await self.detect_cli()
         except ComposeCLIUnavailable as exc:

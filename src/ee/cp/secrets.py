@@ -629,8 +629,22 @@ class SecretReleaser:
             await self._revoke(app_key, dep_id, agent_id, key[2], refusal.code, refusal.reason)
         if self.refused.get((agent_id, dep_id)) != refusal.code:
             self.refused[(agent_id, dep_id)] = refusal.code
+            if not delivered:
+                # What this CP process does not know it delivered (released before a CP
+                # restart, or before a re-attestation reset the bookkeeping) may still be
+                # held: revoke everything of the deployment on that agent (idempotent).
+                await self._revoke_all(dep_id, agent_id, refusal.code)
             await self._record(app_key, "refused", agent_id, dep_id, None, None,
                                refusal.code, refusal.reason)
+
+    async def _revoke_all(self, dep_id: str, agent_id: str, code: str) -> None:
+        link = self.deps.link_for(agent_id)
+        if link is None:
+            return  # no session: the agent wipes its secrets when it restarts
+        try:
+            await self._write(link, SecretRevoke(deployment_id=dep_id, name=None, reason=code))
+        except Exception as exc:
+            log.info("revoke of %s on %s not delivered: %s", dep_id, agent_id, exc)
 
     async def _revoke(self, app_key: str, dep_id: str, agent_id: str, name: str, code: str,
                       reason: str) -> None:

@@ -78,15 +78,10 @@ def provision(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    import httpx
-    import trio
-
     from ee.attestation.providers.sim import SIM_FILE, shared_sim_dir
     from ee.capacity.provisioner import (
-        Provisioner,
         ProvisionerSettings,
         pools_from_text,
-        supervised,
     )
     from ee.ctl.client import UsageError
     from ee.image.qemu import choose_accel
@@ -120,14 +115,29 @@ def provision(args: argparse.Namespace) -> int:
         sim_chain=shared_sim_dir() / SIM_FILE if args.dev else None,
         memory_gib=args.memory, vcpus=args.vcpus, disk_gib=args.disk)
 
+    print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} from {args.cp} "
+          f"(accel {launcher.accel}, at most {settings.max_vms} at once)", flush=True)
+    return _run_provisioner(args.cp, key, settings, lambda: launcher)
+
+
+def _run_provisioner(cp: str, key: str, settings: Any, make_launcher: Any,
+                     extra: Any = None) -> int:
+    """Run a supervised provisioner with the launcher *make_launcher* builds (inside the
+    event loop, given *extra*'s entered value) until interrupted."""
+    import contextlib
+
+    import httpx
+    import trio
+
+    from ee.capacity.provisioner import Provisioner, supervised
+
     async def main() -> None:
-        async with httpx.AsyncClient(base_url=args.cp, timeout=30, headers={
-                "Authorization": f"Bearer {key}"}) as client:
+        async with httpx.AsyncClient(base_url=cp, timeout=30, headers={
+                "Authorization": f"Bearer {key}"}) as client, \
+                (extra() if extra else contextlib.nullcontext()) as entered:
+            launcher = make_launcher(entered) if extra else make_launcher()
             prov = Provisioner(client, launcher, settings,
                                say=lambda line: print(line, flush=True))
-            print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} "
-                  f"from {args.cp} (accel {launcher.accel}, at most {settings.max_vms} "
-                  f"at once)", flush=True)
             await supervised(prov).run()
 
     try:
@@ -146,10 +156,8 @@ def _gcp_target(text: str) -> tuple[str, str]:
 
 def _provision_gcp(args: argparse.Namespace, key: str, settings: Any) -> int:
     import httpx
-    import trio
 
     from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, ProvisionerLauncher
-    from ee.capacity.provisioner import Provisioner, supervised
     from ee.cloud.gcp import GcpError, client_from_env
 
     datacenters = {dc for dc, _ in settings.pools}
@@ -164,25 +172,16 @@ def _provision_gcp(args: argparse.Namespace, key: str, settings: Any) -> int:
         project=project, zone=zone, datacenter=datacenters.pop(), cp_url=args.agent_cp,
         image=args.gcp_image or f"projects/{project}/global/images/family/easyenclave-agent")
 
-    async def main() -> None:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=20)) as gcp_http, \
-                httpx.AsyncClient(base_url=args.cp, timeout=30, headers={
-                    "Authorization": f"Bearer {key}"}) as client:
-            launcher = ProvisionerLauncher(GcpLauncher(client_from_env(gcp_http), config))
-            prov = Provisioner(client, launcher, settings,
-                               say=lambda line: print(line, flush=True))
-            print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} from "
-                  f"{args.cp} as GCP instances in {project}/{zone}", flush=True)
-            await supervised(prov).run()
-
+    print(f"provisioning {', '.join('/'.join(p) for p in settings.pools)} from {args.cp} "
+          f"as GCP instances in {project}/{zone}", flush=True)
     try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        return 0
+        return _run_provisioner(
+            args.cp, key, settings,
+            lambda http: ProvisionerLauncher(GcpLauncher(client_from_env(http), config)),
+            extra=lambda: httpx.AsyncClient(timeout=httpx.Timeout(60, connect=20)))
     except GcpError as exc:
         print(f"eectl capacity provision: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 def gcp_counts(targets: list[str]) -> tuple[list[str], bool]:

@@ -416,7 +416,8 @@ class Deploy:
     envelope: CpEnvelope | None = None
     #: environment variables fed from released secrets (VAR -> secret name): the agent
     #: reports ``starting`` with the compose hash, waits for these releases, then starts
-    #: the services with them (never written outside tmpfs)
+    #: the services with them (its env file is on tmpfs; Docker itself keeps a
+    #: container's environment in its configuration, on the agent's data disk)
     secret_env: Mapping[str, str] = attrs.field(factory=dict)
 
 
