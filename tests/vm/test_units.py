@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -213,14 +214,50 @@ def test_delete_never_removes_a_work_dir_outside_the_root(tmp_path: Path) -> Non
     outside.mkdir()
     (outside / "keep").write_text("x")
     host = _Host(outside)
-    with pytest.raises(VmError, match="not under"):
+    with pytest.raises(VmError, match="not touching it"):
         delete_vm("vm-1", host, tmp_path / "vms")  # type: ignore[arg-type]
-    assert (outside / "keep").exists()
+    assert (outside / "keep").exists() and host.destroyed == []
     inside = tmp_path / "vms" / "vm-1"
     inside.mkdir(parents=True)
+    (inside / "vm.json").write_text("{}")
     assert delete_vm("vm-1", _Host(inside), tmp_path / "vms") == [  # type: ignore[arg-type]
         "domain vm-1", f"work dir {inside}"]
     assert not inside.exists()
+
+
+def test_delete_removes_only_vm_work_dirs_by_valid_names(tmp_path: Path) -> None:
+    """A directory under the root that is not a VM's (no vm.json), or a name that is
+    not a VM name, is never removed."""
+    from ee.vm.errors import VmError
+    from ee.vm.manage import delete_vm
+
+    class NoDomain(_Host):
+        def info(self, name: str) -> DomainInfo | None:
+            return None
+
+        def destroy(self, name: str) -> bool:
+            return False
+
+    root = tmp_path / "vms"
+    docs = root / "docs"
+    docs.mkdir(parents=True)
+    (docs / "notes.txt").write_text("precious")
+    with pytest.raises(VmError, match=r"no vm\.json"):
+        delete_vm("docs", NoDomain(docs), root)  # type: ignore[arg-type]
+    assert (docs / "notes.txt").exists()
+    for bad in ("..", "Docs", "a/b", ""):
+        with pytest.raises(VmError, match="not a VM name"):
+            delete_vm(bad, NoDomain(docs), root)  # type: ignore[arg-type]
+
+
+def test_prune_judges_only_this_cps_agent_domains() -> None:
+    def labelled(name: str, **kw: Any) -> DomainInfo:
+        return DomainInfo(name, "running", Labels(workdir=f"/vms/{name}", created=0, **kw))
+
+    domains = [labelled("mine", api="http://cp:8000"), labelled("theirs", api="http://other"),
+               labelled("cp-1", role="cp", api="http://cp:8000"), labelled("unlabelled")]
+    orphans = find_orphans(domains, [], {}, now=1000.0, min_age_s=0, api="http://cp:8000/")
+    assert [o.name for o in orphans] == ["mine", "unlabelled"]
 
 
 def test_cloud_vms_power_off_when_their_cp_stays_unreachable(tmp_path: Path) -> None:

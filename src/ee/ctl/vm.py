@@ -255,7 +255,7 @@ def _prune(args: argparse.Namespace) -> int:
         known = _known(api, resolve_token(args))
         with VmHost(args.connect) as host:
             orphans = find_orphans(host.ours(), [d.name for d in workdirs(root)], known,
-                                   now=time.time(), min_age_s=args.min_age)
+                                   now=time.time(), min_age_s=args.min_age, api=api)
             for o in orphans:
                 print(f"{'domain' if o.domain else 'workdir'} {o.name}: {o.reason}")
                 if args.yes:

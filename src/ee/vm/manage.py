@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from ee.agent.bootconfig import write_config_drive
-from ee.vm.domain import OVMF_CODE, OVMF_VARS, domain_xml
+from ee.vm.domain import NAME_RE, OVMF_CODE, OVMF_VARS, domain_xml
 from ee.vm.errors import VmError, VmRefused
 from ee.vm.host import DomainInfo, VmHost
 from ee.vm.plan import CreateRequest, VmPlan, plan_vm
@@ -145,8 +145,8 @@ def _write_workdir(req: CreateRequest, plan: VmPlan, host: VmHost,
                    sim_chain: Path | None) -> None:
     work = plan.workdir
     labels = attrs.asdict(plan.spec.labels)
-    work.marker.write_text(json.dumps({"name": req.name, "labels": labels,
-                                       "delivery": plan.delivery}, indent=2) + "\n")
+    _write_private(work.marker, json.dumps({"name": req.name, "labels": labels,
+                                            "delivery": plan.delivery}, indent=2) + "\n")
     shutil.copyfile(req.image / "vmlinuz", work.kernel)
     shutil.copyfile(req.image / "initrd.img", work.initrd)
     if plan.spec.data_disk is not None:
@@ -163,7 +163,15 @@ def _write_workdir(req: CreateRequest, plan: VmPlan, host: VmHost,
         with os.fdopen(fd, "wb") as f:
             f.write(sim_chain.read_bytes())
         os.chown(work.sim, uid, gid)  # QEMU reads it (fw_cfg); nobody else
-    (work.path / "domain.xml").write_text(domain_xml(plan.spec))
+    # The domain carries the agent config (and its one-time bootstrap token) on the
+    # kernel command line: readable by root only.
+    _write_private(work.path / "domain.xml", domain_xml(plan.spec))
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -176,14 +184,21 @@ def _inside(path: Path, root: Path) -> bool:
 
 def delete_vm(name: str, host: VmHost, root_dir: Path) -> list[str]:
     """Destroy and undefine *name* and remove its work dir; what was removed."""
+    if not NAME_RE.match(name):
+        raise VmError(f"{name!r} is not a VM name ({NAME_RE.pattern})")
     done: list[str] = []
     info = host.info(name)
-    work = Path(info.labels.workdir) if info is not None else root_dir / name
+    work = root_dir / name
+    if info is not None and Path(info.labels.workdir).resolve() != work.resolve():
+        raise VmError(f"domain {name} names work dir {info.labels.workdir}, not {work}; "
+                      "not touching it")
     if host.destroy(name):
         done.append(f"domain {name}")
     if work.exists():
         if not _inside(work, root_dir):
             raise VmError(f"work dir {work} is not under {root_dir}; not removing it")
+        if not (work / "vm.json").is_file():
+            raise VmError(f"{work} holds no vm.json: not a VM work dir; not removing it")
         shutil.rmtree(work)
         done.append(f"work dir {work}")
     return done
@@ -204,14 +219,20 @@ class Orphan:
 
 
 def find_orphans(domains: Iterable[DomainInfo], dirs: Iterable[str],
-                 known: Mapping[str, str], *, now: float, min_age_s: float) -> list[Orphan]:
-    """VMs no CP knows: our domains whose name is no agent's ``vm_name`` (older than
-    *min_age_s*: a VM still booting is not an orphan), and work dirs without a domain.
-    *known* maps vm_name → the agent's status at the CP."""
+                 known: Mapping[str, str], *, now: float, min_age_s: float,
+                 api: str | None = None) -> list[Orphan]:
+    """VMs no CP knows: our agent domains whose name is no agent's ``vm_name`` (older
+    than *min_age_s*: a VM still booting is not an orphan), and work dirs without a
+    domain. *known* maps vm_name → the agent's status at the CP. With *api*, only the
+    domains made for that CP (``labels.api``) are judged: a CP cannot vouch for another
+    CP's agents, and a CP VM (``role: cp``) is never an orphan of the agents' CP."""
     out: list[Orphan] = []
     names = set()
     for d in domains:
         names.add(d.name)
+        if d.labels.role != "agent" or (api is not None and d.labels.api is not None
+                                        and d.labels.api.rstrip("/") != api.rstrip("/")):
+            continue
         if d.name in known:
             continue
         age = now - d.labels.created
