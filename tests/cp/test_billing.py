@@ -413,3 +413,68 @@ async def test_sightings_trust_the_app_actor_and_pay_the_capacity_owner() -> Non
         ("ag1", "acct1", "provider:acct-prov"), ("ag2", "acct1", "provider:acct-dc"),
         ("ag3", "acct1", ledger.PLATFORM_REVENUE)]
     assert present == {"ag1", "ag2", "ag3", "ag4", "ag5", "ag9"}
+
+
+def _sighted_view(agent: str, vm: str, dc: str) -> dict[str, Any]:
+    return {"agent_id": agent, "vm_name": vm, "datacenter": dc, "node_size": "tiny",
+            "status": "online"}
+
+
+async def _providers(orders: list[dict[str, Any]]) -> dict[str, str]:
+    registry = _Registry({"app/acct1.web": {"replicas": [
+        {"agent_id": "ag1", "state": "running"}, {"agent_id": "ag2", "state": "running"}]}})
+
+    async def agents() -> list[dict[str, Any]]:
+        return [_sighted_view("ag1", "vm-1", "gcp:a"), _sighted_view("ag2", "vm-2", "bm:c")]
+
+    async def order_list() -> list[dict[str, Any]]:
+        return orders
+
+    sightings, _ = await billing_mod.cp_sightings(registry, {"dep-1": "acct1.web"}, agents,
+                                                  order_list, {"bm:c": "acct-dc"})
+    return {s.replica_id: s.provider for s in sightings}
+
+
+async def test_a_provisioner_naming_another_agents_vm_at_fulfil_earns_nothing() -> None:
+    # The thief fulfilled its own order reporting vm-2 (the datacenter owner's VM) and
+    # vm-1 (another provisioner's): vm_name is the provisioner's word, not evidence.
+    providers = await _providers([
+        {"registered_vm": "vm-1", "vm_name": "vm-1", "claimed_by": "acct-prov"},
+        {"vm_name": "vm-2", "claimed_by": "acct-thief"},
+        {"vm_name": "vm-1", "claimed_by": "acct-thief"}])
+    assert providers == {"ag1": "provider:acct-prov", "ag2": "provider:acct-dc"}
+    assert "provider:acct-thief" not in providers.values()
+
+
+async def test_a_vm_two_orders_name_pays_the_datacenter_owner_or_the_platform() -> None:
+    # A later order naming the same registered VM does not take over the earlier one's
+    # earnings (nor keep them): neither order is believed.
+    providers = await _providers([
+        {"registered_vm": "vm-1", "claimed_by": "acct-prov"},
+        {"registered_vm": "vm-1", "claimed_by": "acct-late"},
+        {"registered_vm": "vm-2", "claimed_by": "acct-prov"},
+        {"registered_vm": "vm-2", "claimed_by": None}])
+    assert providers == {"ag1": ledger.PLATFORM_REVENUE, "ag2": "provider:acct-dc"}
+    assert billing_mod.order_owners([{"registered_vm": "vm-9", "claimed_by": "p"},
+                                     {"vm_name": "vm-9", "claimed_by": "q"}]) == {"vm-9": "p"}
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n", b"short-secret\n", b"x" * 31 + b"\n"])
+def test_a_short_webhook_secret_is_refused_at_config(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "webhook.secret"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"must hold 32\.\.4096 bytes"):
+        BillingSettings.from_config({"webhook_secret_file": str(path)})
+    path.write_bytes(b" " + b"k" * 32 + b"\n")
+    settings = BillingSettings.from_config({"webhook_secret_file": str(path)})
+    assert billing_mod.read_webhook_secret(str(settings.webhook_secret_file)) == b"k" * 32
+    with pytest.raises(ValueError, match="cannot be read"):
+        BillingSettings.from_config({"webhook_secret_file": str(tmp_path / "absent")})
+
+
+@pytest.mark.parametrize("tolerance", [0, -1, 3601, True, "300", 1.5, None])
+def test_webhook_tolerance_must_be_an_integer_1_to_3600(tolerance: object) -> None:
+    with pytest.raises(ValueError, match="webhook_tolerance_s"):
+        BillingSettings.from_config({"webhook_tolerance_s": tolerance})
+    assert BillingSettings.from_config({"webhook_tolerance_s": 3600}).webhook_tolerance_s \
+        == 3600

@@ -17,11 +17,11 @@ from cpkit import RunningCp, free_port, running_cp
 from test_sessions import FAST, wait_until
 from test_tenants import reach_state, setup_app, tenant
 
-from ee.cp.billing_routes import sign_payment
+from ee.cp.billing_routes import ledger_csv, sign_payment, tenant_entry
 from ee.cp.store import ledger
 from pgkit import pg_server  # noqa: F401  (fixture)
 
-SECRET = b"whsec-test-secret"
+SECRET = b"whsec-test-secret-of-at-least-32-bytes"
 QUIET = {"billing": {"interval_s": 3600.0}}  # the tests tick the meter themselves
 
 
@@ -105,17 +105,45 @@ async def test_credits_balance_ledger_and_their_refusals(tmp_path: Path) -> None
                 assert r.status_code == 201 and r.json()["transaction"]["corrects"] == txn
                 assert (await admin_post(env, "/api/v2/admin/ledger/999999/corrections", {
                     "reason": "x", "idempotency_key": "y"})).status_code == 404
-                r = await http.get("/api/v2/accounts/me/ledger", params={"limit": 1})
+                # Once: the same key again is the same correction, another key is refused.
+                r = await admin_post(env, f"/api/v2/admin/ledger/{txn}/corrections",
+                                     {"reason": "wrong account", "idempotency_key": "fix"})
+                assert r.status_code == 200 and r.json()["transaction"]["corrects"] == txn
+                r = await admin_post(env, f"/api/v2/admin/ledger/{txn}/corrections",
+                                     {"reason": "again", "idempotency_key": "fix-2"})
+                assert r.status_code == 409, r.text
+                assert r.json()["error"]["code"] == "already_corrected"
+                # A key the schema accepts fits behind its prefix; a longer one is a
+                # clear 400 (not a 404 for the transaction, not a 500).
+                r = await admin_post(env, f"/api/v2/admin/ledger/{txn}/corrections",
+                                     {"reason": "x", "idempotency_key": "k" * 190})
+                assert r.status_code == 400 and "1..180" in r.text, r.text
+                long_key = {**good, "idempotency_key": "L" * 180, "amount_minor": 1}
+                r = await admin_post(env, credits, long_key)
+                assert r.status_code == 201, r.text
+                correction = f"/api/v2/admin/ledger/{r.json()['transaction']['txn_id']}" \
+                    "/corrections"
+                r = await admin_post(env, correction, {"reason": "x",
+                                                       "idempotency_key": "C" * 180})
+                assert r.status_code == 201, r.text
+                for key in ("L" * 181, "L" * 200):
+                    r = await admin_post(env, credits, {**long_key, "idempotency_key": key})
+                    assert r.status_code == 400 and "1..180" in r.text, r.text
+                r = await http.get("/api/v2/accounts/me/ledger", params={"limit": 3})
                 page = r.json()
-                assert [e["amount_minor"] for e in page["entries"]] == [-2500]
+                assert [e["amount_minor"] for e in page["entries"]] == [-1, 1, -2500]
                 r = await http.get("/api/v2/accounts/me/ledger",
                                    params={"before": page["next_before"]})
                 assert [e["amount_minor"] for e in r.json()["entries"]] == [2500]
+                # The tenant sees no platform-wide ids (they count everyone's entries).
+                for entry in page["entries"] + r.json()["entries"]:
+                    assert set(entry) == {"at", "kind", "amount_minor", "currency", "memo",
+                                          "idempotency_key"}, entry
                 r = await http.get("/api/v2/accounts/me/ledger", params={"format": "csv"})
                 assert r.headers["content-type"].startswith("text/csv")
                 lines = r.text.splitlines()
-                assert lines[0].startswith("entry_id,txn_id,at,kind,amount_minor")
-                assert len(lines) == 3 and ",-2500," in lines[1]
+                assert lines[0] == "at,kind,amount_minor,currency,memo,idempotency_key"
+                assert len(lines) == 5 and ",-2500," in lines[3]
                 for params in ({"limit": 501}, {"limit": 0}, {"limit": "x"},
                                {"before": "-1"}, {"format": "xml"}):
                     r = await http.get("/api/v2/accounts/me/ledger", params=params)
@@ -197,6 +225,44 @@ async def test_payment_webhook_needs_a_fresh_valid_signature(tmp_path: Path) -> 
                 assert r.status_code == 400
                 assert (await http.get("/api/v2/accounts/me/balance")).json()[
                     "balance_minor"] == 1000
+
+
+def test_the_tenant_ledger_leaves_out_global_ids_and_usage_keys() -> None:
+    row = {"entry_id": 9912, "txn_id": 4410, "at": "t", "kind": "charge", "memo": "d r w",
+           "idempotency_key": "usage:77123", "corrects": None, "amount_minor": -3,
+           "currency": "USD"}
+    assert tenant_entry(row) == {"at": "t", "kind": "charge", "amount_minor": -3,
+                                 "currency": "USD", "memo": "d r w",
+                                 "idempotency_key": None}
+    credit = {**row, "kind": "credit", "idempotency_key": "credit:welcome-1"}
+    assert tenant_entry(credit)["idempotency_key"] == "credit:welcome-1"
+    text = ledger_csv([tenant_entry(row), tenant_entry({**row, "corrects": 4410})])
+    assert "9912" not in text and "4410" not in text and "77123" not in text
+
+
+async def test_a_webhook_secret_cut_short_after_start_is_503_and_writes_nothing(
+        tmp_path: Path) -> None:
+    secret_file = tmp_path / "webhook.secret"
+    secret_file.write_bytes(SECRET)
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", billing={
+                "interval_s": 3600.0, "webhook_secret_file": str(secret_file)}) as env:
+            http = await tenant(env, "carol")
+            async with env.client(token=None) as anyone, http:
+                account = (await http.get("/api/v2/accounts/me")).json()["account_id"]
+                body = {"event_id": "evt_1", "account_id": account, "amount_minor": 1000,
+                        "currency": "USD"}
+                for content in (b"", b"\n", b"x"):
+                    secret_file.write_bytes(content)  # anyone can HMAC with this
+                    r = await anyone.post("/api/v2/billing/payments",
+                                          **signed(body, time.time(), content.strip()))
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "webhook_misconfigured"
+                secret_file.unlink()
+                r = await anyone.post("/api/v2/billing/payments",
+                                      **signed(body, time.time(), b""))
+                assert r.status_code == 503
+                assert (await ledger_summary(env))["transactions"] == 0
 
 
 async def test_webhook_is_off_unless_configured(tmp_path: Path) -> None:

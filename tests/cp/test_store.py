@@ -23,7 +23,14 @@ from ee.cp.records import (
 )
 from ee.cp.store import ledger
 from ee.cp.store.backend import Dialect, ddl, redact, translate
-from ee.cp.store.ledger import Entry, IdempotencyConflict, LedgerError, Posting
+from ee.cp.store.ledger import (
+    AlreadyCorrected,
+    Entry,
+    IdempotencyConflict,
+    LedgerError,
+    NoSuchTransaction,
+    Posting,
+)
 from pgkit import pg_server, pg_url  # noqa: F401  (fixtures)
 
 TIMEOUT = 60
@@ -156,6 +163,35 @@ async def test_entries_are_immutable_and_corrections_are_new_transactions(
                                                              "typo", AT))
             assert fix.corrects == first.txn_id and fix.kind == "correction"
             assert await store._call(lambda c: ledger.balance(c, "tenant:a")) == 0
+            assert await store._call(ledger.verify) == []
+
+
+async def test_a_transaction_is_corrected_once_enforced_by_the_database(
+        target: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(target) as store:
+            first = await store._call(lambda c: ledger.post(c, credit("a", 700, "k1"), AT))
+            fix = await store._call(lambda c: ledger.reverse(c, first.txn_id, "fix-1",
+                                                             "admin", "typo", AT))
+            again = await store._call(lambda c: ledger.reverse(c, first.txn_id, "fix-1",
+                                                               "admin", "typo", AT))
+            assert fix.created and not again.created and again.txn_id == fix.txn_id
+            with pytest.raises(AlreadyCorrected) as caught:
+                await store._call(lambda c: ledger.reverse(c, first.txn_id, "fix-2",
+                                                           "admin", "typo", AT))
+            assert caught.value.by == fix.txn_id
+            with pytest.raises(NoSuchTransaction):
+                await store._call(lambda c: ledger.reverse(c, 999_999, "fix-3", "admin",
+                                                           "typo", AT))
+            assert await store._call(lambda c: ledger.balance(c, "tenant:a")) == 0
+            # The index itself, without the code's check (a racing second correction):
+            with pytest.raises(RecordStoreError):
+                await store._call(lambda c: c.execute(
+                    "INSERT INTO ledger_transactions (idempotency_key, kind, at, actor,"
+                    " corrects) VALUES ('fix-4', 'correction', 'x', 'y', ?)",
+                    (first.txn_id,)))
+            # Many uncorrected transactions (corrects NULL) are not constrained.
+            await store._call(lambda c: ledger.post(c, credit("a", 5, "k2"), AT))
             assert await store._call(ledger.verify) == []
 
 

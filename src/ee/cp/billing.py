@@ -78,6 +78,16 @@ def _is_bp(value: object) -> bool:
 
 _rate = check(_is_rate, f"must be an integer 0..{PRICE_LIMIT}")
 _bp = check(_is_bp, "must be an integer 0..10000 (basis points)")
+
+
+def _tolerance(_inst: object, _attr: object, value: object) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 3600):
+        raise ValueError(f"billing.webhook_tolerance_s must be an integer 1..3600 (seconds),"
+                         f" got {value!r}")
+
+
+MIN_WEBHOOK_SECRET: Final = 32  # bytes, stripped
+MAX_WEBHOOK_SECRET: Final = 4096
 _currency = check(lambda v: v in ledger.CURRENCIES,
                   f"must be one of {', '.join(sorted(ledger.CURRENCIES))}")
 
@@ -227,17 +237,44 @@ class BillingSettings:
     max_windows_per_pass: int = 200_000
     prices: Prices = Prices()
     webhook_secret_file: str | None = None
-    webhook_tolerance_s: int = 300
+    webhook_tolerance_s: int = attrs.field(default=300, validator=_tolerance)
     datacenter_owners: Mapping[str, str] = attrs.field(factory=dict)
 
     @classmethod
     def from_config(cls, doc: Mapping[str, Any] | None) -> BillingSettings:
+        """The settings, checked: a webhook secret file that cannot be read or holds
+        under :data:`MIN_WEBHOOK_SECRET` bytes is refused here, at config and start."""
         doc = dict(doc or {})
-        prices = Prices(**doc.pop("prices", {}))
         try:
-            return cls(prices=prices, **doc)
+            prices = Prices(**doc.pop("prices", {}))
+            settings = cls(prices=prices, **doc)
         except TypeError as exc:
             raise ValueError(f"billing: {exc}") from None
+        if settings.webhook_secret_file:
+            read_webhook_secret(settings.webhook_secret_file)
+        return settings
+
+
+class WebhookSecretError(ValueError):
+    """The payment webhook's secret file is unreadable or too short to sign with."""
+
+
+def read_webhook_secret(path: str) -> bytes:
+    """The webhook secret in *path*, stripped; :class:`WebhookSecretError` when the file
+    cannot be read or holds under :data:`MIN_WEBHOOK_SECRET` bytes (an empty secret
+    would let anyone sign a payment)."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(MAX_WEBHOOK_SECRET + 1).strip()
+    except OSError as exc:
+        raise WebhookSecretError(
+            f"billing.webhook_secret_file {path!r} cannot be read: {exc.strerror}") from None
+    if not MIN_WEBHOOK_SECRET <= len(secret) <= MAX_WEBHOOK_SECRET:
+        raise WebhookSecretError(
+            f"billing.webhook_secret_file {path!r} must hold {MIN_WEBHOOK_SECRET}.."
+            f"{MAX_WEBHOOK_SECRET} bytes of secret (surrounding whitespace stripped), "
+            f"not {len(secret)}: write a random secret, e.g. `openssl rand -hex 32`")
+    return secret
 
 
 @attrs.frozen
@@ -373,6 +410,22 @@ class Billing:
 # ---- what the CP's actors say runs -------------------------------------------------
 
 
+def order_owners(orders: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """VM name → the provisioner whose launch order brought it (pure). Only
+    ``registered_vm`` counts: the CP sets it when a VM registers with that order's
+    bootstrap token, while ``vm_name`` is whatever the provisioner reported at fulfil
+    (it could name another provider's VM). A VM that two orders name belongs to
+    neither: it falls back to the datacenter's owner, else the platform."""
+    named: dict[str, list[str | None]] = {}
+    for order in orders:
+        vm = order.get("registered_vm")
+        if vm:
+            claimed = order.get("claimed_by")
+            named.setdefault(str(vm), []).append(str(claimed) if claimed else None)
+    return {vm: owners[0] for vm, owners in named.items()
+            if len(owners) == 1 and owners[0] is not None}
+
+
 async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
                        agent_views: Callable[[], Awaitable[list[dict[str, Any]]]],
                        order_views: Callable[[], Awaitable[list[dict[str, Any]]]],
@@ -380,17 +433,13 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     """Running replicas per the AppActors (members that passed the stray and hash
     checks, state ``running``) on agents whose own view is not offline; and the agents
     this CP has a view of. The provider is the provisioner whose launch order brought
-    the agent's VM, else the datacenter's configured owner, else the platform."""
+    the agent's VM (:func:`order_owners`), else the datacenter's configured owner, else
+    the platform."""
     from ee.actors.app import GetDeployment
     from ee.runtime import ActorError
 
     views = {v["agent_id"]: v for v in await agent_views()}
-    by_vm: dict[str, str] = {}
-    if any(True for _ in views):
-        for order in await order_views():
-            vm = order.get("registered_vm") or order.get("vm_name")
-            if vm and order.get("claimed_by"):
-                by_vm[str(vm)] = str(order["claimed_by"])
+    by_vm = order_owners(await order_views()) if views else {}
     out: list[Sighting] = []
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
@@ -440,8 +489,8 @@ async def stop_account_deployments(registry: Any, deployment_index: Mapping[str,
 
 
 __all__ = ["Billing", "BillingDeps", "BillingSettings", "PriceBook", "Prices", "Sighting",
-           "cp_sightings", "hold_step", "plan_charges", "plan_observation",
-           "stop_account_deployments"]
+           "WebhookSecretError", "cp_sightings", "hold_step", "order_owners", "plan_charges",
+           "plan_observation", "read_webhook_secret", "stop_account_deployments"]
 
 
 async def pool_orders(registry: Any, keys: Any) -> list[dict[str, Any]]:

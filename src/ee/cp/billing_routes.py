@@ -31,7 +31,7 @@ import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from ee.cp.billing import Prices, at_text
+from ee.cp.billing import Prices, WebhookSecretError, at_text, read_webhook_secret
 from ee.cp.errors import (
     ApiError,
     Who,
@@ -43,7 +43,14 @@ from ee.cp.errors import (
 )
 from ee.cp.records import get_account
 from ee.cp.store import ledger
-from ee.cp.store.ledger import Entry, IdempotencyConflict, LedgerError, Posting
+from ee.cp.store.ledger import (
+    AlreadyCorrected,
+    Entry,
+    IdempotencyConflict,
+    LedgerError,
+    NoSuchTransaction,
+    Posting,
+)
 from ee.protocol.strict import check
 
 if TYPE_CHECKING:
@@ -71,8 +78,14 @@ _AMOUNT = check(_amount, f"must be an integer 1..{ledger.MAX_AMOUNT} (minor unit
 _CURRENCY = check(lambda v: v in ledger.CURRENCIES,
                   f"must be one of {', '.join(sorted(ledger.CURRENCIES))}")
 _REASON = check(_reason, "must be 1..500 printable characters")
-_IDEMPOTENCY = check(lambda v: bool(_KEY.match(v)),
-                     "must be 1..200 characters of [A-Za-z0-9._:-]")
+# Request keys are stored behind a prefix ("correction:" is the longest, 11) and a
+# stored key is at most 200 characters: 180 leaves room for every prefix.
+MAX_REQUEST_KEY: Final = 180
+_REQUEST_KEY = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,179}\Z")  # MAX_REQUEST_KEY
+_IDEMPOTENCY = check(lambda v: bool(_REQUEST_KEY.match(v)),
+                     f"must be 1..{MAX_REQUEST_KEY} characters of [A-Za-z0-9._:-]")
+_ACCOUNT_ID = check(lambda v: bool(_KEY.match(v)),
+                    "must be 1..200 characters of [A-Za-z0-9._:-]")
 
 
 @attrs.frozen
@@ -98,7 +111,7 @@ class PaymentEvent:
     """The payment processor's webhook body (signed)."""
 
     event_id: str = attrs.field(validator=_IDEMPOTENCY)
-    account_id: str = attrs.field(validator=_IDEMPOTENCY)
+    account_id: str = attrs.field(validator=_ACCOUNT_ID)
     amount_minor: int = attrs.field(validator=_AMOUNT)
     currency: str = attrs.field(validator=_CURRENCY)
 
@@ -149,8 +162,18 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-LEDGER_CSV_COLUMNS: Final = ("entry_id", "txn_id", "at", "kind", "amount_minor", "currency",
-                             "memo", "idempotency_key", "corrects")
+LEDGER_CSV_COLUMNS: Final = ("at", "kind", "amount_minor", "currency", "memo",
+                             "idempotency_key")
+
+
+def tenant_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """A ledger row as its tenant sees it: no platform-wide ids (``entry_id``,
+    ``txn_id``, ``corrects``, the ``usage:<id>`` key of a charge, which counts every
+    tenant's windows); a charge's memo names its deployment, replica and window."""
+    key = row["idempotency_key"]
+    return {"at": row["at"], "kind": row["kind"], "amount_minor": row["amount_minor"],
+            "currency": row["currency"], "memo": row["memo"],
+            "idempotency_key": None if str(key).startswith("usage:") else key}
 
 
 def ledger_csv(entries: list[dict[str, Any]]) -> str:
@@ -234,6 +257,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         rows = await db(lambda c: ledger.ledger_page(c, ledger.tenant_account(account_id),
                                                      limit, before))
         next_before = rows[-1]["entry_id"] if len(rows) == limit else None
+        rows = [tenant_entry(r) for r in rows]
         if fmt == "csv":
             answer = Response(ledger_csv(rows), content_type="text/csv; charset=utf-8")
             if next_before is not None:
@@ -277,9 +301,15 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
                 c, int(txn_id), f"correction:{body.idempotency_key}", "admin", body.reason,
                 now))
         except IdempotencyConflict as exc:
-            raise ApiError(409, "idempotency_conflict", str(exc)) from None
-        except LedgerError:
+            raise ApiError(409, "idempotency_conflict", str(exc),
+                           {"idempotency_key": exc.key}) from None
+        except NoSuchTransaction:
             raise not_found("transaction", txn_id) from None
+        except AlreadyCorrected as exc:
+            raise ApiError(409, "already_corrected", str(exc),
+                           {"txn_id": exc.txn_id, "corrected_by": exc.by}) from None
+        except LedgerError as exc:
+            raise ApiError(400, "bad_request", str(exc)) from None
         if result.created:
             cp.events.emit("billing.correction", txn_id, {"txn_id": result.txn_id,
                                                           "reason": body.reason})
@@ -352,9 +382,12 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         if not settings.webhook_secret_file:
             raise ApiError(404, "not_found", "no payment webhook is configured")
         try:
-            secret = (await trio.Path(settings.webhook_secret_file).read_bytes()).strip()
-        except OSError:
-            raise ApiError(404, "not_found", "no payment webhook is configured") from None
+            secret = await trio.to_thread.run_sync(read_webhook_secret,
+                                                   settings.webhook_secret_file)
+        except WebhookSecretError:  # changed since start: refuse rather than trust it
+            raise ApiError(503, "webhook_misconfigured",
+                           "the payment webhook's secret is missing or too short; the "
+                           "operator must fix billing.webhook_secret_file") from None
         raw = g.get("public_body", b"")  # read (and capped) by the gate
         assert isinstance(raw, bytes)
         check_signature(secret, request.headers.get("EE-Signature"), raw, time.time(),

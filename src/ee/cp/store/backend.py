@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DB_ERRORS", "Conn", "Dialect", "Retryable", "connect", "ddl", "is_url",
-           "redact", "statements", "translate"]
+__all__ = ["DB_ERRORS", "INTEGRITY_ERRORS", "Conn", "Dialect", "Retryable", "connect", "ddl",
+           "is_url", "redact", "statements", "translate"]
 
 SIDE_FILES: Final = ("-wal", "-shm", "-journal")
 MEMORY: Final = ":memory:"
@@ -55,11 +55,14 @@ try:  # psycopg is the optional 'postgres' extra
     import psycopg.errors
 
     DB_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+    INTEGRITY_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError,
+                                                    psycopg.IntegrityError)
     _RETRYABLE: tuple[type[Exception], ...] = (psycopg.errors.DeadlockDetected,
                                               psycopg.errors.SerializationFailure)
 except ImportError:  # pragma: no cover - exercised only without the extra
     psycopg = None  # type: ignore[assignment]
     DB_ERRORS = (sqlite3.Error,)
+    INTEGRITY_ERRORS = (sqlite3.IntegrityError,)
     _RETRYABLE = ()
 
 

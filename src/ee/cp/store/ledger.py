@@ -47,7 +47,7 @@ from typing import Any, Final
 
 import attrs
 
-from ee.cp.store.backend import Conn, Dialect
+from ee.cp.store.backend import INTEGRITY_ERRORS, Conn, Dialect
 
 CURRENCIES: Final = frozenset({"USD"})
 MAX_AMOUNT: Final = 10**12  # minor units in one entry: ten billion dollars
@@ -77,6 +77,25 @@ class IdempotencyConflict(LedgerError):
         super().__init__(f"idempotency key {key!r} was already used for a different "
                          "transaction")
         self.key = key
+
+
+class NoSuchTransaction(LedgerError):
+    """A correction names a transaction that does not exist."""
+
+    def __init__(self, txn_id: int) -> None:
+        super().__init__(f"no transaction {txn_id}")
+        self.txn_id = txn_id
+
+
+class AlreadyCorrected(LedgerError):
+    """The transaction was already corrected (by another key): one correction each,
+    enforced by the unique index ``ledger_transactions_corrects`` (migration 0006)."""
+
+    def __init__(self, txn_id: int, by: int | None) -> None:
+        super().__init__(f"transaction {txn_id} was already corrected"
+                         + (f" by transaction {by}" if by is not None else ""))
+        self.txn_id = txn_id
+        self.by = by
 
 
 def _int(value: object) -> bool:
@@ -221,16 +240,33 @@ def post(conn: Conn, p: Posting, at: str,
 
 
 def reverse(conn: Conn, txn_id: int, key: str, actor: str, memo: str, at: str) -> Posted:
-    """A correction: the opposite of transaction *txn_id*, referencing it."""
-    with conn.transaction():
-        row = conn.execute("SELECT kind FROM ledger_transactions WHERE txn_id = ?",
-                           (txn_id,)).fetchone()
-        if row is None:
-            raise LedgerError(f"no transaction {txn_id}")
-        entries = tuple(Entry(e.account, e.currency, -e.amount)
-                        for e in _entries_of(conn, txn_id))
-        return post_in(conn, Posting(key, "correction", actor, entries, memo, txn_id), at,
-                       (actor, "billing.correction", str(txn_id), {"memo": memo}))
+    """A correction: the opposite of transaction *txn_id*, referencing it. A
+    transaction is corrected at most once: :class:`AlreadyCorrected` when another key
+    did it (the same key again is the same correction), :class:`NoSuchTransaction`
+    when there is no *txn_id*."""
+
+    def corrected_by() -> int | None:
+        row = conn.execute("SELECT txn_id FROM ledger_transactions WHERE corrects = ?"
+                           " AND idempotency_key <> ?", (txn_id, key)).fetchone()
+        return None if row is None else int(row[0])
+
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT kind FROM ledger_transactions WHERE txn_id = ?",
+                               (txn_id,)).fetchone()
+            if row is None:
+                raise NoSuchTransaction(txn_id)
+            by = corrected_by()
+            if by is not None:
+                raise AlreadyCorrected(txn_id, by)
+            entries = tuple(Entry(e.account, e.currency, -e.amount)
+                            for e in _entries_of(conn, txn_id))
+            return post_in(conn, Posting(key, "correction", actor, entries, memo, txn_id),
+                           at, (actor, "billing.correction", str(txn_id), {"memo": memo}))
+    except INTEGRITY_ERRORS:  # a concurrent correction won the unique index
+        if find(conn, key) is None and (by := corrected_by()) is not None:
+            raise AlreadyCorrected(txn_id, by) from None
+        raise
 
 
 # --- charge passes ---------------------------------------------------------------------
