@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ee.agent.config import ConfigError, _cmdline_params, _measurement_flag
 from ee.attestation.measure import authenticode, predict_uki
 from ee.image.disk import (
     BAKE_TOOLS,
@@ -276,3 +277,33 @@ def test_gcp_config_unit(metadata_server: tuple[str, dict[str, object]],
     state["body"] = None  # no item: nothing, and no failure
     code, out, path = run_config_unit(tmp_path, url)
     assert code == 0 and "no ee-agent-config" in out and not path.exists()
+
+
+MEASURING = ["easyenclave.measurement=1", "easyenclave.measurement", "easyenclave.measurement=",
+             "easyenclave.measurement=true", "easyenclave.measurement=yes",
+             "easyenclave.measurement=on"]  # one the agent refuses: no metadata either
+NOT_MEASURING = ["easyenclave.measurement=0", "easyenclave.measurement=false",
+                 "easyenclave.measurement=no", "easyenclave.measurementx=1",
+                 "xeasyenclave.measurement=1"]
+
+
+def test_gcp_config_unit_follows_the_agents_measurement_rule(
+        metadata_server: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    """Every spelling the agent takes as measurement mode keeps the metadata out."""
+    url, state = metadata_server
+    config = {"cp_url": "wss://cp/api/v2/agents/connect", "bootstrap_token": "t0k"}
+    state["body"] = json.dumps(config).encode()
+    for flag in MEASURING:
+        cmdline = f"console=ttyS0 {flag} quiet"
+        try:
+            assert _measurement_flag(_cmdline_params(cmdline))
+        except ConfigError:
+            pass  # the agent refuses to start on it
+        code, out, path = run_config_unit(tmp_path, url, cmdline=cmdline)
+        assert code == 0 and "measurement mode" in out and not path.exists(), (flag, out)
+    for flag in NOT_MEASURING:
+        cmdline = f"console=ttyS0 {flag}"
+        assert not _measurement_flag(_cmdline_params(cmdline))
+        code, out, path = run_config_unit(tmp_path, url, cmdline=cmdline)
+        assert code == 0 and json.loads(path.read_text()) == config, (flag, out)
+        path.unlink()
