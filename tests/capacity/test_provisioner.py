@@ -6,6 +6,8 @@ VM, runs a simulated agent with the order's token — the cloud is the only stan
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,17 +20,25 @@ import trio
 
 from ee.capacity import PoolSettings
 from ee.capacity.provisioner import (
+    BadGrant,
     LaunchFailed,
     LaunchRequest,
+    NameTaken,
     Provisioner,
     ProvisionerSettings,
     ReportAnswer,
     classify_report,
+    grant_mismatch,
+    parse_grant,
     pools_from_text,
     retry_delay,
     supervised,
     vm_name_for,
 )
+from ee.vm.domain import Labels
+from ee.vm.errors import VmError
+from ee.vm.host import DomainInfo
+from ee.vm.launcher import LibvirtLauncher
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "cp"))
@@ -224,9 +234,9 @@ async def test_powered_off_vms_are_reaped_and_the_loop_is_supervised() -> None:
 
 
 def test_pure_decisions() -> None:
-    assert vm_name_for("lo-0001AB") == "ee-lo-0001ab"
-    assert vm_name_for("lo:x/y") == "ee-lo-x-y"
-    assert len(vm_name_for("lo-" + "a" * 100)) == 63
+    assert vm_name_for("lo-0001AB").startswith("ee-lo-0001ab-")
+    assert vm_name_for("lo:x/y").startswith("ee-lo-x-y-")
+    assert len(vm_name_for("lo-" + "a" * 100)) <= 63
     assert classify_report(200) is ReportAnswer.OK
     for gone in (403, 404, 409):
         assert classify_report(gone) is ReportAnswer.GONE
@@ -241,3 +251,195 @@ def test_pure_decisions() -> None:
         pools_from_text(["tiny"])
     with pytest.raises(ValueError):
         ProvisionerSettings(pools=(POOL,), max_attempts=0)
+
+
+def test_vm_names_are_distinct_for_distinct_order_ids() -> None:
+    ids = ["lo-A", "lo-a", "lo:a", "lo_a", "lo.a", "lo--a", "-lo-a",
+           "lo-" + "a" * 70 + "1", "lo-" + "a" * 70 + "2", "...", ":::"]
+    names = [vm_name_for(i) for i in ids]
+    assert len(set(names)) == len(ids)
+    for name in names:
+        assert re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name), name
+    assert vm_name_for("lo-A") == vm_name_for("lo-A")  # a retry reuses the name
+
+
+GOOD = {"order": {"order_id": "lo-0001", "datacenter": POOL[0], "node_size": POOL[1],
+                  "state": "claimed"}, "bootstrap_token": "eebt1.abc"}
+
+
+def test_parse_grant_is_strict() -> None:
+    grant = parse_grant(GOOD)
+    assert (grant.order_id, grant.datacenter, grant.node_size) == ("lo-0001", *POOL)
+    bad: list[object] = [
+        [], "x", None, {}, {"order": GOOD["order"]},
+        {"order": GOOD["order"], "bootstrap_token": ""},
+        {"order": GOOD["order"], "bootstrap_token": 5},
+        {"order": [], "bootstrap_token": "eebt1.abc"},
+        {**GOOD, "order": {**GOOD["order"], "order_id": "../../accounts"}},
+        {**GOOD, "order": {**GOOD["order"], "order_id": "a" * 81}},
+        {**GOOD, "order": {**GOOD["order"], "order_id": 7}},
+        {**GOOD, "order": {**GOOD["order"], "datacenter": None}},
+        {**GOOD, "order": {**GOOD["order"], "node_size": "a b"}},
+    ]
+    for body in bad:
+        with pytest.raises(BadGrant):
+            parse_grant(body)
+    assert grant_mismatch(grant, *POOL) is None
+    assert grant_mismatch(grant, POOL[0], "llm") is not None
+    assert grant_mismatch(grant, "gcp:x", POOL[1]) is not None
+
+
+class Recorder:
+    """A launcher that records and never gets a VM up (launch fails as told)."""
+
+    def __init__(self, error: LaunchFailed | None = None) -> None:
+        self.error = error
+        self.launched_requests: list[LaunchRequest] = []
+        self.destroyed: list[str] = []
+
+    async def launch(self, request: LaunchRequest) -> None:
+        self.launched_requests.append(request)
+        await trio.lowlevel.checkpoint()
+        if self.error is not None:
+            raise self.error
+
+    async def destroy(self, vm_name: str) -> None:
+        self.destroyed.append(vm_name)
+        await trio.lowlevel.checkpoint()
+
+    async def launched(self) -> Mapping[str, str]:
+        await trio.lowlevel.checkpoint()
+        return {}
+
+
+def fake_cp(answers: list[httpx.Response], posts: list[tuple[str, Any]]
+            ) -> httpx.MockTransport:
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        posts.append((request.url.path, body))
+        if request.url.path.endswith("/claim"):
+            return answers.pop(0) if answers else httpx.Response(204)
+        return httpx.Response(200, json={})
+    return httpx.MockTransport(handle)
+
+
+async def test_malformed_claim_answers_claim_nothing_and_stop_nothing() -> None:
+    answers = [httpx.Response(200, text="<html>hi</html>"), httpx.Response(200, json=[]),
+               httpx.Response(200, json={"order": GOOD["order"]}),
+               httpx.Response(200, json={**GOOD, "order": {**GOOD["order"],
+                                                           "order_id": "x/../y"}})]
+    posts: list[tuple[str, Any]] = []
+    said: list[str] = []
+    cloud = Recorder()
+    async with httpx.AsyncClient(base_url="http://cp.invalid",
+                                 transport=fake_cp(answers, posts)) as client:
+        prov = Provisioner(client, cloud, SETTINGS, say=said.append)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                for _ in range(4):
+                    await prov.claim_all(n)
+    assert cloud.launched_requests == [] and prov.counters.claimed == 0
+    assert [p for p, _ in posts if not p.endswith("/claim")] == []
+    assert sum("malformed answer" in line for line in said) == 4
+
+
+async def test_an_order_of_another_pool_is_failed_not_launched() -> None:
+    other = {**GOOD, "order": {**GOOD["order"], "datacenter": "gcp:us-central1",
+                               "node_size": "llm"}}
+    posts: list[tuple[str, Any]] = []
+    cloud = Recorder()
+    async with httpx.AsyncClient(base_url="http://cp.invalid",
+                                 transport=fake_cp([httpx.Response(200, json=other)],
+                                                   posts)) as client:
+        prov = Provisioner(client, cloud, SETTINGS, say=print)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                await prov.claim_all(n)
+    assert cloud.launched_requests == []
+    (fail,) = [(p, b) for p, b in posts if p.endswith("/fail")]
+    assert fail[0] == "/api/v2/capacity/launch-orders/lo-0001/fail"
+    assert "gcp:us-central1/llm" in fail[1]["error"]
+
+
+async def test_a_taken_name_fails_the_order_and_the_vm_is_left_alone() -> None:
+    posts: list[tuple[str, Any]] = []
+    cloud = Recorder(NameTaken("a VM named ee-x exists and is not ours"))
+    async with httpx.AsyncClient(base_url="http://cp.invalid",
+                                 transport=fake_cp([httpx.Response(200, json=GOOD)],
+                                                   posts)) as client:
+        prov = Provisioner(client, cloud, SETTINGS, say=print)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                await prov.claim_all(n)
+    assert len(cloud.launched_requests) == 1 and cloud.destroyed == []  # no retry either
+    (fail,) = [b for p, b in posts if p.endswith("/fail")]
+    assert "not ours" in fail["error"]
+
+
+# ---- LibvirtLauncher against a stand-in libvirt host ----------------------------------
+
+
+class FakeHost:
+    def __init__(self, domains: dict[str, DomainInfo | None]) -> None:
+        self.domains = domains
+
+    def __enter__(self) -> FakeHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def info(self, name: str) -> DomainInfo | None:
+        if name in self.domains and self.domains[name] is None:
+            raise VmError(f"domain {name} exists but is not an EasyEnclave VM")
+        return self.domains.get(name)
+
+
+def libvirt_launcher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     domains: dict[str, DomainInfo | None]) -> tuple[LibvirtLauncher,
+                                                                     list[str], list[str]]:
+    import ee.vm.launcher as mod
+    deleted: list[str] = []
+    created: list[str] = []
+    monkeypatch.setattr(mod, "VmHost", lambda uri: FakeHost(domains))
+    monkeypatch.setattr(mod, "delete_vm", lambda name, host, root: deleted.append(name))
+    monkeypatch.setattr(mod, "create_vm",
+                        lambda req, host, sim_chain: created.append(req.name))
+    launcher = LibvirtLauncher(uri="test:///", image=tmp_path / "img", root_dir=tmp_path,
+                               cp="ws://cp.invalid:1")
+    return launcher, deleted, created
+
+
+def domain(name: str, order_id: str | None) -> DomainInfo:
+    return DomainInfo(name, "running", Labels(order_id=order_id))
+
+
+async def test_libvirt_destroy_deletes_only_the_orders_own_vm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = vm_name_for("lo-1")
+    operator = vm_name_for("foo")  # `eectl vm create` under the name of order foo
+    collided = vm_name_for("lo-2")  # a domain there labelled with another order's id
+    foreign = vm_name_for("lo-3")  # not an EasyEnclave VM at all
+    launcher, deleted, _ = libvirt_launcher(tmp_path, monkeypatch, {
+        ours: domain(ours, "lo-1"), operator: domain(operator, None),
+        collided: domain(collided, "lo-9"), foreign: None})
+    for name in (operator, collided, foreign, vm_name_for("nothing-there")):
+        await launcher.destroy(name)
+    assert deleted == []
+    await launcher.destroy(ours)
+    assert deleted == [ours]
+
+
+async def test_libvirt_launch_onto_a_taken_name_fails_without_touching_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    name = vm_name_for("lo-1")
+    for other in (domain(name, None), domain(name, "lo-9"), None):
+        launcher, deleted, created = libvirt_launcher(tmp_path, monkeypatch, {name: other})
+        request = LaunchRequest(order_id="lo-1", vm_name=name, datacenter="local:dev",
+                                node_size="tiny", bootstrap_token="eebt1.x")
+        with pytest.raises(NameTaken):
+            await launcher.launch(request)
+        assert created == [] and deleted == []
+    launcher, deleted, created = libvirt_launcher(tmp_path, monkeypatch, {})
+    await launcher.launch(request)
+    assert created == [name]

@@ -314,3 +314,45 @@ def test_instance_names_are_valid_and_stable() -> None:
         assert len(name) <= 63 and name[0].isalpha() and name[-1].isalnum()
     with pytest.raises(LaunchRefused):
         instance_name("")
+
+
+class _Token:
+    async def token(self) -> str:
+        await trio.lowlevel.checkpoint()
+        return "t"
+
+
+def _session_server(range_header: str | None) -> tuple[httpx.MockTransport, list[str]]:
+    """An upload endpoint whose every chunk PUT answers 308 with *range_header*."""
+    puts: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return httpx.Response(200, headers={"Location": "http://127.0.0.1:9/session"})
+        puts.append(request.headers.get("Content-Range", ""))
+        return httpx.Response(308, headers={"Range": range_header} if range_header else {})
+    return httpx.MockTransport(handle), puts
+
+
+@pytest.mark.parametrize("range_header", [f"bytes=0-{10 * QUANTUM}", "bytes=0-99999999999"])
+async def test_a_server_offset_past_the_end_is_refused(tmp_path: Path,
+                                                       range_header: str) -> None:
+    tarball, _ = fake_bake(tmp_path, size=2 * QUANTUM + 7)
+    transport, puts = _session_server(range_header)
+    async with httpx.AsyncClient(transport=transport) as http:
+        gcp = GcpClient(http, _Token(), storage_url="http://127.0.0.1:9",  # type: ignore[arg-type]
+                        retry=FAST, chunk=QUANTUM)
+        with trio.fail_after(10), pytest.raises(GcpApiError, match="claims"):
+            await gcp.upload("bkt", "o.tar.gz", tarball)
+    assert len(puts) == 1
+
+
+async def test_a_308_that_does_not_advance_is_a_bounded_failure(tmp_path: Path) -> None:
+    tarball, _ = fake_bake(tmp_path, size=2 * QUANTUM + 7)
+    transport, puts = _session_server(f"bytes=0-{QUANTUM - 1}")  # stuck after chunk 1
+    async with httpx.AsyncClient(transport=transport) as http:
+        gcp = GcpClient(http, _Token(), storage_url="http://127.0.0.1:9",  # type: ignore[arg-type]
+                        retry=FAST, chunk=QUANTUM)
+        with trio.fail_after(10), pytest.raises(GcpApiError, match="upload failed 4 times"):
+            await gcp.upload("bkt", "o.tar.gz", tarball)
+    assert len(puts) < 20

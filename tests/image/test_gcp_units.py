@@ -12,12 +12,14 @@ import subprocess
 import sys
 import tarfile
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from ee.agent.config import ConfigError, _cmdline_params, _measurement_flag
 from ee.attestation.measure import authenticode, predict_uki
 from ee.image.disk import (
     BAKE_TOOLS,
@@ -33,7 +35,9 @@ from ee.image.disk import (
     gpt_layout,
     pe_checksum,
     pe_sections,
+    read_gpt,
     read_uki,
+    section_data,
     uki_layout,
     uki_parts,
 )
@@ -189,6 +193,72 @@ def test_measure_disk_refuses_what_is_not_a_baked_disk(tmp_path: Path) -> None:
     assert done.returncode == 2
 
 
+def hostile_gpt(label: bytes, type_guid: str = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+                ) -> bytes:
+    """A 34-sector disk whose GPT has one entry with the raw UTF-16 *label* bytes."""
+    disk = bytearray(34 * 512)
+    header = bytearray(92)
+    header[:8] = b"EFI PART"
+    struct.pack_into("<I", header, 12, 92)
+    struct.pack_into("<QII", header, 72, 2, 1, 128)
+    disk[512:604] = header
+    entry = bytearray(128)
+    entry[:16] = uuid.UUID(type_guid).bytes_le
+    entry[16:32] = uuid.UUID(int=1).bytes_le
+    struct.pack_into("<QQ", entry, 32, 34, 2047)
+    entry[56:56 + len(label)] = label
+    disk[1024:1152] = entry
+    return bytes(disk)
+
+
+def test_a_gpt_label_that_is_not_utf16_is_read_not_a_traceback(tmp_path: Path) -> None:
+    lone = b"\x00\xd8" + "EE".encode("utf-16-le")  # a high surrogate with no pair
+    gpt = read_gpt(hostile_gpt(lone))
+    assert gpt.partitions[0].label == "\ufffdEE"
+    (tmp_path / "d.raw").write_bytes(hostile_gpt(lone, ESP_TYPE))
+    done = measure("--disk", str(tmp_path / "d.raw"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def tiny_pe(vsize: int, name: bytes = b".linux", opt_size: int = 240) -> bytes:
+    """A minimal PE32+ header with one section (*name*, VirtualSize *vsize*)."""
+    pe = bytearray(0x40 + 24 + opt_size + 40 + 16)
+    pe[:2] = b"MZ"
+    struct.pack_into("<I", pe, 0x3C, 0x40)
+    pe[0x40:0x44] = b"PE\0\0"
+    struct.pack_into("<HH", pe, 0x44, 0x8664, 1)
+    struct.pack_into("<H", pe, 0x40 + 20, opt_size)
+    struct.pack_into("<H", pe, 0x40 + 24, 0x20B)
+    s = 0x40 + 24 + opt_size
+    pe[s:s + len(name)] = name
+    struct.pack_into("<IIII", pe, s + 8, vsize, 0x1000, 16, len(pe) - 16)
+    return bytes(pe)
+
+
+def test_a_hostile_pe_is_refused_with_a_build_error() -> None:
+    assert uki_parts(tiny_pe(16)) == {".linux": bytes(16)}
+    for truncated in (b"MZ" + bytes(0x3A) + struct.pack("<I", 0x40) + b"PE\0\0",
+                      b"MZ" + bytes(0x3A) + struct.pack("<I", 0x40) + b"PE\0\0" + bytes(18),
+                      tiny_pe(16)[:0x40 + 24 + 30]):
+        with pytest.raises(BuildFailed, match=r"truncated|beyond"):
+            pe_sections(truncated)
+    with pytest.raises(BuildFailed, match=r"VirtualSize|over 256 MiB"):
+        uki_parts(tiny_pe(0xFFFFFFF0))  # no 4 GiB allocation
+    (huge,) = pe_sections(tiny_pe(0xFFFFFFF0))[1]
+    with pytest.raises(BuildFailed, match="VirtualSize"):
+        section_data(tiny_pe(0xFFFFFFF0), huge)
+
+
+def test_bake_refuses_a_command_line_measure_would_refuse(stub: Path, tmp_path: Path) -> None:
+    image = fake_image(tmp_path / "img", stub)
+    cmdline = (image / "cmdline").read_text().strip() + " ee.note=caf\u00e9"
+    (image / "cmdline").write_text(cmdline + "\n")
+    manifest = json.loads((image / "manifest.json").read_text())
+    with pytest.raises(BuildFailed, match="cannot be measured"):
+        bake_gcp(image, tmp_path / "a.tar.gz", name="n", family="f")
+    assert not (tmp_path / "a.tar.gz").exists() and manifest
+
+
 def test_disk_qemu_command_boots_the_disk_over_nvme() -> None:
     spec = DiskVmSpec(disk=Path("/d.raw"), serial_log=Path("/s"), ovmf_code=Path("/c"),
                       ovmf_vars=Path("/v"), agent_port=4000)
@@ -276,3 +346,33 @@ def test_gcp_config_unit(metadata_server: tuple[str, dict[str, object]],
     state["body"] = None  # no item: nothing, and no failure
     code, out, path = run_config_unit(tmp_path, url)
     assert code == 0 and "no ee-agent-config" in out and not path.exists()
+
+
+MEASURING = ["easyenclave.measurement=1", "easyenclave.measurement", "easyenclave.measurement=",
+             "easyenclave.measurement=true", "easyenclave.measurement=yes",
+             "easyenclave.measurement=on"]  # one the agent refuses: no metadata either
+NOT_MEASURING = ["easyenclave.measurement=0", "easyenclave.measurement=false",
+                 "easyenclave.measurement=no", "easyenclave.measurementx=1",
+                 "xeasyenclave.measurement=1"]
+
+
+def test_gcp_config_unit_follows_the_agents_measurement_rule(
+        metadata_server: tuple[str, dict[str, object]], tmp_path: Path) -> None:
+    """Every spelling the agent takes as measurement mode keeps the metadata out."""
+    url, state = metadata_server
+    config = {"cp_url": "wss://cp/api/v2/agents/connect", "bootstrap_token": "t0k"}
+    state["body"] = json.dumps(config).encode()
+    for flag in MEASURING:
+        cmdline = f"console=ttyS0 {flag} quiet"
+        try:
+            assert _measurement_flag(_cmdline_params(cmdline))
+        except ConfigError:
+            pass  # the agent refuses to start on it
+        code, out, path = run_config_unit(tmp_path, url, cmdline=cmdline)
+        assert code == 0 and "measurement mode" in out and not path.exists(), (flag, out)
+    for flag in NOT_MEASURING:
+        cmdline = f"console=ttyS0 {flag}"
+        assert not _measurement_flag(_cmdline_params(cmdline))
+        code, out, path = run_config_unit(tmp_path, url, cmdline=cmdline)
+        assert code == 0 and json.loads(path.read_text()) == config, (flag, out)
+        path.unlink()

@@ -359,6 +359,8 @@ def tdvf_sections(fw: bytes) -> tuple[TdvfSection, ...]:
     desc = len(fw) - offset_from_end
     if desc < 0 or fw[desc : desc + 4] != b"TDVF":
         raise MeasureError(f"no TDVF descriptor at {desc:#x}")
+    if desc + 16 > len(fw):
+        raise MeasureError(f"the TDVF descriptor at {desc:#x} is beyond the file")
     _length, version, count = struct.unpack_from("<III", fw, desc + 4)
     if version != 1:
         raise MeasureError(f"TDVF descriptor version {version}")

@@ -23,6 +23,14 @@ report because the order is no longer ours (it expired back to ``open``, timed o
 is revoked and a VM nobody ordered must not linger. A report the CP could not answer
 (transport error, 5xx) is retried with the same backoff.
 
+A claim answer is untrusted input: :func:`parse_grant` structures it strictly (a
+malformed answer — not JSON, no ``bootstrap_token``, an order id outside the CP's id
+format — claims nothing and is logged), and :func:`grant_mismatch` refuses an order of
+a pool other than the one claimed (reported ``fail``, nothing launched). VM names carry
+a digest of the exact order id (:func:`vm_name_for`), so distinct orders never share a
+name; a launcher refuses a name that is taken (:class:`NameTaken`) and the provisioner
+then fails the order without deleting the VM it did not make.
+
 The decisions — the VM name, the retry delay, what a report answer means — are pure
 functions below; :class:`Provisioner` only moves HTTP requests and launcher calls.
 Time is Trio's: tests run the loop under the autojump clock with a fake CP transport
@@ -32,6 +40,7 @@ or a real ``ee-cp``.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import random
 import re
@@ -43,16 +52,22 @@ import httpx
 import trio
 
 from ee.agent.backoff import backoff_delay
+from ee.capacity.orders import _ID as ORDER_ID
 from ee.supervisors.supervisor import ChildSpec, Supervisor
 
 __all__ = [
+    "BadGrant",
+    "Grant",
     "LaunchFailed",
     "LaunchRequest",
     "Launcher",
+    "NameTaken",
     "Provisioner",
     "ProvisionerSettings",
     "ReportAnswer",
     "classify_report",
+    "grant_mismatch",
+    "parse_grant",
     "retry_delay",
     "supervised",
     "vm_name_for",
@@ -63,6 +78,15 @@ log = logging.getLogger("ee.capacity.provisioner")
 
 class LaunchFailed(Exception):
     """One launch attempt failed; the message says why (it goes into the fail report)."""
+
+
+class NameTaken(LaunchFailed):
+    """A VM the launcher did not make for this order holds the name: not retried, and
+    the VM is left alone."""
+
+
+class BadGrant(ValueError):
+    """A claim answer that is not a well-formed grant (nothing is claimed)."""
 
 
 @attrs.frozen
@@ -100,13 +124,58 @@ class ProvisionerSettings:
 
 # ---- pure decisions -------------------------------------------------------------------
 
-_UNSAFE = re.compile(r"[^a-z0-9-]+")
+_UNSAFE = re.compile(r"[^a-z0-9]+")
+_TOKEN = re.compile(r"\A[\x21-\x7e]{1,512}\Z")
+_POOL_TEXT = re.compile(r"\A[\x21-\x7e]{1,200}\Z")
 
 
 def vm_name_for(order_id: str, prefix: str = "ee") -> str:
-    """A VM name (libvirt and DNS safe, <= 63 chars) derived from the order id."""
-    slug = _UNSAFE.sub("-", order_id.lower()).strip("-")
-    return f"{prefix}-{slug}"[:63].rstrip("-")
+    """A VM name (libvirt and DNS safe, <= 63 chars) derived from the order id: a
+    readable slug plus a digest of the exact id, so distinct ids never share a name."""
+    slug = _UNSAFE.sub("-", order_id.lower()).strip("-")[:40].strip("-")
+    digest = hashlib.sha256(order_id.encode()).hexdigest()[:10]
+    return f"{prefix}-{slug}-{digest}" if slug else f"{prefix}-{digest}"
+
+
+@attrs.frozen
+class Grant:
+    """A claimed order, as the provisioner acts on it."""
+
+    order_id: str
+    datacenter: str
+    node_size: str
+    bootstrap_token: str = attrs.field(repr=False)
+
+
+def parse_grant(body: object) -> Grant:
+    """The claim answer ``{"order": {...}, "bootstrap_token": ...}`` structured; BadGrant
+    when anything is missing, mistyped or outside its format."""
+    if not isinstance(body, Mapping):
+        raise BadGrant(f"a claim answer is an object, not {type(body).__name__}")
+    order, token = body.get("order"), body.get("bootstrap_token")
+    if not isinstance(order, Mapping):
+        raise BadGrant("the claim answer has no order object")
+    if not isinstance(token, str) or not _TOKEN.match(token):
+        raise BadGrant("the claim answer has no usable bootstrap_token")
+    order_id = order.get("order_id")
+    if not isinstance(order_id, str) or not ORDER_ID.match(order_id):
+        raise BadGrant(f"order_id {str(order_id)[:100]!r} is not a CP order id")
+    fields = {}
+    for key in ("datacenter", "node_size"):
+        value = order.get(key)
+        if not isinstance(value, str) or not _POOL_TEXT.match(value):
+            raise BadGrant(f"order {order_id}: {key} {str(value)[:100]!r} is not a pool key")
+        fields[key] = value
+    return Grant(order_id=order_id, datacenter=fields["datacenter"],
+                 node_size=fields["node_size"], bootstrap_token=token)
+
+
+def grant_mismatch(grant: Grant, datacenter: str, node_size: str) -> str | None:
+    """Why *grant* must not be launched for a claim on pool (datacenter, node_size)."""
+    if (grant.datacenter, grant.node_size) != (datacenter, node_size):
+        return (f"claimed pool {datacenter}/{node_size} but the order is for "
+                f"{grant.datacenter}/{grant.node_size}: not launched")
+    return None
 
 
 def retry_delay(attempt: int, settings: ProvisionerSettings, jitter: float) -> float:
@@ -184,12 +253,20 @@ class Provisioner:
                 grant = await self._claim(datacenter, node_size)
                 if grant is None:
                     break
-                order = grant["order"]
-                self.active.add(order["order_id"])
                 self.counters.claimed += 1
-                orders.start_soon(self._order_task, order, grant["bootstrap_token"])
+                why = grant_mismatch(grant, datacenter, node_size)
+                if why is not None:
+                    self.say(f"order {grant.order_id}: {why}")
+                    self.counters.failed += 1
+                    await self._report(grant.order_id, "fail", {"error": why[:1000]})
+                    continue
+                if grant.order_id in self.active:
+                    self.say(f"order {grant.order_id}: claimed again while being worked on")
+                    continue
+                self.active.add(grant.order_id)
+                orders.start_soon(self._order_task, grant)
 
-    async def _claim(self, datacenter: str, node_size: str) -> dict[str, Any] | None:
+    async def _claim(self, datacenter: str, node_size: str) -> Grant | None:
         try:
             r = await self.client.post("/api/v2/capacity/launch-orders/claim",
                                        json={"datacenter": datacenter, "node_size": node_size})
@@ -201,13 +278,17 @@ class Provisioner:
         if r.status_code != 200:
             self.say(f"claim {datacenter}/{node_size}: {r.status_code} {r.text[:200]}")
             return None
-        grant: dict[str, Any] = r.json()
-        return grant
-
-    async def _order_task(self, order: Mapping[str, Any], token: str) -> None:
-        order_id = str(order["order_id"])
         try:
-            await self._work(order, token)
+            return parse_grant(r.json())
+        except (ValueError, BadGrant) as exc:  # JSONDecodeError is a ValueError
+            self.say(f"claim {datacenter}/{node_size}: malformed answer, nothing claimed "
+                     f"({str(exc)[:200]})")
+            return None
+
+    async def _order_task(self, grant: Grant) -> None:
+        order_id = grant.order_id
+        try:
+            await self._work(grant)
         except Exception as exc:  # one order's bug must not stop the others
             log.exception("order %s: %s", order_id, exc)
         finally:
@@ -231,11 +312,10 @@ class Provisioner:
             await trio.sleep(retry_delay(attempt, self.settings, self.rng.random()))
         return ReportAnswer.RETRY
 
-    async def _work(self, order: Mapping[str, Any], token: str) -> None:
-        order_id = str(order["order_id"])
-        request = LaunchRequest(order_id=order_id, vm_name=vm_name_for(order_id),
-                                datacenter=str(order["datacenter"]),
-                                node_size=str(order["node_size"]), bootstrap_token=token)
+    async def _work(self, grant: Grant) -> None:
+        request = LaunchRequest(order_id=grant.order_id, vm_name=vm_name_for(grant.order_id),
+                                datacenter=grant.datacenter, node_size=grant.node_size,
+                                bootstrap_token=grant.bootstrap_token)
         name = request.vm_name
         self.launching.add(name)
         try:
@@ -254,6 +334,11 @@ class Provisioner:
             try:
                 self.say(f"order {order_id}: launching {name} (attempt {attempt})")
                 await self.launcher.launch(request)
+                error = ""
+                break
+            except NameTaken as exc:  # not ours: fail the order, leave the VM alone
+                error = f"attempt {attempt}/{self.settings.max_attempts}: {exc}"
+                self.say(f"order {order_id}: {error}")
                 break
             except LaunchFailed as exc:
                 error = f"attempt {attempt}/{self.settings.max_attempts}: {exc}"
@@ -261,7 +346,7 @@ class Provisioner:
                 await self.launcher.destroy(name)
                 if attempt < self.settings.max_attempts:
                     await trio.sleep(retry_delay(attempt, self.settings, self.rng.random()))
-        else:
+        if error:
             self.counters.failed += 1
             await self._report(order_id, "fail", {"error": error[:1000]})
             return

@@ -386,8 +386,11 @@ class GcpClient:
                 result = _json(response)
                 break
             if response is not None and response.status_code == 308 and not last:
-                offset = self._committed(response, offset + len(body))
-                continue
+                committed = self._committed(response, offset + len(body), total)
+                if committed > offset:
+                    offset = committed
+                    continue
+                # a 308 that does not advance counts as a failure (bounded below)
             if response is not None and response.status_code not in TRANSIENT | {308}:
                 raise GcpApiError("PUT", "upload session", response.status_code,
                                   _error_message(response))
@@ -409,11 +412,17 @@ class GcpClient:
         return result
 
     @staticmethod
-    def _committed(response: httpx.Response, fallback: int) -> int:
-        match = re.fullmatch(r"bytes=0-(\d+)", response.headers.get("Range", ""))
+    def _committed(response: httpx.Response, fallback: int, total: int) -> int:
+        """The bytes the server says it holds (a 308's ``Range``); GcpApiError when that
+        is past the end of the file."""
+        match = re.fullmatch(r"bytes=0-(\d{1,20})", response.headers.get("Range", ""))
         if match is None:
             return 0 if "Range" not in response.headers else fallback
-        return int(match.group(1)) + 1
+        committed = int(match.group(1)) + 1
+        if committed > total:
+            raise GcpApiError("PUT", "upload session", response.status_code,
+                              f"the server claims {committed} bytes of a {total}-byte file")
+        return committed
 
     async def _session_offset(self, session: str, total: int) -> int | None:
         """Where the server stands (bytes it has), None when the upload is complete."""
@@ -428,7 +437,7 @@ class GcpClient:
             if response.status_code in (200, 201):
                 return None
             if response.status_code == 308:
-                return self._committed(response, 0)
+                return self._committed(response, 0, total)
             if response.status_code not in TRANSIENT:
                 raise GcpApiError("PUT", "upload session status", response.status_code,
                                   _error_message(response))

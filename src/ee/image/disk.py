@@ -58,6 +58,7 @@ from typing import IO, Any
 
 import attrs
 
+from ee.attestation.measure import MeasureError, load_options_data
 from ee.image.errors import BuildFailed, ToolMissing
 from ee.image.manifest import sha256_file
 
@@ -78,8 +79,11 @@ __all__ = [
     "pe_checksum",
     "pe_sections",
     "read_disk_prefix",
+    "read_gpt",
     "read_uki",
+    "section_data",
     "uki_layout",
+    "uki_parts",
 ]
 
 BAKE_TOOLS: dict[str, str] = {
@@ -154,6 +158,13 @@ class PeSection:
 
 def pe_sections(pe: bytes) -> tuple[int, list[PeSection]]:
     """(SizeOfImage, sections) of a PE32+ image (BuildFailed when it is not one)."""
+    try:
+        return _pe_sections(pe)
+    except struct.error:  # a header field beyond the end of a truncated file
+        raise BuildFailed("uki", "truncated PE image (headers beyond the file)") from None
+
+
+def _pe_sections(pe: bytes) -> tuple[int, list[PeSection]]:
     if pe[:2] != b"MZ" or len(pe) < 0x40:
         raise BuildFailed("uki", "not a PE image")
     off = struct.unpack_from("<I", pe, 0x3C)[0]
@@ -177,7 +188,11 @@ def pe_sections(pe: bytes) -> tuple[int, list[PeSection]]:
 
 def section_data(pe: bytes, section: PeSection) -> bytes:
     """What the loader maps for *section*: its raw bytes, cut or zero-filled to
-    VirtualSize (systemd-stub measures exactly this)."""
+    VirtualSize (systemd-stub measures exactly this). BuildFailed above the ESP read
+    cap: a hostile VirtualSize must not make us allocate gigabytes."""
+    if section.virtual_size > MAX_ESP_READ:
+        raise BuildFailed("uki", f"section {section.name} has a VirtualSize of "
+                          f"{section.virtual_size} bytes (over {MAX_ESP_READ >> 20} MiB)")
     raw = pe[section.raw_ptr:section.raw_ptr + min(section.raw_size, section.virtual_size)]
     return raw.ljust(section.virtual_size, b"\0")
 
@@ -405,6 +420,10 @@ def bake_gcp(image: Path, out: Path, *, name: str, family: str, stub: Path = STU
     if hash_offset <= 0 or tree_size <= 0 or hash_offset % 4096:
         raise BuildFailed("inputs", "manifest verity offsets do not fit root.img")
     command = disk_cmdline(cmdline)
+    try:
+        load_options_data(command.encode())  # what `eectl trust measure --disk` will read
+    except MeasureError as exc:
+        raise BuildFailed("inputs", f"the command line cannot be measured: {exc}") from None
     with tempfile.TemporaryDirectory(prefix="ee-bake-", dir=work_dir) as tmp:
         work = Path(tmp)
         uki = build_uki(stub, {".linux": kernel, ".osrel": os_release(manifest, name),
@@ -486,7 +505,7 @@ def read_gpt(disk: bytes) -> GptRead:
             continue
         entries.append(e)
         first, last = struct.unpack_from("<QQ", e, 32)
-        label = e[56:128].decode("utf-16-le").split("\0", 1)[0]
+        label = e[56:128].decode("utf-16-le", "replace").split("\0", 1)[0]
         parts.append(GptPartition(i + 1, label, str(uuid.UUID(bytes_le=e[:16])),
                                   str(uuid.UUID(bytes_le=e[16:32])), first, last))
     return GptRead(disk[SECTOR:SECTOR + header_size], tuple(entries), tuple(parts))
@@ -525,9 +544,14 @@ def uki_parts(uki: bytes) -> dict[str, bytes]:
     """The UKI's systemd-stub sections (name -> the bytes the stub measures)."""
     _, sections = pe_sections(uki)
     out: dict[str, bytes] = {}
+    total = 0
     for s in sections:
         if s.name in UKI_SECTIONS:
             if s.name in out:
                 raise BuildFailed("uki", f"two {s.name} sections")
+            total += s.virtual_size
+            if total > MAX_ESP_READ:
+                raise BuildFailed("uki", f"the stub sections add up to over "
+                                  f"{MAX_ESP_READ >> 20} MiB")
             out[s.name] = section_data(uki, s)
     return out

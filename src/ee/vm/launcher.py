@@ -1,9 +1,15 @@
 """The provisioner's :class:`~ee.capacity.provisioner.Launcher` for libvirt: one VM per
 launch order, made by :func:`ee.vm.manage.create_vm` with the order's bootstrap token
-and labelled with its order id (so ``launched`` lists only what the provisioner made)."""
+and labelled with its order id (so ``launched`` lists only what the provisioner made).
+
+A name is acted on only when the domain there carries the order id the name is derived
+from (``vm_name_for(labels.order_id) == name``): a launch onto a taken name fails with
+:class:`NameTaken` without touching the VM, and ``destroy`` leaves alone a VM it did not
+make for that order (an operator's ``eectl vm create`` VM, say)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -12,15 +18,30 @@ from pathlib import Path
 import attrs
 import trio
 
-from ee.capacity.provisioner import LaunchFailed, LaunchRequest
+from ee.capacity.provisioner import LaunchFailed, LaunchRequest, NameTaken, vm_name_for
 from ee.vm.domain import Accel
 from ee.vm.errors import VmError
-from ee.vm.host import VmHost
+from ee.vm.host import DomainInfo, VmHost
 from ee.vm.manage import create_vm, delete_vm
 from ee.vm.plan import CreateRequest
 from ee.vm.sizes import SizeError, resolve_size
 
-__all__ = ["LibvirtLauncher"]
+__all__ = ["LibvirtLauncher", "made_for"]
+
+
+def made_for(info: DomainInfo | None, vm_name: str) -> bool:
+    """Whether *info* is the domain the provisioner made under *vm_name* for its order."""
+    return (info is not None and info.labels.order_id is not None
+            and vm_name_for(info.labels.order_id) == vm_name)
+
+
+def _marker_made_for(work: Path, vm_name: str) -> bool:
+    try:
+        labels = json.loads((work / "vm.json").read_text())["labels"]
+        order_id = labels["order_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(order_id, str) and vm_name_for(order_id) == vm_name
 
 
 @attrs.frozen
@@ -50,6 +71,14 @@ class LibvirtLauncher:
                 order_id=request.order_id, poweroff_after_s=self.poweroff_after_s,
                 created=int(time.time()))
             with VmHost(self.uri) as host:
+                try:
+                    taken = host.info(request.vm_name)
+                except VmError:  # a domain that is not an EasyEnclave VM
+                    raise NameTaken(f"a VM named {request.vm_name} exists and is not "
+                                    f"ours; leaving it alone") from None
+                if taken is not None and taken.labels.order_id != request.order_id:
+                    raise NameTaken(f"a VM named {request.vm_name} exists and was not made "
+                                    f"for order {request.order_id}; leaving it alone")
                 create_vm(req, host, sim_chain=self.sim_chain)
         except (VmError, SizeError, ValueError) as exc:
             raise LaunchFailed(str(exc)) from None
@@ -59,6 +88,14 @@ class LibvirtLauncher:
 
     def _destroy(self, vm_name: str) -> None:
         with VmHost(self.uri) as host:
+            try:
+                info = host.info(vm_name)
+            except VmError:
+                return  # not an EasyEnclave VM: never ours to delete
+            if info is not None and not made_for(info, vm_name):
+                return  # not made for the order this name belongs to
+            if info is None and not _marker_made_for(self.root_dir / vm_name, vm_name):
+                return  # no domain, and no work dir made for this name's order
             delete_vm(vm_name, host, self.root_dir)
 
     async def destroy(self, vm_name: str) -> None:
