@@ -24,7 +24,7 @@ from cpkit import RunningCp, running_cp
 from test_provisioner import FAST, SETTINGS, fast_pools, orders, pool, provisioner_key
 from test_sessions import wait_until
 
-from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, ProvisionerLauncher
+from ee.capacity.gcp import GcpLaunchConfig, GcpLauncher, ProvisionerLauncher, order_label
 from ee.capacity.provisioner import Provisioner
 from ee.cloud.gcp import GcpClient, TokenSource, load_service_account
 from ee.ctl.capacity import gcp_counts
@@ -62,6 +62,12 @@ async def test_an_order_becomes_a_gcp_instance_whose_agent_joins_the_pool(
                         vms.start_soon(agent.run_forever)
                     await trio.sleep(0.05)
 
+            # An operator's instance with the agent labels but made for no order: the
+            # provisioner never deletes it, stopped or not.
+            standin.instances[("proj", "us-central1-a", "ops-debug")] = {
+                "name": "ops-debug", "status": "TERMINATED",
+                "labels": {"easyenclave": "agent", "ee-datacenter": "local-dev"}}
+            booted.add("ops-debug")
             vms.start_soon(boot_new_instances, env)
             async with httpx.AsyncClient(timeout=10) as gcp_http, httpx.AsyncClient(
                     base_url=env.http, timeout=10,
@@ -88,7 +94,9 @@ async def test_an_order_becomes_a_gcp_instance_whose_agent_joins_the_pool(
                     return order if order["state"] == "fulfilled" else None
 
                 order = await wait_until(fulfilled, "the order reported fulfilled")
-                ((_, _, name), instance), = standin.instances.items()
+                ((_, _, name), instance), = [
+                    (k, v) for k, v in standin.instances.items() if k[2] != "ops-debug"]
+                assert instance["labels"]["ee-order"] == order_label(order["order_id"])
                 assert order["vm_name"] == name
                 config = _agent_config(instance)
                 assert config["bootstrap_token"].startswith("eebt1.")
@@ -100,12 +108,13 @@ async def test_an_order_becomes_a_gcp_instance_whose_agent_joins_the_pool(
                 monkeypatch.setenv("EE_GCP_COMPUTE_URL", f"{standin.base}/compute/v1")
                 lines, ok = await trio.to_thread.run_sync(
                     gcp_counts, [f"{DATACENTER}=proj/us-central1-a"])
-                assert ok and lines[0].startswith(f"{DATACENTER}: 1 instances"), lines
+                assert ok and lines[0].startswith(f"{DATACENTER}: 2 instances"), lines  # + ops
                 lines, ok = await trio.to_thread.run_sync(gcp_counts, ["bad-target"])
                 assert not ok and "expected DATACENTER=PROJECT/ZONE" in lines[0]
 
                 # The instance stops (a powered-off agent): the provisioner deletes it.
                 instance["status"] = "TERMINATED"
-                await wait_until(lambda: not standin.instances, "the stopped instance deleted")
+                await wait_until(lambda: list(standin.instances) == [
+                    ("proj", "us-central1-a", "ops-debug")], "the stopped instance deleted")
                 prov.request_stop()
             vms.cancel_scope.cancel()

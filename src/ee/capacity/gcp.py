@@ -29,7 +29,7 @@ import attrs
 
 from ee.agent.config import AgentConfig, config_to_dict
 from ee.capacity.provisioner import LaunchFailed as ProvisionLaunchFailed
-from ee.capacity.provisioner import LaunchRequest
+from ee.capacity.provisioner import LaunchRequest, NameTaken
 from ee.cloud.gcp import GcpApiError, GcpClient, GcpError, valid_resource_name
 
 __all__ = [
@@ -92,8 +92,14 @@ class GcpLaunchConfig:
     service_account: str | None = None
 
 
+def order_label(order_id: str) -> str:
+    """The ``ee-order`` label: which launch order an instance was made for (a digest:
+    label values are short and lower case)."""
+    return hashlib.sha256(order_id.encode()).hexdigest()[:16]
+
+
 def instance_body(config: GcpLaunchConfig, name: str, bootstrap_token: str,
-                  size: str) -> dict[str, Any]:
+                  size: str, *, order_id: str | None = None) -> dict[str, Any]:
     """The ``instances.insert`` request (pure)."""
     machine = config.machine_types.get(size)
     if machine is None:
@@ -126,7 +132,8 @@ def instance_body(config: GcpLaunchConfig, name: str, bootstrap_token: str,
         "metadata": {"items": [{"key": METADATA_KEY,
                                 "value": json.dumps(config_to_dict(agent), sort_keys=True)}]},
         "labels": {AGENT_LABEL[0]: AGENT_LABEL[1],
-                   "ee-datacenter": label_value(config.datacenter)},
+                   "ee-datacenter": label_value(config.datacenter),
+                   **({"ee-order": order_label(order_id)} if order_id else {})},
     }
     if config.service_account:
         body["serviceAccounts"] = [{"email": config.service_account, "scopes": []}]
@@ -149,13 +156,29 @@ class GcpLauncher:
         """Insert the order's instance (named *name*, default :func:`instance_name` of the
         order); its name. Idempotent per order id."""
         name = name or instance_name(order_id)
-        body = instance_body(self.config, name, bootstrap_token, size)
+        body = instance_body(self.config, name, bootstrap_token, size, order_id=order_id)
         try:
             await self.client.insert_instance(self.config.project, self.config.zone, body)
         except GcpApiError as exc:
-            if exc.status != 409:  # 409 alreadyExists: this order was launched before
+            if exc.status != 409:
                 raise
+            # alreadyExists: this order's own instance (a retried launch), or a name taken
+            # by something else, which is left alone.
+            if await self.order_of(name) != order_label(order_id):
+                raise NameTaken(f"an instance named {name} exists and was not made for "
+                                f"order {order_id}; leaving it alone") from None
         return name
+
+    async def order_of(self, name: str) -> str | None:
+        """The ``ee-order`` label of this datacenter's agent instance *name* (None: no such
+        instance of ours, or unlabelled)."""
+        items = await self.client.list_instances(self.config.project, self.config.zone,
+                                                 self._filter())
+        for item in items:
+            if item.get("name") == name and _labelled(item, self.config.datacenter):
+                label = (item.get("labels") or {}).get("ee-order")
+                return str(label) if label else None
+        return None
 
     async def delete(self, name: str) -> None:
         """Delete one of *our* instances (others are refused); gone already is fine."""
@@ -200,14 +223,21 @@ class ProvisionerLauncher:
         try:
             await self.gcp.launch(request.order_id, request.bootstrap_token,
                                   request.node_size, name=request.vm_name)
+        except NameTaken:
+            raise
         except (GcpError, LaunchRefused) as exc:
             raise ProvisionLaunchFailed(str(exc)) from None
 
     async def destroy(self, vm_name: str) -> None:
+        """Delete *vm_name* only when it is an instance a provisioner made for a launch
+        order (it carries the ``ee-order`` label; the names carry a digest of the exact
+        order id, so another order's instance never has this name)."""
+        if await self.gcp.order_of(vm_name) is None:
+            return  # not made for an order (an operator's), or gone already: left alone
         try:
             await self.gcp.delete(vm_name)
         except LaunchRefused:
-            return  # not ours, or gone already: nothing to delete
+            return
 
     async def launched(self) -> Mapping[str, str]:
         items = await self.gcp.client.list_instances(self.gcp.config.project,
