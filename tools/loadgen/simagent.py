@@ -63,6 +63,7 @@ class SimAgent:
     heartbeats: bool = True
     paused: bool = False  # True: keep the session but stop heartbeating (goes stale)
     refuse_logs: bool = False  # True: answer logs requests with an error frame
+    route_header: bool = True  # send X-EE-Agent (the rollout router's cohort) on upgrade
     sessions: int = 0
     quote_for: Callable[[bytes, bytes], bytes] | None = None  # (nonce, pubkey) -> quote
     agent_id: str | None = None
@@ -115,7 +116,8 @@ class SimAgent:
         """Connect, register, then serve the session until it closes."""
         async with trio_websocket.open_websocket_url(
                 self.url, ssl_context=self.ssl_context,
-                extra_headers=[(b"x-ee-agent", self.vm_name.encode())]) as ws:
+                extra_headers=[(b"x-ee-agent", self.vm_name.encode())]
+                if self.route_header else []) as ws:
             self.ws = ws
             try:
                 _, challenge = await self.receive()
