@@ -302,7 +302,8 @@ def test_ek_cert_outside_its_validity_is_refused(world: World, good: T.TpmEviden
 
 
 def test_ek_cert_garbage_is_refused(world: World, good: T.TpmEvidence) -> None:
-    result = verify(world, attrs.evolve(good, ek_cert=good.ek_cert[:-1] + bytes([good.ek_cert[-1] ^ 1])))
+    flipped = good.ek_cert[:-1] + bytes([good.ek_cert[-1] ^ 1])
+    result = verify(world, attrs.evolve(good, ek_cert=flipped))
     assert result.reasons and result.reasons[0].startswith("EK")
 
 
