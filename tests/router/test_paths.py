@@ -151,3 +151,17 @@ async def test_decide_refuses_bad_bodies_with_400(tmp_path: Path) -> None:
                 assert r.json()["error"]["code"] == "bad_request"
             r = await c.post("/_ee/router/decide", json=[["A", "account:x"]])
             assert r.status_code == 200
+
+
+async def test_a_websocket_on_a_bad_path_is_refused_before_any_stack(tmp_path: Path) -> None:
+    import trio_websocket
+
+    with trio.fail_after(30):
+        async with recording_upstream() as (upstream, seen), \
+                router_on(tmp_path, upstream) as url:
+            ws = url.replace("http://", "ws://")
+            with pytest.raises(trio_websocket.HandshakeError):
+                async with trio_websocket.open_websocket_url(
+                        ws + "/api/v2/agents/../federation/connect", connect_timeout=5):
+                    pass
+            assert seen == []

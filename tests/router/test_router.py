@@ -148,7 +148,6 @@ async def test_agents_are_routed_by_vm_name_and_stay_across_reconnects(
                         await wait_until(lambda: has(want))
                     nursery.cancel_scope.cancel()
             # without the header the agent goes to the stable stack
-            from simagent import SimAgent
             async with trio.open_nursery() as nursery:
                 plain = SimAgent(url=url, td=stacks.old.td, vm_name="vm-noheader")
                 await nursery.start(plain.run)
