@@ -82,7 +82,8 @@ async def test_worker_and_python_decide_the_same_for_100k_keys(tmp_path: Path) -
                 "/api/v2/capacity/launch-orders", "/api/v2/capacity/launch-orders/claim",
                 "//api/v2//admin/tree", "/", "/metrics", "/api/v2/datacenters")]
             r = await c.post("/_ee/router/classify", json=paths)
-            assert r.json()["classes"] == [d.classify(m, p) for m, p in paths]
+            assert r.json()["classes"] == [
+                "refused" if d.path_refusal(p) else d.classify(m, p) for m, p in paths]
             # a bad document in KV: everything to the stable stack (kill switch)
             kv.values["config"] = b'{"classes": {"A": 101}}'
             r = await c.post("/_ee/router/decide", json=[["A", all_keys[0]]] * 3)
