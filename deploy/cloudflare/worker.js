@@ -60,16 +60,17 @@ export function parseConfig(doc) {
   const allowed = new Set(["kill_switch", "classes", "shadow", ...EXTRA_FIELDS]);
   const unknown = Object.keys(doc).filter((k) => !allowed.has(k)).sort();
   if (unknown.length) throw new ConfigError(`unknown field(s): ${unknown.join(", ")}`);
-  const kill = doc.kill_switch ?? false;
+  // a key that is present must hold a valid value: null is refused, as in Python
+  const kill = "kill_switch" in doc ? doc.kill_switch : false;
   if (typeof kill !== "boolean") throw new ConfigError("kill_switch: must be true or false");
-  const classes = doc.classes ?? {};
+  const classes = "classes" in doc ? doc.classes : {};
   if (classes === null || typeof classes !== "object" || Array.isArray(classes) ||
       Object.keys(classes).some((c) => !CLASSES.includes(c))) {
     throw new ConfigError(`classes: an object with keys among ${CLASSES.join(", ")}`);
   }
   const points = {};
-  for (const c of CLASSES) points[c] = percent(classes[c] ?? 0, `classes.${c}`);
-  const shadow = doc.shadow ?? {};
+  for (const c of CLASSES) points[c] = percent(c in classes ? classes[c] : 0, `classes.${c}`);
+  const shadow = "shadow" in doc ? doc.shadow : {};
   if (shadow === null || typeof shadow !== "object" || Array.isArray(shadow) ||
       Object.keys(shadow).some((c) => c !== "A")) {
     throw new ConfigError("shadow: only class A (reads) may be shadowed");
@@ -80,6 +81,41 @@ export function parseConfig(doc) {
     }
   }
   return { killSwitch: kill, points, shadow };
+}
+
+const UNRESERVED = /^[A-Za-z0-9\-._~\/]$/;
+
+// Why a request path (as received, percent-encoding intact) is refused, or null: the
+// same rules as decision.path_refusal (a path a URL parser may change on the way).
+export function pathRefusal(path) {
+  if (!path.startsWith("/")) return "the path must start with '/'";
+  if (path.includes("//")) return "the path has an empty segment ('//')";
+  if (path.includes("\\")) return "the path has a backslash";
+  if (/(?:^|\/)\.{1,2}(?:\/|$)/.test(path)) return "the path has a '.' or '..' segment";
+  for (let i = path.indexOf("%"); i >= 0; i = path.indexOf("%", i + 1)) {
+    const pair = path.slice(i + 1, i + 3);
+    if (!/^[0-9A-Fa-f]{2}$/.test(pair)) return "the path has a malformed percent-encoding";
+    if (UNRESERVED.test(String.fromCharCode(parseInt(pair, 16)))) {
+      return `the path percent-encodes an unreserved character or '/' (%${pair})`;
+    }
+  }
+  return null;
+}
+
+// The path and query exactly as the client sent them (request.url before any
+// resolution of "." segments or decoding; "" query when there is none).
+function rawTarget(url) {
+  const start = url.indexOf("/", url.indexOf("://") + 3);
+  if (start < 0) return { path: "/", query: "" };
+  let rest = url.slice(start);
+  const hash = rest.indexOf("#");
+  if (hash >= 0) rest = rest.slice(0, hash);
+  const q = rest.indexOf("?");
+  return q < 0 ? { path: rest, query: "" } : { path: rest.slice(0, q), query: rest.slice(q) };
+}
+
+function badRequest(code, message) {
+  return json(400, { error: { code, message, details: {} } });
 }
 
 export function classify(method, path) {
@@ -220,8 +256,18 @@ async function admin(request, env, url) {
     return json(401, { error: { code: "unauthenticated", message: "the router's admin token is needed", details: {} } });
   }
   const config = await loadConfig(env);
+  let items;
+  try {
+    items = request.method === "POST" ? await request.json() : null;
+  } catch {
+    return badRequest("bad_request", "a JSON array");
+  }
+  const pairs = Array.isArray(items) && items.every((i) => Array.isArray(i) && i.length === 2);
   if (url.pathname === "/_ee/router/decide" && request.method === "POST") {
-    const items = await request.json();
+    if (!pairs || !items.every(([k, key]) => CLASSES.includes(k) &&
+        (key === null || (typeof key === "string" && !/\p{Surrogate}/u.test(key))))) {
+      return badRequest("bad_request", "a JSON array of [class, key]");
+    }
     const out = [];
     for (const [klass, key] of items) {
       const d = await decide(config, klass, key);
@@ -230,8 +276,10 @@ async function admin(request, env, url) {
     return json(200, { decisions: out });
   }
   if (url.pathname === "/_ee/router/classify" && request.method === "POST") {
-    const items = await request.json();
-    return json(200, { classes: items.map(([m, p]) => classify(m, p)) });
+    if (!pairs || !items.every(([m, p]) => typeof m === "string" && typeof p === "string")) {
+      return badRequest("bad_request", "a JSON array of [method, path]");
+    }
+    return json(200, { classes: items.map(([m, p]) => pathRefusal(p) === null ? classify(m, p) : "refused") });
   }
   return json(404, { error: { code: "not_found", message: `no route ${request.method} ${url.pathname}`, details: {} } });
 }
@@ -266,7 +314,8 @@ async function shadowRead(request, env, served, status, body, servedMs) {
   try {
     // never anything but a read on the shadow stack
     if (request.method !== "GET" && request.method !== "HEAD") return;
-    const resp = await fetch(origin + url.pathname + url.search,
+    const raw = rawTarget(request.url);
+    const resp = await fetch(origin.replace(/\/+$/, "") + raw.path + raw.query,
       { method: request.method, headers: forwardHeaders(request.headers) });
     const text = await resp.text();
     let same = false;
@@ -293,9 +342,13 @@ function forwardHeaders(headers) {
 export default {
   async fetch(request, env, ctx) {
     const url = new URL(request.url);
-    if (url.pathname.startsWith("/_ee/router/")) return admin(request, env, url);
+    // classify, route and forward one string: the path exactly as received
+    const raw = rawTarget(request.url);
+    const refusal = pathRefusal(raw.path);
+    if (refusal !== null) return badRequest("bad_path", refusal);
+    if (raw.path.startsWith("/_ee/router/")) return admin(request, env, url);
     const upgrade = (request.headers.get("upgrade") ?? "").toLowerCase() === "websocket";
-    const klass = classify(upgrade ? "GET" : request.method, url.pathname);
+    const klass = classify(upgrade ? "GET" : request.method, raw.path);
     let tenant = null;
     if (klass !== "C" && klass !== "E" && request.headers.has("authorization")) {
       tenant = await resolveTenant(env, request.headers.get("authorization"));
@@ -309,7 +362,7 @@ export default {
       const agents = stack === "old" ? env.OLD_AGENTS : env.NEW_AGENTS;
       if (agents) origin = agents.replace(/^ws/, "http");
     }
-    const target = origin + url.pathname + url.search;
+    const target = origin.replace(/\/+$/, "") + raw.path + raw.query;
     const headers = forwardHeaders(request.headers);
     if (upgrade) {
       headers.set("Upgrade", "websocket");

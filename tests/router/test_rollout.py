@@ -158,3 +158,28 @@ async def test_eectl_rollout_drives_the_workers_kv_config(tmp_path: Path) -> Non
         (tmp_path / "cf.token").write_text("wrong")
         rc, _, err = await eectl("rollout", "unkill", *where)
         assert rc == 2 and json.loads(kv.values["config"])["kill_switch"] is True
+
+
+def test_a_drill_must_be_of_the_new_stack_and_not_from_the_future() -> None:
+    from ee.router.promotion import promotion_refusal
+
+    key = generate_signing_key()
+    pub = key.public_key()
+
+    def signed(**fields: Any) -> dict[str, Any]:
+        doc = {"drill": "db-wipe", "passed": True, "finished_unix": NOW - 60,
+               "cp": "http://new.example:8080/", "steps": [], **fields}
+        return {"document": doc, "signature": sign_document(doc, key).hex()}
+
+    new = "http://new.example:8080"
+    assert drill_ok(signed(), pub, NOW, 86400, new) is None
+    assert drill_ok(signed(cp="http://new.example:8080"), pub, NOW, 86400, new + "/") is None
+    assert "not the new stack" in str(drill_ok(signed(cp="http://old.example:8080"), pub,
+                                               NOW, 86400, new))
+    assert drill_ok(signed(cp=None), pub, NOW, 86400, new) is not None
+    assert "future" in str(drill_ok(signed(finished_unix=NOW + 3600), pub, NOW, 86400, new))
+    assert drill_ok(signed(finished_unix=True), pub, NOW, 86400, new) is not None
+    before = cfg(classes={"A": 25})
+    assert promotion_refusal(before, {"A": 50}, signed(cp="http://old.example:8080"), pub,
+                             NOW, new_stack=new) is not None
+    assert promotion_refusal(before, {"A": 50}, signed(), pub, NOW, new_stack=new) is None

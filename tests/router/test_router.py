@@ -187,7 +187,15 @@ async def test_the_router_enforces_the_promotion_gate_when_given_a_drill_key(
                                drill_pubkey=key.public_key()) as rr, rr.admin() as c:
             r = await c.put("/_ee/router/config", json=config_doc(A=50))
             assert r.status_code == 409 and r.json()["error"]["code"] == "promotion_refused"
-            doc = {"drill": "db-wipe", "passed": True, "finished_unix": time.time()}
+            doc = {"drill": "db-wipe", "passed": True, "finished_unix": time.time(),
+                   "cp": stacks.new.http + "/"}
+            # a drill of another stack, or one dated in the future, is no gate pass
+            for other in ({**doc, "cp": stacks.old.http},
+                          {**doc, "finished_unix": time.time() + 10 * 86400}):
+                signed = {"document": other, "signature": sign_document(other, key).hex()}
+                r = await c.put("/_ee/router/config", json={**config_doc(A=50),
+                                                            "drill": signed})
+                assert r.status_code == 409, r.text
             forged = {"document": doc, "signature": sign_document(
                 doc, generate_signing_key()).hex()}
             r = await c.put("/_ee/router/config", json={**config_doc(A=50), "drill": forged})

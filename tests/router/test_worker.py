@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from kv_standin import KvStandIn
 from routerkit import Stacks, config_doc, two_stacks, wait_until
@@ -81,7 +82,8 @@ async def test_worker_and_python_decide_the_same_for_100k_keys(tmp_path: Path) -
                 "/api/v2/capacity/launch-orders", "/api/v2/capacity/launch-orders/claim",
                 "//api/v2//admin/tree", "/", "/metrics", "/api/v2/datacenters")]
             r = await c.post("/_ee/router/classify", json=paths)
-            assert r.json()["classes"] == [d.classify(m, p) for m, p in paths]
+            assert r.json()["classes"] == [
+                "refused" if d.path_refusal(p) else d.classify(m, p) for m, p in paths]
             # a bad document in KV: everything to the stable stack (kill switch)
             kv.values["config"] = b'{"classes": {"A": 101}}'
             r = await c.post("/_ee/router/decide", json=[["A", all_keys[0]]] * 3)
@@ -148,3 +150,61 @@ async def test_worker_fronts_two_real_cps(tmp_path: Path) -> None:
                 with trio.fail_after(10):
                     await wait_until(placed)
                 nursery.cancel_scope.cancel()
+
+
+async def test_worker_refuses_the_paths_python_refuses_and_forwards_the_rest_verbatim(
+        tmp_path: Path) -> None:
+    from test_paths import BAD_PATHS, GOOD_PATHS, raw_request, recording_upstream
+
+    with KvStandIn().serving() as kv, trio.fail_after(60):
+        kv.values["config"] = json.dumps(PARITY).encode()
+        async with recording_upstream() as (upstream, seen), running_workerd(tmp_path, **{
+                **worker_kw(None, kv), "old": upstream, "new": upstream}) as url:
+            for path in BAD_PATHS:
+                assert d.path_refusal(path) is not None
+                for method in ("GET", "POST"):
+                    status, body = await raw_request(url, (
+                        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n").encode())
+                    assert status == 400, (path, body)
+                    assert json.loads(body)["error"]["code"] == "bad_path"
+            assert seen == []
+            for path in GOOD_PATHS:
+                status, body = await raw_request(url, (
+                    f"GET {path}?q=%2e%2e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                ).encode())
+                assert status == 200, (path, body)
+            # (workerd may retry a fetch on a fresh connection: the same target twice)
+            assert list(dict.fromkeys(seen)) == [f"{p}?q=%2e%2e".encode() for p in GOOD_PATHS]
+            async with httpx.AsyncClient(base_url=url, timeout=30, headers={
+                    "Authorization": f"Bearer {TOKEN}"}) as c:
+                # the classify parity endpoint agrees with Python on what is refused
+                paths = [["POST", p] for p in BAD_PATHS + GOOD_PATHS]
+                r = await c.post("/_ee/router/classify", json=paths)
+                assert r.json()["classes"] == [
+                    "refused" if d.path_refusal(p) else d.classify(m, p) for m, p in paths]
+                for body in (b"not json", b'[["A", "\\ud800"]]', b'{"a": 1}', b'[["Z", "k"]]'):
+                    r = await c.post("/_ee/router/decide", content=body)
+                    assert r.status_code == 400, (body, r.text)
+
+
+async def test_worker_refuses_null_config_fields_like_python(tmp_path: Path) -> None:
+    docs = [{"kill_switch": None}, {"classes": None}, {"classes": {"A": None}},
+            {"shadow": None}, {"shadow": {"A": None}}]
+    with KvStandIn().serving() as kv, trio.fail_after(60):
+        async with running_workerd(tmp_path, **worker_kw(None, kv)) as url, \
+                httpx.AsyncClient(base_url=url, timeout=30,
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            key = next(k for k in keys(1000)
+                       if d.decide(d.RolloutConfig.from_json(config_doc(A=100)), "A", k).stack
+                       == "new")
+            for doc in docs:
+                with pytest.raises(d.ConfigError):
+                    d.RolloutConfig.from_json({**config_doc(A=100), **doc})
+                # refused: the Worker falls back to the kill switch (everything old)
+                kv.values["config"] = json.dumps({**config_doc(A=100), **doc}).encode()
+                r = await c.post("/_ee/router/decide", json=[["A", key]])
+                assert r.json()["decisions"] == [["old", None]], doc
+            kv.values["config"] = json.dumps(config_doc(A=100)).encode()
+            r = await c.post("/_ee/router/decide", json=[["A", key]])
+            assert r.json()["decisions"][0][0] == "new"

@@ -145,6 +145,38 @@ class Decision:
     reason: str  # kill_switch | no_cohort | ramped | held
 
 
+_UNRESERVED: Final = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+_PERCENT: Final = re.compile(r"%(..)?", re.DOTALL)
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/)\.{1,2}(?:/|$)")
+
+
+def path_refusal(path: str) -> str | None:
+    """Why a request path (as received, percent-encoding intact) is refused, or None.
+
+    The router classifies the very string it forwards, so a path whose meaning a
+    URL parser may change on the way (``//`` read as an authority, ``.``/``..``
+    segments resolved, ``%61dmin`` decoded to ``admin``, ``%2F`` to ``/``, ``\\`` read
+    as ``/``) is refused instead of being classified one way and served another.
+    Mirrored in worker.js (``pathRefusal``).
+    """
+    if not path.startswith("/"):
+        return "the path must start with '/'"
+    if "//" in path:
+        return "the path has an empty segment ('//')"
+    if "\\" in path:
+        return "the path has a backslash"
+    if _DOT_SEGMENT.search(path):
+        return "the path has a '.' or '..' segment"
+    for m in _PERCENT.finditer(path):
+        pair = m.group(1)
+        if pair is None or not all(ch in "0123456789abcdefABCDEF" for ch in pair):
+            return "the path has a malformed percent-encoding"
+        if chr(int(pair, 16)) in _UNRESERVED:
+            return f"the path percent-encodes an unreserved character or '/' (%{pair})"
+    return None
+
+
 def classify(method: str, path: str) -> str:
     """The traffic class of a request (``CLASS_TABLE``; runs of ``/`` count as one)."""
     method = method.upper()

@@ -47,6 +47,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
+import h11
 import httpx
 import trio
 import trio_websocket
@@ -103,6 +104,13 @@ class RouterSettings:
 
     def http_base(self, stack: str) -> str:
         return (self.old if stack == "old" else self.new).rstrip("/")
+
+    def upstream_url(self, stack: str, raw_path: str, query: bytes) -> httpx.URL:
+        """The stack's URL for *raw_path* as received (already ``path_refusal``-checked):
+        set verbatim, never merged or resolved, so the stack gets the path classified."""
+        base = httpx.URL(self.http_base(stack))
+        target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + raw_path.encode("latin-1")
+        return base.copy_with(raw_path=target + (b"?" + query if query else b""))
 
     def ws_url(self, stack: str, klass: str, path: str, query: bytes) -> str | None:
         if klass == "C":
@@ -388,7 +396,24 @@ class Router:
                     return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                    for k, v in scope.get("headers", [])}
-        path: str = scope.get("path", "/")
+        # classify, route and forward one string: the path exactly as received
+        path = (scope.get("raw_path") or scope.get("path", "/").encode()).decode("latin-1")
+        refusal = d.path_refusal(path)
+        if refusal is None and kind == "http" and "content-length" in headers \
+                and "transfer-encoding" in headers:
+            refusal = "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
+            code = "bad_request"
+        else:
+            code = "bad_path"
+        if refusal is not None:
+            log.info("refused %s %r: %s", scope.get("method", "GET"), path, refusal)
+            if kind == "http":
+                await _json(send, 400, {"error": {"code": code, "message": refusal,
+                                                  "details": {}}})
+            else:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})
+            return
         if kind == "http" and path.startswith(ADMIN_PREFIX):
             await self._admin(scope, headers, receive, send)
             return
@@ -413,12 +438,13 @@ class Router:
         key = (choice.stack, klass)
         self.requests[key] = self.requests.get(key, 0) + 1
         if kind == "websocket":
-            await self._websocket(scope, headers, choice, receive, send)
+            await self._websocket(scope, path, headers, choice, receive, send)
         else:
-            await self._http(scope, headers, choice, config, receive, send)
+            await self._http(scope, path, headers, choice, config, receive, send)
 
-    async def _http(self, scope: Scope, headers: dict[str, str], choice: d.Decision,
-                    config: d.RolloutConfig, receive: Receive, send: Send) -> None:
+    async def _http(self, scope: Scope, path: str, headers: dict[str, str],
+                    choice: d.Decision, config: d.RolloutConfig, receive: Receive,
+                    send: Send) -> None:
         stack = choice.stack
         has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
         fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
@@ -427,16 +453,14 @@ class Router:
             prior = headers.get("x-forwarded-for")
             fwd = [(k, v) for k, v in fwd if k != "x-forwarded-for"]
             fwd.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
-        target = scope.get("raw_path") or scope["path"].encode()
-        url = target.decode("latin-1") + (
-            "?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
-        request = self.clients[stack].build_request(
-            scope["method"], url, headers=fwd,
-            content=_body(receive) if has_body else None)
+        url = self.settings.upstream_url(stack, path, scope.get("query_string", b""))
         started = trio.current_time()
         try:
+            request = self.clients[stack].build_request(
+                scope["method"], url, headers=fwd,
+                content=_body(receive) if has_body else None)
             upstream = await self.clients[stack].send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, h11.LocalProtocolError, httpx.InvalidURL) as exc:
             self._count(stack, 502, trio.current_time() - started)
             await _json(send, 502, {"error": {
                 "code": "upstream_unavailable",
@@ -466,7 +490,7 @@ class Router:
         elapsed = trio.current_time() - started
         self._count(stack, upstream.status_code, elapsed)
         if kept is not None and upstream.headers.get("content-encoding") is None:
-            self._start_shadow(scope, fwd, url, choice, upstream.status_code, bytes(kept),
+            self._start_shadow(scope, fwd, path, choice, upstream.status_code, bytes(kept),
                                elapsed)
 
     def _count(self, stack: str, status: int, elapsed: float) -> None:
@@ -476,7 +500,7 @@ class Router:
         if len(c.latencies) < LATENCY_SAMPLES:
             c.latencies.append(elapsed)
 
-    def _start_shadow(self, scope: Scope, fwd: list[tuple[str, str]], url: str,
+    def _start_shadow(self, scope: Scope, fwd: list[tuple[str, str]], path: str,
                       choice: d.Decision, status: int, body: bytes, elapsed: float) -> None:
         if self._nursery is None or scope["method"] not in ("GET", "HEAD"):
             return
@@ -485,12 +509,15 @@ class Router:
         except trio.WouldBlock:
             self.shadow.dropped += 1
             return
-        self._nursery.start_soon(self._shadow_one, scope["method"], fwd, url, scope["path"],
+        self._nursery.start_soon(self._shadow_one, scope["method"], fwd, path,
+                                 scope.get("query_string", b""),
                                  choice.stack, status, body, elapsed)
 
-    async def _shadow_one(self, method: str, fwd: list[tuple[str, str]], url: str, path: str,
-                          served: str, status: int, body: bytes, elapsed: float) -> None:
+    async def _shadow_one(self, method: str, fwd: list[tuple[str, str]], path: str,
+                          query: bytes, served: str, status: int, body: bytes,
+                          elapsed: float) -> None:
         other = "new" if served == "old" else "old"
+        url = self.settings.upstream_url(other, path, query)
         try:
             assert method in ("GET", "HEAD")  # never anything that may write
             started = trio.current_time()
@@ -508,12 +535,12 @@ class Router:
         finally:
             self._shadow_slots.release()
 
-    async def _websocket(self, scope: Scope, headers: dict[str, str], choice: d.Decision,
-                         receive: Receive, send: Send) -> None:
+    async def _websocket(self, scope: Scope, path: str, headers: dict[str, str],
+                         choice: d.Decision, receive: Receive, send: Send) -> None:
         first = await receive()
         if first["type"] != "websocket.connect":
             return
-        url = self.settings.ws_url(choice.stack, choice.klass, scope["path"],
+        url = self.settings.ws_url(choice.stack, choice.klass, path,
                                    scope.get("query_string", b""))
         if url is None:
             await send({"type": "websocket.close", "code": 1011})
@@ -558,7 +585,8 @@ class Router:
                 if self.settings.drill_pubkey is not None:
                     refusal = promotion_refusal(
                         self.config, {c: config.percent(c) for c in d.CLASSES},
-                        config.extra.get("drill"), self.settings.drill_pubkey, time.time())
+                        config.extra.get("drill"), self.settings.drill_pubkey, time.time(),
+                        new_stack=self.settings.http_base("new"))
                     if refusal is not None:
                         raise BadAdminRequest(409, "promotion_refused", refusal)
                 self.write_file(config)
@@ -646,7 +674,10 @@ def _interval(seen: StackCounters, now: dict[Any, float] | None,
 
 def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
     """``[[class, cohort key], …]`` → ``[[stack, bucket|null], …]`` (the parity test)."""
-    items = json.loads(raw)
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise BadAdminRequest(400, "bad_request", "a JSON array of [class, key]") from None
     if not isinstance(items, list):
         raise BadAdminRequest(400, "bad_request", "a JSON array of [class, key]")
     out: list[list[Any]] = []
@@ -654,7 +685,10 @@ def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
         if not (isinstance(item, list) and len(item) == 2 and item[0] in d.CLASSES
                 and (item[1] is None or isinstance(item[1], str))):
             raise BadAdminRequest(400, "bad_request", "a JSON array of [class, key]")
-        choice = d.decide(config, item[0], item[1])
+        try:
+            choice = d.decide(config, item[0], item[1])
+        except UnicodeEncodeError:  # a lone surrogate in the key
+            raise BadAdminRequest(400, "bad_request", "a key must be valid Unicode") from None
         out.append([choice.stack, choice.bucket])
     return out
 

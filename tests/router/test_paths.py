@@ -1,0 +1,167 @@
+"""The router forwards exactly the path it classified, or refuses it (400 ``bad_path``);
+hostile framing and admin bodies get a 400, never a 500.
+
+The upstream here is a raw HTTP/1.1 listener that records each request target it
+receives, so a test sees the path the stack would see; the client side is a raw socket,
+so the path reaches the router unnormalised (httpx would resolve ``..`` itself)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import h11
+import httpx
+import pytest
+import trio
+from routerkit import ADMIN, config_doc
+
+from ee.router.decision import RolloutConfig, path_refusal
+from ee.router.server import Router, RouterSettings
+
+BAD_PATHS = ("/api/v2/admin/../apps", "//_ee/router/config", "/api/v2/apps/../admin/x",
+             "/api/v2/%61dmin/x", "/api/v2/admin%2Fx", "/api/v2/admin%2fx", "/api/v2/./apps",
+             "/api/v2/apps/%2e%2e/admin", "/api/v2//admin/tree", "/api/v2/apps\\..\\admin",
+             "/api/v2/apps/%zz", "/api/v2/apps/.")
+GOOD_PATHS = ("/api/v2/apps", "/api/v2/apps/a%20b", "/api/v2/apps/..x/.y", "/.well-known/x")
+
+
+@asynccontextmanager
+async def recording_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
+    seen: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        async with stream:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    conn.receive_data(data)
+                    continue
+                if isinstance(event, h11.Request):
+                    seen.append(event.target)
+                elif isinstance(event, h11.EndOfMessage):
+                    body = b'{"ok": true}'
+                    out = conn.send(h11.Response(status_code=200, headers=[
+                        ("content-length", str(len(body))), ("connection", "close")]))
+                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+                    out += conn.send(h11.EndOfMessage()) or b""
+                    await stream.send_all(out)
+                    return
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(
+            trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        yield f"http://127.0.0.1:{port}", seen
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def router_on(tmp: Path, upstream: str) -> AsyncIterator[str]:
+    path = tmp / "rollout.json"
+    path.write_text(json.dumps(config_doc()))
+    settings = RouterSettings(listen="127.0.0.1:0", old=upstream, new=upstream,
+                              config_path=path, admin_token=ADMIN, guard_interval_s=0)
+    router = Router(settings, RolloutConfig())
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(router.run, shutdown)
+        try:
+            yield bound[0]
+        finally:
+            shutdown.set()
+
+
+async def raw_request(url: str, head: bytes) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(head)
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[-1]
+
+
+@pytest.mark.parametrize("path", BAD_PATHS)
+def test_path_refusal_names_each_bad_path(path: str) -> None:
+    assert path_refusal(path) is not None
+
+
+async def test_a_path_is_forwarded_verbatim_or_refused(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with recording_upstream() as (upstream, seen), \
+                router_on(tmp_path, upstream) as url:
+            for path in BAD_PATHS:
+                for method in ("GET", "POST"):
+                    status, body = await raw_request(url, (
+                        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n").encode())
+                    assert status == 400, (path, body)
+                    assert json.loads(body)["error"]["code"] == "bad_path"
+            assert seen == []
+            for path in GOOD_PATHS:
+                status, body = await raw_request(url, (
+                    f"GET {path}?q=%2e%2e HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                ).encode())
+                assert status == 200, (path, body)
+            assert seen == [f"{p}?q=%2e%2e".encode() for p in GOOD_PATHS]
+
+
+async def test_both_length_headers_get_a_400_and_reach_no_stack(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with recording_upstream() as (upstream, seen), \
+                router_on(tmp_path, upstream) as url:
+            status, body = await raw_request(url, (
+                b"POST /api/v2/apps HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
+            assert status == 400, body
+            assert json.loads(body)["error"]["code"] == "bad_request"
+            assert seen == []
+
+
+async def test_an_unreachable_stack_is_a_502(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with router_on(tmp_path, "http://127.0.0.1:9") as url, \
+                httpx.AsyncClient(base_url=url) as c:
+            r = await c.post("/api/v2/apps", content=b"{}")
+            assert r.status_code == 502
+            assert r.json()["error"]["code"] == "upstream_unavailable"
+
+
+async def test_decide_refuses_bad_bodies_with_400(tmp_path: Path) -> None:
+    with trio.fail_after(30):
+        async with router_on(tmp_path, "http://127.0.0.1:9") as url, \
+                httpx.AsyncClient(base_url=url,
+                                  headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+            for body in (b"not json", b'[["A", "\\ud800"]]', b"\xff\xfe", b'{"a": 1}'):
+                r = await c.post("/_ee/router/decide", content=body)
+                assert r.status_code == 400, (body, r.text)
+                assert r.json()["error"]["code"] == "bad_request"
+            r = await c.post("/_ee/router/decide", json=[["A", "account:x"]])
+            assert r.status_code == 200
+
+
+async def test_a_websocket_on_a_bad_path_is_refused_before_any_stack(tmp_path: Path) -> None:
+    import trio_websocket
+
+    with trio.fail_after(30):
+        async with recording_upstream() as (upstream, seen), \
+                router_on(tmp_path, upstream) as url:
+            ws = url.replace("http://", "ws://")
+            with pytest.raises(trio_websocket.HandshakeError):
+                async with trio_websocket.open_websocket_url(
+                        ws + "/api/v2/agents/../federation/connect", connect_timeout=5):
+                    pass
+            assert seen == []
