@@ -183,3 +183,11 @@ def test_a_drill_must_be_of_the_new_stack_and_not_from_the_future() -> None:
     assert promotion_refusal(before, {"A": 50}, signed(cp="http://old.example:8080"), pub,
                              NOW, new_stack=new) is not None
     assert promotion_refusal(before, {"A": 50}, signed(), pub, NOW, new_stack=new) is None
+    # eectl rollout passes --new-stack to the same gate.
+    old_drill = cfg(classes={"A": 25}, drill=signed(cp="http://old.example:8080"))
+    with pytest.raises(Refused, match="not the new stack"):
+        plan_step(old_drill, ["A"], soak_s=0, pubkey=pub, now=NOW, new_stack=new)
+    with pytest.raises(Refused, match="not the new stack"):
+        plan_set(old_drill, "A", 50, pubkey=pub, now=NOW, new_stack=new)
+    assert plan_step(cfg(classes={"A": 25}, drill=signed()), ["A"], soak_s=0, pubkey=pub,
+                     now=NOW, new_stack=new).percent("A") == 50

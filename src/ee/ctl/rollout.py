@@ -82,26 +82,29 @@ def _with_percent(config: RolloutConfig, moves: Mapping[str, float], now: float
 
 
 def _gate(config: RolloutConfig, moves: Mapping[str, float], pubkey: Any, now: float,
-          max_age_s: float) -> None:
-    reason = promotion_refusal(config, moves, config.extra.get("drill"), pubkey, now, max_age_s)
+          max_age_s: float, new_stack: str | None = None) -> None:
+    reason = promotion_refusal(config, moves, config.extra.get("drill"), pubkey, now, max_age_s,
+                               new_stack=new_stack)
     if reason is not None:
         raise Refused(reason)
 
 
 def plan_set(config: RolloutConfig, klass: str, pct: float, *, pubkey: Any, now: float,
-             max_age_s: float = DEFAULT_DRILL_MAX_AGE_S) -> RolloutConfig:
+             max_age_s: float = DEFAULT_DRILL_MAX_AGE_S,
+             new_stack: str | None = None) -> RolloutConfig:
     if klass not in CLASSES:
         raise Refused(f"unknown class {klass!r} (classes: {', '.join(CLASSES)})")
     try:
         RolloutConfig.from_json({"classes": {klass: pct}})
     except ConfigError as exc:
         raise Refused(str(exc)) from None
-    _gate(config, {klass: pct}, pubkey, now, max_age_s)
+    _gate(config, {klass: pct}, pubkey, now, max_age_s, new_stack)
     return _with_percent(config, {klass: pct}, now)
 
 
 def plan_step(config: RolloutConfig, classes: Sequence[str], *, soak_s: float, pubkey: Any,
-              now: float, max_age_s: float = DEFAULT_DRILL_MAX_AGE_S) -> RolloutConfig:
+              now: float, max_age_s: float = DEFAULT_DRILL_MAX_AGE_S,
+              new_stack: str | None = None) -> RolloutConfig:
     if config.kill_switch:
         raise Refused("the kill switch is on: unkill first")
     changed = config.extra.get("changed_at") or {}
@@ -120,7 +123,7 @@ def plan_step(config: RolloutConfig, classes: Sequence[str], *, soak_s: float, p
         moves[klass] = float(target)
     if not moves:
         raise Refused("every named class is already at 100 %")
-    _gate(config, moves, pubkey, now, max_age_s)
+    _gate(config, moves, pubkey, now, max_age_s, new_stack)
     return _with_percent(config, moves, now)
 
 
@@ -307,10 +310,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     config = backend.get()
     if command == "set":
-        config = plan_set(config, args.klass, args.pct, pubkey=_pubkey(args), now=now)
+        config = plan_set(config, args.klass, args.pct, pubkey=_pubkey(args), now=now,
+                          max_age_s=args.drill_max_age, new_stack=args.new_stack)
     elif command == "step":
         config = plan_step(config, args.classes, soak_s=args.soak, pubkey=_pubkey(args),
-                           now=now)
+                           now=now, max_age_s=args.drill_max_age, new_stack=args.new_stack)
     elif command == "back":
         config = plan_back(config, args.classes, now=now)
     elif command in ("kill", "unkill"):
@@ -324,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
         except SignatureError as exc:
             raise Refused(str(exc)) from None
         raw = json.loads(Path(args.result).read_text())
-        reason = drill_ok(raw, pubkey, now, args.drill_max_age)
+        reason = drill_ok(raw, pubkey, now, args.drill_max_age, args.new_stack)
         if reason is not None:
             raise Refused(reason)
         config = attrs.evolve(config, extra={**config.extra, "drill": raw})
@@ -365,6 +369,9 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                       help="the Ed25519 public key the DB-wipe drill result must be signed by")
     gate.add_argument("--drill-max-age", type=float, default=DEFAULT_DRILL_MAX_AGE_S,
                       metavar="SECONDS")
+    gate.add_argument("--new-stack", metavar="URL",
+                      help="the new stack's HTTP API as the router reaches it: the DB-wipe "
+                           "drill must have been run against exactly that stack")
     commands = rollout.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("status", parents=[where], help="show the rollout config")
     p = commands.add_parser("set", parents=[where, gate], help="set one class's percentage")
