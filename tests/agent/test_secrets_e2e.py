@@ -294,6 +294,23 @@ async def test_a_key_not_vouched_for_by_the_attested_session_key_gets_nothing(
             await _undeploy_all(http, [agent], dep_id)
 
 
+async def _app(http: httpx.AsyncClient, value: str, compose: str, secret: dict[str, Any],
+               policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """App "sec" with the secret set to *value*, an optional release policy, and version
+    "1" of *compose* receiving the secret as *secret* says; the version's view."""
+    assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
+    r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": value})
+    assert r.status_code == 201, r.text
+    if policy is not None:
+        r = await http.put("/api/v2/apps/sec/secret-policy", json=policy)
+        assert r.status_code == 200, r.text
+    r = await http.post("/api/v2/apps/sec/versions", json={
+        "version": "1", "compose": compose, "expose_port": 8080, "health_path": "/health",
+        "secrets": [{"name": SECRET, **secret}]})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
 TRAP_COMPOSE = """\
 services:
   web:
@@ -318,15 +335,9 @@ async def test_rotation_signals_or_restarts_when_the_version_asks(
     first, second = _value(), _value()
     with trio.fail_after(DOCKER_TIMEOUT * 3):
         async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
-            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
-            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": first})
-            assert r.status_code == 201, r.text
             rotate = {"on_rotate": "signal", "signal": "SIGHUP"} if on_rotate == "signal" \
                 else {"on_rotate": "restart"}
-            r = await http.post("/api/v2/apps/sec/versions", json={
-                "version": "1", "compose": TRAP_COMPOSE, "expose_port": 8080,
-                "health_path": "/health", "secrets": [{"name": SECRET, "as": "file", **rotate}]})
-            assert r.status_code == 201, r.text
+            await _app(http, first, TRAP_COMPOSE, {"as": "file", **rotate})
             dep_id = await _deploy(http)
             await eventually(lambda: _read_secret(agent, dep_id) == first, DOCKER_TIMEOUT)
             before = _container(agent, dep_id)
@@ -402,15 +413,8 @@ async def test_an_env_secret_is_in_the_environment_from_the_start_and_recreated_
     second = _value()
     with trio.fail_after(DOCKER_TIMEOUT * 3):
         async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
-            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
-            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": first})
-            assert r.status_code == 201, r.text
-            r = await http.post("/api/v2/apps/sec/versions", json={
-                "version": "1", "compose": ENV_COMPOSE, "expose_port": 8080,
-                "health_path": "/health",
-                "secrets": [{"name": SECRET, "as": "env", "env": "DB_PASSWORD"}]})
-            assert r.status_code == 201, r.text
-            assert r.json()["secrets"] == [{"name": SECRET, "as": "env", "env": "DB_PASSWORD",
+            view = await _app(http, first, ENV_COMPOSE, {"as": "env", "env": "DB_PASSWORD"})
+            assert view["secrets"] == [{"name": SECRET, "as": "env", "env": "DB_PASSWORD",
                                             "on_rotate": "restart"}]
             dep_id = await _deploy(http)
             await eventually(lambda: _served_env(agent, dep_id) == first, DOCKER_TIMEOUT)
@@ -432,17 +436,8 @@ async def test_an_env_secret_never_released_fails_the_deployment_with_the_reason
     with trio.fail_after(DOCKER_TIMEOUT * 3):
         async with _env(tmp_path, namespace, 1) as (env, (agent,)), await _tenant(env) as http:
             agent.runner.settings = attrs.evolve(agent.runner.settings, secret_wait_timeout=2.0)
-            assert (await http.post("/api/v2/apps", json={"name": "sec"})).status_code == 201
-            r = await http.put(f"/api/v2/apps/sec/secrets/{SECRET}", json={"value": _value()})
-            assert r.status_code == 201, r.text
-            r = await http.put("/api/v2/apps/sec/secret-policy",
-                               json={"datacenters": ["nowhere:x"]})
-            assert r.status_code == 200, r.text
-            r = await http.post("/api/v2/apps/sec/versions", json={
-                "version": "1", "compose": ENV_COMPOSE, "expose_port": 8080,
-                "health_path": "/health",
-                "secrets": [{"name": SECRET, "as": "env", "env": "DB_PASSWORD"}]})
-            assert r.status_code == 201, r.text
+            await _app(http, _value(), ENV_COMPOSE, {"as": "env", "env": "DB_PASSWORD"},
+                       policy={"datacenters": ["nowhere:x"]})
             dep_id = await _deploy(http)
             failed = await eventually(lambda: [
                 e for e in env.cp.events.recent if e.kind == "replica.failed"
