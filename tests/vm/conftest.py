@@ -5,8 +5,10 @@ debootstrap), and eectl as a subprocess."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,18 +33,31 @@ def host() -> Iterator[VmHost]:
 
 
 @pytest.fixture(scope="session")
-def vm_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def vm_image() -> Iterator[Path]:
+    """The built agent image, where QEMU (libvirt's ``libvirt-qemu`` user) can read it:
+    not under pytest's 0700 temporary directories, but a 0711 directory in /var/tmp."""
     prebuilt = os.environ.get("EE_VM_IMAGE")
     if prebuilt:
-        return Path(prebuilt)
+        yield Path(prebuilt)
+        return
     from ee.image.build import BUILD_TOOLS, BuildOptions, Progress, build_image
     from ee.image.profile import load_profile
     from image.conftest import image_cache, require_tools
 
     require_tools(BUILD_TOOLS)
-    out = tmp_path_factory.mktemp("vm-image") / "agent"
-    build_image(load_profile("agent"), BuildOptions(out=out, cache=image_cache()), Progress())
-    return out
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-vm-image-"))
+    try:
+        os.chmod(base, 0o711)
+        out = base / "agent"
+        build_image(load_profile("agent"), BuildOptions(out=out, cache=image_cache()),
+                    Progress())
+        os.chmod(out, 0o755)
+        for path in out.iterdir():
+            if path.is_file():
+                os.chmod(path, 0o644)
+        yield out
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def eectl(*argv: str, env: dict[str, str] | None = None,
