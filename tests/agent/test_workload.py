@@ -282,6 +282,14 @@ def test_spec_and_status_values() -> None:
         app_spec("d", health_path="health")
     with pytest.raises(ValueError):
         app_spec("d", env={"BAD NAME": "x"})
+    # What a deploy names for env secrets is checked at the agent too: no reserved or
+    # malformed variable (an env-file line break), no path as a secret name.
+    for bad in ({"LD_PRELOAD": "db"}, {"A\nB": "db"}, {"A=B": "db"}, {"OK": "../x"},
+                {"OK": "Db"}):
+        with pytest.raises(ValueError):
+            app_spec("d", secret_env=bad)
+    assert dict(app_spec("d", secret_env={"DB_PASSWORD": "db_password"}).secret_env) == {
+        "DB_PASSWORD": "db_password"}
     spec = app_spec("d")
     with pytest.raises(TypeError):
         spec.env["GREETING"] = "x"  # type: ignore[index]

@@ -131,6 +131,7 @@ from ee.protocol.compose import (
     validate_compose,
 )
 from ee.protocol.dockerfile import check_build_dockerfiles
+from ee.protocol.messages import SECRET_NAME
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -279,6 +280,16 @@ def env_file_text(env: Mapping[str, str]) -> str:
     return "".join(lines)
 
 
+def _check_secret_env(_: object, __: attrs.Attribute[Any], value: Mapping[str, str]) -> None:
+    """The agent's own allowlist for what the (signed) deploy names: variable names the
+    tenant env rules allow (no reserved names; nothing that breaks an env file line), and
+    secret names of the secrets pattern (no paths)."""
+    check_env({name: "" for name in value})
+    for name in value.values():
+        if not isinstance(name, str) or not SECRET_NAME.match(name):
+            raise ValueError(f"secret_env: {name!r} is not a secret name")
+
+
 def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
     check_health_path(value)  # WorkloadPolicyError is a ValueError
 
@@ -359,7 +370,8 @@ class DeploySpec:
     )
     expose_service: str | None = None
     #: environment variables fed from released secrets: VAR -> secret name
-    secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env)
+    secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env,
+                                                validator=_check_secret_env)
 
 
 @attrs.frozen
