@@ -50,6 +50,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from ee.agent.workload import env_file_text
 from ee.protocol.messages import SecretAck, SecretRelease, SecretRevoke
 from ee.protocol.sealing import (
     SealError,
@@ -149,8 +150,6 @@ class SecretStore:
         """Write ``VAR=value`` for each *variables* entry (VAR -> secret name) to
         :meth:`env_path`; KeyError while a secret is not released yet, ValueError for a
         value an env file cannot carry (a newline, CR or NUL)."""
-        from ee.agent.workload import env_file_text
-
         directory = self.directory(deployment_id)
         text = bytearray()
         try:
