@@ -65,7 +65,7 @@ import math
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import attrs
@@ -94,9 +94,11 @@ __all__ = [
     "load_build_context",
     "validate_build_context",
     "validate_compose",
+    "workload_hash",
 ]
 
 HASH_KIND = "ee/v2/compose-hash/1"
+WORKLOAD_HASH_KIND = "ee/v2/workload-hash/1"
 MAX_COMPOSE_BYTES = 1024 * 1024
 MAX_COMPOSE_NODES = 100_000
 DEFAULT_MAX_CONTEXT_BYTES = 64 * 1024 * 1024
@@ -518,3 +520,29 @@ def compose_hash(compose_text: str, build_context: bytes | None) -> str:
     doc = validate_compose(compose_text)
     context = None if build_context is None else validate_build_context(build_context)
     return hash_compose_document(doc, context)
+
+
+def workload_hash(doc: Mapping[str, Any], context: BuildContext | None, *,
+                  env: Mapping[str, str], expose_port: int, expose_service: str,
+                  health_path: str, secret_names: Iterable[str]) -> str:
+    """The attested hash of everything that determines a workload except secret values.
+
+    ``H(canonical_json({"kind": "ee/v2/workload-hash/1", "compose_hash": <compose hash>,
+    "env": {NAME: VALUE, ...}, "expose_port": N, "expose_service": S, "health_path": P,
+    "secret_names": [sorted, unique names]}))``: so a change to any env value, the
+    exposed port or service, the health path or the set of secrets the version receives
+    gives another hash, while a secret's *value* (released later, rotated) does not.
+    """
+    try:
+        payload = canonical_json({
+            "kind": WORKLOAD_HASH_KIND,
+            "compose_hash": hash_compose_document(doc, context),
+            "env": dict(env),
+            "expose_port": expose_port,
+            "expose_service": expose_service,
+            "health_path": health_path,
+            "secret_names": sorted(set(secret_names)),
+        })
+    except (TypeError, ValueError) as exc:
+        raise ComposeError(f"workload has no canonical JSON form ({exc})") from None
+    return _h(payload)

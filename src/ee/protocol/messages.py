@@ -150,6 +150,10 @@ _credential_secret = check(lambda v: 1 <= len(v) <= 64, "must be 1..64 bytes")
 _signature = check(lambda v: len(v) == SIGNATURE_BYTES, "must be a 64-byte Ed25519 signature")
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
 _abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
+_RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+_SERVICE = re.compile(r"\A[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
+#: the phases a deployment can fail in (``DeployStatus.phase``)
+FAILURE_PHASES = ("pull", "build", "start", "health", "secrets", "timeout")
 _aware = check(lambda v: v.tzinfo is not None, "must be timezone-aware")
 _B64 = {"wire": "base64"}
 _event_log = check(lambda v: 0 < len(v) <= MAX_EVENT_LOG_BYTES,
@@ -258,6 +262,8 @@ class CpEnvelope:
 class LogLine:
     service: str
     text: str
+    #: when Docker received the line (RFC 3339, UTC), if the agent asked for timestamps
+    at: str | None = None
 
 
 @attrs.frozen
@@ -419,6 +425,9 @@ class Deploy:
     #: the services with them (its env file is on tmpfs; Docker itself keeps a
     #: container's environment in its configuration, on the agent's data disk)
     secret_env: Mapping[str, str] = attrs.field(factory=dict)
+    #: every secret name the version receives (files and env), sorted: part of the
+    #: workload hash (``ee.protocol.compose.workload_hash``)
+    secret_names: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -432,6 +441,15 @@ class DeployStatus:
     compose_hash: str | None = attrs.field(default=None, validator=_hex_digest)
     image_digests: Mapping[str, str] | None = None
     error: str | None = None
+    #: where a failure happened: pull | build | start | health | secrets | timeout
+    phase: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.in_(FAILURE_PHASES)))
+    #: the failed container's (or compose command's) exit code, when there is one
+    exit_code: int | None = None
+    #: the last lines of the failed step's output (at most 20, each at most 500 chars)
+    log_tail: tuple[str, ...] = attrs.field(default=(), validator=check(
+        lambda v: len(v) <= 20 and all(len(x) <= 500 for x in v),
+        "at most 20 lines of at most 500 characters"))
 
 
 @attrs.frozen
@@ -542,6 +560,12 @@ class LogsRequest:
     tail: int = attrs.field(
         default=200, validator=check(lambda v: 1 <= v <= 10_000, "must be 1..10000")
     )
+    #: only lines Docker received at or after this instant (RFC 3339, UTC)
+    since: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        check(lambda v: bool(_RFC3339.match(v)), "must be an RFC 3339 UTC timestamp")))
+    #: only this compose service's lines
+    service: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        check(lambda v: bool(_SERVICE.match(v)), "must be a compose service name")))
 
 
 @attrs.frozen
