@@ -49,6 +49,7 @@ from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics
 from ee.federation.spool import Spool
 from ee.federation.wire import (
+    BAD_FRAME,
     MAX_EVENTS_PER_FRAME,
     MAX_FRAME_BYTES,
     SNAPSHOT_STALE,
@@ -170,6 +171,7 @@ class DcFederation:
         self.connected = False
         self.acked = 0
         self.depth = 0
+        self.last_seq = self.spool.bounds()[1] - 1
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._last: dict[str, dict[str, Any] | None] = {}
         self._dirty = trio.Event()
@@ -192,6 +194,19 @@ class DcFederation:
             except WireError as exc:
                 log.error("federation: stored snapshot no longer verifies: %s", exc)
         return Snapshot("snapshot", 0, 0.0, {})
+
+    async def offer_snapshot(self, text: str) -> Refused | None:
+        """A snapshot frame as received: verify, structure, then ``apply_snapshot``."""
+        try:
+            body = await trio.to_thread.run_sync(open_envelope, text, self.master_key)
+            frame = down_frame(body)
+        except WireError as exc:
+            self.refuse(exc.code, exc.detail)
+            return Refused("refused", exc.code, exc.detail)
+        if not isinstance(frame, Snapshot):
+            self.refuse(BAD_FRAME, f"expected a snapshot, got {frame.type}")
+            return Refused("refused", BAD_FRAME, "expected a snapshot")
+        return await self.apply_snapshot(text, frame)
 
     async def apply_snapshot(self, text: str, frame: Snapshot) -> Refused | None:
         """*frame* is *text*'s verified body. Apply it when newer, else refuse."""
@@ -227,6 +242,7 @@ class DcFederation:
 
     async def _append(self, kind: str, data: dict[str, Any]) -> int:
         seq = await trio.to_thread.run_sync(self.spool.append, kind, time.time(), data)
+        self.last_seq = max(self.last_seq, seq)
         self.depth += 1
         self.metrics.spool_depth.labels(self.label).set(self.depth)
         appended, self._appended = self._appended, trio.Event()
@@ -305,7 +321,7 @@ class DcFederation:
                     await appended.wait()
                     continue
             await send(Events("events", self.label, [Event(**e) for e in batch], self.depth,
-                              self.snapshot.version, time.time()))
+                              self.snapshot.version, time.time(), self.last_seq))
 
     async def _receive(self, ws: Any, state: dict[str, int],
                        send: Callable[[Any], Any]) -> None:

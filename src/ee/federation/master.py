@@ -216,6 +216,7 @@ class FederatedDatacenterActor(Actor):
         self.ever_heard = False
         self.last_lag = 0.0
         self.spool_depth = 0
+        self.last_seq = 0
         self.snapshot_version = 0
         self.events_applied = 0
         self.replayed = 0
@@ -270,11 +271,16 @@ class FederatedDatacenterActor(Actor):
         self.last_heard = trio.current_time()
         self.ever_heard = True
         frame = msg.frame
-        self.spool_depth = frame.spool_depth
         self.snapshot_version = frame.snapshot_version
         if isinstance(frame, Hello):
-            return self._hello(frame)
-        return self._events(frame, msg.unix)
+            self.last_seq = frame.next_seq - 1
+            out = self._hello(frame)
+        else:
+            self.last_seq = max(self.last_seq, frame.last_seq)
+            out = self._events(frame, msg.unix)
+        # What the dc holds that this master has not applied (acked) yet.
+        self.spool_depth = max(0, self.last_seq - (self.applied or 0))
+        return out
 
     def _hello(self, h: Hello) -> list[DownFrame]:
         base = h.first_unacked - 1
@@ -322,8 +328,9 @@ class FederatedDatacenterActor(Actor):
         if replayed:
             self.replayed += len(replayed)
             self.fed.metrics.sequence_errors.labels(self.label).inc(len(replayed))
-            self.fed.refuse(self.label, SEQUENCE_REPLAYED,
-                            f"{len(replayed)} already applied ({replayed[0]}..{replayed[-1]})")
+            detail = f"{len(replayed)} already applied ({replayed[0]}..{replayed[-1]})"
+            self.fed.refuse(self.label, SEQUENCE_REPLAYED, detail)
+            out.append(Refused("refused", SEQUENCE_REPLAYED, detail))
         if newest is not None:
             self.last_lag = max(0.0, unix - newest)
         self._judge_degraded()

@@ -79,6 +79,7 @@ class Events:
     spool_depth: int = attrs.field(validator=_nonneg)
     snapshot_version: int = attrs.field(validator=_nonneg)
     sent_at: float
+    last_seq: int = attrs.field(validator=_nonneg)  # the newest sequence the dc assigned
 
     def __attrs_post_init__(self) -> None:
         if len(self.events) > MAX_EVENTS_PER_FRAME:
