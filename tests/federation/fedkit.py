@@ -64,7 +64,7 @@ class CpProc:
                 "--listen", f"127.0.0.1:{self.http_port}",
                 "--agent-listen", f"127.0.0.1:{self.agent_port}", "--log-level", "INFO",
                 *self.args, *extra]
-        out = self.log.open("ab")  # noqa: ASYNC230, SIM115 (small, local; closed below)
+        out = self.log.open("ab")
         self.proc = await trio.lowlevel.open_process(argv, stdout=out, stderr=out,
                                                      env=dict(os.environ))
         out.close()
