@@ -171,7 +171,8 @@ class DcFederation:
         self.connected = False
         self.acked = 0
         self.depth = 0
-        self.last_seq = self.spool.bounds()[1] - 1
+        first, nxt, _ = self.spool.bounds()
+        self.acked, self.last_seq = first - 1, nxt - 1
         self._pending: dict[str, dict[str, Any] | None] = {}
         self._last: dict[str, dict[str, Any] | None] = {}
         self._dirty = trio.Event()
@@ -293,7 +294,6 @@ class DcFederation:
             await self._append("resync", {"agents": self.full_picture()})
             first, nxt, depth = await trio.to_thread.run_sync(self.spool.bounds)
             self.depth = depth
-            self.acked = first - 1
             state = {"cursor": first}
             lock = trio.Lock()
 
@@ -364,6 +364,7 @@ class DcFederation:
         return {"role": "dc", "datacenter": self.label, "upstream": self.enrollment.upstream,
                 "stream_url": self.enrollment.stream_url, "connected": self.connected,
                 "spool_depth": self.depth, "acked_seq": self.acked,
+                "last_seq": self.last_seq,
                 "snapshot_version": self.snapshot.version, "desired": self.snapshot.desired}
 
     def close(self) -> None:
