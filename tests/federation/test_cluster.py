@@ -3,6 +3,8 @@ join tokens, admission by datacenter, aggregation equal to the dc's own truth, s
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,18 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
 
                     await eventually(applied, what="snapshot applied and reported")
                     assert any(e["kind"] == "federation.snapshot_applied" for e in seen)
+
+                # Console: links, lag, degraded and spool depth; the federation subtree.
+                out = await trio.to_thread.run_sync(lambda: subprocess.run(
+                    ["eectl", "console", "--cp", m.http, "--token", m.token],
+                    input="datacenters\ntree\n", capture_output=True, text=True, timeout=60,
+                    env={**os.environ, "HOME": str(tmp_path)}))
+                assert out.returncode == 0, out.stderr
+                row = next(line for line in out.stdout.splitlines() if line.startswith(A))
+                assert "federated" in row.split() and "yes" in row.split()
+                assert "MODE" in out.stdout and "SPOOL" in out.stdout and "LAG S" in out.stdout
+                assert "├─ listener" in out.stdout or "└─ listener" in out.stdout
+                assert f"dc/{A}" in out.stdout
 
                 # Metrics: the per-dc series the rollout guardrails read.
                 async with httpx.AsyncClient() as c:

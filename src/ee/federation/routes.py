@@ -24,6 +24,7 @@ from ee.cp.errors import (
     require_admin,
     structure_request,
 )
+from ee.cp.nodes import LabelError
 from ee.federation.dc import DcFederation
 from ee.federation.master import (
     DesiredRequest,
@@ -39,13 +40,12 @@ if TYPE_CHECKING:
 
 
 def register(app: QuartTrio, cp: ControlPlane) -> None:
+    """Every route exists on every role; on the wrong one it answers 409 with a code."""
     fed: MasterFederation | DcFederation | None = getattr(cp, "federation", None)
-    if fed is None:
-        return
 
     def need_master() -> MasterFederation:
         if not isinstance(fed, MasterFederation):
-            raise ApiError(409, "not_master", "this route exists on a master CP only")
+            raise ApiError(409, "not_master", "this route is a master CP's (--role master)")
         return fed
 
     @app.get("/api/v2/federation/status")
@@ -54,7 +54,8 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         require_admin(cp.bootstrap.admin_token_ok)
         if isinstance(fed, DcFederation):
             return json_response(fed.status())
-        assert isinstance(fed, MasterFederation)
+        if fed is None:
+            raise ApiError(409, "not_federated", "this CP is standalone (no --role)")
         dcs = []
         for label in sorted(fed.enrolled):
             try:
@@ -65,15 +66,17 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         return json_response({"role": "master", "listen": fed.advertised(),
                               "snapshot_version": fed.desired.version, "datacenters": dcs})
 
-    if not isinstance(fed, MasterFederation):
-        return
-
     @app.post("/api/v2/federation/join-tokens")
     @guard(Who.ADMIN)
     async def join_token() -> Response:
         require_admin(cp.bootstrap.admin_token_ok)
+        master_fed = need_master()
         body = await request_body(JoinTokenRequest, required=False)
-        return json_response(need_master().issue_token(body.datacenter, body.ttl_s), 201)
+        try:
+            return json_response(master_fed.issue_token(body.datacenter, body.ttl_s), 201)
+        except LabelError as exc:
+            raise ApiError(400, "bad_datacenter", str(exc)[:200],
+                           {"field": "datacenter"}) from None
 
     @app.post("/api/v2/federation/join")
     @guard(Who.PUBLIC)
@@ -83,9 +86,13 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
             doc: Any = json.loads(raw or b"null")
         except ValueError:
             raise ApiError(400, "bad_request", "the body is not JSON") from None
+        master_fed = need_master()
         req = structure_request(doc, JoinRequest)
         try:
-            out = await need_master().join(req)
+            out = await master_fed.join(req)
+        except LabelError as exc:
+            raise ApiError(400, "bad_datacenter", str(exc)[:200],
+                           {"field": "datacenter"}) from None
         except JoinRefused as exc:
             cp.events.emit("federation.refused", req.datacenter[:80],
                            {"code": exc.code, "detail": exc.detail})
@@ -102,6 +109,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
     @guard(Who.ADMIN)
     async def desired() -> Response:
         require_admin(cp.bootstrap.admin_token_ok)
+        master_fed = need_master()
         body = await request_body(DesiredRequest)
-        snap = await need_master().set_desired(body.policy)
+        snap = await master_fed.set_desired(body.policy)
         return json_response({"version": snap.version})
