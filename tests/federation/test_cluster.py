@@ -125,6 +125,14 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
                     await eventually(applied, what="snapshot applied and reported")
                     assert any(e["kind"] == "federation.snapshot_applied" for e in seen)
 
+                # The dc's actor at the master crashes: its supervisor restarts it, the
+                # link asks the dc for a new hello, and the picture comes back (resync).
+                async with m.client() as c:
+                    r = await c.post("/api/v2/admin/crash", json={"name": f"dc/{A}"})
+                    assert r.status_code == 202, r.text
+                view = await eventually(agrees, what="master agrees after an actor crash")
+                assert view[A]["agents"]["total"] == 4 and view[A]["connected"]
+
                 # Console: links, lag, degraded and spool depth; the federation subtree.
                 out = await trio.to_thread.run_sync(lambda: subprocess.run(
                     ["eectl", "console", "--cp", m.http, "--token", m.token],

@@ -50,6 +50,7 @@ from ee.federation.metrics import FederationMetrics
 from ee.federation.spool import Spool
 from ee.federation.wire import (
     BAD_FRAME,
+    HELLO_REQUIRED,
     MAX_EVENTS_PER_FRAME,
     MAX_FRAME_BYTES,
     SNAPSHOT_STALE,
@@ -352,6 +353,8 @@ class DcFederation:
                 appended.set()
             elif isinstance(frame, Snapshot):
                 await self.apply_snapshot(text, frame)
+            elif isinstance(frame, Refused) and frame.code == HELLO_REQUIRED:
+                raise WireError(HELLO_REQUIRED, "the master asks for a new hello")
             elif isinstance(frame, Refused):
                 if frame.code in ("sequence_replayed", "sequence_gap"):
                     self.metrics.sequence_errors.labels(self.label).inc()

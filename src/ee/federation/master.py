@@ -53,6 +53,7 @@ from ee.federation.wire import (
     BAD_FRAME,
     DATACENTER_MISMATCH,
     FOREIGN_AGENTS,
+    HELLO_REQUIRED,
     MAX_FRAME_BYTES,
     SEQUENCE_GAP,
     SEQUENCE_REPLAYED,
@@ -84,7 +85,7 @@ from ee.protocol.signing import (
     save_private_key,
     write_signed,
 )
-from ee.runtime import Actor, Registry, handler
+from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.federation")
@@ -169,6 +170,7 @@ class LinkClosed:
 class Frame:
     frame: Hello | Events
     unix: float
+    conn: int = 0
 
 
 @attrs.frozen
@@ -270,6 +272,7 @@ class FederatedDatacenterActor(Actor):
     async def on_frame(self, msg: Frame) -> list[DownFrame]:
         self.last_heard = trio.current_time()
         self.ever_heard = True
+        self.links.add(msg.conn)  # also after this actor restarted under a live link
         frame = msg.frame
         self.snapshot_version = frame.snapshot_version
         if isinstance(frame, Hello):
@@ -301,7 +304,8 @@ class FederatedDatacenterActor(Actor):
     def _events(self, frame: Events, unix: float) -> list[DownFrame]:
         out: list[DownFrame] = []
         if self.applied is None:
-            return [self._refuse(BAD_FRAME, "events before hello")]
+            # This actor restarted under a live link: the dc must say hello again.
+            return [self._refuse(HELLO_REQUIRED, "events before hello")]
         replayed: list[int] = []
         newest = None
         for ev in frame.events:
@@ -418,6 +422,7 @@ class MasterFederation:
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
         self.bound_port: int | None = None
         self._conn_ids = 0
+        self._links: dict[str, trio.CancelScope] = {}
         self._ssl: ssl.SSLContext | None = None
         self.supervisor = Supervisor(
             "federation", [ChildSpec(id="listener", start=self._run_listener, shutdown=2.0)],
@@ -597,6 +602,8 @@ class MasterFederation:
                 nursery.cancel_scope.cancel()
         except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("federation: link of %s closed: %s", label, exc)
+        except Exception:  # one link's fault closes that link, never the listener
+            log.exception("federation: link of %s failed", label)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -612,9 +619,15 @@ class MasterFederation:
             async with send_lock:
                 await ws.send_message(text)
 
+        # One link per dc: a new connection (the dc reconnected) replaces the old one.
+        previous = self._links.pop(label, None)
+        if previous is not None:
+            previous.cancel()
         await ref.tell(LinkOpened(conn))
+        scope: trio.CancelScope | None = None
         try:
             async with trio.open_nursery() as nursery:
+                scope = self._links[label] = nursery.cancel_scope
                 nursery.start_soon(self._push_snapshots, send)
                 while True:
                     text = await ws.get_message()
@@ -630,11 +643,16 @@ class MasterFederation:
                         await send(seal(Refused("refused", exc.code, exc.detail[:300]),
                                         self.key))
                         continue
-                    replies = await ref.ask(Frame(frame, time.time()), timeout=30)
+                    replies = await ref.ask(Frame(frame, time.time(), conn), timeout=30)
                     for reply in replies:
                         await send(seal(reply, self.key))
         finally:
-            ref.try_tell(LinkClosed(conn))
+            if scope is not None and self._links.get(label) is scope:
+                del self._links[label]
+            try:
+                ref.try_tell(LinkClosed(conn))
+            except ActorError:  # restarting: its next incarnation starts unlinked
+                pass
 
     async def _push_snapshots(self, send: Callable[[str], Any]) -> None:
         sent = 0

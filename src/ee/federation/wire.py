@@ -38,6 +38,7 @@ SEQUENCE_REPLAYED: Final = "sequence_replayed"
 SEQUENCE_GAP: Final = "sequence_gap"
 SNAPSHOT_STALE: Final = "snapshot_stale"
 FOREIGN_AGENTS: Final = "foreign_datacenter_agents"
+HELLO_REQUIRED: Final = "hello_required"  # the dc reconnects and says hello again
 WRONG_DATACENTER: Final = "WRONG_DATACENTER"  # agent registration refusal at a dc CP
 
 
@@ -208,17 +209,47 @@ def judge_snapshot(running: int, offered: int) -> bool:
     return offered > running
 
 
+AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
+VERDICTS: Final = ("pass", "warn", "fail", None)
+MAX_ID_CHARS: Final = 120
+
+
+def _check_view(agent_id: str, view: Any) -> None:
+    """One agent's view as a dc reports it, or ``WireError`` bad_frame."""
+    def bad(why: str) -> WireError:
+        return WireError(BAD_FRAME, f"agent {agent_id[:80]!r}: {why}")
+
+    if not isinstance(view, dict):
+        raise bad("expected an object or null")
+    if view.get("status") not in AGENT_STATUSES:
+        raise bad(f"status must be one of {', '.join(AGENT_STATUSES)}")
+    if view.get("verdict") not in VERDICTS:
+        raise bad("verdict must be pass, warn, fail or null")
+    for field in ("datacenter", "node_size"):
+        if not isinstance(view.get(field), str) or len(view[field]) > MAX_ID_CHARS:
+            raise bad(f"{field} must be a string")
+    if not isinstance(view.get("free"), bool):
+        raise bad("free must be a boolean")
+    deployments = view.get("deployments")
+    if not isinstance(deployments, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
+            and len(v) <= 40 for k, v in deployments.items()):
+        raise bad("deployments must map deployment ids to states")
+
+
 def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
-    """Agent ids an ``agents``/``resync`` event claims for a datacenter not *label*."""
+    """Agent ids an ``agents``/``resync`` event claims for a datacenter not *label*
+    (``WireError`` bad_frame when the event is malformed)."""
     agents = data.get("agents")
     if not isinstance(agents, dict):
         raise WireError(BAD_FRAME, "event data needs an 'agents' object")
     out = []
     for agent_id, view in agents.items():
+        if len(agent_id) > MAX_ID_CHARS:
+            raise WireError(BAD_FRAME, "agent id too long")
         if view is None:
             continue
-        if not isinstance(view, dict):
-            raise WireError(BAD_FRAME, f"agent {agent_id!r}: expected an object or null")
-        if view.get("datacenter") != label:
-            out.append(str(agent_id)[:80])
+        _check_view(agent_id, view)
+        if view["datacenter"] != label:
+            out.append(agent_id[:80])
     return out
