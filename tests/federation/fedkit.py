@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -177,6 +178,12 @@ async def event_log(cp: CpProc) -> AsyncIterator[list[dict[str, Any]]]:
 def refused(events: list[dict[str, Any]], code: str) -> list[dict[str, Any]]:
     return [e for e in events if e.get("kind") == "federation.refused"
             and (e.get("data") or {}).get("code") == code]
+
+
+def counts(views: list[dict[str, Any]]) -> dict[str, int]:
+    """Agents by status, from a CP's own agent views (the truth a master must match)."""
+    c = Counter(v["status"] for v in views)
+    return {s: c.get(s, 0) for s in ("online", "stale", "offline", "quarantined")}
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,9 @@ from ee.federation import pki
 from ee.protocol.signing import generate_signing_key, public_key_bytes
 
 from .fedkit import agent, dc, event_log, eventually, join_token, master, run, sim_td
+from .fedkit import counts as _counts
 
 A, B, DIRECT = "sim:dc-a", "sim:dc-b", "sim:direct"
-
-
-def _counts(views: list[dict[str, Any]]) -> dict[str, int]:
-    c = Counter(v["status"] for v in views)
-    return {s: c.get(s, 0) for s in ("online", "stale", "offline", "quarantined")}
 
 
 async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> None:

@@ -4,20 +4,15 @@ with its records deleted and converges, each event applied exactly once), dc kil
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from .fedkit import CpProc, agent, dc, eventually, join_token, master, sim_td
+from .fedkit import counts as _counts
 
 A, B = "sim:dc-a", "sim:dc-b"
-
-
-def _counts(views: list[dict[str, Any]]) -> dict[str, int]:
-    c = Counter(v["status"] for v in views)
-    return {s: c.get(s, 0) for s in ("online", "stale", "offline", "quarantined")}
 
 
 async def _agrees(m: CpProc, *dcs: tuple[CpProc, str]) -> dict[str, Any] | None:

@@ -72,6 +72,14 @@ def pki_master_key(hex_key: str) -> Any:
     return public_key_from_bytes(bytes.fromhex(hex_key))
 
 
+def _leaf(ca: pki.ClusterCa, stem: Path, trusted: Path) -> ssl.SSLContext:
+    """A client context with a fresh key and a certificate from *ca* for LABEL."""
+    key = pki.new_key()
+    pki.save_key(stem.with_suffix(".key"), key)
+    stem.with_suffix(".pem").write_text(pki.cert_pem(ca.issue(LABEL, pki.public_pem(key))))
+    return pki.client_context(stem.with_suffix(".pem"), stem.with_suffix(".key"), trusted)
+
+
 async def _tls_refused(ctx: ssl.SSLContext, url: str) -> bool:
     """True when the master closes the connection without answering the upgrade."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
@@ -176,23 +184,13 @@ async def test_unknown_certificates(tmp_path: Path) -> None:
             async with event_log(m) as seen:
                 # CA-signed for this label, but not the certificate pinned for it.
                 ca = pki.ClusterCa.load_or_create(m.data_dir / "federation", "x")
-                key = pki.new_key()
-                pki.save_key(tmp_path / "s.key", key)
-                (tmp_path / "s.pem").write_text(pki.cert_pem(ca.issue(LABEL,
-                                                                      pki.public_pem(key))))
-                ctx = pki.client_context(tmp_path / "s.pem", tmp_path / "s.key", d / "ca.pem")
-                assert await _tls_refused(ctx, url)
+                assert await _tls_refused(_leaf(ca, tmp_path / "s", d / "ca.pem"), url)
                 # The certificate this dc had before it re-joined.
                 ctx = pki.client_context(old_cert, old_key, d / "ca.pem")
                 assert await _tls_refused(ctx, url)
                 # A certificate from another CA: the TLS handshake itself fails.
                 other = pki.ClusterCa.load_or_create(tmp_path / "other-ca", "other")
-                key = pki.new_key()
-                pki.save_key(tmp_path / "o.key", key)
-                (tmp_path / "o.pem").write_text(pki.cert_pem(other.issue(
-                    LABEL, pki.public_pem(key))))
-                ctx = pki.client_context(tmp_path / "o.pem", tmp_path / "o.key", d / "ca.pem")
-                assert await _tls_refused(ctx, url)
+                assert await _tls_refused(_leaf(other, tmp_path / "o", d / "ca.pem"), url)
                 await trio.sleep(0.3)
             assert len(refused(seen, "unknown_certificate")) == 3
             assert (await _view(m))["events_applied"] == 0
