@@ -65,6 +65,15 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
                 wrong = agent(a, "wrong-dc", B, td)
                 await nursery.start(wrong.run)
                 assert wrong.rejected is not None and wrong.rejected.code == "WRONG_DATACENTER"
+                # A datacenter with direct agents at the master cannot be taken over by
+                # a dc CP joining under its label.
+                async with httpx.AsyncClient() as c:
+                    r = await c.post(f"{m.http}/api/v2/federation/join", json={
+                        "token": await join_token(m), "datacenter": DIRECT,
+                        "tls_public_key": pki.public_pem(key),
+                        "signing_key": public_key_bytes(generate_signing_key()).hex()})
+                assert r.status_code == 403
+                assert r.json()["error"]["code"] == "datacenter_is_direct"
                 bypass = agent(m, "bypass", A, td)
                 await nursery.start(bypass.run)
                 assert bypass.rejected is not None \

@@ -493,6 +493,9 @@ class MasterFederation:
         if found.datacenter is not None and found.datacenter != label:
             raise JoinRefused("join_token_datacenter",
                               f"this token is for datacenter {found.datacenter}")
+        if label not in self.enrolled and f"dc/{label}" in self.registry:
+            raise JoinRefused("datacenter_is_direct",
+                              f"agents of {label} are connected to this master directly")
         try:
             cert = await trio.to_thread.run_sync(self.ca.issue, label, req.tls_public_key)
         except pki.PkiError as exc:
