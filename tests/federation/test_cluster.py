@@ -113,10 +113,10 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
 
                 # Down: a signed, versioned snapshot reaches both dc CPs, which report it.
                 async with event_log(a) as seen:
-                    async with m.client() as c:
-                        r = await c.put("/api/v2/federation/desired",
-                                        json={"policy": {"max_replicas": 3}})
-                        assert r.status_code == 200 and r.json()["version"] == 1
+                    out = await trio.to_thread.run_sync(run, [
+                        "eectl", "federation", "desired", "--cp", m.http, "--token", m.token,
+                        "--policy", '{"max_replicas": 3}'])
+                    assert out.returncode == 0 and "version 1" in out.stdout, out.stderr
 
                     async def applied() -> bool:
                         st = await a.get("/api/v2/federation/status")

@@ -7,12 +7,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from .fedkit import CpProc, agent, dc, eventually, join_token, master, sim_td
 from .fedkit import counts as _counts
 
 A, B = "sim:dc-a", "sim:dc-b"
+
+
+async def _deploy(cp: CpProc, replicas: int) -> str:
+    """A tenant account, app and version on *cp*, deployed with *replicas*."""
+    async with cp.client() as admin:
+        r = await admin.post("/api/v2/accounts", json={"name": "tenant"})
+        assert r.status_code == 201, r.text
+        key = r.json()["api_key"]
+    async with httpx.AsyncClient(base_url=cp.http, timeout=10,
+                                 headers={"Authorization": f"Bearer {key}"}) as tenant:
+        r = await tenant.post("/api/v2/apps", json={"name": "web"})
+        assert r.status_code == 201, r.text
+        r = await tenant.post("/api/v2/apps/web/versions", json={
+            "version": "1", "compose": "services:\n  web:\n    image: nginx\n",
+            "expose_port": 80})
+        assert r.status_code == 201, r.text
+        r = await tenant.post("/api/v2/apps/web/deployments",
+                              json={"version": "1", "replicas": replicas})
+        assert r.status_code == 202, r.text
+        return str(r.json()["deployment_id"])
 
 
 async def _agrees(m: CpProc, *dcs: tuple[CpProc, str]) -> dict[str, Any] | None:
@@ -59,6 +80,9 @@ async def test_master_kill9_dc_spools_master_returns_without_records(tmp_path: P
                 for i in range(4, 7):
                     await nursery.start(agent(a, f"a-{i}", A, td).run_forever)
                 scopes[0].cancel()
+                # ... and keeps reconciling: a tenant deploys on the dc while the master is
+                # away; its execution state reaches the master once it is back.
+                await _deploy(a, replicas=2)
 
                 async def spooled() -> dict[str, Any] | None:
                     st = await a.get("/api/v2/federation/status")
@@ -85,6 +109,7 @@ async def test_master_kill9_dc_spools_master_returns_without_records(tmp_path: P
                 st = await a.get("/api/v2/federation/status")
                 got = view[A]
                 assert got["agents"]["online"] == 6
+                assert got["deployment_states"] == {"running": 2}
                 # Exactly once: this master applied each spooled sequence once, in order.
                 assert got["replayed"] == 0 and got["gaps"] == 0 and got["refused"] == 0
                 applied = got["applied_seq"]
