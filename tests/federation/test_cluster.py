@@ -92,7 +92,12 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
 
                 view = await eventually(agrees, what="master agrees with the dc CPs")
                 assert view[A]["agents"]["online"] == 3 and view[B]["agents"]["online"] == 2
-                assert view[A]["attestation"] == {"pass": 3, "fail": 0}
+                assert view[A]["attestation"]["pass"] == 3 \
+                    and view[A]["attestation"]["fail"] == 0
+                # Attestation outcomes by measured image (the digest each verified).
+                mrtds = {v["attestation"]["mrtd"]
+                         for v in (await a.get("/api/v2/agents"))["agents"]}
+                assert view[A]["attestation"]["by_mrtd"] == {m_: 3 for m_ in mrtds}
                 assert view[A]["capacity"]["standard"] == {"total": 3, "free": 3}
                 assert not view[A]["degraded"] and view[A]["spool_depth"] == 0
                 assert view[DIRECT]["mode"] == "direct" and view[DIRECT]["agents"]["online"] == 2

@@ -55,7 +55,7 @@ def test_agent_views_are_checked() -> None:
     assert foreign_agents("x:y", {"agents": {"a": good, "b": None}}) == []
     assert foreign_agents("x:y", {"agents": {"a": {**good, "datacenter": "x:z"}}}) == ["a"]
     for bad in ({**good, "status": "great"}, {**good, "free": "yes"}, {**good, "verdict": 1},
-                {**good, "deployments": {"d": 5}}, "online"):
+                {**good, "deployments": {"d": 5}}, {**good, "mrtd": "ZZ"}, "online"):
         with pytest.raises(WireError):
             foreign_agents("x:y", {"agents": {"a": bad}})
 

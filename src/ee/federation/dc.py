@@ -148,7 +148,7 @@ def agent_view(record: AgentRecord) -> dict[str, Any] | None:
         return None
     return {"status": record.status, "verdict": record.verdict,
             "datacenter": ident.datacenter, "node_size": ident.node_size,
-            "free": record.free,
+            "free": record.free, "mrtd": ident.mrtd,
             "deployments": {d.deployment_id: str(d.state) for d in record.deployments}}
 
 

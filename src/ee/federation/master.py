@@ -185,6 +185,7 @@ def aggregate(label: str, agents: dict[str, dict[str, Any]]) -> dict[str, Any]:
     passed = failed = 0
     capacity: dict[str, dict[str, int]] = {}
     deployments: dict[str, int] = {}
+    by_mrtd: dict[str, int] = {}
     for view in agents.values():
         status = str(view.get("status"))
         counts[status] = counts.get(status, 0) + 1
@@ -193,13 +194,15 @@ def aggregate(label: str, agents: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 passed += 1
             else:
                 failed += 1
+            if view.get("mrtd"):
+                by_mrtd[str(view["mrtd"])] = by_mrtd.get(str(view["mrtd"]), 0) + 1
         size = capacity.setdefault(str(view.get("node_size")), {"total": 0, "free": 0})
         size["total"] += 1
         size["free"] += 1 if view.get("free") else 0
         for state in (view.get("deployments") or {}).values():
             deployments[str(state)] = deployments.get(str(state), 0) + 1
     return {"agents": {"total": len(agents), **counts},
-            "attestation": {"pass": passed, "fail": failed},
+            "attestation": {"pass": passed, "fail": failed, "by_mrtd": by_mrtd},
             "capacity": capacity, "deployment_states": deployments}
 
 

@@ -230,6 +230,10 @@ def _check_view(agent_id: str, view: Any) -> None:
             raise bad(f"{field} must be a string")
     if not isinstance(view.get("free"), bool):
         raise bad("free must be a boolean")
+    mrtd = view.get("mrtd")  # the measured image (digest) its attestation verified
+    if mrtd is not None and not (isinstance(mrtd, str) and len(mrtd) <= 192
+                                 and all(c in "0123456789abcdef" for c in mrtd)):
+        raise bad("mrtd must be lowercase hex")
     deployments = view.get("deployments")
     if not isinstance(deployments, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
