@@ -257,9 +257,14 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         out = []
         for name in cp.registry.names("dc/"):
             try:
-                out.append(await cp.registry.ref(name).ask(DescribeDatacenter(), timeout=5))
+                view = await cp.registry.ref(name).ask(DescribeDatacenter(), timeout=5)
             except ActorError:
                 continue
+            view.setdefault("label", view.get("datacenter"))
+            view.setdefault("mode", "direct")  # federated: ee.federation.master
+            view.setdefault("sync_lag_s", 0.0)
+            view.setdefault("spool_depth", 0)
+            out.append(view)
         return json_response({"datacenters": out})
 
     @app.get("/api/v2/admin/tree")
@@ -315,6 +320,9 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     release_routes.register(app, cp, auth)
     secret_routes.register(app, cp, auth)
     billing_routes.register(app, cp, auth)
+    from ee.federation import routes as federation_routes
+
+    federation_routes.register(app, cp)
     return app
 
 

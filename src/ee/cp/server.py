@@ -21,8 +21,9 @@ actor, and a stop closes them in reverse order: HTTP first, then the agent plane
 tells every agent to reconnect shortly), then the actors. SIGTERM/SIGINT trigger that
 graceful stop; a second signal cancels at once.
 
-Parts of DESIGN.md not built yet (federation) are not
-in the tree; ``--role master|dc`` is refused with a clear error rather than pretended.
+Federation (``--role master|dc``): a ``federation`` subtree joins the tree, see
+ee.federation.master (dc links, one FederatedDatacenterActor each) and ee.federation.dc
+(outbox and uplink); a dc CP refuses agents of another datacenter (WRONG_DATACENTER).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ from ee.cp.secrets import (
     load_or_create_wrapping_key,
 )
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
+from ee.federation.dc import DcFederation, EnrolError, enroll
+from ee.federation.master import FederationSettings, MasterFederation
+from ee.federation.wire import WRONG_DATACENTER
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
@@ -158,6 +162,14 @@ class CpConfig:
     # DATA_DIR/accounts.sqlite3. Billing settings: ee.cp.billing.BillingSettings fields.
     database: str | None = None
     billing: dict[str, Any] | None = None
+    # Federation (ee.federation): role dc needs upstream + datacenter (and a join token
+    # the first time); role master listens for dc CPs on federation_listen (mTLS).
+    datacenter: str | None = None
+    join_token: str | None = None
+    federation_listen: str = "127.0.0.1:8002"
+    federation_advertise: str | None = None
+    degraded_after_s: float = 30.0
+    federation_heartbeat_s: float = 2.0
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
@@ -172,7 +184,8 @@ class CpConfig:
         for flag in ("listen", "agent_listen", "data_dir", "role", "upstream", "tls_cert",
                      "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
                      "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
-                     "release", "database"):
+                     "release", "database", "datacenter", "join_token",
+                     "federation_listen", "federation_advertise", "degraded_after_s"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -194,6 +207,10 @@ class CpConfig:
         _host_port(config.agent_listen, "agent_listen")
         if config.role not in ("standalone", "master", "dc"):
             raise ValueError(f"role must be standalone, master or dc, not {config.role!r}")
+        if config.role == "dc" and not (config.upstream and config.datacenter):
+            raise ValueError("--role dc needs --upstream MASTER_URL and --datacenter LABEL")
+        if config.role == "master":
+            _host_port(config.federation_listen, "federation_listen")
         config.refresh_settings()  # validates the collateral settings
         BillingSettings.from_config(config.billing)  # validates the billing settings
         for fmspc in config.pccs_fmspcs:
@@ -308,6 +325,9 @@ class ControlPlane:
                 self.registry, self.deployment_index, account),
             emit=self.events.emit, sizes=config.vocabulary.sizes,
             cp_name=f"{boot.cluster_id}/{os.getpid()}"))
+        self.federation = self._make_federation()
+        if self.federation is not None:
+            self.plane.claim_name = self._federated_claim(self.plane.claim_name)
         self.app = make_app(self)
         self.root = Supervisor("cp", [
             ChildSpec(id="records", start=self._run_records, shutdown=5.0),
@@ -323,6 +343,7 @@ class ControlPlane:
             self.agents.as_child(),
             self.apps.as_child(),
             self.capacity.as_child(),
+            *([self.federation.supervisor.as_child()] if self.federation is not None else []),
             ChildSpec(id="agent-plane", start=self.plane.run, stop=self._stop_plane,
                       shutdown=10.0),
             # After the plane, so it stops (and writes its last checkpoint) before the
@@ -333,6 +354,45 @@ class ControlPlane:
             ChildSpec(id="http", start=self._run_http, stop=self._stop_http,
                       shutdown=10.0),
         ], max_restarts=5, period=30.0)
+
+    # ---- federation ------------------------------------------------------------------
+
+    def _make_federation(self) -> MasterFederation | DcFederation | None:
+        c = self.config
+        settings = FederationSettings(listen=c.federation_listen,
+                                      advertise=c.federation_advertise,
+                                      degraded_after_s=c.degraded_after_s,
+                                      heartbeat_s=c.federation_heartbeat_s)
+        if c.role == "master":
+            return MasterFederation(c.data_dir, self.bootstrap.cluster_id, settings,
+                                    registry=self.registry, emit=self.events.emit,
+                                    metrics=self.metrics.registry,
+                                    normalise=c.vocabulary.normalise_label)
+        if c.role == "dc":
+            assert c.datacenter is not None
+            return DcFederation(c.data_dir, c.vocabulary.normalise_label(c.datacenter),
+                                settings, directory=self.directory, emit=self.events.emit,
+                                metrics=self.metrics.registry)
+        return None
+
+    def _federated_claim(self, claim: Callable[[Identity, float], Refusal | None]
+                         ) -> Callable[[Identity, float], Refusal | None]:
+        """Admission at a dc CP: its own datacenter's agents only; at a master: no direct
+        agent of a datacenter that a dc CP serves."""
+        fed = self.federation
+
+        def judged(identity: Identity, now: float) -> Refusal | None:
+            if isinstance(fed, MasterFederation):
+                if fed.is_federated(identity.datacenter):
+                    return Refusal(WRONG_DATACENTER, (
+                        f"datacenter {identity.datacenter} is served by its dc CP; "
+                        "connect there",))
+            elif fed is not None and identity.datacenter != fed.label:
+                return Refusal(WRONG_DATACENTER, (
+                    f"this CP serves datacenter {fed.label}, not {identity.datacenter}",))
+            return claim(identity, now)
+
+        return judged
 
     # ---- trust -----------------------------------------------------------------------
 
@@ -863,8 +923,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bootstrap bundle, keys, records (default $EE_DATA_DIR or "
                         "/var/lib/easyenclave/cp)")
     p.add_argument("--role", choices=("standalone", "master", "dc"),
-                   help="standalone (default); master/dc federation is not built yet")
+                   help="standalone (default); master (accepts dc CPs and direct agents); "
+                        "dc (this datacenter's agents, linked to --upstream)")
     p.add_argument("--upstream", metavar="URL", help="master CP URL (role dc)")
+    p.add_argument("--datacenter", metavar="LABEL",
+                   help="the datacenter a dc CP serves (role dc); others are refused")
+    p.add_argument("--join-token", metavar="TOKEN",
+                   help="single-use token from `eectl federation join-token` (role dc, "
+                        "first start): trades for the dc's certificate and the master's key")
+    p.add_argument("--federation-listen", metavar="HOST:PORT",
+                   help="mTLS listener for dc CPs (role master; default 127.0.0.1:8002)")
+    p.add_argument("--federation-advertise", metavar="HOST:PORT",
+                   help="the address dc CPs dial (role master; default the listener's)")
+    p.add_argument("--degraded-after-s", type=float, metavar="SECONDS",
+                   help="a dc CP silent this long is degraded (role master; default 30)")
     p.add_argument("--dev", action="store_true",
                    help="create (once) a dev bootstrap bundle trusting the sim attestation "
                         "provider, and an admin token (printed, kept in DATA_DIR/admin.token)")
@@ -921,6 +993,9 @@ async def _serve(cp: ControlPlane, token_line: str) -> None:
 
             await nursery.start(run_cp)
             try:  # a closed stdout must not take the CP down
+                port = getattr(cp.federation, "bound_port", None)
+                if port is not None:
+                    print(f"ee-cp: federation (mTLS) on port {port}", flush=True)
                 print(f"ee-cp: http on {cp.config.listen.rsplit(':', 1)[0]}:{cp.http_port}, "
                       f"agents on ws://{cp.plane.host}:{cp.plane.bound_port}"
                       "/api/v2/agents/connect", flush=True)
@@ -967,13 +1042,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = CpConfig.from_sources(args)
-        if config.role != "standalone":
-            raise ValueError(f"--role {config.role}: federation (master/dc CPs) is not built "
-                             "yet; run --role standalone")
         boot, token = prepare(config)
+        if config.role == "dc":
+            assert config.upstream is not None and config.datacenter is not None
+            enroll(config.data_dir, config.upstream,
+                   config.vocabulary.normalise_label(config.datacenter), config.join_token)
         cp = ControlPlane(config, boot)
         cp.freeze_gc_when_ready = True
     except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:
+        print(f"ee-cp: {exc}", file=sys.stderr)
+        return 2
+    except EnrolError as exc:
         print(f"ee-cp: {exc}", file=sys.stderr)
         return 2
     token_path = config.data_dir / bootstrap_mod.ADMIN_TOKEN

@@ -549,9 +549,13 @@ def datacenters_table(dcs: list[Json]) -> str:
         att = dc.get("attestation") or {}
         rows.append((dc.get("datacenter"), agents.get("total"), agents.get("online"),
                      agents.get("stale"), agents.get("offline"), agents.get("quarantined"),
-                     att.get("pass"), att.get("fail"), dc.get("degraded")))
+                     att.get("pass"), att.get("fail"), dc.get("degraded"),
+                     # federation: how the master sees a dc CP's link (direct: 0 lag)
+                     dc.get("mode", "direct"), dc.get("connected", "-"),
+                     dc.get("sync_lag_s", 0.0), dc.get("spool_depth", 0)))
     return table(("DATACENTER", "AGENTS", "ONLINE", "STALE", "OFFLINE", "QUARANTINED",
-                  "ATTEST PASS", "ATTEST FAIL", "DEGRADED"), rows)
+                  "ATTEST PASS", "ATTEST FAIL", "DEGRADED", "MODE", "LINK", "LAG S",
+                  "SPOOL"), rows)
 
 
 def walk_tree(node: Json, prefix: str = "", last: bool = True,

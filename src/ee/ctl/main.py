@@ -23,6 +23,7 @@ from ee.ctl import (
     cpbundle,
     deploy,
     drill,
+    federation,
     image,
     release,
     rollout,
@@ -32,7 +33,8 @@ from ee.ctl import (
 from ee.ctl import vm as vm_group
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image, billing, rollout, drill, vm_group)
+                                  cpbundle, image, billing, rollout, drill, vm_group,
+                                  federation)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -1,0 +1,6 @@
+"""Federation: a master CP and datacenter CPs (``ee-cp --role master|dc``).
+
+``pki`` (cluster CA, link certificates), ``wire`` (signed frames and the pure sequence
+and snapshot decisions), ``spool`` (the dc's durable outbox), ``master`` and ``dc`` (each
+role's supervision subtree), ``routes`` (HTTP), ``metrics`` (per-dc Prometheus series).
+"""

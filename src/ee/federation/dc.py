@@ -1,0 +1,377 @@
+"""A datacenter CP's side of federation: enrolment, the durable outbox, the uplink.
+
+Supervision subtree (a child of the CP's root)::
+
+    federation (one_for_one)
+    ├── outbox    agent changes (from the agent directory) → sequenced spool events
+    └── uplink    mTLS websocket to the master: hello, events, acks, replays, snapshots
+
+Enrolment (``enroll``, once, before the CP starts): the dc makes its own TLS key and
+Ed25519 signing key, and trades a master-issued join token for a certificate from the
+cluster CA (CN = its label), the CA certificate and the master's signing key, which it
+pins. Everything lives in ``DATA_DIR/federation``.
+
+Up: every change of one of this datacenter's agents (status, verdict, capacity,
+deployment states) is coalesced per agent and appended to the SQLite spool as an
+``agents`` event with the next sequence; on every (re)connection a ``resync`` event
+with the full picture follows the spooled ones, so a master that lost its memory
+converges. The uplink sends from the first unacknowledged sequence, the master acks
+(the spool forgets) or asks for a replay from a sequence (the uplink rewinds). While the
+master is away nothing is lost: the spool grows and is sent when the link returns; the
+dc keeps admitting, re-attesting and reconciling on its own meanwhile.
+
+Down: a snapshot is applied only when its signature verifies with the pinned master key
+and its version is newer than the one running; it is kept signed in the spool (so a
+restart runs the same version) and acknowledged upstream with a ``snapshot_applied``
+event. Anything else is refused with a reason code and an event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from ee.actors.directory import AgentDirectory, AgentRecord
+from ee.federation import pki
+from ee.federation.master import FederationSettings
+from ee.federation.metrics import FederationMetrics
+from ee.federation.spool import Spool
+from ee.federation.wire import (
+    BAD_FRAME,
+    HELLO_REQUIRED,
+    MAX_EVENTS_PER_FRAME,
+    MAX_FRAME_BYTES,
+    SNAPSHOT_STALE,
+    Ack,
+    Event,
+    Events,
+    Hello,
+    Refused,
+    Replay,
+    Snapshot,
+    WireError,
+    down_frame,
+    judge_snapshot,
+    open_envelope,
+    seal,
+    unstructure,
+)
+from ee.protocol.signing import (
+    generate_signing_key,
+    load_private_key,
+    public_key_bytes,
+    public_key_from_bytes,
+    save_private_key,
+)
+from ee.supervisors import ChildSpec, Supervisor
+
+log = logging.getLogger("ee.federation")
+
+Emit = Callable[[str, str, Any], None]
+MAX_IN_FLIGHT = 20 * MAX_EVENTS_PER_FRAME  # events sent but not acked
+
+
+class EnrolError(Exception):
+    pass
+
+
+@attrs.frozen
+class Enrollment:
+    label: str
+    upstream: str
+    stream_url: str
+    master_key: str  # hex Ed25519
+    cluster_id: str
+
+    @classmethod
+    def load(cls, directory: Path) -> Enrollment | None:
+        path = directory / "enrollment.json"
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
+           timeout_s: float = 15.0) -> Enrollment:
+    """Join the master once (a no-op when already enrolled for *label*)."""
+    directory = data_dir / "federation"
+    existing = Enrollment.load(directory)
+    if existing is not None and existing.label == label:
+        return existing
+    if token is None:
+        raise EnrolError(f"datacenter {label} is not enrolled with a master yet: give "
+                         "--join-token (eectl federation join-token prints one)")
+    tls_key = pki.new_key()
+    sign_key = generate_signing_key()
+    body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
+            "signing_key": public_key_bytes(sign_key).hex()}
+    try:
+        resp = httpx.post(upstream.rstrip("/") + "/api/v2/federation/join", json=body,
+                          timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise EnrolError(f"cannot reach the master at {upstream}: {exc}") from None
+    if resp.status_code != 200:
+        try:
+            err = resp.json().get("error", {})
+            detail = f"{err.get('code')}: {err.get('message')}"
+        except ValueError:
+            detail = resp.text[:200]
+        raise EnrolError(f"the master refused the join ({resp.status_code}): {detail}")
+    doc = resp.json()
+    pki.save_key(directory / "dc.key", tls_key)
+    save_private_key(directory / "sign.key", sign_key, overwrite=True)
+    pki.write_public(directory / "dc.pem", doc["certificate"].encode())
+    pki.write_public(directory / "ca.pem", doc["ca"].encode())
+    enrolment = Enrollment(doc["datacenter"], upstream, doc["stream_url"], doc["master_key"],
+                           doc["cluster_id"])
+    pki.write_public(directory / "enrollment.json",
+                     json.dumps(attrs.asdict(enrolment), indent=1).encode())
+    return enrolment
+
+
+def agent_view(record: AgentRecord) -> dict[str, Any] | None:
+    """What the master learns about one agent (None: nothing to say yet)."""
+    ident = record.identity
+    if ident is None:
+        return None
+    return {"status": record.status, "verdict": record.verdict,
+            "datacenter": ident.datacenter, "node_size": ident.node_size,
+            "free": record.free, "mrtd": ident.mrtd,
+            "deployments": {d.deployment_id: str(d.state) for d in record.deployments}}
+
+
+class DcFederation:
+    def __init__(self, data_dir: Path, label: str, settings: FederationSettings, *,
+                 directory: AgentDirectory, emit: Emit, metrics: CollectorRegistry) -> None:
+        self.dir = data_dir / "federation"
+        enrolment = Enrollment.load(self.dir)
+        if enrolment is None or enrolment.label != label:
+            raise EnrolError(f"datacenter {label} is not enrolled (run with --join-token)")
+        self.enrollment = enrolment
+        self.label = label
+        self.settings = settings
+        self.directory = directory
+        self.emit = emit
+        self.metrics = FederationMetrics(metrics)
+        self.key = load_private_key(self.dir / "sign.key")
+        self.master_key = public_key_from_bytes(bytes.fromhex(enrolment.master_key))
+        self.spool = Spool(self.dir / "spool.sqlite3")
+        self.snapshot = self._load_snapshot()
+        self.connected = False
+        self.acked = 0
+        self.depth = 0
+        first, nxt, _ = self.spool.bounds()
+        self.acked, self.last_seq = first - 1, nxt - 1
+        self._pending: dict[str, dict[str, Any] | None] = {}
+        self._last: dict[str, dict[str, Any] | None] = {}
+        self._dirty = trio.Event()
+        self._appended = trio.Event()
+        directory.subscribe(self._changed)
+        self.supervisor = Supervisor("federation", [
+            ChildSpec(id="outbox", start=self._run_outbox, shutdown=2.0),
+            ChildSpec(id="uplink", start=self._run_uplink, shutdown=2.0),
+        ], max_restarts=20, period=10.0)
+
+    # ---- snapshots ----
+
+    def _load_snapshot(self) -> Snapshot:
+        text = self.spool.get_meta("snapshot")
+        if text is not None:
+            try:
+                frame = down_frame(open_envelope(text, self.master_key))
+                if isinstance(frame, Snapshot):
+                    return frame
+            except WireError as exc:
+                log.error("federation: stored snapshot no longer verifies: %s", exc)
+        return Snapshot("snapshot", 0, 0.0, {})
+
+    async def offer_snapshot(self, text: str) -> Refused | None:
+        """A snapshot frame as received: verify, structure, then ``apply_snapshot``."""
+        try:
+            body = await trio.to_thread.run_sync(open_envelope, text, self.master_key)
+            frame = down_frame(body)
+        except WireError as exc:
+            self.refuse(exc.code, exc.detail)
+            return Refused("refused", exc.code, exc.detail)
+        if not isinstance(frame, Snapshot):
+            self.refuse(BAD_FRAME, f"expected a snapshot, got {frame.type}")
+            return Refused("refused", BAD_FRAME, "expected a snapshot")
+        return await self.apply_snapshot(text, frame)
+
+    async def apply_snapshot(self, text: str, frame: Snapshot) -> Refused | None:
+        """*frame* is *text*'s verified body. Apply it when newer, else refuse."""
+        if not judge_snapshot(self.snapshot.version, frame.version):
+            detail = f"version {frame.version} is not newer than {self.snapshot.version}"
+            self.refuse(SNAPSHOT_STALE, detail)
+            return Refused("refused", SNAPSHOT_STALE, detail)
+        await trio.to_thread.run_sync(self.spool.set_meta, "snapshot", text)
+        self.snapshot = frame
+        await self._append("snapshot_applied", {"version": frame.version})
+        self.emit("federation.snapshot_applied", self.label, {"version": frame.version})
+        return None
+
+    def refuse(self, code: str, detail: str) -> None:
+        log.warning("federation: refused from the master: %s: %s", code, detail)
+        self.emit("federation.refused", "master", {"code": code, "detail": detail[:300]})
+
+    # ---- outbox ----
+
+    def _changed(self, _old: AgentRecord | None, new: AgentRecord | None) -> None:
+        if new is None or new.identity is None or new.identity.datacenter != self.label:
+            return
+        view = agent_view(new)
+        if self._last.get(new.agent_id) == view:
+            return
+        self._last[new.agent_id] = view
+        self._pending[new.agent_id] = view
+        self._dirty.set()
+
+    def full_picture(self) -> dict[str, Any]:
+        return {r.agent_id: agent_view(r) for r in self.directory.in_datacenter(self.label)
+                if r.identity is not None}
+
+    async def _append(self, kind: str, data: dict[str, Any]) -> int:
+        seq = await trio.to_thread.run_sync(self.spool.append, kind, time.time(), data)
+        self.last_seq = max(self.last_seq, seq)
+        self.depth += 1
+        self.metrics.spool_depth.labels(self.label).set(self.depth)
+        appended, self._appended = self._appended, trio.Event()
+        appended.set()
+        return seq
+
+    async def _run_outbox(self, task_status: trio.TaskStatus[None]) -> None:
+        _, _, self.depth = await trio.to_thread.run_sync(self.spool.bounds)
+        self.metrics.spool_depth.labels(self.label).set(self.depth)
+        task_status.started()
+        while True:
+            await self._dirty.wait()
+            await trio.sleep(0.05)  # coalesce a burst into one event
+            self._dirty = trio.Event()
+            batch, self._pending = self._pending, {}
+            if batch:
+                await self._append("agents", {"agents": batch})
+
+    # ---- uplink ----
+
+    async def _run_uplink(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        backoff = 0.2
+        while True:
+            try:
+                await self._link_once()
+                backoff = 0.2
+            except (OSError, ssl.SSLError, trio.BrokenResourceError, HandshakeError,
+                    ConnectionClosed, WireError, trio.TooSlowError) as exc:
+                log.info("federation: uplink to %s down: %s", self.enrollment.stream_url, exc)
+            if self.connected:
+                self.emit("federation.uplink_down", self.label, {})
+            self.connected = False
+            await trio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    def _ssl(self) -> ssl.SSLContext:
+        d = self.dir
+        return pki.client_context(d / "dc.pem", d / "dc.key", d / "ca.pem")
+
+    async def _link_once(self) -> None:
+        ctx = await trio.to_thread.run_sync(self._ssl)
+        async with open_websocket_url(self.enrollment.stream_url, ssl_context=ctx,
+                                      max_message_size=MAX_FRAME_BYTES, connect_timeout=10,
+                                      disconnect_timeout=2, message_queue_size=4) as ws:
+            self.connected = True
+            self.emit("federation.uplink_up", self.label, {})
+            await self._append("resync", {"agents": self.full_picture()})
+            first, nxt, depth = await trio.to_thread.run_sync(self.spool.bounds)
+            self.depth = depth
+            state = {"cursor": first}
+            lock = trio.Lock()
+
+            async def send(body: Any) -> None:
+                text = seal(body, self.key)
+                async with lock:
+                    await ws.send_message(text)
+
+            await send(Hello("hello", self.label, first, nxt, self.snapshot.version, depth))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._receive, ws, state, send)
+                await self._send_loop(state, send)
+
+    async def _send_loop(self, state: dict[str, int], send: Callable[[Any], Any]) -> None:
+        while True:
+            appended = self._appended
+            batch: list[dict[str, Any]] = []
+            if state["cursor"] - self.acked <= MAX_IN_FLIGHT:
+                batch = await trio.to_thread.run_sync(self.spool.read, state["cursor"],
+                                                      MAX_EVENTS_PER_FRAME)
+            if batch:
+                state["cursor"] = batch[-1]["seq"] + 1
+            else:
+                with trio.move_on_after(self.settings.heartbeat_s):
+                    await appended.wait()
+                    continue
+            await send(Events("events", self.label, [Event(**e) for e in batch], self.depth,
+                              self.snapshot.version, time.time(), self.last_seq))
+
+    async def _receive(self, ws: Any, state: dict[str, int],
+                       send: Callable[[Any], Any]) -> None:
+        while True:
+            text = await ws.get_message()
+            try:
+                body = await trio.to_thread.run_sync(open_envelope, text, self.master_key)
+                frame = down_frame(body)
+            except WireError as exc:
+                self.refuse(exc.code, exc.detail)
+                continue
+            if isinstance(frame, Ack):
+                if frame.upto > self.acked:
+                    await trio.to_thread.run_sync(self.spool.ack, frame.upto)
+                    self.acked = frame.upto
+                    _, _, self.depth = await trio.to_thread.run_sync(self.spool.bounds)
+                    self.metrics.spool_depth.labels(self.label).set(self.depth)
+                    appended, self._appended = self._appended, trio.Event()
+                    appended.set()  # the sender may have waited for the window
+                if state["cursor"] <= frame.upto:
+                    state["cursor"] = frame.upto + 1
+            elif isinstance(frame, Replay):
+                self.metrics.replays.labels(self.label).inc()
+                self.emit("federation.replay", self.label, {"from": frame.start,
+                                                            "reason": frame.reason})
+                state["cursor"] = frame.start
+                appended, self._appended = self._appended, trio.Event()
+                appended.set()
+            elif isinstance(frame, Snapshot):
+                await self.apply_snapshot(text, frame)
+            elif isinstance(frame, Refused) and frame.code == HELLO_REQUIRED:
+                raise WireError(HELLO_REQUIRED, "the master asks for a new hello")
+            elif isinstance(frame, Refused):
+                if frame.code in ("sequence_replayed", "sequence_gap"):
+                    self.metrics.sequence_errors.labels(self.label).inc()
+                log.warning("federation: the master refused: %s: %s", frame.code,
+                            frame.detail)
+                self.emit("federation.refused_upstream", self.label,
+                          {"code": frame.code, "detail": frame.detail})
+
+    def status(self) -> dict[str, Any]:
+        return {"role": "dc", "datacenter": self.label, "upstream": self.enrollment.upstream,
+                "stream_url": self.enrollment.stream_url, "connected": self.connected,
+                "spool_depth": self.depth, "acked_seq": self.acked,
+                "last_seq": self.last_seq,
+                "snapshot_version": self.snapshot.version, "desired": self.snapshot.desired}
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+__all__ = ["DcFederation", "EnrolError", "Enrollment", "agent_view", "enroll", "unstructure"]

@@ -1,0 +1,671 @@
+"""The master's side of federation: the cluster CA, join tokens, enrolled dcs, the mTLS
+listener, and one ``FederatedDatacenterActor`` per dc CP.
+
+Supervision subtree (a child of the CP's root)::
+
+    federation (one_for_one)
+    ├── listener         mTLS TCP listener; one task per dc connection
+    └── dc/<label> ...   FederatedDatacenterActor per enrolled dc (repopulated on restart)
+
+A dc connection: TLS 1.3 with a client certificate from the cluster CA (else the
+handshake fails: event ``federation.refused`` ``unknown_certificate``); the certificate's
+CN names the dc, and its SHA-256 must be the one pinned when that dc joined (same code).
+Then a websocket on ``/api/v2/federation/stream``; every frame's signature is checked
+against the dc's pinned Ed25519 key (off the event loop) and its body structured; a frame
+that fails either is answered ``refused`` with its code and an event, and the link stays
+up. Good frames go to the dc's actor, which owns all state of that dc: the highest
+sequence applied (``judge_sequence``), the agents it reported, lag, spool depth, the
+snapshot version it runs, and the degraded flag (no valid frame for
+``degraded_after_s``). The master keeps none of it on disk: restarted, it adopts the
+dc's first unacknowledged sequence and the dc resends its full picture (``resync``),
+exactly as a standalone CP rebuilds from its agents.
+
+What the master keeps on disk is configuration: the CA, its signing key, the enrolled dcs
+(label, certificate fingerprint, signing key) and the signed desired-state document.
+Join tokens are in memory only (single use, short lived; a restart voids them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client import CollectorRegistry
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from ee.actors.agent import StatusReport
+from ee.actors.datacenter import DescribeDatacenter
+from ee.federation import pki
+from ee.federation.metrics import FederationMetrics
+from ee.federation.wire import (
+    BAD_FRAME,
+    DATACENTER_MISMATCH,
+    FOREIGN_AGENTS,
+    HELLO_REQUIRED,
+    MAX_FRAME_BYTES,
+    SEQUENCE_GAP,
+    SEQUENCE_REPLAYED,
+    STREAM_PATH,
+    UNKNOWN_CERTIFICATE,
+    Ack,
+    DownFrame,
+    Events,
+    Hello,
+    Refused,
+    Replay,
+    SeqVerdict,
+    Snapshot,
+    WireError,
+    foreign_agents,
+    judge_sequence,
+    open_envelope,
+    seal,
+    up_frame,
+)
+from ee.protocol.signing import (
+    KeyFileError,
+    SignatureError,
+    generate_signing_key,
+    load_private_key,
+    public_key_bytes,
+    public_key_from_bytes,
+    read_signed,
+    save_private_key,
+    write_signed,
+)
+from ee.runtime import Actor, ActorError, Registry, handler
+from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
+
+log = logging.getLogger("ee.federation")
+
+Emit = Callable[[str, str, Any], None]
+
+
+class JoinRefused(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@attrs.frozen
+class FederationSettings:
+    listen: str = "127.0.0.1:8002"  # the master's mTLS listener for dc CPs
+    advertise: str | None = None  # HOST:PORT dc CPs dial (default: listen)
+    degraded_after_s: float = 30.0  # silence after which a dc is degraded
+    join_token_ttl_s: float = 600.0
+    heartbeat_s: float = 2.0  # a dc sends at least one frame this often
+    verify_threads: int = 2
+
+
+@attrs.frozen
+class Enrolled:
+    label: str
+    fingerprint: str  # SHA-256 of the dc's certificate (DER)
+    signing_key: str  # hex Ed25519 public key
+    enrolled_at: float
+
+    def public_key(self) -> Ed25519PublicKey:
+        return public_key_from_bytes(bytes.fromhex(self.signing_key))
+
+
+@attrs.frozen
+class JoinToken:
+    expires_at: float  # trio time
+    datacenter: str | None
+
+
+@attrs.frozen
+class JoinRequest:
+    """``POST /api/v2/federation/join`` (public; the token authenticates)."""
+
+    token: str = attrs.field(validator=attrs.validators.max_len(200))
+    datacenter: str = attrs.field(validator=attrs.validators.max_len(120))
+    tls_public_key: str = attrs.field(validator=attrs.validators.max_len(2000))
+    signing_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))
+
+
+@attrs.frozen
+class JoinTokenRequest:
+    """``POST /api/v2/federation/join-tokens`` (admin)."""
+
+    datacenter: str | None = None
+    ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(
+        [attrs.validators.gt(0.0), attrs.validators.le(86400.0)]))
+
+
+@attrs.frozen
+class DesiredRequest:
+    """``PUT /api/v2/federation/desired`` (admin): the policy part of the desired state."""
+
+    policy: dict[str, Any] = attrs.field(factory=dict)
+
+
+# ---- the per-dc actor ----------------------------------------------------------------
+
+
+@attrs.frozen
+class LinkOpened:
+    conn: int
+
+
+@attrs.frozen
+class LinkClosed:
+    conn: int
+
+
+@attrs.frozen
+class Frame:
+    frame: Hello | Events
+    unix: float
+    conn: int = 0
+
+
+@attrs.frozen
+class Refusal:
+    code: str
+    detail: str
+
+
+def aggregate(label: str, agents: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Counts by status, attestation outcomes, capacity and deployment states."""
+    counts = {"online": 0, "stale": 0, "offline": 0, "quarantined": 0}
+    passed = failed = 0
+    capacity: dict[str, dict[str, int]] = {}
+    deployments: dict[str, int] = {}
+    by_mrtd: dict[str, int] = {}
+    for view in agents.values():
+        status = str(view.get("status"))
+        counts[status] = counts.get(status, 0) + 1
+        if status != "offline":
+            if view.get("verdict") in ("pass", "warn") and status != "quarantined":
+                passed += 1
+            else:
+                failed += 1
+            if view.get("mrtd"):
+                by_mrtd[str(view["mrtd"])] = by_mrtd.get(str(view["mrtd"]), 0) + 1
+        size = capacity.setdefault(str(view.get("node_size")), {"total": 0, "free": 0})
+        size["total"] += 1
+        size["free"] += 1 if view.get("free") else 0
+        for state in (view.get("deployments") or {}).values():
+            deployments[str(state)] = deployments.get(str(state), 0) + 1
+    return {"agents": {"total": len(agents), **counts},
+            "attestation": {"pass": passed, "fail": failed, "by_mrtd": by_mrtd},
+            "capacity": capacity, "deployment_states": deployments}
+
+
+class FederatedDatacenterActor(Actor):
+    """A dc CP as the master sees it: ``dc/<label>``, answering ``DescribeDatacenter``
+    like a direct datacenter (``mode: federated``)."""
+
+    def __init__(self, label: str, fed: MasterFederation) -> None:
+        self.label = label
+        self.fed = fed
+        self.applied: int | None = None  # highest sequence applied (None: not yet known)
+        self.awaiting_replay: int | None = None
+        self.agents: dict[str, dict[str, Any]] = {}
+        self.links: set[int] = set()
+        self.last_heard = trio.current_time()
+        self.ever_heard = False
+        self.last_lag = 0.0
+        self.spool_depth = 0
+        self.last_seq = 0
+        self.snapshot_version = 0
+        self.events_applied = 0
+        self.replayed = 0
+        self.gaps = 0
+        self.refused = 0
+        self.degraded = True
+
+    async def started(self) -> None:
+        self.start_soon(self._watch)
+
+    async def _watch(self) -> None:
+        period = min(1.0, self.fed.settings.degraded_after_s / 4)
+        while True:
+            self._judge_degraded()
+            m = self.fed.metrics
+            m.sync_lag.labels(self.label).set(self._lag())
+            m.spool_depth.labels(self.label).set(self.spool_depth)
+            await trio.sleep(period)
+
+    def _silence(self) -> float:
+        return trio.current_time() - self.last_heard
+
+    def _lag(self) -> float:
+        return self.last_lag if self.links else self.last_lag + self._silence()
+
+    def _judge_degraded(self) -> None:
+        degraded = not self.ever_heard or self._silence() > self.fed.settings.degraded_after_s
+        if degraded != self.degraded:
+            self.degraded = degraded
+            kind = "federation.degraded" if degraded else "federation.recovered"
+            self.fed.emit(kind, self.label, {"silence_s": round(self._silence(), 3)})
+
+    def _refuse(self, code: str, detail: str) -> Refused:
+        self.refused += 1
+        self.fed.refuse(self.label, code, detail)
+        return Refused("refused", code, detail)
+
+    @handler(LinkOpened)
+    async def on_open(self, msg: LinkOpened) -> None:
+        self.links.add(msg.conn)
+
+    @handler(LinkClosed)
+    async def on_close(self, msg: LinkClosed) -> None:
+        self.links.discard(msg.conn)
+
+    @handler(StatusReport)
+    async def on_report(self, _: StatusReport) -> None:
+        """A direct agent of this label (refused at admission while federated)."""
+
+    @handler(Frame)
+    async def on_frame(self, msg: Frame) -> list[DownFrame]:
+        self.last_heard = trio.current_time()
+        self.ever_heard = True
+        self.links.add(msg.conn)  # also after this actor restarted under a live link
+        frame = msg.frame
+        self.snapshot_version = frame.snapshot_version
+        if isinstance(frame, Hello):
+            self.last_seq = frame.next_seq - 1
+            out = self._hello(frame)
+        else:
+            self.last_seq = max(self.last_seq, frame.last_seq)
+            out = self._events(frame, msg.unix)
+        # What the dc holds that this master has not applied (acked) yet.
+        self.spool_depth = max(0, self.last_seq - (self.applied or 0))
+        return out
+
+    def _hello(self, h: Hello) -> list[DownFrame]:
+        base = h.first_unacked - 1
+        if self.applied is None:
+            self.applied = base
+            self.fed.emit("federation.linked", self.label, {"from_seq": h.first_unacked})
+        elif self.applied < base or self.applied >= h.next_seq:
+            # The dc's spool does not continue what this master applied (it was wiped,
+            # or another incarnation acked): start from the dc's, counted as an error.
+            self.fed.metrics.sequence_errors.labels(self.label).inc()
+            self.fed.emit("federation.sequence_reset", self.label,
+                          {"applied": self.applied, "first_unacked": h.first_unacked})
+            self.applied = base
+        self.awaiting_replay = None
+        self._judge_degraded()
+        return [Ack("ack", self.applied)]
+
+    def _events(self, frame: Events, unix: float) -> list[DownFrame]:
+        out: list[DownFrame] = []
+        if self.applied is None:
+            # This actor restarted under a live link: the dc must say hello again.
+            return [self._refuse(HELLO_REQUIRED, "events before hello")]
+        replayed: list[int] = []
+        newest = None
+        for ev in frame.events:
+            verdict = judge_sequence(self.applied, ev.seq)
+            if verdict is SeqVerdict.REPLAYED:
+                replayed.append(ev.seq)
+                continue
+            if verdict is SeqVerdict.GAP:
+                if self.awaiting_replay != self.applied + 1:
+                    self.awaiting_replay = self.applied + 1
+                    self.gaps += 1
+                    self.fed.metrics.sequence_errors.labels(self.label).inc()
+                    self.fed.metrics.replays.labels(self.label).inc()
+                    self.fed.refuse(self.label, SEQUENCE_GAP,
+                                    f"expected {self.applied + 1}, got {ev.seq}")
+                    out.append(Replay("replay", self.applied + 1, SEQUENCE_GAP))
+                break
+            self.awaiting_replay = None
+            self.applied = ev.seq
+            newest = ev.at if newest is None else max(newest, ev.at)
+            refusal = self._apply(ev.kind, ev.data)
+            if refusal is not None:
+                out.append(refusal)
+        if replayed:
+            self.replayed += len(replayed)
+            self.fed.metrics.sequence_errors.labels(self.label).inc(len(replayed))
+            detail = f"{len(replayed)} already applied ({replayed[0]}..{replayed[-1]})"
+            self.fed.refuse(self.label, SEQUENCE_REPLAYED, detail)
+            out.append(Refused("refused", SEQUENCE_REPLAYED, detail))
+        if newest is not None:
+            self.last_lag = max(0.0, unix - newest)
+        self._judge_degraded()
+        out.append(Ack("ack", self.applied))
+        return out
+
+    def _apply(self, kind: str, data: dict[str, Any]) -> Refused | None:
+        """Apply one in-sequence event whole, or nothing of it (refused: still consumed)."""
+        if kind == "snapshot_applied":
+            version = data.get("version")
+            if not isinstance(version, int) or version < 0:
+                return self._refuse(BAD_FRAME, "snapshot_applied needs an integer version")
+            self.snapshot_version = version
+            self.events_applied += 1
+            return None
+        try:
+            foreign = foreign_agents(self.label, data)
+        except WireError as exc:
+            return self._refuse(exc.code, exc.detail)
+        if foreign:
+            return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} agents not of datacenter "
+                                f"{self.label}: {', '.join(foreign[:5])}")
+        agents = data["agents"]
+        if kind == "resync":
+            self.agents = {k: v for k, v in agents.items() if v is not None}
+        else:
+            for agent_id, view in agents.items():
+                if view is None:
+                    self.agents.pop(agent_id, None)
+                else:
+                    self.agents[agent_id] = view
+        self.events_applied += 1
+        return None
+
+    @handler(DescribeDatacenter)
+    async def on_describe(self, _: DescribeDatacenter) -> dict[str, Any]:
+        self._judge_degraded()
+        return {"datacenter": self.label, "label": self.label, "mode": "federated",
+                **aggregate(self.label, self.agents),
+                "degraded": self.degraded, "connected": bool(self.links),
+                "sync_lag_s": round(self._lag(), 3), "spool_depth": self.spool_depth,
+                "snapshot_version": self.snapshot_version,
+                "applied_seq": self.applied, "events_applied": self.events_applied,
+                "replayed": self.replayed, "gaps": self.gaps, "refused": self.refused,
+                "silence_s": round(self._silence(), 3)}
+
+
+# ---- the master ------------------------------------------------------------------------
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class MasterFederation:
+    def __init__(self, data_dir: Path, cluster_id: str, settings: FederationSettings, *,
+                 registry: Registry, emit: Emit, metrics: CollectorRegistry,
+                 normalise: Callable[[str], str] = lambda s: s) -> None:
+        self.dir = data_dir / "federation"
+        self.cluster_id = cluster_id
+        self.settings = settings
+        self.registry = registry
+        self.emit = emit
+        self.normalise = normalise
+        self.metrics = FederationMetrics(metrics)
+        self.ca = pki.ClusterCa.load_or_create(self.dir, cluster_id)
+        key_path = self.dir / "master.key"
+        if not key_path.exists():
+            save_private_key(key_path, generate_signing_key())
+        try:
+            self.key = load_private_key(key_path)
+        except KeyFileError as exc:
+            raise ValueError(f"federation: {exc}") from None
+        self.enrolled = self._load_enrolled()
+        self.tokens: dict[str, JoinToken] = {}
+        self.desired = self._load_desired()
+        self.desired_changed = trio.Event()
+        self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
+        self.bound_port: int | None = None
+        self._conn_ids = 0
+        self._links: dict[str, trio.CancelScope] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self.supervisor = Supervisor(
+            "federation", [ChildSpec(id="listener", start=self._run_listener, shutdown=2.0)],
+            max_restarts=20, period=10.0, populate=self._populate)
+
+    # ---- configuration on disk ----
+
+    def _load_enrolled(self) -> dict[str, Enrolled]:
+        path = self.dir / "dcs.json"
+        if not path.exists():
+            return {}
+        doc = json.loads(path.read_text())
+        return {d["label"]: Enrolled(**d) for d in doc["dcs"]}
+
+    def _save_enrolled(self) -> None:
+        doc = {"dcs": [attrs.asdict(e) for e in sorted(self.enrolled.values(),
+                                                      key=lambda e: e.label)]}
+        pki.write_public(self.dir / "dcs.json", json.dumps(doc, indent=1).encode())
+
+    def _load_desired(self) -> Snapshot:
+        path = self.dir / "desired.json"
+        if not path.exists():
+            return Snapshot("snapshot", 0, 0.0, {"policy": {}})
+        try:
+            doc = read_signed(path, self.key.public_key())
+        except SignatureError as exc:
+            raise ValueError(f"federation: {path}: {exc}") from None
+        return Snapshot("snapshot", int(doc["version"]), float(doc["issued_at"]),
+                        dict(doc["desired"]))
+
+    def master_key_hex(self) -> str:
+        return public_key_bytes(self.key).hex()
+
+    def is_federated(self, label: str) -> bool:
+        return label in self.enrolled
+
+    # ---- join ----
+
+    def issue_token(self, datacenter: str | None, ttl_s: float | None) -> dict[str, Any]:
+        now = trio.current_time()
+        self.tokens = {h: t for h, t in self.tokens.items() if t.expires_at > now}
+        label = self.normalise(datacenter) if datacenter else None
+        token = "eej_" + secrets.token_urlsafe(32)
+        ttl = ttl_s if ttl_s is not None else self.settings.join_token_ttl_s
+        self.tokens[_hash(token)] = JoinToken(now + ttl, label)
+        self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
+        return {"token": token, "expires_in_s": ttl, "datacenter": label}
+
+    def advertised(self) -> str:
+        host, port = _host_port(self.settings.advertise or self.settings.listen)
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if not self.settings.advertise and self.bound_port:
+            port = self.bound_port
+        return f"{host}:{port}"
+
+    async def join(self, req: JoinRequest) -> dict[str, Any]:
+        """Consume a join token: issue the dc's certificate and pin its keys."""
+        now = trio.current_time()
+        digest = _hash(req.token)
+        found = None
+        for h in list(self.tokens):
+            if hmac.compare_digest(h, digest):
+                found = self.tokens.pop(h)  # single use, even if the rest fails
+        if found is None or found.expires_at <= now:
+            raise JoinRefused("join_token_invalid", "unknown, used or expired join token")
+        label = self.normalise(req.datacenter)
+        if found.datacenter is not None and found.datacenter != label:
+            raise JoinRefused("join_token_datacenter",
+                              f"this token is for datacenter {found.datacenter}")
+        if label not in self.enrolled and f"dc/{label}" in self.registry:
+            raise JoinRefused("datacenter_is_direct",
+                              f"agents of {label} are connected to this master directly")
+        try:
+            cert = await trio.to_thread.run_sync(self.ca.issue, label, req.tls_public_key)
+        except pki.PkiError as exc:
+            raise JoinRefused("bad_key", str(exc)) from None
+        self.enrolled[label] = Enrolled(label, pki.cert_fingerprint(cert), req.signing_key,
+                                        time.time())
+        await trio.to_thread.run_sync(self._save_enrolled)
+        await self._ensure_actor(label)
+        self.emit("federation.joined", label, {"fingerprint": self.enrolled[label].fingerprint})
+        return {"datacenter": label, "certificate": pki.cert_pem(cert),
+                "ca": pki.cert_pem(self.ca.cert), "master_key": self.master_key_hex(),
+                "stream_url": f"wss://{self.advertised()}{STREAM_PATH}",
+                "cluster_id": self.cluster_id}
+
+    # ---- desired state ----
+
+    async def set_desired(self, policy: dict[str, Any]) -> Snapshot:
+        version = self.desired.version + 1
+        snap = Snapshot("snapshot", version, time.time(), {"policy": policy})
+        doc = {"version": snap.version, "issued_at": snap.issued_at, "desired": snap.desired}
+        await trio.to_thread.run_sync(write_signed, self.dir / "desired.json", doc, self.key)
+        self.desired = snap
+        changed, self.desired_changed = self.desired_changed, trio.Event()
+        changed.set()
+        self.emit("federation.desired", "master", {"version": version})
+        return snap
+
+    def snapshot_frame(self) -> str:
+        return seal(self.desired, self.key)
+
+    # ---- supervision ----
+
+    async def _populate(self, _: Supervisor) -> None:
+        for label in sorted(self.enrolled):
+            await self._ensure_actor(label)
+
+    async def _ensure_actor(self, label: str) -> None:
+        name = f"dc/{label}"
+        if name in self.registry:
+            return
+        await self.supervisor.start_child(actor_spec(
+            self.registry, name, lambda: FederatedDatacenterActor(label, self),
+            restart=Restart.PERMANENT, mailbox_size=1024))
+
+    def refuse(self, label: str | None, code: str, detail: str) -> None:
+        log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
+        self.emit("federation.refused", label or "?", {"code": code, "detail": detail[:300]})
+
+    # ---- the listener ----
+
+    def _server_ssl(self) -> ssl.SSLContext:
+        hosts = {"localhost", "127.0.0.1"}
+        for addr in (self.settings.listen, self.settings.advertise):
+            if addr:
+                host = _host_port(addr)[0]
+                if host not in ("0.0.0.0", "::"):
+                    hosts.add(host)
+        key = pki.new_key()
+        cert = self.ca.issue(f"ee master {self.cluster_id}", pki.public_pem(key),
+                             server_hosts=tuple(sorted(hosts)))
+        pki.save_key(self.dir / "server.key", key)
+        pki.write_public(self.dir / "server.pem", pki.cert_pem(cert).encode())
+        return pki.server_context(self.dir / "server.pem", self.dir / "server.key",
+                                  self.dir / "ca.pem")
+
+    async def _run_listener(self, task_status: trio.TaskStatus[int]) -> None:
+        self._ssl = await trio.to_thread.run_sync(self._server_ssl)
+        host, port = _host_port(self.settings.listen)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._handle, port, host=host))
+            self.bound_port = int(listeners[0].socket.getsockname()[1])
+            task_status.started(self.bound_port)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        assert self._ssl is not None
+        stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        try:
+            with trio.fail_after(10):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as exc:
+            cause = exc.__cause__ or exc
+            self.refuse(None, UNKNOWN_CERTIFICATE, f"TLS handshake failed: {cause}"[:300])
+            await trio.aclose_forcefully(tcp)
+            return
+        try:
+            der = stream.getpeercert(binary_form=True)
+            label = pki.common_name(der) if der else ""
+        except (ValueError, pki.PkiError) as exc:
+            der, label = None, f"? ({exc})"
+        enrolled = self.enrolled.get(label)
+        if der is None or enrolled is None \
+                or not hmac.compare_digest(enrolled.fingerprint, pki.fingerprint(der)):
+            self.refuse(label[:80] or None, UNKNOWN_CERTIFICATE,
+                        "a cluster certificate not pinned for this datacenter")
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                request = await wrap_server_stream(nursery, stream, message_queue_size=4,
+                                                   max_message_size=MAX_FRAME_BYTES)
+                if request.path != STREAM_PATH:
+                    await request.reject(404, body=b"no such federation route")
+                    nursery.cancel_scope.cancel()
+                    return
+                ws = await request.accept()
+                await self._serve_link(enrolled, ws)
+                nursery.cancel_scope.cancel()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("federation: link of %s closed: %s", label, exc)
+        except Exception:  # one link's fault closes that link, never the listener
+            log.exception("federation: link of %s failed", label)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _serve_link(self, enrolled: Enrolled, ws: WebSocketConnection) -> None:
+        label = enrolled.label
+        ref = self.registry.ref(f"dc/{label}")
+        key = enrolled.public_key()
+        self._conn_ids += 1
+        conn = self._conn_ids
+        send_lock = trio.Lock()
+
+        async def send(text: str) -> None:
+            async with send_lock:
+                await ws.send_message(text)
+
+        # One link per dc: a new connection (the dc reconnected) replaces the old one.
+        previous = self._links.pop(label, None)
+        if previous is not None:
+            previous.cancel()
+        await ref.tell(LinkOpened(conn))
+        scope: trio.CancelScope | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                scope = self._links[label] = nursery.cancel_scope
+                nursery.start_soon(self._push_snapshots, send)
+                while True:
+                    text = await ws.get_message()
+                    try:
+                        body = await trio.to_thread.run_sync(
+                            open_envelope, text, key, limiter=self.verify_limiter)
+                        frame = up_frame(body)
+                        if frame.dc != label:
+                            raise WireError(DATACENTER_MISMATCH,
+                                            f"frame names {frame.dc[:80]!r}, the link is {label}")
+                    except WireError as exc:
+                        self.refuse(label, exc.code, exc.detail)
+                        await send(seal(Refused("refused", exc.code, exc.detail[:300]),
+                                        self.key))
+                        continue
+                    replies = await ref.ask(Frame(frame, time.time(), conn), timeout=30)
+                    for reply in replies:
+                        await send(seal(reply, self.key))
+        finally:
+            if scope is not None and self._links.get(label) is scope:
+                del self._links[label]
+            try:
+                ref.try_tell(LinkClosed(conn))
+            except ActorError:  # restarting: its next incarnation starts unlinked
+                pass
+
+    async def _push_snapshots(self, send: Callable[[str], Any]) -> None:
+        sent = 0
+        while True:
+            changed = self.desired_changed
+            if self.desired.version > sent:
+                sent = self.desired.version
+                await send(self.snapshot_frame())
+            await changed.wait()
+

@@ -1,0 +1,187 @@
+"""The federation's cluster CA and link certificates (``cryptography``).
+
+The master keeps a cluster CA (``DATA_DIR/federation/ca.key`` + ``ca.pem``, created once)
+and signs with it: its own server certificate for the federation listener (made at each
+start for the hosts it advertises) and one client certificate per datacenter CP, issued
+at join time for a public key the dc generated itself (the private key never leaves the
+dc). A dc certificate's subject CN is its datacenter label; the master additionally pins
+the SHA-256 of each issued certificate, so a CA-signed certificate it did not issue to
+that dc (or issued before a re-join) is still an unknown certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_DAYS = 3650
+CERT_DAYS = 365
+
+
+class PkiError(Exception):
+    """A certificate or key cannot be used; the message says which and why."""
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def save_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    _write_private(path, key_pem(key))
+
+
+def cert_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    return fingerprint(cert.public_bytes(serialization.Encoding.DER))
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class ClusterCa:
+    """The CA key and certificate (load, or create once)."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        self.key = key
+        self.cert = cert
+
+    @classmethod
+    def load_or_create(cls, directory: Path, cluster_id: str) -> ClusterCa:
+        key_path, cert_path = directory / "ca.key", directory / "ca.pem"
+        if key_path.exists() and cert_path.exists():
+            try:
+                key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+                cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            except ValueError as exc:
+                raise PkiError(f"{directory}: cluster CA unreadable: {exc}") from None
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise PkiError(f"{key_path}: not an EC key")
+            return cls(key, cert)
+        key = new_key()
+        now = _now()
+        cert = (x509.CertificateBuilder()
+                .subject_name(_name(f"ee cluster CA {cluster_id}"))
+                .issuer_name(_name(f"ee cluster CA {cluster_id}"))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(
+                    digital_signature=False, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        save_key(key_path, key)
+        write_public(cert_path, cert_pem(cert).encode())
+        return cls(key, cert)
+
+    def issue(self, cn: str, public_key_pem: str, *, server_hosts: tuple[str, ...] = (),
+              days: int = CERT_DAYS) -> x509.Certificate:
+        """A leaf certificate for *public_key_pem*: a client certificate (CN = the dc
+        label), or with *server_hosts* a server certificate naming them."""
+        try:
+            public = serialization.load_pem_public_key(public_key_pem.encode())
+        except ValueError as exc:
+            raise PkiError(f"not a PEM public key: {exc}") from None
+        if not isinstance(public, ec.EllipticCurvePublicKey) \
+                or not isinstance(public.curve, ec.SECP256R1):
+            raise PkiError("the TLS key must be an EC P-256 public key")
+        now = _now()
+        usage = (ExtendedKeyUsageOID.SERVER_AUTH if server_hosts
+                 else ExtendedKeyUsageOID.CLIENT_AUTH)
+        builder = (x509.CertificateBuilder().subject_name(_name(cn))
+                   .issuer_name(self.cert.subject).public_key(public)
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=days))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                  critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if server_hosts:
+            names: list[x509.GeneralName] = []
+            for host in server_hosts:
+                try:
+                    names.append(x509.IPAddress(ipaddress.ip_address(host)))
+                except ValueError:
+                    names.append(x509.DNSName(host))
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def server_context(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.SSLContext:
+    """The master's federation listener: TLS 1.3, a client certificate from the CA required."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    ctx.load_verify_locations(cafile=str(ca_path))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.SSLContext:
+    """A dc's side of the link: the master's certificate from the cluster CA only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile=str(ca_path))
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def common_name(der: bytes) -> str:
+    cert = x509.load_der_x509_certificate(der)
+    attrs_ = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(attrs_) != 1:
+        raise PkiError("the certificate must name exactly one CN")
+    value = attrs_[0].value
+    return value if isinstance(value, str) else value.decode()

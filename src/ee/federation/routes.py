@@ -1,0 +1,115 @@
+"""HTTP routes of federation on the CP's main API (the link itself is the mTLS listener).
+
+Master: ``POST /api/v2/federation/join-tokens`` (admin), ``POST /api/v2/federation/join``
+(public: the single-use token is the credential), ``GET /api/v2/federation/snapshot``
+(admin: the signed desired state), ``PUT /api/v2/federation/desired`` (admin).
+Both roles: ``GET /api/v2/federation/status`` (admin).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from quart import Response, g
+from quart_trio import QuartTrio
+
+from ee.actors.datacenter import DescribeDatacenter
+from ee.cp.errors import (
+    ApiError,
+    Who,
+    guard,
+    json_response,
+    request_body,
+    require_admin,
+    structure_request,
+)
+from ee.cp.nodes import LabelError
+from ee.federation.dc import DcFederation
+from ee.federation.master import (
+    DesiredRequest,
+    JoinRefused,
+    JoinRequest,
+    JoinTokenRequest,
+    MasterFederation,
+)
+from ee.runtime import ActorError
+
+if TYPE_CHECKING:
+    from ee.cp.server import ControlPlane
+
+
+def register(app: QuartTrio, cp: ControlPlane) -> None:
+    """Every route exists on every role; on the wrong one it answers 409 with a code."""
+    fed: MasterFederation | DcFederation | None = getattr(cp, "federation", None)
+
+    def need_master() -> MasterFederation:
+        if not isinstance(fed, MasterFederation):
+            raise ApiError(409, "not_master", "this route is a master CP's (--role master)")
+        return fed
+
+    @app.get("/api/v2/federation/status")
+    @guard(Who.ADMIN)
+    async def federation_status() -> Response:
+        require_admin(cp.bootstrap.admin_token_ok)
+        if isinstance(fed, DcFederation):
+            return json_response(fed.status())
+        if fed is None:
+            raise ApiError(409, "not_federated", "this CP is standalone (no --role)")
+        dcs = []
+        for label in sorted(fed.enrolled):
+            try:
+                dcs.append(await cp.registry.ref(f"dc/{label}").ask(DescribeDatacenter(),
+                                                                    timeout=5))
+            except ActorError:
+                continue
+        return json_response({"role": "master", "listen": fed.advertised(),
+                              "snapshot_version": fed.desired.version, "datacenters": dcs})
+
+    @app.post("/api/v2/federation/join-tokens")
+    @guard(Who.ADMIN)
+    async def join_token() -> Response:
+        require_admin(cp.bootstrap.admin_token_ok)
+        master_fed = need_master()
+        body = await request_body(JoinTokenRequest, required=False)
+        try:
+            return json_response(master_fed.issue_token(body.datacenter, body.ttl_s), 201)
+        except LabelError as exc:
+            raise ApiError(400, "bad_datacenter", str(exc)[:200],
+                           {"field": "datacenter"}) from None
+
+    @app.post("/api/v2/federation/join")
+    @guard(Who.PUBLIC)
+    async def join() -> Response:
+        raw = g.get("public_body", b"")
+        try:
+            doc: Any = json.loads(raw or b"null")
+        except ValueError:
+            raise ApiError(400, "bad_request", "the body is not JSON") from None
+        master_fed = need_master()
+        req = structure_request(doc, JoinRequest)
+        try:
+            out = await master_fed.join(req)
+        except LabelError as exc:
+            raise ApiError(400, "bad_datacenter", str(exc)[:200],
+                           {"field": "datacenter"}) from None
+        except JoinRefused as exc:
+            cp.events.emit("federation.refused", req.datacenter[:80],
+                           {"code": exc.code, "detail": exc.detail})
+            raise ApiError(403, exc.code, exc.detail) from None
+        return json_response(out)
+
+    @app.get("/api/v2/federation/snapshot")
+    @guard(Who.ADMIN)
+    async def snapshot() -> Response:
+        require_admin(cp.bootstrap.admin_token_ok)
+        return json_response(json.loads(need_master().snapshot_frame()))
+
+    @app.put("/api/v2/federation/desired")
+    @guard(Who.ADMIN)
+    async def desired() -> Response:
+        require_admin(cp.bootstrap.admin_token_ok)
+        master_fed = need_master()
+        body = await request_body(DesiredRequest)
+        snap = await master_fed.set_desired(body.policy)
+        return json_response({"version": snap.version})

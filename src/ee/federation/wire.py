@@ -1,0 +1,259 @@
+"""What travels on the federation link, and the pure decisions about it.
+
+Every frame is a signed envelope ``{"body": {...}, "sig": HEX}``: an Ed25519 signature
+over the canonical JSON of the body, by the sender's pinned key (a dc's key is pinned at
+the master when it joins; the master's key is pinned at the dc by the join). TLS already
+authenticates the peer; the signature additionally binds every payload to a key that
+never leaves its CP, so a frame relayed, stored (snapshots are kept signed at the dc) or
+injected behind a TLS terminator is still checked.
+
+Bodies are structured with cattrs into the frozen classes below; anything else is a
+``WireError`` with a reason code (the caller emits the event and answers ``refused``).
+Sequencing is ``judge_sequence``: exactly the next sequence applies, an old one is a
+replay (ignored), a later one is a gap (the master asks for a replay from the next).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Final, Literal
+
+import attrs
+import cattrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ee.protocol.signing import SignatureError, sign_document, verify_document
+
+MAX_FRAME_BYTES: Final = 8 << 20
+MAX_EVENTS_PER_FRAME: Final = 1000
+STREAM_PATH: Final = "/api/v2/federation/stream"
+
+# Reason codes (events ``federation.refused`` carry one; ``refused`` frames too).
+BAD_FRAME: Final = "bad_frame"
+BAD_SIGNATURE: Final = "bad_signature"
+UNKNOWN_CERTIFICATE: Final = "unknown_certificate"
+DATACENTER_MISMATCH: Final = "datacenter_mismatch"
+SEQUENCE_REPLAYED: Final = "sequence_replayed"
+SEQUENCE_GAP: Final = "sequence_gap"
+SNAPSHOT_STALE: Final = "snapshot_stale"
+FOREIGN_AGENTS: Final = "foreign_datacenter_agents"
+HELLO_REQUIRED: Final = "hello_required"  # the dc reconnects and says hello again
+WRONG_DATACENTER: Final = "WRONG_DATACENTER"  # agent registration refusal at a dc CP
+
+
+class WireError(Exception):
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+def _nonneg(_: object, a: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{a.name} must be >= 0")
+
+
+@attrs.frozen
+class Event:
+    seq: int = attrs.field(validator=_nonneg)
+    kind: Literal["agents", "resync", "snapshot_applied"]
+    at: float  # unix time the dc recorded it
+    data: dict[str, Any]
+
+
+@attrs.frozen
+class Hello:
+    type: Literal["hello"]
+    dc: str
+    first_unacked: int = attrs.field(validator=_nonneg)
+    next_seq: int = attrs.field(validator=_nonneg)
+    snapshot_version: int = attrs.field(validator=_nonneg)
+    spool_depth: int = attrs.field(validator=_nonneg)
+
+
+@attrs.frozen
+class Events:
+    type: Literal["events"]
+    dc: str
+    events: list[Event]
+    spool_depth: int = attrs.field(validator=_nonneg)
+    snapshot_version: int = attrs.field(validator=_nonneg)
+    sent_at: float
+    last_seq: int = attrs.field(validator=_nonneg)  # the newest sequence the dc assigned
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.events) > MAX_EVENTS_PER_FRAME:
+            raise ValueError(f"at most {MAX_EVENTS_PER_FRAME} events per frame")
+
+
+@attrs.frozen
+class Ack:
+    type: Literal["ack"]
+    upto: int
+
+
+@attrs.frozen
+class Replay:
+    type: Literal["replay"]
+    start: int
+    reason: str
+
+
+@attrs.frozen
+class Refused:
+    type: Literal["refused"]
+    code: str
+    detail: str
+
+
+@attrs.frozen
+class Snapshot:
+    type: Literal["snapshot"]
+    version: int = attrs.field(validator=_nonneg)
+    issued_at: float
+    desired: dict[str, Any]
+
+
+UpFrame = Hello | Events
+DownFrame = Ack | Replay | Refused | Snapshot
+
+_conv = cattrs.Converter(forbid_extra_keys=True)
+
+
+def _structure_union(classes: tuple[type[Any], ...]) -> Any:
+    by_type = {c.__name__.lower(): c for c in classes}
+
+    def structure(doc: Any, _: Any) -> Any:
+        if not isinstance(doc, dict) or doc.get("type") not in by_type:
+            raise ValueError(f"'type' must be one of {sorted(by_type)}")
+        return _conv.structure(doc, by_type[doc["type"]])
+
+    return structure
+
+
+_up = _structure_union((Hello, Events))
+_down = _structure_union((Ack, Replay, Refused, Snapshot))
+
+
+def seal(body: Any, key: Ed25519PrivateKey) -> str:
+    """A frame: the body (an attrs frame or a dict) and its signature, as JSON text."""
+    doc = _conv.unstructure(body) if attrs.has(type(body)) else body
+    return json.dumps({"body": doc, "sig": sign_document(doc, key).hex()},
+                      separators=(",", ":"))
+
+
+def open_envelope(text: str | bytes, key: Ed25519PublicKey) -> dict[str, Any]:
+    """The verified body of a frame (``WireError`` bad_frame / bad_signature)."""
+    if len(text) > MAX_FRAME_BYTES:
+        raise WireError(BAD_FRAME, f"frame over {MAX_FRAME_BYTES} bytes")
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise WireError(BAD_FRAME, f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or set(doc) != {"body", "sig"} \
+            or not isinstance(doc["body"], dict) or not isinstance(doc["sig"], str):
+        raise WireError(BAD_FRAME, "expected {body: object, sig: hex}")
+    try:
+        sig = bytes.fromhex(doc["sig"])
+    except ValueError:
+        raise WireError(BAD_SIGNATURE, "signature is not hex") from None
+    try:
+        verify_document(doc["body"], sig, key)
+    except SignatureError as exc:
+        raise WireError(BAD_SIGNATURE, str(exc)) from None
+    body: dict[str, Any] = doc["body"]
+    return body
+
+
+def _structure(body: dict[str, Any], fn: Any) -> Any:
+    try:
+        return fn(body, None)
+    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
+            exc, cattrs.BaseValidationError) else str(exc)
+        raise WireError(BAD_FRAME, detail[:300]) from None
+
+
+def up_frame(body: dict[str, Any]) -> UpFrame:
+    frame: UpFrame = _structure(body, _up)
+    return frame
+
+
+def down_frame(body: dict[str, Any]) -> DownFrame:
+    frame: DownFrame = _structure(body, _down)
+    return frame
+
+
+def unstructure(value: Any) -> Any:
+    return _conv.unstructure(value)
+
+
+class SeqVerdict(enum.Enum):
+    APPLY = "apply"
+    REPLAYED = "replayed"
+    GAP = "gap"
+
+
+def judge_sequence(applied: int, seq: int) -> SeqVerdict:
+    """*applied*: the highest sequence applied (every one below it too)."""
+    if seq == applied + 1:
+        return SeqVerdict.APPLY
+    if seq <= applied:
+        return SeqVerdict.REPLAYED
+    return SeqVerdict.GAP
+
+
+def judge_snapshot(running: int, offered: int) -> bool:
+    """Apply a snapshot only when it is newer than the one running."""
+    return offered > running
+
+
+AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
+VERDICTS: Final = ("pass", "warn", "fail", None)
+MAX_ID_CHARS: Final = 120
+
+
+def _check_view(agent_id: str, view: Any) -> None:
+    """One agent's view as a dc reports it, or ``WireError`` bad_frame."""
+    def bad(why: str) -> WireError:
+        return WireError(BAD_FRAME, f"agent {agent_id[:80]!r}: {why}")
+
+    if not isinstance(view, dict):
+        raise bad("expected an object or null")
+    if view.get("status") not in AGENT_STATUSES:
+        raise bad(f"status must be one of {', '.join(AGENT_STATUSES)}")
+    if view.get("verdict") not in VERDICTS:
+        raise bad("verdict must be pass, warn, fail or null")
+    for field in ("datacenter", "node_size"):
+        if not isinstance(view.get(field), str) or len(view[field]) > MAX_ID_CHARS:
+            raise bad(f"{field} must be a string")
+    if not isinstance(view.get("free"), bool):
+        raise bad("free must be a boolean")
+    mrtd = view.get("mrtd")  # the measured image (digest) its attestation verified
+    if mrtd is not None and not (isinstance(mrtd, str) and len(mrtd) <= 192
+                                 and all(c in "0123456789abcdef" for c in mrtd)):
+        raise bad("mrtd must be lowercase hex")
+    deployments = view.get("deployments")
+    if not isinstance(deployments, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
+            and len(v) <= 40 for k, v in deployments.items()):
+        raise bad("deployments must map deployment ids to states")
+
+
+def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
+    """Agent ids an ``agents``/``resync`` event claims for a datacenter not *label*
+    (``WireError`` bad_frame when the event is malformed)."""
+    agents = data.get("agents")
+    if not isinstance(agents, dict):
+        raise WireError(BAD_FRAME, "event data needs an 'agents' object")
+    out = []
+    for agent_id, view in agents.items():
+        if len(agent_id) > MAX_ID_CHARS:
+            raise WireError(BAD_FRAME, "agent id too long")
+        if view is None:
+            continue
+        _check_view(agent_id, view)
+        if view["datacenter"] != label:
+            out.append(agent_id[:80])
+    return out

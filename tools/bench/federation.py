@@ -1,0 +1,272 @@
+"""Federation benchmark: the master's cost with agents behind dc CPs vs the same agents
+direct, end-to-end lag (agent event → master view), replay throughput after an outage.
+
+    PYTHONPATH=src python tools/bench/federation.py --agents 1000 --window 30 --outage 30
+
+Real processes (``ee-cp`` master, two ``ee-cp --role dc``, or one direct CP) and real
+websockets; the sim agents run in this process (split evenly over the two dc CPs).
+
+* CPU and RSS: the CP process's utime+stime over ``--window`` seconds once every agent
+  has registered (from /proc), and its VmRSS at the end of the window.
+* Lag: ``--lag-samples`` new agents join dc-a one at a time; each sample is from the
+  agent's ``registered`` to the master's count for dc-a including it (polled every
+  20 ms, so samples carry up to 20 ms of polling).
+* Replay: the master is killed (-9); for ``--outage`` seconds agents of dc-a leave and
+  rejoin (each change a spooled event, coalesced per 50 ms); the master restarts with
+  its records deleted; throughput = events applied / time from the master's start to
+  its applied sequence reaching the dc's newest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadgen"))
+
+from simagent import SimAgent
+
+from ee.attestation.providers.sim import SimTD
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Cp:
+    def __init__(self, root: Path, name: str, *args: str) -> None:
+        self.data = root / name
+        self.name = name
+        self.http_port, self.agent_port, self.fed_port = free_port(), free_port(), free_port()
+        self.args = list(args)
+        self.proc: trio.Process | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def agent_url(self) -> str:
+        return f"ws://127.0.0.1:{self.agent_port}/api/v2/agents/connect"
+
+    @property
+    def token(self) -> str:
+        return (self.data / "admin.token").read_text().strip()
+
+    async def start(self, *extra: str) -> None:
+        argv = ["ee-cp", "--dev", "--data-dir", str(self.data), "--log-level", "WARNING",
+                "--listen", f"127.0.0.1:{self.http_port}",
+                "--agent-listen", f"127.0.0.1:{self.agent_port}", *self.args, *extra]
+        log = (self.data.parent / f"{self.name}.log").open("ab")
+        self.proc = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+        log.close()
+        async with httpx.AsyncClient(timeout=2) as c:
+            for _ in range(600):
+                try:
+                    if (await c.get(f"{self.http}/api/v2/health")).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    await trio.sleep(0.1)
+        raise SystemExit(f"{self.name} did not start")
+
+    async def get(self, path: str) -> Any:
+        async with httpx.AsyncClient(timeout=30, headers={
+                "Authorization": f"Bearer {self.token}"}) as c:
+            return (await c.get(self.http + path)).json()
+
+    async def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        with trio.move_on_after(20):
+            await self.proc.wait()
+            return
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+
+async def join_token(m: Cp, label: str) -> str:
+    async with httpx.AsyncClient(timeout=10, headers={
+            "Authorization": f"Bearer {m.token}"}) as c:
+        r = await c.post(f"{m.http}/api/v2/federation/join-tokens", json={"datacenter": label})
+        return str(r.json()["token"])
+
+
+async def hold(nursery: trio.Nursery, url: str, label: str, names: list[str],
+               td: SimTD, concurrency: int = 100) -> list[SimAgent]:
+    agents = [SimAgent(url=url, td=td, vm_name=n, datacenter=label) for n in names]
+    limiter = trio.CapacityLimiter(concurrency)
+
+    async def start(agent: SimAgent) -> None:
+        async with limiter:
+            await nursery.start(agent.run_forever)
+
+    async with trio.open_nursery() as starters:
+        for agent in agents:
+            starters.start_soon(start, agent)
+    return agents
+
+
+async def measure(pid: int, window: float) -> tuple[float, float]:
+    c0, t0 = cpu_s(pid), time.monotonic()
+    await trio.sleep(window)
+    return (cpu_s(pid) - c0) / (time.monotonic() - t0), rss_mb(pid)
+
+
+async def direct_case(root: Path, n: int, window: float) -> dict[str, float]:
+    cp = Cp(root, "direct")
+    await cp.start()
+    td = SimTD.load(Path(os.environ["EE_SIM_DIR"]))
+    try:
+        async with trio.open_nursery() as nursery:
+            t0 = time.monotonic()
+            await hold(nursery, cp.agent_url, "sim:direct", [f"d-{i}" for i in range(n)], td)
+            joined = time.monotonic() - t0
+            assert cp.proc is not None
+            cpu, rss = await measure(cp.proc.pid, window)
+            nursery.cancel_scope.cancel()
+    finally:
+        await cp.stop()
+    return {"cpu_cores": cpu, "rss_mb": rss, "register_s": joined}
+
+
+async def federated_case(root: Path, n: int, window: float, lag_samples: int,
+                         outage: float) -> dict[str, Any]:
+    m = Cp(root, "master", "--role", "master")
+    m.args += ["--federation-listen", f"127.0.0.1:{m.fed_port}"]
+    await m.start()
+    td = SimTD.load(Path(os.environ["EE_SIM_DIR"]))
+    dcs = []
+    for label, name in (("sim:dc-a", "dc-a"), ("sim:dc-b", "dc-b")):
+        d = Cp(root, name, "--role", "dc", "--upstream", m.http, "--datacenter", label)
+        await d.start("--join-token", await join_token(m, label))
+        dcs.append((d, label))
+    out: dict[str, Any] = {}
+    try:
+        async with trio.open_nursery() as nursery:
+            t0 = time.monotonic()
+            for d, label in dcs:
+                await hold(nursery, d.agent_url, label,
+                           [f"{d.name}-{i}" for i in range(n // 2)], td)
+            out["register_s"] = time.monotonic() - t0
+
+            async def total(label: str) -> int:
+                view = await m.get("/api/v2/datacenters")
+                return next((int(x["agents"]["total"]) for x in view["datacenters"]
+                             if x["label"] == label), -1)
+
+            while await total("sim:dc-a") < n // 2 or await total("sim:dc-b") < n // 2:  # noqa: ASYNC110 (another process)
+                await trio.sleep(0.2)
+            assert m.proc is not None
+            out["master_cpu_cores"], out["master_rss_mb"] = await measure(m.proc.pid, window)
+            assert dcs[0][0].proc is not None
+            out["dc_a_rss_mb"] = rss_mb(dcs[0][0].proc.pid)
+
+            lags = []
+            a, label_a = dcs[0]
+            for i in range(lag_samples):
+                before = await total(label_a)
+                agent = SimAgent(url=a.agent_url, td=td, vm_name=f"lag-{i}", datacenter=label_a)
+                await nursery.start(agent.run_forever)
+                t_reg = time.monotonic()
+                while await total(label_a) <= before:  # noqa: ASYNC110 (another process)
+                    await trio.sleep(0.02)
+                lags.append(time.monotonic() - t_reg)
+            lags.sort()
+            out["lag_p50_s"] = statistics.median(lags)
+            out["lag_p99_s"] = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
+
+            # Replay: master down, churn at dc-a, master back without records.
+            await m.stop(kill=True)
+            churners = [SimAgent(url=a.agent_url, td=td, vm_name=f"churn-{i}",
+                                 datacenter=label_a) for i in range(20)]
+            end = time.monotonic() + outage
+            while time.monotonic() < end:
+                async with trio.open_nursery() as burst:
+                    for c in churners:
+                        await burst.start(c.run)
+                    await trio.sleep(0.1)
+                    burst.cancel_scope.cancel()
+                await trio.sleep(0.1)
+            st = await a.get("/api/v2/federation/status")
+            for f in ("records.sqlite3", "checkpoint.json", "checkpoint.json.sig"):
+                (m.data / f).unlink(missing_ok=True)
+            t_start = time.monotonic()
+            await m.start()
+            t_link = None
+            while True:
+                st2 = await a.get("/api/v2/federation/status")
+                if t_link is None and st2["connected"]:
+                    t_link = time.monotonic()
+                if st2["connected"] and st2["spool_depth"] == 0:
+                    break
+                await trio.sleep(0.01)
+            done = time.monotonic()
+            assert t_link is not None
+            out["replay_events"] = st["spool_depth"]
+            out["replay_master_start_s"] = t_link - t_start
+            out["replay_s"] = done - t_link
+            out["replay_events_per_s"] = st["spool_depth"] / max(done - t_link, 1e-3)
+            nursery.cancel_scope.cancel()
+    finally:
+        for d, _ in dcs:
+            await d.stop()
+        await m.stop()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--agents", type=int, default=1000)
+    p.add_argument("--window", type=float, default=30.0, help="CPU measuring window (s)")
+    p.add_argument("--lag-samples", type=int, default=50)
+    p.add_argument("--outage", type=float, default=30.0, help="master outage (s)")
+    args = p.parse_args()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    root = Path(tempfile.mkdtemp(prefix="ee-bench-fed-"))
+    os.environ.setdefault("EE_SIM_DIR", str(root / "sim"))
+    try:
+        direct = trio.run(direct_case, root, args.agents, args.window)
+        fed = trio.run(federated_case, root, args.agents, args.window, args.lag_samples,
+                       args.outage)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result = {"agents": args.agents, "direct": direct, "federated": fed,
+              "master_cpu_vs_direct": fed["master_cpu_cores"] / max(direct["cpu_cores"], 1e-9),
+              "master_rss_vs_direct": fed["master_rss_mb"] / max(direct["rss_mb"], 1e-9)}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
