@@ -72,13 +72,16 @@ async def test_run_follows_to_running_then_wait_attested(tmp_path: Path) -> None
             r = await eectl("deploy", "run", "web", "--version", "1", "--replicas", "2",
                             "--poll", "0.1", *cp, state_dir=tmp_path)
             assert r.returncode == 0, r.stderr
+            # stdout: the result (id, state, URL); stderr: the progress.
             lines = r.stdout.splitlines()
-            dep = lines[-1].split()[1]
-            assert lines[-1] == f"deployment {dep} is running"
-            assert lines[0].startswith(f"deployment {dep}: ")
-            assert f"replica on {a.agent_id}: " in r.stdout
-            assert f"replica on {b.agent_id}: " in r.stdout
-            assert "\x1b[" not in r.stdout  # no cursor control when not on a terminal
+            dep = lines[0].split()[1]
+            assert lines == [f"deployment {dep} is running", "url: -"]  # sim agents: no URL
+            progress = r.err_lines
+            assert progress[0] == f"deployment {dep}: following (at most 900 s)"
+            assert progress[1].startswith(f"deployment {dep}: ")
+            assert f"replica on {a.agent_id}: " in r.stderr
+            assert f"replica on {b.agent_id}: " in r.stderr
+            assert "\x1b[" not in r.stderr  # no cursor control when not on a terminal
 
             r = await eectl("deploy", "wait-attested", dep, "--timeout", "10", *cp,
                             "--admin-token", env.token, state_dir=tmp_path)
@@ -117,15 +120,16 @@ async def test_run_reports_a_failed_deployment(tmp_path: Path) -> None:
                             "--timeout", "30", "--cp", env.http, "--token", key,
                             state_dir=tmp_path)
             assert r.returncode == 1, r.stderr
-            assert " failed\n" in r.stdout
-            assert "replicas failed on 3 agents" in r.stdout
+            assert r.stdout == ""
+            assert " failed\n" in r.stderr
+            assert "replicas failed on 3 agents" in r.stderr
             nursery.cancel_scope.cancel()
 
 
 async def test_unreachable_cp_and_bad_usage(tmp_path: Path) -> None:
     with trio.fail_after(30):
         r = await eectl("deploy", "run", "web", "--version", "1", "--cp", "http://127.0.0.1:9",
-                        state_dir=tmp_path)
+                        "--key", "k", state_dir=tmp_path)
         assert r.returncode == 1 and len(r.err_lines) == 1
         assert r.stderr.startswith("eectl deploy run: cannot reach the CP at http://127.0.0.1:9: ")
         r = await eectl("deploy", "run", "web", "--version", "1", "--replicas", "0",
