@@ -16,10 +16,6 @@ import gzip
 import io
 import json
 import tarfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +30,7 @@ from ee.ctl.main import expand_shorthands
 from ee.ctl.push import PushMismatch, checked_hash, parse_env, read_workload
 from ee.protocol.compose import compose_hash
 
-from .ctlkit import Result, column, eectl, running_cp
+from .ctlkit import Result, column, eectl, local_http, running_cp
 
 COMPOSE = """\
 services:
@@ -64,7 +60,7 @@ def _json(r: Result) -> Any:
 async def test_tenant_flow_from_a_config_file(tmp_path: Path) -> None:
     with trio.fail_after(120):
         async with running_cp(tmp_path / "cp") as env, trio.open_nursery() as nursery:
-            a = await nursery.start(env.agent("vm-1").run)
+            await nursery.start(env.agent("vm-1").run)
             await nursery.start(env.agent("vm-2").run)
             async with env.client() as admin:
                 r = await admin.post("/api/v2/accounts", json={"name": "acme"})
@@ -124,8 +120,8 @@ async def test_tenant_flow_from_a_config_file(tmp_path: Path) -> None:
             r = await run("status", dep)
             assert r.stdout.startswith(f"deployment {dep}  hello@1  running  (1/1 replicas "
                                        "running)\nurl: ")
-            assert column(r.stdout, a.agent_id, "STATE") == "running" or \
-                "running" in r.stdout
+            [replica] = view["replicas"]
+            assert column(r.stdout, replica["agent_id"], "STATE") == "running"
             r = await run("status", "--app", "hello")
             assert column(r.stdout, dep, "STATE") == "running"
             assert (await run("status", "--app", "other")).stdout == "no deployments\n"
@@ -206,32 +202,10 @@ async def _events(run: Any) -> None:
 # --- a CP that hashes something else ---------------------------------------------------
 
 
-@contextmanager
-def fake_cp(stored_hash: str) -> Iterator[str]:
-    """An HTTP server that accepts any version upload and says it stored *stored_hash*."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            data = json.dumps({"version": "1", "compose_hash": stored_hash}).encode()
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def fake_cp(stored_hash: str) -> Any:
+    """A stand-in CP that accepts any version upload and says it stored *stored_hash*."""
+    data = json.dumps({"version": "1", "compose_hash": stored_hash}).encode()
+    return local_http(lambda _m, _p, _b: (201, "application/json", data))
 
 
 async def test_push_refuses_a_cp_that_stored_another_hash(tmp_path: Path) -> None:
@@ -400,3 +374,34 @@ def test_config_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     (conf / "config.json").write_text("[")
     with pytest.raises(UsageError, match="is not JSON"):
         ctl_client.load_config()
+
+
+async def test_logs_follow_and_errors_from_a_stand_in_cp(tmp_path: Path) -> None:
+    """`logs -f` reads Server-Sent Events (each a JSON line) until the stream ends; an
+    error answer is one line with the CP's reason code."""
+    seen: list[str] = []
+    stream = (b'event: log\ndata: {"at": "2026-01-01T00:00:00Z", "service": "web", '
+              b'"agent_id": "ag-1", "text": "hello"}\n\n: keep-alive\n\n'
+              b'data: {"at": "2026-01-01T00:00:01Z", "service": "web", "agent_id": "ag-1", '
+              b'"text": "again"}\n\n')
+
+    def respond(method: str, path: str, _body: bytes) -> tuple[int, str, bytes]:
+        seen.append(f"{method} {path}")
+        if path.startswith("/api/v2/deployments/dep-1/logs"):
+            return 200, "text/event-stream", stream
+        error = {"error": {"code": "not_found", "message": "no deployment 'dep-2'",
+                           "details": {}}}
+        return 404, "application/json", json.dumps(error).encode()
+
+    with trio.fail_after(60), local_http(respond) as url:
+        cp = ("--cp", url, "--key", "k")
+        r = await eectl("logs", "dep-1", "-f", "--service", "web", "--since", "10m", *cp,
+                        state_dir=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines() == [
+            "2026-01-01T00:00:00Z web ag-1 | hello", "2026-01-01T00:00:01Z web ag-1 | again"]
+        assert seen[0] == ("GET /api/v2/deployments/dep-1/logs?tail=200&service=web&"
+                           "since=10m&follow=true")
+        r = await eectl("logs", "dep-2", "-f", *cp, state_dir=tmp_path)
+        assert (r.returncode, r.stderr) == (1, "eectl logs: no deployment 'dep-2' "
+                                                "(404 not_found)\n")

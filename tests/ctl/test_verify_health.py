@@ -8,11 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -38,7 +36,7 @@ from ee.ctl.verify_health import check_health_answer, health_urls, normalise_has
 from ee.protocol.messages import Deploy, DeployStatus, Message
 from ee.protocol.reportdata import health_report_data
 
-from .ctlkit import eectl
+from .ctlkit import eectl, local_http
 
 HASH = "sha256:" + "ab" * 32
 
@@ -56,33 +54,17 @@ def _running(deployment_id: str) -> Callable[[object, Message], bool]:
 @contextmanager
 def replaying(answer: dict[str, Any], doctor: Callable[[dict[str, Any], str], None]
               ) -> Iterator[str]:
-    """A local HTTP server answering every GET with *answer* (a recorded agent answer),
-    changed by ``doctor(answer, nonce_asked)``; yields its base URL."""
+    """Serve *answer* (a recorded agent answer) to every GET, changed by
+    ``doctor(answer, nonce_asked)``; yields the server's base URL."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            nonce = parse_qs(urlsplit(self.path).query).get("nonce", [""])[0]
-            body = json.loads(json.dumps(answer))
-            doctor(body, nonce)
-            data = json.dumps(body).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def respond(_method: str, path: str, _body: bytes) -> tuple[int, str, bytes]:
+        nonce = parse_qs(urlsplit(path).query).get("nonce", [""])[0]
+        body = json.loads(json.dumps(answer))
+        doctor(body, nonce)
+        return 200, "application/json", json.dumps(body).encode()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with local_http(respond) as url:
+        yield url
 
 
 async def _verify(url: str, *args: str, state_dir: Path) -> tuple[int, dict[str, Any], str]:

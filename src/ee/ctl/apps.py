@@ -32,13 +32,11 @@ from typing import Any, TextIO
 
 import attrs
 import trio
-import trio_websocket
 
 from ee.ctl._table import cell, short_hash, table
 from ee.ctl.client import (
     CpClient,
     CpError,
-    CpUnreachable,
     CtlError,
     Json,
     UsageError,
@@ -46,37 +44,19 @@ from ee.ctl.client import (
     segment,
     tenant_client_from_args,
 )
-from ee.ctl.console import event_line
+from ee.ctl.console import event_line, stream_events
 from ee.ctl.deploy import (
     FAILED_STATES,
     Progress,
     app_url,
     deployment_errors,
+    positive_number,
     replica_state,
+    whole_number,
 )
 
 DEFAULT_TIMEOUT_S = 600.0
 LIVE = frozenset({"pending", "placing", "pulling", "building", "starting", "running"})
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _count(text: str, low: int = 1) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}")
-    return value
 
 
 def _common(parser: argparse.ArgumentParser, *, wait: bool = False) -> None:
@@ -84,11 +64,11 @@ def _common(parser: argparse.ArgumentParser, *, wait: bool = False) -> None:
     if wait:
         parser.add_argument("--no-wait", action="store_true",
                             help="return once the CP accepted the change")
-        parser.add_argument("--timeout", metavar="S", type=_positive,
+        parser.add_argument("--timeout", metavar="S", type=positive_number,
                             default=DEFAULT_TIMEOUT_S,
                             help=f"give up waiting after S seconds (default "
                                  f"{DEFAULT_TIMEOUT_S:g})")
-        parser.add_argument("--poll", metavar="S", type=_positive, default=1.0,
+        parser.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                             help=argparse.SUPPRESS)
     add_tenant_options(parser)
 
@@ -147,7 +127,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Run N replicas of DEPLOYMENT (same version; a replica removed on "
                     "scale-down takes its agent's named volumes with it).")
     scale.add_argument("deployment_id", metavar="DEPLOYMENT")
-    scale.add_argument("replicas", metavar="N", type=_count)
+    scale.add_argument("replicas", metavar="N", type=whole_number)
     _common(scale, wait=True)
     scale.set_defaults(handler=scale_command)
 
@@ -161,7 +141,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     logs.add_argument("--service", metavar="S", help="only service S")
     logs.add_argument("--since", metavar="T",
                       help="only lines after T (RFC 3339 time, or a duration like 10m)")
-    logs.add_argument("--tail", metavar="N", type=_count, default=200,
+    logs.add_argument("--tail", metavar="N", type=whole_number, default=200,
                       help="at most N recent lines per container (default 200)")
     _common(logs)
     logs.set_defaults(handler=logs_command)
@@ -171,7 +151,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Print events about your apps and deployments as they happen "
                     "(placements, failures with their cause, updates) until Ctrl-C.")
     events.add_argument("--app", metavar="A", help="only app A")
-    events.add_argument("--limit", metavar="N", type=_count,
+    events.add_argument("--limit", metavar="N", type=whole_number,
                         help="stop after N events")
     _common(events)
     events.set_defaults(handler=events_command)
@@ -501,9 +481,9 @@ def _follow_logs(args: argparse.Namespace, params: dict[str, str]) -> int:
 def events_command(args: argparse.Namespace) -> int:
     try:
         with tenant_client_from_args(args) as client:
-            query = f"app={segment(args.app)}" if args.app else ""
-            url = client.events_url("/api/v2/events", query)
-            trio.run(stream_events, url, client.token or "", args.limit,
+            client.events_path = "/api/v2/events"
+            client.events_query = f"app={segment(args.app)}" if args.app else ""
+            trio.run(stream_events, client, args.limit,
                      lambda e: print(json.dumps(e) if args.json else event_line(e),
                                      flush=True))
     except CtlError as exc:
@@ -511,46 +491,6 @@ def events_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-async def stream_events(url: str, token: str, limit: int | None,
-                        on_event: Callable[[Json], None]) -> int:
-    """Events from a tenant events websocket until *limit* were shown or it closes."""
-    headers = [(b"Authorization", f"Bearer {token}".encode())]
-    shown = 0
-    try:
-        async with trio_websocket.open_websocket_url(url, extra_headers=headers) as ws:
-            while limit is None or shown < limit:
-                try:
-                    message = await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    reason = exc.reason
-                    if getattr(reason, "code", None) in (1000, 1001):
-                        return shown
-                    raise CpError(403 if getattr(reason, "code", None) == 1008 else 502,
-                                  "closed", "the CP closed the events stream: "
-                                  f"{getattr(reason, 'reason', None) or reason}") from None
-                try:
-                    event = json.loads(message)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    on_event(event)
-                    shown += 1
-    except trio_websocket.ConnectionRejected as exc:
-        body = (exc.body or b"").decode(errors="replace")
-        try:
-            err = json.loads(body)["error"]
-            raise CpError(int(exc.status_code or 0), str(err["code"]),
-                          str(err["message"])) from None
-        except (ValueError, KeyError, TypeError):
-            raise CpError(int(exc.status_code or 0), "rejected",
-                          f"the CP refused the events stream: {body[:100]}") from None
-    except trio_websocket.HandshakeError as exc:
-        raise CpUnreachable(url, str(exc) or type(exc).__name__) from None
-    except OSError as exc:
-        raise CpUnreachable(url, exc.strerror or str(exc)) from None
-    return shown
 
 
 __all__ = [
@@ -564,5 +504,4 @@ __all__ = [
     "settled",
     "sse_data",
     "status_text",
-    "stream_events",
 ]

@@ -111,6 +111,9 @@ class CpClient:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        # Which events websocket `events_url()` names (the tenant commands set theirs).
+        self.events_path = "/api/v2/admin/events"
+        self.events_query = ""
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -205,11 +208,13 @@ class CpClient:
     def crash(self, name: str) -> Json:
         return dict(self.post("/api/v2/admin/crash", {"name": name}))
 
-    def events_url(self, path: str = "/api/v2/admin/events", query: str = "") -> str:
-        """An events websocket (default the admin one, ``ws(s)://…/api/v2/admin/events``)."""
+    def events_url(self) -> str:
+        """The events websocket: ``ws(s)://…/api/v2/admin/events`` unless ``events_path``
+        (and ``events_query``) name another, such as the tenant's ``/api/v2/events``."""
         parts = urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return urlunsplit((scheme, parts.netloc, parts.path + path, query, ""))
+        return urlunsplit((scheme, parts.netloc, parts.path + self.events_path,
+                           self.events_query, ""))
 
     # Tenant.
 

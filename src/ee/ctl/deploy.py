@@ -78,9 +78,9 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _placement_args(run)
     run.add_argument("--no-wait", action="store_true",
                      help="print the deployment id and return at once")
-    run.add_argument("--timeout", metavar="S", type=_positive, default=900.0,
+    run.add_argument("--timeout", metavar="S", type=positive_number, default=900.0,
                      help="give up following after S seconds (default 900)")
-    run.add_argument("--poll", metavar="S", type=_positive, default=1.0,
+    run.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                      help=argparse.SUPPRESS)
     run.add_argument("--json", action="store_true",
                      help="print the final deployment view as JSON")
@@ -100,9 +100,9 @@ def register_wait_attested(
                     "Works with a tenant key (the deployment's attestation view). "
                     "Exit 1 on failure or timeout.")
     wait.add_argument("deployment_id", metavar="ID", help="deployment id")
-    wait.add_argument("--timeout", metavar="S", type=_positive, default=300.0,
+    wait.add_argument("--timeout", metavar="S", type=positive_number, default=300.0,
                       help="give up after S seconds (default 300)")
-    wait.add_argument("--poll", metavar="S", type=_positive, default=1.0,
+    wait.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                       help=argparse.SUPPRESS)
     add_tenant_options(wait)
     wait.add_argument("--admin-token", metavar="T",
@@ -112,7 +112,7 @@ def register_wait_attested(
     wait.set_defaults(handler=wait_attested)
 
 
-def _positive(text: str) -> float:
+def positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -122,7 +122,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def whole_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -135,7 +135,7 @@ def _count(text: str) -> int:
 def _placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("app", metavar="APP", help="app name")
     parser.add_argument("--version", required=True, metavar="V", help="app version")
-    parser.add_argument("--replicas", type=_count, default=1, metavar="N",
+    parser.add_argument("--replicas", type=whole_number, default=1, metavar="N",
                         help="number of replicas (default 1)")
     parser.add_argument("--datacenter", metavar="L", help="only agents in datacenter L")
     parser.add_argument("--node-size", metavar="S", help="only agents of node size S")
@@ -540,8 +540,10 @@ __all__ = [
     "diagnostics_text",
     "follow",
     "placement_request",
+    "positive_number",
     "progress_lines",
     "register",
     "register_wait_attested",
     "transitions",
+    "whole_number",
 ]
