@@ -67,6 +67,7 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Print the CP's placement diagnostics: candidates and rejected agents "
                     "with reasons. Exit 0 when placeable, 1 when nothing fits.")
     _placement_args(pre)
+    pre.add_argument("--json", action="store_true", help="print the CP's diagnostics JSON")
     add_tenant_options(pre)
     pre.set_defaults(handler=preflight)
 
@@ -104,6 +105,7 @@ def register_wait_attested(
                       help="give up after S seconds (default 300)")
     wait.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                       help=argparse.SUPPRESS)
+    wait.add_argument("--json", action="store_true", help="print one JSON object")
     add_tenant_options(wait)
     wait.add_argument("--admin-token", metavar="T",
                       help="admin token for the agent views, only for a CP without the "
@@ -385,7 +387,7 @@ def preflight(args: argparse.Namespace) -> int:
             diag = client.preflight(args.app, placement_request(args))
     except CtlError as exc:
         return _fail("preflight", str(exc), exc.exit_code)
-    print(diagnostics_text(diag))
+    print(json.dumps(diag, indent=2) if args.json else diagnostics_text(diag))
     return 0 if diag.get("placeable") else 1
 
 
@@ -508,8 +510,17 @@ def wait_attested(args: argparse.Namespace, out: TextIO | None = None, *,
                 sleep(args.poll)
     except CtlError as exc:
         return _fail("wait-attested", str(exc), exc.exit_code)
-    print(table(ATTESTED_HEADERS, check.rows) if check.rows else "no replicas placed",
-          file=out)
+    if args.json:
+        print(json.dumps({"deployment_id": args.deployment_id, "attested": check.done,
+                          "failure": check.failure,
+                          "replicas": [dict(zip((h.lower() for h in ATTESTED_HEADERS), row,
+                                                strict=True)) for row in check.rows]},
+                         indent=2), file=out)
+    else:
+        print(table(ATTESTED_HEADERS, check.rows) if check.rows else "no replicas placed",
+              file=out)
+    if check.done and args.json:
+        return 0
     if check.done:
         print(f"deployment {args.deployment_id}: every replica runs on an attested agent",
               file=out)
