@@ -38,7 +38,7 @@ services:
     build: .
     init: true
     expose: ["8080"]
-    command: ["httpd", "-f", "-p", "8080", "-h", "/www"]
+    command: ["httpd", "-f", "-v", "-p", "8080", "-h", "/www"]
 """
 
 
