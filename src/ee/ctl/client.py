@@ -223,10 +223,11 @@ class CpClient:
         return list(body.get("apps", []) if isinstance(body, dict) else body)
 
     def paged(self, path: str, key: str, params: dict[str, str] | None = None,
-              *, limit: int = 200, max_pages: int = 100) -> list[Json]:
-        """Every item of a listing, following ``next_cursor`` (``limit``/``cursor``)."""
+              *, max_pages: int = 1000) -> list[Json]:
+        """Every item of a listing, following ``next_cursor`` (``cursor``; the CP's page
+        size)."""
         items: list[Json] = []
-        query = dict(params or {}, limit=str(limit))
+        query = dict(params or {})
         for _ in range(max_pages):
             body = self.request("GET", path, params=query)
             page = body.get(key) if isinstance(body, dict) else None

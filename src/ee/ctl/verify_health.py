@@ -290,12 +290,18 @@ def add_verify_health(commands: argparse._SubParsersAction[argparse.ArgumentPars
     vh = commands.add_parser(
         "verify-health", help="verify an app's attested health quote yourself",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("Theory of operation")[0].strip() + "\n\n" +
-        "Sends a fresh nonce to URL/.ee/health?attest=true, verifies the quote to the "
-        "root, checks REPORTDATA binds the nonce and the attested hash, that the hash is "
-        "--expect-hash (from `eectl push` or `eectl compose-hash`), that the event logs "
-        "replay, and the policy.\nExit 0 accepted, 1 refused (every reason printed), "
-        "2 bad usage.",
+        description=(
+            "Check, yourself, that the agent serving an app is an attested TDX VM running\n"
+            "exactly your workload, now. Sends a fresh random nonce to\n"
+            "URL/.ee/health?attest=true (older agents: /api/health), then:\n"
+            "  - verifies the quote's signature chain to the root (--root),\n"
+            "  - checks REPORTDATA = SHA-512('ee/v2/health' || nonce || hash digest), so an\n"
+            "    answer recorded earlier, or a quote over another hash, is refused,\n"
+            "  - checks the attested hash is --expect-hash (from `eectl push` or\n"
+            "    `eectl compose-hash`),\n"
+            "  - replays the served event logs to the quoted RTMRs,\n"
+            "  - applies the measurement policy (--policy).\n"
+            "Exit 0 accepted, 1 refused (every reason printed), 2 bad usage."),
         epilog="example (a dev cluster):\n  eectl trust verify-health \"$APP_URL\" "
                "--expect-hash \"$HASH\" --root dev")
     vh.add_argument("url", metavar="URL", help="the app's URL (an agent), e.g. from "
