@@ -405,3 +405,25 @@ async def test_logs_follow_and_errors_from_a_stand_in_cp(tmp_path: Path) -> None
         r = await eectl("logs", "dep-2", "-f", *cp, state_dir=tmp_path)
         assert (r.returncode, r.stderr) == (1, "eectl logs: no deployment 'dep-2' "
                                                 "(404 not_found)\n")
+
+
+async def test_listings_follow_next_cursor(tmp_path: Path) -> None:
+    pages = {"": {"deployments": [{"deployment_id": "dep-1", "app": "a", "state": "running",
+                                   "version": "1", "replicas_wanted": 1, "replicas": []}],
+                  "next_cursor": "c2"},
+             "c2": {"deployments": [{"deployment_id": "dep-2", "app": "b", "state": "failed",
+                                     "version": "3", "replicas_wanted": 2, "replicas": []}],
+                    "next_cursor": None}}
+    asked: list[str] = []
+
+    def respond(_method: str, path: str, _body: bytes) -> tuple[int, str, bytes]:
+        asked.append(path)
+        cursor = path.partition("cursor=")[2]
+        return 200, "application/json", json.dumps(pages[cursor]).encode()
+
+    with trio.fail_after(30), local_http(respond) as url:
+        r = await eectl("status", "--cp", url, "--key", "k", state_dir=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert column(r.stdout, "dep-1", "STATE") == "running"
+    assert column(r.stdout, "dep-2", "RUNNING") == "0/2"
+    assert asked == ["/api/v2/deployments", "/api/v2/deployments?cursor=c2"]
