@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio_websocket
 
 from ee.ctl import client as ctl_client
 from ee.ctl.apps import log_entries, settled, sse_data
@@ -95,8 +96,7 @@ async def test_tenant_flow_from_a_config_file(tmp_path: Path) -> None:
             async with env.client(token=key) as tenant:
                 [version] = (await tenant.get("/api/v2/apps/hello/versions")).json()["versions"]
             assert version["compose_hash"] == printed
-            assert version["expose_port"] == 8080 and version["env"] in ({"GREETING": "hi"},
-                                                                         ["GREETING"])
+            assert version["expose_port"] == 8080 and version["health_path"] == "/health"
             local = (await run("compose-hash", str(d), "--health-path", "/health",
                                "--env", "GREETING=hi")).stdout.strip()
             if "version-1 compose hash" in r.stderr:  # a CP from before workload_hash
@@ -427,3 +427,43 @@ async def test_listings_follow_next_cursor(tmp_path: Path) -> None:
     assert column(r.stdout, "dep-1", "STATE") == "running"
     assert column(r.stdout, "dep-2", "RUNNING") == "0/2"
     assert asked == ["/api/v2/deployments", "/api/v2/deployments?cursor=c2"]
+
+
+async def test_events_from_a_stand_in_stream(tmp_path: Path) -> None:
+    """`eectl events` opens the tenant stream with the key, prints each event, and
+    stops after --limit; a refusal is one line."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        seen.append((request.path, headers.get("authorization")))
+        if headers.get("authorization") != "Bearer k":
+            await request.reject(401, body=json.dumps({"error": {
+                "code": "unauthenticated", "message": "bad key", "details": {}}}).encode())
+            return
+        ws = await request.accept()
+        for seq in (1, 2, 3):
+            await ws.send_message(json.dumps({
+                "seq": seq, "at": f"2026-01-01T00:00:0{seq}Z", "kind": "deployment.placed",
+                "subject": "dep-1", "data": {"app": "hello"}}))
+        await trio.sleep(30)  # eectl hangs up after --limit
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(trio_websocket.serve_websocket, handler,
+                                         "127.0.0.1", 0, None)
+            url = f"http://127.0.0.1:{server.port}"
+            r = await eectl("events", "--app", "hello", "--limit", "2", "--cp", url, "--key",
+                            "k", state_dir=tmp_path)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.splitlines() == [
+                "#1 00:00:01 deployment.placed dep-1 app=hello",
+                "#2 00:00:02 deployment.placed dep-1 app=hello"]
+            assert seen == [("/api/v2/events?app=hello", "Bearer k")]
+            r = await eectl("events", "--json", "--limit", "1", "--cp", url, "--key", "k",
+                            state_dir=tmp_path)
+            assert json.loads(r.stdout)["seq"] == 1
+            r = await eectl("events", "--cp", url, "--key", "wrong", state_dir=tmp_path)
+            assert (r.returncode, r.stderr) == (1, "eectl events: bad key (401 "
+                                                   "unauthenticated)\n")
+            nursery.cancel_scope.cancel()
