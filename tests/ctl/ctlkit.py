@@ -9,6 +9,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import attrs
@@ -81,5 +85,40 @@ def column(table_text: str, row_key: str, header: str) -> str:
     return row[start:].split()[0]
 
 
+# (method, path with query, request body) -> (status, content type, response body)
+Responder = Callable[[str, str, bytes], tuple[int, str, bytes]]
+
+
+@contextmanager
+def local_http(respond: Responder) -> Iterator[str]:
+    """A tiny HTTP server on loopback answering every request with *respond*'s answer
+    (a stand-in for a CP or an agent that says something chosen); yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            status, content_type, data = respond(self.command, self.path, body)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 __all__ = ["COMPOSE", "Result", "RunningCp", "column", "console", "eectl", "eectl_env",
-           "running_cp", "tenant_app"]
+           "local_http", "running_cp", "tenant_app"]

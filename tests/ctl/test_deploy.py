@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 from pathlib import Path
 
 import trio
@@ -72,13 +73,16 @@ async def test_run_follows_to_running_then_wait_attested(tmp_path: Path) -> None
             r = await eectl("deploy", "run", "web", "--version", "1", "--replicas", "2",
                             "--poll", "0.1", *cp, state_dir=tmp_path)
             assert r.returncode == 0, r.stderr
+            # stdout: the result (id, state, URL); stderr: the progress.
             lines = r.stdout.splitlines()
-            dep = lines[-1].split()[1]
-            assert lines[-1] == f"deployment {dep} is running"
-            assert lines[0].startswith(f"deployment {dep}: ")
-            assert f"replica on {a.agent_id}: " in r.stdout
-            assert f"replica on {b.agent_id}: " in r.stdout
-            assert "\x1b[" not in r.stdout  # no cursor control when not on a terminal
+            dep = lines[0].split()[1]
+            assert lines == [f"deployment {dep} is running", "url: -"]  # sim agents: no URL
+            progress = r.err_lines
+            assert progress[0] == f"deployment {dep}: following (at most 900 s)"
+            assert progress[1].startswith(f"deployment {dep}: ")
+            assert f"replica on {a.agent_id}: " in r.stderr
+            assert f"replica on {b.agent_id}: " in r.stderr
+            assert "\x1b[" not in r.stderr  # no cursor control when not on a terminal
 
             r = await eectl("deploy", "wait-attested", dep, "--timeout", "10", *cp,
                             "--admin-token", env.token, state_dir=tmp_path)
@@ -87,14 +91,33 @@ async def test_run_follows_to_running_then_wait_attested(tmp_path: Path) -> None
             assert column(r.stdout, "vm-2", "STATUS") == "online"
             assert column(r.stdout, "vm-2", "OK") == "yes"
             assert r.stdout.endswith("every replica runs on an attested agent\n")
+            r = await eectl("deploy", "wait-attested", dep, "--json", *cp,
+                            "--admin-token", env.token, state_dir=tmp_path)
+            doc = json.loads(r.stdout)
+            assert r.returncode == 0 and doc["attested"] is True and doc["failure"] is None
+            assert sorted(x["vm"] for x in doc["replicas"]) == ["vm-1", "vm-2"]
+            r = await eectl("deploy", "preflight", "web", "--version", "1", "--json", *cp,
+                            state_dir=tmp_path)
+            assert r.returncode == 1 and json.loads(r.stdout)["placeable"] is False  # full
 
-            # Without an admin token the agent views are refused: one line, exit 1.
-            r = await eectl("deploy", "wait-attested", dep, *cp, state_dir=tmp_path)
-            assert r.returncode == 1
-            assert r.err_lines == ["eectl deploy wait-attested: this route needs "
-                                   "'Authorization: Bearer <admin token>' (401 unauthenticated)"
-                                   ] or r.err_lines == [
-                "eectl deploy wait-attested: the token is not the admin token (403 forbidden)"]
+            # With the tenant key only: the deployment's attestation view, where the CP
+            # has it (`trust wait-attested` is the same command); a CP without it sends
+            # eectl to the admin agent views, which refuse a tenant key: one line, exit 1.
+            async with env.client(token=key) as tenant:
+                probe = await tenant.get(f"/api/v2/deployments/{dep}/attestation")
+            r = await eectl("trust", "wait-attested", dep, "--timeout", "10", *cp,
+                            state_dir=tmp_path)
+            if probe.status_code == 404 and "no route" in probe.text:
+                assert r.returncode == 1
+                assert r.err_lines == ["eectl deploy wait-attested: this route needs "
+                                       "'Authorization: Bearer <admin token>' (401 "
+                                       "unauthenticated)"] or r.err_lines == [
+                    "eectl deploy wait-attested: the token is not the admin token (403 "
+                    "forbidden)"]
+            else:
+                assert r.returncode == 0, (r.stderr, probe.text)
+                assert column(r.stdout, a.agent_id, "VERDICT") == "pass"
+                assert r.stdout.endswith("every replica runs on an attested agent\n")
             r = await eectl("deploy", "wait-attested", "dep-nope", *cp, state_dir=tmp_path)
             assert r.returncode == 1
             assert r.stderr == ("eectl deploy wait-attested: no deployment 'dep-nope' "
@@ -117,15 +140,16 @@ async def test_run_reports_a_failed_deployment(tmp_path: Path) -> None:
                             "--timeout", "30", "--cp", env.http, "--token", key,
                             state_dir=tmp_path)
             assert r.returncode == 1, r.stderr
-            assert " failed\n" in r.stdout
-            assert "replicas failed on 3 agents" in r.stdout
+            assert r.stdout == ""
+            assert " failed\n" in r.stderr
+            assert "replicas failed on 3 agents" in r.stderr
             nursery.cancel_scope.cancel()
 
 
 async def test_unreachable_cp_and_bad_usage(tmp_path: Path) -> None:
     with trio.fail_after(30):
         r = await eectl("deploy", "run", "web", "--version", "1", "--cp", "http://127.0.0.1:9",
-                        state_dir=tmp_path)
+                        "--key", "k", state_dir=tmp_path)
         assert r.returncode == 1 and len(r.err_lines) == 1
         assert r.stderr.startswith("eectl deploy run: cannot reach the CP at http://127.0.0.1:9: ")
         r = await eectl("deploy", "run", "web", "--version", "1", "--replicas", "0",

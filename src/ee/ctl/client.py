@@ -1,17 +1,31 @@
 """A small synchronous client for the control plane's HTTP API (API.md), used by the
-eectl groups that talk to a CP (`console`, `deploy`).
+eectl groups that talk to a CP (`console`, `deploy`, the tenant commands).
 
 Every failure becomes a ``CtlError`` whose ``str`` is one line fit for an operator:
 ``CpError`` for an answer in API.md's error shape (or any other 4xx/5xx), and
 ``CpUnreachable`` when no answer came at all. Where to connect and with which token
 is resolved once, by ``client_from_args``: ``--cp`` / ``$EE_CP_URL`` / the default, and
 ``--token`` / ``--token-file`` / ``$EE_TOKEN``.
+
+Tenant commands resolve theirs with ``tenant_client_from_args`` (options from
+``add_tenant_options``), first match wins:
+
+- CP URL: ``--cp``, ``$EE_CP``, ``$EE_CP_URL``, the config file's ``cp``, the default;
+- API key: ``--key`` (alias ``--token``), ``--key-file`` (alias ``--token-file``),
+  ``$EE_API_KEY``, ``$EE_TOKEN``, the file named by the config file's ``key_file``.
+
+The config file is ``$EE_CONFIG``, else ``$XDG_CONFIG_HOME/easyenclave/config.json``
+(``~/.config/easyenclave/config.json``): ``{"cp": URL, "key_file": PATH}``, both
+optional; a relative ``key_file`` is relative to the config file's directory. The key
+itself never goes in the config file, so the file can be shared.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -97,6 +111,9 @@ class CpClient:
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        # Which events websocket `events_url()` names (the tenant commands set theirs).
+        self.events_path = "/api/v2/admin/events"
+        self.events_query = ""
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -112,12 +129,13 @@ class CpClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Any = None,
+                params: dict[str, str] | None = None) -> Any:
         try:
             if body is None:
-                response = self._http.request(method, path)
+                response = self._http.request(method, path, params=params)
             else:
-                response = self._http.request(method, path, json=body)
+                response = self._http.request(method, path, json=body, params=params)
         except httpx.TransportError as exc:
             raise CpUnreachable(self.base_url, _reason(exc)) from None
         if response.status_code >= 400:
@@ -135,6 +153,26 @@ class CpClient:
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.request("POST", path, body if body is not None else {})
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, body)
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
+    def lines(self, path: str, params: dict[str, str] | None = None) -> Iterator[str]:
+        """A streaming GET (no read timeout): its body's lines as they arrive. An error
+        status is raised as ``CpError`` before the first line."""
+        timeout = httpx.Timeout(self._http.timeout.connect, read=None)
+        try:
+            with self._http.stream("GET", path, params=params, timeout=timeout,
+                                   headers={"Accept": "text/event-stream"}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                yield from response.iter_lines()
+        except httpx.TransportError as exc:
+            raise CpUnreachable(self.base_url, _reason(exc)) from None
 
     # Anyone.
 
@@ -171,16 +209,36 @@ class CpClient:
         return dict(self.post("/api/v2/admin/crash", {"name": name}))
 
     def events_url(self) -> str:
-        """The admin events websocket (``ws(s)://…/api/v2/admin/events``)."""
+        """The events websocket: ``ws(s)://…/api/v2/admin/events`` unless ``events_path``
+        (and ``events_query``) name another, such as the tenant's ``/api/v2/events``."""
         parts = urlsplit(self.base_url)
         scheme = "wss" if parts.scheme == "https" else "ws"
-        return urlunsplit((scheme, parts.netloc, parts.path + "/api/v2/admin/events", "", ""))
+        return urlunsplit((scheme, parts.netloc, parts.path + self.events_path,
+                           self.events_query, ""))
 
     # Tenant.
 
     def apps(self) -> list[Json]:
         body = self.get("/api/v2/apps")
         return list(body.get("apps", []) if isinstance(body, dict) else body)
+
+    def paged(self, path: str, key: str, params: dict[str, str] | None = None,
+              *, max_pages: int = 1000) -> list[Json]:
+        """Every item of a listing, following ``next_cursor`` (``cursor``; the CP's page
+        size)."""
+        items: list[Json] = []
+        query = dict(params or {})
+        for _ in range(max_pages):
+            body = self.request("GET", path, params=query)
+            page = body.get(key) if isinstance(body, dict) else None
+            if not isinstance(page, list):
+                raise CpError(502, "bad_response", f"the CP's {path} has no {key!r} list")
+            items.extend(p for p in page if isinstance(p, dict))
+            cursor = body.get("next_cursor")
+            if not isinstance(cursor, str) or not cursor:
+                return items
+            query["cursor"] = cursor
+        raise CpError(502, "bad_response", f"{path}: more than {max_pages} pages")
 
     def preflight(self, app: str, request: Json) -> Json:
         return dict(self.post(f"/api/v2/apps/{segment(app)}/preflight", request))
@@ -226,6 +284,77 @@ def client_from_args(args: argparse.Namespace) -> CpClient:
     return CpClient(resolve_url(args), resolve_token(args))
 
 
+# --- tenant credentials ------------------------------------------------------------
+
+
+def config_path() -> Path:
+    explicit = os.environ.get("EE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "easyenclave" / "config.json"
+
+
+def load_config(path: Path | None = None) -> Json:
+    """The tenant config file (``{}`` when there is none); a broken one is a UsageError."""
+    path = path or config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"config {path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not set(doc) <= {"cp", "key_file"} or not all(
+            isinstance(v, str) for v in doc.values()):
+        raise UsageError(f"config {path} must be {{\"cp\": URL, \"key_file\": PATH}} "
+                         "(strings, nothing else)")
+    if "key_file" in doc:
+        doc["key_file"] = str(path.parent / Path(doc["key_file"]).expanduser())
+    return doc
+
+
+def add_tenant_options(parser: argparse.ArgumentParser) -> None:
+    """``--cp``, ``--key``/``--token``, ``--key-file``/``--token-file`` (tenant commands)."""
+    group = parser.add_argument_group(
+        "control plane", "default: $EE_CP and $EE_API_KEY, else ~/.config/easyenclave/"
+                         "config.json {\"cp\": URL, \"key_file\": FILE}")
+    group.add_argument("--cp", metavar="URL", help=f"CP base URL (default {DEFAULT_CP_URL})")
+    group.add_argument("--key", "--token", dest="token", metavar="KEY",
+                       help="tenant API key (prefer --key-file: argv is visible to others)")
+    group.add_argument("--key-file", "--token-file", dest="token_file", metavar="FILE",
+                       help="read the API key from FILE")
+
+
+def resolve_tenant(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(CP URL, API key or None) by the rules in the module docstring."""
+    config = load_config()
+    token = resolve_token(args, "EE_API_KEY") or os.environ.get("EE_TOKEN") or None
+    if token is None and config.get("key_file"):
+        try:
+            token = Path(config["key_file"]).read_text().strip() or None
+        except OSError as exc:
+            raise UsageError(f"cannot read the config's key_file {config['key_file']}: "
+                             f"{exc.strerror or exc}") from None
+    url = (getattr(args, "cp", None) or os.environ.get("EE_CP") or os.environ.get("EE_CP_URL")
+           or config.get("cp") or DEFAULT_CP_URL)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"--cp must be an http(s) URL, not {url!r}")
+    return str(url), token
+
+
+def tenant_client_from_args(args: argparse.Namespace, *, timeout: float = 30.0) -> CpClient:
+    url, token = resolve_tenant(args)
+    if token is None:
+        raise UsageError("no API key: give --key-file FILE, set $EE_API_KEY, or write "
+                         f"{{\"key_file\": FILE}} to {config_path()}")
+    return CpClient(url, token, timeout=timeout)
+
+
 __all__ = [
     "DEFAULT_CP_URL",
     "CpClient",
@@ -235,8 +364,13 @@ __all__ = [
     "Json",
     "UsageError",
     "add_cp_options",
+    "add_tenant_options",
     "client_from_args",
+    "config_path",
     "error_from_response",
+    "load_config",
+    "resolve_tenant",
     "resolve_token",
     "resolve_url",
+    "tenant_client_from_args",
 ]

@@ -1,17 +1,23 @@
 """`eectl deploy`: place an app version on agents and follow it until it runs.
 
+    eectl deploy APP --version V [placement options] [--no-wait] [--json]
+                                                        (short for `deploy run`)
     eectl deploy preflight APP --version V [placement options]
-    eectl deploy run APP --version V [placement options] [--no-wait]
-    eectl deploy wait-attested DEPLOYMENT_ID [--timeout S]
+    eectl deploy run APP --version V [placement options] [--no-wait] [--json]
+    eectl deploy wait-attested DEPLOYMENT_ID [--timeout S]   (also `eectl trust
+                                                              wait-attested`)
 
 `run` POSTs the deployment; when nothing fits (409) it prints the CP's preflight
 diagnostics — which agents were rejected and why — and exits 1. Otherwise it polls the
-deployment and shows each replica moving placing → starting → running (redrawn in
-place on a terminal, one line per transition otherwise) until the deployment runs
-(exit 0) or fails (exit 1). `wait-attested` waits until every replica runs on an agent
-that is online with a pass/warn attestation verdict; it reads deployments with the
-tenant token and agents with the admin token (``--admin-token``, ``$EE_ADMIN_TOKEN``;
-default: the same token).
+deployment and shows each replica moving placing → starting → running on stderr
+(redrawn in place on a terminal, one line per transition otherwise) until the
+deployment runs (exit 0: the id, state and the app's URL on stdout) or fails (exit 1).
+`wait-attested` waits until every replica runs on an agent that is online with a
+pass/warn attestation verdict. With a tenant key it reads the deployment's
+attestation view (``GET /api/v2/deployments/{id}/attestation``: per replica, the
+agent's verdict, TCB status and measurements); on a CP without that route it falls
+back to the admin agent views (``--admin-token``, ``$EE_ADMIN_TOKEN``; default: the
+same token). Tenant key and CP URL: see `ee.ctl.client`.
 
 The views (request body, diagnostics, progress lines, attestation table) are pure
 functions of the CP's JSON; the loops around them take their clock and sleep as
@@ -21,6 +27,7 @@ arguments.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,12 +42,14 @@ from ee.ctl.client import (
     CpError,
     CtlError,
     Json,
-    add_cp_options,
-    client_from_args,
-    resolve_url,
+    add_tenant_options,
+    resolve_tenant,
+    segment,
+    tenant_client_from_args,
 )
 
 REPLICA_STEPS = ("placing", "starting", "running")
+COMMANDS = ("preflight", "run", "wait-attested")
 FAILED_STATES = frozenset({"failed", "stopping", "stopped"})
 ATTESTED_VERDICTS = frozenset({"pass", "warn"})
 
@@ -48,7 +57,9 @@ ATTESTED_VERDICTS = frozenset({"pass", "warn"})
 def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     deploy = groups.add_parser(
         "deploy", help="deploy an app version and follow it",
-        description="Deploy an app version to attested agents and follow it.")
+        description="Deploy an app version to attested agents and follow it. "
+                    "`eectl deploy APP --version V` is short for `eectl deploy run APP "
+                    "--version V`.")
     commands = deploy.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     pre = commands.add_parser(
@@ -56,7 +67,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         description="Print the CP's placement diagnostics: candidates and rejected agents "
                     "with reasons. Exit 0 when placeable, 1 when nothing fits.")
     _placement_args(pre)
-    add_cp_options(pre)
+    pre.add_argument("--json", action="store_true", help="print the CP's diagnostics JSON")
+    add_tenant_options(pre)
     pre.set_defaults(handler=preflight)
 
     run = commands.add_parser(
@@ -67,31 +79,42 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _placement_args(run)
     run.add_argument("--no-wait", action="store_true",
                      help="print the deployment id and return at once")
-    run.add_argument("--timeout", metavar="S", type=_positive, default=900.0,
+    run.add_argument("--timeout", metavar="S", type=positive_number, default=900.0,
                      help="give up following after S seconds (default 900)")
-    run.add_argument("--poll", metavar="S", type=_positive, default=1.0,
+    run.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                      help=argparse.SUPPRESS)
-    add_cp_options(run)
+    run.add_argument("--json", action="store_true",
+                     help="print the final deployment view as JSON")
+    add_tenant_options(run)
     run.set_defaults(handler=run_deploy)
 
+    register_wait_attested(commands)
+
+
+def register_wait_attested(
+        commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``wait-attested`` (under `deploy`, and under `trust`)."""
     wait = commands.add_parser(
         "wait-attested", help="wait until every replica runs on an attested agent",
         description="Wait until every replica of DEPLOYMENT_ID is running on an online "
                     "agent whose attestation verdict is pass or warn, then print them. "
+                    "Works with a tenant key (the deployment's attestation view). "
                     "Exit 1 on failure or timeout.")
     wait.add_argument("deployment_id", metavar="ID", help="deployment id")
-    wait.add_argument("--timeout", metavar="S", type=_positive, default=300.0,
+    wait.add_argument("--timeout", metavar="S", type=positive_number, default=300.0,
                       help="give up after S seconds (default 300)")
-    wait.add_argument("--poll", metavar="S", type=_positive, default=1.0,
+    wait.add_argument("--poll", metavar="S", type=positive_number, default=1.0,
                       help=argparse.SUPPRESS)
-    add_cp_options(wait)
+    wait.add_argument("--json", action="store_true", help="print one JSON object")
+    add_tenant_options(wait)
     wait.add_argument("--admin-token", metavar="T",
-                      help="admin token for agent views (default: $EE_ADMIN_TOKEN, "
-                           "else the --token)")
+                      help="admin token for the agent views, only for a CP without the "
+                           "tenant attestation route (default: $EE_ADMIN_TOKEN, else the "
+                           "--key)")
     wait.set_defaults(handler=wait_attested)
 
 
-def _positive(text: str) -> float:
+def positive_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -101,7 +124,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
+def whole_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -114,7 +137,7 @@ def _count(text: str) -> int:
 def _placement_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("app", metavar="APP", help="app name")
     parser.add_argument("--version", required=True, metavar="V", help="app version")
-    parser.add_argument("--replicas", type=_count, default=1, metavar="N",
+    parser.add_argument("--replicas", type=whole_number, default=1, metavar="N",
                         help="number of replicas (default 1)")
     parser.add_argument("--datacenter", metavar="L", help="only agents in datacenter L")
     parser.add_argument("--node-size", metavar="S", help="only agents of node size S")
@@ -360,19 +383,21 @@ def _fail(command: str, message: str, code: int = 1) -> int:
 
 def preflight(args: argparse.Namespace) -> int:
     try:
-        with client_from_args(args) as client:
+        with tenant_client_from_args(args) as client:
             diag = client.preflight(args.app, placement_request(args))
     except CtlError as exc:
         return _fail("preflight", str(exc), exc.exit_code)
-    print(diagnostics_text(diag))
+    print(json.dumps(diag, indent=2) if args.json else diagnostics_text(diag))
     return 0 if diag.get("placeable") else 1
 
 
-def run_deploy(args: argparse.Namespace, out: TextIO | None = None) -> int:
+def run_deploy(args: argparse.Namespace, out: TextIO | None = None,
+               err: TextIO | None = None) -> int:
     out = out or sys.stdout
+    err = err or sys.stderr
     request = placement_request(args)
     try:
-        with client_from_args(args) as client:
+        with tenant_client_from_args(args) as client:
             try:
                 created = client.create_deployment(args.app, request)
             except CpError as exc:
@@ -387,54 +412,115 @@ def run_deploy(args: argparse.Namespace, out: TextIO | None = None) -> int:
             if not deployment_id:
                 raise CpError(502, "bad_response", "the CP returned no deployment_id")
             if args.no_wait:
-                print(deployment_id, file=out)
+                print(json.dumps(created) if args.json else deployment_id, file=out)
                 return 0
-            progress = Progress(out, tty=out.isatty(), replicas_wanted=args.replicas)
+            print(f"deployment {deployment_id}: following (at most {args.timeout:g} s)",
+                  file=err)
+            progress = Progress(err, tty=err.isatty(), replicas_wanted=args.replicas)
             try:
                 final = follow(client, deployment_id, progress, timeout=args.timeout,
                                poll=args.poll)
             except TimeoutError as exc:
                 for error in deployment_errors(progress.last or {}):
-                    print(f"  {error}", file=out)
-                return _fail("run", str(exc))
+                    print(f"  {error}", file=err)
+                return _fail("run", f"{exc} (it keeps going: `eectl status {deployment_id}`)")
     except CtlError as exc:
         return _fail("run", str(exc), exc.exit_code)
+    if args.json:
+        print(json.dumps(final, indent=2), file=out)
     if final.get("state") == "running":
-        print(f"deployment {deployment_id} is running", file=out)
+        if not args.json:
+            print(f"deployment {deployment_id} is running", file=out)
+            print(f"url: {cell(app_url(final))}", file=out)
         return 0
-    print(f"deployment {deployment_id} {cell(final.get('state'))}", file=out)
+    print(f"deployment {deployment_id} {cell(final.get('state'))}", file=err)
     for error in deployment_errors(final) or ["(the CP gave no error detail)"]:
-        print(f"  {error}", file=out)
+        print(f"  {error}", file=err)
     return 1
+
+
+def app_url(deployment: Json) -> str | None:
+    """Where the app answers: the deployment's ``url``, else a running replica's."""
+    url = deployment.get("url")
+    if isinstance(url, str) and url:
+        return url
+    for replica in deployment.get("replicas") or []:
+        if replica_state(replica) == "running" and replica.get("url"):
+            return str(replica["url"])
+    return None
 
 
 def _admin_client(args: argparse.Namespace, tenant: CpClient) -> CpClient:
     token = args.admin_token or os.environ.get("EE_ADMIN_TOKEN") or tenant.token
-    return CpClient(resolve_url(args), token)
+    return CpClient(resolve_tenant(args)[0], token)
+
+
+def _no_route(exc: CpError) -> bool:
+    """A 404 for the route itself (an older CP), not for the deployment."""
+    return exc.status in (404, 405) and exc.message.startswith("no route")
+
+
+def agents_from_attestation(view: Json) -> dict[str, Json | None]:
+    """The tenant attestation view (per replica: ``agent_id``, ``verdict``,
+    ``tcb_status``, ``agent_status``/``status``, ``vm_name``, ``measurements``; or these
+    under ``attestation``) as the agent views `attested_check` reads."""
+    agents: dict[str, Json | None] = {}
+    for replica in view.get("replicas") or []:
+        if not isinstance(replica, Mapping) or not replica.get("agent_id"):
+            continue
+        att = replica.get("attestation")
+        att = att if isinstance(att, Mapping) else replica
+        # A view without agent status lists attested agents only: count them online.
+        status = replica.get("agent_status", att.get("agent_status", "online"))
+        agents[str(replica["agent_id"])] = {
+            "status": status if isinstance(status, str) else None,
+            "vm_name": replica.get("vm_name"),
+            "attestation": {"verdict": att.get("verdict"),
+                            "tcb_status": att.get("tcb_status")}}
+    return agents
 
 
 def wait_attested(args: argparse.Namespace, out: TextIO | None = None, *,
                   clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], None] = time.sleep) -> int:
     out = out or sys.stdout
+    tenant_route = True
+    path = f"/api/v2/deployments/{segment(args.deployment_id)}/attestation"
     try:
-        with client_from_args(args) as tenant, _admin_client(args, tenant) as admin:
+        with tenant_client_from_args(args) as tenant, _admin_client(args, tenant) as admin:
             deadline = clock() + args.timeout
             while True:
                 deployment = tenant.deployment(args.deployment_id)
                 agents: dict[str, Json | None] = {}
-                for replica in deployment.get("replicas") or []:
-                    agent_id = replica.get("agent_id")
-                    if agent_id and str(agent_id) not in agents:
-                        agents[str(agent_id)] = _agent_or_none(admin, str(agent_id))
+                if tenant_route:
+                    try:
+                        agents = agents_from_attestation(tenant.get(path))
+                    except CpError as exc:
+                        if not _no_route(exc):
+                            raise
+                        tenant_route = False
+                if not tenant_route:
+                    for replica in deployment.get("replicas") or []:
+                        agent_id = replica.get("agent_id")
+                        if agent_id and str(agent_id) not in agents:
+                            agents[str(agent_id)] = _agent_or_none(admin, str(agent_id))
                 check = attested_check(deployment, agents)
                 if check.done or check.failure or clock() >= deadline:
                     break
                 sleep(args.poll)
     except CtlError as exc:
         return _fail("wait-attested", str(exc), exc.exit_code)
-    print(table(ATTESTED_HEADERS, check.rows) if check.rows else "no replicas placed",
-          file=out)
+    if args.json:
+        print(json.dumps({"deployment_id": args.deployment_id, "attested": check.done,
+                          "failure": check.failure,
+                          "replicas": [dict(zip((h.lower() for h in ATTESTED_HEADERS), row,
+                                                strict=True)) for row in check.rows]},
+                         indent=2), file=out)
+    else:
+        print(table(ATTESTED_HEADERS, check.rows) if check.rows else "no replicas placed",
+              file=out)
+    if check.done and args.json:
+        return 0
     if check.done:
         print(f"deployment {args.deployment_id}: every replica runs on an attested agent",
               file=out)
@@ -454,15 +540,21 @@ def _agent_or_none(admin: CpClient, agent_id: str) -> Json | None:
 
 
 __all__ = [
+    "COMMANDS",
     "AttestedCheck",
     "Progress",
+    "agents_from_attestation",
+    "app_url",
     "attested_check",
     "deployment_errors",
     "diagnostics_of",
     "diagnostics_text",
     "follow",
     "placement_request",
+    "positive_number",
     "progress_lines",
     "register",
+    "register_wait_attested",
     "transitions",
+    "whole_number",
 ]

@@ -4,7 +4,8 @@ Each group module exposes ``register(subparsers)``, adding its parser and settin
 ``handler`` (a function ``(args) -> int`` exit code) on each leaf subcommand. To add a
 group (`console`, `deploy`, `capacity`, ...), write its module and list it in GROUPS.
 Exit codes: 0 success, 1 the operation ran and said no (e.g. a quote was refused),
-2 usage or unreadable input.
+2 usage or unreadable input. ``eectl deploy APP …`` is short for ``eectl deploy run APP
+…`` (`expand_shorthands`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from types import ModuleType
 from ee import __version__
 from ee.ctl import (
     agents,
+    apps,
     billing,
     capacity,
     console,
@@ -25,6 +27,7 @@ from ee.ctl import (
     drill,
     federation,
     image,
+    push,
     release,
     rollout,
     tenant,
@@ -32,15 +35,20 @@ from ee.ctl import (
 )
 from ee.ctl import vm as vm_group
 
-GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image, billing, rollout, drill, vm_group,
+GROUPS: tuple[ModuleType, ...] = (push, deploy, apps, trust, console, capacity, agents, release,
+                                  tenant, cpbundle, image, billing, rollout, drill, vm_group,
                                   federation)
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eectl", description="EasyEnclave operators' tool.")
+    parser = argparse.ArgumentParser(
+        prog="eectl", description="EasyEnclave's command line, for tenants (push, deploy, "
+        "status, logs, trust verify-health, …) and operators.",
+        epilog="A tenant's first steps: eectl apps create NAME; eectl push DIR --app NAME "
+               "--version 1; eectl deploy NAME --version 1. The API key comes from "
+               "--key-file, $EE_API_KEY or ~/.config/easyenclave/config.json.")
     parser.add_argument("--version", action="version", version=f"eectl {__version__}")
     groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
     for module in GROUPS:
@@ -48,9 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_shorthands(argv: Sequence[str]) -> list[str]:
+    """``deploy APP …`` → ``deploy run APP …``."""
+    out = list(argv)
+    if len(out) >= 2 and out[0] == "deploy" and out[1] not in deploy.COMMANDS \
+            and not out[1].startswith("-"):
+        out.insert(1, "run")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_shorthands(sys.argv[1:] if argv is None else argv))
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_usage(sys.stderr)

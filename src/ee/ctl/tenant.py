@@ -104,14 +104,18 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     undeploy.set_defaults(handler=undeploy_command)
 
 
-def pack_context(directory: Path) -> str:
-    """*directory* as a base64 tar.gz: sorted members, no owners, zero times."""
+def pack_context_bytes(directory: Path, exclude: frozenset[str] = frozenset()) -> bytes:
+    """*directory* as a tar.gz: sorted members, no owners, zero times, modes 0644/0755
+    (so one tree always gives one compose hash); top-level names in *exclude* left out.
+    Symlinks and special files are refused (the CP would refuse them anyway)."""
     if not directory.is_dir():
         raise UsageError(f"--context {directory}: not a directory")
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in sorted(directory.rglob("*")):
             rel = path.relative_to(directory).as_posix()
+            if rel.split("/", 1)[0] in exclude:
+                continue
             if path.is_symlink() or not (path.is_file() or path.is_dir()):
                 raise UsageError(f"--context: {rel} is not a regular file or directory")
             info = tar.gettarinfo(str(path), arcname=rel)
@@ -127,7 +131,12 @@ def pack_context(directory: Path) -> str:
     out = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0) as gz:
         gz.write(raw.getvalue())
-    return base64.b64encode(out.getvalue()).decode()
+    return out.getvalue()
+
+
+def pack_context(directory: Path) -> str:
+    """*directory* as a base64 tar.gz (`pack_context_bytes`), as the JSON upload wants."""
+    return base64.b64encode(pack_context_bytes(directory)).decode()
 
 
 def version_body(args: argparse.Namespace) -> Json:
@@ -243,4 +252,4 @@ def undeploy_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["pack_context", "register", "version_body"]
+__all__ = ["pack_context", "pack_context_bytes", "register", "version_body"]

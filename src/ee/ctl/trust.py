@@ -1,4 +1,9 @@
-"""`eectl trust`: attestation trust tools (verify-quote, measure).
+"""`eectl trust`: attestation trust tools (verify-quote, verify-health, dev-root,
+wait-attested, measure, collateral, reproducibility-check).
+
+``verify-health`` (`ee.ctl.verify_health`) checks an app's attested health quote
+against a fresh nonce and the expected hash; ``wait-attested`` is `eectl deploy
+wait-attested`; ``dev-root`` prints a dev cluster's simulated root.
 
 ``verify-quote --event-log CCEL`` replays a TDX event log to RTMR0..2 and requires the
 quote's values (``--runtime-log`` does the same for RTMR3 with the agent's runtime
@@ -46,11 +51,41 @@ from ee.attestation.policy import Measurements, Policy, Verdict, evaluate
 from ee.attestation.quote import BODY_TYPE_TD15, Quote, parse_quote
 from ee.attestation.verify import VerificationResult, Verifier, load_intel_root
 from ee.ctl.collateral import register_collateral
+from ee.ctl.deploy import register_wait_attested
 from ee.ctl.image import register_trust_commands
+from ee.ctl.verify_health import add_verify_health
 
 EXIT_ACCEPTED = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
+
+POLICY_FORMAT = """\
+policy file (--policy FILE), JSON; every field optional:
+  {
+    "mode": "strict",            strict: any violation refuses; warn: admit and list
+                                 them (never a bad signature, a debug TD or a
+                                 REPORTDATA mismatch); disabled: check only debug
+                                 and provider
+    "mrtd":  ["<96 hex>", ...],  allowlists of the quote's registers (SHA-384, hex);
+    "rtmr0": [...], "rtmr1": [...], "rtmr2": [...], "rtmr3": [...],
+                                 an empty or absent list allows any value
+    "pcr4": ["<64 hex>"], "pcr9": [...],   vTPM PCRs (tpm provider only)
+    "providers": ["tdx", "sim"], accepted evidence: tdx (chains to Intel's root),
+                                 sim (any other root), tpm; default tdx and sim
+    "node_sizes": {"SIZE": {"mrtd": [...], "rtmr1": [...], "providers": [...]}},
+                                 per node size (--node-size): each non-empty list
+                                 replaces the global one
+    "allowed_tcb_statuses": ["UpToDate", "SWHardeningNeeded"],   (the default)
+    "require_collateral": true,  refuse when no --collateral gives a TCB status
+    "max_collateral_age_s": 2592000,
+    "require_event_log": false   refuse unless --event-log/--runtime-log replay
+  }
+A dev cluster (simulated quotes, no collateral):
+  eectl trust dev-root > dev-root.pem
+  echo '{"mode": "strict", "require_collateral": false}' > dev-policy.json
+  eectl trust verify-quote quote.bin --root dev-root.pem --policy dev-policy.json
+`eectl trust measure --policy-out FILE` writes the allowlists an image will measure.
+"""
 
 
 class _InputError(Exception):
@@ -67,6 +102,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     vq = commands.add_parser(
         "verify-quote",
         help="parse and verify a TDX quote file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=POLICY_FORMAT,
         description=(
             "Parse and verify a TDX quote (v4/v5): fields, signature chain, TCB status "
             "(with --collateral), advisories and the policy verdict. Exit 0 only when "
@@ -180,6 +217,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
     register_collateral(commands)
     register_trust_commands(commands)  # reproducibility-check (ee.ctl.image)
+    add_verify_health(commands)  # verify-health, dev-root (ee.ctl.verify_health)
+    register_wait_attested(commands)  # (ee.ctl.deploy)
 
 
 
