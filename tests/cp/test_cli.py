@@ -28,7 +28,7 @@ def test_help_and_refusals(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "no bootstrap bundle" in r.stderr
     r = run(["--data-dir", str(tmp_path / "x"), "--role", "dc"], env)
-    assert r.returncode == 2 and "not built yet" in r.stderr
+    assert r.returncode == 2 and "--role dc needs --upstream" in r.stderr
     r = run(["--data-dir", str(tmp_path / "x"), "--listen", "nonsense"], env)
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
 

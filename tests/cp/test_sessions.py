@@ -78,7 +78,9 @@ async def test_fifty_agents_register_go_stale_and_come_back(tmp_path: Path) -> N
             assert dcs == [{"datacenter": "local:dev",
                             "agents": {"total": 50, "online": 50, "stale": 0, "offline": 0,
                                        "quarantined": 0},
-                            "attestation": {"pass": 50, "fail": 0}, "degraded": False}]
+                            "attestation": {"pass": 50, "fail": 0}, "degraded": False,
+                            "label": "local:dev", "mode": "direct", "sync_lag_s": 0.0,
+                            "spool_depth": 0}]
             nursery.cancel_scope.cancel()
 
 
