@@ -347,6 +347,9 @@ class Deployment:
     last_agents: frozenset[str] = frozenset()
     stopped_at: float | None = None
     placing_since: float | None = None  # Trio time (placing timeout), not persisted
+    # Replicas stopped because they failed, by agent (shown to the tenant with their
+    # cause until the deployment is healthy again or the agent takes a new replica).
+    failed_replicas: Mapping[str, Replica] = attrs.field(factory=dict)
 
     def spec(self) -> dict[str, Any]:
         c = self.constraints
@@ -534,7 +537,9 @@ class AppActor(Actor):
             "replicas": [{"agent_id": r.agent_id, "state": r.state, "version": r.version,
                           "compose_hash": r.compose_hash, "error": r.error,
                           "failure": None if r.failure is None else r.failure.view()}
-                         for r in sorted(dep.replicas.values(), key=lambda r: r.agent_id)],
+                         for r in sorted([*dep.replicas.values(), *(
+                             f for a, f in dep.failed_replicas.items()
+                             if a not in dep.replicas)], key=lambda r: r.agent_id)],
         }
 
     @staticmethod
@@ -589,6 +594,8 @@ class AppActor(Actor):
         failed when the compose hash is not its version's (`hash_problem`). Its version
         is the one this app sent it; only an adopted replica's comes from the agent."""
         version = old.version if old is not None else (version or dep.version)
+        if old is not None and old.state == "failed" and state != "failed":
+            return old  # failed here (a timeout, a wrong hash): until it is stopped
         reported = compose_hash or (old.compose_hash if old else None)
         if (old is not None and old.moved_from is not None and state != "failed"
                 and reported is not None and reported == self._hash_of(old.moved_from)):
@@ -736,7 +743,7 @@ class AppActor(Actor):
         now = self.deps.wall()
         changes: dict[str, Any] = {
             "replicas_wanted": replicas, "halted": None, "failed_agents": frozenset(),
-            "failure": None, "error": None}
+            "failure": None, "error": None, "failed_replicas": {}}
         if version != dep.version:
             changes.update(version=version, previous_version=dep.version,
                            history=_switch(dep.history, version, now),
@@ -1062,6 +1069,9 @@ class AppActor(Actor):
             await self._undeploy_on(agent_id, deployment_id)
             del replicas[agent_id]
             placed.discard(agent_id)
+            dep = attrs.evolve(dep, failed_replicas={
+                **dep.failed_replicas, agent_id: attrs.evolve(replica, failure=failure,
+                                                              error=failure.error)})
         if dep.desired == "stopped":
             for agent_id in sorted(replicas):
                 if replicas[agent_id].state != "stopping":
@@ -1127,10 +1137,12 @@ class AppActor(Actor):
             # the placements are exactly the replicas.
             failed_agents.clear()
             placed.intersection_update(replicas)
+            dep = attrs.evolve(dep, failed_replicas={})
             if all(r.version == dep.version for r in replicas.values()):
                 dep = self._finished(dep)
         await persist()
-        dep = attrs.evolve(dep, replicas=replicas, error=error)
+        dep = attrs.evolve(dep, replicas=replicas, error=error, failed_replicas={
+            a: r for a, r in dep.failed_replicas.items() if a not in replicas})
         if gave_up and (dep.halted is not None
                         or not any(r.state in ACTIVE_REPLICA for r in replicas.values())):
             was = dep.state

@@ -301,6 +301,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     from ee.cp import (
         billing_routes,
         capacity_routes,
+        deployment_routes,
         identity_routes,
         release_routes,
         secret_routes,
@@ -315,6 +316,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     release_routes.register(app, cp, auth)
     secret_routes.register(app, cp, auth)
     billing_routes.register(app, cp, auth)
+    deployment_routes.register(app, cp, auth)
     return app
 
 
