@@ -30,11 +30,12 @@ from ee.actors.app import (
     CreateDeployment,
     DeploySettings,
     GetDeployment,
+    Reconcile,
     StopDeployment,
 )
 from ee.actors.app import DeploymentLogs as Logs
 from ee.actors.deployment import failure_text, move_plan, timed_out
-from ee.actors.directory import AgentDirectory
+from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Identity
 from ee.placement import Constraints
 from ee.protocol.messages import (
@@ -50,7 +51,7 @@ from ee.protocol.messages import (
     SnapshotRequest,
     Undeploy,
 )
-from ee.runtime import ActorHost, ActorRef, Registry
+from ee.runtime import ActorError, ActorHost, ActorRef, Registry
 
 APP = "acct-a.hello"
 HASHES = {"1.0": "sha256:" + "11" * 32, "2.0": "sha256:" + "22" * 32}
@@ -209,6 +210,16 @@ async def world(settings: DeploySettings | None = None,
                 extra_versions: tuple[dict[str, Any], ...] = ()) -> AsyncIterator[World]:
     registry = Registry()
     directory = AgentDirectory()
+
+    def nudge(app_key: str) -> bool:  # as the CP wires it (ControlPlane._nudge_app)
+        try:
+            registry.ref(f"app/{app_key}").try_tell(Reconcile())
+        except ActorError:
+            return False
+        return True
+
+    nudges = Nudges(nudge)
+    directory.subscribe(nudges.changed)
     events: list[tuple[str, str, dict[str, Any]]] = []
     saved: dict[str, dict[str, Any]] = {}
 
@@ -222,7 +233,7 @@ async def world(settings: DeploySettings | None = None,
     deps = AppDeps(load=load, save=save, directory=directory,
                    emit=lambda k, s, d: events.append((k, s, dict(d))),
                    reconcile_interval_s=30.0, settings=settings or DeploySettings(),
-                   owner_of=owner_of,
+                   owner_of=owner_of, nudges=nudges,
                    wall=lambda: 1_800_000_000.0 + trio.current_time())
     async with trio.open_nursery() as nursery:
         host = ActorHost(registry, f"app/{APP}", lambda: AppActor(APP, deps))
@@ -251,11 +262,17 @@ async def test_build_failure_reaches_replica_and_deployment(
             only = await w.agent("ag-1", fails_to_build)
             await w.deploy()
             # One agent, which failed it: nowhere else to go (until placing times out).
-            d = await w.reach("placing")
-            assert [m.version for m in only.deploys()] == ["1.0"]
             want = "build failed (exit code 2): make: *** [all] Error 2"
-            assert d["error"] == ("cannot place 1 of 1 replica: 0 candidates, 1 agent "
-                                  f"rejected (EXCLUDED: 1); last failure: {want}")
+            error = ("cannot place 1 of 1 replica: 0 candidates, 1 agent rejected "
+                     f"(EXCLUDED: 1); last failure: {want}")  # (BUSY too, until stopped)
+
+            async def said() -> dict[str, Any] | None:
+                v = await w.view()
+                return v if v["error"] == error else None
+
+            d = await wait_until(said, "the cause", poll=0.5)
+            assert d["state"] == "placing"
+            assert [m.version for m in only.deploys()] == ["1.0"]
             assert d["failure"] == {"phase": "build", "exit_code": 2,
                                     "lines": ["Step 2/3 : RUN make", "make: *** [all] Error 2"],
                                     "agent_id": "ag-1", "version": "1.0"}
@@ -309,10 +326,10 @@ async def test_placing_too_long_times_out(autojump_clock: trio.testing.MockClock
             # The agent goes away: lost, and nowhere else to go.
             from ee.actors.agent import SessionClosed
 
+            lost_at = trio.current_time()
             await agent.ref.ask(SessionClosed(agent.session_id, "gone"))
             d = await w.reach("placing")
             assert d["error"].startswith("cannot place 1 of 1 replica")
-            lost_at = trio.current_time()
             d = await w.reach("failed")
             assert 300 <= trio.current_time() - lost_at < 305
             assert d["error"].startswith("timed out in phase placing after 300s: "

@@ -824,7 +824,10 @@ class AppActor(Actor):
             replicas[msg.agent_id] = replica
             failed = replica.state == "failed"
         self._set(attrs.evolve(dep, replicas=replicas))
-        if failed:
+        u = dep.update
+        moving = (u is not None and u.finished_at is None) or any(
+            r.version != dep.version for r in replicas.values())
+        if failed or moving:  # a failure, or the next step of a rolling update
             await self._reconcile_one(dep.deployment_id)
             self._watch()
         self._wake.set()
