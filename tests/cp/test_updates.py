@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from cpkit import RunningCp, running_cp
+from cpkit import RunningCp, free_port, running_cp
 from simagent import SimAgent
 from test_sessions import FAST, wait_until
 from test_tenants import COMPOSE, deployment, reach_state, setup_app, tenant
@@ -285,3 +285,43 @@ async def test_patch_refusals(tmp_path: Path) -> None:
                 r = await http.patch(path, json={"replicas": 2})
                 assert r.status_code == 409
             nursery.cancel_scope.cancel()
+
+
+async def test_a_cp_restart_resumes_a_rolling_update(tmp_path: Path) -> None:
+    """The new version is in the signed manifest before PATCH answers: a CP that dies
+    before the agent ran it finishes the update after its restart."""
+    from test_adoption import Agent as Recording
+    from test_adoption import control_plane, key_of
+
+    data, listen = tmp_path / "cp", f"127.0.0.1:{free_port()}"
+    first_cp = [True]
+
+    def until_restart(_: Recording, msg: Deploy) -> bool:
+        return not (msg.version == "2.0" and first_cp[0])  # lost with the first CP
+
+    with trio.fail_after(90):
+        async with trio.open_nursery() as agents:
+            async with control_plane(data, listen) as cp:
+                agent = cp.agent("vm-a", on_deploy=until_restart)
+                await agents.start(agent.run_forever)
+                http = await tenant(cp.env, "t")
+                key = await key_of(http)
+                async with http:
+                    await two_versions(http)
+                    dep_id = await deploy(http)
+                    r = await http.patch(f"/api/v2/deployments/{dep_id}",
+                                         json={"version": "2.0"})
+                    assert r.status_code == 202, r.text
+                    assert agent.deploys(dep_id) == 2  # 2.0 sent, never run
+                cp.crash()
+            first_cp[0] = False
+            async with control_plane(data, listen) as cp, \
+                    cp.env.client(token=key) as http:
+                d = await update_over(http, dep_id, "done")
+                assert (d["version"], d["previous_version"]) == ("2.0", "1.0")
+                [replica] = d["replicas"]
+                assert (replica["agent_id"], replica["version"]) == (agent.agent_id, "2.0")
+                assert agent.deployments[dep_id].version == "2.0"
+                assert agent.undeploys(dep_id) == 0  # in place, volumes kept
+                assert [h["version"] for h in d["history"]] == ["1.0", "2.0"]
+            agents.cancel_scope.cancel()
