@@ -75,13 +75,13 @@ restart resumes a rolling update where the agents are.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 import trio
-import trio.lowlevel
 
 from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
 from ee.actors.deployment import (
@@ -102,6 +102,7 @@ from ee.runtime import Actor, ActorError, handler
 log = logging.getLogger("ee.actors.app")
 
 ACTIVE_REPLICA = ("pending", "pulling", "building", "starting", "running")
+DEADLINE_GAP_S = 1.0  # the least time between two passes the phase deadlines ask for
 
 @attrs.frozen
 class DeploySettings:
@@ -486,20 +487,22 @@ class AppActor(Actor):
     async def _ticker(self) -> None:
         """A pass every ``reconcile_interval_s`` (the safety sweep), and one at the next
         phase deadline (a placing deployment, a replica in a timed phase)."""
+        fired = -math.inf
         while True:
             self._wake = trio.Event()
+            now = trio.current_time()
             delay = self.deps.reconcile_interval_s
             deadline = self._next_deadline()
-            if deadline is not None:
-                delay = max(0.0, min(delay, deadline - trio.current_time()))
+            if deadline is not None:  # at most one deadline pass per DEADLINE_GAP_S
+                delay = min(delay, max(deadline - now, fired + DEADLINE_GAP_S - now, 0.0))
             with trio.move_on_after(delay):
                 await self._wake.wait()
                 continue  # something changed: look at the deadlines again
+            fired = trio.current_time()
             try:
                 self.ref.try_tell(Reconcile())
             except ActorError:
                 pass
-            await trio.lowlevel.checkpoint()  # the pass runs before the next look
 
     def _next_deadline(self) -> float | None:
         s = self.deps.settings
