@@ -276,7 +276,8 @@ async def test_build_failure_reaches_replica_and_deployment(
             assert d["failure"] == {"phase": "build", "exit_code": 2,
                                     "lines": ["Step 2/3 : RUN make", "make: *** [all] Error 2"],
                                     "agent_id": "ag-1", "version": "1.0"}
-            [replica] = d["replicas"]
+            assert d["replicas"] == []  # not a member any more: shown apart
+            [replica] = d["failed_replicas"]
             assert replica["state"] == "failed" and replica["error"] == want
             assert replica["failure"] == {"phase": "build", "exit_code": 2,
                                           "lines": ["Step 2/3 : RUN make",

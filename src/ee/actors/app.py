@@ -438,6 +438,12 @@ def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
+def _replica_view(r: Replica) -> dict[str, Any]:
+    return {"agent_id": r.agent_id, "state": r.state, "version": r.version,
+            "compose_hash": r.compose_hash, "error": r.error,
+            "failure": None if r.failure is None else r.failure.view()}
+
+
 class AppActor(Actor):
     def __init__(self, app_key: str, deps: AppDeps) -> None:
         self.app_key = app_key
@@ -537,12 +543,12 @@ class AppActor(Actor):
             "failures": len(dep.failed_agents),
             "history": [e.view() for e in dep.history],
             "update": None if dep.update is None else dep.update.view(),
-            "replicas": [{"agent_id": r.agent_id, "state": r.state, "version": r.version,
-                          "compose_hash": r.compose_hash, "error": r.error,
-                          "failure": None if r.failure is None else r.failure.view()}
-                         for r in sorted([*dep.replicas.values(), *(
-                             f for a, f in dep.failed_replicas.items()
-                             if a not in dep.replicas)], key=lambda r: r.agent_id)],
+            "replicas": [_replica_view(r) for r in sorted(dep.replicas.values(),
+                                                           key=lambda r: r.agent_id)],
+            # Replicas stopped because they failed (not members: never counted, billed
+            # or given secrets), with their cause, until the deployment is healthy.
+            "failed_replicas": [_replica_view(r) for a, r in sorted(
+                dep.failed_replicas.items()) if a not in dep.replicas],
         }
 
     @staticmethod
