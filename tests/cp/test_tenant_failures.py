@@ -105,6 +105,31 @@ def test_move_plan(wanted: int, current: list[str], outdated: list[str], free: b
                      free_agent=free) == plan
 
 
+def test_busy_holders_are_shown_only_through_a_namer() -> None:
+    from ee.placement import AgentInfo, Request, place
+
+    busy = AgentInfo(agent_id="a1", datacenter="dc", node_size="s", gpu=False,
+                     status="online", attested=True, draining=False,
+                     deployments=("dep-theirs",))
+    placement = place(Request(deployment_id=None, replicas=1), [busy])
+    assert "dep-theirs" not in str(placement.to_dict()) + placement.why()
+    named = placement.to_dict(lambda d: "another tenant")
+    assert named["rejected"] == [{"agent_id": "a1", "reasons": ["BUSY"],
+                                  "busy_with": ["another tenant"]}]
+    assert placement.why(lambda d: d).endswith("; BUSY agents run dep-theirs")
+
+
+def test_deploy_carries_every_secret_name_sorted() -> None:
+    from ee.actors.agent import deploy_message
+
+    deploy = deploy_message(APP, "dep-1", version("1.0", secrets=[
+        {"name": "zeta", "as": "file", "on_rotate": "none"},
+        {"name": "alpha", "as": "env", "env": "ALPHA", "on_rotate": "restart"}]))
+    assert deploy.secret_names == ("alpha", "zeta")
+    assert deploy.secret_env == {"ALPHA": "alpha"}
+    assert deploy_message(APP, "dep-1", version("1.0")).secret_names == ()
+
+
 # ---- a real AppActor and AgentActors over scripted agent sessions ------------------------
 
 Script = Callable[["Agent", Deploy], Awaitable[None]]
