@@ -416,3 +416,34 @@ async def test_busy_names_own_deployment_or_another_tenant(tmp_path: Path) -> No
                 assert r.status_code == 409
                 assert mine not in r.text and theirs in r.text
             nursery.cancel_scope.cancel()
+
+
+async def test_a_timeout_in_an_update_rolls_back(autojump_clock: trio.testing.MockClock) -> None:
+    """A new replica stuck past its phase timeout fails the update's health gate: back
+    to the previous version (in place), not a halted deployment."""
+    from ee.actors.app import UpdateDeployment
+
+    async def v2_hangs(agent: Agent, msg: Deploy) -> None:
+        await (builds_forever if msg.version == "2.0" else runs)(agent, msg)
+
+    with trio.fail_after(7200):
+        async with world(DeploySettings(building_s=120),
+                         extra_versions=(version("2.0"),)) as w:
+            agent = await w.agent("ag-1", v2_hangs)
+            await w.deploy()
+            await w.reach("running")
+            answer = await w.app.ask(UpdateDeployment("dep-1", "2.0"))
+            assert answer["changed"] and answer["view"]["update"]["state"] == "rolling"
+
+            async def rolled_back() -> dict[str, Any] | None:
+                v = await w.view()
+                u = v["update"]
+                return v if u["state"] == "rolled_back" and u["finished_at"] else None
+
+            d = await wait_until(rolled_back, "rolled back", poll=0.5)
+            assert d["state"] == "running" and d["version"] == "1.0"
+            assert d["error"] == ("update to 2.0 rolled back: the new replica on ag-1 failed: "
+                                  "timed out in phase building after 120s on ag-1")
+            assert [m.version for m in agent.deploys()] == ["1.0", "2.0", "1.0"]
+            assert not any(isinstance(m, Undeploy) for m in agent.received)
+            assert w.saved["deployments/dep-1"]["halted"] is None
