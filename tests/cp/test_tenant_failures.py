@@ -105,6 +105,18 @@ def test_move_plan(wanted: int, current: list[str], outdated: list[str], free: b
                      free_agent=free) == plan
 
 
+def test_update_transitions() -> None:
+    from ee.actors.deployment import IllegalDeploymentTransition, update_transition
+
+    assert update_transition("rolling", "done") == "done"
+    assert update_transition("rolling", "rolled_back") == "rolled_back"
+    assert update_transition("rolled_back", "failed") == "failed"
+    for current, target in (("done", "rolling"), ("rolled_back", "done"),
+                            ("failed", "rolled_back")):
+        with pytest.raises(IllegalDeploymentTransition):
+            update_transition(current, target)
+
+
 def test_busy_holders_are_shown_only_through_a_namer() -> None:
     from ee.placement import AgentInfo, Request, place
 

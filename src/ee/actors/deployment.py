@@ -25,6 +25,11 @@ checks the AppActor applies to every listing (a snapshot, a view, a ``deploy_sta
   the version's, or claims ``running`` without one, runs code the tenant did not ask
   for: it is marked failed (stopped there, that agent excluded, counted against the
   failure budget) and never counts as running.
+
+And the pure parts of failures and updates: ``failure_text`` (the one line a tenant
+reads: phase, exit code, last line), ``timed_out`` (CP-side phase timeouts),
+``UPDATE_TRANSITIONS`` (an update's ``rolling → done | rolled_back → failed``) and
+``move_plan`` (the next step of a rolling update: wait, surge or in place).
 """
 
 from __future__ import annotations
