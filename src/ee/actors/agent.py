@@ -176,6 +176,11 @@ class ReplicaReport:
     state: str
     compose_hash: str | None
     error: str | None
+    # A failure's cause, as the agent reports it (``DeployStatus``): the phase, the exit
+    # code and the last lines of the failed step's output.
+    phase: str | None = None
+    exit_code: int | None = None
+    log_tail: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -184,6 +189,9 @@ class PushDeploy:
 
     Answers False when the agent cannot take it (offline, quarantined, draining, or
     already running another deployment): the actor is the one arbiter of its agent.
+    An agent that lists this deployment under another version is sent the ``deploy``
+    again: it redeploys in place (stops the old services, keeps their named volumes,
+    starts the new version under the same compose project).
     """
 
     app: str
@@ -200,6 +208,8 @@ class PushUndeploy:
 class FetchLogs:
     deployment_id: str
     tail: int = 200
+    since: str | None = None  # RFC 3339 UTC: only lines from then on
+    service: str | None = None  # only this compose service's lines
 
 
 @attrs.frozen
@@ -217,7 +227,23 @@ MAX_ERROR_CHARS = 2000  # of a replica error the agent reports (shown in views, 
 
 def _replica_report(st: DeployStatus, agent_id: str) -> ReplicaReport:
     error = st.error[:MAX_ERROR_CHARS] if st.error is not None else None
-    return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, error)
+    return ReplicaReport(st.deployment_id, agent_id, st.state, st.compose_hash, error,
+                         st.phase, st.exit_code, tuple(st.log_tail))
+
+
+def deploy_message(app: str, deployment_id: str, v: Mapping[str, Any]) -> Deploy:
+    """The ``deploy`` frame of a version spec (every secret name it receives, sorted,
+    in ``secret_names``: part of the workload hash)."""
+    context = v.get("build_context")
+    secrets_list = v.get("secrets") or []
+    return Deploy(deployment_id=deployment_id, app=app, version=v["version"],
+                  compose=v["compose"], expose_port=int(v["expose_port"]),
+                  health_path=v["health_path"], env=dict(v.get("env") or {}),
+                  build_context=base64.b64decode(context) if context else None,
+                  expose_service=v.get("expose_service"),
+                  secret_env={s["env"]: s["name"] for s in secrets_list
+                              if s.get("as") == "env"},
+                  secret_names=tuple(sorted({s["name"] for s in secrets_list})))
 
 
 class AgentActor(Actor):
@@ -400,17 +426,14 @@ class AgentActor(Actor):
         if (self.link is None or self.state not in (AgentState.READY,)
                 or self.draining or others):
             return False
-        if msg.deployment_id in self.deployments:
-            return True  # already there (adopted or in flight)
         v = msg.version
-        context = v.get("build_context")
-        deploy = Deploy(deployment_id=msg.deployment_id, app=msg.app, version=v["version"],
-                        compose=v["compose"], expose_port=int(v["expose_port"]),
-                        health_path=v["health_path"], env=dict(v.get("env") or {}),
-                        build_context=base64.b64decode(context) if context else None,
-                        expose_service=v.get("expose_service"),
-                        secret_env={s["env"]: s["name"] for s in v.get("secrets") or []
-                                    if s.get("as") == "env"})
+        listed = self.deployments.get(msg.deployment_id)
+        if listed is not None and listed.app != msg.app:
+            return False  # listed under another app: a stray, stopped by the app
+        if listed is not None and listed.version == v["version"]:
+            return True  # already there (adopted or in flight)
+        # New here, or listed under another version: (re)deploy, in place for the latter.
+        deploy = deploy_message(msg.app, msg.deployment_id, v)
         try:
             await self.link.send(deploy)
         except Exception as exc:  # the session just died; the app will re-place
@@ -438,20 +461,24 @@ class AgentActor(Actor):
         return True
 
     @handler(FetchLogs)
-    async def on_fetch_logs(self, msg: FetchLogs) -> list[dict[str, str]]:
+    async def on_fetch_logs(self, msg: FetchLogs) -> list[dict[str, str | None]]:
         if self.link is None:
             raise_offline = f"agent {self.agent_id} is offline"
-            return [{"service": "-", "text": raise_offline}]
+            return [{"service": "-", "text": raise_offline, "at": None}]
         try:
-            reply = await self.link.request(
-                LogsRequest(deployment_id=msg.deployment_id, tail=msg.tail),
-                self.deps.settings.request_timeout_s)
+            ask = LogsRequest(deployment_id=msg.deployment_id, tail=msg.tail,
+                              since=msg.since, service=msg.service)
+        except (ValueError, TypeError) as exc:  # checked by the route; never a crash here
+            return [{"service": "-", "text": f"logs unavailable: {exc}", "at": None}]
+        try:
+            reply = await self.link.request(ask, self.deps.settings.request_timeout_s)
         except Exception as exc:  # refused, no answer, session gone: the asker's problem,
             # never this actor's (a tenant asking for logs must not crash it)
-            return [{"service": "-", "text": f"logs unavailable: {exc}"}]
+            return [{"service": "-", "text": f"logs unavailable: {exc}", "at": None}]
         if not isinstance(reply, LogsReply):
             return []
-        return [{"service": line.service, "text": line.text} for line in reply.lines]
+        return [{"service": line.service, "text": line.text, "at": line.at}
+                for line in reply.lines]
 
     @handler(Tick)
     async def on_tick(self, _: Tick) -> None:

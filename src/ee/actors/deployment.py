@@ -25,6 +25,11 @@ checks the AppActor applies to every listing (a snapshot, a view, a ``deploy_sta
   the version's, or claims ``running`` without one, runs code the tenant did not ask
   for: it is marked failed (stopped there, that agent excluded, counted against the
   failure budget) and never counts as running.
+
+And the pure parts of failures and updates: ``failure_text`` (the one line a tenant
+reads: phase, exit code, last line), ``timed_out`` (CP-side phase timeouts),
+``UPDATE_TRANSITIONS`` (an update's ``rolling → done | rolled_back → failed``) and
+``move_plan`` (the next step of a rolling update: wait, surge or in place).
 """
 
 from __future__ import annotations
@@ -125,3 +130,80 @@ def hash_problem(state: str, reported: str | None, expected: str | None
     if state == "running":
         return HashProblem.COMPOSE_HASH_MISSING
     return None
+
+
+# ---- failures and phase timeouts -------------------------------------------------------
+
+#: How a failure phase reads in a replica's ``error`` (``DeployStatus.phase``).
+PHASE_LABELS: Final[dict[str, str]] = {
+    "pull": "image pull", "build": "build", "start": "start", "health": "health check",
+    "secrets": "secret release", "timeout": "timeout",
+}
+
+#: The replica states a CP-side phase timeout applies to (see ``PhaseTimeouts``).
+TIMED_STATES: Final = ("pending", "pulling", "building", "starting")
+
+
+def failure_text(phase: str | None, exit_code: int | None, lines: Iterable[str],
+                 error: str | None) -> str:
+    """The human ``error`` of a failed replica: where it failed, the exit code, and the
+    last line of the failed step's output (or the agent's own message) (pure)."""
+    last = next((line.strip() for line in reversed(list(lines)) if line.strip()), None)
+    if phase is None:
+        return error or last or "failed"
+    text = f"{PHASE_LABELS.get(phase, phase)} failed"
+    if exit_code is not None:
+        text += f" (exit code {exit_code})"
+    detail = last or error
+    return f"{text}: {detail}" if detail else text
+
+
+def timed_out(state: str, since: float, now: float, limits: dict[str, float]) -> float | None:
+    """The limit a replica in *state* since *since* has overstayed, else None (pure)."""
+    limit = limits.get(state)
+    if limit is None or now - since < limit:
+        return None
+    return limit
+
+
+# ---- updates ---------------------------------------------------------------------------
+
+UpdateState = Literal["rolling", "done", "rolled_back", "failed"]
+
+UPDATE_TRANSITIONS: Final[frozenset[tuple[str, str]]] = frozenset({
+    ("rolling", "done"),         # every replica runs the new version
+    ("rolling", "rolled_back"),  # a new replica failed its health gate
+    ("rolled_back", "failed"),   # the previous version failed too
+    ("rolling", "failed"),       # a rollback (explicit) failed its own gate
+})
+
+
+def update_transition(current: str, target: str) -> str:
+    if current == target or (current, target) in UPDATE_TRANSITIONS:
+        return target
+    raise IllegalDeploymentTransition(f"update {current}", target)
+
+
+def move_plan(*, wanted: int, current: Iterable[str], outdated: Iterable[str],
+              free_agent: bool) -> Literal["wait", "surge", "in_place", "stop_old", "none"]:
+    """The next step of a rolling update (pure), one replica at a time.
+
+    *current*: the states of the replicas on the deployment's version; *outdated*: those
+    of the replicas still on another one. Never fewer serving replicas than before:
+
+    * a new replica is in flight (not yet running, not failed): wait for its health gate;
+    * more serving replicas than wanted (a surge replica came up): stop an old one;
+    * otherwise move one: onto a free agent first (surge: start new, then stop old),
+      else in place on an old replica's agent (stop, start; named volumes kept there).
+    """
+    cur, old = list(current), list(outdated)
+    if not old:
+        return "none"
+    if any(s in TIMED_STATES for s in cur):
+        return "wait"
+    running = sum(1 for s in cur if s == "running")
+    if running + len(old) > wanted:
+        return "stop_old"
+    if len(cur) + len(old) > wanted:
+        return "wait"  # placed beyond the count and not running: its gate decides
+    return "surge" if free_agent else "in_place"

@@ -306,6 +306,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     from ee.cp import (
         billing_routes,
         capacity_routes,
+        deployment_routes,
         identity_routes,
         release_routes,
         secret_routes,
@@ -323,6 +324,7 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     from ee.federation import routes as federation_routes
 
     federation_routes.register(app, cp)
+    deployment_routes.register(app, cp, auth)
     return app
 
 

@@ -47,7 +47,14 @@ import attrs
 import trio
 
 from ee.actors.agent import AgentDeps, AgentSettings
-from ee.actors.app import AppActor, AppDeps, GetDeployment, ListVersions, Reconcile
+from ee.actors.app import (
+    AppActor,
+    AppDeps,
+    DeploySettings,
+    GetDeployment,
+    ListVersions,
+    Reconcile,
+)
 from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Binding, Identity
 from ee.actors.pool import PoolDeps, PoolDirectory
@@ -170,6 +177,8 @@ class CpConfig:
     federation_advertise: str | None = None
     degraded_after_s: float = 30.0
     federation_heartbeat_s: float = 2.0
+    # Phase timeouts and log retention: ee.actors.app.DeploySettings fields.
+    deployments: dict[str, Any] | None = None
 
     @classmethod
     def from_sources(cls, args: argparse.Namespace) -> CpConfig:
@@ -213,6 +222,7 @@ class CpConfig:
             _host_port(config.federation_listen, "federation_listen")
         config.refresh_settings()  # validates the collateral settings
         BillingSettings.from_config(config.billing)  # validates the billing settings
+        DeploySettings.from_config(config.deployments)  # validates the phase timeouts
         for fmspc in config.pccs_fmspcs:
             normalise_fmspc(fmspc)
         if config.pccs_url and not config.pccs_fmspcs:
@@ -708,7 +718,9 @@ class ControlPlane:
         return AppDeps(load=self._load_app, save=self._save_manifest,
                        directory=self.directory, emit=self.events.emit,
                        reserve_warm=self._reserve_warm, holds=self._holds,
-                       ready=self.is_ready, nudges=self.nudges)
+                       ready=self.is_ready, nudges=self.nudges,
+                       settings=DeploySettings.from_config(self.config.deployments),
+                       owner_of=self.deployment_index.get)
 
     def _nudge_app(self, app_key: str) -> bool:
         """One ``Reconcile`` for *app_key* (the directory's change feed); False if it

@@ -16,7 +16,10 @@ are reported, in this fixed order (the order of ``Reason``):
     DATACENTER_NOT_ALLOWED        ``constraints.datacenter`` names another datacenter
     NO_GPU                        ``constraints.gpu`` and the node has no GPU
     EXCLUDED                      listed in ``constraints.exclude_agents``
-    BUSY                          runs another deployment (one workload per VM/TD)
+    BUSY                          runs another deployment (one workload per VM/TD);
+                                  the rejection keeps which (``holders``), shown only
+                                  through the caller's ``HolderName`` (no tenant sees
+                                  another tenant's deployment ids)
     RESERVED                      held for another reservation or deployment
 
 An agent already running *this* deployment is an existing replica, not BUSY. An agent
@@ -49,7 +52,7 @@ from __future__ import annotations
 import enum
 import heapq
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Literal
 
 import attrs
@@ -225,13 +228,29 @@ class Candidate:
         return attrs.asdict(self)
 
 
+#: How a caller names the deployment holding a BUSY agent to whoever reads the answer
+#: (a tenant sees its own deployment ids, and "another tenant" for the rest).
+HolderName = Callable[[str], str]
+
+
 @attrs.frozen
 class Rejection:
     agent_id: str
     reasons: tuple[Reason, ...] = attrs.field(validator=attrs.validators.min_len(1))
+    # BUSY: the deployments the agent runs (raw ids: shown only through a HolderName).
+    holders: tuple[str, ...] = attrs.field(default=(), eq=False)
 
-    def to_dict(self) -> dict[str, object]:
-        return {"agent_id": self.agent_id, "reasons": [r.value for r in self.reasons]}
+    def busy_with(self, name: HolderName) -> list[str]:
+        return sorted({name(h) for h in self.holders})
+
+    def to_dict(self, name: HolderName | None = None) -> dict[str, object]:
+        """The rejection; with *name*, a BUSY one says who holds the agent
+        (``busy_with``). Without it, holders are never shown."""
+        out: dict[str, object] = {"agent_id": self.agent_id,
+                                  "reasons": [r.value for r in self.reasons]}
+        if name is not None and self.holders:
+            out["busy_with"] = self.busy_with(name)
+        return out
 
 
 @attrs.frozen
@@ -242,12 +261,12 @@ class Placement:
     rejected: tuple[Rejection, ...]  # by agent_id
     shortfall: int
 
-    def to_dict(self) -> dict[str, object]:
-        """The preflight answer (API.md)."""
+    def to_dict(self, name: HolderName | None = None) -> dict[str, object]:
+        """The preflight answer (API.md); *name* as in ``Rejection.to_dict``."""
         return {
             "placeable": self.placeable,
             "candidates": [c.to_dict() for c in self.candidates],
-            "rejected": [r.to_dict() for r in self.rejected],
+            "rejected": [r.to_dict(name) for r in self.rejected],
             "chosen": list(self.chosen),
             "shortfall": self.shortfall,
         }
@@ -260,9 +279,10 @@ class Placement:
                 counts[reason.value] += 1
         return {k: n for k, n in counts.items() if n}
 
-    def why(self) -> str:
+    def why(self, name: HolderName | None = None) -> str:
         """One line saying what placement had to choose from, with the reason codes
-        of the rejected agents (a deployment's ``error`` while it cannot be placed)."""
+        of the rejected agents (a deployment's ``error`` while it cannot be placed);
+        with *name*, which deployments hold the BUSY agents."""
         if not self.candidates and not self.rejected:
             return "no agents connected"
         n = len(self.candidates)
@@ -271,6 +291,10 @@ class Placement:
             m = len(self.rejected)
             counts = ", ".join(f"{k}: {v}" for k, v in self.reason_counts().items())
             text += f", {m} agent{'' if m == 1 else 's'} rejected ({counts})"
+        if name is not None:
+            held = sorted({n for r in self.rejected for n in r.busy_with(name)})
+            if held:
+                text += f"; BUSY agents run {', '.join(held)}"
         return text
 
     def require(self) -> tuple[str, ...]:
@@ -333,7 +357,10 @@ def place(request: Request, agents: Iterable[AgentInfo]) -> Placement:
         agent = by_id[agent_id]
         reasons = _reasons(request, claims, agent)
         if reasons:
-            rejected.append(Rejection(agent_id, reasons))
+            holders = tuple(sorted({d for d in agent.deployments
+                                    if d != request.deployment_id}))
+            rejected.append(Rejection(agent_id, reasons,
+                                      holders if Reason.BUSY in reasons else ()))
             continue
         tier = (
             request.deployment_id not in agent.deployments,
