@@ -104,6 +104,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from hashlib import sha256
@@ -119,6 +120,21 @@ import requests
 import trio
 import yaml
 
+from ee.agent.failures import (
+    MAX_TAIL_LINES,
+    FailureReport,
+    container_exited,
+    health_failed,
+    step_failed,
+    step_timed_out,
+)
+from ee.agent.logstore import (
+    MAX_LINES_PER_SERVICE,
+    RetainedLogs,
+    filter_lines,
+    rfc3339_ns,
+    split_timestamp,
+)
 from ee.agent.rtmr3 import Rtmr3Error
 from ee.protocol.compose import (
     BuildContext,
@@ -126,12 +142,12 @@ from ee.protocol.compose import (
     ComposeError,
     LoadedBuildContext,
     compose_services,
-    hash_compose_document,
     load_build_context,
     validate_compose,
+    workload_hash,
 )
 from ee.protocol.dockerfile import check_build_dockerfiles
-from ee.protocol.messages import SECRET_NAME
+from ee.protocol.messages import SECRET_NAME, LogLine
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -290,6 +306,16 @@ def _check_secret_env(_: object, __: attrs.Attribute[Any], value: Mapping[str, s
             raise ValueError(f"secret_env: {name!r} is not a secret name")
 
 
+def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _check_secret_names(_: object, __: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for name in value:
+        if not isinstance(name, str) or not SECRET_NAME.match(name):
+            raise ValueError(f"secret_names: {name!r} is not a secret name")
+
+
 def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
     check_health_path(value)  # WorkloadPolicyError is a ValueError
 
@@ -372,6 +398,9 @@ class DeploySpec:
     #: environment variables fed from released secrets: VAR -> secret name
     secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env,
                                                 validator=_check_secret_env)
+    #: every secret name the version receives (part of the workload hash)
+    secret_names: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple,
+                                                validator=_check_secret_names)
 
 
 @attrs.frozen
@@ -389,6 +418,10 @@ class DeploymentStatus:
     )
     upstream: tuple[str, int] | None = None
     error: str | None = None
+    #: a failed deploy's phase, exit code and last output lines (``ee.agent.failures``)
+    phase: str | None = None
+    exit_code: int | None = None
+    log_tail: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The ``deploy_status`` message body (optional fields omitted when unset)."""
@@ -399,6 +432,12 @@ class DeploymentStatus:
             body["image_digests"] = dict(self.image_digests)
         if self.error is not None:
             body["error"] = self.error
+        if self.phase is not None:
+            body["phase"] = self.phase
+        if self.exit_code is not None:
+            body["exit_code"] = self.exit_code
+        if self.log_tail:
+            body["log_tail"] = list(self.log_tail)
         return body
 
 
@@ -441,7 +480,10 @@ class WorkloadSettings:
     #: Upper bound of the health poll interval (polls start at 50 ms and double).
     health_interval: float = 1.0
     health_request_timeout: float = 3.0
-    up_timeout: float = 900.0
+    #: per-phase limits of a deploy: pulling missing images, building, `up`
+    pull_timeout: float = 600.0
+    build_timeout: float = 900.0
+    start_timeout: float = 300.0
     down_timeout: float = 300.0
     retry: RetryPolicy = RetryPolicy()
     error_tail_bytes: int = 4096
@@ -528,7 +570,47 @@ async def detect_compose_cli() -> ComposeCLI:
 
 
 class _Failure(Exception):
-    """A workload problem: becomes a ``failed`` status, never escapes the runner."""
+    """A workload problem: becomes a ``failed`` status, never escapes the runner
+    (*report*: the phase, exit code and output of a failed step)."""
+
+    def __init__(self, message: str, report: FailureReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    @classmethod
+    def of(cls, report: FailureReport) -> _Failure:
+        return cls(report.error, report)
+
+
+async def _run_step(argv: Iterable[str], *, env: Mapping[str, str], cwd: Path,
+                    timeout: float, keep_bytes: int) -> tuple[int | None, str]:
+    """Run a Compose command with stdout and stderr merged, keeping the last
+    *keep_bytes* of its output: ``(exit code, output)``, or ``(None, output so far)``
+    when it did not finish within *timeout* (it is killed; so it is when cancelled)."""
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=dict(env), cwd=cwd)
+    except OSError as exc:
+        return 127, str(exc)
+    buffer = bytearray()
+    code: int | None = None
+    try:
+        with trio.move_on_after(timeout):
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                buffer += chunk
+                if len(buffer) > 2 * keep_bytes:
+                    del buffer[:-keep_bytes]
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if process.stdout is not None:
+            await trio.aclose_forcefully(process.stdout)
+    return code, bytes(buffer[-keep_bytes:]).decode("utf-8", "replace")
 
 
 @attrs.frozen
@@ -696,6 +778,8 @@ class ComposeRunner:
         self.secrets_dir = secrets_dir
         #: the store that writes env-secret files (``ee.agent.secrets.SecretStore``)
         self.secret_env: SecretEnv | None = None
+        #: where an undeployed deployment's last log lines are kept (None: nowhere)
+        self.retained: RetainedLogs | None = None
         self.settings = settings or WorkloadSettings()
         self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
@@ -833,7 +917,7 @@ class ComposeRunner:
     async def deploy(
         self, spec: DeploySpec, on_status: StatusCallback | None = None
     ) -> DeploymentStatus:
-        """Deploy (or redeploy in place) and return the final status.
+        """Deploy (or update in place) and return the final status.
 
         Reports ``starting`` then ``running`` or ``failed`` through ``on_status``
         (awaited in order; an exception from the callback propagates). Workload
@@ -854,9 +938,21 @@ class ComposeRunner:
                     cli = await self.detect_cli()
                 except ComposeCLIUnavailable as exc:
                     raise _Failure(str(exc)) from None
-                record = await trio.to_thread.run_sync(self._prepare, spec)
+                old = self._records.get(spec.deployment_id)
+                planned: tuple[_Record, LoadedBuildContext | None] | None = None
+                try:
+                    planned = await trio.to_thread.run_sync(self._plan, spec)
+                finally:
+                    # An update in place (another version or hash under this id): the
+                    # old version stops first, its named volumes stay.
+                    if old is not None and (planned is None or (
+                            planned[0].compose_hash, planned[0].version) != (
+                                old.compose_hash, old.version)):
+                        await self._stop_old(cli, old)
+                record, loaded = planned
+                await trio.to_thread.run_sync(self._write, spec, record, loaded)
                 self._records[spec.deployment_id] = record
-                await self._resolve(cli, record)
+                pulls, builds = await self._resolve(cli, record)
                 await self._measure(record)
                 if record.secret_env:
                     # Say what will run, so the CP can judge this replica and release
@@ -864,15 +960,26 @@ class ComposeRunner:
                     await self._set(attrs.evolve(base, compose_hash=record.compose_hash),
                                     on_status)
                     await self._await_secret_env(record)
-                await self._up(cli, record)
+                await self._pull(cli, record, pulls)
+                if builds:
+                    await self._step(cli, record, "build", ("build",),
+                                     self.settings.build_timeout)
+                await self._step(cli, record, "start",
+                                 ("up", "-d", "--no-build", "--remove-orphans"),
+                                 self.settings.start_timeout, retry=True)
                 containers = await self._sdk(self._project_containers, record.project)
+                await self._check_alive(record, containers)
                 upstream, digests = self._locate(record, containers)
                 await self._wait_healthy(record, upstream)
                 final = attrs.evolve(
                     base, state="running", image_digests=digests, upstream=upstream
                 )
             except _Failure as failure:
+                report = failure.report
                 final = attrs.evolve(base, state="failed", error=str(failure))
+                if report is not None:
+                    final = attrs.evolve(final, phase=report.phase, exit_code=report.exit_code,
+                                         log_tail=report.log_tail)
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
@@ -881,8 +988,27 @@ class ComposeRunner:
                 final = attrs.evolve(final, compose_hash=record.compose_hash)
             return await self._set(final, on_status)
 
-    def _prepare(self, spec: DeploySpec) -> _Record:  # worker thread
-        """Validate, hash, and write the workload directory atomically."""
+    async def _stop_old(self, cli: ComposeCLI, old: _Record) -> None:
+        """Stop the version that runs under this deployment id before another replaces
+        it: ``down --remove-orphans --rmi local`` *without* ``-v``, so its named
+        volumes stay for the next version (same project name) to mount."""
+        if not (old.directory / RESOLVED_FILE).exists():
+            return
+        await trio.to_thread.run_sync(self._env_placeholder, old)
+        argv = self._compose_argv(cli, old, "down", "--remove-orphans", "--rmi", "local")
+        code, out = await _run_step(argv, env=self._cli_env(), cwd=old.directory,
+                                    timeout=self.settings.down_timeout,
+                                    keep_bytes=self.settings.error_tail_bytes)
+        if code is None:
+            raise _Failure.of(step_timed_out("stop of the previous version",
+                                             self.settings.down_timeout, out))
+        if code != 0:
+            raise _Failure.of(step_failed("stop of the previous version", code, out))
+        log.info("deployment %s: stopped version %s (named volumes kept)",
+                 old.deployment_id, old.version)
+
+    def _plan(self, spec: DeploySpec) -> tuple[_Record, LoadedBuildContext | None]:
+        """Validate and hash (worker thread; writes nothing)."""
         try:
             doc = validate_compose(spec.compose)
             loaded = None
@@ -896,20 +1022,22 @@ class ComposeRunner:
                 context = loaded.context
             check_compose(doc, stage="upload")
             check_build_dockerfiles(doc, loaded)
-            digest = hash_compose_document(doc, context)
+            services = compose_services(doc)
+            expose = spec.expose_service or services[0]  # the CP resolves it the same way
+            if expose not in services:
+                raise _Failure(
+                    f"expose_service {expose!r} is not a service of the compose file "
+                    f"(services: {', '.join(services)})"
+                )
+            digest = workload_hash(doc, context, env=spec.env, expose_port=spec.expose_port,
+                                   expose_service=expose, health_path=spec.health_path,
+                                   secret_names=spec.secret_names)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None
         except BuildContextError as exc:
             raise _Failure(f"invalid build context: {exc}") from None
         except WorkloadPolicyError as exc:
             raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
-        services = compose_services(doc)
-        expose = spec.expose_service or services[0]
-        if expose not in services:
-            raise _Failure(
-                f"expose_service {expose!r} is not a service of the compose file "
-                f"(services: {', '.join(services)})"
-            )
         final = self.workload_dir(spec.deployment_id)
         record = _Record(
             deployment_id=spec.deployment_id,
@@ -924,6 +1052,12 @@ class ComposeRunner:
             services=tuple(services),
             secret_env=spec.secret_env,
         )
+        return record, loaded
+
+    def _write(self, spec: DeploySpec, record: _Record,
+               loaded: LoadedBuildContext | None) -> None:  # worker thread
+        """Write the workload directory atomically (via a temporary sibling)."""
+        final = record.directory
         staging = self.workloads_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
         try:
             self.workloads_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -949,10 +1083,10 @@ class ComposeRunner:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise _Failure(f"cannot write workload directory: {exc}") from None
-        return record
 
-    async def _resolve(self, cli: ComposeCLI, record: _Record) -> None:
-        """Resolve the tenant's file with the CLI's ``config``, check it, write what runs.
+    async def _resolve(self, cli: ComposeCLI, record: _Record) -> tuple[dict[str, str], bool]:
+        """Resolve the tenant's file with the CLI's ``config``, check it, write what runs;
+        return the image of each service that does not build, and whether any builds.
 
         ``config`` gets the tenant env only through ``--env-file`` (for interpolation);
         the env file is deleted afterwards. The CLI's model is checked with the workload
@@ -976,7 +1110,8 @@ class ComposeRunner:
             raise _Failure(f"`config` did not finish within {self.settings.down_timeout:g} s")
         if code != 0:
             raise _Failure(_tail(err or out, self.settings.error_tail_bytes) or f"exit {code}")
-        def check_and_write() -> None:  # YAML parse, policy, dump: off the event loop
+        def check_and_write() -> tuple[dict[str, str], bool]:  # YAML parse, policy,
+            # dump: off the event loop
             try:
                 resolved = validate_compose(out)
                 check_compose(
@@ -1005,8 +1140,12 @@ class ComposeRunner:
                     for name, service in hardened["services"].items()}
             text = yaml.safe_dump(hardened, sort_keys=True, allow_unicode=True)
             _write_private(record.directory / RESOLVED_FILE, text)
+            services = dict(hardened["services"])
+            images = {name: str(service["image"]) for name, service in services.items()
+                      if "build" not in service and isinstance(service.get("image"), str)}
+            return images, any("build" in service for service in services.values())
 
-        await trio.to_thread.run_sync(check_and_write)
+        return await trio.to_thread.run_sync(check_and_write)
 
     async def _measure(self, record: _Record) -> None:
         """Extend RTMR3 with this deployment (and log it) before it runs."""
@@ -1024,18 +1163,39 @@ class ComposeRunner:
         except (Rtmr3Error, ValueError) as exc:
             raise _Failure(f"rtmr3: cannot measure the deployment into RTMR3: {exc}") from None
 
-    async def _up(self, cli: ComposeCLI, record: _Record) -> None:
-        argv = self._compose_argv(cli, record, "up", "-d", "--build", "--remove-orphans")
+    def _missing_images(self, images: Mapping[str, str]) -> list[str]:  # worker thread
+        missing = []
+        for service, image in sorted(images.items()):
+            try:
+                self._client().images.get(image)
+            except docker.errors.ImageNotFound:
+                missing.append(service)
+        return missing
+
+    async def _pull(self, cli: ComposeCLI, record: _Record, images: Mapping[str, str]) -> None:
+        """Pull the images of the services that do not build and are not here yet (as
+        ``up`` would: a local-only image is never looked for in a registry)."""
+        missing = await self._sdk(self._missing_images, images)
+        if missing:
+            await self._step(cli, record, "pull", ("pull", *missing),
+                             self.settings.pull_timeout, retry=True)
+
+    async def _step(self, cli: ComposeCLI, record: _Record, phase: str,
+                    command: tuple[str, ...], timeout: float, *, retry: bool = False) -> None:
+        """One phase's Compose command under its timeout; transient network failures
+        retried (*retry*) with bounded backoff; a failure carries its output's tail."""
+        argv = self._compose_argv(cli, record, *command)
         policy = self.settings.retry
         for attempt in range(1, policy.attempts + 1):
-            with trio.move_on_after(self.settings.up_timeout) as scope:
-                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
-            if scope.cancelled_caught:
-                raise _Failure(f"`up` did not finish within {self.settings.up_timeout:g} s")
+            code, out = await _run_step(argv, env=self._cli_env(), cwd=record.directory,
+                                        timeout=timeout,
+                                        keep_bytes=self.settings.error_tail_bytes)
+            if code is None:
+                raise _Failure.of(step_timed_out(phase, timeout, out))
             if code == 0:
                 return
-            text = _tail(err or out, self.settings.error_tail_bytes) or f"exit status {code}"
-            if attempt < policy.attempts and is_transient_error(text):
+            text = _tail(out, self.settings.error_tail_bytes) or f"exit status {code}"
+            if retry and attempt < policy.attempts and is_transient_error(text):
                 delay = policy.delay(attempt)
                 log.warning(
                     "deployment %s: transient compose failure (attempt %d/%d), retry in %g s",
@@ -1046,7 +1206,7 @@ class ComposeRunner:
                 )
                 await trio.sleep(delay)
                 continue
-            raise _Failure(text)
+            raise _Failure.of(step_failed(phase, code, out))
 
     def _locate(
         self, record: _Record, containers: list[Any]
@@ -1082,6 +1242,7 @@ class ComposeRunner:
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}{record.health_path}"
         deadline = trio.current_time() + self.settings.health_timeout
         last = "no answer yet"
+        answered = False
         timeout = httpx.Timeout(self.settings.health_request_timeout)
         next_alive_check = trio.current_time() + 1.0
         interval = min(0.05, self.settings.health_interval)  # doubles up to health_interval
@@ -1095,36 +1256,64 @@ class ComposeRunner:
                     if 200 <= response.status_code < 300:
                         return
                     last = f"HTTP {response.status_code}"
+                    answered = True
                 if trio.current_time() >= next_alive_check:
                     await self._check_alive(record)
                     next_alive_check = trio.current_time() + 1.0
                 remaining = deadline - trio.current_time()
                 if remaining <= 0:
-                    raise _Failure(
-                        f"health check GET {url} did not answer 2xx within "
-                        f"{self.settings.health_timeout:g} s (last: {last})"
-                    )
+                    what = (f"health check of {record.expose_service}:{port}: "
+                            f"GET {record.health_path}")
+                    logs = await self._service_logs(record, record.expose_service)
+                    raise _Failure.of(health_failed(what, self.settings.health_timeout, last,
+                                                    answered, logs))
                 await trio.sleep(min(interval, remaining))
                 interval = min(interval * 2, self.settings.health_interval)
 
-    async def _check_alive(self, record: _Record) -> None:
+    async def _check_alive(self, record: _Record, containers: list[Any] | None = None) -> None:
+        """Raise a ``start`` failure (exit code, logs) when the exposed service's
+        container has stopped (right after ``up``, or while health is polled)."""
+        if containers is None:
+            try:
+                containers = await self._sdk(self._project_containers, record.project)
+            except Exception as exc:  # docker SDK errors are workload-side
+                if _is_docker_error(exc):
+                    return
+                raise
+        mine = [c for c in containers
+                if c.labels.get("com.docker.compose.service") == record.expose_service]
+        if not mine or any(c.status == "running" for c in mine):
+            return
+        container = mine[0]
+        if container.status not in ("exited", "dead"):
+            return
+        state = container.attrs.get("State") or {}
+        try:
+            logs = await self._sdk(
+                lambda: container.logs(tail=MAX_TAIL_LINES).decode("utf-8", "replace"))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            logs = f"<logs unavailable: {exc}>"
+        code = state.get("ExitCode")
+        raise _Failure.of(container_exited(
+            record.expose_service, code if isinstance(code, int) else None, logs,
+            str(state.get("Error") or "")))
+
+    async def _service_logs(self, record: _Record, service: str) -> str:
+        """The last lines of *service*'s container logs ("" when Docker cannot say)."""
         try:
             containers = await self._sdk(self._project_containers, record.project)
-        except Exception as exc:  # docker SDK errors are workload-side
-            if _is_docker_error(exc):
-                return
-            raise
-        for container in containers:
-            service = container.labels.get("com.docker.compose.service")
-            if service == record.expose_service and container.status in ("exited", "dead"):
-                logs = await self._sdk(
-                    lambda c=container: c.logs(tail=20).decode("utf-8", "replace")
-                )
-                raise _Failure(
-                    f"service {service!r} exited while waiting for health "
-                    f"(exit code {container.attrs.get('State', {}).get('ExitCode')}); "
-                    f"last log lines:\n{_tail(logs, self.settings.error_tail_bytes)}"
-                )
+            mine = [c for c in containers
+                    if c.labels.get("com.docker.compose.service") == service]
+            if not mine:
+                return ""
+            raw: bytes = await self._sdk(lambda: mine[0].logs(tail=MAX_TAIL_LINES))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return ""
+        return raw.decode("utf-8", "replace")
 
     # -- undeploy -----------------------------------------------------------------
 
@@ -1158,6 +1347,8 @@ class ComposeRunner:
         )
         if old is not None and old.state != "stopping":
             await self._set(base, on_status)
+        if record is not None:
+            await self._retain_logs(record)
         try:
             await self._down(deployment_id, record)
         except _Failure as failure:
@@ -1171,6 +1362,18 @@ class ComposeRunner:
         self._records.pop(deployment_id, None)
         self._status.pop(deployment_id, None)
         return stopped
+
+    async def _retain_logs(self, record: _Record) -> None:
+        """Keep the last lines of each service for the retention window (best effort:
+        an undeploy never fails because its logs could not be kept)."""
+        if self.retained is None:
+            return
+        try:
+            lines = await self._docker_lines(record, tail=MAX_LINES_PER_SERVICE, since=None,
+                                             service=None)
+            await trio.to_thread.run_sync(self.retained.keep, record.deployment_id, lines)
+        except (OSError, ValueError) as exc:
+            log.warning("deployment %s: cannot keep its logs: %s", record.deployment_id, exc)
 
     def _env_placeholder(self, record: _Record) -> None:  # worker thread
         """The Compose CLI reads every ``env_file`` even to stop: when the env-secret
@@ -1264,13 +1467,15 @@ class ComposeRunner:
             except KeyError as exc:
                 missing = exc.args[0]
             except (ValueError, OSError) as exc:
-                raise _Failure(f"cannot feed the environment from secrets: {exc}") from None
+                raise _Failure.of(FailureReport(
+                    error=f"cannot feed the environment from secrets: {exc}",
+                    phase="secrets")) from None
             if trio.current_time() >= deadline:
-                raise _Failure(
-                    f"secret {missing!r} (for an environment variable) was not released "
+                raise _Failure.of(FailureReport(
+                    error=f"secret {missing!r} (for an environment variable) was not released "
                     f"within {self.settings.secret_wait_timeout:g} s: the app's release "
                     "policy refused this replica, or the secret does not exist "
-                    "(see the app's secret-events)")
+                    "(see the app's secret-events)", phase="secrets"))
             await trio.sleep(0.25)
 
     async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
@@ -1396,29 +1601,62 @@ class ComposeRunner:
         number = container.labels.get("com.docker.compose.container-number", container.short_id)
         return f"{service}#{number}"
 
-    async def logs(self, deployment_id: str, tail: int = 200) -> dict[str, str]:
-        """The last ``tail`` log lines per service (``service#n`` for extra replicas).
+    async def log_lines(self, deployment_id: str, *, tail: int = 200, since: str | None = None,
+                        service: str | None = None) -> dict[str, list[LogLine]]:
+        """The last ``tail`` lines per service (``service#n`` for extra replicas), each
+        with Docker's timestamp; only lines at or after *since* (RFC 3339 UTC) and only
+        *service*'s when given. A deployment undeployed within the retention window is
+        answered from its retained logs (:mod:`ee.agent.logstore`).
 
         Raises :class:`UnknownDeployment`; Docker errors become the value's text.
         """
-        _, list_containers = self._containers_of(deployment_id)
+        record = self._records.get(deployment_id)
+        if record is None:
+            kept = (None if self.retained is None
+                    else await trio.to_thread.run_sync(self.retained.read, deployment_id))
+            if kept is None:
+                raise UnknownDeployment(deployment_id)
+            return {key: filter_lines(lines, tail=tail, since=since)
+                    for key, lines in kept.items()
+                    if service is None or key.split("#", 1)[0] == service}
+        return await self._docker_lines(record, tail=tail, since=since, service=service)
+
+    async def _docker_lines(self, record: _Record, *, tail: int, since: str | None,
+                            service: str | None) -> dict[str, list[LogLine]]:
         try:
-            containers = await self._sdk(list_containers)
+            containers = await self._sdk(self._project_containers, record.project)
         except Exception as exc:
             if not _is_docker_error(exc):
                 raise
-            return {"": f"<logs unavailable: {exc}>"}
-        result: dict[str, str] = {}
+            return {"": [LogLine(service="", text=f"<logs unavailable: {exc}>")]}
+        floor = None if since is None else rfc3339_ns(since)
+        options: dict[str, Any] = {"tail": tail, "timestamps": True}
+        if floor is not None:
+            options["since"] = max(1.0, floor / 1e9 - 1.0)  # whole-second APIs: filter below
+        result: dict[str, list[LogLine]] = {}
         for container in sorted(containers, key=lambda c: c.name):
             key = self._service_key(container, result)
+            if service is not None and key.split("#", 1)[0] != service:
+                continue
             try:
-                raw = await self._sdk(lambda c=container: c.logs(tail=tail, timestamps=False))
-                result[key] = raw.decode("utf-8", "replace")
+                raw = await self._sdk(lambda c=container: c.logs(**options))
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
-                result[key] = f"<logs unavailable: {exc}>"
+                result[key] = [LogLine(service=key, text=f"<logs unavailable: {exc}>")]
+                continue
+            lines = []
+            for text in raw.decode("utf-8", "replace").splitlines():
+                at, body = split_timestamp(text)
+                lines.append(LogLine(service=key, text=body, at=at))
+            result[key] = filter_lines(lines, tail=tail, since=since)
         return result
+
+    async def logs(self, deployment_id: str, tail: int = 200) -> dict[str, str]:
+        """The last ``tail`` log lines per service as text (see :meth:`log_lines`)."""
+        found = await self.log_lines(deployment_id, tail=tail)
+        return {key: "".join(line.text + "\n" for line in lines)
+                for key, lines in found.items()}
 
     async def stats(self, deployment_id: str) -> dict[str, ServiceStats]:
         """One resource sample per service container (taken concurrently).
