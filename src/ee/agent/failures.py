@@ -81,12 +81,14 @@ def build_exit_code(output: str) -> int | None:
     return found
 
 
-def step_failed(phase: str, code: int, output: str) -> FailureReport:
-    """A Compose command of *phase* exited with *code* (``build``: the RUN step's)."""
+def step_failed(phase: str, code: int, output: str, subject: str = "") -> FailureReport:
+    """A Compose command of *phase* exited with *code* (``build``: the RUN step's);
+    *subject* says what it worked on (``pull``: the images)."""
     tail = tail_lines(output)
     exit_code = (build_exit_code(output) if phase == "build" else None)
     exit_code = code if exit_code is None else exit_code
-    return FailureReport(error=f"{phase} failed (exit code {exit_code}): {_last(tail)}",
+    what = f" ({subject})" if subject else ""
+    return FailureReport(error=f"{phase} failed{what} (exit code {exit_code}): {_last(tail)}",
                          phase=phase, exit_code=exit_code, log_tail=tail)
 
 

@@ -1178,10 +1178,12 @@ class ComposeRunner:
         missing = await self._sdk(self._missing_images, images)
         if missing:
             await self._step(cli, record, "pull", ("pull", *missing),
-                             self.settings.pull_timeout, retry=True)
+                             self.settings.pull_timeout, retry=True,
+                             subject=", ".join(f"{s}: {images[s]}" for s in missing))
 
     async def _step(self, cli: ComposeCLI, record: _Record, phase: str,
-                    command: tuple[str, ...], timeout: float, *, retry: bool = False) -> None:
+                    command: tuple[str, ...], timeout: float, *, retry: bool = False,
+                    subject: str = "") -> None:
         """One phase's Compose command under its timeout; transient network failures
         retried (*retry*) with bounded backoff; a failure carries its output's tail."""
         argv = self._compose_argv(cli, record, *command)
@@ -1206,7 +1208,7 @@ class ComposeRunner:
                 )
                 await trio.sleep(delay)
                 continue
-            raise _Failure.of(step_failed(phase, code, out))
+            raise _Failure.of(step_failed(phase, code, out, subject))
 
     def _locate(
         self, record: _Record, containers: list[Any]
