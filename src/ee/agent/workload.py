@@ -51,48 +51,79 @@ Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises):
 
     (new)                       ──deploy───►  starting ──► running | failed
     (new)                       ──adopt────►  running | failed
-    running | failed            ──deploy───►  starting              (redeploy in place)
+    running | failed            ──deploy───►  starting              (update in place)
     running                     ──refresh──►  failed                (container died)
     failed                      ──refresh──►  running               (it is back up)
     starting | running | failed ──undeploy─►  stopping ──► stopped | failed
 
 ``deploy`` reports ``starting``, then validates the compose document (and the
-workload policy) and build context, computes the compose hash
-(:func:`ee.protocol.compose.compose_hash`), writes the directory (atomically, via a
-temporary sibling), resolves and checks the file as above, measures the deployment
-(app, version, deployment id, compose hash) into RTMR3 through the runner's
-:class:`DeployMeasurer` (:mod:`ee.agent.rtmr3`; a measurement that fails ends the
-deploy ``failed`` with ``rtmr3: ...`` before anything runs), runs ``up -d --build
---remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
-transient network failure), finds the exposed service's container and its IP address
-on the compose network (no host port is published), and polls
-``http://<ip>:<expose_port><health_path>`` until it answers 2xx. It then reports
-``running`` with the compose hash, the image ids of the service containers and the
-upstream address for the proxy. Any workload problem (bad compose, bad build context,
-policy refusal, CLI failure, unknown image, container exit, health timeout) ends in
-``failed`` carrying the CLI's own error text (the last few KB) or a one-line reason;
-the runner does not raise for these. A failed deployment keeps its containers and
-directory, so its logs stay readable, until ``undeploy``.
+workload policy) and build context, computes the *workload hash*
+(:func:`ee.protocol.compose.workload_hash` over the compose document, the build
+context, the env, the exposed port and service — the first service when the deploy
+names none, as the CP resolves it —, the health path and the secret names; reported
+as ``compose_hash``, measured into RTMR3 and bound into the attested health, so an env
+change is another hash), writes the directory (atomically, via a temporary sibling),
+resolves and checks the file as above, measures the deployment (app, version,
+deployment id, workload hash) into RTMR3 through the runner's :class:`DeployMeasurer`
+(:mod:`ee.agent.rtmr3`; a measurement that fails ends the deploy ``failed`` with
+``rtmr3: ...`` before anything runs), then runs it in phases, each under its own
+timeout (:class:`WorkloadSettings`; the agent config's ``workload`` section):
 
-``undeploy`` runs ``down --remove-orphans -v --rmi local``: containers, networks and
-anonymous/project volumes go, and so do the images Compose *built* for the project
-(each deployment builds under its own project name, so keeping them would leak one
-image per deployment). Base images and the builder cache stay, so a redeploy is fast.
-A service that builds may not also name its image (``image:`` with ``build:`` is
-refused by the policy): Compose would tag the build with that name on the shared
-dockerd, ``--rmi local`` would keep it, and the next deployment naming that image (any
-tenant's) would run it. So every image a project builds carries the project's name and
-goes at undeploy. Then the directory is removed.
+- ``pull``: ``pull <services>`` for the services that do not build and whose image is
+  not on the daemon yet (``up`` would pull exactly those);
+- ``build``: ``build``, when a service builds;
+- ``start``: ``up -d --no-build --remove-orphans``, then the exposed service's
+  container must be running (one that exited is a ``start`` failure with its exit
+  code and logs, also when it exits while health is polled);
+- ``health``: polls ``http://<ip>:<expose_port><health_path>`` on the container's
+  compose-network address (no host port is published) until it answers 2xx.
+
+``pull`` and ``start`` are retried with bounded backoff when the output looks like a
+transient network failure. It then reports ``running`` with the workload hash, the
+image ids of the service containers and the upstream address for the proxy. Any
+workload problem ends in ``failed``, never an exception: a failed phase carries
+``phase``, ``exit_code`` and ``log_tail`` (:mod:`ee.agent.failures`: the last 20 lines
+of the step's output or the container's logs) and an ``error`` naming the phase, the
+exit code and the last line; a phase that runs out of time ends with ``phase:
+"timeout"`` (the health phase only when the workload never answered; a wrong answer
+until the deadline, a 404 say, is phase ``health``); ``secrets`` when the env secrets
+were not released in time; a refused or invalid workload carries the reason without a
+phase. A failed deployment keeps its containers and directory, so its logs stay
+readable, until ``undeploy``.
+
+**Updates in place.** A ``deploy`` for a deployment id the runner already has, with
+another version or workload hash, first stops the old version with ``down
+--remove-orphans --rmi local`` and *without* ``-v`` (even when the new one turns out
+invalid: the deployment then reports ``failed`` and nothing of it runs), then writes
+the new directory and starts the new version under the *same* Compose project name,
+so its named volumes (``<project>_<name>``) are the old version's, data included. The
+states reported are those of a fresh deploy; a new version that fails leaves the
+volumes for the next deploy (a rollback, say). A deploy with the same version and hash
+just runs the phases again (``up`` leaves unchanged containers alone).
+
+``undeploy`` (unchanged by updates) runs ``down --remove-orphans -v --rmi local``:
+containers, networks and named/anonymous volumes of the project go, and so do the
+images Compose *built* for the project (each deployment builds under its own project
+name, so keeping them would leak one image per deployment). Base images and the
+builder cache stay, so a redeploy is fast. A service that builds may not also name its
+image (``image:`` with ``build:`` is refused by the policy): Compose would tag the
+build with that name on the shared dockerd, ``--rmi local`` would keep it, and the next
+deployment naming that image (any tenant's) would run it. So every image a project
+builds carries the project's name and goes at undeploy. Before ``down``, the last
+1,000 lines of each service are kept in the agent's data dir for the retention window
+(:mod:`ee.agent.logstore`). Then the directory is removed.
 
 ``adopt`` (at agent start) reads every ``deployment.json`` and inspects the project's
 containers without touching them: running ones come back as ``running`` (same
 container ids, same StartedAt), others as ``failed`` with the reason. ``refresh``
 re-inspects one deployment (say after the proxy failed to connect) and updates its
 state and upstream address; ``upstream`` is the cached ``(ip, port)`` for the proxy;
-``logs`` and ``stats`` read per-service data through the SDK.
+``log_lines`` (Docker's timestamps as ``at``; ``since``, ``service`` and ``tail``
+filters; an undeployed deployment's retained lines) and ``stats`` read per-service
+data through the SDK.
 
 All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
-follow the test clock; the Compose CLI runs under ``trio.run_process`` and Docker SDK
+follow the test clock; the Compose CLI runs as a Trio process and Docker SDK
 calls under ``trio.to_thread.run_sync`` with a capacity limiter.
 """
 
