@@ -6,6 +6,7 @@ undeploy for the retention window.
 
 from __future__ import annotations
 
+import secrets
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,9 +18,13 @@ import httpx
 import pytest
 import trio
 
+from ee.agent.config import ConfigError, WorkloadLimits, config_from_dict, config_to_dict
 from ee.agent.logstore import RetainedLogs
+from ee.agent.server import Agent
 from ee.agent.workload import ComposeRunner, DeploymentStatus, DeploySpec, UnknownDeployment
+from ee.protocol.messages import Deploy, ErrorMessage, LogsReply, LogsRequest
 
+from .agentkit import agent_config, agent_http, running_agent
 from .test_workload import (
     DOCKER_TIMEOUT,
     IMAGE_ONLY_COMPOSE,
@@ -73,8 +78,10 @@ def test_any_part_of_the_workload_changes_the_hash() -> None:
 FAILING_BUILD = make_context({
     "Dockerfile": (0o644, b"FROM ee-busybox:local\nRUN echo about-to-fail && exit 3\n"),
 })
+# A fresh step each run: the daemon may finish (and cache) a build whose client it lost.
 SLOW_BUILD = make_context({
-    "Dockerfile": (0o644, b"FROM ee-busybox:local\nRUN echo building-slowly && sleep 60\n"),
+    "Dockerfile": (0o644, b"FROM ee-busybox:local\nRUN echo building-slowly-%s && sleep 60\n"
+                   % secrets.token_hex(8).encode()),
 })
 BUILD_COMPOSE = "services:\n  web:\n    build: .\n"
 EXITS_COMPOSE = """\
@@ -269,3 +276,65 @@ def test_status_wire_carries_the_failure() -> None:
     assert status.to_wire() == {"deployment_id": "d", "state": "failed",
                                 "error": "start failed", "phase": "start", "exit_code": 7,
                                 "log_tail": ["a", "b"]}
+
+
+# -- through the agent: its config, the session's LogsRequest, /.ee/logs --------------------
+
+
+def test_agent_config_sets_phase_timeouts_and_retention(tmp_path: Path) -> None:
+    config = agent_config(tmp_path / "agent", workload=WorkloadLimits(
+        pull_timeout_s=11, build_timeout_s=12, start_timeout_s=13, health_timeout_s=14,
+        log_retention_s=15))
+    agent = Agent(config)
+    settings = agent.runner.settings
+    assert (settings.pull_timeout, settings.build_timeout, settings.start_timeout,
+            settings.health_timeout) == (11, 12, 13, 14)
+    assert agent.runner.retained is not None and agent.runner.retained.retention_s == 15
+    assert config_from_dict(config_to_dict(config), source="test") == config
+    with pytest.raises(ConfigError):
+        config_from_dict({"workload": {"build_timeout_s": 0}}, source="test")
+    defaults = WorkloadLimits()
+    assert defaults.log_retention_s == 86400 and defaults.health_timeout_s > 0
+
+
+@needs_docker
+async def test_agent_answers_logs_requests_live_and_retained(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    deployment_id = "logs-agent"
+    deploy = Deploy(deployment_id=deployment_id, app="acct.app", version="v1",
+                    compose=LOGS_COMPOSE, expose_port=8080, health_path="/health")
+    with trio.fail_after(DOCKER_TIMEOUT):
+        async with running_agent(agent_config(tmp_path / "agent"),
+                                 workload_settings=settings_for(namespace)) as agent:
+            status = await agent.deploy(deploy)
+            assert status.state == "running", status.error
+            assert status.compose_hash == spec_hash(deploy)
+            while True:
+                reply = await agent.answer(LogsRequest(deployment_id=deployment_id,
+                                                       service="sidecar"))
+                assert isinstance(reply, LogsReply)
+                if [ln.text for ln in reply.lines] == ["side-early", "side-late"]:
+                    break
+                await trio.sleep(0.2)
+            assert {ln.service for ln in reply.lines} == {"sidecar"}
+            late = reply.lines[-1]
+            assert late.at is not None
+            async with agent_http(agent, agent.secret) as http:
+                r = await http.get("/.ee/logs", params={"service": "sidecar", "since": late.at})
+                assert r.status_code == 200, r.text
+                assert r.json()["lines"] == [{"service": "sidecar", "at": late.at,
+                                              "text": "side-late"}]
+                assert r.json()["logs"] == {"sidecar": "side-late\n"}
+                r = await http.get("/.ee/logs", params={"since": "2026-02-30T00:00:00Z"})
+                assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_query")
+
+            assert (await agent.undeploy(deployment_id)).state == "stopped"
+            kept = await agent.answer(LogsRequest(deployment_id=deployment_id, tail=1))
+            assert isinstance(kept, LogsReply)
+            assert sorted(ln.text for ln in kept.lines) == ["side-late", "web-line-1"]
+            other = await agent.answer(LogsRequest(deployment_id="someone-elses"))
+            assert isinstance(other, ErrorMessage) and other.code == "unknown_deployment"
+            async with agent_http(agent, agent.secret) as http:
+                r = await http.get("/.ee/logs", params={"deployment_id": deployment_id})
+                assert "web-line-1" in r.json()["logs"]["web"]
+            assert project_containers(agent.runner.project_name(deployment_id)) == []
