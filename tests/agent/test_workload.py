@@ -304,6 +304,10 @@ def test_spec_and_status_values() -> None:
                 {"OK": "Db"}):
         with pytest.raises(ValueError):
             app_spec("d", secret_env=bad)
+    for names in (("../x",), ("Db",), ("",), ("a/b",)):
+        with pytest.raises(ValueError):
+            app_spec("d", secret_names=names)
+    assert app_spec("d", secret_names=["db", "api.key"]).secret_names == ("db", "api.key")
     assert dict(app_spec("d", secret_env={"DB_PASSWORD": "db_password"}).secret_env) == {
         "DB_PASSWORD": "db_password"}
     spec = app_spec("d")

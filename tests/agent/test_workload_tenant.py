@@ -124,6 +124,12 @@ async def test_failure_causes_reach_the_status(tmp_path: Path, namespace: str) -
         assert sick.error is not None and "GET /nope" in sick.error and "HTTP 404" in sick.error
         assert trio.current_time() - start < 4.0 + 30
 
+        # a workload that never answers its health check: phase "timeout", health named
+        mute = await runner.deploy(_spec("mute", "services:\n  web:\n    image: ee-busybox:local"
+                                               "\n    init: true\n    command: [sleep, '600']\n"))
+        assert (mute.state, mute.phase) == ("failed", "timeout"), mute
+        assert mute.error is not None and mute.error.startswith("health did not finish")
+
         # a build that outlives its phase timeout: phase "timeout", the phase named
         start = trio.current_time()
         slow = await runner.deploy(_spec("slow", BUILD_COMPOSE, build_context=SLOW_BUILD))
@@ -131,7 +137,7 @@ async def test_failure_causes_reach_the_status(tmp_path: Path, namespace: str) -
         assert slow.error is not None and slow.error.startswith("build did not finish within 8 s")
         assert trio.current_time() - start < 8.0 + 30
 
-        for name in ("bld", "ext", "sick", "slow"):
+        for name in ("bld", "ext", "sick", "mute", "slow"):
             assert (await runner.undeploy(name)).state == "stopped"
             assert project_containers(runner.project_name(name)) == []
 

@@ -743,6 +743,9 @@ def _deployment_view(status: DeploymentStatus) -> dict[str, Any]:
     }
     if status.error is not None:
         view["error"] = status.error
+    if status.phase is not None:
+        view.update(phase=status.phase, exit_code=status.exit_code,
+                    log_tail=list(status.log_tail))
     return view
 
 
