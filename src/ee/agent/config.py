@@ -229,7 +229,8 @@ class AgentConfig:
     quote must chain to Intel's root, or, for an agent that itself attests with
     ``sim``, to the sim root in ``sim_dir`` (see ``ee.agent.cptrust``). The CP
     dictates heartbeat and attestation intervals at registration, so they are not
-    configured here.
+    configured here. ``workload`` holds the per-phase deploy timeouts and the log
+    retention window (:class:`WorkloadLimits`); ``http`` the HTTP port's limits.
     """
 
     cp_url: str | None = attrs.field(
