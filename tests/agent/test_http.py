@@ -14,7 +14,6 @@ from typing import Any
 import trio
 
 from ee.agent.server import ChallengeBook
-from ee.protocol.compose import compose_hash
 from ee.protocol.messages import (
     Deploy,
     DeployStatus,
@@ -42,9 +41,10 @@ from .test_workload import (
     needs_docker,
     project_containers,
     settings_for,
+    spec_hash,
 )
 
-SECRET_ROUTES = ("/api/state-snapshot", "/api/logs", "/api/stats", "/api/control/challenge")
+SECRET_ROUTES = ("/.ee/state-snapshot", "/.ee/logs", "/.ee/stats", "/.ee/control/challenge")
 
 
 def _error_code(response: Any) -> str:
@@ -58,22 +58,22 @@ async def test_health_and_secret_routes_without_workload(tmp_path: Path) -> None
     config = agent_config(tmp_path / "agent")  # no CP: HTTP only
     with trio.fail_after(30):
         async with running_agent(config) as agent, agent_http(agent) as http:
-            r = await http.get("/api/health")
+            r = await http.get("/.ee/health")
             assert r.status_code == 200
             # The public view: no names, no ids (see test_proxy_attacks for a tenant's).
             assert r.json() == {"status": "healthy", "compose_hash": None, "deployments": []}
-            r = await http.get("/api/health", headers={"Authorization": f"Bearer {agent.secret}"})
+            r = await http.get("/.ee/health", headers={"Authorization": f"Bearer {agent.secret}"})
             body = r.json()
             assert body["status"] == "healthy" and body["vm_name"] == config.vm_name
             assert body["agent_id"] is None and body["deployments"] == []
             assert body["compose_hash"] is None and body["cp_connected"] is False
             assert body["detail"] == "no workload deployed" and body["tunnel"] is None
 
-            r = await http.get("/api/health", params={"attest": "true", "nonce": "zz"})
+            r = await http.get("/.ee/health", params={"attest": "true", "nonce": "zz"})
             assert r.status_code == 400 and _error_code(r) == "bad_nonce"
-            r = await http.get("/api/health", params={"attest": "true", "nonce": "ab" * 65})
+            r = await http.get("/.ee/health", params={"attest": "true", "nonce": "ab" * 65})
             assert r.status_code == 400 and _error_code(r) == "bad_nonce"
-            r = await http.get("/api/health", params={"attest": "true", "nonce": "ab" * 16})
+            r = await http.get("/.ee/health", params={"attest": "true", "nonce": "ab" * 16})
             assert r.status_code == 409 and _error_code(r) == "no_workload"
 
             secret = (tmp_path / "agent" / "control.secret").read_text().strip()
@@ -90,19 +90,20 @@ async def test_health_and_secret_routes_without_workload(tmp_path: Path) -> None
                 assert r.status_code == 200, (path, r.text)
 
             auth = {"Authorization": f"Bearer {secret}"}
-            r = await http.get("/api/control/challenge", headers=auth)
+            r = await http.get("/.ee/control/challenge", headers=auth)
             assert len(bytes.fromhex(r.json()["nonce"])) == 32 and r.json()["ttl_seconds"] > 0
-            r = await http.get("/api/state-snapshot", headers=auth)
+            r = await http.get("/.ee/state-snapshot", headers=auth)
             assert r.json()["deployments"] == [] and r.json()["node"]["vcpus"] >= 1
-            r = await http.get("/api/logs", headers=auth, params={"deployment_id": "nope"})
+            r = await http.get("/.ee/logs", headers=auth, params={"deployment_id": "nope"})
             assert r.status_code == 404 and _error_code(r) == "unknown_deployment"
-            r = await http.get("/api/logs", headers=auth, params={"tail": "lots"})
+            r = await http.get("/.ee/logs", headers=auth, params={"tail": "lots"})
             assert r.status_code == 400 and _error_code(r) == "bad_tail"
-            r = await http.get("/api/stats", headers=auth)
+            r = await http.get("/.ee/stats", headers=auth)
             assert r.json()["deployments"] == {} and r.json()["node"]["memory_total_mb"] > 0
 
             for method, path in (("GET", "/"), ("GET", "/some/app/path?q=1"),
-                                 ("POST", "/api/health"), ("DELETE", "/x")):
+                                 ("POST", "/.ee-not-ours"), ("GET", "/api/health"),
+                                 ("DELETE", "/x")):
                 r = await http.request(method, path)
                 assert r.status_code == 502, (method, path)
                 assert _error_code(r) == "no_workload"
@@ -153,7 +154,7 @@ async def test_deploy_proxy_attest_adopt_undeploy(tmp_path: Path, namespace: str
                 states = [m.state for _, m in peer.frames
                           if isinstance(m, DeployStatus) and m.deployment_id == deployment_id]
                 assert states == ["starting", "running"]
-                expected_hash = compose_hash(APP_COMPOSE, APP_CONTEXT)  # "sha256:<hex>"
+                expected_hash = spec_hash(_deploy(deployment_id))  # the workload hash
                 assert final.compose_hash == expected_hash
                 assert final.image_digests and set(final.image_digests) == {"web", "sidecar"}
 
@@ -169,7 +170,7 @@ async def test_deploy_proxy_attest_adopt_undeploy(tmp_path: Path, namespace: str
                     assert r.status_code == 404  # the workload's own answer, passed through
 
                     nonce = secrets.token_bytes(32)
-                    r = await http.get("/api/health",
+                    r = await http.get("/.ee/health",
                                        params={"attest": "true", "nonce": nonce.hex()})
                     assert r.status_code == 200, r.text
                     health = r.json()
@@ -183,17 +184,17 @@ async def test_deploy_proxy_attest_adopt_undeploy(tmp_path: Path, namespace: str
                     assert quote_report_data(quote) == health_report_data(nonce, digest)
 
                     auth = {"Authorization": f"Bearer {agent.secret}"}
-                    operator = (await http.get("/api/health", headers=auth)).json()
+                    operator = (await http.get("/.ee/health", headers=auth)).json()
                     [shown] = operator["deployments"]
                     assert (shown["deployment_id"], shown["state"]) == (deployment_id, "running")
                     assert (shown["app"], shown["compose_hash"]) == ("echo", expected_hash)
                     assert operator["agent_id"] == f"ag-standin-{config.vm_name}"
-                    r = await http.get("/api/logs", headers=auth)
+                    r = await http.get("/.ee/logs", headers=auth)
                     assert r.json()["deployment_id"] == deployment_id
                     assert "sidecar-up" in r.json()["logs"]["sidecar"]
-                    r = await http.get("/api/stats", headers=auth)
+                    r = await http.get("/.ee/stats", headers=auth)
                     assert set(r.json()["deployments"][deployment_id]) == {"web", "sidecar"}
-                    r = await http.get("/api/state-snapshot", headers=auth)
+                    r = await http.get("/.ee/state-snapshot", headers=auth)
                     [snap] = r.json()["deployments"]
                     assert snap["state"] == "running" and snap["compose_hash"] == expected_hash
 

@@ -36,6 +36,7 @@ from ee.agent.http import (
     check_request_headers,
     check_request_target,
     client_key,
+    is_agent_path,
     response_headers,
     serve_http,
     upstream_headers,
@@ -280,7 +281,7 @@ def _tricks(other: int, secret: str) -> list[tuple[str, bytes, int, str]]:
         ("userinfo-creds", head(f"GET user:pw@{elsewhere}/x HTTP/1.1"), 400,
          "userinfo_in_target"),
         ("absolute", head(f"GET http://{elsewhere}/x HTTP/1.1"), 400, "absolute_form"),
-        ("absolute-own-route", head(f"GET http://{elsewhere}/api/health HTTP/1.1"), 400,
+        ("absolute-own-route", head(f"GET http://{elsewhere}/.ee/health HTTP/1.1"), 400,
          "absolute_form"),
         ("absolute-host-elsewhere", head(f"GET http://{elsewhere}/x HTTP/1.1", host=elsewhere),
          400, "absolute_form"),
@@ -295,7 +296,7 @@ def _tricks(other: int, secret: str) -> list[tuple[str, bytes, int, str]]:
         ("backslash", head(f"GET /\\\\{elsewhere}/x HTTP/1.1"), 400, "backslash"),
         ("backslash-inner", head("GET /a\\..\\b HTTP/1.1"), 400, "backslash"),
         ("encoded-backslash", head("GET /a%5C..%5Cb HTTP/1.1"), 400, "backslash"),
-        ("dot-dot", head("GET /a/../api/logs HTTP/1.1"), 400, "dot_segment"),
+        ("dot-dot", head("GET /a/../.ee/logs HTTP/1.1"), 400, "dot_segment"),
         ("encoded-dot-dot", head("GET /a/%2e%2E/b HTTP/1.1"), 400, "dot_segment"),
         ("encoded-slash-dot-dot", head("GET /a%2F..%2Fapi%2Flogs HTTP/1.1"), 400,
          "dot_segment"),
@@ -435,10 +436,47 @@ async def test_what_the_workload_receives(tmp_path: Path) -> None:
             assert len(env.workload.requests) == 2 and env.elsewhere.connections == 0
 
 
+async def test_agent_namespace_is_never_proxied_and_old_paths_reach_the_workload(
+        tmp_path: Path) -> None:
+    """The agent's routes live under /.ee: nothing there (known or not, raw or encoded,
+    any method) reaches the workload; the old /api/... paths are the workload's now."""
+    with trio.fail_after(60):
+        async with agent_port(tmp_path) as env:
+            for method, target in (("GET", "/.ee/no-such-route"), ("POST", "/.ee/health"),
+                                   ("GET", "/.ee"), ("GET", "/.ee/"), ("PUT", "/.ee/logs"),
+                                   ("GET", "/%2Eee/secret-thing"), ("GET", "/%2eee/x?y=1"),
+                                   ("DELETE", "/.ee/control/x")):
+                answer = await raw(env.port, head(f"{method} {target} HTTP/1.1"))
+                assert answer.status in (404, 405), (method, target, answer)
+                if answer.status == 404:
+                    assert answer.code == "unknown_agent_route", (target, answer)
+                env.untouched()
+            # an encoded /.ee/health is still the agent's own health, not the workload's
+            answer = await raw(env.port, head("GET /%2Eee/health HTTP/1.1"))
+            assert answer.status == 200 and json.loads(answer.body)["status"] == "healthy"
+            env.untouched()
+            # The workload's own /api/health, /api/logs: proxied (no aliases shadow them).
+            for target in ("/api/health", "/api/logs?tail=5", "/api/state-snapshot",
+                           "/.eel/x", "/x/.ee/y"):
+                answer = await raw(env.port, head(f"GET {target} HTTP/1.1"))
+                assert (answer.status, answer.body) == (200, b"upstream-ok"), target
+            assert [r.target for r in env.workload.requests] == [
+                "/api/health", "/api/logs?tail=5", "/api/state-snapshot", "/.eel/x",
+                "/x/.ee/y"]
+            assert env.elsewhere.connections == 0
+
+
+def test_is_agent_path() -> None:
+    for path in (b"/.ee", b"/.ee/", b"/.ee/health", b"/%2Eee/health", b"/%2e%65e/x"):
+        assert is_agent_path(path), path
+    for path in (b"/", b"/api/health", b"/.eel", b"/.EE/health", b"/x/.ee", b"/ee/health"):
+        assert not is_agent_path(path), path
+
+
 async def test_public_health_names_no_tenant(tmp_path: Path) -> None:
     with trio.fail_after(30):
         async with agent_port(tmp_path) as env:
-            answer = await raw(env.port, head("GET /api/health HTTP/1.1"))
+            answer = await raw(env.port, head("GET /.ee/health HTTP/1.1"))
             assert answer.status == 200
             body = json.loads(answer.body)
             assert body == {"status": "healthy", "compose_hash": COMPOSE_HASH,
@@ -448,11 +486,11 @@ async def test_public_health_names_no_tenant(tmp_path: Path) -> None:
             for private in ("acct-7f3a9c", TENANT_APP, DEPLOYMENT_ID, env.agent.vm_name,
                             "ag-0123", "v7"):
                 assert private not in text
-            wrong = await raw(env.port, head("GET /api/health HTTP/1.1",
+            wrong = await raw(env.port, head("GET /.ee/health HTTP/1.1",
                                              "Authorization: Bearer not-the-secret"))
             assert json.loads(wrong.body) == body
 
-            full = await raw(env.port, head("GET /api/health HTTP/1.1",
+            full = await raw(env.port, head("GET /.ee/health HTTP/1.1",
                                             f"Authorization: Bearer {env.agent.secret}"))
             view = json.loads(full.body)
             assert view["vm_name"] == env.agent.vm_name and view["agent_id"] == "ag-0123"
@@ -465,7 +503,7 @@ async def test_attested_health_is_rate_limited(tmp_path: Path) -> None:
     limits = HttpLimits(attest_burst=2, attest_rate_per_s=0.001)  # no refill in this test
     with trio.fail_after(60):
         async with agent_port(tmp_path, limits) as env:
-            path = f"GET /api/health?attest=true&nonce={'ab' * 16} HTTP/1.1"
+            path = f"GET /.ee/health?attest=true&nonce={'ab' * 16} HTTP/1.1"
             for _ in range(2):
                 answer = await raw(env.port, head(path))
                 assert answer.status == 200 and "quote" in json.loads(answer.body)["attestation"]
@@ -475,9 +513,9 @@ async def test_attested_health_is_rate_limited(tmp_path: Path) -> None:
             assert int(retry) >= 1
             assert json.loads(answer.body)["error"]["details"]["retry_after_s"] == int(retry)
             # Refusals that cost nothing are not counted, and the plain health still answers.
-            bad = await raw(env.port, head("GET /api/health?attest=true&nonce=zz HTTP/1.1"))
+            bad = await raw(env.port, head("GET /.ee/health?attest=true&nonce=zz HTTP/1.1"))
             assert (bad.status, bad.code) == (400, "bad_nonce")
-            assert (await raw(env.port, head("GET /api/health HTTP/1.1"))).status == 200
+            assert (await raw(env.port, head("GET /.ee/health HTTP/1.1"))).status == 200
 
 
 async def test_an_upload_waits_for_the_workload(tmp_path: Path) -> None:
@@ -775,7 +813,7 @@ async def test_one_noisy_client_does_not_starve_the_others(tmp_path: Path) -> No
     another verifier (here through the loopback tunnel, keyed on the X-Forwarded-For
     the tunnel appended) still gets quotes."""
     limits = HttpLimits(attest_burst=2, attest_rate_per_s=0.001)
-    path = f"GET /api/health?attest=true&nonce={'ab' * 16} HTTP/1.1"
+    path = f"GET /.ee/health?attest=true&nonce={'ab' * 16} HTTP/1.1"
     noisy, verifier = "X-Forwarded-For: 203.0.113.5", "X-Forwarded-For: 10.0.0.1, 198.51.100.7"
     with trio.fail_after(60):
         async with agent_port(tmp_path, limits) as env:

@@ -20,7 +20,6 @@ import trio
 from ee.agent.rtmr3 import RUNTIME_LOG_FILE
 from ee.attestation import parse_quote
 from ee.attestation.eventlog import parse_runtime_log, replay_digests, replay_runtime
-from ee.protocol.compose import compose_hash
 from ee.protocol.messages import Deploy, DeployStatus, Message, Undeploy
 
 from .agentkit import StandInCp, agent_config, agent_http, eventually, running_agent, td
@@ -32,6 +31,7 @@ from .test_workload import (
     needs_docker,
     project_containers,
     settings_for,
+    spec_hash,
 )
 
 V2_COMPOSE = IMAGE_ONLY_COMPOSE.replace("echo ok >", "echo ok-v2 >")
@@ -88,7 +88,7 @@ def _verify(tmp_path: Path, quote: bytes, runtime_log: Path) -> subprocess.Compl
 
 async def _attest(agent: Any, secret: str | None) -> tuple[dict[str, Any], bytes, str]:
     async with agent_http(agent, secret) as http:
-        r = await http.get("/api/health",
+        r = await http.get("/.ee/health",
                            params={"attest": "true", "nonce": secrets.token_hex(16)})
     assert r.status_code == 200, r.text
     attestation: dict[str, Any] = r.json()["attestation"]
@@ -101,8 +101,8 @@ async def test_deploys_are_measured_served_replayed_and_resumed(
 ) -> None:
     deployment_id = f"dep-{secrets.token_hex(3)}"
     settings = settings_for(namespace)
-    hash1 = compose_hash(IMAGE_ONLY_COMPOSE, None)
-    hash2 = compose_hash(V2_COMPOSE, None)
+    hash1 = spec_hash(_deploy(deployment_id, "v1", IMAGE_ONLY_COMPOSE))
+    hash2 = spec_hash(_deploy(deployment_id, "v2", V2_COMPOSE))
     assert hash1 != hash2
     with trio.fail_after(DOCKER_TIMEOUT * 3):
         async with trio.open_nursery() as nursery:

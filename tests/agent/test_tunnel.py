@@ -128,7 +128,7 @@ async def test_grant_from_registration_runs_the_tunnel(tmp_path: Path) -> None:
                 pid = int((tmp_path / "pid").read_text())
                 assert (tmp_path / "args").read_text().strip() == (
                     "token=secret-token args=tunnel --no-autoupdate run")
-                health = (await http.get("/api/health")).json()
+                health = (await http.get("/.ee/health")).json()
                 assert health["tunnel"]["state"] == "running"
                 assert health["tunnel"]["hostname"] == "vm.tunnel.example"
                 assert health["tunnel"]["pid"] == pid

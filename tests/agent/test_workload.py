@@ -42,7 +42,12 @@ from ee.agent.workload import (
     is_transient_error,
     project_slug,
 )
-from ee.protocol.compose import compose_hash
+from ee.protocol.compose import (
+    compose_services,
+    validate_build_context,
+    validate_compose,
+    workload_hash,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX_SCRIPT = REPO / "tools" / "images" / "build_busybox.sh"
@@ -142,6 +147,17 @@ def app_spec(deployment_id: str, **changes: Any) -> DeploySpec:
         health_path="/health",
     )
     return attrs.evolve(spec, **changes)
+
+
+def spec_hash(spec: Any) -> str:
+    """The workload hash of a DeploySpec or a Deploy message, computed from the protocol
+    functions directly (the formula the CP and ``eectl`` use), not by the agent."""
+    doc = validate_compose(spec.compose)
+    context = (None if spec.build_context is None
+               else validate_build_context(spec.build_context))
+    return workload_hash(doc, context, env=dict(spec.env), expose_port=spec.expose_port,
+                         expose_service=spec.expose_service or compose_services(doc)[0],
+                         health_path=spec.health_path, secret_names=spec.secret_names)
 
 
 # -- fixtures -----------------------------------------------------------------------
@@ -288,6 +304,10 @@ def test_spec_and_status_values() -> None:
                 {"OK": "Db"}):
         with pytest.raises(ValueError):
             app_spec("d", secret_env=bad)
+    for names in (("../x",), ("Db",), ("",), ("a/b",)):
+        with pytest.raises(ValueError):
+            app_spec("d", secret_names=names)
+    assert app_spec("d", secret_names=["db", "api.key"]).secret_names == ("db", "api.key")
     assert dict(app_spec("d", secret_env={"DB_PASSWORD": "db_password"}).secret_env) == {
         "DB_PASSWORD": "db_password"}
     spec = app_spec("d")
@@ -346,7 +366,7 @@ async def test_deploy_reach_logs_stats_undeploy_redeploy(runner: ComposeRunner) 
         status = await runner.deploy(spec, recorder)
         assert status.state == "running", status.error
         assert recorder.states == ["starting", "running"]
-        assert status.compose_hash == compose_hash(APP_COMPOSE, APP_CONTEXT)
+        assert status.compose_hash == spec_hash(spec)
         assert recorder.seen[-1] == status == runner.status("app-1")
         assert runner.deployments() == [status]
 
@@ -463,7 +483,9 @@ async def test_failing_health_reports_failed_and_keeps_logs(tmp_path: Path, name
         assert status.state == "failed"
         assert status.error is not None
         assert "/missing did not answer 2xx within 3 s (last: HTTP 404)" in status.error
-        assert status.compose_hash == compose_hash(APP_COMPOSE, APP_CONTEXT)
+        assert status.compose_hash == spec_hash(app_spec("sick", health_path="/missing"))
+        assert (status.phase, status.exit_code) == ("health", None)
+        assert any("response:404" in line for line in status.log_tail), status.log_tail
         assert runner.upstream("sick") is None
         logs = await runner.logs("sick")
         assert "sidecar-up" in logs["sidecar"]

@@ -389,15 +389,18 @@ async def test_control_plane_conforms_to_its_openapi_document(tmp_path: Path) ->
 
 def check_agent(base_url: str, secret: str, examples: int) -> Conformance:
     c = Conformance(base_url, AGENT_SPEC, {"agentSecret": secret})
-    c.call("GET /api/health", expect=200)
-    c.call("GET /api/health", query={"attest": "true", "nonce": "ab" * 16}, expect=409)
-    c.call("GET /api/health", query={"attest": "true", "nonce": "zz"}, expect=400)
-    c.call("GET /api/state-snapshot", expect=200)
-    c.call("GET /api/logs", expect=200)
-    c.call("GET /api/logs", query={"deployment_id": "nope"}, expect=404)
-    c.call("GET /api/logs", query={"tail": 0}, expect=400)
-    c.call("GET /api/stats", expect=200)
-    c.call("GET /api/control/challenge", expect=200)
+    c.call("GET /.ee/health", expect=200)
+    c.call("GET /.ee/health", query={"attest": "true", "nonce": "ab" * 16}, expect=409)
+    c.call("GET /.ee/health", query={"attest": "true", "nonce": "zz"}, expect=400)
+    c.call("GET /.ee/state-snapshot", expect=200)
+    c.call("GET /.ee/logs", expect=200)
+    c.call("GET /.ee/logs", query={"deployment_id": "nope"}, expect=404)
+    c.call("GET /.ee/logs", query={"tail": 0}, expect=400)
+    c.call("GET /.ee/logs", query={"since": "2026-13-01T00:00:00Z"}, expect=400)
+    c.call("GET /.ee/logs", query={"since": "2026-12-01T00:00:00.5Z", "service": "web"},
+           expect=200)
+    c.call("GET /.ee/stats", expect=200)
+    c.call("GET /.ee/control/challenge", expect=200)
     c.fuzz_all({}, examples)
     return c
 
@@ -430,8 +433,8 @@ async def test_documents_are_valid_openapi() -> None:
         agent = await trio.to_thread.run_sync(_labels, AGENT_SPEC)
     assert {"GET /api/v2/health", "POST /api/v2/apps/{name}/deployments",
             "DELETE /api/v2/deployments/{deployment_id}"} <= cp
-    assert agent == {"GET /api/health", "GET /api/state-snapshot", "GET /api/logs",
-                     "GET /api/stats", "GET /api/control/challenge"}
+    assert agent == {"GET /.ee/health", "GET /.ee/state-snapshot", "GET /.ee/logs",
+                     "GET /.ee/stats", "GET /.ee/control/challenge"}
 
 
 # --- regressions: server bugs the fuzzer found (each was a 500 or a hang) ------------

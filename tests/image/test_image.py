@@ -119,7 +119,7 @@ async def test_agent_in_vm_registers_with_host_cp(built_image: BuildResult, qemu
                     await trio.sleep(2)
             print(f"boot to registered: {trio.current_time() - started:.0f}s ({spec.accel})")
             async with httpx.AsyncClient(timeout=10) as client:
-                health = (await client.get(f"http://127.0.0.1:{port}/api/health")).json()
+                health = (await client.get(f"http://127.0.0.1:{port}/.ee/health")).json()
             # the public view (the operator fields need the control secret, inside the VM)
             assert health == {"status": "healthy", "compose_hash": None, "deployments": []}
     log = re.sub(r"\x1b\[[0-9;]*m", "", serial.read_text(errors="replace"))

@@ -163,7 +163,7 @@ async def test_tpm_agent_in_vm_passes_policy(world: TpmWorld, tmp_path: Path) ->
                   f"({spec.accel})")
             async with httpx.AsyncClient(timeout=10) as client:
                 health = (await client.get(
-                    f"http://127.0.0.1:{boot.agent_port}/api/health")).json()
+                    f"http://127.0.0.1:{boot.agent_port}/.ee/health")).json()
     attestation = mine[0]["attestation"]
     assert attestation["provider"] == "tpm"
     assert attestation["verdict"] == "pass" and attestation["violations"] == []

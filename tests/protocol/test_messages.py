@@ -141,7 +141,15 @@ SAMPLES: list[tuple[Message, str]] = [
     (SnapshotRequest(), "cp"),
     (SNAPSHOT, "agent"),
     (LogsRequest(deployment_id="dep-1", tail=50), "cp"),
+    (LogsRequest(deployment_id="dep-1", tail=50, since="2026-12-01T08:00:00.123456789Z",
+                 service="web"), "cp"),
     (LogsReply(lines=(LogLine(service="web", text="hello"),), truncated=True), "agent"),
+    (LogsReply(lines=(LogLine(service="web", text="hi", at="2026-12-01T08:00:00.5Z"),)),
+     "agent"),
+    (DeployStatus(deployment_id="dep-1", state="failed", error="build failed (exit code 3): x",
+                  phase="build", exit_code=3, log_tail=("step 1", "x")), "agent"),
+    (Deploy(deployment_id="dep-1", app="a", version="1", compose="services: {}",
+            expose_port=80, health_path="/", secret_names=("api_key", "db")), "cp"),
     (StatsRequest(), "cp"),
     (
         StatsReply(node=NodeStats(disk_total_mb=10), containers=(ContainerStats(name="web-1"),)),
@@ -165,6 +173,17 @@ SAMPLES += [
     (SecretAck(deployment_id="dep-1", state="refused", name="db_password", version=2,
                code="SECRET_REPLAYED", reason="seen"), "agent"),
 ]
+
+
+def test_logs_request_since_is_a_real_utc_instant() -> None:
+    for bad in ("2026-13-01T00:00:00Z", "2026-02-30T00:00:00Z", "2026-12-01T25:00:00Z",
+                "2026-12-01T00:00:00+01:00", "2026-12-01 00:00:00Z", "yesterday",
+                "0000-01-01T00:00:00Z"):
+        with pytest.raises(ValueError):
+            LogsRequest(since=bad)
+    for bad_service in ("../x", "", "a b", "x" * 64):
+        with pytest.raises(ValueError):
+            LogsRequest(service=bad_service)
 
 
 def test_samples_cover_every_message_type() -> None:

@@ -74,6 +74,7 @@ __all__ = [
     "ResolvedConfig",
     "Source",
     "TunnelConfig",
+    "WorkloadLimits",
     "config_from_dict",
     "config_to_dict",
     "parse_host_port",
@@ -181,6 +182,20 @@ class HttpLimits:
 
 
 @attrs.frozen
+class WorkloadLimits:
+    """Per-phase time limits of a deploy (`ee.agent.workload`: a phase that runs out
+    ends the deploy ``failed`` with ``phase: "timeout"``) and how long an undeployed
+    deployment's last log lines are kept (`ee.agent.logstore`; 0: not kept)."""
+
+    pull_timeout_s: float = attrs.field(default=600.0, validator=_positive)
+    build_timeout_s: float = attrs.field(default=900.0, validator=_positive)
+    start_timeout_s: float = attrs.field(default=300.0, validator=_positive)
+    health_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    log_retention_s: float = attrs.field(
+        default=86400.0, validator=check(lambda v: v >= 0, "must be >= 0"))
+
+
+@attrs.frozen
 class TunnelConfig:
     """Optional cloudflared tunnel, supervised with restart backoff."""
 
@@ -214,7 +229,8 @@ class AgentConfig:
     quote must chain to Intel's root, or, for an agent that itself attests with
     ``sim``, to the sim root in ``sim_dir`` (see ``ee.agent.cptrust``). The CP
     dictates heartbeat and attestation intervals at registration, so they are not
-    configured here.
+    configured here. ``workload`` holds the per-phase deploy timeouts and the log
+    retention window (:class:`WorkloadLimits`); ``http`` the HTTP port's limits.
     """
 
     cp_url: str | None = attrs.field(
@@ -259,6 +275,7 @@ class AgentConfig:
     unreachable_terminate_after_s: float | None = attrs.field(default=None, validator=_positive)
     measurement_mode: bool = False
     http: HttpLimits = attrs.field(factory=HttpLimits)
+    workload: WorkloadLimits = attrs.field(factory=WorkloadLimits)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_backoff_max_s < self.reconnect_backoff_base_s:

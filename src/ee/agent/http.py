@@ -26,9 +26,13 @@ conflicting ``Content-Length``, any ``Transfer-Encoding`` but ``chunked``, non-A
 request lines); websocket handshakes reach the gate as a websocket scope and are
 refused with 501 ``websocket_unsupported``.
 
-Own routes (API.md, "Agent HTTP"):
+Own routes (API.md, "Agent HTTP"), all under :data:`AGENT_PREFIX` (``/.ee``), out of
+the workload's namespace: an app's own ``/api/health`` or ``/api/logs`` reaches the app
+through the proxy (the agent's routes lived at ``/api/...`` before; there are no
+aliases there, as they would shadow the workload). No request under ``/.ee/`` (raw or
+percent-encoded) is ever proxied: an unknown one is a 404 ``unknown_agent_route``.
 
-- ``GET /api/health``: public liveness: status, the compose hashes and states of what
+- ``GET /.ee/health``: public liveness: status, the compose hashes and states of what
   runs, and with ``?attest=true&nonce=<hex>`` a quote whose REPORTDATA is
   ``health_report_data(nonce, compose hash)``, served with the logs that explain its
   RTMRs: ``event_log`` (the firmware's CCEL, base64, RTMR0..2; null off TDX) and
@@ -43,8 +47,10 @@ Own routes (API.md, "Agent HTTP"):
   tenant or a deployment is public (apps are named ``<account id>.<name>``); a caller
   with the agent secret gets the operator view (vm name, agent id, deployment ids,
   apps, versions, errors, CP link, tunnel);
-- ``GET /api/state-snapshot``, ``/api/logs``, ``/api/stats``, ``/api/control/challenge``:
-  need ``Authorization: Bearer <per-agent secret>`` (compared in constant time).
+- ``GET /.ee/state-snapshot``, ``/.ee/logs`` (``deployment_id``, ``tail``, ``since``,
+  ``service``; lines carry Docker's timestamps; an undeployed deployment's logs come
+  from the retention store), ``/.ee/stats``, ``/.ee/control/challenge``: need
+  ``Authorization: Bearer <per-agent secret>`` (compared in constant time).
 
 Every other path and method is reverse-proxied to the current deployment's exposed
 container (``HttpHost.upstream()``; never anything the client sent) through httpx,
@@ -114,10 +120,11 @@ from ee.agent.config import HttpLimits
 from ee.agent.rtmr3 import AttestationLogs, Rtmr3Error
 from ee.agent.workload import DeploymentStatus, UnknownDeployment
 from ee.attestation.eventlog import RUNTIME_EVENT_FIELDS
-from ee.protocol.messages import Health, Snapshot, body_to_dict
+from ee.protocol.messages import Health, LogLine, LogsRequest, Snapshot, body_to_dict
 from ee.protocol.reportdata import health_report_data
 
 __all__ = [
+    "AGENT_PREFIX",
     "HOP_BY_HOP",
     "AgentHttpError",
     "ClientRateLimit",
@@ -130,6 +137,7 @@ __all__ = [
     "check_request_headers",
     "check_request_target",
     "client_key",
+    "is_agent_path",
     "make_app",
     "response_headers",
     "serve_http",
@@ -139,6 +147,8 @@ __all__ = [
 log = logging.getLogger("ee.agent.http")
 
 PROXY_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+#: the agent's own routes live under this prefix; everything else is the workload's
+AGENT_PREFIX = "/.ee"
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -484,7 +494,8 @@ class HttpHost(Protocol):
     def snapshot(self) -> Snapshot: ...
     def tunnel_view(self) -> dict[str, Any] | None: ...
     async def recheck(self, deployment_id: str) -> None: ...
-    async def logs(self, deployment_id: str | None, tail: int) -> dict[str, str]: ...
+    async def log_lines(self, request: LogsRequest
+                        ) -> tuple[str | None, dict[str, list[LogLine]]]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def attestation_logs(self) -> AttestationLogs: ...
 
@@ -640,7 +651,7 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
         log.exception("agent HTTP handler failed")
         return _error(500, "internal", f"internal error: {type(exc).__name__}")
 
-    @app.get("/api/health")
+    @app.get(f"{AGENT_PREFIX}/health")
     async def health() -> Response:
         status = agent.current_status()
         health = agent.health()
@@ -665,7 +676,7 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
                                                 operator=has_secret())
         return _json(body)
 
-    @app.get("/api/state-snapshot")
+    @app.get(f"{AGENT_PREFIX}/state-snapshot")
     async def state_snapshot() -> Response:
         require_secret()
         body = body_to_dict(agent.snapshot())
@@ -673,7 +684,7 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
                     current_deployment=agent.current)
         return _json(body)
 
-    @app.get("/api/logs")
+    @app.get(f"{AGENT_PREFIX}/logs")
     async def logs() -> Response:
         require_secret()
         deployment_id = request.args.get("deployment_id") or None
@@ -681,21 +692,30 @@ def make_app(agent: HttpHost, client: httpx.AsyncClient) -> QuartTrio:
         if not re.fullmatch(r"[0-9]{1,5}", raw_tail) or not 1 <= int(raw_tail) <= 10_000:
             raise AgentHttpError(400, "bad_tail", "tail must be an integer 1..10000",
                                  {"tail": raw_tail})
+        try:  # the session request's own checks (since: RFC 3339 UTC, service: a name)
+            query = LogsRequest(deployment_id=deployment_id, tail=int(raw_tail),
+                                since=request.args.get("since") or None,
+                                service=request.args.get("service") or None)
+        except ValueError as exc:
+            raise AgentHttpError(400, "bad_query", str(exc)[:300]) from None
         try:
-            found = await agent.logs(deployment_id, int(raw_tail))
+            name, found = await agent.log_lines(query)
         except UnknownDeployment:
             raise AgentHttpError(404, "unknown_deployment",
                                  f"no deployment {deployment_id!r} on this agent") from None
-        current = agent.current_status()
-        name = deployment_id or (current.deployment_id if current else None)
-        return _json({"deployment_id": name, "logs": found})
+        return _json({
+            "deployment_id": name,
+            "logs": {key: "".join(ln.text + "\n" for ln in lines) for key, lines in found.items()},
+            "lines": [{"service": ln.service, "at": ln.at, "text": ln.text}
+                      for lines in found.values() for ln in lines],
+        })
 
-    @app.get("/api/stats")
+    @app.get(f"{AGENT_PREFIX}/stats")
     async def stats() -> Response:
         require_secret()
         return _json(await agent.stats())
 
-    @app.get("/api/control/challenge")
+    @app.get(f"{AGENT_PREFIX}/control/challenge")
     async def control_challenge() -> Response:
         require_secret()
         nonce, ttl = agent.challenges.issue(trio.current_time())
@@ -723,6 +743,9 @@ def _deployment_view(status: DeploymentStatus) -> dict[str, Any]:
     }
     if status.error is not None:
         view["error"] = status.error
+    if status.phase is not None:
+        view.update(phase=status.phase, exit_code=status.exit_code,
+                    log_tail=list(status.log_tail))
     return view
 
 
@@ -793,10 +816,21 @@ def _is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
+def is_agent_path(raw_path: bytes) -> bool:
+    """Whether a request path lies in the agent's own namespace (``/.ee`` and below,
+    raw or percent-encoded): such a request is answered by the agent, never proxied."""
+    path = unquote_to_bytes(raw_path)
+    return path == AGENT_PREFIX.encode() or path.startswith(AGENT_PREFIX.encode() + b"/")
+
+
 async def _proxy(agent: HttpHost, client: httpx.AsyncClient) -> Response:
     scope = cast(HTTPScope, request.scope)
     # The guard checked this already; the URL is built from this call's result only.
     target = check_request_target(scope["method"], scope["raw_path"], scope["query_string"])
+    if is_agent_path(scope["raw_path"]):
+        raise AgentHttpError(404, "unknown_agent_route",
+                             f"no agent route {scope['method']} {target[:200]} (paths under "
+                             f"{AGENT_PREFIX}/ are the agent's and never reach the workload)")
     if carries_secret(scope["headers"], target, agent.secret):
         raise RequestRefused("agent_secret_refused",
                              "this request carries the agent secret; it is not forwarded to "

@@ -40,7 +40,7 @@ accepted it and before ``compose up`` runs it (`ee.agent.workload.ComposeRunner`
 failure to measure fails the deploy and nothing starts. Deployments adopted after an
 agent restart are measured again if the log's last event for them does not name their
 compose hash (a TD reboot resets RTMR3 while dockerd may keep the containers). The
-attested health (``GET /api/health?attest=true``) serves `AttestationLogs`: the log as
+attested health (``GET /.ee/health?attest=true``) serves `AttestationLogs`: the log as
 read just before the quote was taken, so it explains the quoted RTMR3 unless a deploy
 landed in between (the replay then mismatches and the client asks again).
 """

@@ -2,7 +2,7 @@
 
 :class:`Agent` owns what outlives a CP session: its data dir (session key, control
 secret, workloads), the :class:`~ee.agent.workload.ComposeRunner`, the heartbeat
-sequence and the *current* deployment (the one the proxy and ``/api/health`` speak
+sequence and the *current* deployment (the one the proxy and ``/.ee/health`` speak
 for: the one deployed last, remembered across restarts, else any running one).
 
 Deploys and undeploys run in tasks of the agent's own nursery, not of the session, so
@@ -44,9 +44,10 @@ import trio_websocket
 
 from ee import __version__
 from ee.agent.backoff import ReconnectPolicy
-from ee.agent.config import AgentConfig, parse_host_port
+from ee.agent.config import AgentConfig, WorkloadLimits, parse_host_port
 from ee.agent.cptrust import CpTrust, release_keys_of
 from ee.agent.http import HttpLimits, serve_http
+from ee.agent.logstore import RetainedLogs
 from ee.agent.platform import (
     KEY_FILE,
     SECRET_FILE,
@@ -121,7 +122,17 @@ CURRENT_FILE = "current-deployment"
 AGENT_ID_FILE = "agent-id"
 MAX_LOG_REPLY_BYTES = 512 * 1024
 HTTP_GRACE_S = 5.0
+RETAINED_LOGS_DIR = "retained-logs"
+LOG_PURGE_INTERVAL_S = 600.0
 ATTEST_TRIES = 3
+
+
+def workload_settings_of(limits: WorkloadLimits) -> WorkloadSettings:
+    """The runner's settings from the agent config's ``workload`` limits."""
+    return WorkloadSettings(pull_timeout=limits.pull_timeout_s,
+                            build_timeout=limits.build_timeout_s,
+                            start_timeout=limits.start_timeout_s,
+                            health_timeout=limits.health_timeout_s)
 
 
 def _wire_runtime_log(events: tuple[RuntimeEvent, ...] | None) -> str | None:
@@ -138,7 +149,7 @@ def _wire_runtime_log(events: tuple[RuntimeEvent, ...] | None) -> str | None:
 
 
 class ChallengeBook:
-    """Single-use nonces for ``GET /api/control/challenge`` (Trio time, TTL)."""
+    """Single-use nonces for ``GET /.ee/control/challenge`` (Trio time, TTL)."""
 
     def __init__(self, ttl_s: float = 60.0, limit: int = 1024) -> None:
         self.ttl_s = ttl_s
@@ -193,8 +204,12 @@ class Agent:
             config, rtmr3=None if self.runtime is None else self.runtime.register.read
         )
         self.secret_store = SecretStore(secrets_base(self.data_dir))
-        self.runner = runner or ComposeRunner(self.data_dir, workload_settings,
-                                              measurer=self.runtime)
+        self.runner = runner or ComposeRunner(
+            self.data_dir, workload_settings or workload_settings_of(config.workload),
+            measurer=self.runtime)
+        if self.runner.retained is None:
+            self.runner.retained = RetainedLogs(self.data_dir / RETAINED_LOGS_DIR,
+                                                retention_s=config.workload.log_retention_s)
         if self.runner.secrets_dir is None:
             self.runner.secrets_dir = self.secret_store.directory
         if self.runner.secret_env is None:
@@ -422,7 +437,12 @@ class Agent:
         if isinstance(msg, Attest):
             return await self.attestation(registration_report_data(msg.nonce, self.public_key))
         if isinstance(msg, LogsRequest):
-            return await self.logs_reply(msg.deployment_id, msg.tail)
+            try:
+                return await self.logs_reply(msg)
+            except UnknownDeployment:
+                return ErrorMessage(code="unknown_deployment",
+                                    message=f"no deployment {msg.deployment_id!r} on this agent "
+                                            "(nor its logs within the retention window)")
         if isinstance(msg, StatsRequest):
             return await self.stats_reply()
         if isinstance(msg, SecretsKeyRequest):
@@ -551,6 +571,7 @@ class Agent:
                         env=dict(msg.env),
                         secret_env=dict(msg.secret_env),
                         expose_service=msg.expose_service,
+                        secret_names=msg.secret_names,
                     )
                 except (TypeError, ValueError) as exc:
                     await self.send(DeployStatus(deployment_id=msg.deployment_id, state="failed",
@@ -603,24 +624,27 @@ class Agent:
         status = self.current_status()
         return None if status is None else status.deployment_id
 
-    async def logs(self, deployment_id: str | None, tail: int) -> dict[str, str]:
-        """Per-service log text; raises ``UnknownDeployment`` for an unknown id."""
-        target = self._resolve(deployment_id)
+    async def log_lines(self, request: LogsRequest) -> tuple[str | None, dict[str, list[LogLine]]]:
+        """The deployment the request names (else the current one) and its lines per
+        service; raises ``UnknownDeployment`` for an id neither running here nor kept
+        (:mod:`ee.agent.logstore`)."""
+        target = self._resolve(request.deployment_id)
         if target is None:
-            return {}
-        return await self.runner.logs(target, tail)
+            return None, {}
+        return target, await self.runner.log_lines(target, tail=request.tail,
+                                                   since=request.since, service=request.service)
 
-    async def logs_reply(self, deployment_id: str | None, tail: int) -> LogsReply:
+    async def logs_reply(self, request: LogsRequest) -> LogsReply:
         lines: list[LogLine] = []
         size = 0
         truncated = False
-        for service, text in (await self.logs(deployment_id, tail)).items():
-            for line in text.splitlines()[-tail:]:
-                size += len(line) + len(service) + 32
+        for service, found in (await self.log_lines(request))[1].items():
+            for line in found[-request.tail:]:
+                size += len(line.text) + len(service) + 64
                 if size > MAX_LOG_REPLY_BYTES:
                     truncated = True
                     break
-                lines.append(LogLine(service=service, text=line))
+                lines.append(line)
         return LogsReply(lines=tuple(lines), truncated=truncated)
 
     async def stats(self) -> dict[str, Any]:
@@ -705,6 +729,7 @@ class Agent:
             self.http_port = int(str(binds[0]).rsplit(":", 1)[1])
             if self.config.tunnel.enabled:
                 self._start_tunnel(None)
+            nursery.start_soon(self._purge_logs)
             task_status.started(self)
             async with trio.open_nursery() as inner:
                 if self.config.cp_url is not None:
@@ -717,6 +742,16 @@ class Agent:
         self._nursery = None
         if self.terminated is not None:
             raise self.terminated
+
+    async def _purge_logs(self) -> None:
+        """Drop retained logs past their window now and then (reads purge too)."""
+        retained = self.runner.retained
+        while retained is not None:
+            try:
+                await trio.to_thread.run_sync(retained.purge)
+            except OSError as exc:
+                log.warning("cannot purge retained logs: %s", exc)
+            await trio.sleep(LOG_PURGE_INTERVAL_S)
 
     async def _serve_http(self, task_status: trio.TaskStatus[list[str]]) -> None:
         self._http_stopped = trio.Event()

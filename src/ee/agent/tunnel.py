@@ -14,7 +14,7 @@ of the number of consecutive *quick* failures (a run shorter than
 consecutive quick failures the supervisor gives up and reports ``failed``; the agent
 keeps serving (the tunnel is a convenience, the CP session is not). Cancellation stops
 the process (Trio terminates, then kills it). :attr:`TunnelSupervisor.status` is what
-``GET /api/health`` shows.
+``GET /.ee/health`` shows.
 """
 
 from __future__ import annotations

@@ -51,48 +51,79 @@ Lifecycle (the table is :data:`TRANSITIONS`; anything else is a bug and raises):
 
     (new)                       ──deploy───►  starting ──► running | failed
     (new)                       ──adopt────►  running | failed
-    running | failed            ──deploy───►  starting              (redeploy in place)
+    running | failed            ──deploy───►  starting              (update in place)
     running                     ──refresh──►  failed                (container died)
     failed                      ──refresh──►  running               (it is back up)
     starting | running | failed ──undeploy─►  stopping ──► stopped | failed
 
 ``deploy`` reports ``starting``, then validates the compose document (and the
-workload policy) and build context, computes the compose hash
-(:func:`ee.protocol.compose.compose_hash`), writes the directory (atomically, via a
-temporary sibling), resolves and checks the file as above, measures the deployment
-(app, version, deployment id, compose hash) into RTMR3 through the runner's
-:class:`DeployMeasurer` (:mod:`ee.agent.rtmr3`; a measurement that fails ends the
-deploy ``failed`` with ``rtmr3: ...`` before anything runs), runs ``up -d --build
---remove-orphans`` (retrying with bounded backoff when the CLI's error text looks like a
-transient network failure), finds the exposed service's container and its IP address
-on the compose network (no host port is published), and polls
-``http://<ip>:<expose_port><health_path>`` until it answers 2xx. It then reports
-``running`` with the compose hash, the image ids of the service containers and the
-upstream address for the proxy. Any workload problem (bad compose, bad build context,
-policy refusal, CLI failure, unknown image, container exit, health timeout) ends in
-``failed`` carrying the CLI's own error text (the last few KB) or a one-line reason;
-the runner does not raise for these. A failed deployment keeps its containers and
-directory, so its logs stay readable, until ``undeploy``.
+workload policy) and build context, computes the *workload hash*
+(:func:`ee.protocol.compose.workload_hash` over the compose document, the build
+context, the env, the exposed port and service — the first service when the deploy
+names none, as the CP resolves it —, the health path and the secret names; reported
+as ``compose_hash``, measured into RTMR3 and bound into the attested health, so an env
+change is another hash), writes the directory (atomically, via a temporary sibling),
+resolves and checks the file as above, measures the deployment (app, version,
+deployment id, workload hash) into RTMR3 through the runner's :class:`DeployMeasurer`
+(:mod:`ee.agent.rtmr3`; a measurement that fails ends the deploy ``failed`` with
+``rtmr3: ...`` before anything runs), then runs it in phases, each under its own
+timeout (:class:`WorkloadSettings`; the agent config's ``workload`` section):
 
-``undeploy`` runs ``down --remove-orphans -v --rmi local``: containers, networks and
-anonymous/project volumes go, and so do the images Compose *built* for the project
-(each deployment builds under its own project name, so keeping them would leak one
-image per deployment). Base images and the builder cache stay, so a redeploy is fast.
-A service that builds may not also name its image (``image:`` with ``build:`` is
-refused by the policy): Compose would tag the build with that name on the shared
-dockerd, ``--rmi local`` would keep it, and the next deployment naming that image (any
-tenant's) would run it. So every image a project builds carries the project's name and
-goes at undeploy. Then the directory is removed.
+- ``pull``: ``pull <services>`` for the services that do not build and whose image is
+  not on the daemon yet (``up`` would pull exactly those);
+- ``build``: ``build``, when a service builds;
+- ``start``: ``up -d --no-build --remove-orphans``, then the exposed service's
+  container must be running (one that exited is a ``start`` failure with its exit
+  code and logs, also when it exits while health is polled);
+- ``health``: polls ``http://<ip>:<expose_port><health_path>`` on the container's
+  compose-network address (no host port is published) until it answers 2xx.
+
+``pull`` and ``start`` are retried with bounded backoff when the output looks like a
+transient network failure. It then reports ``running`` with the workload hash, the
+image ids of the service containers and the upstream address for the proxy. Any
+workload problem ends in ``failed``, never an exception: a failed phase carries
+``phase``, ``exit_code`` and ``log_tail`` (:mod:`ee.agent.failures`: the last 20 lines
+of the step's output or the container's logs) and an ``error`` naming the phase, the
+exit code and the last line; a phase that runs out of time ends with ``phase:
+"timeout"`` (the health phase only when the workload never answered; a wrong answer
+until the deadline, a 404 say, is phase ``health``); ``secrets`` when the env secrets
+were not released in time; a refused or invalid workload carries the reason without a
+phase. A failed deployment keeps its containers and directory, so its logs stay
+readable, until ``undeploy``.
+
+**Updates in place.** A ``deploy`` for a deployment id the runner already has, with
+another version or workload hash, first stops the old version with ``down
+--remove-orphans --rmi local`` and *without* ``-v`` (even when the new one turns out
+invalid: the deployment then reports ``failed`` and nothing of it runs), then writes
+the new directory and starts the new version under the *same* Compose project name,
+so its named volumes (``<project>_<name>``) are the old version's, data included. The
+states reported are those of a fresh deploy; a new version that fails leaves the
+volumes for the next deploy (a rollback, say). A deploy with the same version and hash
+just runs the phases again (``up`` leaves unchanged containers alone).
+
+``undeploy`` (unchanged by updates) runs ``down --remove-orphans -v --rmi local``:
+containers, networks and named/anonymous volumes of the project go, and so do the
+images Compose *built* for the project (each deployment builds under its own project
+name, so keeping them would leak one image per deployment). Base images and the
+builder cache stay, so a redeploy is fast. A service that builds may not also name its
+image (``image:`` with ``build:`` is refused by the policy): Compose would tag the
+build with that name on the shared dockerd, ``--rmi local`` would keep it, and the next
+deployment naming that image (any tenant's) would run it. So every image a project
+builds carries the project's name and goes at undeploy. Before ``down``, the last
+1,000 lines of each service are kept in the agent's data dir for the retention window
+(:mod:`ee.agent.logstore`). Then the directory is removed.
 
 ``adopt`` (at agent start) reads every ``deployment.json`` and inspects the project's
 containers without touching them: running ones come back as ``running`` (same
 container ids, same StartedAt), others as ``failed`` with the reason. ``refresh``
 re-inspects one deployment (say after the proxy failed to connect) and updates its
 state and upstream address; ``upstream`` is the cached ``(ip, port)`` for the proxy;
-``logs`` and ``stats`` read per-service data through the SDK.
+``log_lines`` (Docker's timestamps as ``at``; ``since``, ``service`` and ``tail``
+filters; an undeployed deployment's retained lines) and ``stats`` read per-service
+data through the SDK.
 
 All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
-follow the test clock; the Compose CLI runs under ``trio.run_process`` and Docker SDK
+follow the test clock; the Compose CLI runs as a Trio process and Docker SDK
 calls under ``trio.to_thread.run_sync`` with a capacity limiter.
 """
 
@@ -104,6 +135,7 @@ import os
 import re
 import secrets
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from functools import partial
 from hashlib import sha256
@@ -119,6 +151,21 @@ import requests
 import trio
 import yaml
 
+from ee.agent.failures import (
+    MAX_TAIL_LINES,
+    FailureReport,
+    container_exited,
+    health_failed,
+    step_failed,
+    step_timed_out,
+)
+from ee.agent.logstore import (
+    MAX_LINES_PER_SERVICE,
+    RetainedLogs,
+    filter_lines,
+    rfc3339_ns,
+    split_timestamp,
+)
 from ee.agent.rtmr3 import Rtmr3Error
 from ee.protocol.compose import (
     BuildContext,
@@ -126,12 +173,12 @@ from ee.protocol.compose import (
     ComposeError,
     LoadedBuildContext,
     compose_services,
-    hash_compose_document,
     load_build_context,
     validate_compose,
+    workload_hash,
 )
 from ee.protocol.dockerfile import check_build_dockerfiles
-from ee.protocol.messages import SECRET_NAME
+from ee.protocol.messages import SECRET_NAME, LogLine
 from ee.protocol.workload_policy import (
     WorkloadPolicyError,
     check_compose,
@@ -290,6 +337,16 @@ def _check_secret_env(_: object, __: attrs.Attribute[Any], value: Mapping[str, s
             raise ValueError(f"secret_env: {name!r} is not a secret name")
 
 
+def _as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _check_secret_names(_: object, __: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
+    for name in value:
+        if not isinstance(name, str) or not SECRET_NAME.match(name):
+            raise ValueError(f"secret_names: {name!r} is not a secret name")
+
+
 def _check_health_path(_: object, __: attrs.Attribute[Any], value: str) -> None:
     check_health_path(value)  # WorkloadPolicyError is a ValueError
 
@@ -372,6 +429,9 @@ class DeploySpec:
     #: environment variables fed from released secrets: VAR -> secret name
     secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env,
                                                 validator=_check_secret_env)
+    #: every secret name the version receives (part of the workload hash)
+    secret_names: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple,
+                                                validator=_check_secret_names)
 
 
 @attrs.frozen
@@ -389,6 +449,10 @@ class DeploymentStatus:
     )
     upstream: tuple[str, int] | None = None
     error: str | None = None
+    #: a failed deploy's phase, exit code and last output lines (``ee.agent.failures``)
+    phase: str | None = None
+    exit_code: int | None = None
+    log_tail: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         """The ``deploy_status`` message body (optional fields omitted when unset)."""
@@ -399,6 +463,12 @@ class DeploymentStatus:
             body["image_digests"] = dict(self.image_digests)
         if self.error is not None:
             body["error"] = self.error
+        if self.phase is not None:
+            body["phase"] = self.phase
+        if self.exit_code is not None:
+            body["exit_code"] = self.exit_code
+        if self.log_tail:
+            body["log_tail"] = list(self.log_tail)
         return body
 
 
@@ -441,7 +511,10 @@ class WorkloadSettings:
     #: Upper bound of the health poll interval (polls start at 50 ms and double).
     health_interval: float = 1.0
     health_request_timeout: float = 3.0
-    up_timeout: float = 900.0
+    #: per-phase limits of a deploy: pulling missing images, building, `up`
+    pull_timeout: float = 600.0
+    build_timeout: float = 900.0
+    start_timeout: float = 300.0
     down_timeout: float = 300.0
     retry: RetryPolicy = RetryPolicy()
     error_tail_bytes: int = 4096
@@ -528,7 +601,47 @@ async def detect_compose_cli() -> ComposeCLI:
 
 
 class _Failure(Exception):
-    """A workload problem: becomes a ``failed`` status, never escapes the runner."""
+    """A workload problem: becomes a ``failed`` status, never escapes the runner
+    (*report*: the phase, exit code and output of a failed step)."""
+
+    def __init__(self, message: str, report: FailureReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    @classmethod
+    def of(cls, report: FailureReport) -> _Failure:
+        return cls(report.error, report)
+
+
+async def _run_step(argv: Iterable[str], *, env: Mapping[str, str], cwd: Path,
+                    timeout: float, keep_bytes: int) -> tuple[int | None, str]:
+    """Run a Compose command with stdout and stderr merged, keeping the last
+    *keep_bytes* of its output: ``(exit code, output)``, or ``(None, output so far)``
+    when it did not finish within *timeout* (it is killed; so it is when cancelled)."""
+    try:
+        process = await trio.lowlevel.open_process(
+            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, env=dict(env), cwd=cwd)
+    except OSError as exc:
+        return 127, str(exc)
+    buffer = bytearray()
+    code: int | None = None
+    try:
+        with trio.move_on_after(timeout):
+            assert process.stdout is not None
+            async for chunk in process.stdout:
+                buffer += chunk
+                if len(buffer) > 2 * keep_bytes:
+                    del buffer[:-keep_bytes]
+            code = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+        if process.stdout is not None:
+            await trio.aclose_forcefully(process.stdout)
+    return code, bytes(buffer[-keep_bytes:]).decode("utf-8", "replace")
 
 
 @attrs.frozen
@@ -696,6 +809,8 @@ class ComposeRunner:
         self.secrets_dir = secrets_dir
         #: the store that writes env-secret files (``ee.agent.secrets.SecretStore``)
         self.secret_env: SecretEnv | None = None
+        #: where an undeployed deployment's last log lines are kept (None: nowhere)
+        self.retained: RetainedLogs | None = None
         self.settings = settings or WorkloadSettings()
         self.measurer = measurer
         self.workloads_dir = self.data_dir / "workloads"
@@ -833,7 +948,7 @@ class ComposeRunner:
     async def deploy(
         self, spec: DeploySpec, on_status: StatusCallback | None = None
     ) -> DeploymentStatus:
-        """Deploy (or redeploy in place) and return the final status.
+        """Deploy (or update in place) and return the final status.
 
         Reports ``starting`` then ``running`` or ``failed`` through ``on_status``
         (awaited in order; an exception from the callback propagates). Workload
@@ -854,9 +969,21 @@ class ComposeRunner:
                     cli = await self.detect_cli()
                 except ComposeCLIUnavailable as exc:
                     raise _Failure(str(exc)) from None
-                record = await trio.to_thread.run_sync(self._prepare, spec)
+                old = self._records.get(spec.deployment_id)
+                planned: tuple[_Record, LoadedBuildContext | None] | None = None
+                try:
+                    planned = await trio.to_thread.run_sync(self._plan, spec)
+                finally:
+                    # An update in place (another version or hash under this id): the
+                    # old version stops first, its named volumes stay.
+                    if old is not None and (planned is None or (
+                            planned[0].compose_hash, planned[0].version) != (
+                                old.compose_hash, old.version)):
+                        await self._stop_old(cli, old)
+                record, loaded = planned
+                await trio.to_thread.run_sync(self._write, spec, record, loaded)
                 self._records[spec.deployment_id] = record
-                await self._resolve(cli, record)
+                pulls, builds = await self._resolve(cli, record)
                 await self._measure(record)
                 if record.secret_env:
                     # Say what will run, so the CP can judge this replica and release
@@ -864,15 +991,26 @@ class ComposeRunner:
                     await self._set(attrs.evolve(base, compose_hash=record.compose_hash),
                                     on_status)
                     await self._await_secret_env(record)
-                await self._up(cli, record)
+                await self._pull(cli, record, pulls)
+                if builds:
+                    await self._step(cli, record, "build", ("build",),
+                                     self.settings.build_timeout)
+                await self._step(cli, record, "start",
+                                 ("up", "-d", "--no-build", "--remove-orphans"),
+                                 self.settings.start_timeout, retry=True)
                 containers = await self._sdk(self._project_containers, record.project)
+                await self._check_alive(record, containers)
                 upstream, digests = self._locate(record, containers)
                 await self._wait_healthy(record, upstream)
                 final = attrs.evolve(
                     base, state="running", image_digests=digests, upstream=upstream
                 )
             except _Failure as failure:
+                report = failure.report
                 final = attrs.evolve(base, state="failed", error=str(failure))
+                if report is not None:
+                    final = attrs.evolve(final, phase=report.phase, exit_code=report.exit_code,
+                                         log_tail=report.log_tail)
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
@@ -881,8 +1019,27 @@ class ComposeRunner:
                 final = attrs.evolve(final, compose_hash=record.compose_hash)
             return await self._set(final, on_status)
 
-    def _prepare(self, spec: DeploySpec) -> _Record:  # worker thread
-        """Validate, hash, and write the workload directory atomically."""
+    async def _stop_old(self, cli: ComposeCLI, old: _Record) -> None:
+        """Stop the version that runs under this deployment id before another replaces
+        it: ``down --remove-orphans --rmi local`` *without* ``-v``, so its named
+        volumes stay for the next version (same project name) to mount."""
+        if not (old.directory / RESOLVED_FILE).exists():
+            return
+        await trio.to_thread.run_sync(self._env_placeholder, old)
+        argv = self._compose_argv(cli, old, "down", "--remove-orphans", "--rmi", "local")
+        code, out = await _run_step(argv, env=self._cli_env(), cwd=old.directory,
+                                    timeout=self.settings.down_timeout,
+                                    keep_bytes=self.settings.error_tail_bytes)
+        if code is None:
+            raise _Failure.of(step_timed_out("stop of the previous version",
+                                             self.settings.down_timeout, out))
+        if code != 0:
+            raise _Failure.of(step_failed("stop of the previous version", code, out))
+        log.info("deployment %s: stopped version %s (named volumes kept)",
+                 old.deployment_id, old.version)
+
+    def _plan(self, spec: DeploySpec) -> tuple[_Record, LoadedBuildContext | None]:
+        """Validate and hash (worker thread; writes nothing)."""
         try:
             doc = validate_compose(spec.compose)
             loaded = None
@@ -896,20 +1053,22 @@ class ComposeRunner:
                 context = loaded.context
             check_compose(doc, stage="upload")
             check_build_dockerfiles(doc, loaded)
-            digest = hash_compose_document(doc, context)
+            services = compose_services(doc)
+            expose = spec.expose_service or services[0]  # the CP resolves it the same way
+            if expose not in services:
+                raise _Failure(
+                    f"expose_service {expose!r} is not a service of the compose file "
+                    f"(services: {', '.join(services)})"
+                )
+            digest = workload_hash(doc, context, env=spec.env, expose_port=spec.expose_port,
+                                   expose_service=expose, health_path=spec.health_path,
+                                   secret_names=spec.secret_names)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None
         except BuildContextError as exc:
             raise _Failure(f"invalid build context: {exc}") from None
         except WorkloadPolicyError as exc:
             raise _Failure(f"refused by the workload policy ({exc.code}): {exc}") from None
-        services = compose_services(doc)
-        expose = spec.expose_service or services[0]
-        if expose not in services:
-            raise _Failure(
-                f"expose_service {expose!r} is not a service of the compose file "
-                f"(services: {', '.join(services)})"
-            )
         final = self.workload_dir(spec.deployment_id)
         record = _Record(
             deployment_id=spec.deployment_id,
@@ -924,6 +1083,12 @@ class ComposeRunner:
             services=tuple(services),
             secret_env=spec.secret_env,
         )
+        return record, loaded
+
+    def _write(self, spec: DeploySpec, record: _Record,
+               loaded: LoadedBuildContext | None) -> None:  # worker thread
+        """Write the workload directory atomically (via a temporary sibling)."""
+        final = record.directory
         staging = self.workloads_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
         try:
             self.workloads_dir.mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -949,10 +1114,10 @@ class ComposeRunner:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise _Failure(f"cannot write workload directory: {exc}") from None
-        return record
 
-    async def _resolve(self, cli: ComposeCLI, record: _Record) -> None:
-        """Resolve the tenant's file with the CLI's ``config``, check it, write what runs.
+    async def _resolve(self, cli: ComposeCLI, record: _Record) -> tuple[dict[str, str], bool]:
+        """Resolve the tenant's file with the CLI's ``config``, check it, write what runs;
+        return the image of each service that does not build, and whether any builds.
 
         ``config`` gets the tenant env only through ``--env-file`` (for interpolation);
         the env file is deleted afterwards. The CLI's model is checked with the workload
@@ -976,7 +1141,8 @@ class ComposeRunner:
             raise _Failure(f"`config` did not finish within {self.settings.down_timeout:g} s")
         if code != 0:
             raise _Failure(_tail(err or out, self.settings.error_tail_bytes) or f"exit {code}")
-        def check_and_write() -> None:  # YAML parse, policy, dump: off the event loop
+        def check_and_write() -> tuple[dict[str, str], bool]:  # YAML parse, policy,
+            # dump: off the event loop
             try:
                 resolved = validate_compose(out)
                 check_compose(
@@ -1005,8 +1171,12 @@ class ComposeRunner:
                     for name, service in hardened["services"].items()}
             text = yaml.safe_dump(hardened, sort_keys=True, allow_unicode=True)
             _write_private(record.directory / RESOLVED_FILE, text)
+            services = dict(hardened["services"])
+            images = {name: str(service["image"]) for name, service in services.items()
+                      if "build" not in service and isinstance(service.get("image"), str)}
+            return images, any("build" in service for service in services.values())
 
-        await trio.to_thread.run_sync(check_and_write)
+        return await trio.to_thread.run_sync(check_and_write)
 
     async def _measure(self, record: _Record) -> None:
         """Extend RTMR3 with this deployment (and log it) before it runs."""
@@ -1024,18 +1194,41 @@ class ComposeRunner:
         except (Rtmr3Error, ValueError) as exc:
             raise _Failure(f"rtmr3: cannot measure the deployment into RTMR3: {exc}") from None
 
-    async def _up(self, cli: ComposeCLI, record: _Record) -> None:
-        argv = self._compose_argv(cli, record, "up", "-d", "--build", "--remove-orphans")
+    def _missing_images(self, images: Mapping[str, str]) -> list[str]:  # worker thread
+        missing = []
+        for service, image in sorted(images.items()):
+            try:
+                self._client().images.get(image)
+            except docker.errors.ImageNotFound:
+                missing.append(service)
+        return missing
+
+    async def _pull(self, cli: ComposeCLI, record: _Record, images: Mapping[str, str]) -> None:
+        """Pull the images of the services that do not build and are not here yet (as
+        ``up`` would: a local-only image is never looked for in a registry)."""
+        missing = await self._sdk(self._missing_images, images)
+        if missing:
+            await self._step(cli, record, "pull", ("pull", *missing),
+                             self.settings.pull_timeout, retry=True,
+                             subject=", ".join(f"{s}: {images[s]}" for s in missing))
+
+    async def _step(self, cli: ComposeCLI, record: _Record, phase: str,
+                    command: tuple[str, ...], timeout: float, *, retry: bool = False,
+                    subject: str = "") -> None:
+        """One phase's Compose command under its timeout; transient network failures
+        retried (*retry*) with bounded backoff; a failure carries its output's tail."""
+        argv = self._compose_argv(cli, record, *command)
         policy = self.settings.retry
         for attempt in range(1, policy.attempts + 1):
-            with trio.move_on_after(self.settings.up_timeout) as scope:
-                code, out, err = await _run(argv, env=self._cli_env(), cwd=record.directory)
-            if scope.cancelled_caught:
-                raise _Failure(f"`up` did not finish within {self.settings.up_timeout:g} s")
+            code, out = await _run_step(argv, env=self._cli_env(), cwd=record.directory,
+                                        timeout=timeout,
+                                        keep_bytes=self.settings.error_tail_bytes)
+            if code is None:
+                raise _Failure.of(step_timed_out(phase, timeout, out))
             if code == 0:
                 return
-            text = _tail(err or out, self.settings.error_tail_bytes) or f"exit status {code}"
-            if attempt < policy.attempts and is_transient_error(text):
+            text = _tail(out, self.settings.error_tail_bytes) or f"exit status {code}"
+            if retry and attempt < policy.attempts and is_transient_error(text):
                 delay = policy.delay(attempt)
                 log.warning(
                     "deployment %s: transient compose failure (attempt %d/%d), retry in %g s",
@@ -1046,7 +1239,7 @@ class ComposeRunner:
                 )
                 await trio.sleep(delay)
                 continue
-            raise _Failure(text)
+            raise _Failure.of(step_failed(phase, code, out, subject))
 
     def _locate(
         self, record: _Record, containers: list[Any]
@@ -1082,6 +1275,7 @@ class ComposeRunner:
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}{record.health_path}"
         deadline = trio.current_time() + self.settings.health_timeout
         last = "no answer yet"
+        answered = False
         timeout = httpx.Timeout(self.settings.health_request_timeout)
         next_alive_check = trio.current_time() + 1.0
         interval = min(0.05, self.settings.health_interval)  # doubles up to health_interval
@@ -1095,36 +1289,64 @@ class ComposeRunner:
                     if 200 <= response.status_code < 300:
                         return
                     last = f"HTTP {response.status_code}"
+                    answered = True
                 if trio.current_time() >= next_alive_check:
                     await self._check_alive(record)
                     next_alive_check = trio.current_time() + 1.0
                 remaining = deadline - trio.current_time()
                 if remaining <= 0:
-                    raise _Failure(
-                        f"health check GET {url} did not answer 2xx within "
-                        f"{self.settings.health_timeout:g} s (last: {last})"
-                    )
+                    what = (f"health check of {record.expose_service}:{port}: "
+                            f"GET {record.health_path}")
+                    logs = await self._service_logs(record, record.expose_service)
+                    raise _Failure.of(health_failed(what, self.settings.health_timeout, last,
+                                                    answered, logs))
                 await trio.sleep(min(interval, remaining))
                 interval = min(interval * 2, self.settings.health_interval)
 
-    async def _check_alive(self, record: _Record) -> None:
+    async def _check_alive(self, record: _Record, containers: list[Any] | None = None) -> None:
+        """Raise a ``start`` failure (exit code, logs) when the exposed service's
+        container has stopped (right after ``up``, or while health is polled)."""
+        if containers is None:
+            try:
+                containers = await self._sdk(self._project_containers, record.project)
+            except Exception as exc:  # docker SDK errors are workload-side
+                if _is_docker_error(exc):
+                    return
+                raise
+        mine = [c for c in containers
+                if c.labels.get("com.docker.compose.service") == record.expose_service]
+        if not mine or any(c.status == "running" for c in mine):
+            return
+        container = mine[0]
+        if container.status not in ("exited", "dead"):
+            return
+        state = container.attrs.get("State") or {}
+        try:
+            logs = await self._sdk(
+                lambda: container.logs(tail=MAX_TAIL_LINES).decode("utf-8", "replace"))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            logs = f"<logs unavailable: {exc}>"
+        code = state.get("ExitCode")
+        raise _Failure.of(container_exited(
+            record.expose_service, code if isinstance(code, int) else None, logs,
+            str(state.get("Error") or "")))
+
+    async def _service_logs(self, record: _Record, service: str) -> str:
+        """The last lines of *service*'s container logs ("" when Docker cannot say)."""
         try:
             containers = await self._sdk(self._project_containers, record.project)
-        except Exception as exc:  # docker SDK errors are workload-side
-            if _is_docker_error(exc):
-                return
-            raise
-        for container in containers:
-            service = container.labels.get("com.docker.compose.service")
-            if service == record.expose_service and container.status in ("exited", "dead"):
-                logs = await self._sdk(
-                    lambda c=container: c.logs(tail=20).decode("utf-8", "replace")
-                )
-                raise _Failure(
-                    f"service {service!r} exited while waiting for health "
-                    f"(exit code {container.attrs.get('State', {}).get('ExitCode')}); "
-                    f"last log lines:\n{_tail(logs, self.settings.error_tail_bytes)}"
-                )
+            mine = [c for c in containers
+                    if c.labels.get("com.docker.compose.service") == service]
+            if not mine:
+                return ""
+            raw: bytes = await self._sdk(lambda: mine[0].logs(tail=MAX_TAIL_LINES))
+        except Exception as exc:
+            if not _is_docker_error(exc):
+                raise
+            return ""
+        return raw.decode("utf-8", "replace")
 
     # -- undeploy -----------------------------------------------------------------
 
@@ -1158,6 +1380,8 @@ class ComposeRunner:
         )
         if old is not None and old.state != "stopping":
             await self._set(base, on_status)
+        if record is not None:
+            await self._retain_logs(record)
         try:
             await self._down(deployment_id, record)
         except _Failure as failure:
@@ -1171,6 +1395,18 @@ class ComposeRunner:
         self._records.pop(deployment_id, None)
         self._status.pop(deployment_id, None)
         return stopped
+
+    async def _retain_logs(self, record: _Record) -> None:
+        """Keep the last lines of each service for the retention window (best effort:
+        an undeploy never fails because its logs could not be kept)."""
+        if self.retained is None:
+            return
+        try:
+            lines = await self._docker_lines(record, tail=MAX_LINES_PER_SERVICE, since=None,
+                                             service=None)
+            await trio.to_thread.run_sync(self.retained.keep, record.deployment_id, lines)
+        except (OSError, ValueError) as exc:
+            log.warning("deployment %s: cannot keep its logs: %s", record.deployment_id, exc)
 
     def _env_placeholder(self, record: _Record) -> None:  # worker thread
         """The Compose CLI reads every ``env_file`` even to stop: when the env-secret
@@ -1264,13 +1500,15 @@ class ComposeRunner:
             except KeyError as exc:
                 missing = exc.args[0]
             except (ValueError, OSError) as exc:
-                raise _Failure(f"cannot feed the environment from secrets: {exc}") from None
+                raise _Failure.of(FailureReport(
+                    error=f"cannot feed the environment from secrets: {exc}",
+                    phase="secrets")) from None
             if trio.current_time() >= deadline:
-                raise _Failure(
-                    f"secret {missing!r} (for an environment variable) was not released "
+                raise _Failure.of(FailureReport(
+                    error=f"secret {missing!r} (for an environment variable) was not released "
                     f"within {self.settings.secret_wait_timeout:g} s: the app's release "
                     "policy refused this replica, or the secret does not exist "
-                    "(see the app's secret-events)")
+                    "(see the app's secret-events)", phase="secrets"))
             await trio.sleep(0.25)
 
     async def _remove_by_label(self, deployment_id: str, cli_error: str | None) -> None:
@@ -1396,29 +1634,62 @@ class ComposeRunner:
         number = container.labels.get("com.docker.compose.container-number", container.short_id)
         return f"{service}#{number}"
 
-    async def logs(self, deployment_id: str, tail: int = 200) -> dict[str, str]:
-        """The last ``tail`` log lines per service (``service#n`` for extra replicas).
+    async def log_lines(self, deployment_id: str, *, tail: int = 200, since: str | None = None,
+                        service: str | None = None) -> dict[str, list[LogLine]]:
+        """The last ``tail`` lines per service (``service#n`` for extra replicas), each
+        with Docker's timestamp; only lines at or after *since* (RFC 3339 UTC) and only
+        *service*'s when given. A deployment undeployed within the retention window is
+        answered from its retained logs (:mod:`ee.agent.logstore`).
 
         Raises :class:`UnknownDeployment`; Docker errors become the value's text.
         """
-        _, list_containers = self._containers_of(deployment_id)
+        record = self._records.get(deployment_id)
+        if record is None:
+            kept = (None if self.retained is None
+                    else await trio.to_thread.run_sync(self.retained.read, deployment_id))
+            if kept is None:
+                raise UnknownDeployment(deployment_id)
+            return {key: filter_lines(lines, tail=tail, since=since)
+                    for key, lines in kept.items()
+                    if service is None or key.split("#", 1)[0] == service}
+        return await self._docker_lines(record, tail=tail, since=since, service=service)
+
+    async def _docker_lines(self, record: _Record, *, tail: int, since: str | None,
+                            service: str | None) -> dict[str, list[LogLine]]:
         try:
-            containers = await self._sdk(list_containers)
+            containers = await self._sdk(self._project_containers, record.project)
         except Exception as exc:
             if not _is_docker_error(exc):
                 raise
-            return {"": f"<logs unavailable: {exc}>"}
-        result: dict[str, str] = {}
+            return {"": [LogLine(service="", text=f"<logs unavailable: {exc}>")]}
+        floor = None if since is None else rfc3339_ns(since)
+        options: dict[str, Any] = {"tail": tail, "timestamps": True}
+        if floor is not None:
+            options["since"] = max(1.0, floor / 1e9 - 1.0)  # whole-second APIs: filter below
+        result: dict[str, list[LogLine]] = {}
         for container in sorted(containers, key=lambda c: c.name):
             key = self._service_key(container, result)
+            if service is not None and key.split("#", 1)[0] != service:
+                continue
             try:
-                raw = await self._sdk(lambda c=container: c.logs(tail=tail, timestamps=False))
-                result[key] = raw.decode("utf-8", "replace")
+                raw = await self._sdk(lambda c=container: c.logs(**options))
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
-                result[key] = f"<logs unavailable: {exc}>"
+                result[key] = [LogLine(service=key, text=f"<logs unavailable: {exc}>")]
+                continue
+            lines = []
+            for text in raw.decode("utf-8", "replace").splitlines():
+                at, body = split_timestamp(text)
+                lines.append(LogLine(service=key, text=body, at=at))
+            result[key] = filter_lines(lines, tail=tail, since=since)
         return result
+
+    async def logs(self, deployment_id: str, tail: int = 200) -> dict[str, str]:
+        """The last ``tail`` log lines per service as text (see :meth:`log_lines`)."""
+        found = await self.log_lines(deployment_id, tail=tail)
+        return {key: "".join(line.text + "\n" for line in lines)
+                for key, lines in found.items()}
 
     async def stats(self, deployment_id: str) -> dict[str, ServiceStats]:
         """One resource sample per service container (taken concurrently).

@@ -151,6 +151,19 @@ _signature = check(lambda v: len(v) == SIGNATURE_BYTES, "must be a 64-byte Ed255
 _hex_digest = check(lambda v: bool(_HEX_DIGEST.match(v)), "must be a lowercase hex digest")
 _abs_path = check(lambda v: v.startswith("/"), "must start with '/'")
 _RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+
+
+def _is_rfc3339(value: str) -> bool:
+    """An RFC 3339 UTC timestamp (``...Z``) naming a real instant (no month 13)."""
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        return False
+    try:
+        datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return False
+    return True
+
+
 _SERVICE = re.compile(r"\A[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}\Z")
 #: the phases a deployment can fail in (``DeployStatus.phase``)
 FAILURE_PHASES = ("pull", "build", "start", "health", "secrets", "timeout")
@@ -562,7 +575,7 @@ class LogsRequest:
     )
     #: only lines Docker received at or after this instant (RFC 3339, UTC)
     since: str | None = attrs.field(default=None, validator=attrs.validators.optional(
-        check(lambda v: bool(_RFC3339.match(v)), "must be an RFC 3339 UTC timestamp")))
+        check(_is_rfc3339, "must be an RFC 3339 UTC timestamp")))
     #: only this compose service's lines
     service: str | None = attrs.field(default=None, validator=attrs.validators.optional(
         check(lambda v: bool(_SERVICE.match(v)), "must be a compose service name")))

@@ -6,9 +6,12 @@ for one purpose cannot be replayed for another:
 - registration: ``SHA-512(b"ee/v2/register" || nonce || public_key)``, binding the
   quote to the CP's single-use challenge and the agent's raw 32-byte Ed25519 session
   key;
-- workload health (``GET /api/health?attest=true``):
+- workload health (``GET /.ee/health?attest=true``):
   ``SHA-512(b"ee/v2/health" || nonce || compose_hash)`` where ``compose_hash`` is the
-  raw digest (pass the bytes, or the hex string as reported, which is decoded);
+  raw digest (pass the bytes, or the hex string as reported, which is decoded) of the
+  *workload* hash the agent reports under that name
+  (:func:`ee.protocol.compose.workload_hash`: compose, build context, env, exposed
+  port and service, health path, secret names);
 - CP proof (``registered.cp_proof``): ``SHA-512(b"ee/v2/cp-envelope" || cp_nonce ||
   cp_public_key)``, binding the CP's quote to the nonce the agent chose for this
   session and to the CP's raw 32-byte Ed25519 write key.

@@ -1,0 +1,124 @@
+"""Why a deploy failed, in the shape the tenant sees (pure: no I/O, no Trio).
+
+A deploy runs in phases (``pull``, ``build``, ``start``, ``health``; ``secrets`` when
+its environment waits for released secrets). When one fails, the deployment's status
+carries a :class:`FailureReport`: ``phase`` (where), ``exit_code`` (the Compose
+command's, a failed ``RUN`` step's when the build output names it, or the exited
+container's), ``log_tail`` (the last :data:`MAX_TAIL_LINES` lines of the failing step's
+output or the container's logs, each cut to :data:`MAX_LINE_CHARS`) and a one-line
+human ``error`` naming the phase, the exit code and the last line. A phase that runs
+out of its time ends with ``phase: "timeout"`` and an error naming the phase.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+__all__ = [
+    "MAX_LINE_CHARS",
+    "MAX_TAIL_LINES",
+    "FailureReport",
+    "build_exit_code",
+    "container_exited",
+    "health_failed",
+    "step_failed",
+    "step_timed_out",
+    "tail_lines",
+]
+
+MAX_TAIL_LINES = 20
+MAX_LINE_CHARS = 500
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+#: a failed RUN step, classic builder and BuildKit
+_RUN_EXIT = (
+    re.compile(r"returned a non-zero code: (\d{1,3})\b"),
+    re.compile(r"did not complete successfully: exit code: (\d{1,3})\b"),
+)
+
+
+@attrs.frozen
+class FailureReport:
+    """What a failed deployment reports besides ``state: failed``."""
+
+    error: str
+    phase: str | None = None
+    exit_code: int | None = None
+    log_tail: tuple[str, ...] = ()
+
+
+def tail_lines(text: str, limit: int = MAX_TAIL_LINES) -> tuple[str, ...]:
+    """The last *limit* non-blank lines of *text*: colours and control characters
+    gone (a progress bar's carriage returns keep their last frame), each at most
+    :data:`MAX_LINE_CHARS` characters (cut in the middle, ``…`` marks it)."""
+    lines = []
+    for raw in _ANSI.sub("", text).split("\n"):
+        line = _CONTROL.sub("", raw.rsplit("\r", 1)[-1]).rstrip()
+        if line.strip():
+            lines.append(line)
+    out = []
+    for line in lines[-limit:] if limit > 0 else []:
+        if len(line) > MAX_LINE_CHARS:
+            half = (MAX_LINE_CHARS - 1) // 2
+            line = line[:half] + "…" + line[-(MAX_LINE_CHARS - 1 - half):]
+        out.append(line)
+    return tuple(out)
+
+
+def _last(lines: tuple[str, ...]) -> str:
+    return lines[-1].strip()[:300] if lines else "no output"
+
+
+def build_exit_code(output: str) -> int | None:
+    """The exit code of the failed ``RUN`` step named in build output, if any."""
+    found = None
+    for pattern in _RUN_EXIT:
+        for match in pattern.finditer(output):
+            found = int(match.group(1))
+    return found
+
+
+def step_failed(phase: str, code: int, output: str, subject: str = "") -> FailureReport:
+    """A Compose command of *phase* exited with *code* (``build``: the RUN step's);
+    *subject* says what it worked on (``pull``: the images)."""
+    tail = tail_lines(output)
+    exit_code = (build_exit_code(output) if phase == "build" else None)
+    exit_code = code if exit_code is None else exit_code
+    what = f" ({subject})" if subject else ""
+    return FailureReport(error=f"{phase} failed{what} (exit code {exit_code}): {_last(tail)}",
+                         phase=phase, exit_code=exit_code, log_tail=tail)
+
+
+def step_timed_out(phase: str, timeout: float, output: str) -> FailureReport:
+    """*phase* did not finish within *timeout* seconds (its output so far as the tail)."""
+    tail = tail_lines(output)
+    return FailureReport(
+        error=f"{phase} did not finish within {timeout:g} s (timeout); last output: "
+              f"{_last(tail)}",
+        phase="timeout", log_tail=tail)
+
+
+def container_exited(service: str, exit_code: int | None, logs: str,
+                     detail: str = "") -> FailureReport:
+    """The exposed service's container stopped (at start or while health was polled)."""
+    tail = tail_lines(logs)
+    extra = f", {detail}" if detail else ""
+    return FailureReport(
+        error=f"start failed: service {service!r} exited (exit code {exit_code}{extra}): "
+              f"{_last(tail)}",
+        phase="start", exit_code=exit_code, log_tail=tail)
+
+
+def health_failed(what: str, timeout: float, last: str, answered: bool,
+                  logs: str) -> FailureReport:
+    """No 2xx from the health check within *timeout*: phase ``health`` when the workload
+    answered (a wrong path, a 500), ``timeout`` when it never answered at all."""
+    tail = tail_lines(logs)
+    error = f"{what} did not answer 2xx within {timeout:g} s (last: {last})"
+    if answered:
+        return FailureReport(error=f"health failed: {error}", phase="health", log_tail=tail)
+    return FailureReport(error=f"health did not finish (timeout): {error}", phase="timeout",
+                         log_tail=tail)
