@@ -249,7 +249,7 @@ EasyEnclave is running.
   admin token:                          {admin_token}
   tenant API key:                       {key}   (also in {key_file})
   console:                              eectl console --cp {cp_url} --token {admin_token}
-  attested health:                      {url}api/health?attest=true&nonce={"00" * 16}
+  attested health:                      {url}.ee/health?attest=true&nonce={"00" * 16}
   logs:                                 {state / 'cp.log'}, {state / 'agent.log'}
 """, flush=True)
         if args.detach:

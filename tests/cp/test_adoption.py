@@ -623,7 +623,8 @@ async def test_unplaceable_deployment_says_why(tmp_path: Path) -> None:
                 assert d["state"] == "placing"
                 # The lost agent is offline, and still lists the (no longer its) replica.
                 assert d["error"] == ("cannot place 1 of 2 replicas: 1 candidate, "
-                                      "1 agent rejected (OFFLINE: 1, BUSY: 1)")
+                                      "1 agent rejected (OFFLINE: 1, BUSY: 1); "
+                                      f"BUSY agents run {dep_id}")
                 assert d["failures"] == 0
                 await cp.start(agents, "vm-spare")
                 d = await reach_state(http, dep_id, "running")

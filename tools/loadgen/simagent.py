@@ -21,7 +21,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ee.attestation.providers.sim import SimTD
 from ee.protocol import decode_message, encode_message, registration_report_data
-from ee.protocol.compose import compose_hash
+from ee.protocol.compose import (
+    compose_services,
+    validate_build_context,
+    validate_compose,
+    workload_hash,
+)
 from ee.protocol.messages import (
     Attest,
     Attestation,
@@ -165,7 +170,13 @@ class SimAgent:
             await trio.sleep(min(delay, 1.0))
 
     async def _deploy(self, msg: Deploy) -> None:
-        digest = compose_hash(msg.compose, msg.build_context)
+        # the hash a real agent reports (ee.agent.workload): the workload hash
+        doc = validate_compose(msg.compose)
+        context = (None if msg.build_context is None
+                   else validate_build_context(msg.build_context))
+        digest = workload_hash(doc, context, env=msg.env, expose_port=msg.expose_port,
+                               expose_service=msg.expose_service or compose_services(doc)[0],
+                               health_path=msg.health_path, secret_names=msg.secret_names)
         snap = DeploymentSnapshot(deployment_id=msg.deployment_id, app=msg.app,
                                   version=msg.version, state="starting", compose_hash=digest)
         self.deployments[msg.deployment_id] = snap
