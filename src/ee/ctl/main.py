@@ -21,6 +21,7 @@ from ee.ctl import (
     capacity,
     console,
     cpbundle,
+    cpvm,
     deploy,
     drill,
     image,
@@ -32,7 +33,7 @@ from ee.ctl import (
 from ee.ctl import vm as vm_group
 
 GROUPS: tuple[ModuleType, ...] = (trust, console, deploy, capacity, agents, release, tenant,
-                                  cpbundle, image, billing, rollout, drill, vm_group)
+                                  cpbundle, cpvm, image, billing, rollout, drill, vm_group)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -104,6 +104,8 @@ class DomainSpec:
     config_drive: Path | None = None
     agent_port: int | None = None
     guest_agent_port: int = GUEST_AGENT_PORT
+    #: more loopback forwards (host port, guest port): a CP VM's API and agent plane
+    extra_forwards: tuple[tuple[int, int], ...] = ()
     fw_cfg: tuple[tuple[str, Path], ...] = ()
     tpm: bool = False
     nvram: Path | None = None  # per-VM OVMF vars (with --tpm)
@@ -118,6 +120,9 @@ class DomainSpec:
             raise ValueError("a VM needs >= 256 MiB and >= 1 vCPU")
         if self.tdx and self.accel != "kvm":
             raise ValueError("a TDX VM needs KVM")
+        ports = [p for f in self.extra_forwards for p in f]
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError("forwarded ports are 1..65535")
         if self.tpm and self.nvram is None:
             raise ValueError("--tpm needs a per-VM nvram path (OVMF vars)")
 
@@ -202,6 +207,8 @@ def domain_xml(spec: DomainSpec) -> str:
     netdev = "user,id=ee0"
     if spec.agent_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
+    for host_port, guest_port in spec.extra_forwards:
+        netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
     cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
     for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=ee0,bus=pcie.0,addr=0x1e"):
         _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)
