@@ -267,7 +267,7 @@ def _measure(args: argparse.Namespace) -> int:
         if (args.name is None) == (args.image is None):
             raise UsageError("give a VM NAME or --image DIR (one of them)")
         return measure_command(args, _root(args), _accel(args)[0])
-    except (VmError, SizeError, CtlError, ValueError) as exc:
+    except (VmError, SizeError, CtlError, ValueError, OSError) as exc:
         return _fail("measure", exc)
 
 

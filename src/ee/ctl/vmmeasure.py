@@ -66,7 +66,6 @@ def _existing_vm(name: str, host: VmHost, root: Path) -> tuple[Booted, WorkDir]:
 
 
 def measure_command(args: argparse.Namespace, root: Path, accel: Accel) -> int:
-    roots = ek_roots([Path(p) for p in args.ek_ca] or list(SWTPM_LOCALCA))
     made: str | None = None
     with VmHost(args.connect) as host:
         try:
@@ -84,6 +83,8 @@ def measure_command(args: argparse.Namespace, root: Path, accel: Accel) -> int:
 
             started = time.monotonic()
             blob = trio.run(lambda: wait_evidence(work.serial, alive, timeout_s=args.timeout))
+            # read only now: libvirt's swtpm_localca makes its CA for the first vTPM
+            roots = ek_roots([Path(p) for p in args.ek_ca] or list(SWTPM_LOCALCA))
             result = verify(blob, nonce, roots, now=time.time())
             prediction = predict_booted(booted)
         except MeasureFailed as exc:
