@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pycdlib
@@ -25,8 +26,8 @@ from ee.vm.cpplan import (
 )
 from ee.vm.domain import Labels
 from ee.vm.errors import VmRefused
-from ee.vm.host import DomainInfo
-from ee.vm.manage import write_files_drive
+from ee.vm.host import DomainInfo, VmHost
+from ee.vm.manage import delete_vm, write_files_drive
 from ee.vm.sizes import PRESETS
 
 from .conftest import eectl
@@ -189,3 +190,34 @@ def test_the_bundle_drive_holds_the_files_by_name(tmp_path: Path) -> None:
     assert found == files
     with pytest.raises(FileExistsError):
         write_files_drive(files, tmp_path / "d.iso")
+
+
+@pytest.mark.slow  # needs a built image (vm_image builds one when $EE_VM_IMAGE is unset)
+def test_rerun_with_real_libvirt_reuses_the_cp_vm_and_refuses_another_image(
+        host: VmHost, vm_image: Path, tmp_path: Path) -> None:
+    """The CP VM is really defined and started (its boot is not awaited: the run stops
+    it again right away); a re-run makes nothing, another image is refused, and
+    ``vm delete`` removes it."""
+    data = dev_bundle(tmp_path)
+    root = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-cp-test-"))
+    os.chmod(root, 0o711)
+    name = "ee-test-cp"
+    try:
+        argv = ("cp", "bootstrap", name, "--image", str(vm_image), "--bundle", str(data),
+                "--control-plane-image", REF, "--root", str(root), "--accel", "tcg",
+                "--memory", "1", "--vcpus", "1", "--disk", "0", "--no-agent")
+        first = eectl(*argv)
+        assert first.returncode == 0, first.stderr
+        assert f"created CP VM {name}" in first.stdout
+        info = host.info(name)
+        assert info is not None and info.labels.role == "cp"
+        again = eectl(*argv)
+        assert again.returncode == 0 and "not recreated" in again.stdout, again.stderr
+        other = eectl(*[a if a != REF else REF.replace("0123", "4567") for a in argv])
+        assert other.returncode == 1 and "another control_plane_image" in other.stderr
+        assert eectl("vm", "delete", name, "--root", str(root)).returncode == 0
+        assert host.info(name) is None and not (root / name).exists()
+    finally:
+        if host.info(name) is not None:
+            delete_vm(name, host, root)
+        shutil.rmtree(root, ignore_errors=True)
