@@ -19,6 +19,7 @@ failed, 2 usage.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -122,11 +123,24 @@ def _cp_image(args: argparse.Namespace) -> str | None:
         return None
 
 
+def _image_profile(image: Path) -> str | None:
+    """The profile an image was built from (its manifest.json), None when unknown."""
+    try:
+        profile = json.loads((image / "manifest.json").read_text()).get("profile")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return profile if isinstance(profile, str) else None
+
+
 def _plan(args: argparse.Namespace, root: Path) -> CpPlan:
     size = resolve_size(args.size, dict(os.environ), memory_gib=args.memory,
                         vcpus=args.vcpus, disk_gib=args.disk)
     image = Path(args.image).resolve()
     base = check_image(image)
+    profile = _image_profile(image)
+    if profile != "cp":
+        raise VmRefused(f"{image} is a build of the {profile!r} profile; a CP VM boots the "
+                        f"cp profile (eectl image build --profile cp --out DIR)")
     files, _dev = bundle_files(Path(args.bundle),
                                Path(args.bundle_pubkey) if args.bundle_pubkey else None)
     req = CpRequest(name=args.name, image=image, size=size, root_dir=root,
