@@ -17,9 +17,11 @@ What the XML says, and why:
   QEMU's ``-no-reboot`` does; ACPI so that ``poweroff`` in the guest ends it too.
 * Serial console to a file, the log ``--wait`` follows.
 * Networking: QEMU user networking through ``<qemu:commandline>`` (libvirt 9.0's own
-  ``<portForward>`` needs passt), with one loopback-only ``hostfwd`` to the agent's
-  port. The guest reaches the host's loopback services at 10.0.2.2.
-* fw_cfg items (``<sysinfo type='fwcfg'>``): the dev sim chain for ``--dev`` VMs.
+  ``<portForward>`` needs passt), with loopback-only ``hostfwd``s: the agent's port
+  (a CP VM: its API, and its agent plane as an extra forward). The guest reaches the
+  host's loopback services at 10.0.2.2.
+* fw_cfg items (``<sysinfo type='fwcfg'>``): the dev sim chain for ``--dev`` VMs, the
+  measurement nonce for ``--measure`` VMs (``ee.vm.measure``).
 * ``--tpm``: OVMF (code read-only, a per-VM copy of the vars) and an emulated
   TPM 2.0 (``tpm-crb``, swtpm managed by libvirt).
 * ``--tdx``: ``<launchSecurity type='tdx'>`` with the quote-generation service socket
