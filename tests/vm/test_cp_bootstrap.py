@@ -56,7 +56,7 @@ def dev_bundle(tmp_path: Path) -> Path:
 
 def run(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     return eectl("cp", "bootstrap", "cp-1", "--image", str(fake_image(tmp_path)),
-                 "--root", str(tmp_path / "vms"), "--accel", "tcg", *argv)
+                 "--root", str(tmp_path / "vms"), "--accel", "tcg", "--no-agent", *argv)
 
 
 @pytest.mark.parametrize("ref", [None, "", "ghcr.io/easyenclave/cp:1.0",
@@ -117,6 +117,13 @@ def test_cli_refuses_a_production_bundle_whose_key_the_host_would_carry(
     done = run(tmp_path, "--bundle", str(data), "--bundle-pubkey", f"{other}.pub",
                "--control-plane-image", REF)
     assert done.returncode == 1 and "the CP would refuse this bundle" in done.stderr
+    assert not (tmp_path / "vms").exists()
+
+
+def test_the_bootstrap_agent_needs_an_agent_image(tmp_path: Path) -> None:
+    done = eectl("cp", "bootstrap", "cp-1", "--image", str(fake_image(tmp_path)),
+                 "--bundle", str(dev_bundle(tmp_path)), "--control-plane-image", REF)
+    assert done.returncode == 2 and "--agent-image" in done.stderr, done.stderr
     assert not (tmp_path / "vms").exists()
 
 
@@ -203,7 +210,8 @@ def test_rerun_with_real_libvirt_reuses_the_cp_vm_and_refuses_another_image(
     root = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-cp-test-"))
     os.chmod(root, 0o711)
     refused = eectl("cp", "bootstrap", "x", "--image", str(vm_image), "--bundle", str(data),
-                    "--control-plane-image", REF, "--root", str(root), "--dry-run")
+                    "--control-plane-image", REF, "--root", str(root), "--dry-run",
+                    "--no-agent")
     assert refused.returncode == 1 and "'agent' profile" in refused.stderr, refused.stderr
     # the agent image's files under a cp manifest: what is tested here is the
     # bootstrap's handling of libvirt, not the cp image (its boot needs a CP image)

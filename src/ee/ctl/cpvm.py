@@ -4,7 +4,7 @@
     eectl cp bootstrap NAME --image DIR --bundle DATA_DIR [--bundle-pubkey FILE]
           [--control-plane-image REF@sha256:DIGEST] [--size standard] [--memory GIB]
           [--vcpus N] [--disk GIB] [--api-port P] [--plane-port P] [--wait-ready]
-          [--agent NAME | --no-agent] [--agent-image DIR] [--agent-size tiny]
+          [--agent NAME --agent-image DIR | --no-agent] [--agent-size tiny]
           [--dry-run] [--timeout S] [--accel tcg|kvm] [--connect URI] [--root DIR]
 
 Order, each step refusing before it makes anything (:mod:`ee.vm.cpplan`): the
@@ -79,7 +79,8 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     b.add_argument("--wait-ready", action="store_true", help="wait for the CP's /ready")
     b.add_argument("--agent", metavar="NAME", help="the bootstrap agent VM (default NAME-agent-1)")
     b.add_argument("--no-agent", action="store_true", help="no bootstrap agent")
-    b.add_argument("--agent-image", metavar="DIR", help="the agent image (default: --image)")
+    b.add_argument("--agent-image", metavar="DIR",
+                   help="a build of the agent profile (needed unless --no-agent)")
     b.add_argument("--agent-size", choices=tuple(PRESETS), default="tiny")
     b.add_argument("--dry-run", action="store_true",
                    help="print the domain and the config drive's files; make nothing")
@@ -166,8 +167,11 @@ async def _wait_ready(api: str, timeout_s: float) -> None:
 def _bootstrap(args: argparse.Namespace) -> int:
     root = Path(args.root or os.environ.get("EE_VM_ROOT") or DEFAULT_ROOT)
     try:
-        if args.no_agent and args.agent:
-            raise UsageError("--agent and --no-agent exclude each other")
+        if args.no_agent and (args.agent or args.agent_image):
+            raise UsageError("--agent/--agent-image and --no-agent exclude each other")
+        if not args.no_agent and not args.agent_image:
+            raise UsageError("the bootstrap agent needs --agent-image DIR (a build of the "
+                             "agent profile), or pass --no-agent")
         plan = _plan(args, root)
         if args.dry_run:
             print(domain_xml(plan.spec), end="")
@@ -198,7 +202,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
                     size = resolve_size(args.agent_size, dict(os.environ))
                     from ee.attestation.providers.sim import SIM_FILE, shared_sim_dir
                     req = CreateRequest(
-                        name=agent, image=Path(args.agent_image or args.image).resolve(),
+                        name=agent, image=Path(args.agent_image).resolve(),
                         size=size, root_dir=root, cp=plane, api=api, dev=True,
                         accel=args.accel or choose_accel(), created=int(time.time()))
                     create_vm(req, host, sim_chain=shared_sim_dir() / SIM_FILE)
