@@ -209,20 +209,20 @@ def test_rerun_with_real_libvirt_reuses_the_cp_vm_and_refuses_another_image(
     data = dev_bundle(tmp_path)
     root = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-cp-test-"))
     os.chmod(root, 0o711)
-    refused = eectl("cp", "bootstrap", "x", "--image", str(vm_image), "--bundle", str(data),
-                    "--control-plane-image", REF, "--root", str(root), "--dry-run",
-                    "--no-agent")
-    assert refused.returncode == 1 and "'agent' profile" in refused.stderr, refused.stderr
-    # the agent image's files under a cp manifest: what is tested here is the
-    # bootstrap's handling of libvirt, not the cp image (its boot needs a CP image)
-    image = root / "image"
-    image.mkdir(mode=0o755)
-    for part in ("vmlinuz", "initrd.img", "root.img", "cmdline"):
-        shutil.copyfile(vm_image / part, image / part)
-        os.chmod(image / part, 0o644)
-    (image / "manifest.json").write_text('{"profile": "cp"}')
     name = "ee-test-cp"
     try:
+        refused = eectl("cp", "bootstrap", "x", "--image", str(vm_image), "--bundle", str(data),
+                        "--control-plane-image", REF, "--root", str(root), "--dry-run",
+                        "--no-agent")
+        assert refused.returncode == 1 and "'agent' profile" in refused.stderr, refused.stderr
+        # the agent image's files under a cp manifest: what is tested here is the
+        # bootstrap's handling of libvirt, not the cp image (its boot needs a CP image)
+        image = root / "image"
+        image.mkdir(mode=0o755)
+        for part in ("vmlinuz", "initrd.img", "root.img", "cmdline"):
+            shutil.copyfile(vm_image / part, image / part)
+            os.chmod(image / part, 0o644)
+        (image / "manifest.json").write_text('{"profile": "cp"}')
         argv = ("cp", "bootstrap", name, "--image", str(image), "--bundle", str(data),
                 "--control-plane-image", REF, "--root", str(root), "--accel", "tcg",
                 "--memory", "1", "--vcpus", "1", "--disk", "0", "--no-agent")
