@@ -23,6 +23,7 @@ from ee.ctl import (
     capacity,
     console,
     cpbundle,
+    cpvm,
     deploy,
     drill,
     federation,
@@ -36,8 +37,8 @@ from ee.ctl import (
 from ee.ctl import vm as vm_group
 
 GROUPS: tuple[ModuleType, ...] = (push, deploy, apps, trust, console, capacity, agents, release,
-                                  tenant, cpbundle, image, billing, rollout, drill, vm_group,
-                                  federation)
+                                  tenant, cpbundle, cpvm, image, billing, rollout, drill,
+                                  vm_group, federation)
 
 Handler = Callable[[argparse.Namespace], int]
 

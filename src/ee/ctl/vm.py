@@ -111,6 +111,27 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     _common(d)
     d.set_defaults(handler=_delete)
 
+    me = commands.add_parser(
+        "measure", help="boot in measurement mode; compare the quoted PCRs with "
+                        "`eectl trust measure`",
+        description="Boot an image (--image: a new VM, deleted afterwards) or read a VM "
+                    "made with `vm create --measure --tpm` (NAME), verify the vTPM quote "
+                    "its guest prints, and compare PCR4/PCR9 with the prediction for "
+                    "the kernel, initrd, cmdline and memory it booted. Exit 1 on any "
+                    "mismatch or when the quote does not verify.")
+    me.add_argument("name", nargs="?", help="a VM created with --measure --tpm")
+    me.add_argument("--image", metavar="DIR", help="boot this image in a new VM")
+    me.add_argument("--size", choices=tuple(PRESETS), default="tiny")
+    me.add_argument("--memory", metavar="GIB", help="override the size's memory")
+    me.add_argument("--vcpus", metavar="N", help="override the size's vCPUs")
+    me.add_argument("--accel", choices=("tcg", "kvm"))
+    me.add_argument("--ek-ca", action="append", default=[], metavar="FILE",
+                    help="EK CA certificates (PEM; default: libvirt's swtpm_localca)")
+    me.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    me.add_argument("--keep", action="store_true", help="keep the --image VM")
+    _common(me)
+    me.set_defaults(handler=_measure)
+
     pr = commands.add_parser("prune", help="VMs and work dirs no CP knows (dry run)")
     pr.add_argument("--yes", action="store_true", help="delete them")
     pr.add_argument("--min-age", type=float, default=900.0, metavar="S",
@@ -237,6 +258,17 @@ def _delete(args: argparse.Namespace) -> int:
         return 1
     print("removed " + ", ".join(removed))
     return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from ee.ctl.vmmeasure import measure_command
+
+    try:
+        if (args.name is None) == (args.image is None):
+            raise UsageError("give a VM NAME or --image DIR (one of them)")
+        return measure_command(args, _root(args), _accel(args)[0])
+    except (VmError, SizeError, CtlError, ValueError, OSError) as exc:
+        return _fail("measure", exc)
 
 
 def _known(api: str, token: str | None) -> dict[str, str]:

@@ -48,6 +48,9 @@ class Profile:
     symlinks: dict[str, str]
     hostname: str
     python_site: str
+    #: the ``cp`` profile: the CP container image its VMs run, by digest
+    #: (``eectl cp bootstrap`` refuses a tag); None elsewhere
+    control_plane_image: str | None = None
 
 
 _converter = make_converter(forbid_extra_keys=True)

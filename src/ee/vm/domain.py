@@ -17,9 +17,11 @@ What the XML says, and why:
   QEMU's ``-no-reboot`` does; ACPI so that ``poweroff`` in the guest ends it too.
 * Serial console to a file, the log ``--wait`` follows.
 * Networking: QEMU user networking through ``<qemu:commandline>`` (libvirt 9.0's own
-  ``<portForward>`` needs passt), with one loopback-only ``hostfwd`` to the agent's
-  port. The guest reaches the host's loopback services at 10.0.2.2.
-* fw_cfg items (``<sysinfo type='fwcfg'>``): the dev sim chain for ``--dev`` VMs.
+  ``<portForward>`` needs passt), with loopback-only ``hostfwd``s: the agent's port
+  (a CP VM: its API, and its agent plane as an extra forward). The guest reaches the
+  host's loopback services at 10.0.2.2.
+* fw_cfg items (``<sysinfo type='fwcfg'>``): the dev sim chain for ``--dev`` VMs, the
+  measurement nonce for ``--measure`` VMs (``ee.vm.measure``).
 * ``--tpm``: OVMF (code read-only, a per-VM copy of the vars) and an emulated
   TPM 2.0 (``tpm-crb``, swtpm managed by libvirt).
 * ``--tdx``: ``<launchSecurity type='tdx'>`` with the quote-generation service socket
@@ -104,6 +106,8 @@ class DomainSpec:
     config_drive: Path | None = None
     agent_port: int | None = None
     guest_agent_port: int = GUEST_AGENT_PORT
+    #: more loopback forwards (host port, guest port): a CP VM's API and agent plane
+    extra_forwards: tuple[tuple[int, int], ...] = ()
     fw_cfg: tuple[tuple[str, Path], ...] = ()
     tpm: bool = False
     nvram: Path | None = None  # per-VM OVMF vars (with --tpm)
@@ -118,6 +122,9 @@ class DomainSpec:
             raise ValueError("a VM needs >= 256 MiB and >= 1 vCPU")
         if self.tdx and self.accel != "kvm":
             raise ValueError("a TDX VM needs KVM")
+        ports = [p for f in self.extra_forwards for p in f]
+        if any(not 0 < p < 65536 for p in ports):
+            raise ValueError("forwarded ports are 1..65535")
         if self.tpm and self.nvram is None:
             raise ValueError("--tpm needs a per-VM nvram path (OVMF vars)")
 
@@ -202,6 +209,8 @@ def domain_xml(spec: DomainSpec) -> str:
     netdev = "user,id=ee0"
     if spec.agent_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{spec.agent_port}-:{spec.guest_agent_port}"
+    for host_port, guest_port in spec.extra_forwards:
+        netdev += f",hostfwd=tcp:127.0.0.1:{host_port}-:{guest_port}"
     cmd = _sub(dom, f"{{{QEMU_NS}}}commandline")
     for arg in ("-netdev", netdev, "-device", "virtio-net-pci,netdev=ee0,bus=pcie.0,addr=0x1e"):
         _sub(cmd, f"{{{QEMU_NS}}}arg", value=arg)

@@ -13,6 +13,7 @@ shared), the serial log, the data disk, the config drive and the dev sim chain.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import httpx
 import trio
 
 from ee.agent.bootconfig import write_config_drive
+from ee.vm.cpplan import CpPlan
 from ee.vm.domain import NAME_RE, OVMF_CODE, OVMF_VARS, domain_xml
 from ee.vm.errors import VmError, VmRefused
 from ee.vm.host import DomainInfo, VmHost
@@ -37,12 +39,15 @@ __all__ = [
     "DEFAULT_ROOT",
     "IMAGE_FILES",
     "Orphan",
+    "create_cp_vm",
     "create_vm",
     "delete_vm",
     "find_orphans",
     "free_port",
+    "qemu_img_create",
     "serial_tail",
     "wait_registered",
+    "write_files_drive",
 ]
 
 DEFAULT_ROOT = Path("/var/lib/easyenclave/vms")
@@ -150,13 +155,11 @@ def _write_workdir(req: CreateRequest, plan: VmPlan, host: VmHost,
     shutil.copyfile(req.image / "vmlinuz", work.kernel)
     shutil.copyfile(req.image / "initrd.img", work.initrd)
     if plan.spec.data_disk is not None:
-        done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
-                               str(plan.spec.data_disk), f"{req.size.disk_gib}G"],
-                              capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode != 0:
-            raise VmError(f"qemu-img create failed: {done.stderr.strip()}")
+        qemu_img_create(plan.spec.data_disk, req.size.disk_gib)
     if plan.delivery == "config-drive":
         write_config_drive(plan.config, work.config_drive)
+    if req.measure:  # the nonce the guest's quote binds (ee.vm.measure)
+        _write_for_qemu(work.nonce, os.urandom(32).hex().encode(), host)
     if req.dev and sim_chain is not None:
         uid, gid = host.qemu_user()
         fd = os.open(work.sim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -166,6 +169,66 @@ def _write_workdir(req: CreateRequest, plan: VmPlan, host: VmHost,
     # The domain carries the agent config (and its one-time bootstrap token) on the
     # kernel command line: readable by root only.
     _write_private(work.path / "domain.xml", domain_xml(plan.spec))
+
+
+def qemu_img_create(path: Path, gib: int) -> None:
+    """A sparse qcow2 disk of *gib* GiB (the VM's blank /data disk)."""
+    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), f"{gib}G"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise VmError(f"qemu-img create failed: {done.stderr.strip()}")
+
+
+def write_files_drive(files: Mapping[str, bytes], path: Path, label: str = "EECPBUNDLE") -> None:
+    """An ISO9660 drive (Rock Ridge names) holding *files* at its root, mode 0600."""
+    import pycdlib
+
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident=label, rock_ridge="1.09")
+    try:
+        for i, (name, data) in enumerate(sorted(files.items())):
+            iso.add_fp(io.BytesIO(data), len(data), iso_path=f"/F{i:03d}.;1", rr_name=name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            iso.write_fp(f)
+    finally:
+        iso.close()
+
+
+def create_cp_vm(plan: CpPlan, host: VmHost, image: Path) -> None:
+    """Write a CP VM's work dir (kernel, initrd, data disk, the bundle drive, readable
+    by QEMU only) and start it; whatever was made is removed again on failure."""
+    work = plan.workdir
+    if work.path.exists():
+        raise VmRefused(f"{work.path} exists already (a leftover? eectl vm delete "
+                        f"{plan.spec.name})")
+    work.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    work.path.mkdir(mode=0o711)
+    try:
+        labels = attrs.asdict(plan.spec.labels)
+        _write_private(work.marker, json.dumps({"name": plan.spec.name, "labels": labels,
+                                                "delivery": "config-drive"}, indent=2) + "\n")
+        shutil.copyfile(image / "vmlinuz", work.kernel)
+        shutil.copyfile(image / "initrd.img", work.initrd)
+        if plan.spec.data_disk is not None:
+            qemu_img_create(plan.spec.data_disk, plan.disk_gib)
+        write_files_drive(plan.drive_files, work.config_drive)
+        uid, gid = host.qemu_user()
+        os.chown(work.config_drive, uid, gid)
+        _write_private(work.path / "domain.xml", domain_xml(plan.spec))
+        host.define_and_start(domain_xml(plan.spec))
+    except BaseException:
+        shutil.rmtree(work.path, ignore_errors=True)
+        raise
+
+
+def _write_for_qemu(path: Path, data: bytes, host: VmHost) -> None:
+    """A new 0600 file that only QEMU (and root) reads (a fw_cfg item)."""
+    uid, gid = host.qemu_user()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chown(path, uid, gid)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -25,6 +25,7 @@ from ee.vm.sizes import VmSize
 __all__ = [
     "AGENT_PLANE_PATH",
     "GUEST_HOST",
+    "NONCE_FW_CFG",
     "SIM_FW_CFG",
     "CreateRequest",
     "VmPlan",
@@ -38,6 +39,8 @@ AGENT_PLANE_PATH = "/api/v2/agents/connect"
 #: the host's loopback as the guest sees it under QEMU user networking
 GUEST_HOST = "10.0.2.2"
 SIM_FW_CFG = "opt/easyenclave/sim-td.json"
+#: measurement mode: the nonce the guest's quote binds (``ee.vm.measure``; not measured)
+NONCE_FW_CFG = "opt/easyenclave/measure-nonce"
 GUEST_SIM_DIR = "/run/easyenclave/sim"
 GUEST_DATA_DIR = "/data/easyenclave"
 _LOOPBACK_NAMES = ("localhost",)
@@ -79,6 +82,7 @@ class WorkDir:
     config_drive = property(lambda self: self.path / "config.iso")
     sim = property(lambda self: self.path / "sim-td.json")
     nvram = property(lambda self: self.path / "vars.fd")
+    nonce = property(lambda self: self.path / "measure-nonce")
     marker = property(lambda self: self.path / "vm.json")
 
 
@@ -131,6 +135,13 @@ def agent_config(req: CreateRequest) -> AgentConfig:
         measurement_mode=req.measure)
 
 
+def _fw_cfg(req: CreateRequest, workdir: WorkDir) -> tuple[tuple[str, Path], ...]:
+    items = [(SIM_FW_CFG, workdir.sim)] if req.dev else []
+    if req.measure:
+        items.append((NONCE_FW_CFG, workdir.nonce))
+    return tuple(items)
+
+
 def plan_vm(req: CreateRequest, *, image_cmdline: str, agent_port: int | None,
             limit: int = CMDLINE_LIMIT) -> VmPlan:
     """Everything to make for *req*; VmRefused when it cannot be done as asked."""
@@ -166,6 +177,6 @@ def plan_vm(req: CreateRequest, *, image_cmdline: str, agent_port: int | None,
         root=req.image / "root.img", serial_log=workdir.serial, labels=labels,
         accel=req.accel, data_disk=workdir.data_disk if req.size.disk_gib else None,
         config_drive=workdir.config_drive if delivery == "config-drive" else None,
-        agent_port=agent_port, fw_cfg=((SIM_FW_CFG, workdir.sim),) if req.dev else (),
+        agent_port=agent_port, fw_cfg=_fw_cfg(req, workdir),
         tpm=req.tpm, nvram=workdir.nvram if req.tpm else None, tdx=req.tdx)
     return VmPlan(config=config, delivery=delivery, spec=spec, workdir=workdir)
