@@ -53,13 +53,12 @@ import trio
 import trio_websocket
 
 from ee.router import decision as d
+from ee.router.guard import Guard
 from ee.router.guardrails import (
     Evaluator,
-    StackInterval,
+    Seen,
     StepBack,
     p99,
-    parse_prometheus,
-    total,
     triggers_from_json,
 )
 from ee.router.promotion import promotion_refusal
@@ -264,8 +263,8 @@ class StackCounters:
     errors_5xx: int = 0
     latencies: list[float] = attrs.field(factory=list)
 
-    def take(self) -> StackCounters:
-        out = StackCounters(self.answers, self.errors_5xx, self.latencies)
+    def take(self) -> Seen:
+        out = Seen(self.answers, self.errors_5xx, tuple(self.latencies))
         self.answers, self.errors_5xx, self.latencies = 0, 0, []
         return out
 
@@ -286,8 +285,6 @@ class Router:
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters = {"old": StackCounters(), "new": StackCounters()}
         self.requests: dict[tuple[str, str], int] = {}
-        self.evaluator = Evaluator(triggers_from_json(config.extra.get("guardrails")))
-        self._last_scrape: dict[str, dict[Any, float]] = {}
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         timeout = httpx.Timeout(settings.upstream_timeout_s, connect=5.0)
         self.clients = {s: httpx.AsyncClient(base_url=settings.http_base(s), limits=limits,
@@ -295,6 +292,9 @@ class Router:
         self.resolver = AccountResolver(
             httpx.AsyncClient(base_url=settings.http_base("old"), limits=limits,
                               timeout=httpx.Timeout(settings.resolve_timeout_s)))
+        self.guard = Guard({s: f"{settings.http_base(s)}/metrics" for s in d.STACKS},
+                           httpx.AsyncClient(), Evaluator(
+                               triggers_from_json(config.extra.get("guardrails"))))
         self._shadow_slots = trio.Semaphore(SHADOW_CONCURRENCY)
         self._nursery: trio.Nursery | None = None
         self._random = random.Random()
@@ -326,7 +326,7 @@ class Router:
     def apply(self, config: d.RolloutConfig, triggers: Any, source: str) -> None:
         before = self.config
         self.config = config
-        self.evaluator = attrs.evolve(self.evaluator, triggers=triggers)
+        self.guard.evaluator = attrs.evolve(self.guard.evaluator, triggers=triggers)
         if before.to_json() != config.to_json():
             self.event("rollout.config", {"source": source, "config": config.to_json()})
 
@@ -376,7 +376,7 @@ class Router:
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
-                for c in [*self.clients.values(), self.resolver.client]:
+                for c in [*self.clients.values(), self.resolver.client, self.guard.client]:
                     await c.aclose()
 
     async def _watch_file(self) -> None:
@@ -620,56 +620,21 @@ class Router:
             await trio.sleep(self.settings.guard_interval_s)
             await self.guard_once()
 
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.guard.evaluator
+
     async def guard_once(self) -> StepBack | None:
         """One guardrail evaluation over the interval since the last one."""
         seen = {s: self.counters[s].take() for s in d.STACKS}
-        scraped = {s: await self._scrape(s) for s in d.STACKS}
-        intervals = {s: _interval(seen[s], scraped[s], self._last_scrape.get(s))
-                     for s in d.STACKS}
-        for s in d.STACKS:
-            if scraped[s] is not None:
-                self._last_scrape[s] = scraped[s]  # type: ignore[assignment]
         config = self.config
-        self.evaluator, fired = self.evaluator.observe(
-            trio.current_time(), intervals["old"], intervals["new"], config)
+        fired = await self.guard.observe(config, seen)
         if fired is not None:
-            stepped = fired.apply(config)
+            stepped = fired.apply(self.config, now=time.time())
             self.write_file(stepped)
             self.config = stepped
             self.event("rollout.step_back", fired.to_dict())
         return fired
-
-    async def _scrape(self, stack: str) -> dict[Any, float] | None:
-        try:
-            with trio.fail_after(5):
-                # its own connection: a kept-alive one after /metrics was seen to hang the
-                # next request on it once the clock had jumped (tests)
-                resp = await self.clients[stack].get("/metrics",
-                                                     headers={"Connection": "close"})
-            if resp.status_code != 200:
-                return None
-            return parse_prometheus(resp.text)
-        except (httpx.HTTPError, trio.TooSlowError, ValueError):
-            return None
-
-
-def _interval(seen: StackCounters, now: dict[Any, float] | None,
-              before: dict[Any, float] | None) -> StackInterval:
-    kw: dict[str, Any] = {"answers": seen.answers, "errors_5xx": seen.errors_5xx,
-                          "p99_s": p99(seen.latencies)}
-    if now is not None:
-        kw["agents"] = int(total(now, "ee_agents"))
-        kw["agents_stale"] = int(total(now, "ee_agents", status="stale"))
-    if now is not None and before is not None:
-        def delta(name: str, **labels: str) -> int:
-            assert now is not None and before is not None
-            return max(0, int(total(now, name, **labels) - total(before, name, **labels)))
-
-        kw["registrations"] = delta("ee_registrations_total")
-        kw["registrations_admitted"] = delta("ee_registrations_total", outcome="admitted")
-        kw["orders_failed_new"] = delta("ee_launch_orders", state="failed")
-        kw["bad_frames_new"] = delta("ee_bad_frames_total")
-    return StackInterval(**kw)
 
 
 def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
