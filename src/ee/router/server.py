@@ -47,7 +47,6 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
-import h11
 import httpx
 import trio
 import trio_websocket
@@ -62,6 +61,7 @@ from ee.router.guardrails import (
     triggers_from_json,
 )
 from ee.router.promotion import promotion_refusal
+from ee.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("ee.router")
 
@@ -73,6 +73,7 @@ ADMIN_PREFIX: Final = "/_ee/router/"
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "proxy-connection"})
+HOP_BY_HOP_BYTES: Final = frozenset(h.encode() for h in HOP_BY_HOP)
 WS_FORWARD: Final = ("authorization", "x-ee-agent", "x-ee-dc", "user-agent")
 AGENT_FRAME_BYTES: Final = 2 << 20
 """Largest frame an agent may send through the router (the CP's own limit is 1 MiB)."""
@@ -292,6 +293,11 @@ class Router:
         self.resolver = AccountResolver(
             httpx.AsyncClient(base_url=settings.http_base("old"), limits=limits,
                               timeout=httpx.Timeout(settings.resolve_timeout_s)))
+        self.upstreams = {s: Upstream(settings.http_base(s),
+                                      read_timeout_s=settings.upstream_timeout_s)
+                          for s in d.STACKS}
+        self._stack_header = {s: (d.STACK_HEADER.lower().encode(), s.encode())
+                              for s in d.STACKS}
         self.guard = Guard({s: f"{settings.http_base(s)}/metrics" for s in d.STACKS},
                            httpx.AsyncClient(), Evaluator(
                                triggers_from_json(config.extra.get("guardrails"))))
@@ -378,6 +384,8 @@ class Router:
             with trio.CancelScope(shield=True):
                 for c in [*self.clients.values(), self.resolver.client, self.guard.client]:
                     await c.aclose()
+                for u in self.upstreams.values():
+                    await u.aclose()
 
     async def _watch_file(self) -> None:
         while True:
@@ -446,51 +454,52 @@ class Router:
                     choice: d.Decision, config: d.RolloutConfig, receive: Receive,
                     send: Send) -> None:
         stack = choice.stack
-        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+        length = headers.get("content-length")
+        chunked = "transfer-encoding" in headers
+        has_body = (length is not None and length != "0") or chunked
         fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
         client = scope.get("client")
         if client:
             prior = headers.get("x-forwarded-for")
             fwd = [(k, v) for k, v in fwd if k != "x-forwarded-for"]
             fwd.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
-        url = self.settings.upstream_url(stack, path, scope.get("query_string", b""))
+        upstream = self.upstreams[stack]
+        target = upstream.target(path.encode("latin-1"), scope.get("query_string", b""))
         started = trio.current_time()
         try:
-            request = self.clients[stack].build_request(
-                scope["method"], url, headers=fwd,
-                content=_body(receive) if has_body else None)
-            upstream = await self.clients[stack].send(request, stream=True)
-        except (httpx.HTTPError, h11.LocalProtocolError, httpx.InvalidURL) as exc:
+            answer = await upstream.request(
+                scope["method"].encode("ascii"), target,
+                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fwd],
+                _body(receive) if has_body else None, content_length=not chunked)
+        except UpstreamError as exc:
+            log.info("%s stack: %s", stack, exc)
             self._count(stack, 502, trio.current_time() - started)
             await _json(send, 502, {"error": {
                 "code": "upstream_unavailable",
-                "message": f"the {stack} CP stack did not answer: {type(exc).__name__}",
+                "message": f"the {stack} CP stack did not answer",
                 "details": {"stack": stack}}}, stack)
             return
         sample = choice.klass == "A" and scope["method"] in ("GET", "HEAD") and \
             self._random.random() < config.shadow.get("A", 0.0)
         kept: bytearray | None = bytearray() if sample else None
         try:
-            out_headers = [(k.encode("latin-1"), v.encode("latin-1"))
-                           for k, v in upstream.headers.multi_items()
-                           if k.lower() not in HOP_BY_HOP]
-            out_headers.append((d.STACK_HEADER.lower().encode(), stack.encode()))
-            await send({"type": "http.response.start", "status": upstream.status_code,
+            out_headers = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP_BYTES]
+            out_headers.append(self._stack_header[stack])
+            await send({"type": "http.response.start", "status": answer.status_code,
                         "headers": out_headers})
-            async for chunk in upstream.aiter_raw():
+            async for chunk, last in answer.chunks():
                 if kept is not None:
                     if len(kept) + len(chunk) <= SHADOW_BODY_BYTES:
                         kept += chunk
                     else:
                         kept = None
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
         finally:
-            await upstream.aclose()
+            await answer.aclose()
         elapsed = trio.current_time() - started
-        self._count(stack, upstream.status_code, elapsed)
-        if kept is not None and upstream.headers.get("content-encoding") is None:
-            self._start_shadow(scope, fwd, path, choice, upstream.status_code, bytes(kept),
+        self._count(stack, answer.status_code, elapsed)
+        if kept is not None and answer.header(b"content-encoding") is None:
+            self._start_shadow(scope, fwd, path, choice, answer.status_code, bytes(kept),
                                elapsed)
 
     def _count(self, stack: str, status: int, elapsed: float) -> None:
