@@ -367,6 +367,9 @@ class Router:
         config.errorlog = "-"
         config.websocket_max_message_size = AGENT_FRAME_BYTES
         config.keep_alive_timeout = 75
+        # a relayed answer carries the stack's own Date and Server: not a second pair
+        config.include_date_header = False
+        config.include_server_header = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
