@@ -7,16 +7,15 @@ so the path reaches the router unnormalised (httpx would resolve ``..`` itself).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import h11
 import httpx
 import pytest
 import trio
+from h11kit import Server, serving
 from routerkit import ADMIN, config_doc
 
 from ee.router.decision import RolloutConfig, path_refusal
@@ -31,36 +30,11 @@ GOOD_PATHS = ("/api/v2/apps", "/api/v2/apps/a%20b", "/api/v2/apps/..x/.y", "/.we
 
 @asynccontextmanager
 async def recording_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
-    seen: list[bytes] = []
-
-    async def handle(stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    seen.append(event.target)
-                elif isinstance(event, h11.EndOfMessage):
-                    body = b'{"ok": true}'
-                    out = conn.send(h11.Response(status_code=200, headers=[
-                        ("content-length", str(len(body))), ("connection", "close")]))
-                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-                    out += conn.send(h11.EndOfMessage()) or b""
-                    await stream.send_all(out)
-                    return
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(
-            trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}", seen
-        nursery.cancel_scope.cancel()
+    body = b'{"ok": true}'
+    server = Server(lambda req, _: (200, [("content-length", str(len(body))),
+                                          ("connection", "close")], [body]))
+    async with serving(server) as url:
+        yield url, server.targets
 
 
 @asynccontextmanager

@@ -3,75 +3,17 @@ both ways, and the one retry it allows (never for a request with a body)."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 
-import attrs
 import h11
 import pytest
 import trio
-import trio.lowlevel
+from h11kit import Answer, Server, serving
 
 from ee.router.upstream import Upstream, UpstreamError
 
 
-@attrs.define
-class Server:
-    """A scripted HTTP/1.1 server: ``answer(request, body)`` gives (status, headers,
-    body chunks) or None to close the connection without answering."""
-
-    answer: Callable[[h11.Request, bytes], tuple[int, list[tuple[str, str]], list[bytes]] | None]
-    requests: list[tuple[bytes, bytes, bytes, dict[bytes, bytes]]] = attrs.field(factory=list)
-    connections: int = 0
-    hang_up_after_answer: bool = False  # as a keep-alive timeout would, silently
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        self.connections += 1
-        conn = h11.Connection(h11.SERVER)
-        request: h11.Request | None = None
-        body = bytearray()
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request, body = event, bytearray()
-                elif isinstance(event, h11.Data):
-                    body += event.data
-                elif isinstance(event, h11.EndOfMessage):
-                    assert request is not None
-                    self.requests.append((request.method, request.target, bytes(body),
-                                          dict(request.headers)))
-                    answer = self.answer(request, bytes(body))
-                    if answer is None:
-                        return
-                    status, headers, chunks = answer
-                    await stream.send_all(conn.send(h11.Response(
-                        status_code=status, headers=headers)) or b"")
-                    for chunk in chunks:
-                        await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
-                        await trio.lowlevel.checkpoint()
-                    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
-                    if conn.our_state is h11.MUST_CLOSE or self.hang_up_after_answer:
-                        return
-                    conn.start_next_cycle()
-
-
-@asynccontextmanager
-async def serving(server: Server) -> AsyncIterator[str]:
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(
-            trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
-        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-        nursery.cancel_scope.cancel()
-
-
-def ok(body: bytes = b'{"ok": true}') -> tuple[int, list[tuple[str, str]], list[bytes]]:
+def ok(body: bytes = b'{"ok": true}') -> Answer:
     return 200, [("content-length", str(len(body)))], [body]
 
 
@@ -154,8 +96,7 @@ async def test_a_reused_connection_that_dies_is_retried_only_without_a_body() ->
     have been processed: a replay could apply it twice)."""
     drop = {"next": False}
 
-    def answer(req: h11.Request, body: bytes) -> tuple[int, list[tuple[str, str]],
-                                                      list[bytes]] | None:
+    def answer(req: h11.Request, body: bytes) -> Answer | None:
         if drop["next"]:
             drop["next"] = False
             return None  # read the request, then close without a word

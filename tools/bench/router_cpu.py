@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from router import free_port, wait_up
+from router import cp_and_router, stop
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -83,58 +82,29 @@ def top(raw: Path, n: int) -> dict[str, list[tuple[str, float]]]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "cp"
-        cp_port, plane, router_port = free_port(), free_port(), free_port()
-        cp_url = f"http://127.0.0.1:{cp_port}"
-        router_url = f"http://127.0.0.1:{router_port}"
-        logs = (Path(tmp) / "cp.log").open("wb")
-        cp = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ee.cp.server", "--dev", "--data-dir", str(data),
-             "--listen", f"127.0.0.1:{cp_port}", "--agent-listen", f"127.0.0.1:{plane}",
-             "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT)
-        router: trio.Process | None = None
+    async with cp_and_router() as b:
         spy: trio.Process | None = None
+        await closed_loop(b.router_url, b.key, 300, args.concurrency)  # warm-up
         try:
-            await wait_up(cp_url + "/api/v2/health")
-            token = (data / "admin.token").read_text().strip()
-            async with httpx.AsyncClient(base_url=cp_url,
-                                         headers={"Authorization": f"Bearer {token}"}) as c:
-                key = (await c.post("/api/v2/accounts", json={"name": "bench"})).json()[
-                    "api_key"]
-            config = Path(tmp) / "rollout.json"
-            config.write_text(json.dumps({"classes": {"A": 50}}))
-            router = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "ee.router.server", "--listen",
-                 f"127.0.0.1:{router_port}", "--old", cp_url, "--new", cp_url, "--config",
-                 str(config), "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT)
-            await wait_up(router_url + "/api/v2/health")
-            await closed_loop(router_url, key, 300, args.concurrency)  # warm-up
             if args.profile:
                 spy = await trio.lowlevel.open_process(
-                    ["py-spy", "record", "--pid", str(router.pid), "--format", "raw",
+                    ["py-spy", "record", "--pid", str(b.router.pid), "--format", "raw",
                      "--rate", "250", "--output", args.profile, "--nonblocking", "--gil"],
-                    stdout=logs, stderr=subprocess.STDOUT)
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 await trio.sleep(1)
-            cpu0, cp0 = cpu_seconds(router.pid), cpu_seconds(cp.pid)
+            cpu0, cp0 = cpu_seconds(b.router.pid), cpu_seconds(b.cp.pid)
             t0 = trio.current_time()
-            errors = await closed_loop(router_url, key, args.requests, args.concurrency)
+            errors = await closed_loop(b.router_url, b.key, args.requests, args.concurrency)
             took = trio.current_time() - t0
-            cpu1, cp1 = cpu_seconds(router.pid), cpu_seconds(cp.pid)
+            cpu1, cp1 = cpu_seconds(b.router.pid), cpu_seconds(b.cp.pid)
             if spy is not None:
-                spy.send_signal(2)
+                spy.send_signal(2)  # py-spy writes its profile on SIGINT
                 with trio.move_on_after(20):
                     await spy.wait()
         finally:
-            for proc in (spy, router, cp):
-                if proc is not None and proc.returncode is None:
-                    proc.terminate()
-                    with trio.move_on_after(10):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
-            logs.close()
+            if spy is not None:
+                await stop(spy)
+
     def per_request(after: tuple[float, float], before: tuple[float, float],
                     i: int | None = None) -> float:
         spent = sum(after) - sum(before) if i is None else after[i] - before[i]
