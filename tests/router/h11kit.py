@@ -25,6 +25,7 @@ class Server:
     requests: list[tuple[bytes, bytes, bytes, dict[bytes, bytes]]] = attrs.field(factory=list)
     connections: int = 0
     hang_up_after_answer: bool = False  # as a keep-alive timeout would, silently
+    hang_up_mid_answer: bool = False  # after the chunks, before the answer is complete
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -57,6 +58,8 @@ class Server:
                     for chunk in chunks:
                         await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
                         await trio.lowlevel.checkpoint()
+                    if self.hang_up_mid_answer:
+                        return
                     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
                     if conn.our_state is h11.MUST_CLOSE or self.hang_up_after_answer:
                         return

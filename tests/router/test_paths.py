@@ -38,12 +38,16 @@ async def recording_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
 
 
 @asynccontextmanager
-async def router_on(tmp: Path, upstream: str) -> AsyncIterator[str]:
+async def router_on(tmp: Path, upstream: str, routers: list[Router] | None = None
+                    ) -> AsyncIterator[str]:
+    """An ee-router with *upstream* as both stacks (appended to *routers*)."""
     path = tmp / "rollout.json"
     path.write_text(json.dumps(config_doc()))
     settings = RouterSettings(listen="127.0.0.1:0", old=upstream, new=upstream,
                               config_path=path, admin_token=ADMIN, guard_interval_s=0)
     router = Router(settings, RolloutConfig())
+    if routers is not None:
+        routers.append(router)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(router.run, shutdown)

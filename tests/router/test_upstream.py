@@ -4,12 +4,15 @@ both ways, and the one retry it allows (never for a request with a body)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import h11
+import httpx
 import pytest
 import trio
 from h11kit import Answer, Server, serving
 
+from ee.router.server import Router
 from ee.router.upstream import Upstream, UpstreamError
 
 
@@ -132,3 +135,20 @@ async def test_an_unreachable_stack_and_a_bad_header_are_upstream_errors() -> No
             await up.aclose()
     with pytest.raises(ValueError):
         Upstream("ftp://x")
+
+
+async def test_an_answer_that_breaks_off_drops_the_caller_and_counts_as_a_5xx(
+        tmp_path: Path) -> None:
+    from test_paths import router_on
+
+    server = Server(lambda req, body: (200, [("content-length", "100")], [b"only ten b"]),
+                    hang_up_mid_answer=True)
+    routers: list[Router] = []
+    with trio.fail_after(30):
+        async with serving(server) as upstream, \
+                router_on(tmp_path, upstream, routers) as url:
+            async with httpx.AsyncClient(base_url=url) as c:
+                with pytest.raises(httpx.HTTPError):
+                    await c.get("/api/v2/health")
+            old = routers[0].counters["old"]
+            assert (old.answers, old.errors_5xx) == (1, 1)

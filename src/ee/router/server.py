@@ -31,7 +31,6 @@ event carrying the numbers (``GET /_ee/router/events``).
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import hmac
 import json
@@ -376,9 +375,14 @@ class Router:
                 nursery.start_soon(self._watch_file)
                 if self.settings.guard_interval_s > 0:
                     nursery.start_soon(self._guard_loop)
-                self.bound = await nursery.start(functools.partial(
-                    serve, self.asgi, config,  # type: ignore[arg-type]
-                    shutdown_trigger=shutdown.wait, mode="asgi"))
+
+                async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await serve(self.asgi, config,  # type: ignore[arg-type]
+                                shutdown_trigger=shutdown.wait, mode="asgi",
+                                task_status=task_status)
+                    nursery.cancel_scope.cancel()  # served out: the loops end with it
+
+                self.bound = await nursery.start(serving)
                 task_status.started(self.bound)
                 await shutdown.wait()
                 nursery.cancel_scope.deadline = trio.current_time() + 6
@@ -497,6 +501,11 @@ class Router:
                     else:
                         kept = None
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        except UpstreamError:
+            # the answer broke off: the caller's connection is dropped (raising is how
+            # an ASGI app does that), and the stack is counted as having failed it
+            self._count(stack, 502, trio.current_time() - started)
+            raise
         finally:
             await answer.aclose()
         elapsed = trio.current_time() - started
