@@ -4,8 +4,10 @@ Theory of operation. A raw ASGI app on Hypercorn (Trio worker). Each HTTP reques
 classified (``decision.classify``), given a cohort key (``decision.cohort_key``; a
 tenant API key is first resolved to its account, see ``AccountResolver``) and decided
 (``decision.decide``) against the current ``RolloutConfig``; it is then streamed to the
-chosen stack with httpx (request body and response body chunk by chunk, never held
-whole) and the answer carries ``X-EE-CP-Stack: old|new``. Websockets (the agent plane,
+chosen stack over the router's own h11 connection pool (``upstream.Upstream``: request
+body and response body chunk by chunk, never held whole; httpx cost three times the
+CPU, see tools/bench/router_cpu.py) and the answer carries ``X-EE-CP-Stack: old|new``.
+An answer that breaks off drops the caller's connection. Websockets (the agent plane,
 class C, and federation, class E) are decided the same way on the upgrade and then
 relayed frame by frame to the chosen stack's websocket (``--old-agents``/``--new-agents``
 for the agent plane); an agent keeps its stack across reconnects because its cohort
@@ -22,8 +24,8 @@ caller has its answer; status, JSON shape (ids and timestamps masked) and latenc
 compared and kept in a bounded log (``GET /_ee/router/shadow``). Only GET/HEAD ever go
 to the shadow stack, and a shadow answer is never served.
 
-Guardrails (``guardrails.Evaluator``) run every ``--guard-interval`` seconds on what
-the router saw per stack plus both stacks' ``/metrics``; a firing trigger steps the
+Guardrails (``guard.Guard``) run every ``--guard-interval`` seconds on what the
+router saw per stack plus both stacks' ``/metrics``; a firing trigger steps the
 concerned classes back one stage, writes the config and records a ``rollout.step_back``
 event carrying the numbers (``GET /_ee/router/events``).
 """
@@ -103,13 +105,6 @@ class RouterSettings:
 
     def http_base(self, stack: str) -> str:
         return (self.old if stack == "old" else self.new).rstrip("/")
-
-    def upstream_url(self, stack: str, raw_path: str, query: bytes) -> httpx.URL:
-        """The stack's URL for *raw_path* as received (already ``path_refusal``-checked):
-        set verbatim, never merged or resolved, so the stack gets the path classified."""
-        base = httpx.URL(self.http_base(stack))
-        target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + raw_path.encode("latin-1")
-        return base.copy_with(raw_path=target + (b"?" + query if query else b""))
 
     def ws_url(self, stack: str, klass: str, path: str, query: bytes) -> str | None:
         if klass == "C":
@@ -286,9 +281,6 @@ class Router:
         self.counters = {"old": StackCounters(), "new": StackCounters()}
         self.requests: dict[tuple[str, str], int] = {}
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        timeout = httpx.Timeout(settings.upstream_timeout_s, connect=5.0)
-        self.clients = {s: httpx.AsyncClient(base_url=settings.http_base(s), limits=limits,
-                                             timeout=timeout) for s in d.STACKS}
         self.resolver = AccountResolver(
             httpx.AsyncClient(base_url=settings.http_base("old"), limits=limits,
                               timeout=httpx.Timeout(settings.resolve_timeout_s)))
@@ -389,7 +381,7 @@ class Router:
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
-                for c in [*self.clients.values(), self.resolver.client, self.guard.client]:
+                for c in [self.resolver.client, self.guard.client]:
                     await c.aclose()
                 for u in self.upstreams.values():
                     await u.aclose()
@@ -538,21 +530,35 @@ class Router:
                           query: bytes, served: str, status: int, body: bytes,
                           elapsed: float) -> None:
         other = "new" if served == "old" else "old"
-        url = self.settings.upstream_url(other, path, query)
+        upstream = self.upstreams[other]
         try:
             assert method in ("GET", "HEAD")  # never anything that may write
             started = trio.current_time()
             try:
                 with trio.fail_after(30):
-                    resp = await self.clients[other].request(method, url, headers=fwd)
-            except (httpx.HTTPError, trio.TooSlowError) as exc:
+                    answer = await upstream.request(
+                        method.encode("ascii"),
+                        upstream.target(path.encode("latin-1"), query),
+                        [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fwd])
+                    got = bytearray()
+                    try:
+                        async for chunk, _ in answer.chunks():
+                            got += chunk
+                            if len(got) > SHADOW_BODY_BYTES:
+                                break  # larger than any served body compared: differs
+                    finally:
+                        await answer.aclose()
+                    theirs = bytes(got) if len(got) <= SHADOW_BODY_BYTES else None
+            except (UpstreamError, trio.TooSlowError) as exc:
                 self.shadow.add(ShadowResult(path, served, status, None, elapsed, None,
                                              False, False, type(exc).__name__))
                 return
             took = trio.current_time() - started
+            same_shape = theirs is not None and await trio.to_thread.run_sync(
+                _same_shape, body, theirs)
             self.shadow.add(ShadowResult(
-                path, served, status, resp.status_code, elapsed, took,
-                status == resp.status_code, _shape_of(body) == _shape_of(resp.content)))
+                path, served, status, answer.status_code, elapsed, took,
+                status == answer.status_code, same_shape))
         finally:
             self._shadow_slots.release()
 
@@ -677,6 +683,10 @@ def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
             raise BadAdminRequest(400, "bad_request", "a key must be valid Unicode") from None
         out.append([choice.stack, choice.bucket])
     return out
+
+
+def _same_shape(a: bytes, b: bytes) -> bool:
+    return bool(_shape_of(a) == _shape_of(b))
 
 
 def _shape_of(body: bytes) -> Any:
