@@ -11,6 +11,12 @@ its sample count; ``--top`` prints the heaviest frames by self and total time).
 
     python tools/bench/router_cpu.py [--requests 5000] [--concurrency 32]
         [--profile /tmp/router.txt --top 25]
+
+Measured (2 shared cores, 3,000 requests, each figure twice): with httpx to the stacks
+2.11-2.47 ms/request at 32 in flight, 1.09-1.14 at 4; with the h11 pool
+(ee.router.upstream) 0.73-0.81 and 0.64-0.71. Where the rest goes (GIL-holding
+samples): Hypercorn's HTTP/1.1 server side about 45 %, Trio's scheduler about 20 %, the
+h11 client 13 %, the router's own decision and bookkeeping about 8 %.
 """
 
 from __future__ import annotations
