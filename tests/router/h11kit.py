@@ -26,6 +26,7 @@ class Server:
     connections: int = 0
     hang_up_after_answer: bool = False  # as a keep-alive timeout would, silently
     hang_up_mid_answer: bool = False  # after the chunks, before the answer is complete
+    after_first_chunk: trio.Event | None = None  # the rest of the answer waits for it
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -55,9 +56,11 @@ class Server:
                     status, headers, chunks = answer
                     await stream.send_all(conn.send(h11.Response(
                         status_code=status, headers=headers)) or b"")
-                    for chunk in chunks:
+                    for i, chunk in enumerate(chunks):
                         await stream.send_all(conn.send(h11.Data(data=chunk)) or b"")
                         await trio.lowlevel.checkpoint()
+                        if i == 0 and self.after_first_chunk is not None:
+                            await self.after_first_chunk.wait()
                     if self.hang_up_mid_answer:
                         return
                     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")

@@ -152,3 +152,21 @@ async def test_an_answer_that_breaks_off_drops_the_caller_and_counts_as_a_5xx(
                     await c.get("/api/v2/health")
             old = routers[0].counters["old"]
             assert (old.answers, old.errors_5xx) == (1, 1)
+
+
+async def test_the_router_relays_each_chunk_as_it_comes(tmp_path: Path) -> None:
+    """Streaming, not buffering: the caller has the first chunk of an answer while the
+    stack still holds back the rest."""
+    from test_paths import router_on
+
+    rest = trio.Event()
+    server = Server(lambda req, body: (200, [("transfer-encoding", "chunked")],
+                                       [b"first;", b"second"]), after_first_chunk=rest)
+    with trio.fail_after(30):
+        async with serving(server) as upstream, router_on(tmp_path, upstream) as url, \
+                httpx.AsyncClient(base_url=url) as c, \
+                c.stream("GET", "/api/v2/events-like") as r:
+            chunks = r.aiter_raw()
+            assert await chunks.__anext__() == b"first;"
+            rest.set()
+            assert b"".join([c async for c in chunks]) == b"second"
