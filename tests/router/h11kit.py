@@ -22,6 +22,7 @@ class Server:
 
     answer: Callable[[h11.Request, bytes], Answer | None]
     targets: list[bytes] = attrs.field(factory=list)  # as they arrive
+    heads: list[list[tuple[bytes, bytes]]] = attrs.field(factory=list)  # header lines
     requests: list[tuple[bytes, bytes, bytes, dict[bytes, bytes]]] = attrs.field(factory=list)
     connections: int = 0
     hang_up_after_answer: bool = False  # as a keep-alive timeout would, silently
@@ -44,6 +45,7 @@ class Server:
                 elif isinstance(event, h11.Request):
                     request, body = event, bytearray()
                     self.targets.append(bytes(event.target))
+                    self.heads.append([(bytes(k), bytes(v)) for k, v in event.headers])
                 elif isinstance(event, h11.Data):
                     body += event.data
                 elif isinstance(event, h11.EndOfMessage):

@@ -149,3 +149,31 @@ async def test_a_websocket_on_a_bad_path_is_refused_before_any_stack(tmp_path: P
                         ws + "/api/v2/agents/../federation/connect", connect_timeout=5):
                     pass
             assert seen == []
+
+
+async def test_header_lines_pass_as_they_came_but_a_cohort_header_comes_once(
+        tmp_path: Path) -> None:
+    """Repeated header lines reach the stack all of them, in order; a repeated header
+    the cohort is read from (Authorization, X-EE-Agent, X-EE-DC) is a 400 that reaches
+    no stack: the router would route by one value and the stack might act on another."""
+    body = b'{"ok": true}'
+    server = Server(lambda req, _: (200, [("content-length", str(len(body)))], [body]))
+    with trio.fail_after(30):
+        async with serving(server) as upstream, router_on(tmp_path, upstream) as url:
+            for name in ("Authorization", "X-EE-Agent", "X-EE-DC"):
+                status, answer = await raw_request(url, (
+                    f"GET /api/v2/apps HTTP/1.1\r\nHost: x\r\n{name}: Bearer a\r\n"
+                    f"{name}: Bearer b\r\nConnection: close\r\n\r\n").encode())
+                assert status == 400, answer
+                assert json.loads(answer)["error"]["code"] == "bad_request"
+            assert server.targets == []
+            status, _ = await raw_request(url, (
+                b"GET /api/v2/health HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n"
+                b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
+                b"Connection: close\r\n\r\n"))
+            assert status == 200
+            [head] = server.heads
+            assert [v for k, v in head if k == b"cookie"] == [b"a=1", b"b=2"]
+            assert [v for k, v in head if k == b"x-forwarded-for"] == [
+                b"10.0.0.1, 10.0.0.2, 127.0.0.1"]
+            assert [v for k, v in head if k == b"host"] == [upstream.split("//")[1].encode()]

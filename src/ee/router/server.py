@@ -406,12 +406,14 @@ class Router:
         # classify, route and forward one string: the path exactly as received
         path = (scope.get("raw_path") or scope.get("path", "/").encode()).decode("latin-1")
         refusal = d.path_refusal(path)
+        code = "bad_path"
         if refusal is None and kind == "http" and "content-length" in headers \
                 and "transfer-encoding" in headers:
             refusal = "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
             code = "bad_request"
-        else:
-            code = "bad_path"
+        elif refusal is None and len(headers) != len(scope.get("headers", [])):
+            refusal = _duplicate_identity(scope.get("headers", []))
+            code = "bad_request"
         if refusal is not None:
             log.info("refused %s %r: %s", scope.get("method", "GET"), path, refusal)
             if kind == "http":
@@ -456,19 +458,20 @@ class Router:
         length = headers.get("content-length")
         chunked = "transfer-encoding" in headers
         has_body = (length is not None and length != "0") or chunked
-        fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
+        # the caller's header lines as they came (repeated ones too), less hop-by-hop
+        raw: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        fwd = [(k, v) for k, v in raw if k not in HOP_BY_HOP_BYTES]
         client = scope.get("client")
         if client:
-            prior = headers.get("x-forwarded-for")
-            fwd = [(k, v) for k, v in fwd if k != "x-forwarded-for"]
-            fwd.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
+            prior = [v for k, v in fwd if k == b"x-forwarded-for"]
+            fwd = [(k, v) for k, v in fwd if k != b"x-forwarded-for"]
+            fwd.append((b"x-forwarded-for", b", ".join([*prior, client[0].encode("latin-1")])))
         upstream = self.upstreams[stack]
         target = upstream.target(path.encode("latin-1"), scope.get("query_string", b""))
         started = trio.current_time()
         try:
             answer = await upstream.request(
-                scope["method"].encode("ascii"), target,
-                [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fwd],
+                scope["method"].encode("ascii"), target, fwd,
                 _body(receive) if has_body else None, content_length=not chunked)
         except UpstreamError as exc:
             log.info("%s stack: %s", stack, exc)
@@ -513,7 +516,7 @@ class Router:
         if len(c.latencies) < LATENCY_SAMPLES:
             c.latencies.append(elapsed)
 
-    def _start_shadow(self, scope: Scope, fwd: list[tuple[str, str]], path: str,
+    def _start_shadow(self, scope: Scope, fwd: list[tuple[bytes, bytes]], path: str,
                       choice: d.Decision, status: int, body: bytes, elapsed: float) -> None:
         if self._nursery is None or scope["method"] not in ("GET", "HEAD"):
             return
@@ -526,7 +529,7 @@ class Router:
                                  scope.get("query_string", b""),
                                  choice.stack, status, body, elapsed)
 
-    async def _shadow_one(self, method: str, fwd: list[tuple[str, str]], path: str,
+    async def _shadow_one(self, method: str, fwd: list[tuple[bytes, bytes]], path: str,
                           query: bytes, served: str, status: int, body: bytes,
                           elapsed: float) -> None:
         other = "new" if served == "old" else "old"
@@ -538,8 +541,7 @@ class Router:
                 with trio.fail_after(30):
                     answer = await upstream.request(
                         method.encode("ascii"),
-                        upstream.target(path.encode("latin-1"), query),
-                        [(k.encode("latin-1"), v.encode("latin-1")) for k, v in fwd])
+                        upstream.target(path.encode("latin-1"), query), fwd)
                     got = bytearray()
                     try:
                         async for chunk, _ in answer.chunks():
@@ -662,6 +664,19 @@ class Router:
             self.config = stepped
             self.event("rollout.step_back", fired.to_dict())
         return fired
+
+
+IDENTITY_HEADERS: Final = (b"authorization", b"x-ee-agent", b"x-ee-dc")
+"""Headers the cohort is taken from: the router reads one value, so exactly one may come
+(a stack reading another of several could serve one cohort's request as another's)."""
+
+
+def _duplicate_identity(raw: list[tuple[bytes, bytes]]) -> str | None:
+    names = [k.lower() for k, _ in raw]
+    for name in IDENTITY_HEADERS:
+        if names.count(name) > 1:
+            return f"more than one {name.decode()} header"
+    return None
 
 
 def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
