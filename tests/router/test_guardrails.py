@@ -62,7 +62,7 @@ def test_agent_triggers_step_class_c_back() -> None:
     values = readings(HEALTHY, StackInterval(agents=20, agents_stale=5, bad_frames_new=2,
                                              orders_failed_new=0, p99_s=0.05),
                       triggers_from_json(None))
-    assert values["stale_agents"].breach and values["sequence_errors"].breach
+    assert values["stale_agents"].breach and values["bad_frames"].breach
     assert not values["order_failures"].breach and values["latency_p99"].breach
 
 

@@ -7,16 +7,15 @@ so the path reaches the router unnormalised (httpx would resolve ``..`` itself).
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import h11
 import httpx
 import pytest
 import trio
+from h11kit import Server, serving
 from routerkit import ADMIN, config_doc
 
 from ee.router.decision import RolloutConfig, path_refusal
@@ -31,45 +30,24 @@ GOOD_PATHS = ("/api/v2/apps", "/api/v2/apps/a%20b", "/api/v2/apps/..x/.y", "/.we
 
 @asynccontextmanager
 async def recording_upstream() -> AsyncIterator[tuple[str, list[bytes]]]:
-    seen: list[bytes] = []
-
-    async def handle(stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        async with stream:
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        return
-                    conn.receive_data(data)
-                    continue
-                if isinstance(event, h11.Request):
-                    seen.append(event.target)
-                elif isinstance(event, h11.EndOfMessage):
-                    body = b'{"ok": true}'
-                    out = conn.send(h11.Response(status_code=200, headers=[
-                        ("content-length", str(len(body))), ("connection", "close")]))
-                    out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
-                    out += conn.send(h11.EndOfMessage()) or b""
-                    await stream.send_all(out)
-                    return
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(functools.partial(
-            trio.serve_tcp, handle, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"http://127.0.0.1:{port}", seen
-        nursery.cancel_scope.cancel()
+    body = b'{"ok": true}'
+    server = Server(lambda req, _: (200, [("content-length", str(len(body))),
+                                          ("connection", "close")], [body]))
+    async with serving(server) as url:
+        yield url, server.targets
 
 
 @asynccontextmanager
-async def router_on(tmp: Path, upstream: str) -> AsyncIterator[str]:
+async def router_on(tmp: Path, upstream: str, routers: list[Router] | None = None
+                    ) -> AsyncIterator[str]:
+    """An ee-router with *upstream* as both stacks (appended to *routers*)."""
     path = tmp / "rollout.json"
     path.write_text(json.dumps(config_doc()))
     settings = RouterSettings(listen="127.0.0.1:0", old=upstream, new=upstream,
                               config_path=path, admin_token=ADMIN, guard_interval_s=0)
     router = Router(settings, RolloutConfig())
+    if routers is not None:
+        routers.append(router)
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(router.run, shutdown)
@@ -171,3 +149,31 @@ async def test_a_websocket_on_a_bad_path_is_refused_before_any_stack(tmp_path: P
                         ws + "/api/v2/agents/../federation/connect", connect_timeout=5):
                     pass
             assert seen == []
+
+
+async def test_header_lines_pass_as_they_came_but_a_cohort_header_comes_once(
+        tmp_path: Path) -> None:
+    """Repeated header lines reach the stack all of them, in order; a repeated header
+    the cohort is read from (Authorization, X-EE-Agent, X-EE-DC) is a 400 that reaches
+    no stack: the router would route by one value and the stack might act on another."""
+    body = b'{"ok": true}'
+    server = Server(lambda req, _: (200, [("content-length", str(len(body)))], [body]))
+    with trio.fail_after(30):
+        async with serving(server) as upstream, router_on(tmp_path, upstream) as url:
+            for name in ("Authorization", "X-EE-Agent", "X-EE-DC"):
+                status, answer = await raw_request(url, (
+                    f"GET /api/v2/apps HTTP/1.1\r\nHost: x\r\n{name}: Bearer a\r\n"
+                    f"{name}: Bearer b\r\nConnection: close\r\n\r\n").encode())
+                assert status == 400, answer
+                assert json.loads(answer)["error"]["code"] == "bad_request"
+            assert server.targets == []
+            status, _ = await raw_request(url, (
+                b"GET /api/v2/health HTTP/1.1\r\nHost: x\r\nCookie: a=1\r\nCookie: b=2\r\n"
+                b"X-Forwarded-For: 10.0.0.1\r\nX-Forwarded-For: 10.0.0.2\r\n"
+                b"Connection: close\r\n\r\n"))
+            assert status == 200
+            [head] = server.heads
+            assert [v for k, v in head if k == b"cookie"] == [b"a=1", b"b=2"]
+            assert [v for k, v in head if k == b"x-forwarded-for"] == [
+                b"10.0.0.1, 10.0.0.2, 127.0.0.1"]
+            assert [v for k, v in head if k == b"host"] == [upstream.split("//")[1].encode()]

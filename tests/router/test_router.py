@@ -44,6 +44,9 @@ async def test_tenant_writes_follow_the_account_and_never_flip_back(tmp_path: Pa
                         r = await c.get(f"/api/v2/apps/{name}")
                         assert r.status_code == 200, r.text
                         assert r.headers[d.STACK_HEADER] == stack
+                        # the stack's own Date and Server, not a second pair
+                        assert len(r.headers.get_list("date")) == 1
+                        assert len(r.headers.get_list("server")) == 1
                     # independently: the app exists on that stack only
                     assert name in await apps_on(stacks, stack, key)
                     other = "old" if stack == "new" else "new"

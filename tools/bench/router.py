@@ -21,9 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
 import trio
 
@@ -78,19 +81,31 @@ async def drive(url: str, key: str, rate: float, seconds: float) -> dict[str, fl
             "achieved_rps": len(latencies) / took, "errors": errors}
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+@attrs.frozen
+class Bench:
+    cp: trio.Process
+    router: trio.Process
+    cp_url: str
+    router_url: str
+    key: str  # a tenant API key
+
+
+@asynccontextmanager
+async def cp_and_router() -> AsyncIterator[Bench]:
+    """A real ``ee-cp --dev`` with one tenant, and a real ``ee-router`` (old = new = that
+    CP, class A at 50 %) in front of it; both stopped on exit."""
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "cp"
         cp_port, plane, router_port = free_port(), free_port(), free_port()
         cp_url = f"http://127.0.0.1:{cp_port}"
         router_url = f"http://127.0.0.1:{router_port}"
         logs = (Path(tmp) / "cp.log").open("wb")
-        cp = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "ee.cp.server", "--dev", "--data-dir", str(data),
-             "--listen", f"127.0.0.1:{cp_port}", "--agent-listen", f"127.0.0.1:{plane}",
-             "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT)
-        router: trio.Process | None = None
+        procs: list[trio.Process] = []
         try:
+            procs.append(await trio.lowlevel.open_process(
+                [sys.executable, "-m", "ee.cp.server", "--dev", "--data-dir", str(data),
+                 "--listen", f"127.0.0.1:{cp_port}", "--agent-listen", f"127.0.0.1:{plane}",
+                 "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT))
             await wait_up(cp_url + "/api/v2/health")
             token = (data / "admin.token").read_text().strip()
             async with httpx.AsyncClient(base_url=cp_url,
@@ -99,27 +114,37 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "api_key"]
             config = Path(tmp) / "rollout.json"
             config.write_text(json.dumps({"classes": {"A": 50}}))
-            router = await trio.lowlevel.open_process(
+            procs.append(await trio.lowlevel.open_process(
                 [sys.executable, "-m", "ee.router.server", "--listen",
                  f"127.0.0.1:{router_port}", "--old", cp_url, "--new", cp_url, "--config",
-                 str(config), "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT)
+                 str(config), "--log-level", "WARNING"], stdout=logs, stderr=subprocess.STDOUT))
             await wait_up(router_url + "/api/v2/health")
-            await drive(cp_url, key, min(args.rate, 200), 2)  # warm-up
-            await drive(router_url, key, min(args.rate, 200), 2)
-            rounds: dict[str, list[dict[str, float]]] = {"direct": [], "router": []}
-            for _ in range(args.rounds):
-                rounds["direct"].append(await drive(cp_url, key, args.rate, args.seconds))
-                rounds["router"].append(await drive(router_url, key, args.rate, args.seconds))
+            yield Bench(procs[0], procs[1], cp_url, router_url, key)
         finally:
-            for proc in (router, cp):
-                if proc is not None:
-                    proc.terminate()
-                    with trio.move_on_after(10):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+            for proc in reversed(procs):
+                await stop(proc)
             logs.close()
+
+
+async def stop(proc: trio.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        with trio.move_on_after(10):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    async with cp_and_router() as b:
+        await drive(b.cp_url, b.key, min(args.rate, 200), 2)  # warm-up
+        await drive(b.router_url, b.key, min(args.rate, 200), 2)
+        rounds: dict[str, list[dict[str, float]]] = {"direct": [], "router": []}
+        for _ in range(args.rounds):
+            rounds["direct"].append(await drive(b.cp_url, b.key, args.rate, args.seconds))
+            rounds["router"].append(await drive(b.router_url, b.key, args.rate,
+                                                args.seconds))
 
     def med(side: str, field: str) -> float:
         return statistics.median(r[field] for r in rounds[side])

@@ -60,6 +60,7 @@ from ee.cp.errors import (
     require_admin,
     who_may_call,
 )
+from ee.cp.metrics import count_http
 from ee.placement.core import STATUSES
 from ee.runtime import ActorError
 
@@ -101,6 +102,7 @@ class CrashRequest:
 
 def make_app(cp: ControlPlane) -> QuartTrio:
     app = QuartTrio("ee.cp")
+    app.asgi_app = count_http(app.asgi_app, cp.metrics)  # type: ignore[method-assign]
     app.config["MAX_CONTENT_LENGTH"] = cp.config.max_request_bytes
     auth: Auth | None = None  # set once the tenant routes are registered, below
     chaos_errors = [0.0]  # dev only: share of requests answered 500 (rollout drills)

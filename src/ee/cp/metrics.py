@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -45,6 +49,47 @@ class CpMetrics:
                                   ["datacenter", "node_size", "state"], registry=r)
         self.restarts = Gauge("ee_actor_restarts", "Restarts by actor kind", ["kind"],
                               registry=r)
+        # what the rollout guardrails compare between two stacks (ee.router.guardrails)
+        self.http_responses = Counter(
+            "ee_http_responses_total", "HTTP answers of the API by status class (2xx … 5xx)",
+            ["code"], registry=r)
+        self.http_seconds = Histogram(
+            "ee_http_request_seconds", "From an HTTP request's arrival to its answer's "
+            "status line", buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                    1.0, 2.5, 5.0, 10.0), registry=r)
+        self.deployments = Counter(
+            "ee_deployments_total", "Deployments by first outcome (healthy: running; "
+            "failed: given up before running)", ["outcome"], registry=r)
+        self.deploy_queue = Histogram(
+            "ee_deploy_queue_seconds", "From a deployment's creation to its running",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=r)
+        for outcome in ("healthy", "failed"):
+            self.deployments.labels(outcome)
+        for code in ("2xx", "3xx", "4xx", "5xx"):
+            self.http_responses.labels(code)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def count_http(app: Any, metrics: CpMetrics) -> Any:
+    """*app* (an ASGI callable) counting its HTTP answers by status class, with their
+    latency."""
+
+    async def counted(scope: Any, receive: Callable[[], Awaitable[Any]],
+                      send: Callable[[Any], Awaitable[None]]) -> None:
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        started = trio.current_time()
+
+        async def send_counted(message: Any) -> None:
+            if message.get("type") == "http.response.start":
+                status = int(message.get("status", 500))
+                metrics.http_responses.labels(f"{min(max(status // 100, 1), 5)}xx").inc()
+                metrics.http_seconds.observe(trio.current_time() - started)
+            await send(message)
+
+        await app(scope, receive, send_counted)
+
+    return counted

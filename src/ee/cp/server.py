@@ -69,6 +69,7 @@ from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.billing import Billing, BillingDeps, BillingSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
+from ee.cp.deploy_metrics import run_deploy_metrics
 from ee.cp.envelope import CpAttestation, EnvelopeProver, load_cp_release, make_prover
 from ee.cp.events import EventBus
 from ee.cp.http import make_app, serve_http
@@ -361,6 +362,8 @@ class ControlPlane:
             ChildSpec(id="checkpoint", start=self._run_checkpoint, shutdown=1.0),
             ChildSpec(id="secrets", shutdown=1.0, start=partial(
                 self.secret_releaser.run, self.events.subscribe)),
+            ChildSpec(id="deploy-metrics", shutdown=1.0, start=partial(
+                run_deploy_metrics, self.events.subscribe, self.metrics)),
             ChildSpec(id="http", start=self._run_http, stop=self._stop_http,
                       shutdown=10.0),
         ], max_restarts=5, period=30.0)

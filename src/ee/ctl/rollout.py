@@ -7,6 +7,7 @@
     eectl rollout kill | unkill
     eectl rollout record-drill RESULT --drill-pubkey FILE
     eectl rollout shadow-report        (ee-router only)
+    eectl rollout guard --old-metrics URL --new-metrics URL [--interval S] [--events F]
 
 Where the rollout config lives (one of):
 
@@ -25,6 +26,12 @@ config); ``back`` moves to the previous stage, never refused. Any promotion abov
 25 % (``step`` or ``set``) is refused unless the config carries a DB-wipe drill
 result (``record-drill``) that passed, is signed by the pinned ``--drill-pubkey``, and
 is younger than ``--drill-max-age``. Exit codes: 0 done, 1 refused, 2 usage/unreachable.
+
+``guard`` is the guardrail loop for a config that lives in the Worker (``ee-router``
+runs its own, ``--guard-interval``): every ``--interval`` seconds it reads the config,
+scrapes both stacks' ``/metrics`` (``ee.router.guard``), and when a trigger fires
+writes the step-back to where the config lives and prints the ``rollout.step_back``
+event (one JSON line, also appended to ``--events FILE``). Run one per rollout.
 """
 
 from __future__ import annotations
@@ -34,12 +41,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 import httpx
+import trio
 
 from ee.protocol.signing import (
     KeyFileError,
@@ -55,6 +63,8 @@ from ee.router.decision import (
     next_stage,
     previous_stage,
 )
+from ee.router.guard import Guard
+from ee.router.guardrails import StepBack
 from ee.router.promotion import DEFAULT_DRILL_MAX_AGE_S, drill_ok, promotion_refusal
 
 DEFAULT_SOAK_S = 3600.0
@@ -251,6 +261,62 @@ def _secret(path: str | None, env: str, flag: str) -> str:
     return value
 
 
+# ---- guard (the Worker's guardrails) -------------------------------------------------
+
+
+async def guard_pass(backend: Backend, guard: Guard,
+                     emit: Callable[[dict[str, Any]], None]) -> StepBack | None:
+    """One guardrail pass against the config where it lives; a firing trigger's
+    step-back is written there (over the config as it is then: never raising a class
+    an operator lowered meanwhile) and *emit*-ted as a ``rollout.step_back`` event."""
+    config = await trio.to_thread.run_sync(backend.get)
+    fired = await guard.observe(config)
+    if fired is None:
+        return None
+    fresh = await trio.to_thread.run_sync(backend.get)
+    stepped = fired.apply(fresh, now=time.time())
+    await trio.to_thread.run_sync(backend.put, stepped)
+    emit({"kind": "rollout.step_back",
+          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fired.to_dict()})
+    return fired
+
+
+async def guard_loop(backend: Backend, guard: Guard, interval_s: float,
+                     emit: Callable[[dict[str, Any]], None], passes: int | None = None) -> None:
+    done = 0
+    while passes is None or done < passes:
+        await trio.sleep(interval_s)
+        try:
+            await guard_pass(backend, guard, emit)
+        except (Unreachable, ConfigError) as exc:  # may be fixed next time; clocks stay
+            print(f"eectl rollout guard: {exc}", file=sys.stderr, flush=True)
+        done += 1
+
+
+def _guard(args: argparse.Namespace, backend: Backend) -> int:
+    if args.interval <= 0:
+        raise Unreachable("--interval: a number of seconds > 0")
+    events = Path(args.events) if args.events else None
+
+    def emit(event: dict[str, Any]) -> None:
+        line = json.dumps(event, sort_keys=True)
+        print(line, flush=True)
+        if events is not None:
+            with events.open("a") as f:
+                f.write(line + "\n")
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            guard = Guard({"old": args.old_metrics, "new": args.new_metrics}, client)
+            await guard_loop(backend, guard, args.interval, emit, args.passes)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 # ---- commands -----------------------------------------------------------------------
 
 
@@ -308,6 +374,8 @@ def _run(args: argparse.Namespace) -> int:
                       f"{d['shadow_status']}  shape {'same' if d['same_shape'] else 'differs'}"
                       + (f"  error {d['error']}" if d.get("error") else ""))
         return 0
+    if command == "guard":
+        return _guard(args, backend)
     config = backend.get()
     if command == "set":
         config = plan_set(config, args.klass, args.pct, pubkey=_pubkey(args), now=now,
@@ -391,6 +459,18 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = commands.add_parser("shadow-report", parents=[where],
                             help="shadow read comparisons (ee-router)")
     p.add_argument("--json", action="store_true")
+    p = commands.add_parser(
+        "guard", parents=[where], help="guardrails with automatic step-back (for the Worker)",
+        description="Scrape both stacks' /metrics every --interval seconds and step the "
+                    "rollout back when a trigger breaches for its window (triggers: the "
+                    "config's \"guardrails\"). ee-router does this itself.")
+    p.add_argument("--old-metrics", required=True, metavar="URL",
+                   help="the old stack's /metrics")
+    p.add_argument("--new-metrics", required=True, metavar="URL",
+                   help="the new stack's /metrics")
+    p.add_argument("--interval", type=float, default=15.0, metavar="SECONDS")
+    p.add_argument("--events", metavar="FILE", help="also append each event (JSON line) here")
+    p.add_argument("--passes", type=int, default=None, help=argparse.SUPPRESS)
     for name in ("status", "set", "step", "back", "kill", "unkill", "record-drill",
-                 "shadow-report"):
+                 "shadow-report", "guard"):
         commands.choices[name].set_defaults(handler=rollout_command)

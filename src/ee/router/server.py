@@ -4,8 +4,10 @@ Theory of operation. A raw ASGI app on Hypercorn (Trio worker). Each HTTP reques
 classified (``decision.classify``), given a cohort key (``decision.cohort_key``; a
 tenant API key is first resolved to its account, see ``AccountResolver``) and decided
 (``decision.decide``) against the current ``RolloutConfig``; it is then streamed to the
-chosen stack with httpx (request body and response body chunk by chunk, never held
-whole) and the answer carries ``X-EE-CP-Stack: old|new``. Websockets (the agent plane,
+chosen stack over the router's own h11 connection pool (``upstream.Upstream``: request
+body and response body chunk by chunk, never held whole; httpx cost three times the
+CPU, see tools/bench/router_cpu.py) and the answer carries ``X-EE-CP-Stack: old|new``.
+An answer that breaks off drops the caller's connection. Websockets (the agent plane,
 class C, and federation, class E) are decided the same way on the upgrade and then
 relayed frame by frame to the chosen stack's websocket (``--old-agents``/``--new-agents``
 for the agent plane); an agent keeps its stack across reconnects because its cohort
@@ -22,8 +24,8 @@ caller has its answer; status, JSON shape (ids and timestamps masked) and latenc
 compared and kept in a bounded log (``GET /_ee/router/shadow``). Only GET/HEAD ever go
 to the shadow stack, and a shadow answer is never served.
 
-Guardrails (``guardrails.Evaluator``) run every ``--guard-interval`` seconds on what
-the router saw per stack plus both stacks' ``/metrics``; a firing trigger steps the
+Guardrails (``guard.Guard``) run every ``--guard-interval`` seconds on what the
+router saw per stack plus both stacks' ``/metrics``; a firing trigger steps the
 concerned classes back one stage, writes the config and records a ``rollout.step_back``
 event carrying the numbers (``GET /_ee/router/events``).
 """
@@ -31,7 +33,6 @@ event carrying the numbers (``GET /_ee/router/events``).
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import hmac
 import json
@@ -47,22 +48,21 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
-import h11
 import httpx
 import trio
 import trio_websocket
 
 from ee.router import decision as d
+from ee.router.guard import Guard
 from ee.router.guardrails import (
     Evaluator,
-    StackInterval,
+    Seen,
     StepBack,
     p99,
-    parse_prometheus,
-    total,
     triggers_from_json,
 )
 from ee.router.promotion import promotion_refusal
+from ee.router.upstream import Upstream, UpstreamError
 
 log = logging.getLogger("ee.router")
 
@@ -74,6 +74,7 @@ ADMIN_PREFIX: Final = "/_ee/router/"
 HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "proxy-connection"})
+HOP_BY_HOP_BYTES: Final = frozenset(h.encode() for h in HOP_BY_HOP)
 WS_FORWARD: Final = ("authorization", "x-ee-agent", "x-ee-dc", "user-agent")
 AGENT_FRAME_BYTES: Final = 2 << 20
 """Largest frame an agent may send through the router (the CP's own limit is 1 MiB)."""
@@ -104,13 +105,6 @@ class RouterSettings:
 
     def http_base(self, stack: str) -> str:
         return (self.old if stack == "old" else self.new).rstrip("/")
-
-    def upstream_url(self, stack: str, raw_path: str, query: bytes) -> httpx.URL:
-        """The stack's URL for *raw_path* as received (already ``path_refusal``-checked):
-        set verbatim, never merged or resolved, so the stack gets the path classified."""
-        base = httpx.URL(self.http_base(stack))
-        target = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + raw_path.encode("latin-1")
-        return base.copy_with(raw_path=target + (b"?" + query if query else b""))
 
     def ws_url(self, stack: str, klass: str, path: str, query: bytes) -> str | None:
         if klass == "C":
@@ -264,8 +258,8 @@ class StackCounters:
     errors_5xx: int = 0
     latencies: list[float] = attrs.field(factory=list)
 
-    def take(self) -> StackCounters:
-        out = StackCounters(self.answers, self.errors_5xx, self.latencies)
+    def take(self) -> Seen:
+        out = Seen(self.answers, self.errors_5xx, tuple(self.latencies))
         self.answers, self.errors_5xx, self.latencies = 0, 0, []
         return out
 
@@ -286,15 +280,18 @@ class Router:
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters = {"old": StackCounters(), "new": StackCounters()}
         self.requests: dict[tuple[str, str], int] = {}
-        self.evaluator = Evaluator(triggers_from_json(config.extra.get("guardrails")))
-        self._last_scrape: dict[str, dict[Any, float]] = {}
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        timeout = httpx.Timeout(settings.upstream_timeout_s, connect=5.0)
-        self.clients = {s: httpx.AsyncClient(base_url=settings.http_base(s), limits=limits,
-                                             timeout=timeout) for s in d.STACKS}
         self.resolver = AccountResolver(
             httpx.AsyncClient(base_url=settings.http_base("old"), limits=limits,
                               timeout=httpx.Timeout(settings.resolve_timeout_s)))
+        self.upstreams = {s: Upstream(settings.http_base(s),
+                                      read_timeout_s=settings.upstream_timeout_s)
+                          for s in d.STACKS}
+        self._stack_header = {s: (d.STACK_HEADER.lower().encode(), s.encode())
+                              for s in d.STACKS}
+        self.guard = Guard({s: f"{settings.http_base(s)}/metrics" for s in d.STACKS},
+                           httpx.AsyncClient(), Evaluator(
+                               triggers_from_json(config.extra.get("guardrails"))))
         self._shadow_slots = trio.Semaphore(SHADOW_CONCURRENCY)
         self._nursery: trio.Nursery | None = None
         self._random = random.Random()
@@ -326,7 +323,7 @@ class Router:
     def apply(self, config: d.RolloutConfig, triggers: Any, source: str) -> None:
         before = self.config
         self.config = config
-        self.evaluator = attrs.evolve(self.evaluator, triggers=triggers)
+        self.guard.evaluator = attrs.evolve(self.guard.evaluator, triggers=triggers)
         if before.to_json() != config.to_json():
             self.event("rollout.config", {"source": source, "config": config.to_json()})
 
@@ -361,23 +358,33 @@ class Router:
         config.errorlog = "-"
         config.websocket_max_message_size = AGENT_FRAME_BYTES
         config.keep_alive_timeout = 75
+        # a relayed answer carries the stack's own Date and Server: not a second pair
+        config.include_date_header = False
+        config.include_server_header = False
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._watch_file)
                 if self.settings.guard_interval_s > 0:
                     nursery.start_soon(self._guard_loop)
-                self.bound = await nursery.start(functools.partial(
-                    serve, self.asgi, config,  # type: ignore[arg-type]
-                    shutdown_trigger=shutdown.wait, mode="asgi"))
+
+                async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await serve(self.asgi, config,  # type: ignore[arg-type]
+                                shutdown_trigger=shutdown.wait, mode="asgi",
+                                task_status=task_status)
+                    nursery.cancel_scope.cancel()  # served out: the loops end with it
+
+                self.bound = await nursery.start(serving)
                 task_status.started(self.bound)
                 await shutdown.wait()
                 nursery.cancel_scope.deadline = trio.current_time() + 6
         finally:
             self._nursery = None
             with trio.CancelScope(shield=True):
-                for c in [*self.clients.values(), self.resolver.client]:
+                for c in [self.resolver.client, self.guard.client]:
                     await c.aclose()
+                for u in self.upstreams.values():
+                    await u.aclose()
 
     async def _watch_file(self) -> None:
         while True:
@@ -399,12 +406,14 @@ class Router:
         # classify, route and forward one string: the path exactly as received
         path = (scope.get("raw_path") or scope.get("path", "/").encode()).decode("latin-1")
         refusal = d.path_refusal(path)
+        code = "bad_path"
         if refusal is None and kind == "http" and "content-length" in headers \
                 and "transfer-encoding" in headers:
             refusal = "both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)"
             code = "bad_request"
-        else:
-            code = "bad_path"
+        elif refusal is None and len(headers) != len(scope.get("headers", [])):
+            refusal = _duplicate_identity(scope.get("headers", []))
+            code = "bad_request"
         if refusal is not None:
             log.info("refused %s %r: %s", scope.get("method", "GET"), path, refusal)
             if kind == "http":
@@ -446,51 +455,58 @@ class Router:
                     choice: d.Decision, config: d.RolloutConfig, receive: Receive,
                     send: Send) -> None:
         stack = choice.stack
-        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-        fwd = [(k, v) for k, v in headers.items() if k not in HOP_BY_HOP]
+        length = headers.get("content-length")
+        chunked = "transfer-encoding" in headers
+        has_body = (length is not None and length != "0") or chunked
+        # the caller's header lines as they came (repeated ones too), less hop-by-hop
+        raw: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        fwd = [(k, v) for k, v in raw if k not in HOP_BY_HOP_BYTES]
         client = scope.get("client")
         if client:
-            prior = headers.get("x-forwarded-for")
-            fwd = [(k, v) for k, v in fwd if k != "x-forwarded-for"]
-            fwd.append(("x-forwarded-for", f"{prior}, {client[0]}" if prior else client[0]))
-        url = self.settings.upstream_url(stack, path, scope.get("query_string", b""))
+            prior = [v for k, v in fwd if k == b"x-forwarded-for"]
+            fwd = [(k, v) for k, v in fwd if k != b"x-forwarded-for"]
+            fwd.append((b"x-forwarded-for", b", ".join([*prior, client[0].encode("latin-1")])))
+        upstream = self.upstreams[stack]
+        target = upstream.target(path.encode("latin-1"), scope.get("query_string", b""))
         started = trio.current_time()
         try:
-            request = self.clients[stack].build_request(
-                scope["method"], url, headers=fwd,
-                content=_body(receive) if has_body else None)
-            upstream = await self.clients[stack].send(request, stream=True)
-        except (httpx.HTTPError, h11.LocalProtocolError, httpx.InvalidURL) as exc:
+            answer = await upstream.request(
+                scope["method"].encode("ascii"), target, fwd,
+                _body(receive) if has_body else None, content_length=not chunked)
+        except UpstreamError as exc:
+            log.info("%s stack: %s", stack, exc)
             self._count(stack, 502, trio.current_time() - started)
             await _json(send, 502, {"error": {
                 "code": "upstream_unavailable",
-                "message": f"the {stack} CP stack did not answer: {type(exc).__name__}",
+                "message": f"the {stack} CP stack did not answer",
                 "details": {"stack": stack}}}, stack)
             return
         sample = choice.klass == "A" and scope["method"] in ("GET", "HEAD") and \
             self._random.random() < config.shadow.get("A", 0.0)
         kept: bytearray | None = bytearray() if sample else None
         try:
-            out_headers = [(k.encode("latin-1"), v.encode("latin-1"))
-                           for k, v in upstream.headers.multi_items()
-                           if k.lower() not in HOP_BY_HOP]
-            out_headers.append((d.STACK_HEADER.lower().encode(), stack.encode()))
-            await send({"type": "http.response.start", "status": upstream.status_code,
+            out_headers = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP_BYTES]
+            out_headers.append(self._stack_header[stack])
+            await send({"type": "http.response.start", "status": answer.status_code,
                         "headers": out_headers})
-            async for chunk in upstream.aiter_raw():
+            async for chunk, last in answer.chunks():
                 if kept is not None:
                     if len(kept) + len(chunk) <= SHADOW_BODY_BYTES:
                         kept += chunk
                     else:
                         kept = None
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        except UpstreamError:
+            # the answer broke off: the caller's connection is dropped (raising is how
+            # an ASGI app does that), and the stack is counted as having failed it
+            self._count(stack, 502, trio.current_time() - started)
+            raise
         finally:
-            await upstream.aclose()
+            await answer.aclose()
         elapsed = trio.current_time() - started
-        self._count(stack, upstream.status_code, elapsed)
-        if kept is not None and upstream.headers.get("content-encoding") is None:
-            self._start_shadow(scope, fwd, path, choice, upstream.status_code, bytes(kept),
+        self._count(stack, answer.status_code, elapsed)
+        if kept is not None and answer.header(b"content-encoding") is None:
+            self._start_shadow(scope, fwd, path, choice, answer.status_code, bytes(kept),
                                elapsed)
 
     def _count(self, stack: str, status: int, elapsed: float) -> None:
@@ -500,7 +516,7 @@ class Router:
         if len(c.latencies) < LATENCY_SAMPLES:
             c.latencies.append(elapsed)
 
-    def _start_shadow(self, scope: Scope, fwd: list[tuple[str, str]], path: str,
+    def _start_shadow(self, scope: Scope, fwd: list[tuple[bytes, bytes]], path: str,
                       choice: d.Decision, status: int, body: bytes, elapsed: float) -> None:
         if self._nursery is None or scope["method"] not in ("GET", "HEAD"):
             return
@@ -513,25 +529,38 @@ class Router:
                                  scope.get("query_string", b""),
                                  choice.stack, status, body, elapsed)
 
-    async def _shadow_one(self, method: str, fwd: list[tuple[str, str]], path: str,
+    async def _shadow_one(self, method: str, fwd: list[tuple[bytes, bytes]], path: str,
                           query: bytes, served: str, status: int, body: bytes,
                           elapsed: float) -> None:
         other = "new" if served == "old" else "old"
-        url = self.settings.upstream_url(other, path, query)
+        upstream = self.upstreams[other]
         try:
             assert method in ("GET", "HEAD")  # never anything that may write
             started = trio.current_time()
             try:
                 with trio.fail_after(30):
-                    resp = await self.clients[other].request(method, url, headers=fwd)
-            except (httpx.HTTPError, trio.TooSlowError) as exc:
+                    answer = await upstream.request(
+                        method.encode("ascii"),
+                        upstream.target(path.encode("latin-1"), query), fwd)
+                    got = bytearray()
+                    try:
+                        async for chunk, _ in answer.chunks():
+                            got += chunk
+                            if len(got) > SHADOW_BODY_BYTES:
+                                break  # larger than any served body compared: differs
+                    finally:
+                        await answer.aclose()
+                    theirs = bytes(got) if len(got) <= SHADOW_BODY_BYTES else None
+            except (UpstreamError, trio.TooSlowError) as exc:
                 self.shadow.add(ShadowResult(path, served, status, None, elapsed, None,
                                              False, False, type(exc).__name__))
                 return
             took = trio.current_time() - started
+            same_shape = theirs is not None and await trio.to_thread.run_sync(
+                _same_shape, body, theirs)
             self.shadow.add(ShadowResult(
-                path, served, status, resp.status_code, elapsed, took,
-                status == resp.status_code, _shape_of(body) == _shape_of(resp.content)))
+                path, served, status, answer.status_code, elapsed, took,
+                status == answer.status_code, same_shape))
         finally:
             self._shadow_slots.release()
 
@@ -620,56 +649,34 @@ class Router:
             await trio.sleep(self.settings.guard_interval_s)
             await self.guard_once()
 
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.guard.evaluator
+
     async def guard_once(self) -> StepBack | None:
         """One guardrail evaluation over the interval since the last one."""
         seen = {s: self.counters[s].take() for s in d.STACKS}
-        scraped = {s: await self._scrape(s) for s in d.STACKS}
-        intervals = {s: _interval(seen[s], scraped[s], self._last_scrape.get(s))
-                     for s in d.STACKS}
-        for s in d.STACKS:
-            if scraped[s] is not None:
-                self._last_scrape[s] = scraped[s]  # type: ignore[assignment]
         config = self.config
-        self.evaluator, fired = self.evaluator.observe(
-            trio.current_time(), intervals["old"], intervals["new"], config)
+        fired = await self.guard.observe(config, seen)
         if fired is not None:
-            stepped = fired.apply(config)
+            stepped = fired.apply(self.config, now=time.time())
             self.write_file(stepped)
             self.config = stepped
             self.event("rollout.step_back", fired.to_dict())
         return fired
 
-    async def _scrape(self, stack: str) -> dict[Any, float] | None:
-        try:
-            with trio.fail_after(5):
-                # its own connection: a kept-alive one after /metrics was seen to hang the
-                # next request on it once the clock had jumped (tests)
-                resp = await self.clients[stack].get("/metrics",
-                                                     headers={"Connection": "close"})
-            if resp.status_code != 200:
-                return None
-            return parse_prometheus(resp.text)
-        except (httpx.HTTPError, trio.TooSlowError, ValueError):
-            return None
+
+IDENTITY_HEADERS: Final = (b"authorization", b"x-ee-agent", b"x-ee-dc")
+"""Headers the cohort is taken from: the router reads one value, so exactly one may come
+(a stack reading another of several could serve one cohort's request as another's)."""
 
 
-def _interval(seen: StackCounters, now: dict[Any, float] | None,
-              before: dict[Any, float] | None) -> StackInterval:
-    kw: dict[str, Any] = {"answers": seen.answers, "errors_5xx": seen.errors_5xx,
-                          "p99_s": p99(seen.latencies)}
-    if now is not None:
-        kw["agents"] = int(total(now, "ee_agents"))
-        kw["agents_stale"] = int(total(now, "ee_agents", status="stale"))
-    if now is not None and before is not None:
-        def delta(name: str, **labels: str) -> int:
-            assert now is not None and before is not None
-            return max(0, int(total(now, name, **labels) - total(before, name, **labels)))
-
-        kw["registrations"] = delta("ee_registrations_total")
-        kw["registrations_admitted"] = delta("ee_registrations_total", outcome="admitted")
-        kw["orders_failed_new"] = delta("ee_launch_orders", state="failed")
-        kw["bad_frames_new"] = delta("ee_bad_frames_total")
-    return StackInterval(**kw)
+def _duplicate_identity(raw: list[tuple[bytes, bytes]]) -> str | None:
+    names = [k.lower() for k, _ in raw]
+    for name in IDENTITY_HEADERS:
+        if names.count(name) > 1:
+            return f"more than one {name.decode()} header"
+    return None
 
 
 def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
@@ -691,6 +698,10 @@ def batch_decide(config: d.RolloutConfig, raw: bytes) -> list[list[Any]]:
             raise BadAdminRequest(400, "bad_request", "a key must be valid Unicode") from None
         out.append([choice.stack, choice.bucket])
     return out
+
+
+def _same_shape(a: bytes, b: bytes) -> bool:
+    return bool(_shape_of(a) == _shape_of(b))
 
 
 def _shape_of(body: bytes) -> Any:
