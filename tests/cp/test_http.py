@@ -38,7 +38,8 @@ async def test_auth_and_error_shapes(tmp_path: Path) -> None:
                 tree = (await admin.get("/api/v2/admin/tree")).json()
                 assert [c["name"] for c in tree["children"]] == [
                     "records", "accounts", "billing", "identities", "datacenters", "agents",
-                    "apps", "capacity", "agent-plane", "checkpoint", "secrets", "http"]
+                    "apps", "capacity", "agent-plane", "checkpoint", "secrets", "deploy-metrics",
+                    "http"]
 
 
 async def test_drain_crash_and_tree(tmp_path: Path) -> None:
