@@ -414,7 +414,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
                 del staged[k]
         cp.events.emit("app.deleted", key, {"versions": len(versions),
                                             "deployments": len(deps)})
-        return Response(status=204)
+        return Response(b"", status=204)
 
     async def check_quota(spec: dict[str, Any]) -> None:
         limits = quotas or DEFAULT_QUOTAS
@@ -548,7 +548,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             await cp.apps.terminate_child(f"app/{key}")
             await cp._start_app(key)
         cp.events.emit("app.version_deleted", key, {"version": version})
-        return Response(status=204)
+        return Response(b"", status=204)
 
     # ---- placement and deployments -------------------------------------------------
 
