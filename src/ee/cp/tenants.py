@@ -902,7 +902,7 @@ def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _public_app(view: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in view.items() if k != "app_key"}
+    out = dict(view)
     if "created_at" in out:
         out["created_at"] = rest.rfc3339_field(out["created_at"])
     return out
