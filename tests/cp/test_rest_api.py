@@ -233,6 +233,9 @@ async def test_delete_apps_and_versions_only_when_not_deployed(tmp_path: Path) -
             alice, bob = await two_tenants(env)
             async with alice, bob:
                 await with_app(alice)
+                r = await alice.put("/api/v2/apps/hello/secrets/db_password",
+                                    json={"value": "hunter2"})
+                assert r.status_code == 201, r.text
                 await alice.post("/api/v2/apps/hello/versions",
                                  json={**VERSION, "version": "2.0", "build_context": context()})
                 r = await alice.post("/api/v2/apps/hello/deployments", json={"version": "1.0"})
@@ -262,6 +265,8 @@ async def test_delete_apps_and_versions_only_when_not_deployed(tmp_path: Path) -
                 r = await alice.post("/api/v2/apps", json={"name": "hello"})
                 assert r.status_code == 201 and r.json()["versions"] == []
                 assert r.json()["deployments"] == []
+                r = await alice.get("/api/v2/apps/hello/secrets")
+                assert r.status_code == 200 and "db_password" not in r.text
             nursery.cancel_scope.cancel()
 
 

@@ -35,7 +35,8 @@ in all (then 429 ``staging_full``); a CP restart forgets it.
 
 Deleting. ``DELETE /api/v2/apps/{name}`` and ``DELETE /api/v2/apps/{name}/versions/{v}``
 are refused with 409 ``deployed`` while a deployment that is not ``stopped`` uses the
-app (the version); deleting an app deletes its versions and its stopped deployments.
+app (the version); deleting an app deletes its versions, its stopped deployments and
+its sealed secrets (its secret policy and audit trail stay, under the app key).
 """
 
 from __future__ import annotations
@@ -410,6 +411,13 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             await trio.to_thread.run_sync(forget)
             for d in deps:
                 cp.deployment_index.pop(str(d["deployment_id"]), None)
+            # Its sealed secrets go with it: an app made later under the name is new.
+            vault = cp.secret_vault
+            if vault.available:
+                for info in await vault.infos(key):
+                    await vault.delete(key, info.name)
+                    await vault.audit(key, "deleted", actor=g.account_id, secret=info.name,
+                                      reason="app deleted")
             for k in [k for k in staged if k[:2] == (g.account_id, name)]:
                 del staged[k]
         cp.events.emit("app.deleted", key, {"versions": len(versions),
