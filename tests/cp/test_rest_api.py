@@ -309,6 +309,9 @@ async def test_raw_gzip_build_context(tmp_path: Path) -> None:
                 r = await alice.post("/api/v2/apps/hello/versions", json={
                     **VERSION, "version": "1.1", "build_context": context()})
                 assert r.json()["compose_hash"] == staged["compose_hash"]
+                r = await alice.put("/api/v2/apps/hello/versions/1.0/context", content=raw,
+                                    headers=gz)
+                assert error(r)[:2] == (409, "conflict")  # versions are immutable
                 r = await alice.put("/api/v2/apps/hello/versions/2/context", content=raw,
                                     headers={"Content-Type": "application/json"})
                 assert error(r)[:2] == (415, "unsupported_media_type")

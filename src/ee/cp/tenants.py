@@ -362,7 +362,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             try:
                 out.append(_public_app(await app_ref(name).ask(app_actor.Describe(),
                                                                 timeout=5)))
-            except ApiError:
+            except (ApiError, ActorDead):
                 continue  # deleted meanwhile
         return json_response({"apps": out, "next_cursor": next_cursor})
 
@@ -484,9 +484,13 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @app.put("/api/v2/apps/<name>/versions/<version>/context")
     @tenant
     async def stage_context(name: str, version: str) -> Response:
-        app_ref(name)
+        ref = app_ref(name)
         if not VERSION.match(version):
             raise _bad("the version must match [A-Za-z0-9][A-Za-z0-9._+-]{0,63}", "version")
+        if any(v.get("version") == version
+               for v in await ref.ask(app_actor.ListVersions(), timeout=5)):
+            raise ApiError(409, "conflict", f"version {version!r} exists already (versions "
+                           "are immutable): stage a context for a new version")
         media = (request.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if media not in GZIP_TYPES:
             raise ApiError(415, "unsupported_media_type", "a build context is sent as "
@@ -649,8 +653,11 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         for dep_id in chosen:
             key = cp.deployment_index.get(dep_id)
             if key is not None and f"app/{key}" in cp.registry:
-                view = await cp.registry.ref(f"app/{key}").ask(
-                    app_actor.GetDeployment(dep_id), timeout=5)
+                try:
+                    view = await cp.registry.ref(f"app/{key}").ask(
+                        app_actor.GetDeployment(dep_id), timeout=5)
+                except ActorDead:
+                    continue  # its app was deleted meanwhile
                 if view is not None:
                     out.append(view)
         return json_response({"deployments": out, "next_cursor": next_cursor})
