@@ -351,6 +351,9 @@ async def test_logs_queries_follow_and_attestation(tmp_path: Path) -> None:
                 r = await alice.get(logs, params={"since": "2026-12-01T08:00:00+01:00",
                                                   "service": "web", "tail": 5})
                 assert r.status_code == 200 and r.json()["deployment_id"] == dep
+                r = await alice.get(logs, params={"follow": "true"},
+                                    headers={"Last-Event-ID": "not a time"})
+                assert error(r) == (400, "bad_request", "Last-Event-ID")
                 assert (await bob.get(logs)).status_code == 404
                 assert (await bob.get(logs, params={"follow": "true"})).status_code == 404
 

@@ -273,6 +273,7 @@ async def test_follow_sends_each_line_once_in_order_and_ends_when_stopped(
     assert [e["text"] for k, e in evs if k is None] == ["a", "b", "c", "d"]
     assert evs[-1] == ("end", {"reason": "stopped"})
     assert all(e["agent_id"] == "ag-1" and e["service"] == "web" for k, e in evs if k is None)
+    assert b"id: 2026-12-01T07:00:01.250000000Z\n" in b"".join(got)
 
 
 async def test_follow_honours_since_and_ends_when_the_app_is_gone(

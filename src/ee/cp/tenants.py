@@ -693,6 +693,9 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @tenant
     async def logs(deployment_id: str) -> Response:
         query = _logs_query(request.args)
+        resume = request.headers.get("Last-Event-ID")
+        if query.follow and query.since is None and resume:
+            query = attrs.evolve(query, since=rest.parse_rfc3339(resume, "Last-Event-ID"))
         ref = dep_ref(deployment_id)
         if not query.follow:
             view = await ref.ask(_logs_message(deployment_id, query.tail, query.since,
@@ -814,8 +817,10 @@ def _filter_logs(view: dict[str, Any], since: str | None,
     return {**view, "replicas": replicas}
 
 
-def _sse(event: str | None, data: dict[str, Any]) -> bytes:
+def _sse(event: str | None, data: dict[str, Any], ident: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
+    if ident:
+        head += f"id: {ident}\n"
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
@@ -826,7 +831,10 @@ async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
     at that very instant already sent are skipped); ``event: warning`` when a replica's
     logs cannot be read; a ``: keepalive`` comment when quiet; ``event: end`` with the
     reason (``stopped``, ``gone``, ``max_duration``) last. Lines without a time (an
-    agent that does not send them) are sent on the first poll only."""
+    agent that does not send them) are sent on the first poll only. A line's event
+    ``id`` is its instant, so an ``EventSource`` that reconnects sends it back as
+    ``Last-Event-ID`` and resumes there (``since`` is inclusive: lines of that very
+    instant come again)."""
     try:
         ends = trio.current_time() + FOLLOW_MAX_S
         since, tail = query.since, query.tail
@@ -872,7 +880,8 @@ async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
                     if key is not None:
                         emitted.append((key, ident))
                     out.append(_sse(None, {"at": at, "service": line.get("service"),
-                                           "agent_id": agent_id, "text": line.get("text")}))
+                                           "agent_id": agent_id, "text": line.get("text")},
+                                    ident=_instant_text(key) if key is not None else None))
             if emitted:
                 newest = max(k for k, _ in emitted)
                 if newest != last_key:
