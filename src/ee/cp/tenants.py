@@ -15,9 +15,10 @@ naming it; every instant is RFC 3339 UTC.
 
 Env is write-only. A version's ``env`` values are part of its workload hash (so a
 change of value is a new hash) and are sent to the agents that run it, but no view
-ever shows them: a version answers ``env_names`` (sorted) instead. Put real secrets in
-the app's secrets, not in env: whoever reads the compose hash inputs back cannot get
-them from the API either way.
+ever shows them: a version answers ``env_names`` (sorted) instead. The values are still
+kept in the CP's signed manifests and sent with every deploy; real secrets belong in
+the app's sealed secrets (released only to attested replicas), whose values are in no
+hash and no view.
 
 Workload hash. A version's ``compose_hash`` (the field keeps its name) is
 ``ee.protocol.compose.workload_hash`` of its compose document, build context, env
