@@ -32,6 +32,7 @@ counts their responses (``KNOWN_BUGS``, empty today) instead of failing on them.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections import Counter
@@ -51,6 +52,7 @@ from test_tenants import context
 from ee.agent.config import AgentConfig
 from ee.agent.platform import shared_sim_dir
 from ee.agent.server import Agent
+from ee.cp import tenants
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -63,6 +65,9 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 from schemathesis.core.failures import Failure, FailureGroup  # noqa: E402
+
+# A raw build context (PUT .../context) goes as bytes, as application/octet-stream would.
+schemathesis.serializer.alias("application/gzip", "application/octet-stream")
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +177,15 @@ class Conformance:
                     f"{response.headers.get('content-type')} {response.text[:400]}")
 
     def call(self, label: str, *, path: Mapping[str, str] | None = None, body: Any = None,
-             query: Mapping[str, Any] | None = None, expect: int | None = None
+             query: Mapping[str, Any] | None = None, expect: int | None = None,
+             media_type: str = "application/json", headers: Mapping[str, str] | None = None
              ) -> requests.Response:
         """One scripted request, checked like a generated one."""
         kwargs: dict[str, Any] = {}
         if body is not None:
-            kwargs.update(body=body, media_type="application/json")
+            kwargs.update(body=body, media_type=media_type)
+        if headers:
+            kwargs.update(headers=dict(headers))
         case = self.schema.make_case(operation=self.ops[label], path_parameters=dict(path or {}),
                                      query=dict(query or {}), **kwargs)
         response = self.send(case)
@@ -285,6 +293,37 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(versions, path=app, body={**version, "version": "3", "build_context": "!!"},
            expect=400)
     c.call("GET /api/v2/apps/{name}/versions", path=app, expect=200)
+    one = {**app, "version": "1.0"}
+    c.call("GET /api/v2/apps/{name}/versions/{version}", path=one, expect=200)
+    c.call("GET /api/v2/apps/{name}/versions/{version}", path={**app, "version": "9.9"},
+           expect=404)
+    staged = {**app, "version": "5"}
+    stage = "PUT /api/v2/apps/{name}/versions/{version}/context"
+    c.call(stage, path=staged, body=base64.b64decode(context()),
+           media_type="application/gzip", expect=201)
+    c.call(stage, path=staged, body=b"not a tar.gz", media_type="application/gzip",
+           expect=400)
+    c.call(versions, path=app, expect=201, body={
+        "version": "5", "compose": COMPOSE, "expose_port": 8080, "build_context_staged": True})
+    c.call(versions, path=app, expect=409, body={
+        "version": "6", "compose": COMPOSE, "expose_port": 8080, "build_context_staged": True})
+    c.call(versions, path=app, body={**version, "version": "7", "colour": "blue"}, expect=400)
+    c.call("DELETE /api/v2/apps/{name}/versions/{version}", path=staged, expect=204)
+    c.call("DELETE /api/v2/apps/{name}/versions/{version}", path=staged, expect=404)
+    page = c.call("GET /api/v2/apps/{name}/versions", path=app, query={"limit": 1},
+                  expect=200).json()
+    c.call("GET /api/v2/apps/{name}/versions", path=app,
+           query={"limit": 1, "cursor": page["next_cursor"]}, expect=200)
+    c.call("GET /api/v2/apps", query={"cursor": page["next_cursor"]}, expect=400)
+    c.call("POST /api/v2/apps", body={"name": "keyed"}, headers={"Idempotency-Key": "k-1"},
+           expect=201)
+    c.call("POST /api/v2/apps", body={"name": "keyed"}, headers={"Idempotency-Key": "k-1"},
+           expect=201)
+    c.call("POST /api/v2/apps", body={"name": "other"}, headers={"Idempotency-Key": "k-1"},
+           expect=409)
+    c.call("DELETE /api/v2/apps/{name}", path={"name": "keyed"}, expect=204)
+    c.call("DELETE /api/v2/apps/{name}", path={"name": "keyed"}, expect=404)
+    c.call("GET /api/v2/apps", query={"limit": 1}, expect=200)
     secret = {**app, "secret": "db_password"}
     put_secret = "PUT /api/v2/apps/{name}/secrets/{secret}"
     c.call(put_secret, path=secret, body={"value": "v"}, expect=201)
@@ -310,12 +349,23 @@ def scenario(c: Conformance) -> dict[str, str]:
                                    expect=202).json()["deployment_id"]}
     c.call(deploy, path=app, body={**placement, "replicas": 2}, expect=409)  # one agent, busy
     c.call("GET /api/v2/deployments", expect=200)
+    c.call("GET /api/v2/deployments", query={"app": "hello", "limit": 5}, expect=200)
+    c.call("DELETE /api/v2/apps/{name}/versions/{version}", path=one, expect=409)
+    c.call("DELETE /api/v2/apps/{name}", path=app, expect=409)
+    attestation = "GET /api/v2/deployments/{deployment_id}/attestation"
+    c.call(attestation, path=dep, expect=200)
+    c.call(attestation, path={"deployment_id": "dep-0"}, expect=404)
     c.call("GET /api/v2/deployments/{deployment_id}", path=dep, expect=200)
     c.call("GET /api/v2/deployments/{deployment_id}", path={"deployment_id": "dep-0"},
            expect=404)
     logs = "GET /api/v2/deployments/{deployment_id}/logs"
     c.call(logs, path=dep, query={"tail": 10}, expect=200)
     c.call(logs, path=dep, query={"tail": 0}, expect=400)
+    c.call(logs, path=dep, query={"since": "2026-12-01T00:00:00Z", "service": "web"},
+           expect=200)
+    c.call(logs, path=dep, query={"since": "yesterday"}, expect=400)
+    streamed = c.call(logs, path=dep, query={"follow": "true"}, expect=200)
+    assert "event: end" in streamed.text
     c.call("GET /api/v2/agents", query={"status": "gone"}, expect=400)
 
     pool = {"datacenter": "local:dev", "node_size": "standard"}
@@ -338,6 +388,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call(f"{orders}/fulfil", path={"order_id": "lo-0"}, body={"vm_name": "v"}, expect=404)
     c.call("GET /api/v2/capacity/launch-orders", expect=200)
     account = {"account_id": c.call("GET /api/v2/accounts/me", expect=200).json()["account_id"]}
+    c.call("GET /api/v2/accounts/{account_id}", path=account, expect=200)
     credit = {"amount_minor": 2500, "currency": "USD", "reason": "fuzz",
               "idempotency_key": "fuzz-1"}
     credits = "POST /api/v2/admin/accounts/{account_id}/credits"
@@ -361,7 +412,7 @@ def scenario(c: Conformance) -> dict[str, str]:
     c.call("POST /api/v2/billing/payments", body={"event_id": "e", "account_id": "a",
                                                 "amount_minor": 1, "currency": "USD"},
            expect=404)
-    return {**account, "txn_id": str(txn["txn_id"]), **agent, **vm, **app, **dep, **pool,
+    return {**account, "txn_id": str(txn["txn_id"]), **agent, **vm, **one, **dep, **pool,
             **order, **release, "secret": "db_password"}
 
 
@@ -375,8 +426,11 @@ def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:
     return c
 
 
-async def test_control_plane_conforms_to_its_openapi_document(tmp_path: Path) -> None:
-    with trio.fail_after(240):
+async def test_control_plane_conforms_to_its_openapi_document(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Followed logs end after a second (not 15 minutes), so fuzzed follows finish.
+    monkeypatch.setattr(tenants, "FOLLOW_MAX_S", 1.0)
+    with trio.fail_after(300):
         async with running_cp(tmp_path / "cp") as env, trio.open_nursery() as nursery:
             await nursery.start(env.agent("vm-1").run)
             c = await trio.to_thread.run_sync(check_cp, env.http, env.token, EXAMPLES)
@@ -432,7 +486,12 @@ async def test_documents_are_valid_openapi() -> None:
         cp = await trio.to_thread.run_sync(_labels, CP_SPEC)
         agent = await trio.to_thread.run_sync(_labels, AGENT_SPEC)
     assert {"GET /api/v2/health", "POST /api/v2/apps/{name}/deployments",
-            "DELETE /api/v2/deployments/{deployment_id}"} <= cp
+            "DELETE /api/v2/deployments/{deployment_id}", "DELETE /api/v2/apps/{name}",
+            "GET /api/v2/apps/{name}/versions/{version}",
+            "DELETE /api/v2/apps/{name}/versions/{version}",
+            "PUT /api/v2/apps/{name}/versions/{version}/context",
+            "GET /api/v2/deployments/{deployment_id}/attestation",
+            "GET /api/v2/accounts/{account_id}"} <= cp
     assert agent == {"GET /.ee/health", "GET /.ee/state-snapshot", "GET /.ee/logs",
                      "GET /.ee/stats", "GET /.ee/control/challenge"}
 

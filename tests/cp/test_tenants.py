@@ -14,7 +14,7 @@ import trio
 from cpkit import RunningCp, free_port, running_cp
 from test_sessions import FAST, wait_until
 
-from ee.protocol.compose import compose_hash
+from ee.protocol.compose import validate_build_context, validate_compose, workload_hash
 
 COMPOSE = "services:\n  web:\n    build: .\n    init: true\n"
 
@@ -27,6 +27,16 @@ def context() -> str:
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def workload_of(compose: str, ctx: bytes | None, *, port: int, service: str = "web",
+                health: str = "/", env: dict[str, str] | None = None,
+                secret_names: tuple[str, ...] = ()) -> str:
+    """The workload hash a version with these fields must get (the documented formula)."""
+    return workload_hash(validate_compose(compose),
+                         None if ctx is None else validate_build_context(ctx),
+                         env=env or {}, expose_port=port, expose_service=service,
+                         health_path=health, secret_names=secret_names)
 
 
 async def tenant(env: RunningCp, name: str) -> httpx.AsyncClient:
@@ -45,7 +55,8 @@ async def setup_app(http: httpx.AsyncClient, name: str = "hello") -> dict[str, A
         "version": "1.0", "compose": COMPOSE, "build_context": ctx, "expose_port": 8080,
         "health_path": "/health"})
     assert r.status_code == 201, r.text
-    assert r.json()["compose_hash"] == compose_hash(COMPOSE, base64.b64decode(ctx))
+    assert r.json()["compose_hash"] == workload_of(COMPOSE, base64.b64decode(ctx), port=8080,
+                                                   health="/health")
     return dict(r.json())
 
 
@@ -86,7 +97,7 @@ async def test_accounts_keys_and_isolation(tmp_path: Path) -> None:
                 assert (await prov.get("/api/v2/apps")).status_code == 403
                 await setup_app(alice)
                 assert (await bob.get("/api/v2/apps/hello")).status_code == 404
-                assert (await bob.get("/api/v2/apps")).json() == {"apps": []}
+                assert (await bob.get("/api/v2/apps")).json() == {"apps": [], "next_cursor": None}
                 me = (await alice.get("/api/v2/accounts/me")).json()
                 assert me["name"] == "alice" and me["balance"] == 0
                 old = alice.headers["Authorization"]

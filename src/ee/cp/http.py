@@ -61,6 +61,7 @@ from ee.cp.errors import (
     who_may_call,
 )
 from ee.cp.metrics import count_http
+from ee.cp.rest import RestError
 from ee.placement.core import STATUSES
 from ee.runtime import ActorError
 
@@ -172,6 +173,11 @@ def make_app(cp: ControlPlane) -> QuartTrio:
     @app.errorhandler(ApiError)
     async def api_error(exc: ApiError) -> Response:
         return exc.response()
+
+    @app.errorhandler(RestError)
+    async def rest_error(exc: RestError) -> Response:
+        return ApiError(400, exc.code, exc.message,
+                        {"field": exc.field} if exc.field else {}).response()
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

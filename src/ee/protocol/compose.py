@@ -4,7 +4,7 @@ A tenant's app version is a Docker Compose document plus an optional build conte
 (a gzip-compressed tar). The CP validates and hashes both at upload; the agent
 validates and hashes them again before it runs anything, and reports the hash with
 every deployment (and binds it into attested health quotes). Both sides call
-:func:`compose_hash` from this module, so they agree byte for byte.
+:func:`workload_hash` from this module, so they agree byte for byte.
 
 Compose document
 ----------------
@@ -54,6 +54,30 @@ Only the member tree counts: compression level, gzip header, tar format, member 
 mtimes and owners do not, so re-compressing the same tree gives the same hash, while
 any change to the compose document (other than formatting, comments and key order),
 to a file's bytes, name or mode, or to a link, changes it.
+
+Workload hash (what is attested)
+--------------------------------
+The compose hash covers the files; a workload is more than its files. The hash an app
+version gets (``compose_hash`` in the API, for continuity), the one the agent reports
+with every deployment and binds into attested health quotes, is::
+
+    workload_hash = H(canonical_json({
+        "kind": "ee/v2/workload-hash/1",
+        "compose_hash": compose_hash,          # as above
+        "env": {NAME: VALUE, ...},             # the version's env, names and values
+        "expose_port": N,                      # the container port the agent exposes
+        "expose_service": S,                   # the compose service it belongs to
+        "health_path": P,                      # the path the health check fetches
+        "secret_names": [NAME, ...],           # the secrets the version receives,
+    }))                                        # sorted, unique (names only)
+
+So changing an env value, the exposed port or service, the health path, or which
+secrets a version receives gives another hash; a secret's *value* (released after the
+replica attests, and rotated) does not. Env values are in the hash but write-only in
+the API (a version shows ``env_names``): a verifier who knows them (the tenant) can
+recompute the hash, nobody can read them back. To recompute it from a directory, hash
+the compose file and the build context as above, then the object above with the
+version's fields (the tenant CLI's ``eectl compose-hash`` does so).
 """
 
 from __future__ import annotations
