@@ -782,15 +782,9 @@ def _logs_query(args: Any) -> LogsQuery:
 
 def _logs_message(deployment_id: str, tail: int, since: str | None,
                   service: str | None) -> app_actor.DeploymentLogs:
-    """The app actor's logs request; ``since``/``service`` go along once the actor
-    takes them (they are applied here again either way: ``_filter_logs``)."""
-    fields = attrs.fields_dict(app_actor.DeploymentLogs)
-    extra: dict[str, Any] = {}
-    if "since" in fields:
-        extra["since"] = since
-    if "service" in fields:
-        extra["service"] = service
-    return app_actor.DeploymentLogs(deployment_id, tail, **extra)
+    """The app actor's logs request (the agents filter by ``since``/``service``; the
+    answer is filtered here again: ``_filter_logs``, since an agent may not)."""
+    return app_actor.DeploymentLogs(deployment_id, tail, since=since, service=service)
 
 
 def _filter_logs(view: dict[str, Any], since: str | None,
