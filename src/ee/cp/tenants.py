@@ -748,6 +748,7 @@ def _replica_attestation(replica: dict[str, Any], record: AgentRecord | None
             "verified_at": rest.rfc3339(ident.verified_at) if ident else None,
             "violations": list(ident.violations) if ident else [],
         },
+        "vm_name": ident.vm_name if ident else None,
         "datacenter": ident.datacenter if ident else None,
         "node_size": ident.node_size if ident else None,
     }
