@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tools" / "loadgen"))
 from run import cpu_seconds, hold  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+READY_WAIT_S = 240.0  # reported as not ready (inf) beyond this
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -189,6 +190,8 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         rss = rss_kib(cp.proc.pid)
         p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
         _, _, count_before = quantiles(before, "ee_heartbeat_handling_seconds")
+        print(f"    (held: CP RSS {rss / 1024:.0f} MiB = {(rss - base_rss) / n:.1f} KiB/agent; "
+              f"heartbeat p99 {p99 * 1000:.2f} ms; now kill -9 and restart)", flush=True)
         if tracemalloc is not None:
             cp.proc.send_signal(signal.SIGUSR1)
             for _ in range(1200):  # the report takes a while at 10,000 agents
@@ -203,8 +206,19 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         t_restart = await trio.to_thread.run_sync(cp.start)
         up_s = time.perf_counter() - t_restart  # process start to HTTP health
         spying = py_spy(cp.proc.pid, spy / "restart.txt") if spy else None
-        await wait_http(cp, "/api/v2/ready")
-        ready_s = time.perf_counter() - t_restart
+
+        async def progress() -> None:
+            while True:
+                await trio.sleep(5)
+                print(f"    ... {time.perf_counter() - t_restart:.0f}s after the restart: "
+                      f"{sum(a.ws is not None for a in agents)} sim agents connected, "
+                      f"{sum(a.sessions > 1 for a in agents)} registered again", flush=True)
+
+        nursery.start_soon(progress)
+        ready_s = float("inf")
+        with trio.move_on_after(READY_WAIT_S):
+            await wait_http(cp, "/api/v2/ready")
+            ready_s = time.perf_counter() - t_restart
         stop_py_spy(spying)
         nursery.cancel_scope.cancel()
     cp.stop()
