@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -61,8 +62,12 @@ async def serving(echo: Echo, connect_timeout: float = 5) -> AsyncIterator[int]:
         nursery.cancel_scope.cancel()
 
 
+def connect(port: int) -> Any:
+    return trio_websocket.open_websocket("127.0.0.1", port, "/ws", use_ssl=False)
+
+
 async def still_serving(port: int) -> None:
-    async with trio_websocket.open_websocket("127.0.0.1", port, "/ws", use_ssl=False) as ws:
+    async with connect(port) as ws:
         await ws.send_message("still here")
         assert await ws.get_message() == "still here"
 
@@ -71,8 +76,7 @@ async def test_messages_pings_and_a_normal_close() -> None:
     echo = Echo()
     with trio.fail_after(20):
         async with serving(echo) as port:
-            async with trio_websocket.open_websocket("127.0.0.1", port, "/ws",
-                                                     use_ssl=False) as ws:
+            async with connect(port) as ws:
                 for message in ("hello", b"\x00\x01bytes", "x" * LIMIT):
                     await ws.send_message(message)
                     assert await ws.get_message() == message
@@ -85,8 +89,7 @@ async def test_an_oversized_message_is_closed_1009_before_it_is_buffered() -> No
     echo = Echo()
     with trio.fail_after(20):
         async with serving(echo) as port:
-            async with trio_websocket.open_websocket("127.0.0.1", port, "/ws",
-                                                     use_ssl=False) as ws:
+            async with connect(port) as ws:
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                     await ws.send_message("y" * (LIMIT * 64))
                     await ws.get_message()
@@ -165,12 +168,10 @@ async def test_a_handler_fault_ends_only_its_connection() -> None:
     echo = Echo()
     with trio.fail_after(20):
         async with serving(echo) as port:
-            async with trio_websocket.open_websocket("127.0.0.1", port, "/ws",
-                                                     use_ssl=False) as bystander:
+            async with connect(port) as bystander:
                 for _ in range(3):
                     with pytest.raises(trio_websocket.ConnectionClosed):
-                        async with trio_websocket.open_websocket(
-                                "127.0.0.1", port, "/ws", use_ssl=False) as ws:
+                        async with connect(port) as ws:
                             await ws.send_message("boom")
                             await ws.get_message()
                 await bystander.send_message("ok")
@@ -182,8 +183,7 @@ async def test_a_close_from_another_task_reaches_the_peer_with_its_code() -> Non
     echo = Echo()
     with trio.fail_after(20):
         async with serving(echo) as port:
-            async with trio_websocket.open_websocket("127.0.0.1", port, "/ws",
-                                                     use_ssl=False) as ws:
+            async with connect(port) as ws:
                 await ws.send_message("hi")
                 assert await ws.get_message() == "hi"
                 server_side = echo.sockets[0]
