@@ -87,7 +87,7 @@ class SimAgent:
     # are short for tests (the benchmark passes the agent's).
     reconnect_base_s: float = 0.1
     reconnect_cap_s: float = 1.0
-    connect_timeout_s: float = 10.0
+    connect_timeout_s: float = 60.0  # trio-websocket's default (the first attempt raises)
     handshake_timeout_s: float = 60.0  # challenge -> registered | rejected
     jitter: Callable[[], float] = random.random
 
