@@ -21,6 +21,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,6 +223,7 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         stop_py_spy(spying)
         nursery.cancel_scope.cancel()
     cp.stop()
+    shutil.rmtree(tmp, ignore_errors=True)  # the CP's records and manifests, the sim TD
     print(f"agents={n:>6}  held={joined}  join={join_s:.1f}s  "
           f"heartbeats handled in window={count - count_before} "
           f"({(count - count_before) / hold_s:.0f}/s)")
