@@ -6,6 +6,12 @@ from the CP's own histogram), CP RSS per agent, CP and loadgen CPU during steady
 restart of the CP (agents reconnect on their own).
 
     python tools/bench/agents.py --agents 1000 10000 [--heartbeat 10] [--hold 30]
+
+Profiling (figures of a profiled run are not the benchmark's): ``--tracemalloc OUT``
+runs the CP under tools/bench/cp_traced.py and writes where its memory lives after the
+hold; ``--py-spy DIR`` records the CP with py-spy (PyPI) while the agents join and
+again from the restart to readiness (``join.txt``, ``restart.txt``: collapsed stacks).
+The sim agents reconnect with the real agent's jittered backoff (tools/loadgen/run.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tools" / "loadgen"))
 from run import cpu_seconds, hold  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+READY_WAIT_S = 240.0  # reported as not ready (inf) beyond this
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -76,9 +84,11 @@ def quantiles(metrics: str, name: str) -> tuple[float, float, int]:
 
 
 class Cp:
-    def __init__(self, data: Path, env: dict[str, str], heartbeat: float) -> None:
+    def __init__(self, data: Path, env: dict[str, str], heartbeat: float,
+                 tracemalloc: Path | None = None) -> None:
         self.data = data
         self.env = env
+        self.tracemalloc = tracemalloc
         self.http_port = free_port()
         self.agent_port = free_port()
         config = data.parent / "cp.json"
@@ -101,8 +111,10 @@ class Cp:
 
     def start(self) -> float:
         t0 = time.perf_counter()
+        runner = (["-m", "ee.cp.server"] if self.tracemalloc is None else
+                  [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc), "--"])
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ee.cp.server", "--dev", "--config", str(self.config),
+            [sys.executable, *runner, "--dev", "--config", str(self.config),
              "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.http_port}",
              "--agent-listen", f"127.0.0.1:{self.agent_port}", "--log-level", "WARNING"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -135,21 +147,36 @@ async def wait_http(cp: Cp, path: str, ok: int = 200) -> None:
             await trio.sleep(0.1)
 
 
-async def bench(n: int, heartbeat: float, hold_s: float) -> None:
+def py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--format", "raw",
+                             "--rate", "100", "--nonblocking", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+
+
+async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | None = None,
+                spy: Path | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ee-bench-"))
     env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
     os.environ["EE_SIM_DIR"] = env["EE_SIM_DIR"]
-    cp = Cp(tmp / "cp", env, heartbeat)
+    cp = Cp(tmp / "cp", env, heartbeat, tracemalloc)
     cp.start()
     assert cp.proc is not None
     base_rss = rss_kib(cp.proc.pid)
     async with trio.open_nursery() as nursery:
+        spying = py_spy(cp.proc.pid, spy / "join.txt") if spy else None
         t0 = time.perf_counter()
         agents = await nursery.start(lambda task_status: hold(
             cp.url, n, prefix="bench", concurrency=256, datacenters=4, hold_s=None,
             task_status=task_status))
         joined = sum(1 for a in agents if a.registered)
         join_s = time.perf_counter() - t0
+        stop_py_spy(spying)
         await trio.sleep(heartbeat * 2)  # settle: every agent heartbeats at least once
         before = await _metrics(cp)
         c_cp0, c_lg0, w0 = proc_cpu(cp.proc.pid), cpu_seconds(), time.perf_counter()
@@ -164,26 +191,52 @@ async def bench(n: int, heartbeat: float, hold_s: float) -> None:
         rss = rss_kib(cp.proc.pid)
         p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
         _, _, count_before = quantiles(before, "ee_heartbeat_handling_seconds")
+        print(f"    (held: CP RSS {rss / 1024:.0f} MiB = {(rss - base_rss) / n:.1f} KiB/agent; "
+              f"heartbeat p99 {p99 * 1000:.2f} ms; now kill -9 and restart)", flush=True)
+        if tracemalloc is not None:
+            cp.proc.send_signal(signal.SIGUSR1)
+            for _ in range(1200):  # the report takes a while at 10,000 agents
+                if await trio.to_thread.run_sync(tracemalloc.exists):
+                    break
+                await trio.sleep(0.5)
         await trio.sleep(6)  # let a checkpoint with all agents land
         cp.kill()
-        t_restart = cp.start()
-        await wait_http(cp, "/api/v2/ready")
-        ready_s = time.perf_counter() - t_restart
+        cp.tracemalloc = None
+        # In a thread: the sim agents (this process) keep their own timers meanwhile;
+        # a blocked loop would fire every expired backoff at once when it returns.
+        t_restart = await trio.to_thread.run_sync(cp.start)
+        up_s = time.perf_counter() - t_restart  # process start to HTTP health
+        spying = py_spy(cp.proc.pid, spy / "restart.txt") if spy else None
+
+        async def progress() -> None:
+            while True:
+                await trio.sleep(5)
+                print(f"    ... {time.perf_counter() - t_restart:.0f}s after the restart: "
+                      f"{sum(a.ws is not None for a in agents)} sim agents connected, "
+                      f"{sum(a.sessions > 1 for a in agents)} registered again", flush=True)
+
+        nursery.start_soon(progress)
+        ready_s = float("inf")
+        with trio.move_on_after(READY_WAIT_S):
+            await wait_http(cp, "/api/v2/ready")
+            ready_s = time.perf_counter() - t_restart
+        stop_py_spy(spying)
         nursery.cancel_scope.cancel()
     cp.stop()
+    shutil.rmtree(tmp, ignore_errors=True)  # the CP's records and manifests, the sim TD
     print(f"agents={n:>6}  held={joined}  join={join_s:.1f}s  "
           f"heartbeats handled in window={count - count_before} "
           f"({(count - count_before) / hold_s:.0f}/s)")
     print(f"    heartbeat handling p50={p50 * 1000:.2f} ms  p99={p99 * 1000:.2f} ms "
           f"(goal p99 < 50 ms)")
     print(f"    CP RSS {rss / 1024:.0f} MiB  = {(rss - base_rss) / n:.1f} KiB/agent over "
-          f"an idle CP of {base_rss / 1024:.0f} MiB (goal < 25 KB/agent)")
+          f"an idle CP of {base_rss / 1024:.0f} MiB (goal <= 30 KiB/agent)")
     handled = max(1, count - count_before)
     print(f"    steady-state CPU: CP {cp_cpu:.0f}%  loadgen {lg_cpu:.0f}% of one core; "
           f"CP CPU per heartbeat {cp_cpu_s / handled * 1000:.3f} ms; host load average "
           f"{load:.1f} on {os.cpu_count()} cores (shared machine)")
     print(f"    time-to-ready after kill -9 + restart: {ready_s:.1f}s "
-          f"(quorum 95% of checkpointed agents)")
+          f"(quorum 95% of checkpointed agents; the CP answered health after {up_s:.1f}s)")
 
 
 async def _metrics(cp: Cp) -> str:
@@ -196,12 +249,18 @@ def main() -> None:
     p.add_argument("--agents", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--heartbeat", type=float, default=10.0)
     p.add_argument("--hold", type=float, default=30.0)
+    p.add_argument("--tracemalloc", type=Path, help="write the CP's memory profile here")
+    p.add_argument("--py-spy", type=Path, help="directory for py-spy profiles of the CP")
     args = p.parse_args()
+    if args.tracemalloc is not None:
+        args.tracemalloc.unlink(missing_ok=True)
+    if args.py_spy is not None:
+        args.py_spy.mkdir(parents=True, exist_ok=True)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"open files limit {hard}")
     for n in args.agents:
-        trio.run(bench, n, args.heartbeat, args.hold)
+        trio.run(bench, n, args.heartbeat, args.hold, args.tracemalloc, args.py_spy)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Hold N simulated agents against a CP: ``python tools/loadgen/run.py --cp ws://… -n 1000``.
 
 Each agent is one websocket and two small tasks (reader, heartbeat); registration quotes
-come from the sim TD at $EE_SIM_DIR (the same chain the dev CP trusts). Prints progress
-and the loadgen's own CPU use so a run can show the generator was not the bottleneck.
+come from the sim TD at $EE_SIM_DIR (the same chain the dev CP trusts). They reconnect
+with the real agent's jittered backoff (``ee.agent.backoff``, its default base and cap).
+Prints progress and the loadgen's own CPU use so a run can show the generator was not
+the bottleneck.
 """
 
 from __future__ import annotations
@@ -14,13 +16,20 @@ import sys
 import time
 from pathlib import Path
 
+import attrs
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from simagent import SimAgent
 
+from ee.agent.config import AgentConfig
 from ee.attestation.providers.sim import SimTD, shared_sim_dir
+
+#: The real agent's reconnect backoff (base, cap), which the sim agents use here.
+AGENT_BACKOFF: tuple[float, float] = (
+    attrs.fields(AgentConfig).reconnect_backoff_base_s.default,
+    attrs.fields(AgentConfig).reconnect_backoff_max_s.default)
 
 
 def cpu_seconds() -> float:
@@ -29,11 +38,14 @@ def cpu_seconds() -> float:
 
 
 async def hold(url: str, n: int, *, prefix: str, concurrency: int, datacenters: int,
-               hold_s: float | None, task_status: trio.TaskStatus[list[SimAgent]]
-               = trio.TASK_STATUS_IGNORED) -> None:
+               hold_s: float | None, reconnect_base_s: float = AGENT_BACKOFF[0],
+               reconnect_cap_s: float = AGENT_BACKOFF[1],
+               task_status: trio.TaskStatus[list[SimAgent]] = trio.TASK_STATUS_IGNORED) -> None:
     td = SimTD.load(shared_sim_dir())
     agents = [SimAgent(url=url, td=td, vm_name=f"{prefix}-{i:05d}",
-                       datacenter=f"load:z{i % datacenters}") for i in range(n)]
+                       datacenter=f"load:z{i % datacenters}",
+                       reconnect_base_s=reconnect_base_s, reconnect_cap_s=reconnect_cap_s)
+              for i in range(n)]
     limiter = trio.CapacityLimiter(concurrency)
     async with trio.open_nursery() as nursery:
 

@@ -8,6 +8,7 @@ and ``stats`` requests. Many run in one process (tools/loadgen/run.py).
 
 from __future__ import annotations
 
+import random
 import secrets
 import ssl
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import trio_websocket
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from ee.agent.backoff import backoff_delay
 from ee.attestation.providers.sim import SimTD
 from ee.protocol import decode_message, encode_message, registration_report_data
 from ee.protocol.compose import (
@@ -84,6 +86,15 @@ class SimAgent:
     bootstrap_token: str | None = None  # a launch order's token, for VMs a provisioner made
     ssl_context: ssl.SSLContext | None = None  # for wss:// agent planes
     ws: trio_websocket.WebSocketConnection | None = None
+    # Reconnects (run_forever) as the real agent's session loop does them: bounded
+    # exponential backoff with equal jitter (ee.agent.backoff), so a fleet that lost its
+    # CP at once does not come back at once. The agent's defaults are 1 s and 60 s; these
+    # are short for tests (the benchmark passes the agent's).
+    reconnect_base_s: float = 0.1
+    reconnect_cap_s: float = 1.0
+    connect_timeout_s: float = 60.0  # trio-websocket's default (the first attempt raises)
+    handshake_timeout_s: float = 60.0  # challenge -> registered | rejected
+    jitter: Callable[[], float] = random.random
 
     @property
     def public_key(self) -> bytes:
@@ -119,43 +130,61 @@ class SimAgent:
     async def run(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Connect, register, then serve the session until it closes."""
-        async with trio_websocket.open_websocket_url(
-                self.url, ssl_context=self.ssl_context,
-                extra_headers=[(b"x-ee-agent", self.vm_name.encode())]
-                if self.route_header else []) as ws:
-            self.ws = ws
-            try:
-                _, challenge = await self.receive()
-                assert isinstance(challenge, Challenge), challenge
-                await self.send(self.register_message(challenge.nonce))
-                _, answer = await self.receive()
-                if isinstance(answer, Rejected):
-                    self.rejected = answer
+        # The close is bounded: trio-websocket's context exit (close handshake, joining
+        # its reader) must not keep an agent from its next attempt (seen at 10,000 agents
+        # after a CP kill: 1,791 sessions stuck in CLOSE-WAIT).
+        with trio.CancelScope() as closing:
+            async with trio_websocket.open_websocket_url(
+                    self.url, ssl_context=self.ssl_context, connect_timeout=self.connect_timeout_s,
+                    extra_headers=[(b"x-ee-agent", self.vm_name.encode())]
+                    if self.route_header else []) as ws:
+                self.ws = ws
+                try:
+                    # Bounded like the real agent's handshake: a CP too busy to answer within
+                    # it (or an exchange stuck anywhere) is a failed attempt, then a backoff.
+                    answer: Message | None = None
+                    with trio.move_on_after(self.handshake_timeout_s):
+                        _, challenge = await self.receive()
+                        assert isinstance(challenge, Challenge), challenge
+                        await self.send(self.register_message(challenge.nonce))
+                        _, answer = await self.receive()
+                    if answer is None:
+                        if self.registered is None and self.rejected is None:
+                            task_status.started(self)
+                        return
+                    if isinstance(answer, Rejected):
+                        self.rejected = answer
+                        task_status.started(self)
+                        with trio.move_on_after(5):
+                            await ws.get_message()  # until the CP closes
+                        return
+                    assert isinstance(answer, Registered), answer
+                    self.registered = answer
+                    self.agent_id = answer.agent_id
+                    self.sessions += 1
                     task_status.started(self)
-                    await ws.get_message()  # until the CP closes
-                    return
-                assert isinstance(answer, Registered), answer
-                self.registered = answer
-                self.agent_id = answer.agent_id
-                self.sessions += 1
-                task_status.started(self)
-                async with trio.open_nursery() as nursery:
-                    if self.heartbeats:
-                        nursery.start_soon(self._heartbeat, answer.heartbeat_interval_s)
-                    await self._serve()
-                    nursery.cancel_scope.cancel()
-            except trio_websocket.ConnectionClosed as exc:
-                self.closed_code = exc.reason.code if exc.reason else None
-                if self.registered is None and self.rejected is None:
-                    task_status.started(self)
-            finally:
-                self.ws = None
+                    async with trio.open_nursery() as nursery:
+                        if self.heartbeats:
+                            nursery.start_soon(self._heartbeat, answer.heartbeat_interval_s)
+                        await self._serve()
+                        nursery.cancel_scope.cancel()
+                except trio_websocket.ConnectionClosed as exc:
+                    self.closed_code = exc.reason.code if exc.reason else None
+                    if self.registered is None and self.rejected is None:
+                        task_status.started(self)
+                finally:
+                    self.ws = None
+                    closing.deadline = trio.current_time() + 5
 
     async def run_forever(self, *, task_status: trio.TaskStatus[SimAgent] = trio.TASK_STATUS_IGNORED
                           ) -> None:
-        """Like an agent: reconnect (after the CP's ``reconnect.after_s``, else 0.1 s)."""
+        """Like an agent: reconnect after the CP's ``reconnect.after_s`` (plus jitter up to
+        one base delay), else after the jittered backoff of ``ee.agent.backoff``: attempt 1
+        after a registered session, one more doubling per consecutive failure."""
         first = True
+        failures = 0
         while True:
+            sessions = self.sessions
             try:
                 if first:
                     await self.run(task_status=task_status)
@@ -165,9 +194,14 @@ class SimAgent:
             except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed):
                 if first:
                     raise
-            delay = self.reconnect.after_s if self.reconnect is not None else 0.1
+            failures = 0 if self.sessions > sessions else failures + 1
+            if self.reconnect is not None:
+                delay = self.reconnect.after_s + self.jitter() * self.reconnect_base_s
+            else:
+                delay = backoff_delay(max(1, failures), self.reconnect_base_s,
+                                      self.reconnect_cap_s, self.jitter())
             self.reconnect = None
-            await trio.sleep(min(delay, 1.0))
+            await trio.sleep(delay)
 
     async def _deploy(self, msg: Deploy) -> None:
         # the hash a real agent reports (ee.agent.workload): the workload hash

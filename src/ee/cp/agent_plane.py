@@ -1,4 +1,4 @@
-"""The agent plane: one trio-websocket listener for every agent session.
+"""The agent plane: one websocket listener (``ee.cp.plane_ws``) for every agent session.
 
 Each connection runs challenge → register → registered | rejected, then a reader loop
 that hands frames to the agent's actor with a *non-blocking* send: a slow or flooding
@@ -8,7 +8,13 @@ of the ``Session``; every other frame type the agent may send is routed by type.
 
 Bad input gets an ``error`` frame naming the problem; the third bad frame on one
 connection closes it with 1008 (policy) or, for oversized frames, 1009. Frames larger
-than twice the limit are cut by trio-websocket itself (1009) without being buffered.
+than twice the limit are cut by the websocket layer itself (1009) without being buffered.
+
+Footprint: a connection is one task (``plane_ws``: no reader task, no channel, no
+per-connection nursery) that runs the handshake, registration and then the read loop;
+what registration needed (the ``register`` frame with its quote, the admission) is
+dropped before the read loop, so an idle session holds its socket, its codec and a
+``Session``.
 
 Registration is decided by ``registration.Judge`` in a worker thread under a capacity
 limiter (quote verification is CPU work). The nonce is issued per connection, single
@@ -23,7 +29,7 @@ Exception boundaries (nothing one peer sends can reach the plane's nursery):
    logged with its traceback, counted (``ee_agent_plane_faults_total``), emitted as an
    ``agent.session_fault`` event, and closes that connection with 1011. The peer sees a
    close reason, never exception text;
-3. the transport (``_GuardedServer``): the same for anything raised by the websocket
+3. the transport (``plane_ws.serve``): the same for anything raised by the websocket
    layer around the handler.
 
 A crash of the plane itself (its listener or sweep: a real bug) is logged with its
@@ -57,13 +63,13 @@ import logging
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 import trio
-import trio_websocket
+from trio_websocket import ConnectionClosed
 
 from ee.actors.agent import (
     AgentActor,
@@ -83,6 +89,8 @@ from ee.attestation.tpm import qualifying_data
 from ee.attestation.tpm_credential import Credential
 from ee.cp.envelope import EnvelopeProver, WriteSigner
 from ee.cp.events import EventBus
+from ee.cp.plane_ws import PlaneRequest, PlaneSocket
+from ee.cp.plane_ws import serve as serve_websockets
 from ee.cp.registration import Admission, Judge, NonceBook, Refusal
 from ee.cp.tunnels import TunnelError, TunnelProvider
 from ee.protocol import (
@@ -151,20 +159,19 @@ class PlaneSettings:
 class Session:
     """One authenticated websocket session (the ``AgentLink`` AgentActors talk through)."""
 
-    __slots__ = ("_identity", "_next_request", "_pending", "_send_lock", "attested_at",
+    __slots__ = ("_identity", "_next_request", "_pending", "attested_at",
                  "bad_frames", "last_heartbeat", "max_frame_bytes", "session_id", "signer",
                  "write_refusals", "ws")
 
     _ids = itertools.count(1)
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection, max_frame_bytes: int) -> None:
+    def __init__(self, ws: PlaneSocket, max_frame_bytes: int) -> None:
         self.session_id = next(Session._ids)
         self.ws = ws
         self.max_frame_bytes = max_frame_bytes
         self._identity: Identity | None = None
         self._next_request = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list[Message]]] = {}
-        self._send_lock = trio.Lock()
         self.bad_frames = 0
         self.write_refusals = 0
         self.signer: WriteSigner | None = None  # set at registration when the CP proved itself
@@ -179,7 +186,7 @@ class Session:
         return self._identity
 
     async def send(self, msg: Message, *, id: int | None = None, re: int | None = None) -> None:
-        async with self._send_lock:
+        async with self.ws.send_lock:  # the socket's one lock: seq follows the wire order
             if isinstance(msg, Deploy | Undeploy | SecretRelease | SecretRevoke):
                 # Signing (canonical JSON + Ed25519 over a body that may carry a 16 MiB
                 # build context) and encoding a deploy: off the event loop. Still in the
@@ -189,7 +196,7 @@ class Session:
                     write if signer is None else signer.sign(write), id=id, re=re))
             else:
                 text = encode_message(msg, id=id, re=re)
-            await self.ws.send_message(text)
+            await self.ws.send_locked(text)
 
     async def request(self, msg: Message, timeout: float) -> Message:
         request_id = next(self._next_request)
@@ -200,7 +207,7 @@ class Session:
             with trio.move_on_after(timeout):
                 try:
                     await self.send(msg, id=request_id)
-                except trio_websocket.ConnectionClosed:
+                except ConnectionClosed:
                     raise AgentRequestError("session closed") from None
                 await done.wait()
             if not box:
@@ -225,28 +232,6 @@ class Session:
     async def close(self, code: int, reason: str) -> None:
         with trio.move_on_after(5):
             await self.ws.aclose(code, reason[:120])
-
-
-class _GuardedServer(trio_websocket.WebSocketServer):
-    """trio-websocket's server with an exception boundary around each connection.
-
-    ``_handle_connection`` is trio-websocket's per-connection entry point (handshake,
-    reader task, handler); anything it raises would otherwise land in the plane's
-    nursery and end every session. Here it is logged and counted, and only that
-    connection's stream is closed.
-    """
-
-    def __init__(self, *args: Any, on_fault: Callable[[BaseException], None],
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._on_fault = on_fault
-
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        try:
-            await super()._handle_connection(stream)
-        except Exception as exc:
-            self._on_fault(exc)
-            await trio.aclose_forcefully(stream)
 
 
 class AgentPlane:
@@ -319,17 +304,18 @@ class AgentPlane:
             else:
                 listeners = await trio.open_ssl_over_tcp_listeners(
                     self.port, self.ssl_context, host=self.host, https_compatible=True)
-            server = _GuardedServer(
+            await nursery.start(lambda task_status: serve_websockets(
                 self._on_request, listeners, handler_nursery=nursery,
                 max_message_size=2 * self.settings.max_frame_bytes,
                 connect_timeout=10, disconnect_timeout=5,
-                on_fault=lambda exc: self._fault("transport", "-", exc))
-            await nursery.start(server.run)
-            self.bound_port = server.port
-            log.info("agent plane listening on %s:%d%s", self.host, server.port, CONNECT_PATH)
+                on_fault=lambda exc: self._fault("transport", "-", exc),
+                task_status=task_status))
+            port = _bound_port(listeners)
+            self.bound_port = port
+            log.info("agent plane listening on %s:%d%s", self.host, port, CONNECT_PATH)
             nursery.start_soon(self._prune_nonces)
             nursery.start_soon(self._sweep)
-            task_status.started(server.port)
+            task_status.started(port)
             await self._stop.wait()
             # Graceful: tell every agent to come back shortly, then close its session.
             sessions = list(self.sessions.values())
@@ -343,7 +329,7 @@ class AgentPlane:
             try:
                 await session.send(Reconnect(reason="control plane restarting",
                                              after_s=self.settings.reconnect_after_s))
-            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+            except (ConnectionClosed, trio.BrokenResourceError):
                 return
             await session.close(1012, "control plane restarting")
 
@@ -414,10 +400,10 @@ class AgentPlane:
         self.events.emit("agent.session_fault", printable(peer, 80),
                          {"stage": stage, "error": type(exc).__name__})
 
-    async def _on_request(self, request: trio_websocket.WebSocketRequest) -> None:
-        await self._handle(request)  # looked up per connection (tests replace _handle)
+    def _on_request(self, request: PlaneRequest) -> Awaitable[None]:
+        return self._handle(request)  # looked up per connection (tests replace _handle)
 
-    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+    async def _handle(self, request: PlaneRequest) -> None:
         """One connection, under its own exception boundary (see the module docstring)."""
         path = request.path.split("?", 1)[0]
         try:
@@ -427,12 +413,12 @@ class AgentPlane:
                                      f"{CONNECT_PATH}".encode())
                 return
             ws = await request.accept()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError):
+        except (ConnectionClosed, trio.BrokenResourceError):
             return  # the peer left during the handshake
         session = Session(ws, self.settings.max_frame_bytes)
         try:
             await self._serve(session)
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, _SessionEnded):
+        except (ConnectionClosed, trio.BrokenResourceError, _SessionEnded):
             pass
         except Exception as exc:
             peer = (session.identity.agent_id if session._identity is not None
@@ -519,6 +505,7 @@ class AgentPlane:
             await self._reject(session, register, refusal, admission)
             return
         await self._admitted(session, register, admission.identity)
+        del register, admission  # the quote and snapshot: not kept for the session's life
         await self._read_loop(session)
 
     async def _await_register(self, session: Session, expires: float) -> Register | None:
@@ -768,6 +755,13 @@ class AgentPlane:
                 return
             if isinstance(msg, Heartbeat):
                 session.last_heartbeat = trio.current_time()
+
+
+def _bound_port(listeners: list[Any]) -> int:
+    """The port the first listener bound (SSL listeners wrap a TCP one)."""
+    listener = listeners[0]
+    listener = getattr(listener, "transport_listener", listener)
+    return int(listener.socket.getsockname()[1])
 
 
 def _ready(directory: AgentDirectory, agent_id: str) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 import trio
 
@@ -64,7 +64,6 @@ class Actor:
     _slot: Slot
     _nursery: trio.Nursery
     _stop_requested: bool = False
-    _receive_scope: trio.CancelScope | None = None
 
     @property
     def ref(self) -> ActorRef:
@@ -104,10 +103,18 @@ class Actor:
                 raise
 
     def request_stop(self) -> None:
-        """Graceful stop trigger: finish the current message, run ``stopping``, return."""
+        """Graceful stop trigger: finish the current message, run ``stopping``, return.
+
+        An idle actor is woken by a ``_WAKE`` envelope (no cancel scope per receive: an
+        idle actor costs no scope); when the mailbox is full the actor is not idle and
+        sees the flag after its current message."""
         self._stop_requested = True
-        if self._receive_scope is not None:
-            self._receive_scope.cancel()
+        slot = getattr(self, "_slot", None)
+        if slot is not None and not slot.closed:
+            try:
+                slot.mailbox.send_nowait(_WAKE)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass
 
     def _find_handler(self, message_type: type) -> _Handler | None:
         handlers = self._handlers
@@ -143,18 +150,19 @@ class Actor:
             reply.resolve(result)
 
     async def _loop(self) -> None:
-        receive = self._slot.receive_channel
+        receive = self._slot.mailbox
         while not self._stop_requested:
-            with trio.CancelScope() as scope:
-                self._receive_scope = scope
-                try:
-                    envelope = await receive.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    return
-            self._receive_scope = None
-            if scope.cancelled_caught:
-                break
+            try:
+                envelope = await receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            if envelope is _WAKE:
+                continue  # a stop request (or one left over from an earlier incarnation)
             await self._dispatch(envelope)
+
+
+#: Wakes an idle actor so that it sees its stop flag (never dispatched).
+_WAKE: Final = Envelope(None, None)
 
 
 async def _run_incarnation(
@@ -162,23 +170,24 @@ async def _run_incarnation(
 ) -> None:
     actor._slot = slot
     failure: BaseException | None = None
-    with trio.CancelScope() as scope:
-        slot.incarnation_scope = scope
-        try:
-            async with trio.open_nursery() as nursery:
-                actor._nursery = nursery
-                try:
-                    await actor.started()
-                    task_status.started(actor.ref)
-                    await actor._loop()
-                    await actor.stopping()
-                except Exception as exc:
-                    failure = exc
-                nursery.cancel_scope.cancel()
-        finally:
-            slot.incarnation_scope = None
+    try:
+        # The nursery's own cancel scope is the incarnation's (crash injection cancels
+        # it): one scope per actor, not two.
+        async with trio.open_nursery() as nursery:
+            slot.incarnation_scope = nursery.cancel_scope
+            actor._nursery = nursery
+            try:
+                await actor.started()
+                task_status.started(actor.ref)
+                await actor._loop()
+                await actor.stopping()
+            except Exception as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+    finally:
+        slot.incarnation_scope = None
     injected, slot.injected = slot.injected, None
-    if scope.cancelled_caught and injected is not None:
+    if injected is not None:  # set only by crash(), which cancelled the incarnation
         raise injected
     if failure is not None:
         raise failure

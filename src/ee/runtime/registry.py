@@ -1,6 +1,7 @@
 """Names, mailboxes and refs.
 
-A *slot* is what a name owns: the bounded mailbox (a Trio memory channel) and the
+A *slot* is what a name owns: the bounded mailbox (a ``Mailbox``: a Trio memory
+channel's semantics for one reader, at a fraction of its memory) and the
 bookkeeping of whichever incarnation of the actor currently reads it. The slot outlives
 incarnations: when an actor crashes and its supervisor restarts it, the new incarnation
 reads the same mailbox, so messages told during the restart reach it and asks queued
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from typing import Any, Final
 
+import outcome
 import trio
 
 from ee.runtime.errors import (
@@ -74,16 +77,132 @@ class Envelope:
         self.reply = reply
 
 
+class Mailbox:
+    """A bounded FIFO with one reader (the actor) and any number of writers.
+
+    What a Trio memory channel gives an actor, for a fraction of its memory (a CP holds
+    one mailbox per agent): no queue while empty, no waiting-room until a writer has to
+    wait. ``send_nowait`` raises ``trio.WouldBlock`` when full and
+    ``trio.ClosedResourceError`` once closed; ``send`` waits for room (cancellable);
+    ``receive`` raises ``trio.EndOfChannel`` once closed. ``close`` hands back what was
+    still queued and fails every waiting writer with ``trio.ClosedResourceError``.
+    """
+
+    __slots__ = ("_getter", "_items", "_putters", "capacity", "closed")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.closed = False
+        self._items: deque[Envelope] | None = None
+        self._getter: trio.lowlevel.Task | None = None
+        self._putters: OrderedDict[trio.lowlevel.Task, Envelope] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def send_nowait(self, item: Envelope) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError("mailbox closed")
+        if self._getter is not None:
+            getter, self._getter = self._getter, None
+            trio.lowlevel.reschedule(getter, outcome.Value(item))
+            return
+        if len(self) >= self.capacity:
+            raise trio.WouldBlock
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+
+    async def send(self, item: Envelope) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.send_nowait(item)
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        task = trio.lowlevel.current_task()
+        if self._putters is None:
+            self._putters = OrderedDict()
+        self._putters[task] = item
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            if self._putters is not None:
+                self._putters.pop(task, None)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    async def receive(self) -> Envelope:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._items:
+            item = self._items.popleft()
+            self._admit_putter()
+            if not self._items:
+                self._items = None  # an idle mailbox holds no queue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return item
+        if self.closed:
+            raise trio.EndOfChannel
+        if self._getter is not None:
+            raise trio.BusyResourceError("a mailbox has one reader")
+        task = trio.lowlevel.current_task()
+        self._getter = task
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._getter = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)  # type: ignore[no-any-return]
+
+    def _admit_putter(self) -> None:
+        """Room was made: the longest-waiting writer's item joins the queue."""
+        if not self._putters:
+            return
+        task, item = self._putters.popitem(last=False)
+        if not self._putters:
+            self._putters = None
+        if self._items is None:
+            self._items = deque()
+        self._items.append(item)
+        trio.lowlevel.reschedule(task, outcome.Value(None))
+
+    def receive_nowait(self) -> Envelope:
+        if not self._items:
+            raise trio.EndOfChannel if self.closed else trio.WouldBlock
+        item = self._items.popleft()
+        self._admit_putter()
+        return item
+
+    def close(self) -> list[Envelope]:
+        """Refuse new items; wake the reader (``EndOfChannel``) and every waiting writer
+        (``ClosedResourceError``); return what was still queued, oldest first."""
+        self.closed = True
+        left = list(self._items or ())
+        self._items = None
+        for task, item in (self._putters or {}).items():
+            left.append(item)
+            trio.lowlevel.reschedule(task, outcome.Error(
+                trio.ClosedResourceError("mailbox closed")))
+        self._putters = None
+        if self._getter is not None:
+            getter, self._getter = self._getter, None
+            trio.lowlevel.reschedule(getter, outcome.Error(trio.EndOfChannel()))
+        return left
+
+
 class Slot:
     """A name's mailbox and the live-incarnation bookkeeping. Internal to the runtime."""
+
+    __slots__ = ("capacity", "closed", "incarnation_scope", "injected", "mailbox", "name",
+                 "processed", "registry")
 
     def __init__(self, registry: Registry, name: str, capacity: int) -> None:
         self.registry = registry
         self.name = name
         self.capacity = capacity
-        send, receive = trio.open_memory_channel[Envelope](capacity)
-        self.send_channel: trio.MemorySendChannel[Envelope] = send
-        self.receive_channel: trio.MemoryReceiveChannel[Envelope] = receive
+        self.mailbox = Mailbox(capacity)
         self.closed = False
         self.incarnation_scope: trio.CancelScope | None = None
         self.injected: BaseException | None = None
@@ -91,7 +210,7 @@ class Slot:
 
     @property
     def depth(self) -> int:
-        return self.send_channel.statistics().current_buffer_used
+        return len(self.mailbox)
 
     def mailbox_depth(self) -> int:
         return 0 if self.closed else self.depth
@@ -113,15 +232,9 @@ class Slot:
         if self.closed:
             return
         self.closed = True
-        self.send_channel.close()
-        while True:
-            try:
-                envelope = self.receive_channel.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
+        for envelope in self.mailbox.close():
             if envelope.reply is not None:
                 envelope.reply.fail(ActorDead(self.name, detail))
-        self.receive_channel.close()
         self.registry._release(self)
 
 
@@ -182,7 +295,7 @@ class ActorRef:
         """Deliver *message*, waiting while the mailbox is full (backpressure)."""
         slot = self._resolve()
         try:
-            await slot.send_channel.send(Envelope(message, None))
+            await slot.mailbox.send(Envelope(message, None))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ActorDead(self._name, "stopped") from None
 
@@ -190,7 +303,7 @@ class ActorRef:
         """Deliver *message* now or raise ``MailboxFull``; never blocks."""
         slot = self._resolve()
         try:
-            slot.send_channel.send_nowait(Envelope(message, None))
+            slot.mailbox.send_nowait(Envelope(message, None))
         except trio.WouldBlock:
             raise MailboxFull(self._name, slot.capacity) from None
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -207,7 +320,7 @@ class ActorRef:
         with trio.move_on_after(timeout):
             slot = self._resolve()
             try:
-                await slot.send_channel.send(Envelope(message, reply))
+                await slot.mailbox.send(Envelope(message, reply))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 raise ActorDead(self._name, "stopped") from None
             return await reply.wait()
