@@ -491,9 +491,11 @@ class SecretReleaser:
         if not self.deps.vault.available:  # starting or stopping: the next pass does it
             return
         self.passes += 1
-        apps = set(await self.deps.vault.apps())
+        todo = sorted(set(await self.deps.vault.apps()) | set(self._app_of.values()))
+        if not todo:  # no app has secrets: render no agent views (O(agents) per wake)
+            return
         views = {v["agent_id"]: v for v in await self.deps.agent_views()}
-        for app_key in sorted(apps | set(self._app_of.values())):
+        for app_key in todo:
             await self._app(app_key, views)
 
     async def _app(self, app_key: str, views: Mapping[str, dict[str, Any]]) -> None:
