@@ -197,6 +197,16 @@ async def test_master_places_in_dc_reroutes_and_reports(tmp_path: Path) -> None:
                 await eventually(lambda: _state(tenant, second, "stopped"), timeout=30,
                                  what="second deployment stopped")
                 assert second not in sims["dc-b-0"].deployments
+
+                # A restarted master rebuilds the view from its signed desired state and
+                # the dcs' outcomes (resent on every reconnection).
+                await m.stop()
+                await m.start()
+                view = await eventually(lambda: _state(tenant, gpu, "failed"), timeout=30,
+                                        what="unplaced deployment after the restart")
+                assert view["federated"]["tried"] == [A, B]
+                await eventually(lambda: _state(tenant, second, "stopped"), timeout=30,
+                                 what="stopped deployment after the restart")
                 nursery.cancel_scope.cancel()
         finally:
             if tenant is not None:

@@ -783,6 +783,8 @@ class ControlPlane:
         # Each app's first start takes its part of this one load (O(manifests) once,
         # not once per app); a restart of one app reads the manifests again.
         self._preloaded = dict(desired)
+        if isinstance(self.federation, MasterFederation):  # deployments placed in dcs
+            self.deployment_index.update(self.federation.placed_apps())
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key

@@ -594,6 +594,10 @@ class MasterFederation:
     def _intents(self) -> dict[str, dict[str, Any]]:
         return dict(self.desired.desired.get("deployments") or {})
 
+    def placed_apps(self) -> dict[str, str]:
+        """Deployment id -> app key of every intent (the CP's index, after a restart)."""
+        return {dep_id: str(doc["app"]) for dep_id, doc in self._intents().items()}
+
     def intent_datacenter(self, deployment_id: str) -> str | None:
         found = self._intents().get(deployment_id)
         return None if found is None else str(found["datacenter"])
