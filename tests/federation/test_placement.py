@@ -58,13 +58,15 @@ def test_choose_target() -> None:
 
 
 def test_intent_and_outcome_checks() -> None:
+    version = {"version": "1", "compose_hash": "ab", "compose": COMPOSE, "expose_port": 80,
+               "health_path": "/"}
     ok = {"app": "acct.web", "datacenter": A, "replicas": 1, "desired": "running",
-          "version": {"version": "1", "compose_hash": "ab"}, "constraints": {}}
+          "version": version, "constraints": {}}
     got = read_intent("dep-1", ok, A)
     assert got is not None and got.constraints.datacenter == A and got.running
     assert read_intent("dep-1", ok, B) is None  # another dc's
     for bad in ({**ok, "replicas": 0}, {**ok, "version": {}}, {**ok, "constraints": {"x": 1}},
-                {**ok, "app": 3}):
+                {**ok, "app": 3}, {**ok, "version": {**version, "expose_port": "80"}}):
         try:
             read_intent("dep-1", bad, A)
         except ValueError:
@@ -270,7 +272,8 @@ async def test_dc_runs_only_intents_of_a_verified_snapshot(tmp_path: Path) -> No
                        local=LocalApps(create_app, Registry(), {}))
     assert fed.reconciler is not None
     intent = {"app": "victim.web", "datacenter": LABEL, "replicas": 1, "desired": "running",
-              "version": {"version": "1", "compose_hash": "ab", "compose": COMPOSE},
+              "version": {"version": "1", "compose_hash": "ab", "compose": COMPOSE,
+                          "expose_port": 80, "health_path": "/"},
               "constraints": {}}
 
     def snap(version: int, key: Any = master_key) -> str:
@@ -295,8 +298,16 @@ async def test_dc_runs_only_intents_of_a_verified_snapshot(tmp_path: Path) -> No
         assert created == []
         codes = [d["code"] for k, _, d in events if k == "federation.refused"]
         assert codes == ["bad_signature", "bad_signature"]
+        # Signed but malformed (no replicas): refused with a reason code, nothing run.
+        broken = {k: v for k, v in intent.items() if k != "replicas"}
+        assert await fed.offer_snapshot(seal(Snapshot(
+            "snapshot", 4, 0.0, {"deployments": {"dep-x": broken}}), master_key)) is None
+        await fed.reconciler.pass_once(fed.snapshot.desired)
+        assert created == []
+        codes = [d["code"] for k, _, d in events if k == "federation.refused"]
+        assert codes == ["bad_signature", "bad_signature", "intent_refused"]
         # The control: the same intent in a snapshot the master signed does run.
-        good = seal(Snapshot("snapshot", 4, 0.0, {"deployments": {"dep-x": intent}}),
+        good = seal(Snapshot("snapshot", 5, 0.0, {"deployments": {"dep-x": intent}}),
                     master_key)
         assert await fed.offer_snapshot(good) is None
         with pytest.raises(ActorError):  # no app actor behind this stand-in: it stops there

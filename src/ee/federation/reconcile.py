@@ -70,9 +70,10 @@ def read_intent(deployment_id: str, doc: Any, label: str) -> Intent | None:
     if doc.get("datacenter") != label:
         return None
     version = doc["version"]
-    if not isinstance(version.get("version"), str) \
-            or not isinstance(version.get("compose_hash"), str):
-        raise IntentError("version needs version and compose_hash")
+    for field, kind in (("version", str), ("compose_hash", str), ("compose", str),
+                        ("expose_port", int), ("health_path", str)):
+        if not isinstance(version.get(field), kind):  # what a deploy frame is made of
+            raise IntentError(f"version needs {field}")
     replicas = doc.get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) \
             or not 1 <= replicas <= MAX_REPLICAS:
