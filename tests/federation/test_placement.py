@@ -29,11 +29,11 @@ from ee.federation.placement import (
 from ee.federation.reconcile import LocalApps, read_intent
 from ee.federation.wire import Snapshot, seal
 from ee.placement import Constraints, Request
-from ee.protocol.signing import generate_signing_key, load_private_key
+from ee.protocol.signing import generate_signing_key
 from ee.runtime import ActorError, Registry
 
 from .fedkit import CpProc, agent, dc, event_log, eventually, join_token, master, refused, sim_td
-from .test_refusals import LABEL, _enroll, link
+from .test_refusals import LABEL, _enroll, enrolled_home, link
 
 A, B = "sim:dc-a", "sim:dc-b"
 COMPOSE = "services:\n  web:\n    image: nginx\n"
@@ -250,15 +250,7 @@ async def test_dc_placement_report_for_foreign_deployment_refused(tmp_path: Path
 
 
 async def test_dc_runs_only_intents_of_a_verified_snapshot(tmp_path: Path) -> None:
-    m = master(tmp_path)
-    home = tmp_path / "dc"
-    with trio.fail_after(60):
-        await m.start()
-        try:
-            await _enroll(m, home)
-        finally:
-            await m.stop()
-    master_key = load_private_key(m.data_dir / "federation" / "master.key")
+    home, master_key = await enrolled_home(tmp_path)
     created: list[str] = []
 
     async def create_app(key: str, _spec: dict[str, Any]) -> dict[str, Any] | None:
