@@ -203,7 +203,8 @@ async def test_unknown_certificates(tmp_path: Path) -> None:
             await m.stop()
 
 
-async def test_dc_refuses_stale_and_tampered_snapshots(tmp_path: Path) -> None:
+async def enrolled_home(tmp_path: Path) -> tuple[Path, Any]:
+    """A dc home enrolled with a master that is gone again, and that master's key."""
     m = master(tmp_path)
     home = tmp_path / "dc"
     with trio.fail_after(60):
@@ -212,7 +213,11 @@ async def test_dc_refuses_stale_and_tampered_snapshots(tmp_path: Path) -> None:
             await _enroll(m, home)
         finally:
             await m.stop()
-    master_key = load_private_key(m.data_dir / "federation" / "master.key")
+    return home, load_private_key(m.data_dir / "federation" / "master.key")
+
+
+async def test_dc_refuses_stale_and_tampered_snapshots(tmp_path: Path) -> None:
+    home, master_key = await enrolled_home(tmp_path)
     events: list[tuple[str, str, Any]] = []
     fed = DcFederation(home, LABEL, FederationSettings(), directory=AgentDirectory(),
                        emit=lambda k, s, d: events.append((k, s, d)),

@@ -78,7 +78,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -134,6 +134,20 @@ class DeploySettings:
         return cls(**{k: float(v) for k, v in doc.items()})
 
 
+class RemotePlacer(Protocol):
+    """Where a deployment goes when no direct agent fits (a master's federation, see
+    ee.federation.placement): ``place`` answers like ``CreateDeployment`` or None (not
+    taken: today's refusal); ``view``/``stop`` answer for the deployments it took."""
+
+    async def place(self, app_key: str, deployment_id: str, version: dict[str, Any],
+                    replicas: int, constraints: Constraints,
+                    direct: Placement) -> dict[str, Any] | None: ...
+
+    def view(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
+
+    async def stop(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
+
+
 @attrs.frozen
 class AppDeps:
     load: Callable[[str], Awaitable[dict[str, Any]]]  # app key -> {app, versions, deployments}
@@ -156,6 +170,7 @@ class AppDeps:
     # BUSY agent to the tenant (its own, or "another tenant"). None: "another deployment".
     owner_of: Callable[[str], str | None] | None = None
     wall: Callable[[], float] = time.time  # unix time, for what is persisted
+    remote: RemotePlacer | None = None  # no direct agent fits: hand it to the federation
 
 
 # ---- messages -----------------------------------------------------------------------
@@ -681,6 +696,12 @@ class AppActor(Actor):
             Request(deployment_id=None, replicas=msg.replicas, constraints=msg.constraints),
             await self._holds())
         if not placement.placeable:
+            if self.deps.remote is not None:
+                taken = await self.deps.remote.place(
+                    self.app_key, msg.deployment_id, self.versions[msg.version],
+                    msg.replicas, msg.constraints, placement)
+                if taken is not None:
+                    return taken
             return {"error": "not_placeable", "placement": placement.to_dict(self._holder)}
         now = self.deps.wall()
         dep = Deployment(deployment_id=msg.deployment_id, version=msg.version,
@@ -700,11 +721,15 @@ class AppActor(Actor):
     @handler(GetDeployment)
     async def on_get(self, msg: GetDeployment) -> dict[str, Any] | None:
         dep = self.deployments.get(msg.deployment_id)
+        if dep is None and self.deps.remote is not None:
+            return self.deps.remote.view(self.app_key, msg.deployment_id)
         return None if dep is None else self.deployment_view(dep)
 
     @handler(StopDeployment)
     async def on_stop(self, msg: StopDeployment) -> dict[str, Any] | None:
         dep = self.deployments.get(msg.deployment_id)
+        if dep is None and self.deps.remote is not None:
+            return await self.deps.remote.stop(self.app_key, msg.deployment_id)
         if dep is None:
             return None
         if dep.desired != "stopped":

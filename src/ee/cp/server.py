@@ -97,6 +97,7 @@ from ee.cp.secrets import (
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.federation.dc import DcFederation, EnrolError, enroll
 from ee.federation.master import FederationSettings, MasterFederation
+from ee.federation.reconcile import LocalApps
 from ee.federation.wire import WRONG_DATACENTER
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -385,7 +386,9 @@ class ControlPlane:
             assert c.datacenter is not None
             return DcFederation(c.data_dir, c.vocabulary.normalise_label(c.datacenter),
                                 settings, directory=self.directory, emit=self.events.emit,
-                                metrics=self.metrics.registry)
+                                metrics=self.metrics.registry,
+                                local=LocalApps(self.create_app, self.registry,
+                                                self.deployment_index))
         return None
 
     def _federated_claim(self, claim: Callable[[Identity, float], Refusal | None]
@@ -723,7 +726,9 @@ class ControlPlane:
                        reserve_warm=self._reserve_warm, holds=self._holds,
                        ready=self.is_ready, nudges=self.nudges,
                        settings=DeploySettings.from_config(self.config.deployments),
-                       owner_of=self.deployment_index.get)
+                       owner_of=self.deployment_index.get,
+                       remote=self.federation if isinstance(self.federation,
+                                                            MasterFederation) else None)
 
     def _nudge_app(self, app_key: str) -> bool:
         """One ``Reconcile`` for *app_key* (the directory's change feed); False if it
@@ -781,6 +786,8 @@ class ControlPlane:
         # Each app's first start takes its part of this one load (O(manifests) once,
         # not once per app); a restart of one app reads the manifests again.
         self._preloaded = dict(desired)
+        if isinstance(self.federation, MasterFederation):  # deployments placed in dcs
+            self.deployment_index.update(self.federation.placed_apps())
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key

@@ -3,8 +3,10 @@
 Supervision subtree (a child of the CP's root)::
 
     federation (one_for_one)
-    ├── outbox    agent changes (from the agent directory) → sequenced spool events
-    └── uplink    mTLS websocket to the master: hello, events, acks, replays, snapshots
+    ├── outbox      agent changes (from the agent directory) → sequenced spool events
+    ├── uplink      mTLS websocket to the master: hello, events, acks, replays, snapshots
+    └── reconciler  the snapshot's deployment intents → local deployments, ``placement``
+                    outcome events (ee.federation.reconcile)
 
 Enrolment (``enroll``, once, before the CP starts): the dc makes its own TLS key and
 Ed25519 signing key, and trades a master-issued join token for a certificate from the
@@ -47,6 +49,7 @@ from ee.actors.directory import AgentDirectory, AgentRecord
 from ee.federation import pki
 from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics
+from ee.federation.reconcile import DcReconciler, LocalApps
 from ee.federation.spool import Spool
 from ee.federation.wire import (
     BAD_FRAME,
@@ -154,7 +157,8 @@ def agent_view(record: AgentRecord) -> dict[str, Any] | None:
 
 class DcFederation:
     def __init__(self, data_dir: Path, label: str, settings: FederationSettings, *,
-                 directory: AgentDirectory, emit: Emit, metrics: CollectorRegistry) -> None:
+                 directory: AgentDirectory, emit: Emit, metrics: CollectorRegistry,
+                 local: LocalApps | None = None) -> None:
         self.dir = data_dir / "federation"
         enrolment = Enrollment.load(self.dir)
         if enrolment is None or enrolment.label != label:
@@ -179,10 +183,22 @@ class DcFederation:
         self._dirty = trio.Event()
         self._appended = trio.Event()
         directory.subscribe(self._changed)
+        # The master's deployment intents, run here (ee.federation.reconcile).
+        self.reconciler = None if local is None else DcReconciler(
+            label, local, self._report_placement, emit)
         self.supervisor = Supervisor("federation", [
             ChildSpec(id="outbox", start=self._run_outbox, shutdown=2.0),
             ChildSpec(id="uplink", start=self._run_uplink, shutdown=2.0),
+            *([ChildSpec(id="reconciler", start=self._run_reconciler, shutdown=2.0)]
+              if self.reconciler is not None else []),
         ], max_restarts=20, period=10.0)
+
+    async def _report_placement(self, data: dict[str, Any]) -> None:
+        await self._append("placement", data)
+
+    async def _run_reconciler(self, task_status: trio.TaskStatus[None]) -> None:
+        assert self.reconciler is not None
+        await self.reconciler.run(lambda: self.snapshot.desired, 5.0, task_status)
 
     # ---- snapshots ----
 
@@ -219,6 +235,8 @@ class DcFederation:
         await trio.to_thread.run_sync(self.spool.set_meta, "snapshot", text)
         self.snapshot = frame
         await self._append("snapshot_applied", {"version": frame.version})
+        if self.reconciler is not None:
+            self.reconciler.nudge()
         self.emit("federation.snapshot_applied", self.label, {"version": frame.version})
         return None
 
@@ -237,6 +255,8 @@ class DcFederation:
         self._last[new.agent_id] = view
         self._pending[new.agent_id] = view
         self._dirty.set()
+        if self.reconciler is not None:
+            self.reconciler.nudge()
 
     def full_picture(self) -> dict[str, Any]:
         return {r.agent_id: agent_view(r) for r in self.directory.in_datacenter(self.label)
@@ -292,6 +312,8 @@ class DcFederation:
                                       disconnect_timeout=2, message_queue_size=4) as ws:
             self.connected = True
             self.emit("federation.uplink_up", self.label, {})
+            if self.reconciler is not None:
+                self.reconciler.nudge(resend=True)  # a restarted master learns them all
             await self._append("resync", {"agents": self.full_picture()})
             first, nxt, depth = await trio.to_thread.run_sync(self.spool.bounds)
             self.depth = depth

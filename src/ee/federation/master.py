@@ -23,6 +23,13 @@ exactly as a standalone CP rebuilds from its agents.
 What the master keeps on disk is configuration: the CA, its signing key, the enrolled dcs
 (label, certificate fingerprint, signing key) and the signed desired-state document.
 Join tokens are in memory only (single use, short lived; a restart voids them).
+
+Placement across levels (ee.federation.placement): a master AppActor with no fitting
+direct agent calls ``place`` (``AppDeps.remote``); the chosen dc's intent goes into the
+signed desired state (``deployments``), the dc's ``placement`` events come back through
+its actor (a report on a deployment not placed in that dc: ``foreign_deployment``) to
+``placement_reported``, which re-routes an ``unsatisfiable`` one. Each dc's actor keeps
+its free capacity by node size up to date per event (``capacity``) for ``choose_target``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,18 @@ from ee.actors.agent import StatusReport
 from ee.actors.datacenter import DescribeDatacenter
 from ee.federation import pki
 from ee.federation.metrics import FederationMetrics
+from ee.federation.placement import (
+    FOREIGN_DEPLOYMENT,
+    Datacenter,
+    DcCapacity,
+    Outcome,
+    OutcomeError,
+    capacity_of,
+    check_outcome,
+    choose_target,
+    intent,
+    ordered,
+)
 from ee.federation.wire import (
     BAD_FRAME,
     DATACENTER_MISMATCH,
@@ -74,6 +93,7 @@ from ee.federation.wire import (
     seal,
     up_frame,
 )
+from ee.placement import Constraints, Placement, Request
 from ee.protocol.signing import (
     KeyFileError,
     SignatureError,
@@ -228,6 +248,8 @@ class FederatedDatacenterActor(Actor):
         self.gaps = 0
         self.refused = 0
         self.degraded = True
+        self.outcomes: list[Outcome] = []  # placement events applied, for the master
+        self.free: dict[str, int] = {}  # node size -> free agents (``capacity_of``)
 
     async def started(self) -> None:
         self.start_soon(self._watch)
@@ -241,6 +263,10 @@ class FederatedDatacenterActor(Actor):
             m.spool_depth.labels(self.label).set(self.spool_depth)
             await trio.sleep(period)
 
+    def _publish_capacity(self) -> None:
+        self.fed.capacity[self.label] = DcCapacity(
+            self.label, self.degraded, {k: v for k, v in self.free.items() if v > 0})
+
     def _silence(self) -> float:
         return trio.current_time() - self.last_heard
 
@@ -251,6 +277,7 @@ class FederatedDatacenterActor(Actor):
         degraded = not self.ever_heard or self._silence() > self.fed.settings.degraded_after_s
         if degraded != self.degraded:
             self.degraded = degraded
+            self._publish_capacity()
             kind = "federation.degraded" if degraded else "federation.recovered"
             self.fed.emit(kind, self.label, {"silence_s": round(self._silence(), 3)})
 
@@ -286,6 +313,9 @@ class FederatedDatacenterActor(Actor):
             out = self._events(frame, msg.unix)
         # What the dc holds that this master has not applied (acked) yet.
         self.spool_depth = max(0, self.last_seq - (self.applied or 0))
+        outcomes, self.outcomes = self.outcomes, []
+        for outcome in outcomes:
+            await self.fed.placement_reported(self.label, outcome)
         return out
 
     def _hello(self, h: Hello) -> list[DownFrame]:
@@ -353,6 +383,18 @@ class FederatedDatacenterActor(Actor):
             self.snapshot_version = version
             self.events_applied += 1
             return None
+        if kind == "placement":
+            try:
+                outcome = check_outcome(data)
+            except OutcomeError as exc:
+                return self._refuse(BAD_FRAME, f"placement: {exc}")
+            if self.fed.intent_datacenter(outcome.deployment_id) != self.label:
+                return self._refuse(FOREIGN_DEPLOYMENT, f"deployment "
+                                    f"{outcome.deployment_id[:80]!r} is not placed in "
+                                    f"{self.label}")
+            self.outcomes.append(outcome)
+            self.events_applied += 1
+            return None
         try:
             foreign = foreign_agents(self.label, data)
         except WireError as exc:
@@ -363,14 +405,24 @@ class FederatedDatacenterActor(Actor):
         agents = data["agents"]
         if kind == "resync":
             self.agents = {k: v for k, v in agents.items() if v is not None}
+            self.free = dict(capacity_of(self.label, False, self.agents.values()).free)
         else:
             for agent_id, view in agents.items():
+                self._count(self.agents.get(agent_id), -1)
+                self._count(view, 1)
                 if view is None:
                     self.agents.pop(agent_id, None)
                 else:
                     self.agents[agent_id] = view
+        self._publish_capacity()
         self.events_applied += 1
         return None
+
+    def _count(self, view: dict[str, Any] | None, delta: int) -> None:
+        """Keep ``free`` (placement's capacity) by the change of one agent's view."""
+        if view is not None:
+            for size, n in capacity_of(self.label, False, (view,)).free.items():
+                self.free[size] = self.free.get(size, 0) + delta * n
 
     @handler(DescribeDatacenter)
     async def on_describe(self, _: DescribeDatacenter) -> dict[str, Any]:
@@ -422,6 +474,10 @@ class MasterFederation:
         self.tokens: dict[str, JoinToken] = {}
         self.desired = self._load_desired()
         self.desired_changed = trio.Event()
+        self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
+        # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
+        self.outcomes: dict[str, tuple[str, Outcome]] = {}
+        self._desired_lock = trio.Lock()
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
         self.bound_port: int | None = None
         self._conn_ids = 0
@@ -516,8 +572,12 @@ class MasterFederation:
     # ---- desired state ----
 
     async def set_desired(self, policy: dict[str, Any]) -> Snapshot:
+        return await self._publish({**self.desired.desired, "policy": policy})
+
+    async def _publish(self, desired: dict[str, Any]) -> Snapshot:
+        """Sign *desired* as the next version, write it, then offer it to every dc."""
         version = self.desired.version + 1
-        snap = Snapshot("snapshot", version, time.time(), {"policy": policy})
+        snap = Snapshot("snapshot", version, time.time(), desired)
         doc = {"version": snap.version, "issued_at": snap.issued_at, "desired": snap.desired}
         await trio.to_thread.run_sync(write_signed, self.dir / "desired.json", doc, self.key)
         self.desired = snap
@@ -528,6 +588,124 @@ class MasterFederation:
 
     def snapshot_frame(self) -> str:
         return seal(self.desired, self.key)
+
+    # ---- placement across levels (ee.federation.placement) ----
+
+    def _intents(self) -> dict[str, dict[str, Any]]:
+        return dict(self.desired.desired.get("deployments") or {})
+
+    def placed_apps(self) -> dict[str, str]:
+        """Deployment id -> app key of every intent (the CP's index, after a restart)."""
+        return {dep_id: str(doc["app"]) for dep_id, doc in self._intents().items()}
+
+    def intent_datacenter(self, deployment_id: str) -> str | None:
+        found = self._intents().get(deployment_id)
+        return None if found is None else str(found["datacenter"])
+
+    async def _set_intent(self, deployment_id: str, doc: dict[str, Any]) -> None:
+        intents = self._intents()
+        intents[deployment_id] = doc
+        await self._publish({**self.desired.desired, "deployments": intents})
+
+    async def place(self, app_key: str, deployment_id: str, version: dict[str, Any],
+                    replicas: int, constraints: Constraints,
+                    direct: Placement) -> dict[str, Any] | None:
+        """No direct agent fits: a datacenter, or why none (None: no dc enrolled)."""
+        if not self.enrolled:
+            return None
+        request = Request(deployment_id=None, replicas=replicas, constraints=constraints)
+        async with self._desired_lock:
+            target = choose_target(request, self.capacity.values())
+            if not isinstance(target, Datacenter):
+                self.emit("federation.unplaceable", app_key, {"datacenters": dict(
+                    target.codes), "reasons": direct.reason_counts()})
+                return {"error": "not_placeable", "placement": {
+                    **direct.to_dict(), "datacenters": dict(target.codes)}}
+            await self._set_intent(deployment_id, intent(
+                app_key, version, replicas, constraints, target.label))
+        self.emit("federation.placed", deployment_id, {"app": app_key,
+                                                       "datacenter": target.label})
+        return {"deployment_id": deployment_id, "datacenter": target.label}
+
+    async def placement_reported(self, label: str, outcome: Outcome) -> None:
+        """A dc's word on an intent (checked by its actor to be that dc's). Unsatisfiable:
+        the next datacenter; none left: the deployment fails with every dc's codes."""
+        self.outcomes[outcome.deployment_id] = (label, outcome)
+        self.emit("federation.placement", outcome.deployment_id, {
+            "datacenter": label, "outcome": outcome.outcome,
+            "reasons": dict(outcome.reasons), "running": outcome.running})
+        if outcome.outcome != "unsatisfiable":
+            return
+        async with self._desired_lock:
+            doc = self._intents().get(outcome.deployment_id)
+            if doc is None or doc["datacenter"] != label or doc["desired"] != "running":
+                return
+            tried = frozenset(doc.get("tried") or ()) | {label}
+            # Each dc's reason codes stay with the intent (signed, survives a restart).
+            said = {**(doc.get("reasons") or {}), label: dict(outcome.reasons)}
+            c = doc["constraints"]
+            request = Request(deployment_id=None, replicas=int(doc["replicas"]),
+                              constraints=Constraints(
+                                  node_size=c.get("node_size"), gpu=bool(c.get("gpu")),
+                                  exclude_agents=frozenset(c.get("exclude_agents") or ())))
+            target = choose_target(request, self.capacity.values(), tried)
+            if isinstance(target, Datacenter):
+                await self._set_intent(outcome.deployment_id, {
+                    **doc, "datacenter": target.label, "tried": sorted(tried),
+                    "reasons": said})
+                self.emit("federation.rerouted", outcome.deployment_id,
+                          {"from": label, "to": target.label})
+            else:
+                await self._set_intent(outcome.deployment_id, {
+                    **doc, "tried": sorted(tried), "desired": "stopped", "reasons": said,
+                    "unplaced": dict(target.codes)})
+                self.emit("federation.unplaceable", outcome.deployment_id,
+                          {"datacenters": dict(target.codes), "reasons": said})
+
+    def view(self, app_key: str, deployment_id: str) -> dict[str, Any] | None:
+        """The tenant's view of a deployment placed in a dc (shaped as a direct one's)."""
+        doc = self._intents().get(deployment_id)
+        if doc is None or doc["app"] != app_key:
+            return None
+        said = self.outcomes.get(deployment_id)
+        got = said[1] if said is not None and said[0] == doc["datacenter"] else None
+        unplaced = doc.get("unplaced")
+        by_dc: dict[str, dict[str, int]] = doc.get("reasons") or {}
+        state, error = "placing", None
+        if unplaced is not None:
+            state = "failed"
+            error = "cannot place in any datacenter: " + "; ".join(
+                f"{dc}: " + (", ".join(f"{k}: {v}" for k, v in ordered(by_dc[dc]).items())
+                             if by_dc.get(dc) else code)
+                for dc, code in sorted(unplaced.items()))
+        elif doc["desired"] == "stopped":
+            state = "stopped" if got is not None and got.outcome == "stopped" else "stopping"
+        elif got is not None and got.outcome == "running" and got.running >= doc["replicas"]:
+            state = "running"
+        elif got is not None and got.outcome == "failed":
+            state, error = "failed", got.error
+        version = doc["version"]
+        return {"deployment_id": deployment_id, "app": app_key.split(".", 1)[-1],
+                "version": version.get("version"), "previous_version": None,
+                "state": state, "desired": doc["desired"],
+                "replicas_wanted": doc["replicas"], "created_at": None,
+                "compose_hash": version.get("compose_hash"), "error": error,
+                "failure": None, "failures": 0, "history": [], "update": None,
+                "replicas": [], "failed_replicas": [],
+                "federated": {"datacenter": doc["datacenter"], "tried": doc.get("tried", []),
+                              "outcome": got.outcome if got else None,
+                              "reasons": by_dc, "running": got.running if got else 0,
+                              "unplaced": unplaced}}
+
+    async def stop(self, app_key: str, deployment_id: str) -> dict[str, Any] | None:
+        async with self._desired_lock:
+            doc = self._intents().get(deployment_id)
+            if doc is None or doc["app"] != app_key:
+                return None
+            if doc["desired"] != "stopped":
+                await self._set_intent(deployment_id, {**doc, "desired": "stopped"})
+                self.emit("federation.stopping", deployment_id, {"app": app_key})
+        return self.view(app_key, deployment_id)
 
     # ---- supervision ----
 

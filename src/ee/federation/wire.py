@@ -57,7 +57,7 @@ def _nonneg(_: object, a: attrs.Attribute[int], value: int) -> None:
 @attrs.frozen
 class Event:
     seq: int = attrs.field(validator=_nonneg)
-    kind: Literal["agents", "resync", "snapshot_applied"]
+    kind: Literal["agents", "resync", "snapshot_applied", "placement"]
     at: float  # unix time the dc recorded it
     data: dict[str, Any]
 

@@ -1,0 +1,202 @@
+"""A dc CP runs the deployment intents of the master's signed snapshot.
+
+Intents arrive only in a snapshot whose signature verified with the pinned master key
+(``DcFederation.offer_snapshot``/``apply_snapshot``): nothing else creates them. Each
+intent with ``datacenter`` equal to this dc's label becomes, under the reserved account
+(``FEDERATED_ACCOUNT``), an app ``federated.<master app key>`` with the intent's version,
+and a local deployment with the master's deployment id, run by today's AppActor (so the
+dc picks the agent, with today's placement and reason codes). An intent that names
+another dc, or is stopped, stops the local deployment; a local deployment of the reserved
+account that no intent names is stopped too (it was moved, or never came from the
+master).
+
+After every pass the outcome of each intent (``placed``, ``running``, ``unsatisfiable``
+with the placement reason codes, ``failed``, ``stopped``) is spooled as a ``placement``
+event when it changed since the last one sent (all of them again after a reconnection,
+so a master that restarted learns them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import attrs
+import trio
+
+from ee.actors.app import AddVersion, CreateDeployment, GetDeployment, StopDeployment
+from ee.federation.placement import FEDERATED_ACCOUNT, reason_counts
+from ee.placement import MAX_REPLICAS, Constraints, ConstraintsError
+from ee.runtime import ActorError, Registry
+
+log = logging.getLogger("ee.federation")
+
+INTENT_REFUSED = "intent_refused"
+
+
+@attrs.frozen
+class LocalApps:
+    """What the dc CP lends the reconciler: its app creation, registry and index."""
+
+    create_app: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
+    registry: Registry
+    index: MutableMapping[str, str]  # deployment id -> app key
+
+
+def local_key(master_app_key: str) -> str:
+    return f"{FEDERATED_ACCOUNT}.{master_app_key}"
+
+
+class IntentError(ValueError):
+    pass
+
+
+@attrs.frozen
+class Intent:
+    deployment_id: str
+    app: str  # the master's app key
+    version: dict[str, Any]
+    replicas: int
+    constraints: Constraints
+    running: bool
+
+
+def read_intent(deployment_id: str, doc: Any, label: str) -> Intent | None:
+    """An intent for *label* (None: another dc's), or ``IntentError``."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("app"), str) \
+            or not isinstance(doc.get("version"), dict):
+        raise IntentError("intent needs app and version")
+    if doc.get("datacenter") != label:
+        return None
+    version = doc["version"]
+    for field, kind in (("version", str), ("compose_hash", str), ("compose", str),
+                        ("expose_port", int), ("health_path", str)):
+        if not isinstance(version.get(field), kind):  # what a deploy frame is made of
+            raise IntentError(f"version needs {field}")
+    replicas = doc.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) \
+            or not 1 <= replicas <= MAX_REPLICAS:
+        raise IntentError("replicas out of range")
+    try:
+        c = Constraints.from_json(doc.get("constraints") or {})
+    except ConstraintsError as exc:
+        raise IntentError(f"constraints: {exc}") from None
+    return Intent(deployment_id, doc["app"], version, replicas,
+                  attrs.evolve(c, datacenter=label), doc.get("desired") == "running")
+
+
+def outcome_of(view: Mapping[str, Any] | None, replicas: int) -> tuple[str, int, str | None]:
+    """(outcome, running replicas, error) from a local deployment view."""
+    if view is None:
+        return "stopped", 0, None
+    running = sum(1 for r in view.get("replicas") or () if r.get("state") == "running")
+    state = view.get("state")
+    if state == "stopped":
+        return "stopped", 0, None
+    if state == "failed":
+        return "failed", running, view.get("error")
+    if state == "running" and running >= replicas:
+        return "running", running, None
+    return "placed", running, view.get("error")
+
+
+class DcReconciler:
+    def __init__(self, label: str, local: LocalApps,
+                 report: Callable[[dict[str, Any]], Awaitable[None]],
+                 emit: Callable[[str, str, Any], None]) -> None:
+        self.label = label
+        self.local = local
+        self.report = report
+        self.emit = emit
+        self.sent: dict[str, dict[str, Any]] = {}  # last outcome reported, by deployment
+        self.refused: set[str] = set()
+        self.wake = trio.Event()
+
+    def nudge(self, *, resend: bool = False) -> None:
+        if resend:
+            self.sent.clear()
+        self.wake.set()
+
+    async def run(self, desired: Callable[[], Mapping[str, Any]], period: float,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self.wake = trio.Event()
+            try:
+                await self.pass_once(desired())
+            except ActorError as exc:  # an app restarting: the next pass tries again
+                log.info("federation: reconcile pass: %s", exc)
+            with trio.move_on_after(period):
+                await self.wake.wait()
+
+    async def pass_once(self, desired: Mapping[str, Any]) -> None:
+        intents: dict[str, Intent] = {}
+        for dep_id, doc in dict(desired.get("deployments") or {}).items():
+            try:
+                got = read_intent(dep_id, doc, self.label)
+            except IntentError as exc:
+                if dep_id not in self.refused:
+                    self.refused.add(dep_id)
+                    self.emit("federation.refused", "master", {
+                        "code": INTENT_REFUSED, "detail": f"{dep_id[:80]}: {exc}"})
+                continue
+            if got is not None:
+                intents[dep_id] = got
+        for intent in intents.values():
+            await self._one(intent)
+        # Local deployments of the reserved account that no intent of ours names.
+        for dep_id, key in sorted(self.local.index.items()):
+            if key.startswith(f"{FEDERATED_ACCOUNT}.") and dep_id not in intents:
+                await self._stop(key, dep_id)
+
+    async def _stop(self, key: str, dep_id: str) -> dict[str, Any] | None:
+        name = f"app/{key}"
+        if name not in self.local.registry:
+            return None
+        ref = self.local.registry.ref(name)
+        view: dict[str, Any] | None = await ref.ask(GetDeployment(dep_id), timeout=10)
+        if view is not None and view.get("desired") != "stopped":
+            view = await ref.ask(StopDeployment(dep_id), timeout=30)
+            self.emit("federation.intent_stopped", dep_id, {"app": key})
+        return view
+
+    async def _one(self, intent: Intent) -> None:
+        key = local_key(intent.app)
+        dep_id = intent.deployment_id
+        reasons: dict[str, int] = {}
+        if not intent.running:
+            view = await self._stop(key, dep_id)
+        else:
+            name = f"app/{key}"
+            if name not in self.local.registry:
+                await self.local.create_app(key, {"app_key": key, "name": intent.app,
+                                                  "account_id": FEDERATED_ACCOUNT})
+            ref = self.local.registry.ref(name)
+            await ref.ask(AddVersion(intent.version), timeout=30)
+            view = await ref.ask(GetDeployment(dep_id), timeout=10)
+            if view is None:
+                made = await ref.ask(CreateDeployment(
+                    dep_id, intent.version["version"], intent.replicas,
+                    intent.constraints), timeout=60)
+                if made.get("error") == "not_placeable":
+                    reasons = reason_counts(made["placement"])
+                    await self._send(dep_id, "unsatisfiable", reasons, 0, None)
+                    return
+                if made.get("error"):
+                    await self._send(dep_id, "failed", {}, 0, str(made["error"]))
+                    return
+                self.local.index[dep_id] = key
+                self.emit("federation.intent_placed", dep_id, {"app": key})
+                view = await ref.ask(GetDeployment(dep_id), timeout=10)
+        outcome, running, error = outcome_of(view, intent.replicas)
+        await self._send(dep_id, outcome, reasons, running, error)
+
+    async def _send(self, dep_id: str, outcome: str, reasons: dict[str, int], running: int,
+                    error: str | None) -> None:
+        data = {"deployment_id": dep_id, "outcome": outcome, "reasons": reasons,
+                "running": running, "error": None if error is None else error[:500]}
+        if self.sent.get(dep_id) == data:
+            return
+        self.sent[dep_id] = data
+        await self.report(data)
