@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -41,8 +42,13 @@ def test_a_cursor_is_bound_to_its_account_and_list(account: str, listing: str) -
     assert err.value.code == "bad_cursor"
 
 
-@pytest.mark.parametrize("cursor", ["", "!!!", "e30", "x" * 3000,
-                                    "eyJhIjogImIiLCAibSI6ICIwMCJ9"])  # {"a": "b", "m": "00"}
+@pytest.mark.parametrize("cursor", [
+    "", "!!!", "e30", "x" * 3000,
+    "eyJhIjogImIiLCAibSI6ICIwMCJ9",  # {"a": "b", "m": "00"}
+    # Hostile: JSON nested past the recursion limit, a non-ASCII MAC (compare_digest
+    # raises TypeError on those): both were 500s.
+    base64.urlsafe_b64encode(b"[" * 1500).decode(),
+    base64.urlsafe_b64encode('{"a": "b", "m": "\u00e9"}'.encode()).decode()])
 def test_a_forged_or_broken_cursor_is_refused(cursor: str) -> None:
     with pytest.raises(rest.RestError) as err:
         rest.Cursors(b"k" * 32).decode("acct-a", "apps", cursor)
@@ -133,7 +139,10 @@ def test_rfc3339_is_normalised_to_utc(given: str, normal: str) -> None:
 
 @pytest.mark.parametrize("bad", ["2026-12-01", "2026-12-01 07:40:37Z", "2026-13-01T00:00:00Z",
                                  "2026-12-01T07:40:37", "yesterday", "2026-12-01T25:00:00Z",
-                                 "2026-12-01T07:40:37.1234567890Z"])
+                                 "2026-12-01T07:40:37.1234567890Z",
+                                 # digits of other scripts (\\d without re.ASCII took them)
+                                 "\u0662\u0660\u0662\u0666-12-01T07:40:37Z",
+                                 "2026-12-01T07:40:37.\u0662Z"])
 def test_rfc3339_refuses_the_rest(bad: str) -> None:
     with pytest.raises(rest.RestError):
         rest.parse_rfc3339(bad)

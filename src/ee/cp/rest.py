@@ -54,8 +54,9 @@ MAX_KEYS: Final = 20_000
 MAX_KEY_CHARS: Final = 255
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,255}\Z")  # MAX_KEY_CHARS
 _LIMIT = re.compile(r"\A[0-9]{1,4}\Z")
-_RFC3339 = re.compile(
-    r"\A(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z")
+_RFC3339 = re.compile(  # ASCII digits only (``\d`` would take any script's digits)
+    r"\A(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z",
+    re.ASCII)
 
 
 class RestError(Exception):
@@ -155,11 +156,11 @@ class Cursors:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             doc = json.loads(raw.decode())
-        except (binascii.Error, ValueError, UnicodeError):
-            raise bad from None
+        except (binascii.Error, ValueError, UnicodeError, RecursionError):
+            raise bad from None  # RecursionError: a forged cursor of nested arrays
         if not isinstance(doc, dict) or not isinstance(doc.get("a"), str) \
-                or not isinstance(doc.get("m"), str):
-            raise bad
+                or not isinstance(doc.get("m"), str) or not doc["m"].isascii():
+            raise bad  # compare_digest refuses (TypeError) non-ASCII strings
         if not hmac.compare_digest(doc["m"], self._mac(account, listing, doc["a"])):
             raise bad
         return str(doc["a"])
