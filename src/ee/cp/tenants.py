@@ -548,19 +548,18 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @tenant
     async def delete_version(name: str, version: str) -> Response:
         ref = app_ref(name)
-        key = f"{g.account_id}.{name}"
         async with app_lock(name):
-            await version_spec(ref, version)
-            users = [d for d in await deployments_of(ref) if d.get("version") == version]
-            refuse_in_use(f"version {version!r}", users)
-            await trio.to_thread.run_sync(cp.manifests.delete, "versions",
-                                          f"{key}/{version}")
-            # The app actor has no message to forget a version: it is restarted, and
-            # reloads its (now smaller) manifests; its deployments are adopted as after
-            # any restart (ee.actors.app).
-            await cp.apps.terminate_child(f"app/{key}")
-            await cp._start_app(key)
-        cp.events.emit("app.version_deleted", key, {"version": version})
+            # The app actor decides and deletes in one message (``DeleteVersion``): a
+            # version a deployment runs, goes back to or is updating from/to is kept.
+            result = await ref.ask(app_actor.DeleteVersion(version), timeout=30)
+        if result.get("error") == "unknown_version":
+            raise not_found("version", version)
+        if result.get("error") == "deployed":
+            ids = [str(d) for d in result["deployments"]]
+            raise ApiError(409, "deployed", f"version {version!r} is used by deployment(s) "
+                           f"{', '.join(ids)} (as their version, the version a rollback "
+                           "goes back to, or an update's): undeploy them first",
+                           {"deployments": ids})
         return Response(b"", status=204)
 
     # ---- placement and deployments -------------------------------------------------
