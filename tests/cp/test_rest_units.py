@@ -225,7 +225,12 @@ class ScriptedApp:
             raise ActorDead("app/x")
         if type(msg).__name__ == "GetDeployment":
             return {"deployment_id": "dep-1", "state": self.state}
-        self.asked_since.append(getattr(msg, "since", None))
+        raise AssertionError(f"unexpected ask {msg!r}")
+
+    async def logs(self, tail: int, since: str | None) -> dict[str, Any] | None:
+        if self.gone:
+            raise ActorDead("app/x")
+        self.asked_since.append(since)
         return {"deployment_id": "dep-1",
                 "replicas": [{"agent_id": "ag-1", "lines": list(self.lines)}]}
 
@@ -254,7 +259,8 @@ async def collect(app: ScriptedApp, query: tenants.LogsQuery, script: Any) -> li
     ended = []
 
     async def read() -> None:
-        async for chunk in tenants._follow(app, "dep-1", query, lambda: ended.append(1)):
+        async for chunk in tenants._follow(app, "dep-1", query, app.logs,
+                                           lambda: ended.append(1)):
             got.append(chunk)
 
     async with trio.open_nursery() as nursery:

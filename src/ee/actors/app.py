@@ -83,7 +83,7 @@ from typing import Any
 import attrs
 import trio
 
-from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
+from ee.actors.agent import PushDeploy, PushUndeploy, ReplicaReport
 from ee.actors.deployment import (
     HashProblem,
     derive,
@@ -215,11 +215,13 @@ class StopDeployment:
 
 
 @attrs.frozen
-class DeploymentLogs:
+class LogSources:
+    """Where a deployment's logs are: ``{"deployment_id", "agents": [ids]}`` or None.
+    The asker fetches them from those agents' actors itself (``FetchLogs``),
+    concurrently: the app never waits on an agent for logs, so a follower polling a
+    slow agent cannot stall its reconciliation."""
+
     deployment_id: str
-    tail: int
-    since: str | None = None  # RFC 3339 UTC
-    service: str | None = None
 
 
 @attrs.frozen
@@ -827,21 +829,12 @@ class AppActor(Actor):
             agents |= dep.last_agents
         return sorted(agents)
 
-    @handler(DeploymentLogs)
-    async def on_logs(self, msg: DeploymentLogs) -> dict[str, Any] | None:
+    @handler(LogSources)
+    async def on_log_sources(self, msg: LogSources) -> dict[str, Any] | None:
         dep = self.deployments.get(msg.deployment_id)
         if dep is None:
             return None
-        out = []
-        for agent_id in self._log_agents(dep):
-            try:
-                lines = await self.registry.ref(f"agent/{agent_id}").ask(
-                    FetchLogs(dep.deployment_id, msg.tail, msg.since, msg.service),
-                    timeout=15)
-                out.append({"agent_id": agent_id, "lines": lines})
-            except ActorError as exc:
-                out.append({"agent_id": agent_id, "error": str(exc)})
-        return {"deployment_id": dep.deployment_id, "replicas": out}
+        return {"deployment_id": dep.deployment_id, "agents": self._log_agents(dep)}
 
     @handler(ReplicaReport)
     async def on_report(self, msg: ReplicaReport) -> None:

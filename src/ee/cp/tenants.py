@@ -60,6 +60,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
+from ee.actors.agent import FetchLogs
 from ee.actors.directory import ATTESTED_VERDICTS, AgentRecord
 from ee.cp import rest
 from ee.cp.errors import (
@@ -119,6 +120,8 @@ GZIP_TYPES = ("application/gzip", "application/x-gzip")
 #: Log following (SSE): poll interval, longest stream, streams per account and in all.
 FOLLOW_POLL_S = 1.0
 FOLLOW_MAX_S = 15 * 60.0
+#: How long one agent's logs may take (agents are asked concurrently).
+LOG_FETCH_TIMEOUT_S = 10.0
 FOLLOW_KEEPALIVE_S = 15.0
 MAX_FOLLOWS_PER_ACCOUNT = 4
 MAX_FOLLOWS = 64
@@ -697,15 +700,20 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         if query.follow and query.since is None and resume:
             query = attrs.evolve(query, since=rest.parse_rfc3339(resume, "Last-Event-ID"))
         ref = dep_ref(deployment_id)
+
+        async def fetch(tail: int, since: str | None) -> dict[str, Any] | None:
+            return await fetch_logs(cp.registry, ref, deployment_id, tail, since,
+                                    query.service)
+
         if not query.follow:
-            view = await ref.ask(_logs_message(deployment_id, query.tail, query.since,
-                                               query.service), timeout=60)
+            view = await fetch(query.tail, query.since)
             if view is None:
                 raise not_found("deployment", deployment_id)
             return json_response(_filter_logs(view, query.since, query.service))
         await deployment_view(deployment_id)
         token = start_follow(g.account_id)
-        stream = _follow(ref, deployment_id, query, on_end=lambda: follows.pop(token, None))
+        stream = _follow(ref, deployment_id, query, fetch,
+                         on_end=lambda: follows.pop(token, None))
         response = Response(stream, content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
@@ -779,11 +787,32 @@ def _logs_query(args: Any) -> LogsQuery:
     return LogsQuery(int(tail), since, service, follow == "true")
 
 
-def _logs_message(deployment_id: str, tail: int, since: str | None,
-                  service: str | None) -> app_actor.DeploymentLogs:
-    """The app actor's logs request (the agents filter by ``since``/``service``; the
-    answer is filtered here again: ``_filter_logs``, since an agent may not)."""
-    return app_actor.DeploymentLogs(deployment_id, tail, since=since, service=service)
+async def fetch_logs(registry: Any, ref: Any, deployment_id: str, tail: int,
+                     since: str | None, service: str | None) -> dict[str, Any] | None:
+    """A deployment's logs (None: no such deployment). Its app actor only says where
+    they are (``LogSources``); each of those agents' actors is then asked here,
+    concurrently, each within ``LOG_FETCH_TIMEOUT_S``: a slow or gone agent is an
+    ``error`` entry, and never holds the app actor (nor the other agents' answers).
+    The agents filter by ``since``/``service``; the route filters again
+    (``_filter_logs``), since an agent may not."""
+    sources = await ref.ask(app_actor.LogSources(deployment_id), timeout=5)
+    if sources is None:
+        return None
+    agents = [str(a) for a in sources["agents"]]
+    found: dict[str, dict[str, Any]] = {}
+
+    async def one(agent_id: str) -> None:
+        try:
+            lines = await registry.ref(f"agent/{agent_id}").ask(
+                FetchLogs(deployment_id, tail, since, service), timeout=LOG_FETCH_TIMEOUT_S)
+            found[agent_id] = {"agent_id": agent_id, "lines": lines}
+        except ActorError as exc:
+            found[agent_id] = {"agent_id": agent_id, "error": f"logs unavailable: {exc}"}
+
+    async with trio.open_nursery() as nursery:
+        for agent_id in agents:
+            nursery.start_soon(one, agent_id)
+    return {"deployment_id": deployment_id, "replicas": [found[a] for a in agents]}
 
 
 def _filter_logs(view: dict[str, Any], since: str | None,
@@ -819,6 +848,7 @@ def _sse(event: str | None, data: dict[str, Any], ident: str | None = None) -> b
 
 
 async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
+                  fetch: Callable[[int, str | None], Awaitable[dict[str, Any] | None]],
                   on_end: Callable[[], object]) -> AsyncIterator[bytes]:
     """Server-Sent Events: one ``data: {"at", "service", "agent_id", "text"}`` event a
     line, polled every ``FOLLOW_POLL_S`` with ``since`` = the last instant seen (lines
@@ -840,8 +870,7 @@ async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
         reason = "max_duration"
         while trio.current_time() < ends:
             try:
-                view = await ref.ask(_logs_message(deployment_id, tail, since, query.service),
-                                     timeout=30)
+                view = await fetch(tail, since)
                 state = await ref.ask(app_actor.GetDeployment(deployment_id), timeout=5)
             except ActorDead:
                 reason = "gone"  # the app was deleted
