@@ -113,6 +113,31 @@ def test_keys_expire_and_are_capped() -> None:
     assert len(keys) == 1  # the rest expired
 
 
+def test_kept_answers_are_capped_in_bytes() -> None:
+    """A version's answer carries its compose file (up to 1 MiB): 1000 keys of those per
+    account were 1 GB of CP memory. Kept answers are budgeted in bytes too."""
+    big = rest.Answer(201, b"x" * 400, "application/json", "/api/v2/apps/x")
+    size = 400 + len("/api/v2/apps/x") + len("application/json")
+    keys = rest.IdempotencyKeys(bytes_per_account=2 * size, total_bytes=3 * size)
+    for i in range(3):
+        assert keys.begin("a", f"k{i}", "fp", float(i)) == rest.Run()
+        keys.finish("a", f"k{i}", big)
+    assert keys.kept_bytes == 2 * size  # the oldest of account a went
+    assert keys.begin("a", "k0", "fp", 3.0) == rest.Run()
+    keys.abandon("a", "k0")
+    assert keys.begin("a", "k2", "fp", 4.0) == rest.Replay(big)
+    for account in ("b", "c"):
+        keys.begin(account, "k", "fp", 5.0)
+        keys.finish(account, "k", big)
+    assert keys.kept_bytes <= 3 * size  # in all
+    assert keys.begin("c", "k", "fp", 6.0) == rest.Replay(big)  # the newest stays
+    # Larger than an account's whole budget: not kept (a retry runs again).
+    keys.begin("d", "huge", "fp", 7.0)
+    keys.finish("d", "huge", rest.Answer(201, b"x" * (3 * size), "application/json", None))
+    assert keys.begin("d", "huge", "fp", 8.0) == rest.Run()
+    assert keys.kept_bytes <= 3 * size
+
+
 @pytest.mark.parametrize("key", ["", "a b", "x" * 256, "ключ", "a\nb"])
 def test_bad_idempotency_keys(key: str) -> None:
     with pytest.raises(rest.RestError) as err:
