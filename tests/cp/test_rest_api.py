@@ -258,7 +258,14 @@ async def test_delete_apps_and_versions_only_when_not_deployed(tmp_path: Path) -
                 await alice.delete(f"/api/v2/deployments/{dep}")
                 await reach_state(alice, dep, "stopped")
                 assert (await alice.delete("/api/v2/apps/hello/versions/1.0")).status_code == 204
+                # A version that landed on disk after the app listed its versions (the
+                # race of a POST …/versions with the DELETE) goes with the app too.
+                key = f"{(await alice.get('/api/v2/accounts/me')).json()['account_id']}.hello"
+                env.cp.manifests.write("versions", f"{key}/3.0", {
+                    **VERSION, "version": "3.0", "app": key, "compose_hash": "sha256:00"})
                 assert (await alice.delete("/api/v2/apps/hello")).status_code == 204
+                assert [v for v in env.cp.manifests.load("versions")[0]
+                        if v.get("app") == key] == []
                 assert (await alice.get("/api/v2/apps/hello")).status_code == 404
                 assert (await alice.get(f"/api/v2/deployments/{dep}")).status_code == 404
                 # A new app of that name starts empty (nothing of the old one comes back).

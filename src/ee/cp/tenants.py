@@ -408,7 +408,12 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             def forget() -> None:  # worker thread: children first, the app last
                 for d in deps:
                     cp.manifests.delete("deployments", str(d["deployment_id"]))
-                for v in versions:
+                # Every version manifest of the app on disk, not only those listed
+                # above: a version added between that listing and the app's end was
+                # written (an actor's manifest write completes before it stops), and
+                # would come back, after a CP restart, in a new app of this name.
+                docs, _ = cp.manifests.load("versions")
+                for v in [*versions, *(d for d in docs if d.get("app") == key)]:
                     cp.manifests.delete("versions", f"{key}/{v['version']}")
                 cp.manifests.delete("apps", key)
 
