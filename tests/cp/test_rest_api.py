@@ -415,3 +415,52 @@ async def test_follow_streams_are_capped_per_account(tmp_path: Path) -> None:
                 for ctx in opened:
                     await ctx.__aexit__(None, None, None)
             nursery.cancel_scope.cancel()
+
+
+async def test_large_bodies_in_flight_are_capped_per_caller(tmp_path: Path) -> None:
+    """Each authenticated request may hold ``max_request_bytes`` of body: a tenant with
+    many slow (or chunked) uploads open at once would fill the CP's memory. Large
+    bodies take a slot of their caller before a byte is read; none free is a 429."""
+    size = 4 << 20
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env, trio.open_nursery() as nursery:
+            alice, bob = await two_tenants(env)
+            async with alice, bob:
+                await with_app(alice)
+                go, both = trio.Event(), trio.Event()
+                answers: list[int] = []
+                put = "/api/v2/apps/hello/versions/9.{}/context"
+
+                async def stalled(i: int, chunked: bool) -> None:
+                    async def body() -> Any:
+                        yield b"\0" * 1024
+                        await go.wait()
+                        yield b"\0" * (size - 1024)
+
+                    headers = {"Content-Type": "application/gzip"}
+                    if not chunked:
+                        headers["Content-Length"] = str(size)
+                    r = await alice.put(put.format(i), content=body(), headers=headers)
+                    answers.append(r.status_code)
+                    if len(answers) == 2:
+                        both.set()
+
+                nursery.start_soon(stalled, 1, False)
+                nursery.start_soon(stalled, 2, True)
+                await trio.sleep(1)  # both are being read (slowly) now
+                r = await alice.put(put.format(3), content=b"\0" * size,
+                                    headers={"Content-Type": "application/gzip"})
+                assert error(r)[:2] == (429, "too_many_uploads")
+                assert r.headers["Retry-After"]
+                # Small bodies, and other tenants, are not held back.
+                assert (await alice.get("/api/v2/apps/hello")).status_code == 200
+                r = await bob.post("/api/v2/apps", json={"name": "b"})
+                assert r.status_code == 201
+                go.set()
+                await both.wait()
+                assert answers == [400, 400]  # read whole, then refused: not a tar.gz
+                # Their slots are back.
+                r = await alice.put(put.format(3), content=b"\0" * size,
+                                    headers={"Content-Type": "application/gzip"})
+                assert error(r)[:2] == (400, "bad_request")
+            nursery.cancel_scope.cancel()
