@@ -13,8 +13,7 @@ from another account, another list, an edited one or one from a CP that has sinc
 restarted is refused (400 ``bad_cursor``: list again from the start). So a cursor
 never lets one tenant page through what another sees, and a client cannot forge one.
 
-Idempotency. Creating routes (create an app, add a version, deploy, stage a build
-context) accept an ``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of
+Idempotency. Creating routes (create an app, add a version, deploy) accept an ``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of
 ``[A-Za-z0-9._:-]``). Keys are scoped to the account: two tenants using one key never
 meet. The first request with a key is run and its answer (status, body, ``Location``)
 kept if it is a success (2xx), with a fingerprint of the request (method, path,

@@ -34,10 +34,17 @@ it. A staged context is kept in memory for ``STAGED_TTL_S``, at most
 ``MAX_STAGED_PER_ACCOUNT`` per account (the oldest is dropped) and ``MAX_STAGED_BYTES``
 in all (then 429 ``staging_full``); a CP restart forgets it.
 
-Deleting. ``DELETE /api/v2/apps/{name}`` and ``DELETE /api/v2/apps/{name}/versions/{v}``
-are refused with 409 ``deployed`` while a deployment that is not ``stopped`` uses the
-app (the version); deleting an app deletes its versions, its stopped deployments and
-its sealed secrets (its secret policy and audit trail stay, under the app key).
+Deleting. ``DELETE /api/v2/apps/{name}`` is refused with 409 ``deployed`` while a
+deployment that is not ``stopped`` uses the app; ``DELETE
+/api/v2/apps/{name}/versions/{v}`` while one needs the version (as its version, its
+previous version, an end of its update, or a replica's: decided by the app actor,
+``DeleteVersion``). Deleting an app deletes its versions (every manifest of them on
+disk), its stopped deployments and its sealed secrets (its secret policy and audit
+trail stay, under the app key).
+
+Logs. The app actor names the agents that hold a deployment's logs; the route asks
+them itself, concurrently, each bounded (``fetch_logs``): a slow agent never holds the
+app. Followers (SSE) are capped per account and in all.
 """
 
 from __future__ import annotations
