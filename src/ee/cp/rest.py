@@ -13,23 +13,23 @@ from another account, another list, an edited one or one from a CP that has sinc
 restarted is refused (400 ``bad_cursor``: list again from the start). So a cursor
 never lets one tenant page through what another sees, and a client cannot forge one.
 
-Idempotency. Creating routes (create an app, add a version, deploy) accept an ``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of
-``[A-Za-z0-9._:-]``). Keys are scoped to the account: two tenants using one key never
-meet. The first request with a key is run and its answer (status, body, ``Location``)
-kept if it is a success (2xx), with a fingerprint of the request (method, path,
-content type, body bytes); a repeat with the same fingerprint gets that answer again
-(``Idempotent-Replayed: true``) without running anything; a repeat with another
-fingerprint is 409 ``idempotency_conflict``; a repeat while the first is still running
-is 409 ``idempotency_in_progress`` (retry). A refusal (4xx, 5xx) is not kept: the
-request may be retried with the same key once its cause is fixed. Keys live in this CP
-process's memory for ``IDEMPOTENCY_TTL_S`` (24 h), at most ``MAX_KEYS_PER_ACCOUNT`` per account and
-``MAX_KEYS`` in all, and at most ``MAX_KEPT_BYTES_PER_ACCOUNT`` / ``MAX_KEPT_BYTES`` of
-kept answers (the oldest go first; an answer larger than an account's budget is not
-kept); a CP restart forgets them. This is enough for
-the purpose — a client retrying a request whose answer it lost — and never blocks a
-request: a forgotten key runs the request again, which the creating routes refuse as a
-conflict (409 ``conflict``: the app or version exists) where repeating it would matter,
-except a deploy, which makes a second deployment.
+Idempotency. Creating routes (create an app, add a version, deploy) accept an
+``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of ``[A-Za-z0-9._:-]``). Keys are
+scoped to the account: two tenants using one key never meet. The first request with a
+key is run and its answer (status, body, ``Location``) kept if it is a success (2xx),
+with a fingerprint of the request (method, path, content type, body bytes); a repeat
+with the same fingerprint gets that answer again (``Idempotent-Replayed: true``) without
+running anything; a repeat with another fingerprint is 409 ``idempotency_conflict``; a
+repeat while the first is still running is 409 ``idempotency_in_progress`` (retry). A
+refusal (4xx, 5xx) is not kept: the request may be retried with the same key once its
+cause is fixed. Keys live in this CP process's memory for ``IDEMPOTENCY_TTL_S`` (24 h),
+at most ``MAX_KEYS_PER_ACCOUNT`` per account and ``MAX_KEYS`` in all, and at most
+``MAX_KEPT_BYTES_PER_ACCOUNT`` / ``MAX_KEPT_BYTES`` of kept answers (the oldest go
+first; an answer larger than an account's budget is not kept); a CP restart forgets
+them. This is enough for the purpose — a client retrying a request whose answer it lost
+— and never blocks a request: a forgotten key runs the request again, which the creating
+routes refuse as a conflict (409 ``conflict``: the app or version exists) where
+repeating it would matter, except a deploy, which makes a second deployment.
 """
 
 from __future__ import annotations
