@@ -163,8 +163,9 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         declared = request.content_length
         if declared is not None:
             return declared > LARGE_BODY_BYTES
-        return "Transfer-Encoding" in request.headers or \
-            request.method not in ("GET", "HEAD", "OPTIONS", "DELETE")
+        if request.http_version in ("1.0", "1.1"):  # no length, not chunked: no body
+            return "Transfer-Encoding" in request.headers
+        return request.method not in ("GET", "HEAD", "OPTIONS", "DELETE")  # HTTP/2
 
     def take_large_slot() -> None:
         """A slot for this request's large body (429 when none is free)."""
