@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from cpkit import RunningCp, running_cp
 from test_tenants import COMPOSE, context, reach_state, tenant, workload_of
 
+from ee.cp import tenants
 from ee.cp.tenants import MAX_FOLLOWS_PER_ACCOUNT
 
 RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z\Z")
@@ -335,6 +337,56 @@ async def test_raw_gzip_build_context(tmp_path: Path) -> None:
                     **VERSION, "version": "3", "build_context": context(),
                     "build_context_staged": True})
                 assert error(r) == (400, "bad_request", "build_context_staged")
+
+
+async def test_staging_is_shared_fairly(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tenant staging up to the CP's limit does not keep another out: the oldest
+    of the account holding the most goes; 429 only for the one that holds the most."""
+    raw = gzip_context()
+    monkeypatch.setattr(tenants, "MAX_STAGED_BYTES", 3 * len(raw))
+    gz = {"Content-Type": "application/gzip"}
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            alice, bob = await two_tenants(env)
+            async with alice, bob:
+                for http in (alice, bob):
+                    assert (await http.post("/api/v2/apps", json={"name": "hello"})
+                            ).status_code == 201
+                for v in ("3.0", "4.0", "5.0"):  # the CP's whole staging, Alice's
+                    r = await alice.put(f"/api/v2/apps/hello/versions/{v}/context",
+                                        content=raw, headers=gz)
+                    assert r.status_code == 201, r.text
+                r = await bob.put("/api/v2/apps/hello/versions/1.0/context", content=raw,
+                                  headers=gz)
+                assert r.status_code == 201, r.text  # was: 429 staging_full
+                # Alice's oldest made the room; her others are still there.
+                r = await alice.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "version": "3.0", "build_context_staged": True})
+                assert error(r)[:2] == (409, "no_staged_context")
+                r = await alice.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "version": "5.0", "build_context_staged": True})
+                assert r.status_code == 201, r.text
+                r = await bob.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "build_context_staged": True})
+                assert r.status_code == 201, r.text
+
+
+def test_staging_evictions_take_from_the_biggest_holder() -> None:
+    held = {("a", "x", "1"): (40, 1.0), ("a", "x", "2"): (40, 2.0), ("a", "x", "3"): (40, 3.0)}
+    assert tenants._staging_evictions(held, "b", 40, 128) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "a", 40, 128) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "b", 8, 128) == []
+    # The newcomer alone would hold the most: nothing fair to drop.
+    assert tenants._staging_evictions({("a", "x", "1"): (50, 1.0)}, "b", 60, 100) is None
+    # Always from whoever holds the most (the newcomer's bytes counted as its own).
+    held = {("a", "x", "1"): (30, 1.0), ("a", "x", "2"): (30, 2.0),
+            ("c", "y", "1"): (30, 0.5)}
+    assert tenants._staging_evictions(held, "b", 40, 100) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "c", 40, 100) == [("c", "y", "1")]  # its own
+    assert tenants._staging_evictions(held, "b", 60, 100) is None  # b would hold the most
+    assert tenants._staging_evictions(held, "a", 70, 100) == [("a", "x", "1"),
+                                                               ("a", "x", "2")]
 
 
 async def test_logs_queries_follow_and_attestation(tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ the gzip tar first, ``PUT /api/v2/apps/{name}/versions/{version}/context`` with
 then ``POST /api/v2/apps/{name}/versions`` with ``"build_context_staged": true`` takes
 it. A staged context is kept in memory for ``STAGED_TTL_S``, at most
 ``MAX_STAGED_PER_ACCOUNT`` per account (the oldest is dropped) and ``MAX_STAGED_BYTES``
-in all (then 429 ``staging_full``); a CP restart forgets it.
+in all: over that, the oldest of the account holding the most goes (fair share: no
+tenant keeps another out), and 429 ``staging_full`` only when the caller would hold
+the most with nothing older of its own to drop; a CP restart forgets it.
 
 Deleting. ``DELETE /api/v2/apps/{name}`` is refused with 409 ``deployed`` while a
 deployment that is not ``stopped`` uses the app; ``DELETE
@@ -57,7 +59,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -525,11 +527,14 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         slot = (g.account_id, name, version)
         if slot not in staged and len(mine) >= MAX_STAGED_PER_ACCOUNT:
             del staged[mine[0][1]]  # the oldest of this account's goes
-        held = sum(len(b) for k, (b, _) in staged.items() if k != slot)
-        if held + len(raw) > MAX_STAGED_BYTES:
+        held = {k: (len(b), ends) for k, (b, ends) in staged.items() if k != slot}
+        evict = _staging_evictions(held, g.account_id, len(raw), MAX_STAGED_BYTES)
+        if evict is None:
             raise ApiError(429, "staging_full", "too many build contexts are staged; "
                            "retry shortly", {"retry_after_s": 60},
                            headers={"Retry-After": "60"})
+        for k in evict:
+            del staged[k]
         staged[slot] = (raw, t + STAGED_TTL_S)
         return created({"app": name, "version": version, "bytes": len(raw),
                         "sha256": hashlib.sha256(raw).hexdigest(),
@@ -946,6 +951,31 @@ def _instant_text(nanos: int) -> str:
     seconds, frac = divmod(nanos, 1_000_000_000)
     whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{whole}.{frac:09d}Z"
+
+
+StagedKey = tuple[str, str, str]  # (account, app, version)
+
+
+def _staging_evictions(held: Mapping[StagedKey, tuple[int, float]], account: str,
+                       size: int, limit: int) -> list[StagedKey] | None:
+    """The staged contexts to drop so that *account* can stage *size* more bytes within
+    *limit* (*held*: key -> (bytes, expiry)), or None (429). Fair share: the oldest of
+    the account holding the most bytes (counting the new one for *account*) goes
+    first, so no tenant can keep another out by staging up to the limit; *account*'s
+    own only when it is that account, and never so as to make room for itself alone."""
+    left = dict(held)
+    out: list[StagedKey] = []
+    while sum(n for n, _ in left.values()) + size > limit:
+        per: dict[str, int] = {account: size}
+        for k, (n, _) in left.items():
+            per[k[0]] = per.get(k[0], 0) + n
+        biggest = max(per, key=lambda a: (per[a], a != account))
+        theirs = sorted((ends, k) for k, (_, ends) in left.items() if k[0] == biggest)
+        if not theirs:
+            return None  # the new one alone is the most: nothing fair to drop
+        out.append(theirs[0][1])
+        del left[theirs[0][1]]
+    return out
 
 
 def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
