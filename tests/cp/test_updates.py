@@ -268,6 +268,11 @@ async def test_patch_refusals(tmp_path: Path) -> None:
                 r = await http.post(f"{path}/rollback")
                 assert r.status_code == 409
                 assert r.json()["error"]["code"] == "no_previous_version"
+                r = await http.post(f"{path}/rollback", json={"version": "2.0"})
+                assert r.status_code == 400  # it takes no fields
+                assert r.json()["error"]["code"] == "unknown_field"
+                r = await http.post(f"{path}/rollback", json=[1])
+                assert r.status_code == 400
                 # Another tenant: not found, whatever it asks.
                 r = await other.patch(path, json={"version": "2.0"})
                 assert r.status_code == 404

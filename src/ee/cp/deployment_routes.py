@@ -35,7 +35,17 @@ from quart import Response, g, websocket
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
-from ee.cp.errors import ApiError, Who, bearer_token, guard, json_response, not_found, request_body
+from ee.cp import rest
+from ee.cp.errors import (
+    ApiError,
+    Who,
+    bearer_token,
+    guard,
+    json_object,
+    json_response,
+    not_found,
+    request_body,
+)
 from ee.cp.events import Event
 from ee.cp.records import find_api_key, get_account
 from ee.cp.tenants import APP_NAME, MAX_REPLICAS, VERSION
@@ -167,6 +177,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
     @guard(Who.TENANT)
     async def rollback_deployment(deployment_id: str) -> Response:
         ref = await may_change(deployment_id)
+        rest.check_fields(await json_object(required=False), ())  # takes no fields
         result = await ref.ask(app_actor.RollbackDeployment(deployment_id), timeout=60)
         return answer(deployment_id, result)
 
