@@ -511,7 +511,17 @@ async def test_large_bodies_in_flight_are_capped_per_caller(tmp_path: Path) -> N
                 go.set()
                 await both.wait()
                 assert answers == [400, 400]  # read whole, then refused: not a tar.gz
-                # Their slots are back.
+                # Their slots are back; so are those of uploads the client gave up on.
+                for i in range(3):
+                    sock = await trio.open_tcp_stream("127.0.0.1", env.cp.http_port)
+                    await sock.send_all(
+                        f"PUT {put.format(i)} HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: {alice.headers['Authorization']}\r\n"
+                        f"Content-Type: application/gzip\r\nContent-Length: {size}\r\n"
+                        "\r\n".encode() + b"\0" * 4096)
+                    await trio.sleep(0.3)
+                    await sock.aclose()
+                await trio.sleep(0.3)
                 r = await alice.put(put.format(3), content=b"\0" * size,
                                     headers={"Content-Type": "application/gzip"})
                 assert error(r)[:2] == (400, "bad_request")
