@@ -28,10 +28,14 @@ from ee.actors.app import (
     AppActor,
     AppDeps,
     CreateDeployment,
+    Deployment,
     DeploySettings,
     GetDeployment,
     Reconcile,
+    Replica,
     StopDeployment,
+    Update,
+    _versions_used,
 )
 from ee.actors.deployment import failure_text, move_plan, timed_out
 from ee.actors.directory import AgentDirectory, Nudges
@@ -103,6 +107,18 @@ def test_move_plan(wanted: int, current: list[str], outdated: list[str], free: b
                    plan: str) -> None:
     assert move_plan(wanted=wanted, current=current, outdated=outdated,
                      free_agent=free) == plan
+
+
+def test_a_deployment_needs_every_version_it_may_run() -> None:
+    """What DELETE of a version is refused for: the deployment's version, its previous
+    one, both ends of its update, and what its replicas run or are moved from."""
+    dep = Deployment("dep-1", "3.0", 2, Constraints(), "running", 0.0,
+                     previous_version="2.0", update=Update("rolling", "2.0", "3.0", 0.0),
+                     replicas={"a": Replica("a", "running", version="1.0"),
+                               "b": Replica("b", "pending", version="3.0",
+                                            moved_from="0.9")})
+    assert _versions_used(dep) == {"0.9", "1.0", "2.0", "3.0"}
+    assert _versions_used(Deployment("d", "1.0", 1, Constraints(), "running", 0.0)) == {"1.0"}
 
 
 def test_update_transitions() -> None:
