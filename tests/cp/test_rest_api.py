@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 from cpkit import RunningCp, running_cp
 from test_tenants import COMPOSE, context, reach_state, tenant, workload_of
 
+from ee.cp import tenants
 from ee.cp.tenants import MAX_FOLLOWS_PER_ACCOUNT
 
 RFC3339 = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z\Z")
@@ -258,7 +260,14 @@ async def test_delete_apps_and_versions_only_when_not_deployed(tmp_path: Path) -
                 await alice.delete(f"/api/v2/deployments/{dep}")
                 await reach_state(alice, dep, "stopped")
                 assert (await alice.delete("/api/v2/apps/hello/versions/1.0")).status_code == 204
+                # A version that landed on disk after the app listed its versions (the
+                # race of a POST …/versions with the DELETE) goes with the app too.
+                key = f"{(await alice.get('/api/v2/accounts/me')).json()['account_id']}.hello"
+                env.cp.manifests.write("versions", f"{key}/3.0", {
+                    **VERSION, "version": "3.0", "app": key, "compose_hash": "sha256:00"})
                 assert (await alice.delete("/api/v2/apps/hello")).status_code == 204
+                assert [v for v in env.cp.manifests.load("versions")[0]
+                        if v.get("app") == key] == []
                 assert (await alice.get("/api/v2/apps/hello")).status_code == 404
                 assert (await alice.get(f"/api/v2/deployments/{dep}")).status_code == 404
                 # A new app of that name starts empty (nothing of the old one comes back).
@@ -328,6 +337,56 @@ async def test_raw_gzip_build_context(tmp_path: Path) -> None:
                     **VERSION, "version": "3", "build_context": context(),
                     "build_context_staged": True})
                 assert error(r) == (400, "bad_request", "build_context_staged")
+
+
+async def test_staging_is_shared_fairly(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One tenant staging up to the CP's limit does not keep another out: the oldest
+    of the account holding the most goes; 429 only for the one that holds the most."""
+    raw = gzip_context()
+    monkeypatch.setattr(tenants, "MAX_STAGED_BYTES", 3 * len(raw))
+    gz = {"Content-Type": "application/gzip"}
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env:
+            alice, bob = await two_tenants(env)
+            async with alice, bob:
+                for http in (alice, bob):
+                    assert (await http.post("/api/v2/apps", json={"name": "hello"})
+                            ).status_code == 201
+                for v in ("3.0", "4.0", "5.0"):  # the CP's whole staging, Alice's
+                    r = await alice.put(f"/api/v2/apps/hello/versions/{v}/context",
+                                        content=raw, headers=gz)
+                    assert r.status_code == 201, r.text
+                r = await bob.put("/api/v2/apps/hello/versions/1.0/context", content=raw,
+                                  headers=gz)
+                assert r.status_code == 201, r.text  # was: 429 staging_full
+                # Alice's oldest made the room; her others are still there.
+                r = await alice.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "version": "3.0", "build_context_staged": True})
+                assert error(r)[:2] == (409, "no_staged_context")
+                r = await alice.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "version": "5.0", "build_context_staged": True})
+                assert r.status_code == 201, r.text
+                r = await bob.post("/api/v2/apps/hello/versions", json={
+                    **VERSION, "build_context_staged": True})
+                assert r.status_code == 201, r.text
+
+
+def test_staging_evictions_take_from_the_biggest_holder() -> None:
+    held = {("a", "x", "1"): (40, 1.0), ("a", "x", "2"): (40, 2.0), ("a", "x", "3"): (40, 3.0)}
+    assert tenants._staging_evictions(held, "b", 40, 128) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "a", 40, 128) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "b", 8, 128) == []
+    # The newcomer alone would hold the most: nothing fair to drop.
+    assert tenants._staging_evictions({("a", "x", "1"): (50, 1.0)}, "b", 60, 100) is None
+    # Always from whoever holds the most (the newcomer's bytes counted as its own).
+    held = {("a", "x", "1"): (30, 1.0), ("a", "x", "2"): (30, 2.0),
+            ("c", "y", "1"): (30, 0.5)}
+    assert tenants._staging_evictions(held, "b", 40, 100) == [("a", "x", "1")]
+    assert tenants._staging_evictions(held, "c", 40, 100) == [("c", "y", "1")]  # its own
+    assert tenants._staging_evictions(held, "b", 60, 100) is None  # b would hold the most
+    assert tenants._staging_evictions(held, "a", 70, 100) == [("a", "x", "1"),
+                                                               ("a", "x", "2")]
 
 
 async def test_logs_queries_follow_and_attestation(tmp_path: Path) -> None:
@@ -407,4 +466,63 @@ async def test_follow_streams_are_capped_per_account(tmp_path: Path) -> None:
                 assert r.headers["Retry-After"]
                 for ctx in opened:
                     await ctx.__aexit__(None, None, None)
+            nursery.cancel_scope.cancel()
+
+
+async def test_large_bodies_in_flight_are_capped_per_caller(tmp_path: Path) -> None:
+    """Each authenticated request may hold ``max_request_bytes`` of body: a tenant with
+    many slow (or chunked) uploads open at once would fill the CP's memory. Large
+    bodies take a slot of their caller before a byte is read; none free is a 429."""
+    size = 4 << 20
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp") as env, trio.open_nursery() as nursery:
+            alice, bob = await two_tenants(env)
+            async with alice, bob:
+                await with_app(alice)
+                go, both = trio.Event(), trio.Event()
+                answers: list[int] = []
+                put = "/api/v2/apps/hello/versions/9.{}/context"
+
+                async def stalled(i: int, chunked: bool) -> None:
+                    async def body() -> Any:
+                        yield b"\0" * 1024
+                        await go.wait()
+                        yield b"\0" * (size - 1024)
+
+                    headers = {"Content-Type": "application/gzip"}
+                    if not chunked:
+                        headers["Content-Length"] = str(size)
+                    r = await alice.put(put.format(i), content=body(), headers=headers)
+                    answers.append(r.status_code)
+                    if len(answers) == 2:
+                        both.set()
+
+                nursery.start_soon(stalled, 1, False)
+                nursery.start_soon(stalled, 2, True)
+                await trio.sleep(1)  # both are being read (slowly) now
+                r = await alice.put(put.format(3), content=b"\0" * size,
+                                    headers={"Content-Type": "application/gzip"})
+                assert error(r)[:2] == (429, "too_many_uploads")
+                assert r.headers["Retry-After"]
+                # Small bodies, and other tenants, are not held back.
+                assert (await alice.get("/api/v2/apps/hello")).status_code == 200
+                r = await bob.post("/api/v2/apps", json={"name": "b"})
+                assert r.status_code == 201
+                go.set()
+                await both.wait()
+                assert answers == [400, 400]  # read whole, then refused: not a tar.gz
+                # Their slots are back; so are those of uploads the client gave up on.
+                for i in range(3):
+                    sock = await trio.open_tcp_stream("127.0.0.1", env.cp.http_port)
+                    await sock.send_all(
+                        f"PUT {put.format(i)} HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: {alice.headers['Authorization']}\r\n"
+                        f"Content-Type: application/gzip\r\nContent-Length: {size}\r\n"
+                        "\r\n".encode() + b"\0" * 4096)
+                    await trio.sleep(0.3)
+                    await sock.aclose()
+                await trio.sleep(0.3)
+                r = await alice.put(put.format(3), content=b"\0" * size,
+                                    headers={"Content-Type": "application/gzip"})
+                assert error(r)[:2] == (400, "bad_request")
             nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -41,8 +42,13 @@ def test_a_cursor_is_bound_to_its_account_and_list(account: str, listing: str) -
     assert err.value.code == "bad_cursor"
 
 
-@pytest.mark.parametrize("cursor", ["", "!!!", "e30", "x" * 3000,
-                                    "eyJhIjogImIiLCAibSI6ICIwMCJ9"])  # {"a": "b", "m": "00"}
+@pytest.mark.parametrize("cursor", [
+    "", "!!!", "e30", "x" * 3000,
+    "eyJhIjogImIiLCAibSI6ICIwMCJ9",  # {"a": "b", "m": "00"}
+    # Hostile: JSON nested past the recursion limit, a non-ASCII MAC (compare_digest
+    # raises TypeError on those): both were 500s.
+    base64.urlsafe_b64encode(b"[" * 1500).decode(),
+    base64.urlsafe_b64encode('{"a": "b", "m": "\u00e9"}'.encode()).decode()])
 def test_a_forged_or_broken_cursor_is_refused(cursor: str) -> None:
     with pytest.raises(rest.RestError) as err:
         rest.Cursors(b"k" * 32).decode("acct-a", "apps", cursor)
@@ -107,6 +113,31 @@ def test_keys_expire_and_are_capped() -> None:
     assert len(keys) == 1  # the rest expired
 
 
+def test_kept_answers_are_capped_in_bytes() -> None:
+    """A version's answer carries its compose file (up to 1 MiB): 1000 keys of those per
+    account were 1 GB of CP memory. Kept answers are budgeted in bytes too."""
+    big = rest.Answer(201, b"x" * 400, "application/json", "/api/v2/apps/x")
+    size = 400 + len("/api/v2/apps/x") + len("application/json")
+    keys = rest.IdempotencyKeys(bytes_per_account=2 * size, total_bytes=3 * size)
+    for i in range(3):
+        assert keys.begin("a", f"k{i}", "fp", float(i)) == rest.Run()
+        keys.finish("a", f"k{i}", big)
+    assert keys.kept_bytes == 2 * size  # the oldest of account a went
+    assert keys.begin("a", "k0", "fp", 3.0) == rest.Run()
+    keys.abandon("a", "k0")
+    assert keys.begin("a", "k2", "fp", 4.0) == rest.Replay(big)
+    for account in ("b", "c"):
+        keys.begin(account, "k", "fp", 5.0)
+        keys.finish(account, "k", big)
+    assert keys.kept_bytes <= 3 * size  # in all
+    assert keys.begin("c", "k", "fp", 6.0) == rest.Replay(big)  # the newest stays
+    # Larger than an account's whole budget: not kept (a retry runs again).
+    keys.begin("d", "huge", "fp", 7.0)
+    keys.finish("d", "huge", rest.Answer(201, b"x" * (3 * size), "application/json", None))
+    assert keys.begin("d", "huge", "fp", 8.0) == rest.Run()
+    assert keys.kept_bytes <= 3 * size
+
+
 @pytest.mark.parametrize("key", ["", "a b", "x" * 256, "ключ", "a\nb"])
 def test_bad_idempotency_keys(key: str) -> None:
     with pytest.raises(rest.RestError) as err:
@@ -133,7 +164,10 @@ def test_rfc3339_is_normalised_to_utc(given: str, normal: str) -> None:
 
 @pytest.mark.parametrize("bad", ["2026-12-01", "2026-12-01 07:40:37Z", "2026-13-01T00:00:00Z",
                                  "2026-12-01T07:40:37", "yesterday", "2026-12-01T25:00:00Z",
-                                 "2026-12-01T07:40:37.1234567890Z"])
+                                 "2026-12-01T07:40:37.1234567890Z",
+                                 # digits of other scripts (\\d without re.ASCII took them)
+                                 "\u0662\u0660\u0662\u0666-12-01T07:40:37Z",
+                                 "2026-12-01T07:40:37.\u0662Z"])
 def test_rfc3339_refuses_the_rest(bad: str) -> None:
     with pytest.raises(rest.RestError):
         rest.parse_rfc3339(bad)
@@ -216,7 +250,12 @@ class ScriptedApp:
             raise ActorDead("app/x")
         if type(msg).__name__ == "GetDeployment":
             return {"deployment_id": "dep-1", "state": self.state}
-        self.asked_since.append(getattr(msg, "since", None))
+        raise AssertionError(f"unexpected ask {msg!r}")
+
+    async def logs(self, tail: int, since: str | None) -> dict[str, Any] | None:
+        if self.gone:
+            raise ActorDead("app/x")
+        self.asked_since.append(since)
         return {"deployment_id": "dep-1",
                 "replicas": [{"agent_id": "ag-1", "lines": list(self.lines)}]}
 
@@ -245,7 +284,8 @@ async def collect(app: ScriptedApp, query: tenants.LogsQuery, script: Any) -> li
     ended = []
 
     async def read() -> None:
-        async for chunk in tenants._follow(app, "dep-1", query, lambda: ended.append(1)):
+        async for chunk in tenants._follow(app, "dep-1", query, app.logs,
+                                           lambda: ended.append(1)):
             got.append(chunk)
 
     async with trio.open_nursery() as nursery:

@@ -7,6 +7,7 @@ Real CP (in-process, real listeners), real websockets, simulated agents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,15 @@ def test_tenant_event_filter() -> None:
                         "acct-a", index) is None
     assert tenant_event(event("app.version", "acct-a.web"), "acct-a", index) is not None
     assert tenant_event(event("app.version", "acct-ab.web"), "acct-a", index) is None
+    # A replica's secret release/revocation is about a deployment: the index decides
+    # (it was taken for an app key, and reached no one).
+    released = event("secret.released", "dep-a", app="acct-a.web", agent_id="ag-1")
+    assert tenant_event(released, "acct-a", index) is not None
+    assert tenant_event(released, "acct-b", index) is None
+    assert tenant_event(event("secret.revoked", "dep-b", app="acct-a.web"), "acct-a",
+                        index) is None
+    assert tenant_event(event("secret.key_refused", "ag-1"), "acct-a", index) is None
+    assert tenant_event(event("billing.suspended", "dep-a"), "acct-a", index) is not None
     # Other kinds never, whatever the subject looks like (a VM named like an app key).
     for kind in ("identity.bound", "agent.status", "registration", "account.created",
                  "billing.resumed"):
@@ -138,6 +148,39 @@ async def test_events_of_the_callers_own_apps_only(tmp_path: Path) -> None:
             assert first_only and other not in json.dumps(first_only)
             assert any(e["subject"] == mine for e in first_only)
             nursery.cancel_scope.cancel()
+
+
+async def test_event_streams_are_capped_per_account(tmp_path: Path) -> None:
+    """Each stream is a subscriber every event is fanned out to: a tenant may hold
+    ``MAX_STREAMS_PER_ACCOUNT``; one more is closed at once (1013), and a closed one
+    gives its place back."""
+    cap = deployment_routes.MAX_STREAMS_PER_ACCOUNT
+    with trio.fail_after(30):
+        async with running_cp(tmp_path / "cp") as env:
+            _, key = await key_of(env, "a")
+            _, other = await key_of(env, "b")
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(cap):
+                    await stack.enter_async_context(trio_websocket.open_websocket_url(
+                        ws_url(env), extra_headers=auth(key)))
+                async with trio_websocket.open_websocket_url(
+                        ws_url(env), extra_headers=auth(key)) as ws:
+                    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                        await ws.get_message()
+                    assert closed.value.reason.code == 1013
+                # Another tenant is not held back by this one's streams.
+                async with trio_websocket.open_websocket_url(
+                        ws_url(env), extra_headers=auth(other)) as ws:
+                    with trio.move_on_after(0.5) as quiet:
+                        await ws.get_message()
+                    assert quiet.cancelled_caught  # open, nothing to say
+            # Closed: their places are back.
+            for _ in range(cap):
+                async with trio_websocket.open_websocket_url(
+                        ws_url(env), extra_headers=auth(key)) as ws:
+                    with trio.move_on_after(0.5) as quiet:
+                        await ws.get_message()
+                    assert quiet.cancelled_caught
 
 
 async def test_the_stream_needs_a_live_tenant_key(tmp_path: Path,

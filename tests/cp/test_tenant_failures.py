@@ -28,15 +28,19 @@ from ee.actors.app import (
     AppActor,
     AppDeps,
     CreateDeployment,
+    Deployment,
     DeploySettings,
     GetDeployment,
     Reconcile,
+    Replica,
     StopDeployment,
+    Update,
+    _versions_used,
 )
-from ee.actors.app import DeploymentLogs as Logs
 from ee.actors.deployment import failure_text, move_plan, timed_out
 from ee.actors.directory import AgentDirectory, Nudges
 from ee.actors.identity import Identity
+from ee.cp.tenants import LOG_FETCH_TIMEOUT_S, fetch_logs
 from ee.placement import Constraints
 from ee.protocol.messages import (
     Deploy,
@@ -105,6 +109,18 @@ def test_move_plan(wanted: int, current: list[str], outdated: list[str], free: b
                      free_agent=free) == plan
 
 
+def test_a_deployment_needs_every_version_it_may_run() -> None:
+    """What DELETE of a version is refused for: the deployment's version, its previous
+    one, both ends of its update, and what its replicas run or are moved from."""
+    dep = Deployment("dep-1", "3.0", 2, Constraints(), "running", 0.0,
+                     previous_version="2.0", update=Update("rolling", "2.0", "3.0", 0.0),
+                     replicas={"a": Replica("a", "running", version="1.0"),
+                               "b": Replica("b", "pending", version="3.0",
+                                            moved_from="0.9")})
+    assert _versions_used(dep) == {"0.9", "1.0", "2.0", "3.0"}
+    assert _versions_used(Deployment("d", "1.0", 1, Constraints(), "running", 0.0)) == {"1.0"}
+
+
 def test_update_transitions() -> None:
     from ee.actors.deployment import IllegalDeploymentTransition, update_transition
 
@@ -165,6 +181,7 @@ class Agent:
     script: Script = runs
     received: list[Message] = attrs.field(factory=list)
     session_id: int = 1
+    slow_logs: bool = False  # never answers a logs request
 
     @property
     def identity(self) -> Identity:
@@ -183,6 +200,8 @@ class Agent:
         if isinstance(msg, SnapshotRequest):
             return self.snapshot()
         assert isinstance(msg, LogsRequest)
+        if self.slow_logs:
+            await trio.sleep_forever()
         return LogsReply(lines=(LogLine("web", f"log of {msg.deployment_id}",
                                         "2026-12-01T00:00:00Z"),))
 
@@ -322,7 +341,8 @@ async def test_build_failure_reaches_replica_and_deployment(
             # The cause is signed into the manifest (survives a CP restart).
             assert w.saved["deployments/dep-1"]["failure"]["error"] == want
             # The failed agent's logs are still asked for (it keeps the lines).
-            logs = await w.app.ask(Logs("dep-1", 50, "2026-12-01T00:00:00Z", "web"))
+            logs = await fetch_logs(w.registry, w.app, "dep-1", 50, "2026-12-01T00:00:00Z",
+                                    "web")
             assert [r["agent_id"] for r in logs["replicas"]] == ["ag-1"]
             asked = [m for m in only.received if isinstance(m, LogsRequest)][-1]
             assert (asked.since, asked.service, asked.tail) == \
@@ -384,12 +404,47 @@ async def test_stopped_deployment_logs_stay_reachable_for_the_retention(
             await w.reach("running")
             await w.app.ask(StopDeployment("dep-1"))
             await w.reach("stopped")
-            logs = await w.app.ask(Logs("dep-1", 10))
+            logs = await fetch_logs(w.registry, w.app, "dep-1", 10, None, None)
             assert logs["replicas"][0]["lines"][0]["text"] == "log of dep-1"
             assert w.saved["deployments/dep-1"]["last_agents"] == ["ag-1"]
             await trio.sleep(3601)
-            assert (await w.app.ask(Logs("dep-1", 10)))["replicas"] == []
+            assert (await fetch_logs(w.registry, w.app, "dep-1", 10, None, None)
+                    )["replicas"] == []
             assert agent.agent_id == "ag-1"
+
+
+async def test_a_slow_agent_never_stalls_the_app_for_logs(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Logs are fetched by the asker from the agents' actors, concurrently and bounded:
+    the app actor only names them (``LogSources``), so while a follower waits on an
+    agent that never answers, the app keeps answering and reconciling."""
+    with trio.fail_after(600):
+        async with world() as w:
+            await w.agent("ag-1")
+            slow = await w.agent("ag-2")
+            slow.slow_logs = True
+            await w.deploy(replicas=2)
+            await w.reach("running")
+            got: list[dict[str, Any] | None] = []
+            done = trio.Event()
+
+            async def fetch() -> None:
+                got.append(await fetch_logs(w.registry, w.app, "dep-1", 10, None, None))
+                done.set()
+
+            started = trio.current_time()
+            w.nursery.start_soon(fetch)
+            await trio.sleep(1)  # the fetch waits on ag-2 now
+            with trio.fail_after(1):  # (was: until ag-2's ask timed out, 15 s)
+                assert (await w.view())["state"] == "running"
+            await done.wait()
+            assert trio.current_time() - started <= LOG_FETCH_TIMEOUT_S + 1
+            answer = got[0]
+            assert answer is not None
+            by = {r["agent_id"]: r for r in answer["replicas"]}
+            assert by["ag-1"]["lines"][0]["text"] == "log of dep-1"
+            assert "logs unavailable" in (by["ag-2"].get("error")
+                                          or by["ag-2"]["lines"][0]["text"])
 
 
 # ---- BUSY names the holder, never another tenant's id ----------------------------------

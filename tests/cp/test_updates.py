@@ -268,6 +268,11 @@ async def test_patch_refusals(tmp_path: Path) -> None:
                 r = await http.post(f"{path}/rollback")
                 assert r.status_code == 409
                 assert r.json()["error"]["code"] == "no_previous_version"
+                r = await http.post(f"{path}/rollback", json={"version": "2.0"})
+                assert r.status_code == 400  # it takes no fields
+                assert r.json()["error"]["code"] == "unknown_field"
+                r = await http.post(f"{path}/rollback", json=[1])
+                assert r.status_code == 400
                 # Another tenant: not found, whatever it asks.
                 r = await other.patch(path, json={"version": "2.0"})
                 assert r.status_code == 404
@@ -284,6 +289,54 @@ async def test_patch_refusals(tmp_path: Path) -> None:
                 assert r.status_code == 202
                 r = await http.patch(path, json={"replicas": 2})
                 assert r.status_code == 409
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_version_an_update_needs_cannot_be_deleted(tmp_path: Path) -> None:
+    """DELETE of a version is decided by the app actor (``DeleteVersion``): the version
+    a deployment runs, the one it was updated from (a rollback goes back to it, a failed
+    health gate too) and both ends of its update are kept; another is deleted."""
+    with trio.fail_after(60):
+        async with running_cp(tmp_path / "cp", **FAST) as env, trio.open_nursery() as nursery:
+            await start(env, nursery, "vm-0", "vm-1")
+            http = await tenant(env, "t")
+            async with http:
+                await two_versions(http)
+                r = await http.post("/api/v2/apps/hello/versions", json={
+                    "version": "3.0", "compose": COMPOSE, "build_context": context("v3"),
+                    "expose_port": 8080, "health_path": "/health"})
+                assert r.status_code == 201, r.text
+                dep_id = await deploy(http)
+                r = await http.patch(f"/api/v2/deployments/{dep_id}", json={"version": "2.0"})
+                assert r.status_code == 202, r.text
+                # Mid-update (and after it): 1.0 is the update's from and the previous
+                # version; 2.0 is the deployment's. Both refused, nothing deleted.
+                for v in ("1.0", "2.0"):
+                    r = await http.delete(f"/api/v2/apps/hello/versions/{v}")
+                    assert r.status_code == 409, (v, r.text)
+                    assert r.json()["error"]["code"] == "deployed"
+                    assert r.json()["error"]["details"]["deployments"] == [dep_id]
+                await update_over(http, dep_id, "done")
+                r = await http.delete("/api/v2/apps/hello/versions/1.0")
+                assert r.status_code == 409, r.text
+                assert {s["version"] for s in env.cp.manifests.load("versions")[0]} == \
+                    {"1.0", "2.0", "3.0"}
+                r = await http.delete("/api/v2/apps/hello/versions/3.0")
+                assert r.status_code == 204, r.text
+                assert (await http.get("/api/v2/apps/hello/versions/3.0")).status_code == 404
+                assert {s["version"] for s in env.cp.manifests.load("versions")[0]} == \
+                    {"1.0", "2.0"}
+                r = await http.post(f"/api/v2/deployments/{dep_id}/rollback")
+                assert r.status_code == 202, r.text
+                d = await update_over(http, dep_id, "done")
+                assert (d["version"], d["previous_version"]) == ("1.0", "2.0")
+                r = await http.delete("/api/v2/apps/hello/versions/9.9")
+                assert r.status_code == 404
+                r = await http.delete(f"/api/v2/deployments/{dep_id}")
+                assert r.status_code == 202
+                await reach_state(http, dep_id, "stopped")
+                r = await http.delete("/api/v2/apps/hello/versions/2.0")
+                assert r.status_code == 204, r.text
             nursery.cancel_scope.cancel()
 
 

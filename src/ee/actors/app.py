@@ -83,7 +83,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from ee.actors.agent import FetchLogs, PushDeploy, PushUndeploy, ReplicaReport
+from ee.actors.agent import PushDeploy, PushUndeploy, ReplicaReport
 from ee.actors.deployment import (
     HashProblem,
     derive,
@@ -171,6 +171,9 @@ class AppDeps:
     owner_of: Callable[[str], str | None] | None = None
     wall: Callable[[], float] = time.time  # unix time, for what is persisted
     remote: RemotePlacer | None = None  # no direct agent fits: hand it to the federation
+    # (kind, id) -> delete that manifest (a version's, on DeleteVersion). None: nothing
+    # is persisted to delete (the version is only forgotten).
+    delete: Callable[[str, str], Awaitable[None]] | None = None
 
 
 # ---- messages -----------------------------------------------------------------------
@@ -183,6 +186,17 @@ class AddVersion:
 @attrs.frozen
 class ListVersions:
     pass
+
+
+@attrs.frozen
+class DeleteVersion:
+    """Delete a version (manifest, then memory) unless a deployment that is not
+    ``stopped`` uses it: ``{"deleted": True}``, ``{"error": "unknown_version"}``, or
+    ``{"error": "deployed", "deployments": [ids]}``. Decided inside the actor, so no
+    PATCH, rollback or health-gate rollback can start using it between the check and
+    the delete."""
+
+    version: str
 
 
 @attrs.frozen
@@ -216,11 +230,13 @@ class StopDeployment:
 
 
 @attrs.frozen
-class DeploymentLogs:
+class LogSources:
+    """Where a deployment's logs are: ``{"deployment_id", "agents": [ids]}`` or None.
+    The asker fetches them from those agents' actors itself (``FetchLogs``),
+    concurrently: the app never waits on an agent for logs, so a follower polling a
+    slow agent cannot stall its reconciliation."""
+
     deployment_id: str
-    tail: int
-    since: str | None = None  # RFC 3339 UTC
-    service: str | None = None
 
 
 @attrs.frozen
@@ -449,6 +465,21 @@ def _for_placement(info: AgentInfo, deployment_id: str, members: Mapping[str, Re
         STRAY_MARK + d if d == deployment_id else d for d in info.deployments))
 
 
+def _versions_used(dep: Deployment) -> set[str]:
+    """The versions *dep* needs: its own, the one a rollback goes back to, both ends of
+    its update, and what each replica runs or is being moved from."""
+    used = {dep.version}
+    if dep.previous_version is not None:
+        used.add(dep.previous_version)
+    if dep.update is not None:
+        used |= {dep.update.from_version, dep.update.to_version}
+    for r in dep.replicas.values():
+        used.add(r.version)
+        if r.moved_from is not None:
+            used.add(r.moved_from)
+    return used
+
+
 def _iso(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
@@ -675,6 +706,20 @@ class AppActor(Actor):
     async def on_list_versions(self, _: ListVersions) -> list[dict[str, Any]]:
         return [self.versions[v] for v in sorted(self.versions)]
 
+    @handler(DeleteVersion)
+    async def on_delete_version(self, msg: DeleteVersion) -> dict[str, Any]:
+        if msg.version not in self.versions:
+            return {"error": "unknown_version"}
+        users = sorted(d.deployment_id for d in self.deployments.values()
+                       if d.state != "stopped" and msg.version in _versions_used(d))
+        if users:
+            return {"error": "deployed", "deployments": users}
+        if self.deps.delete is not None:
+            await self.deps.delete("versions", f"{self.app_key}/{msg.version}")
+        del self.versions[msg.version]
+        self.deps.emit("app.version_deleted", self.app_key, {"version": msg.version})
+        return {"deleted": True}
+
     async def _holds(self) -> dict[str, str]:
         return await self.deps.holds() if self.deps.holds is not None else {}
 
@@ -809,21 +854,12 @@ class AppActor(Actor):
             agents |= dep.last_agents
         return sorted(agents)
 
-    @handler(DeploymentLogs)
-    async def on_logs(self, msg: DeploymentLogs) -> dict[str, Any] | None:
+    @handler(LogSources)
+    async def on_log_sources(self, msg: LogSources) -> dict[str, Any] | None:
         dep = self.deployments.get(msg.deployment_id)
         if dep is None:
             return None
-        out = []
-        for agent_id in self._log_agents(dep):
-            try:
-                lines = await self.registry.ref(f"agent/{agent_id}").ask(
-                    FetchLogs(dep.deployment_id, msg.tail, msg.since, msg.service),
-                    timeout=15)
-                out.append({"agent_id": agent_id, "lines": lines})
-            except ActorError as exc:
-                out.append({"agent_id": agent_id, "error": str(exc)})
-        return {"deployment_id": dep.deployment_id, "replicas": out}
+        return {"deployment_id": dep.deployment_id, "agents": self._log_agents(dep)}
 
     @handler(ReplicaReport)
     async def on_report(self, msg: ReplicaReport) -> None:

@@ -11,11 +11,12 @@
 
 Theory of operation of the event filter (``tenant_event``): the CP's event bus carries
 everyone's events. A tenant sees an event only when its kind is one of the tenant
-kinds (``TENANT_KINDS``) *and* the app it concerns is one of the caller's: for app and
-secret events the subject is the app key (``<account>.<name>``); for deployment and
-replica events the subject is a deployment id, looked up in the CP's deployment index
-(the app actor also names its app in every such event, which covers a deployment the
-index has not recorded yet). Any other kind (agents, registrations, billing of other
+kinds (``TENANT_KINDS``) *and* the app it concerns is one of the caller's: a subject
+that is a deployment id (deployment and replica events, a replica's secret releases
+and revocations, a suspension) is looked up in the CP's deployment index; otherwise
+the subject of app and secret events is the app key (``<account>.<name>``); the app
+actor also names its app in every deployment and replica event, which covers a
+deployment the index has not recorded yet. Any other kind (agents, registrations, billing of other
 accounts, operations) never reaches a tenant, whatever its subject looks like. The key
 is checked again every ``RECHECK_S``: a stream opened with a key since revoked closes.
 """
@@ -34,7 +35,17 @@ from quart import Response, g, websocket
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
-from ee.cp.errors import ApiError, Who, bearer_token, guard, json_response, not_found, request_body
+from ee.cp import rest
+from ee.cp.errors import (
+    ApiError,
+    Who,
+    bearer_token,
+    guard,
+    json_object,
+    json_response,
+    not_found,
+    request_body,
+)
 from ee.cp.events import Event
 from ee.cp.records import find_api_key, get_account
 from ee.cp.tenants import APP_NAME, MAX_REPLICAS, VERSION
@@ -51,6 +62,10 @@ _APP_SUBJECT: Final = ("app.", "secret.")
 #: Kinds only the app actor emits, naming its app in ``data["app"]``.
 _APP_NAMED: Final = ("deployment.", "replica.")
 RECHECK_S: Final = 30.0  # how often an open stream's key is checked again
+#: Open tenant event streams, per account and in all (each is a subscriber every event
+#: is fanned out to, with its own queue): more are closed at once with 1013.
+MAX_STREAMS_PER_ACCOUNT: Final = 4
+MAX_STREAMS: Final = 256
 REPLAY: Final = 20  # recent events sent when a stream opens
 
 
@@ -71,13 +86,12 @@ def tenant_event(event: Event, account: str, owner_of: Callable[[str], str | Non
     *owner_of*: deployment id -> app key (the CP's index); *app*: only this app."""
     if not event.kind.startswith(TENANT_KINDS):
         return None
-    if event.kind.startswith(_APP_SUBJECT):
-        app_key: str | None = event.subject
-    else:
-        app_key = owner_of(event.subject)
-        named = event.data.get("app")
-        if app_key is None and event.kind.startswith(_APP_NAMED) and isinstance(named, str):
-            app_key = named
+    app_key = owner_of(event.subject)  # a deployment's (also a replica's secret.*)
+    if app_key is None and event.kind.startswith(_APP_SUBJECT):
+        app_key = event.subject
+    named = event.data.get("app")
+    if app_key is None and event.kind.startswith(_APP_NAMED) and isinstance(named, str):
+        app_key = named
     if app_key is None or not app_key.startswith(f"{account}."):
         return None
     if app is not None and app_key != f"{account}.{app}":
@@ -111,6 +125,8 @@ async def account_for_key(store: Any, token: str | None) -> str | None:
 
 
 def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
+    streams: dict[str, int] = {}  # account -> open event streams
+
     def dep_ref(deployment_id: str) -> Any:
         key = cp.deployment_index.get(deployment_id)
         if key is None or not key.startswith(f"{g.account_id}.") or \
@@ -161,6 +177,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
     @guard(Who.TENANT)
     async def rollback_deployment(deployment_id: str) -> Response:
         ref = await may_change(deployment_id)
+        rest.check_fields(await json_object(required=False), ())  # takes no fields
         result = await ref.ask(app_actor.RollbackDeployment(deployment_id), timeout=60)
         return answer(deployment_id, result)
 
@@ -178,7 +195,23 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
             await websocket.close(1008, "'app' must be an app name")
             return
         await websocket.accept()
+        if streams.get(account, 0) >= MAX_STREAMS_PER_ACCOUNT or \
+                sum(streams.values()) >= MAX_STREAMS:
+            await websocket.close(1013, f"too many event streams are open (at most "
+                                  f"{MAX_STREAMS_PER_ACCOUNT} per account): retry later")
+            return
+        streams[account] = streams.get(account, 0) + 1
+        try:
+            await stream_events(account, token, store, only)
+        finally:
+            left = streams[account] - 1
+            if left:
+                streams[account] = left
+            else:
+                del streams[account]
 
+    async def stream_events(account: str, token: str | None, store: Any,
+                            only: str | None) -> None:
         def mine(event: Event) -> dict[str, Any] | None:
             return tenant_event(event, account, cp.deployment_index.get, only)
 

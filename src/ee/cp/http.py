@@ -22,6 +22,12 @@ Theory of operation of the request gate (``gate``, run before every route):
   get ``max_request_bytes`` (and Quart's body timeout).
 * **Bodies are read before the route answers** (for authenticated callers): a route
   that answered with the body half-read would have to close the connection too.
+* **Large bodies are counted.** A body over ``LARGE_BODY_BYTES``, or of unknown length
+  (chunked), takes a slot of its caller (``LARGE_BODIES_PER_CALLER``) and of the CP
+  (``LARGE_BODIES``) before a byte of it is read, held until the request is answered
+  (``teardown_request``): one tenant opening many uploads of ``max_request_bytes``
+  cannot fill the CP's memory. No slot free: 429 ``too_many_uploads`` (connection
+  closed, the body unread).
 * **Answers sent before the body was read must close the connection.** Hypercorn does
   close it (the client is still mid-request), but it runs that close inside the app's
   task, which Quart-Trio cancels as soon as the response is out: the close was
@@ -78,6 +84,12 @@ ANONYMOUS_BODY_TIMEOUT_S = 10.0
 """How long such a body may take to arrive (then 408, connection closed)."""
 FINAL_SEND_GRACE_S: Final = 10.0
 """How long the last chunk of a response (and Hypercorn's close after it) may take."""
+LARGE_BODY_BYTES: Final = 1 << 20
+"""A body over this (or of unknown length: chunked) is a *large* one."""
+LARGE_BODIES_PER_CALLER: Final = 2
+LARGE_BODIES: Final = 16
+"""Requests with a large body in flight, per caller (account, or the admin) and in all
+(each may hold up to ``max_request_bytes`` until it is answered); more are 429."""
 
 
 @attrs.frozen
@@ -144,6 +156,51 @@ def make_app(cp: ControlPlane) -> QuartTrio:
                            {"timeout_s": ANONYMOUS_BODY_TIMEOUT_S}, close_connection=True)
         g.public_body = bytes(seen)  # consumed here: a public route reads it from g
 
+    large_slots = trio.CapacityLimiter(LARGE_BODIES)
+    caller_slots: dict[str, trio.CapacityLimiter] = {}
+
+    def large_body() -> bool:
+        declared = request.content_length
+        if declared is not None:
+            return declared > LARGE_BODY_BYTES
+        if request.http_version in ("1.0", "1.1"):  # no length, not chunked: no body
+            return "Transfer-Encoding" in request.headers
+        return request.method not in ("GET", "HEAD", "OPTIONS", "DELETE")  # HTTP/2
+
+    def take_large_slot() -> None:
+        """A slot for this request's large body (429 when none is free)."""
+        caller = str(getattr(g, "account_id", None) or "admin")
+        mine = caller_slots.setdefault(caller, trio.CapacityLimiter(LARGE_BODIES_PER_CALLER))
+        token = object()
+        try:
+            mine.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            raise busy_uploads(f"at most {LARGE_BODIES_PER_CALLER} large request bodies "
+                               "of one caller at a time") from None
+        try:
+            large_slots.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            mine.release_on_behalf_of(token)
+            raise busy_uploads("too many large request bodies at once") from None
+        g.large_slot = (caller, token)
+
+    def busy_uploads(message: str) -> ApiError:
+        return ApiError(429, "too_many_uploads", f"{message}; retry shortly",
+                        {"retry_after_s": 5}, headers={"Retry-After": "5"},
+                        close_connection=True)
+
+    @app.teardown_request
+    async def release_large_slot(_: BaseException | None) -> None:
+        held = g.pop("large_slot", None)
+        if held is None:
+            return
+        caller, token = held
+        large_slots.release_on_behalf_of(token)
+        mine = caller_slots[caller]
+        mine.release_on_behalf_of(token)
+        if mine.borrowed_tokens == 0:
+            del caller_slots[caller]
+
     def too_large(limit: int) -> ApiError:
         return ApiError(413, "too_large", f"the request body is over {limit} bytes",
                         {"limit": limit}, close_connection=True)
@@ -165,6 +222,8 @@ def make_app(cp: ControlPlane) -> QuartTrio:
         except ApiError as exc:
             exc.close_connection = True  # answered before the body was read
             raise
+        if large_body():
+            take_large_slot()
         try:
             await request.get_data()
         except RequestEntityTooLarge:

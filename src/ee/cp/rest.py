@@ -13,22 +13,23 @@ from another account, another list, an edited one or one from a CP that has sinc
 restarted is refused (400 ``bad_cursor``: list again from the start). So a cursor
 never lets one tenant page through what another sees, and a client cannot forge one.
 
-Idempotency. Creating routes (create an app, add a version, deploy, stage a build
-context) accept an ``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of
-``[A-Za-z0-9._:-]``). Keys are scoped to the account: two tenants using one key never
-meet. The first request with a key is run and its answer (status, body, ``Location``)
-kept if it is a success (2xx), with a fingerprint of the request (method, path,
-content type, body bytes); a repeat with the same fingerprint gets that answer again
-(``Idempotent-Replayed: true``) without running anything; a repeat with another
-fingerprint is 409 ``idempotency_conflict``; a repeat while the first is still running
-is 409 ``idempotency_in_progress`` (retry). A refusal (4xx, 5xx) is not kept: the
-request may be retried with the same key once its cause is fixed. Keys live in this CP
-process's memory for ``IDEMPOTENCY_TTL_S`` (24 h), at most ``MAX_KEYS_PER_ACCOUNT`` per account and
-``MAX_KEYS`` in all (the oldest go first); a CP restart forgets them. This is enough for
-the purpose — a client retrying a request whose answer it lost — and never blocks a
-request: a forgotten key runs the request again, which the creating routes refuse as a
-conflict (409 ``conflict``: the app or version exists) where repeating it would matter,
-except a deploy, which makes a second deployment.
+Idempotency. Creating routes (create an app, add a version, deploy) accept an
+``Idempotency-Key`` header (1..``MAX_KEY_CHARS`` of ``[A-Za-z0-9._:-]``). Keys are
+scoped to the account: two tenants using one key never meet. The first request with a
+key is run and its answer (status, body, ``Location``) kept if it is a success (2xx),
+with a fingerprint of the request (method, path, content type, body bytes); a repeat
+with the same fingerprint gets that answer again (``Idempotent-Replayed: true``) without
+running anything; a repeat with another fingerprint is 409 ``idempotency_conflict``; a
+repeat while the first is still running is 409 ``idempotency_in_progress`` (retry). A
+refusal (4xx, 5xx) is not kept: the request may be retried with the same key once its
+cause is fixed. Keys live in this CP process's memory for ``IDEMPOTENCY_TTL_S`` (24 h),
+at most ``MAX_KEYS_PER_ACCOUNT`` per account and ``MAX_KEYS`` in all, and at most
+``MAX_KEPT_BYTES_PER_ACCOUNT`` / ``MAX_KEPT_BYTES`` of kept answers (the oldest go
+first; an answer larger than an account's budget is not kept); a CP restart forgets
+them. This is enough for the purpose — a client retrying a request whose answer it lost
+— and never blocks a request: a forgotten key runs the request again, which the creating
+routes refuse as a conflict (409 ``conflict``: the app or version exists) where
+repeating it would matter, except a deploy, which makes a second deployment.
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ IDEMPOTENCY_TTL_S: Final = 24 * 3600.0
 MAX_KEYS_PER_ACCOUNT: Final = 1000
 MAX_KEYS: Final = 20_000
 MAX_KEY_CHARS: Final = 255
+#: Bytes of kept answers (a version's answer carries its compose file, up to 1 MiB),
+#: per account and in all; an answer over the account's budget is not kept.
+MAX_KEPT_BYTES_PER_ACCOUNT: Final = 16 << 20
+MAX_KEPT_BYTES: Final = 256 << 20
 _KEY = re.compile(r"\A[A-Za-z0-9._:-]{1,255}\Z")  # MAX_KEY_CHARS
 _LIMIT = re.compile(r"\A[0-9]{1,4}\Z")
-_RFC3339 = re.compile(
-    r"\A(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z")
+_RFC3339 = re.compile(  # ASCII digits only (``\d`` would take any script's digits)
+    r"\A(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})\Z",
+    re.ASCII)
 
 
 class RestError(Exception):
@@ -155,11 +161,11 @@ class Cursors:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
             doc = json.loads(raw.decode())
-        except (binascii.Error, ValueError, UnicodeError):
-            raise bad from None
+        except (binascii.Error, ValueError, UnicodeError, RecursionError):
+            raise bad from None  # RecursionError: a forged cursor of nested arrays
         if not isinstance(doc, dict) or not isinstance(doc.get("a"), str) \
-                or not isinstance(doc.get("m"), str):
-            raise bad
+                or not isinstance(doc.get("m"), str) or not doc["m"].isascii():
+            raise bad  # compare_digest refuses (TypeError) non-ASCII strings
         if not hmac.compare_digest(doc["m"], self._mac(account, listing, doc["a"])):
             raise bad
         return str(doc["a"])
@@ -243,12 +249,18 @@ class IdempotencyKeys:
     """The keys of every account (pure: the caller passes the time)."""
 
     def __init__(self, ttl_s: float = IDEMPOTENCY_TTL_S,
-                 per_account: int = MAX_KEYS_PER_ACCOUNT, total: int = MAX_KEYS) -> None:
+                 per_account: int = MAX_KEYS_PER_ACCOUNT, total: int = MAX_KEYS,
+                 bytes_per_account: int = MAX_KEPT_BYTES_PER_ACCOUNT,
+                 total_bytes: int = MAX_KEPT_BYTES) -> None:
         self.ttl_s = ttl_s
         self.per_account = per_account
         self.total = total
+        self.bytes_per_account = bytes_per_account
+        self.total_bytes = total_bytes
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()  # oldest first
         self._counts: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}  # account -> bytes of its kept answers
+        self.kept_bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -274,10 +286,20 @@ class IdempotencyKeys:
         entry = self._entries.get((account, key))
         if entry is None:
             return
-        if not 200 <= answer.status < 300:
+        size = _size(answer)
+        if not 200 <= answer.status < 300 or size > self.bytes_per_account:
             self._drop((account, key))
             return
         self._entries[(account, key)] = attrs.evolve(entry, answer=answer)
+        self._bytes[account] = self._bytes.get(account, 0) + size
+        self.kept_bytes += size
+        while self._bytes[account] > self.bytes_per_account:
+            self._drop(next(k for k, e in self._entries.items()
+                            if k[0] == account and e.answer is not None
+                            and k != (account, key)))
+        while self.kept_bytes > self.total_bytes:
+            self._drop(next(k for k, e in self._entries.items()
+                            if e.answer is not None and k != (account, key)))
 
     def abandon(self, account: str, key: str) -> None:
         if (account, key) in self._entries and self._entries[(account, key)].answer is None:
@@ -291,9 +313,21 @@ class IdempotencyKeys:
             self._drop(k)
 
     def _drop(self, k: tuple[str, str]) -> None:
-        del self._entries[k]
+        entry = self._entries.pop(k)
+        if entry.answer is not None:
+            size = _size(entry.answer)
+            self.kept_bytes -= size
+            kept = self._bytes[k[0]] - size
+            if kept:
+                self._bytes[k[0]] = kept
+            else:
+                del self._bytes[k[0]]
         left = self._counts[k[0]] - 1
         if left:
             self._counts[k[0]] = left
         else:
             del self._counts[k[0]]
+
+
+def _size(answer: Answer) -> int:
+    return len(answer.body) + len(answer.location or "") + len(answer.content_type)

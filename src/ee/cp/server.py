@@ -720,6 +720,9 @@ class ControlPlane:
             spec = {**spec, "app": ident.split("/", 1)[0]}
         await trio.to_thread.run_sync(self.manifests.write, kind, ident, spec)
 
+    async def _delete_manifest(self, kind: str, ident: str) -> None:
+        await trio.to_thread.run_sync(self.manifests.delete, kind, ident)
+
     def app_deps(self) -> AppDeps:
         return AppDeps(load=self._load_app, save=self._save_manifest,
                        directory=self.directory, emit=self.events.emit,
@@ -728,7 +731,8 @@ class ControlPlane:
                        settings=DeploySettings.from_config(self.config.deployments),
                        owner_of=self.deployment_index.get,
                        remote=self.federation if isinstance(self.federation,
-                                                            MasterFederation) else None)
+                                                            MasterFederation) else None,
+                       delete=self._delete_manifest)
 
     def _nudge_app(self, app_key: str) -> bool:
         """One ``Reconcile`` for *app_key* (the directory's change feed); False if it

@@ -32,12 +32,21 @@ the gzip tar first, ``PUT /api/v2/apps/{name}/versions/{version}/context`` with
 then ``POST /api/v2/apps/{name}/versions`` with ``"build_context_staged": true`` takes
 it. A staged context is kept in memory for ``STAGED_TTL_S``, at most
 ``MAX_STAGED_PER_ACCOUNT`` per account (the oldest is dropped) and ``MAX_STAGED_BYTES``
-in all (then 429 ``staging_full``); a CP restart forgets it.
+in all: over that, the oldest of the account holding the most goes (fair share: no
+tenant keeps another out), and 429 ``staging_full`` only when the caller would hold
+the most with nothing older of its own to drop; a CP restart forgets it.
 
-Deleting. ``DELETE /api/v2/apps/{name}`` and ``DELETE /api/v2/apps/{name}/versions/{v}``
-are refused with 409 ``deployed`` while a deployment that is not ``stopped`` uses the
-app (the version); deleting an app deletes its versions, its stopped deployments and
-its sealed secrets (its secret policy and audit trail stay, under the app key).
+Deleting. ``DELETE /api/v2/apps/{name}`` is refused with 409 ``deployed`` while a
+deployment that is not ``stopped`` uses the app; ``DELETE
+/api/v2/apps/{name}/versions/{v}`` while one needs the version (as its version, its
+previous version, an end of its update, or a replica's: decided by the app actor,
+``DeleteVersion``). Deleting an app deletes its versions (every manifest of them on
+disk), its stopped deployments and its sealed secrets (its secret policy and audit
+trail stay, under the app key).
+
+Logs. The app actor names the agents that hold a deployment's logs; the route asks
+them itself, concurrently, each bounded (``fetch_logs``): a slow agent never holds the
+app. Followers (SSE) are capped per account and in all.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from functools import wraps
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -60,6 +69,7 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from ee.actors import app as app_actor
+from ee.actors.agent import FetchLogs
 from ee.actors.directory import ATTESTED_VERDICTS, AgentRecord
 from ee.cp import rest
 from ee.cp.errors import (
@@ -119,6 +129,8 @@ GZIP_TYPES = ("application/gzip", "application/x-gzip")
 #: Log following (SSE): poll interval, longest stream, streams per account and in all.
 FOLLOW_POLL_S = 1.0
 FOLLOW_MAX_S = 15 * 60.0
+#: How long one agent's logs may take (agents are asked concurrently).
+LOG_FETCH_TIMEOUT_S = 10.0
 FOLLOW_KEEPALIVE_S = 15.0
 MAX_FOLLOWS_PER_ACCOUNT = 4
 MAX_FOLLOWS = 64
@@ -405,7 +417,12 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
             def forget() -> None:  # worker thread: children first, the app last
                 for d in deps:
                     cp.manifests.delete("deployments", str(d["deployment_id"]))
-                for v in versions:
+                # Every version manifest of the app on disk, not only those listed
+                # above: a version added between that listing and the app's end was
+                # written (an actor's manifest write completes before it stops), and
+                # would come back, after a CP restart, in a new app of this name.
+                docs, _ = cp.manifests.load("versions")
+                for v in [*versions, *(d for d in docs if d.get("app") == key)]:
                     cp.manifests.delete("versions", f"{key}/{v['version']}")
                 cp.manifests.delete("apps", key)
 
@@ -510,11 +527,14 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         slot = (g.account_id, name, version)
         if slot not in staged and len(mine) >= MAX_STAGED_PER_ACCOUNT:
             del staged[mine[0][1]]  # the oldest of this account's goes
-        held = sum(len(b) for k, (b, _) in staged.items() if k != slot)
-        if held + len(raw) > MAX_STAGED_BYTES:
+        held = {k: (len(b), ends) for k, (b, ends) in staged.items() if k != slot}
+        evict = _staging_evictions(held, g.account_id, len(raw), MAX_STAGED_BYTES)
+        if evict is None:
             raise ApiError(429, "staging_full", "too many build contexts are staged; "
                            "retry shortly", {"retry_after_s": 60},
                            headers={"Retry-After": "60"})
+        for k in evict:
+            del staged[k]
         staged[slot] = (raw, t + STAGED_TTL_S)
         return created({"app": name, "version": version, "bytes": len(raw),
                         "sha256": hashlib.sha256(raw).hexdigest(),
@@ -548,19 +568,18 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @tenant
     async def delete_version(name: str, version: str) -> Response:
         ref = app_ref(name)
-        key = f"{g.account_id}.{name}"
         async with app_lock(name):
-            await version_spec(ref, version)
-            users = [d for d in await deployments_of(ref) if d.get("version") == version]
-            refuse_in_use(f"version {version!r}", users)
-            await trio.to_thread.run_sync(cp.manifests.delete, "versions",
-                                          f"{key}/{version}")
-            # The app actor has no message to forget a version: it is restarted, and
-            # reloads its (now smaller) manifests; its deployments are adopted as after
-            # any restart (ee.actors.app).
-            await cp.apps.terminate_child(f"app/{key}")
-            await cp._start_app(key)
-        cp.events.emit("app.version_deleted", key, {"version": version})
+            # The app actor decides and deletes in one message (``DeleteVersion``): a
+            # version a deployment runs, goes back to or is updating from/to is kept.
+            result = await ref.ask(app_actor.DeleteVersion(version), timeout=30)
+        if result.get("error") == "unknown_version":
+            raise not_found("version", version)
+        if result.get("error") == "deployed":
+            ids = [str(d) for d in result["deployments"]]
+            raise ApiError(409, "deployed", f"version {version!r} is used by deployment(s) "
+                           f"{', '.join(ids)} (as their version, the version a rollback "
+                           "goes back to, or an update's): undeploy them first",
+                           {"deployments": ids})
         return Response(b"", status=204)
 
     # ---- placement and deployments -------------------------------------------------
@@ -698,15 +717,20 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         if query.follow and query.since is None and resume:
             query = attrs.evolve(query, since=rest.parse_rfc3339(resume, "Last-Event-ID"))
         ref = dep_ref(deployment_id)
+
+        async def fetch(tail: int, since: str | None) -> dict[str, Any] | None:
+            return await fetch_logs(cp.registry, ref, deployment_id, tail, since,
+                                    query.service)
+
         if not query.follow:
-            view = await ref.ask(_logs_message(deployment_id, query.tail, query.since,
-                                               query.service), timeout=60)
+            view = await fetch(query.tail, query.since)
             if view is None:
                 raise not_found("deployment", deployment_id)
             return json_response(_filter_logs(view, query.since, query.service))
         await deployment_view(deployment_id)
         token = start_follow(g.account_id)
-        stream = _follow(ref, deployment_id, query, on_end=lambda: follows.pop(token, None))
+        stream = _follow(ref, deployment_id, query, fetch,
+                         on_end=lambda: follows.pop(token, None))
         response = Response(stream, content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
@@ -781,11 +805,32 @@ def _logs_query(args: Any) -> LogsQuery:
     return LogsQuery(int(tail), since, service, follow == "true")
 
 
-def _logs_message(deployment_id: str, tail: int, since: str | None,
-                  service: str | None) -> app_actor.DeploymentLogs:
-    """The app actor's logs request (the agents filter by ``since``/``service``; the
-    answer is filtered here again: ``_filter_logs``, since an agent may not)."""
-    return app_actor.DeploymentLogs(deployment_id, tail, since=since, service=service)
+async def fetch_logs(registry: Any, ref: Any, deployment_id: str, tail: int,
+                     since: str | None, service: str | None) -> dict[str, Any] | None:
+    """A deployment's logs (None: no such deployment). Its app actor only says where
+    they are (``LogSources``); each of those agents' actors is then asked here,
+    concurrently, each within ``LOG_FETCH_TIMEOUT_S``: a slow or gone agent is an
+    ``error`` entry, and never holds the app actor (nor the other agents' answers).
+    The agents filter by ``since``/``service``; the route filters again
+    (``_filter_logs``), since an agent may not."""
+    sources = await ref.ask(app_actor.LogSources(deployment_id), timeout=5)
+    if sources is None:
+        return None
+    agents = [str(a) for a in sources["agents"]]
+    found: dict[str, dict[str, Any]] = {}
+
+    async def one(agent_id: str) -> None:
+        try:
+            lines = await registry.ref(f"agent/{agent_id}").ask(
+                FetchLogs(deployment_id, tail, since, service), timeout=LOG_FETCH_TIMEOUT_S)
+            found[agent_id] = {"agent_id": agent_id, "lines": lines}
+        except ActorError as exc:
+            found[agent_id] = {"agent_id": agent_id, "error": f"logs unavailable: {exc}"}
+
+    async with trio.open_nursery() as nursery:
+        for agent_id in agents:
+            nursery.start_soon(one, agent_id)
+    return {"deployment_id": deployment_id, "replicas": [found[a] for a in agents]}
 
 
 def _filter_logs(view: dict[str, Any], since: str | None,
@@ -821,6 +866,7 @@ def _sse(event: str | None, data: dict[str, Any], ident: str | None = None) -> b
 
 
 async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
+                  fetch: Callable[[int, str | None], Awaitable[dict[str, Any] | None]],
                   on_end: Callable[[], object]) -> AsyncIterator[bytes]:
     """Server-Sent Events: one ``data: {"at", "service", "agent_id", "text"}`` event a
     line, polled every ``FOLLOW_POLL_S`` with ``since`` = the last instant seen (lines
@@ -842,8 +888,7 @@ async def _follow(ref: Any, deployment_id: str, query: LogsQuery,
         reason = "max_duration"
         while trio.current_time() < ends:
             try:
-                view = await ref.ask(_logs_message(deployment_id, tail, since, query.service),
-                                     timeout=30)
+                view = await fetch(tail, since)
                 state = await ref.ask(app_actor.GetDeployment(deployment_id), timeout=5)
             except ActorDead:
                 reason = "gone"  # the app was deleted
@@ -907,6 +952,31 @@ def _instant_text(nanos: int) -> str:
     seconds, frac = divmod(nanos, 1_000_000_000)
     whole = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
     return f"{whole}.{frac:09d}Z"
+
+
+StagedKey = tuple[str, str, str]  # (account, app, version)
+
+
+def _staging_evictions(held: Mapping[StagedKey, tuple[int, float]], account: str,
+                       size: int, limit: int) -> list[StagedKey] | None:
+    """The staged contexts to drop so that *account* can stage *size* more bytes within
+    *limit* (*held*: key -> (bytes, expiry)), or None (429). Fair share: the oldest of
+    the account holding the most bytes (counting the new one for *account*) goes
+    first, so no tenant can keep another out by staging up to the limit; *account*'s
+    own only when it is that account, and never so as to make room for itself alone."""
+    left = dict(held)
+    out: list[StagedKey] = []
+    while sum(n for n, _ in left.values()) + size > limit:
+        per: dict[str, int] = {account: size}
+        for k, (n, _) in left.items():
+            per[k[0]] = per.get(k[0], 0) + n
+        biggest = max(per, key=lambda a: (per[a], a != account))
+        theirs = sorted((ends, k) for k, (_, ends) in left.items() if k[0] == biggest)
+        if not theirs:
+            return None  # the new one alone is the most: nothing fair to drop
+        out.append(theirs[0][1])
+        del left[theirs[0][1]]
+    return out
 
 
 def _public_version(spec: dict[str, Any]) -> dict[str, Any]:
