@@ -13,16 +13,21 @@ out of its time ends with ``phase: "timeout"`` and an error naming the phase.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 
 import attrs
 
 __all__ = [
+    "MASK",
     "MAX_LINE_CHARS",
     "MAX_TAIL_LINES",
     "FailureReport",
     "build_exit_code",
     "container_exited",
     "health_failed",
+    "mask_report",
+    "mask_text",
+    "mask_values",
     "step_failed",
     "step_timed_out",
     "tail_lines",
@@ -30,6 +35,10 @@ __all__ = [
 
 MAX_TAIL_LINES = 20
 MAX_LINE_CHARS = 500
+MASK = "[masked]"
+MIN_SECRET_CHARS = 4
+MIN_ENV_CHARS = 8
+MIN_PARTIAL_CHARS = 6
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -122,3 +131,53 @@ def health_failed(what: str, timeout: float, last: str, answered: bool,
         return FailureReport(error=f"health failed: {error}", phase="health", log_tail=tail)
     return FailureReport(error=f"health did not finish (timeout): {error}", phase="timeout",
                          log_tail=tail)
+
+
+def mask_values(secrets: Iterable[str], env: Iterable[str]) -> tuple[str, ...]:
+    """The strings :func:`mask_text` hides: each secret value (and each line of a
+    multi-line one) of at least :data:`MIN_SECRET_CHARS`, each env value (and line) of
+    at least :data:`MIN_ENV_CHARS`; longest first, so a value containing another is
+    masked whole."""
+    found: set[str] = set()
+    for values, least in ((secrets, MIN_SECRET_CHARS), (env, MIN_ENV_CHARS)):
+        for value in values:
+            for candidate in (value, value.strip(), *value.splitlines(),
+                              *(line.strip() for line in value.splitlines())):
+                if len(candidate) >= least:
+                    found.add(candidate)
+    return tuple(sorted(found, key=lambda v: (-len(v), v)))
+
+
+def _mask_edges(piece: str, values: Sequence[str], *, start: bool, end: bool) -> str:
+    for value in values:
+        longest = len(value) - 1
+        if end:
+            for k in range(min(longest, len(piece)), MIN_PARTIAL_CHARS - 1, -1):
+                if piece.endswith(value[:k]):
+                    piece = piece[:-k] + MASK
+                    break
+        if start:
+            for k in range(min(longest, len(piece)), MIN_PARTIAL_CHARS - 1, -1):
+                if piece.startswith(value[-k:]):
+                    piece = MASK + piece[k:]
+                    break
+    return piece
+
+
+def mask_text(text: str, values: Sequence[str]) -> str:
+    """*text* with each of *values* (from :func:`mask_values`) replaced by :data:`MASK`,
+    and a value's prefix at the end / suffix at the start of the text or of a piece cut
+    at ``…`` too."""
+    if not values or not text:
+        return text
+    for value in values:
+        text = text.replace(value, MASK)
+    pieces = text.split("…")
+    return "…".join(_mask_edges(piece, values, start=True, end=True) for piece in pieces)
+
+
+def mask_report(error: str | None, log_tail: Sequence[str], values: Sequence[str]
+                ) -> tuple[str | None, tuple[str, ...]]:
+    """``error`` and ``log_tail`` with *values* masked (:func:`mask_text`)."""
+    return (None if error is None else mask_text(error, values),
+            tuple(mask_text(line, values) for line in log_tail))

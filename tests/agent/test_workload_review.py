@@ -1,0 +1,125 @@
+"""Attacks on the agent's deploy path found in review: secret and env values echoed by
+a failing workload must not reach ``error``/``log_tail`` (they go to the CP, its admin
+event stream and tenant views), and a deploy naming another app under a running
+deployment id must not inherit the old app's named volumes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from ee.agent.failures import MASK, mask_report, mask_text, mask_values, tail_lines
+from ee.agent.workload import ComposeRunner, DeploySpec
+
+from .test_workload import (
+    DOCKER_TIMEOUT,
+    Recorder,
+    busybox_image,  # noqa: F401  (fixture)
+    namespace,  # noqa: F401  (fixture)
+    needs_docker,
+    project_containers,
+    settings_for,
+)
+from .test_workload_tenant import V1, V2, _volumes
+
+
+def _spec(deployment_id: str, compose: str, **changes: Any) -> DeploySpec:
+    spec = DeploySpec(deployment_id=deployment_id, app="acct.app", version="v1",
+                      compose=compose, expose_port=8080, health_path="/health")
+    return attrs.evolve(spec, **changes)
+
+
+# -- masking (pure) ------------------------------------------------------------------------
+
+
+def test_mask_values_hides_whole_values_lines_and_cut_ends() -> None:
+    pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END KEY-----"
+    values = mask_values(["s3cr3t-token-value", pem, "abc"], ["postgres://u:pw@db/x", "1"])
+    assert "abc" not in values and "1" not in values  # too short to mask usefully
+    text = "login with s3cr3t-token-value to postgres://u:pw@db/x ok 1"
+    assert mask_text(text, values) == f"login with {MASK} to {MASK} ok 1"
+    # a multi-line secret printed by `cat`: each line goes on its own
+    assert mask_text("MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", values) == MASK
+    # a long line cut in the middle by tail_lines: both halves of the value go
+    long_secret = "Z" * 100 + secrets.token_hex(300)
+    [cut] = tail_lines("x" * 100 + long_secret + "y" * 400)
+    assert "…" in cut
+    masked = mask_text(cut, mask_values([long_secret], []))
+    assert long_secret[:20] not in masked and long_secret[-20:] not in masked, masked
+    # the error line cut at 300 characters: the value's prefix at the end goes
+    error, tail = mask_report("failed: " + long_secret[:50], (), mask_values([long_secret], []))
+    assert error == f"failed: {MASK}" and tail == ()
+
+
+# -- against Docker ------------------------------------------------------------------------
+
+LEAKY = """\
+services:
+  web:
+    image: ee-busybox:local
+    environment: ["TOKEN=${TOKEN}"]
+    command: ["sh", "-c", "cat /run/secrets/db; echo; echo token is $$TOKEN; exit 3"]
+"""
+
+
+@needs_docker
+async def test_failure_report_masks_secret_and_env_values(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    secret_value = "db-password-" + secrets.token_hex(8)
+    env_value = "tok-" + secrets.token_hex(8)
+    secrets_root = tmp_path / "secrets"
+
+    def secrets_dir(deployment_id: str) -> Path:
+        path = secrets_root / deployment_id
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+        return path
+
+    secrets_dir("leak").joinpath("db").write_text(secret_value + "\n")
+    secrets_dir("leak").joinpath("db").chmod(0o444)
+    runner = ComposeRunner(tmp_path / "data", settings_for(namespace, health_timeout=5.0),
+                           secrets_dir=secrets_dir)
+    try:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            recorder = Recorder()
+            failed = await runner.deploy(_spec("leak", LEAKY, env={"TOKEN": env_value}),
+                                         recorder)
+            assert (failed.state, failed.phase, failed.exit_code) == ("failed", "start", 3), \
+                failed
+            reported = "\n".join([*(s.error or "" for s in recorder.seen),
+                                  *(line for s in recorder.seen for line in s.log_tail),
+                                  repr(runner.deployments())])
+            assert secret_value not in reported and env_value not in reported, reported
+            assert f"token is {MASK}" in failed.log_tail, failed.log_tail
+            assert MASK in failed.log_tail, failed.log_tail  # the secret file's line
+    finally:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            assert (await runner.undeploy("leak")).state == "stopped"
+
+
+@needs_docker
+async def test_another_app_under_the_same_id_gets_no_old_volumes(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    runner = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    project = runner.project_name("same")
+    try:
+        with trio.fail_after(DOCKER_TIMEOUT * 2):
+            first = await runner.deploy(_spec("same", V1))
+            assert first.state == "running", first.error
+            # v2 of *another* app, same deployment id (a CP bug, or one replaying ids)
+            other = await runner.deploy(_spec("same", V2, app="acct.other", version="v2"))
+            assert other.state == "running", other.error
+            host, port = other.upstream or ("", 0)
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                note = await http.get(f"http://{host}:{port}/note")
+            assert note.status_code == 404, note.text  # acct.app's data is not there
+            assert len(_volumes(project)) == 1
+    finally:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            assert (await runner.undeploy("same")).state == "stopped"
+        assert project_containers(project) == [] and _volumes(project) == []
