@@ -123,3 +123,15 @@ async def test_another_app_under_the_same_id_gets_no_old_volumes(
         with trio.fail_after(DOCKER_TIMEOUT):
             assert (await runner.undeploy("same")).state == "stopped"
         assert project_containers(project) == [] and _volumes(project) == []
+
+
+def test_env_secrets_must_be_named_in_the_hashed_secret_names() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="not in secret_names"):
+        _spec("x", "services: {}\n", secret_env={"DB_PASSWORD": "db"}, secret_names=())
+    with pytest.raises(ValueError, match="not in secret_names"):
+        _spec("x", "services: {}\n", secret_env={"A": "db", "B": "api"},
+              secret_names=("db",))
+    ok = _spec("x", "services: {}\n", secret_env={"A": "db"}, secret_names=("db", "tls"))
+    assert dict(ok.secret_env) == {"A": "db"}

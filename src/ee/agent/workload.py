@@ -443,6 +443,14 @@ class DeploySpec:
     secret_names: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple,
                                                 validator=_check_secret_names)
 
+    def __attrs_post_init__(self) -> None:
+        # The hash binds secret_names only: a secret fed to the environment but not
+        # named there would run unseen by anyone who checks the hash.
+        unnamed = sorted(set(self.secret_env.values()) - set(self.secret_names))
+        if unnamed:
+            raise ValueError(f"secret_env feeds secrets not in secret_names (so not in the "
+                             f"workload hash): {', '.join(unnamed)}")
+
 
 @attrs.frozen
 class DeploymentStatus:
