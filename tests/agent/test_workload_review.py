@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from ee.agent.failures import MASK, mask_report, mask_text, mask_values, tail_lines
+from ee.agent.logstore import RetainedLogs
 from ee.agent.workload import ComposeRunner, DeploySpec
 
 from .test_workload import (
@@ -100,6 +101,50 @@ async def test_failure_report_masks_secret_and_env_values(
     finally:
         with trio.fail_after(DOCKER_TIMEOUT):
             assert (await runner.undeploy("leak")).state == "stopped"
+
+
+CHATTY = """\
+services:
+  web:
+    image: ee-busybox:local
+    init: true
+    environment: ["TOKEN=${TOKEN}"]
+    command: ["sh", "-c", "cat /run/secrets/db; echo token is $$TOKEN; {SERVE}"]
+""".replace("{SERVE}", "mkdir -p /w; echo ok > /w/health; exec httpd -f -p 8080 -h /w")
+
+
+@needs_docker
+async def test_logs_live_and_retained_mask_secret_and_env_values(
+        tmp_path: Path, namespace: str) -> None:  # noqa: F811
+    secret_value = "db-password-" + secrets.token_hex(8)
+    env_value = "tok-" + secrets.token_hex(8)
+    directory = tmp_path / "secrets" / "chat"
+    directory.mkdir(parents=True, mode=0o755)
+    (directory / "db").write_text(secret_value + "\n")
+    (directory / "db").chmod(0o444)
+    runner = ComposeRunner(tmp_path / "data", settings_for(namespace),
+                           secrets_dir=lambda _: directory)
+    runner.retained = RetainedLogs(tmp_path / "retained", retention_s=3600)
+    try:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            running = await runner.deploy(_spec("chat", CHATTY, env={"TOKEN": env_value}))
+            assert running.state == "running", running.error
+            while True:  # the lines are printed before httpd starts: there once healthy
+                live = [ln.text for ln in (await runner.log_lines("chat"))["web"]]
+                if any("token is" in text for text in live):
+                    break
+                await trio.sleep(0.2)
+            assert f"token is {MASK}" in live and MASK in live, live
+            assert not any(secret_value in t or env_value in t for t in live), live
+            assert (await runner.undeploy("chat")).state == "stopped"
+            kept = [ln.text for ln in (await runner.log_lines("chat"))["web"]]
+            assert f"token is {MASK}" in kept, kept
+            assert not any(secret_value in t or env_value in t for t in kept), kept
+            raw = "".join(p.read_text() for p in (tmp_path / "retained").glob("*.json"))
+            assert secret_value not in raw and env_value not in raw
+    finally:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            await runner.undeploy("chat")
 
 
 @needs_docker

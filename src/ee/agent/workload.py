@@ -127,8 +127,10 @@ data through the SDK.
 Every status the runner stores or reports passes :meth:`ComposeRunner._masked`: the
 deployment's released secret values and env values are masked in ``error`` and
 ``log_tail`` (:func:`ee.agent.failures.mask_report`), since a failing build or
-container may print them and both go to the CP's events. (Env values are kept in
-memory only: after an agent restart an adopted deployment's env is not masked.)
+container may print them and both go to the CP's events. So do the lines
+``log_lines`` answers (live) and the lines kept at undeploy (masked before the secrets
+are forgotten). (Env values are kept in memory only: after an agent restart an
+adopted deployment's env is not masked.)
 
 All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
 follow the test clock; the Compose CLI runs as a Trio process and Docker SDK
@@ -165,6 +167,7 @@ from ee.agent.failures import (
     container_exited,
     health_failed,
     mask_report,
+    mask_text,
     mask_values,
     step_failed,
     step_timed_out,
@@ -937,11 +940,27 @@ class ComposeRunner:
         and ``log_tail`` (``ee.agent.failures.mask_report``): both go to the CP."""
         if status.error is None and not status.log_tail:
             return status
-        secret_values = await trio.to_thread.run_sync(self._secret_values,
-                                                      status.deployment_id)
-        values = mask_values(secret_values, self._env_values.get(status.deployment_id, ()))
+        values = await self._mask_values(status.deployment_id)
         error, tail = mask_report(status.error, status.log_tail, values)
         return attrs.evolve(status, error=error, log_tail=tail)
+
+    async def _mask_values(self, deployment_id: str) -> tuple[str, ...]:
+        """What :func:`ee.agent.failures.mask_text` hides for this deployment."""
+        secret_values = await trio.to_thread.run_sync(self._secret_values, deployment_id)
+        return mask_values(secret_values, self._env_values.get(deployment_id, ()))
+
+    async def _masked_lines(self, deployment_id: str, found: dict[str, list[LogLine]]
+                            ) -> dict[str, list[LogLine]]:
+        """Log lines with the deployment's secret and env values masked."""
+        values = await self._mask_values(deployment_id)
+        if not values:
+            return found
+
+        def mask() -> dict[str, list[LogLine]]:  # worker thread: up to 10,000 lines
+            return {key: [attrs.evolve(ln, text=mask_text(ln.text, values)) for ln in lines]
+                    for key, lines in found.items()}
+
+        return await trio.to_thread.run_sync(mask)
 
     async def _set(
         self, status: DeploymentStatus, on_status: StatusCallback | None
@@ -1470,8 +1489,8 @@ class ComposeRunner:
         if self.retained is None:
             return
         try:
-            lines = await self._docker_lines(record, tail=MAX_LINES_PER_SERVICE, since=None,
-                                             service=None)
+            lines = await self._masked_lines(record.deployment_id, await self._docker_lines(
+                record, tail=MAX_LINES_PER_SERVICE, since=None, service=None))
             await trio.to_thread.run_sync(self.retained.keep, record.deployment_id, lines)
         except (OSError, ValueError) as exc:
             log.warning("deployment %s: cannot keep its logs: %s", record.deployment_id, exc)
@@ -1720,7 +1739,8 @@ class ComposeRunner:
             return {key: filter_lines(lines, tail=tail, since=since)
                     for key, lines in kept.items()
                     if service is None or key.split("#", 1)[0] == service}
-        return await self._docker_lines(record, tail=tail, since=since, service=service)
+        return await self._masked_lines(deployment_id, await self._docker_lines(
+            record, tail=tail, since=since, service=service))
 
     async def _docker_lines(self, record: _Record, *, tail: int, since: str | None,
                             service: str | None) -> dict[str, list[LogLine]]:
