@@ -180,3 +180,33 @@ def test_env_secrets_must_be_named_in_the_hashed_secret_names() -> None:
               secret_names=("db",))
     ok = _spec("x", "services: {}\n", secret_env={"A": "db"}, secret_names=("db", "tls"))
     assert dict(ok.secret_env) == {"A": "db"}
+
+
+LOUD = """\
+services:
+  web:
+    image: ee-busybox:local
+    init: true
+    command: ["sh", "-c", "for i in $$(seq 300); do echo line-$$i-{PAD}; done; {SERVE}"]
+""".replace("{PAD}", "x" * 100).replace(
+    "{SERVE}", "mkdir -p /w; echo ok > /w/health; exec httpd -f -p 8080 -h /w")
+
+
+@needs_docker
+async def test_a_log_read_holds_a_bounded_number_of_bytes(
+        tmp_path: Path, namespace: str, monkeypatch: Any) -> None:  # noqa: F811
+    import ee.agent.workload as workload
+
+    monkeypatch.setattr(workload, "MAX_LOG_READ_BYTES", 4096)
+    runner = ComposeRunner(tmp_path / "data", settings_for(namespace))
+    try:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            running = await runner.deploy(_spec("loud", LOUD))
+            assert running.state == "running", running.error
+            lines = (await runner.log_lines("loud", tail=10_000))["web"]
+            assert lines and lines[-1].text.startswith("line-300-"), lines[-1:]
+            assert sum(len(ln.text) + 32 for ln in lines) <= 4096 + 200, len(lines)
+            assert all(ln.text.startswith("line-") and ln.at for ln in lines)  # whole lines
+    finally:
+        with trio.fail_after(DOCKER_TIMEOUT):
+            await runner.undeploy("loud")

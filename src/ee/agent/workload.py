@@ -715,6 +715,31 @@ class _Record:
         )
 
 
+#: a log read keeps at most this many bytes per container (the newest; Docker's lines
+#: are up to 16 KiB each, so ``tail=10000`` alone would not bound the agent's memory)
+MAX_LOG_READ_BYTES = 4 * 1024 * 1024
+
+
+def _read_logs(container: Any, options: Mapping[str, Any], limit: int) -> bytes:
+    """A container's logs (worker thread), streamed so at most about twice *limit*
+    bytes are ever held: the newest *limit* bytes, a cut first line dropped."""
+    kept = bytearray()
+    stream = container.logs(stream=True, follow=False, **options)
+    try:
+        for chunk in stream:
+            kept += chunk
+            if len(kept) > 2 * limit:
+                del kept[:-limit]
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    if len(kept) > limit:
+        del kept[:-limit]
+        del kept[: kept.find(b"\n") + 1]
+    return bytes(kept)
+
+
 #: at most this many released secrets, and this much of each, are read to be masked
 MAX_MASKED_SECRETS = 256
 MAX_MASKED_SECRET_BYTES = 64 * 1024
@@ -1760,7 +1785,7 @@ class ComposeRunner:
             if service is not None and key.split("#", 1)[0] != service:
                 continue
             try:
-                raw = await self._sdk(lambda c=container: c.logs(**options))
+                raw = await self._sdk(_read_logs, container, options, MAX_LOG_READ_BYTES)
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
