@@ -148,32 +148,56 @@ def mask_values(secrets: Iterable[str], env: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(found, key=lambda v: (-len(v), v)))
 
 
-def _mask_edges(piece: str, values: Sequence[str], *, start: bool, end: bool) -> str:
+def _prefix_at_end(piece: str, value: str) -> int:
+    """Where a proper prefix of *value* (at least :data:`MIN_PARTIAL_CHARS`) ends
+    *piece*, the longest such; -1 when none."""
+    head = value[:MIN_PARTIAL_CHARS]
+    at = piece.find(head, max(0, len(piece) - len(value) + 1))
+    while at != -1:
+        if value.startswith(piece[at:]):
+            return at
+        at = piece.find(head, at + 1)
+    return -1
+
+
+def _suffix_at_start(piece: str, value: str) -> int:
+    """The length of the longest proper suffix of *value* (at least
+    :data:`MIN_PARTIAL_CHARS`) that starts *piece*; -1 when none."""
+    tail = value[-MIN_PARTIAL_CHARS:]
+    limit = min(len(piece), len(value) - 1)
+    at = piece.rfind(tail, 0, limit)
+    while at != -1:
+        end = at + len(tail)
+        if value.endswith(piece[:end]):
+            return end
+        at = piece.rfind(tail, 0, end - 1)
+    return -1
+
+
+def _mask_edges(piece: str, values: Sequence[str]) -> str:
     for value in values:
-        longest = len(value) - 1
-        if end:
-            for k in range(min(longest, len(piece)), MIN_PARTIAL_CHARS - 1, -1):
-                if piece.endswith(value[:k]):
-                    piece = piece[:-k] + MASK
-                    break
-        if start:
-            for k in range(min(longest, len(piece)), MIN_PARTIAL_CHARS - 1, -1):
-                if piece.startswith(value[-k:]):
-                    piece = MASK + piece[k:]
-                    break
+        if len(value) <= MIN_PARTIAL_CHARS:
+            continue
+        at = _prefix_at_end(piece, value)
+        if at != -1:
+            piece = piece[:at] + MASK
+        end = _suffix_at_start(piece, value)
+        if end != -1:
+            piece = MASK + piece[end:]
     return piece
 
 
-def mask_text(text: str, values: Sequence[str]) -> str:
-    """*text* with each of *values* (from :func:`mask_values`) replaced by :data:`MASK`,
-    and a value's prefix at the end / suffix at the start of the text or of a piece cut
-    at ``…`` too."""
+def mask_text(text: str, values: Sequence[str], *, cut: bool = True) -> str:
+    """*text* with each of *values* (from :func:`mask_values`) replaced by :data:`MASK`;
+    with *cut* (text that may have been cut: a failure's tail and error) also a value's
+    prefix at the end / suffix at the start of the text or of a piece cut at ``…``."""
     if not values or not text:
         return text
     for value in values:
         text = text.replace(value, MASK)
-    pieces = text.split("…")
-    return "…".join(_mask_edges(piece, values, start=True, end=True) for piece in pieces)
+    if not cut:
+        return text
+    return "…".join(_mask_edges(piece, values) for piece in text.split("…"))
 
 
 def mask_report(error: str | None, log_tail: Sequence[str], values: Sequence[str]

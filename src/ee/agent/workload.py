@@ -982,7 +982,8 @@ class ComposeRunner:
             return found
 
         def mask() -> dict[str, list[LogLine]]:  # worker thread: up to 10,000 lines
-            return {key: [attrs.evolve(ln, text=mask_text(ln.text, values)) for ln in lines]
+            return {key: [attrs.evolve(ln, text=mask_text(ln.text, values, cut=False))
+                          for ln in lines]
                     for key, lines in found.items()}
 
         return await trio.to_thread.run_sync(mask)
