@@ -210,3 +210,15 @@ async def test_a_log_read_holds_a_bounded_number_of_bytes(
     finally:
         with trio.fail_after(DOCKER_TIMEOUT):
             await runner.undeploy("loud")
+
+
+def test_a_masked_report_still_fits_deploy_status() -> None:
+    from ee.agent.workload import DeploymentStatus
+    from ee.protocol.messages import DeployStatus
+
+    values = mask_values(["abcd"], [])  # a 4-character secret, masked by 8 characters
+    tail = tail_lines("\n".join(["abcd " * 100] * 20))
+    status = DeploymentStatus(deployment_id="d", state="failed", error="x",
+                              log_tail=mask_report("x", tail, values)[1])
+    assert tuple(DeployStatus(**status.to_wire()).log_tail) == status.log_tail
+    assert "abcd" not in "".join(status.log_tail)

@@ -68,13 +68,15 @@ def tail_lines(text: str, limit: int = MAX_TAIL_LINES) -> tuple[str, ...]:
         line = _CONTROL.sub("", raw.rsplit("\r", 1)[-1]).rstrip()
         if line.strip():
             lines.append(line)
-    out = []
-    for line in lines[-limit:] if limit > 0 else []:
-        if len(line) > MAX_LINE_CHARS:
-            half = (MAX_LINE_CHARS - 1) // 2
-            line = line[:half] + "…" + line[-(MAX_LINE_CHARS - 1 - half):]
-        out.append(line)
-    return tuple(out)
+    return tuple(_cut(line) for line in (lines[-limit:] if limit > 0 else []))
+
+
+def _cut(line: str) -> str:
+    """*line*, cut in the middle to :data:`MAX_LINE_CHARS` when longer."""
+    if len(line) <= MAX_LINE_CHARS:
+        return line
+    half = (MAX_LINE_CHARS - 1) // 2
+    return line[:half] + "…" + line[-(MAX_LINE_CHARS - 1 - half):]
 
 
 def _last(lines: tuple[str, ...]) -> str:
@@ -203,5 +205,7 @@ def mask_text(text: str, values: Sequence[str], *, cut: bool = True) -> str:
 def mask_report(error: str | None, log_tail: Sequence[str], values: Sequence[str]
                 ) -> tuple[str | None, tuple[str, ...]]:
     """``error`` and ``log_tail`` with *values* masked (:func:`mask_text`)."""
+    # A mask can be longer than what it hides: the lines are cut again, so the report
+    # still fits deploy_status (20 lines of at most MAX_LINE_CHARS).
     return (None if error is None else mask_text(error, values),
-            tuple(mask_text(line, values) for line in log_tail))
+            tuple(_cut(mask_text(line, values)) for line in log_tail))
