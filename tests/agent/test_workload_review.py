@@ -222,3 +222,48 @@ def test_a_masked_report_still_fits_deploy_status() -> None:
                               log_tail=mask_report("x", tail, values)[1])
     assert tuple(DeployStatus(**status.to_wire()).log_tail) == status.log_tail
     assert "abcd" not in "".join(status.log_tail)
+
+
+@needs_docker
+async def test_a_redeploy_queued_behind_an_undeploy_keeps_its_secrets(
+        tmp_path: Path, namespace: str, monkeypatch: Any) -> None:  # noqa: F811
+    """Scale down then up on one agent: ``undeploy`` then ``deploy`` of one id. The
+    undeploy's clean-up (wiping the id's released secrets) must happen before the new
+    deploy begins, never while it runs (it would wipe what the CP releases to it)."""
+    from trio.testing import wait_all_tasks_blocked
+
+    from ee.agent.server import Agent
+    from ee.protocol.messages import Deploy
+
+    from .agentkit import agent_config, running_agent
+    from .test_workload import IMAGE_ONLY_COMPOSE
+
+    runner = ComposeRunner(tmp_path / "agent", settings_for(namespace))
+    msg = Deploy(deployment_id="rq", app="acct.app", version="v1",
+                 compose=IMAGE_ONLY_COMPOSE, expose_port=8080, health_path="/health")
+    with trio.fail_after(DOCKER_TIMEOUT * 2):
+        async with running_agent(agent_config(tmp_path / "agent"), runner=runner) as agent:
+            assert isinstance(agent, Agent)
+            try:
+                assert (await agent.deploy(msg)).state == "running"
+                seen: list[str | None] = []
+                forget = agent.secret_store.forget
+
+                def spy(deployment_id: str) -> None:  # worker thread
+                    trio.from_thread.run(wait_all_tasks_blocked)  # let the deploy go on
+                    status = runner.status(deployment_id)
+                    seen.append(None if status is None else status.state)
+                    forget(deployment_id)
+
+                monkeypatch.setattr(agent.secret_store, "forget", spy)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(agent.undeploy, "rq")
+                    await wait_all_tasks_blocked()  # the undeploy holds the lock (`down`)
+                    assert runner._lock("rq").locked()
+                    nursery.start_soon(agent.deploy, msg)
+                assert seen == [None], seen  # the clean-up ran before the deploy began
+                status = runner.status("rq")
+                assert status is not None and status.state == "running", status
+                assert agent.current == "rq"
+            finally:
+                await agent.undeploy("rq")

@@ -1463,15 +1463,21 @@ class ComposeRunner:
     # -- undeploy -----------------------------------------------------------------
 
     async def undeploy(
-        self, deployment_id: str, on_status: StatusCallback | None = None
+        self, deployment_id: str, on_status: StatusCallback | None = None,
+        on_stopped: Callable[[], Awaitable[None]] | None = None,
     ) -> DeploymentStatus:
         """Stop and remove a deployment (containers, networks, volumes, built images, dir).
 
         Unknown ids are cleaned up as far as the workload dir allows and reported
         ``stopped``. A failed ``down`` reports ``failed`` and keeps the dir for a retry.
+        *on_stopped* runs once stopped, before the next deploy of this id may begin.
         """
         async with self._lock(deployment_id):
             result = await self._undeploy(deployment_id, on_status)
+            if result.state == "stopped" and on_stopped is not None:
+                # Still under the lock: a deploy of this id queued behind the undeploy
+                # starts only after this clean-up (its secrets are never wiped by it).
+                await on_stopped()
         if result.state == "stopped":
             self._forget_lock(deployment_id)
         return result
