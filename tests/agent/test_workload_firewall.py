@@ -47,5 +47,5 @@ def test_firewall_script_is_idempotent_and_complete() -> None:
         assert "-A EE-WORKLOAD-IN -j DROP" in rules
     for dst in ("10.0.2.2/32", "10.0.2.3/32", "169.254.0.0/16"):
         assert f"-A PREROUTING -d {dst} -i br-+ -j DROP" in _rules(v4)
-    for dst in ("fec0::2/128", "fec0::3/128", "fd00:ec2::254/128"):
+    for dst in ("fec0::2/128", "fec0::3/128", "fd00:ec2::254/128", "fd20:ce::254/128"):
         assert f"-A PREROUTING -d {dst} -i br-+ -j DROP" in _rules(v6)
