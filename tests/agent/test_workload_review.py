@@ -10,13 +10,12 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import attrs
 import httpx
 import trio
 
 from ee.agent.failures import MASK, mask_report, mask_text, mask_values, tail_lines
 from ee.agent.logstore import RetainedLogs
-from ee.agent.workload import ComposeRunner, DeploySpec
+from ee.agent.workload import ComposeRunner
 
 from .test_workload import (
     DOCKER_TIMEOUT,
@@ -27,14 +26,7 @@ from .test_workload import (
     project_containers,
     settings_for,
 )
-from .test_workload_tenant import V1, V2, _volumes
-
-
-def _spec(deployment_id: str, compose: str, **changes: Any) -> DeploySpec:
-    spec = DeploySpec(deployment_id=deployment_id, app="acct.app", version="v1",
-                      compose=compose, expose_port=8080, health_path="/health")
-    return attrs.evolve(spec, **changes)
-
+from .test_workload_tenant import V1, V2, _spec, _volumes
 
 # -- masking (pure) ------------------------------------------------------------------------
 
