@@ -139,3 +139,25 @@ def test_failure_reports() -> None:
                  exit_code=report.exit_code, log_tail=report.log_tail)  # valid on the wire
     with pytest.raises(ValueError):
         DeployStatus(deployment_id="d", state="failed", phase="nope")
+
+
+def test_a_read_parses_one_file_not_the_whole_directory(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads (a tenant can ask for an undeployed deployment's logs again and again) and
+    purges judge files by their mtime, which keep sets to stopped_at: one parse a read."""
+    wall = Wall()
+    store = RetainedLogs(tmp_path / "kept", retention_s=100, wall=wall)
+    for n in range(5):
+        store.keep(f"dep-{n}", {"web": _lines("web", 10)})
+    parsed: list[Path] = []
+    load = RetainedLogs._load
+
+    def counting(self: RetainedLogs, path: Path) -> dict[str, object] | None:
+        parsed.append(path)
+        return load(self, path)
+
+    monkeypatch.setattr(RetainedLogs, "_load", counting)
+    assert store.read("dep-3") is not None
+    assert parsed == [store._path("dep-3")]
+    wall.now += 100  # expiry still holds, by mtime
+    assert store.purge() == 5 and list((tmp_path / "kept").iterdir()) == []

@@ -13,6 +13,7 @@ the end.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -753,6 +754,12 @@ def test_the_secret_is_found_wherever_it_hides() -> None:
     odd = "p@ss word with spaces!!"  # a hand-made secret outside the urlsafe alphabet
     assert carries_secret([(b"authorization", f"Bearer {odd}".encode())], "/", odd)
     assert carries_secret([(b"x-secret", f" {odd} ".encode())], "/", odd)
+    # wrapped: percent-encoded in the target, or as Basic credentials
+    encoded = "".join(f"%{ord(c):02X}" for c in secret)
+    assert carries_secret([], f"/x?t={encoded}", secret)
+    basic = base64.b64encode(f"admin:{secret}".encode()).decode()
+    assert carries_secret([(b"authorization", f"Basic {basic}".encode())], "/", secret)
+    assert not carries_secret([(b"authorization", b"Basic !!notbase64")], "/%zz", secret)
 
 
 def test_forwarded_headers() -> None:

@@ -308,7 +308,8 @@ def test_spec_and_status_values() -> None:
         with pytest.raises(ValueError):
             app_spec("d", secret_names=names)
     assert app_spec("d", secret_names=["db", "api.key"]).secret_names == ("db", "api.key")
-    assert dict(app_spec("d", secret_env={"DB_PASSWORD": "db_password"}).secret_env) == {
+    assert dict(app_spec("d", secret_env={"DB_PASSWORD": "db_password"},
+                         secret_names=("db_password",)).secret_env) == {
         "DB_PASSWORD": "db_password"}
     spec = app_spec("d")
     with pytest.raises(TypeError):

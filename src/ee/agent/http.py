@@ -56,7 +56,8 @@ Every other path and method is reverse-proxied to the current deployment's expos
 container (``HttpHost.upstream()``; never anything the client sent) through httpx,
 streaming both ways, redirects not followed. The upstream URL is built from the
 upstream's address and the checked origin-form target only. A request that carries the
-agent secret in any header or in its target is refused (400 ``agent_secret_refused``)
+agent secret in any header or in its target (also percent-encoded, or inside Basic
+credentials) is refused (400 ``agent_secret_refused``)
 rather than handed to the tenant's code. Hop-by-hop headers (and those ``Connection``
 names) are dropped both ways; ``X-Forwarded-For`` is appended to and
 ``X-Forwarded-Proto``/``-Host`` set (kept from a loopback peer, i.e. the tunnel).
@@ -92,7 +93,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol, cast
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 import attrs
 import httpx
@@ -325,11 +326,25 @@ def carries_secret(headers: Iterable[tuple[bytes, bytes]], target: str, secret: 
     """Whether any header value or the target holds *secret* (constant-time compares)."""
     wanted = secret.encode("utf-8")
     found = False
-    for text in [v.decode("latin-1") for _, v in headers] + [target]:
+    texts = [v.decode("latin-1") for _, v in headers] + [target]
+    for text in [*texts, *(form for raw in texts for form in _decoded_forms(raw))]:
         candidates = [*_SECRET_SPLIT.split(text), text.strip(), _bearer(text) or ""]
         for candidate in candidates:
             found |= hmac.compare_digest(candidate.encode("latin-1", "replace"), wanted)
     return found
+
+
+def _decoded_forms(text: str) -> list[str]:
+    """What *text* says once decoded the ways a client might have wrapped the secret:
+    percent-encoding (``%5F`` for ``_``), and Basic credentials (``user:secret``)."""
+    forms = [unquote(text, errors="replace")] if "%" in text else []
+    scheme, _, token = text.strip().partition(" ")
+    if scheme.lower() == "basic" and token.strip():
+        try:
+            forms.append(base64.b64decode(token.strip(), validate=True).decode("latin-1"))
+        except (ValueError, binascii.Error):
+            pass
+    return forms
 
 
 def upstream_headers(

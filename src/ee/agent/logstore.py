@@ -18,9 +18,11 @@ answers only the id the CP asked for; the CP asks only for a tenant's own deploy
 Bounds: each line at most :data:`MAX_LINE_CHARS` characters, each file at most
 :data:`MAX_FILE_BYTES` (older lines dropped first), the whole directory at most
 ``max_total_bytes`` (oldest files dropped first). Files older than ``retention_s``
-(by their ``stopped_at``) are purged on every keep/read and by :meth:`purge`, which
-the agent also runs periodically. ``stopped_at`` is wall-clock time (the window must
-survive an agent restart); the clock is injected, so tests own it.
+(by their ``stopped_at``, which :meth:`RetainedLogs.keep` also sets as the file's
+mtime, so purging reads no file) are purged on every keep/read and by :meth:`purge`,
+which the agent also runs periodically; a read also checks the ``stopped_at`` inside.
+``stopped_at`` is wall-clock time (the window must survive an agent restart); the clock
+is injected, so tests own it.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class RetainedLogs:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.utime(tmp, (body["stopped_at"], body["stopped_at"]))
         tmp.replace(path)
         self.purge()
 
@@ -143,6 +146,9 @@ class RetainedLogs:
         # The id inside the file decides, never its name alone.
         if data is None or data.get("deployment_id") != deployment_id:
             return None
+        stopped = data.get("stopped_at")
+        if not isinstance(stopped, int | float) or self.wall() - stopped >= self.retention_s:
+            return None
         services: dict[str, list[LogLine]] = {}
         for name, lines in dict(data.get("services") or {}).items():
             services[str(name)] = [
@@ -159,13 +165,17 @@ class RetainedLogs:
         kept: list[tuple[float, int, Path]] = []
         removed = 0
         for path in self.directory.glob("*.json"):
-            data = self._load(path)
-            stopped = data.get("stopped_at") if data else None
-            if not isinstance(stopped, int | float) or now - stopped >= self.retention_s:
+            # The file's mtime is its stopped_at (keep sets it): no file is parsed here,
+            # so a read costs one file's parse, not the whole directory's.
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            if now - info.st_mtime >= self.retention_s:
                 path.unlink(missing_ok=True)
                 removed += 1
                 continue
-            kept.append((float(stopped), path.stat().st_size, path))
+            kept.append((info.st_mtime, info.st_size, path))
         total = sum(size for _, size, _ in kept)
         for _, size, path in sorted(kept, key=lambda item: item[0]):
             if total <= self.max_total_bytes:

@@ -601,17 +601,21 @@ class Agent:
             reported.append(status)
             await self._report(status)
 
+        async def forget() -> None:  # under the runner's lock: see ComposeRunner.undeploy
+            await trio.to_thread.run_sync(self.secret_store.forget, deployment_id)
+
         try:
-            result = await self.runner.undeploy(deployment_id, on_status=report)
+            result = await self.runner.undeploy(deployment_id, on_status=report,
+                                                on_stopped=forget)
         except Exception as exc:
             log.exception("undeploy %s crashed", deployment_id)
             result = DeploymentStatus(deployment_id=deployment_id, state="failed",
                                       error=f"agent error: {type(exc).__name__}: {exc}")
         if not reported or reported[-1] != result:
             await self._report(result)
-        if result.state == "stopped":
-            await trio.to_thread.run_sync(self.secret_store.forget, deployment_id)
-        if result.state == "stopped" and self.current == deployment_id:
+        if (result.state == "stopped" and self.current == deployment_id
+                and self.runner.status(deployment_id) is None
+                and deployment_id not in self._inflight):  # not redeployed meanwhile
             self.current = None
             self._write_small(CURRENT_FILE, None)
         return result

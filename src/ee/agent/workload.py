@@ -94,7 +94,9 @@ readable, until ``undeploy``.
 **Updates in place.** A ``deploy`` for a deployment id the runner already has, with
 another version or workload hash, first stops the old version with ``down
 --remove-orphans --rmi local`` and *without* ``-v`` (even when the new one turns out
-invalid: the deployment then reports ``failed`` and nothing of it runs), then writes
+invalid: the deployment then reports ``failed`` and nothing of it runs; *with* ``-v``
+when the deploy names another app: one app's data is never mounted into another's
+containers), then writes
 the new directory and starts the new version under the *same* Compose project name,
 so its named volumes (``<project>_<name>``) are the old version's, data included. The
 states reported are those of a fresh deploy; a new version that fails leaves the
@@ -121,6 +123,14 @@ state and upstream address; ``upstream`` is the cached ``(ip, port)`` for the pr
 ``log_lines`` (Docker's timestamps as ``at``; ``since``, ``service`` and ``tail``
 filters; an undeployed deployment's retained lines) and ``stats`` read per-service
 data through the SDK.
+
+Every status the runner stores or reports passes :meth:`ComposeRunner._masked`: the
+deployment's released secret values and env values are masked in ``error`` and
+``log_tail`` (:func:`ee.agent.failures.mask_report`), since a failing build or
+container may print them and both go to the CP's events. So do the lines
+``log_lines`` answers (live) and the lines kept at undeploy (masked before the secrets
+are forgotten). (Env values are kept in memory only: after an agent restart an
+adopted deployment's env is not masked.)
 
 All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
 follow the test clock; the Compose CLI runs as a Trio process and Docker SDK
@@ -156,6 +166,9 @@ from ee.agent.failures import (
     FailureReport,
     container_exited,
     health_failed,
+    mask_report,
+    mask_text,
+    mask_values,
     step_failed,
     step_timed_out,
 )
@@ -433,6 +446,14 @@ class DeploySpec:
     secret_names: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple,
                                                 validator=_check_secret_names)
 
+    def __attrs_post_init__(self) -> None:
+        # The hash binds secret_names only: a secret fed to the environment but not
+        # named there would run unseen by anyone who checks the hash.
+        unnamed = sorted(set(self.secret_env.values()) - set(self.secret_names))
+        if unnamed:
+            raise ValueError(f"secret_env feeds secrets not in secret_names (so not in the "
+                             f"workload hash): {', '.join(unnamed)}")
+
 
 @attrs.frozen
 class DeploymentStatus:
@@ -694,6 +715,35 @@ class _Record:
         )
 
 
+#: a log read keeps at most this many bytes per container (the newest; Docker's lines
+#: are up to 16 KiB each, so ``tail=10000`` alone would not bound the agent's memory)
+MAX_LOG_READ_BYTES = 4 * 1024 * 1024
+
+
+def _read_logs(container: Any, options: Mapping[str, Any], limit: int) -> bytes:
+    """A container's logs (worker thread), streamed so at most about twice *limit*
+    bytes are ever held: the newest *limit* bytes, a cut first line dropped."""
+    kept = bytearray()
+    stream = container.logs(stream=True, follow=False, **options)
+    try:
+        for chunk in stream:
+            kept += chunk
+            if len(kept) > 2 * limit:
+                del kept[:-limit]
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    if len(kept) > limit:
+        del kept[:-limit]
+        del kept[: kept.find(b"\n") + 1]
+    return bytes(kept)
+
+
+#: at most this many released secrets, and this much of each, are read to be masked
+MAX_MASKED_SECRETS = 256
+MAX_MASKED_SECRET_BYTES = 64 * 1024
+
 #: what a version may ask the agent to send its services when a secret rotates
 ROTATION_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
 
@@ -820,6 +870,8 @@ class ComposeRunner:
         self._records: dict[str, _Record] = {}
         self._status: dict[str, DeploymentStatus] = {}
         self._locks: dict[str, trio.Lock] = {}
+        #: deployment id -> its env values, masked in what a failure reports (memory only)
+        self._env_values: dict[str, tuple[str, ...]] = {}
         self._cli: ComposeCLI | None = None
         self._docker: Any = None
         self._limiter = trio.CapacityLimiter(self.settings.docker_threads)
@@ -883,9 +935,63 @@ class ComposeRunner:
         if lock is not None and not lock.locked() and lock.statistics().tasks_waiting == 0:
             del self._locks[deployment_id]
 
+    def _secret_values(self, deployment_id: str) -> list[str]:  # worker thread
+        """The deployment's released secret values (its secrets directory's files)."""
+        if self.secrets_dir is None:
+            return []
+        values = []
+        try:
+            directory = self.secrets_dir(deployment_id)
+            names = sorted(os.listdir(directory))[:MAX_MASKED_SECRETS]
+        except OSError:
+            return []
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                values.append(os.read(fd, MAX_MASKED_SECRET_BYTES).decode("utf-8", "replace"))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return values
+
+    async def _masked(self, status: DeploymentStatus) -> DeploymentStatus:
+        """*status* with the deployment's secret and env values masked in its ``error``
+        and ``log_tail`` (``ee.agent.failures.mask_report``): both go to the CP."""
+        if status.error is None and not status.log_tail:
+            return status
+        values = await self._mask_values(status.deployment_id)
+        error, tail = mask_report(status.error, status.log_tail, values)
+        return attrs.evolve(status, error=error, log_tail=tail)
+
+    async def _mask_values(self, deployment_id: str) -> tuple[str, ...]:
+        """What :func:`ee.agent.failures.mask_text` hides for this deployment."""
+        secret_values = await trio.to_thread.run_sync(self._secret_values, deployment_id)
+        return mask_values(secret_values, self._env_values.get(deployment_id, ()))
+
+    async def _masked_lines(self, deployment_id: str, found: dict[str, list[LogLine]]
+                            ) -> dict[str, list[LogLine]]:
+        """Log lines with the deployment's secret and env values masked."""
+        values = await self._mask_values(deployment_id)
+        if not values:
+            return found
+
+        def mask() -> dict[str, list[LogLine]]:  # worker thread: up to 10,000 lines
+            return {key: [attrs.evolve(ln, text=mask_text(ln.text, values, cut=False))
+                          for ln in lines]
+                    for key, lines in found.items()}
+
+        return await trio.to_thread.run_sync(mask)
+
     async def _set(
         self, status: DeploymentStatus, on_status: StatusCallback | None
     ) -> DeploymentStatus:
+        status = await self._masked(status)
         old = self._status.get(status.deployment_id)
         check_transition(None if old is None else old.state, status.state)
         self._status[status.deployment_id] = status
@@ -962,6 +1068,7 @@ class ComposeRunner:
                 app=spec.app,
                 version=spec.version,
             )
+            self._env_values[spec.deployment_id] = tuple(spec.env.values())
             await self._set(base, on_status)
             record: _Record | None = None
             try:
@@ -975,11 +1082,12 @@ class ComposeRunner:
                     planned = await trio.to_thread.run_sync(self._plan, spec)
                 finally:
                     # An update in place (another version or hash under this id): the
-                    # old version stops first, its named volumes stay.
+                    # old version stops first, its named volumes stay -- for the same
+                    # app only: another app's data is never handed to this one.
                     if old is not None and (planned is None or (
                             planned[0].compose_hash, planned[0].version) != (
-                                old.compose_hash, old.version)):
-                        await self._stop_old(cli, old)
+                                old.compose_hash, old.version) or old.app != spec.app):
+                        await self._stop_old(cli, old, keep_volumes=old.app == spec.app)
                 record, loaded = planned
                 await trio.to_thread.run_sync(self._write, spec, record, loaded)
                 self._records[spec.deployment_id] = record
@@ -1019,14 +1127,18 @@ class ComposeRunner:
                 final = attrs.evolve(final, compose_hash=record.compose_hash)
             return await self._set(final, on_status)
 
-    async def _stop_old(self, cli: ComposeCLI, old: _Record) -> None:
+    async def _stop_old(self, cli: ComposeCLI, old: _Record, *, keep_volumes: bool) -> None:
         """Stop the version that runs under this deployment id before another replaces
         it: ``down --remove-orphans --rmi local`` *without* ``-v``, so its named
-        volumes stay for the next version (same project name) to mount."""
+        volumes stay for the next version (same project name) to mount; with ``-v``
+        when the deploy names another app (*keep_volumes* false): the same Compose
+        project would otherwise mount the old app's volumes, data included, into the
+        new one."""
         if not (old.directory / RESOLVED_FILE).exists():
             return
         await trio.to_thread.run_sync(self._env_placeholder, old)
-        argv = self._compose_argv(cli, old, "down", "--remove-orphans", "--rmi", "local")
+        argv = self._compose_argv(cli, old, "down", "--remove-orphans", "--rmi", "local",
+                                  *(() if keep_volumes else ("-v",)))
         code, out = await _run_step(argv, env=self._cli_env(), cwd=old.directory,
                                     timeout=self.settings.down_timeout,
                                     keep_bytes=self.settings.error_tail_bytes)
@@ -1351,15 +1463,21 @@ class ComposeRunner:
     # -- undeploy -----------------------------------------------------------------
 
     async def undeploy(
-        self, deployment_id: str, on_status: StatusCallback | None = None
+        self, deployment_id: str, on_status: StatusCallback | None = None,
+        on_stopped: Callable[[], Awaitable[None]] | None = None,
     ) -> DeploymentStatus:
         """Stop and remove a deployment (containers, networks, volumes, built images, dir).
 
         Unknown ids are cleaned up as far as the workload dir allows and reported
         ``stopped``. A failed ``down`` reports ``failed`` and keeps the dir for a retry.
+        *on_stopped* runs once stopped, before the next deploy of this id may begin.
         """
         async with self._lock(deployment_id):
             result = await self._undeploy(deployment_id, on_status)
+            if result.state == "stopped" and on_stopped is not None:
+                # Still under the lock: a deploy of this id queued behind the undeploy
+                # starts only after this clean-up (its secrets are never wiped by it).
+                await on_stopped()
         if result.state == "stopped":
             self._forget_lock(deployment_id)
         return result
@@ -1387,13 +1505,14 @@ class ComposeRunner:
         except _Failure as failure:
             failed = attrs.evolve(base, state="failed", error=str(failure))
             if old is None:
-                return failed
+                return await self._masked(failed)
             return await self._set(failed, on_status)
         stopped = attrs.evolve(base, state="stopped")
         if old is not None:
             await self._set(stopped, on_status)
         self._records.pop(deployment_id, None)
         self._status.pop(deployment_id, None)
+        self._env_values.pop(deployment_id, None)
         return stopped
 
     async def _retain_logs(self, record: _Record) -> None:
@@ -1402,8 +1521,8 @@ class ComposeRunner:
         if self.retained is None:
             return
         try:
-            lines = await self._docker_lines(record, tail=MAX_LINES_PER_SERVICE, since=None,
-                                             service=None)
+            lines = await self._masked_lines(record.deployment_id, await self._docker_lines(
+                record, tail=MAX_LINES_PER_SERVICE, since=None, service=None))
             await trio.to_thread.run_sync(self.retained.keep, record.deployment_id, lines)
         except (OSError, ValueError) as exc:
             log.warning("deployment %s: cannot keep its logs: %s", record.deployment_id, exc)
@@ -1652,7 +1771,8 @@ class ComposeRunner:
             return {key: filter_lines(lines, tail=tail, since=since)
                     for key, lines in kept.items()
                     if service is None or key.split("#", 1)[0] == service}
-        return await self._docker_lines(record, tail=tail, since=since, service=service)
+        return await self._masked_lines(deployment_id, await self._docker_lines(
+            record, tail=tail, since=since, service=service))
 
     async def _docker_lines(self, record: _Record, *, tail: int, since: str | None,
                             service: str | None) -> dict[str, list[LogLine]]:
@@ -1672,7 +1792,7 @@ class ComposeRunner:
             if service is not None and key.split("#", 1)[0] != service:
                 continue
             try:
-                raw = await self._sdk(lambda c=container: c.logs(**options))
+                raw = await self._sdk(_read_logs, container, options, MAX_LOG_READ_BYTES)
             except Exception as exc:
                 if not _is_docker_error(exc):
                     raise
