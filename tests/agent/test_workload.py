@@ -157,7 +157,8 @@ def spec_hash(spec: Any) -> str:
                else validate_build_context(spec.build_context))
     return workload_hash(doc, context, env=dict(spec.env), expose_port=spec.expose_port,
                          expose_service=spec.expose_service or compose_services(doc)[0],
-                         health_path=spec.health_path, secret_names=spec.secret_names)
+                         health_path=spec.health_path, secret_names=spec.secret_names,
+                         secret_env=spec.secret_env)
 
 
 # -- fixtures -----------------------------------------------------------------------

@@ -35,7 +35,7 @@ pytestmark = needs_docker
 def expected(env: dict[str, str]) -> str:
     return workload_hash(validate_compose(IMAGE_ONLY_COMPOSE), None, env=env,
                          expose_port=8080, expose_service="web", health_path="/health",
-                         secret_names=())
+                         secret_names=(), secret_env={})
 
 
 async def test_agent_and_cp_agree_on_the_workload_hash(

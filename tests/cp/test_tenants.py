@@ -36,7 +36,7 @@ def workload_of(compose: str, ctx: bytes | None, *, port: int, service: str = "w
     return workload_hash(validate_compose(compose),
                          None if ctx is None else validate_build_context(ctx),
                          env=env or {}, expose_port=port, expose_service=service,
-                         health_path=health, secret_names=secret_names)
+                         health_path=health, secret_names=secret_names, secret_env={})
 
 
 async def tenant(env: RunningCp, name: str) -> httpx.AsyncClient:

@@ -399,3 +399,18 @@ def test_a_large_real_compose_is_within_the_yaml_bounds() -> None:
         f"    depends_on: [s0]\n" for i in range(300))
     doc = validate_compose("services:\n" + services)
     assert len(doc["services"]) == 300
+
+
+def test_the_workload_hash_binds_which_variable_an_env_secret_feeds() -> None:
+    """Swapping which variable two env secrets feed changes what runs: the hash moves."""
+    from ee.protocol.compose import workload_hash
+
+    doc = validate_compose("services:\n  web:\n    image: nginx\n")
+
+    def h(secret_env: dict[str, str]) -> str:
+        return workload_hash(doc, None, env={}, expose_port=80, expose_service="web",
+                             health_path="/", secret_names=["a", "b"], secret_env=secret_env)
+
+    assert h({"X": "a", "Y": "b"}) != h({"X": "b", "Y": "a"})
+    assert h({"X": "a", "Y": "b"}) != h({})
+    assert h({"Y": "b", "X": "a"}) == h({"X": "a", "Y": "b"})  # order does not count

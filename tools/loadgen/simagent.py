@@ -210,7 +210,8 @@ class SimAgent:
                    else validate_build_context(msg.build_context))
         digest = workload_hash(doc, context, env=msg.env, expose_port=msg.expose_port,
                                expose_service=msg.expose_service or compose_services(doc)[0],
-                               health_path=msg.health_path, secret_names=msg.secret_names)
+                               health_path=msg.health_path, secret_names=msg.secret_names,
+                               secret_env=msg.secret_env)
         snap = DeploymentSnapshot(deployment_id=msg.deployment_id, app=msg.app,
                                   version=msg.version, state="starting", compose_hash=digest)
         self.deployments[msg.deployment_id] = snap

@@ -1174,7 +1174,8 @@ class ComposeRunner:
                 )
             digest = workload_hash(doc, context, env=spec.env, expose_port=spec.expose_port,
                                    expose_service=expose, health_path=spec.health_path,
-                                   secret_names=spec.secret_names)
+                                   secret_names=spec.secret_names,
+                                   secret_env=spec.secret_env)
         except ComposeError as exc:
             raise _Failure(f"invalid compose: {exc}") from None
         except BuildContextError as exc:

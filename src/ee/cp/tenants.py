@@ -1061,7 +1061,8 @@ class _VersionFields:
         digest = workload_hash(
             self.doc, context, env=self.env, expose_port=self.expose_port,
             expose_service=self.expose_service, health_path=self.health_path,
-            secret_names=[s["name"] for s in self.secrets])
+            secret_names=[s["name"] for s in self.secrets],
+            secret_env={s["env"]: s["name"] for s in self.secrets if s["as"] == "env"})
         out: dict[str, Any] = {
             "version": self.version, "compose": self.compose,
             "build_context": self.build_context_b64, "expose_port": self.expose_port,

@@ -89,7 +89,8 @@ class Workload:
         return workload_hash(self.doc, self.context, env=self.env,
                              expose_port=self.expose_port,
                              expose_service=self.expose_service,
-                             health_path=self.health_path, secret_names=self.secret_names)
+                             health_path=self.health_path, secret_names=self.secret_names,
+                             secret_env={})  # eectl push names file secrets only
 
     def v1_hash(self) -> str:
         """The version-1 compose hash (compose document and build context only)."""

@@ -69,12 +69,15 @@ with every deployment and binds into attested health quotes, is::
         "expose_service": S,                   # the compose service it belongs to
         "health_path": P,                      # the path the health check fetches
         "secret_names": [NAME, ...],           # the secrets the version receives,
-    }))                                        # sorted, unique (names only)
+                                               # sorted, unique (names only)
+        "secret_env": {VAR: NAME, ...},        # which variable each env secret feeds
+    }))
 
-So changing an env value, the exposed port or service, the health path, or which
-secrets a version receives gives another hash; a secret's *value* (released after the
-replica attests, and rotated) does not. Env values are in the hash but write-only in
-the API (a version shows ``env_names``): a verifier who knows them (the tenant) can
+So changing an env value, the exposed port or service, the health path, which
+secrets a version receives, or which variable an env secret feeds gives another hash;
+a secret's *value* (released after the replica attests, and rotated) does not. Env
+values are in the hash but write-only in the API (a version shows ``env_names``): a
+verifier who knows them (the tenant) can
 recompute the hash, nobody can read them back. To recompute it from a directory, hash
 the compose file and the build context as above, then the object above with the
 version's fields (the tenant CLI's ``eectl compose-hash`` does so).
@@ -548,14 +551,16 @@ def compose_hash(compose_text: str, build_context: bytes | None) -> str:
 
 def workload_hash(doc: Mapping[str, Any], context: BuildContext | None, *,
                   env: Mapping[str, str], expose_port: int, expose_service: str,
-                  health_path: str, secret_names: Iterable[str]) -> str:
+                  health_path: str, secret_names: Iterable[str],
+                  secret_env: Mapping[str, str]) -> str:
     """The attested hash of everything that determines a workload except secret values.
 
     ``H(canonical_json({"kind": "ee/v2/workload-hash/1", "compose_hash": <compose hash>,
     "env": {NAME: VALUE, ...}, "expose_port": N, "expose_service": S, "health_path": P,
-    "secret_names": [sorted, unique names]}))``: so a change to any env value, the
-    exposed port or service, the health path or the set of secrets the version receives
-    gives another hash, while a secret's *value* (released later, rotated) does not.
+    "secret_names": [sorted, unique names], "secret_env": {VAR: NAME, ...}}))``: so a
+    change to any env value, the exposed port or service, the health path, the set of
+    secrets the version receives or which variable an env secret feeds gives another
+    hash, while a secret's *value* (released later, rotated) does not.
     """
     try:
         payload = canonical_json({
@@ -566,6 +571,7 @@ def workload_hash(doc: Mapping[str, Any], context: BuildContext | None, *,
             "expose_service": expose_service,
             "health_path": health_path,
             "secret_names": sorted(set(secret_names)),
+            "secret_env": dict(secret_env),
         })
     except (TypeError, ValueError) as exc:
         raise ComposeError(f"workload has no canonical JSON form ({exc})") from None
