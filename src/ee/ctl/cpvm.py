@@ -201,7 +201,8 @@ def _bootstrap(args: argparse.Namespace) -> int:
             if info is not None:
                 xml = Path(info.labels.workdir) / "domain.xml"
                 cmdline = domain_cmdline(xml.read_text() if xml.is_file() else None)
-            if existing_cp(info, cmdline, plan.cp_image):
+            reused = existing_cp(info, cmdline, plan.cp_image)
+            if reused:
                 assert info is not None
                 print(f"CP VM {args.name} exists ({info.state}); not recreated")
                 api, plane = info.labels.api, info.labels.cp
@@ -215,7 +216,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             deadline = time.monotonic() + args.timeout
             if args.wait_ready and api:
                 trio.run(partial(wait_cp_ready, args.name, serial, host, api=api,
-                                 timeout_s=args.timeout, say=_say))
+                                 timeout_s=args.timeout, say=_say, new_lines_only=reused))
             if not args.no_agent and plane and api:
                 _bootstrap_agent(args, host, root, api=api, plane=plane,
                                  wait_s=max(60.0, deadline - time.monotonic()))

@@ -376,11 +376,15 @@ async def wait_registered(plan: VmPlan, host: VmHost, *, api: str, token: str | 
 
 
 async def wait_cp_ready(name: str, serial: Path, host: VmHost, *, api: str, timeout_s: float,
-                        say: Callable[[str], None]) -> None:
+                        say: Callable[[str], None], new_lines_only: bool = False) -> None:
     """Until the CP VM's ``/api/v2/ready`` answers 200 through its forwarded port; the
-    CP VM's ``ee-cp-vm`` lines go to *say*. VmError with the last serial lines when the
-    domain stops or time runs out."""
-    offset = 0
+    CP VM's ``ee-cp-vm`` lines go to *say* (only those written from now on with
+    *new_lines_only*: a re-run's). VmError with the last serial lines when the domain
+    stops or time runs out."""
+    try:
+        offset = (await trio.Path(serial).stat()).st_size if new_lines_only else 0
+    except OSError:
+        offset = 0
     partial = ""
     started = trio.current_time()
     try:
