@@ -334,7 +334,8 @@ async def test_bootstrap_boots_a_cp_vm_until_ready_and_its_agent_registers(
             assert again.returncode == 0, again.stdout + again.stderr
             assert f"CP VM {name} exists" in again.stdout
             assert f"bootstrap agent VM {agent} exists" in again.stdout
-            assert "created" not in again.stdout
+            assert "created CP VM" not in again.stdout
+            assert "created bootstrap" not in again.stdout
     finally:
         for vm in (agent, name):
             if host.info(vm) is not None:
