@@ -36,7 +36,16 @@ def host() -> Iterator[VmHost]:
 def vm_image() -> Iterator[Path]:
     """The built agent image, where QEMU (libvirt's ``libvirt-qemu`` user) can read it:
     not under pytest's 0700 temporary directories, but a 0711 directory in /var/tmp."""
-    prebuilt = os.environ.get("EE_VM_IMAGE")
+    yield from _built_image("agent", os.environ.get("EE_VM_IMAGE"))
+
+
+@pytest.fixture(scope="session")
+def cp_vm_image() -> Iterator[Path]:
+    """The built cp-profile image (``$EE_VM_CP_IMAGE``, else one build per session)."""
+    yield from _built_image("cp", os.environ.get("EE_VM_CP_IMAGE"))
+
+
+def _built_image(profile: str, prebuilt: str | None) -> Iterator[Path]:
     if prebuilt:
         yield Path(prebuilt)
         return
@@ -48,8 +57,8 @@ def vm_image() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-vm-image-"))
     try:
         os.chmod(base, 0o711)
-        out = base / "agent"
-        build_image(load_profile("agent"), BuildOptions(out=out, cache=image_cache()),
+        out = base / profile
+        build_image(load_profile(profile), BuildOptions(out=out, cache=image_cache()),
                     Progress())
         os.chmod(out, 0o755)
         for path in out.iterdir():

@@ -12,10 +12,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import httpx
 import pycdlib
 import pytest
+import trio
 
+from ee.attestation.providers.sim import SIM_FILE
 from ee.cp import bootstrap
+from ee.ctl.cpvm import bundle_files, sim_material
+from ee.vm.cpimage import guest_ref
 from ee.vm.cpplan import (
     CMDLINE_CP_IMAGE,
     CpRequest,
@@ -140,13 +145,44 @@ def test_dry_run_shows_the_measured_image_two_loopback_ports_and_the_drive(
     assert "easyenclave.role=cp" in cmdline.split()
     assert "hostfwd=tcp:127.0.0.1:18000-:8000,hostfwd=tcp:127.0.0.1:19000-:9000" in xml
     assert re.search(r'role="cp"', xml) and 'api="http://127.0.0.1:18000"' in xml
-    assert drive.strip() == "config drive: bootstrap.json, bootstrap.json.sig, cp.key"
+    assert drive.strip() == ("config drive: bootstrap.json, bootstrap.json.sig, cp.key, "
+                             "sim-td.json")
     assert not (tmp_path / "vms").exists()
     if shutil.which("virt-xml-validate"):
         (tmp_path / "d.xml").write_text(xml)
         ok = subprocess.run(["virt-xml-validate", str(tmp_path / "d.xml"), "domain"],
                             capture_output=True, text=True, timeout=60, check=False)
         assert ok.returncode == 0, ok.stderr
+
+
+def test_a_dev_bundle_carries_its_sim_material_and_nothing_else(tmp_path: Path) -> None:
+    """The sim chain the bundle names travels on the drive (the CP in the VM reads it at
+    that path); the admin token and other files of the data dir do not."""
+    data = dev_bundle(tmp_path)
+    (data / "records.db").write_bytes(b"not for the drive")
+    files, dev = bundle_files(data, None)
+    assert dev and sorted(files) == ["bootstrap.json", "bootstrap.json.sig", "cp.key",
+                                     SIM_FILE]
+    sim_dir = bootstrap.read_unverified(data / bootstrap.BUNDLE)["dev"]["sim_dir"]
+    assert files[SIM_FILE] == (Path(sim_dir) / SIM_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("sim_dir", ["relative/sim", "/a/../etc", "/a/./b", "/a b/sim",
+                                     "/a/$(reboot)", "/", "/a\nb", "/a:/b"])
+def test_a_sim_dir_the_guest_would_mount_badly_is_refused(sim_dir: str) -> None:
+    with pytest.raises(VmRefused, match="sim_dir"):
+        sim_material(sim_dir)
+
+
+def test_a_dev_bundle_whose_sim_material_is_gone_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(VmRefused, match="sim material"):
+        sim_material(str(tmp_path / "nosuch"))
+
+
+def test_the_guest_pulls_the_cp_image_from_the_host_registry_by_the_same_digest() -> None:
+    assert guest_ref(f"127.0.0.1:5000/ee-cp@{DIGEST}") == f"10.0.2.2:5000/ee-cp@{DIGEST}"
+    with pytest.raises(ValueError, match="loopback registry"):
+        guest_ref(f"ghcr.io/ee-cp@{DIGEST}")
 
 
 def test_plan_refuses_what_cannot_be_made(tmp_path: Path) -> None:
@@ -240,4 +276,68 @@ def test_rerun_with_real_libvirt_reuses_the_cp_vm_and_refuses_another_image(
     finally:
         if host.info(name) is not None:
             delete_vm(name, host, root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow  # two TCG boots, the CP image pulled into the CP VM (3-6 min here)
+async def test_bootstrap_boots_a_cp_vm_until_ready_and_its_agent_registers(
+        host: VmHost, cp_vm_image: Path, vm_image: Path, tmp_path: Path) -> None:
+    """The real thing: the CP container image built here and pushed to the loopback
+    registry, a CP VM that pulls it by digest and runs it with a dev bundle (and its sim
+    material) from the drive until ``/api/v2/ready`` answers through the forwarded
+    loopback port, then the bootstrap agent VM registered with that CP. A re-run makes
+    nothing; both VMs are deleted whatever happens."""
+    from ee.image.build import Progress, default_cache_dir
+    from ee.vm.cpimage import build_cp_image
+
+    from .test_vm_boot import registry
+
+    data = dev_bundle(tmp_path)
+    token = (data / bootstrap.ADMIN_TOKEN).read_text().strip()
+    root = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="ee-cp-test-"))
+    os.chmod(root, 0o711)
+    name, agent = "ee-test-cpboot", "ee-test-cpboot-agent-1"
+    env = {**os.environ, "EE_VM_TINY_MEMORY_GIB": "1.5", "EE_VM_TINY_VCPUS": "2",
+           "EE_VM_TINY_DISK_GIB": "4"}
+    try:
+        async with registry(tmp_path):
+            with trio.fail_after(600):  # cold: a debootstrap; warm: seconds
+                ref = guest_ref(await trio.to_thread.run_sync(
+                    lambda: build_cp_image(default_cache_dir(), Progress())))
+            argv = ("cp", "bootstrap", name, "--image", str(cp_vm_image), "--bundle",
+                    str(data), "--control-plane-image", ref, "--root", str(root),
+                    "--accel", "tcg", "--memory", "2", "--vcpus", "2", "--disk", "4",
+                    "--agent-image", str(vm_image), "--wait-ready", "--timeout", "840")
+            started = trio.current_time()
+            with trio.fail_after(900):
+                first = await trio.to_thread.run_sync(
+                    lambda: eectl(*argv, env=env, timeout=880))
+            took = trio.current_time() - started
+            assert first.returncode == 0, first.stdout + first.stderr
+            assert f"created CP VM {name}" in first.stdout
+            assert "ee-cp-vm: starting" in first.stdout  # the guest's script, followed
+            api = re.search(r"API (http://127\.0\.0\.1:\d+)", first.stdout)
+            assert api is not None and f"CP at {api[1]} is ready" in first.stdout
+            assert f"{agent} registered" in first.stdout, first.stdout
+            print(f"\nTCG: cp bootstrap -> CP ready and bootstrap agent registered "
+                  f"{took:.0f}s")
+            async with httpx.AsyncClient(base_url=api[1], timeout=30) as client:
+                assert (await client.get("/api/v2/ready")).status_code == 200
+                listed = await client.get("/api/v2/agents",
+                                          headers={"Authorization": f"Bearer {token}"})
+            assert listed.status_code == 200, listed.text
+            mine = [a for a in listed.json()["agents"] if a.get("vm_name") == agent]
+            assert [a["status"] for a in mine] == ["online"], listed.text
+            with trio.fail_after(300):
+                again = await trio.to_thread.run_sync(
+                    lambda: eectl(*argv, env=env, timeout=280))
+            assert again.returncode == 0, again.stdout + again.stderr
+            assert f"CP VM {name} exists" in again.stdout
+            assert f"bootstrap agent VM {agent} exists" in again.stdout
+            assert "created CP VM" not in again.stdout
+            assert "created bootstrap" not in again.stdout
+    finally:
+        for vm in (agent, name):
+            if host.info(vm) is not None:
+                delete_vm(vm, host, root)
         shutil.rmtree(root, ignore_errors=True)

@@ -21,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import httpx
 import trio
 
+from ee.attestation.providers.sim import SIM_FILE
 from ee.cp import bootstrap
 from ee.cp.bootstrap import BootstrapError
 from ee.ctl.client import CtlError, UsageError
@@ -38,11 +40,22 @@ from ee.vm.cpplan import CpPlan, CpRequest, domain_cmdline, existing_cp, plan_cp
 from ee.vm.domain import domain_xml
 from ee.vm.errors import VmError, VmRefused
 from ee.vm.host import VmHost
-from ee.vm.manage import DEFAULT_ROOT, check_image, create_cp_vm, create_vm, free_port
+from ee.vm.manage import (
+    DEFAULT_ROOT,
+    check_image,
+    create_cp_vm,
+    create_vm,
+    free_port,
+    wait_cp_ready,
+    wait_registered,
+)
 from ee.vm.plan import CreateRequest
 from ee.vm.sizes import PRESETS, SizeError, resolve_size
 
-__all__ = ["register"]
+__all__ = ["SIM_DIR_RE", "bundle_files", "register", "sim_material"]
+
+#: what ee-cp-vm accepts as the dev bundle's sim_dir (it mounts the sim material there)
+SIM_DIR_RE = re.compile(r"\A(?:/[A-Za-z0-9._-]+)+\Z")
 
 DEFAULT_URI = "qemu:///system"
 
@@ -101,7 +114,7 @@ def bundle_files(data_dir: Path, pubkey: Path | None) -> tuple[dict[str, bytes],
             signer = bootstrap.load_bundle_pubkey(pubkey)
         peek = bootstrap.read_unverified(data_dir / bootstrap.BUNDLE)
         dev = peek.get("environment") == "dev"
-        bootstrap.load(data_dir, dev=dev, bundle_pubkey=signer)
+        loaded = bootstrap.load(data_dir, dev=dev, bundle_pubkey=signer)
     except BootstrapError as exc:
         raise VmRefused(f"the CP would refuse this bundle: {exc}") from None
     if not dev:
@@ -112,7 +125,24 @@ def bundle_files(data_dir: Path, pubkey: Path | None) -> tuple[dict[str, bytes],
                    if p.is_file() and (p.name.startswith(bootstrap.BUNDLE)
                                        or p.name == str(peek.get("cp_key", {}).get(
                                            "file", bootstrap.CP_KEY))))
-    return {n: (data_dir / n).read_bytes() for n in names}, dev
+    files = {n: (data_dir / n).read_bytes() for n in names}
+    if loaded.sim_dir is not None:
+        files[SIM_FILE] = sim_material(loaded.sim_dir)
+    return files, dev
+
+
+def sim_material(sim_dir: str) -> bytes:
+    """The dev bundle's sim TD chain (``bundle.dev.sim_dir``), which the CP in the VM
+    reads at that same path (ee-cp-vm mounts it there read-only); VmRefused when the
+    path is not one the guest script accepts or the chain is missing."""
+    if not SIM_DIR_RE.match(sim_dir) or "/../" in sim_dir + "/" or "/./" in sim_dir + "/":
+        raise VmRefused(f"bundle.dev.sim_dir {sim_dir!r} is refused: the CP VM mounts it at "
+                        f"that path, so it must be absolute and plain ({SIM_DIR_RE.pattern})")
+    try:
+        return (Path(sim_dir) / SIM_FILE).read_bytes()
+    except OSError as exc:
+        raise VmRefused(f"the dev bundle's sim material {sim_dir}/{SIM_FILE} is "
+                        f"unreadable ({exc.strerror}); the CP in the VM needs it") from None
 
 
 def _cp_image(args: argparse.Namespace) -> str | None:
@@ -152,18 +182,6 @@ def _plan(args: argparse.Namespace, root: Path) -> CpPlan:
     return plan_cp_vm(req, image_cmdline=base)
 
 
-async def _wait_ready(api: str, timeout_s: float) -> None:
-    with trio.fail_after(timeout_s):
-        while True:
-            try:
-                async with httpx.AsyncClient(timeout=5) as client:
-                    if (await client.get(f"{api}/ready")).status_code == 200:
-                        return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(3)
-
-
 def _bootstrap(args: argparse.Namespace) -> int:
     root = Path(args.root or os.environ.get("EE_VM_ROOT") or DEFAULT_ROOT)
     try:
@@ -183,35 +201,56 @@ def _bootstrap(args: argparse.Namespace) -> int:
             if info is not None:
                 xml = Path(info.labels.workdir) / "domain.xml"
                 cmdline = domain_cmdline(xml.read_text() if xml.is_file() else None)
-            if existing_cp(info, cmdline, plan.cp_image):
+            reused = existing_cp(info, cmdline, plan.cp_image)
+            if reused:
                 assert info is not None
                 print(f"CP VM {args.name} exists ({info.state}); not recreated")
                 api, plane = info.labels.api, info.labels.cp
+                serial = Path(info.labels.workdir) / plan.workdir.serial.name
             else:
                 create_cp_vm(plan, host, Path(args.image).resolve())
                 api, plane = plan.spec.labels.api, plan.spec.labels.cp
-                print(f"created CP VM {args.name}: API {api}, agent plane {plane}")
+                serial = plan.workdir.serial
+                print(f"created CP VM {args.name}: API {api}, agent plane {plane}",
+                      flush=True)
+            deadline = time.monotonic() + args.timeout
             if args.wait_ready and api:
-                trio.run(_wait_ready, api, args.timeout)
-                print(f"CP at {api} is ready")
-            if not args.no_agent and plane:
-                agent = args.agent or f"{args.name}-agent-1"
-                if host.info(agent) is not None:
-                    print(f"bootstrap agent VM {agent} exists; not recreated")
-                else:
-                    size = resolve_size(args.agent_size, dict(os.environ))
-                    from ee.attestation.providers.sim import SIM_FILE, shared_sim_dir
-                    req = CreateRequest(
-                        name=agent, image=Path(args.agent_image).resolve(),
-                        size=size, root_dir=root, cp=plane, api=api, dev=True,
-                        accel=args.accel or choose_accel(), created=int(time.time()))
-                    create_vm(req, host, sim_chain=shared_sim_dir() / SIM_FILE)
-                    print(f"created bootstrap agent VM {agent} (dials {plane})")
+                trio.run(partial(wait_cp_ready, args.name, serial, host, api=api,
+                                 timeout_s=args.timeout, say=_say, new_lines_only=reused))
+            if not args.no_agent and plane and api:
+                _bootstrap_agent(args, host, root, api=api, plane=plane,
+                                 wait_s=max(60.0, deadline - time.monotonic()))
     except (VmError, SizeError, CtlError, ValueError, OSError) as exc:
         print(f"eectl cp bootstrap: {exc}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, CtlError) else 1
-    except trio.TooSlowError:
-        print(f"eectl cp bootstrap: the CP did not answer /ready within {args.timeout:.0f}s",
-              file=sys.stderr)
-        return 1
     return 0
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _bootstrap_agent(args: argparse.Namespace, host: VmHost, root: Path, *, api: str,
+                     plane: str, wait_s: float) -> None:
+    """The first agent VM, dialling the CP VM's plane with the bundle's sim chain; with
+    ``--wait-ready``, until the CP lists it online (the bundle dir's admin token)."""
+    agent = args.agent or f"{args.name}-agent-1"
+    if host.info(agent) is not None:
+        print(f"bootstrap agent VM {agent} exists; not recreated")
+        return
+    size = resolve_size(args.agent_size, dict(os.environ))
+    data = Path(args.bundle)
+    sim_dir = (bootstrap.read_unverified(data / bootstrap.BUNDLE).get("dev") or {}).get(
+        "sim_dir")
+    req = CreateRequest(name=agent, image=Path(args.agent_image).resolve(), size=size,
+                        root_dir=root, cp=plane, api=api, dev=True,
+                        accel=args.accel or choose_accel(), created=int(time.time()))
+    vm = create_vm(req, host, sim_chain=Path(sim_dir) / SIM_FILE if sim_dir else None)
+    print(f"created bootstrap agent VM {agent} (dials {plane})", flush=True)
+    if args.wait_ready:
+        try:
+            token: str | None = (data / bootstrap.ADMIN_TOKEN).read_text().strip()
+        except OSError:
+            token = None
+        trio.run(partial(wait_registered, vm, host, api=api, token=token, timeout_s=wait_s,
+                         say=_say))

@@ -46,6 +46,7 @@ __all__ = [
     "free_port",
     "qemu_img_create",
     "serial_tail",
+    "wait_cp_ready",
     "wait_registered",
     "write_files_drive",
 ]
@@ -371,4 +372,50 @@ async def wait_registered(plan: VmPlan, host: VmHost, *, api: str, token: str | 
                 await trio.sleep(2)
     except trio.TooSlowError:
         raise VmError(f"{name} did not register within {timeout_s:.0f}s; last serial "
+                      f"lines:\n{serial_tail(serial)}") from None
+
+
+async def wait_cp_ready(name: str, serial: Path, host: VmHost, *, api: str, timeout_s: float,
+                        say: Callable[[str], None], new_lines_only: bool = False) -> None:
+    """Until the CP VM's ``/api/v2/ready`` answers 200 through its forwarded port; the
+    CP VM's ``ee-cp-vm`` lines go to *say* (only those written from now on with
+    *new_lines_only*: a re-run's). VmError with the last serial lines when the domain
+    stops or time runs out."""
+    try:
+        offset = (await trio.Path(serial).stat()).st_size if new_lines_only else 0
+    except OSError:
+        offset = 0
+    partial = ""
+    started = trio.current_time()
+    try:
+        with trio.fail_after(timeout_s):
+            while True:
+                try:
+                    with serial.open("rb") as f:
+                        f.seek(offset)
+                        chunk = f.read(1 << 20)
+                except FileNotFoundError:
+                    chunk = b""
+                offset += len(chunk)
+                text = partial + _ANSI.sub("", chunk.decode("utf-8", "replace"))
+                *complete, partial = text.split("\n")
+                for line in complete:
+                    if "ee-cp-vm" in line or _MILESTONE.search(line):
+                        say(f"[{trio.current_time() - started:5.0f}s] {line.strip()[:160]}")
+                info = await trio.to_thread.run_sync(host.info, name)
+                if info is None or info.state != "running":
+                    raise VmError(f"{name} stopped ({info.state if info else 'gone'}) before "
+                                  f"its CP was ready; last serial lines:\n"
+                                  f"{serial_tail(serial)}")
+                try:
+                    async with httpx.AsyncClient(timeout=5) as client:
+                        r = await client.get(f"{api}/api/v2/ready")
+                    if r.status_code == 200:
+                        say(f"[{trio.current_time() - started:5.0f}s] CP at {api} is ready")
+                        return
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(3)
+    except trio.TooSlowError:
+        raise VmError(f"the CP in {name} was not ready within {timeout_s:.0f}s; last serial "
                       f"lines:\n{serial_tail(serial)}") from None
