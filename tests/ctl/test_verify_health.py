@@ -105,7 +105,7 @@ async def test_verify_health_against_a_real_agent(tmp_path: Path, namespace: str
                 assert doc["accepted"] is True and doc["reasons"] == []
                 assert doc["compose_hash"] == expected and doc["report_data_binds"] is True
                 assert doc["provider"] == "sim" and doc["policy"]["admitted"] is True
-                assert doc["url"].endswith(("/.ee/health", "/api/health"))
+                assert doc["url"].endswith("/.ee/health")
                 # Human output, and the hash given as bare hex.
                 r = await eectl("trust", "verify-health", url, "--root", "dev",
                                 "--expect-hash", expected.removeprefix("sha256:"),
@@ -152,12 +152,11 @@ def _undeploy(deployment_id: str) -> Message:
 
 async def _record(url: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as http:
-        for path in ("/.ee/health", "/api/health"):
-            r = await http.get(url + path, params={"attest": "true",
-                                                   "nonce": secrets.token_hex(32)})
-            if r.status_code == 200 and "attestation" in r.json():
-                answer: dict[str, Any] = r.json()
-                return answer
+        r = await http.get(url + "/.ee/health", params={"attest": "true",
+                                                         "nonce": secrets.token_hex(32)})
+        if r.status_code == 200 and "attestation" in r.json():
+            answer: dict[str, Any] = r.json()
+            return answer
     raise AssertionError("the agent gave no attested health answer")
 
 
@@ -258,8 +257,8 @@ def test_hash_and_url_forms() -> None:
     for bad in ("sha256:ab", "sha512:" + "ab" * 32, "zz" * 32):
         with pytest.raises(ValueError):
             normalise_hash(bad)
-    assert health_urls("http://h:1") == ["http://h:1/.ee/health", "http://h:1/api/health"]
-    assert health_urls("https://h/") == ["https://h/.ee/health", "https://h/api/health"]
+    assert health_urls("http://h:1") == ["http://h:1/.ee/health"]
+    assert health_urls("https://h/") == ["https://h/.ee/health"]
     assert health_urls("http://h/x/health?q") == ["http://h/x/health"]
 
 

@@ -4,11 +4,9 @@ VM running exactly your workload, now.
 Theory of operation
 -------------------
 1. Draw a fresh 32-byte nonce (``secrets``), never reused.
-2. ``GET URL/.ee/health?attest=true&nonce=HEX`` (an agent from before the move to
-   ``/.ee/`` serves it at ``/api/health``: when URL names no path and ``/.ee/health``
-   is not the agent's answer — a 404/405/502 or a body without ``attestation`` — that
-   path is asked once more; the quote check below does not depend on which path
-   answered, since anything that is not the agent cannot make a quote).
+2. ``GET URL/.ee/health?attest=true&nonce=HEX`` (the agent's own route; ``/api/*`` is
+   the workload's, so it is never asked: the quote check below would refuse anything
+   but the agent anyway, since nothing else can make a quote).
 3. Judge the answer (`check_health_answer`, pure but for the CPU work):
 
    - the quote parses (v4/v5) and verifies to a trusted root (``--root``: the
@@ -60,7 +58,7 @@ from ee.attestation.quote import parse_quote
 from ee.attestation.verify import Verifier, load_intel_root
 from ee.protocol.reportdata import health_report_data
 
-HEALTH_PATHS = ("/.ee/health", "/api/health")
+HEALTH_PATHS = ("/.ee/health",)
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 MAX_QUOTE_BYTES = 64 * 1024
 NONCE_BYTES = 32
@@ -293,7 +291,7 @@ def add_verify_health(commands: argparse._SubParsersAction[argparse.ArgumentPars
         description=(
             "Check, yourself, that the agent serving an app is an attested TDX VM running\n"
             "exactly your workload, now. Sends a fresh random nonce to\n"
-            "URL/.ee/health?attest=true (older agents: /api/health), then:\n"
+            "URL/.ee/health?attest=true, then:\n"
             "  - verifies the quote's signature chain to the root (--root),\n"
             "  - checks REPORTDATA = SHA-512('ee/v2/health' || nonce || hash digest), so an\n"
             "    answer recorded earlier, or a quote over another hash, is refused,\n"
