@@ -15,7 +15,10 @@ the directory's ``Nudges`` feed sends a ``Reconcile`` when an agent this app wat
 and (while a deployment is short of replicas) when an agent becomes free; plus after
 every change of its own and a slow safety sweep (``reconcile_interval_s``). A pass
 costs O(its deployments and their replicas), not O(agents); placement reads a
-shortlist of the directory (``AgentDirectory.place``). In a pass:
+shortlist of the directory (``AgentDirectory.place``). A deployment's pass is skipped
+when nothing it reads changed since its last pass: the records *as that pass read them*
+at its start, so a record that changes while a pass awaits (an agent coming back
+during a manifest write) makes the next nudge a pass, never a skip. In a pass:
 replicas whose agent went offline are dropped and re-placed elsewhere;
 replicas beyond the wanted count are stopped; a replica that failed is moved to another
 agent, up to ``max_attempts`` agents, then the deployment fails. Placement itself is
@@ -444,6 +447,10 @@ def _same(now: tuple[object, ...], before: tuple[object, ...] | None) -> bool:
         return False
     return (now[0] is before[0] and now[1] == before[1] and now[2] == before[2]
             and all(a is b for a, b in zip(now[3:], before[3:], strict=True)))
+
+
+READY_KEY = ""  # _read: the readiness flag (never an agent id)
+UNREAD = object()  # _inputs: a record the pass did not read (never "the same")
 
 
 def _absent(record: AgentRecord | None) -> bool:
@@ -1012,8 +1019,12 @@ class AppActor(Actor):
                 inputs = self._inputs(dep)
                 if inputs is not None and _same(inputs, self._seen.get(dep.deployment_id)):
                     continue  # nothing it depends on changed since its last pass
+                # What the pass reads, as it reads it: a record that changes while the
+                # pass awaits (a manifest write, an agent's answer) differs from this,
+                # so the nudge that change sent is a pass, not a skip.
+                read = self._read(dep)
                 await self._reconcile_one(dep.deployment_id)
-                after = self._inputs(self.deployments[dep.deployment_id])
+                after = self._inputs(self.deployments[dep.deployment_id], read)
                 if after is not None:
                     self._seen[dep.deployment_id] = after
                 else:
@@ -1021,11 +1032,25 @@ class AppActor(Actor):
         self._watch()
         self._wake.set()
 
-    def _inputs(self, dep: Deployment) -> tuple[object, ...] | None:
+    def _read(self, dep: Deployment) -> dict[str, object]:
+        """The readiness flag and the records a pass over *dep* starts from (its
+        placed agents, its replicas' and the agents listing its id), keyed by agent id
+        (``READY_KEY``: the flag)."""
+        directory = self.deps.directory
+        agents = dep.placements | dep.replicas.keys() | directory.listers(dep.deployment_id)
+        ready = self.deps.ready() if self.deps.ready is not None else True
+        return {READY_KEY: ready, **{a: directory.get(a) for a in agents}}
+
+    def _inputs(self, dep: Deployment, read: Mapping[str, object] | None = None
+                ) -> tuple[object, ...] | None:
         """What a pass over *dep* depends on, or None when it must run regardless (short
         of replicas: free agents and pool holds may have changed without a record of
         its own agents changing). Records are immutable and replaced on change, so
-        comparing them by identity is exact (see ``_same``)."""
+        comparing them by identity is exact (see ``_same``).
+
+        With *read* (``_read`` before a pass): the records as that pass read them, not
+        as they are now. An agent it did not read (placed by the pass) is ``UNREAD``,
+        never the same as a record: the next nudge is a pass, which then sees it."""
         active = sum(1 for r in dep.replicas.values() if r.state in ACTIVE_REPLICA)
         if dep.desired == "running" and (active < dep.replicas_wanted or any(
                 r.state == "failed" or r.version != dep.version
@@ -1034,8 +1059,9 @@ class AppActor(Actor):
         directory = self.deps.directory
         agents = sorted(dep.placements | dep.replicas.keys()
                         | directory.listers(dep.deployment_id))
-        ready = self.deps.ready() if self.deps.ready is not None else True
-        return (dep, ready, tuple(agents), *(directory.get(a) for a in agents))
+        if read is None:
+            read = self._read(dep)
+        return (dep, read[READY_KEY], tuple(agents), *(read.get(a, UNREAD) for a in agents))
 
     def _watch(self) -> None:
         """Tell the change feed which agents this app's passes depend on."""
