@@ -332,27 +332,37 @@ async def cp_agent(api: str, token: str | None, vm_name: str) -> dict[str, Any] 
     return found[0] if found else None
 
 
+class _SerialFollower:
+    """The complete lines a VM's serial log gained since the last call (ANSI codes
+    removed; a line still being written waits for its newline)."""
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path, self.offset, self.partial = path, offset, ""
+
+    def new_lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read(1 << 20)
+        except FileNotFoundError:
+            chunk = b""
+        self.offset += len(chunk)
+        text = self.partial + _ANSI.sub("", chunk.decode("utf-8", "replace"))
+        *complete, self.partial = text.split("\n")
+        return complete
+
+
 async def wait_registered(plan: VmPlan, host: VmHost, *, api: str, token: str | None,
                           timeout_s: float, say: Callable[[str], None]) -> dict[str, Any]:
     """Follow the serial log (milestones through *say*) and the CP until the agent is
     online; VmError with the last serial lines when the domain stops or time runs out."""
     name, serial = plan.spec.name, plan.workdir.serial
-    offset = 0
-    partial = ""
+    follow = _SerialFollower(serial)
     started = trio.current_time()
     try:
         with trio.fail_after(timeout_s):
             while True:
-                try:
-                    with serial.open("rb") as f:
-                        f.seek(offset)
-                        chunk = f.read(1 << 20)
-                except FileNotFoundError:
-                    chunk = b""
-                offset += len(chunk)
-                text = partial + _ANSI.sub("", chunk.decode("utf-8", "replace"))
-                *complete, partial = text.split("\n")
-                for line in complete:
+                for line in follow.new_lines():
                     if _MILESTONE.search(line):
                         say(f"[{trio.current_time() - started:5.0f}s] {line.strip()[:160]}")
                 info = await trio.to_thread.run_sync(host.info, name)
@@ -385,21 +395,12 @@ async def wait_cp_ready(name: str, serial: Path, host: VmHost, *, api: str, time
         offset = (await trio.Path(serial).stat()).st_size if new_lines_only else 0
     except OSError:
         offset = 0
-    partial = ""
+    follow = _SerialFollower(serial, offset)
     started = trio.current_time()
     try:
         with trio.fail_after(timeout_s):
             while True:
-                try:
-                    with serial.open("rb") as f:
-                        f.seek(offset)
-                        chunk = f.read(1 << 20)
-                except FileNotFoundError:
-                    chunk = b""
-                offset += len(chunk)
-                text = partial + _ANSI.sub("", chunk.decode("utf-8", "replace"))
-                *complete, partial = text.split("\n")
-                for line in complete:
+                for line in follow.new_lines():
                     if "ee-cp-vm" in line or _MILESTONE.search(line):
                         say(f"[{trio.current_time() - started:5.0f}s] {line.strip()[:160]}")
                 info = await trio.to_thread.run_sync(host.info, name)
