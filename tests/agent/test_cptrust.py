@@ -216,6 +216,20 @@ def _shared_prover(**measurements: object) -> EnvelopeProver:
 BAD_COMPOSE = "services:\n  web:\n    image: ee-busybox:local\n    privileged: true\n"
 
 
+class _Recording:
+    """The session's socket, recording every frame the session sends."""
+
+    def __init__(self, ws: Any, sent: list[str]) -> None:
+        self._ws, self._sent = ws, sent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ws, name)
+
+    async def send_locked(self, text: str) -> None:
+        self._sent.append(text)
+        await self._ws.send_locked(text)
+
+
 async def test_real_cp_signed_writes_accepted_and_replays_refused(tmp_path: Path) -> None:
     """A signed deploy passes the envelope (then the workload policy refuses its compose,
     so nothing runs); the recorded frame re-sent on the session is ENVELOPE_REPLAYED,
@@ -228,12 +242,7 @@ async def test_real_cp_signed_writes_accepted_and_replays_refused(tmp_path: Path
                 assert agent.trust.proof is not None and agent.trust.proof.accepted
                 sent: list[str] = []
                 real_send = session.ws.send_message
-
-                async def recording(text: str) -> None:
-                    sent.append(text)
-                    await real_send(text)
-
-                session.ws.send_message = recording
+                session.ws = _Recording(session.ws, sent)  # type: ignore[assignment]
                 deploy = attrs.evolve(_deploy("dep-ok"), compose=BAD_COMPOSE)
                 await session.send(deploy)
                 status = await eventually(lambda: agent.runner.status("dep-ok") or

@@ -26,8 +26,9 @@ class _Wire:
 
     def __init__(self) -> None:
         self.frames: list[str] = []
+        self.send_lock = trio.Lock()  # as ee.cp.plane_ws.PlaneSocket
 
-    async def send_message(self, text: str) -> None:
+    async def send_locked(self, text: str) -> None:
         await trio.lowlevel.checkpoint()
         await trio.sleep(0.001 * (len(self.frames) % 3))  # interleave the senders
         self.frames.append(text)
