@@ -242,6 +242,8 @@ def main() -> None:
         assert "Hello from EasyEnclave" in page
         print(json.dumps({"deployment": dep_id, "compose_hash": dep["compose_hash"],
                           "replicas": dep["replicas"]}, indent=2))
+        verify = (f"EE_SIM_DIR={state / 'sim'} eectl trust verify-health {url} "
+                  f"--expect-hash {dep['compose_hash']} --root dev")
         print(f"""
 EasyEnclave is running.
   app URL (through the agent's proxy): {url}
@@ -250,6 +252,7 @@ EasyEnclave is running.
   tenant API key:                       {key}   (also in {key_file})
   console:                              eectl console --cp {cp_url} --token {admin_token}
   attested health:                      {url}.ee/health?attest=true&nonce={"00" * 16}
+  verify it yourself:                   {verify}
   logs:                                 {state / 'cp.log'}, {state / 'agent.log'}
 """, flush=True)
         if args.detach:
