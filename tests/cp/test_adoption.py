@@ -288,7 +288,13 @@ async def test_placed_replica_with_a_wrong_hash_is_failed_not_adopted(tmp_path: 
 
                     d = await wait_until(moved, "b's replica replaced by c's")
                 assert all(r["compose_hash"] == d["compose_hash"] for r in d["replicas"])
-                assert d["failures"] == 1
+                # Counted as a failure (not silently replaced): the budget's count itself
+                # is transient — a healthy pass clears it — so the evidence is the
+                # replica.failed event and the failure the deployment keeps.
+                failed = cp.events("replica.failed", dep_id)
+                assert [e["agent_id"] for e in failed] == [b.agent_id]
+                assert "COMPOSE_HASH_MISMATCH" in failed[0]["error"]
+                assert d["failure"]["agent_id"] == b.agent_id
                 assert not b.deployments and b.undeploys(dep_id) == 1
                 stray = cp.events("replica.stray", dep_id)
                 assert [(e["agent_id"], e["reason"]) for e in stray] == \
