@@ -23,8 +23,6 @@ is checked again every ``RECHECK_S``: a stream opened with a key since revoked c
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -47,8 +45,7 @@ from ee.cp.errors import (
     request_body,
 )
 from ee.cp.events import Event
-from ee.cp.records import find_api_key, get_account
-from ee.cp.tenants import APP_NAME, MAX_REPLICAS, VERSION
+from ee.cp.tenants import APP_NAME, MAX_REPLICAS, VERSION, KeyRefused, resolve_api_key
 from ee.protocol.strict import check
 
 if TYPE_CHECKING:
@@ -105,23 +102,15 @@ def tenant_event(event: Event, account: str, owner_of: Callable[[str], str | Non
 
 
 async def account_for_key(store: Any, token: str | None) -> str | None:
-    """The tenant account a live API key belongs to, else None (constant-time compare)."""
+    """The tenant account a live API key belongs to, else None (no cache: the events
+    stream re-checks with it, so a revoked key ends the stream)."""
     if token is None:
         return None
-    parts = token.split("_", 2)
-    if len(parts) != 3 or parts[0] != "ee":
+    try:
+        holder = await resolve_api_key(store, token)
+    except KeyRefused:
         return None
-    _, key_id, secret = parts
-    record = await find_api_key(store, key_id)
-    if record is None:
-        return None
-    if not hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(),
-                               record.secret_sha256):
-        return None
-    account = await get_account(store, record.account_id)
-    if account is None or account.kind != "tenant":
-        return None
-    return str(account.account_id)
+    return holder.account_id if holder.kind == "tenant" else None
 
 
 def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:

@@ -162,6 +162,52 @@ def new_api_key() -> tuple[str, str, str]:
     return key_id, f"ee_{key_id}_{secret}", hashlib.sha256(secret.encode()).hexdigest()
 
 
+KeyEntry = tuple[str, str, str]  # (secret's SHA-256, account id, account kind)
+
+
+class KeyRefused(Exception):
+    """An API key that names no live account; ``malformed``: not an ``ee_`` key at all."""
+
+    def __init__(self, message: str, *, malformed: bool = False) -> None:
+        super().__init__(message)
+        self.malformed = malformed
+
+
+@attrs.frozen
+class KeyHolder:
+    key_id: str
+    account_id: str
+    kind: str  # "tenant" | "provider" | ...
+
+
+async def resolve_api_key(store: Any, token: str,
+                          cache: dict[str, KeyEntry] | None = None) -> KeyHolder:
+    """Whose live API key *token* is (constant-time compare), else KeyRefused.
+
+    The one check of an API key: the HTTP routes pass their *cache* (cleared on
+    revocation), the events websocket none (it re-checks a long-lived stream).
+    """
+    parts = token.split("_", 2)
+    if len(parts) != 3 or parts[0] != "ee":
+        raise KeyRefused("malformed API key", malformed=True)
+    _, key_id, secret = parts
+    entry = cache.get(key_id) if cache is not None else None
+    if entry is None:
+        record = await find_api_key(store, key_id)
+        if record is None:
+            raise KeyRefused("unknown or revoked API key")
+        account = await get_account(store, record.account_id)
+        if account is None:
+            raise KeyRefused("the key's account is gone")
+        entry = (record.secret_sha256, account.account_id, account.kind)
+        if cache is not None:
+            cache[key_id] = entry
+    digest, account_id, kind = entry
+    if not hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), digest):
+        raise KeyRefused("unknown or revoked API key")
+    return KeyHolder(key_id, account_id, kind)
+
+
 @attrs.frozen
 class Auth:
     """The tenant module's auth checks, shared with other route modules."""
@@ -172,7 +218,7 @@ class Auth:
 
 
 def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = None) -> Auth:
-    keys_cache: dict[str, tuple[str, str, str]] = {}  # key id -> (hash, account, kind)
+    keys_cache: dict[str, KeyEntry] = {}  # key id -> entry; cleared on revocation
     context_checks = trio.CapacityLimiter(CONTEXT_CHECKS)
     upload_locks: dict[str, trio.Lock] = {}  # account -> serialises quota check + add
 
@@ -186,25 +232,14 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
         if token is None:
             raise ApiError(401, "unauthenticated",
                            "this route needs 'Authorization: Bearer <API key>'")
-        parts = token.split("_", 2)
-        if len(parts) != 3 or parts[0] != "ee":
-            if cp.bootstrap.admin_token_ok(token):
-                raise ApiError(403, "forbidden", "the admin token is not a tenant API key")
-            raise ApiError(401, "unauthenticated", "malformed API key")
-        _, key_id, secret = parts
-        cached = keys_cache.get(key_id)
-        if cached is None:
-            record = await find_api_key(store(), key_id)
-            if record is None:
-                raise ApiError(401, "unauthenticated", "unknown or revoked API key")
-            account = await get_account(store(), record.account_id)
-            if account is None:
-                raise ApiError(401, "unauthenticated", "the key's account is gone")
-            cached = (record.secret_sha256, account.account_id, account.kind)
-            keys_cache[key_id] = cached
-        digest, account_id, kind = cached
-        if not hmac.compare_digest(hashlib.sha256(secret.encode()).hexdigest(), digest):
-            raise ApiError(401, "unauthenticated", "unknown or revoked API key")
+        try:
+            holder = await resolve_api_key(store(), token, keys_cache)
+        except KeyRefused as exc:
+            if exc.malformed and cp.bootstrap.admin_token_ok(token):
+                raise ApiError(403, "forbidden",
+                               "the admin token is not a tenant API key") from None
+            raise ApiError(401, "unauthenticated", str(exc)) from None
+        account_id, key_id, kind = holder.account_id, holder.key_id, holder.kind
         if kind not in allow:
             raise ApiError(403, "forbidden", f"a {kind} key cannot use this route")
         g.account_id = account_id
