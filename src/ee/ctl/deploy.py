@@ -15,9 +15,8 @@ deployment runs (exit 0: the id, state and the app's URL on stdout) or fails (ex
 `wait-attested` waits until every replica runs on an agent that is online with a
 pass/warn attestation verdict. With a tenant key it reads the deployment's
 attestation view (``GET /api/v2/deployments/{id}/attestation``: per replica, the
-agent's verdict, TCB status and measurements); on a CP without that route it falls
-back to the admin agent views (``--admin-token``, ``$EE_ADMIN_TOKEN``; default: the
-same token). Tenant key and CP URL: see `ee.ctl.client`.
+agent's verdict, TCB status and measurements). Tenant key and CP URL: see
+`ee.ctl.client`.
 
 The views (request body, diagnostics, progress lines, attestation table) are pure
 functions of the CP's JSON; the loops around them take their clock and sleep as
@@ -28,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -43,7 +41,6 @@ from ee.ctl.client import (
     CtlError,
     Json,
     add_tenant_options,
-    resolve_tenant,
     segment,
     tenant_client_from_args,
 )
@@ -107,10 +104,6 @@ def register_wait_attested(
                       help=argparse.SUPPRESS)
     wait.add_argument("--json", action="store_true", help="print one JSON object")
     add_tenant_options(wait)
-    wait.add_argument("--admin-token", metavar="T",
-                      help="admin token for the agent views, only for a CP without the "
-                           "tenant attestation route (default: $EE_ADMIN_TOKEN, else the "
-                           "--key)")
     wait.set_defaults(handler=wait_attested)
 
 
@@ -450,16 +443,6 @@ def app_url(deployment: Json) -> str | None:
     return None
 
 
-def _admin_client(args: argparse.Namespace, tenant: CpClient) -> CpClient:
-    token = args.admin_token or os.environ.get("EE_ADMIN_TOKEN") or tenant.token
-    return CpClient(resolve_tenant(args)[0], token)
-
-
-def _no_route(exc: CpError) -> bool:
-    """A 404 for the route itself (an older CP), not for the deployment."""
-    return exc.status in (404, 405) and exc.message.startswith("no route")
-
-
 def agents_from_attestation(view: Json) -> dict[str, Json | None]:
     """The tenant attestation view (per replica: ``agent_id``, ``verdict``,
     ``tcb_status``, ``agent_status``/``status``, ``vm_name``, ``measurements``; or these
@@ -484,26 +467,13 @@ def wait_attested(args: argparse.Namespace, out: TextIO | None = None, *,
                   clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], None] = time.sleep) -> int:
     out = out or sys.stdout
-    tenant_route = True
     path = f"/api/v2/deployments/{segment(args.deployment_id)}/attestation"
     try:
-        with tenant_client_from_args(args) as tenant, _admin_client(args, tenant) as admin:
+        with tenant_client_from_args(args) as tenant:
             deadline = clock() + args.timeout
             while True:
                 deployment = tenant.deployment(args.deployment_id)
-                agents: dict[str, Json | None] = {}
-                if tenant_route:
-                    try:
-                        agents = agents_from_attestation(tenant.get(path))
-                    except CpError as exc:
-                        if not _no_route(exc):
-                            raise
-                        tenant_route = False
-                if not tenant_route:
-                    for replica in deployment.get("replicas") or []:
-                        agent_id = replica.get("agent_id")
-                        if agent_id and str(agent_id) not in agents:
-                            agents[str(agent_id)] = _agent_or_none(admin, str(agent_id))
+                agents = agents_from_attestation(tenant.get(path))
                 check = attested_check(deployment, agents)
                 if check.done or check.failure or clock() >= deadline:
                     break
@@ -528,15 +498,6 @@ def wait_attested(args: argparse.Namespace, out: TextIO | None = None, *,
     reason = check.failure or (
         f"not every replica runs on an attested agent after {args.timeout:g} s")
     return _fail("wait-attested", reason)
-
-
-def _agent_or_none(admin: CpClient, agent_id: str) -> Json | None:
-    try:
-        return admin.agent(agent_id)
-    except CpError as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 __all__ = [
