@@ -170,3 +170,33 @@ async def test_a_real_cp_counts_a_failed_and_a_healthy_deployment(tmp_path: Path
             # and the CP counted its HTTP answers (what the Worker's guard compares)
             assert iv.answers is not None and iv.answers >= 5
             agents.cancel_scope.cancel()
+
+
+async def test_each_failed_launch_order_counts_once_for_order_failures() -> None:
+    """``order_failures`` reads a counter fed by ``order.failed`` events: an order
+    failing while another leaves the failed state is still one failure (the
+    ``ee_launch_orders`` gauge's delta would read 0)."""
+    from prometheus_client import generate_latest
+
+    from ee.cp.deploy_metrics import run_deploy_metrics
+    from ee.cp.events import EventBus
+    from ee.cp.metrics import CpMetrics
+
+    bus, cp_metrics = EventBus(), CpMetrics()
+    failed_gauge = cp_metrics.orders_gauge.labels("sim:a", "small", "failed")
+    failed_gauge.set(1)  # o0 failed earlier
+    before = parse_prometheus(generate_latest(cp_metrics.registry).decode())
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_deploy_metrics, bus.subscribe, cp_metrics)
+            bus.emit("order.opened", "sim:a/small", {"order_id": "o1"})
+            bus.emit("order.failed", "sim:a/small", {"order_id": "o1", "error": "boom"})
+            bus.emit("order.claimed", "sim:a/small", {"order_id": "o2"})
+            failed_gauge.set(1)  # o0 pruned, o1 failed: the gauge did not move
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    now = parse_prometheus(generate_latest(cp_metrics.registry).decode())
+    iv = stack_interval(None, now, before)
+    assert iv.orders_failed_new == 1
+    r = readings(stack_interval(None, now, before), iv, triggers_from_json(None))
+    assert r["order_failures"].breach

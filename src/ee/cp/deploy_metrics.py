@@ -2,7 +2,10 @@
 
 The app actors announce ``deployment.created`` and every ``deployment.state`` change;
 this listener turns them into ``ee_deployments_total{outcome}`` and
-``ee_deploy_queue_seconds`` (the rollout guardrail ``deploy_success`` compares them).
+``ee_deploy_queue_seconds`` (the rollout guardrail ``deploy_success`` compares them),
+and each ``order.failed`` of a capacity pool into ``ee_launch_order_failures_total``
+(``order_failures``: a counter, where the ``ee_launch_orders`` gauge's delta would miss a
+failure made up by an order leaving the failed state in the same interval).
 A deployment counts once, by the first outcome it reaches after its creation was
 seen: ``healthy`` when it first runs (every wanted replica running; its queue delay is
 observed then), ``failed`` when it is given up before that. One stopped before either,
@@ -65,6 +68,9 @@ async def run_deploy_metrics(
     async with subscribe() as events:
         task_status.started()
         async for event in events:
+            if event.kind == "order.failed":
+                metrics.order_failures.inc()
+                continue
             outcome = tally.see(event.kind, event.subject, event.data, trio.current_time())
             if outcome is None:
                 continue

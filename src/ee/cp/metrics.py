@@ -63,6 +63,9 @@ class CpMetrics:
         self.deploy_queue = Histogram(
             "ee_deploy_queue_seconds", "From a deployment's creation to its running",
             buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=r)
+        self.order_failures = Counter(
+            "ee_launch_order_failures_total", "Launch orders that failed (each once, when "
+            "it fails)", registry=r)
         for outcome in ("healthy", "failed"):
             self.deployments.labels(outcome)
         for code in ("2xx", "3xx", "4xx", "5xx"):

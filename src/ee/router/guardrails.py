@@ -27,7 +27,8 @@ Triggers (name: value compared, default threshold, default window, classes):
   ``MIN_LATENCY_SAMPLES`` answers is no verdict
 * ``registration_success``: admitted / all registrations on new < 0.99 for 300 s (C)
 * ``stale_agents``: stale / all agents on new > 0.05 for 300 s (C)
-* ``order_failures``: launch orders newly failed on new > 0 for 300 s (B)
+* ``order_failures``: launch orders newly failed on new
+  (``ee_launch_order_failures_total``) > 0 for 300 s (B)
 * ``bad_frames``: refused agent frames on new > 0 for 300 s (C)
 * ``deploy_success``: healthy / (healthy + failed) deployments on new < 0.95 (the
   SLO) for 600 s (B)
@@ -297,7 +298,7 @@ def stack_interval(seen: Seen | None, now: Samples | None, before: Samples | Non
 
         kw["registrations"] = delta("ee_registrations_total")
         kw["registrations_admitted"] = delta("ee_registrations_total", outcome="admitted")
-        kw["orders_failed_new"] = delta("ee_launch_orders", state="failed")
+        kw["orders_failed_new"] = delta("ee_launch_order_failures_total")
         kw["bad_frames_new"] = delta("ee_bad_frames_total")
         kw["deploys"] = delta("ee_deployments_total")
         kw["deploys_healthy"] = delta("ee_deployments_total", outcome="healthy")
