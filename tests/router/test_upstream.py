@@ -170,3 +170,29 @@ async def test_the_router_relays_each_chunk_as_it_comes(tmp_path: Path) -> None:
             assert await chunks.__anext__() == b"first;"
             rest.set()
             assert b"".join([c async for c in chunks]) == b"second"
+
+
+async def test_requests_in_flight_are_capped_and_a_closed_answer_frees_its_slot() -> None:
+    """``max_busy`` exchanges at once: the next waits, then fails like an unreachable
+    stack (no connection opened for it); closing an answer, or a failed request, frees
+    the slot."""
+    server = Server(lambda req, body: ok())
+    with trio.fail_after(10):
+        async with serving(server) as url:
+            up = Upstream(url, max_busy=2, connect_timeout_s=0.5)
+            held = [await up.request(b"GET", b"/a", []), await up.request(b"GET", b"/b", [])]
+            with pytest.raises(UpstreamError, match="2 requests already in flight"):
+                await up.request(b"GET", b"/c", [])
+            assert up.opened == 2
+            for answer in held:
+                assert [c async for c in answer.chunks()] == [(b'{"ok": true}', True)]
+                await answer.aclose()
+            for _ in range(3):  # the slots are back (and reused: no new connection)
+                status, _ = await read(up)
+                assert status == 200
+            assert up.opened == 2
+            dead = Upstream("http://127.0.0.1:9", max_busy=1, connect_timeout_s=0.5)
+            for _ in range(2):  # a refused connection gives its slot back
+                with pytest.raises(UpstreamError, match="cannot connect"):
+                    await dead.request(b"GET", b"/", [])
+            await up.aclose()

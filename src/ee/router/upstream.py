@@ -20,6 +20,10 @@ This client does the least a relay needs. Theory of operation:
 * A request without a body that fails on a *reused* connection before any byte of the
   answer arrived is sent once more on a new connection: the peer closed the idle one
   as we took it (nothing was processed). A request with a body is never replayed.
+* At most ``max_busy`` exchanges are in flight per stack (a slot is held from the
+  request until its ``Response`` is closed): a flood of clients cannot open unbounded
+  connections to a CP through the router. A request that finds no free slot within
+  ``connect_timeout_s`` fails like an unreachable stack.
 * ``UpstreamError`` is every failure to reach the stack or read its answer; the
   router maps it to 502 (before the answer started) or a dropped connection (after).
 """
@@ -112,6 +116,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self.pool._busy.release()
         if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             self.pool._release(conn)
         else:
@@ -119,8 +124,9 @@ class Response:
 
 
 class Upstream:
-    def __init__(self, base: str, *, max_idle: int = 200, idle_s: float = 4.0,
-                 connect_timeout_s: float = 5.0, read_timeout_s: float = 120.0) -> None:
+    def __init__(self, base: str, *, max_idle: int = 200, max_busy: int = 1000,
+                 idle_s: float = 4.0, connect_timeout_s: float = 5.0,
+                 read_timeout_s: float = 120.0) -> None:
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"an http(s) URL, not {base!r}")
@@ -134,6 +140,8 @@ class Upstream:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self._idle: list[_Conn] = []
+        self.max_busy = max_busy
+        self._busy = trio.Semaphore(max_busy)  # one slot per exchange in flight
         self.opened = 0  # connections opened so far (tests, the benchmark)
 
     def target(self, raw_path: bytes, query: bytes) -> bytes:
@@ -152,18 +160,28 @@ class Upstream:
             request = h11.Request(method=method, target=target, headers=head)
         except h11.LocalProtocolError as exc:
             raise UpstreamError(f"cannot send the request: {exc}") from None
-        for attempt in (0, 1):
-            conn, reused = await self._take(fresh=attempt > 0)
-            try:
-                return await self._exchange(conn, request, body)
-            except _Stale:
-                conn.close_now()
-                if not reused or body is not None or attempt:
-                    raise UpstreamError("the connection closed before any answer") from None
-            except BaseException:
-                conn.close_now()
-                raise
-        raise AssertionError("unreachable")
+        with trio.move_on_after(self.connect_timeout_s) as waited:
+            await self._busy.acquire()
+        if waited.cancelled_caught:
+            raise UpstreamError(f"{self.max_busy} requests already in flight "
+                                "to the stack")
+        try:
+            for attempt in (0, 1):
+                conn, reused = await self._take(fresh=attempt > 0)
+                try:
+                    return await self._exchange(conn, request, body)  # holds the slot
+                except _Stale:
+                    conn.close_now()
+                    if not reused or body is not None or attempt:
+                        raise UpstreamError(
+                            "the connection closed before any answer") from None
+                except BaseException:
+                    conn.close_now()
+                    raise
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._busy.release()
+            raise
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
