@@ -128,6 +128,16 @@ async def test_logs_live_and_retained_mask_secret_and_env_values(
                 await trio.sleep(0.2)
             assert f"token is {MASK}" in live and MASK in live, live
             assert not any(secret_value in t or env_value in t for t in live), live
+            # An agent restart: the new runner adopts the deployment and still masks
+            # the env value (the secret's comes from the secrets directory again).
+            runner = ComposeRunner(tmp_path / "data", settings_for(namespace),
+                                   secrets_dir=lambda _: directory)
+            runner.retained = RetainedLogs(tmp_path / "retained", retention_s=3600)
+            [adopted] = await runner.adopt()
+            assert adopted.state == "running", adopted.error
+            live = [ln.text for ln in (await runner.log_lines("chat"))["web"]]
+            assert f"token is {MASK}" in live, live
+            assert not any(secret_value in t or env_value in t for t in live), live
             assert (await runner.undeploy("chat")).state == "stopped"
             kept = [ln.text for ln in (await runner.log_lines("chat"))["web"]]
             assert f"token is {MASK}" in kept, kept

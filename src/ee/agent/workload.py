@@ -129,8 +129,8 @@ deployment's released secret values and env values are masked in ``error`` and
 ``log_tail`` (:func:`ee.agent.failures.mask_report`), since a failing build or
 container may print them and both go to the CP's events. So do the lines
 ``log_lines`` answers (live) and the lines kept at undeploy (masked before the secrets
-are forgotten). (Env values are kept in memory only: after an agent restart an
-adopted deployment's env is not masked.)
+are forgotten). The env values are kept in ``deployment.json`` too, so an adopted
+deployment's are masked after an agent restart.
 
 All waiting uses Trio (``trio.sleep``, ``trio.current_time``), so deadlines and backoff
 follow the test clock; the Compose CLI runs as a Trio process and Docker SDK
@@ -680,6 +680,9 @@ class _Record:
     compose_hash: str
     services: tuple[str, ...]
     secret_env: Mapping[str, str] = attrs.field(factory=dict, converter=_freeze_env)
+    #: the tenant env values, masked in reports and logs (also after an adopt); no new
+    #: exposure: resolved-compose.yml next to it holds them interpolated, also 0600
+    env_values: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -694,6 +697,7 @@ class _Record:
             "compose_hash": self.compose_hash,
             "services": list(self.services),
             "secret_env": dict(self.secret_env),
+            "env_values": list(self.env_values),
         }
 
     @classmethod
@@ -712,6 +716,7 @@ class _Record:
             compose_hash=str(data["compose_hash"]),
             services=tuple(str(s) for s in data["services"]),
             secret_env={str(k): str(v) for k, v in dict(data.get("secret_env") or {}).items()},
+            env_values=tuple(str(v) for v in data.get("env_values") or ()),
         )
 
 
@@ -1195,6 +1200,7 @@ class ComposeRunner:
             compose_hash=digest,
             services=tuple(services),
             secret_env=spec.secret_env,
+            env_values=tuple(spec.env.values()),
         )
         return record, loaded
 
@@ -1691,6 +1697,7 @@ class ComposeRunner:
                     adopted.append(self._status[record.deployment_id])
                     continue
                 self._records[record.deployment_id] = record
+                self._env_values[record.deployment_id] = record.env_values
                 status = await self._inspect(record)
                 adopted.append(await self._set(status, None))
         return adopted
