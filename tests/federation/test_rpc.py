@@ -22,9 +22,11 @@ from typing import Any
 import httpx
 import trio
 
+from ee.actors.app import GetDeployment
 from ee.actors.directory import AgentDirectory, AgentRecord
 from ee.actors.identity import Identity
 from ee.actors.lifecycle import AgentState
+from ee.federation.reconcile import local_key
 from ee.federation.rpc import (
     NOT_PLACED_HERE,
     UNKNOWN_AGENT,
@@ -39,7 +41,7 @@ from ee.federation.rpc import (
 )
 from ee.federation.wire import MAX_RESPONSE_BYTES, Request, Response, seal
 from ee.protocol.signing import load_private_key
-from ee.runtime import Registry
+from ee.runtime import Actor, ActorHost, Registry, handler
 
 from .fedkit import CpProc, agent, dc, event_log, eventually, join_token, master, refused, sim_td
 from .test_placement import COMPOSE
@@ -85,9 +87,19 @@ def _record(agent_id: str, datacenter: str) -> AgentRecord:
     return AgentRecord(agent_id, ident, AgentState.READY)
 
 
+class _App(Actor):
+    """A dc's local app of the reserved account (it runs every deployment asked of it)."""
+
+    @handler(GetDeployment)
+    async def on_get(self, msg: GetDeployment) -> dict[str, Any]:
+        return {"deployment_id": msg.deployment_id, "compose_hash": "h",
+                "replicas": [{"agent_id": "ag-mine", "state": "running"}]}
+
+
 async def test_dc_answers_only_its_own() -> None:
     """A dc reads nothing for a deployment that is not one of the master's intents
-    placed in it, nor for an agent of another datacenter."""
+    placed in it (even when a local app of that name runs it), nor for an agent of
+    another datacenter."""
     asked: list[str] = []
 
     async def fetch_logs(*a: Any) -> dict[str, Any] | None:
@@ -97,12 +109,26 @@ async def test_dc_answers_only_its_own() -> None:
     directory = AgentDirectory()
     directory.put(_record("ag-mine", A))
     directory.put(_record("ag-theirs", "sim:dc-b"))
-    src = DcSources(Registry(), directory, fetch_logs, lambda r, rec: {})
+    registry = Registry()
+    src = DcSources(registry, directory, fetch_logs,
+                    lambda r, rec: {"agent_id": r["agent_id"], "attested": True})
     intent = {"app": "acct.web", "datacenter": "sim:dc-b", "desired": "running",
               "replicas": 1, "constraints": {},
               "version": {"version": "1", "compose_hash": "h", "compose": COMPOSE,
                           "expose_port": 80, "health_path": "/"}}
-    desired = {"deployments": {"dep-b": intent}}
+    desired = {"deployments": {"dep-b": intent, "dep-a": {**intent, "datacenter": A}}}
+    async with trio.open_nursery() as nursery:
+        host = ActorHost(registry, f"app/{local_key('acct.web')}", _App)
+        await nursery.start(host.run)
+        try:
+            await _answers(src, desired, asked, directory)
+        finally:
+            host.request_stop()
+    host.release()
+
+
+async def _answers(src: DcSources, desired: dict[str, Any], asked: list[str],
+                   directory: AgentDirectory) -> None:
 
     def req(kind: str, **kw: Any) -> Request:
         return Request("request", secrets.token_hex(16), kind, **kw)
@@ -122,6 +148,12 @@ async def test_dc_answers_only_its_own() -> None:
     assert record is not None
     assert got.body["proof"] == proof_of(record)
     assert got.body["proof_sha256"] == proof_digest(got.body["proof"])
+    # The intent placed here: answered (from the local app).
+    got = await answer(req("logs", deployment_id="dep-a"), A, desired, src)
+    assert got.error is None and asked == ["dep-a"]
+    got = await answer(req("attestation", deployment_id="dep-a"), A, desired, src)
+    assert got.error is None and got.body is not None
+    assert [r["agent_id"] for r in got.body["replicas"]] == ["ag-mine"]
 
 
 # ---- real processes ---------------------------------------------------------------------
