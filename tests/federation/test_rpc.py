@@ -117,14 +117,15 @@ async def test_dc_answers_only_its_own() -> None:
               "version": {"version": "1", "compose_hash": "h", "compose": COMPOSE,
                           "expose_port": 80, "health_path": "/"}}
     desired = {"deployments": {"dep-b": intent, "dep-a": {**intent, "datacenter": A}}}
-    async with trio.open_nursery() as nursery:
-        host = ActorHost(registry, f"app/{local_key('acct.web')}", _App)
-        await nursery.start(host.run)
-        try:
-            await _answers(src, desired, asked, directory)
-        finally:
-            host.request_stop()
-    host.release()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host = ActorHost(registry, f"app/{local_key('acct.web')}", _App)
+            await nursery.start(host.run)
+            try:
+                await _answers(src, desired, asked, directory)
+            finally:
+                host.request_stop()
+        host.release()
 
 
 async def _answers(src: DcSources, desired: dict[str, Any], asked: list[str],

@@ -26,6 +26,11 @@ Down: a snapshot is applied only when its signature verifies with the pinned mas
 and its version is newer than the one running; it is kept signed in the spool (so a
 restart runs the same version) and acknowledged upstream with a ``snapshot_applied``
 event. Anything else is refused with a reason code and an event.
+
+Requests: a verified ``request`` frame of the master is answered on the same link by a
+``response`` (ee.federation.rpc ``answer``: logs of the master's intents placed here,
+attestation proofs of this dc's agents), at most ``MAX_ANSWERING`` at once, each in its
+own task so the link keeps reading. Nothing of it is spooled.
 """
 
 from __future__ import annotations

@@ -30,6 +30,11 @@ signed desired state (``deployments``), the dc's ``placement`` events come back 
 its actor (a report on a deployment not placed in that dc: ``foreign_deployment``) to
 ``placement_reported``, which re-routes an ``unsatisfiable`` one. Each dc's actor keeps
 its free capacity by node size up to date per event (``capacity``) for ``choose_target``.
+
+Asking a dc (ee.federation.rpc): ``ask`` sends a signed ``request`` on the dc's link and
+waits, in Trio time, for its ``response``; responses never reach the dc's actor (they are
+not sequenced): the link loop hands them to ``MasterRpc.answered``, which refuses an id
+not outstanding for that very dc, a duplicate or a late one.
 """
 
 from __future__ import annotations
