@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
+import trio.testing
 
 from ee.actors.app import GetDeployment
 from ee.actors.directory import AgentDirectory, AgentRecord
@@ -34,6 +36,7 @@ from ee.federation.rpc import (
     DcSources,
     MasterRpc,
     Outstanding,
+    RpcError,
     answer,
     fit,
     proof_digest,
@@ -44,7 +47,7 @@ from ee.protocol.signing import load_private_key
 from ee.runtime import Actor, ActorHost, Registry, handler
 
 from .fedkit import CpProc, agent, dc, event_log, eventually, join_token, master, refused, sim_td
-from .test_placement import COMPOSE
+from .test_placement import COMPOSE, _tenant
 from .test_refusals import LABEL, _agent, _enroll, _events, link
 
 A = "sim:dc-a"
@@ -159,20 +162,13 @@ async def _answers(src: DcSources, desired: dict[str, Any], asked: list[str],
 
 # ---- real processes ---------------------------------------------------------------------
 
-async def _tenant(m: CpProc, name: str, deploy: bool) -> httpx.AsyncClient:
+async def _other_tenant(m: CpProc) -> httpx.AsyncClient:
+    """A second account, with no app of its own."""
     async with m.client() as admin:
-        r = await admin.post("/api/v2/accounts", json={"name": name})
+        r = await admin.post("/api/v2/accounts", json={"name": "other"})
         assert r.status_code == 201, r.text
-        key = r.json()["api_key"]
-    tenant = httpx.AsyncClient(base_url=m.http, timeout=30,
-                               headers={"Authorization": f"Bearer {key}"})
-    if deploy:
-        r = await tenant.post("/api/v2/apps", json={"name": "web"})
-        assert r.status_code == 201, r.text
-        r = await tenant.post("/api/v2/apps/web/versions", json={
-            "version": "1", "compose": COMPOSE, "expose_port": 80})
-        assert r.status_code == 201, r.text
-    return tenant
+    return httpx.AsyncClient(base_url=m.http, timeout=30, headers={
+        "Authorization": f"Bearer {r.json()['api_key']}"})
 
 
 async def test_logs_and_attestation_of_a_dc_placed_deployment(tmp_path: Path) -> None:
@@ -194,8 +190,8 @@ async def test_logs_and_attestation_of_a_dc_placed_deployment(tmp_path: Path) ->
                         and not view["degraded"]
 
                 await eventually(ready, what="dc-a online at the master")
-                owner = await _tenant(m, "owner", True)
-                other = await _tenant(m, "other", False)
+                owner = await _tenant(m)
+                other = await _other_tenant(m)
                 tenants += [owner, other]
                 r = await owner.post("/api/v2/apps/web/deployments",
                                      json={"version": "1", "replicas": 1})
@@ -379,3 +375,49 @@ def test_oversized_response_is_refused() -> None:
     assert got is not None and got[0] == "response_too_large"
     again = rpc.answered(LABEL, frame, 10)
     assert again is not None and again[0] == "response_late"
+
+
+async def test_ask_bounded(autojump_clock: trio.testing.MockClock) -> None:
+    """An ask ends: its link closing (503), the dc's silence (504), the per-dc cap (503)."""
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    rpc = MasterRpc(lambda f: json.dumps({"id": f.id}), lambda *a: None, timeout_s=10,
+                    per_dc=1)
+    errors: list[RpcError] = []
+
+    async def asker() -> None:
+        try:
+            await rpc.ask(A, "logs", deployment_id="d")
+        except RpcError as exc:
+            errors.append(exc)
+
+    assert (await _fails(rpc.ask(A, "logs"))).code == "datacenter_unavailable"  # no link
+    rpc.link_up(A, send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(asker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(sent) == 1
+        busy = await _fails(rpc.ask(A, "logs"))
+        assert (busy.status, busy.code) == (503, "datacenter_busy")
+        rpc.link_down(A, send)
+    assert [(e.status, e.code) for e in errors] == [(503, "datacenter_unavailable")]
+    rpc.link_up(A, send)
+    start = trio.current_time()
+    late = await _fails(rpc.ask(A, "logs"))
+    assert (late.status, late.code) == (504, "datacenter_timeout")
+    assert trio.current_time() - start == pytest.approx(10)
+    # A degraded dc is asked nothing.
+    before = len(sent)
+    assert (await _fails(rpc.ask(A, "logs", usable=False))).code == "datacenter_unavailable"
+    assert len(sent) == before
+
+
+async def _fails(ask: Any) -> RpcError:
+    try:
+        await ask
+    except RpcError as exc:
+        return exc
+    raise AssertionError("the ask did not fail")

@@ -164,13 +164,14 @@ class Outstanding:
         return [rid for rid, dc in self.open.items() if dc == label]
 
 
+Send = Callable[[str], Awaitable[None]]
+
+
 @attrs.define
 class _Waiter:
+    via: Send  # the link the request went out on
     done: trio.Event = attrs.field(factory=trio.Event)
     outcome: Response | RpcError | None = None
-
-
-Send = Callable[[str], Awaitable[None]]
 
 
 class MasterRpc:
@@ -200,7 +201,7 @@ class MasterRpc:
         if not self.table.start(label, rid):
             raise RpcError(503, DATACENTER_BUSY, f"too many requests to datacenter {label} "
                            f"are outstanding (at most {self.table.per_dc})", label)
-        waiter = self._waiters[rid] = _Waiter()
+        waiter = self._waiters[rid] = _Waiter(send)
         frame = Request("request", rid, kind, deployment_id, agent_id, dict(args or {}))
         try:
             with trio.move_on_after(self.timeout_s if timeout_s is None else timeout_s):
@@ -250,13 +251,13 @@ class MasterRpc:
         self.links[label] = send
 
     def link_down(self, label: str, send: Send) -> None:
-        """*label*'s link (the one with *send*) closed: its asks fail now."""
-        if self.links.get(label) is not send:
-            return  # a newer link replaced it
-        del self.links[label]
+        """*label*'s link (the one with *send*) closed: the asks sent on it fail now
+        (its answers cannot come on another link)."""
+        if self.links.get(label) is send:
+            del self.links[label]  # else a newer link replaced it already
         for rid in self.table.of(label):
             waiter = self._waiters.get(rid)
-            if waiter is not None and waiter.outcome is None:
+            if waiter is not None and waiter.via is send and waiter.outcome is None:
                 waiter.outcome = RpcError(503, DATACENTER_UNAVAILABLE,
                                           f"the link to datacenter {label} closed", label)
                 waiter.done.set()
