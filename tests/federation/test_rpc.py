@@ -23,11 +23,14 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from prometheus_client import CollectorRegistry
 
 from ee.actors.app import GetDeployment
 from ee.actors.directory import AgentDirectory, AgentRecord
 from ee.actors.identity import Identity
 from ee.actors.lifecycle import AgentState
+from ee.federation.dc import DcFederation
+from ee.federation.master import FederationSettings
 from ee.federation.reconcile import local_key
 from ee.federation.rpc import (
     NOT_PLACED_HERE,
@@ -43,12 +46,12 @@ from ee.federation.rpc import (
     proof_of,
 )
 from ee.federation.wire import MAX_RESPONSE_BYTES, Request, Response, seal
-from ee.protocol.signing import load_private_key
+from ee.protocol.signing import generate_signing_key, load_private_key
 from ee.runtime import Actor, ActorHost, Registry, handler
 
 from .fedkit import CpProc, agent, dc, event_log, eventually, join_token, master, refused, sim_td
 from .test_placement import COMPOSE, _tenant
-from .test_refusals import LABEL, _agent, _enroll, _events, link
+from .test_refusals import LABEL, _agent, _enroll, _events, enrolled_home, link
 
 A = "sim:dc-a"
 OTHER = "sim:rogue-2"
@@ -421,3 +424,53 @@ async def _fails(ask: Any) -> RpcError:
     except RpcError as exc:
         return exc
     raise AssertionError("the ask did not fail")
+
+
+async def test_dc_answers_only_requests_signed_by_the_master(tmp_path: Path) -> None:
+    """The dc's link loop: a request not signed by the pinned master key is refused
+    (``bad_signature``, an event, no answer); a signed one is answered, signed by the dc."""
+    home, master_key = await enrolled_home(tmp_path)
+    events: list[tuple[str, str, Any]] = []
+    directory = AgentDirectory()
+    directory.put(_record("ag-1", LABEL))
+
+    async def no_logs(*a: Any) -> None:
+        return None
+
+    fed = DcFederation(home, LABEL, FederationSettings(), directory=directory,
+                       emit=lambda k, s, d: events.append((k, s, d)),
+                       metrics=CollectorRegistry(),
+                       sources=DcSources(Registry(), directory, no_logs, lambda r, rec: {}))
+    put, get = trio.open_memory_channel[str](4)
+    sent: list[Any] = []
+
+    class Ws:
+        async def get_message(self) -> str:
+            return await get.receive()
+
+    async def send(body: Any) -> None:
+        sent.append(body)
+
+    def request() -> Request:
+        return Request("request", secrets.token_hex(16), "attestation", agent_id="ag-1")
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fed._receive, Ws(), {"cursor": 1}, send, nursery)
+                await put.send(seal(request(), generate_signing_key()))  # not the master
+                forged = seal(request(), master_key).replace('"ag-1"', '"ag-2"')
+                await put.send(forged)
+                await trio.testing.wait_all_tasks_blocked()
+                assert sent == []
+                good = request()
+                await put.send(seal(good, master_key))
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+        (resp,) = sent
+        assert isinstance(resp, Response) and resp.id == good.id and resp.error is None
+        assert resp.body is not None and resp.body["proof"]["agent_id"] == "ag-1"
+        codes = [d["code"] for k, _, d in events if k == "federation.refused"]
+        assert codes == ["bad_signature", "bad_signature"]
+    finally:
+        fed.close()
