@@ -65,6 +65,7 @@ from ee.attestation.tpm import TpmVerifier
 from ee.capacity import PoolKey
 from ee.cp import billing as billing_mod
 from ee.cp import bootstrap as bootstrap_mod
+from ee.cp import tenants
 from ee.cp.agent_plane import AgentPlane, PlaneSettings
 from ee.cp.billing import Billing, BillingDeps, BillingSettings
 from ee.cp.bootstrap import Bootstrap, BootstrapError
@@ -98,6 +99,7 @@ from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
 from ee.federation.dc import DcFederation, EnrolError, enroll
 from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.reconcile import LocalApps
+from ee.federation.rpc import DcSources
 from ee.federation.wire import WRONG_DATACENTER
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -179,6 +181,7 @@ class CpConfig:
     federation_advertise: str | None = None
     degraded_after_s: float = 30.0
     federation_heartbeat_s: float = 2.0
+    federation_ask_timeout_s: float = 10.0  # a master's request to a dc (federation.rpc)
     # Phase timeouts and log retention: ee.actors.app.DeploySettings fields.
     deployments: dict[str, Any] | None = None
 
@@ -196,7 +199,8 @@ class CpConfig:
                      "tls_key", "agent_tls_cert", "agent_tls_key", "history_retention_s",
                      "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
                      "release", "database", "datacenter", "join_token",
-                     "federation_listen", "federation_advertise", "degraded_after_s"):
+                     "federation_listen", "federation_advertise", "degraded_after_s",
+                     "federation_ask_timeout_s"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -376,7 +380,8 @@ class ControlPlane:
         settings = FederationSettings(listen=c.federation_listen,
                                       advertise=c.federation_advertise,
                                       degraded_after_s=c.degraded_after_s,
-                                      heartbeat_s=c.federation_heartbeat_s)
+                                      heartbeat_s=c.federation_heartbeat_s,
+                                      ask_timeout_s=c.federation_ask_timeout_s)
         if c.role == "master":
             return MasterFederation(c.data_dir, self.bootstrap.cluster_id, settings,
                                     registry=self.registry, emit=self.events.emit,
@@ -388,7 +393,10 @@ class ControlPlane:
                                 settings, directory=self.directory, emit=self.events.emit,
                                 metrics=self.metrics.registry,
                                 local=LocalApps(self.create_app, self.registry,
-                                                self.deployment_index))
+                                                self.deployment_index),
+                                sources=DcSources(self.registry, self.directory,
+                                                  tenants.fetch_logs,
+                                                  tenants._replica_attestation))
         return None
 
     def _federated_claim(self, claim: Callable[[Identity, float], Refusal | None]
@@ -963,6 +971,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the address dc CPs dial (role master; default the listener's)")
     p.add_argument("--degraded-after-s", type=float, metavar="SECONDS",
                    help="a dc CP silent this long is degraded (role master; default 30)")
+    p.add_argument("--federation-ask-timeout-s", type=float, metavar="SECONDS",
+                   help="how long the master waits for a dc's answer to a request (logs, "
+                        "attestation proofs; role master; default 10)")
     p.add_argument("--dev", action="store_true",
                    help="create (once) a dev bootstrap bundle trusting the sim attestation "
                         "provider, and an admin token (printed, kept in DATA_DIR/admin.token)")

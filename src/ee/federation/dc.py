@@ -26,6 +26,11 @@ Down: a snapshot is applied only when its signature verifies with the pinned mas
 and its version is newer than the one running; it is kept signed in the spool (so a
 restart runs the same version) and acknowledged upstream with a ``snapshot_applied``
 event. Anything else is refused with a reason code and an event.
+
+Requests: a verified ``request`` frame of the master is answered on the same link by a
+``response`` (ee.federation.rpc ``answer``: logs of the master's intents placed here,
+attestation proofs of this dc's agents), at most ``MAX_ANSWERING`` at once, each in its
+own task so the link keeps reading. Nothing of it is spooled.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ from ee.federation import pki
 from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics
 from ee.federation.reconcile import DcReconciler, LocalApps
+from ee.federation.rpc import (
+    DC_BUSY,
+    DC_ERROR,
+    MAX_ANSWERING,
+    DcSources,
+    answer,
+    proof_digest,
+    proof_of,
+)
 from ee.federation.spool import Spool
 from ee.federation.wire import (
     BAD_FRAME,
@@ -63,6 +77,8 @@ from ee.federation.wire import (
     Hello,
     Refused,
     Replay,
+    Request,
+    Response,
     Snapshot,
     WireError,
     down_frame,
@@ -149,21 +165,26 @@ def agent_view(record: AgentRecord) -> dict[str, Any] | None:
     ident = record.identity
     if ident is None:
         return None
+    proof = proof_of(record)
     return {"status": record.status, "verdict": record.verdict,
             "datacenter": ident.datacenter, "node_size": ident.node_size,
             "free": record.free, "mrtd": ident.mrtd,
+            # The attestation outcome's digest; the proof itself on request (rpc).
+            "proof_sha256": None if proof is None else proof_digest(proof),
             "deployments": {d.deployment_id: str(d.state) for d in record.deployments}}
 
 
 class DcFederation:
     def __init__(self, data_dir: Path, label: str, settings: FederationSettings, *,
                  directory: AgentDirectory, emit: Emit, metrics: CollectorRegistry,
-                 local: LocalApps | None = None) -> None:
+                 local: LocalApps | None = None, sources: DcSources | None = None) -> None:
         self.dir = data_dir / "federation"
         enrolment = Enrollment.load(self.dir)
         if enrolment is None or enrolment.label != label:
             raise EnrolError(f"datacenter {label} is not enrolled (run with --join-token)")
         self.enrollment = enrolment
+        self.sources = sources  # what requests of the master are answered from (rpc)
+        self.answering = 0
         self.label = label
         self.settings = settings
         self.directory = directory
@@ -327,7 +348,7 @@ class DcFederation:
 
             await send(Hello("hello", self.label, first, nxt, self.snapshot.version, depth))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._receive, ws, state, send)
+                nursery.start_soon(self._receive, ws, state, send, nursery)
                 await self._send_loop(state, send)
 
     async def _send_loop(self, state: dict[str, int], send: Callable[[Any], Any]) -> None:
@@ -346,8 +367,8 @@ class DcFederation:
             await send(Events("events", self.label, [Event(**e) for e in batch], self.depth,
                               self.snapshot.version, time.time(), self.last_seq))
 
-    async def _receive(self, ws: Any, state: dict[str, int],
-                       send: Callable[[Any], Any]) -> None:
+    async def _receive(self, ws: Any, state: dict[str, int], send: Callable[[Any], Any],
+                       nursery: trio.Nursery) -> None:
         while True:
             text = await ws.get_message()
             try:
@@ -375,6 +396,13 @@ class DcFederation:
                 appended.set()
             elif isinstance(frame, Snapshot):
                 await self.apply_snapshot(text, frame)
+            elif isinstance(frame, Request):
+                if self.answering >= MAX_ANSWERING:
+                    await send(Response("response", self.label, frame.id, DC_BUSY,
+                                        f"{MAX_ANSWERING} requests are being answered"))
+                else:
+                    self.answering += 1
+                    nursery.start_soon(self._answer, frame, send)
             elif isinstance(frame, Refused) and frame.code == HELLO_REQUIRED:
                 raise WireError(HELLO_REQUIRED, "the master asks for a new hello")
             elif isinstance(frame, Refused):
@@ -384,6 +412,19 @@ class DcFederation:
                             frame.detail)
                 self.emit("federation.refused_upstream", self.label,
                           {"code": frame.code, "detail": frame.detail})
+
+    async def _answer(self, req: Request, send: Callable[[Any], Any]) -> None:
+        """Answer one request of the master (ee.federation.rpc); a bug in the answer is
+        the dc's error code, never the link's end."""
+        try:
+            try:
+                resp = await answer(req, self.label, self.snapshot.desired, self.sources)
+            except Exception:
+                log.exception("federation: answering request %s (%s)", req.id, req.kind)
+                resp = Response("response", self.label, req.id, DC_ERROR, "internal error")
+            await send(resp)
+        finally:
+            self.answering -= 1
 
     def status(self) -> dict[str, Any]:
         return {"role": "dc", "datacenter": self.label, "upstream": self.enrollment.upstream,

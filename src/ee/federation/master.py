@@ -30,6 +30,11 @@ signed desired state (``deployments``), the dc's ``placement`` events come back 
 its actor (a report on a deployment not placed in that dc: ``foreign_deployment``) to
 ``placement_reported``, which re-routes an ``unsatisfiable`` one. Each dc's actor keeps
 its free capacity by node size up to date per event (``capacity``) for ``choose_target``.
+
+Asking a dc (ee.federation.rpc): ``ask`` sends a signed ``request`` on the dc's link and
+waits, in Trio time, for its ``response``; responses never reach the dc's actor (they are
+not sequenced): the link loop hands them to ``MasterRpc.answered``, which refuses an id
+not outstanding for that very dc, a duplicate or a late one.
 """
 
 from __future__ import annotations
@@ -68,6 +73,13 @@ from ee.federation.placement import (
     intent,
     ordered,
 )
+from ee.federation.rpc import (
+    DEFAULT_TIMEOUT_S,
+    MAX_OUTSTANDING_PER_DC,
+    MasterRpc,
+    RpcError,
+    proof_digest,
+)
 from ee.federation.wire import (
     BAD_FRAME,
     DATACENTER_MISMATCH,
@@ -84,6 +96,7 @@ from ee.federation.wire import (
     Hello,
     Refused,
     Replay,
+    Response,
     SeqVerdict,
     Snapshot,
     WireError,
@@ -128,6 +141,8 @@ class FederationSettings:
     join_token_ttl_s: float = 600.0
     heartbeat_s: float = 2.0  # a dc sends at least one frame this often
     verify_threads: int = 2
+    ask_timeout_s: float = DEFAULT_TIMEOUT_S  # a request to a dc (ee.federation.rpc)
+    asks_per_dc: int = MAX_OUTSTANDING_PER_DC
 
 
 @attrs.frozen
@@ -191,6 +206,13 @@ class Frame:
     frame: Hello | Events
     unix: float
     conn: int = 0
+
+
+@attrs.frozen
+class ReportedAgent:
+    """The view of one agent as the dc last reported it (None: not reported)."""
+
+    agent_id: str
 
 
 @attrs.frozen
@@ -424,6 +446,10 @@ class FederatedDatacenterActor(Actor):
             for size, n in capacity_of(self.label, False, (view,)).free.items():
                 self.free[size] = self.free.get(size, 0) + delta * n
 
+    @handler(ReportedAgent)
+    async def on_reported_agent(self, msg: ReportedAgent) -> dict[str, Any] | None:
+        return self.agents.get(msg.agent_id)
+
     @handler(DescribeDatacenter)
     async def on_describe(self, _: DescribeDatacenter) -> dict[str, Any]:
         self._judge_degraded()
@@ -483,6 +509,8 @@ class MasterFederation:
         self._conn_ids = 0
         self._links: dict[str, trio.CancelScope] = {}
         self._ssl: ssl.SSLContext | None = None
+        self.rpc = MasterRpc(partial(seal, key=self.key), self.refuse,
+                             timeout_s=settings.ask_timeout_s, per_dc=settings.asks_per_dc)
         self.supervisor = Supervisor(
             "federation", [ChildSpec(id="listener", start=self._run_listener, shutdown=2.0)],
             max_restarts=20, period=10.0, populate=self._populate)
@@ -707,6 +735,56 @@ class MasterFederation:
                 self.emit("federation.stopping", deployment_id, {"app": app_key})
         return self.view(app_key, deployment_id)
 
+    # ---- asking a dc (ee.federation.rpc) ----
+
+    async def ask(self, label: str, kind: str, *, deployment_id: str | None = None,
+                  agent_id: str | None = None, args: dict[str, Any] | None = None,
+                  timeout_s: float | None = None) -> dict[str, Any]:
+        """The dc's answer body, or ``RpcError`` (``datacenter_unavailable`` when it is
+        not linked or degraded, ``datacenter_busy``, ``datacenter_timeout``, its code)."""
+        cap = self.capacity.get(label)
+        return await self.rpc.ask(label, kind, deployment_id=deployment_id,
+                                  agent_id=agent_id, args=args, timeout_s=timeout_s,
+                                  usable=cap is not None and not cap.degraded)
+
+    def _placed(self, app_key: str, deployment_id: str) -> str | None:
+        doc = self._intents().get(deployment_id)
+        return None if doc is None or doc["app"] != app_key else str(doc["datacenter"])
+
+    async def deployment_logs(self, app_key: str, deployment_id: str,
+                              args: dict[str, Any]) -> dict[str, Any] | None:
+        """Logs of *app_key*'s deployment placed in a dc, asked of that dc (None: not a
+        dc-placed deployment of that app)."""
+        label = self._placed(app_key, deployment_id)
+        if label is None:
+            return None
+        body = await self.ask(label, "logs", deployment_id=deployment_id, args=args)
+        return {**body, "datacenter": label}
+
+    async def deployment_attestation(self, app_key: str, deployment_id: str
+                                     ) -> dict[str, Any] | None:
+        label = self._placed(app_key, deployment_id)
+        if label is None:
+            return None
+        body = await self.ask(label, "attestation", deployment_id=deployment_id)
+        return {**body, "datacenter": label}
+
+    async def agent_attestation(self, label: str, agent_id: str) -> dict[str, Any]:
+        """The full proof of one federated agent, checked against the digest its dc
+        reported up (``matches``)."""
+        if label not in self.enrolled:
+            raise RpcError(404, "not_found", f"no federated datacenter {label[:80]!r}")
+        reported = await self.registry.ref(f"dc/{label}").ask(ReportedAgent(agent_id),
+                                                              timeout=5)
+        body = await self.ask(label, "attestation", agent_id=agent_id)
+        proof = body.get("proof")
+        digest = None if not isinstance(proof, dict) else await trio.to_thread.run_sync(
+            proof_digest, proof)
+        said = None if reported is None else reported.get("proof_sha256")
+        return {"datacenter": label, "agent_id": agent_id, "proof": proof,
+                "proof_sha256": digest, "reported_sha256": said,
+                "matches": digest is not None and said == digest}
+
     # ---- supervision ----
 
     async def _populate(self, _: Supervisor) -> None:
@@ -807,6 +885,7 @@ class MasterFederation:
         previous = self._links.pop(label, None)
         if previous is not None:
             previous.cancel()
+        self.rpc.link_up(label, send)
         await ref.tell(LinkOpened(conn))
         scope: trio.CancelScope | None = None
         try:
@@ -827,10 +906,18 @@ class MasterFederation:
                         await send(seal(Refused("refused", exc.code, exc.detail[:300]),
                                         self.key))
                         continue
+                    if isinstance(frame, Response):  # ephemeral: never the actor's
+                        refusal = self.rpc.answered(label, frame, len(text))
+                        if refusal is not None:
+                            self.refuse(label, *refusal)
+                            await send(seal(Refused("refused", refusal[0], refusal[1]),
+                                            self.key))
+                        continue
                     replies = await ref.ask(Frame(frame, time.time(), conn), timeout=30)
                     for reply in replies:
                         await send(seal(reply, self.key))
         finally:
+            self.rpc.link_down(label, send)
             if scope is not None and self._links.get(label) is scope:
                 del self._links[label]
             try:

@@ -4,6 +4,14 @@ Master: ``POST /api/v2/federation/join-tokens`` (admin), ``POST /api/v2/federati
 (public: the single-use token is the credential), ``GET /api/v2/federation/snapshot``
 (admin: the signed desired state), ``PUT /api/v2/federation/desired`` (admin).
 Both roles: ``GET /api/v2/federation/status`` (admin).
+
+Asking a dc (ee.federation.rpc), master only: ``GET
+/api/v2/datacenters/{label}/agents/{agent_id}/attestation`` (admin: the full proof of
+one federated agent, checked against the digest its dc reported). The tenant routes
+``GET /api/v2/deployments/{id}/logs`` and ``/attestation`` call ``tenant_logs`` /
+``tenant_attestation`` first: a deployment this master placed in a dc is answered by
+that dc (same ownership check as a direct one; ``follow`` is refused there with 409
+``federated_follow_unsupported``), any other falls through to the direct route.
 """
 
 from __future__ import annotations
@@ -33,10 +41,52 @@ from ee.federation.master import (
     JoinTokenRequest,
     MasterFederation,
 )
+from ee.federation.wire import MAX_ID_CHARS
 from ee.runtime import ActorError
 
 if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
+
+FOLLOW_UNSUPPORTED = "federated_follow_unsupported"
+
+
+def _placed_for(cp: Any, account_id: str, deployment_id: str
+                ) -> tuple[MasterFederation, str] | None:
+    """(the master, the app key) when *deployment_id* is *account_id*'s and this master
+    placed it in a dc; None otherwise (the direct route answers)."""
+    fed = getattr(cp, "federation", None)
+    key = cp.deployment_index.get(deployment_id)
+    if not isinstance(fed, MasterFederation) or key is None \
+            or not key.startswith(f"{account_id}.") \
+            or fed.intent_datacenter(deployment_id) is None:
+        return None
+    return fed, key
+
+
+async def tenant_logs(cp: Any, account_id: str, deployment_id: str, *, tail: int,
+                      since: str | None, service: str | None,
+                      follow: bool) -> dict[str, Any] | None:
+    """The logs view of a dc-placed deployment, asked of its dc (None: not one)."""
+    found = _placed_for(cp, account_id, deployment_id)
+    if found is None:
+        return None
+    if follow:
+        raise ApiError(409, FOLLOW_UNSUPPORTED, "this deployment runs in a federated "
+                       "datacenter: its logs cannot be followed; poll without follow "
+                       "(with 'since') instead")
+    fed, key = found
+    return await fed.deployment_logs(key, deployment_id, {"tail": tail, "since": since,
+                                                          "service": service})
+
+
+async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
+                             ) -> dict[str, Any] | None:
+    """The attestation view (with each replica's proof) of a dc-placed deployment."""
+    found = _placed_for(cp, account_id, deployment_id)
+    if found is None:
+        return None
+    fed, key = found
+    return await fed.deployment_attestation(key, deployment_id)
 
 
 def register(app: QuartTrio, cp: ControlPlane) -> None:
@@ -65,6 +115,15 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
                 continue
         return json_response({"role": "master", "listen": fed.advertised(),
                               "snapshot_version": fed.desired.version, "datacenters": dcs})
+
+    @app.get("/api/v2/datacenters/<label>/agents/<agent_id>/attestation")
+    @guard(Who.ADMIN)
+    async def federated_agent_attestation(label: str, agent_id: str) -> Response:
+        require_admin(cp.bootstrap.admin_token_ok)
+        master_fed = need_master()
+        if len(label) > MAX_ID_CHARS or len(agent_id) > MAX_ID_CHARS:
+            raise ApiError(404, "not_found", "no such federated agent")
+        return json_response(await master_fed.agent_attestation(label, agent_id))
 
     @app.post("/api/v2/federation/join-tokens")
     @guard(Who.ADMIN)

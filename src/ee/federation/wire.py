@@ -27,6 +27,7 @@ from ee.protocol.signing import SignatureError, sign_document, verify_document
 
 MAX_FRAME_BYTES: Final = 8 << 20
 MAX_EVENTS_PER_FRAME: Final = 1000
+MAX_ID_CHARS: Final = 120  # a deployment or agent id
 STREAM_PATH: Final = "/api/v2/federation/stream"
 
 # Reason codes (events ``federation.refused`` carry one; ``refused`` frames too).
@@ -39,6 +40,9 @@ SEQUENCE_GAP: Final = "sequence_gap"
 SNAPSHOT_STALE: Final = "snapshot_stale"
 FOREIGN_AGENTS: Final = "foreign_datacenter_agents"
 HELLO_REQUIRED: Final = "hello_required"  # the dc reconnects and says hello again
+RESPONSE_UNKNOWN: Final = "response_unknown"  # an id the master never sent to this dc
+RESPONSE_LATE: Final = "response_late"  # already answered, or given up on
+RESPONSE_TOO_LARGE: Final = "response_too_large"
 WRONG_DATACENTER: Final = "WRONG_DATACENTER"  # agent registration refusal at a dc CP
 
 
@@ -115,8 +119,39 @@ class Snapshot:
     desired: dict[str, Any]
 
 
-UpFrame = Hello | Events
-DownFrame = Ack | Replay | Refused | Snapshot
+REQUEST_ID: Final = r"[0-9a-f]{32}"
+MAX_RESPONSE_BYTES: Final = 1 << 20  # a response body, as canonical JSON
+
+
+@attrs.frozen
+class Request:
+    """The master asks a dc (ee.federation.rpc): ephemeral, never spooled or sequenced."""
+
+    type: Literal["request"]
+    id: str = attrs.field(validator=attrs.validators.matches_re(REQUEST_ID))
+    kind: str = attrs.field(validator=attrs.validators.max_len(40))
+    deployment_id: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.max_len(MAX_ID_CHARS)))
+    agent_id: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.max_len(MAX_ID_CHARS)))
+    args: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Response:
+    """A dc's answer to one ``Request``: ``error`` None and a ``body``, or an error code."""
+
+    type: Literal["response"]
+    dc: str
+    id: str = attrs.field(validator=attrs.validators.matches_re(REQUEST_ID))
+    error: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.max_len(60)))
+    detail: str = attrs.field(default="", validator=attrs.validators.max_len(300))
+    body: dict[str, Any] | None = None
+
+
+UpFrame = Hello | Events | Response
+DownFrame = Ack | Replay | Refused | Snapshot | Request
 
 _conv = cattrs.Converter(forbid_extra_keys=True)
 
@@ -132,8 +167,8 @@ def _structure_union(classes: tuple[type[Any], ...]) -> Any:
     return structure
 
 
-_up = _structure_union((Hello, Events))
-_down = _structure_union((Ack, Replay, Refused, Snapshot))
+_up = _structure_union((Hello, Events, Response))
+_down = _structure_union((Ack, Replay, Refused, Snapshot, Request))
 
 
 def seal(body: Any, key: Ed25519PrivateKey) -> str:
@@ -211,7 +246,6 @@ def judge_snapshot(running: int, offered: int) -> bool:
 
 AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
 VERDICTS: Final = ("pass", "warn", "fail", None)
-MAX_ID_CHARS: Final = 120
 
 
 def _check_view(agent_id: str, view: Any) -> None:
@@ -234,6 +268,10 @@ def _check_view(agent_id: str, view: Any) -> None:
     if mrtd is not None and not (isinstance(mrtd, str) and len(mrtd) <= 192
                                  and all(c in "0123456789abcdef" for c in mrtd)):
         raise bad("mrtd must be lowercase hex")
+    proof = view.get("proof_sha256")  # ee.federation.rpc.proof_digest of its proof
+    if proof is not None and not (isinstance(proof, str) and len(proof) == 64
+                                  and all(c in "0123456789abcdef" for c in proof)):
+        raise bad("proof_sha256 must be 64 lowercase hex digits")
     deployments = view.get("deployments")
     if not isinstance(deployments, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
