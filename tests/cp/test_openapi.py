@@ -413,7 +413,7 @@ def scenario(c: Conformance) -> dict[str, str]:
                                                 "amount_minor": 1, "currency": "USD"},
            expect=404)
     return {**account, "txn_id": str(txn["txn_id"]), **agent, **vm, **one, **dep, **pool,
-            **order, **release, "secret": "db_password"}
+            **order, **release, "secret": "db_password", "label": "sim:nowhere"}
 
 
 def check_cp(base_url: str, admin_token: str, examples: int) -> Conformance:

@@ -396,7 +396,7 @@ class ControlPlane:
                                                 self.deployment_index),
                                 sources=DcSources(self.registry, self.directory,
                                                   tenants.fetch_logs,
-                                                  tenants._replica_attestation))
+                                                  tenants.replica_attestation))
         return None
 
     def _federated_claim(self, claim: Callable[[Identity, float], Refusal | None]

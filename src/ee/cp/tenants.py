@@ -89,6 +89,7 @@ from ee.cp.records import (
     get_account,
     revoke_api_keys,
 )
+from ee.federation import routes as federated
 from ee.placement import Constraints, ConstraintsError
 from ee.protocol.compose import (
     BuildContext,
@@ -734,8 +735,11 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @app.get("/api/v2/deployments/<deployment_id>/attestation")
     @tenant
     async def attestation(deployment_id: str) -> Response:
+        remote = await federated.tenant_attestation(cp, g.account_id, deployment_id)
+        if remote is not None:
+            return json_response(remote)
         view = await deployment_view(deployment_id)
-        replicas = [_replica_attestation(r, cp.directory.get(str(r["agent_id"])))
+        replicas = [replica_attestation(r, cp.directory.get(str(r["agent_id"])))
                     for r in view.get("replicas", [])]
         return json_response({
             "deployment_id": deployment_id, "compose_hash": view.get("compose_hash"),
@@ -748,6 +752,11 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     @tenant
     async def logs(deployment_id: str) -> Response:
         query = _logs_query(request.args)
+        remote = await federated.tenant_logs(
+            cp, g.account_id, deployment_id, tail=query.tail, since=query.since,
+            service=query.service, follow=query.follow)
+        if remote is not None:
+            return json_response(_filter_logs(remote, query.since, query.service))
         resume = request.headers.get("Last-Event-ID")
         if query.follow and query.since is None and resume:
             query = attrs.evolve(query, since=rest.parse_rfc3339(resume, "Last-Event-ID"))
@@ -788,7 +797,7 @@ def register(app: QuartTrio, cp: ControlPlane, quotas: TenantQuotas | None = Non
     return Auth(authenticate=authenticate, admin_only=admin_only, require_ready=require_ready)
 
 
-def _replica_attestation(replica: dict[str, Any], record: AgentRecord | None
+def replica_attestation(replica: dict[str, Any], record: AgentRecord | None
                          ) -> dict[str, Any]:
     """One replica's agent as attested to the CP (what the CP verified at admission and
     at its last re-attestation), for its tenant."""
