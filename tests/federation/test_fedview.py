@@ -99,6 +99,22 @@ async def _view(tenant: httpx.AsyncClient, dep_id: str) -> dict[str, Any]:
     return doc
 
 
+async def _running(tenant: httpx.AsyncClient, dep: str, version: str, n: int = 1
+                   ) -> dict[str, Any] | None:
+    """The view once *n* replicas of *version* run and any update is done."""
+    v = await _view(tenant, dep)
+    ok = v["state"] == "running" and v["version"] == version and len(
+        [x for x in v["replicas"] if x["state"] == "running" and x["version"] == version]
+    ) == n and len(v["replicas"]) == n and (v["update"] is None
+                                             or v["update"]["state"] == "done")
+    return v if ok else None
+
+
+def _client(cp: ControlPlane, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{cp.http_port}", timeout=60,
+                             headers={"Authorization": f"Bearer {key}"})
+
+
 async def test_dc_placed_deployment_shows_updates_rolls_back_and_is_billed(
         tmp_path: Path) -> None:
     from .fedkit import free_port
@@ -106,130 +122,130 @@ async def test_dc_placed_deployment_shows_updates_rolls_back_and_is_billed(
     fed_port = free_port()
     base = (int(time.time()) // 60 + 10) * 60  # the master's billing wall: a minute ahead
     offset = [0.0]
+    home = tmp_path / "master"
+    d: CpProc | None = None
     with trio.fail_after(240):
-        async with master_here(tmp_path / "master", fed_port) as m:
-            m.billing.deps = attrs.evolve(m.billing.deps, wall=lambda: base + offset[0])
-            http = f"http://127.0.0.1:{m.http_port}"
-            token = (tmp_path / "master" / "admin.token").read_text().strip()
-            admin = httpx.AsyncClient(base_url=http, timeout=30,
-                                      headers={"Authorization": f"Bearer {token}"})
-            r = await admin.post("/api/v2/federation/join-tokens", json={"datacenter": A})
-            assert r.status_code == 201, r.text
-            d = CpProc("dc-a", tmp_path / "dc-a", ["--role", "dc", "--upstream", http,
-                                                   "--datacenter", A])
-            tenant = None
+        async with trio.open_nursery() as nursery:
             try:
-                await d.start("--join-token", r.json()["token"])
-                td = sim_td()
-                async with trio.open_nursery() as nursery:
-                    sims = {}
-                    for i in range(2):
-                        ag = agent(d, f"dc-a-{i}", A, td)
-                        await nursery.start(ag.run_forever)
-                        sims[ag.vm_name] = ag
-
-                    async def ready() -> bool:
-                        r = await admin.get("/api/v2/datacenters")
-                        view = {x["label"]: x for x in r.json()["datacenters"]}
-                        return view.get(A, {}).get("agents", {}).get("online") == 2 \
-                            and not view[A]["degraded"]
-
-                    await eventually(ready, timeout=30, what="dc-a online at the master")
-                    dc_agents = {v["vm_name"]: v["agent_id"] for v in
-                                 (await d.get("/api/v2/agents"))["agents"]}
-                    r = await admin.post("/api/v2/accounts", json={"name": "tenant"})
-                    assert r.status_code == 201, r.text
-                    account = r.json()["account_id"]
-                    tenant = httpx.AsyncClient(base_url=http, timeout=60, headers={
-                        "Authorization": f"Bearer {r.json()['api_key']}"})
-                    assert (await tenant.post("/api/v2/apps", json={"name": "web"})
-                            ).status_code == 201
-                    hashes = {}
-                    for v, compose in (("1", COMPOSE), ("2", COMPOSE2)):
-                        r = await tenant.post("/api/v2/apps/web/versions", json={
-                            "version": v, "compose": compose, "expose_port": 80})
-                        assert r.status_code == 201, r.text
-                        hashes[v] = r.json()["compose_hash"]
-                    assert hashes["1"] != hashes["2"]
-
-                    # (1) Replicas visible at the master: the dc's agent, the hash.
-                    r = await tenant.post("/api/v2/apps/web/deployments",
-                                          json={"version": "1", "replicas": 1})
-                    assert r.status_code == 202, r.text
-                    dep = r.json()["deployment_id"]
-
-                    async def running(version: str, n: int = 1) -> dict[str, Any] | None:
-                        v = await _view(tenant, dep)
-                        ok = v["state"] == "running" and v["version"] == version and len(
-                            [x for x in v["replicas"] if x["state"] == "running"
-                             and x["version"] == version]) == n \
-                            and len(v["replicas"]) == n \
-                            and (v["update"] is None or v["update"]["state"] == "done")
-                        return v if ok else None
-
-                    view = await eventually(lambda: running("1"), timeout=40,
-                                            what="v1 running with its replica")
-                    [rep] = view["replicas"]
-                    host = next(n for n, ag in sims.items() if dep in ag.deployments)
-                    assert rep["agent_id"] == dc_agents[host]
-                    assert rep["compose_hash"] == hashes["1"] == view["compose_hash"]
-                    assert rep["node_size"] == "standard"
-                    assert view["created_at"] and view["failures"] == 0
-                    assert [e["version"] for e in view["history"]] == ["1"]
-                    assert view["federated"]["datacenter"] == A
-
-                    # (3) Billing at the master charges the tenant for that replica.
-                    # (a standard node is 1 cent every 6 minutes at the default prices)
-                    for minute in range(9):
-                        offset[0] = minute * 60 + 5
-                        await m.billing.tick()
-                    usage = (await tenant.get("/api/v2/accounts/me/usage")).json()["usage"]
-                    assert sorted((u["deployment_id"], u["replica_id"]) for u in usage) == \
-                        [(dep, rep["agent_id"])] * 8  # windows 0..7, each once
-                    assert len({u["window_start"] for u in usage}) == 8
-                    await m.billing.tick()  # again in the same window: nothing more
-                    again = (await tenant.get("/api/v2/accounts/me/usage")).json()["usage"]
-                    assert len(again) == 8
-                    balance = (await tenant.get("/api/v2/accounts/me/balance")).json()
-                    assert balance["account_id"] == account and balance["balance_minor"] < 0
-
-                    # (2) PATCH an unknown version: the direct refusal; nothing changes.
-                    r = await tenant.patch(f"/api/v2/deployments/{dep}",
-                                           json={"version": "9"})
-                    assert r.status_code == 404 and r.json()["error"]["details"] == {
-                        "field": "version"}, r.text
-                    # PATCH to version 2: the dc rolls it; the master shows it all.
-                    r = await tenant.patch(f"/api/v2/deployments/{dep}", json={"version": "2"})
-                    assert r.status_code == 202, r.text
-                    assert r.json()["version"] == "2" and r.json()["previous_version"] == "1"
-                    view = await eventually(lambda: running("2"), timeout=60,
-                                            what="v2 rolled out at the dc")
-                    assert view["previous_version"] == "1"
-                    assert view["update"]["to_version"] == "2"
-                    assert view["update"]["reason"] == "update"
-                    assert [e["version"] for e in view["history"]] == ["1", "2"]
-                    assert view["replicas"][0]["compose_hash"] == hashes["2"]
-                    # Rollback: back to 1, the same way.
-                    r = await tenant.post(f"/api/v2/deployments/{dep}/rollback")
-                    assert r.status_code == 202, r.text
-                    view = await eventually(lambda: running("1"), timeout=60,
-                                            what="rolled back to v1 at the dc")
-                    assert view["previous_version"] == "2"
-                    assert view["update"]["reason"] == "rollback"
+                async with master_here(home, fed_port) as m:
+                    m.billing.deps = attrs.evolve(m.billing.deps,
+                                                  wall=lambda: base + offset[0])
+                    token = (home / "admin.token").read_text().strip()
+                    async with _client(m, token) as admin:
+                        d, key, dep, agents = await _first_master(
+                            admin, m, tmp_path, nursery, offset)
+                # The master restarts (it keeps no dc state on disk): the dc's resent
+                # report shows the same replicas again.
+                async with master_here(home, fed_port) as m, _client(m, key) as tenant:
+                    view = await eventually(lambda: _running(tenant, dep, "1", 2),
+                                            timeout=40, what="replicas after a restart")
+                    assert sorted(x["agent_id"] for x in view["replicas"]) == agents
                     assert [e["version"] for e in view["history"]] == ["1", "2", "1"]
-                    # Replicas: 2, on both of the dc's agents.
-                    r = await tenant.patch(f"/api/v2/deployments/{dep}", json={"replicas": 2})
-                    assert r.status_code == 202, r.text
-                    view = await eventually(lambda: running("1", 2), timeout=60,
-                                            what="two replicas at the dc")
-                    assert sorted(x["agent_id"] for x in view["replicas"]) == \
-                        sorted(dc_agents.values())
-                    nursery.cancel_scope.cancel()
+                    assert view["previous_version"] == "2"
+                nursery.cancel_scope.cancel()
             finally:
-                if tenant is not None:
-                    await tenant.aclose()
-                await admin.aclose()
-                await d.stop()
+                if d is not None:
+                    await d.stop()
+
+
+async def _first_master(admin: httpx.AsyncClient, m: ControlPlane, tmp_path: Path,
+                        nursery: trio.Nursery, offset: list[float]
+                        ) -> tuple[CpProc, str, str, list[str]]:
+    http = f"http://127.0.0.1:{m.http_port}"
+    r = await admin.post("/api/v2/federation/join-tokens", json={"datacenter": A})
+    assert r.status_code == 201, r.text
+    d = CpProc("dc-a", tmp_path / "dc-a", ["--role", "dc", "--upstream", http,
+                                           "--datacenter", A])
+    await d.start("--join-token", r.json()["token"])
+    td = sim_td()
+    sims = {}
+    for i in range(2):
+        ag = agent(d, f"dc-a-{i}", A, td)
+        await nursery.start(ag.run_forever)
+        sims[ag.vm_name] = ag
+
+    async def ready() -> bool:
+        r = await admin.get("/api/v2/datacenters")
+        view = {x["label"]: x for x in r.json()["datacenters"]}
+        return view.get(A, {}).get("agents", {}).get("online") == 2 \
+            and not view[A]["degraded"]
+
+    await eventually(ready, timeout=30, what="dc-a online at the master")
+    dc_agents = {v["vm_name"]: v["agent_id"] for v in
+                 (await d.get("/api/v2/agents"))["agents"]}
+    r = await admin.post("/api/v2/accounts", json={"name": "tenant"})
+    assert r.status_code == 201, r.text
+    account, key = r.json()["account_id"], r.json()["api_key"]
+    async with _client(m, key) as tenant:
+        assert (await tenant.post("/api/v2/apps", json={"name": "web"})).status_code == 201
+        hashes = {}
+        for v, compose in (("1", COMPOSE), ("2", COMPOSE2)):
+            r = await tenant.post("/api/v2/apps/web/versions", json={
+                "version": v, "compose": compose, "expose_port": 80})
+            assert r.status_code == 201, r.text
+            hashes[v] = r.json()["compose_hash"]
+        assert hashes["1"] != hashes["2"]
+
+        # (1) Replicas visible at the master: the dc's agent, the version's hash.
+        r = await tenant.post("/api/v2/apps/web/deployments",
+                              json={"version": "1", "replicas": 1})
+        assert r.status_code == 202, r.text
+        dep = r.json()["deployment_id"]
+        view = await eventually(lambda: _running(tenant, dep, "1"), timeout=40,
+                                what="v1 running with its replica")
+        [rep] = view["replicas"]
+        host = next(n for n, ag in sims.items() if dep in ag.deployments)
+        assert rep["agent_id"] == dc_agents[host]
+        assert rep["compose_hash"] == hashes["1"] == view["compose_hash"]
+        assert rep["node_size"] == "standard"
+        assert view["created_at"] and view["failures"] == 0 and view["failure"] is None
+        assert [e["version"] for e in view["history"]] == ["1"]
+        assert view["federated"]["datacenter"] == A
+
+        # (3) Billing at the master charges the tenant for that replica
+        # (a standard node is 1 cent every 6 minutes at the default prices).
+        for minute in range(9):
+            offset[0] = minute * 60 + 5
+            await m.billing.tick()
+        usage = (await tenant.get("/api/v2/accounts/me/usage")).json()["usage"]
+        assert sorted((u["deployment_id"], u["replica_id"]) for u in usage) == \
+            [(dep, rep["agent_id"])] * 8  # windows 0..7, each once
+        assert len({u["window_start"] for u in usage}) == 8
+        await m.billing.tick()  # again in the same window: nothing more
+        assert len((await tenant.get("/api/v2/accounts/me/usage")).json()["usage"]) == 8
+        balance = (await tenant.get("/api/v2/accounts/me/balance")).json()
+        assert balance["account_id"] == account and balance["balance_minor"] < 0
+
+        # (2) PATCH to an unknown version: the direct refusal, nothing changes.
+        r = await tenant.patch(f"/api/v2/deployments/{dep}", json={"version": "9"})
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["details"] == {"field": "version"}
+        assert (await _view(tenant, dep))["version"] == "1"
+        # PATCH to version 2: the dc rolls it; the master shows it all.
+        r = await tenant.patch(f"/api/v2/deployments/{dep}", json={"version": "2"})
+        assert r.status_code == 202, r.text
+        assert r.json()["version"] == "2" and r.json()["previous_version"] == "1"
+        view = await eventually(lambda: _running(tenant, dep, "2"), timeout=60,
+                                what="v2 rolled out at the dc")
+        assert view["previous_version"] == "1"
+        assert view["update"]["to_version"] == "2" and view["update"]["reason"] == "update"
+        assert [e["version"] for e in view["history"]] == ["1", "2"]
+        assert view["replicas"][0]["compose_hash"] == hashes["2"] == view["compose_hash"]
+        # Rollback: back to 1, the same way.
+        r = await tenant.post(f"/api/v2/deployments/{dep}/rollback")
+        assert r.status_code == 202, r.text
+        view = await eventually(lambda: _running(tenant, dep, "1"), timeout=60,
+                                what="rolled back to v1 at the dc")
+        assert view["previous_version"] == "2" and view["update"]["reason"] == "rollback"
+        assert [e["version"] for e in view["history"]] == ["1", "2", "1"]
+        # Replicas: 2, on both of the dc's agents.
+        r = await tenant.patch(f"/api/v2/deployments/{dep}", json={"replicas": 2})
+        assert r.status_code == 202, r.text
+        view = await eventually(lambda: _running(tenant, dep, "1", 2), timeout=60,
+                                what="two replicas at the dc")
+        agents = sorted(x["agent_id"] for x in view["replicas"])
+        assert agents == sorted(dc_agents.values())
+    return d, key, dep, agents
 
 
 # ---- a forged report, against a real master process -----------------------------------------
@@ -280,12 +296,14 @@ async def test_forged_replica_report_refused_and_nothing_applied(tmp_path: Path)
 
                 # A replica on an agent this dc never reported (another dc's): refused.
                 await send(report(2, "ag-of-another-dc", good_hash))
-                answers = [await recv(), await recv()]
+                with trio.fail_after(10):
+                    answers = [await recv(), await recv()]
                 assert answers[0]["code"] == FOREIGN_AGENTS, answers
                 assert answers[1] == {"type": "ack", "upto": 2}
                 # A report on a deployment the master did not place here: refused.
                 await send(report(3, "ag-own", good_hash, dep_id="dep-not-an-intent"))
-                answers = [await recv(), await recv()]
+                with trio.fail_after(10):
+                    answers = [await recv(), await recv()]
                 assert answers[0]["code"] == "foreign_deployment", answers
                 await trio.sleep(0.3)
                 assert len(refused(seen, FOREIGN_AGENTS)) == 1
