@@ -388,7 +388,7 @@ class ControlPlane:
                                 settings, directory=self.directory, emit=self.events.emit,
                                 metrics=self.metrics.registry,
                                 local=LocalApps(self.create_app, self.registry,
-                                                self.deployment_index))
+                                                self.deployment_index, self.directory))
         return None
 
     def _federated_claim(self, claim: Callable[[Identity, float], Refusal | None]

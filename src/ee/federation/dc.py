@@ -185,7 +185,7 @@ class DcFederation:
         directory.subscribe(self._changed)
         # The master's deployment intents, run here (ee.federation.reconcile).
         self.reconciler = None if local is None else DcReconciler(
-            label, local, self._report_placement, emit, directory)
+            label, local, self._report_placement, emit)
         self.supervisor = Supervisor("federation", [
             ChildSpec(id="outbox", start=self._run_outbox, shutdown=2.0),
             ChildSpec(id="uplink", start=self._run_uplink, shutdown=2.0),

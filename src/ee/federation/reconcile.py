@@ -59,6 +59,7 @@ class LocalApps:
     create_app: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
     registry: Registry
     index: MutableMapping[str, str]  # deployment id -> app key
+    directory: AgentDirectory | None = None  # the replicas' VM names and node sizes
 
 
 def local_key(master_app_key: str) -> str:
@@ -158,13 +159,11 @@ def local_state(view: Mapping[str, Any] | None, directory: AgentDirectory | None
 class DcReconciler:
     def __init__(self, label: str, local: LocalApps,
                  report: Callable[[dict[str, Any]], Awaitable[None]],
-                 emit: Callable[[str, str, Any], None],
-                 directory: AgentDirectory | None = None) -> None:
+                 emit: Callable[[str, str, Any], None]) -> None:
         self.label = label
         self.local = local
         self.report = report
         self.emit = emit
-        self.directory = directory  # the replicas' VM names and node sizes
         self.sent: dict[str, dict[str, Any]] = {}  # last outcome reported, by deployment
         self.applied: dict[str, int] = {}  # deployment -> intent generation applied
         self.refused: set[str] = set()
@@ -277,7 +276,7 @@ class DcReconciler:
                     generation: int = 0) -> None:
         data = {"deployment_id": dep_id, "outcome": outcome, "reasons": reasons,
                 "running": running, "error": None if error is None else error[:500],
-                **local_state(view, self.directory), "generation": generation}
+                **local_state(view, self.local.directory), "generation": generation}
         if self.sent.get(dep_id) == data:
             return
         self.sent[dep_id] = data
