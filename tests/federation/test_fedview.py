@@ -28,9 +28,13 @@ from ee.federation.placement import (
     ReportedReplica,
     check_outcome,
     foreign_replicas,
+    intent,
+    intent_hashes,
     shown_replicas,
+    updated_intent,
 )
 from ee.federation.wire import FOREIGN_AGENTS
+from ee.placement import Constraints
 
 from .fedkit import CpProc, agent, event_log, eventually, master, refused, sim_td
 from .test_refusals import LABEL, _agent, _enroll, _events, link
@@ -71,6 +75,24 @@ def test_report_checks() -> None:
     pending = Outcome("d", "placed", {}, 0, None, "1", (ReportedReplica("ag-1", "pending",
                                                                         "1"),))
     assert shown_replicas(pending, {"1": "h1"})[0]["state"] == "pending"  # no hash yet
+
+
+def test_updated_intent() -> None:
+    v1 = {"version": "1", "compose_hash": "h1"}
+    v2 = {"version": "2", "compose_hash": "h2"}
+    doc = intent("a.web", v1, 1, Constraints(), A, created_at=100.0)
+    assert updated_intent(doc, v1, None, "update", 200.0) == "unchanged"
+    new = updated_intent(doc, v2, None, "update", 200.0)
+    assert isinstance(new, dict)
+    assert (new["version"], new["previous_version"], new["generation"], new["moved"]) == (
+        v2, "1", 1, True)
+    assert new["history"] == [{"version": "1", "from": 100.0, "to": 200.0},
+                              {"version": "2", "from": 200.0, "to": None}]
+    assert intent_hashes(new) == {"1": "h1", "2": "h2"}  # old replicas run h1 meanwhile
+    more = updated_intent(new, None, 3, "update", 300.0)
+    assert isinstance(more, dict) and more["replicas"] == 3 and not more["moved"]
+    assert more["history"] == new["history"] and more["generation"] == 2
+    assert updated_intent({**doc, "desired": "stopped"}, v2, None, "update", 1.0) == "stopped"
 
 
 # ---- a master in this process, a real dc process ----------------------------------------
@@ -262,8 +284,11 @@ async def test_forged_replica_report_refused_and_nothing_applied(tmp_path: Path)
                 await send({"type": "hello", "dc": LABEL, "first_unacked": 1, "next_seq": 1,
                             "snapshot_version": 0, "spool_depth": 0})
                 assert (await recv())["type"] == "ack"
-                # Its own agent, free: the master places a tenant deployment here.
-                await send(_events((1, {"ag-own": _agent()})))
+                # Its own agent, free (its full picture): the master places a tenant
+                # deployment here.
+                resync = _events((1, {"ag-own": _agent()}))
+                resync["events"][0]["kind"] = "resync"
+                await send(resync)
                 assert (await recv()) == {"type": "ack", "upto": 1}
                 async with m.client() as admin:
                     r = await admin.post("/api/v2/accounts", json={"name": "t"})
@@ -332,6 +357,23 @@ async def test_forged_replica_report_refused_and_nothing_applied(tmp_path: Path)
 
                 view = await eventually(counted, timeout=10, what="the good report")
                 assert [x["agent_id"] for x in view["replicas"]] == ["ag-own"]
+                # A report ahead of the dc's word on its agent (the outbox is behind):
+                # refused, held, and applied once the dc reports that agent as its own.
+                await send(report(6, "ag-late", good_hash))
+                with trio.fail_after(10):
+                    assert (await recv())["code"] == FOREIGN_AGENTS
+                    assert (await recv()) == {"type": "ack", "upto": 6}
+                assert [x["agent_id"] for x in (await _view(tenant, dep))["replicas"]] == \
+                    ["ag-own"]
+                await send(_events((7, {"ag-late": _agent()})))
+                with trio.fail_after(10):
+                    assert (await recv()) == {"type": "ack", "upto": 7}
+
+                async def late() -> bool:
+                    v = await _view(tenant, dep)
+                    return [x["agent_id"] for x in v["replicas"]] == ["ag-late"]
+
+                await eventually(late, timeout=10, what="the held report applied")
         finally:
             if tenant is not None:
                 await tenant.aclose()

@@ -262,6 +262,9 @@ class FederatedDatacenterActor(Actor):
         self.degraded = True
         self.outcomes: list[Outcome] = []  # placement events applied, for the master
         self.free: dict[str, int] = {}  # node size -> free agents (``capacity_of``)
+        # Placement reports naming agents this actor does not know (yet): see _held_outcome.
+        self.synced = False  # a full picture (``resync``) arrived since this actor started
+        self.held: dict[str, Outcome] = {}
 
     async def started(self) -> None:
         self.start_soon(self._watch)
@@ -406,9 +409,8 @@ class FederatedDatacenterActor(Actor):
                                     f"{self.label}")
             foreign = foreign_replicas(outcome, self.agents)
             if foreign:
-                return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} replicas of "
-                                    f"{outcome.deployment_id[:80]!r} on agents not of "
-                                    f"datacenter {self.label}: {', '.join(foreign[:5])}")
+                return self._held_outcome(outcome, foreign)
+            self.held.pop(outcome.deployment_id, None)  # a newer word replaces it
             self.outcomes.append(sized(outcome, self.agents))
             self.events_applied += 1
             return None
@@ -423,6 +425,7 @@ class FederatedDatacenterActor(Actor):
         if kind == "resync":
             self.agents = {k: v for k, v in agents.items() if v is not None}
             self.free = dict(capacity_of(self.label, False, self.agents.values()).free)
+            self.synced = True
         else:
             for agent_id, view in agents.items():
                 self._count(self.agents.get(agent_id), -1)
@@ -433,7 +436,32 @@ class FederatedDatacenterActor(Actor):
                     self.agents[agent_id] = view
         self._publish_capacity()
         self.events_applied += 1
+        self._release_held()
         return None
+
+    def _held_outcome(self, outcome: Outcome, foreign: list[str]) -> Refused | None:
+        """A report naming agents (or node sizes) this dc has not reported is applied
+        to nothing. It is held (the latest per deployment, so at most one per intent)
+        and applied only once this dc's own agent reports make it check: a report
+        spooled before the dc's ``resync`` (after a master restart), or sent before the
+        outbox's word on a just-placed agent, arrives ahead of the agents it names.
+        Before this actor's first ``resync`` that is expected (held silently); after
+        it, it is refused (``foreign_agents``, an event), and still never applied
+        unless the dc reports those agents as its own."""
+        self.held[outcome.deployment_id] = outcome
+        if not self.synced:
+            return None
+        return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} replicas of "
+                            f"{outcome.deployment_id[:80]!r} on agents not of "
+                            f"datacenter {self.label}: {', '.join(foreign[:5])}")
+
+    def _release_held(self) -> None:
+        for dep_id, outcome in list(self.held.items()):
+            if self.fed.intent_datacenter(dep_id) != self.label:
+                del self.held[dep_id]
+            elif not foreign_replicas(outcome, self.agents):
+                del self.held[dep_id]
+                self.outcomes.append(sized(outcome, self.agents))
 
     def _count(self, view: dict[str, Any] | None, delta: int) -> None:
         """Keep ``free`` (placement's capacity) by the change of one agent's view."""
@@ -703,7 +731,8 @@ class MasterFederation:
             doc.get("generation") or 0) > (got.generation if got is not None else 0)
         update = dict(got.update) if got is not None and got.update is not None else None
         history = doc.get("history") or []
-        if pending and doc.get("previous_version") is not None and history:
+        if pending and doc.get("moved") and doc.get("previous_version") is not None \
+                and history:
             update = {"state": "rolling", "from_version": doc["previous_version"],
                       "to_version": version.get("version"),
                       "started_at": iso(float(history[-1]["from"])), "finished_at": None,

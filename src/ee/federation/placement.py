@@ -140,9 +140,10 @@ def updated_intent(doc: Mapping[str, Any], version: Mapping[str, Any] | None,
     count = replicas if replicas is not None else int(doc["replicas"])
     if new.get("version") == old.get("version") and count == doc["replicas"]:
         return "unchanged"
+    moved = new.get("version") != old.get("version")
     out = {**doc, "replicas": count, "generation": int(doc.get("generation") or 0) + 1,
-           "change": reason}
-    if new.get("version") != old.get("version"):
+           "change": reason, "moved": moved}  # moved: this change sets a new version
+    if moved:
         eras = [{**e, "to": now} if e.get("to") is None else e
                 for e in doc.get("history") or ()]
         out.update(version=new, previous_version=old.get("version"),
