@@ -140,7 +140,9 @@ class DeploySettings:
 class RemotePlacer(Protocol):
     """Where a deployment goes when no direct agent fits (a master's federation, see
     ee.federation.placement): ``place`` answers like ``CreateDeployment`` or None (not
-    taken: today's refusal); ``view``/``stop`` answer for the deployments it took."""
+    taken: today's refusal); ``view``/``stop`` answer for the deployments it took, and
+    ``update``/``rollback`` change them, answering like ``UpdateDeployment`` /
+    ``RollbackDeployment`` (the app checked the version exists; *version* is its spec)."""
 
     async def place(self, app_key: str, deployment_id: str, version: dict[str, Any],
                     replicas: int, constraints: Constraints,
@@ -149,6 +151,12 @@ class RemotePlacer(Protocol):
     def view(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
 
     async def stop(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
+
+    async def update(self, app_key: str, deployment_id: str, version: dict[str, Any] | None,
+                     replicas: int | None) -> dict[str, Any] | None: ...
+
+    async def rollback(self, app_key: str, deployment_id: str,
+                       versions: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None: ...
 
 
 @attrs.frozen
@@ -801,16 +809,26 @@ class AppActor(Actor):
     async def on_update(self, msg: UpdateDeployment) -> dict[str, Any] | None:
         """``{"view", "changed"}``, ``{"error": code}``, or None (no such deployment)."""
         dep = self.deployments.get(msg.deployment_id)
-        if dep is None:
+        remote = self.deps.remote
+        if dep is None and (remote is None
+                            or remote.view(self.app_key, msg.deployment_id) is None):
             return None
         if msg.version is not None and msg.version not in self.versions:
             return {"error": "unknown_version"}
+        if dep is None:
+            assert remote is not None
+            return await remote.update(
+                self.app_key, msg.deployment_id,
+                None if msg.version is None else self.versions[msg.version], msg.replicas)
         return await self._change(dep, msg.version or dep.version,
                                   msg.replicas or dep.replicas_wanted, "update")
 
     @handler(RollbackDeployment)
     async def on_rollback(self, msg: RollbackDeployment) -> dict[str, Any] | None:
         dep = self.deployments.get(msg.deployment_id)
+        if dep is None and self.deps.remote is not None:
+            return await self.deps.remote.rollback(self.app_key, msg.deployment_id,
+                                                   self.versions)
         if dep is None:
             return None
         back = dep.previous_version

@@ -441,6 +441,7 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     views = {v["agent_id"]: v for v in await agent_views()}
     by_vm = order_owners(await order_views()) if views else {}
     out: list[Sighting] = []
+    present = set(views)
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
         if name not in registry:
@@ -452,6 +453,10 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
         if dep is None:
             continue
         account_id = app_key.split(".", 1)[0]
+        fed = dep.get("federated")
+        if fed is not None:
+            out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present))
+            continue
         for replica in dep["replicas"]:
             view = views.get(replica["agent_id"])
             if replica["state"] != "running" or view is None or view["status"] == "offline":
@@ -461,7 +466,29 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
             provider = ledger.provider_account(owner) if owner else ledger.PLATFORM_REVENUE
             out.append(Sighting(deployment_id, replica["agent_id"], account_id,
                                 str(view.get("node_size")), provider))
-    return out, set(views)
+    return out, present
+
+
+def _dc_sightings(deployment_id: str, account_id: str, dep: Mapping[str, Any],
+                  owners: Mapping[str, str], present: set[str]) -> list[Sighting]:
+    """A deployment a dc CP runs for this master (``MasterFederation.view``): its running
+    replicas as the dc reported them (agents that dc reported as its own, the compose
+    hash the intent's, node size as that dc reported the agent). A degraded dc's
+    replicas are neither seen nor present: their runs stay open, and are charged
+    through the windows its reports show when it is back (as for an agent away)."""
+    fed = dep["federated"]
+    if fed.get("degraded"):
+        return []
+    label = str(fed.get("datacenter"))
+    owner = owners.get(label)
+    provider = ledger.provider_account(owner) if owner else ledger.PLATFORM_REVENUE
+    out = []
+    for replica in dep["replicas"]:
+        present.add(replica["agent_id"])
+        if replica["state"] == "running" and replica.get("node_size"):
+            out.append(Sighting(deployment_id, replica["agent_id"], account_id,
+                                str(replica["node_size"]), provider))
+    return out
 
 
 async def stop_account_deployments(registry: Any, deployment_index: Mapping[str, str],

@@ -393,7 +393,7 @@ class ControlPlane:
                                 settings, directory=self.directory, emit=self.events.emit,
                                 metrics=self.metrics.registry,
                                 local=LocalApps(self.create_app, self.registry,
-                                                self.deployment_index),
+                                                self.deployment_index, self.directory),
                                 sources=DcSources(self.registry, self.directory,
                                                   tenants.fetch_logs,
                                                   tenants.replica_attestation))

@@ -27,8 +27,13 @@ Join tokens are in memory only (single use, short lived; a restart voids them).
 Placement across levels (ee.federation.placement): a master AppActor with no fitting
 direct agent calls ``place`` (``AppDeps.remote``); the chosen dc's intent goes into the
 signed desired state (``deployments``), the dc's ``placement`` events come back through
-its actor (a report on a deployment not placed in that dc: ``foreign_deployment``) to
-``placement_reported``, which re-routes an ``unsatisfiable`` one. Each dc's actor keeps
+its actor (a report on a deployment not placed in that dc: ``foreign_deployment``; one
+naming a replica on an agent that dc never reported as its own: ``foreign_agents``,
+nothing applied) to ``placement_reported``, which re-routes an ``unsatisfiable`` one.
+``view`` shapes the dc's word like a direct deployment's (replicas, failure, update,
+history; a replica with another compose hash than the intent's shows failed), and
+``update``/``rollback`` (the AppActor's ``RemotePlacer``) change the signed intent,
+which the dc applies with its own rolling update. Each dc's actor keeps
 its free capacity by node size up to date per event (``capacity``) for ``choose_target``.
 
 Asking a dc (ee.federation.rpc): ``ask`` sends a signed ``request`` on the dc's link and
@@ -46,7 +51,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 
 from ee.actors.agent import StatusReport
 from ee.actors.datacenter import DescribeDatacenter
+from ee.actors.deployment import derive
 from ee.federation import pki
 from ee.federation.metrics import FederationMetrics
 from ee.federation.placement import (
@@ -70,8 +76,14 @@ from ee.federation.placement import (
     capacity_of,
     check_outcome,
     choose_target,
+    foreign_replicas,
     intent,
+    intent_hashes,
+    iso,
     ordered,
+    shown_replicas,
+    sized,
+    updated_intent,
 )
 from ee.federation.rpc import (
     DEFAULT_TIMEOUT_S,
@@ -272,6 +284,9 @@ class FederatedDatacenterActor(Actor):
         self.degraded = True
         self.outcomes: list[Outcome] = []  # placement events applied, for the master
         self.free: dict[str, int] = {}  # node size -> free agents (``capacity_of``)
+        # Placement reports naming agents this actor does not know (yet): see _held_outcome.
+        self.synced = False  # a full picture (``resync``) arrived since this actor started
+        self.held: dict[str, Outcome] = {}
 
     async def started(self) -> None:
         self.start_soon(self._watch)
@@ -414,7 +429,11 @@ class FederatedDatacenterActor(Actor):
                 return self._refuse(FOREIGN_DEPLOYMENT, f"deployment "
                                     f"{outcome.deployment_id[:80]!r} is not placed in "
                                     f"{self.label}")
-            self.outcomes.append(outcome)
+            foreign = foreign_replicas(outcome, self.agents)
+            if foreign:
+                return self._held_outcome(outcome, foreign)
+            self.held.pop(outcome.deployment_id, None)  # a newer word replaces it
+            self.outcomes.append(sized(outcome, self.agents))
             self.events_applied += 1
             return None
         try:
@@ -428,6 +447,7 @@ class FederatedDatacenterActor(Actor):
         if kind == "resync":
             self.agents = {k: v for k, v in agents.items() if v is not None}
             self.free = dict(capacity_of(self.label, False, self.agents.values()).free)
+            self.synced = True
         else:
             for agent_id, view in agents.items():
                 self._count(self.agents.get(agent_id), -1)
@@ -438,7 +458,32 @@ class FederatedDatacenterActor(Actor):
                     self.agents[agent_id] = view
         self._publish_capacity()
         self.events_applied += 1
+        self._release_held()
         return None
+
+    def _held_outcome(self, outcome: Outcome, foreign: list[str]) -> Refused | None:
+        """A report naming agents (or node sizes) this dc has not reported is applied
+        to nothing. It is held (the latest per deployment, so at most one per intent)
+        and applied only once this dc's own agent reports make it check: a report
+        spooled before the dc's ``resync`` (after a master restart), or sent before the
+        outbox's word on a just-placed agent, arrives ahead of the agents it names.
+        Before this actor's first ``resync`` that is expected (held silently); after
+        it, it is refused (``foreign_agents``, an event), and still never applied
+        unless the dc reports those agents as its own."""
+        self.held[outcome.deployment_id] = outcome
+        if not self.synced:
+            return None
+        return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} replicas of "
+                            f"{outcome.deployment_id[:80]!r} on agents not of "
+                            f"datacenter {self.label}: {', '.join(foreign[:5])}")
+
+    def _release_held(self) -> None:
+        for dep_id, outcome in list(self.held.items()):
+            if self.fed.intent_datacenter(dep_id) != self.label:
+                del self.held[dep_id]
+            elif not foreign_replicas(outcome, self.agents):
+                del self.held[dep_id]
+                self.outcomes.append(sized(outcome, self.agents))
 
     def _count(self, view: dict[str, Any] | None, delta: int) -> None:
         """Keep ``free`` (placement's capacity) by the change of one agent's view."""
@@ -650,7 +695,8 @@ class MasterFederation:
                 return {"error": "not_placeable", "placement": {
                     **direct.to_dict(), "datacenters": dict(target.codes)}}
             await self._set_intent(deployment_id, intent(
-                app_key, version, replicas, constraints, target.label))
+                app_key, version, replicas, constraints, target.label,
+                created_at=time.time()))
         self.emit("federation.placed", deployment_id, {"app": app_key,
                                                        "datacenter": target.label})
         return {"deployment_id": deployment_id, "datacenter": target.label}
@@ -699,6 +745,32 @@ class MasterFederation:
         got = said[1] if said is not None and said[0] == doc["datacenter"] else None
         unplaced = doc.get("unplaced")
         by_dc: dict[str, dict[str, int]] = doc.get("reasons") or {}
+        hashes = intent_hashes(doc)
+        version = doc["version"]
+        replicas = shown_replicas(got, hashes) if got is not None else []
+        # A dc that reports its local deployment: count what passed the hash check
+        # (an older dc's report has no replicas: its own count).
+        detailed = got is not None and got.version is not None
+        running = sum(1 for r in replicas if r["state"] == "running") if detailed \
+            else (got.running if got is not None else 0)
+        # The dc has not applied the intent's latest change yet: rolling, as the master
+        # set it; else the dc's own update record.
+        pending = doc.get("change") in ("update", "rollback") and int(
+            doc.get("generation") or 0) > (got.generation if got is not None else 0)
+        update = dict(got.update) if got is not None and got.update is not None else None
+        history = doc.get("history") or []
+        if pending and doc.get("moved") and doc.get("previous_version") is not None \
+                and history:
+            update = {"state": "rolling", "from_version": doc["previous_version"],
+                      "to_version": version.get("version"),
+                      "started_at": iso(float(history[-1]["from"])), "finished_at": None,
+                      "error": None, "reason": doc["change"]}
+        shown_version = version.get("version")
+        previous = doc.get("previous_version")
+        if not pending and got is not None and got.version in hashes \
+                and got.version != shown_version:
+            # The dc's health gate rolled the update back: it runs the previous version.
+            shown_version, previous = got.version, version.get("version")
         state, error = "placing", None
         if unplaced is not None:
             state = "failed"
@@ -708,22 +780,77 @@ class MasterFederation:
                 for dc, code in sorted(unplaced.items()))
         elif doc["desired"] == "stopped":
             state = "stopped" if got is not None and got.outcome == "stopped" else "stopping"
-        elif got is not None and got.outcome == "running" and got.running >= doc["replicas"]:
-            state = "running"
         elif got is not None and got.outcome == "failed":
             state, error = "failed", got.error
-        version = doc["version"]
+        elif detailed:  # the replicas' states decide, as for a direct deployment
+            assert got is not None
+            state = derive("running", int(doc["replicas"]),
+                           [r["state"] for r in replicas if r["state"] != "failed"],
+                           gave_up=False)
+            error = got.error
+        elif got is not None and got.outcome == "running" and running >= doc["replicas"]:
+            state = "running"
+        if error is None and update is not None and update.get("state") in (
+                "rolled_back", "failed"):
+            error = update.get("error")
+        created = doc.get("created_at")
         return {"deployment_id": deployment_id, "app": app_key.split(".", 1)[-1],
-                "version": version.get("version"), "previous_version": None,
+                "version": shown_version, "previous_version": previous,
                 "state": state, "desired": doc["desired"],
-                "replicas_wanted": doc["replicas"], "created_at": None,
-                "compose_hash": version.get("compose_hash"), "error": error,
-                "failure": None, "failures": 0, "history": [], "update": None,
-                "replicas": [], "failed_replicas": [],
+                "replicas_wanted": doc["replicas"],
+                "created_at": iso(float(created)) if created else None,
+                "compose_hash": hashes.get(str(shown_version)), "error": error,
+                "failure": dict(got.failure) if got is not None and got.failure else None,
+                "failures": got.failures if got is not None else 0,
+                "history": [{"version": e["version"], "from": iso(float(e["from"])),
+                             "to": None if e.get("to") is None else iso(float(e["to"]))}
+                            for e in history],
+                "update": update, "replicas": replicas, "failed_replicas": [],
                 "federated": {"datacenter": doc["datacenter"], "tried": doc.get("tried", []),
                               "outcome": got.outcome if got else None,
-                              "reasons": by_dc, "running": got.running if got else 0,
-                              "unplaced": unplaced}}
+                              "reasons": by_dc, "running": running,
+                              "unplaced": unplaced,
+                              "degraded": self._degraded(doc["datacenter"])}}
+
+    def _degraded(self, label: str) -> bool:
+        found = self.capacity.get(label)
+        return found is None or found.degraded
+
+    async def update(self, app_key: str, deployment_id: str, version: dict[str, Any] | None,
+                     replicas: int | None, reason: str = "update"
+                     ) -> dict[str, Any] | None:
+        """PATCH (or rollback) of a dc-placed deployment: the signed intent's version
+        and/or replicas; answers like ``UpdateDeployment`` (None: not one of ours)."""
+        async with self._desired_lock:
+            doc = self._intents().get(deployment_id)
+            if doc is None or doc["app"] != app_key:
+                return None
+            new = updated_intent(doc, version, replicas,
+                                 "rollback" if reason == "rollback" else "update",
+                                 time.time())
+            if new == "stopped":
+                return {"error": "stopped"}
+            if isinstance(new, dict):
+                await self._set_intent(deployment_id, new)
+                self.emit("federation.rollback" if reason == "rollback"
+                          else "federation.update", deployment_id, {
+                              "app": app_key, "version": new["version"]["version"],
+                              "previous_version": new.get("previous_version"),
+                              "replicas": new["replicas"],
+                              "generation": new["generation"]})
+        return {"changed": isinstance(new, dict),
+                "view": self.view(app_key, deployment_id)}
+
+    async def rollback(self, app_key: str, deployment_id: str,
+                       versions: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+        """Back to the intent's previous version (*versions*: the app's, by name)."""
+        doc = self._intents().get(deployment_id)
+        if doc is None or doc["app"] != app_key:
+            return None
+        back = doc.get("previous_version")
+        if back is None or back not in versions:
+            return {"error": "no_previous_version"}
+        return await self.update(app_key, deployment_id, versions[back], None, "rollback")
 
     async def stop(self, app_key: str, deployment_id: str) -> dict[str, Any] | None:
         async with self._desired_lock:

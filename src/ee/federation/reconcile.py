@@ -13,7 +13,16 @@ master).
 After every pass the outcome of each intent (``placed``, ``running``, ``unsatisfiable``
 with the placement reason codes, ``failed``, ``stopped``) is spooled as a ``placement``
 event when it changed since the last one sent (all of them again after a reconnection,
-so a master that restarted learns them).
+so a master that restarted learns them). The event carries the local deployment as the
+tenant would see it here (replicas with their agent, VM, node size, state and compose
+hash; version, update, failure and failure count), so the master can show and bill it.
+
+A changed intent (a master PATCH or rollback: its ``generation`` grows) is applied with
+the local AppActor's own ``UpdateDeployment`` (a rollback whose target is the local
+previous version: ``RollbackDeployment``), the rolling update a direct deployment gets.
+A generation is applied once per reconciler life (``applied``): a dc whose health gate
+rolled the update back does not retry it every pass; a restarted dc applies the intent
+once more (a no-op when the local deployment already runs it).
 """
 
 from __future__ import annotations
@@ -25,7 +34,15 @@ from typing import Any
 import attrs
 import trio
 
-from ee.actors.app import AddVersion, CreateDeployment, GetDeployment, StopDeployment
+from ee.actors.app import (
+    AddVersion,
+    CreateDeployment,
+    GetDeployment,
+    RollbackDeployment,
+    StopDeployment,
+    UpdateDeployment,
+)
+from ee.actors.directory import AgentDirectory
 from ee.federation.placement import FEDERATED_ACCOUNT, reason_counts
 from ee.placement import MAX_REPLICAS, Constraints, ConstraintsError
 from ee.runtime import ActorError, Registry
@@ -42,6 +59,7 @@ class LocalApps:
     create_app: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any] | None]]
     registry: Registry
     index: MutableMapping[str, str]  # deployment id -> app key
+    directory: AgentDirectory | None = None  # the replicas' VM names and node sizes
 
 
 def local_key(master_app_key: str) -> str:
@@ -60,6 +78,8 @@ class Intent:
     replicas: int
     constraints: Constraints
     running: bool
+    generation: int = 0  # grows with every master PATCH / rollback
+    change: str = "create"  # what made this generation: create | update | rollback
 
 
 def read_intent(deployment_id: str, doc: Any, label: str) -> Intent | None:
@@ -82,8 +102,15 @@ def read_intent(deployment_id: str, doc: Any, label: str) -> Intent | None:
         c = Constraints.from_json(doc.get("constraints") or {})
     except ConstraintsError as exc:
         raise IntentError(f"constraints: {exc}") from None
+    generation = doc.get("generation") or 0
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        raise IntentError("generation must be a count")
+    change = doc.get("change") or "create"
+    if change not in ("create", "update", "rollback"):
+        raise IntentError("change must be create, update or rollback")
     return Intent(deployment_id, doc["app"], version, replicas,
-                  attrs.evolve(c, datacenter=label), doc.get("desired") == "running")
+                  attrs.evolve(c, datacenter=label), doc.get("desired") == "running",
+                  generation, change)
 
 
 def outcome_of(view: Mapping[str, Any] | None, replicas: int) -> tuple[str, int, str | None]:
@@ -101,6 +128,34 @@ def outcome_of(view: Mapping[str, Any] | None, replicas: int) -> tuple[str, int,
     return "placed", running, view.get("error")
 
 
+MAX_REPORT_TEXT = 300
+
+
+def local_state(view: Mapping[str, Any] | None, directory: AgentDirectory | None
+                ) -> dict[str, Any]:
+    """The local deployment as a ``placement`` event carries it up (bounded: at most
+    MAX_REPLICAS replicas, strings capped; the master checks it again)."""
+    if view is None:
+        return {"replicas": [], "failure": None, "failures": 0, "update": None}
+    replicas = []
+    for r in list(view.get("replicas") or ())[:MAX_REPLICAS]:
+        record = directory.get(r["agent_id"]) if directory is not None else None
+        ident = record.identity if record is not None else None
+        error = r.get("error")
+        replicas.append({"agent_id": r["agent_id"], "state": r["state"],
+                         "version": r.get("version") or view.get("version"),
+                         "compose_hash": r.get("compose_hash"),
+                         "vm_name": ident.vm_name if ident is not None else None,
+                         "node_size": ident.node_size if ident is not None else None,
+                         "error": None if error is None else str(error)[:MAX_REPORT_TEXT]})
+    failure = view.get("failure")
+    return {"version": view.get("version"), "replicas": replicas,
+            "failure": None if not failure else {
+                **failure, "lines": [str(x)[:MAX_REPORT_TEXT]
+                                     for x in list(failure.get("lines") or ())[-20:]]},
+            "failures": int(view.get("failures") or 0), "update": view.get("update")}
+
+
 class DcReconciler:
     def __init__(self, label: str, local: LocalApps,
                  report: Callable[[dict[str, Any]], Awaitable[None]],
@@ -110,6 +165,7 @@ class DcReconciler:
         self.report = report
         self.emit = emit
         self.sent: dict[str, dict[str, Any]] = {}  # last outcome reported, by deployment
+        self.applied: dict[str, int] = {}  # deployment -> intent generation applied
         self.refused: set[str] = set()
         self.wake = trio.Event()
 
@@ -187,15 +243,40 @@ class DcReconciler:
                     await self._send(dep_id, "failed", {}, 0, str(made["error"]))
                     return
                 self.local.index[dep_id] = key
+                self.applied[dep_id] = intent.generation
                 self.emit("federation.intent_placed", dep_id, {"app": key})
                 view = await ref.ask(GetDeployment(dep_id), timeout=10)
+            elif intent.generation > self.applied.get(dep_id, 0):
+                view = await self._change(ref, intent, view)
         outcome, running, error = outcome_of(view, intent.replicas)
-        await self._send(dep_id, outcome, reasons, running, error)
+        await self._send(dep_id, outcome, reasons, running, error, view, intent.generation)
+
+    async def _change(self, ref: Any, intent: Intent, view: Mapping[str, Any]
+                      ) -> dict[str, Any] | None:
+        """Apply a new intent generation with the AppActor's own update machinery."""
+        dep_id = intent.deployment_id
+        self.applied[dep_id] = intent.generation
+        version = str(intent.version["version"])
+        msg: RollbackDeployment | UpdateDeployment
+        if intent.change == "rollback" and view.get("previous_version") == version \
+                and view.get("version") != version:
+            msg = RollbackDeployment(dep_id)
+        else:
+            msg = UpdateDeployment(dep_id, version, intent.replicas)
+        result = await ref.ask(msg, timeout=60)
+        error = None if result is None else result.get("error")
+        self.emit("federation.intent_changed", dep_id, {
+            "generation": intent.generation, "change": intent.change, "version": version,
+            "replicas": intent.replicas, "error": error})
+        got: dict[str, Any] | None = await ref.ask(GetDeployment(dep_id), timeout=10)
+        return got
 
     async def _send(self, dep_id: str, outcome: str, reasons: dict[str, int], running: int,
-                    error: str | None) -> None:
+                    error: str | None, view: Mapping[str, Any] | None = None,
+                    generation: int = 0) -> None:
         data = {"deployment_id": dep_id, "outcome": outcome, "reasons": reasons,
-                "running": running, "error": None if error is None else error[:500]}
+                "running": running, "error": None if error is None else error[:500],
+                **local_state(view, self.local.directory), "generation": generation}
         if self.sent.get(dep_id) == data:
             return
         self.sent[dep_id] = data
