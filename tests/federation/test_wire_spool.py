@@ -92,3 +92,21 @@ def test_spool_survives_kill9_and_never_reuses_sequences(tmp_path: Path) -> None
         assert spool.bounds() == (51, 52, 1)
     finally:
         spool.close()
+
+
+def test_a_read_stays_under_its_byte_budget_and_never_returns_nothing(tmp_path: Path) -> None:
+    """Many large events are cut into several frames (one frame of them all would pass
+    the link's message cap and fail the link on every retry); one event larger than the
+    budget still goes alone."""
+    spool = Spool(tmp_path / "spool.sqlite3")
+    try:
+        for i in range(10):
+            spool.append("placement", 0.0, {"i": i, "pad": "x" * 1000})
+        spool.append("resync", 0.0, {"pad": "y" * 5000})
+        first = spool.read(1, 1000, 3500)
+        assert [e["data"]["i"] for e in first] == [0, 1, 2]
+        assert len(spool.read(1, 1000)) == 11  # no budget: the count alone
+        big = spool.read(11, 1000, 3500)
+        assert [e["kind"] for e in big] == ["resync"]
+    finally:
+        spool.close()

@@ -226,6 +226,10 @@ class CpConfig:
             raise ValueError("--role dc needs --upstream MASTER_URL and --datacenter LABEL")
         if config.role == "master":
             _host_port(config.federation_listen, "federation_listen")
+        for name in ("degraded_after_s", "federation_heartbeat_s", "federation_ask_timeout_s"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
         config.refresh_settings()  # validates the collateral settings
         BillingSettings.from_config(config.billing)  # validates the billing settings
         DeploySettings.from_config(config.deployments)  # validates the phase timeouts

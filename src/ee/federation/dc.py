@@ -100,6 +100,7 @@ log = logging.getLogger("ee.federation")
 
 Emit = Callable[[str, str, Any], None]
 MAX_IN_FLIGHT = 20 * MAX_EVENTS_PER_FRAME  # events sent but not acked
+FRAME_DATA_BYTES = MAX_FRAME_BYTES // 2  # events' data per frame (room for the envelope)
 
 
 class EnrolError(Exception):
@@ -313,9 +314,10 @@ class DcFederation:
             try:
                 await self._link_once()
                 backoff = 0.2
-            except (OSError, ssl.SSLError, trio.BrokenResourceError, HandshakeError,
-                    ConnectionClosed, WireError, trio.TooSlowError) as exc:
-                log.info("federation: uplink to %s down: %s", self.enrollment.stream_url, exc)
+            except* (OSError, ssl.SSLError, trio.BrokenResourceError, HandshakeError,
+                     ConnectionClosed, WireError, trio.TooSlowError) as g:  # (nurseries group)
+                log.info("federation: uplink to %s down: %s", self.enrollment.stream_url,
+                         g.exceptions[0])
             if self.connected:
                 self.emit("federation.uplink_down", self.label, {})
             self.connected = False
@@ -333,9 +335,9 @@ class DcFederation:
                                       disconnect_timeout=2, message_queue_size=4) as ws:
             self.connected = True
             self.emit("federation.uplink_up", self.label, {})
-            if self.reconciler is not None:
-                self.reconciler.nudge(resend=True)  # a restarted master learns them all
             await self._append("resync", {"agents": self.full_picture()})
+            if self.reconciler is not None:  # after the resync: its agents come first
+                self.reconciler.nudge(resend=True)  # a restarted master learns them all
             first, nxt, depth = await trio.to_thread.run_sync(self.spool.bounds)
             self.depth = depth
             state = {"cursor": first}
@@ -357,7 +359,7 @@ class DcFederation:
             batch: list[dict[str, Any]] = []
             if state["cursor"] - self.acked <= MAX_IN_FLIGHT:
                 batch = await trio.to_thread.run_sync(self.spool.read, state["cursor"],
-                                                      MAX_EVENTS_PER_FRAME)
+                                                      MAX_EVENTS_PER_FRAME, FRAME_DATA_BYTES)
             if batch:
                 state["cursor"] = batch[-1]["seq"] + 1
             else:

@@ -989,9 +989,10 @@ class MasterFederation:
                 ws = await request.accept()
                 await self._serve_link(enrolled, ws)
                 nursery.cancel_scope.cancel()
-        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("federation: link of %s closed: %s", label, exc)
-        except Exception:  # one link's fault closes that link, never the listener
+        # (the nurseries wrap what ends the link in exception groups)
+        except* (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as g:
+            log.info("federation: link of %s closed: %s", label, g.exceptions[0])
+        except* Exception:  # one link's fault closes that link, never the listener
             log.exception("federation: link of %s failed", label)
         finally:
             await trio.aclose_forcefully(stream)

@@ -49,11 +49,22 @@ class Spool:
         assert seq is not None
         return int(seq)
 
-    def read(self, start: int, limit: int) -> list[dict[str, Any]]:
+    def read(self, start: int, limit: int, max_bytes: int | None = None
+             ) -> list[dict[str, Any]]:
+        """Up to *limit* events from *start*, and (*max_bytes*) no more than fit in that
+        many bytes of their data (always at least one): a frame of many large events
+        must stay under the link's message cap, or the link would fail on it forever."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT seq, kind, at, data FROM events WHERE seq >= ? ORDER BY seq LIMIT ?",
                 (start, limit)).fetchall()
+        if max_bytes is not None:
+            used = 0
+            for i, row in enumerate(rows):
+                used += len(row[3])
+                if used > max_bytes and i > 0:
+                    rows = rows[:i]
+                    break
         return [{"seq": s, "kind": k, "at": a, "data": json.loads(d)} for s, k, a, d in rows]
 
     def ack(self, upto: int) -> int:
