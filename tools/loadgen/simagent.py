@@ -70,6 +70,7 @@ class SimAgent:
     heartbeats: bool = True
     paused: bool = False  # True: keep the session but stop heartbeating (goes stale)
     refuse_logs: bool = False  # True: answer logs requests with an error frame
+    answer_attest: bool = True  # False: leave ``attest`` requests unanswered
     route_header: bool = True  # send X-EE-Agent (the rollout router's cohort) on upgrade
     sessions: int = 0
     quote_for: Callable[[bytes, bytes], bytes] | None = None  # (nonce, pubkey) -> quote
@@ -251,6 +252,8 @@ class SimAgent:
             if isinstance(msg, SnapshotRequest):
                 reply = self.snapshot()
             elif isinstance(msg, Attest):
+                if not self.answer_attest:
+                    continue
                 reply = Attestation(provider="sim", quote=self.td.quote(
                     registration_report_data(msg.nonce, self.public_key)))
             elif isinstance(msg, LogsRequest):

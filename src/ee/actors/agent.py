@@ -21,6 +21,12 @@ Re-attestation is a fresh nonce, the agent's quote and verification in a worker
 thread; a refusal quarantines the agent (no new placements) and raises an event. A
 verifier that raises on the agent's quote is a refusal too (``VERIFY_ERROR``, logged
 with its traceback), never a crash of this actor.
+
+A fresh proof (``ProveNow``, asked by a dc CP for its master) is the same round trip
+with the master's nonce instead of one of ours: the handler only starts it (one at a
+time per agent) and answers a ``PendingProof`` the asker waits on under its own
+deadline, so the actor never blocks on the agent. Its verdict counts as a
+re-attestation (``ReattestDone``): a failing fresh quote quarantines the agent.
 """
 
 from __future__ import annotations
@@ -168,6 +174,34 @@ class ReattestDone:
 
 
 @attrs.frozen
+class ProveNow:
+    """A fresh quote bound to *nonce* (the federation master's), verified here too."""
+
+    nonce: bytes = attrs.field(validator=attrs.validators.min_len(16))
+
+
+@attrs.define
+class PendingProof:
+    """``ProveNow``'s answer: filled once by the proving task (``done`` then set).
+
+    ``error``: no answer to judge (``agent_offline``, ``proof_busy``,
+    ``agent_no_answer``); else ``answer`` is the agent's ``attestation`` and
+    ``refusal`` this CP's verdict on it (None: it passed)."""
+
+    done: trio.Event = attrs.field(factory=trio.Event)
+    answer: Attestation | None = None
+    refusal: Any = None  # Refusal | VerifyFault | None
+    error: str | None = None
+    detail: str = ""
+
+    def fail(self, code: str, detail: str) -> PendingProof:
+        if not self.done.is_set():
+            self.error, self.detail = code, detail
+            self.done.set()
+        return self
+
+
+@attrs.frozen
 class ReplicaReport:
     """AgentActor → AppActor: a replica's state changed on that agent."""
 
@@ -260,6 +294,7 @@ class AgentActor(Actor):
         self.deployments: dict[str, DeploymentSnapshot] = {}
         self.quarantine_reasons: tuple[str, ...] = ()
         self._reattesting = False
+        self._proving = False
 
     # ---- recovery --------------------------------------------------------------------
 
@@ -307,6 +342,36 @@ class AgentActor(Actor):
             self.deps.count_fault("reattest")
             refusal = VerifyFault()
         await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+
+    async def _prove(self, link: AgentLink, identity: Identity, nonce: bytes,
+                     pending: PendingProof) -> None:
+        """``ProveNow``'s round trip; always fills *pending*, never raises."""
+        try:
+            try:
+                reply = await link.request(Attest(nonce=nonce),
+                                           self.deps.settings.request_timeout_s)
+            except Exception as exc:
+                pending.fail("agent_no_answer", f"the agent did not answer: {exc}"[:300])
+                return
+            if not isinstance(reply, Attestation):
+                pending.fail("agent_no_answer", "the agent answered no attestation")
+                return
+            try:
+                refusal = await trio.to_thread.run_sync(
+                    functools.partial(self.deps.reattester.reattest_answer, reply, nonce,
+                                      identity, now=time.time()),
+                    limiter=self.deps.attest_limiter)
+            except Exception as exc:
+                log.error("agent %s: fresh proof could not be verified", self.agent_id,
+                          exc_info=exc)
+                self.deps.count_fault("reattest")
+                refusal = VerifyFault()
+            pending.answer, pending.refusal = reply, refusal
+            pending.done.set()
+            await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+        finally:
+            self._proving = False
+            pending.fail("agent_no_answer", "the proof was abandoned")
 
     # ---- state changes ---------------------------------------------------------------
 
@@ -497,6 +562,17 @@ class AgentActor(Actor):
         if self.link is not None and not self._reattesting:
             self._reattesting = True
             self.start_soon(self._reattest_once, self.link)
+
+    @handler(ProveNow)
+    async def on_prove_now(self, msg: ProveNow) -> PendingProof:
+        pending = PendingProof()
+        if self.link is None or self.identity is None:
+            return pending.fail("agent_offline", f"agent {self.agent_id} is offline")
+        if self._proving:
+            return pending.fail("proof_busy", "a fresh proof of this agent is under way")
+        self._proving = True
+        self.start_soon(self._prove, self.link, self.identity, msg.nonce, pending)
+        return pending
 
     @handler(SetDrain)
     async def on_drain(self, msg: SetDrain) -> dict[str, Any]:

@@ -7,7 +7,10 @@ Both roles: ``GET /api/v2/federation/status`` (admin).
 
 Asking a dc (ee.federation.rpc), master only: ``GET
 /api/v2/datacenters/{label}/agents/{agent_id}/attestation`` (admin: the full proof of
-one federated agent, checked against the digest its dc reported). The tenant routes
+one federated agent, checked against the digest its dc reported). Both attestation
+routes send a fresh 32-byte nonce of the master's; the dc answers each agent's new quote
+bound to it, which the master verifies itself (``rpc.check_evidence``, with this CP's
+judge, off the event loop): ``verified_by_master`` per agent. The tenant routes
 ``GET /api/v2/deployments/{id}/logs`` and ``/attestation`` call ``tenant_logs`` /
 ``tenant_attestation`` first: a deployment this master placed in a dc is answered by
 that dc (same ownership check as a direct one; ``follow`` is refused there with 409
@@ -17,8 +20,11 @@ that dc (same ownership check as a direct one; ``follow`` is refused there with 
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from typing import TYPE_CHECKING, Any
 
+import trio
 from quart import Response, g
 from quart_trio import QuartTrio
 
@@ -40,7 +46,9 @@ from ee.federation.master import (
     JoinRequest,
     JoinTokenRequest,
     MasterFederation,
+    ReportedAgent,
 )
+from ee.federation.rpc import ANSWER_TIMEOUT_S, RpcError, check_evidence, proof_digest
 from ee.federation.wire import MAX_ID_CHARS
 from ee.runtime import ActorError
 
@@ -81,12 +89,78 @@ async def tenant_logs(cp: Any, account_id: str, deployment_id: str, *, tail: int
 
 async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
                              ) -> dict[str, Any] | None:
-    """The attestation view (with each replica's proof) of a dc-placed deployment."""
+    """The attestation view of a dc-placed deployment: each replica's proof as its dc
+    holds it, and its fresh evidence as this master verified it (``verified_by_master``)."""
     found = _placed_for(cp, account_id, deployment_id)
     if found is None:
         return None
-    fed, key = found
-    return await fed.deployment_attestation(key, deployment_id)
+    fed, _ = found
+    label = fed.intent_datacenter(deployment_id)
+    assert label is not None
+    nonce, args = _fresh_args(fed)
+    body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args)
+    replicas = [r for r in body.get("replicas") or () if isinstance(r, dict)]
+    checked = [await _verified(cp, fed, label, nonce, r) for r in replicas]
+    return {**body, "datacenter": label, "replicas": checked,
+            "verified_by_master": bool(checked) and all(
+                r["verified_by_master"]["ok"] for r in checked)}
+
+
+async def agent_attestation(cp: Any, fed: MasterFederation, label: str, agent_id: str
+                            ) -> dict[str, Any]:
+    """The full proof of one federated agent, checked against the digest its dc reported
+    up (``matches``), and its fresh evidence as this master verified it."""
+    if label not in fed.enrolled:
+        raise RpcError(404, "not_found", f"no federated datacenter {label[:80]!r}")
+    reported = await _reported(fed, label, agent_id)
+    nonce, args = _fresh_args(fed)
+    body = await fed.ask(label, "attestation", agent_id=agent_id, args=args)
+    proof = body.get("proof")
+    digest = None if not isinstance(proof, dict) else await trio.to_thread.run_sync(
+        proof_digest, proof)
+    said = None if reported is None else reported.get("proof_sha256")
+    checked = await _verified(cp, fed, label, nonce, {**body, "agent_id": agent_id},
+                              reported)
+    return {"datacenter": label, "agent_id": agent_id, "proof": proof,
+            "proof_sha256": digest, "reported_sha256": said,
+            "matches": digest is not None and said == digest,
+            "evidence": body.get("evidence"),
+            "verified_by_master": checked["verified_by_master"]}
+
+
+def _fresh_args(fed: MasterFederation) -> tuple[bytes, dict[str, Any]]:
+    """A new nonce, and the ask's args: the dc must have the agent's quote in time to
+    answer within this master's ask timeout."""
+    nonce = secrets.token_bytes(32)
+    within = min(max(fed.settings.ask_timeout_s * 0.6, 0.1), ANSWER_TIMEOUT_S / 2)
+    return nonce, {"nonce": nonce.hex(), "within_s": within}
+
+
+async def _reported(fed: MasterFederation, label: str, agent_id: str
+                    ) -> dict[str, Any] | None:
+    try:
+        found: dict[str, Any] | None = await fed.registry.ref(f"dc/{label}").ask(
+            ReportedAgent(agent_id), timeout=5)
+    except ActorError:
+        return None  # then the evidence is checked against the dc's summary only
+    return found
+
+
+async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
+                    item: dict[str, Any], reported: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """*item* (an agent's proof answer or a replica) with ``verified_by_master``: its
+    evidence checked against this master's nonce, judge, and the MRTD its dc reported."""
+    if reported is None and isinstance(item.get("agent_id"), str):
+        reported = await _reported(fed, label, item["agent_id"])
+    mrtd = None if reported is None or reported.get("mrtd") is None \
+        else str(reported["mrtd"])
+
+    def check() -> dict[str, Any]:
+        return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time())
+
+    verdict = await trio.to_thread.run_sync(check, limiter=fed.verify_limiter)
+    return {**item, "verified_by_master": verdict}
 
 
 def register(app: QuartTrio, cp: ControlPlane) -> None:
@@ -123,7 +197,7 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         master_fed = need_master()
         if len(label) > MAX_ID_CHARS or len(agent_id) > MAX_ID_CHARS:
             raise ApiError(404, "not_found", "no such federated agent")
-        return json_response(await master_fed.agent_attestation(label, agent_id))
+        return json_response(await agent_attestation(cp, master_fed, label, agent_id))
 
     @app.post("/api/v2/federation/join-tokens")
     @guard(Who.ADMIN)

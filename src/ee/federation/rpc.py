@@ -30,6 +30,7 @@ against the outcome it was told. Anything else is an error code and nothing is r
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -43,10 +44,15 @@ import cattrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from ee.actors.agent import ProveNow
 from ee.actors.app import GetDeployment
 from ee.actors.directory import AgentDirectory, AgentRecord
-from ee.actors.identity import key_sha256
+from ee.actors.identity import Identity, key_sha256
+from ee.attestation import QuoteFormatError
+from ee.attestation.eventlog import EventLogFormatError, RuntimeLogError, parse_runtime_log
+from ee.attestation.tpm import qualifying_data
 from ee.cp.errors import ApiError
+from ee.cp.registration import Judge, log_mismatches
 from ee.cp.rest import RestError, parse_rfc3339
 from ee.federation.reconcile import IntentError, local_key, read_intent
 from ee.federation.wire import (
@@ -57,6 +63,9 @@ from ee.federation.wire import (
     Request,
     Response,
 )
+from ee.protocol.messages import Attestation
+from ee.protocol.reportdata import registration_report_data
+from ee.protocol.strict import make_converter, problems
 from ee.runtime import ActorError, Registry
 
 log = logging.getLogger("ee.federation")
@@ -292,6 +301,7 @@ class LogsArgs:
 
 
 _args = cattrs.Converter(forbid_extra_keys=True)
+_strict = make_converter(forbid_extra_keys=True)  # JSON types as they are, no coercion
 
 
 class _Refuse(Exception):
@@ -355,12 +365,21 @@ def _proofed(record: AgentRecord | None) -> dict[str, Any]:
 
 async def _attestation(req: Request, label: str, desired: Mapping[str, Any],
                        src: DcSources) -> dict[str, Any]:
+    try:
+        args = _strict.structure(req.args, AttestationArgs)
+    except Exception as exc:  # cattrs raises exception groups of any builtin kind
+        raise _Refuse(BAD_REQUEST, f"attestation args: {_why(exc)}"[:300]) from None
+    nonce = None if args.nonce is None else bytes.fromhex(args.nonce)
+    budget = [MAX_EVIDENCE_BUDGET]
     if req.agent_id is not None and req.deployment_id is None:
         record = src.directory.get(req.agent_id)
         if record is None or record.identity is None \
                 or record.identity.datacenter != label:
             raise _Refuse(UNKNOWN_AGENT, f"no agent {req.agent_id[:80]!r} in {label}")
-        return {"datacenter": label, **_proofed(record)}
+        body = {"datacenter": label, **_proofed(record)}
+        if nonce is not None:
+            body["evidence"] = await _fresh(src, record, nonce, args.within_s, budget)
+        return body
     key = _intent_app(req, label, desired)
     assert req.deployment_id is not None
     view = None
@@ -369,13 +388,215 @@ async def _attestation(req: Request, label: str, desired: Mapping[str, Any],
                                                         timeout=5)
     if view is None:
         raise _Refuse(NOT_PLACED_HERE, "the deployment does not run here (yet)")
+    records = [src.directory.get(str(r["agent_id"])) for r in view.get("replicas", [])]
+    fresh: list[dict[str, Any] | None] = [None] * len(records)
+    if nonce is not None:
+        async def one(i: int, record: AgentRecord | None) -> None:
+            fresh[i] = await _fresh(src, record, nonce, args.within_s, budget)
+
+        async with trio.open_nursery() as nursery:
+            for i, record in enumerate(records[:MAX_FRESH_REPLICAS]):
+                nursery.start_soon(one, i, record)
+        for i in range(MAX_FRESH_REPLICAS, len(records)):
+            fresh[i] = _no_evidence(PROOF_TOO_LARGE, f"only the first {MAX_FRESH_REPLICAS} "
+                                    "replicas are proven afresh per request")
     replicas = []
-    for r in view.get("replicas", []):
-        record = src.directory.get(str(r["agent_id"]))
-        replicas.append({**src.replica_attestation(r, record), **_proofed(record)})
+    for r, record, evidence in zip(view.get("replicas", []), records, fresh, strict=True):
+        replica = {**src.replica_attestation(r, record), **_proofed(record)}
+        replicas.append(replica if evidence is None else {**replica, "evidence": evidence})
     return {"deployment_id": req.deployment_id, "compose_hash": view.get("compose_hash"),
             "attested": bool(replicas) and all(r["attested"] for r in replicas),
             "datacenter": label, "replicas": replicas}
+
+
+# ---- fresh proofs: the dc asks its agent, the master verifies ---------------------------
+#
+# The summary above is the dc's word. With a ``nonce`` (32 random bytes the master chose,
+# hex) in the request's args, the dc also asks the agent itself for a new quote bound to
+# it (``ProveNow``: ``attest`` over the agent's session, verified by the dc as any
+# re-attestation; a failing one quarantines the agent there) and answers the raw
+# evidence next to its summary. The master then verifies that evidence itself
+# (``check_evidence``, in a worker thread) with its own judge, trust roots, collateral
+# and policy: REPORTDATA must bind *its* nonce and the key the dc admitted (else
+# ``stale_proof``: a replayed quote or one made for another nonce), the logs must replay
+# to the quoted registers (``log_mismatch``), the quoted MRTD must be the one the dc
+# reported for that agent (``proof_mismatch``). Its outcome is ``verified_by_master``.
+
+NONCE_HEX: Final = r"[0-9a-f]{64}"
+PROVE_WITHIN_S: Final = 5.0  # default bound of the agent round trip at the dc
+MAX_QUOTE_BYTES: Final = 16 * 1024  # a TDX quote is ~5 KiB, a vTPM evidence bundle less
+MAX_PROOF_EVENT_LOG_BYTES: Final = 128 * 1024
+MAX_PROOF_RUNTIME_LOG_CHARS: Final = 64 * 1024
+#: Raw evidence bytes one answer may carry (under MAX_RESPONSE_BYTES after base64).
+MAX_EVIDENCE_BUDGET: Final = 512 * 1024
+MAX_FRESH_REPLICAS: Final = 8
+# Outcome codes of a fresh proof (``verified_by_master.code``; the dc's own are
+# agent_offline, proof_busy, agent_no_answer, proof_too_large).
+NO_PROOF: Final = "no_proof"
+BAD_PROOF: Final = "bad_proof"
+PROOF_TOO_LARGE: Final = "proof_too_large"
+STALE_PROOF: Final = "stale_proof"
+PROOF_MISMATCH: Final = "proof_mismatch"
+LOG_MISMATCH: Final = "log_mismatch"
+AGENT_NO_ANSWER: Final = "agent_no_answer"
+VERIFY_ERROR: Final = "verify_error"
+
+
+@attrs.frozen
+class AttestationArgs:
+    nonce: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.matches_re(NONCE_HEX)))
+    within_s: float = attrs.field(default=PROVE_WITHIN_S, validator=[
+        attrs.validators.ge(0.1), attrs.validators.le(ANSWER_TIMEOUT_S / 2)])
+
+
+@attrs.frozen
+class Evidence:
+    """What the dc sends of one fresh proof (as the master structures it)."""
+
+    provider: str = attrs.field(validator=attrs.validators.max_len(16))
+    quote: str = attrs.field(validator=attrs.validators.max_len(MAX_QUOTE_BYTES * 2))
+    public_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))
+    event_log: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.max_len(MAX_PROOF_EVENT_LOG_BYTES * 2)))
+    runtime_log: str | None = attrs.field(default=None, validator=attrs.validators.optional(
+        attrs.validators.max_len(MAX_PROOF_RUNTIME_LOG_CHARS)))
+    dc_verdict: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _why(exc: BaseException) -> str:
+    return "; ".join(f"{f or '.'}: {r}" for f, r in problems(exc)[:3])
+
+
+def _no_evidence(code: str, detail: str) -> dict[str, Any]:
+    return {"error": code, "detail": detail[:300]}
+
+
+async def _fresh(src: DcSources, record: AgentRecord | None, nonce: bytes, within_s: float,
+                 budget: list[int]) -> dict[str, Any]:
+    """The agent's fresh evidence for *nonce*, or why there is none (``error``)."""
+    ident = None if record is None else record.identity
+    if record is None or ident is None:
+        return _no_evidence("agent_offline", "the agent is not known here")
+    try:
+        with trio.fail_after(within_s):
+            pending = await src.registry.ref(f"agent/{record.agent_id}").ask(
+                ProveNow(nonce), timeout=within_s)
+            await pending.done.wait()
+    except trio.TooSlowError:
+        return _no_evidence(AGENT_NO_ANSWER, f"the agent did not answer within {within_s}s")
+    except ActorError as exc:
+        return _no_evidence("agent_offline", f"the agent's actor did not answer: {exc}")
+    if pending.error is not None or pending.answer is None:
+        return _no_evidence(pending.error or AGENT_NO_ANSWER, pending.detail)
+    a = pending.answer
+    runtime = a.runtime_log
+    size = len(a.quote) + len(a.event_log or b"") + len(runtime or "")
+    if len(a.quote) > MAX_QUOTE_BYTES or len(a.event_log or b"") > MAX_PROOF_EVENT_LOG_BYTES \
+            or len(runtime or "") > MAX_PROOF_RUNTIME_LOG_CHARS or size > budget[0]:
+        return _no_evidence(PROOF_TOO_LARGE, f"the evidence ({size} bytes) is over the caps")
+    budget[0] -= size
+    refusal = pending.refusal
+    return {"provider": a.provider, "quote": base64.b64encode(a.quote).decode(),
+            "event_log": None if a.event_log is None else base64.b64encode(
+                a.event_log).decode(),
+            "runtime_log": runtime, "public_key": ident.public_key.hex(),
+            "dc_verdict": {"ok": refusal is None,
+                           "code": None if refusal is None else str(refusal.code),
+                           "reasons": [] if refusal is None else list(refusal.reasons)}}
+
+
+def _refused(code: str, *reasons: str, mrtd: str | None = None,
+             tcb_status: str | None = None) -> dict[str, Any]:
+    return {"ok": False, "code": code, "reasons": [r[:500] for r in reasons[:20]],
+            "mrtd": mrtd, "tcb_status": tcb_status, "deploys": []}
+
+
+def check_evidence(judge: Judge, nonce: bytes, body: Mapping[str, Any],
+                   reported_mrtd: str | None, *, now: float) -> dict[str, Any]:
+    """The master's own verdict on the fresh evidence in *body* (a proof answer or one
+    replica of it), for the *nonce* it chose: ``verified_by_master``. Pure apart from the
+    judge's collateral; CPU-bound (call from a worker thread). Never raises."""
+    try:
+        return _check(judge, nonce, body, reported_mrtd, now)
+    except Exception as exc:  # the evidence is the dc's: fail closed, never a 500
+        log.error("fresh proof could not be verified", exc_info=exc)
+        return _refused(VERIFY_ERROR, "the evidence could not be verified (logged)")
+
+
+def _check(judge: Judge, nonce: bytes, body: Mapping[str, Any], reported_mrtd: str | None,
+           now: float) -> dict[str, Any]:
+    doc, proof = body.get("evidence"), body.get("proof")
+    if not isinstance(doc, dict):
+        return _refused(NO_PROOF, "the datacenter sent no evidence")
+    if doc.get("error") is not None:
+        return _refused(str(doc["error"])[:64], str(doc.get("detail") or ""))
+    if not isinstance(proof, dict):
+        return _refused(NO_PROOF, "the datacenter sent no summary to check the evidence by")
+    try:
+        ev = _strict.structure(doc, Evidence)
+        quote = base64.b64decode(ev.quote, validate=True)
+        event_log = None if ev.event_log is None else base64.b64decode(ev.event_log,
+                                                                       validate=True)
+        public_key = bytes.fromhex(ev.public_key)
+        answer = Attestation(provider=ev.provider, quote=quote,  # type: ignore[arg-type]
+                             event_log=event_log, runtime_log=ev.runtime_log)
+    except Exception as exc:  # cattrs raises exception groups of any builtin kind
+        return _refused(BAD_PROOF, f"the evidence does not parse: {_why(exc)}")
+    if len(quote) > MAX_QUOTE_BYTES or len(event_log or b"") > MAX_PROOF_EVENT_LOG_BYTES:
+        return _refused(PROOF_TOO_LARGE, "the evidence is over the caps")
+    said_mrtd = str(proof.get("mrtd"))
+    if key_sha256(public_key) != proof.get("session_key_sha256") \
+            or ev.provider != proof.get("provider"):
+        return _refused(PROOF_MISMATCH, "the evidence's key or provider is not the one "
+                        "the datacenter admitted for this agent")
+    identity = Identity(
+        agent_id=str(proof.get("agent_id")), vm_name=str(proof.get("vm_name")),
+        node_size=str(proof.get("node_size")), datacenter=str(proof.get("datacenter")),
+        gpu=False, public_key=public_key, provider=ev.provider, mrtd=said_mrtd,
+        tcb_status=None, verdict="pass", violations=(), verified_at=now,
+        ak_name=None if proof.get("ak_name") is None else str(proof["ak_name"]))
+    # The quoted values, for the codes and the view (the verdict is the judge's below).
+    tcb_status = None
+    try:
+        if ev.provider == "tpm":
+            if judge.tpm is None:
+                return _refused("attestation_failed", "this master trusts no EK CA")
+            tpm = judge.tpm.verify(quote, expected_qualifying_data=qualifying_data(
+                nonce, public_key), now=now)
+            fresh, mrtd = tpm.qualifying_ok, tpm.measurement
+        else:
+            result = judge.verifier.verify(quote, now=now, collateral=judge.collateral)
+            report = result.quote.report
+            fresh = report.report_data == registration_report_data(nonce, public_key)
+            mrtd, tcb_status = report.mr_td.hex(), result.tcb_status
+    except QuoteFormatError as exc:
+        return _refused("bad_quote", str(exc))
+    if not fresh:
+        return _refused(STALE_PROOF, "the quote does not bind this master's nonce and the "
+                        "agent's key: it was made for another request", mrtd=mrtd)
+    if mrtd != said_mrtd or (reported_mrtd is not None and mrtd != reported_mrtd):
+        return _refused(PROOF_MISMATCH, f"the quoted MRTD {mrtd} is not the one the "
+                        f"datacenter reported ({said_mrtd})", mrtd=mrtd,
+                        tcb_status=tcb_status)
+    deploys: list[dict[str, str]] = []
+    if ev.provider != "tpm":
+        try:
+            logs = log_mismatches(answer, report, require=judge.policy.require_event_log)
+            if answer.runtime_log:
+                deploys = [{"deployment_id": e.deployment_id, "app": e.app,
+                            "version": e.version, "compose_hash": e.compose_hash}
+                           for e in parse_runtime_log(answer.runtime_log.encode())]
+        except (EventLogFormatError, RuntimeLogError) as exc:
+            return _refused("bad_event_log", str(exc), mrtd=mrtd, tcb_status=tcb_status)
+        if logs:
+            return _refused(LOG_MISMATCH, *logs, mrtd=mrtd, tcb_status=tcb_status)
+    refusal = judge.reattest_answer(answer, nonce, identity, now=now)
+    if refusal is not None:
+        return _refused(refusal.code.lower(), *refusal.reasons, mrtd=mrtd,
+                        tcb_status=tcb_status)
+    return {"ok": True, "code": None, "reasons": [], "mrtd": mrtd, "tcb_status": tcb_status,
+            "deploys": deploys}
 
 
 async def answer(req: Request, label: str, desired: Mapping[str, Any],
