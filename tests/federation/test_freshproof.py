@@ -250,6 +250,25 @@ async def test_master_verifies_a_fresh_proof(tmp_path: Path) -> None:
                     assert rep["verified_by_master"]["ok"] is True
                     assert rep["verified_by_master"]["mrtd"] == td.mr_td.hex()
 
+                    # An agent answering with an old quote (made for another nonce):
+                    # refused by the dc, which quarantines it as a failed
+                    # re-attestation, and by the master (stale_proof) on its own.
+                    ag.attest_for = lambda _n, k: td.quote(
+                        registration_report_data(OTHER_NONCE, k))
+                    with trio.fail_after(ask_timeout + 2):
+                        r = await admin.get(path)
+                    assert r.status_code == 200, r.text
+                    stale = r.json()
+                    assert stale["verified_by_master"]["code"] == "stale_proof"
+                    assert stale["evidence"]["dc_verdict"]["ok"] is False
+
+                    async def quarantined() -> bool:
+                        view = (await m.datacenters()).get(A, {})
+                        return view.get("agents", {}).get("quarantined") == 1
+
+                    await eventually(quarantined, what="the agent quarantined")
+                    ag.attest_for = None
+
                     # An agent that never answers: a coded outcome within the ask
                     # timeout (the dc bounds the agent's round trip), never a hang.
                     ag.answer_attest = False

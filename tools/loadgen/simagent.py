@@ -71,6 +71,7 @@ class SimAgent:
     paused: bool = False  # True: keep the session but stop heartbeating (goes stale)
     refuse_logs: bool = False  # True: answer logs requests with an error frame
     answer_attest: bool = True  # False: leave ``attest`` requests unanswered
+    attest_for: Callable[[bytes, bytes], bytes] | None = None  # as quote_for, for attest
     route_header: bool = True  # send X-EE-Agent (the rollout router's cohort) on upgrade
     sessions: int = 0
     quote_for: Callable[[bytes, bytes], bytes] | None = None  # (nonce, pubkey) -> quote
@@ -255,7 +256,9 @@ class SimAgent:
                 if not self.answer_attest:
                     continue
                 reply = Attestation(provider="sim", quote=self.td.quote(
-                    registration_report_data(msg.nonce, self.public_key)))
+                    registration_report_data(msg.nonce, self.public_key))
+                    if self.attest_for is None else self.attest_for(msg.nonce,
+                                                                    self.public_key))
             elif isinstance(msg, LogsRequest):
                 reply = (ErrorMessage(code="unknown_deployment", message="no such deployment")
                          if self.refuse_logs else LogsReply(lines=()))

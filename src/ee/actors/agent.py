@@ -25,8 +25,9 @@ with its traceback), never a crash of this actor.
 A fresh proof (``ProveNow``, asked by a dc CP for its master) is the same round trip
 with the master's nonce instead of one of ours: the handler only starts it (one at a
 time per agent) and answers a ``PendingProof`` the asker waits on under its own
-deadline, so the actor never blocks on the agent. Its verdict counts as a
-re-attestation (``ReattestDone``): a failing fresh quote quarantines the agent.
+deadline, so the actor never blocks on the agent. A failing fresh quote counts as a
+failed re-attestation (``ReattestDone``: the agent is quarantined); a passing one
+changes nothing here.
 """
 
 from __future__ import annotations
@@ -368,7 +369,9 @@ class AgentActor(Actor):
                 refusal = VerifyFault()
             pending.answer, pending.refusal = reply, refusal
             pending.done.set()
-            await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+            if refusal is not None:  # as a failed re-attestation: quarantined (a pass
+                # changes nothing: the proof the dc reported up stays the one it holds)
+                await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
         finally:
             self._proving = False
             pending.fail("agent_no_answer", "the proof was abandoned")
