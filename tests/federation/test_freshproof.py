@@ -23,9 +23,18 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from ee.actors.agent import (
+    AgentActor,
+    AgentDeps,
+    AgentSettings,
+    Describe,
+    PendingProof,
+    ProveNow,
+)
 from ee.actors.directory import AgentRecord
 from ee.actors.identity import Identity
 from ee.actors.lifecycle import AgentState
@@ -33,13 +42,23 @@ from ee.attestation import Policy, Verifier
 from ee.attestation.eventlog import RuntimeEvent, replay_runtime
 from ee.attestation.providers.sim import SimTD
 from ee.cp.nodes import Vocabulary
-from ee.cp.registration import Judge
+from ee.cp.registration import Judge, Refusal
 from ee.federation.rpc import (
     MAX_QUOTE_BYTES,
     check_evidence,
     proof_of,
 )
+from ee.protocol.messages import (
+    Attest,
+    Attestation,
+    Health,
+    Message,
+    NodeInfo,
+    Snapshot,
+    SnapshotRequest,
+)
 from ee.protocol.reportdata import registration_report_data
+from ee.runtime import ActorHost, Registry
 
 from .fedkit import agent, dc, eventually, join_token, master, sim_td
 from .test_placement import _tenant
@@ -188,6 +207,99 @@ def test_garbage_evidence(td: SimTD) -> None:
     json.dumps(got)  # every outcome is plain JSON
 
 
+# ---- the agent actor's side (ProveNow) --------------------------------------------------
+
+@attrs.define
+class _Link:
+    """An agent session whose ``attest`` answers the test chooses."""
+
+    identity: Identity
+    hang: bool = False
+    asked: list[bytes] = attrs.field(factory=list)
+    session_id: int = 1
+
+    async def request(self, msg: Message, timeout: float) -> Message:
+        if isinstance(msg, SnapshotRequest):
+            return Snapshot(deployments=(), health=Health(status="healthy"), seq=0,
+                            node=NodeInfo(node_size="standard", datacenter=A, gpu=False,
+                                          vcpus=4, memory_mb=8192))
+        assert isinstance(msg, Attest)
+        self.asked.append(msg.nonce)
+        if self.hang:
+            await trio.sleep(timeout)
+            raise TimeoutError("no answer")
+        return Attestation(provider="sim", quote=b"quote for " + msg.nonce)
+
+    async def send(self, msg: Message) -> None:
+        pass
+
+    async def close(self, code: int, reason: str) -> None:
+        pass
+
+
+@attrs.define
+class _Verdicts:
+    refusal: Refusal | None = None
+    raises: bool = False
+
+    def reattest_answer(self, answer: Attestation, nonce: bytes, identity: Identity, *,
+                        now: float) -> Refusal | None:
+        if self.raises:
+            raise RuntimeError("verifier bug")
+        assert answer.quote == b"quote for " + nonce
+        return self.refusal
+
+
+async def test_prove_now(autojump_clock: trio.testing.MockClock) -> None:
+    """One fresh proof at a time per agent, bounded by the request timeout; a refused
+    one (or one the verifier raised on) quarantines the agent; an offline agent has none."""
+    ident = Identity(agent_id="ag-1", vm_name="vm-1", node_size="standard", datacenter=A,
+                     gpu=False, public_key=_key(), provider="sim", mrtd="00" * 48,
+                     tcb_status="UpToDate", verdict="pass", violations=(), verified_at=1.0)
+    link = _Link(ident)
+    verdicts = _Verdicts()
+    live: dict[str, _Link] = {"ag-1": link}
+    deps = AgentDeps(settings=AgentSettings(request_timeout_s=10),
+                     link_for=live.get,  # type: ignore[arg-type]
+                     reattester=verdicts, emit=lambda *_: None,
+                     attest_limiter=trio.CapacityLimiter(1))
+    registry = Registry()
+    async with trio.open_nursery() as nursery:
+        hosts = [ActorHost(registry, f"agent/{n}", lambda n=n: AgentActor(n, deps))
+                 for n in ("ag-1", "ag-2")]
+        ref = await nursery.start(hosts[0].run)
+        offline = await nursery.start(hosts[1].run)
+
+        async def prove(at: Any = ref) -> PendingProof:
+            pending: PendingProof = await at.ask(ProveNow(NONCE))
+            await pending.done.wait()
+            return pending
+
+        got = await prove()
+        assert got.error is None and got.refusal is None and link.asked == [NONCE]
+        assert (await ref.ask(Describe()))["status"] == "online"
+        # An agent that does not answer: the second ask is refused while the first
+        # waits; the first ends with the request timeout (Trio time), never hangs.
+        link.hang = True
+        start = trio.current_time()
+        first: PendingProof = await ref.ask(ProveNow(NONCE))
+        busy: PendingProof = await ref.ask(ProveNow(OTHER_NONCE))
+        assert busy.done.is_set() and busy.error == "proof_busy"
+        await first.done.wait()
+        assert first.error == "agent_no_answer"
+        assert trio.current_time() - start == pytest.approx(10)
+        link.hang = False
+        assert (await prove()).error is None  # free again
+        assert (await prove(offline)).error == "agent_offline"
+        # A verifier that raises: a refusal (fail closed), the actor lives on.
+        verdicts.raises = True
+        got = await prove()
+        assert got.refusal is not None and got.refusal.code == "VERIFY_ERROR"
+        await trio.testing.wait_all_tasks_blocked()
+        assert (await ref.ask(Describe()))["status"] == "quarantined"
+        nursery.cancel_scope.cancel()
+
+
 # ---- real processes ---------------------------------------------------------------------
 
 async def test_master_verifies_a_fresh_proof(tmp_path: Path) -> None:
@@ -244,7 +356,7 @@ async def test_master_verifies_a_fresh_proof(tmp_path: Path) -> None:
                         r = await owner.get(f"/api/v2/deployments/{dep}/attestation")
                     assert r.status_code == 200, r.text
                     att = r.json()
-                    assert att["verified_by_master"] is True
+                    assert att["all_verified_by_master"] is True
                     (rep,) = att["replicas"]
                     assert rep["agent_id"] == ag.agent_id
                     assert rep["verified_by_master"]["ok"] is True
@@ -282,7 +394,7 @@ async def test_master_verifies_a_fresh_proof(tmp_path: Path) -> None:
                         r = await owner.get(f"/api/v2/deployments/{dep}/attestation")
                     assert r.status_code == 200, r.text
                     att = r.json()
-                    assert att["verified_by_master"] is False
+                    assert att["all_verified_by_master"] is False
                     assert att["replicas"][0]["verified_by_master"]["code"] in (
                         "proof_busy", "agent_no_answer")
                 nursery.cancel_scope.cancel()

@@ -102,7 +102,7 @@ async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
     replicas = [r for r in body.get("replicas") or () if isinstance(r, dict)]
     checked = [await _verified(cp, fed, label, nonce, r) for r in replicas]
     return {**body, "datacenter": label, "replicas": checked,
-            "verified_by_master": bool(checked) and all(
+            "all_verified_by_master": bool(checked) and all(
                 r["verified_by_master"]["ok"] for r in checked)}
 
 
