@@ -60,7 +60,7 @@ from ee.protocol.messages import (
 from ee.protocol.reportdata import registration_report_data
 from ee.runtime import ActorHost, Registry
 
-from .fedkit import agent, dc, eventually, join_token, master, sim_td
+from .fedkit import agent, dc, event_log, eventually, join_token, master, sim_td
 from .test_placement import _tenant
 
 A = "sim:dc-a"
@@ -367,10 +367,15 @@ async def test_master_verifies_a_fresh_proof(tmp_path: Path) -> None:
                     # re-attestation, and by the master (stale_proof) on its own.
                     ag.attest_for = lambda _n, k: td.quote(
                         registration_report_data(OTHER_NONCE, k))
-                    with trio.fail_after(ask_timeout + 2):
-                        r = await admin.get(path)
+                    async with event_log(m) as seen:
+                        with trio.fail_after(ask_timeout + 2):
+                            r = await admin.get(path)
+                        await trio.sleep(0.2)
                     assert r.status_code == 200, r.text
                     stale = r.json()
+                    assert [(e["subject"], e["data"]["code"]) for e in seen
+                            if e["kind"] == "federation.proof_refused"] == [
+                                (A, "stale_proof")]
                     assert stale["verified_by_master"]["code"] == "stale_proof"
                     assert stale["evidence"]["dc_verdict"]["ok"] is False
 

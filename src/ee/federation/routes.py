@@ -10,7 +10,8 @@ Asking a dc (ee.federation.rpc), master only: ``GET
 one federated agent, checked against the digest its dc reported). Both attestation
 routes send a fresh 32-byte nonce of the master's; the dc answers each agent's new quote
 bound to it, which the master verifies itself (``rpc.check_evidence``, with this CP's
-judge, off the event loop): ``verified_by_master`` per agent. The tenant routes
+judge, off the event loop): ``verified_by_master`` per agent (a refused one is also
+event ``federation.proof_refused``). The tenant routes
 ``GET /api/v2/deployments/{id}/logs`` and ``/attestation`` call ``tenant_logs`` /
 ``tenant_attestation`` first: a deployment this master placed in a dc is answered by
 that dc (same ownership check as a direct one; ``follow`` is refused there with 409
@@ -160,6 +161,10 @@ async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
         return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time())
 
     verdict = await trio.to_thread.run_sync(check, limiter=fed.verify_limiter)
+    if not verdict["ok"]:
+        fed.emit("federation.proof_refused", label,
+                 {"agent_id": str(item.get("agent_id"))[:120], "code": verdict["code"],
+                  "reasons": verdict["reasons"][:3]})
     return {**item, "verified_by_master": verdict}
 
 
