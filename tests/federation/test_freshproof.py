@@ -158,6 +158,10 @@ def test_an_mrtd_or_key_other_than_reported_is_a_mismatch(td: SimTD) -> None:
     theirs = td.quote(registration_report_data(NONCE, other))
     got = _check(td, _body(td, theirs, key, evidence_key=other))
     assert (got["ok"], got["code"]) == (False, "proof_mismatch"), got
+    # A good proof of one agent, shown as another replica's.
+    got = _check(td, {**_body(td, quote, key), "agent_id": "ag-2"})
+    assert (got["ok"], got["code"]) == (False, "proof_mismatch"), got
+    assert _check(td, {**_body(td, quote, key), "agent_id": "ag-1"})["ok"] is True
 
 
 def _event(n: int) -> RuntimeEvent:

@@ -547,9 +547,10 @@ def _check(judge: Judge, nonce: bytes, body: Mapping[str, Any], reported_mrtd: s
         return _refused(PROOF_TOO_LARGE, "the evidence is over the caps")
     said_mrtd = str(proof.get("mrtd"))
     if key_sha256(public_key) != proof.get("session_key_sha256") \
-            or ev.provider != proof.get("provider"):
-        return _refused(PROOF_MISMATCH, "the evidence's key or provider is not the one "
-                        "the datacenter admitted for this agent")
+            or ev.provider != proof.get("provider") \
+            or body.get("agent_id", proof.get("agent_id")) != proof.get("agent_id"):
+        return _refused(PROOF_MISMATCH, "the evidence's key, provider or agent is not "
+                        "the one the datacenter admitted for this agent")
     identity = Identity(
         agent_id=str(proof.get("agent_id")), vm_name=str(proof.get("vm_name")),
         node_size=str(proof.get("node_size")), datacenter=str(proof.get("datacenter")),
