@@ -330,19 +330,24 @@ class AgentActor(Actor):
             self._reattesting = False
         if not isinstance(reply, Attestation):
             return
+        refusal = await self._verify_answer(reply, nonce, identity)
+        await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+
+    async def _verify_answer(self, reply: Attestation, nonce: bytes,
+                             identity: Identity) -> Any:  # Refusal | VerifyFault | None
+        """An ``attestation`` answer checked in a worker thread (None: it passes). The
+        quote came from the agent: whatever the verifier raises on it is a refusal
+        (fail closed: quarantine), never a crashed actor."""
         try:
-            refusal = await trio.to_thread.run_sync(
+            return await trio.to_thread.run_sync(
                 functools.partial(self.deps.reattester.reattest_answer, reply, nonce, identity,
                                   now=time.time()),
                 limiter=self.deps.attest_limiter)
         except Exception as exc:
-            # The quote came from the agent: whatever the verifier raised on it, the
-            # outcome is a refusal (fail closed: quarantine), never a crashed actor.
-            log.error("agent %s: re-attestation could not be verified", self.agent_id,
-                      exc_info=exc)
+            log.error("agent %s: an attestation answer could not be verified",
+                      self.agent_id, exc_info=exc)
             self.deps.count_fault("reattest")
-            refusal = VerifyFault()
-        await self.ref.tell(ReattestDone(link.session_id, refusal, time.time()))
+            return VerifyFault()
 
     async def _prove(self, link: AgentLink, identity: Identity, nonce: bytes,
                      pending: PendingProof) -> None:
@@ -357,16 +362,7 @@ class AgentActor(Actor):
             if not isinstance(reply, Attestation):
                 pending.fail("agent_no_answer", "the agent answered no attestation")
                 return
-            try:
-                refusal = await trio.to_thread.run_sync(
-                    functools.partial(self.deps.reattester.reattest_answer, reply, nonce,
-                                      identity, now=time.time()),
-                    limiter=self.deps.attest_limiter)
-            except Exception as exc:
-                log.error("agent %s: fresh proof could not be verified", self.agent_id,
-                          exc_info=exc)
-                self.deps.count_fault("reattest")
-                refusal = VerifyFault()
+            refusal = await self._verify_answer(reply, nonce, identity)
             pending.answer, pending.refusal = reply, refusal
             pending.done.set()
             if refusal is not None:  # as a failed re-attestation: quarantined (a pass

@@ -89,8 +89,6 @@ from ee.federation.rpc import (
     DEFAULT_TIMEOUT_S,
     MAX_OUTSTANDING_PER_DC,
     MasterRpc,
-    RpcError,
-    proof_digest,
 )
 from ee.federation.wire import (
     BAD_FRAME,
@@ -887,30 +885,6 @@ class MasterFederation:
             return None
         body = await self.ask(label, "logs", deployment_id=deployment_id, args=args)
         return {**body, "datacenter": label}
-
-    async def deployment_attestation(self, app_key: str, deployment_id: str
-                                     ) -> dict[str, Any] | None:
-        label = self._placed(app_key, deployment_id)
-        if label is None:
-            return None
-        body = await self.ask(label, "attestation", deployment_id=deployment_id)
-        return {**body, "datacenter": label}
-
-    async def agent_attestation(self, label: str, agent_id: str) -> dict[str, Any]:
-        """The full proof of one federated agent, checked against the digest its dc
-        reported up (``matches``)."""
-        if label not in self.enrolled:
-            raise RpcError(404, "not_found", f"no federated datacenter {label[:80]!r}")
-        reported = await self.registry.ref(f"dc/{label}").ask(ReportedAgent(agent_id),
-                                                              timeout=5)
-        body = await self.ask(label, "attestation", agent_id=agent_id)
-        proof = body.get("proof")
-        digest = None if not isinstance(proof, dict) else await trio.to_thread.run_sync(
-            proof_digest, proof)
-        said = None if reported is None else reported.get("proof_sha256")
-        return {"datacenter": label, "agent_id": agent_id, "proof": proof,
-                "proof_sha256": digest, "reported_sha256": said,
-                "matches": digest is not None and said == digest}
 
     # ---- supervision ----
 
