@@ -7,9 +7,12 @@ bundle path round-trips, and a tampered bundle (or a wrong pin) is refused."""
 from __future__ import annotations
 
 import json
+import ssl
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -171,4 +174,49 @@ async def test_offline_bundle_round_trip_and_tampering(tmp_path: Path) -> None:
             await eventually(linked, what="dc-a linked over the offline enrolment")
         finally:
             await a.stop()
+            await m.stop()
+
+
+async def test_production_join_over_https_with_a_private_ca(tmp_path: Path) -> None:
+    """The production path end to end: the master's API on https with a private CA; the
+    dc (dev=False) verifies it with --upstream-ca, and refuses it without."""
+    web = pki.ClusterCa.load_or_create(tmp_path / "web-ca", "web")
+    key = pki.new_key()
+    pki.save_key(tmp_path / "web.key", key)
+    pki.write_public(tmp_path / "web.pem", pki.cert_pem(web.issue(
+        "master", pki.public_pem(key), server_hosts=("127.0.0.1",))).encode())
+    m = master(tmp_path, "--tls-cert", str(tmp_path / "web.pem"),
+               "--tls-key", str(tmp_path / "web.key"))
+    url = f"https://127.0.0.1:{m.http_port}"
+    ca = tmp_path / "web-ca" / "ca.pem"
+    argv = ["ee-cp", "--dev", "--data-dir", str(m.data_dir), "--listen",
+            f"127.0.0.1:{m.http_port}", "--agent-listen", f"127.0.0.1:{m.agent_port}",
+            *m.args]
+    log = (tmp_path / "master.log").open("ab")
+    with trio.fail_after(90):
+        m.proc = await trio.lowlevel.open_process(argv, stdout=log, stderr=log)
+        log.close()
+        try:
+            async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(ca)),
+                                         timeout=2) as c:
+                for _ in range(300):
+                    try:
+                        if (await c.get(f"{url}/api/v2/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        await trio.sleep(0.1)
+                r = await c.post(f"{url}/api/v2/federation/join-tokens", json={
+                    "datacenter": A}, headers={"Authorization": f"Bearer {m.token}"})
+                assert r.status_code == 201, r.text
+                token = r.json()["token"]
+            home = tmp_path / "prod-dc"
+            with pytest.raises(EnrolError, match="CERTIFICATE_VERIFY_FAILED"):
+                await trio.to_thread.run_sync(
+                    partial(enroll, home, url, A, token, dev=False))
+            assert _files(home) == []
+            got = await trio.to_thread.run_sync(
+                partial(enroll, home, url, A, token, dev=False, upstream_ca=ca))
+            assert got.label == A and got.master_pin == pki.split_join_token(token)[1]
+            assert (home / "federation" / "dc.pem").exists()
+        finally:
             await m.stop()
