@@ -109,9 +109,19 @@ class Cp:
         raise SystemExit(f"{self.name} did not start")
 
     async def get(self, path: str) -> Any:
-        async with httpx.AsyncClient(timeout=30, headers={
-                "Authorization": f"Bearer {self.token}"}) as c:
-            return (await c.get(self.http + path)).json()
+        for attempt in range(5):
+            try:
+                async with httpx.AsyncClient(timeout=30, headers={
+                        "Authorization": f"Bearer {self.token}"}) as c:
+                    return (await c.get(self.http + path)).json()
+            except httpx.HTTPError as exc:
+                alive = self.proc is not None and self.proc.poll() is None
+                note(f"{self.name}: GET {path} failed ({type(exc).__name__}: {exc}); "
+                     f"process {'alive' if alive else 'gone'}; attempt {attempt + 1}/5")
+                if attempt == 4:
+                    raise
+                await trio.sleep(1)
+        raise AssertionError("unreachable")
 
     async def stop(self, kill: bool = False) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -297,13 +307,18 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = Path(tempfile.mkdtemp(prefix="ee-bench-fed-"))
     os.environ.setdefault("EE_SIM_DIR", str(root / "sim"))
+    ok = False
     try:
         note(f"start: {args.agents} agents, window {args.window} s, outage {args.outage} s")
         direct = trio.run(direct_case, root, args.agents, args.window)
         fed = trio.run(federated_case, root, args.agents, args.window, args.lag_samples,
                        args.outage)
+        ok = True
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            note(f"failed: the CPs' logs are kept in {root}")
     result = {"agents": args.agents, "cpus": os.cpu_count(), "direct": direct, "federated": fed,
               "master_cpu_vs_direct": fed["master_cpu_cores"] / max(direct["cpu_cores"], 1e-9),
               "master_rss_vs_direct": fed["master_rss_mb"] / max(direct["rss_mb"], 1e-9)}
