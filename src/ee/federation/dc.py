@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import ssl
 import time
 from collections.abc import Callable
@@ -328,9 +329,7 @@ def install_bundle(data_dir: Path, upstream: str, label: str, bundle: Path,
         raise EnrolError(f"{bundle}: not an enrolment bundle ({BUNDLE_FORMAT})")
     answer = _structure(doc, JoinAnswer, f"{bundle}")
     enrolment = _keep(directory, answer, label, upstream, expected, tls_key, sign_key)
-    for name in ("dc.key", "sign.key"):
-        (pending / name).unlink(missing_ok=True)
-    pending.rmdir()
+    shutil.rmtree(pending, ignore_errors=True)  # the keys are in place now
     return enrolment
 
 
