@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import trio
+import trio_websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadgen"))
 
@@ -63,6 +64,11 @@ def load() -> float:
 
 def note(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} load {load()}] {what}", file=sys.stderr, flush=True)
+
+
+def _own_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def rss_mb(pid: int) -> float:
@@ -255,17 +261,41 @@ async def federated_case(root: Path, n: int, window: float, lag_samples: int,
             await m.stop(kill=True)
             note(f"federated: master killed, {outage:.0f} s outage with churn at dc-a")
             churners = [SimAgent(url=a.agent_url, td=td, vm_name=f"churn-{i}",
-                                 datacenter=label_a) for i in range(20)]
-            end = time.monotonic() + outage
+                                 datacenter=label_a, connect_timeout_s=10,
+                                 handshake_timeout_s=10) for i in range(20)]
+            churn = {"attempts": 0, "failed": 0}
+            assert a.proc is not None
+            dc_cpu0, own0 = cpu_s(a.proc.pid), _own_cpu()
+
+            async def churn_once(c: SimAgent, task_status: trio.TaskStatus[None]) -> None:
+                # One leave-and-rejoin; a failed attempt is counted, as a fleet would retry.
+                churn["attempts"] += 1
+                try:
+                    await c.run(task_status=task_status)
+                except (OSError, trio_websocket.HandshakeError,
+                        trio_websocket.ConnectionTimeout, trio_websocket.ConnectionClosed):
+                    churn["failed"] += 1
+                    task_status.started()
+
+            t_outage = time.monotonic()
+            end = t_outage + outage
+            next_note = t_outage + 60
             while time.monotonic() < end:
                 async with trio.open_nursery() as burst:
                     for c in churners:
-                        await burst.start(c.run)
+                        await burst.start(churn_once, c)
                     await trio.sleep(0.1)
                     burst.cancel_scope.cancel()
                 await trio.sleep(0.1)
+                if time.monotonic() >= next_note:
+                    next_note += 60
+                    note(f"federated: outage churn {churn}")
+            spent = time.monotonic() - t_outage
+            out["outage_churn"] = {**churn, "dc_a_cpu_cores": (cpu_s(a.proc.pid) - dc_cpu0) / spent,
+                                   "bench_process_cpu_cores": (_own_cpu() - own0) / spent,
+                                   "load_avg_1m_end": load()}
             st = await a.get("/api/v2/federation/status")
-            note(f"federated: outage over, dc-a spool depth {st['spool_depth']}")
+            note(f"federated: outage over, dc-a spool depth {st['spool_depth']}, {churn}")
             for f in ("records.sqlite3", "checkpoint.json", "checkpoint.json.sig"):
                 (m.data / f).unlink(missing_ok=True)
             t_start = time.monotonic()
