@@ -35,6 +35,7 @@ from typing import Any
 
 import httpx
 import trio
+import trio_websocket
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "loadgen"))
 
@@ -54,6 +55,20 @@ def free_port() -> int:
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def load() -> float:
+    """The host's 1-minute load average (the machine is shared: every figure carries it)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def note(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} load {load()}] {what}", file=sys.stderr, flush=True)
+
+
+def _own_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 def rss_mb(pid: int) -> float:
@@ -100,9 +115,19 @@ class Cp:
         raise SystemExit(f"{self.name} did not start")
 
     async def get(self, path: str) -> Any:
-        async with httpx.AsyncClient(timeout=30, headers={
-                "Authorization": f"Bearer {self.token}"}) as c:
-            return (await c.get(self.http + path)).json()
+        for attempt in range(5):
+            try:
+                async with httpx.AsyncClient(timeout=30, headers={
+                        "Authorization": f"Bearer {self.token}"}) as c:
+                    return (await c.get(self.http + path)).json()
+            except httpx.HTTPError as exc:
+                alive = self.proc is not None and self.proc.poll() is None
+                note(f"{self.name}: GET {path} failed ({type(exc).__name__}: {exc}); "
+                     f"process {'alive' if alive else 'gone'}; attempt {attempt + 1}/5")
+                if attempt == 4:
+                    raise
+                await trio.sleep(1)
+        raise AssertionError("unreachable")
 
     async def stop(self, kill: bool = False) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -143,6 +168,15 @@ async def measure(pid: int, window: float) -> tuple[float, float]:
     return (cpu_s(pid) - c0) / (time.monotonic() - t0), rss_mb(pid)
 
 
+async def until(check: Any, timeout: float, what: str, every: float = 0.2) -> None:
+    """Poll *check* (another process's state) until true; a stuck run fails loudly."""
+    with trio.move_on_after(timeout):
+        while not await check():  # noqa: ASYNC110 (another process)
+            await trio.sleep(every)
+        return
+    raise SystemExit(f"bench: {what} not reached within {timeout:.0f} s")
+
+
 async def direct_case(root: Path, n: int, window: float) -> dict[str, float]:
     cp = Cp(root, "direct")
     await cp.start()
@@ -152,12 +186,16 @@ async def direct_case(root: Path, n: int, window: float) -> dict[str, float]:
             t0 = time.monotonic()
             await hold(nursery, cp.agent_url, "sim:direct", [f"d-{i}" for i in range(n)], td)
             joined = time.monotonic() - t0
+            note(f"direct: {n} agents registered in {joined:.1f} s")
             assert cp.proc is not None
+            load_before = load()
             cpu, rss = await measure(cp.proc.pid, window)
+            note(f"direct: cpu {cpu:.3f} cores, rss {rss:.0f} MB")
             nursery.cancel_scope.cancel()
     finally:
         await cp.stop()
-    return {"cpu_cores": cpu, "rss_mb": rss, "register_s": joined}
+    return {"cpu_cores": cpu, "rss_mb": rss, "register_s": joined,
+            "load_avg_1m_window": [load_before, load()]}
 
 
 async def federated_case(root: Path, n: int, window: float, lag_samples: int,
@@ -179,16 +217,25 @@ async def federated_case(root: Path, n: int, window: float, lag_samples: int,
                 await hold(nursery, d.agent_url, label,
                            [f"{d.name}-{i}" for i in range(n // 2)], td)
             out["register_s"] = time.monotonic() - t0
+            note(f"federated: {n} agents registered in {out['register_s']:.1f} s")
 
             async def total(label: str) -> int:
                 view = await m.get("/api/v2/datacenters")
                 return next((int(x["agents"]["total"]) for x in view["datacenters"]
                              if x["label"] == label), -1)
 
-            while await total("sim:dc-a") < n // 2 or await total("sim:dc-b") < n // 2:  # noqa: ASYNC110 (another process)
-                await trio.sleep(0.2)
+            async def all_seen() -> bool:
+                return (await total("sim:dc-a") >= n // 2
+                        and await total("sim:dc-b") >= n // 2)
+
+            await until(all_seen, 600, "the master seeing every agent")
+            note("federated: the master sees every agent")
             assert m.proc is not None
+            out["load_avg_1m_window"] = [load()]
             out["master_cpu_cores"], out["master_rss_mb"] = await measure(m.proc.pid, window)
+            out["load_avg_1m_window"].append(load())
+            note(f"federated: master cpu {out['master_cpu_cores']:.3f} cores, "
+                 f"rss {out['master_rss_mb']:.0f} MB")
             assert dcs[0][0].proc is not None
             out["dc_a_rss_mb"] = rss_mb(dcs[0][0].proc.pid)
 
@@ -199,40 +246,74 @@ async def federated_case(root: Path, n: int, window: float, lag_samples: int,
                 agent = SimAgent(url=a.agent_url, td=td, vm_name=f"lag-{i}", datacenter=label_a)
                 await nursery.start(agent.run_forever)
                 t_reg = time.monotonic()
-                while await total(label_a) <= before:  # noqa: ASYNC110 (another process)
+                while await total(label_a) <= before:
                     await trio.sleep(0.02)
+                    if time.monotonic() - t_reg > 60:
+                        raise SystemExit(f"bench: lag sample {i} not seen in 60 s")
                 lags.append(time.monotonic() - t_reg)
             lags.sort()
+            out["load_avg_1m_lag"] = load()
+            note(f"federated: lag p50 {statistics.median(lags):.3f} s")
             out["lag_p50_s"] = statistics.median(lags)
             out["lag_p99_s"] = lags[min(len(lags) - 1, int(len(lags) * 0.99))]
 
             # Replay: master down, churn at dc-a, master back without records.
             await m.stop(kill=True)
+            note(f"federated: master killed, {outage:.0f} s outage with churn at dc-a")
             churners = [SimAgent(url=a.agent_url, td=td, vm_name=f"churn-{i}",
-                                 datacenter=label_a) for i in range(20)]
-            end = time.monotonic() + outage
+                                 datacenter=label_a, connect_timeout_s=10,
+                                 handshake_timeout_s=10) for i in range(20)]
+            churn = {"attempts": 0, "failed": 0}
+            assert a.proc is not None
+            dc_cpu0, own0 = cpu_s(a.proc.pid), _own_cpu()
+
+            async def churn_once(c: SimAgent, task_status: trio.TaskStatus[None]) -> None:
+                # One leave-and-rejoin; a failed attempt is counted, as a fleet would retry.
+                churn["attempts"] += 1
+                try:
+                    await c.run(task_status=task_status)
+                except (OSError, trio_websocket.HandshakeError,
+                        trio_websocket.ConnectionTimeout, trio_websocket.ConnectionClosed):
+                    churn["failed"] += 1
+                    task_status.started()
+
+            t_outage = time.monotonic()
+            end = t_outage + outage
+            next_note = t_outage + 60
             while time.monotonic() < end:
                 async with trio.open_nursery() as burst:
                     for c in churners:
-                        await burst.start(c.run)
+                        await burst.start(churn_once, c)
                     await trio.sleep(0.1)
                     burst.cancel_scope.cancel()
                 await trio.sleep(0.1)
+                if time.monotonic() >= next_note:
+                    next_note += 60
+                    note(f"federated: outage churn {churn}")
+            spent = time.monotonic() - t_outage
+            out["outage_churn"] = {**churn, "dc_a_cpu_cores": (cpu_s(a.proc.pid) - dc_cpu0) / spent,
+                                   "bench_process_cpu_cores": (_own_cpu() - own0) / spent,
+                                   "load_avg_1m_end": load()}
             st = await a.get("/api/v2/federation/status")
+            note(f"federated: outage over, dc-a spool depth {st['spool_depth']}, {churn}")
             for f in ("records.sqlite3", "checkpoint.json", "checkpoint.json.sig"):
                 (m.data / f).unlink(missing_ok=True)
             t_start = time.monotonic()
             await m.start()
             t_link = None
-            while True:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
                 st2 = await a.get("/api/v2/federation/status")
                 if t_link is None and st2["connected"]:
                     t_link = time.monotonic()
                 if st2["connected"] and st2["spool_depth"] == 0:
                     break
                 await trio.sleep(0.01)
+            else:
+                raise SystemExit("bench: the replay did not finish within 900 s")
             done = time.monotonic()
             assert t_link is not None
+            out["load_avg_1m_replay"] = load()
             out["replay_events"] = st["spool_depth"]
             out["replay_master_start_s"] = t_link - t_start
             out["replay_s"] = done - t_link
@@ -256,13 +337,19 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = Path(tempfile.mkdtemp(prefix="ee-bench-fed-"))
     os.environ.setdefault("EE_SIM_DIR", str(root / "sim"))
+    ok = False
     try:
+        note(f"start: {args.agents} agents, window {args.window} s, outage {args.outage} s")
         direct = trio.run(direct_case, root, args.agents, args.window)
         fed = trio.run(federated_case, root, args.agents, args.window, args.lag_samples,
                        args.outage)
+        ok = True
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-    result = {"agents": args.agents, "direct": direct, "federated": fed,
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            note(f"failed: the CPs' logs are kept in {root}")
+    result = {"agents": args.agents, "cpus": os.cpu_count(), "direct": direct, "federated": fed,
               "master_cpu_vs_direct": fed["master_cpu_cores"] / max(direct["cpu_cores"], 1e-9),
               "master_rss_vs_direct": fed["master_rss_mb"] / max(direct["rss_mb"], 1e-9)}
     print(json.dumps(result, indent=2))

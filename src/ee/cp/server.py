@@ -96,7 +96,14 @@ from ee.cp.secrets import (
     load_or_create_wrapping_key,
 )
 from ee.cp.tunnels import CloudflareSettings, CloudflareTunnels
-from ee.federation.dc import DcFederation, EnrolError, enroll
+from ee.federation.dc import (
+    DcFederation,
+    EnrolError,
+    digest,
+    enroll,
+    install_bundle,
+    write_request,
+)
 from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.reconcile import LocalApps
 from ee.federation.rpc import DcSources
@@ -969,6 +976,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--join-token", metavar="TOKEN",
                    help="single-use token from `eectl federation join-token` (role dc, "
                         "first start): trades for the dc's certificate and the master's key")
+    p.add_argument("--upstream-ca", metavar="PEM",
+                   help="CA that signs the master's https certificate (role dc, join; "
+                        "default: the system's)")
+    p.add_argument("--master-pin", metavar="SHA256",
+                   help="the master pin the join answer or --enroll-bundle must match "
+                        "(role dc; join tokens carry it)")
+    p.add_argument("--enroll-request", metavar="OUT",
+                   help="offline enrolment (role dc): keep fresh keys in DATA_DIR, write "
+                        "their public halves to OUT for `eectl federation issue`, and exit")
+    p.add_argument("--enroll-bundle", metavar="BUNDLE",
+                   help="offline enrolment (role dc): install a bundle from `eectl "
+                        "federation issue`, checked against --master-pin")
     p.add_argument("--federation-listen", metavar="HOST:PORT",
                    help="mTLS listener for dc CPs (role master; default 127.0.0.1:8002)")
     p.add_argument("--federation-advertise", metavar="HOST:PORT",
@@ -1083,11 +1102,26 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = CpConfig.from_sources(args)
+        if (args.enroll_request or args.enroll_bundle) and config.role != "dc":
+            raise ValueError("--enroll-request/--enroll-bundle are for --role dc")
+        if config.role == "dc" and args.enroll_request:
+            assert config.datacenter is not None
+            out = write_request(config.data_dir,
+                                config.vocabulary.normalise_label(config.datacenter),
+                                Path(args.enroll_request))
+            print(f"ee-cp: enrolment request written to {out} (sha256 {digest(out)}); "
+                  "its private keys stay in DATA_DIR/federation/pending", flush=True)
+            return 0
         boot, token = prepare(config)
         if config.role == "dc":
             assert config.upstream is not None and config.datacenter is not None
-            enroll(config.data_dir, config.upstream,
-                   config.vocabulary.normalise_label(config.datacenter), config.join_token)
+            label = config.vocabulary.normalise_label(config.datacenter)
+            if args.enroll_bundle:
+                install_bundle(config.data_dir, config.upstream, label,
+                               Path(args.enroll_bundle), args.master_pin)
+            enroll(config.data_dir, config.upstream, label, config.join_token,
+                   dev=config.dev, pin=args.master_pin,
+                   upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None)
         cp = ControlPlane(config, boot)
         cp.freeze_gc_when_ready = True
     except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:

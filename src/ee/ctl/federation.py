@@ -1,11 +1,23 @@
 """`eectl federation`: join tokens, the desired state and link status (admin token).
 
     eectl federation join-token --cp MASTER_URL --token ADMIN [--datacenter LABEL] [--ttl-s S]
+    eectl federation issue --cp MASTER_URL --token ADMIN --request IN --out BUNDLE
     eectl federation status --cp URL --token ADMIN
     eectl federation desired --cp MASTER_URL --token ADMIN --policy '{"max_replicas": 3}'
 
 ``join-token`` prints a single-use, short-lived token on stdout (nothing else), for
-``ee-cp --role dc --upstream MASTER_URL --datacenter LABEL --join-token TOKEN``.
+``ee-cp --role dc --upstream MASTER_URL --datacenter LABEL --join-token TOKEN``. The
+token (``eej_SECRET.PIN``) carries the master pin the dc checks the answer against.
+
+``issue`` is the offline enrolment's middle step: it takes a dc's request (from
+``ee-cp --role dc ... --enroll-request OUT``) to the master over the admin API (a join
+token bound to the request's datacenter, then the join with the request's public keys),
+and writes the answer as a bundle for ``ee-cp --role dc ... --enroll-bundle BUNDLE
+--master-pin PIN``; it prints the pin on stdout. It goes through the running master,
+not its data dir, because the master is the only writer of its enrolled dcs (their
+pinned certificates and keys, the per-dc actors, the ``federation.joined`` event): a
+second writer of ``dcs.json`` would race it and go unseen until a restart. The CA key
+stays on the master host; only the dc's route to the master's join URL is avoided.
 Exit codes: 0 success, 1 the CP said no or cannot be reached, 2 usage errors.
 """
 
@@ -14,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ee.ctl.client import CtlError, add_cp_options, client_from_args
 
@@ -33,6 +46,15 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                        help="lifetime (default: the master's, 600 s)")
     add_cp_options(token)
     token.set_defaults(handler=join_token)
+    issue = commands.add_parser(
+        "issue", help="sign a dc's offline enrolment request into a bundle (master)",
+        description="Enrol a dc from its --enroll-request file through the master's admin "
+                    "API; write the bundle for --enroll-bundle and print the master pin.")
+    issue.add_argument("--request", required=True, metavar="IN",
+                       help="the file `ee-cp --role dc --enroll-request` wrote")
+    issue.add_argument("--out", required=True, metavar="BUNDLE", help="where to write it")
+    add_cp_options(issue)
+    issue.set_defaults(handler=issue_bundle)
     status = commands.add_parser("status", help="this CP's federation status (either role)")
     add_cp_options(status)
     status.set_defaults(handler=show_status)
@@ -60,6 +82,43 @@ def join_token(args: argparse.Namespace) -> int:
     print(f"(single use, expires in {answer['expires_in_s']:.0f} s"
           + (f", datacenter {answer['datacenter']}" if answer.get("datacenter") else "")
           + ")", file=sys.stderr)
+    return 0
+
+
+def issue_bundle(args: argparse.Namespace) -> int:
+    from ee.federation import pki
+    from ee.federation.dc import EnrolError, bundle_doc, digest, read_request
+
+    try:
+        req = read_request(Path(args.request))
+    except EnrolError as exc:
+        print(f"eectl federation issue: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client_from_args(args) as client:
+            token = client.post("/api/v2/federation/join-tokens",
+                                {"datacenter": req.datacenter, "ttl_s": 60})
+            answer = client.post("/api/v2/federation/join", {
+                "token": token["token"], "datacenter": req.datacenter,
+                "tls_public_key": req.tls_public_key, "signing_key": req.signing_key})
+    except CtlError as exc:
+        print(f"eectl federation issue: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:  # what the dc will check, checked here first
+        pki.check_answer(pin=token["pin"], label=req.datacenter, ca_pem=answer["ca"],
+                         master_key_hex=answer["master_key"],
+                         cert_pem_text=answer["certificate"],
+                         tls_public_pem=req.tls_public_key)
+    except (pki.PkiError, KeyError, TypeError) as exc:
+        print(f"eectl federation issue: the master's answer does not check: {exc}",
+              file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    pki.write_public(out, json.dumps(bundle_doc(answer), indent=1).encode())
+    print(token["pin"])
+    print(f"(bundle for {answer['datacenter']} in {out}; request sha256 "
+          f"{digest(Path(args.request))} - compare with what the dc printed; give the dc "
+          "the pin above apart from the bundle: --master-pin)", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,16 @@ Supervision subtree (a child of the CP's root)::
 Enrolment (``enroll``, once, before the CP starts): the dc makes its own TLS key and
 Ed25519 signing key, and trades a master-issued join token for a certificate from the
 cluster CA (CN = its label), the CA certificate and the master's signing key, which it
-pins. Everything lives in ``DATA_DIR/federation``.
+pins. Everything lives in ``DATA_DIR/federation``. The answer is hostile until checked
+(``pki.check_answer``): the CA and master key must match the master pin the token
+carries (``eej_SECRET.PIN``) or ``--master-pin`` names, the certificate must be the CA's
+for this label and this dc's key; only then is anything written. Without ``--dev`` a
+pin is required and the upstream must be https (verified; ``--upstream-ca`` for a
+private CA): the token is a secret, and whoever learns it first can join as this dc.
+Offline (no join route reachable from the dc): ``write_request`` keeps fresh keys in
+``federation/pending`` and writes their public halves; the operator has the master sign
+them (``eectl federation issue``); ``install_bundle`` checks the bundle like a join
+answer, against a pin given on the command line, then moves the keys into place.
 
 Up: every change of one of this datacenter's agents (status, verdict, capacity,
 deployment states) is coalesced per agent and appended to the SQLite spool as an
@@ -35,18 +44,24 @@ own task so the link keeps reading. Nothing of it is spooled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import shutil
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+import cattrs
 import httpx
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
@@ -88,6 +103,7 @@ from ee.federation.wire import (
     unstructure,
 )
 from ee.protocol.signing import (
+    KeyFileError,
     generate_signing_key,
     load_private_key,
     public_key_bytes,
@@ -114,6 +130,7 @@ class Enrollment:
     stream_url: str
     master_key: str  # hex Ed25519
     cluster_id: str
+    master_pin: str = ""  # the pin the answer was checked against ("" : dev, none given)
 
     @classmethod
     def load(cls, directory: Path) -> Enrollment | None:
@@ -123,41 +140,213 @@ class Enrollment:
         return cls(**json.loads(path.read_text()))
 
 
+REQUEST_FORMAT = "ee/v2/federation/enroll-request/1"
+BUNDLE_FORMAT = "ee/v2/federation/enroll-bundle/1"
+MAX_ANSWER_BYTES = 64 * 1024
+_PEM: Any = attrs.validators.max_len(16_000)
+
+
+@attrs.frozen
+class JoinAnswer:
+    """The master's join answer (and the body of an offline bundle), hostile until
+    ``pki.check_answer`` has passed."""
+
+    datacenter: str = attrs.field(validator=attrs.validators.max_len(120))
+    certificate: str = attrs.field(validator=_PEM)
+    ca: str = attrs.field(validator=_PEM)
+    master_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))
+    stream_url: str = attrs.field(
+        validator=attrs.validators.matches_re(r"wss://[A-Za-z0-9.\-\[\]:]{1,300}/[!-~]{0,300}"))
+    cluster_id: str = attrs.field(validator=attrs.validators.max_len(200))
+
+
+@attrs.frozen
+class EnrollRequest:
+    """What ``--enroll-request`` writes: the public halves of the dc's keys."""
+
+    format: str = attrs.field(validator=attrs.validators.in_([REQUEST_FORMAT]))
+    datacenter: str = attrs.field(validator=attrs.validators.max_len(120))
+    tls_public_key: str = attrs.field(validator=attrs.validators.max_len(2000))
+    signing_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))
+
+
+_conv = cattrs.Converter(forbid_extra_keys=True)
+
+
+_T = TypeVar("_T")
+
+
+def _structure(doc: Any, cls: type[_T], what: str) -> _T:
+    try:
+        return _conv.structure(doc, cls)
+    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+        detail = ("; ".join(cattrs.transform_error(exc))
+                  if isinstance(exc, cattrs.BaseValidationError) else str(exc))
+        raise EnrolError(f"{what} is malformed: {detail[:300]}") from None
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a request or bundle file, for the operator to compare at both ends."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pins(token_pin: str | None, given: str | None) -> str | None:
+    try:
+        pin = pki.normal_pin(given) if given else None
+    except pki.PkiError as exc:
+        raise EnrolError(f"--master-pin: {exc}") from None
+    if pin is not None and token_pin is not None and pin != token_pin:
+        raise EnrolError("--master-pin and the join token's pin differ")
+    return pin or token_pin
+
+
+def _keep(directory: Path, answer: JoinAnswer, label: str, upstream: str, pin: str | None,
+          tls_key: ec.EllipticCurvePrivateKey, sign_key: Ed25519PrivateKey) -> Enrollment:
+    """Check *answer*, then (only then) write the keys, certificates and enrolment."""
+    if answer.datacenter != label:
+        raise EnrolError(f"the answer is for datacenter {answer.datacenter}, not {label}")
+    try:
+        pki.check_answer(pin=pin, label=label, ca_pem=answer.ca,
+                         master_key_hex=answer.master_key, cert_pem_text=answer.certificate,
+                         tls_public_pem=pki.public_pem(tls_key))
+    except pki.PkiError as exc:
+        raise EnrolError(f"refusing the enrolment, nothing written: {exc}") from None
+    pki.save_key(directory / "dc.key", tls_key)
+    save_private_key(directory / "sign.key", sign_key, overwrite=True)
+    pki.write_public(directory / "dc.pem", answer.certificate.encode())
+    pki.write_public(directory / "ca.pem", answer.ca.encode())
+    enrolment = Enrollment(label, upstream, answer.stream_url, answer.master_key,
+                           answer.cluster_id, pin or "")
+    pki.write_public(directory / "enrollment.json",
+                     json.dumps(attrs.asdict(enrolment), indent=1).encode())
+    return enrolment
+
+
+def _verify(upstream: str, dev: bool, upstream_ca: Path | None) -> ssl.SSLContext | bool:
+    if upstream.startswith("https://"):
+        try:
+            return ssl.create_default_context(
+                cafile=str(upstream_ca) if upstream_ca is not None else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise EnrolError(f"--upstream-ca {upstream_ca}: {exc}") from None
+    if not dev:
+        raise EnrolError(f"--upstream {upstream}: the join sends a secret token, so it "
+                         "must be https:// (plain http only with --dev)")
+    return False
+
+
 def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
-           timeout_s: float = 15.0) -> Enrollment:
-    """Join the master once (a no-op when already enrolled for *label*)."""
+           timeout_s: float = 15.0, *, dev: bool = True, upstream_ca: Path | None = None,
+           pin: str | None = None) -> Enrollment:
+    """Join the master once (a no-op when already enrolled for *label*). Without *dev*
+    a master pin (in the token or *pin*) and an https upstream are required."""
     directory = data_dir / "federation"
     existing = Enrollment.load(directory)
     if existing is not None and existing.label == label:
         return existing
     if token is None:
         raise EnrolError(f"datacenter {label} is not enrolled with a master yet: give "
-                         "--join-token (eectl federation join-token prints one)")
+                         "--join-token (eectl federation join-token prints one), or "
+                         "--enroll-request / --enroll-bundle offline")
+    try:
+        _secret, token_pin = pki.split_join_token(token)
+    except pki.PkiError as exc:
+        raise EnrolError(f"--join-token: {exc}") from None
+    expected = _pins(token_pin, pin)
+    if expected is None and not dev:
+        raise EnrolError("the join token carries no master pin (and no --master-pin): "
+                         "use a token printed by `eectl federation join-token`")
+    verify = _verify(upstream, dev, upstream_ca)
     tls_key = pki.new_key()
     sign_key = generate_signing_key()
     body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
             "signing_key": public_key_bytes(sign_key).hex()}
     try:
         resp = httpx.post(upstream.rstrip("/") + "/api/v2/federation/join", json=body,
-                          timeout=timeout_s)
+                          timeout=timeout_s, verify=verify)
     except httpx.HTTPError as exc:
         raise EnrolError(f"cannot reach the master at {upstream}: {exc}") from None
+    if len(resp.content) > MAX_ANSWER_BYTES:
+        raise EnrolError(f"the join answer is larger than {MAX_ANSWER_BYTES} bytes")
     if resp.status_code != 200:
         try:
             err = resp.json().get("error", {})
             detail = f"{err.get('code')}: {err.get('message')}"
-        except ValueError:
+        except (ValueError, AttributeError):
             detail = resp.text[:200]
         raise EnrolError(f"the master refused the join ({resp.status_code}): {detail}")
-    doc = resp.json()
-    pki.save_key(directory / "dc.key", tls_key)
-    save_private_key(directory / "sign.key", sign_key, overwrite=True)
-    pki.write_public(directory / "dc.pem", doc["certificate"].encode())
-    pki.write_public(directory / "ca.pem", doc["ca"].encode())
-    enrolment = Enrollment(doc["datacenter"], upstream, doc["stream_url"], doc["master_key"],
-                           doc["cluster_id"])
-    pki.write_public(directory / "enrollment.json",
-                     json.dumps(attrs.asdict(enrolment), indent=1).encode())
+    try:
+        doc = resp.json()
+    except ValueError:
+        raise EnrolError("the join answer is not JSON") from None
+    answer = _structure(doc, JoinAnswer, "the join answer")
+    return _keep(directory, answer, label, upstream, expected, tls_key, sign_key)
+
+
+def write_request(data_dir: Path, label: str, out: Path) -> Path:
+    """Offline enrolment, step 1 (at the dc): fresh keys kept in ``federation/pending``
+    (an earlier request's are replaced), their public halves written to *out*."""
+    directory = data_dir / "federation"
+    if Enrollment.load(directory) is not None:
+        raise EnrolError(f"{directory} is already enrolled; move it away to re-enrol")
+    pending = directory / "pending"
+    tls_key = pki.new_key()
+    sign_key = generate_signing_key()
+    pki.save_key(pending / "dc.key", tls_key)
+    save_private_key(pending / "sign.key", sign_key, overwrite=True)
+    request = EnrollRequest(REQUEST_FORMAT, label, pki.public_pem(tls_key),
+                            public_key_bytes(sign_key).hex())
+    pki.write_public(out, json.dumps(attrs.asdict(request), indent=1).encode())
+    return out
+
+
+def read_request(path: Path) -> EnrollRequest:
+    try:
+        raw = path.read_bytes()[:MAX_ANSWER_BYTES + 1]
+        doc = json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise EnrolError(f"{path}: {exc}") from None
+    return _structure(doc, EnrollRequest, f"{path}")
+
+
+def bundle_doc(answer: dict[str, Any]) -> dict[str, Any]:
+    """The offline bundle for a join answer (what ``eectl federation issue`` writes)."""
+    return {"format": BUNDLE_FORMAT, **answer}
+
+
+def install_bundle(data_dir: Path, upstream: str, label: str, bundle: Path,
+                   pin: str | None) -> Enrollment:
+    """Offline enrolment, step 3 (at the dc): check *bundle* against *pin* and the
+    pending keys, then keep it. A no-op when already enrolled for *label*."""
+    directory = data_dir / "federation"
+    existing = Enrollment.load(directory)
+    if existing is not None and existing.label == label:
+        return existing
+    if not pin:
+        raise EnrolError("--enroll-bundle needs --master-pin (printed by "
+                         "`eectl federation issue`; carry it apart from the bundle)")
+    expected = _pins(None, pin)
+    pending = directory / "pending"
+    try:
+        tls_key = serialization.load_pem_private_key((pending / "dc.key").read_bytes(), None)
+        sign_key = load_private_key(pending / "sign.key")
+        raw = bundle.read_bytes()
+    except (OSError, ValueError, KeyFileError) as exc:
+        raise EnrolError(f"no pending enrolment request here (--enroll-request first): "
+                         f"{exc}") from None
+    if not isinstance(tls_key, ec.EllipticCurvePrivateKey):
+        raise EnrolError(f"{pending / 'dc.key'}: not an EC key")
+    if len(raw) > MAX_ANSWER_BYTES:
+        raise EnrolError(f"{bundle}: larger than {MAX_ANSWER_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise EnrolError(f"{bundle}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.pop("format", None) != BUNDLE_FORMAT:
+        raise EnrolError(f"{bundle}: not an enrolment bundle ({BUNDLE_FORMAT})")
+    answer = _structure(doc, JoinAnswer, f"{bundle}")
+    enrolment = _keep(directory, answer, label, upstream, expected, tls_key, sign_key)
+    shutil.rmtree(pending, ignore_errors=True)  # the keys are in place now
     return enrolment
 
 
@@ -439,4 +628,6 @@ class DcFederation:
         self.spool.close()
 
 
-__all__ = ["DcFederation", "EnrolError", "Enrollment", "agent_view", "enroll", "unstructure"]
+__all__ = ["DcFederation", "EnrolError", "EnrollRequest", "Enrollment", "JoinAnswer",
+           "agent_view", "bundle_doc", "digest", "enroll", "install_bundle", "read_request",
+           "unstructure", "write_request"]

@@ -168,8 +168,10 @@ class Enrolled:
 
 @attrs.frozen
 class JoinToken:
+    """A join token as the master keeps it (in memory, by the SHA-256 of its secret)."""
+
     expires_at: float  # trio time
-    datacenter: str | None
+    datacenter: str | None  # None: any label not yet enrolled (a re-join needs a bound one)
 
 
 @attrs.frozen
@@ -586,6 +588,10 @@ class MasterFederation:
     def master_key_hex(self) -> str:
         return public_key_bytes(self.key).hex()
 
+    def pin(self) -> str:
+        """The master pin a dc checks its join answer against (``pki.master_pin``)."""
+        return pki.master_pin(pki.cert_pem(self.ca.cert), self.master_key_hex())
+
     def is_federated(self, label: str) -> bool:
         return label in self.enrolled
 
@@ -595,11 +601,13 @@ class MasterFederation:
         now = trio.current_time()
         self.tokens = {h: t for h, t in self.tokens.items() if t.expires_at > now}
         label = self.normalise(datacenter) if datacenter else None
-        token = "eej_" + secrets.token_urlsafe(32)
+        secret = pki.TOKEN_PREFIX + secrets.token_urlsafe(32)
         ttl = ttl_s if ttl_s is not None else self.settings.join_token_ttl_s
-        self.tokens[_hash(token)] = JoinToken(now + ttl, label)
+        self.tokens[_hash(secret)] = JoinToken(now + ttl, label)
         self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
-        return {"token": token, "expires_in_s": ttl, "datacenter": label}
+        pin = self.pin()
+        return {"token": pki.join_token_text(secret, pin), "pin": pin, "expires_in_s": ttl,
+                "datacenter": label}
 
     def advertised(self) -> str:
         host, port = _host_port(self.settings.advertise or self.settings.listen)
@@ -612,7 +620,11 @@ class MasterFederation:
     async def join(self, req: JoinRequest) -> dict[str, Any]:
         """Consume a join token: issue the dc's certificate and pin its keys."""
         now = trio.current_time()
-        digest = _hash(req.token)
+        try:  # the pin is public (the dc's check); the secret is the credential
+            secret, _pin = pki.split_join_token(req.token)
+        except pki.PkiError:
+            secret = req.token
+        digest = _hash(secret)
         found = None
         for h in list(self.tokens):
             if hmac.compare_digest(h, digest):
@@ -623,6 +635,12 @@ class MasterFederation:
         if found.datacenter is not None and found.datacenter != label:
             raise JoinRefused("join_token_datacenter",
                               f"this token is for datacenter {found.datacenter}")
+        if found.datacenter is None and label in self.enrolled:
+            # Re-joining replaces the pinned certificate and key of a live dc: only with
+            # a token the admin bound to that label, never with a general one.
+            raise JoinRefused("join_token_unbound",
+                              f"{label} is enrolled; a re-join needs a token bound to it "
+                              "(eectl federation join-token --datacenter)")
         if label not in self.enrolled and f"dc/{label}" in self.registry:
             raise JoinRefused("datacenter_is_direct",
                               f"agents of {label} are connected to this master directly")

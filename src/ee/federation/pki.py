@@ -7,18 +7,29 @@ at join time for a public key the dc generated itself (the private key never lea
 dc). A dc certificate's subject CN is its datacenter label; the master additionally pins
 the SHA-256 of each issued certificate, so a CA-signed certificate it did not issue to
 that dc (or issued before a re-join) is still an unknown certificate.
+
+The master pin (``master_pin``, like kubeadm's discovery hash): SHA-256 over a domain
+tag, the cluster CA certificate (DER) and the master's Ed25519 key. Everything a dc
+trusts forever comes from one join answer (or offline bundle): the CA it dials and the
+key its snapshots must verify with. The pin travels with the join token
+(``eej_SECRET.PIN``, ``join_token_text``) or is given on the command line, so a dc checks
+the answer against it (``check_answer``) before it writes anything: whoever answers at
+the upstream URL cannot substitute its own CA or key. The secret part alone is the
+credential (the master hashes only it); the pin is public.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import ipaddress
 import os
 import ssl
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -155,6 +166,76 @@ class ClusterCa:
                     names.append(x509.DNSName(host))
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return builder.sign(self.key, hashes.SHA256())
+
+
+PIN_TAG = b"ee/v2/federation-master-pin/1\x00"
+TOKEN_PREFIX = "eej_"
+
+
+def master_pin(ca_pem: str, master_key_hex: str) -> str:
+    """The pin of a master: hex SHA-256 over the tag, the CA (DER) and its signing key."""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem.encode())
+        key = bytes.fromhex(master_key_hex)
+    except ValueError as exc:
+        raise PkiError(f"cannot compute the master pin: {exc}") from None
+    if len(key) != 32:
+        raise PkiError("the master key must be 32 bytes (Ed25519)")
+    return hashlib.sha256(PIN_TAG + ca.public_bytes(serialization.Encoding.DER)
+                          + key).hexdigest()
+
+
+def join_token_text(secret: str, pin: str) -> str:
+    return f"{secret}.{pin}"
+
+
+def split_join_token(token: str) -> tuple[str, str | None]:
+    """``eej_SECRET.PIN`` → (secret, pin); a token without a pin → (token, None)."""
+    secret, sep, pin = token.partition(".")
+    if not sep:
+        return token, None
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise PkiError("the join token's pin is not 64 lower-case hex characters")
+    return secret, pin
+
+
+def normal_pin(text: str) -> str:
+    """A pin given on a command line: 64 hex characters, optionally ``sha256:``-prefixed."""
+    pin = text.strip().lower().removeprefix("sha256:")
+    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+        raise PkiError("a master pin is 64 hex characters (eectl federation issue prints it)")
+    return pin
+
+
+def check_answer(*, pin: str | None, label: str, ca_pem: str, master_key_hex: str,
+                 cert_pem_text: str, tls_public_pem: str) -> None:
+    """What a dc checks before it keeps a join answer or an offline bundle: the CA and
+    master key match *pin* (when given), and the certificate is the CA's, for *label*,
+    and for the dc's own TLS key. Raises PkiError."""
+    if pin is not None and not hmac.compare_digest(master_pin(ca_pem, master_key_hex), pin):
+        raise PkiError("the master's CA certificate and signing key do not match the pin: "
+                       "whoever answered is not the master the pin names")
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem.encode())
+        cert = x509.load_pem_x509_certificate(cert_pem_text.encode())
+    except ValueError as exc:
+        raise PkiError(f"unreadable certificate: {exc}") from None
+    ca_key = ca.public_key()
+    if not isinstance(ca_key, ec.EllipticCurvePublicKey):
+        raise PkiError("the cluster CA key must be EC")
+    try:
+        ca_key.verify(cert.signature, cert.tbs_certificate_bytes,
+                      ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise PkiError("the certificate is not signed by the cluster CA") from None
+    if cert.issuer != ca.subject:
+        raise PkiError("the certificate's issuer is not the cluster CA")
+    if common_name(cert.public_bytes(serialization.Encoding.DER)) != label:
+        raise PkiError(f"the certificate is not for datacenter {label}")
+    ours = serialization.load_pem_public_key(tls_public_pem.encode())
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != ours.public_bytes(*spki):
+        raise PkiError("the certificate is not for this dc's TLS key")
 
 
 def server_context(cert_path: Path, key_path: Path, ca_path: Path) -> ssl.SSLContext:
