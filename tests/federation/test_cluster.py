@@ -42,7 +42,7 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
                     "token": token, "datacenter": "sim:dc-x",
                     "tls_public_key": pki.public_pem(key),
                     "signing_key": public_key_bytes(generate_signing_key()).hex()})
-            assert r.status_code == 403 and r.json()["error"]["code"] == "join_token_invalid"
+            assert r.status_code == 401 and r.json()["error"]["code"] == "join_token_invalid"
             # A token bound to a datacenter joins only that one.
             bound = await join_token(m, "sim:dc-y")
             async with httpx.AsyncClient() as c:

@@ -76,11 +76,11 @@ async def test_pin_refuses_a_substituted_master(tmp_path: Path) -> None:
             other = tmp_path / "other"
             async with event_log(m) as events:
                 with pytest.raises(EnrolError, match="join_token_invalid"):
-                    await trio.to_thread.run_sync(enroll, other, m.http, A, good)
+                    await trio.to_thread.run_sync(partial(enroll, other, m.http, A, good, dev=True))
                 # A general (unbound) token cannot replace an enrolled dc's keys.
                 with pytest.raises(EnrolError, match="join_token_unbound"):
-                    await trio.to_thread.run_sync(enroll, other, m.http, A,
-                                                  await join_token(m))
+                    await trio.to_thread.run_sync(partial(enroll, other, m.http, A,
+                                                          await join_token(m), dev=True))
                 await trio.sleep(0.3)
             codes = [e["data"]["code"] for e in events if e.get("kind") == "federation.refused"]
             assert "join_token_invalid" in codes and "join_token_unbound" in codes

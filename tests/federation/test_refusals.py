@@ -9,6 +9,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ async def _view(m: CpProc) -> dict[str, Any]:
 
 async def _enroll(m: CpProc, home: Path) -> None:
     token = await join_token(m, LABEL)
-    await trio.to_thread.run_sync(enroll, home, m.http, LABEL, token)
+    await trio.to_thread.run_sync(partial(enroll, home, m.http, LABEL, token, dev=True))
 
 
 async def test_link_refusals(tmp_path: Path) -> None:

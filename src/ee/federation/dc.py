@@ -236,7 +236,7 @@ def _verify(upstream: str, dev: bool, upstream_ca: Path | None) -> ssl.SSLContex
 
 
 def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
-           timeout_s: float = 15.0, *, dev: bool = True, upstream_ca: Path | None = None,
+           timeout_s: float = 15.0, *, dev: bool = False, upstream_ca: Path | None = None,
            pin: str | None = None) -> Enrollment:
     """Join the master once (a no-op when already enrolled for *label*). Without *dev*
     a master pin (in the token or *pin*) and an https upstream are required."""

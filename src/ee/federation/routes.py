@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from quart import Response, g
@@ -57,6 +57,10 @@ if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
 
 FOLLOW_UNSUPPORTED = "federated_follow_unsupported"
+
+# A join refusal's status: an unknown token is not authenticated (401), a malformed key
+# is a bad request (400); the rest (an unbound re-join, a label mismatch) forbidden.
+JOIN_STATUS: Final = {"join_token_invalid": 401, "bad_key": 400}
 
 
 def _placed_for(cp: Any, account_id: str, deployment_id: str
@@ -229,12 +233,14 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         try:
             out = await master_fed.join(req)
         except LabelError as exc:
+            cp.events.emit("federation.refused", req.datacenter[:80],
+                           {"code": "bad_datacenter", "detail": str(exc)[:200]})
             raise ApiError(400, "bad_datacenter", str(exc)[:200],
                            {"field": "datacenter"}) from None
         except JoinRefused as exc:
             cp.events.emit("federation.refused", req.datacenter[:80],
                            {"code": exc.code, "detail": exc.detail})
-            raise ApiError(403, exc.code, exc.detail) from None
+            raise ApiError(JOIN_STATUS.get(exc.code, 403), exc.code, exc.detail) from None
         return json_response(out)
 
     @app.get("/api/v2/federation/snapshot")
