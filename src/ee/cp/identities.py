@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -83,7 +84,8 @@ class IdentityBook:
         bindings: dict[str, Binding] = {}
         pending: list[str] = []
         folder = self.manifests.root / "bindings"
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        files = os.listdir(folder) if folder.is_dir() else []
+        for path in (folder / f for f in files if f.endswith(".json")):
             name = ident_of(path)
             if name is not None and VM_NAME.match(name):
                 pending.append(name)
