@@ -231,7 +231,8 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
         _, _, count_before = quantiles(before, "ee_heartbeat_handling_seconds")
         print(f"    (held: CP RSS {rss / 1024:.0f} MiB = {(rss - base_rss) / n:.1f} KiB/agent; "
-              f"heartbeat p99 {p99 * 1000:.2f} ms; now kill -9 and restart)", flush=True)
+              f"heartbeat p99 {p99 * 1000:.2f} ms; "
+              f"{'now the soak' if soak_s else 'now kill -9 and restart'})", flush=True)
         if soak_s:
             await soak(cp.proc.pid, soak_s, n)
             nursery.cancel_scope.cancel()
