@@ -194,6 +194,10 @@ async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S) -
           f"{slope_per_min(samples):+.1f} KiB/min; CP CPU "
           f"{(proc_cpu(pid) - c0) / (time.perf_counter() - t0) * 100:.0f}% of one core; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
+    halves = samples[: len(samples) // 2 + 1], samples[len(samples) // 2:]
+    print(f"    slope of the first half {slope_per_min(halves[0]):+.1f} KiB/min, of the "
+          f"second {slope_per_min(halves[1]):+.1f} KiB/min; RSS MiB every {every_s:.0f}s: "
+          + " ".join(f"{v / 1024:.1f}" for _, v in samples), flush=True)
 
 
 async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | None = None,
