@@ -25,7 +25,8 @@ def _identity(name: str, key: bytes) -> Identity:
                     verified_at=0.0)
 
 
-def _book(tmp_path: Path) -> tuple[IdentityBook, list[tuple[str, str, Any]], dict[str, bytes]]:
+def _book(tmp_path: Path, verify_after_s: float = 0.0
+          ) -> tuple[IdentityBook, list[tuple[str, str, Any]], dict[str, bytes]]:
     store = ManifestStore(tmp_path / "manifests", Ed25519PrivateKey.generate())
     keys = {f"vm-{i:05d}": os.urandom(32) for i in range(NAMES)}
     for name, key in keys.items():
@@ -34,7 +35,8 @@ def _book(tmp_path: Path) -> tuple[IdentityBook, list[tuple[str, str, Any]], dic
     ManifestStore(store.root, Ed25519PrivateKey.generate()).write(
         "bindings", "vm-00003", Binding("vm-00003", os.urandom(32), 1.0).to_spec())
     events: list[tuple[str, str, Any]] = []
-    book = IdentityBook(store, lambda kind, subject, data: events.append((kind, subject, data)))
+    book = IdentityBook(store, lambda kind, subject, data: events.append((kind, subject, data)),
+                        verify_after_s)
     return book, events, keys
 
 
@@ -54,7 +56,7 @@ async def test_bindings_are_verified_after_start_and_all_of_them(tmp_path: Path)
 
 
 async def test_a_claim_before_its_turn_verifies_the_binding_first(tmp_path: Path) -> None:
-    book, _, keys = _book(tmp_path)
+    book, _, keys = _book(tmp_path, verify_after_s=3600)  # on the spot only
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(book.run)

@@ -55,14 +55,18 @@ Emit = Callable[[str, str, Mapping[str, Any]], None]
 
 #: binding manifests verified per worker-thread hop after start-up
 VERIFY_BATCH: Final = 500
+#: seconds after start-up before the background verification begins
+VERIFY_AFTER_S: Final = 10.0
 #: manifests written per worker-thread hop
 WRITE_BATCH: Final = 256
 
 
 class IdentityBook:
-    def __init__(self, manifests: ManifestStore, emit: Emit) -> None:
+    def __init__(self, manifests: ManifestStore, emit: Emit,
+                 verify_after_s: float = VERIFY_AFTER_S) -> None:
         self.manifests = manifests
         self.emit = emit
+        self.verify_after_s = verify_after_s
         self.bindings: dict[str, Binding] = {}
         self.drained: set[str] = set()
         self._dirty: set[tuple[str, str]] = set()
@@ -154,7 +158,10 @@ class IdentityBook:
             self._ensure(name)
 
     async def _verify_pending(self) -> None:
-        """Verify the listed bindings in the background, a batch per worker thread."""
+        """Verify the listed bindings in the background, a batch per worker thread, once
+        the rest of the CP has started (verification holds the GIL: it would slow the
+        start-up down, and the agents that come back first are verified on the spot)."""
+        await trio.sleep(self.verify_after_s)
         while self._pending:
             batch = list(itertools.islice(self._pending, VERIFY_BATCH))
             for name, binding, problem in await trio.to_thread.run_sync(
