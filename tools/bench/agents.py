@@ -6,6 +6,7 @@ from the CP's own histogram), CP RSS per agent, CP and loadgen CPU during steady
 restart of the CP (agents reconnect on their own).
 
     python tools/bench/agents.py --agents 1000 10000 [--heartbeat 10] [--hold 30]
+    python tools/bench/agents.py --agents 10000 --soak 600   # RSS slope while held
 
 Profiling (figures of a profiled run are not the benchmark's): ``--tracemalloc OUT``
 runs the CP under tools/bench/cp_traced.py and writes where its memory lives after the
@@ -40,6 +41,7 @@ from run import cpu_seconds, hold  # noqa: E402
 PAGE = os.sysconf("SC_PAGE_SIZE")
 READY_WAIT_S = 240.0  # reported as not ready (inf) beyond this
 TICK = os.sysconf("SC_CLK_TCK")
+SOAK_EVERY_S = 10.0
 
 
 def free_port() -> int:
@@ -109,7 +111,9 @@ class Cp:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def start(self) -> float:
+    def start(self, spy: Path | None = None) -> float:
+        """Start the CP and wait for its HTTP health; with *spy*, record its start-up
+        (process start to health) there with py-spy."""
         t0 = time.perf_counter()
         runner = (["-m", "ee.cp.server"] if self.tracemalloc is None else
                   [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc), "--"])
@@ -118,9 +122,14 @@ class Cp:
              "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.http_port}",
              "--agent-listen", f"127.0.0.1:{self.agent_port}", "--log-level", "WARNING"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spying = None
+        if spy is not None:
+            time.sleep(0.3)  # py-spy needs the interpreter up
+            spying = py_spy(self.proc.pid, spy)
         while True:
             try:
                 httpx.get(f"{self.http}/api/v2/health", timeout=1)
+                stop_py_spy(spying)
                 return t0
             except httpx.TransportError:
                 time.sleep(0.05)
@@ -159,8 +168,40 @@ def stop_py_spy(proc: subprocess.Popen[bytes] | None) -> None:
         proc.wait(timeout=120)
 
 
+def slope_per_min(samples: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, KiB) samples, in KiB per minute."""
+    mt = sum(t for t, _ in samples) / len(samples)
+    mv = sum(v for _, v in samples) / len(samples)
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return 0.0 if var == 0 else sum((t - mt) * (v - mv) for t, v in samples) / var * 60
+
+
+async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S) -> None:
+    """Sample the CP's RSS every *every_s* while the agents heartbeat; print the slope."""
+    samples: list[tuple[float, float]] = []
+    t0, c0 = time.perf_counter(), proc_cpu(pid)
+    while True:
+        elapsed = time.perf_counter() - t0
+        samples.append((elapsed, float(rss_kib(pid))))
+        if elapsed >= soak_s:
+            break
+        await trio.sleep(min(every_s, soak_s - elapsed))
+    first, last = samples[0][1], samples[-1][1]
+    print(f"    soak {soak_s:.0f}s at {n} agents: {len(samples)} RSS samples every "
+          f"{every_s:.0f}s, first {first / 1024:.1f} MiB, last {last / 1024:.1f} MiB, "
+          f"min {min(v for _, v in samples) / 1024:.1f} MiB, max "
+          f"{max(v for _, v in samples) / 1024:.1f} MiB; least-squares slope "
+          f"{slope_per_min(samples):+.1f} KiB/min; CP CPU "
+          f"{(proc_cpu(pid) - c0) / (time.perf_counter() - t0) * 100:.0f}% of one core; "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    halves = samples[: len(samples) // 2 + 1], samples[len(samples) // 2:]
+    print(f"    slope of the first half {slope_per_min(halves[0]):+.1f} KiB/min, of the "
+          f"second {slope_per_min(halves[1]):+.1f} KiB/min; RSS MiB every {every_s:.0f}s: "
+          + " ".join(f"{v / 1024:.1f}" for _, v in samples), flush=True)
+
+
 async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | None = None,
-                spy: Path | None = None) -> None:
+                spy: Path | None = None, soak_s: float = 0.0) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ee-bench-"))
     env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
     os.environ["EE_SIM_DIR"] = env["EE_SIM_DIR"]
@@ -170,12 +211,14 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
     base_rss = rss_kib(cp.proc.pid)
     async with trio.open_nursery() as nursery:
         spying = py_spy(cp.proc.pid, spy / "join.txt") if spy else None
-        t0 = time.perf_counter()
+        t0, lg_join0 = time.perf_counter(), cpu_seconds()
         agents = await nursery.start(lambda task_status: hold(
             cp.url, n, prefix="bench", concurrency=256, datacenters=4, hold_s=None,
             task_status=task_status))
         joined = sum(1 for a in agents if a.registered)
         join_s = time.perf_counter() - t0
+        lg_join = cpu_seconds() - lg_join0
+        load_join = os.getloadavg()[0]
         stop_py_spy(spying)
         await trio.sleep(heartbeat * 2)  # settle: every agent heartbeats at least once
         before = await _metrics(cp)
@@ -192,7 +235,14 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         p50, p99, count = quantiles(after, "ee_heartbeat_handling_seconds")
         _, _, count_before = quantiles(before, "ee_heartbeat_handling_seconds")
         print(f"    (held: CP RSS {rss / 1024:.0f} MiB = {(rss - base_rss) / n:.1f} KiB/agent; "
-              f"heartbeat p99 {p99 * 1000:.2f} ms; now kill -9 and restart)", flush=True)
+              f"heartbeat p99 {p99 * 1000:.2f} ms; "
+              f"{'now the soak' if soak_s else 'now kill -9 and restart'})", flush=True)
+        if soak_s:
+            await soak(cp.proc.pid, soak_s, n)
+            nursery.cancel_scope.cancel()
+            cp.stop()
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         if tracemalloc is not None:
             cp.proc.send_signal(signal.SIGUSR1)
             for _ in range(1200):  # the report takes a while at 10,000 agents
@@ -204,13 +254,15 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
         cp.tracemalloc = None
         # In a thread: the sim agents (this process) keep their own timers meanwhile;
         # a blocked loop would fire every expired backoff at once when it returns.
-        t_restart = await trio.to_thread.run_sync(cp.start)
+        lg_restart0 = cpu_seconds()
+        t_restart = await trio.to_thread.run_sync(
+            cp.start, spy / "startup.txt" if spy else None)
         up_s = time.perf_counter() - t_restart  # process start to HTTP health
         spying = py_spy(cp.proc.pid, spy / "restart.txt") if spy else None
 
         async def progress() -> None:
             while True:
-                await trio.sleep(5)
+                await trio.sleep(2 if time.perf_counter() - t_restart < 40 else 5)
                 print(f"    ... {time.perf_counter() - t_restart:.0f}s after the restart: "
                       f"{sum(a.ws is not None for a in agents)} sim agents connected, "
                       f"{sum(a.sessions > 1 for a in agents)} registered again", flush=True)
@@ -221,10 +273,13 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
             await wait_http(cp, "/api/v2/ready")
             ready_s = time.perf_counter() - t_restart
         stop_py_spy(spying)
+        lg_restart = cpu_seconds() - lg_restart0
+        cp_restart = proc_cpu(cp.proc.pid)  # the new CP's CPU, start to ready
         nursery.cancel_scope.cancel()
     cp.stop()
     shutil.rmtree(tmp, ignore_errors=True)  # the CP's records and manifests, the sim TD
-    print(f"agents={n:>6}  held={joined}  join={join_s:.1f}s  "
+    print(f"agents={n:>6}  held={joined}  join={join_s:.1f}s ({joined / join_s:.0f}/s; "
+          f"loadgen CPU {lg_join / join_s * 100:.0f}% of one core; load {load_join:.1f})  "
           f"heartbeats handled in window={count - count_before} "
           f"({(count - count_before) / hold_s:.0f}/s)")
     print(f"    heartbeat handling p50={p50 * 1000:.2f} ms  p99={p99 * 1000:.2f} ms "
@@ -236,7 +291,11 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
           f"CP CPU per heartbeat {cp_cpu_s / handled * 1000:.3f} ms; host load average "
           f"{load:.1f} on {os.cpu_count()} cores (shared machine)")
     print(f"    time-to-ready after kill -9 + restart: {ready_s:.1f}s "
-          f"(quorum 95% of checkpointed agents; the CP answered health after {up_s:.1f}s)")
+          f"(quorum 95% of checkpointed agents; the CP answered health after {up_s:.1f}s; "
+          f"load {os.getloadavg()[0]:.1f})")
+    print(f"    CPU from the restart to ready: CP {cp_restart:.1f}s, loadgen {lg_restart:.1f}s "
+          f"({(cp_restart + lg_restart) / min(ready_s, READY_WAIT_S) * 100:.0f}% of one "
+          f"core together, on a {os.cpu_count()}-core host shared with others)")
 
 
 async def _metrics(cp: Cp) -> str:
@@ -251,6 +310,10 @@ def main() -> None:
     p.add_argument("--hold", type=float, default=30.0)
     p.add_argument("--tracemalloc", type=Path, help="write the CP's memory profile here")
     p.add_argument("--py-spy", type=Path, help="directory for py-spy profiles of the CP")
+    p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                   help="after the hold, sample the CP's RSS every 10 s for SECONDS while "
+                        "the agents heartbeat and report its least-squares slope (KiB/min); "
+                        "no restart is measured")
     args = p.parse_args()
     if args.tracemalloc is not None:
         args.tracemalloc.unlink(missing_ok=True)
@@ -260,7 +323,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"open files limit {hard}")
     for n in args.agents:
-        trio.run(bench, n, args.heartbeat, args.hold, args.tracemalloc, args.py_spy)
+        trio.run(bench, n, args.heartbeat, args.hold, args.tracemalloc, args.py_spy, args.soak)
 
 
 if __name__ == "__main__":

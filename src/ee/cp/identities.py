@@ -16,6 +16,10 @@ truth while the process runs; the files follow them.
   ignored either: ignoring it would hand the name to whoever registers first. The
   name (recovered from the file name, :func:`ee.cp.manifests.ident_of`) is *held*:
   every registration of it is refused ``BINDING_INVALID`` until released.
+* **Loading.** Start-up only lists the binding manifests; they are verified in the
+  background (``run``), and a name asked for first is verified on the spot, so no
+  decision ever reads an unverified binding, and 10,000 signatures do not stand
+  between a restarted CP and its agents.
 * **Drains.** The agent actors flip ``drained`` (a plain set they share) and emit
   ``agent.drain``; the CP tells us through ``drain_changed``.
 
@@ -31,25 +35,38 @@ the data dir can also replace the CP key).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import trio
 
 from ee.actors.identity import Binding, Identity, key_sha256
 from ee.cp.manifests import ManifestStore, ident_of
 from ee.cp.registration import VM_NAME, Refusal, check_binding
+from ee.protocol.signing import SignatureError, read_enveloped
 
 log = logging.getLogger("ee.cp.identities")
 
 Emit = Callable[[str, str, Mapping[str, Any]], None]
 
+#: binding manifests verified per worker-thread hop after start-up
+VERIFY_BATCH: Final = 500
+#: seconds after start-up before the background verification begins
+VERIFY_AFTER_S: Final = 10.0
+#: manifests written per worker-thread hop
+WRITE_BATCH: Final = 256
+
 
 class IdentityBook:
-    def __init__(self, manifests: ManifestStore, emit: Emit) -> None:
+    def __init__(self, manifests: ManifestStore, emit: Emit,
+                 verify_after_s: float = VERIFY_AFTER_S) -> None:
         self.manifests = manifests
         self.emit = emit
+        self.verify_after_s = verify_after_s
         self.bindings: dict[str, Binding] = {}
         self.drained: set[str] = set()
         self._dirty: set[tuple[str, str]] = set()
@@ -57,73 +74,154 @@ class IdentityBook:
         self._stopping = False
         self._loaded = False
         self._io = trio.Lock()
+        #: VM names whose binding manifest is listed but not verified yet (see ``run``)
+        self._pending: dict[str, bool] = {}
 
     # ---- loading -------------------------------------------------------------------
 
-    def _load(self) -> tuple[dict[str, Binding], set[str], list[dict[str, Any]]]:
-        """Read and verify every binding and drain manifest (worker thread)."""
+    def _load(self) -> tuple[dict[str, Binding], set[str], list[dict[str, Any]], list[str]]:
+        """List the binding manifests, read every drain manifest (worker thread).
+
+        A binding manifest whose file name gives back its VM name is only *listed*
+        here (its name is returned, to verify later); the others are verified now."""
         problems: list[dict[str, Any]] = []
         bindings: dict[str, Binding] = {}
-        docs, refused = self.manifests.load("bindings")
-        for doc in docs:
-            try:
-                binding = Binding.from_spec(doc)
-            except ValueError as exc:
-                name = doc.get("vm_name")
-                if isinstance(name, str) and VM_NAME.match(name):
-                    bindings[name] = Binding(name, None, 0.0, problem=str(exc))
-                problems.append({"detail": f"binding: {exc}"})
-                continue
-            bindings[binding.vm_name] = binding
-        for r in refused:
-            name = ident_of(r.path)
-            problems.append({"detail": f"{r.path}: {r.reason}", "vm_name": name})
+        pending: list[str] = []
+        folder = self.manifests.root / "bindings"
+        files = os.listdir(folder) if folder.is_dir() else []
+        for path in (folder / f for f in files if f.endswith(".json")):
+            name = ident_of(path)
             if name is not None and VM_NAME.match(name):
-                bindings[name] = Binding(name, None, 0.0, problem=r.reason)
+                pending.append(name)
+                continue
+            binding, problem = self._verify(path, None)
+            problems.append(problem or {"detail": f"{path}: not named for its VM"})
+            if binding is not None and not binding.held:
+                bindings[binding.vm_name] = binding
         drains, refused = self.manifests.load("drains")
         problems += [{"detail": f"{r.path}: {r.reason}"} for r in refused]
         drained = {str(d["agent_id"]) for d in drains
                    if isinstance(d.get("agent_id"), str) and d.get("draining") is True}
-        return bindings, drained, problems
+        return bindings, drained, problems, pending
+
+    def _verify(self, path: Path, name: str | None
+                ) -> tuple[Binding | None, dict[str, Any] | None]:
+        """One binding manifest, verified: (its binding, or the held one of *name*; the
+        problem to report, if any)."""
+        try:
+            doc = read_enveloped(path, self.manifests.key.public_key())
+        except FileNotFoundError:
+            return None, None
+        except SignatureError as exc:
+            log.error("manifest refused: %s: %s", path, exc)
+            return (None if name is None else Binding(name, None, 0.0, problem=str(exc)),
+                    {"detail": f"{path}: {exc}", "vm_name": name})
+        try:
+            if doc.get("kind") != "bindings" or not isinstance(doc.get("spec"), dict):
+                raise ValueError("not a manifest of this kind")
+            binding = Binding.from_spec(doc["spec"])
+            if name is not None and binding.vm_name != name:
+                raise ValueError(f"its file is named for {name!r}")
+        except ValueError as exc:
+            held = name if name is not None else doc.get("spec", {}).get("vm_name")
+            return (Binding(held, None, 0.0, problem=str(exc))
+                    if isinstance(held, str) and VM_NAME.match(held) else None,
+                    {"detail": f"binding: {exc}"})
+        return binding, None
+
+    def _verify_names(self, names: list[str]
+                      ) -> list[tuple[str, Binding | None, dict[str, Any] | None]]:
+        return [(n, *self._verify(self.manifests.path("bindings", n), n)) for n in names]
+
+    def _settle(self, name: str, binding: Binding | None,
+                problem: dict[str, Any] | None) -> None:
+        """Take *name*'s verified binding in (event loop), unless it was settled."""
+        if self._pending.pop(name, None) is None:
+            return
+        if problem is not None:
+            self.emit("manifest.refused", "cp", problem)
+        if binding is None:
+            return
+        self.bindings[name] = binding
+        if binding.held:
+            log.error("VM name %s is held: its binding failed verification (%s)",
+                      name, binding.problem)
+            self.emit("identity.held", name, {"problem": binding.problem})
+
+    def _ensure(self, name: str) -> None:
+        """Verify *name*'s binding now if it is still pending (one signature)."""
+        if name in self._pending:
+            self._settle(name, *self._verify(self.manifests.path("bindings", name), name))
+
+    def _ensure_all(self) -> None:
+        for name in list(self._pending):
+            self._ensure(name)
+
+    async def _verify_pending(self) -> None:
+        """Verify the listed bindings in the background, a batch per worker thread, once
+        the rest of the CP has started (verification holds the GIL: it would slow the
+        start-up down, and the agents that come back first are verified on the spot)."""
+        await trio.sleep(self.verify_after_s)
+        while self._pending:
+            batch = list(itertools.islice(self._pending, VERIFY_BATCH))
+            for name, binding, problem in await trio.to_thread.run_sync(
+                    self._verify_names, batch):
+                self._settle(name, binding, problem)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Load once (before the agent plane opens), then write what changes."""
+        """Load once (before the agent plane opens), then write what changes.
+
+        Start-up cost is one directory listing: the binding manifests (one per VM name
+        ever admitted: 10,000 and more) are verified after ``started``, a batch per
+        worker thread, and a name whose binding is asked for before its turn (a
+        registration's ``claim``, a ``release``, ``views``) is verified on the spot. The
+        Judge's early check may therefore not see a binding yet; ``claim`` always does,
+        and it is the check that binds (see the module docstring)."""
         self._stopping = False
-        if not self._loaded:
-            bindings, drained, problems = await trio.to_thread.run_sync(self._load)
-            self.bindings.update(bindings)
-            self.drained.update(drained)
-            self._loaded = True
-            for p in problems:
-                self.emit("manifest.refused", "cp", p)
-            for b in bindings.values():
-                if b.held:
-                    log.error("VM name %s is held: its binding failed verification (%s)",
-                              b.vm_name, b.problem)
-                    self.emit("identity.held", b.vm_name, {"problem": b.problem})
-        task_status.started()
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            await self.flush()
-            if self._stopping:
-                return
+        async with trio.open_nursery() as nursery:
+            if not self._loaded:
+                bindings, drained, problems, pending = await trio.to_thread.run_sync(
+                    self._load)
+                self.bindings.update(bindings)
+                self.drained.update(drained)
+                self._pending.update(dict.fromkeys(pending, True))
+                self._loaded = True
+                for p in problems:
+                    self.emit("manifest.refused", "cp", p)
+            nursery.start_soon(self._verify_pending)
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self.flush()
+                if self._stopping:
+                    nursery.cancel_scope.cancel()
+                    return
 
     def request_stop(self) -> None:
         self._stopping = True
         self._wake.set()
 
     async def flush(self) -> None:
+        """Write what is dirty, up to ``WRITE_BATCH`` manifests per worker-thread hop (a
+        fleet joining binds thousands of names within seconds)."""
         while self._dirty:
-            kind, ident = self._dirty.pop()
+            batch = [self._dirty.pop() for _ in range(min(len(self._dirty), WRITE_BATCH))]
             async with self._io:
-                try:
-                    await trio.to_thread.run_sync(self._sync_one, kind, ident)
-                except OSError as exc:
-                    log.error("could not write the %s manifest of %s: %s", kind, ident, exc)
-                    self.emit("manifest.write_failed", ident, {"kind": kind,
-                                                               "error": str(exc)})
+                failed = await trio.to_thread.run_sync(self._sync_many, batch)
+            for kind, ident, exc in failed:
+                log.error("could not write the %s manifest of %s: %s", kind, ident, exc)
+                self.emit("manifest.write_failed", ident, {"kind": kind, "error": str(exc)})
+
+    def _sync_many(self, batch: list[tuple[str, str]]) -> list[tuple[str, str, OSError]]:
+        failed = []
+        for kind, ident in batch:
+            try:
+                self._sync_one(kind, ident)
+            except OSError as exc:
+                failed.append((kind, ident, exc))
+        return failed
 
     def _sync_one(self, kind: str, ident: str) -> None:
         """Make the manifest of (kind, ident) match memory (worker thread)."""
@@ -148,6 +246,7 @@ class IdentityBook:
         """Bind *identity*'s VM name to its key, or say why not (synchronous: atomic on
         the event loop). Idempotent for the bound key."""
         name = identity.vm_name
+        self._ensure(name)
         refusal = check_binding(self.bindings.get(name), name, identity.public_key)
         if refusal is not None:
             self.emit("identity.conflict", name, {"code": refusal.code,
@@ -163,6 +262,7 @@ class IdentityBook:
     async def release(self, vm_name: str, *, by: str = "admin") -> Binding | None:
         """Forget *vm_name*'s binding, durably; the released binding, or None if the
         name was not bound."""
+        self._ensure(vm_name)
         binding = self.bindings.pop(vm_name, None)
         if binding is None:
             return None
@@ -175,6 +275,7 @@ class IdentityBook:
         return binding
 
     def views(self) -> list[dict[str, Any]]:
+        self._ensure_all()
         return [self.bindings[n].to_view() for n in sorted(self.bindings)]
 
     # ---- drains --------------------------------------------------------------------

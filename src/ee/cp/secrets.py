@@ -24,8 +24,12 @@ memory, and a CP restart simply releases again (the agent accepts an equal versi
 with a fresh nonce). It wakes on bus events that can change a decision (deployment
 and replica changes, agent status, quarantine, re-attestation, secret updates) and on
 a periodic sweep, and each pass reads the current picture through the same asks the
-tenant routes use (deployment views, agent views). For each running replica of a
-deployment whose version names secrets:
+tenant routes use (deployment views, agent views). An agent's event wakes it only when
+that agent is *watched* (a replica the last pass judged, or the holder of a delivered
+secret; ``wakes``): while 10,000 agents join, their events cost it nothing. A pass
+renders the views of the replicas it judges only, never of every agent, and the events
+of a burst (within ``coalesce_s`` of the first, or during a pass) are one pass. For
+each running replica of a deployment whose version names secrets:
 
 * passes the policy → each named secret whose stored version the agent process does
   not hold is sealed to the X25519 key that agent process proved (``secrets_key``,
@@ -46,7 +50,7 @@ import logging
 import os
 import secrets
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -408,18 +412,24 @@ class ReleaserDeps:
     vault: SecretVault
     emit: Callable[[str, str, Mapping[str, Any]], None]
     link_for: Callable[[str], SecretLink | None]
-    agent_views: Callable[[], Awaitable[list[dict[str, Any]]]]
+    #: the views of these agent ids (those known), read without asking an actor
+    agent_views: Callable[[Collection[str]], list[dict[str, Any]]]
     #: app key -> [(deployment view, version spec)] of its deployments
     deployments: Callable[[str], Awaitable[list[tuple[dict[str, Any], dict[str, Any]]]]]
     #: app key -> its policy (the stored one, or the default)
     policy: Callable[[str], Awaitable[ReleasePolicy]]
     sweep_interval_s: float = 10.0
     request_timeout_s: float = 10.0
+    coalesce_s: float = 0.1
 
 
 WAKE_KINDS: Final = ("deployment.", "replica.", "agent.status", "agent.quarantined",
                      "agent.connected", "agent.reattested", "secret.updated",
                      "secret.deleted", "secret.policy")
+#: Of those, the kinds whose subject is an agent id: they wake the releaser only for
+#: an agent it watches (a replica of a deployment of an app with secrets, or one that
+#: holds a delivered secret). Any other agent's event changes no decision.
+AGENT_KINDS: Final = ("agent.",)
 
 
 def _rotation(spec: Mapping[str, Any]) -> dict[str, tuple[str, str | None]]:
@@ -451,6 +461,9 @@ class SecretReleaser:
         self.keys: dict[str, tuple[int, bytes]] = {}  # agent id -> (session id, X25519)
         self.refused: dict[tuple[str, str], str] = {}  # (agent, deployment) -> last code
         self._app_of: dict[str, str] = {}  # deployment id -> app key (delivered ones)
+        #: agents whose events can change a decision: the replicas the last pass judged
+        #: (of apps with secrets) and the holders of delivered secrets
+        self.watched: set[str] = set()
         self._wake = trio.Event()
         self.passes = 0
 
@@ -465,6 +478,9 @@ class SecretReleaser:
             while True:
                 with trio.move_on_after(self.deps.sweep_interval_s):
                     await self._wake.wait()
+                    # Woken: let the rest of a burst land (a deployment's replicas
+                    # changing together), so it is one pass, not one per event.
+                    await trio.sleep(self.deps.coalesce_s)
                 self._wake = trio.Event()
                 try:
                     await self.sweep()
@@ -477,8 +493,14 @@ class SecretReleaser:
                 self._forget_agent(event.subject, keep_key=True)
             elif event.kind in ("agent.quarantined", "agent.disconnected"):
                 self.keys.pop(event.subject, None)
-            if event.kind.startswith(WAKE_KINDS):
+            if self.wakes(event.kind, event.subject):
                 self._wake.set()
+
+    def wakes(self, kind: str, subject: str) -> bool:
+        """Does an event of *kind* about *subject* call for a pass? (pure, O(1))"""
+        if not kind.startswith(WAKE_KINDS):
+            return False
+        return not kind.startswith(AGENT_KINDS) or subject in self.watched
 
     def _forget_agent(self, agent_id: str, *, keep_key: bool) -> None:
         for key in [k for k in self.delivered if k[0] == agent_id]:
@@ -487,22 +509,29 @@ class SecretReleaser:
             self.keys.pop(agent_id, None)
 
     async def sweep(self) -> None:
-        """One pass over every app that has secrets or delivered ones."""
+        """One pass over every app that has secrets or delivered ones. It renders the
+        views of only the agents it judges (the replicas of those apps' deployments):
+        O(those replicas), never O(agents)."""
         if not self.deps.vault.available:  # starting or stopping: the next pass does it
             return
         self.passes += 1
         todo = sorted(set(await self.deps.vault.apps()) | set(self._app_of.values()))
-        if not todo:  # no app has secrets: render no agent views (O(agents) per wake)
-            return
-        views = {v["agent_id"]: v for v in await self.deps.agent_views()}
+        deployments = {app_key: await self.deps.deployments(app_key) for app_key in todo}
+        replicas = {replica["agent_id"] for deps in deployments.values()
+                    for dep, _ in deps for replica in dep.get("replicas") or []}
+        self.watched |= replicas  # events about them during this pass wake the next one
+        views = {v["agent_id"]: v for v in self.deps.agent_views(replicas)} if replicas else {}
         for app_key in todo:
-            await self._app(app_key, views)
+            await self._app(app_key, deployments[app_key], views)
+        self.watched = replicas | {k[0] for k in self.delivered}
 
-    async def _app(self, app_key: str, views: Mapping[str, dict[str, Any]]) -> None:
+    async def _app(self, app_key: str,
+                   deployments: list[tuple[dict[str, Any], dict[str, Any]]],
+                   views: Mapping[str, dict[str, Any]]) -> None:
         stored = {s.name: s.version for s in await self.deps.vault.infos(app_key)}
         policy = await self.deps.policy(app_key)
         seen: set[tuple[str, str]] = set()
-        for dep, spec in await self.deps.deployments(app_key):
+        for dep, spec in deployments:
             dep_id = dep["deployment_id"]
             wanted = [n for n in _wanted(spec) if n in stored]
             expected = spec.get("compose_hash")

@@ -339,8 +339,8 @@ class ControlPlane:
                                         load_or_create_wrapping_key(config.data_dir))
         self.secret_releaser = SecretReleaser(ReleaserDeps(
             vault=self.secret_vault, emit=self.events.emit, link_for=self.plane.link_for,
-            agent_views=self.describe_agents, deployments=self._app_deployments,
-            policy=self.secret_policy))
+            agent_views=lambda ids: self.directory.views(trio.current_time(), ids),
+            deployments=self._app_deployments, policy=self.secret_policy))
         billing = BillingSettings.from_config(config.billing)
         self.billing = Billing(billing, BillingDeps(
             store=lambda: self.accounts,
