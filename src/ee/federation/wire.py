@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from typing import Any, Final, Literal
 
 import attrs
@@ -53,16 +54,26 @@ class WireError(Exception):
         self.detail = detail
 
 
+#: The largest sequence, version or count a frame may carry (JSON ints are unbounded:
+#: 10**400 structures fine and then breaks a float conversion, e.g. a metric, later).
+MAX_COUNT: Final = 2**63 - 1
+
+
 def _nonneg(_: object, a: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{a.name} must be >= 0")
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{a.name} must be in 0..{MAX_COUNT}")
+
+
+def _finite(_: object, a: attrs.Attribute[float], value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{a.name} must be a finite number")
 
 
 @attrs.frozen
 class Event:
     seq: int = attrs.field(validator=_nonneg)
     kind: Literal["agents", "resync", "snapshot_applied", "placement"]
-    at: float  # unix time the dc recorded it
+    at: float = attrs.field(validator=_finite)  # unix time the dc recorded it
     data: dict[str, Any]
 
 
@@ -83,7 +94,7 @@ class Events:
     events: list[Event]
     spool_depth: int = attrs.field(validator=_nonneg)
     snapshot_version: int = attrs.field(validator=_nonneg)
-    sent_at: float
+    sent_at: float = attrs.field(validator=_finite)
     last_seq: int = attrs.field(validator=_nonneg)  # the newest sequence the dc assigned
 
     def __attrs_post_init__(self) -> None:
@@ -115,7 +126,7 @@ class Refused:
 class Snapshot:
     type: Literal["snapshot"]
     version: int = attrs.field(validator=_nonneg)
-    issued_at: float
+    issued_at: float = attrs.field(validator=_finite)
     desired: dict[str, Any]
 
 
