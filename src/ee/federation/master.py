@@ -97,6 +97,7 @@ from ee.federation.wire import (
     DATACENTER_MISMATCH,
     FOREIGN_AGENTS,
     HELLO_REQUIRED,
+    MAX_COUNT,
     MAX_FRAME_BYTES,
     SEQUENCE_GAP,
     SEQUENCE_REPLAYED,
@@ -134,6 +135,11 @@ from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.federation")
+
+#: Agents one dc may have reported at once (beyond: ``too_many_agents``, nothing applied):
+#: the master keeps every reported view in memory.
+MAX_AGENTS_PER_DC = 20_000
+TOO_MANY_AGENTS = "too_many_agents"
 
 Emit = Callable[[str, str, Any], None]
 
@@ -289,6 +295,7 @@ class FederatedDatacenterActor(Actor):
         self.held: dict[str, Outcome] = {}
 
     async def started(self) -> None:
+        self._publish_capacity()  # not a former incarnation's (it may have said online)
         self.start_soon(self._watch)
 
     async def _watch(self) -> None:
@@ -303,6 +310,7 @@ class FederatedDatacenterActor(Actor):
     def _publish_capacity(self) -> None:
         self.fed.capacity[self.label] = DcCapacity(
             self.label, self.degraded, {k: v for k, v in self.free.items() if v > 0})
+        self.fed.dc_agents[self.label] = self.agents  # what view() checks replicas by
 
     def _silence(self) -> float:
         return trio.current_time() - self.last_heard
@@ -415,7 +423,8 @@ class FederatedDatacenterActor(Actor):
         """Apply one in-sequence event whole, or nothing of it (refused: still consumed)."""
         if kind == "snapshot_applied":
             version = data.get("version")
-            if not isinstance(version, int) or version < 0:
+            if not isinstance(version, int) or isinstance(version, bool) \
+                    or not 0 <= version <= MAX_COUNT:
                 return self._refuse(BAD_FRAME, "snapshot_applied needs an integer version")
             self.snapshot_version = version
             self.events_applied += 1
@@ -444,6 +453,13 @@ class FederatedDatacenterActor(Actor):
             return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} agents not of datacenter "
                                 f"{self.label}: {', '.join(foreign[:5])}")
         agents = data["agents"]
+        total = sum(1 for v in agents.values() if v is not None) if kind == "resync" \
+            else len(self.agents) + sum(
+                (v is not None) - (v is None) for k, v in agents.items()
+                if (k in self.agents) == (v is None))
+        if total > MAX_AGENTS_PER_DC:
+            return self._refuse(TOO_MANY_AGENTS, f"{total} agents reported, at most "
+                                f"{MAX_AGENTS_PER_DC} per datacenter")
         if kind == "resync":
             self.agents = {k: v for k, v in agents.items() if v is not None}
             self.free = dict(capacity_of(self.label, False, self.agents.values()).free)
@@ -546,6 +562,7 @@ class MasterFederation:
         self.desired = self._load_desired()
         self.desired_changed = trio.Event()
         self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
+        self.dc_agents: dict[str, Mapping[str, Mapping[str, Any]]] = {}  # same: its agents
         # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()
@@ -747,7 +764,8 @@ class MasterFederation:
         by_dc: dict[str, dict[str, int]] = doc.get("reasons") or {}
         hashes = intent_hashes(doc)
         version = doc["version"]
-        replicas = shown_replicas(got, hashes) if got is not None else []
+        replicas = shown_replicas(got, hashes, self.dc_agents.get(doc["datacenter"], {})
+                                  ) if got is not None else []
         # A dc that reports its local deployment: count what passed the hash check
         # (an older dc's report has no replicas: its own count).
         detailed = got is not None and got.version is not None
