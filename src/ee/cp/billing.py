@@ -473,19 +473,25 @@ def _dc_sightings(deployment_id: str, account_id: str, dep: Mapping[str, Any],
                   owners: Mapping[str, str], present: set[str]) -> list[Sighting]:
     """A deployment a dc CP runs for this master (``MasterFederation.view``): its running
     replicas as the dc reported them (agents that dc reported as its own, the compose
-    hash the intent's, node size as that dc reported the agent). A degraded dc's
-    replicas are neither seen nor present: their runs stay open, and are charged
-    through the windows its reports show when it is back (as for an agent away)."""
+    hash the intent's, node size as that dc reported the agent, the agent not reported
+    offline). A degraded dc's replicas are neither seen nor present: their runs stay
+    open, and are charged through the windows its reports show when it is back (as for
+    an agent away). The dc's word is capped by the tenant's: at most the replicas
+    wanted (one more while an update rolls: its surge), none once stopping, so a dc
+    reporting more replicas than it was given never bills the tenant for them."""
     fed = dep["federated"]
     if fed.get("degraded"):
         return []
     label = str(fed.get("datacenter"))
     owner = owners.get(label)
     provider = ledger.provider_account(owner) if owner else ledger.PLATFORM_REVENUE
-    out = []
+    update = dep.get("update") or {}
+    cap = 0 if dep.get("desired") == "stopped" else int(dep.get("replicas_wanted") or 0) + (
+        1 if update.get("state") == "rolling" else 0)
+    out: list[Sighting] = []
     for replica in dep["replicas"]:
         present.add(replica["agent_id"])
-        if replica["state"] == "running" and replica.get("node_size"):
+        if replica["state"] == "running" and replica.get("node_size") and len(out) < cap:
             out.append(Sighting(deployment_id, replica["agent_id"], account_id,
                                 str(replica["node_size"]), provider))
     return out
