@@ -212,3 +212,31 @@ async def test_malformed_logs_answer_is_a_502(tmp_path: Path) -> None:
         with pytest.raises(ApiError) as err:
             await ask()
         assert err.value.status == 502 and err.value.code == "bad_response", bad
+
+
+# ---- the signed desired state's size --------------------------------------------------
+
+async def test_an_intent_that_would_overflow_the_snapshot_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every intent carries its version spec (a build context may be 16 MiB); one past
+    the link's frame cap made the snapshot unreceivable by every dc."""
+    from ee.federation.placement import DcCapacity
+    from ee.placement import Constraints, Request, place
+
+    monkeypatch.setattr(master_mod, "MAX_SNAPSHOT_BYTES", 20_000)
+    fed = _fed(tmp_path)
+    fed.enrolled = {LABEL: None}  # type: ignore[dict-item]
+    fed.capacity[LABEL] = DcCapacity(LABEL, False, {"standard": 5})
+    direct = place(Request(deployment_id=None, replicas=1, constraints=Constraints()), [])
+    small = {"version": "1", "compose": "x", "compose_hash": "h1"}
+    big = {"version": "2", "compose": "x", "build_context": "A" * 30_000, "compose_hash": "h2"}
+    got = await fed.place("acct-1.web", "dep-1", small, 1, Constraints(), direct)
+    assert got == {"deployment_id": "dep-1", "datacenter": LABEL}
+    version = fed.desired.version
+    got = await fed.place("acct-1.web", "dep-2", big, 1, Constraints(), direct)
+    assert got is not None and got["error"] == "not_placeable"
+    assert got["placement"]["datacenters"] == {LABEL: "SNAPSHOT_FULL"}
+    assert fed.desired.version == version and "dep-2" not in fed._intents()
+    assert await fed.update("acct-1.web", "dep-1", big, None) == {"error": "snapshot_full"}
+    assert fed.desired.version == version
+    assert fed._intents()["dep-1"]["version"] == small

@@ -140,6 +140,12 @@ log = logging.getLogger("ee.federation")
 #: the master keeps every reported view in memory.
 MAX_AGENTS_PER_DC = 20_000
 TOO_MANY_AGENTS = "too_many_agents"
+#: The signed desired state carries every intent's version spec (compose, build context,
+#: env), and goes to every dc as one frame: past this size no dc could receive it (the
+#: link's message cap) and every link would fail on it. A placement or change that
+#: would grow it past this is refused (``SNAPSHOT_FULL``), nothing published.
+MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - (64 << 10)
+SNAPSHOT_FULL = "SNAPSHOT_FULL"
 
 Emit = Callable[[str, str, Any], None]
 
@@ -692,6 +698,14 @@ class MasterFederation:
         found = self._intents().get(deployment_id)
         return None if found is None else str(found["datacenter"])
 
+    async def _fits(self, deployment_id: str, doc: dict[str, Any]) -> bool:
+        """Would the desired state with *doc* as that intent stay under the budget?"""
+        desired = {**self.desired.desired,
+                   "deployments": {**self._intents(), deployment_id: doc}}
+        size = await trio.to_thread.run_sync(
+            lambda: len(json.dumps(desired, separators=(",", ":"))))
+        return size <= MAX_SNAPSHOT_BYTES
+
     async def _set_intent(self, deployment_id: str, doc: dict[str, Any]) -> None:
         intents = self._intents()
         intents[deployment_id] = doc
@@ -711,9 +725,14 @@ class MasterFederation:
                     target.codes), "reasons": direct.reason_counts()})
                 return {"error": "not_placeable", "placement": {
                     **direct.to_dict(), "datacenters": dict(target.codes)}}
-            await self._set_intent(deployment_id, intent(
-                app_key, version, replicas, constraints, target.label,
-                created_at=time.time()))
+            doc = intent(app_key, version, replicas, constraints, target.label,
+                         created_at=time.time())
+            if not await self._fits(deployment_id, doc):
+                self.emit("federation.unplaceable", app_key,
+                          {"datacenters": {target.label: SNAPSHOT_FULL}})
+                return {"error": "not_placeable", "placement": {
+                    **direct.to_dict(), "datacenters": {target.label: SNAPSHOT_FULL}}}
+            await self._set_intent(deployment_id, doc)
         self.emit("federation.placed", deployment_id, {"app": app_key,
                                                        "datacenter": target.label})
         return {"deployment_id": deployment_id, "datacenter": target.label}
@@ -848,6 +867,11 @@ class MasterFederation:
                                  time.time())
             if new == "stopped":
                 return {"error": "stopped"}
+            if isinstance(new, dict) and not await self._fits(deployment_id, new):
+                self.emit("federation.refused", deployment_id, {
+                    "code": SNAPSHOT_FULL, "detail": "the desired state would be over "
+                    f"{MAX_SNAPSHOT_BYTES} bytes"})
+                return {"error": "snapshot_full"}
             if isinstance(new, dict):
                 await self._set_intent(deployment_id, new)
                 self.emit("federation.rollback" if reason == "rollback"
