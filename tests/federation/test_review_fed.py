@@ -240,3 +240,44 @@ async def test_an_intent_that_would_overflow_the_snapshot_is_refused(
     assert await fed.update("acct-1.web", "dep-1", big, None) == {"error": "snapshot_full"}
     assert fed.desired.version == version
     assert fed._intents()["dep-1"]["version"] == small
+
+
+# ---- a dc naming another's agents -----------------------------------------------------
+
+async def test_a_dc_cannot_make_another_dcs_agents_present() -> None:
+    """``present`` closes open runs of agents not sighted: dc A naming dc B's (degraded)
+    agent, or a direct agent away, closed those runs (their gap windows lost)."""
+    from ee.actors.app import GetDeployment
+    from ee.cp.billing import cp_sightings
+
+    def fed_dep(label: str, degraded: bool, *replicas: tuple[str, str]) -> dict[str, Any]:
+        return {**_dep(0, 1), "federated": {"datacenter": label, "degraded": degraded},
+                "replicas": [{"agent_id": a, "state": st, "node_size": "standard"}
+                             for a, st in replicas]}
+
+    deps = {"dep-a": fed_dep("sim:a", False, ("ag-b", "failed"), ("ag-d", "failed"),
+                             ("ag-a", "running")),
+            "dep-b": fed_dep("sim:b", True, ("ag-b", "running")),
+            "dep-d": {"replicas": [{"agent_id": "ag-d", "state": "running"}]}}
+
+    class Ref:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def ask(self, msg: GetDeployment, timeout: float) -> dict[str, Any]:
+            return deps[msg.deployment_id]
+
+    class Reg:
+        def __contains__(self, name: str) -> bool:
+            return True
+
+        def ref(self, name: str) -> Ref:
+            return Ref(name)
+
+    async def none() -> list[dict[str, Any]]:
+        return []
+
+    index = {"dep-a": "acct-1.web", "dep-b": "acct-2.web", "dep-d": "acct-3.web"}
+    sightings, present = await cp_sightings(Reg(), index, none, none, {})
+    assert present == {"ag-a"}  # not dc b's agent, not the direct one away
+    assert [(s.deployment_id, s.replica_id) for s in sightings] == [("dep-a", "ag-a")]

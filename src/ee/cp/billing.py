@@ -434,7 +434,11 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     checks, state ``running``) on agents whose own view is not offline; and the agents
     this CP has a view of. The provider is the provisioner whose launch order brought
     the agent's VM (:func:`order_owners`), else the datacenter's configured owner, else
-    the platform."""
+    the platform.
+
+    A dc names its agents itself: an agent id that another dc's deployments (or a
+    direct one's) also name is never made present by it, so a dc cannot close another
+    dc's (or a direct agent's) open runs by claiming their agents' ids."""
     from ee.actors.app import GetDeployment
     from ee.runtime import ActorError
 
@@ -442,6 +446,7 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     by_vm = order_owners(await order_views()) if views else {}
     out: list[Sighting] = []
     present = set(views)
+    deps: list[tuple[str, str, dict[str, Any]]] = []
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
         if name not in registry:
@@ -450,12 +455,20 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
             dep = await registry.ref(name).ask(GetDeployment(deployment_id), timeout=5)
         except ActorError:
             continue
-        if dep is None:
-            continue
+        if dep is not None:
+            deps.append((deployment_id, app_key, dep))
+    claims: dict[str, set[str]] = {}  # agent id -> the dcs ("": direct) naming it
+    for _, _, dep in deps:
+        where = str((dep.get("federated") or {}).get("datacenter", ""))
+        for replica in dep["replicas"]:
+            claims.setdefault(str(replica["agent_id"]), set()).add(where)
+    shared = {agent_id for agent_id, where in claims.items() if len(where) > 1}
+    for deployment_id, app_key, dep in deps:
         account_id = app_key.split(".", 1)[0]
         fed = dep.get("federated")
         if fed is not None:
-            out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present))
+            out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present,
+                                     shared))
             continue
         for replica in dep["replicas"]:
             view = views.get(replica["agent_id"])
@@ -470,7 +483,8 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
 
 
 def _dc_sightings(deployment_id: str, account_id: str, dep: Mapping[str, Any],
-                  owners: Mapping[str, str], present: set[str]) -> list[Sighting]:
+                  owners: Mapping[str, str], present: set[str],
+                  shared: frozenset[str] | set[str] = frozenset()) -> list[Sighting]:
     """A deployment a dc CP runs for this master (``MasterFederation.view``): its running
     replicas as the dc reported them (agents that dc reported as its own, the compose
     hash the intent's, node size as that dc reported the agent, the agent not reported
@@ -490,7 +504,8 @@ def _dc_sightings(deployment_id: str, account_id: str, dep: Mapping[str, Any],
         1 if update.get("state") == "rolling" else 0)
     out: list[Sighting] = []
     for replica in dep["replicas"]:
-        present.add(replica["agent_id"])
+        if replica["agent_id"] not in shared:  # (*shared*: named elsewhere too)
+            present.add(replica["agent_id"])
         if replica["state"] == "running" and replica.get("node_size") and len(out) < cap:
             out.append(Sighting(deployment_id, replica["agent_id"], account_id,
                                 str(replica["node_size"]), provider))
