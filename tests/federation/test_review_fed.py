@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio.testing
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -281,3 +282,35 @@ async def test_a_dc_cannot_make_another_dcs_agents_present() -> None:
     sightings, present = await cp_sightings(Reg(), index, none, none, {})
     assert present == {"ag-a"}  # not dc b's agent, not the direct one away
     assert [(s.deployment_id, s.replica_id) for s in sightings] == [("dep-a", "ag-a")]
+
+
+# ---- a dc's error codes ---------------------------------------------------------------
+
+async def test_a_dcs_error_code_is_one_of_the_known(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """The tenant's answer carries the dc's code: one it made up (e.g. a billing one)
+    becomes ``dc_error``; a known one keeps its status."""
+    import json
+
+    from ee.federation.rpc import MasterRpc, RpcError
+    from ee.federation.wire import Response
+
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    rpc = MasterRpc(lambda f: json.dumps({"id": f.id}), lambda *a: None, timeout_s=10)
+    rpc.link_up(LABEL, send)
+    for said, status, code in (("payment_required", 502, "dc_error"),
+                               ("not_placed_here", 409, "not_placed_here")):
+        async with trio.open_nursery() as nursery:
+            async def answer() -> None:
+                await trio.testing.wait_all_tasks_blocked()
+                rid = json.loads(sent[-1])["id"]
+                assert rpc.answered(LABEL, Response("response", LABEL, rid, said, "x"),
+                                    100) is None
+            nursery.start_soon(answer)
+            with pytest.raises(RpcError) as err:
+                await rpc.ask(LABEL, "logs", deployment_id="dep-1")
+        assert (err.value.status, err.value.code) == (status, code)
