@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio.testing
 import trio
+import trio.testing
 from prometheus_client import CollectorRegistry
 
 from ee.cp.billing import _dc_sightings
