@@ -305,12 +305,12 @@ async def test_a_dcs_error_code_is_one_of_the_known(
     for said, status, code in (("payment_required", 502, "dc_error"),
                                ("not_placed_here", 409, "not_placed_here")):
         async with trio.open_nursery() as nursery:
-            async def answer() -> None:
+            async def answer(said: str) -> None:
                 await trio.testing.wait_all_tasks_blocked()
                 rid = json.loads(sent[-1])["id"]
                 assert rpc.answered(LABEL, Response("response", LABEL, rid, said, "x"),
                                     100) is None
-            nursery.start_soon(answer)
+            nursery.start_soon(answer, said)
             with pytest.raises(RpcError) as err:
                 await rpc.ask(LABEL, "logs", deployment_id="dep-1")
         assert (err.value.status, err.value.code) == (status, code)
