@@ -314,3 +314,38 @@ async def test_a_dcs_error_code_is_one_of_the_known(
             with pytest.raises(RpcError) as err:
                 await rpc.ask(LABEL, "logs", deployment_id="dep-1")
         assert (err.value.status, err.value.code) == (status, code)
+
+
+# ---- billing at a dc CP ---------------------------------------------------------------
+
+async def test_a_dc_does_not_bill_what_it_runs_for_the_master() -> None:
+    """The dc's own meter charged its master's intents to the reserved account
+    (``federated``): a second ledger's charge, a debt, and after the grace period every
+    master deployment at that dc suspended."""
+    from ee.actors.app import GetDeployment
+    from ee.cp.billing import cp_sightings
+    from ee.federation.reconcile import local_key
+
+    running = {"replicas": [{"agent_id": "ag-1", "state": "running"}]}
+
+    class Ref:
+        async def ask(self, msg: GetDeployment, timeout: float) -> dict[str, Any]:
+            return running
+
+    class Reg:
+        def __contains__(self, name: str) -> bool:
+            return True
+
+        def ref(self, name: str) -> Ref:
+            return Ref()
+
+    async def views() -> list[dict[str, Any]]:
+        return [{"agent_id": "ag-1", "status": "online", "datacenter": LABEL,
+                 "node_size": "standard", "vm_name": "vm-1"}]
+
+    async def none() -> list[dict[str, Any]]:
+        return []
+
+    index = {"dep-m": local_key("acct-1.web"), "dep-own": "acct-2.web"}
+    sightings, _ = await cp_sightings(Reg(), index, views, none, {})
+    assert [(s.deployment_id, s.account_id) for s in sightings] == [("dep-own", "acct-2")]

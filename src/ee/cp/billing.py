@@ -438,8 +438,14 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
 
     A dc names its agents itself: an agent id that another dc's deployments (or a
     direct one's) also name is never made present by it, so a dc cannot close another
-    dc's (or a direct agent's) open runs by claiming their agents' ids."""
+    dc's (or a direct agent's) open runs by claiming their agents' ids.
+
+    At a dc CP, the deployments it runs for its master (the reserved account
+    ``FEDERATED_ACCOUNT``) are not metered: the master bills their tenants from this
+    dc's reports (charged here too, the reserved account would run into debt and have
+    every deployment of the master suspended)."""
     from ee.actors.app import GetDeployment
+    from ee.federation.placement import FEDERATED_ACCOUNT
     from ee.runtime import ActorError
 
     views = {v["agent_id"]: v for v in await agent_views()}
@@ -449,7 +455,7 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     deps: list[tuple[str, str, dict[str, Any]]] = []
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
-        if name not in registry:
+        if name not in registry or app_key.startswith(f"{FEDERATED_ACCOUNT}."):
             continue
         try:
             dep = await registry.ref(name).ask(GetDeployment(deployment_id), timeout=5)
