@@ -132,6 +132,12 @@ def test_replica_on_an_offline_agent_is_not_running() -> None:
     for gone in ("ag-2", "ag-3"):  # offline, and no longer reported at all
         assert shown[gone]["state"] == "failed"
         assert shown[gone]["error"].startswith("agent_offline")
+    # The tenant asked for "small": a replica the dc reports on "standard" is not its.
+    sized = shown_replicas(_outcome("ag-1"), {"1": "h1"}, views, "small")
+    assert sized[0]["state"] == "failed"
+    assert sized[0]["error"].startswith("node_size_mismatch")
+    assert shown_replicas(_outcome("ag-1"), {"1": "h1"}, views, "standard")[0]["state"] \
+        == "running"
 
 
 async def test_master_view_checks_the_dcs_agents(tmp_path: Path) -> None:
@@ -157,6 +163,10 @@ async def test_master_view_checks_the_dcs_agents(tmp_path: Path) -> None:
     view = fed.view("acct-1.web", "dep-1")
     assert view is not None and not view["federated"]["degraded"]
     assert len(_dc_sightings("dep-1", "acct-1", view, {}, set())) == 1
+    fed.desired = attrs_evolve_desired(fed, {"dep-1": {**doc, "constraints": {
+        "node_size": "gpu-large", "gpu": False, "exclude_agents": []}}})
+    view = fed.view("acct-1.web", "dep-1")  # not the size asked for: nothing billed
+    assert view is not None and _dc_sightings("dep-1", "acct-1", view, {}, set()) == []
 
 
 def attrs_evolve_desired(fed: MasterFederation, intents: dict[str, Any]) -> Any:

@@ -783,7 +783,9 @@ class MasterFederation:
         by_dc: dict[str, dict[str, int]] = doc.get("reasons") or {}
         hashes = intent_hashes(doc)
         version = doc["version"]
-        replicas = shown_replicas(got, hashes, self.dc_agents.get(doc["datacenter"], {})
+        size = (doc.get("constraints") or {}).get("node_size")
+        replicas = shown_replicas(got, hashes, self.dc_agents.get(doc["datacenter"], {}),
+                                  size if isinstance(size, str) else None
                                   ) if got is not None else []
         # A dc that reports its local deployment: count what passed the hash check
         # (an older dc's report has no replicas: its own count).
