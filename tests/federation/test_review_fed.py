@@ -359,3 +359,20 @@ async def test_a_dc_does_not_bill_what_it_runs_for_the_master() -> None:
     index = {"dep-m": local_key("acct-1.web"), "dep-own": "acct-2.web"}
     sightings, _ = await cp_sightings(Reg(), index, views, none, {})
     assert [(s.deployment_id, s.account_id) for s in sightings] == [("dep-own", "acct-2")]
+
+
+# ---- the bytes of an agent's view -----------------------------------------------------
+
+async def test_agent_views_are_bounded(tmp_path: Path) -> None:
+    """A dc's agent view kept whatever fields it carried, and any number of deployments:
+    at 20,000 agents, gigabytes of the master's memory."""
+    actor = FederatedDatacenterActor(LABEL, _fed(tmp_path))
+    padded = {**_agent(), "junk": "x" * 100_000}
+    assert actor._apply("resync", {"agents": {"ag-1": padded}}) is None
+    assert "junk" not in actor.agents["ag-1"]
+    assert actor._apply("agents", {"agents": {"ag-2": padded}}) is None
+    assert set(actor.agents["ag-2"]) == set(_agent())
+    many = {**_agent(), "deployments": {f"dep-{i}": "running" for i in range(257)}}
+    refusal = actor._apply("agents", {"agents": {"ag-3": many}})
+    assert refusal is not None and refusal.code == "bad_frame"
+    assert "ag-3" not in actor.agents

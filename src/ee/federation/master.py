@@ -115,6 +115,7 @@ from ee.federation.wire import (
     WireError,
     foreign_agents,
     judge_sequence,
+    kept_view,
     open_envelope,
     seal,
     up_frame,
@@ -458,7 +459,7 @@ class FederatedDatacenterActor(Actor):
         if foreign:
             return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} agents not of datacenter "
                                 f"{self.label}: {', '.join(foreign[:5])}")
-        agents = data["agents"]
+        agents = {k: None if v is None else kept_view(v) for k, v in data["agents"].items()}
         total = sum(1 for v in agents.values() if v is not None) if kind == "resync" \
             else len(self.agents) + sum(
                 (v is not None) - (v is None) for k, v in agents.items()

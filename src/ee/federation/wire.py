@@ -256,6 +256,11 @@ def judge_snapshot(running: int, offered: int) -> bool:
 
 
 AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
+#: The fields of an agent's view the master keeps (others are dropped: kept, a dc could
+#: fill the master's memory through them).
+VIEW_FIELDS: Final = ("status", "verdict", "datacenter", "node_size", "free", "mrtd",
+                      "proof_sha256", "deployments")
+MAX_VIEW_DEPLOYMENTS: Final = 256
 VERDICTS: Final = ("pass", "warn", "fail", None)
 
 
@@ -284,10 +289,17 @@ def _check_view(agent_id: str, view: Any) -> None:
                                   and all(c in "0123456789abcdef" for c in proof)):
         raise bad("proof_sha256 must be 64 lowercase hex digits")
     deployments = view.get("deployments")
+    if isinstance(deployments, dict) and len(deployments) > MAX_VIEW_DEPLOYMENTS:
+        raise bad(f"at most {MAX_VIEW_DEPLOYMENTS} deployments per agent")
     if not isinstance(deployments, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
             and len(v) <= 40 for k, v in deployments.items()):
         raise bad("deployments must map deployment ids to states")
+
+
+def kept_view(view: dict[str, Any]) -> dict[str, Any]:
+    """A checked view (``foreign_agents`` passed) with only ``VIEW_FIELDS``."""
+    return {k: view[k] for k in VIEW_FIELDS if k in view}
 
 
 def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
