@@ -372,7 +372,7 @@ async def test_agent_views_are_bounded(tmp_path: Path) -> None:
     assert "junk" not in actor.agents["ag-1"]
     assert actor._apply("agents", {"agents": {"ag-2": padded}}) is None
     assert set(actor.agents["ag-2"]) == set(_agent())
-    many = {**_agent(), "deployments": {f"dep-{i}": "running" for i in range(257)}}
+    many = {**_agent(), "deployments": {f"dep-{i}": "running" for i in range(33)}}
     refusal = actor._apply("agents", {"agents": {"ag-3": many}})
     assert refusal is not None and refusal.code == "bad_frame"
     assert "ag-3" not in actor.agents
