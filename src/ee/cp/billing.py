@@ -434,28 +434,47 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     checks, state ``running``) on agents whose own view is not offline; and the agents
     this CP has a view of. The provider is the provisioner whose launch order brought
     the agent's VM (:func:`order_owners`), else the datacenter's configured owner, else
-    the platform."""
+    the platform.
+
+    A dc names its agents itself: an agent id that another dc's deployments (or a
+    direct one's) also name is never made present by it, so a dc cannot close another
+    dc's (or a direct agent's) open runs by claiming their agents' ids.
+
+    At a dc CP, the deployments it runs for its master (the reserved account
+    ``FEDERATED_ACCOUNT``) are not metered: the master bills their tenants from this
+    dc's reports (charged here too, the reserved account would run into debt and have
+    every deployment of the master suspended)."""
     from ee.actors.app import GetDeployment
+    from ee.federation.placement import FEDERATED_ACCOUNT
     from ee.runtime import ActorError
 
     views = {v["agent_id"]: v for v in await agent_views()}
     by_vm = order_owners(await order_views()) if views else {}
     out: list[Sighting] = []
     present = set(views)
+    deps: list[tuple[str, str, dict[str, Any]]] = []
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
-        if name not in registry:
+        if name not in registry or app_key.startswith(f"{FEDERATED_ACCOUNT}."):
             continue
         try:
             dep = await registry.ref(name).ask(GetDeployment(deployment_id), timeout=5)
         except ActorError:
             continue
-        if dep is None:
-            continue
+        if dep is not None:
+            deps.append((deployment_id, app_key, dep))
+    claims: dict[str, set[str]] = {}  # agent id -> the dcs ("": direct) naming it
+    for _, _, dep in deps:
+        where = str((dep.get("federated") or {}).get("datacenter", ""))
+        for replica in dep["replicas"]:
+            claims.setdefault(str(replica["agent_id"]), set()).add(where)
+    shared = {agent_id for agent_id, where in claims.items() if len(where) > 1}
+    for deployment_id, app_key, dep in deps:
         account_id = app_key.split(".", 1)[0]
         fed = dep.get("federated")
         if fed is not None:
-            out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present))
+            out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present,
+                                     shared))
             continue
         for replica in dep["replicas"]:
             view = views.get(replica["agent_id"])
@@ -470,22 +489,30 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
 
 
 def _dc_sightings(deployment_id: str, account_id: str, dep: Mapping[str, Any],
-                  owners: Mapping[str, str], present: set[str]) -> list[Sighting]:
+                  owners: Mapping[str, str], present: set[str],
+                  shared: frozenset[str] | set[str] = frozenset()) -> list[Sighting]:
     """A deployment a dc CP runs for this master (``MasterFederation.view``): its running
     replicas as the dc reported them (agents that dc reported as its own, the compose
-    hash the intent's, node size as that dc reported the agent). A degraded dc's
-    replicas are neither seen nor present: their runs stay open, and are charged
-    through the windows its reports show when it is back (as for an agent away)."""
+    hash the intent's, node size as that dc reported the agent, the agent not reported
+    offline). A degraded dc's replicas are neither seen nor present: their runs stay
+    open, and are charged through the windows its reports show when it is back (as for
+    an agent away). The dc's word is capped by the tenant's: at most the replicas
+    wanted (one more while an update rolls: its surge), none once stopping, so a dc
+    reporting more replicas than it was given never bills the tenant for them."""
     fed = dep["federated"]
     if fed.get("degraded"):
         return []
     label = str(fed.get("datacenter"))
     owner = owners.get(label)
     provider = ledger.provider_account(owner) if owner else ledger.PLATFORM_REVENUE
-    out = []
+    update = dep.get("update") or {}
+    cap = 0 if dep.get("desired") == "stopped" else int(dep.get("replicas_wanted") or 0) + (
+        1 if update.get("state") == "rolling" else 0)
+    out: list[Sighting] = []
     for replica in dep["replicas"]:
-        present.add(replica["agent_id"])
-        if replica["state"] == "running" and replica.get("node_size"):
+        if replica["agent_id"] not in shared:  # (*shared*: named elsewhere too)
+            present.add(replica["agent_id"])
+        if replica["state"] == "running" and replica.get("node_size") and len(out) < cap:
             out.append(Sighting(deployment_id, replica["agent_id"], account_id,
                                 str(replica["node_size"]), provider))
     return out

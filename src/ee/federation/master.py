@@ -95,6 +95,7 @@ from ee.federation.wire import (
     DATACENTER_MISMATCH,
     FOREIGN_AGENTS,
     HELLO_REQUIRED,
+    MAX_COUNT,
     MAX_FRAME_BYTES,
     SEQUENCE_GAP,
     SEQUENCE_REPLAYED,
@@ -112,6 +113,7 @@ from ee.federation.wire import (
     WireError,
     foreign_agents,
     judge_sequence,
+    kept_view,
     open_envelope,
     seal,
     up_frame,
@@ -132,6 +134,17 @@ from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
 log = logging.getLogger("ee.federation")
+
+#: Agents one dc may have reported at once (beyond: ``too_many_agents``, nothing applied):
+#: the master keeps every reported view in memory.
+MAX_AGENTS_PER_DC = 20_000
+TOO_MANY_AGENTS = "too_many_agents"
+#: The signed desired state carries every intent's version spec (compose, build context,
+#: env), and goes to every dc as one frame: past this size no dc could receive it (the
+#: link's message cap) and every link would fail on it. A placement or change that
+#: would grow it past this is refused (``SNAPSHOT_FULL``), nothing published.
+MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - (64 << 10)
+SNAPSHOT_FULL = "SNAPSHOT_FULL"
 
 Emit = Callable[[str, str, Any], None]
 
@@ -289,6 +302,7 @@ class FederatedDatacenterActor(Actor):
         self.held: dict[str, Outcome] = {}
 
     async def started(self) -> None:
+        self._publish_capacity()  # not a former incarnation's (it may have said online)
         self.start_soon(self._watch)
 
     async def _watch(self) -> None:
@@ -303,6 +317,7 @@ class FederatedDatacenterActor(Actor):
     def _publish_capacity(self) -> None:
         self.fed.capacity[self.label] = DcCapacity(
             self.label, self.degraded, {k: v for k, v in self.free.items() if v > 0})
+        self.fed.dc_agents[self.label] = self.agents  # what view() checks replicas by
 
     def _silence(self) -> float:
         return trio.current_time() - self.last_heard
@@ -415,7 +430,8 @@ class FederatedDatacenterActor(Actor):
         """Apply one in-sequence event whole, or nothing of it (refused: still consumed)."""
         if kind == "snapshot_applied":
             version = data.get("version")
-            if not isinstance(version, int) or version < 0:
+            if not isinstance(version, int) or isinstance(version, bool) \
+                    or not 0 <= version <= MAX_COUNT:
                 return self._refuse(BAD_FRAME, "snapshot_applied needs an integer version")
             self.snapshot_version = version
             self.events_applied += 1
@@ -443,7 +459,14 @@ class FederatedDatacenterActor(Actor):
         if foreign:
             return self._refuse(FOREIGN_AGENTS, f"{len(foreign)} agents not of datacenter "
                                 f"{self.label}: {', '.join(foreign[:5])}")
-        agents = data["agents"]
+        agents = {k: None if v is None else kept_view(v) for k, v in data["agents"].items()}
+        total = sum(1 for v in agents.values() if v is not None) if kind == "resync" \
+            else len(self.agents) + sum(
+                (v is not None) - (v is None) for k, v in agents.items()
+                if (k in self.agents) == (v is None))
+        if total > MAX_AGENTS_PER_DC:
+            return self._refuse(TOO_MANY_AGENTS, f"{total} agents reported, at most "
+                                f"{MAX_AGENTS_PER_DC} per datacenter")
         if kind == "resync":
             self.agents = {k: v for k, v in agents.items() if v is not None}
             self.free = dict(capacity_of(self.label, False, self.agents.values()).free)
@@ -546,6 +569,7 @@ class MasterFederation:
         self.desired = self._load_desired()
         self.desired_changed = trio.Event()
         self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
+        self.dc_agents: dict[str, Mapping[str, Mapping[str, Any]]] = {}  # same: its agents
         # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()
@@ -691,6 +715,14 @@ class MasterFederation:
         found = self._intents().get(deployment_id)
         return None if found is None else str(found["datacenter"])
 
+    async def _fits(self, deployment_id: str, doc: dict[str, Any]) -> bool:
+        """Would the desired state with *doc* as that intent stay under the budget?"""
+        desired = {**self.desired.desired,
+                   "deployments": {**self._intents(), deployment_id: doc}}
+        size = await trio.to_thread.run_sync(
+            lambda: len(json.dumps(desired, separators=(",", ":"))))
+        return size <= MAX_SNAPSHOT_BYTES
+
     async def _set_intent(self, deployment_id: str, doc: dict[str, Any]) -> None:
         intents = self._intents()
         intents[deployment_id] = doc
@@ -710,9 +742,14 @@ class MasterFederation:
                     target.codes), "reasons": direct.reason_counts()})
                 return {"error": "not_placeable", "placement": {
                     **direct.to_dict(), "datacenters": dict(target.codes)}}
-            await self._set_intent(deployment_id, intent(
-                app_key, version, replicas, constraints, target.label,
-                created_at=time.time()))
+            doc = intent(app_key, version, replicas, constraints, target.label,
+                         created_at=time.time())
+            if not await self._fits(deployment_id, doc):
+                self.emit("federation.unplaceable", app_key,
+                          {"datacenters": {target.label: SNAPSHOT_FULL}})
+                return {"error": "not_placeable", "placement": {
+                    **direct.to_dict(), "datacenters": {target.label: SNAPSHOT_FULL}}}
+            await self._set_intent(deployment_id, doc)
         self.emit("federation.placed", deployment_id, {"app": app_key,
                                                        "datacenter": target.label})
         return {"deployment_id": deployment_id, "datacenter": target.label}
@@ -763,7 +800,10 @@ class MasterFederation:
         by_dc: dict[str, dict[str, int]] = doc.get("reasons") or {}
         hashes = intent_hashes(doc)
         version = doc["version"]
-        replicas = shown_replicas(got, hashes) if got is not None else []
+        size = (doc.get("constraints") or {}).get("node_size")
+        replicas = shown_replicas(got, hashes, self.dc_agents.get(doc["datacenter"], {}),
+                                  size if isinstance(size, str) else None
+                                  ) if got is not None else []
         # A dc that reports its local deployment: count what passed the hash check
         # (an older dc's report has no replicas: its own count).
         detailed = got is not None and got.version is not None
@@ -846,6 +886,11 @@ class MasterFederation:
                                  time.time())
             if new == "stopped":
                 return {"error": "stopped"}
+            if isinstance(new, dict) and not await self._fits(deployment_id, new):
+                self.emit("federation.refused", deployment_id, {
+                    "code": SNAPSHOT_FULL, "detail": "the desired state would be over "
+                    f"{MAX_SNAPSHOT_BYTES} bytes"})
+                return {"error": "snapshot_full"}
             if isinstance(new, dict):
                 await self._set_intent(deployment_id, new)
                 self.emit("federation.rollback" if reason == "rollback"

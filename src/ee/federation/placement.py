@@ -321,19 +321,39 @@ def sized(outcome: Outcome, agents: Mapping[str, Mapping[str, Any]]) -> Outcome:
         for r in outcome.replicas))
 
 
-def shown_replicas(outcome: Outcome, hashes: Mapping[str, str]) -> list[dict[str, Any]]:
+AGENT_OFFLINE: Final = "agent_offline"  # a replica on an agent its dc says is gone
+NODE_SIZE_MISMATCH: Final = "node_size_mismatch"  # not the size the tenant asked for
+
+
+def shown_replicas(outcome: Outcome, hashes: Mapping[str, str],
+                   agents: Mapping[str, Mapping[str, Any]] | None = None,
+                   node_size: str | None = None) -> list[dict[str, Any]]:
     """The replicas as a direct deployment's view lists them. A replica whose compose
-    hash is not the one the intent gives its version is failed (never counted)."""
+    hash is not the one the intent gives its version is failed (never counted), and so
+    is one on an agent the dc now reports offline or no longer reports (*agents*: the
+    dc's agent views; None: not checked), as a direct deployment's replica on an offline
+    agent is, and one on another node size than the tenant asked for (*node_size*, the
+    intent's constraint: it would bill a size the tenant never chose)."""
     out = []
     for r in sorted(outcome.replicas, key=lambda r: r.agent_id):
         state, error = r.state, r.error
         expected = hashes.get(r.version)
         problem = hash_problem(r.state, r.compose_hash, expected)
+        status = None if agents is None else \
+            (agents.get(r.agent_id) or {}).get("status", "offline")
         if r.state not in ("failed", "stopped") and (expected is None or problem):
             state = "failed"
             error = (f"{problem.value if problem else 'compose_hash_mismatch'}: reported "
                      f"{r.compose_hash or 'none'}, version {r.version[:80]} is "
                      f"{expected or 'not the intent'}")
+        elif r.state not in ("failed", "stopped") and status == "offline":
+            state = "failed"
+            error = f"{AGENT_OFFLINE}: the datacenter reports agent {r.agent_id[:80]} offline"
+        elif r.state not in ("failed", "stopped") and node_size is not None \
+                and r.node_size != node_size:
+            state = "failed"
+            error = (f"{NODE_SIZE_MISMATCH}: agent {r.agent_id[:80]} is "
+                     f"{str(r.node_size)[:40]}, the deployment asks for {node_size[:40]}")
         out.append({"agent_id": r.agent_id, "state": state, "version": r.version,
                     "compose_hash": r.compose_hash, "error": error,
                     "failure": None, "node_size": r.node_size})

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from ee.cp.server import ControlPlane
 
 FOLLOW_UNSUPPORTED = "federated_follow_unsupported"
+BAD_RESPONSE = "bad_response"  # a dc's answer that is not the shape asked for
 
 # A join refusal's status: an unknown token is not authenticated (401), a malformed key
 # is a bad request (400); the rest (an unbound re-join, a label mismatch) forbidden.
@@ -88,8 +89,23 @@ async def tenant_logs(cp: Any, account_id: str, deployment_id: str, *, tail: int
                        "datacenter: its logs cannot be followed; poll without follow "
                        "(with 'since') instead")
     fed, key = found
-    return await fed.deployment_logs(key, deployment_id, {"tail": tail, "since": since,
+    view = await fed.deployment_logs(key, deployment_id, {"tail": tail, "since": since,
                                                           "service": service})
+    if view is not None:
+        _check_logs(view, str(view.get("datacenter")))
+    return view
+
+
+def _check_logs(view: dict[str, Any], label: str) -> None:
+    """A dc's logs answer has the direct route's shape (the tenant route filters it
+    line by line), else 502 ``bad_response``: the dc's word is untrusted."""
+    replicas = view.get("replicas", [])
+    if not isinstance(replicas, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("lines", []), list)
+            and all(isinstance(line, dict) for line in r.get("lines", []))
+            for r in replicas):
+        raise ApiError(502, BAD_RESPONSE, f"datacenter {label[:80]} answered logs that "
+                       "are not a list of replicas with lines", {"datacenter": label})
 
 
 async def tenant_attestation(cp: Any, account_id: str, deployment_id: str

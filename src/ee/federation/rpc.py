@@ -231,8 +231,9 @@ class MasterRpc:
                            label)
         if isinstance(outcome, RpcError):
             raise outcome
-        if outcome.error is not None:
-            raise RpcError(STATUS_OF.get(outcome.error, 502), outcome.error,
+        if outcome.error is not None:  # a code of the dc's own making is dc_error
+            code = outcome.error if outcome.error in STATUS_OF else DC_ERROR
+            raise RpcError(STATUS_OF[code], code,
                            f"datacenter {label}: {outcome.detail}"[:300], label)
         return dict(outcome.body or {})
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from typing import Any, Final, Literal
 
 import attrs
@@ -53,16 +54,26 @@ class WireError(Exception):
         self.detail = detail
 
 
+#: The largest sequence, version or count a frame may carry (JSON ints are unbounded:
+#: 10**400 structures fine and then breaks a float conversion, e.g. a metric, later).
+MAX_COUNT: Final = 2**63 - 1
+
+
 def _nonneg(_: object, a: attrs.Attribute[int], value: int) -> None:
-    if value < 0:
-        raise ValueError(f"{a.name} must be >= 0")
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{a.name} must be in 0..{MAX_COUNT}")
+
+
+def _finite(_: object, a: attrs.Attribute[float], value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{a.name} must be a finite number")
 
 
 @attrs.frozen
 class Event:
     seq: int = attrs.field(validator=_nonneg)
     kind: Literal["agents", "resync", "snapshot_applied", "placement"]
-    at: float  # unix time the dc recorded it
+    at: float = attrs.field(validator=_finite)  # unix time the dc recorded it
     data: dict[str, Any]
 
 
@@ -83,7 +94,7 @@ class Events:
     events: list[Event]
     spool_depth: int = attrs.field(validator=_nonneg)
     snapshot_version: int = attrs.field(validator=_nonneg)
-    sent_at: float
+    sent_at: float = attrs.field(validator=_finite)
     last_seq: int = attrs.field(validator=_nonneg)  # the newest sequence the dc assigned
 
     def __attrs_post_init__(self) -> None:
@@ -115,7 +126,7 @@ class Refused:
 class Snapshot:
     type: Literal["snapshot"]
     version: int = attrs.field(validator=_nonneg)
-    issued_at: float
+    issued_at: float = attrs.field(validator=_finite)
     desired: dict[str, Any]
 
 
@@ -245,6 +256,11 @@ def judge_snapshot(running: int, offered: int) -> bool:
 
 
 AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
+#: The fields of an agent's view the master keeps (others are dropped: kept, a dc could
+#: fill the master's memory through them).
+VIEW_FIELDS: Final = ("status", "verdict", "datacenter", "node_size", "free", "mrtd",
+                      "proof_sha256", "deployments")
+MAX_VIEW_DEPLOYMENTS: Final = 32  # 20,000 agents x 32 x ~170 bytes: ~100 MiB at most
 VERDICTS: Final = ("pass", "warn", "fail", None)
 
 
@@ -273,10 +289,17 @@ def _check_view(agent_id: str, view: Any) -> None:
                                   and all(c in "0123456789abcdef" for c in proof)):
         raise bad("proof_sha256 must be 64 lowercase hex digits")
     deployments = view.get("deployments")
+    if isinstance(deployments, dict) and len(deployments) > MAX_VIEW_DEPLOYMENTS:
+        raise bad(f"at most {MAX_VIEW_DEPLOYMENTS} deployments per agent")
     if not isinstance(deployments, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_ID_CHARS
             and len(v) <= 40 for k, v in deployments.items()):
         raise bad("deployments must map deployment ids to states")
+
+
+def kept_view(view: dict[str, Any]) -> dict[str, Any]:
+    """A checked view (``foreign_agents`` passed) with only ``VIEW_FIELDS``."""
+    return {k: view[k] for k in VIEW_FIELDS if k in view}
 
 
 def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
