@@ -144,6 +144,9 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
         if error == "no_previous_version":
             raise ApiError(409, "no_previous_version",
                            "the deployment has no previous version to go back to")
+        if error == "snapshot_full":
+            raise ApiError(409, "snapshot_full", "the federation's desired state has no room "
+                           "for this version (its compose and build context are too large)")
         view = cp.with_urls(result["view"])
         if not result["changed"]:
             return json_response(view, 200)
