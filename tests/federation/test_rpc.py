@@ -156,6 +156,11 @@ async def _answers(src: DcSources, desired: dict[str, Any], asked: list[str],
     assert got.body["proof"] == proof_of(record)
     assert got.body["proof_sha256"] == proof_digest(got.body["proof"])
     # The intent placed here: answered (from the local app).
+    # Args are JSON as they are (no coercion: "5" is not a tail, a list not a service).
+    for bad in ({"tail": "5"}, {"service": ["web"]}, {"tail": True}, {"tail": 0}):
+        got = await answer(req("logs", deployment_id="dep-a", args=bad), A, desired, src)
+        assert got.error == "bad_request", bad
+    assert asked == []
     got = await answer(req("logs", deployment_id="dep-a"), A, desired, src)
     assert got.error is None and asked == ["dep-a"]
     got = await answer(req("attestation", deployment_id="dep-a"), A, desired, src)

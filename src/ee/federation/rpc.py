@@ -301,7 +301,6 @@ class LogsArgs:
         attrs.validators.matches_re(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}")))
 
 
-_args = cattrs.Converter(forbid_extra_keys=True)
 _strict = make_converter(forbid_extra_keys=True)  # JSON types as they are, no coercion
 
 
@@ -329,7 +328,7 @@ def _intent_app(req: Request, label: str, desired: Mapping[str, Any]) -> str:
 async def _logs(req: Request, label: str, desired: Mapping[str, Any],
                 src: DcSources) -> dict[str, Any]:
     try:
-        args = _args.structure(req.args, LogsArgs)
+        args = _strict.structure(req.args, LogsArgs)
         since = None if args.since is None else parse_rfc3339(args.since)
     except (cattrs.BaseValidationError, ValueError, TypeError, RestError) as exc:
         raise _Refuse(BAD_REQUEST, f"logs args: {exc}"[:300]) from None
