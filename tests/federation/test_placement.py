@@ -200,6 +200,14 @@ async def test_master_places_in_dc_reroutes_and_reports(tmp_path: Path) -> None:
                                  what="second deployment stopped")
                 assert second not in sims["dc-b-0"].deployments
 
+                async def slimmed() -> bool:  # stopped there: the workload leaves the
+                    async with m.client() as admin:  # signed desired state
+                        snap = (await admin.get("/api/v2/federation/snapshot")).json()
+                    return snap["body"]["desired"]["deployments"][second]["version"][
+                        "compose"] == ""
+
+                await eventually(slimmed, timeout=30, what="stopped intent slimmed")
+
                 # A restarted master rebuilds the view from its signed desired state and
                 # the dcs' outcomes (resent on every reconnection).
                 await m.stop()

@@ -83,6 +83,7 @@ from ee.federation.placement import (
     ordered,
     shown_replicas,
     sized,
+    slimmed,
     updated_intent,
 )
 from ee.federation.rpc import (
@@ -761,6 +762,13 @@ class MasterFederation:
         self.emit("federation.placement", outcome.deployment_id, {
             "datacenter": label, "outcome": outcome.outcome,
             "reasons": dict(outcome.reasons), "running": outcome.running})
+        if outcome.outcome == "stopped":
+            async with self._desired_lock:  # stopped there: keep only what the view needs
+                doc = self._intents().get(outcome.deployment_id)
+                slim = None if doc is None or doc["datacenter"] != label else slimmed(doc)
+                if slim is not None:
+                    await self._set_intent(outcome.deployment_id, slim)
+            return
         if outcome.outcome != "unsatisfiable":
             return
         async with self._desired_lock:
@@ -783,9 +791,9 @@ class MasterFederation:
                 self.emit("federation.rerouted", outcome.deployment_id,
                           {"from": label, "to": target.label})
             else:
-                await self._set_intent(outcome.deployment_id, {
-                    **doc, "tried": sorted(tried), "desired": "stopped", "reasons": said,
-                    "unplaced": dict(target.codes)})
+                stopped = {**doc, "tried": sorted(tried), "desired": "stopped",
+                           "reasons": said, "unplaced": dict(target.codes)}
+                await self._set_intent(outcome.deployment_id, slimmed(stopped) or stopped)
                 self.emit("federation.unplaceable", outcome.deployment_id,
                           {"datacenters": dict(target.codes), "reasons": said})
 

@@ -121,6 +121,24 @@ def intent(app_key: str, version: Mapping[str, Any], replicas: int,
             "history": [{"version": version["version"], "from": created_at, "to": None}]}
 
 
+SLIM_FIELDS: Final = ("version", "compose_hash", "expose_port", "health_path")
+
+
+def slimmed(doc: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A stopped intent without its workload (compose, build context, env values): what
+    the view, the history and the dc's stop still need, so stopped deployments do not
+    fill the signed desired state (which is capped: a full one refuses new placements
+    for everyone). None when there is nothing to drop."""
+    version = doc.get("version")
+    if doc.get("desired") != "stopped" or not isinstance(version, Mapping):
+        return None
+    slim = {k: version[k] for k in SLIM_FIELDS if k in version}
+    slim["compose"] = ""  # what an intent's version must carry; never run when stopped
+    if slim == dict(version):
+        return None
+    return {**doc, "version": slim}
+
+
 MAX_HISTORY = 50  # eras an intent keeps (as the AppActor does)
 
 
