@@ -189,6 +189,7 @@ class CpConfig:
     degraded_after_s: float = 30.0
     federation_heartbeat_s: float = 2.0
     federation_ask_timeout_s: float = 10.0  # a master's request to a dc (federation.rpc)
+    federation_stats_s: float = 15.0  # a dc sends its own metrics this often (if changed)
     # Phase timeouts and log retention: ee.actors.app.DeploySettings fields.
     deployments: dict[str, Any] | None = None
 
@@ -207,7 +208,7 @@ class CpConfig:
                      "bundle_pubkey", "pccs_url", "pccs_fmspcs", "collateral_stale",
                      "release", "database", "datacenter", "join_token",
                      "federation_listen", "federation_advertise", "degraded_after_s",
-                     "federation_ask_timeout_s"):
+                     "federation_ask_timeout_s", "federation_stats_s"):
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
@@ -233,7 +234,8 @@ class CpConfig:
             raise ValueError("--role dc needs --upstream MASTER_URL and --datacenter LABEL")
         if config.role == "master":
             _host_port(config.federation_listen, "federation_listen")
-        for name in ("degraded_after_s", "federation_heartbeat_s", "federation_ask_timeout_s"):
+        for name in ("degraded_after_s", "federation_heartbeat_s", "federation_ask_timeout_s",
+                     "federation_stats_s"):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, not {value!r}")
@@ -392,7 +394,8 @@ class ControlPlane:
                                       advertise=c.federation_advertise,
                                       degraded_after_s=c.degraded_after_s,
                                       heartbeat_s=c.federation_heartbeat_s,
-                                      ask_timeout_s=c.federation_ask_timeout_s)
+                                      ask_timeout_s=c.federation_ask_timeout_s,
+                                      stats_interval_s=c.federation_stats_s)
         if c.role == "master":
             return MasterFederation(c.data_dir, self.bootstrap.cluster_id, settings,
                                     registry=self.registry, emit=self.events.emit,
@@ -997,6 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--federation-ask-timeout-s", type=float, metavar="SECONDS",
                    help="how long the master waits for a dc's answer to a request (logs, "
                         "attestation proofs; role master; default 10)")
+    p.add_argument("--federation-stats-s", type=float, metavar="SECONDS",
+                   help="how often a dc CP sends its own metrics to the master, when they "
+                        "changed (role dc; default 15)")
     p.add_argument("--dev", action="store_true",
                    help="create (once) a dev bootstrap bundle trusting the sim attestation "
                         "provider, and an admin token (printed, kept in DATA_DIR/admin.token)")

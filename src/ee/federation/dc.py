@@ -5,6 +5,7 @@ Supervision subtree (a child of the CP's root)::
     federation (one_for_one)
     ├── outbox      agent changes (from the agent directory) → sequenced spool events
     ├── uplink      mTLS websocket to the master: hello, events, acks, replays, snapshots
+    ├── stats       this CP's own metrics → a ``stats`` event (ee.federation.metrics)
     └── reconciler  the snapshot's deployment intents → local deployments, ``placement``
                     outcome events (ee.federation.reconcile)
 
@@ -35,6 +36,12 @@ Down: a snapshot is applied only when its signature verifies with the pinned mas
 and its version is newer than the one running; it is kept signed in the spool (so a
 restart runs the same version) and acknowledged upstream with a ``snapshot_applied``
 event. Anything else is refused with a reason code and an event.
+
+Stats: every ``stats_interval_s`` while linked, when they changed, and at each
+(re)connection in any case (a restarted master knows none), the cumulative figures of this
+CP's own metrics registry (registrations, attestation latency, deployments, deploy queue
+delay, agents by status: ``metrics.dc_stats``) are spooled as a ``stats`` event. Not while
+the master is away: only the latest matters, and the reconnection sends it.
 
 Requests: a verified ``request`` frame of the master is answered on the same link by a
 ``response`` (ee.federation.rpc ``answer``: logs of the master's intents placed here,
@@ -68,7 +75,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 from ee.actors.directory import AgentDirectory, AgentRecord
 from ee.federation import pki
 from ee.federation.master import FederationSettings
-from ee.federation.metrics import FederationMetrics
+from ee.federation.metrics import FederationMetrics, dc_stats
 from ee.federation.reconcile import DcReconciler, LocalApps
 from ee.federation.rpc import (
     DC_BUSY,
@@ -380,6 +387,9 @@ class DcFederation:
         self.directory = directory
         self.emit = emit
         self.metrics = FederationMetrics(metrics)
+        self.registry = metrics  # this CP's own figures, for ``stats`` events
+        self._stats_now = trio.Event()  # set at each (re)connection
+        self._stats_sent: dict[str, Any] | None = None
         self.key = load_private_key(self.dir / "sign.key")
         self.master_key = public_key_from_bytes(bytes.fromhex(enrolment.master_key))
         self.spool = Spool(self.dir / "spool.sqlite3")
@@ -400,6 +410,7 @@ class DcFederation:
         self.supervisor = Supervisor("federation", [
             ChildSpec(id="outbox", start=self._run_outbox, shutdown=2.0),
             ChildSpec(id="uplink", start=self._run_uplink, shutdown=2.0),
+            ChildSpec(id="stats", start=self._run_stats, shutdown=2.0),
             *([ChildSpec(id="reconciler", start=self._run_reconciler, shutdown=2.0)]
               if self.reconciler is not None else []),
         ], max_restarts=20, period=10.0)
@@ -494,6 +505,24 @@ class DcFederation:
             if batch:
                 await self._append("agents", {"agents": batch})
 
+    # ---- stats (this CP's own metrics, for the master's per-dc dashboards) ----
+
+    async def _run_stats(self, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        while True:
+            now = self._stats_now
+            with trio.move_on_after(self.settings.stats_interval_s):
+                await now.wait()
+            forced = now.is_set()
+            if forced:
+                self._stats_now = trio.Event()
+            if not self.connected:
+                continue  # the reconnection sends the latest
+            data = dc_stats(self.registry.collect(), self.directory.status_counts())
+            if forced or data != self._stats_sent:
+                await self._append("stats", data)
+                self._stats_sent = data
+
     # ---- uplink ----
 
     async def _run_uplink(self, task_status: trio.TaskStatus[None]) -> None:
@@ -525,6 +554,7 @@ class DcFederation:
             self.connected = True
             self.emit("federation.uplink_up", self.label, {})
             await self._append("resync", {"agents": self.full_picture()})
+            self._stats_now.set()  # a restarted master knows none of this CP's figures
             if self.reconciler is not None:  # after the resync: its agents come first
                 self.reconciler.nudge(resend=True)  # a restarted master learns them all
             first, nxt, depth = await trio.to_thread.run_sync(self.spool.bounds)

@@ -15,7 +15,8 @@ against the dc's pinned Ed25519 key (off the event loop) and its body structured
 that fails either is answered ``refused`` with its code and an event, and the link stays
 up. Good frames go to the dc's actor, which owns all state of that dc: the highest
 sequence applied (``judge_sequence``), the agents it reported, lag, spool depth, the
-snapshot version it runs, and the degraded flag (no valid frame for
+snapshot version it runs, its latest own metrics (``stats``, exported labelled with the
+link's datacenter: ee.federation.metrics), and the degraded flag (no valid frame for
 ``degraded_after_s``). The master keeps none of it on disk: restarted, it adopts the
 dc's first unacknowledged sequence and the dc resends its full picture (``resync``),
 exactly as a standalone CP rebuilds from its agents.
@@ -66,7 +67,7 @@ from ee.actors.agent import StatusReport
 from ee.actors.datacenter import DescribeDatacenter
 from ee.actors.deployment import derive
 from ee.federation import pki
-from ee.federation.metrics import FederationMetrics
+from ee.federation.metrics import DcStatsCollector, FederationMetrics
 from ee.federation.placement import (
     FOREIGN_DEPLOYMENT,
     Datacenter,
@@ -111,7 +112,9 @@ from ee.federation.wire import (
     Response,
     SeqVerdict,
     Snapshot,
+    Stats,
     WireError,
+    check_stats,
     foreign_agents,
     judge_sequence,
     kept_view,
@@ -167,6 +170,7 @@ class FederationSettings:
     verify_threads: int = 2
     ask_timeout_s: float = DEFAULT_TIMEOUT_S  # a request to a dc (ee.federation.rpc)
     asks_per_dc: int = MAX_OUTSTANDING_PER_DC
+    stats_interval_s: float = 15.0  # a dc sends its own metrics this often (if changed)
 
 
 @attrs.frozen
@@ -437,6 +441,14 @@ class FederatedDatacenterActor(Actor):
             self.snapshot_version = version
             self.events_applied += 1
             return None
+        if kind == "stats":  # the dc's own metrics: the latest replaces (ee.federation.metrics)
+            try:
+                stats = check_stats(data)
+            except WireError as exc:
+                return self._refuse(exc.code, exc.detail)
+            self.fed.dc_stats[self.label] = stats  # labelled by this link, never the body
+            self.events_applied += 1
+            return None
         if kind == "placement":
             try:
                 outcome = check_outcome(data)
@@ -571,6 +583,9 @@ class MasterFederation:
         self.desired_changed = trio.Event()
         self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
         self.dc_agents: dict[str, Mapping[str, Mapping[str, Any]]] = {}  # same: its agents
+        self.dc_stats: dict[str, Stats] = {}  # same: its own metrics, the latest
+        metrics.register(DcStatsCollector(lambda: {
+            label: st for label, st in self.dc_stats.items() if label in self.enrolled}))
         # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()

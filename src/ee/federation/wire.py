@@ -72,7 +72,7 @@ def _finite(_: object, a: attrs.Attribute[float], value: float) -> None:
 @attrs.frozen
 class Event:
     seq: int = attrs.field(validator=_nonneg)
-    kind: Literal["agents", "resync", "snapshot_applied", "placement"]
+    kind: Literal["agents", "resync", "snapshot_applied", "placement", "stats"]
     at: float = attrs.field(validator=_finite)  # unix time the dc recorded it
     data: dict[str, Any]
 
@@ -318,3 +318,105 @@ def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
         if view["datacenter"] != label:
             out.append(agent_id[:80])
     return out
+
+
+# ---- a dc's own metrics (``stats`` events) ---------------------------------------------
+
+#: Histogram bounds of the dc CP's ``ee_attestation_seconds`` and ``ee_deploy_queue_seconds``
+#: (ee.cp.metrics; a test holds them equal): a ``stats`` event must carry exactly these.
+ATTESTATION_LE: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DEPLOY_QUEUE_LE: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+REGISTRATION_OUTCOMES: Final = ("admitted", "rejected")
+DEPLOYMENT_OUTCOMES: Final = ("healthy", "failed")
+#: (outcome, detail) pairs of registrations one ``stats`` event may carry; a dc folds the
+#: rest into detail ``other`` (``ee.federation.metrics.dc_stats``).
+MAX_STATS_LABELS: Final = 32
+STATS_DETAIL: Final = r"[A-Za-z0-9_.:\-]{1,80}"  # a datacenter label or a refusal code
+
+
+def _strict_int(value: Any, _: Any) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"expected an integer in 0..{MAX_COUNT}")
+    return value
+
+
+def _strict_float(value: Any, _: Any) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+        raise ValueError("expected a finite number >= 0")
+    return float(value)
+
+
+@attrs.frozen
+class Histo:
+    """A cumulative histogram: ``buckets[i]`` observations <= ``le[i]``, the last (one
+    more than ``le``) is +Inf and equals ``count``."""
+
+    le: tuple[float, ...]
+    buckets: tuple[int, ...]
+    sum: float
+    count: int
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.buckets) != len(self.le) + 1:
+            raise ValueError("buckets must have one more entry than le (+Inf)")
+        if any(a > b for a, b in zip(self.buckets, self.buckets[1:], strict=False)):
+            raise ValueError("buckets must be cumulative (non-decreasing)")
+        if self.buckets[-1] != self.count:
+            raise ValueError("the +Inf bucket must equal count")
+
+
+@attrs.frozen
+class RegistrationCount:
+    outcome: str = attrs.field(validator=attrs.validators.in_(REGISTRATION_OUTCOMES))
+    detail: str = attrs.field(validator=attrs.validators.matches_re(STATS_DETAIL))
+    count: int
+
+
+def _known(keys: tuple[str, ...]) -> Any:
+    def check(_: object, a: attrs.Attribute[dict[str, int]], value: dict[str, int]) -> None:
+        if not set(value) <= set(keys):
+            raise ValueError(f"{a.name} keys must be among {', '.join(keys)}")
+    return check
+
+
+@attrs.frozen
+class Stats:
+    """A dc CP's cumulative figures (its own CpMetrics), as one ``stats`` event carries
+    them. Never a datacenter: the master labels them with the link's."""
+
+    registrations: tuple[RegistrationCount, ...]
+    attestation: Histo
+    deployments: dict[str, int] = attrs.field(validator=_known(DEPLOYMENT_OUTCOMES))
+    deploy_queue: Histo
+    agents: dict[str, int] = attrs.field(validator=_known(AGENT_STATUSES))
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.registrations) > MAX_STATS_LABELS:
+            raise ValueError(f"at most {MAX_STATS_LABELS} registration labels")
+        pairs = {(r.outcome, r.detail) for r in self.registrations}
+        if len(pairs) != len(self.registrations):
+            raise ValueError("registration labels must be unique")
+        if self.attestation.le != ATTESTATION_LE:
+            raise ValueError(f"attestation le must be {list(ATTESTATION_LE)}")
+        if self.deploy_queue.le != DEPLOY_QUEUE_LE:
+            raise ValueError(f"deploy_queue le must be {list(DEPLOY_QUEUE_LE)}")
+
+
+_stats_conv = cattrs.Converter(forbid_extra_keys=True)
+_stats_conv.register_structure_hook(int, _strict_int)
+_stats_conv.register_structure_hook(float, _strict_float)
+
+
+def check_stats(data: Any) -> Stats:
+    """A ``stats`` event's data, structured strictly (``WireError`` bad_frame)."""
+    if not isinstance(data, dict):
+        raise WireError(BAD_FRAME, "stats: expected an object")
+    if len(data.get("registrations") or ()) > MAX_STATS_LABELS:  # before structuring all
+        raise WireError(BAD_FRAME, f"stats: at most {MAX_STATS_LABELS} registration labels")
+    try:
+        stats: Stats = _stats_conv.structure(data, Stats)
+    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
+        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
+            exc, cattrs.BaseValidationError) else str(exc)
+        raise WireError(BAD_FRAME, f"stats: {detail}"[:300]) from None
+    return stats
