@@ -413,10 +413,5 @@ def check_stats(data: Any) -> Stats:
         raise WireError(BAD_FRAME, "stats: expected an object")
     if len(data.get("registrations") or ()) > MAX_STATS_LABELS:  # before structuring all
         raise WireError(BAD_FRAME, f"stats: at most {MAX_STATS_LABELS} registration labels")
-    try:
-        stats: Stats = _stats_conv.structure(data, Stats)
-    except (ValueError, TypeError, KeyError, cattrs.BaseValidationError) as exc:
-        detail = "; ".join(cattrs.transform_error(exc)) if isinstance(
-            exc, cattrs.BaseValidationError) else str(exc)
-        raise WireError(BAD_FRAME, f"stats: {detail}"[:300]) from None
+    stats: Stats = _structure(data, lambda doc, _: _stats_conv.structure(doc, Stats))
     return stats
