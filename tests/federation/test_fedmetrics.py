@@ -20,11 +20,9 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 
-from ee.cp.metrics import CpMetrics
+from ee.cp.metrics import ATTESTATION_LE, DEPLOY_QUEUE_LE, CpMetrics
 from ee.federation.metrics import DcStatsCollector, dc_stats, fold_registrations
 from ee.federation.wire import (
-    ATTESTATION_LE,
-    DEPLOY_QUEUE_LE,
     MAX_STATS_LABELS,
     Stats,
     WireError,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Histogram bounds that dc CPs send their master (ee.federation.wire checks them).
+ATTESTATION_LE: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DEPLOY_QUEUE_LE: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class CpMetrics:
@@ -18,7 +22,7 @@ class CpMetrics:
             ["outcome", "detail"], registry=r)
         self.attestation_seconds = Histogram(
             "ee_attestation_seconds", "Registration quote verification latency",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+            buckets=ATTESTATION_LE, registry=r)
         self.sessions = Gauge("ee_agent_sessions", "Open agent websocket sessions", registry=r)
         self.agents = Gauge("ee_agents", "Agents by status", ["status"], registry=r)
         self.heartbeat_gap = Histogram(
@@ -62,7 +66,7 @@ class CpMetrics:
             "failed: given up before running)", ["outcome"], registry=r)
         self.deploy_queue = Histogram(
             "ee_deploy_queue_seconds", "From a deployment's creation to its running",
-            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800), registry=r)
+            buckets=DEPLOY_QUEUE_LE, registry=r)
         self.order_failures = Counter(
             "ee_launch_order_failures_total", "Launch orders that failed (each once, when "
             "it fails)", registry=r)

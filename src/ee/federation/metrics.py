@@ -39,9 +39,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ee.cp.metrics import ATTESTATION_LE, DEPLOY_QUEUE_LE
 from ee.federation.wire import (
-    ATTESTATION_LE,
-    DEPLOY_QUEUE_LE,
     DEPLOYMENT_OUTCOMES,
     MAX_STATS_LABELS,
     REGISTRATION_OUTCOMES,

@@ -24,6 +24,7 @@ import attrs
 import cattrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ee.cp.metrics import ATTESTATION_LE, DEPLOY_QUEUE_LE
 from ee.protocol.signing import SignatureError, sign_document, verify_document
 
 MAX_FRAME_BYTES: Final = 8 << 20
@@ -324,8 +325,6 @@ def foreign_agents(label: str, data: dict[str, Any]) -> list[str]:
 
 #: Histogram bounds of the dc CP's ``ee_attestation_seconds`` and ``ee_deploy_queue_seconds``
 #: (ee.cp.metrics; a test holds them equal): a ``stats`` event must carry exactly these.
-ATTESTATION_LE: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-DEPLOY_QUEUE_LE: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 REGISTRATION_OUTCOMES: Final = ("admitted", "rejected")
 DEPLOYMENT_OUTCOMES: Final = ("healthy", "failed")
 #: (outcome, detail) pairs of registrations one ``stats`` event may carry; a dc folds the
