@@ -104,23 +104,14 @@ async def test_one_thread_hop_per_batch_not_per_event(tmp_path: Path) -> None:
 # --- billing: render only the agents that run a replica ----------------------------------
 
 
-class _Ref:
-    def __init__(self, answer: Any) -> None:
-        self.answer = answer
+class _Registry(dict[str, Any]):
+    """App actor name → the deployment it answers (the registry's ``in`` and ``ref``)."""
 
-    async def ask(self, message: Any, timeout: float) -> Any:
-        return self.answer
+    def ref(self, name: str) -> _Registry:
+        return _Registry(answer=self[name])
 
-
-class _Registry:
-    def __init__(self, refs: dict[str, Any]) -> None:
-        self.refs = refs
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.refs
-
-    def ref(self, name: str) -> _Ref:
-        return _Ref(self.refs[name])
+    async def ask(self, message: object, timeout: float) -> Any:
+        return self["answer"]
 
 
 def _view(agent: str, status: str = "online") -> dict[str, Any]:
