@@ -8,16 +8,20 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from ee.cp.records import (
     MEMORY,
     EventRecord,
+    HistoryRow,
     Migration,
     RecordStore,
     RecordStoreError,
+    event_row,
     packaged_migrations,
+    registration_row,
 )
 
 TIMEOUT = 30
@@ -475,6 +479,87 @@ async def test_concurrent_appends_all_land(db: Path) -> None:
             assert sorted(e.data["n"] for e in events) == list(range(100))
             assert sorted(e.id for e in events) == sorted(ids)
         assert rows(db, "SELECT count(*) FROM events") == [(100,)]
+
+
+# --- history batches (the CP's history writer) -------------------------------------------
+
+
+def _mixed_batch(n: int) -> list[HistoryRow]:
+    """*n* rows, every third a registration, the rest events, numbered in order."""
+    return [registration_row(vm_name=f"vm-{i}", datacenter="gcp:a", node_size="tiny",
+                             outcome="admitted", agent_id=f"ag-{i}", at=at(i))
+            if i % 3 == 0 else event_row("load", f"s-{i}", {"i": i}, at=at(i))
+            for i in range(n)]
+
+
+async def test_a_history_batch_lands_in_order(db: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(db) as store:
+            assert await store.append_history(_mixed_batch(300)) == 300
+            assert await store.append_history([]) == 0
+    events = rows(db, "SELECT id, subject, data FROM events ORDER BY id")
+    assert [subject for _, subject, _ in events] == [
+        f"s-{i}" for i in range(300) if i % 3]
+    assert [i for i, _, _ in events] == list(range(1, 201))  # ids in batch order
+    assert rows(db, "SELECT vm_name FROM registrations ORDER BY id") == [
+        (f"vm-{i}",) for i in range(0, 300, 3)]
+
+
+async def test_a_batch_is_stored_whole_or_not_at_all(db: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with await RecordStore.open(db) as store:
+            batch = _mixed_batch(10)
+            # A row the database refuses (severity, by its CHECK constraint), after good
+            # rows; columns: at, kind, subject, severity, data.
+            good = event_row("load", "s", severity="info")
+            assert good.values[3] == "info"
+            bad = attrs.evolve(good, values=(*good.values[:3], "bogus", good.values[4]))
+            with pytest.raises(RecordStoreError):
+                await store.append_history([*batch, bad])
+            assert await store.recent_events() == []
+            assert await store.registrations() == []
+            assert await store.append_history(batch) == 10
+
+
+def test_history_rows_are_validated_when_built() -> None:
+    with pytest.raises(ValueError):
+        event_row("", "s")
+    with pytest.raises(TypeError):
+        event_row("k", "s", {"x": object()})
+    with pytest.raises(ValueError):
+        registration_row(vm_name="vm", datacenter="", node_size="", outcome="rejected")
+
+
+async def test_closing_mid_way_loses_no_acknowledged_batch(db: Path) -> None:
+    """Batches written concurrently with close(): every batch whose call returned is in
+    the file, whole; every later call fails (ours: ClosedResourceError), storing nothing."""
+    acknowledged: list[int] = []
+    refused: list[int] = []
+    with trio.fail_after(TIMEOUT):
+        store = await RecordStore.open(db)
+
+        ten = trio.Event()
+
+        async def writer(w: int) -> None:
+            for b in range(20):
+                batch = [event_row("load", f"w{w}-b{b}", {"k": k}) for k in range(50)]
+                try:
+                    await store.append_history(batch)
+                except trio.ClosedResourceError:
+                    refused.append(w * 100 + b)
+                    return
+                acknowledged.append(w * 100 + b)
+                if len(acknowledged) >= 10:
+                    ten.set()
+
+        async with trio.open_nursery() as nursery:
+            for w in range(4):
+                nursery.start_soon(writer, w)
+            await ten.wait()
+            await store.close()
+    assert refused and acknowledged
+    stored = rows(db, "SELECT subject, count(*) FROM events GROUP BY subject")
+    assert dict(stored) == {f"w{n // 100}-b{n % 100}": 50 for n in acknowledged}
 
 
 async def test_close_is_idempotent_and_later_calls_fail(db: Path) -> None:

@@ -31,16 +31,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import attrs
-import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from ee.attestation._der import pem_certificates
 from ee.attestation.collateral import Collateral, parse_tcb_info
 from ee.attestation.errors import CollateralFormatError
+
+if TYPE_CHECKING:  # httpx is imported where a client is made (start-up time)
+    import httpx
 
 PCK_CAS = ("platform", "processor")
 MAX_BODY_BYTES = 1 << 20
@@ -176,11 +179,15 @@ class PccsClient:
     verify_tls: bool = True
 
     def _client(self) -> httpx.AsyncClient:
+        import httpx
+
         headers = {"Ocp-Apim-Subscription-Key": self.api_key} if self.api_key else {}
         return httpx.AsyncClient(timeout=self.timeout_s, headers=headers,
                                  verify=self.verify_tls, follow_redirects=True)
 
     async def _get(self, client: httpx.AsyncClient, what: str, url: str) -> Answer:
+        import httpx
+
         try:
             async with client.stream("GET", url) as response:
                 chunks: list[bytes] = []

@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from fractions import Fraction
 from math import floor
@@ -427,14 +427,22 @@ def order_owners(orders: Sequence[Mapping[str, Any]]) -> dict[str, str]:
 
 
 async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
-                       agent_views: Callable[[], Awaitable[list[dict[str, Any]]]],
+                       agent_views: Callable[[], Awaitable[list[dict[str, Any]]]] | None,
                        order_views: Callable[[], Awaitable[list[dict[str, Any]]]],
-                       owners: Mapping[str, str]) -> tuple[list[Sighting], set[str]]:
+                       owners: Mapping[str, str], *,
+                       agent_ids: Callable[[], Iterable[str]] | None = None,
+                       views_of: Callable[[Iterable[str]], list[dict[str, Any]]] | None = None,
+                       ) -> tuple[list[Sighting], set[str]]:
     """Running replicas per the AppActors (members that passed the stray and hash
     checks, state ``running``) on agents whose own view is not offline; and the agents
     this CP has a view of. The provider is the provisioner whose launch order brought
     the agent's VM (:func:`order_owners`), else the datacenter's configured owner, else
     the platform.
+
+    With *agent_ids* (the agents this CP has a view of) and *views_of* (the views of
+    the agents named), only the agents a running replica names are rendered, not every
+    agent (a tick at 10,000 agents and a few deployments); else *agent_views* gives
+    every agent's view.
 
     A dc names its agents itself: an agent id that another dc's deployments (or a
     direct one's) also name is never made present by it, so a dc cannot close another
@@ -448,10 +456,6 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
     from ee.federation.placement import FEDERATED_ACCOUNT
     from ee.runtime import ActorError
 
-    views = {v["agent_id"]: v for v in await agent_views()}
-    by_vm = order_owners(await order_views()) if views else {}
-    out: list[Sighting] = []
-    present = set(views)
     deps: list[tuple[str, str, dict[str, Any]]] = []
     for deployment_id, app_key in sorted(deployment_index.items()):
         name = f"app/{app_key}"
@@ -462,15 +466,26 @@ async def cp_sightings(registry: Any, deployment_index: Mapping[str, str],
         except ActorError:
             continue
         if dep is not None:
-            deps.append((deployment_id, app_key, dep))
+            deps.append((deployment_id, app_key.split(".", 1)[0], dep))
+    if agent_ids is not None and views_of is not None:
+        present = set(agent_ids())
+        running = {r["agent_id"] for _, _, dep in deps if dep.get("federated") is None
+                   for r in dep["replicas"] if r["state"] == "running"}
+        views = {v["agent_id"]: v for v in views_of(running)}
+    elif agent_views is not None:
+        views = {v["agent_id"]: v for v in await agent_views()}
+        present = set(views)
+    else:
+        raise TypeError("cp_sightings needs agent_views, or agent_ids and views_of")
+    by_vm = order_owners(await order_views()) if views else {}
     claims: dict[str, set[str]] = {}  # agent id -> the dcs ("": direct) naming it
     for _, _, dep in deps:
         where = str((dep.get("federated") or {}).get("datacenter", ""))
         for replica in dep["replicas"]:
             claims.setdefault(str(replica["agent_id"]), set()).add(where)
     shared = {agent_id for agent_id, where in claims.items() if len(where) > 1}
-    for deployment_id, app_key, dep in deps:
-        account_id = app_key.split(".", 1)[0]
+    out: list[Sighting] = []
+    for deployment_id, account_id, dep in deps:
         fed = dep.get("federated")
         if fed is not None:
             out.extend(_dc_sightings(deployment_id, account_id, dep, owners, present,

@@ -22,9 +22,11 @@ either completes or never started; the limiter is held until the thread is done.
 
 Transactions are explicit: the connection runs in autocommit mode
 (``isolation_level=None``), a single INSERT is its own transaction, and anything
-larger (a migration; later, a ledger posting) is ``BEGIN IMMEDIATE … COMMIT`` through
-``Conn.transaction``. A row is validated, by building its frozen record from exactly
-the column values to be stored, *before* it is written, so an invalid record is never
+larger (a migration, a ledger posting, a batch of history rows from the CP's history
+writer: :meth:`RecordStore.append_history`, one thread hop and one commit for up to a
+few hundred events) is ``BEGIN IMMEDIATE … COMMIT`` through ``Conn.transaction``.
+A row is validated, by building its frozen record from exactly the column values to be
+stored, *before* it is written, so an invalid record is never
 stored and what a write returns equals what a later read gives. The tables' CHECK
 constraints are a second line of defence. Concurrent CP tasks serialise on the limiter;
 another process on the same file waits up to ``busy_timeout``.
@@ -62,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+import itertools
 import json
 import logging
 import os
@@ -85,6 +88,7 @@ __all__ = [
     "SEVERITIES",
     "AuditRecord",
     "EventRecord",
+    "HistoryRow",
     "Migration",
     "Outcome",
     "RecordStore",
@@ -93,9 +97,11 @@ __all__ = [
     "RejectionCount",
     "RejectionTally",
     "Severity",
+    "event_row",
     "history_cutoff",
     "packaged_migrations",
     "prune_history_forever",
+    "registration_row",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +211,44 @@ class AuditRecord:
 
 
 R = TypeVar("R", EventRecord, RegistrationRecord, AuditRecord)
+
+
+@attrs.frozen
+class HistoryRow:
+    """One validated history row, ready for :meth:`RecordStore.append_history`; built by
+    :func:`event_row` or :func:`registration_row` (never by hand)."""
+
+    sql: str
+    values: tuple[object, ...]
+    draft: EventRecord | RegistrationRecord | AuditRecord = attrs.field(repr=False)
+
+
+def _history_row(cls: type[R], table: str, values: Mapping[str, object]) -> HistoryRow:
+    """Caller's values → a row of *table*, validated by building its record (id 1, not
+    yet known) from exactly the column values to be stored; raises ValueError/TypeError
+    for a bad argument."""
+    row: dict[str, object] = _to_row(values)
+    draft = _from_row(cls, ("id", *row), (1, *row.values()))
+    sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
+    return HistoryRow(sql, tuple(row.values()), draft)
+
+
+def event_row(kind: str, subject: str, data: Mapping[str, object] | None = None,
+              severity: Severity = "info", at: datetime | None = None) -> HistoryRow:
+    """The row :meth:`RecordStore.append_event` would store (``at`` None: now)."""
+    values = {"at": at, "kind": kind, "subject": subject, "severity": severity}
+    return _history_row(EventRecord, "events", {**values, "data": {} if data is None else data})
+
+
+def registration_row(*, vm_name: str, datacenter: str, node_size: str, outcome: Outcome,
+                     reasons: Sequence[str] = (), agent_id: str | None = None,
+                     mrtd: str | None = None, tcb_status: str | None = None,
+                     at: datetime | None = None) -> HistoryRow:
+    """The row :meth:`RecordStore.record_registration` would store (``at`` None: now)."""
+    values = {"at": at, "vm_name": vm_name, "agent_id": agent_id, "datacenter": datacenter,
+              "node_size": node_size, "outcome": outcome, "reasons": reasons, "mrtd": mrtd,
+              "tcb_status": tcb_status}
+    return _history_row(RegistrationRecord, "registrations", values)
 
 
 # --- migrations ---------------------------------------------------------------------
@@ -494,14 +538,31 @@ class RecordStore:
     async def _insert(self, cls: type[R], table: str, values: Mapping[str, object]) -> R:
         """Validate the record (by building it from the row to be stored, the id not yet
         known), then INSERT it; a bad argument raises here and stores nothing."""
-        row: dict[str, object] = _to_row(values)
-        draft = _from_row(cls, ("id", *row), (1, *row.values()))
-        sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})"
-        params = tuple(row.values())
+        return await self._store_row(_history_row(cls, table, values), cls)
+
+    async def _store_row(self, row: HistoryRow, cls: type[R]) -> R:
+        """INSERT one validated *row*; its record of type *cls*, with its id."""
         rowid = await self._call(
-            lambda conn: conn.execute(sql + " RETURNING id", params).fetchone()[0])
-        assert isinstance(rowid, int)
-        return attrs.evolve(draft, id=rowid)
+            lambda conn: conn.execute(row.sql + " RETURNING id", row.values).fetchone()[0])
+        assert isinstance(rowid, int) and isinstance(row.draft, cls)
+        return attrs.evolve(row.draft, id=rowid)
+
+    async def append_history(self, rows: Sequence[HistoryRow]) -> int:
+        """Store *rows* (from :func:`event_row` / :func:`registration_row`, validated
+        already) in order, in one transaction and one worker-thread hop: consecutive rows
+        of one table go in one ``executemany``. Either every row is stored or, on
+        :class:`RecordStoreError`, none. Returns how many were stored."""
+        batch = list(rows)
+        if not batch:
+            return 0
+
+        def work(conn: Conn) -> int:
+            with conn.transaction():
+                for sql, run in itertools.groupby(batch, key=lambda r: r.sql):
+                    conn.executemany(sql, [r.values for r in run])
+            return len(batch)
+
+        return await self._call(work)
 
     async def _select(
         self, cls: type[R], table: str, limit: int, filters: Mapping[str, str | None]
@@ -534,10 +595,7 @@ class RecordStore:
         at: datetime | None = None,
     ) -> EventRecord:
         """Store an event; returns it with its id."""
-        values = {"at": at, "kind": kind, "subject": subject, "severity": severity}
-        return await self._insert(
-            EventRecord, "events", {**values, "data": {} if data is None else data}
-        )
+        return await self._store_row(event_row(kind, subject, data, severity, at), EventRecord)
 
     async def recent_events(
         self, limit: int = 100, kind: str | None = None, subject: str | None = None
@@ -561,18 +619,10 @@ class RecordStore:
         at: datetime | None = None,
     ) -> RegistrationRecord:
         """Store a registration outcome; returns it with its id."""
-        values = {
-            "at": at,
-            "vm_name": vm_name,
-            "agent_id": agent_id,
-            "datacenter": datacenter,
-            "node_size": node_size,
-            "outcome": outcome,
-            "reasons": reasons,
-            "mrtd": mrtd,
-            "tcb_status": tcb_status,
-        }
-        return await self._insert(RegistrationRecord, "registrations", values)
+        row = registration_row(vm_name=vm_name, datacenter=datacenter, node_size=node_size,
+                               outcome=outcome, reasons=reasons, agent_id=agent_id,
+                               mrtd=mrtd, tcb_status=tcb_status, at=at)
+        return await self._store_row(row, RegistrationRecord)
 
     async def registrations(
         self, limit: int = 100, vm_name: str | None = None

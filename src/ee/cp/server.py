@@ -72,7 +72,7 @@ from ee.cp.bootstrap import Bootstrap, BootstrapError
 from ee.cp.collateral_refresh import CollateralRefresher, GraceJudge, RefreshSettings
 from ee.cp.deploy_metrics import run_deploy_metrics
 from ee.cp.envelope import CpAttestation, EnvelopeProver, load_cp_release, make_prover
-from ee.cp.events import EventBus
+from ee.cp.events import Event, EventBus
 from ee.cp.http import make_app, serve_http
 from ee.cp.identities import IdentityBook
 from ee.cp.manifests import ManifestStore
@@ -80,10 +80,13 @@ from ee.cp.metrics import CpMetrics
 from ee.cp.nodes import LabelError, Vocabulary
 from ee.cp.readiness import Quorum, Readiness, Tally
 from ee.cp.records import (
+    HistoryRow,
     RecordStore,
     RecordStoreError,
     RejectionTally,
+    event_row,
     prune_history_forever,
+    registration_row,
 )
 from ee.cp.registration import Judge, Refusal
 from ee.cp.releases import AdmittedRelease, ReleaseRefused, policy_with, recheck
@@ -116,6 +119,18 @@ from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 log = logging.getLogger("ee.cp")
 
 CHECKPOINT = "checkpoint.json"
+HISTORY_BATCH = 255  # events drained after the first: one history write per ≤256 events
+
+
+def _drain(channel: trio.MemoryReceiveChannel[Event], most: int) -> list[Event]:
+    """Up to *most* events already queued on *channel*, without waiting."""
+    out: list[Event] = []
+    while len(out) < most:
+        try:
+            out.append(channel.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return out
 
 
 def _host_port(text: str, what: str) -> tuple[str, int]:
@@ -347,9 +362,11 @@ class ControlPlane:
         self.billing = Billing(billing, BillingDeps(
             store=lambda: self.accounts,
             sightings=lambda: billing_mod.cp_sightings(
-                self.registry, self.deployment_index, self.describe_agents,
+                self.registry, self.deployment_index, None,
                 lambda: billing_mod.pool_orders(self.registry, self.pools.keys()),
-                billing.datacenter_owners),
+                billing.datacenter_owners,
+                agent_ids=lambda: [r.agent_id for r in self.directory.records()],
+                views_of=lambda ids: self.directory.views(trio.current_time(), ids)),
             stop_account=lambda account: billing_mod.stop_account_deployments(
                 self.registry, self.deployment_index, account),
             emit=self.events.emit, sizes=config.vocabulary.sizes,
@@ -651,11 +668,9 @@ class ControlPlane:
                 nursery.start_soon(prune_history_forever, store,
                                    self.config.history_retention_s,
                                    self.config.history_prune_interval_s)
-                async for event in self.events.history_rx:
-                    try:
-                        await self._record(store, tally, event)
-                    except (RecordStoreError, ValueError, TypeError) as exc:
-                        log.warning("history: dropped %s event: %s", event.kind, exc)
+                history = self.events.history_rx
+                async for event in history:
+                    await self._record(store, tally, [event, *_drain(history, HISTORY_BATCH)])
                 nursery.cancel_scope.cancel()
         finally:
             self.records = None
@@ -667,20 +682,40 @@ class ControlPlane:
                 await store.close()
 
     @staticmethod
-    async def _record(store: RecordStore, tally: RejectionTally, event: Any) -> None:
-        """One event into history. A refused registration is counted, not stored as a
-        row (a peer reconnecting with bad registrations must not grow the store); its
-        ``registration.rejected`` event is the same fact, live only."""
-        if event.kind == "registration.rejected":
+    async def _record(store: RecordStore, tally: RejectionTally, events: list[Event]) -> None:
+        """A batch of events into history, in order, in one thread hop (one transaction);
+        if the batch fails, row by row, so a bad row drops only its own event. A refused
+        registration is counted, not stored as a row (a peer reconnecting with bad
+        registrations must not grow the store); its ``registration.rejected`` event is
+        the same fact, live only."""
+        rows: list[tuple[Event, HistoryRow]] = []
+        for event in events:
+            try:
+                if event.kind == "registration.rejected":
+                    continue
+                if event.kind == "registration" and event.data.get("outcome") == "rejected":
+                    reasons = [str(r) for r in event.data.get("reasons") or ["UNKNOWN"]]
+                    tally.add(reasons[0], event.at, str(event.data.get("vm_name") or "-"),
+                              "; ".join(reasons[1:]))
+                elif event.kind == "registration":
+                    rows.append((event, registration_row(**event.data)))
+                else:
+                    rows.append((event, event_row(event.kind, event.subject,
+                                                  dict(event.data))))
+            except (ValueError, TypeError) as exc:
+                log.warning("history: dropped %s event: %s", event.kind, exc)
+        try:
+            await store.append_history([row for _, row in rows])
             return
-        if event.kind == "registration" and event.data.get("outcome") == "rejected":
-            reasons = [str(r) for r in event.data.get("reasons") or ["UNKNOWN"]]
-            tally.add(reasons[0], event.at, str(event.data.get("vm_name") or "-"),
-                      "; ".join(reasons[1:]))
-        elif event.kind == "registration":
-            await store.record_registration(**event.data)
-        else:
-            await store.append_event(event.kind, event.subject, dict(event.data))
+        except RecordStoreError as exc:
+            if len(rows) == 1:
+                log.warning("history: dropped %s event: %s", rows[0][0].kind, exc)
+                return
+        for event, row in rows:
+            try:
+                await store.append_history([row])
+            except RecordStoreError as exc:
+                log.warning("history: dropped %s event: %s", event.kind, exc)
 
     async def _flush_rejections(self, store: RecordStore, tally: RejectionTally) -> None:
         while True:

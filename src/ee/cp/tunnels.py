@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-import httpx
 
 from ee.protocol.messages import TunnelGrant
+
+if TYPE_CHECKING:  # httpx is imported where the API is called (start-up time)
+    import httpx
 
 __all__ = ["CloudflareSettings", "CloudflareTunnels", "TunnelError", "TunnelProvider"]
 
@@ -106,6 +108,8 @@ class CloudflareTunnels:
         hostname = f"{label}.{s.domain}"
         alias = dns_label(vm_name)
         owner = OWNER_COMMENT + agent_id
+        import httpx
+
         async with httpx.AsyncClient(base_url=s.api_base, headers=self._headers,
                                      timeout=s.timeout_s, transport=self._transport,
                                      trust_env=False) as http:
@@ -171,6 +175,8 @@ class CloudflareTunnels:
 
     async def _call(self, http: httpx.AsyncClient, step: str, method: str, path: str,
                     **kwargs: Any) -> Any:
+        import httpx
+
         try:
             response = await http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:

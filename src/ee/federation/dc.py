@@ -64,7 +64,6 @@ from typing import Any, TypeVar
 
 import attrs
 import cattrs
-import httpx
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -268,6 +267,8 @@ def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
     sign_key = generate_signing_key()
     body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
             "signing_key": public_key_bytes(sign_key).hex()}
+    import httpx  # here, not at start-up: only enrolment calls the master over HTTP
+
     try:
         resp = httpx.post(upstream.rstrip("/") + "/api/v2/federation/join", json=body,
                           timeout=timeout_s, verify=verify)
