@@ -125,7 +125,7 @@ async def test_sightings_render_only_replica_agents_and_agree_with_the_full_pass
             {"agent_id": "ag1", "state": "running"},
             {"agent_id": "ag2", "state": "starting"},
             {"agent_id": "ag3", "state": "running"}]},  # its agent is offline
-        "app/acct2.fed": {"federated": {"datacenter": "bm:c"}, "replicas": [
+        "app/acct2.fed": {"federated": {"datacenter": "bm:c"}, "replicas_wanted": 1, "replicas": [
             {"agent_id": "dc-ag", "state": "running", "node_size": "tiny"}]}})
     index = {"dep-1": "acct1.web", "dep-2": "acct2.fed"}
     everyone = {a: _view(a, "offline" if a == "ag3" else "online")
