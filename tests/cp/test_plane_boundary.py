@@ -274,6 +274,7 @@ async def test_a_verifier_raising_on_reattestation_quarantines_without_a_restart
                        for r in view["attestation"]["quarantine_reasons"])
             assert restarts(env) == {}
             assert agent.closed_code is None  # the session stays; placements stop
-            logged = [r for r in caplog.records if "re-attestation could not" in r.getMessage()]
+            logged = [r for r in caplog.records
+                      if "attestation answer could not be verified" in r.getMessage()]
             assert logged and logged[0].exc_info
             nursery.cancel_scope.cancel()
