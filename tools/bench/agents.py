@@ -88,8 +88,9 @@ def quantiles(metrics: str, name: str) -> tuple[float, float, int]:
 
 class Cp:
     def __init__(self, data: Path, env: dict[str, str], heartbeat: float,
-                 tracemalloc: Path | None = None) -> None:
+                 tracemalloc: Path | None = None, trace_from_signal: bool = False) -> None:
         self.data = data
+        self.trace_from_signal = trace_from_signal  # cp_traced.py --from-signal
         self.env = env
         self.tracemalloc = tracemalloc
         self.http_port = free_port()
@@ -117,7 +118,8 @@ class Cp:
         (process start to health) there with py-spy."""
         t0 = time.perf_counter()
         runner = (["-m", "ee.cp.server"] if self.tracemalloc is None else
-                  [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc), "--"])
+                  [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc),
+                   *(["--from-signal"] if self.trace_from_signal else []), "--"])
         self.proc = subprocess.Popen(
             [sys.executable, *runner, "--dev", "--config", str(self.config),
              "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.http_port}",
@@ -193,11 +195,15 @@ async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S,
     """Sample the CP's RSS every *every_s* while the agents heartbeat; print the slope,
     over the whole soak and after *warmup_s* (caches and the allocator's arenas fill
     first; the figure after the warm-up is the one that says whether memory is kept).
-    With *tracemalloc* (a CP run by cp_traced.py), take a baseline snapshot at the end of
-    the warm-up and print the top growth since it at the end."""
+    With *tracemalloc* (a CP run by ``cp_traced.py --from-signal``), start tracing now,
+    take a baseline snapshot at the end of the warm-up (every agent has heartbeated since
+    tracing began, so what a heartbeat replaces is in both) and print the top growth
+    since it at the end."""
     samples: list[tuple[float, float]] = []
     t0, c0 = time.perf_counter(), proc_cpu(pid)
     baseline_at: float | None = None
+    if tracemalloc is not None:  # start tracing (cp_traced.py --from-signal)
+        await _signal_and_wait(pid, signal.SIGUSR2, tracemalloc.with_suffix(".tracing"))
     while True:
         elapsed = time.perf_counter() - t0
         if tracemalloc is not None and baseline_at is None and elapsed >= warmup_s:
@@ -246,7 +252,8 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
     tmp = Path(tempfile.mkdtemp(prefix="ee-bench-"))
     env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
     os.environ["EE_SIM_DIR"] = env["EE_SIM_DIR"]
-    cp = Cp(tmp / "cp", env, heartbeat, tracemalloc)
+    # A soak traces from its start only (the join runs untraced, at full speed).
+    cp = Cp(tmp / "cp", env, heartbeat, tracemalloc, trace_from_signal=soak_s > 0)
     cp.start()
     assert cp.proc is not None
     base_rss = rss_kib(cp.proc.pid)

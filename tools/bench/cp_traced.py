@@ -1,12 +1,14 @@
 """Run ``ee-cp`` under tracemalloc; SIGUSR1 writes where its live memory was allocated.
 
-    python tools/bench/cp_traced.py OUT.txt -- <ee.cp.server arguments>
+    python tools/bench/cp_traced.py OUT.txt [--from-signal] -- <ee.cp.server arguments>
 
 The report groups live allocations by the first frames *inside the project or its
 websocket stack* (so "per agent" costs can be read as bytes per connection), biggest
 first. SIGUSR2 keeps a baseline snapshot; a later SIGUSR1 then also writes the growth
 since that baseline (``Snapshot.compare_to``), by line and by traceback, biggest first,
-which is how a soak finds what it keeps. tools/bench/agents.py --tracemalloc uses it;
+which is how a soak finds what it keeps. With ``--from-signal`` tracing starts only at
+the first SIGUSR2 (the next one takes the baseline), so 10,000 agents join at full
+speed; only what is allocated after it is seen. tools/bench/agents.py --tracemalloc uses it;
 tracing slows the CP, so time and latency figures of a traced run mean nothing.
 """
 
@@ -61,13 +63,18 @@ def report(out: Path, baseline: tracemalloc.Snapshot | None) -> None:
 def main() -> None:
     out = Path(sys.argv[1])
     rest = sys.argv[sys.argv.index("--") + 1:]
-    tracemalloc.start(FRAMES)
+    if "--from-signal" not in sys.argv[:sys.argv.index("--")]:
+        tracemalloc.start(FRAMES)
     baseline: list[tracemalloc.Snapshot] = []
 
     def on_report(_sig: int, _frame: FrameType | None) -> None:
         report(out, baseline[-1] if baseline else None)
 
     def on_baseline(_sig: int, _frame: FrameType | None) -> None:
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(FRAMES)
+            out.with_suffix(".tracing").touch()
+            return
         baseline[:] = [_snapshot()]
         out.with_suffix(".baseline").touch()  # tells the bench the baseline is taken
 
