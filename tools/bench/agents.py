@@ -289,7 +289,10 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
             await soak(cp.proc.pid, soak_s, n, warmup_s=warmup_s, tracemalloc=tracemalloc)
             nursery.cancel_scope.cancel()
             # A traced CP takes minutes to stop with 10,000 sockets; nothing to keep.
-            cp.kill() if tracemalloc is not None else cp.stop()
+            if tracemalloc is not None:
+                cp.kill()
+            else:
+                cp.stop()
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if tracemalloc is not None:
