@@ -7,6 +7,7 @@ restart of the CP (agents reconnect on their own).
 
     python tools/bench/agents.py --agents 1000 10000 [--heartbeat 10] [--hold 30]
     python tools/bench/agents.py --agents 10000 --soak 600   # RSS slope while held
+    python tools/bench/agents.py --agents 10000 --soak 600 --warmup 120 --tracemalloc t.txt
 
 Profiling (figures of a profiled run are not the benchmark's): ``--tracemalloc OUT``
 runs the CP under tools/bench/cp_traced.py and writes where its memory lives after the
@@ -87,8 +88,9 @@ def quantiles(metrics: str, name: str) -> tuple[float, float, int]:
 
 class Cp:
     def __init__(self, data: Path, env: dict[str, str], heartbeat: float,
-                 tracemalloc: Path | None = None) -> None:
+                 tracemalloc: Path | None = None, trace_from_signal: bool = False) -> None:
         self.data = data
+        self.trace_from_signal = trace_from_signal  # cp_traced.py --from-signal
         self.env = env
         self.tracemalloc = tracemalloc
         self.http_port = free_port()
@@ -116,7 +118,8 @@ class Cp:
         (process start to health) there with py-spy."""
         t0 = time.perf_counter()
         runner = (["-m", "ee.cp.server"] if self.tracemalloc is None else
-                  [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc), "--"])
+                  [str(ROOT / "tools" / "bench" / "cp_traced.py"), str(self.tracemalloc),
+                   *(["--from-signal"] if self.trace_from_signal else []), "--"])
         self.proc = subprocess.Popen(
             [sys.executable, *runner, "--dev", "--config", str(self.config),
              "--data-dir", str(self.data), "--listen", f"127.0.0.1:{self.http_port}",
@@ -176,12 +179,36 @@ def slope_per_min(samples: list[tuple[float, float]]) -> float:
     return 0.0 if var == 0 else sum((t - mt) * (v - mv) for t, v in samples) / var * 60
 
 
-async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S) -> None:
-    """Sample the CP's RSS every *every_s* while the agents heartbeat; print the slope."""
+async def _signal_and_wait(pid: int, sig: int, path: Path) -> None:
+    """Send *sig* to the traced CP and wait until it has written *path*."""
+    await trio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+    os.kill(pid, sig)
+    for _ in range(2400):  # a snapshot takes a while at 10,000 agents
+        if await trio.to_thread.run_sync(path.exists):
+            return
+        await trio.sleep(0.5)
+    raise RuntimeError(f"the traced CP wrote no {path}")
+
+
+async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S,
+               warmup_s: float = 0.0, tracemalloc: Path | None = None) -> None:
+    """Sample the CP's RSS every *every_s* while the agents heartbeat; print the slope,
+    over the whole soak and after *warmup_s* (caches and the allocator's arenas fill
+    first; the figure after the warm-up is the one that says whether memory is kept).
+    With *tracemalloc* (a CP run by ``cp_traced.py --from-signal``), start tracing now,
+    take a baseline snapshot at the end of the warm-up (every agent has heartbeated since
+    tracing began, so what a heartbeat replaces is in both) and print the top growth
+    since it at the end."""
     samples: list[tuple[float, float]] = []
     t0, c0 = time.perf_counter(), proc_cpu(pid)
+    baseline_at: float | None = None
+    if tracemalloc is not None:  # start tracing (cp_traced.py --from-signal)
+        await _signal_and_wait(pid, signal.SIGUSR2, tracemalloc.with_suffix(".tracing"))
     while True:
         elapsed = time.perf_counter() - t0
+        if tracemalloc is not None and baseline_at is None and elapsed >= warmup_s:
+            await _signal_and_wait(pid, signal.SIGUSR2, tracemalloc.with_suffix(".baseline"))
+            baseline_at = elapsed = time.perf_counter() - t0
         samples.append((elapsed, float(rss_kib(pid))))
         if elapsed >= soak_s:
             break
@@ -198,14 +225,35 @@ async def soak(pid: int, soak_s: float, n: int, every_s: float = SOAK_EVERY_S) -
     print(f"    slope of the first half {slope_per_min(halves[0]):+.1f} KiB/min, of the "
           f"second {slope_per_min(halves[1]):+.1f} KiB/min; RSS MiB every {every_s:.0f}s: "
           + " ".join(f"{v / 1024:.1f}" for _, v in samples), flush=True)
+    warm = [(t, v) for t, v in samples if t >= (baseline_at or warmup_s)]
+    if warmup_s and len(warm) >= 3:
+        print(f"    after a {warmup_s:.0f}s warm-up: {len(warm)} samples, slope "
+              f"{slope_per_min(warm):+.1f} KiB/min, {warm[0][1] / 1024:.1f} -> "
+              f"{warm[-1][1] / 1024:.1f} MiB", flush=True)
+    if tracemalloc is not None:
+        await _signal_and_wait(pid, signal.SIGUSR1, tracemalloc)
+        report = (await trio.to_thread.run_sync(tracemalloc.read_text)).splitlines()
+        print(f"    tracemalloc ({tracemalloc}), top growth since the warm-up:")
+        shown, section = 0, 0
+        for line in report:
+            if line.startswith("===="):
+                section += 1
+                if section > 2:
+                    break
+                shown = 0
+            elif not line.lstrip().startswith("File "):
+                shown += 1  # an entry; its frames follow it
+            if shown <= 10:
+                print("      " + line)
 
 
 async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | None = None,
-                spy: Path | None = None, soak_s: float = 0.0) -> None:
+                spy: Path | None = None, soak_s: float = 0.0, warmup_s: float = 0.0) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ee-bench-"))
     env = {**os.environ, "EE_SIM_DIR": str(tmp / "sim")}
     os.environ["EE_SIM_DIR"] = env["EE_SIM_DIR"]
-    cp = Cp(tmp / "cp", env, heartbeat, tracemalloc)
+    # A soak traces from its start only (the join runs untraced, at full speed).
+    cp = Cp(tmp / "cp", env, heartbeat, tracemalloc, trace_from_signal=soak_s > 0)
     cp.start()
     assert cp.proc is not None
     base_rss = rss_kib(cp.proc.pid)
@@ -238,9 +286,13 @@ async def bench(n: int, heartbeat: float, hold_s: float, tracemalloc: Path | Non
               f"heartbeat p99 {p99 * 1000:.2f} ms; "
               f"{'now the soak' if soak_s else 'now kill -9 and restart'})", flush=True)
         if soak_s:
-            await soak(cp.proc.pid, soak_s, n)
+            await soak(cp.proc.pid, soak_s, n, warmup_s=warmup_s, tracemalloc=tracemalloc)
             nursery.cancel_scope.cancel()
-            cp.stop()
+            # A traced CP takes minutes to stop with 10,000 sockets; nothing to keep.
+            if tracemalloc is not None:
+                cp.kill()
+            else:
+                cp.stop()
             shutil.rmtree(tmp, ignore_errors=True)
             return
         if tracemalloc is not None:
@@ -314,6 +366,10 @@ def main() -> None:
                    help="after the hold, sample the CP's RSS every 10 s for SECONDS while "
                         "the agents heartbeat and report its least-squares slope (KiB/min); "
                         "no restart is measured")
+    p.add_argument("--warmup", type=float, default=120.0, metavar="SECONDS",
+                   help="with --soak: also report the slope from this point on (with "
+                        "--tracemalloc: the baseline snapshot is taken here and the top "
+                        "growth since it printed at the end)")
     args = p.parse_args()
     if args.tracemalloc is not None:
         args.tracemalloc.unlink(missing_ok=True)
@@ -323,7 +379,8 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"open files limit {hard}")
     for n in args.agents:
-        trio.run(bench, n, args.heartbeat, args.hold, args.tracemalloc, args.py_spy, args.soak)
+        trio.run(bench, n, args.heartbeat, args.hold, args.tracemalloc, args.py_spy, args.soak,
+                 args.warmup)
 
 
 if __name__ == "__main__":
