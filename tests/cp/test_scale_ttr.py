@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from ee.cp import billing as billing_mod
@@ -156,3 +157,23 @@ async def test_sightings_render_only_replica_agents_and_agree_with_the_full_pass
     assert [(s.replica_id, s.provider) for s in fast[0]] == [
         ("ag1", "provider:acct-prov"), ("dc-ag", "provider:acct-dc")]
     assert "idle7" in fast[1] and "dc-ag" in fast[1]  # present: every agent with a view
+
+
+def test_history_drops_are_counted_logged_and_exported(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A full history queue loses events (emit never blocks): counted, logged at the
+    first and every 1,000th, and exported as ee_event_history_dropped_total."""
+    from prometheus_client import generate_latest
+
+    from ee.cp.events import EventBus
+    from ee.cp.metrics import CpMetrics
+
+    bus = EventBus(history_queue=2)
+    with caplog.at_level("WARNING", logger="ee.cp.events"):
+        for n in range(1003):
+            bus.emit("agent.registered", f"ag{n}")
+    assert bus.dropped_history == 1001
+    assert len([r for r in caplog.records if "history queue full" in r.getMessage()]) == 2
+    metrics = CpMetrics()
+    metrics.history_dropped.set(bus.dropped_history)
+    assert "ee_event_history_dropped_total 1001.0" in generate_latest(metrics.registry).decode()

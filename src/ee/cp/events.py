@@ -57,6 +57,10 @@ class EventBus:
             self._history_tx.send_nowait(event)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
             self.dropped_history += 1
+            if self.dropped_history % 1000 == 1:  # the first, then every 1,000th
+                log.warning("history queue full: %d events not written to the history "
+                            "store so far (ee_event_history_dropped_total)",
+                            self.dropped_history)
         for channel in list(self._subscribers):
             try:
                 channel.send_nowait(event)

@@ -35,6 +35,9 @@ class CpMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
             registry=r)
         self.heartbeats = Counter("ee_heartbeats_total", "Heartbeats received", registry=r)
+        self.history_dropped = Gauge(
+            "ee_event_history_dropped_total", "Events not written to the history store "
+            "because its queue was full (counted since the CP started)", registry=r)
         self.bad_frames = Counter("ee_bad_frames_total", "Refused agent frames", ["reason"],
                                   registry=r)
         self.plane_faults = Counter(

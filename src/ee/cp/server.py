@@ -950,6 +950,7 @@ class ControlPlane:
         scrape never asks every AgentActor."""
         for status, n in self.directory.status_counts().items():
             self.metrics.agents.labels(status).set(n)
+        self.metrics.history_dropped.set(self.events.dropped_history)
         kinds: dict[str, int] = {}
         for node in self.root.snapshot().walk():
             kind = node.name.split("/", 1)[0] if "/" in node.name else node.kind
