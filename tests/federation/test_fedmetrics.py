@@ -30,7 +30,7 @@ from ee.federation.wire import (
 )
 
 from .fedkit import agent, dc, event_log, eventually, join_token, master, refused, sim_td
-from .test_refusals import LABEL, _enroll, link
+from .test_refusals import LABEL, link, rogue_master
 
 A, B = "sim:dc-a", "sim:dc-b"
 
@@ -187,12 +187,8 @@ async def test_dc_registrations_show_at_the_master_per_datacenter(tmp_path: Path
 
 
 async def test_a_rogue_dc_cannot_set_another_dcs_series(tmp_path: Path) -> None:
-    m = master(tmp_path)
-    home = tmp_path / "rogue"
     with trio.fail_after(90):
-        await m.start()
-        try:
-            await _enroll(m, home)
+        async with rogue_master(tmp_path) as (m, home):
             async with event_log(m) as events, link(home) as (send, recv):
                 await send({"type": "hello", "dc": LABEL, "first_unacked": 1, "next_seq": 1,
                             "snapshot_version": 0, "spool_depth": 0})
@@ -234,5 +230,3 @@ async def test_a_rogue_dc_cannot_set_another_dcs_series(tmp_path: Path) -> None:
                 assert f'datacenter="{B}"' not in text
                 await trio.sleep(0.3)
             assert len(refused(events, "bad_frame")) >= 2
-        finally:
-            await m.stop()

@@ -33,7 +33,7 @@ from ee.protocol.signing import generate_signing_key
 from ee.runtime import ActorError, Registry
 
 from .fedkit import CpProc, agent, dc, event_log, eventually, join_token, master, refused, sim_td
-from .test_refusals import LABEL, _enroll, enrolled_home, link
+from .test_refusals import LABEL, enrolled_home, link, rogue_master
 
 A, B = "sim:dc-a", "sim:dc-b"
 COMPOSE = "services:\n  web:\n    image: nginx\n"
@@ -226,12 +226,8 @@ async def test_master_places_in_dc_reroutes_and_reports(tmp_path: Path) -> None:
 
 
 async def test_dc_placement_report_for_foreign_deployment_refused(tmp_path: Path) -> None:
-    m = master(tmp_path)
-    home = tmp_path / "rogue"
     with trio.fail_after(60):
-        await m.start()
-        try:
-            await _enroll(m, home)
+        async with rogue_master(tmp_path) as (m, home):
             async with event_log(m) as seen, link(home) as (send, recv):
                 await send({"type": "hello", "dc": LABEL, "first_unacked": 1, "next_seq": 1,
                             "snapshot_version": 0, "spool_depth": 0})
@@ -253,8 +249,6 @@ async def test_dc_placement_report_for_foreign_deployment_refused(tmp_path: Path
                 assert len(refused(seen, "foreign_deployment")) == 1
             placements = [e for e in seen if e.get("kind") == "federation.placement"]
             assert placements == []
-        finally:
-            await m.stop()
 
 
 async def test_dc_runs_only_intents_of_a_verified_snapshot(tmp_path: Path) -> None:

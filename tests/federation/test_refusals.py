@@ -105,13 +105,23 @@ async def _enroll(m: CpProc, home: Path) -> None:
     await trio.to_thread.run_sync(partial(enroll, home, m.http, LABEL, token, dev=True))
 
 
-async def test_link_refusals(tmp_path: Path) -> None:
+@asynccontextmanager
+async def rogue_master(tmp_path: Path) -> AsyncIterator[tuple[CpProc, Path]]:
+    """A master process, and a dc home enrolled with it whose link the test speaks
+    itself (``link``); the master stops at the end."""
     m = master(tmp_path)
     home = tmp_path / "rogue"
+    await m.start()
+    try:
+        await _enroll(m, home)
+        yield m, home
+    finally:
+        await m.stop()
+
+
+async def test_link_refusals(tmp_path: Path) -> None:
     with trio.fail_after(90):
-        await m.start()
-        try:
-            await _enroll(m, home)
+        async with rogue_master(tmp_path) as (m, home):
             async with event_log(m) as seen, link(home) as (send, recv):
                 await send({"type": "hello", "dc": LABEL, "first_unacked": 1, "next_seq": 1,
                             "snapshot_version": 0, "spool_depth": 0})
@@ -163,8 +173,6 @@ async def test_link_refusals(tmp_path: Path) -> None:
                 metrics = (await c.get("/metrics")).text
             assert f'ee_federation_sequence_errors_total{{datacenter="{LABEL}"}} 2.0' in metrics
             assert f'ee_federation_replays_total{{datacenter="{LABEL}"}} 1.0' in metrics
-        finally:
-            await m.stop()
 
 
 async def test_unknown_certificates(tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ from ee.federation.placement import Outcome, ReportedReplica, shown_replicas
 from ee.federation.wire import WireError, up_frame
 from ee.runtime import Registry
 
-from .fedkit import event_log, master, refused
-from .test_refusals import LABEL, _agent, _enroll, _events, link
+from .fedkit import event_log, refused
+from .test_refusals import LABEL, _agent, _events, link, rogue_master
 
 BIG = 10**400
 
@@ -62,12 +62,8 @@ def test_frames_refuse_unbounded_numbers() -> None:
 
 async def test_huge_sequence_is_refused_and_the_dc_actor_lives(tmp_path: Path) -> None:
     """Before: the hello was acked, and the actor's metric tick crashed it (OverflowError)."""
-    m = master(tmp_path)
-    home = tmp_path / "rogue"
     with trio.fail_after(90):
-        await m.start()
-        try:
-            await _enroll(m, home)
+        async with rogue_master(tmp_path) as (m, home):
             async with event_log(m) as seen, link(home) as (send, recv):
                 await send({"type": "hello", "dc": LABEL, "first_unacked": 1,
                             "next_seq": BIG, "snapshot_version": 0, "spool_depth": BIG})
@@ -84,8 +80,6 @@ async def test_huge_sequence_is_refused_and_the_dc_actor_lives(tmp_path: Path) -
                 view = (await m.datacenters())[LABEL]
                 assert view["applied_seq"] == 1 and view["agents"]["total"] == 1
             assert refused(seen, "bad_frame")
-        finally:
-            await m.stop()
 
 
 async def test_snapshot_applied_version_bounded(tmp_path: Path) -> None:
