@@ -219,8 +219,9 @@ def _keep(directory: Path, answer: JoinAnswer, label: str, upstream: str, pin: s
         raise EnrolError(f"refusing the enrolment, nothing written: {exc}") from None
     pki.save_key(directory / "dc.key", tls_key)
     save_private_key(directory / "sign.key", sign_key, overwrite=True)
-    pki.write_public(directory / "dc.pem", answer.certificate.encode())
-    pki.write_public(directory / "ca.pem", answer.ca.encode())
+    # Re-encoded from the parsed certificates: exactly what was checked, nothing more.
+    pki.write_public(directory / "dc.pem", pki.canonical_pem(answer.certificate).encode())
+    pki.write_public(directory / "ca.pem", pki.canonical_pem(answer.ca).encode())
     enrolment = Enrollment(label, upstream, answer.stream_url, answer.master_key,
                            answer.cluster_id, pin or "")
     pki.write_public(directory / "enrollment.json",

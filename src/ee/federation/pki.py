@@ -212,6 +212,12 @@ def check_answer(*, pin: str | None, label: str, ca_pem: str, master_key_hex: st
     """What a dc checks before it keeps a join answer or an offline bundle: the CA and
     master key match *pin* (when given), and the certificate is the CA's, for *label*,
     and for the dc's own TLS key. Raises PkiError."""
+    for what, text in (("CA", ca_pem), ("certificate", cert_pem_text)):
+        # Exactly one PEM block each: the pin covers the first certificate only, and
+        # OpenSSL would trust every certificate of a CA file (a man in the middle's
+        # CA appended after the real one would be trusted for the master's link).
+        if text.count("-----BEGIN") != 1:
+            raise PkiError(f"the {what} must be exactly one PEM certificate")
     if pin is not None and not hmac.compare_digest(master_pin(ca_pem, master_key_hex), pin):
         raise PkiError("the master's CA certificate and signing key do not match the pin: "
                        "whoever answered is not the master the pin names")
@@ -266,3 +272,8 @@ def common_name(der: bytes) -> str:
         raise PkiError("the certificate must name exactly one CN")
     value = attrs_[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def canonical_pem(text: str) -> str:
+    """The one certificate in *text*, re-encoded (what ``check_answer`` checked)."""
+    return cert_pem(x509.load_pem_x509_certificate(text.encode()))

@@ -1,0 +1,169 @@
+"""Attacker's review of dc enrolment and fresh proofs (issue 15).
+
+- A join answer (or offline bundle) whose ``ca`` holds the real CA *and* a second,
+  attacker's CA: the pin covers the first certificate only, and the dc's link trusted
+  every certificate of ``ca.pem``. Refused now, nothing written; what is kept is the
+  re-encoded certificate that was checked.
+- The public join route answered 500 to deeply nested JSON and to a lone surrogate in
+  the token; now 400.
+- Two concurrent joins with general tokens for one label: the second replaced the keys
+  the first had just pinned (the enrolled check ran before the await only).
+- A fresh proof whose summary names another datacenter's agent was verified by the
+  master for this dc.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from ee.attestation import Policy, Verifier
+from ee.attestation.providers.sim import SimTD
+from ee.cp.nodes import Vocabulary
+from ee.cp.registration import Judge
+from ee.federation import pki, routes
+from ee.federation.dc import EnrolError, Enrollment, install_bundle, write_request
+from ee.federation.master import (
+    FederationSettings,
+    JoinRefused,
+    JoinRequest,
+    MasterFederation,
+)
+from ee.protocol.reportdata import registration_report_data
+from ee.protocol.signing import generate_signing_key, public_key_bytes
+from ee.runtime import Registry
+
+from .fedkit import master
+from .test_freshproof import _body, _key
+
+A = "sim:dc-a"
+
+
+def _files(home: Path) -> list[str]:
+    fed = home / "federation"
+    return sorted(str(p.relative_to(fed)) for p in fed.rglob("*")) if fed.exists() else []
+
+
+# ---- a second CA in the answer ---------------------------------------------------------
+
+def test_a_second_ca_in_the_answer_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "dc"
+    req = json.loads(write_request(home, A, tmp_path / "req.json").read_text())
+    real = pki.ClusterCa.load_or_create(tmp_path / "real-ca", "real")
+    evil = pki.ClusterCa.load_or_create(tmp_path / "evil-ca", "evil")
+    master_key = public_key_bytes(generate_signing_key()).hex()
+    pin = pki.master_pin(pki.cert_pem(real.cert), master_key)
+    good = {"format": "ee/v2/federation/enroll-bundle/1", "datacenter": A,
+            "certificate": pki.cert_pem(real.issue(A, req["tls_public_key"])),
+            "ca": pki.cert_pem(real.cert), "master_key": master_key,
+            "stream_url": "wss://127.0.0.1:8002/api/v2/federation/stream",
+            "cluster_id": "c1"}
+    pending = ["pending", "pending/dc.key", "pending/sign.key"]
+    for what, body in {
+        "the attacker's CA appended": {**good, "ca": good["ca"] + pki.cert_pem(evil.cert)},
+        "a certificate chain": {**good, "certificate": good["certificate"]
+                                + pki.cert_pem(evil.cert)},
+    }.items():
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(body))
+        with pytest.raises(EnrolError, match="exactly one PEM certificate"):
+            install_bundle(home, "https://m", A, bad, pin)
+        assert _files(home) == pending, what
+    # The real one is kept as the single, re-encoded certificate that was checked.
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({**good, "ca": "leading text\n" + good["ca"]}))
+    assert install_bundle(home, "https://m", A, ok, pin) == Enrollment.load(home / "federation")
+    kept = (home / "federation" / "ca.pem").read_text()
+    assert kept == pki.cert_pem(real.cert) and kept.count("BEGIN") == 1
+
+
+# ---- the public join route -------------------------------------------------------------
+
+async def test_join_route_odd_bodies_are_400(tmp_path: Path) -> None:
+    m = master(tmp_path)
+    with trio.fail_after(60):
+        await m.start()
+        try:
+            key = pki.public_pem(pki.new_key())
+            async with httpx.AsyncClient(base_url=m.http, timeout=10) as c:
+                url = "/api/v2/federation/join"
+                nested = await c.post(url, content=b"[" * 8000,
+                                      headers={"Content-Type": "application/json"})
+                assert nested.status_code == 400, nested.text
+                body = json.dumps({"token": "eej_@", "datacenter": A, "tls_public_key": key,
+                                   "signing_key": "a" * 64}).replace("@", "\\ud800")
+                lone = await c.post(url, content=body.encode(),
+                                    headers={"Content-Type": "application/json"})
+                assert lone.status_code == 400, lone.text
+                assert lone.json()["error"]["code"] == "bad_request"
+                health = await c.get("/api/v2/health")
+                assert health.status_code == 200
+        finally:
+            await m.stop()
+
+
+# ---- concurrent joins ------------------------------------------------------------------
+
+async def test_concurrent_general_joins_do_not_replace_keys(tmp_path: Path) -> None:
+    fed = MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
+                           emit=lambda *_: None, metrics=CollectorRegistry())
+
+    async def no_actor(_: str) -> None:
+        return None
+
+    fed._ensure_actor = no_actor  # type: ignore[method-assign]
+    tokens = [fed.issue_token(None, None)["token"] for _ in range(2)]
+    outcomes: list[str] = []
+
+    async def join(token: str) -> None:
+        req = JoinRequest(token, A, pki.public_pem(pki.new_key()),
+                          public_key_bytes(generate_signing_key()).hex())
+        try:
+            out = await fed.join(req)
+            outcomes.append("joined " + out["certificate"])
+        except JoinRefused as exc:
+            outcomes.append(exc.code)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for token in tokens:
+                nursery.start_soon(join, token)
+    assert sorted(o.split(" ")[0] for o in outcomes) == ["join_token_unbound", "joined"]
+    winner = next(o for o in outcomes if o.startswith("joined "))
+    assert pki.fingerprint(pki.x509.load_pem_x509_certificate(
+        winner.removeprefix("joined ").encode()).public_bytes(
+            pki.serialization.Encoding.DER)) == fed.enrolled[A].fingerprint
+
+
+# ---- a fresh proof named for another datacenter ----------------------------------------
+
+async def test_fresh_proof_of_another_datacenter_is_refused() -> None:
+    td = SimTD.create()
+    now = time.time()
+    judge = Judge(cluster_id="c", vocabulary=Vocabulary(), verifier=Verifier([td.root_cert]),
+                  policy=Policy(), collateral=td.collateral(issued_at=now - 60))
+    nonce = bytes(range(32))
+    key = _key()
+    body: dict[str, Any] = _body(td, td.quote(registration_report_data(nonce, key)), key)
+    emitted: list[tuple[str, str, Any]] = []
+    cp = SimpleNamespace(judge=lambda: judge)
+    fed = SimpleNamespace(verify_limiter=trio.CapacityLimiter(1),
+                          emit=lambda *a: emitted.append(a))
+    reported = {"mrtd": td.mr_td.hex()}
+    with trio.fail_after(30):
+        own = await routes._verified(cp, fed, A, nonce, body, reported)  # type: ignore[arg-type]
+        assert own["verified_by_master"]["ok"] is True, own
+        # dc-b answers with the same genuine evidence, naming the agent as dc-a's.
+        other = await routes._verified(cp, fed, "sim:dc-b", nonce, body,  # type: ignore[arg-type]
+                                       reported)
+    got = other["verified_by_master"]
+    assert got["ok"] is False and got["code"] == "proof_mismatch", got
+    assert [e[:2] for e in emitted] == [("federation.proof_refused", "sim:dc-b")]
