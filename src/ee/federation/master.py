@@ -688,6 +688,12 @@ class MasterFederation:
             cert = await trio.to_thread.run_sync(self.ca.issue, label, req.tls_public_key)
         except pki.PkiError as exc:
             raise JoinRefused("bad_key", str(exc)) from None
+        if found.datacenter is None and label in self.enrolled:
+            # Checked again after the await: a concurrent join with another general
+            # token enrolled this label meanwhile; this one must not replace its keys.
+            raise JoinRefused("join_token_unbound",
+                              f"{label} was enrolled meanwhile; a re-join needs a token "
+                              "bound to it (eectl federation join-token --datacenter)")
         self.enrolled[label] = Enrolled(label, pki.cert_fingerprint(cert), req.signing_key,
                                         time.time())
         await trio.to_thread.run_sync(self._save_enrolled)

@@ -49,7 +49,13 @@ from ee.federation.master import (
     MasterFederation,
     ReportedAgent,
 )
-from ee.federation.rpc import ANSWER_TIMEOUT_S, RpcError, check_evidence, proof_digest
+from ee.federation.rpc import (
+    ANSWER_TIMEOUT_S,
+    PROOF_MISMATCH,
+    RpcError,
+    check_evidence,
+    proof_digest,
+)
 from ee.federation.wire import MAX_ID_CHARS
 from ee.runtime import ActorError
 
@@ -178,6 +184,13 @@ async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
         else str(reported["mrtd"])
 
     def check() -> dict[str, Any]:
+        proof = item.get("proof")
+        if isinstance(proof, dict) and proof.get("datacenter") != label:
+            # A dc answers for its own agents only: a quote of a TD it can reach, named
+            # as another datacenter's agent, is not that agent's proof.
+            return {"ok": False, "code": PROOF_MISMATCH, "reasons": [
+                f"the proof names datacenter {str(proof.get('datacenter'))[:80]!r}, "
+                f"not {label[:80]!r}"], "mrtd": None, "tcb_status": None, "deploys": []}
         return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time())
 
     verdict = await trio.to_thread.run_sync(check, limiter=fed.verify_limiter)
@@ -240,10 +253,13 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
     @guard(Who.PUBLIC)
     async def join() -> Response:
         raw = g.get("public_body", b"")
-        try:
+        try:  # a stranger's body: deep nesting or a lone surrogate is a 400, never a 500
             doc: Any = json.loads(raw or b"null")
-        except ValueError:
-            raise ApiError(400, "bad_request", "the body is not JSON") from None
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise ApiError(400, "bad_request", "the body's JSON is nested too deeply") from None
+        except ValueError:  # UnicodeError included
+            raise ApiError(400, "bad_request", "the body is not JSON (UTF-8)") from None
         master_fed = need_master()
         req = structure_request(doc, JoinRequest)
         try:
