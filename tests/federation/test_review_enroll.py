@@ -14,7 +14,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import stat
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +34,7 @@ from ee.attestation.providers.sim import SimTD
 from ee.cp.nodes import Vocabulary
 from ee.cp.registration import Judge
 from ee.federation import pki, routes
-from ee.federation.dc import EnrolError, Enrollment, install_bundle, write_request
+from ee.federation.dc import EnrolError, Enrollment, enroll, install_bundle, write_request
 from ee.federation.master import (
     FederationSettings,
     JoinRefused,
@@ -167,3 +171,79 @@ async def test_fresh_proof_of_another_datacenter_is_refused() -> None:
     got = other["verified_by_master"]
     assert got["ok"] is False and got["code"] == "proof_mismatch", got
     assert [e[:2] for e in emitted] == [("federation.proof_refused", "sim:dc-b")]
+
+
+# ---- hostile sizes and leftovers -------------------------------------------------------
+
+FLOOD = 40 << 20  # what a hostile source offers; a capped reader takes far less
+
+
+class _Flood(http.server.BaseHTTPRequestHandler):
+    sent = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(FLOOD))
+        self.end_headers()
+        chunk = b" " * (64 << 10)
+        try:
+            while _Flood.sent < FLOOD:
+                self.wfile.write(chunk)
+                _Flood.sent += len(chunk)
+        except OSError:
+            return
+
+    def log_message(self, *_: Any) -> None:
+        return None
+
+
+def test_a_huge_join_answer_is_not_read_whole(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flood)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(EnrolError, match="larger than"):
+            enroll(tmp_path, f"http://127.0.0.1:{server.server_address[1]}", A, "eej_x",
+                   timeout_s=10, dev=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert _Flood.sent < FLOOD // 4, _Flood.sent
+    assert _files(tmp_path) == []
+
+
+def test_a_bundle_path_naming_a_fifo_is_read_capped(tmp_path: Path) -> None:
+    home = tmp_path / "dc"
+    write_request(home, A, tmp_path / "req.json")
+    fifo = tmp_path / "bundle"
+    os.mkfifo(fifo)
+    sent = [0]
+
+    def flood() -> None:
+        try:
+            with fifo.open("wb") as f:
+                while sent[0] < FLOOD:
+                    f.write(b" " * (64 << 10))
+                    sent[0] += 64 << 10
+        except OSError:
+            return
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    with pytest.raises(EnrolError, match="larger than"):
+        install_bundle(home, "https://m", A, fifo, "0" * 64)
+    thread.join(10)
+    assert sent[0] < FLOOD // 4, sent[0]
+
+
+def test_a_leftover_tmp_file_does_not_loosen_a_key(tmp_path: Path) -> None:
+    path = tmp_path / "federation" / "dc.key"
+    path.parent.mkdir()
+    leftover = path.with_suffix(".key.tmp")
+    leftover.write_bytes(b"")
+    leftover.chmod(0o644)
+    pki.save_key(path, pki.new_key())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -242,6 +242,29 @@ def _verify(upstream: str, dev: bool, upstream_ca: Path | None) -> ssl.SSLContex
     return False
 
 
+def _post_capped(url: str, body: dict[str, Any], timeout_s: float,
+                 verify: ssl.SSLContext | bool) -> Any:
+    """POST *body*; the answer read as it streams in, at most ``MAX_ANSWER_BYTES``
+    (uncompressed), within *timeout_s* in all: whoever answers is hostile until checked."""
+    import httpx  # here, not at start-up: only enrolment calls the master over HTTP
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        with httpx.stream("POST", url, json=body, timeout=timeout_s, verify=verify,
+                          headers={"Accept-Encoding": "identity"}) as resp:
+            content = bytearray()
+            for chunk in resp.iter_raw():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise EnrolError(f"the join answer is larger than {MAX_ANSWER_BYTES} "
+                                     "bytes")
+                if time.monotonic() > deadline:
+                    raise EnrolError(f"the join answer took longer than {timeout_s} s")
+    except httpx.HTTPError as exc:
+        raise EnrolError(f"cannot reach the master at {url}: {exc}") from None
+    return httpx.Response(resp.status_code, content=bytes(content))
+
+
 def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
            timeout_s: float = 15.0, *, dev: bool = False, upstream_ca: Path | None = None,
            pin: str | None = None) -> Enrollment:
@@ -268,15 +291,8 @@ def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
     sign_key = generate_signing_key()
     body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
             "signing_key": public_key_bytes(sign_key).hex()}
-    import httpx  # here, not at start-up: only enrolment calls the master over HTTP
-
-    try:
-        resp = httpx.post(upstream.rstrip("/") + "/api/v2/federation/join", json=body,
-                          timeout=timeout_s, verify=verify)
-    except httpx.HTTPError as exc:
-        raise EnrolError(f"cannot reach the master at {upstream}: {exc}") from None
-    if len(resp.content) > MAX_ANSWER_BYTES:
-        raise EnrolError(f"the join answer is larger than {MAX_ANSWER_BYTES} bytes")
+    resp = _post_capped(upstream.rstrip("/") + "/api/v2/federation/join", body,
+                        timeout_s, verify)
     if resp.status_code != 200:
         try:
             err = resp.json().get("error", {})
@@ -339,7 +355,8 @@ def install_bundle(data_dir: Path, upstream: str, label: str, bundle: Path,
     try:
         tls_key = serialization.load_pem_private_key((pending / "dc.key").read_bytes(), None)
         sign_key = load_private_key(pending / "sign.key")
-        raw = bundle.read_bytes()
+        with bundle.open("rb") as f:  # capped: the path may name anything (a FIFO)
+            raw = f.read(MAX_ANSWER_BYTES + 1)
     except (OSError, ValueError, KeyFileError) as exc:
         raise EnrolError(f"no pending enrolment request here (--enroll-request first): "
                          f"{exc}") from None
