@@ -45,7 +45,7 @@ from ee.protocol.reportdata import registration_report_data
 from ee.protocol.signing import generate_signing_key, public_key_bytes
 from ee.runtime import Registry
 
-from .fedkit import master
+from .fedkit import event_log, eventually, master, refused
 from .test_freshproof import _body, _key
 
 A = "sim:dc-a"
@@ -247,3 +247,32 @@ def test_a_leftover_tmp_file_does_not_loosen_a_key(tmp_path: Path) -> None:
     leftover.chmod(0o644)
     pki.save_key(path, pki.new_key())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_anonymous_join_refusals_cannot_flood_the_events(tmp_path: Path) -> None:
+    """60 bad joins: at most the burst of refusal events; the next one, after a refill,
+    counts the ones left out."""
+    m = master(tmp_path)
+    body = {"token": "eej_guess", "datacenter": A,
+            "tls_public_key": pki.public_pem(pki.new_key()), "signing_key": "a" * 64}
+    with trio.fail_after(60):
+        await m.start()
+        try:
+            async with event_log(m) as events, \
+                    httpx.AsyncClient(base_url=m.http, timeout=10) as c:
+                for _ in range(60):
+                    r = await c.post("/api/v2/federation/join", json=body)
+                    assert r.status_code == 401, r.text
+                await trio.sleep(1 / routes.JOIN_REFUSAL_EVENTS_PER_S + 0.5)
+                await c.post("/api/v2/federation/join", json=body)
+
+                async def counted() -> bool:
+                    return any("suppressed" in e["data"]
+                               for e in refused(events, "join_token_invalid"))
+
+                await eventually(counted, what="the suppressed count")
+            got = refused(events, "join_token_invalid")
+            assert len(got) <= routes.JOIN_REFUSAL_EVENT_BURST + 2, len(got)
+            assert got[-1]["data"]["suppressed"] + len(got) == 61, got[-1]
+        finally:
+            await m.stop()
