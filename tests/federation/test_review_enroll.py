@@ -276,3 +276,32 @@ async def test_anonymous_join_refusals_cannot_flood_the_events(tmp_path: Path) -
             assert got[-1]["data"]["suppressed"] + len(got) == 61, got[-1]
         finally:
             await m.stop()
+
+
+async def test_concurrent_joins_of_many_dcs_all_persist(tmp_path: Path) -> None:
+    """Joins of different dcs at once: each saved dcs.json (one tmp file shared by
+    concurrent writers made some joins 500 and could leave it torn or missing a dc)."""
+
+    def fed() -> MasterFederation:
+        return MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
+                                emit=lambda *_: None, metrics=CollectorRegistry())
+
+    first = fed()
+
+    async def no_actor(_: str) -> None:
+        return None
+
+    first._ensure_actor = no_actor  # type: ignore[method-assign]
+    labels = [f"sim:dc-{i}" for i in range(24)]
+
+    async def join(label: str) -> None:
+        token = first.issue_token(label, None)["token"]
+        await first.join(JoinRequest(token, label, pki.public_pem(pki.new_key()),
+                                     public_key_bytes(generate_signing_key()).hex()))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for label in labels:
+                nursery.start_soon(join, label)
+    assert sorted(fed().enrolled) == sorted(labels)
+    assert [p.name for p in (tmp_path / "federation").iterdir() if "tmp" in p.name] == []

@@ -589,6 +589,7 @@ class MasterFederation:
         # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()
+        self._enrolled_lock = trio.Lock()  # one writer of dcs.json at a time
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
         self.bound_port: int | None = None
         self._conn_ids = 0
@@ -696,7 +697,8 @@ class MasterFederation:
                               "bound to it (eectl federation join-token --datacenter)")
         self.enrolled[label] = Enrolled(label, pki.cert_fingerprint(cert), req.signing_key,
                                         time.time())
-        await trio.to_thread.run_sync(self._save_enrolled)
+        async with self._enrolled_lock:  # each save writes the state as it is then
+            await trio.to_thread.run_sync(self._save_enrolled)
         await self._ensure_actor(label)
         self.emit("federation.joined", label, {"fingerprint": self.enrolled[label].fingerprint})
         return {"datacenter": label, "certificate": pki.cert_pem(cert),

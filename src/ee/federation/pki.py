@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -42,23 +43,30 @@ class PkiError(Exception):
     """A certificate or key cannot be used; the message says which and why."""
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write *path* whole or not at all: a fresh, exclusive temporary file of its own
+    (created 0600, so concurrent writers never share one and a leftover from a crash
+    cannot lend its mode), fsynced, then renamed over *path*."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a leftover tmp file keeps its old mode through O_CREAT
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    _write_atomic(path, data, 0o644)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
