@@ -24,12 +24,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import httpx
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
 from ee.attestation import Policy, Verifier
+from ee.attestation.eventlog import RuntimeEvent, replay_runtime
 from ee.attestation.providers.sim import SimTD
 from ee.cp.nodes import Vocabulary
 from ee.cp.registration import Judge
@@ -305,3 +307,44 @@ async def test_concurrent_joins_of_many_dcs_all_persist(tmp_path: Path) -> None:
                 nursery.start_soon(join, label)
     assert sorted(fed().enrolled) == sorted(labels)
     assert [p.name for p in (tmp_path / "federation").iterdir() if "tmp" in p.name] == []
+
+
+async def test_tenant_replicas_say_whether_the_tds_run_the_deployment(
+        tmp_path: Path) -> None:
+    """A dc may show any genuine TD as a replica: ``runs_deployment`` is true only when
+    the verified runtime log (replayed against RTMR3) names the deployment."""
+    td = SimTD.create()
+    now = time.time()
+    events = [RuntimeEvent(type="deploy", app="acct.web", version="1",
+                           deployment_id="dep-1", compose_hash="sha256:" + "ab" * 32)]
+    measured = attrs.evolve(td, rtmrs=(*td.rtmrs[:3], replay_runtime(events)))
+    judge = Judge(cluster_id="c", vocabulary=Vocabulary(),
+                  verifier=Verifier([measured.root_cert]), policy=Policy(),
+                  collateral=measured.collateral(issued_at=now - 60))
+    fed = MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
+                           emit=lambda *_: None, metrics=CollectorRegistry())
+    asked: list[dict[str, Any]] = []
+
+    async def ask(label: str, kind: str, **kw: Any) -> dict[str, Any]:
+        nonce = bytes.fromhex(kw["args"]["nonce"])
+        key = _key()
+        quote = measured.quote(registration_report_data(nonce, key))
+        log = "".join(e.canonical().decode() + "\n" for e in events)
+        asked.append(kw)
+        return {"replicas": [{**_body(measured, quote, key, runtime_log=log),
+                              "agent_id": "ag-1"},
+                             {**_body(measured, measured.quote(
+                                 registration_report_data(nonce, key)), key),
+                              "agent_id": "ag-1"}]}
+
+    fed.ask = ask  # type: ignore[method-assign]
+    fed.intent_datacenter = lambda _d: A  # type: ignore[method-assign]
+    cp = SimpleNamespace(federation=fed, deployment_index={"dep-1": "acct.web"},
+                         judge=lambda: judge)
+    with trio.fail_after(30):
+        view = await routes.tenant_attestation(cp, "acct", "dep-1")
+    assert view is not None and asked and asked[0]["deployment_id"] == "dep-1"
+    with_log, without = view["replicas"]
+    assert with_log["verified_by_master"]["ok"] is True, with_log["verified_by_master"]
+    assert with_log["runs_deployment"] is True
+    assert without["runs_deployment"] is False

@@ -133,10 +133,22 @@ async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
     nonce, args = _fresh_args(fed)
     body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args)
     replicas = [r for r in body.get("replicas") or () if isinstance(r, dict)]
-    checked = [await _verified(cp, fed, label, nonce, r) for r in replicas]
+    checked = [_runs(deployment_id, await _verified(cp, fed, label, nonce, r))
+               for r in replicas]
     return {**body, "datacenter": label, "replicas": checked,
             "all_verified_by_master": bool(checked) and all(
                 r["verified_by_master"]["ok"] for r in checked)}
+
+
+def _runs(deployment_id: str, replica: dict[str, Any]) -> dict[str, Any]:
+    """*replica* with ``runs_deployment``: its verified evidence's runtime log (replayed
+    against the quoted RTMR3) names *deployment_id*. Without it the proof says only that
+    a genuine TD answered, not that this deployment runs there (the dc's word)."""
+    verdict = replica["verified_by_master"]
+    runs = bool(verdict["ok"]) and any(isinstance(d, dict)
+                                       and d.get("deployment_id") == deployment_id
+                                       for d in verdict.get("deploys") or ())
+    return {**replica, "runs_deployment": runs}
 
 
 async def agent_attestation(cp: Any, fed: MasterFederation, label: str, agent_id: str
