@@ -348,3 +348,36 @@ async def test_tenant_replicas_say_whether_the_tds_run_the_deployment(
     assert with_log["verified_by_master"]["ok"] is True, with_log["verified_by_master"]
     assert with_log["runs_deployment"] is True
     assert without["runs_deployment"] is False
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    """A hostile upstream's refusal: terminal escapes, a forged line, a lot of it."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"error": {"code": "x", "message": "\x1b[2J\nINFO enrolled OK "
+                                     + "A" * 20_000}}).encode()
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        return None
+
+
+def test_a_refusal_text_from_the_upstream_is_one_printable_line(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(EnrolError) as caught:
+            enroll(tmp_path, f"http://127.0.0.1:{server.server_address[1]}", A, "eej_x",
+                   timeout_s=10, dev=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    text = str(caught.value)
+    assert "refused the join (403)" in text and text.isprintable() and len(text) < 600, text

@@ -116,6 +116,7 @@ from ee.protocol.signing import (
     public_key_from_bytes,
     save_private_key,
 )
+from ee.protocol.strict import printable
 from ee.supervisors import ChildSpec, Supervisor
 
 log = logging.getLogger("ee.federation")
@@ -210,7 +211,8 @@ def _keep(directory: Path, answer: JoinAnswer, label: str, upstream: str, pin: s
           tls_key: ec.EllipticCurvePrivateKey, sign_key: Ed25519PrivateKey) -> Enrollment:
     """Check *answer*, then (only then) write the keys, certificates and enrolment."""
     if answer.datacenter != label:
-        raise EnrolError(f"the answer is for datacenter {answer.datacenter}, not {label}")
+        raise EnrolError(f"the answer is for datacenter {printable(answer.datacenter, 120)}, "
+                         f"not {label}")
     try:
         pki.check_answer(pin=pin, label=label, ca_pem=answer.ca,
                          master_key_hex=answer.master_key, cert_pem_text=answer.certificate,
@@ -298,8 +300,11 @@ def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
             err = resp.json().get("error", {})
             detail = f"{err.get('code')}: {err.get('message')}"
         except (ValueError, AttributeError):
-            detail = resp.text[:200]
-        raise EnrolError(f"the master refused the join ({resp.status_code}): {detail}")
+            detail = resp.text
+        # Whoever answered wrote it: one printable line (no terminal escapes, no forged
+        # log lines), capped.
+        raise EnrolError(f"the master refused the join ({resp.status_code}): "
+                         f"{printable(detail, 300)}")
     try:
         doc = resp.json()
     except ValueError:
