@@ -332,7 +332,10 @@ def write_request(data_dir: Path, label: str, out: Path) -> Path:
 
 def read_request(path: Path) -> EnrollRequest:
     try:
-        raw = path.read_bytes()[:MAX_ANSWER_BYTES + 1]
+        with path.open("rb") as f:  # capped while read: the path may name a FIFO
+            raw = f.read(MAX_ANSWER_BYTES + 1)
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise EnrolError(f"{path}: larger than {MAX_ANSWER_BYTES} bytes")
         doc = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise EnrolError(f"{path}: {exc}") from None
