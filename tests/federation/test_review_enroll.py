@@ -35,6 +35,7 @@ from ee.attestation.eventlog import RuntimeEvent, replay_runtime
 from ee.attestation.providers.sim import SimTD
 from ee.cp.nodes import Vocabulary
 from ee.cp.registration import Judge
+from ee.federation import master as master_mod
 from ee.federation import pki, routes
 from ee.federation.dc import (
     EnrolError,
@@ -54,7 +55,7 @@ from ee.protocol.reportdata import registration_report_data
 from ee.protocol.signing import generate_signing_key, public_key_bytes
 from ee.runtime import Registry
 
-from .fedkit import event_log, eventually, master, refused
+from .fedkit import event_log, eventually, master
 from .test_freshproof import _body, _key
 
 A = "sim:dc-a"
@@ -261,30 +262,44 @@ def test_a_leftover_tmp_file_does_not_loosen_a_key(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-async def test_anonymous_join_refusals_cannot_flood_the_events(tmp_path: Path) -> None:
-    """60 bad joins: at most the burst of refusal events; the next one, after a refill,
-    counts the ones left out."""
+async def test_strangers_cannot_flood_the_events(tmp_path: Path) -> None:
+    """30 garbage connections to the federation listener and 30 bad joins: at most the
+    burst of refusal events; the next one, after a refill, counts the ones left out."""
     m = master(tmp_path)
     body = {"token": "eej_guess", "datacenter": A,
             "tls_public_key": pki.public_pem(pki.new_key()), "signing_key": "a" * 64}
+
+    def stranger(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [e for e in events if e.get("kind") == "federation.refused"]
+
     with trio.fail_after(60):
         await m.start()
         try:
             async with event_log(m) as events, \
                     httpx.AsyncClient(base_url=m.http, timeout=10) as c:
-                for _ in range(60):
+                for _ in range(30):
+                    tcp = await trio.open_tcp_stream("127.0.0.1", m.fed_port)
+                    await tcp.send_all(b"not TLS\r\n\r\n")
+                    await tcp.aclose()
+                for _ in range(30):
                     r = await c.post("/api/v2/federation/join", json=body)
                     assert r.status_code == 401, r.text
-                await trio.sleep(1 / routes.JOIN_REFUSAL_EVENTS_PER_S + 0.5)
+
+                async def settled() -> bool:  # every garbage handshake refused by now
+                    return len(stranger(events)) >= master_mod.STRANGER_EVENT_BURST
+
+                await eventually(settled, what="the burst of refusals")
+                await trio.sleep(1 / master_mod.STRANGER_EVENTS_PER_S + 0.5)
                 await c.post("/api/v2/federation/join", json=body)
 
                 async def counted() -> bool:
-                    return any("suppressed" in e["data"]
-                               for e in refused(events, "join_token_invalid"))
+                    return any("suppressed" in e["data"] for e in stranger(events))
 
                 await eventually(counted, what="the suppressed count")
-            got = refused(events, "join_token_invalid")
-            assert len(got) <= routes.JOIN_REFUSAL_EVENT_BURST + 2, len(got)
+            got = stranger(events)
+            assert len(got) <= master_mod.STRANGER_EVENT_BURST + 2, len(got)
+            assert {e["data"]["code"] for e in got} <= {"unknown_certificate",
+                                                         "join_token_invalid"}
             assert got[-1]["data"]["suppressed"] + len(got) == 61, got[-1]
         finally:
             await m.stop()

@@ -30,7 +30,6 @@ from quart import Response, g
 from quart_trio import QuartTrio
 
 from ee.actors.datacenter import DescribeDatacenter
-from ee.agent.http import TokenBucket
 from ee.cp.errors import (
     ApiError,
     Who,
@@ -69,11 +68,6 @@ BAD_RESPONSE = "bad_response"  # a dc's answer that is not the shape asked for
 # A join refusal's status: an unknown token is not authenticated (401), a malformed key
 # is a bad request (400); the rest (an unbound re-join, a label mismatch) forbidden.
 JOIN_STATUS: Final = {"join_token_invalid": 401, "bad_key": 400}
-# The join route is public: its refusal events are rate limited (a burst, then a few a
-# minute; the next one emitted counts the ones left out as ``suppressed``), or anyone
-# could push every other event out of the CP's recent ring and history queue.
-JOIN_REFUSAL_EVENT_BURST: Final = 20.0
-JOIN_REFUSAL_EVENTS_PER_S: Final = 0.2
 
 
 def _placed_for(cp: Any, account_id: str, deployment_id: str
@@ -267,18 +261,6 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
             raise ApiError(400, "bad_datacenter", str(exc)[:200],
                            {"field": "datacenter"}) from None
 
-    join_refusals = TokenBucket(rate=JOIN_REFUSAL_EVENTS_PER_S, burst=JOIN_REFUSAL_EVENT_BURST)
-    left_out = [0]
-
-    def join_refused(subject: str, code: str, detail: str) -> None:
-        if join_refusals.take(trio.current_time()) > 0:
-            left_out[0] += 1
-            return
-        data: dict[str, Any] = {"code": code, "detail": detail}
-        if left_out[0]:
-            data["suppressed"], left_out[0] = left_out[0], 0
-        cp.events.emit("federation.refused", subject, data)
-
     @app.post("/api/v2/federation/join")
     @guard(Who.PUBLIC)
     async def join() -> Response:
@@ -295,11 +277,11 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         try:
             out = await master_fed.join(req)
         except LabelError as exc:
-            join_refused(req.datacenter[:80], "bad_datacenter", str(exc)[:200])
+            master_fed.refuse_stranger(req.datacenter[:80], "bad_datacenter", str(exc)[:200])
             raise ApiError(400, "bad_datacenter", str(exc)[:200],
                            {"field": "datacenter"}) from None
         except JoinRefused as exc:
-            join_refused(req.datacenter[:80], exc.code, exc.detail)
+            master_fed.refuse_stranger(req.datacenter[:80], exc.code, exc.detail)
             raise ApiError(JOIN_STATUS.get(exc.code, 403), exc.code, exc.detail) from None
         return json_response(out)
 
