@@ -116,6 +116,7 @@ from ee.protocol.signing import (
     public_key_from_bytes,
     save_private_key,
 )
+from ee.protocol.strict import printable
 from ee.supervisors import ChildSpec, Supervisor
 
 log = logging.getLogger("ee.federation")
@@ -210,7 +211,8 @@ def _keep(directory: Path, answer: JoinAnswer, label: str, upstream: str, pin: s
           tls_key: ec.EllipticCurvePrivateKey, sign_key: Ed25519PrivateKey) -> Enrollment:
     """Check *answer*, then (only then) write the keys, certificates and enrolment."""
     if answer.datacenter != label:
-        raise EnrolError(f"the answer is for datacenter {answer.datacenter}, not {label}")
+        raise EnrolError(f"the answer is for datacenter {printable(answer.datacenter, 120)}, "
+                         f"not {label}")
     try:
         pki.check_answer(pin=pin, label=label, ca_pem=answer.ca,
                          master_key_hex=answer.master_key, cert_pem_text=answer.certificate,
@@ -219,8 +221,9 @@ def _keep(directory: Path, answer: JoinAnswer, label: str, upstream: str, pin: s
         raise EnrolError(f"refusing the enrolment, nothing written: {exc}") from None
     pki.save_key(directory / "dc.key", tls_key)
     save_private_key(directory / "sign.key", sign_key, overwrite=True)
-    pki.write_public(directory / "dc.pem", answer.certificate.encode())
-    pki.write_public(directory / "ca.pem", answer.ca.encode())
+    # Re-encoded from the parsed certificates: exactly what was checked, nothing more.
+    pki.write_public(directory / "dc.pem", pki.canonical_pem(answer.certificate).encode())
+    pki.write_public(directory / "ca.pem", pki.canonical_pem(answer.ca).encode())
     enrolment = Enrollment(label, upstream, answer.stream_url, answer.master_key,
                            answer.cluster_id, pin or "")
     pki.write_public(directory / "enrollment.json",
@@ -239,6 +242,29 @@ def _verify(upstream: str, dev: bool, upstream_ca: Path | None) -> ssl.SSLContex
         raise EnrolError(f"--upstream {upstream}: the join sends a secret token, so it "
                          "must be https:// (plain http only with --dev)")
     return False
+
+
+def _post_capped(url: str, body: dict[str, Any], timeout_s: float,
+                 verify: ssl.SSLContext | bool) -> Any:
+    """POST *body*; the answer read as it streams in, at most ``MAX_ANSWER_BYTES``
+    (uncompressed), within *timeout_s* in all: whoever answers is hostile until checked."""
+    import httpx  # here, not at start-up: only enrolment calls the master over HTTP
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        with httpx.stream("POST", url, json=body, timeout=timeout_s, verify=verify,
+                          headers={"Accept-Encoding": "identity"}) as resp:
+            content = bytearray()
+            for chunk in resp.iter_raw():
+                content += chunk
+                if len(content) > MAX_ANSWER_BYTES:
+                    raise EnrolError(f"the join answer is larger than {MAX_ANSWER_BYTES} "
+                                     "bytes")
+                if time.monotonic() > deadline:
+                    raise EnrolError(f"the join answer took longer than {timeout_s} s")
+    except httpx.HTTPError as exc:
+        raise EnrolError(f"cannot reach the master at {url}: {exc}") from None
+    return httpx.Response(resp.status_code, content=bytes(content))
 
 
 def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
@@ -267,22 +293,18 @@ def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
     sign_key = generate_signing_key()
     body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
             "signing_key": public_key_bytes(sign_key).hex()}
-    import httpx  # here, not at start-up: only enrolment calls the master over HTTP
-
-    try:
-        resp = httpx.post(upstream.rstrip("/") + "/api/v2/federation/join", json=body,
-                          timeout=timeout_s, verify=verify)
-    except httpx.HTTPError as exc:
-        raise EnrolError(f"cannot reach the master at {upstream}: {exc}") from None
-    if len(resp.content) > MAX_ANSWER_BYTES:
-        raise EnrolError(f"the join answer is larger than {MAX_ANSWER_BYTES} bytes")
+    resp = _post_capped(upstream.rstrip("/") + "/api/v2/federation/join", body,
+                        timeout_s, verify)
     if resp.status_code != 200:
         try:
             err = resp.json().get("error", {})
             detail = f"{err.get('code')}: {err.get('message')}"
         except (ValueError, AttributeError):
-            detail = resp.text[:200]
-        raise EnrolError(f"the master refused the join ({resp.status_code}): {detail}")
+            detail = resp.text
+        # Whoever answered wrote it: one printable line (no terminal escapes, no forged
+        # log lines), capped.
+        raise EnrolError(f"the master refused the join ({resp.status_code}): "
+                         f"{printable(detail, 300)}")
     try:
         doc = resp.json()
     except ValueError:
@@ -310,7 +332,10 @@ def write_request(data_dir: Path, label: str, out: Path) -> Path:
 
 def read_request(path: Path) -> EnrollRequest:
     try:
-        raw = path.read_bytes()[:MAX_ANSWER_BYTES + 1]
+        with path.open("rb") as f:  # capped while read: the path may name a FIFO
+            raw = f.read(MAX_ANSWER_BYTES + 1)
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise EnrolError(f"{path}: larger than {MAX_ANSWER_BYTES} bytes")
         doc = json.loads(raw)
     except (OSError, ValueError) as exc:
         raise EnrolError(f"{path}: {exc}") from None
@@ -338,7 +363,8 @@ def install_bundle(data_dir: Path, upstream: str, label: str, bundle: Path,
     try:
         tls_key = serialization.load_pem_private_key((pending / "dc.key").read_bytes(), None)
         sign_key = load_private_key(pending / "sign.key")
-        raw = bundle.read_bytes()
+        with bundle.open("rb") as f:  # capped: the path may name anything (a FIFO)
+            raw = f.read(MAX_ANSWER_BYTES + 1)
     except (OSError, ValueError, KeyFileError) as exc:
         raise EnrolError(f"no pending enrolment request here (--enroll-request first): "
                          f"{exc}") from None

@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -66,6 +66,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from ee.actors.agent import StatusReport
 from ee.actors.datacenter import DescribeDatacenter
 from ee.actors.deployment import derive
+from ee.agent.http import TokenBucket
 from ee.federation import pki
 from ee.federation.metrics import DcStatsCollector, FederationMetrics
 from ee.federation.placement import (
@@ -148,6 +149,8 @@ TOO_MANY_AGENTS = "too_many_agents"
 #: link's message cap) and every link would fail on it. A placement or change that
 #: would grow it past this is refused (``SNAPSHOT_FULL``), nothing published.
 MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - (64 << 10)
+STRANGER_EVENT_BURST: Final = 20.0  # refusal events anyone can cause (refuse_stranger)
+STRANGER_EVENTS_PER_S: Final = 0.2
 SNAPSHOT_FULL = "SNAPSHOT_FULL"
 
 Emit = Callable[[str, str, Any], None]
@@ -589,6 +592,10 @@ class MasterFederation:
         # deployment id -> (dc, its last word): a rerouted intent's new dc speaks next
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()
+        self._enrolled_lock = trio.Lock()  # one writer of dcs.json at a time
+        self._stranger_events = TokenBucket(rate=STRANGER_EVENTS_PER_S,
+                                            burst=STRANGER_EVENT_BURST)
+        self._suppressed = 0  # refusals of strangers not emitted since the last one
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
         self.bound_port: int | None = None
         self._conn_ids = 0
@@ -688,9 +695,16 @@ class MasterFederation:
             cert = await trio.to_thread.run_sync(self.ca.issue, label, req.tls_public_key)
         except pki.PkiError as exc:
             raise JoinRefused("bad_key", str(exc)) from None
+        if found.datacenter is None and label in self.enrolled:
+            # Checked again after the await: a concurrent join with another general
+            # token enrolled this label meanwhile; this one must not replace its keys.
+            raise JoinRefused("join_token_unbound",
+                              f"{label} was enrolled meanwhile; a re-join needs a token "
+                              "bound to it (eectl federation join-token --datacenter)")
         self.enrolled[label] = Enrolled(label, pki.cert_fingerprint(cert), req.signing_key,
                                         time.time())
-        await trio.to_thread.run_sync(self._save_enrolled)
+        async with self._enrolled_lock:  # each save writes the state as it is then
+            await trio.to_thread.run_sync(self._save_enrolled)
         await self._ensure_actor(label)
         self.emit("federation.joined", label, {"fingerprint": self.enrolled[label].fingerprint})
         return {"datacenter": label, "certificate": pki.cert_pem(cert),
@@ -986,6 +1000,21 @@ class MasterFederation:
             self.registry, name, lambda: FederatedDatacenterActor(label, self),
             restart=Restart.PERMANENT, mailbox_size=1024))
 
+    def refuse_stranger(self, label: str | None, code: str, detail: str) -> None:
+        """``refuse`` for what anyone on the network can cause (a public join, a TLS
+        handshake): a burst, then a few a minute; the next one logged and emitted counts
+        the ones left out (``suppressed``), or strangers could push every other event
+        out of the CP's recent ring and history queue."""
+        if self._stranger_events.take(trio.current_time()) > 0:
+            self._suppressed += 1
+            return
+        left_out, self._suppressed = self._suppressed, 0
+        log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
+        data: dict[str, Any] = {"code": code, "detail": detail[:300]}
+        if left_out:
+            data["suppressed"] = left_out
+        self.emit("federation.refused", label or "?", data)
+
     def refuse(self, label: str | None, code: str, detail: str) -> None:
         log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
         self.emit("federation.refused", label or "?", {"code": code, "detail": detail[:300]})
@@ -1023,7 +1052,8 @@ class MasterFederation:
                 await stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError, OSError) as exc:
             cause = exc.__cause__ or exc
-            self.refuse(None, UNKNOWN_CERTIFICATE, f"TLS handshake failed: {cause}"[:300])
+            self.refuse_stranger(None, UNKNOWN_CERTIFICATE,
+                                 f"TLS handshake failed: {cause}"[:300])
             await trio.aclose_forcefully(tcp)
             return
         try:
@@ -1034,8 +1064,8 @@ class MasterFederation:
         enrolled = self.enrolled.get(label)
         if der is None or enrolled is None \
                 or not hmac.compare_digest(enrolled.fingerprint, pki.fingerprint(der)):
-            self.refuse(label[:80] or None, UNKNOWN_CERTIFICATE,
-                        "a cluster certificate not pinned for this datacenter")
+            self.refuse_stranger(label[:80] or None, UNKNOWN_CERTIFICATE,
+                                 "a cluster certificate not pinned for this datacenter")
             await trio.aclose_forcefully(stream)
             return
         try:

@@ -26,6 +26,7 @@ import hmac
 import ipaddress
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -42,22 +43,30 @@ class PkiError(Exception):
     """A certificate or key cannot be used; the message says which and why."""
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write *path* whole or not at all: a fresh, exclusive temporary file of its own
+    (created 0600, so concurrent writers never share one and a leftover from a crash
+    cannot lend its mode), fsynced, then renamed over *path*."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    _write_atomic(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    _write_atomic(path, data, 0o644)
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -212,6 +221,12 @@ def check_answer(*, pin: str | None, label: str, ca_pem: str, master_key_hex: st
     """What a dc checks before it keeps a join answer or an offline bundle: the CA and
     master key match *pin* (when given), and the certificate is the CA's, for *label*,
     and for the dc's own TLS key. Raises PkiError."""
+    for what, text in (("CA", ca_pem), ("certificate", cert_pem_text)):
+        # Exactly one PEM block each: the pin covers the first certificate only, and
+        # OpenSSL would trust every certificate of a CA file (a man in the middle's
+        # CA appended after the real one would be trusted for the master's link).
+        if text.count("-----BEGIN") != 1:
+            raise PkiError(f"the {what} must be exactly one PEM certificate")
     if pin is not None and not hmac.compare_digest(master_pin(ca_pem, master_key_hex), pin):
         raise PkiError("the master's CA certificate and signing key do not match the pin: "
                        "whoever answered is not the master the pin names")
@@ -266,3 +281,8 @@ def common_name(der: bytes) -> str:
         raise PkiError("the certificate must name exactly one CN")
     value = attrs_[0].value
     return value if isinstance(value, str) else value.decode()
+
+
+def canonical_pem(text: str) -> str:
+    """The one certificate in *text*, re-encoded (what ``check_answer`` checked)."""
+    return cert_pem(x509.load_pem_x509_certificate(text.encode()))

@@ -49,7 +49,13 @@ from ee.federation.master import (
     MasterFederation,
     ReportedAgent,
 )
-from ee.federation.rpc import ANSWER_TIMEOUT_S, RpcError, check_evidence, proof_digest
+from ee.federation.rpc import (
+    ANSWER_TIMEOUT_S,
+    PROOF_MISMATCH,
+    RpcError,
+    check_evidence,
+    proof_digest,
+)
 from ee.federation.wire import MAX_ID_CHARS
 from ee.runtime import ActorError
 
@@ -121,10 +127,22 @@ async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
     nonce, args = _fresh_args(fed)
     body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args)
     replicas = [r for r in body.get("replicas") or () if isinstance(r, dict)]
-    checked = [await _verified(cp, fed, label, nonce, r) for r in replicas]
+    checked = [_runs(deployment_id, await _verified(cp, fed, label, nonce, r))
+               for r in replicas]
     return {**body, "datacenter": label, "replicas": checked,
             "all_verified_by_master": bool(checked) and all(
                 r["verified_by_master"]["ok"] for r in checked)}
+
+
+def _runs(deployment_id: str, replica: dict[str, Any]) -> dict[str, Any]:
+    """*replica* with ``runs_deployment``: its verified evidence's runtime log (replayed
+    against the quoted RTMR3) names *deployment_id*. Without it the proof says only that
+    a genuine TD answered, not that this deployment runs there (the dc's word)."""
+    verdict = replica["verified_by_master"]
+    runs = bool(verdict["ok"]) and any(isinstance(d, dict)
+                                       and d.get("deployment_id") == deployment_id
+                                       for d in verdict.get("deploys") or ())
+    return {**replica, "runs_deployment": runs}
 
 
 async def agent_attestation(cp: Any, fed: MasterFederation, label: str, agent_id: str
@@ -178,6 +196,13 @@ async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
         else str(reported["mrtd"])
 
     def check() -> dict[str, Any]:
+        proof = item.get("proof")
+        if isinstance(proof, dict) and proof.get("datacenter") != label:
+            # A dc answers for its own agents only: a quote of a TD it can reach, named
+            # as another datacenter's agent, is not that agent's proof.
+            return {"ok": False, "code": PROOF_MISMATCH, "reasons": [
+                f"the proof names datacenter {str(proof.get('datacenter'))[:80]!r}, "
+                f"not {label[:80]!r}"], "mrtd": None, "tcb_status": None, "deploys": []}
         return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time())
 
     verdict = await trio.to_thread.run_sync(check, limiter=fed.verify_limiter)
@@ -240,22 +265,23 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
     @guard(Who.PUBLIC)
     async def join() -> Response:
         raw = g.get("public_body", b"")
-        try:
+        try:  # a stranger's body: deep nesting or a lone surrogate is a 400, never a 500
             doc: Any = json.loads(raw or b"null")
-        except ValueError:
-            raise ApiError(400, "bad_request", "the body is not JSON") from None
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except RecursionError:
+            raise ApiError(400, "bad_request", "the body's JSON is nested too deeply") from None
+        except ValueError:  # UnicodeError included
+            raise ApiError(400, "bad_request", "the body is not JSON (UTF-8)") from None
         master_fed = need_master()
         req = structure_request(doc, JoinRequest)
         try:
             out = await master_fed.join(req)
         except LabelError as exc:
-            cp.events.emit("federation.refused", req.datacenter[:80],
-                           {"code": "bad_datacenter", "detail": str(exc)[:200]})
+            master_fed.refuse_stranger(req.datacenter[:80], "bad_datacenter", str(exc)[:200])
             raise ApiError(400, "bad_datacenter", str(exc)[:200],
                            {"field": "datacenter"}) from None
         except JoinRefused as exc:
-            cp.events.emit("federation.refused", req.datacenter[:80],
-                           {"code": exc.code, "detail": exc.detail})
+            master_fed.refuse_stranger(req.datacenter[:80], exc.code, exc.detail)
             raise ApiError(JOIN_STATUS.get(exc.code, 403), exc.code, exc.detail) from None
         return json_response(out)
 
