@@ -36,7 +36,7 @@ from ee.actors.agent import (
     ProveNow,
 )
 from ee.actors.directory import AgentRecord
-from ee.actors.identity import Identity
+from ee.actors.identity import Identity, key_sha256
 from ee.actors.lifecycle import AgentState
 from ee.attestation import Policy, Verifier
 from ee.attestation.eventlog import RuntimeEvent, replay_runtime
@@ -158,6 +158,13 @@ def test_an_mrtd_or_key_other_than_reported_is_a_mismatch(td: SimTD) -> None:
     theirs = td.quote(registration_report_data(NONCE, other))
     got = _check(td, _body(td, theirs, key, evidence_key=other))
     assert (got["ok"], got["code"]) == (False, "proof_mismatch"), got
+    # A dc that swaps in another genuine TD of its own for this agent, summary and all
+    # consistent with that TD's key, is caught by the key it reported up before.
+    got = check_evidence(_judge(td), NONCE, _body(td, theirs, other), td.mr_td.hex(),
+                         now=NOW, reported_key=key_sha256(key))
+    assert (got["ok"], got["code"]) == (False, "proof_mismatch"), got
+    assert check_evidence(_judge(td), NONCE, _body(td, quote, key), td.mr_td.hex(),
+                          now=NOW, reported_key=key_sha256(key))["ok"] is True
     # A good proof of one agent, shown as another replica's.
     got = _check(td, {**_body(td, quote, key), "agent_id": "ag-2"})
     assert (got["ok"], got["code"]) == (False, "proof_mismatch"), got

@@ -72,6 +72,7 @@ from prometheus_client import CollectorRegistry
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from ee.actors.directory import AgentDirectory, AgentRecord
+from ee.actors.identity import key_sha256
 from ee.federation import pki
 from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics, dc_stats
@@ -395,6 +396,8 @@ def agent_view(record: AgentRecord) -> dict[str, Any] | None:
             "free": record.free, "mrtd": ident.mrtd,
             # The attestation outcome's digest; the proof itself on request (rpc).
             "proof_sha256": None if proof is None else proof_digest(proof),
+            # the key it was admitted with: a fresh proof must be made with this key
+            "session_key_sha256": key_sha256(ident.public_key),
             "deployments": {d.deployment_id: str(d.state) for d in record.deployments}}
 
 

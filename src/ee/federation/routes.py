@@ -194,6 +194,8 @@ async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
         reported = await _reported(fed, label, item["agent_id"])
     mrtd = None if reported is None or reported.get("mrtd") is None \
         else str(reported["mrtd"])
+    key = None if reported is None or reported.get("session_key_sha256") is None \
+        else str(reported["session_key_sha256"])
 
     def check() -> dict[str, Any]:
         proof = item.get("proof")
@@ -203,7 +205,8 @@ async def _verified(cp: Any, fed: MasterFederation, label: str, nonce: bytes,
             return {"ok": False, "code": PROOF_MISMATCH, "reasons": [
                 f"the proof names datacenter {str(proof.get('datacenter'))[:80]!r}, "
                 f"not {label[:80]!r}"], "mrtd": None, "tcb_status": None, "deploys": []}
-        return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time())
+        return check_evidence(cp.judge(), nonce, item, mrtd, now=time.time(),
+                              reported_key=key)
 
     verdict = await trio.to_thread.run_sync(check, limiter=fed.verify_limiter)
     if not verdict["ok"]:

@@ -513,19 +513,23 @@ def _refused(code: str, *reasons: str, mrtd: str | None = None,
 
 
 def check_evidence(judge: Judge, nonce: bytes, body: Mapping[str, Any],
-                   reported_mrtd: str | None, *, now: float) -> dict[str, Any]:
+                   reported_mrtd: str | None, *, now: float,
+                   reported_key: str | None = None) -> dict[str, Any]:
     """The master's own verdict on the fresh evidence in *body* (a proof answer or one
     replica of it), for the *nonce* it chose: ``verified_by_master``. Pure apart from the
-    judge's collateral; CPU-bound (call from a worker thread). Never raises."""
+    judge's collateral; CPU-bound (call from a worker thread). Never raises.
+    *reported_mrtd*/*reported_key*: what the dc reported up for the agent before (its
+    spooled view); the evidence must match both, so a dc cannot answer for one agent
+    with another genuine TD's quote."""
     try:
-        return _check(judge, nonce, body, reported_mrtd, now)
+        return _check(judge, nonce, body, reported_mrtd, now, reported_key)
     except Exception as exc:  # the evidence is the dc's: fail closed, never a 500
         log.error("fresh proof could not be verified", exc_info=exc)
         return _refused(VERIFY_ERROR, "the evidence could not be verified (logged)")
 
 
 def _check(judge: Judge, nonce: bytes, body: Mapping[str, Any], reported_mrtd: str | None,
-           now: float) -> dict[str, Any]:
+           now: float, reported_key: str | None = None) -> dict[str, Any]:
     doc, proof = body.get("evidence"), body.get("proof")
     if not isinstance(doc, dict):
         return _refused(NO_PROOF, "the datacenter sent no evidence")
@@ -547,6 +551,7 @@ def _check(judge: Judge, nonce: bytes, body: Mapping[str, Any], reported_mrtd: s
         return _refused(PROOF_TOO_LARGE, "the evidence is over the caps")
     said_mrtd = str(proof.get("mrtd"))
     if key_sha256(public_key) != proof.get("session_key_sha256") \
+            or (reported_key is not None and key_sha256(public_key) != reported_key) \
             or ev.provider != proof.get("provider") \
             or body.get("agent_id", proof.get("agent_id")) != proof.get("agent_id"):
         return _refused(PROOF_MISMATCH, "the evidence's key, provider or agent is not "

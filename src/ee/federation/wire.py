@@ -260,7 +260,7 @@ AGENT_STATUSES: Final = ("online", "stale", "offline", "quarantined")
 #: The fields of an agent's view the master keeps (others are dropped: kept, a dc could
 #: fill the master's memory through them).
 VIEW_FIELDS: Final = ("status", "verdict", "datacenter", "node_size", "free", "mrtd",
-                      "proof_sha256", "deployments")
+                      "proof_sha256", "session_key_sha256", "deployments")
 MAX_VIEW_DEPLOYMENTS: Final = 32  # 20,000 agents x 32 x ~170 bytes: ~100 MiB at most
 VERDICTS: Final = ("pass", "warn", "fail", None)
 
@@ -285,10 +285,12 @@ def _check_view(agent_id: str, view: Any) -> None:
     if mrtd is not None and not (isinstance(mrtd, str) and len(mrtd) <= 192
                                  and all(c in "0123456789abcdef" for c in mrtd)):
         raise bad("mrtd must be lowercase hex")
-    proof = view.get("proof_sha256")  # ee.federation.rpc.proof_digest of its proof
-    if proof is not None and not (isinstance(proof, str) and len(proof) == 64
-                                  and all(c in "0123456789abcdef" for c in proof)):
-        raise bad("proof_sha256 must be 64 lowercase hex digits")
+    # ee.federation.rpc.proof_digest of its proof; the SHA-256 of its admitted key
+    for field in ("proof_sha256", "session_key_sha256"):
+        digest = view.get(field)
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                       and all(c in "0123456789abcdef" for c in digest)):
+            raise bad(f"{field} must be 64 lowercase hex digits")
     deployments = view.get("deployments")
     if isinstance(deployments, dict) and len(deployments) > MAX_VIEW_DEPLOYMENTS:
         raise bad(f"at most {MAX_VIEW_DEPLOYMENTS} deployments per agent")
