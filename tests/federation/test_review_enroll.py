@@ -406,3 +406,35 @@ def test_a_refusal_text_from_the_upstream_is_one_printable_line(tmp_path: Path) 
         thread.join(5)
     text = str(caught.value)
     assert "refused the join (403)" in text and text.isprintable() and len(text) < 600, text
+
+
+async def test_idle_handshakes_cannot_hold_the_listener(tmp_path: Path) -> None:
+    """Connections that never finish their TLS handshake hold at most
+    MAX_PENDING_HANDSHAKES slots; one more is closed at once (not queued behind them),
+    and the slots come back when the idle ones go."""
+    m = master(tmp_path)
+    cap = master_mod.MAX_PENDING_HANDSHAKES
+    with trio.fail_after(60):
+        await m.start()
+        idle: list[trio.SocketStream] = []
+        try:
+            for _ in range(cap):
+                idle.append(await trio.open_tcp_stream("127.0.0.1", m.fed_port))
+            await trio.sleep(0.5)  # accepted and waiting in their handshakes
+            extra = await trio.open_tcp_stream("127.0.0.1", m.fed_port)
+            with trio.fail_after(5):  # closed at once, not after the 10 s handshake limit
+                assert await extra.receive_some(100) == b""
+            await extra.aclose()
+            for tcp in idle:
+                await tcp.aclose()
+            idle.clear()
+            await trio.sleep(0.5)
+            probe = await trio.open_tcp_stream("127.0.0.1", m.fed_port)
+            await probe.send_all(b"\x16\x03\x01\x00\x05hello")  # a (bad) handshake starts
+            with trio.fail_after(5):
+                await probe.receive_some(100)  # answered by the TLS layer (an alert)
+            await probe.aclose()
+        finally:
+            for tcp in idle:
+                await tcp.aclose()
+            await m.stop()

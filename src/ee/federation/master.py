@@ -149,6 +149,7 @@ TOO_MANY_AGENTS = "too_many_agents"
 #: link's message cap) and every link would fail on it. A placement or change that
 #: would grow it past this is refused (``SNAPSHOT_FULL``), nothing published.
 MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - (64 << 10)
+MAX_PENDING_HANDSHAKES = 64  # federation listener: TLS handshakes at once (a dc is one)
 STRANGER_EVENT_BURST: Final = 20.0  # refusal events anyone can cause (refuse_stranger)
 STRANGER_EVENTS_PER_S: Final = 0.2
 SNAPSHOT_FULL = "SNAPSHOT_FULL"
@@ -597,6 +598,9 @@ class MasterFederation:
                                             burst=STRANGER_EVENT_BURST)
         self._suppressed = 0  # refusals of strangers not emitted since the last one
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
+        # TLS handshakes in progress on the federation listener (strangers included):
+        # beyond this a new connection is closed at once, never queued.
+        self.handshakes = trio.CapacityLimiter(MAX_PENDING_HANDSHAKES)
         self.bound_port: int | None = None
         self._conn_ids = 0
         self._links: dict[str, trio.CancelScope] = {}
@@ -1046,6 +1050,13 @@ class MasterFederation:
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         assert self._ssl is not None
+        try:
+            self.handshakes.acquire_nowait()
+        except trio.WouldBlock:
+            self.refuse_stranger(None, UNKNOWN_CERTIFICATE, "too many TLS handshakes in "
+                                 f"progress ({MAX_PENDING_HANDSHAKES}): connection closed")
+            await trio.aclose_forcefully(tcp)
+            return
         stream = trio.SSLStream(tcp, self._ssl, server_side=True)
         try:
             with trio.fail_after(10):
@@ -1056,6 +1067,8 @@ class MasterFederation:
                                  f"TLS handshake failed: {cause}"[:300])
             await trio.aclose_forcefully(tcp)
             return
+        finally:
+            self.handshakes.release()
         try:
             der = stream.getpeercert(binary_form=True)
             label = pki.common_name(der) if der else ""
