@@ -220,3 +220,18 @@ async def test_production_join_over_https_with_a_private_ca(tmp_path: Path) -> N
             assert (home / "federation" / "dc.pem").exists()
         finally:
             await m.stop()
+
+
+def test_the_join_token_can_come_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EE_JOIN_TOKEN keeps the token out of the process list; the flag still wins."""
+    from ee.cp.server import CpConfig, build_parser
+
+    argv = ["--data-dir", str(tmp_path), "--role", "dc", "--upstream",
+            "https://master.example", "--datacenter", "sim:dc-a"]
+    monkeypatch.setenv("EE_JOIN_TOKEN", "eej_fromenv")
+    assert CpConfig.from_sources(build_parser().parse_args(argv)).join_token == "eej_fromenv"
+    flagged = build_parser().parse_args([*argv, "--join-token", "eej_flag"])
+    assert CpConfig.from_sources(flagged).join_token == "eej_flag"
+    monkeypatch.delenv("EE_JOIN_TOKEN")
+    assert CpConfig.from_sources(build_parser().parse_args(argv)).join_token is None

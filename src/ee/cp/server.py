@@ -227,6 +227,8 @@ class CpConfig:
             value = getattr(args, flag, None)
             if value is not None:
                 doc[flag] = value
+        if "join_token" not in doc and os.environ.get("EE_JOIN_TOKEN"):
+            doc["join_token"] = os.environ["EE_JOIN_TOKEN"]  # kept out of `ps`
         if args.dev:
             doc["dev"] = True
         data_dir = Path(doc.pop("data_dir", None) or os.environ.get("EE_DATA_DIR")
@@ -1014,7 +1016,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the datacenter a dc CP serves (role dc); others are refused")
     p.add_argument("--join-token", metavar="TOKEN",
                    help="single-use token from `eectl federation join-token` (role dc, "
-                        "first start): trades for the dc's certificate and the master's key")
+                        "first start): trades for the dc's certificate and the master's key "
+                        "(default: $EE_JOIN_TOKEN, which other users cannot read in `ps`)")
     p.add_argument("--upstream-ca", metavar="PEM",
                    help="CA that signs the master's https certificate (role dc, join; "
                         "default: the system's)")
