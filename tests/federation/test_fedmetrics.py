@@ -80,6 +80,9 @@ def _set(path: str, value: Any) -> Any:
     _set("registrations", [{"outcome": "rejected", "detail": f"C{i}", "count": 1}
                            for i in range(10_000)]),  # 10,000 labels
     _set("registrations", [{"outcome": "admitted", "detail": "sim:a", "count": 1}] * 2),
+    _set("registrations", 5),  # not a list (crashed the dc's actor: TypeError in len)
+    _set("registrations", True),
+    _set("registrations", {"outcome": "admitted"}),
 ])
 def test_a_bad_stats_event_is_refused(mutate: Any) -> None:
     check_stats(_good())  # the base is fine

@@ -27,7 +27,7 @@ from ee.federation import master as master_mod
 from ee.federation import routes
 from ee.federation.master import FederatedDatacenterActor, FederationSettings, MasterFederation
 from ee.federation.placement import Outcome, ReportedReplica, shown_replicas
-from ee.federation.wire import WireError, up_frame
+from ee.federation.wire import Ack, WireError, up_frame
 from ee.runtime import Registry
 
 from .fedkit import event_log, refused
@@ -370,3 +370,45 @@ async def test_agent_views_are_bounded(tmp_path: Path) -> None:
     refusal = actor._apply("agents", {"agents": {"ag-3": many}})
     assert refusal is not None and refusal.code == "bad_frame"
     assert "ag-3" not in actor.agents
+
+
+async def test_an_event_that_breaks_apply_is_refused_and_consumed(tmp_path: Path) -> None:
+    """Any exception applying a signed event refuses that event (bad_frame) and moves
+    on; before, the actor crashed, and — restarted with no sequence — was sent the same
+    event again, crashing under the supervisor it shares with every dc's link."""
+    actor = FederatedDatacenterActor(LABEL, _fed(tmp_path))
+    actor.applied = 0
+
+    def broken(kind: str, data: dict[str, Any]) -> None:
+        raise TypeError("object of type 'int' has no len()")
+
+    actor._apply = broken  # type: ignore[method-assign]
+    frame = up_frame(_events((1, {"ag-1": _agent()}), (2, {"ag-2": _agent()})))
+    out = actor._events(frame, 0.0)  # type: ignore[arg-type]
+    codes = [getattr(f, "code", None) for f in out]
+    assert codes.count("bad_frame") == 2 and actor.applied == 2
+    assert out[-1] == Ack("ack", 2)
+
+
+async def test_a_rejoin_closes_the_link_of_the_old_keys(tmp_path: Path) -> None:
+    """Re-enrolling a dc (its keys leaked, say) ends the link opened with the old ones at
+    once; before, it went on delivering frames signed with the old key."""
+    from functools import partial
+
+    import trio_websocket
+
+    from ee.federation.dc import enroll
+
+    from .fedkit import join_token
+
+    with trio.fail_after(90):
+        async with rogue_master(tmp_path) as (m, home), link(home) as (send, recv):
+            await send({"type": "hello", "dc": LABEL, "first_unacked": 1, "next_seq": 1,
+                        "snapshot_version": 0, "spool_depth": 0})
+            assert await recv() == {"type": "ack", "upto": 0}
+            token = await join_token(m, LABEL)  # bound: a re-join is allowed
+            await trio.to_thread.run_sync(partial(
+                enroll, tmp_path / "new-keys", m.http, LABEL, token, dev=True))
+            with pytest.raises(trio_websocket.ConnectionClosed), trio.fail_after(10):
+                await send(_events((1, {"ag-1": _agent()})))
+                await recv()

@@ -420,7 +420,14 @@ class FederatedDatacenterActor(Actor):
             self.awaiting_replay = None
             self.applied = ev.seq
             newest = ev.at if newest is None else max(newest, ev.at)
-            refusal = self._apply(ev.kind, ev.data)
+            try:
+                refusal = self._apply(ev.kind, ev.data)
+            except Exception as exc:  # a signed but malformed event: refused, consumed;
+                # never a crashed actor (restarted, it would be sent the same one again)
+                log.warning("federation: %s event %d of %s could not be applied: %r",
+                            ev.kind[:40], ev.seq, self.label, exc)
+                refusal = self._refuse(BAD_FRAME, f"{ev.kind[:40]} event {ev.seq}: "
+                                       "malformed")
             if refusal is not None:
                 out.append(refusal)
         if replayed:
@@ -707,6 +714,11 @@ class MasterFederation:
                               "bound to it (eectl federation join-token --datacenter)")
         self.enrolled[label] = Enrolled(label, pki.cert_fingerprint(cert), req.signing_key,
                                         time.time())
+        # A re-join replaces the pinned keys (say they leaked): a link opened with the
+        # old ones must not go on being trusted until it drops by itself.
+        old_link = self._links.pop(label, None)
+        if old_link is not None:
+            old_link.cancel()
         async with self._enrolled_lock:  # each save writes the state as it is then
             await trio.to_thread.run_sync(self._save_enrolled)
         await self._ensure_actor(label)

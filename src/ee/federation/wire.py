@@ -412,7 +412,10 @@ def check_stats(data: Any) -> Stats:
     """A ``stats`` event's data, structured strictly (``WireError`` bad_frame)."""
     if not isinstance(data, dict):
         raise WireError(BAD_FRAME, "stats: expected an object")
-    if len(data.get("registrations") or ()) > MAX_STATS_LABELS:  # before structuring all
+    regs = data.get("registrations")
+    if not isinstance(regs, list):
+        raise WireError(BAD_FRAME, "stats: registrations must be a list")
+    if len(regs) > MAX_STATS_LABELS:  # before structuring all
         raise WireError(BAD_FRAME, f"stats: at most {MAX_STATS_LABELS} registration labels")
     stats: Stats = _structure(data, lambda doc, _: _stats_conv.structure(doc, Stats))
     return stats
