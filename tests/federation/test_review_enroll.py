@@ -356,20 +356,25 @@ async def test_tenant_replicas_say_whether_the_tds_run_the_deployment(
         quote = measured.quote(registration_report_data(nonce, key))
         log = "".join(e.canonical().decode() + "\n" for e in events)
         asked.append(kw)
-        return {"replicas": [{**_body(measured, quote, key, runtime_log=log),
+        logged = len(asked) == 1  # the first answer with the runtime log, then without
+        return {"replicas": [{**_body(measured, quote, key,
+                                      runtime_log=log if logged else None),
                               "agent_id": "ag-1"},
-                             {**_body(measured, measured.quote(
-                                 registration_report_data(nonce, key)), key),
-                              "agent_id": "ag-1"}]}
+                             {"agent_id": "ag-made-up"}]}  # not a replica: ignored
 
     fed.ask = ask  # type: ignore[method-assign]
     fed.intent_datacenter = lambda _d: A  # type: ignore[method-assign]
+    fed.view = lambda _k, _d: {  # type: ignore[method-assign]
+        "replicas": [{"agent_id": "ag-1"}], "compose_hash": "sha256:" + "ab" * 32}
     cp = SimpleNamespace(federation=fed, deployment_index={"dep-1": "acct.web"},
                          judge=lambda: judge)
     with trio.fail_after(30):
         view = await routes.tenant_attestation(cp, "acct", "dep-1")
-    assert view is not None and asked and asked[0]["deployment_id"] == "dep-1"
-    with_log, without = view["replicas"]
+        again = await routes.tenant_attestation(cp, "acct", "dep-1")
+    assert view is not None and again is not None
+    assert asked and asked[0]["deployment_id"] == "dep-1"
+    assert [r["agent_id"] for r in view["replicas"]] == ["ag-1"]  # only its replicas
+    [with_log], [without] = view["replicas"], again["replicas"]
     assert with_log["verified_by_master"]["ok"] is True, with_log["verified_by_master"]
     assert with_log["runs_deployment"] is True
     assert without["runs_deployment"] is False

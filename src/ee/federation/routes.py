@@ -121,15 +121,26 @@ async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
     found = _placed_for(cp, account_id, deployment_id)
     if found is None:
         return None
-    fed, _ = found
+    fed, key = found
     label = fed.intent_datacenter(deployment_id)
     assert label is not None
     nonce, args = _fresh_args(fed)
     body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args)
-    replicas = [r for r in body.get("replicas") or () if isinstance(r, dict)]
+    # Only the replicas the dc reported for this deployment (its placement reports, as
+    # the deployment view shows them), each once: a dc cannot make the master verify
+    # (and emit an event for) thousands of made-up replicas in one answer.
+    view = fed.view(key, deployment_id) or {}
+    known = {str(r.get("agent_id")) for r in view.get("replicas") or ()}
+    replicas: list[dict[str, Any]] = []
+    for r in body.get("replicas") or ():
+        if isinstance(r, dict) and r.get("agent_id") in known \
+                and all(r.get("agent_id") != seen.get("agent_id") for seen in replicas):
+            replicas.append(r)
     checked = [_runs(deployment_id, await _verified(cp, fed, label, nonce, r))
                for r in replicas]
-    return {**body, "datacenter": label, "replicas": checked,
+    return {"deployment_id": deployment_id, "compose_hash": view.get("compose_hash"),
+            "attested": bool(body.get("attested")) and bool(checked),
+            "datacenter": label, "replicas": checked,
             "all_verified_by_master": bool(checked) and all(
                 r["verified_by_master"]["ok"] for r in checked)}
 
