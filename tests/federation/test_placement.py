@@ -192,6 +192,13 @@ async def test_master_places_in_dc_reroutes_and_reports(tmp_path: Path) -> None:
                 assert second in sims["dc-b-0"].deployments
                 kept = (await tenant.get(f"/api/v2/deployments/{first}")).json()
                 assert kept["federated"]["datacenter"] == A and kept["desired"] == "running"
+                # Each dc was sent only its own intents (what dc-b stored, as signed).
+                import sqlite3
+                with sqlite3.connect(b.data_dir / "federation" / "spool.sqlite3") as db:
+                    [(text,)] = db.execute("SELECT value FROM meta WHERE key='snapshot'")
+                sent_b = json.loads(text)["body"]["desired"]["deployments"]
+                assert second in sent_b and first not in sent_b
+                assert all(doc["datacenter"] == B for doc in sent_b.values())
 
                 # Stop goes down the same way: dc-b stops its local deployment.
                 r = await tenant.delete(f"/api/v2/deployments/{second}")

@@ -412,3 +412,24 @@ async def test_a_rejoin_closes_the_link_of_the_old_keys(tmp_path: Path) -> None:
             with pytest.raises(trio_websocket.ConnectionClosed), trio.fail_after(10):
                 await send(_events((1, {"ag-1": _agent()})))
                 await recv()
+
+
+async def test_each_dc_is_sent_only_its_own_intents(tmp_path: Path) -> None:
+    """The snapshot a dc's link carries names only the deployments placed in that dc: a
+    compromised dc reads no other dc's tenants' compose, build context or env values."""
+    from ee.federation.wire import Snapshot, open_envelope
+
+    fed = _fed(tmp_path)
+    secret = {"version": "1", "compose": "services: {}", "env": {"TOKEN": "dc-b-only"}}
+    fed.desired = Snapshot("snapshot", 7, 0.0, {"policy": {"p": 1}, "deployments": {
+        "dep-a": {"app": "t.web", "datacenter": LABEL, "version": {"version": "1"}},
+        "dep-b": {"app": "u.db", "datacenter": "sim:dc-b", "version": secret}}})
+    master_key = fed.key.public_key()
+    for_a = open_envelope(fed.snapshot_frame(LABEL), master_key)  # signed as sent
+    assert for_a["version"] == 7 and for_a["desired"]["policy"] == {"p": 1}
+    assert set(for_a["desired"]["deployments"]) == {"dep-a"}
+    assert "dc-b-only" not in fed.snapshot_frame(LABEL)
+    assert set(open_envelope(fed.snapshot_frame("sim:dc-b"), master_key)["desired"][
+        "deployments"]) == {"dep-b"}
+    assert set(open_envelope(fed.snapshot_frame(), master_key)["desired"][
+        "deployments"]) == {"dep-a", "dep-b"}  # the admin route's: whole

@@ -745,8 +745,17 @@ class MasterFederation:
         self.emit("federation.desired", "master", {"version": version})
         return snap
 
-    def snapshot_frame(self) -> str:
-        return seal(self.desired, self.key)
+    def snapshot_frame(self, label: str | None = None) -> str:
+        """The signed desired state; for one dc's link (*label*) with only the intents
+        placed in that dc: a dc never reads another dc's tenants' workloads (compose,
+        build context, env values). A dc stops a local deployment no intent names, so
+        an intent moved away still stops there."""
+        if label is None or "deployments" not in self.desired.desired:
+            return seal(self.desired, self.key)
+        mine = {dep_id: doc for dep_id, doc in self._intents().items()
+                if isinstance(doc, dict) and doc.get("datacenter") == label}
+        return seal(attrs.evolve(self.desired, desired={**self.desired.desired,
+                                                        "deployments": mine}), self.key)
 
     # ---- placement across levels (ee.federation.placement) ----
 
@@ -1134,7 +1143,7 @@ class MasterFederation:
         try:
             async with trio.open_nursery() as nursery:
                 scope = self._links[label] = nursery.cancel_scope
-                nursery.start_soon(self._push_snapshots, send)
+                nursery.start_soon(self._push_snapshots, send, label)
                 while True:
                     text = await ws.get_message()
                     try:
@@ -1168,12 +1177,12 @@ class MasterFederation:
             except ActorError:  # restarting: its next incarnation starts unlinked
                 pass
 
-    async def _push_snapshots(self, send: Callable[[str], Any]) -> None:
+    async def _push_snapshots(self, send: Callable[[str], Any], label: str) -> None:
         sent = 0
         while True:
             changed = self.desired_changed
             if self.desired.version > sent:
                 sent = self.desired.version
-                await send(self.snapshot_frame())
+                await send(self.snapshot_frame(label))
             await changed.wait()
 
