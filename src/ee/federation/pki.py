@@ -24,9 +24,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
-import os
 import ssl
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -34,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ee.protocol.signing import write_atomic
 
 CA_DAYS = 3650
 CERT_DAYS = 365
@@ -44,21 +44,8 @@ class PkiError(Exception):
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write *path* whole or not at all: a fresh, exclusive temporary file of its own
-    (created 0600, so concurrent writers never share one and a leftover from a crash
-    cannot lend its mode), fsynced, then renamed over *path*."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, mode)  # (ee.protocol.signing: exclusive tmp, fsync, rename)
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -118,7 +118,10 @@ def public_key_from_bytes(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
-def _write_atomic(path: StrPath, data: bytes, mode: int, *, overwrite: bool) -> None:
+def write_atomic(path: StrPath, data: bytes, mode: int, *, overwrite: bool = True) -> None:
+    """Write *path* whole or not at all with *mode*: a fresh, exclusive temporary file of
+    its own (concurrent writers never share one; a crash leftover lends no mode),
+    fsynced, then renamed over it."""
     target = Path(path)
     if not overwrite and target.exists():
         raise FileExistsError(f"{target}: already exists")
@@ -142,7 +145,7 @@ def save_private_key(path: StrPath, key: Ed25519PrivateKey, *, overwrite: bool =
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(path, pem, 0o600, overwrite=overwrite)
+    write_atomic(path, pem, 0o600, overwrite=overwrite)
 
 
 def save_public_key(path: StrPath, key: Ed25519PublicKey, *, overwrite: bool = False) -> None:
@@ -150,7 +153,7 @@ def save_public_key(path: StrPath, key: Ed25519PublicKey, *, overwrite: bool = F
     pem = key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(path, pem, 0o644, overwrite=overwrite)
+    write_atomic(path, pem, 0o644, overwrite=overwrite)
 
 
 def _read_key_file(path: StrPath) -> bytes:
@@ -195,8 +198,8 @@ def write_signed(path: StrPath, doc: Mapping[str, Any], key: Ed25519PrivateKey) 
     """Write *doc* to *path* and its signature to ``path + ".sig"`` (each atomically)."""
     payload = canonical_json(doc)
     signature = key.sign(payload)
-    _write_atomic(path, payload + b"\n", 0o644, overwrite=True)
-    _write_atomic(_signature_path(path), signature.hex().encode() + b"\n", 0o644, overwrite=True)
+    write_atomic(path, payload + b"\n", 0o644, overwrite=True)
+    write_atomic(_signature_path(path), signature.hex().encode() + b"\n", 0o644, overwrite=True)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -239,7 +242,7 @@ def write_enveloped(path: StrPath, doc: Mapping[str, Any], key: Ed25519PrivateKe
     crash can never leave a document paired with another version's signature (the
     detached form of :func:`write_signed` takes two renames)."""
     envelope = {"document": dict(doc), "signature": sign_document(doc, key).hex()}
-    _write_atomic(path, canonical_json(envelope) + b"\n", 0o644, overwrite=True)
+    write_atomic(path, canonical_json(envelope) + b"\n", 0o644, overwrite=True)
 
 
 def read_enveloped(path: StrPath, public_key: Ed25519PublicKey) -> dict[str, Any]:
