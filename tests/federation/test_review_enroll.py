@@ -20,6 +20,8 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -209,18 +211,24 @@ class _Flood(http.server.BaseHTTPRequestHandler):
         return None
 
 
-def test_a_huge_join_answer_is_not_read_whole(tmp_path: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flood)
+@contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A stand-in upstream on a loopback port, in a thread; its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        with pytest.raises(EnrolError, match="larger than"):
-            enroll(tmp_path, f"http://127.0.0.1:{server.server_address[1]}", A, "eej_x",
-                   timeout_s=10, dev=True)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_a_huge_join_answer_is_not_read_whole(tmp_path: Path) -> None:
+    with serving(_Flood) as url, pytest.raises(EnrolError, match="larger than"):
+        enroll(tmp_path, url, A, "eej_x",
+               timeout_s=10, dev=True)
     assert _Flood.sent < FLOOD // 4, _Flood.sent
     assert _files(tmp_path) == []
 
@@ -398,17 +406,9 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
 
 
 def test_a_refusal_text_from_the_upstream_is_one_printable_line(tmp_path: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with pytest.raises(EnrolError) as caught:
-            enroll(tmp_path, f"http://127.0.0.1:{server.server_address[1]}", A, "eej_x",
-                   timeout_s=10, dev=True)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(_Refuse) as url, pytest.raises(EnrolError) as caught:
+        enroll(tmp_path, url, A, "eej_x",
+               timeout_s=10, dev=True)
     text = str(caught.value)
     assert "refused the join (403)" in text and text.isprintable() and len(text) < 600, text
 
