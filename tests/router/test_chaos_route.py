@@ -26,6 +26,8 @@ async def test_chaos_errors_on_a_dev_cp(tmp_path: Path) -> None:
                 assert r.status_code == 200 and r.json() == {"rate": 1.0}
                 r = await admin.get("/api/v2/health")
                 assert r.status_code == 500 and r.json()["error"]["code"] == "chaos"
+                # the guard's view of the 5xx stays readable
+                assert (await admin.get("/metrics")).status_code == 200
                 r = await admin.post("/api/v2/admin/chaos/errors", json={"rate": 0})
                 assert r.status_code == 200
                 assert (await admin.get("/api/v2/health")).status_code == 200

@@ -33,7 +33,7 @@ async def test_injected_5xx_behind_the_worker_steps_back_through_the_cloudflare_
     with KvStandIn().serving() as kv, trio.fail_after(180 + 301):
         kv.values["config"] = json.dumps(doc).encode()
         backend = CloudflareBackend(kv.base, "acc1", "ns1", kv.token)
-        async with two_stacks(tmp_path, accounts=16) as stacks, \
+        async with two_stacks(tmp_path, accounts=32) as stacks, \
                 running_workerd(tmp_path, **worker_kw(stacks, kv)) as url, \
                 httpx.AsyncClient() as scraper:
             guard = Guard({"old": stacks.old.http + "/metrics",
@@ -42,9 +42,16 @@ async def test_injected_5xx_behind_the_worker_steps_back_through_the_cloudflare_
                 r = await c.post("/api/v2/admin/chaos/errors", json={"rate": 0.5})
                 assert r.status_code == 200, r.text
 
+            # the accounts the Worker sends to the new stack (hashing is by account id,
+            # random per run): traffic goes on until at least one of their requests met
+            # an injected 5xx (rate 0.5: three requests alone missed it 1 time in 8)
+            config = d.RolloutConfig.from_json(doc)
+            assert any(d.decide(config, "A", f"account:{a}").stack == "new"
+                       for a, _ in stacks.keys), "no account routed to the new stack"
+
             async def traffic() -> dict[str, int]:
                 seen = {"old": 0, "new": 0, "new_5xx": 0, "old_5xx": 0}
-                for _ in range(3):
+                for _ in range(40):
                     for _, key in stacks.keys:
                         async with httpx.AsyncClient(base_url=url, timeout=10, headers={
                                 "Authorization": f"Bearer {key}"}) as c:
@@ -52,6 +59,8 @@ async def test_injected_5xx_behind_the_worker_steps_back_through_the_cloudflare_
                             stack = r.headers[d.STACK_HEADER]
                             seen[stack] += 1
                             seen[f"{stack}_5xx"] += r.status_code >= 500
+                    if seen["new"] >= 3 and seen["new_5xx"] >= 1:
+                        break
                 return seen
 
             assert await guard_pass(backend, guard, events.append) is None  # the base
