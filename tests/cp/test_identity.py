@@ -251,7 +251,7 @@ async def test_two_new_keys_racing_for_one_name_bind_only_one(tmp_path: Path) ->
                 for r in racers)
             assert outcomes == ["KEY_CHANGED", "registered"]
             winner = next(r for r in racers if r.registered is not None)
-            names = {n["vm_name"]: n for n in env.cp.identities.views()}
+            names = {n["vm_name"]: n for n in await env.cp.identities.views()}
             assert names["vm-race"]["state"] == "bound"
             assert names["vm-race"]["agent_id"] == winner.registered.agent_id  # type: ignore[union-attr]
 

@@ -153,15 +153,16 @@ class IdentityBook:
         if name in self._pending:
             self._settle(name, *self._verify(self.manifests.path("bindings", name), name))
 
-    def _ensure_all(self) -> None:
-        for name in list(self._pending):
-            self._ensure(name)
-
     async def _verify_pending(self) -> None:
         """Verify the listed bindings in the background, a batch per worker thread, once
         the rest of the CP has started (verification holds the GIL: it would slow the
         start-up down, and the agents that come back first are verified on the spot)."""
         await trio.sleep(self.verify_after_s)
+        await self._settle_pending()
+
+    async def _settle_pending(self) -> None:
+        """Verify every binding still pending, a batch per worker thread (never on the
+        event loop: 10,000 signatures would stall every agent's heartbeat)."""
         while self._pending:
             batch = list(itertools.islice(self._pending, VERIFY_BATCH))
             for name, binding, problem in await trio.to_thread.run_sync(
@@ -175,9 +176,10 @@ class IdentityBook:
         Start-up cost is one directory listing: the binding manifests (one per VM name
         ever admitted: 10,000 and more) are verified after ``started``, a batch per
         worker thread, and a name whose binding is asked for before its turn (a
-        registration's ``claim``, a ``release``, ``views``) is verified on the spot. The
-        Judge's early check may therefore not see a binding yet; ``claim`` always does,
-        and it is the check that binds (see the module docstring)."""
+        registration's ``claim``, a ``release``) is verified on the spot; ``views``
+        verifies what is still pending in worker threads first. The Judge's early check
+        may therefore not see a binding yet; ``claim`` always does, and it is the check
+        that binds (see the module docstring)."""
         self._stopping = False
         async with trio.open_nursery() as nursery:
             if not self._loaded:
@@ -274,8 +276,8 @@ class IdentityBook:
             "by": by, "key_sha256": view["key_sha256"], "was": view["state"]})
         return binding
 
-    def views(self) -> list[dict[str, Any]]:
-        self._ensure_all()
+    async def views(self) -> list[dict[str, Any]]:
+        await self._settle_pending()
         return [self.bindings[n].to_view() for n in sorted(self.bindings)]
 
     # ---- drains --------------------------------------------------------------------

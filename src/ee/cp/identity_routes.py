@@ -31,7 +31,7 @@ def register(app: QuartTrio, cp: ControlPlane, auth: Auth) -> None:
     @guard(Who.ADMIN)
     async def vm_names() -> Response:
         auth.admin_only()
-        return json_response({"vm_names": cp.identities.views()})
+        return json_response({"vm_names": await cp.identities.views()})
 
     @app.post("/api/v2/admin/vm-names/<vm_name>/release")
     @guard(Who.ADMIN)
