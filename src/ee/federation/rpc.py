@@ -8,7 +8,9 @@ same id. Nothing of it is spooled or sequenced: a request lost with its link is 
 error for the asker (``datacenter_unavailable``), never a retry.
 
 Master (``MasterRpc``): every request id is opened in the ``Outstanding`` table under
-the dc it was sent to, at most ``per_dc`` at once (``datacenter_busy``); the asker waits
+the dc it was sent to, at most ``per_dc`` at once (503 ``datacenter_busy``), and at most
+``per_asker`` of them for one asker (an account, or the admin: 429 ``too_many_asks``), so
+one tenant polling attestation cannot keep another's logs waiting; the asker waits
 ``timeout_s`` of Trio time (``datacenter_timeout``) or until the dc's link closes
 (``datacenter_unavailable``). A response is applied only when its id is open *for the
 dc whose link it came on* (``Outstanding.judge``): an id never sent to that dc is
@@ -74,6 +76,8 @@ KINDS: Final = ("logs", "attestation")
 MAX_TAIL: Final = 10_000  # as the direct logs route
 DEFAULT_TIMEOUT_S: Final = 10.0
 MAX_OUTSTANDING_PER_DC: Final = 16
+MAX_OUTSTANDING_PER_ASKER: Final = 4  # of those, one account's (or the admin's)
+ADMIN_ASKER: Final = "admin"
 MAX_ANSWERING: Final = 32  # requests a dc answers at once (beyond: dc_busy)
 ANSWER_TIMEOUT_S: Final = 30.0  # the dc gives up on its own sources after this
 #: Slack over MAX_RESPONSE_BYTES for the envelope around a response body.
@@ -83,6 +87,7 @@ ENVELOPE_SLACK: Final = 4096
 DATACENTER_UNAVAILABLE: Final = "datacenter_unavailable"
 DATACENTER_TIMEOUT: Final = "datacenter_timeout"
 DATACENTER_BUSY: Final = "datacenter_busy"
+TOO_MANY_ASKS: Final = "too_many_asks"
 # Error codes a dc answers with.
 NOT_PLACED_HERE: Final = "not_placed_here"
 UNKNOWN_AGENT: Final = "unknown_agent"
@@ -106,7 +111,7 @@ class RpcError(ApiError):
                  datacenter: str | None = None) -> None:
         super().__init__(status, code, detail,
                          {"datacenter": datacenter} if datacenter else None,
-                         headers={"Retry-After": "5"} if status in (503, 504) else None)
+                         headers={"Retry-After": "5"} if status in (429, 503, 504) else None)
 
 
 # ---- proofs ---------------------------------------------------------------------------
@@ -136,22 +141,36 @@ def proof_digest(proof: Mapping[str, Any]) -> str:
 
 
 class Outstanding:
-    """Request ids open per dc, and the ones closed lately (for ``response_late``)."""
+    """Request ids open per dc (and per asker), and the ones closed lately (for
+    ``response_late``)."""
 
-    def __init__(self, per_dc: int, remember: int = 4096) -> None:
+    def __init__(self, per_dc: int, remember: int = 4096,
+                 per_asker: int = MAX_OUTSTANDING_PER_ASKER) -> None:
         self.per_dc = per_dc
+        self.per_asker = min(per_asker, per_dc)
         self.remember = remember
         self.open: dict[str, str] = {}  # id -> dc label
+        self.askers: dict[str, str] = {}  # id -> who asked
         self.closed: OrderedDict[str, str] = OrderedDict()
 
     def count(self, label: str) -> int:
         return sum(1 for dc in self.open.values() if dc == label)
 
-    def start(self, label: str, rid: str) -> bool:
-        """Open *rid* for *label*; False when *label* has ``per_dc`` open already."""
-        if self.count(label) >= self.per_dc or rid in self.open or rid in self.closed:
+    def full(self, label: str, asker: str = ADMIN_ASKER) -> str | None:
+        """Why *asker* may not open one more request to *label* (``datacenter_busy``,
+        ``too_many_asks``), or None."""
+        if self.count(label) >= self.per_dc:
+            return DATACENTER_BUSY
+        mine = sum(1 for rid, dc in self.open.items()
+                   if dc == label and self.askers.get(rid) == asker)
+        return TOO_MANY_ASKS if mine >= self.per_asker else None
+
+    def start(self, label: str, rid: str, asker: str = ADMIN_ASKER) -> bool:
+        """Open *rid* for *label*; False when ``full`` or *rid* was seen."""
+        if self.full(label, asker) is not None or rid in self.open or rid in self.closed:
             return False
         self.open[rid] = label
+        self.askers[rid] = asker
         return True
 
     def judge(self, label: str, rid: str) -> str | None:
@@ -164,6 +183,7 @@ class Outstanding:
 
     def finish(self, rid: str) -> None:
         label = self.open.pop(rid, None)
+        self.askers.pop(rid, None)
         if label is not None:
             self.closed[rid] = label
             while len(self.closed) > self.remember:
@@ -188,26 +208,34 @@ class MasterRpc:
 
     def __init__(self, seal: Callable[[Any], str], refuse: Callable[[str, str, str], None],
                  *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 per_dc: int = MAX_OUTSTANDING_PER_DC) -> None:
+                 per_dc: int = MAX_OUTSTANDING_PER_DC,
+                 per_asker: int = MAX_OUTSTANDING_PER_ASKER) -> None:
         self.seal = seal
         self.refuse = refuse
         self.timeout_s = timeout_s
-        self.table = Outstanding(per_dc)
+        self.table = Outstanding(per_dc, per_asker=per_asker)
         self.links: dict[str, Send] = {}
         self._waiters: dict[str, _Waiter] = {}
 
     async def ask(self, label: str, kind: str, *, deployment_id: str | None = None,
                   agent_id: str | None = None, args: Mapping[str, Any] | None = None,
-                  timeout_s: float | None = None, usable: bool = True) -> dict[str, Any]:
-        """The dc's answer body, or ``RpcError`` (unavailable, busy, timeout, its code).
-        *usable*: False when the dc is degraded (asked nothing then)."""
+                  timeout_s: float | None = None, usable: bool = True,
+                  asker: str = ADMIN_ASKER) -> dict[str, Any]:
+        """The dc's answer body, or ``RpcError`` (unavailable, busy, too many of
+        *asker*'s, timeout, its code). *usable*: False when the dc is degraded (asked
+        nothing then). *asker*: the account asking (its share of ``per_dc``)."""
         send = self.links.get(label)
         if send is None or not usable:
             raise RpcError(503, DATACENTER_UNAVAILABLE, f"datacenter {label} is not "
                            "connected to this master" if send is None else
                            f"datacenter {label} is degraded", label)
         rid = secrets.token_hex(16)
-        if not self.table.start(label, rid):
+        full = self.table.full(label, asker)
+        if full == TOO_MANY_ASKS:
+            raise RpcError(429, TOO_MANY_ASKS, f"{self.table.per_asker} of your requests to "
+                           f"datacenter {label} are outstanding; retry when one is answered",
+                           label)
+        if full is not None or not self.table.start(label, rid, asker):
             raise RpcError(503, DATACENTER_BUSY, f"too many requests to datacenter {label} "
                            f"are outstanding (at most {self.table.per_dc})", label)
         waiter = self._waiters[rid] = _Waiter(send)
