@@ -67,8 +67,9 @@ if TYPE_CHECKING:
 FOLLOW_UNSUPPORTED = "federated_follow_unsupported"
 BAD_RESPONSE = "bad_response"  # a dc's answer that is not the shape asked for
 
-# A join refusal's status: an unknown token is not authenticated (401), a malformed key
-# is a bad request (400); the rest (an unbound re-join, a label mismatch) forbidden.
+# A join refusal's status: an unknown token or a bad proof is not authenticated (401), a
+# malformed key is a bad request (400); the rest (an unbound re-join, a label mismatch)
+# forbidden.
 JOIN_STATUS: Final = {"join_token_invalid": 401, "bad_key": 400}
 
 
