@@ -35,7 +35,7 @@ from ee.protocol.signing import generate_signing_key, public_key_bytes
 from ee.runtime import Registry
 
 from .fedkit import event_log, eventually, join_token, master, refused
-from .test_review_enroll import serving
+from .test_review_enroll import reply, serving
 
 A = "sim:dc-a"
 JOIN = "/api/v2/federation/join"
@@ -48,12 +48,7 @@ class _Record(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         _Record.bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-        body = b'{"error": {"code": "nope", "message": "try again later"}}'
-        self.send_response(503)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 503, {"error": {"code": "nope", "message": "try again later"}})
 
     def log_message(self, *_: Any) -> None:
         return None

@@ -211,6 +211,16 @@ class _Flood(http.server.BaseHTTPRequestHandler):
         return None
 
 
+def reply(handler: http.server.BaseHTTPRequestHandler, status: int, doc: Any) -> None:
+    """A stand-in upstream's JSON answer."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """A stand-in upstream on a loopback port, in a thread; its base URL."""
@@ -393,13 +403,8 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps({"error": {"code": "x", "message": "\x1b[2J\nINFO enrolled OK "
-                                     + "A" * 20_000}}).encode()
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 403, {"error": {"code": "x", "message": "\x1b[2J\nINFO enrolled OK "
+                                    + "A" * 20_000}})
 
     def log_message(self, *_: Any) -> None:
         return None
