@@ -38,18 +38,16 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
             # The token was used: another join with it is refused (403, reason code).
             key = pki.new_key()
             async with httpx.AsyncClient() as c:
-                r = await c.post(f"{m.http}/api/v2/federation/join", json={
-                    "token": token, "datacenter": "sim:dc-x",
-                    "tls_public_key": pki.public_pem(key),
-                    "signing_key": public_key_bytes(generate_signing_key()).hex()})
+                r = await c.post(f"{m.http}/api/v2/federation/join", json=pki.join_body(
+                    token, "sim:dc-x", pki.public_pem(key),
+                    public_key_bytes(generate_signing_key()).hex()))
             assert r.status_code == 401 and r.json()["error"]["code"] == "join_token_invalid"
             # A token bound to a datacenter joins only that one.
             bound = await join_token(m, "sim:dc-y")
             async with httpx.AsyncClient() as c:
-                r = await c.post(f"{m.http}/api/v2/federation/join", json={
-                    "token": bound, "datacenter": "sim:dc-z",
-                    "tls_public_key": pki.public_pem(key),
-                    "signing_key": public_key_bytes(generate_signing_key()).hex()})
+                r = await c.post(f"{m.http}/api/v2/federation/join", json=pki.join_body(
+                    bound, "sim:dc-z", pki.public_pem(key),
+                    public_key_bytes(generate_signing_key()).hex()))
             assert r.status_code == 403 and r.json()["error"]["code"] == "join_token_datacenter"
 
             async with trio.open_nursery() as nursery:
@@ -68,10 +66,9 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
                 # A datacenter with direct agents at the master cannot be taken over by
                 # a dc CP joining under its label.
                 async with httpx.AsyncClient() as c:
-                    r = await c.post(f"{m.http}/api/v2/federation/join", json={
-                        "token": await join_token(m), "datacenter": DIRECT,
-                        "tls_public_key": pki.public_pem(key),
-                        "signing_key": public_key_bytes(generate_signing_key()).hex()})
+                    r = await c.post(f"{m.http}/api/v2/federation/join", json=pki.join_body(
+                        await join_token(m), DIRECT, pki.public_pem(key),
+                        public_key_bytes(generate_signing_key()).hex()))
                 assert r.status_code == 403
                 assert r.json()["error"]["code"] == "datacenter_is_direct"
                 bypass = agent(m, "bypass", A, td)

@@ -94,7 +94,8 @@ async def test_pin_refuses_a_substituted_master(tmp_path: Path) -> None:
 
 async def test_production_needs_pin_and_https(tmp_path: Path) -> None:
     """Without --dev: a pin-less token and a plain-http upstream are refused before any
-    request leaves (the token is a secret: over http, whoever sees it can join first)."""
+    request leaves (the secret never travels, but over http anyone on the path could
+    answer in the master's place and hold the join up)."""
     home = tmp_path / "prod"
     with pytest.raises(EnrolError, match="no master pin"):
         enroll(home, "https://master.invalid", A, "eej_abc", dev=False)

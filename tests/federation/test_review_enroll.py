@@ -5,7 +5,7 @@
   every certificate of ``ca.pem``. Refused now, nothing written; what is kept is the
   re-encoded certificate that was checked.
 - The public join route answered 500 to deeply nested JSON and to a lone surrogate in
-  the token; now 400.
+  a field; now 400.
 - Two concurrent joins with general tokens for one label: the second replaced the keys
   the first had just pinned (the enrolled check ran before the await only).
 - A fresh proof whose summary names another datacenter's agent was verified by the
@@ -114,8 +114,8 @@ async def test_join_route_odd_bodies_are_400(tmp_path: Path) -> None:
                 nested = await c.post(url, content=b"[" * 8000,
                                       headers={"Content-Type": "application/json"})
                 assert nested.status_code == 400, nested.text
-                body = json.dumps({"token": "eej_@", "datacenter": A, "tls_public_key": key,
-                                   "signing_key": "a" * 64}).replace("@", "\\ud800")
+                body = json.dumps(pki.join_body("eej_x", "sim:@", key, "a" * 64)
+                                  ).replace("@", "\\ud800")
                 lone = await c.post(url, content=body.encode(),
                                     headers={"Content-Type": "application/json"})
                 assert lone.status_code == 400, lone.text
@@ -140,8 +140,8 @@ async def test_concurrent_general_joins_do_not_replace_keys(tmp_path: Path) -> N
     outcomes: list[str] = []
 
     async def join(token: str) -> None:
-        req = JoinRequest(token, A, pki.public_pem(pki.new_key()),
-                          public_key_bytes(generate_signing_key()).hex())
+        req = JoinRequest(**pki.join_body(token, A, pki.public_pem(pki.new_key()),
+                                          public_key_bytes(generate_signing_key()).hex()))
         try:
             out = await fed.join(req)
             outcomes.append("joined " + out["certificate"])
@@ -211,6 +211,16 @@ class _Flood(http.server.BaseHTTPRequestHandler):
         return None
 
 
+def reply(handler: http.server.BaseHTTPRequestHandler, status: int, doc: Any) -> None:
+    """A stand-in upstream's JSON answer."""
+    body = json.dumps(doc).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     """A stand-in upstream on a loopback port, in a thread; its base URL."""
@@ -274,8 +284,7 @@ async def test_strangers_cannot_flood_the_events(tmp_path: Path) -> None:
     """30 garbage connections to the federation listener and 30 bad joins: at most the
     burst of refusal events; the next one, after a refill, counts the ones left out."""
     m = master(tmp_path)
-    body = {"token": "eej_guess", "datacenter": A,
-            "tls_public_key": pki.public_pem(pki.new_key()), "signing_key": "a" * 64}
+    body = pki.join_body("eej_guess", A, pki.public_pem(pki.new_key()), "a" * 64)
 
     def stranger(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [e for e in events if e.get("kind") == "federation.refused"]
@@ -331,8 +340,9 @@ async def test_concurrent_joins_of_many_dcs_all_persist(tmp_path: Path) -> None:
 
     async def join(label: str) -> None:
         token = first.issue_token(label, None)["token"]
-        await first.join(JoinRequest(token, label, pki.public_pem(pki.new_key()),
-                                     public_key_bytes(generate_signing_key()).hex()))
+        await first.join(JoinRequest(**pki.join_body(
+            token, label, pki.public_pem(pki.new_key()),
+            public_key_bytes(generate_signing_key()).hex())))
 
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -393,13 +403,8 @@ class _Refuse(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        body = json.dumps({"error": {"code": "x", "message": "\x1b[2J\nINFO enrolled OK "
-                                     + "A" * 20_000}}).encode()
-        self.send_response(403)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        reply(self, 403, {"error": {"code": "x", "message": "\x1b[2J\nINFO enrolled OK "
+                                    + "A" * 20_000}})
 
     def log_message(self, *_: Any) -> None:
         return None

@@ -10,14 +10,17 @@ Supervision subtree (a child of the CP's root)::
                     outcome events (ee.federation.reconcile)
 
 Enrolment (``enroll``, once, before the CP starts): the dc makes its own TLS key and
-Ed25519 signing key, and trades a master-issued join token for a certificate from the
-cluster CA (CN = its label), the CA certificate and the master's signing key, which it
-pins. Everything lives in ``DATA_DIR/federation``. The answer is hostile until checked
-(``pki.check_answer``): the CA and master key must match the master pin the token
-carries (``eej_SECRET.PIN``) or ``--master-pin`` names, the certificate must be the CA's
-for this label and this dc's key; only then is anything written. Without ``--dev`` a
-pin is required and the upstream must be https (verified; ``--upstream-ca`` for a
-private CA): the token is a secret, and whoever learns it first can join as this dc.
+Ed25519 signing key, and proves to the master that it holds a master-issued join token
+(``eej_SECRET.PIN``) without sending its secret: the token's id and an HMAC keyed by the
+secret's hash over its label and both public keys (``pki.join_body``). It gets back a
+certificate from the cluster CA (CN = its label), the CA certificate and the master's
+signing key, which it pins. Whoever answers at ``--upstream`` learns nothing it could
+join with: the proof enrols only the keys this dc holds. Everything lives in
+``DATA_DIR/federation``. The answer is hostile until checked (``pki.check_answer``): the
+CA and master key must match the master pin the token carries or ``--master-pin``
+names, the certificate must be the CA's for this label and this dc's key; only then is
+anything written. Without ``--dev`` a pin is required and the upstream must be https
+(verified; ``--upstream-ca`` for a private CA).
 Offline (no join route reachable from the dc): ``write_request`` keeps fresh keys in
 ``federation/pending`` and writes their public halves; the operator has the master sign
 them (``eectl federation issue``); ``install_bundle`` checks the bundle like a join
@@ -240,8 +243,8 @@ def _verify(upstream: str, dev: bool, upstream_ca: Path | None) -> ssl.SSLContex
         except (OSError, ssl.SSLError) as exc:
             raise EnrolError(f"--upstream-ca {upstream_ca}: {exc}") from None
     if not dev:
-        raise EnrolError(f"--upstream {upstream}: the join sends a secret token, so it "
-                         "must be https:// (plain http only with --dev)")
+        raise EnrolError(f"--upstream {upstream}: the join must be https:// (plain http "
+                         "only with --dev)")
     return False
 
 
@@ -292,8 +295,8 @@ def enroll(data_dir: Path, upstream: str, label: str, token: str | None,
     verify = _verify(upstream, dev, upstream_ca)
     tls_key = pki.new_key()
     sign_key = generate_signing_key()
-    body = {"token": token, "datacenter": label, "tls_public_key": pki.public_pem(tls_key),
-            "signing_key": public_key_bytes(sign_key).hex()}
+    body = pki.join_body(token, label, pki.public_pem(tls_key),
+                         public_key_bytes(sign_key).hex())
     resp = _post_capped(upstream.rstrip("/") + "/api/v2/federation/join", body,
                         timeout_s, verify)
     if resp.status_code != 200:

@@ -23,7 +23,12 @@ exactly as a standalone CP rebuilds from its agents.
 
 What the master keeps on disk is configuration: the CA, its signing key, the enrolled dcs
 (label, certificate fingerprint, signing key) and the signed desired-state document.
-Join tokens are in memory only (single use, short lived; a restart voids them).
+Join tokens are in memory only (single use, short lived; a restart voids them), each as
+the SHA-256 of its secret. A join carries no secret but the token's id and a proof bound
+to the dc's label and public keys (``pki.join_body``); a good proof consumes the token
+even if the join then fails. A wrong proof does not: the id is public to whoever the dc
+talked to (a wrong ``--upstream`` included), and must not let them void the token; the
+proof is a 256-bit MAC, so trying again gains nothing.
 
 Placement across levels (ee.federation.placement): a master AppActor with no fitting
 direct agent calls ``place`` (``AppDeps.remote``); the chosen dc's intent goes into the
@@ -45,7 +50,6 @@ not outstanding for that very dc, a duplicate or a late one.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import logging
@@ -135,6 +139,7 @@ from ee.protocol.signing import (
     save_private_key,
     write_signed,
 )
+from ee.protocol.strict import check
 from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
@@ -196,11 +201,17 @@ class JoinToken:
     datacenter: str | None  # None: any label not yet enrolled (a re-join needs a bound one)
 
 
+def _lower_hex(length: int) -> Callable[[str], bool]:
+    return lambda v: len(v) == length and all(c in "0123456789abcdef" for c in v)
+
+
 @attrs.frozen
 class JoinRequest:
-    """``POST /api/v2/federation/join`` (public; the token authenticates)."""
+    """``POST /api/v2/federation/join`` (public; the proof of a join token authenticates:
+    ``pki.join_body``). There is no ``token`` field: the secret never travels."""
 
-    token: str = attrs.field(validator=attrs.validators.max_len(200))
+    token_id: str = attrs.field(validator=check(_lower_hex(32), "32 lower-case hex characters"))
+    proof: str = attrs.field(validator=check(_lower_hex(64), "64 lower-case hex characters"))
     datacenter: str = attrs.field(validator=attrs.validators.max_len(120))
     tls_public_key: str = attrs.field(validator=attrs.validators.max_len(2000))
     signing_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))
@@ -565,10 +576,6 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 class MasterFederation:
     def __init__(self, data_dir: Path, cluster_id: str, settings: FederationSettings, *,
                  registry: Registry, emit: Emit, metrics: CollectorRegistry,
@@ -661,7 +668,7 @@ class MasterFederation:
         label = self.normalise(datacenter) if datacenter else None
         secret = pki.TOKEN_PREFIX + secrets.token_urlsafe(32)
         ttl = ttl_s if ttl_s is not None else self.settings.join_token_ttl_s
-        self.tokens[_hash(secret)] = JoinToken(now + ttl, label)
+        self.tokens[pki.join_secret_hash(secret)] = JoinToken(now + ttl, label)
         self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
         pin = self.pin()
         return {"token": pki.join_token_text(secret, pin), "pin": pin, "expires_in_s": ttl,
@@ -675,20 +682,29 @@ class MasterFederation:
             port = self.bound_port
         return f"{host}:{port}"
 
+    def _redeem(self, req: JoinRequest) -> JoinToken:
+        """The token *req* proves it holds, taken out (single use); JoinRefused
+        ``join_token_invalid`` for an unknown id, an expired token or a wrong proof."""
+        now = trio.current_time()
+        held = None
+        for h in self.tokens:  # every id compared, in constant time each
+            if hmac.compare_digest(pki.join_token_id(h), req.token_id):
+                held = h
+        invalid = JoinRefused("join_token_invalid", "unknown, used or expired join token, "
+                              "or a proof not made with it for these keys")
+        if held is None:
+            raise invalid
+        if self.tokens[held].expires_at <= now:
+            del self.tokens[held]
+            raise invalid
+        proof = pki.join_proof(held, req.datacenter, req.tls_public_key, req.signing_key)
+        if not hmac.compare_digest(proof, req.proof):
+            raise invalid  # the token stays (module docstring)
+        return self.tokens.pop(held)  # single use, even if the rest fails
+
     async def join(self, req: JoinRequest) -> dict[str, Any]:
         """Consume a join token: issue the dc's certificate and pin its keys."""
-        now = trio.current_time()
-        try:  # the pin is public (the dc's check); the secret is the credential
-            secret, _pin = pki.split_join_token(req.token)
-        except pki.PkiError:
-            secret = req.token
-        digest = _hash(secret)
-        found = None
-        for h in list(self.tokens):
-            if hmac.compare_digest(h, digest):
-                found = self.tokens.pop(h)  # single use, even if the rest fails
-        if found is None or found.expires_at <= now:
-            raise JoinRefused("join_token_invalid", "unknown, used or expired join token")
+        found = self._redeem(req)
         label = self.normalise(req.datacenter)
         if found.datacenter is not None and found.datacenter != label:
             raise JoinRefused("join_token_datacenter",

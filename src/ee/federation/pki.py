@@ -14,8 +14,18 @@ trusts forever comes from one join answer (or offline bundle): the CA it dials a
 key its snapshots must verify with. The pin travels with the join token
 (``eej_SECRET.PIN``, ``join_token_text``) or is given on the command line, so a dc checks
 the answer against it (``check_answer``) before it writes anything: whoever answers at
-the upstream URL cannot substitute its own CA or key. The secret part alone is the
-credential (the master hashes only it); the pin is public.
+the upstream URL cannot substitute its own CA or key. The pin is public.
+
+The join proof (``join_body``): the secret never travels. The master keeps only
+``h = SHA-256(secret)`` per token (``join_secret_hash``); the dc computes the same ``h`` and
+sends a public id of it (``join_token_id``: a tagged hash, 16 bytes, by which the master
+finds the token) and an HMAC-SHA256 keyed by ``h`` over a tagged, length-prefixed
+transcript of exactly what the master binds to the token: the datacenter label as the
+dc sends it (the master checks the proof over the raw field, before normalising it), the
+dc's TLS public key (PEM) and its Ed25519 signing key (hex) (``join_proof``). Whoever
+answers at ``--upstream`` (a man in the middle, a mistyped or hijacked name) learns an
+id and a MAC over the dc's public keys: it cannot join with keys of its own, and
+relaying the body to the real master only enrols the keys the dc holds.
 """
 
 from __future__ import annotations
@@ -193,6 +203,44 @@ def split_join_token(token: str) -> tuple[str, str | None]:
     if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
         raise PkiError("the join token's pin is not 64 lower-case hex characters")
     return secret, pin
+
+
+JOIN_ID_TAG = b"ee/v2/federation-join-id/1\x00"
+JOIN_PROOF_TAG = b"ee/v2/federation-join-proof/1\x00"
+
+
+def join_secret_hash(secret: str) -> str:
+    """What the master keeps of a join token's secret: hex SHA-256 (the proof's key)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def join_token_id(secret_hash: str) -> str:
+    """The public id of a token: 32 hex characters, derived from (not revealing) *h*."""
+    return hashlib.sha256(JOIN_ID_TAG + bytes.fromhex(secret_hash)).hexdigest()[:32]
+
+
+def join_proof(secret_hash: str, datacenter: str, tls_public_key: str,
+               signing_key: str) -> str:
+    """HMAC-SHA256 keyed by *secret_hash* over the tag and the three fields, each
+    length-prefixed (4 bytes, big endian): no two field lists make the same transcript."""
+    transcript = JOIN_PROOF_TAG + b"".join(
+        len(data).to_bytes(4, "big") + data
+        for data in (field.encode("utf-8", "surrogatepass")
+                     for field in (datacenter, tls_public_key, signing_key)))
+    return hmac.new(bytes.fromhex(secret_hash), transcript, hashlib.sha256).hexdigest()
+
+
+def join_body(token: str, datacenter: str, tls_public_key: str,
+              signing_key: str) -> dict[str, str]:
+    """The body of ``POST /api/v2/federation/join`` for *token* (``eej_SECRET[.PIN]``):
+    the token's id and a proof bound to these keys; never the secret. Raises PkiError
+    for a malformed pin."""
+    secret, _pin = split_join_token(token)
+    h = join_secret_hash(secret)
+    return {"token_id": join_token_id(h),
+            "proof": join_proof(h, datacenter, tls_public_key, signing_key),
+            "datacenter": datacenter, "tls_public_key": tls_public_key,
+            "signing_key": signing_key}
 
 
 def normal_pin(text: str) -> str:

@@ -1,7 +1,8 @@
 """HTTP routes of federation on the CP's main API (the link itself is the mTLS listener).
 
 Master: ``POST /api/v2/federation/join-tokens`` (admin), ``POST /api/v2/federation/join``
-(public: the single-use token is the credential), ``GET /api/v2/federation/snapshot``
+(public: a proof of a single-use join token, ``pki.join_body``; the token itself is
+refused), ``GET /api/v2/federation/snapshot``
 (admin: the signed desired state), ``PUT /api/v2/federation/desired`` (admin).
 Both roles: ``GET /api/v2/federation/status`` (admin).
 
@@ -57,6 +58,7 @@ from ee.federation.rpc import (
     proof_digest,
 )
 from ee.federation.wire import MAX_ID_CHARS
+from ee.protocol.strict import printable
 from ee.runtime import ActorError
 
 if TYPE_CHECKING:
@@ -65,8 +67,9 @@ if TYPE_CHECKING:
 FOLLOW_UNSUPPORTED = "federated_follow_unsupported"
 BAD_RESPONSE = "bad_response"  # a dc's answer that is not the shape asked for
 
-# A join refusal's status: an unknown token is not authenticated (401), a malformed key
-# is a bad request (400); the rest (an unbound re-join, a label mismatch) forbidden.
+# A join refusal's status: an unknown token or a bad proof is not authenticated (401), a
+# malformed key is a bad request (400); the rest (an unbound re-join, a label mismatch)
+# forbidden.
 JOIN_STATUS: Final = {"join_token_invalid": 401, "bad_key": 400}
 
 
@@ -287,6 +290,15 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
         except ValueError:  # UnicodeError included
             raise ApiError(400, "bad_request", "the body is not JSON (UTF-8)") from None
         master_fed = need_master()
+        if isinstance(doc, dict) and "token" in doc:
+            # An old dc (or a hand-made body) sent the secret itself: never accepted, so
+            # no client can keep sending it to whoever answers at its upstream URL.
+            detail = ("the join takes a proof of the token (token_id, proof), never the "
+                      "token itself: upgrade the client (ee-cp --role dc, eectl)")
+            said = doc.get("datacenter")
+            master_fed.refuse_stranger(printable(said, 80) if isinstance(said, str) else None,
+                                       "bad_request", detail)
+            raise ApiError(400, "bad_request", detail, {"field": "token"})
         req = structure_request(doc, JoinRequest)
         try:
             out = await master_fed.join(req)
