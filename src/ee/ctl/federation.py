@@ -98,9 +98,8 @@ def issue_bundle(args: argparse.Namespace) -> int:
         with client_from_args(args) as client:
             token = client.post("/api/v2/federation/join-tokens",
                                 {"datacenter": req.datacenter, "ttl_s": 60})
-            answer = client.post("/api/v2/federation/join", {
-                "token": token["token"], "datacenter": req.datacenter,
-                "tls_public_key": req.tls_public_key, "signing_key": req.signing_key})
+            answer = client.post("/api/v2/federation/join", pki.join_body(
+                token["token"], req.datacenter, req.tls_public_key, req.signing_key))
     except CtlError as exc:
         print(f"eectl federation issue: {exc}", file=sys.stderr)
         return exc.exit_code
