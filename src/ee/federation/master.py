@@ -93,6 +93,7 @@ from ee.federation.placement import (
     updated_intent,
 )
 from ee.federation.rpc import (
+    ADMIN_ASKER,
     DEFAULT_TIMEOUT_S,
     MAX_OUTSTANDING_PER_DC,
     MasterRpc,
@@ -1005,13 +1006,15 @@ class MasterFederation:
 
     async def ask(self, label: str, kind: str, *, deployment_id: str | None = None,
                   agent_id: str | None = None, args: dict[str, Any] | None = None,
-                  timeout_s: float | None = None) -> dict[str, Any]:
+                  timeout_s: float | None = None, asker: str = ADMIN_ASKER
+                  ) -> dict[str, Any]:
         """The dc's answer body, or ``RpcError`` (``datacenter_unavailable`` when it is
-        not linked or degraded, ``datacenter_busy``, ``datacenter_timeout``, its code)."""
+        not linked or degraded, ``datacenter_busy``, ``too_many_asks`` of *asker*'s
+        (the account asking), ``datacenter_timeout``, its code)."""
         cap = self.capacity.get(label)
         return await self.rpc.ask(label, kind, deployment_id=deployment_id,
                                   agent_id=agent_id, args=args, timeout_s=timeout_s,
-                                  usable=cap is not None and not cap.degraded)
+                                  usable=cap is not None and not cap.degraded, asker=asker)
 
     def _placed(self, app_key: str, deployment_id: str) -> str | None:
         doc = self._intents().get(deployment_id)
@@ -1024,7 +1027,8 @@ class MasterFederation:
         label = self._placed(app_key, deployment_id)
         if label is None:
             return None
-        body = await self.ask(label, "logs", deployment_id=deployment_id, args=args)
+        body = await self.ask(label, "logs", deployment_id=deployment_id, args=args,
+                              asker=app_key.split(".", 1)[0])
         return {**body, "datacenter": label}
 
     # ---- supervision ----

@@ -128,7 +128,8 @@ async def tenant_attestation(cp: Any, account_id: str, deployment_id: str
     label = fed.intent_datacenter(deployment_id)
     assert label is not None
     nonce, args = _fresh_args(fed)
-    body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args)
+    body = await fed.ask(label, "attestation", deployment_id=deployment_id, args=args,
+                         asker=account_id)
     # Only the replicas the dc reported for this deployment (its placement reports, as
     # the deployment view shows them), each once: a dc cannot make the master verify
     # (and emit an event for) thousands of made-up replicas in one answer.
