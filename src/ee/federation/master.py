@@ -53,6 +53,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -156,6 +157,9 @@ TOO_MANY_AGENTS = "too_many_agents"
 #: would grow it past this is refused (``SNAPSHOT_FULL``), nothing published.
 MAX_SNAPSHOT_BYTES = MAX_FRAME_BYTES - (64 << 10)
 MAX_PENDING_HANDSHAKES = 64  # federation listener: TLS handshakes at once (a dc is one)
+#: A UTC timestamp as CPs write them (``placement.iso``): the only form of a dc's
+#: ``finished_at`` that enters a history.
+ISO_UTC: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 STRANGER_EVENT_BURST: Final = 20.0  # refusal events anyone can cause (refuse_stranger)
 STRANGER_EVENTS_PER_S: Final = 0.2
 SNAPSHOT_FULL = "SNAPSHOT_FULL"
@@ -577,6 +581,19 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def gate_rollback_eras(eras: list[dict[str, Any]], version: str,
+                       update: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The history of a dc-placed deployment whose dc's health gate rolled the update
+    back to *version*: the last era closed, and one for *version* from then (the
+    rollback's ``finished_at`` as the dc reported it; a value that is not a UTC
+    timestamp adds nothing: the dc's word is shown, never parsed loosely)."""
+    at = update.get("finished_at") if update is not None else None
+    if not isinstance(at, str) or not ISO_UTC.fullmatch(at) or not eras \
+            or eras[-1]["version"] == version:
+        return eras
+    return [*eras[:-1], {**eras[-1], "to": at}, {"version": version, "from": at, "to": None}]
+
+
 class MasterFederation:
     def __init__(self, data_dir: Path, cluster_id: str, settings: FederationSettings, *,
                  registry: Registry, emit: Emit, metrics: CollectorRegistry,
@@ -902,10 +919,13 @@ class MasterFederation:
                       "error": None, "reason": doc["change"]}
         shown_version = version.get("version")
         previous = doc.get("previous_version")
+        eras = [{"version": e["version"], "from": iso(float(e["from"])),
+                 "to": None if e.get("to") is None else iso(float(e["to"]))} for e in history]
         if not pending and got is not None and got.version in hashes \
                 and got.version != shown_version:
             # The dc's health gate rolled the update back: it runs the previous version.
             shown_version, previous = got.version, version.get("version")
+            eras = gate_rollback_eras(eras, got.version, update)
         state, error = "placing", None
         if unplaced is not None:
             state = "failed"
@@ -937,9 +957,7 @@ class MasterFederation:
                 "compose_hash": hashes.get(str(shown_version)), "error": error,
                 "failure": dict(got.failure) if got is not None and got.failure else None,
                 "failures": got.failures if got is not None else 0,
-                "history": [{"version": e["version"], "from": iso(float(e["from"])),
-                             "to": None if e.get("to") is None else iso(float(e["to"]))}
-                            for e in history],
+                "history": eras,
                 "update": update, "replicas": replicas, "failed_replicas": [],
                 "federated": {"datacenter": doc["datacenter"], "tried": doc.get("tried", []),
                               "outcome": got.outcome if got else None,
