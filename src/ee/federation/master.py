@@ -160,7 +160,7 @@ MAX_PENDING_HANDSHAKES = 64  # federation listener: TLS handshakes at once (a dc
 #: A UTC timestamp as CPs write them (``placement.iso``): the only form of a dc's
 #: ``finished_at`` that enters a history.
 ISO_UTC: Final = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
-STRANGER_EVENT_BURST: Final = 20.0  # refusal events anyone can cause (refuse_stranger)
+STRANGER_EVENT_BURST: Final = 20.0  # refusal events per source (strangers, each dc)
 STRANGER_EVENTS_PER_S: Final = 0.2
 SNAPSHOT_FULL = "SNAPSHOT_FULL"
 
@@ -626,9 +626,11 @@ class MasterFederation:
         self.outcomes: dict[str, tuple[str, Outcome]] = {}
         self._desired_lock = trio.Lock()
         self._enrolled_lock = trio.Lock()  # one writer of dcs.json at a time
-        self._stranger_events = TokenBucket(rate=STRANGER_EVENTS_PER_S,
-                                            burst=STRANGER_EVENT_BURST)
-        self._suppressed = 0  # refusals of strangers not emitted since the last one
+        # Refusal events per source (None: strangers; else the dc's label), and those
+        # left out since the source's last emitted one: one source's flood suppresses
+        # only its own.
+        self._refusal_buckets: dict[str | None, TokenBucket] = {}
+        self._suppressed: dict[str | None, int] = {}
         self.verify_limiter = trio.CapacityLimiter(settings.verify_threads)
         # TLS handshakes in progress on the federation listener (strangers included):
         # beyond this a new connection is closed at once, never queued.
@@ -1065,22 +1067,34 @@ class MasterFederation:
 
     def refuse_stranger(self, label: str | None, code: str, detail: str) -> None:
         """``refuse`` for what anyone on the network can cause (a public join, a TLS
-        handshake): a burst, then a few a minute; the next one logged and emitted counts
-        the ones left out (``suppressed``), or strangers could push every other event
-        out of the CP's recent ring and history queue."""
-        if self._stranger_events.take(trio.current_time()) > 0:
-            self._suppressed += 1
+        handshake): one shared budget for all strangers."""
+        self._refuse_from(None, label, code, detail)
+
+    def refuse(self, label: str | None, code: str, detail: str) -> None:
+        """Log and emit a refusal of what an enrolled dc sent (its own budget)."""
+        self._refuse_from(label or "?", label, code, detail)
+
+    def _refuse_from(self, source: str | None, label: str | None, code: str,
+                     detail: str) -> None:
+        """A burst, then a few a minute per source; the next one logged and emitted
+        counts the ones left out (``suppressed``), or a flood (strangers', or a
+        compromised dc's bad frames) could push every other event out of the CP's
+        recent ring and history queue, and fill the log."""
+        bucket = self._refusal_buckets.get(source)
+        if bucket is None:
+            if len(self._refusal_buckets) > len(self.enrolled) + 64:
+                self._refusal_buckets.clear()  # labels of dcs since removed: start over
+            bucket = self._refusal_buckets[source] = TokenBucket(
+                rate=STRANGER_EVENTS_PER_S, burst=STRANGER_EVENT_BURST)
+        if bucket.take(trio.current_time()) > 0:
+            self._suppressed[source] = self._suppressed.get(source, 0) + 1
             return
-        left_out, self._suppressed = self._suppressed, 0
+        left_out = self._suppressed.pop(source, 0)
         log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
         data: dict[str, Any] = {"code": code, "detail": detail[:300]}
         if left_out:
             data["suppressed"] = left_out
         self.emit("federation.refused", label or "?", data)
-
-    def refuse(self, label: str | None, code: str, detail: str) -> None:
-        log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
-        self.emit("federation.refused", label or "?", {"code": code, "detail": detail[:300]})
 
     # ---- the listener ----
 
