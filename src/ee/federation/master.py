@@ -58,6 +58,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -141,7 +142,7 @@ from ee.protocol.signing import (
     save_private_key,
     write_signed,
 )
-from ee.protocol.strict import check
+from ee.protocol.strict import check, printable
 from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
@@ -582,15 +583,24 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def gate_rollback_eras(eras: list[dict[str, Any]], version: str,
-                       update: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+                       update: Mapping[str, Any] | None,
+                       now: str | None = None) -> list[dict[str, Any]]:
     """The history of a dc-placed deployment whose dc's health gate rolled the update
     back to *version*: the last era closed, and one for *version* from then (the
     rollback's ``finished_at`` as the dc reported it; a value that is not a UTC
-    timestamp adds nothing: the dc's word is shown, never parsed loosely)."""
+    timestamp of a real date adds nothing: the dc's word is shown, never parsed
+    loosely). The dc's instant is kept within the era it closes and *now* (default:
+    the wall clock): a lying dc cannot end an era before it began or in the future."""
     at = update.get("finished_at") if update is not None else None
     if not isinstance(at, str) or not ISO_UTC.fullmatch(at) or not eras \
             or eras[-1]["version"] == version:
         return eras
+    try:
+        datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:  # the 13th month, the 30th of February
+        return eras
+    began = str(eras[-1]["from"])  # the same fixed-width form: strings order as times
+    at = min(max(at, began), max(began, now if now is not None else iso(time.time())))
     return [*eras[:-1], {**eras[-1], "to": at}, {"version": version, "from": at, "to": None}]
 
 
@@ -1090,11 +1100,14 @@ class MasterFederation:
             self._suppressed[source] = self._suppressed.get(source, 0) + 1
             return
         left_out = self._suppressed.pop(source, 0)
-        log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
-        data: dict[str, Any] = {"code": code, "detail": detail[:300]}
+        # A stranger's label (a public join's datacenter) and details quoting what a
+        # peer sent: one printable line each, never a forged log line or event subject.
+        who, detail = printable(label or "?", 80), printable(detail, 300)
+        log.warning("federation: refused from %s: %s: %s", who, code, detail)
+        data: dict[str, Any] = {"code": code, "detail": detail}
         if left_out:
             data["suppressed"] = left_out
-        self.emit("federation.refused", label or "?", data)
+        self.emit("federation.refused", who, data)
 
     # ---- the listener ----
 
