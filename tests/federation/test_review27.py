@@ -6,11 +6,13 @@ rollback era and the per-source refusal budget).
   future, or on the 45th of the 13th month (the regex alone let those through).
 * What a stranger sends as its datacenter label (a public join) goes to the log and to
   the ``federation.refused`` event as one printable line, never a forged log line.
+* Tenants together cannot take every slot to a dc: the admin keeps its share.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from ee.federation.master import (
     gate_rollback_eras,
 )
 from ee.federation.placement import iso
+from ee.federation.rpc import ADMIN_ASKER, DATACENTER_BUSY, MasterRpc, Outstanding, RpcError
 from ee.runtime import Registry
 
 A = "sim:dc-a"
@@ -74,3 +77,54 @@ async def test_a_strangers_label_is_one_printable_line(
     for _kind, subject, data in events:
         assert subject.isprintable() and "\n" not in subject, subject
         assert data["detail"].isprintable(), data["detail"]
+
+
+async def test_tenants_together_cannot_starve_the_admin(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    rpc = MasterRpc(lambda f: json.dumps({"id": f.id}), lambda *a: None, timeout_s=10)
+    rpc.link_up(A, send)
+    per_dc, per_asker = rpc.table.per_dc, rpc.table.per_asker
+    outcome: dict[str, list[str]] = {}
+
+    async def ask(asker: str) -> None:
+        try:
+            await rpc.ask(A, "attestation", deployment_id="d", asker=asker)
+            outcome.setdefault(asker, []).append("ok")
+        except RpcError as exc:
+            outcome.setdefault(asker, []).append(exc.code)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(per_dc // per_asker):  # a few tenants, each within its share
+            for _ in range(per_asker):
+                nursery.start_soon(ask, f"acct-{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(ask, ADMIN_ASKER)
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome.get(ADMIN_ASKER) != [DATACENTER_BUSY], "the admin was starved"
+    # (every ask times out: the stand-in dc answers nothing)
+
+
+def test_outstanding_keeps_the_admins_share() -> None:
+    """The pure table: tenants together hold at most per_dc - per_asker of a dc's slots
+    (when that leaves them more than one tenant's share); the admin keeps its own."""
+    t = Outstanding(per_dc=16, per_asker=4)
+    n = 0
+    for i in range(8):
+        for _ in range(4):
+            n += 1
+            t.start(A, str(n), f"acct-{i}")
+    assert sum(1 for rid in t.open if t.askers[rid] != ADMIN_ASKER) == 12
+    assert t.full(A, "acct-9") == DATACENTER_BUSY
+    assert t.full(A, ADMIN_ASKER) is None
+    for k in range(4):
+        assert t.start(A, f"admin-{k}", ADMIN_ASKER)
+    assert t.full(A, ADMIN_ASKER) == DATACENTER_BUSY  # per_dc, and its own share
+    # A small table (no room for a reserve beside one tenant's share) is shared as before.
+    small = Outstanding(per_dc=4, per_asker=2)
+    assert small.start(A, "1", "acct-1") and small.start(A, "2", "acct-1")
+    assert small.start(A, "3", "acct-2") and small.start(A, "4", "acct-2")
