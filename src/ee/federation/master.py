@@ -23,12 +23,12 @@ exactly as a standalone CP rebuilds from its agents.
 
 What the master keeps on disk is configuration: the CA, its signing key, the enrolled dcs
 (label, certificate fingerprint, signing key) and the signed desired-state document.
-Join tokens are in memory only (single use, short lived; a restart voids them), each as
-the SHA-256 of its secret. A join carries no secret but the token's id and a proof bound
-to the dc's label and public keys (``pki.join_body``); a good proof consumes the token
-even if the join then fails. A wrong proof does not: the id is public to whoever the dc
-talked to (a wrong ``--upstream`` included), and must not let them void the token; the
-proof is a 256-bit MAC, so trying again gains nothing.
+Join tokens are in memory only (single use, short lived; a restart voids them), by
+their public id, each with the SHA-256 of its secret. A join carries no secret but the
+token's id and a proof bound to the dc's label and public keys (``pki.join_body``); a
+good proof consumes the token even if the join then fails. A wrong proof does not: the
+id is public to whoever the dc talked to (a wrong ``--upstream`` included), and must not
+let them void the token; the proof is a 256-bit MAC, so trying again gains nothing.
 
 Placement across levels (ee.federation.placement): a master AppActor with no fitting
 direct agent calls ``place`` (``AppDeps.remote``); the chosen dc's intent goes into the
@@ -201,10 +201,11 @@ class Enrolled:
 
 @attrs.frozen
 class JoinToken:
-    """A join token as the master keeps it (in memory, by the SHA-256 of its secret)."""
+    """A join token as the master keeps it (in memory, by its public id)."""
 
     expires_at: float  # trio time
     datacenter: str | None  # None: any label not yet enrolled (a re-join needs a bound one)
+    secret_hash: str  # SHA-256 of its secret (``pki.join_secret_hash``): the proof's key
 
 
 def _lower_hex(length: int) -> Callable[[str], bool]:
@@ -624,7 +625,7 @@ class MasterFederation:
         except KeyFileError as exc:
             raise ValueError(f"federation: {exc}") from None
         self.enrolled = self._load_enrolled()
-        self.tokens: dict[str, JoinToken] = {}
+        self.tokens: dict[str, JoinToken] = {}  # by id (pki.join_token_id)
         self.desired = self._load_desired()
         self.desired_changed = trio.Event()
         self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
@@ -698,7 +699,8 @@ class MasterFederation:
         label = self.normalise(datacenter) if datacenter else None
         secret = pki.TOKEN_PREFIX + secrets.token_urlsafe(32)
         ttl = ttl_s if ttl_s is not None else self.settings.join_token_ttl_s
-        self.tokens[pki.join_secret_hash(secret)] = JoinToken(now + ttl, label)
+        secret_hash = pki.join_secret_hash(secret)
+        self.tokens[pki.join_token_id(secret_hash)] = JoinToken(now + ttl, label, secret_hash)
         self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
         pin = self.pin()
         return {"token": pki.join_token_text(secret, pin), "pin": pin, "expires_in_s": ttl,
@@ -716,21 +718,21 @@ class MasterFederation:
         """The token *req* proves it holds, taken out (single use); JoinRefused
         ``join_token_invalid`` for an unknown id, an expired token or a wrong proof."""
         now = trio.current_time()
-        held = None
-        for h in self.tokens:  # every id compared, in constant time each
-            if hmac.compare_digest(pki.join_token_id(h), req.token_id):
-                held = h
+        # Found by its id (public: whoever the dc talked to knows it), never by a hash
+        # per live token: a stranger's join costs one lookup, however many are live.
+        held = self.tokens.get(req.token_id)
         invalid = JoinRefused("join_token_invalid", "unknown, used or expired join token, "
                               "or a proof not made with it for these keys")
         if held is None:
             raise invalid
-        if self.tokens[held].expires_at <= now:
-            del self.tokens[held]
+        if held.expires_at <= now:
+            del self.tokens[req.token_id]
             raise invalid
-        proof = pki.join_proof(held, req.datacenter, req.tls_public_key, req.signing_key)
-        if not hmac.compare_digest(proof, req.proof):
+        proof = pki.join_proof(held.secret_hash, req.datacenter, req.tls_public_key,
+                               req.signing_key)
+        if not hmac.compare_digest(proof, req.proof):  # the secret-keyed part
             raise invalid  # the token stays (module docstring)
-        return self.tokens.pop(held)  # single use, even if the rest fails
+        return self.tokens.pop(req.token_id)  # single use, even if the rest fails
 
     async def join(self, req: JoinRequest) -> dict[str, Any]:
         """Consume a join token: issue the dc's certificate and pin its keys."""
