@@ -95,7 +95,6 @@ from ee.federation.placement import (
     updated_intent,
 )
 from ee.federation.rpc import (
-    ADMIN_ASKER,
     DEFAULT_TIMEOUT_S,
     MAX_OUTSTANDING_PER_DC,
     MasterRpc,
@@ -1036,13 +1035,15 @@ class MasterFederation:
 
     # ---- asking a dc (ee.federation.rpc) ----
 
-    async def ask(self, label: str, kind: str, *, deployment_id: str | None = None,
-                  agent_id: str | None = None, args: dict[str, Any] | None = None,
-                  timeout_s: float | None = None, asker: str = ADMIN_ASKER
+    async def ask(self, label: str, kind: str, *, asker: str,
+                  deployment_id: str | None = None, agent_id: str | None = None,
+                  args: dict[str, Any] | None = None, timeout_s: float | None = None
                   ) -> dict[str, Any]:
         """The dc's answer body, or ``RpcError`` (``datacenter_unavailable`` when it is
         not linked or degraded, ``datacenter_busy``, ``too_many_asks`` of *asker*'s
-        (the account asking), ``datacenter_timeout``, its code)."""
+        (the account asking, or ``ADMIN_ASKER``; no default, so no caller counts a
+        tenant's asks against the admin's share by forgetting to say),
+        ``datacenter_timeout``, its code)."""
         cap = self.capacity.get(label)
         return await self.rpc.ask(label, kind, deployment_id=deployment_id,
                                   agent_id=agent_id, args=args, timeout_s=timeout_s,
