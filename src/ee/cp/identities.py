@@ -76,6 +76,9 @@ class IdentityBook:
         self._io = trio.Lock()
         #: VM names whose binding manifest is listed but not verified yet (see ``run``)
         self._pending: dict[str, bool] = {}
+        #: one verifier of what is pending at a time (the background one, ``views``): N
+        #: callers at once would each verify every pending binding, N times the work
+        self._settling = trio.Lock()
 
     # ---- loading -------------------------------------------------------------------
 
@@ -162,12 +165,14 @@ class IdentityBook:
 
     async def _settle_pending(self) -> None:
         """Verify every binding still pending, a batch per worker thread (never on the
-        event loop: 10,000 signatures would stall every agent's heartbeat)."""
-        while self._pending:
-            batch = list(itertools.islice(self._pending, VERIFY_BATCH))
-            for name, binding, problem in await trio.to_thread.run_sync(
-                    self._verify_names, batch):
-                self._settle(name, binding, problem)
+        event loop: 10,000 signatures would stall every agent's heartbeat). A caller that
+        finds another verifying waits for it, then has nothing left to do."""
+        async with self._settling:
+            while self._pending:
+                batch = list(itertools.islice(self._pending, VERIFY_BATCH))
+                for name, binding, problem in await trio.to_thread.run_sync(
+                        self._verify_names, batch):
+                    self._settle(name, binding, problem)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:

@@ -23,12 +23,12 @@ exactly as a standalone CP rebuilds from its agents.
 
 What the master keeps on disk is configuration: the CA, its signing key, the enrolled dcs
 (label, certificate fingerprint, signing key) and the signed desired-state document.
-Join tokens are in memory only (single use, short lived; a restart voids them), each as
-the SHA-256 of its secret. A join carries no secret but the token's id and a proof bound
-to the dc's label and public keys (``pki.join_body``); a good proof consumes the token
-even if the join then fails. A wrong proof does not: the id is public to whoever the dc
-talked to (a wrong ``--upstream`` included), and must not let them void the token; the
-proof is a 256-bit MAC, so trying again gains nothing.
+Join tokens are in memory only (single use, short lived; a restart voids them), by
+their public id, each with the SHA-256 of its secret. A join carries no secret but the
+token's id and a proof bound to the dc's label and public keys (``pki.join_body``); a
+good proof consumes the token even if the join then fails. A wrong proof does not: the
+id is public to whoever the dc talked to (a wrong ``--upstream`` included), and must not
+let them void the token; the proof is a 256-bit MAC, so trying again gains nothing.
 
 Placement across levels (ee.federation.placement): a master AppActor with no fitting
 direct agent calls ``place`` (``AppDeps.remote``); the chosen dc's intent goes into the
@@ -58,6 +58,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -94,7 +95,6 @@ from ee.federation.placement import (
     updated_intent,
 )
 from ee.federation.rpc import (
-    ADMIN_ASKER,
     DEFAULT_TIMEOUT_S,
     MAX_OUTSTANDING_PER_DC,
     MasterRpc,
@@ -141,7 +141,7 @@ from ee.protocol.signing import (
     save_private_key,
     write_signed,
 )
-from ee.protocol.strict import check
+from ee.protocol.strict import check, printable
 from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
@@ -200,10 +200,11 @@ class Enrolled:
 
 @attrs.frozen
 class JoinToken:
-    """A join token as the master keeps it (in memory, by the SHA-256 of its secret)."""
+    """A join token as the master keeps it (in memory, by its public id)."""
 
     expires_at: float  # trio time
     datacenter: str | None  # None: any label not yet enrolled (a re-join needs a bound one)
+    secret_hash: str  # SHA-256 of its secret (``pki.join_secret_hash``): the proof's key
 
 
 def _lower_hex(length: int) -> Callable[[str], bool]:
@@ -582,15 +583,24 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def gate_rollback_eras(eras: list[dict[str, Any]], version: str,
-                       update: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+                       update: Mapping[str, Any] | None,
+                       now: str | None = None) -> list[dict[str, Any]]:
     """The history of a dc-placed deployment whose dc's health gate rolled the update
     back to *version*: the last era closed, and one for *version* from then (the
     rollback's ``finished_at`` as the dc reported it; a value that is not a UTC
-    timestamp adds nothing: the dc's word is shown, never parsed loosely)."""
+    timestamp of a real date adds nothing: the dc's word is shown, never parsed
+    loosely). The dc's instant is kept within the era it closes and *now* (default:
+    the wall clock): a lying dc cannot end an era before it began or in the future."""
     at = update.get("finished_at") if update is not None else None
     if not isinstance(at, str) or not ISO_UTC.fullmatch(at) or not eras \
             or eras[-1]["version"] == version:
         return eras
+    try:
+        datetime.strptime(at, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:  # the 13th month, the 30th of February
+        return eras
+    began = str(eras[-1]["from"])  # the same fixed-width form: strings order as times
+    at = min(max(at, began), max(began, now if now is not None else iso(time.time())))
     return [*eras[:-1], {**eras[-1], "to": at}, {"version": version, "from": at, "to": None}]
 
 
@@ -614,7 +624,7 @@ class MasterFederation:
         except KeyFileError as exc:
             raise ValueError(f"federation: {exc}") from None
         self.enrolled = self._load_enrolled()
-        self.tokens: dict[str, JoinToken] = {}
+        self.tokens: dict[str, JoinToken] = {}  # by id (pki.join_token_id)
         self.desired = self._load_desired()
         self.desired_changed = trio.Event()
         self.capacity: dict[str, DcCapacity] = {}  # kept by each dc's actor
@@ -688,7 +698,8 @@ class MasterFederation:
         label = self.normalise(datacenter) if datacenter else None
         secret = pki.TOKEN_PREFIX + secrets.token_urlsafe(32)
         ttl = ttl_s if ttl_s is not None else self.settings.join_token_ttl_s
-        self.tokens[pki.join_secret_hash(secret)] = JoinToken(now + ttl, label)
+        secret_hash = pki.join_secret_hash(secret)
+        self.tokens[pki.join_token_id(secret_hash)] = JoinToken(now + ttl, label, secret_hash)
         self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
         pin = self.pin()
         return {"token": pki.join_token_text(secret, pin), "pin": pin, "expires_in_s": ttl,
@@ -706,21 +717,21 @@ class MasterFederation:
         """The token *req* proves it holds, taken out (single use); JoinRefused
         ``join_token_invalid`` for an unknown id, an expired token or a wrong proof."""
         now = trio.current_time()
-        held = None
-        for h in self.tokens:  # every id compared, in constant time each
-            if hmac.compare_digest(pki.join_token_id(h), req.token_id):
-                held = h
+        # Found by its id (public: whoever the dc talked to knows it), never by a hash
+        # per live token: a stranger's join costs one lookup, however many are live.
+        held = self.tokens.get(req.token_id)
         invalid = JoinRefused("join_token_invalid", "unknown, used or expired join token, "
                               "or a proof not made with it for these keys")
         if held is None:
             raise invalid
-        if self.tokens[held].expires_at <= now:
-            del self.tokens[held]
+        if held.expires_at <= now:
+            del self.tokens[req.token_id]
             raise invalid
-        proof = pki.join_proof(held, req.datacenter, req.tls_public_key, req.signing_key)
-        if not hmac.compare_digest(proof, req.proof):
+        proof = pki.join_proof(held.secret_hash, req.datacenter, req.tls_public_key,
+                               req.signing_key)
+        if not hmac.compare_digest(proof, req.proof):  # the secret-keyed part
             raise invalid  # the token stays (module docstring)
-        return self.tokens.pop(held)  # single use, even if the rest fails
+        return self.tokens.pop(req.token_id)  # single use, even if the rest fails
 
     async def join(self, req: JoinRequest) -> dict[str, Any]:
         """Consume a join token: issue the dc's certificate and pin its keys."""
@@ -1024,13 +1035,15 @@ class MasterFederation:
 
     # ---- asking a dc (ee.federation.rpc) ----
 
-    async def ask(self, label: str, kind: str, *, deployment_id: str | None = None,
-                  agent_id: str | None = None, args: dict[str, Any] | None = None,
-                  timeout_s: float | None = None, asker: str = ADMIN_ASKER
+    async def ask(self, label: str, kind: str, *, asker: str,
+                  deployment_id: str | None = None, agent_id: str | None = None,
+                  args: dict[str, Any] | None = None, timeout_s: float | None = None
                   ) -> dict[str, Any]:
         """The dc's answer body, or ``RpcError`` (``datacenter_unavailable`` when it is
         not linked or degraded, ``datacenter_busy``, ``too_many_asks`` of *asker*'s
-        (the account asking), ``datacenter_timeout``, its code)."""
+        (the account asking, or ``ADMIN_ASKER``; no default, so no caller counts a
+        tenant's asks against the admin's share by forgetting to say),
+        ``datacenter_timeout``, its code)."""
         cap = self.capacity.get(label)
         return await self.rpc.ask(label, kind, deployment_id=deployment_id,
                                   agent_id=agent_id, args=args, timeout_s=timeout_s,
@@ -1090,11 +1103,14 @@ class MasterFederation:
             self._suppressed[source] = self._suppressed.get(source, 0) + 1
             return
         left_out = self._suppressed.pop(source, 0)
-        log.warning("federation: refused from %s: %s: %s", label or "?", code, detail)
-        data: dict[str, Any] = {"code": code, "detail": detail[:300]}
+        # A stranger's label (a public join's datacenter) and details quoting what a
+        # peer sent: one printable line each, never a forged log line or event subject.
+        who, detail = printable(label or "?", 80), printable(detail, 300)
+        log.warning("federation: refused from %s: %s: %s", who, code, detail)
+        data: dict[str, Any] = {"code": code, "detail": detail}
         if left_out:
             data["suppressed"] = left_out
-        self.emit("federation.refused", label or "?", data)
+        self.emit("federation.refused", who, data)
 
     # ---- the listener ----
 

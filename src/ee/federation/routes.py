@@ -51,6 +51,7 @@ from ee.federation.master import (
     ReportedAgent,
 )
 from ee.federation.rpc import (
+    ADMIN_ASKER,
     ANSWER_TIMEOUT_S,
     PROOF_MISMATCH,
     RpcError,
@@ -168,7 +169,8 @@ async def agent_attestation(cp: Any, fed: MasterFederation, label: str, agent_id
         raise RpcError(404, "not_found", f"no federated datacenter {label[:80]!r}")
     reported = await _reported(fed, label, agent_id)
     nonce, args = _fresh_args(fed)
-    body = await fed.ask(label, "attestation", agent_id=agent_id, args=args)
+    body = await fed.ask(label, "attestation", agent_id=agent_id, args=args,
+                         asker=ADMIN_ASKER)
     proof = body.get("proof")
     digest = None if not isinstance(proof, dict) else await trio.to_thread.run_sync(
         proof_digest, proof)

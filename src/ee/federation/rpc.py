@@ -10,9 +10,10 @@ error for the asker (``datacenter_unavailable``), never a retry.
 Master (``MasterRpc``): every request id is opened in the ``Outstanding`` table under
 the dc it was sent to, at most ``per_dc`` at once (503 ``datacenter_busy``), and at most
 ``per_asker`` of them for one asker (an account, or the admin: 429 ``too_many_asks``), so
-one tenant polling attestation cannot keep another's logs waiting; the asker waits
-``timeout_s`` of Trio time (``datacenter_timeout``) or until the dc's link closes
-(``datacenter_unavailable``). A response is applied only when its id is open *for the
+one tenant polling attestation cannot keep another's logs waiting, and tenants together
+at most ``per_dc - per_asker`` (503 ``datacenter_busy``: the admin keeps its share); the
+asker waits ``timeout_s`` of Trio time (``datacenter_timeout``) or until the dc's link
+closes (``datacenter_unavailable``). A response is applied only when its id is open *for the
 dc whose link it came on* (``Outstanding.judge``): an id never sent to that dc is
 ``response_unknown``; an id already answered or given up on (a duplicate, a late one)
 is ``response_late``; a body over ``MAX_RESPONSE_BYTES`` is ``response_too_large``.
@@ -148,6 +149,11 @@ class Outstanding:
                  per_asker: int = MAX_OUTSTANDING_PER_ASKER) -> None:
         self.per_dc = per_dc
         self.per_asker = min(per_asker, per_dc)
+        # What tenants hold together: the admin keeps its share (an operator debugging a
+        # dc is not locked out by a few tenants polling it), when that leaves tenants
+        # more than one tenant's share; a smaller table is shared as one.
+        rest = per_dc - self.per_asker
+        self.tenants_cap = rest if rest > self.per_asker else per_dc
         self.remember = remember
         self.open: dict[str, str] = {}  # id -> dc label
         self.askers: dict[str, str] = {}  # id -> who asked
@@ -157,13 +163,20 @@ class Outstanding:
         return sum(1 for dc in self.open.values() if dc == label)
 
     def full(self, label: str, asker: str = ADMIN_ASKER) -> str | None:
-        """Why *asker* may not open one more request to *label* (``datacenter_busy``,
-        ``too_many_asks``), or None."""
+        """Why *asker* may not open one more request to *label* (``datacenter_busy``:
+        the dc's cap, or the tenants' when *asker* is one; ``too_many_asks``), or None."""
         if self.count(label) >= self.per_dc:
             return DATACENTER_BUSY
-        mine = sum(1 for rid, dc in self.open.items()
-                   if dc == label and self.askers.get(rid) == asker)
-        return TOO_MANY_ASKS if mine >= self.per_asker else None
+        mine = tenants = 0
+        for rid, dc in self.open.items():
+            if dc == label:
+                who = self.askers.get(rid)
+                mine += who == asker
+                tenants += who != ADMIN_ASKER
+        if mine >= self.per_asker:
+            return TOO_MANY_ASKS
+        return DATACENTER_BUSY if asker != ADMIN_ASKER and tenants >= self.tenants_cap \
+            else None
 
     def start(self, label: str, rid: str, asker: str = ADMIN_ASKER) -> bool:
         """Open *rid* for *label*; False when ``full`` or *rid* was seen."""
@@ -237,7 +250,8 @@ class MasterRpc:
                            label)
         if full is not None or not self.table.start(label, rid, asker):
             raise RpcError(503, DATACENTER_BUSY, f"too many requests to datacenter {label} "
-                           f"are outstanding (at most {self.table.per_dc})", label)
+                           f"are outstanding (at most {self.table.per_dc}, "
+                           f"{self.table.tenants_cap} of them tenants')", label)
         waiter = self._waiters[rid] = _Waiter(send)
         frame = Request("request", rid, kind, deployment_id, agent_id, dict(args or {}))
         try:
