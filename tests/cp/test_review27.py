@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import trio
 import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -107,9 +106,6 @@ async def test_a_name_released_during_a_views_batch_stays_released(tmp_path: Pat
 # that answers half its requests 5xx from ever being stepped back.
 
 
-@pytest.mark.xfail(strict=True, reason="review27: a failed baseline scrape clears the new "
-                   "stack's error_rate breach (fix in ee.router.guard.Guard.observe: "
-                   "failed scrapes count as 5xx for the new stack only)")
 async def test_a_failing_baseline_scrape_does_not_reset_the_breach_clock(
         autojump_clock: trio.testing.MockClock) -> None:
     passes = [0]

@@ -76,8 +76,12 @@ class Guard:
         triggers = triggers_from_json(config.extra.get("guardrails"))
         self.evaluator = attrs.evolve(self.evaluator, triggers=triggers)
         scraped = {s: await scrape(self.client, self.metrics_urls[s]) for s in STACKS}
+        # A failed scrape counts as the stack's 5xx only for the new stack (a dead new
+        # stack is not unobserved); the baseline's is no data: counted as its 5xx, one
+        # blip of the old stack's /metrics cleared the new stack's breach clock.
         intervals = {s: stack_interval(None if seen is None else seen[s], scraped[s][0],
-                                       self.last.get(s), scraped[s][1]) for s in STACKS}
+                                       self.last.get(s),
+                                       scraped[s][1] if s == "new" else 0) for s in STACKS}
         for s in STACKS:
             samples = scraped[s][0]
             if samples is not None:
