@@ -103,6 +103,10 @@ def issue_bundle(args: argparse.Namespace) -> int:
     except CtlError as exc:
         print(f"eectl federation issue: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (pki.PkiError, KeyError, TypeError, AttributeError) as exc:  # a bad token answer
+        print(f"eectl federation issue: the master's join token does not check: {exc}",
+              file=sys.stderr)
+        return 1
     try:  # what the dc will check, checked here first
         pki.check_answer(pin=token["pin"], label=req.datacenter, ca_pem=answer["ca"],
                          master_key_hex=answer["master_key"],
