@@ -86,3 +86,40 @@ async def test_a_claim_before_its_turn_verifies_the_binding_first(tmp_path: Path
             book.request_stop()
     assert not (tmp_path / "manifests" / "bindings").joinpath(
         book.manifests.path("bindings", "vm-00010").name).exists()
+
+
+async def test_a_registration_verifies_its_binding_off_the_loop(tmp_path: Path) -> None:
+    """``prepare``: the admission's worker thread verifies a pending binding and the
+    claim that follows finds it settled (after a restart every returning agent's binding
+    is pending: ~13 % of the CP's restart time went into verifying them on the loop)."""
+    book, _events, keys = _book(tmp_path, verify_after_s=3600)
+    name = "vm-00042"
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(book.run)
+            work = book.prepare(name)
+            assert work is not None and name not in book.bindings
+            take_in = await trio.to_thread.run_sync(work)
+            assert take_in is not None
+            take_in()
+            assert book.bindings[name].public_key == keys[name]
+            assert book.prepare(name) is None  # settled: nothing left to do
+            refusal = book.claim(_identity(name, os.urandom(32)), 2.0)  # another key
+            assert refusal is not None and refusal.code == "KEY_CHANGED"
+            # the forged one, prepared: held, as when verified on the spot
+            work = book.prepare("vm-00003")
+            assert work is not None
+            take_in = await trio.to_thread.run_sync(work)
+            assert take_in is not None
+            take_in()
+            assert book.bindings["vm-00003"].held
+            # a name released between the thread's read and its take-in stays released
+            victim = "vm-00050"
+            work = book.prepare(victim)
+            assert work is not None
+            take_in = await trio.to_thread.run_sync(work)
+            assert await book.release(victim) is not None
+            assert take_in is not None
+            take_in()
+            assert victim not in book.bindings
+            book.request_stop()

@@ -254,6 +254,8 @@ class AgentPlane:
         metrics: Any,
         attest_limiter: trio.CapacityLimiter,
         claim_name: Callable[[Identity, float], Refusal | None] = lambda _i, _t: None,
+        prepare_name: Callable[[str], Callable[[], Callable[[], None] | None] | None]
+        = lambda _n: None,
         directory: AgentDirectory | None = None,
         prover: EnvelopeProver | None = None,
         tunnels: TunnelProvider | None = None,
@@ -272,6 +274,9 @@ class AgentPlane:
         self.metrics = metrics
         self.attest_limiter = attest_limiter
         self.claim_name = claim_name  # binds a VM name to its key, atomically; or refuses
+        # verifies a name's stored binding in the admission's worker thread, ahead of
+        # the claim (after a restart, every returning agent's binding is unverified)
+        self.prepare_name = prepare_name
         # Heartbeats of ready agents are recorded here directly (see _beat_inline).
         self.directory = directory
         self.prover = prover  # the CP's write key and quote (None: the CP proves nothing)
@@ -543,11 +548,18 @@ class AgentPlane:
         known = self.known.get(register.vm_name)
         started = time.perf_counter()
         now_unix = time.time()
+        prepared = self.prepare_name(register.vm_name)
         try:
             judge = self.judge()
-            admission = await trio.to_thread.run_sync(
-                lambda: judge.admit(register, nonce, now=now_unix, known=known),
-                limiter=self.attest_limiter)
+
+            def work() -> tuple[Admission, Callable[[], None] | None]:
+                take_in = prepared() if prepared is not None else None
+                return judge.admit(register, nonce, now=now_unix, known=known), take_in
+
+            admission, take_in = await trio.to_thread.run_sync(work,
+                                                               limiter=self.attest_limiter)
+            if take_in is not None:
+                take_in()
         except Exception as exc:
             # Boundary 1: whatever the verifier raised, this peer is refused, not crashed.
             self._fault("verify", f"vm {register.vm_name}", exc)

@@ -163,6 +163,27 @@ class IdentityBook:
         await trio.sleep(self.verify_after_s)
         await self._settle_pending()
 
+    def prepare(self, name: str) -> Callable[[], Callable[[], None] | None] | None:
+        """For a registration of *name* whose binding is still pending: work to run in
+        the registration's worker thread (read and verify the manifest), returning what
+        takes it in on the event loop (None when it could not be read: ``claim`` then
+        verifies it on the spot, as before). None when nothing is pending. After a
+        restart every returning agent's name is pending; verified here, off the loop,
+        ``claim`` finds it settled."""
+        if name not in self._pending:
+            return None
+        path = self.manifests.path("bindings", name)
+
+        def work() -> Callable[[], None] | None:
+            try:
+                binding, problem = self._verify(path, name)
+            except Exception:  # left to claim, which verifies it on the loop
+                log.exception("binding of %s: verifying it ahead of its claim", name)
+                return None
+            return lambda: self._settle(name, binding, problem)
+
+        return work
+
     async def _settle_pending(self) -> None:
         """Verify every binding still pending, a batch per worker thread (never on the
         event loop: 10,000 signatures would stall every agent's heartbeat). A caller that

@@ -345,6 +345,7 @@ class ControlPlane:
             registry=self.registry, agents=self.agents, datacenters=self.datacenters,
             judge=self.judge, agent_deps=self.agent_deps, events=self.events,
             claim_name=lambda identity, now: self.identities.claim(identity, now),
+            prepare_name=lambda name: self.identities.prepare(name),
             directory=self.directory,
             settings=PlaneSettings(max_frame_bytes=s.max_frame_bytes, nonce_ttl_s=s.nonce_ttl_s,
                                    heartbeat_interval_s=s.heartbeat_interval_s,
