@@ -1064,6 +1064,17 @@ class MasterFederation:
                               asker=app_key.split(".", 1)[0])
         return {**body, "datacenter": label}
 
+    def preflight(self, replicas: int, constraints: Constraints) -> dict[str, Any] | None:
+        """``place`` without placing: the datacenter it would choose now, or each dc's
+        reason code (None: no dc enrolled)."""
+        if not self.enrolled:
+            return None
+        target = choose_target(Request(deployment_id=None, replicas=replicas,
+                                       constraints=constraints), self.capacity.values())
+        if isinstance(target, Datacenter):
+            return {"datacenter": target.label}
+        return {"datacenters": dict(target.codes)}
+
     # ---- supervision ----
 
     async def _populate(self, _: Supervisor) -> None:
