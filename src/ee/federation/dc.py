@@ -100,6 +100,7 @@ from ee.federation.trust import (
     closed_intents,
     read_policy,
     release_sync,
+    unknown_fields,
     without,
 )
 from ee.federation.wire import (
@@ -477,6 +478,7 @@ class DcFederation:
     #: the spool, so a restart runs the same.
     closed: frozenset[str]
     from_master: frozenset[str]
+    release_refusals: frozenset[tuple[str, str, str]] = frozenset()  # said already
 
     def _load_snapshot(self) -> Snapshot:
         self.closed = frozenset(json.loads(self.spool.get_meta("closed_intents") or "[]"))
@@ -514,8 +516,12 @@ class DcFederation:
         # Releases first: a crash before the snapshot is kept applies them again (each
         # step is idempotent) when the master offers this version once more.
         await self._apply_releases(frame.desired.get("releases"))
+        said = frame.desired.get("policy") or {}
         try:
-            policy = read_policy(frame.desired.get("policy") or {})
+            policy = read_policy(said, strict=False)
+            if unknown_fields(said):
+                log.warning("federation: policy fields this dc does not know (skipped): "
+                            "%s", ", ".join(unknown_fields(said))[:300])
         except PolicyError as exc:  # a master of another version: its defaults here
             self.refuse(BAD_POLICY, f"{exc} (the defaults apply)")
             policy = FederationPolicy()
@@ -551,8 +557,10 @@ class DcFederation:
             return
         offered, refused = await trio.to_thread.run_sync(
             check_carried, carried, hooks.keys, hooks.node_sizes)
-        for r in refused:
-            self.refuse(r.code, f"{r.what}: {r.reason}")
+        said = frozenset((r.what, r.code, r.reason) for r in refused)
+        for what, code, reason in sorted(said - self.release_refusals):
+            self.refuse(code, f"{what}: {reason}")  # once while the master carries it
+        self.release_refusals = said
         sync = release_sync(offered, set(hooks.held()), self.from_master)
         local = set()
         for release in sync.admit:

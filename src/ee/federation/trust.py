@@ -90,8 +90,15 @@ class FederationPolicy:
 _FIELDS: Final = {f.name: f.type for f in attrs.fields(FederationPolicy)}
 
 
-def read_policy(doc: object) -> FederationPolicy:
-    """*doc* as a policy, or ``PolicyError`` naming the field (unknown keys included)."""
+def unknown_fields(doc: Mapping[str, Any]) -> list[str]:
+    return sorted(str(k)[:60] for k in doc if k not in _FIELDS)
+
+
+def read_policy(doc: object, *, strict: bool = True) -> FederationPolicy:
+    """*doc* as a policy, or ``PolicyError`` naming the field: an unknown key too when
+    *strict* (the operator's input at the master). A dc reads the master's signed
+    policy with *strict* False: a field of a newer master is skipped (logged), never a
+    reason to refuse the snapshot; a known field of the wrong type still is."""
     if not isinstance(doc, Mapping):
         raise PolicyError("policy", "a JSON object")
     try:
@@ -100,10 +107,9 @@ def read_policy(doc: object) -> FederationPolicy:
         raise PolicyError("policy", "not JSON") from None
     if size > MAX_POLICY_BYTES:
         raise PolicyError("policy", f"{size} bytes, at most {MAX_POLICY_BYTES}")
-    for key in sorted(map(str, doc)):
-        if key not in _FIELDS:
-            raise PolicyError(f"policy.{key[:60]}", "unknown field (known: "
-                              f"{', '.join(sorted(_FIELDS))})")
+    for key in unknown_fields(doc) if strict else ():
+        raise PolicyError(f"policy.{key}", "unknown field (known: "
+                          f"{', '.join(sorted(_FIELDS))})")
     value = doc.get("accept_deployments", True)
     if not isinstance(value, bool):
         raise PolicyError("policy.accept_deployments", "true or false")
