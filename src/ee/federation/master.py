@@ -785,12 +785,13 @@ class MasterFederation:
             if list(self.desired.desired.get("releases") or []) == bodies:
                 return None
             desired = {**self.desired.desired, "releases": bodies}
-            error = carried_error(bodies)
-            if error is None:
-                size = await trio.to_thread.run_sync(
-                    lambda: len(json.dumps(desired, separators=(",", ":"))))
-                if size > MAX_SNAPSHOT_BYTES:
-                    error = f"the desired state would be over {MAX_SNAPSHOT_BYTES} bytes"
+
+            def judge() -> str | None:  # megabytes of JSON: off the event loop
+                if len(json.dumps(desired, separators=(",", ":"))) > MAX_SNAPSHOT_BYTES:
+                    return f"the desired state would be over {MAX_SNAPSHOT_BYTES} bytes"
+                return carried_error(bodies)
+
+            error = await trio.to_thread.run_sync(judge)
             if error is not None:
                 log.error("federation: admitted releases not carried to the dcs: %s", error)
                 self.emit("federation.refused", "releases",
