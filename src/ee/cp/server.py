@@ -110,6 +110,7 @@ from ee.federation.dc import (
 from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.reconcile import LocalApps
 from ee.federation.rpc import DcSources
+from ee.federation.trust import ReleaseHooks, carried_releases
 from ee.federation.wire import WRONG_DATACENTER
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
@@ -375,6 +376,10 @@ class ControlPlane:
             emit=self.events.emit, sizes=config.vocabulary.sizes,
             cp_name=f"{boot.cluster_id}/{os.getpid()}"))
         self.federation = self._make_federation()
+        if isinstance(self.federation, DcFederation):  # carried releases: admitted here
+            self.federation.release_hooks = ReleaseHooks(
+                self.bootstrap.release_keys, tuple(config.vocabulary.sizes),
+                lambda: self.releases, self.admit_release, self.withdraw_release)
         if self.federation is not None:
             self.plane.claim_name = self._federated_claim(self.plane.claim_name)
         self.app = make_app(self)
@@ -553,6 +558,7 @@ class ControlPlane:
                           "measurements": release.measurements.to_json()})
         log.info("release %s %s (%s) admitted for node size %s", release.name,
                  release.version, release.commit[:12], release.node_size)
+        await self._carry_releases()
         return True
 
     async def withdraw_release(self, ident: str) -> AdmittedRelease | None:
@@ -566,7 +572,14 @@ class ControlPlane:
             self._policy = policy_with(self.bootstrap.policy, self.releases.values())
         self.events.emit("release.withdrawn", release.node_size,
                          {"id": ident, "name": release.name, "version": release.version})
+        await self._carry_releases()
         return release
+
+    async def _carry_releases(self) -> None:
+        """A master carries its admitted releases to its dcs (ee.federation.trust)."""
+        if isinstance(self.federation, MasterFederation):
+            async with self._release_lock:  # the set as it is now, one publish at a time
+                await self.federation.set_releases(carried_releases(self.releases.values()))
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
@@ -852,6 +865,7 @@ class ControlPlane:
         self._preloaded = dict(desired)
         if isinstance(self.federation, MasterFederation):  # deployments placed in dcs
             self.deployment_index.update(self.federation.placed_apps())
+        await self._carry_releases()  # the kept releases that still verify, at start
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key
