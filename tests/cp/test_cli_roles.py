@@ -8,6 +8,8 @@ started a standalone CP, and a taken port ended in a 60-line exception-group tra
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -87,3 +89,18 @@ def test_a_port_lost_after_the_check_is_named_too() -> None:
         "--agent-listen 127.0.0.1:8001: address already in use"
     other = StartFailed("cp", "records", OSError(28, "No space left on device"))
     assert start_failure(other, config) is None  # not a listener: the traceback stays
+
+
+def test_the_federation_start_up_line_names_host_and_port(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*CP, "--dev", "--data-dir", str(tmp_path / "cp"), "--role", "master",
+         "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0",
+         "--federation-listen", "127.0.0.1:0", "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert re.fullmatch(r"ee-cp: federation \(mTLS\) on 127\.0\.0\.1:[1-9]\d*\n", line), line
