@@ -373,9 +373,14 @@ async def _metrics(cp: Cp) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, nargs="+", default=[1000, 10000])
-    p.add_argument("--heartbeat", type=float, default=10.0)
-    p.add_argument("--hold", type=float, default=30.0)
+    p.add_argument("--agents", type=int, nargs="+", default=[1000, 10000], metavar="N",
+                   help="agent counts to run, one CP run each (default: %(default)s)")
+    p.add_argument("--heartbeat", type=float, default=10.0, metavar="SECONDS",
+                   help="the CP's heartbeat interval (stale after 3x, offline after 9x; "
+                        "default: %(default)s)")
+    p.add_argument("--hold", type=float, default=30.0, metavar="SECONDS",
+                   help="steady-state window measured once every agent is held and has "
+                        "heartbeated (default: %(default)s)")
     p.add_argument("--tracemalloc", type=Path, help="write the CP's memory profile here")
     p.add_argument("--py-spy", type=Path, help="directory for py-spy profiles of the CP")
     p.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
