@@ -186,6 +186,13 @@ def test_diagnostics() -> None:
         "  ag-3   no heartbeat [STALE]",
         "shortfall: 1",
     ]
+    # at a master: why no federated datacenter takes it, or the one it would go to
+    at_master = {**placement, "datacenters": {"sim:dc-b": "DATACENTER_DEGRADED",
+                                              "sim:dc-a": "NO_CAPACITY"}}
+    assert "datacenters: sim:dc-a NO_CAPACITY, sim:dc-b DATACENTER_DEGRADED" in \
+        diagnostics_text(at_master).splitlines()
+    assert "datacenter: sim:dc-a" in diagnostics_text(
+        {**placement, "placeable": True, "datacenter": "sim:dc-a"}).splitlines()
 
 
 DEP = {"deployment_id": "dep-1", "app": "web", "version": "1", "state": "starting",

@@ -197,6 +197,10 @@ def diagnostics_text(diag: Json) -> str:
                 reasons = [reasons]
             rows.append((r.get("agent_id"), "; ".join(_reason_text(x) for x in reasons)))
         lines.append(table(("AGENT", "REASONS"), rows, indent="  "))
+    datacenters = diag.get("datacenters")
+    if isinstance(datacenters, Mapping) and datacenters:  # at a master: why no dc takes it
+        lines.append("datacenters: " + ", ".join(
+            f"{cell(label)} {cell(code)}" for label, code in sorted(datacenters.items())))
     for key, value in diag.items():
         if key not in ("placeable", "candidates", "rejected") and not isinstance(
                 value, Mapping | list):

@@ -3,7 +3,7 @@
     eectl federation join-token --cp MASTER_URL --token ADMIN [--datacenter LABEL] [--ttl-s S]
     eectl federation issue --cp MASTER_URL --token ADMIN --request IN --out BUNDLE
     eectl federation status --cp URL --token ADMIN
-    eectl federation desired --cp MASTER_URL --token ADMIN --policy '{"max_replicas": 3}'
+    eectl federation desired --cp MASTER_URL --token ADMIN --policy '{"accept_deployments": false}'
 
 ``join-token`` prints a single-use, short-lived token on stdout (nothing else), for
 ``ee-cp --role dc --upstream MASTER_URL --datacenter LABEL --join-token TOKEN``. The
