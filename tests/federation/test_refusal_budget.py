@@ -19,13 +19,21 @@ from ee.federation.master import (
 )
 from ee.runtime import Registry
 
+Emitted = list[tuple[str, str, dict[str, Any]]]
+
+
+def recording_master(tmp: Path) -> tuple[MasterFederation, Emitted]:
+    """A master's federation (no processes) and the events it emits."""
+    events: Emitted = []
+    fed = MasterFederation(tmp, "c1", FederationSettings(), registry=Registry(),
+                           emit=lambda kind, subject, data: events.append((kind, subject, data)),
+                           metrics=CollectorRegistry())
+    return fed, events
+
 
 async def test_one_dcs_flood_suppresses_only_its_own_refusals(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    events: list[tuple[str, str, dict[str, Any]]] = []
-    fed = MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
-                           emit=lambda kind, subject, data: events.append((kind, subject, data)),
-                           metrics=CollectorRegistry())
+    fed, events = recording_master(tmp_path)
     for i in range(1000):
         fed.refuse("sim:dc-a", "bad_frame", f"frame {i}")
     flood = [e for e in events if e[1] == "sim:dc-a"]

@@ -36,6 +36,8 @@ from ee.federation.rpc import ADMIN_ASKER, DATACENTER_BUSY, MasterRpc, Outstandi
 from ee.protocol.signing import generate_signing_key, public_key_bytes
 from ee.runtime import Registry
 
+from .test_refusal_budget import recording_master
+
 A = "sim:dc-a"
 ROLLED_BACK = {"state": "rolled_back", "reason": "update", "from_version": "1",
                "to_version": "2", "started_at": "2026-12-01T10:00:00Z",
@@ -72,10 +74,7 @@ def test_a_dcs_finished_at_cannot_reorder_the_history() -> None:
 
 async def test_a_strangers_label_is_one_printable_line(
         tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
-    events: list[tuple[str, str, dict[str, Any]]] = []
-    fed = MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
-                           emit=lambda kind, subject, data: events.append((kind, subject, data)),
-                           metrics=CollectorRegistry())
+    fed, events = recording_master(tmp_path)
     forged = "dc-x\n2026-12-01 10:00:00 CRITICAL ee.cp: admin token rotated\x1b[2J"
     fed.refuse_stranger(forged[:80], "join_token_invalid", f"about {forged}")
     fed.refuse(forged[:80], "bad_frame", f"frame {forged}")
