@@ -147,6 +147,9 @@ def local_state(view: Mapping[str, Any] | None, directory: AgentDirectory | None
                          "compose_hash": r.get("compose_hash"),
                          "vm_name": ident.vm_name if ident is not None else None,
                          "node_size": ident.node_size if ident is not None else None,
+                         # the agent's HTTP API as it registered here (a direct
+                         # deployment's replica url)
+                         "url": ident.url if ident is not None else None,
                          "error": None if error is None else str(error)[:MAX_REPORT_TEXT]})
     failure = view.get("failure")
     return {"version": view.get("version"), "replicas": replicas,
