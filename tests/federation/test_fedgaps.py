@@ -7,24 +7,38 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry
 from tests.ctl.ctlkit import eectl
 from trio_websocket import ConnectionTimeout
 
-from ee.federation.dc import Downs, next_down, why_down
+from ee.actors.app import GetDeployment
+from ee.cp.readiness import Quorum
+from ee.cp.server import ControlPlane, CpConfig, prepare
+from ee.federation.dc import DcFederation, Downs, enroll, next_down, why_down
+from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.placement import (
+    UNPLACED_REPLICAS,
+    DcCapacity,
     Outcome,
     ReportedReplica,
     check_outcome,
+    intent,
     reported_url,
     shown_replicas,
 )
+from ee.federation.reconcile import stuck_for, unplaced
 from ee.federation.wire import HELLO_REQUIRED, WireError
-from ee.protocol.messages import Register
+from ee.placement import Constraints
+from ee.protocol.messages import DeployStatus, Register
+from ee.runtime import Registry
 
 from .fedkit import (  # fedkit's SimAgent: it puts tools/loadgen on the path
     CpProc,
@@ -39,6 +53,7 @@ from .fedkit import (  # fedkit's SimAgent: it puts tools/loadgen on the path
 from .test_placement import _tenant
 
 A, B = "sim:dc-a", "sim:dc-b"
+COMPOSE = "services:\n  web:\n    image: nginx\n"
 
 
 @attrs.define
@@ -222,3 +237,150 @@ async def test_rejoin_warns_and_the_cut_off_dc_says_why(tmp_path: Path) -> None:
         finally:
             for cp in (a, a2, m):
                 await cp.stop()
+
+
+# ---- 4. a deployment stuck in its dc goes to another ------------------------------------
+
+def test_stuck_is_a_shortfall_of_agents_that_lasts() -> None:
+    def view(state: str, *replicas: str, wanted: int = 1,
+             desired: str = "running") -> dict[str, Any]:
+        return {"state": state, "desired": desired, "replicas_wanted": wanted,
+                "replicas": [{"agent_id": f"ag-{i}", "state": r}
+                             for i, r in enumerate(replicas)]}
+
+    assert unplaced(None) == 0
+    assert unplaced(view("placing", "failed")) == 1  # its replica failed, none re-placed
+    assert unplaced(view("placing", wanted=2)) == 2
+    assert unplaced(view("placing", "running", "failed", wanted=2)) == 1
+    for merely in (view("starting", "pending"), view("starting", "pulling", "starting",
+                                                     wanted=2),
+                   view("placing", "pending"), view("running", "running"),
+                   view("failed", "failed"), view("stopping", desired="stopped")):
+        assert unplaced(merely) == 0, merely  # starting, running, failed, stopped: not stuck
+    assert stuck_for(None, 0, 10.0, 60.0) == (None, False)
+    assert stuck_for(None, 1, 10.0, 60.0) == (10.0, False)  # the clock starts
+    assert stuck_for(10.0, 1, 69.0, 60.0) == (10.0, False)
+    assert stuck_for(10.0, 1, 70.0, 60.0) == (10.0, True)
+    assert stuck_for(10.0, 0, 71.0, 60.0) == (None, False)  # placed again: it restarts
+
+
+@asynccontextmanager
+async def dc_here(data_dir: Path, m: CpProc, label: str) -> AsyncIterator[ControlPlane]:
+    """A dc ControlPlane in this process (the test sets its reconciler's bound)."""
+    token = await join_token(m, label)
+    await trio.to_thread.run_sync(partial(enroll, data_dir, m.http, label, token, dev=True))
+    config = CpConfig(data_dir=data_dir, dev=True, listen="127.0.0.1:0",
+                      agent_listen="127.0.0.1:0", role="dc", upstream=m.http,
+                      datacenter=label, quorum=Quorum(settle_timeout_s=1))
+    boot, _ = prepare(config)
+    cp = ControlPlane(config, boot)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cp.run)
+        try:
+            yield cp
+        finally:
+            cp.request_stop()
+
+
+async def test_deployment_stuck_in_its_dc_is_rerouted(tmp_path: Path) -> None:
+    m = master(tmp_path)
+    b = dc(tmp_path, m, B, "dc-b")
+    with trio.fail_after(150):
+        await m.start()
+        tenant = None
+        try:
+            async with dc_here(tmp_path / "dc-a", m, A) as a, \
+                    trio.open_nursery() as nursery:
+                assert isinstance(a.federation, DcFederation)
+                assert a.federation.reconciler is not None
+                a.federation.reconciler.stuck_after_s = 3.0
+                await b.start("--join-token", await join_token(m, B))
+                sim_a = SimAgent(url=f"ws://127.0.0.1:{a.plane.bound_port}"
+                                     "/api/v2/agents/connect",
+                                 vm_name="dc-a-0", datacenter=A, td=sim_td())
+                sim_b = _agent(b, "dc-b-0", B, None)
+                for sim in (sim_a, sim_b):
+                    await nursery.start(sim.run_forever)
+
+                async def ready() -> bool:
+                    view = await m.datacenters()
+                    return all(view.get(x, {}).get("agents", {}).get("online") == 1
+                               and not view[x]["degraded"] for x in (A, B))
+
+                await eventually(ready, timeout=30, what="both dcs online at the master")
+                tenant = await _tenant(m)
+                r = await tenant.post("/api/v2/apps/web/deployments",
+                                      json={"version": "1", "replicas": 1})
+                assert r.status_code == 202, r.text
+                dep = r.json()["deployment_id"]
+
+                async def running_in(label: str) -> dict[str, Any] | None:
+                    v: dict[str, Any] = (await tenant.get(f"/api/v2/deployments/{dep}")
+                                         ).json()
+                    return v if v["state"] == "running" \
+                        and v["federated"]["datacenter"] == label else None
+
+                # Equal room: dc-a (by label). It runs on dc-a's only agent.
+                await eventually(lambda: running_in(A), timeout=30, what="running in dc-a")
+                assert dep in sim_a.deployments
+                # Its replica crashes; dc-a has no other agent: the local deployment is
+                # back in placing ("cannot place 1 of 1 replica"), stuck.
+                await sim_a.send(DeployStatus(deployment_id=dep, state="failed",
+                                              error="simulated crash"))
+
+                async def stuck_at_a() -> dict[str, Any] | None:
+                    v: dict[str, Any] = (await tenant.get(f"/api/v2/deployments/{dep}")
+                                         ).json()
+                    return v if v["federated"]["datacenter"] == A \
+                        and v["state"] == "placing" else None
+
+                view = await eventually(stuck_at_a, timeout=20, what="stuck in dc-a")
+                assert "cannot place 1 of 1 replica" in view["error"]
+                # After the bound, dc-a says unsatisfiable: the master moves it to dc-b.
+                view = await eventually(lambda: running_in(B), timeout=40,
+                                        what="re-routed to dc-b and running")
+                assert view["federated"]["tried"] == [A]
+                assert view["federated"]["reasons"] == {A: {"UNPLACED_REPLICAS": 1}}
+                assert dep in sim_b.deployments
+
+                async def stopped_in_a() -> bool:  # no intent there: dc-a stops its own
+                    key = a.deployment_index[dep]
+                    got = await a.registry.ref(f"app/{key}").ask(GetDeployment(dep),
+                                                                   timeout=5)
+                    return got is not None and got["state"] == "stopped"
+
+                await eventually(stopped_in_a, timeout=20, what="dc-a let it go")
+                nursery.cancel_scope.cancel()
+        finally:
+            if tenant is not None:
+                await tenant.aclose()
+            for cp in (b, m):
+                await cp.stop()
+
+
+async def test_master_keeps_a_stuck_deployment_when_no_other_dc_fits(tmp_path: Path) -> None:
+    """A dc's stuck report moves the intent only when another dc fits; else it stays
+    (its dc keeps trying), where a first-placement refusal fails it at once."""
+    events: list[tuple[str, str, Any]] = []
+    fed = MasterFederation(tmp_path, "c1", FederationSettings(), registry=Registry(),
+                           emit=lambda *e: events.append(e), metrics=CollectorRegistry())
+    version = {"version": "1", "compose_hash": "h", "compose": COMPOSE, "expose_port": 80,
+               "health_path": "/"}
+    fed.capacity = {A: DcCapacity(A, False, {}), B: DcCapacity(B, False, {})}  # no room
+    for dep in ("stuck", "never"):
+        await fed._set_intent(dep, intent("acct.web", version, 1, Constraints(), A))
+    await fed.placement_reported(A, Outcome("stuck", "unsatisfiable",
+                                            {UNPLACED_REPLICAS: 1}, 0))
+    await fed.placement_reported(A, Outcome("never", "unsatisfiable", {"NO_GPU": 1}, 0))
+    kept, failed = fed._intents()["stuck"], fed._intents()["never"]
+    assert (kept["datacenter"], kept["desired"], kept.get("unplaced")) == (A, "running", None)
+    assert failed["desired"] == "stopped" and failed["unplaced"] == {
+        A: "DATACENTER_UNSATISFIABLE", B: "NO_CAPACITY"}
+    assert [e[2].get("kept_in") for e in events if e[0] == "federation.unplaceable"] == [
+        A, None]
+    # Room in dc-b now: the next stuck report moves it there.
+    fed.capacity[B] = DcCapacity(B, False, {"standard": 1})
+    await fed.placement_reported(A, Outcome("stuck", "unsatisfiable",
+                                            {UNPLACED_REPLICAS: 1}, 0))
+    moved = fed._intents()["stuck"]
+    assert (moved["datacenter"], moved["tried"], moved["desired"]) == (B, [A], "running")

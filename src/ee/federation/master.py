@@ -77,6 +77,7 @@ from ee.federation import pki
 from ee.federation.metrics import DcStatsCollector, FederationMetrics
 from ee.federation.placement import (
     FOREIGN_DEPLOYMENT,
+    UNPLACED_REPLICAS,
     Datacenter,
     DcCapacity,
     Outcome,
@@ -898,6 +899,13 @@ class MasterFederation:
                     "reasons": said})
                 self.emit("federation.rerouted", outcome.deployment_id,
                           {"from": label, "to": target.label})
+            elif UNPLACED_REPLICAS in outcome.reasons:
+                # Placed there once, stuck now, and no other dc fits: it stays (its dc
+                # keeps trying, and fails it after its own placing timeout, as a direct
+                # deployment would be), rather than failing at once.
+                self.emit("federation.unplaceable", outcome.deployment_id,
+                          {"datacenters": dict(target.codes), "reasons": said,
+                           "kept_in": label})
             else:
                 stopped = {**doc, "tried": sorted(tried), "desired": "stopped",
                            "reasons": said, "unplaced": dict(target.codes)}

@@ -51,6 +51,11 @@ DC_NOT_ALLOWED: Final = "DATACENTER_NOT_ALLOWED"
 DC_UNSATISFIABLE: Final = "DATACENTER_UNSATISFIABLE"  # the dc said so (its codes follow)
 # A dc reporting on a deployment the master did not give it (event + refusal).
 FOREIGN_DEPLOYMENT: Final = "foreign_deployment"
+# A dc's ``unsatisfiable`` for a deployment it placed, then could not keep placed (a
+# replica failed and no agent there fits any more) for ``reconcile.STUCK_AFTER_S``:
+# the count of replicas it cannot place. The master re-routes it when another dc fits,
+# else leaves it there (its dc keeps trying, as a direct deployment would).
+UNPLACED_REPLICAS: Final = "UNPLACED_REPLICAS"
 
 
 @attrs.frozen
