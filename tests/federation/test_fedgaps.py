@@ -162,7 +162,8 @@ def test_why_down_names_the_failure_and_repeats_are_rate_limited() -> None:
     assert why_down(WireError(HELLO_REQUIRED, "send a hello")) == \
         "refused: hello_required: send a hello"
     assert why_down(ConnectionRefusedError(111, "x\n2026 INFO forged"), "seq") == \
-        "ConnectionRefusedError: [Errno 111] x\\n2026 INFO forged; the master refused: seq"
+        ("ConnectionRefusedError: [Errno 111] x\\n2026 INFO forged; earlier on that "
+         "link the master refused: seq")
     d, line = next_down(Downs(), "A", 0.0)
     assert line == (logging.WARNING, "A") and d.failures == 1
     for t in (1.0, 5.0, 59.0):  # the same reason within the minute: no line

@@ -33,7 +33,10 @@ with the full picture follows the spooled ones, so a master that lost its memory
 converges. The uplink sends from the first unacknowledged sequence, the master acks
 (the spool forgets) or asks for a replay from a sequence (the uplink rewinds). While the
 master is away nothing is lost: the spool grows and is sent when the link returns; the
-dc keeps admitting, re-attesting and reconciling on its own meanwhile.
+dc keeps admitting, re-attesting and reconciling on its own meanwhile. Each failure of
+the uplink says why (``why_down``: type, message or cause, the master's refusal on that
+link); a new reason is logged at WARNING at once, the same one at most once a minute
+with a count (``next_down``), and ``status`` keeps the last one and when.
 
 Down: a snapshot is applied only when its signature verifies with the pinned master key
 and its version is newer than the one running; it is kept signed in the spool (so a
@@ -430,7 +433,7 @@ def why_down(exc: BaseException, refused: str | None = None) -> str:
             text += (f" ({what}; if it goes on, is this dc's certificate still pinned at "
                      "the master? a join of this label elsewhere replaces it)")
     if refused is not None:
-        text += f"; the master refused: {refused}"
+        text += f"; earlier on that link the master refused: {refused}"
     return printable(text, 300)
 
 
