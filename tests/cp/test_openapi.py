@@ -481,6 +481,22 @@ def _labels(spec: Path) -> set[str]:
     return {r.ok().label for r in schema.get_all_operations()}  # .ok() raises if invalid
 
 
+def _spec_errors(spec: Path) -> list[str]:
+    from openapi_spec_validator import OpenAPIV30SpecValidator
+
+    document = yaml.safe_load(spec.read_text())
+    assert document["openapi"].startswith("3.0."), document["openapi"]
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:300]}"
+            for e in OpenAPIV30SpecValidator(document).iter_errors()]
+
+
+@pytest.mark.parametrize("spec", [CP_SPEC, AGENT_SPEC], ids=lambda p: p.name)
+def test_documents_pass_openapi_spec_validator(spec: Path) -> None:
+    """Strict 3.0.3: no 3.1 ``type: [x, "null"]`` (``nullable: true``), no stray keys."""
+    errors = _spec_errors(spec)
+    assert not errors, "\n".join(errors)
+
+
 async def test_documents_are_valid_openapi() -> None:
     with trio.fail_after(30):
         cp = await trio.to_thread.run_sync(_labels, CP_SPEC)

@@ -117,14 +117,14 @@ async def test_cluster_join_admission_aggregation_snapshots(tmp_path: Path) -> N
                 async with event_log(a) as seen:
                     out = await trio.to_thread.run_sync(run, [
                         "eectl", "federation", "desired", "--cp", m.http, "--token", m.token,
-                        "--policy", '{"max_replicas": 3}'])
+                        "--policy", '{"accept_deployments": true}'])
                     assert out.returncode == 0 and "version 1" in out.stdout, out.stderr
 
                     async def applied() -> bool:
                         st = await a.get("/api/v2/federation/status")
                         view = await m.datacenters()
                         return (st["snapshot_version"] == 1
-                                and st["desired"] == {"policy": {"max_replicas": 3}}
+                                and st["desired"] == {"policy": {"accept_deployments": True}}
                                 and view[A]["snapshot_version"] == 1
                                 and view[B]["snapshot_version"] == 1)
 

@@ -327,11 +327,16 @@ async def federated_case(root: Path, n: int, window: float, lag_samples: int,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--agents", type=int, default=1000)
-    p.add_argument("--window", type=float, default=30.0, help="CPU measuring window (s)")
-    p.add_argument("--lag-samples", type=int, default=50)
-    p.add_argument("--outage", type=float, default=30.0, help="master outage (s)")
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--agents", type=int, default=1000,
+                   help="sim agents, split over the two dc CPs (default: %(default)s)")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="CPU measuring window, s (default: %(default)s)")
+    p.add_argument("--lag-samples", type=int, default=50,
+                   help="agents that join dc-a one at a time for the lag (default: "
+                        "%(default)s)")
+    p.add_argument("--outage", type=float, default=30.0,
+                   help="master outage, s (default: %(default)s)")
     args = p.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -150,6 +150,11 @@ class RemotePlacer(Protocol):
 
     def view(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
 
+    def preflight(self, replicas: int, constraints: Constraints) -> dict[str, Any] | None:
+        """What ``place`` would do now (None: no datacenter to try): ``{"datacenter":
+        label}`` or ``{"datacenters": {label: code}}``."""
+        ...
+
     async def stop(self, app_key: str, deployment_id: str) -> dict[str, Any] | None: ...
 
     async def update(self, app_key: str, deployment_id: str, version: dict[str, Any] | None,
@@ -746,7 +751,14 @@ class AppActor(Actor):
         request = Request(deployment_id=None, replicas=msg.replicas,
                           constraints=msg.constraints)
         placement = place(request, self.deps.directory.infos(await self._holds()))
-        return placement.to_dict(self._holder)
+        answer = placement.to_dict(self._holder)
+        if not placement.placeable and self.deps.remote is not None:
+            # What a deployment would do: go to a federated datacenter (or why none).
+            remote = self.deps.remote.preflight(msg.replicas, msg.constraints)
+            if remote is not None:
+                answer.update(remote)
+                answer["placeable"] = "datacenter" in remote
+        return answer
 
     @handler(CreateDeployment)
     async def on_create(self, msg: CreateDeployment) -> dict[str, Any]:

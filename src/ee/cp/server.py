@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -41,7 +42,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import attrs
 import trio
@@ -110,11 +111,12 @@ from ee.federation.dc import (
 from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.reconcile import LocalApps
 from ee.federation.rpc import DcSources
+from ee.federation.trust import ReleaseHooks, carried_releases
 from ee.federation.wire import WRONG_DATACENTER
 from ee.protocol.messages import Attestation
 from ee.protocol.signing import SignatureError, read_signed, write_signed
 from ee.runtime import ActorError, Registry
-from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
+from ee.supervisors import ChildSpec, Restart, StartFailed, Supervisor, actor_spec
 
 log = logging.getLogger("ee.cp")
 
@@ -375,6 +377,10 @@ class ControlPlane:
             emit=self.events.emit, sizes=config.vocabulary.sizes,
             cp_name=f"{boot.cluster_id}/{os.getpid()}"))
         self.federation = self._make_federation()
+        if isinstance(self.federation, DcFederation):  # carried releases: admitted here
+            self.federation.release_hooks = ReleaseHooks(
+                self.bootstrap.release_keys, tuple(config.vocabulary.sizes),
+                lambda: self.releases, self.admit_release, self.withdraw_release)
         if self.federation is not None:
             self.plane.claim_name = self._federated_claim(self.plane.claim_name)
         self.app = make_app(self)
@@ -553,6 +559,7 @@ class ControlPlane:
                           "measurements": release.measurements.to_json()})
         log.info("release %s %s (%s) admitted for node size %s", release.name,
                  release.version, release.commit[:12], release.node_size)
+        await self._carry_releases()
         return True
 
     async def withdraw_release(self, ident: str) -> AdmittedRelease | None:
@@ -566,7 +573,14 @@ class ControlPlane:
             self._policy = policy_with(self.bootstrap.policy, self.releases.values())
         self.events.emit("release.withdrawn", release.node_size,
                          {"id": ident, "name": release.name, "version": release.version})
+        await self._carry_releases()
         return release
+
+    async def _carry_releases(self) -> None:
+        """A master carries its admitted releases to its dcs (ee.federation.trust)."""
+        if isinstance(self.federation, MasterFederation):
+            async with self._release_lock:  # the set as it is now, one publish at a time
+                await self.federation.set_releases(carried_releases(self.releases.values()))
 
     def agent_deps(self) -> AgentDeps:
         return AgentDeps(settings=self.agent_settings, link_for=self.plane.link_for,
@@ -852,6 +866,7 @@ class ControlPlane:
         self._preloaded = dict(desired)
         if isinstance(self.federation, MasterFederation):  # deployments placed in dcs
             self.deployment_index.update(self.federation.placed_apps())
+        await self._carry_releases()  # the kept releases that still verify, at start
         for app_key, doc in desired.items():
             for d in doc["deployments"]:
                 self.deployment_index[d["deployment_id"]] = app_key
@@ -1079,6 +1094,83 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Flags that only one role reads: given without that role they would be ignored
+#: silently (a "dc" that starts standalone), so they are a usage error.
+ROLE_FLAGS: Final[dict[str, tuple[str, ...]]] = {
+    "dc": ("upstream", "datacenter", "join_token", "upstream_ca", "master_pin",
+           "enroll_request", "enroll_bundle", "federation_stats_s"),
+    "master": ("federation_listen", "federation_advertise", "degraded_after_s",
+               "federation_ask_timeout_s"),
+}
+
+
+def misplaced_flag(args: argparse.Namespace, role: str) -> str | None:
+    """The usage error for the first flag on the command line that *role* ignores."""
+    for needs, flags in ROLE_FLAGS.items():
+        for flag in flags:
+            if needs != role and getattr(args, flag, None) is not None:
+                return f"--{flag.replace('_', '-')} needs --role {needs}"
+    return None
+
+
+def listeners(config: CpConfig) -> tuple[tuple[str, str, str], ...]:
+    """(flag, HOST:PORT, the supervision path of the child that binds it) per listener."""
+    found = [("--listen", config.listen, "http"),
+             ("--agent-listen", config.agent_listen, "agent-plane")]
+    if config.role == "master":
+        found.append(("--federation-listen", config.federation_listen, "federation/listener"))
+    return tuple(found)
+
+
+def unbindable(config: CpConfig) -> str | None:
+    """Why a listener's address cannot be bound now (checked before the tree starts, so
+    a taken port is one line, not a supervisor's start failure), or None."""
+    for flag, address, _ in listeners(config):
+        host, port = _host_port(address, flag)
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            return f"{flag} {address}: {exc}"
+        for family, kind, proto, _name, sockaddr in infos:
+            try:
+                with socket.socket(family, kind, proto) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(sockaddr)
+            except OSError as exc:
+                return f"{flag} {address}: {_reason(exc)}"
+    return None
+
+
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def start_failure(exc: BaseException, config: CpConfig) -> str | None:
+    """A listener that failed to bind, found in the supervisors' StartFailed chain (and
+    Trio's exception groups): "--listen HOST:PORT: address already in use"; else None."""
+    path: list[str] = []
+    error: OSError | None = None
+    todo: list[tuple[BaseException, tuple[str, ...]]] = [(exc, ())]
+    while todo and error is None:
+        current, names = todo.pop()
+        if isinstance(current, StartFailed):
+            todo.append((current.cause, (*names, current.child)))
+        elif isinstance(current, BaseExceptionGroup):
+            todo.extend((e, names) for e in current.exceptions)
+        elif isinstance(current, OSError):
+            path, error = list(names), current
+    if error is None:
+        return None
+    where = "/".join(path)
+    for flag, address, child in listeners(config):
+        if where == child or where.startswith(child + "/"):
+            return f"{flag} {address}: {_reason(error)}"
+    return None
+
+
 def prepare(config: CpConfig) -> tuple[Bootstrap, str | None]:
     """Load (or, with --dev, create once) the bootstrap bundle; returns it and a new token."""
     token = None
@@ -1103,7 +1195,8 @@ async def _serve(cp: ControlPlane, token_line: str) -> None:
             try:  # a closed stdout must not take the CP down
                 port = getattr(cp.federation, "bound_port", None)
                 if port is not None:
-                    print(f"ee-cp: federation (mTLS) on port {port}", flush=True)
+                    host = _host_port(cp.config.federation_listen, "federation_listen")[0]
+                    print(f"ee-cp: federation (mTLS) on {host}:{port}", flush=True)
                 print(f"ee-cp: http on {cp.config.listen.rsplit(':', 1)[0]}:{cp.http_port}, "
                       f"agents on ws://{cp.plane.host}:{cp.plane.bound_port}"
                       "/api/v2/agents/connect", flush=True)
@@ -1150,8 +1243,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = CpConfig.from_sources(args)
-        if (args.enroll_request or args.enroll_bundle) and config.role != "dc":
-            raise ValueError("--enroll-request/--enroll-bundle are for --role dc")
+        misplaced = misplaced_flag(args, config.role)
+        if misplaced is not None:
+            raise ValueError(misplaced)
         if config.role == "dc" and args.enroll_request:
             assert config.datacenter is not None
             out = write_request(config.data_dir,
@@ -1170,6 +1264,9 @@ def main(argv: list[str] | None = None) -> int:
             enroll(config.data_dir, config.upstream, label, config.join_token,
                    dev=config.dev, pin=args.master_pin,
                    upstream_ca=Path(args.upstream_ca) if args.upstream_ca else None)
+        taken = unbindable(config)
+        if taken is not None:
+            raise ValueError(taken)
         cp = ControlPlane(config, boot)
         cp.freeze_gc_when_ready = True
     except (ValueError, BootstrapError, OSError, ssl.SSLError) as exc:
@@ -1189,6 +1286,12 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(_serve, cp, token_line)
     except KeyboardInterrupt:
         return 130
+    except (StartFailed, BaseExceptionGroup) as exc:
+        failure = start_failure(exc, config)
+        if failure is None:
+            raise
+        print(f"ee-cp: {failure}", file=sys.stderr)
+        return 2
     return 0
 
 

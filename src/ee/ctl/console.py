@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import attrs
 import trio
@@ -162,7 +163,8 @@ class Console:
                     self.cmd_apps),
             Command("deployments", "", "replicas running on agents, by deployment",
                     self.cmd_deployments),
-            Command("datacenters", "", "per datacenter: agents by status, attestation counts",
+            Command("datacenters", "", "per datacenter: agents by status, attestation "
+                    "counts, degraded; mode (direct/federated), dc link, sync lag, spool",
                     self.cmd_datacenters),
             Command("pools", "", "capacity pools: warm, reserved, orders, shortfall vs target",
                     self.cmd_pools),
@@ -171,7 +173,8 @@ class Console:
                     "passes", self.cmd_billing),
             Command("tree", "", "the CP's supervision tree with restarts and mailbox depth",
                     self.cmd_tree),
-            Command("events", "[N]", "stream live events until Ctrl-C/EOF, or show N and stop",
+            Command("events", "[N]", "stream live events until Ctrl-C/EOF, or show at most N "
+                    "(the recent ones; stops when the stream is quiet)",
                     self.cmd_events),
             Command("drain", "ID", "stop new placements on an agent", self.cmd_drain,
                     "agents"),
@@ -623,10 +626,17 @@ def event_line(event: Json) -> str:
 # --- the events websocket ----------------------------------------------------------
 
 
+#: With a limit (``events N``), the stream ends when no event came for this long: the CP
+#: sends its recent events at once, so fewer than N never means waiting forever.
+EVENTS_QUIET_S: Final = 1.0
+
+
 async def stream_events(client: CpClient, limit: int | None,
-                        on_event: Callable[[Json], None], watch_stdin: bool = False) -> int:
-    """Print events from WS /api/v2/admin/events until *limit* are shown, the CP closes
-    the stream, or (``watch_stdin``) stdin reaches EOF. Returns how many were shown."""
+                        on_event: Callable[[Json], None], watch_stdin: bool = False,
+                        quiet_s: float = EVENTS_QUIET_S) -> int:
+    """Print events from WS /api/v2/admin/events until *limit* are shown (or, with a
+    limit, none came for *quiet_s*), the CP closes the stream, or (``watch_stdin``)
+    stdin reaches EOF. Returns how many were shown."""
     url = client.events_url()
     headers = [(b"Authorization", f"Bearer {client.token}".encode())] if client.token else []
     shown = 0
@@ -636,10 +646,9 @@ async def stream_events(client: CpClient, limit: int | None,
             if watch_stdin:
                 nursery.start_soon(_cancel_on_stdin_eof, nursery.cancel_scope)
             while limit is None or shown < limit:
-                try:
-                    message = await ws.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    raise _closed_error(exc.reason) from None
+                message = await _next_message(ws, None if limit is None else quiet_s)
+                if message is None:
+                    break  # quiet: every recent event is shown
                 try:
                     event = json.loads(message)
                 except ValueError:
@@ -655,6 +664,17 @@ async def stream_events(client: CpClient, limit: int | None,
     except OSError as exc:
         raise CpUnreachable(url, exc.strerror or str(exc)) from None
     return shown
+
+
+async def _next_message(ws: trio_websocket.WebSocketConnection,
+                        quiet_s: float | None) -> str | bytes | None:
+    """The next message, or None when none came within *quiet_s* (None: wait)."""
+    with trio.move_on_after(math.inf if quiet_s is None else quiet_s):
+        try:
+            return await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise _closed_error(exc.reason) from None
+    return None
 
 
 def _closed_error(reason: Any) -> CtlError:

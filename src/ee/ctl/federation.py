@@ -55,11 +55,20 @@ def register(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     issue.add_argument("--out", required=True, metavar="BUNDLE", help="where to write it")
     add_cp_options(issue)
     issue.set_defaults(handler=issue_bundle)
-    status = commands.add_parser("status", help="this CP's federation status (either role)")
+    status = commands.add_parser(
+        "status", help="this CP's federation status (either role)",
+        description="Print this CP's federation status as JSON. At a master: its "
+                    "federation listener, the desired-state version and every enrolled dc "
+                    "(mode, link, lag, spool). At a dc CP: its upstream, whether linked, the "
+                    "spool depth, acknowledged and newest sequence, and the snapshot it "
+                    "runs. A standalone CP answers 409 not_federated.")
     add_cp_options(status)
     status.set_defaults(handler=show_status)
     desired = commands.add_parser(
-        "desired", help="set the policy in the master's desired state (signed, versioned)")
+        "desired", help="set the policy in the master's desired state (signed, versioned)",
+        description="Replace the policy part of the master's desired state: the master "
+                    "signs a new snapshot version and pushes it to every linked dc CP (a dc "
+                    "that is down gets it when it links again). Prints the new version.")
     desired.add_argument("--policy", required=True, metavar="JSON",
                          help="a JSON object pushed to every dc CP")
     add_cp_options(desired)
@@ -79,6 +88,8 @@ def join_token(args: argparse.Namespace) -> int:
         print(f"eectl federation join-token: {exc}", file=sys.stderr)
         return exc.exit_code
     print(answer["token"])
+    if answer.get("warning"):  # e.g. the label is enrolled: joining replaces its keys
+        print(f"warning: {answer['warning']}", file=sys.stderr)
     print(f"(single use, expires in {answer['expires_in_s']:.0f} s"
           + (f", datacenter {answer['datacenter']}" if answer.get("datacenter") else "")
           + ")", file=sys.stderr)

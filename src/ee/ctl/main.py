@@ -4,13 +4,14 @@ Each group module exposes ``register(subparsers)``, adding its parser and settin
 ``handler`` (a function ``(args) -> int`` exit code) on each leaf subcommand. To add a
 group (`console`, `deploy`, `capacity`, ...), write its module and list it in GROUPS.
 Exit codes: 0 success, 1 the operation ran and said no (e.g. a quote was refused),
-2 usage or unreadable input. ``eectl deploy APP …`` is short for ``eectl deploy run APP
-…`` (`expand_shorthands`).
+2 usage or unreadable input; a closed stdout (``eectl … | head``) ends quietly with 1.
+``eectl deploy APP …`` is short for ``eectl deploy run APP …`` (`expand_shorthands`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -68,12 +69,28 @@ def expand_shorthands(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(expand_shorthands(sys.argv[1:] if argv is None else argv))
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_usage(sys.stderr)
-        return 2
-    return handler(args)
+    try:
+        args = parser.parse_args(expand_shorthands(sys.argv[1:] if argv is None else argv))
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_usage(sys.stderr)
+            return 2
+        code = handler(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is seen below
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
+
+
+def stdout_closed() -> int:
+    """The reader of stdout went away (``eectl … | head``): stop quietly, exit 1.
+
+    stdout is pointed at /dev/null so the interpreter's final flush of what is still
+    buffered does not fail again with "Exception ignored … BrokenPipeError"."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1
 
 
 def run() -> None:

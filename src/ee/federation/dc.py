@@ -88,7 +88,7 @@ from ee.federation import pki
 from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics, dc_stats
 from ee.federation.placement import iso
-from ee.federation.reconcile import DcReconciler, LocalApps
+from ee.federation.reconcile import DcReconciler, LocalApps, local_state
 from ee.federation.rpc import (
     DC_BUSY,
     DC_ERROR,
@@ -99,6 +99,19 @@ from ee.federation.rpc import (
     proof_of,
 )
 from ee.federation.spool import Spool
+from ee.federation.trust import (
+    BAD_POLICY,
+    DATACENTER_CLOSED,
+    FederationPolicy,
+    PolicyError,
+    ReleaseHooks,
+    check_carried,
+    closed_intents,
+    read_policy,
+    release_sync,
+    unknown_fields,
+    without,
+)
 from ee.federation.wire import (
     BAD_FRAME,
     HELLO_REQUIRED,
@@ -519,13 +532,26 @@ class DcFederation:
 
     # ---- snapshots ----
 
+    #: What applies the releases a snapshot carries (ee.federation.trust; set by the CP,
+    #: None: carried releases are not applied here).
+    release_hooks: ReleaseHooks | None = None
+    #: The intents this dc is closed to (``trust.closed_intents``), and the releases it
+    #: holds because the master carries them (``trust.release_sync``): both kept in
+    #: the spool, so a restart runs the same.
+    closed: frozenset[str]
+    from_master: frozenset[str]
+    release_refusals: frozenset[tuple[str, str, str]] = frozenset()  # said already
+
     def _load_snapshot(self) -> Snapshot:
+        self.closed = frozenset(json.loads(self.spool.get_meta("closed_intents") or "[]"))
+        self.from_master = frozenset(json.loads(
+            self.spool.get_meta("releases_from_master") or "[]"))
         text = self.spool.get_meta("snapshot")
         if text is not None:
             try:
                 frame = down_frame(open_envelope(text, self.master_key))
                 if isinstance(frame, Snapshot):
-                    return frame
+                    return attrs.evolve(frame, desired=without(frame.desired, self.closed))
             except WireError as exc:
                 log.error("federation: stored snapshot no longer verifies: %s", exc)
         return Snapshot("snapshot", 0, 0.0, {})
@@ -549,13 +575,70 @@ class DcFederation:
             detail = f"version {frame.version} is not newer than {self.snapshot.version}"
             self.refuse(SNAPSHOT_STALE, detail)
             return Refused("refused", SNAPSHOT_STALE, detail)
+        # Releases first: a crash before the snapshot is kept applies them again (each
+        # step is idempotent) when the master offers this version once more.
+        await self._apply_releases(frame.desired.get("releases"))
+        said = frame.desired.get("policy") or {}
+        try:
+            policy = read_policy(said, strict=False)
+            if unknown_fields(said):
+                log.warning("federation: policy fields this dc does not know (skipped): "
+                            "%s", ", ".join(unknown_fields(said))[:300])
+        except PolicyError as exc:  # a master of another version: its defaults here
+            self.refuse(BAD_POLICY, f"{exc} (the defaults apply)")
+            policy = FederationPolicy()
+        running = self.reconciler.local.index if self.reconciler is not None else {}
+        closed = closed_intents(frame.desired, self.label, policy, running, self.closed)
+        await trio.to_thread.run_sync(self.spool.set_meta, "closed_intents",
+                                      json.dumps(sorted(closed)))
         await trio.to_thread.run_sync(self.spool.set_meta, "snapshot", text)
-        self.snapshot = frame
+        newly, self.closed = closed - self.closed, closed
+        self.snapshot = attrs.evolve(frame, desired=without(frame.desired, closed))
         await self._append("snapshot_applied", {"version": frame.version})
+        intents = frame.desired.get("deployments") or {}
+        for dep_id in sorted(newly):  # the master places it elsewhere
+            await self._append("placement", {
+                "deployment_id": dep_id, "outcome": "unsatisfiable",
+                "reasons": {DATACENTER_CLOSED: 1}, "running": 0,
+                "error": "this datacenter takes no new deployments (its federation "
+                         "policy: accept_deployments false)",
+                **local_state(None, None),
+                "generation": int(intents[dep_id].get("generation") or 0)})
+            self.emit("federation.intent_refused", dep_id, {"code": DATACENTER_CLOSED})
         if self.reconciler is not None:
             self.reconciler.nudge()
-        self.emit("federation.snapshot_applied", self.label, {"version": frame.version})
+        self.emit("federation.snapshot_applied", self.label, {
+            "version": frame.version, "accept_deployments": policy.accept_deployments})
         return None
+
+    async def _apply_releases(self, carried: object) -> None:
+        """Admit the carried releases this CP's own pinned keys verify, withdraw those
+        it holds from the master that are carried no more (ee.federation.trust)."""
+        hooks = self.release_hooks
+        if hooks is None:
+            return
+        offered, refused = await trio.to_thread.run_sync(
+            check_carried, carried, hooks.keys, hooks.node_sizes)
+        said = frozenset((r.what, r.code, r.reason) for r in refused)
+        for what, code, reason in sorted(said - self.release_refusals):
+            self.refuse(code, f"{what}: {reason}")  # once while the master carries it
+        self.release_refusals = said
+        sync = release_sync(offered, set(hooks.held()), self.from_master)
+        local = set()
+        for release in sync.admit:
+            if not await hooks.admit(release):
+                local.add(release.ident)  # admitted here meanwhile: the operator's
+        for ident in sync.withdraw:
+            await hooks.withdraw(ident)
+        from_master = sync.from_master - local
+        if from_master != self.from_master:
+            await trio.to_thread.run_sync(self.spool.set_meta, "releases_from_master",
+                                          json.dumps(sorted(from_master)))
+            self.from_master = from_master
+        if sync.admit or sync.withdraw or refused:
+            self.emit("federation.releases_applied", self.label, {
+                "admitted": [r.ident for r in sync.admit if r.ident not in local],
+                "withdrawn": list(sync.withdraw), "refused": len(refused)})
 
     def refuse(self, code: str, detail: str) -> None:
         log.warning("federation: refused from the master: %s: %s", code, detail)

@@ -100,6 +100,7 @@ from ee.federation.rpc import (
     MAX_OUTSTANDING_PER_DC,
     MasterRpc,
 )
+from ee.federation.trust import FederationPolicy, carried_error
 from ee.federation.wire import (
     BAD_FRAME,
     DATACENTER_MISMATCH,
@@ -231,13 +232,6 @@ class JoinTokenRequest:
     datacenter: str | None = None
     ttl_s: float | None = attrs.field(default=None, validator=attrs.validators.optional(
         [attrs.validators.gt(0.0), attrs.validators.le(86400.0)]))
-
-
-@attrs.frozen
-class DesiredRequest:
-    """``PUT /api/v2/federation/desired`` (admin): the policy part of the desired state."""
-
-    policy: dict[str, Any] = attrs.field(factory=dict)
 
 
 # ---- the per-dc actor ----------------------------------------------------------------
@@ -785,8 +779,36 @@ class MasterFederation:
 
     # ---- desired state ----
 
-    async def set_desired(self, policy: dict[str, Any]) -> Snapshot:
-        return await self._publish({**self.desired.desired, "policy": policy})
+    async def set_desired(self, policy: FederationPolicy) -> Snapshot:
+        """The policy part (ee.federation.trust: checked before it gets here)."""
+        async with self._desired_lock:
+            return await self._publish({**self.desired.desired, "policy": policy.to_json()})
+
+    async def set_releases(self, bodies: list[dict[str, Any]]) -> Snapshot | None:
+        """Carry the master's admitted releases (``trust.carried_releases``) to every dc:
+        a new version when they changed (None: unchanged, or refused: too many, too
+        large, or the snapshot would be over ``MAX_SNAPSHOT_BYTES``; an event says so,
+        and the dcs keep the releases of the version they run)."""
+        async with self._desired_lock:
+            if list(self.desired.desired.get("releases") or []) == bodies:
+                return None
+            desired = {**self.desired.desired, "releases": bodies}
+
+            def judge() -> str | None:  # megabytes of JSON: off the event loop
+                if len(json.dumps(desired, separators=(",", ":"))) > MAX_SNAPSHOT_BYTES:
+                    return f"the desired state would be over {MAX_SNAPSHOT_BYTES} bytes"
+                return carried_error(bodies)
+
+            error = await trio.to_thread.run_sync(judge)
+            if error is not None:
+                log.error("federation: admitted releases not carried to the dcs: %s", error)
+                self.emit("federation.refused", "releases",
+                          {"code": SNAPSHOT_FULL, "detail": error})
+                return None
+            snap = await self._publish(desired)
+        self.emit("federation.releases", "master", {"version": snap.version,
+                                                    "releases": len(bodies)})
+        return snap
 
     async def _publish(self, desired: dict[str, Any]) -> Snapshot:
         """Sign *desired* as the next version, write it, then offer it to every dc."""
@@ -1078,6 +1100,17 @@ class MasterFederation:
         body = await self.ask(label, "logs", deployment_id=deployment_id, args=args,
                               asker=app_key.split(".", 1)[0])
         return {**body, "datacenter": label}
+
+    def preflight(self, replicas: int, constraints: Constraints) -> dict[str, Any] | None:
+        """``place`` without placing: the datacenter it would choose now, or each dc's
+        reason code (None: no dc enrolled)."""
+        if not self.enrolled:
+            return None
+        target = choose_target(Request(deployment_id=None, replicas=replicas,
+                                       constraints=constraints), self.capacity.values())
+        if isinstance(target, Datacenter):
+            return {"datacenter": target.label}
+        return {"datacenters": dict(target.codes)}
 
     # ---- supervision ----
 

@@ -35,6 +35,7 @@ from ee.cp.errors import (
     ApiError,
     Who,
     guard,
+    json_object,
     json_response,
     request_body,
     require_admin,
@@ -43,7 +44,6 @@ from ee.cp.errors import (
 from ee.cp.nodes import LabelError
 from ee.federation.dc import DcFederation
 from ee.federation.master import (
-    DesiredRequest,
     JoinRefused,
     JoinRequest,
     JoinTokenRequest,
@@ -58,6 +58,7 @@ from ee.federation.rpc import (
     check_evidence,
     proof_digest,
 )
+from ee.federation.trust import BAD_POLICY, PolicyError, desired_policy
 from ee.federation.wire import MAX_ID_CHARS
 from ee.protocol.strict import printable
 from ee.runtime import ActorError
@@ -325,6 +326,9 @@ def register(app: QuartTrio, cp: ControlPlane) -> None:
     async def desired() -> Response:
         require_admin(cp.bootstrap.admin_token_ok)
         master_fed = need_master()
-        body = await request_body(DesiredRequest)
-        snap = await master_fed.set_desired(body.policy)
-        return json_response({"version": snap.version})
+        try:  # strict: unknown keys and oversized documents are refused (trust.py)
+            policy = desired_policy(await json_object(required=False))
+        except PolicyError as exc:
+            raise ApiError(400, BAD_POLICY, str(exc)[:300], {"field": exc.field}) from None
+        snap = await master_fed.set_desired(policy)
+        return json_response({"version": snap.version, "policy": policy.to_json()})

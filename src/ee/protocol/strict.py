@@ -18,7 +18,11 @@ Wire conventions applied by every converter made here:
 - ``float`` fields accept JSON integers; ``int`` fields do not accept booleans.
 
 Attrs validators report value problems through :class:`FieldValueError` (see
-:func:`check`) so the field name survives into the error path.
+:func:`check`) so the field name survives into the error path. attrs' own validators
+(``gt``/``le``, ``max_len``, ``matches_re``, ``in_``, ``instance_of``, ...) fail inside
+the class's ``__init__``, after cattrs has structured the fields: :func:`problems`
+reads the field and the rule back from their exceptions (the ``Attribute`` in the
+arguments, or their fixed message shapes), never echoing the peer's value raw.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 __all__ = [
     "FieldValueError",
     "WireTypeError",
+    "attrs_validator_problem",
     "check",
     "describe",
     "first_problem",
@@ -321,6 +326,47 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
+# The message shapes of attrs' validators that raise with the message only (attrs 23+).
+_ATTRS_BOUND = re.compile(
+    r"\A'(?P<field>\w+)' must be (?P<rule>[<>]=?|==|!=) (?P<bound>[^:]{1,40}): ")
+_ATTRS_LENGTH = re.compile(r"\ALength of '(?P<field>\w+)' must be (?P<rule>[<>]=) (?P<bound>\d+): "
+                           r"(?P<got>\d+)\Z")
+
+
+def attrs_validator_problem(exc: BaseException) -> tuple[str, str] | None:
+    """``(field, reason)`` of an attrs validator's exception, or None for any other.
+
+    The reason states the rule and describes the value (cut, escaped: :func:`describe`),
+    never the library's text, which repr()s the whole value.
+    """
+    if not isinstance(exc, ValueError | TypeError):
+        return None
+    args = exc.args
+    if len(args) >= 2 and isinstance(args[1], attrs.Attribute):
+        name = args[1].name
+        rule, value = (args[2], args[3]) if len(args) >= 4 else (None, None)
+        if isinstance(rule, re.Pattern):
+            return name, f"must match {describe(rule.pattern, 80)}, got {describe(value)}"
+        if isinstance(exc, TypeError) and isinstance(rule, type | tuple):
+            kinds = rule if isinstance(rule, tuple) else (rule,)
+            expected = " or ".join(k.__name__ for k in kinds if isinstance(k, type))
+            return name, f"expected {expected}, got {describe(value)}"
+        if isinstance(rule, collections.abc.Collection) and not isinstance(rule, str | bytes):
+            options = printable(", ".join(sorted(map(str, rule))), 120)
+            return name, f"must be one of {options}, got {describe(value)}"
+        return name, f"invalid value, got {describe(value)}" if len(args) >= 4 \
+            else "invalid value"
+    text = str(args[0]) if len(args) == 1 and isinstance(args[0], str) else ""
+    bound = _ATTRS_BOUND.match(text)
+    if bound:
+        return bound["field"], f"must be {bound['rule']} {bound['bound']}"
+    length = _ATTRS_LENGTH.match(text)
+    if length:
+        return length["field"], (f"length must be {length['rule']} {length['bound']}, "
+                                 f"got {length['got']}")
+    return None
+
+
 def problems(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
     """Flatten a structuring failure into ``(field path, reason)`` pairs.
 
@@ -349,6 +395,8 @@ def problems(exc: BaseException, path: str = "") -> list[tuple[str, str]]:
         found.append((path, "required field missing"))
     elif isinstance(exc, WireTypeError):
         found.append((path, str(exc)))
+    elif (named := attrs_validator_problem(exc)) is not None:
+        found.append((_join(path, named[0]), named[1]))
     else:
         # Anything else is not ours to word (a library's ``AttributeError``, a
         # ``RecursionError``): its text describes our internals, not the input, and a
