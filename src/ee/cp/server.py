@@ -905,6 +905,8 @@ class ControlPlane:
 
     def with_urls(self, view: dict[str, Any]) -> dict[str, Any]:
         """Add each replica's URL (its agent's HTTP API, which proxies to the workload)."""
+        if view.get("federated") is not None:
+            return view  # a dc's agents: the URLs their dc reported (MasterFederation.view)
         for replica in view.get("replicas", []):
             session = self.plane.sessions.get(replica["agent_id"])
             replica["url"] = session.identity.url if session is not None else None

@@ -33,7 +33,10 @@ with the full picture follows the spooled ones, so a master that lost its memory
 converges. The uplink sends from the first unacknowledged sequence, the master acks
 (the spool forgets) or asks for a replay from a sequence (the uplink rewinds). While the
 master is away nothing is lost: the spool grows and is sent when the link returns; the
-dc keeps admitting, re-attesting and reconciling on its own meanwhile.
+dc keeps admitting, re-attesting and reconciling on its own meanwhile. Each failure of
+the uplink says why (``why_down``: type, message or cause, the master's refusal on that
+link); a new reason is logged at WARNING at once, the same one at most once a minute
+with a count (``next_down``), and ``status`` keeps the last one and when.
 
 Down: a snapshot is applied only when its signature verifies with the pinned master key
 and its version is newer than the one running; it is kept signed in the spool (so a
@@ -63,7 +66,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
@@ -72,13 +75,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client import CollectorRegistry
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
 
 from ee.actors.directory import AgentDirectory, AgentRecord
 from ee.actors.identity import key_sha256
 from ee.federation import pki
 from ee.federation.master import FederationSettings
 from ee.federation.metrics import FederationMetrics, dc_stats
+from ee.federation.placement import iso
 from ee.federation.reconcile import DcReconciler, LocalApps, local_state
 from ee.federation.rpc import (
     DC_BUSY,
@@ -417,6 +426,55 @@ def agent_view(record: AgentRecord) -> dict[str, Any] | None:
             "deployments": {d.deployment_id: str(d.state) for d in record.deployments}}
 
 
+DOWN_LOG_EVERY_S: Final = 60.0  # the same uplink failure again: one line this often
+
+
+def why_down(exc: BaseException, refused: str | None = None) -> str:
+    """One printable line saying why the uplink went down: the exception's type and
+    message (``BrokenResourceError`` and ``HandshakeError`` have none: their cause, or
+    a hint), and the master's last refusal on that link (*refused*), if any."""
+    if isinstance(exc, WireError):
+        text = f"refused: {exc.code}: {exc.detail}"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        cause = exc.__cause__ or exc.__context__
+        if not str(exc) and cause is not None and str(cause):
+            text += f" ({type(cause).__name__}: {cause})"
+        elif not str(exc):
+            what = ("no websocket handshake in time" if isinstance(exc, ConnectionTimeout)
+                    else "the master closed the connection")
+            text += (f" ({what}; if it goes on, is this dc's certificate still pinned at "
+                     "the master? a join of this label elsewhere replaces it)")
+    if refused is not None:
+        text += f"; earlier on that link the master refused: {refused}"
+    return printable(text, 300)
+
+
+@attrs.frozen
+class Downs:
+    """The uplink's failures since it was last up, as the log tells them."""
+
+    reason: str | None = None  # the last failure's
+    failures: int = 0  # in a row
+    unlogged: int = 0  # of the same reason since its last line
+    logged_at: float = 0.0
+
+
+def next_down(d: Downs, reason: str, now: float, every: float = DOWN_LOG_EVERY_S
+              ) -> tuple[Downs, tuple[int, str] | None]:
+    """One more failure: the new state and the log line (level, text) if one is due. A
+    new reason is logged at once (WARNING); the same again at most once per *every*
+    seconds, with how many failures that line stands for."""
+    if reason != d.reason:
+        return Downs(reason, d.failures + 1, 0, now), (logging.WARNING, reason)
+    unlogged = d.unlogged + 1
+    if now - d.logged_at < every:
+        return attrs.evolve(d, failures=d.failures + 1, unlogged=unlogged), None
+    return Downs(reason, d.failures + 1, 0, now), (
+        logging.WARNING, f"{reason} (again, {unlogged} times in {now - d.logged_at:.0f} s; "
+        f"{d.failures + 1} failures in a row)")
+
+
 class DcFederation:
     def __init__(self, data_dir: Path, label: str, settings: FederationSettings, *,
                  directory: AgentDirectory, emit: Emit, metrics: CollectorRegistry,
@@ -441,6 +499,10 @@ class DcFederation:
         self.spool = Spool(self.dir / "spool.sqlite3")
         self.snapshot = self._load_snapshot()
         self.connected = False
+        self.downs = Downs()  # the uplink's failures since it was last up (next_down)
+        self.last_error: str | None = None
+        self.last_error_at: str | None = None  # ISO-8601 UTC, wall clock
+        self._link_refused: str | None = None  # the master's last refusal on this link
         self.acked = 0
         self.depth = 0
         first, nxt, _ = self.spool.bounds()
@@ -650,13 +712,21 @@ class DcFederation:
                 backoff = 0.2
             except* (OSError, ssl.SSLError, trio.BrokenResourceError, HandshakeError,
                      ConnectionClosed, WireError, trio.TooSlowError) as g:  # (nurseries group)
-                log.info("federation: uplink to %s down: %s", self.enrollment.stream_url,
-                         g.exceptions[0])
+                self._down(why_down(g.exceptions[0], self._link_refused))
             if self.connected:
                 self.emit("federation.uplink_down", self.label, {})
             self.connected = False
             await trio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
+
+    def _down(self, reason: str) -> None:
+        """Keep *reason* (``status``) and log it when due (``next_down``)."""
+        self.last_error, self.last_error_at = reason, iso(time.time())
+        self.downs, line = next_down(self.downs, reason, trio.current_time())
+        self._link_refused = None  # it was that link's
+        if line is not None:
+            log.log(line[0], "federation: uplink to %s down: %s", self.enrollment.stream_url,
+                    line[1])
 
     def _ssl(self) -> ssl.SSLContext:
         d = self.dir
@@ -668,6 +738,11 @@ class DcFederation:
                                       max_message_size=MAX_FRAME_BYTES, connect_timeout=10,
                                       disconnect_timeout=2, message_queue_size=4) as ws:
             self.connected = True
+            self._link_refused = None
+            if self.downs.failures:
+                log.info("federation: uplink to %s up again after %d failures",
+                         self.enrollment.stream_url, self.downs.failures)
+            self.downs = Downs()
             self.emit("federation.uplink_up", self.label, {})
             await self._append("resync", {"agents": self.full_picture()})
             self._stats_now.set()  # a restarted master knows none of this CP's figures
@@ -747,6 +822,7 @@ class DcFederation:
                     self.metrics.sequence_errors.labels(self.label).inc()
                 log.warning("federation: the master refused: %s: %s", frame.code,
                             frame.detail)
+                self._link_refused = printable(frame.code, 80)
                 self.emit("federation.refused_upstream", self.label,
                           {"code": frame.code, "detail": frame.detail})
 
@@ -768,7 +844,10 @@ class DcFederation:
                 "stream_url": self.enrollment.stream_url, "connected": self.connected,
                 "spool_depth": self.depth, "acked_seq": self.acked,
                 "last_seq": self.last_seq,
-                "snapshot_version": self.snapshot.version, "desired": self.snapshot.desired}
+                "snapshot_version": self.snapshot.version, "desired": self.snapshot.desired,
+                # why the uplink last went down (kept once it is up again), and when
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
+                "uplink_failures": self.downs.failures}  # in a row, since it was last up
 
     def close(self) -> None:
         self.spool.close()

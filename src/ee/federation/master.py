@@ -77,6 +77,7 @@ from ee.federation import pki
 from ee.federation.metrics import DcStatsCollector, FederationMetrics
 from ee.federation.placement import (
     FOREIGN_DEPLOYMENT,
+    UNPLACED_REPLICAS,
     Datacenter,
     DcCapacity,
     Outcome,
@@ -696,8 +697,15 @@ class MasterFederation:
         self.tokens[pki.join_token_id(secret_hash)] = JoinToken(now + ttl, label, secret_hash)
         self.emit("federation.join_token", label or "*", {"ttl_s": ttl})
         pin = self.pin()
-        return {"token": pki.join_token_text(secret, pin), "pin": pin, "expires_in_s": ttl,
-                "datacenter": label}
+        out: dict[str, Any] = {"token": pki.join_token_text(secret, pin), "pin": pin,
+                               "expires_in_s": ttl, "datacenter": label}
+        if label is not None and label in self.enrolled:
+            # Issued all the same (a re-join is how leaked keys are replaced), but said:
+            # joining with it replaces the pinned keys and cuts the running dc off.
+            linked = "linked now" if label in self._links else "not linked now"
+            out["warning"] = (f"datacenter {label} is enrolled ({linked}): joining with "
+                              "this token replaces its keys and cuts the running dc off")
+        return out
 
     def advertised(self) -> str:
         host, port = _host_port(self.settings.advertise or self.settings.listen)
@@ -913,6 +921,13 @@ class MasterFederation:
                     "reasons": said})
                 self.emit("federation.rerouted", outcome.deployment_id,
                           {"from": label, "to": target.label})
+            elif UNPLACED_REPLICAS in outcome.reasons:
+                # Placed there once, stuck now, and no other dc fits: it stays (its dc
+                # keeps trying, and fails it after its own placing timeout, as a direct
+                # deployment would be), rather than failing at once.
+                self.emit("federation.unplaceable", outcome.deployment_id,
+                          {"datacenters": dict(target.codes), "reasons": said,
+                           "kept_in": label})
             else:
                 stopped = {**doc, "tried": sorted(tried), "desired": "stopped",
                            "reasons": said, "unplaced": dict(target.codes)}

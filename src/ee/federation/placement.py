@@ -16,7 +16,7 @@ the intent to the next; none left fails the deployment with every dc's reason co
 
 What the tenant reads at the master (``MasterFederation.view``) is shaped like a direct
 deployment's: the dc's ``placement`` event carries its local deployment's replicas
-(agent, VM, state, compose hash, node size, error; at most ``MAX_REPLICAS``, strings
+(agent, VM, state, compose hash, node size, error, URL; at most ``MAX_REPLICAS``, strings
 capped), version, update, history and failures. The master's dc actor refuses a
 report naming an agent that dc never reported as its own (``foreign_agents``: nothing
 applied), and ``shown_replicas`` fails a replica whose compose hash is not its version's
@@ -38,6 +38,7 @@ from typing import Any, Final, Literal
 import attrs
 
 from ee.actors.deployment import hash_problem
+from ee.cp.registration import MAX_URL, agent_url
 from ee.placement import MAX_REPLICAS, Constraints, Reason, Request
 
 FEDERATED_ACCOUNT: Final = "federated"  # the dc-side account every intent runs under
@@ -50,6 +51,11 @@ DC_NOT_ALLOWED: Final = "DATACENTER_NOT_ALLOWED"
 DC_UNSATISFIABLE: Final = "DATACENTER_UNSATISFIABLE"  # the dc said so (its codes follow)
 # A dc reporting on a deployment the master did not give it (event + refusal).
 FOREIGN_DEPLOYMENT: Final = "foreign_deployment"
+# A dc's ``unsatisfiable`` for a deployment it placed, then could not keep placed (a
+# replica failed and no agent there fits any more) for ``reconcile.STUCK_AFTER_S``:
+# the count of replicas it cannot place. The master re-routes it when another dc fits,
+# else leaves it there (its dc keeps trying, as a direct deployment would).
+UNPLACED_REPLICAS: Final = "UNPLACED_REPLICAS"
 
 
 @attrs.frozen
@@ -201,6 +207,9 @@ class ReportedReplica:
     vm_name: str | None = None
     node_size: str | None = None
     error: str | None = None
+    # Where the replica's agent answers (its HTTP API, proxying to the workload), as
+    # the dc says: the dc's word, checked only for shape (``reported_url``).
+    url: str | None = None
 
 
 @attrs.frozen
@@ -237,6 +246,21 @@ def _count(value: object, what: str, top: int) -> int:
     return value
 
 
+def reported_url(value: object) -> str | None:
+    """A replica URL as a dc reports it, or None. It is the dc's word (the master cannot
+    check that the agent answers there, or at all): only its shape is checked, as a
+    registration checks an agent's own (``registration.agent_url``: a string, http:// or
+    https://, at most ``MAX_URL`` printable ASCII characters, no user info, query or
+    fragment). Anything else is dropped to None, never refused: the rest of the report
+    still counts."""
+    if not isinstance(value, str) or len(value) > MAX_URL:
+        return None
+    try:
+        return agent_url(value)
+    except ValueError:
+        return None
+
+
 def _replicas(value: object) -> tuple[ReportedReplica, ...]:
     if value is None:
         return ()
@@ -258,7 +282,8 @@ def _replicas(value: object) -> tuple[ReportedReplica, ...]:
             _text(r.get("compose_hash"), "replica compose_hash", 100),
             _text(r.get("vm_name"), "replica vm_name", 120),
             _text(r.get("node_size"), "replica node_size", 40),
-            _text(r.get("error"), "replica error", MAX_TEXT)))
+            _text(r.get("error"), "replica error", MAX_TEXT),
+            reported_url(r.get("url"))))
     if len({r.agent_id for r in out}) != len(out):
         raise OutcomeError("replicas must name each agent once")
     return tuple(out)
@@ -351,7 +376,9 @@ def shown_replicas(outcome: Outcome, hashes: Mapping[str, str],
     is one on an agent the dc now reports offline or no longer reports (*agents*: the
     dc's agent views; None: not checked), as a direct deployment's replica on an offline
     agent is, and one on another node size than the tenant asked for (*node_size*, the
-    intent's constraint: it would bill a size the tenant never chose)."""
+    intent's constraint: it would bill a size the tenant never chose). A replica shown
+    failed or stopped has no URL (nothing of the deployment answers there); the others
+    carry the URL their dc reported (``reported_url``)."""
     out = []
     for r in sorted(outcome.replicas, key=lambda r: r.agent_id):
         state, error = r.state, r.error
@@ -374,7 +401,8 @@ def shown_replicas(outcome: Outcome, hashes: Mapping[str, str],
                      f"{str(r.node_size)[:40]}, the deployment asks for {node_size[:40]}")
         out.append({"agent_id": r.agent_id, "state": state, "version": r.version,
                     "compose_hash": r.compose_hash, "error": error,
-                    "failure": None, "node_size": r.node_size})
+                    "failure": None, "node_size": r.node_size,
+                    "url": None if state in ("failed", "stopped") else r.url})
     return out
 
 

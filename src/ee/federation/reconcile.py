@@ -23,13 +23,22 @@ previous version: ``RollbackDeployment``), the rolling update a direct deploymen
 A generation is applied once per reconciler life (``applied``): a dc whose health gate
 rolled the update back does not retry it every pass; a restarted dc applies the intent
 once more (a no-op when the local deployment already runs it).
+
+Stuck: an intent placed here whose local deployment later cannot be kept placed (a
+replica failed or its agent left, and no agent here fits: the AppActor is back in
+``placing`` with fewer active replicas than wanted) for ``stuck_after_s`` without a
+break is reported ``unsatisfiable`` with ``UNPLACED_REPLICAS`` (``stuck_for``), so the
+master tries another dc. A deployment merely starting (its replicas pending, pulling,
+starting) is never stuck; any pass that finds it placed again restarts the clock, so a
+brief shortfall never moves it. The bound is well under the AppActor's own placing
+timeout (``DeploySettings.placing_s``), which would fail it here for good.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -43,7 +52,7 @@ from ee.actors.app import (
     UpdateDeployment,
 )
 from ee.actors.directory import AgentDirectory
-from ee.federation.placement import FEDERATED_ACCOUNT, reason_counts
+from ee.federation.placement import FEDERATED_ACCOUNT, UNPLACED_REPLICAS, reason_counts
 from ee.placement import MAX_REPLICAS, Constraints, ConstraintsError
 from ee.runtime import ActorError, Registry
 
@@ -128,6 +137,30 @@ def outcome_of(view: Mapping[str, Any] | None, replicas: int) -> tuple[str, int,
     return "placed", running, view.get("error")
 
 
+STUCK_AFTER_S: Final = 60.0  # short of agents this long without a break: unsatisfiable
+
+
+def unplaced(view: Mapping[str, Any] | None) -> int:
+    """Replicas the local deployment wants but has no agent for: 0 unless it is back in
+    ``placing`` (the AppActor found no agent for a missing replica) while running is
+    desired; replicas pending, pulling or starting count as placed."""
+    if view is None or view.get("desired") != "running" or view.get("state") != "placing":
+        return 0
+    active = sum(1 for r in view.get("replicas") or ()
+                 if r.get("state") not in ("failed", "stopped"))
+    wanted = view.get("replicas_wanted")
+    return max(0, (wanted if isinstance(wanted, int) else 0) - active)
+
+
+def stuck_for(since: float | None, missing: int, now: float, bound: float
+              ) -> tuple[float | None, bool]:
+    """(when the shortfall began, or None; whether it has lasted *bound* seconds)."""
+    if missing <= 0:
+        return None, False
+    began = now if since is None else since
+    return began, now - began >= bound
+
+
 MAX_REPORT_TEXT = 300
 
 
@@ -147,6 +180,9 @@ def local_state(view: Mapping[str, Any] | None, directory: AgentDirectory | None
                          "compose_hash": r.get("compose_hash"),
                          "vm_name": ident.vm_name if ident is not None else None,
                          "node_size": ident.node_size if ident is not None else None,
+                         # the agent's HTTP API as it registered here (a direct
+                         # deployment's replica url)
+                         "url": ident.url if ident is not None else None,
                          "error": None if error is None else str(error)[:MAX_REPORT_TEXT]})
     failure = view.get("failure")
     return {"version": view.get("version"), "replicas": replicas,
@@ -167,6 +203,8 @@ class DcReconciler:
         self.sent: dict[str, dict[str, Any]] = {}  # last outcome reported, by deployment
         self.applied: dict[str, int] = {}  # deployment -> intent generation applied
         self.refused: set[str] = set()
+        self.short_since: dict[str, float] = {}  # deployment -> Trio time (stuck_for)
+        self.stuck_after_s = STUCK_AFTER_S
         self.wake = trio.Event()
 
     def nudge(self, *, resend: bool = False) -> None:
@@ -249,6 +287,15 @@ class DcReconciler:
             elif intent.generation > self.applied.get(dep_id, 0):
                 view = await self._change(ref, intent, view)
         outcome, running, error = outcome_of(view, intent.replicas)
+        missing = unplaced(view) if intent.running else 0
+        since, stuck = stuck_for(self.short_since.get(dep_id), missing,
+                                 trio.current_time(), self.stuck_after_s)
+        if since is None:
+            self.short_since.pop(dep_id, None)
+        else:
+            self.short_since[dep_id] = since
+        if stuck:  # the master tries another dc (the view still goes up with it)
+            outcome, reasons = "unsatisfiable", {UNPLACED_REPLICAS: missing}
         await self._send(dep_id, outcome, reasons, running, error, view, intent.generation)
 
     async def _change(self, ref: Any, intent: Intent, view: Mapping[str, Any]
