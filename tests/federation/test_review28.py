@@ -77,3 +77,27 @@ async def test_a_malformed_generation_of_a_closed_intent_is_no_crash(
         assert said["reasons"] == {DATACENTER_CLOSED: 1} and said["generation"] == 0
     finally:
         fed.close()
+
+
+async def test_a_withdrawal_reaches_the_dcs_while_the_master_holds_too_many(
+        tmp_path: Path) -> None:
+    from ee.federation.trust import MAX_RELEASES
+
+    from .test_fedtrust import _master
+
+    events: list[tuple[str, str, Any]] = []
+    fed = _master(tmp_path, events)
+    key = Ed25519PrivateKey.generate()
+    bodies = sorted((body(manifest(f"{i:02x}" * 48), key) for i in range(MAX_RELEASES + 2)),
+                    key=lambda b: b["manifest"]["image"]["measurements"]["rtmr1"])
+    carried = bodies[:MAX_RELEASES]
+    assert await fed.set_releases(carried) is not None
+    assert await fed.set_releases(bodies) is None  # too many: not carried (an event)
+    # The master's operator withdraws a carried release (65 others stay admitted, still
+    # too many to carry): the dcs must stop trusting it all the same.
+    withdrawn = carried[0]
+    snap = await fed.set_releases(bodies[1:])
+    assert snap is not None and snap.version == 2
+    assert snap.desired["releases"] == carried[1:]  # what was carried, less the withdrawn
+    assert await fed.set_releases(bodies[1:]) is None  # no new version for the same set
+    assert withdrawn not in fed.desired.desired["releases"]
