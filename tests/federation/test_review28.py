@@ -101,3 +101,38 @@ async def test_a_withdrawal_reaches_the_dcs_while_the_master_holds_too_many(
     assert snap.desired["releases"] == carried[1:]  # what was carried, less the withdrawn
     assert await fed.set_releases(bodies[1:]) is None  # no new version for the same set
     assert withdrawn not in fed.desired.desired["releases"]
+
+
+async def test_a_link_drop_while_admitting_a_carried_release_keeps_it_the_masters(
+        tmp_path: Path) -> None:
+    import trio.lowlevel
+
+    home, master_key = await enrolled_home(tmp_path)
+    ours = Ed25519PrivateKey.generate()
+    good = body(manifest(), ours)
+    ident = check_admission(good, [("rel", ours.public_key())]).ident
+    held = Held()
+
+    def snap(version: int, releases: list[dict[str, Any]]) -> str:
+        return seal(Snapshot("snapshot", version, 0.0, {"policy": {}, "releases": releases}),
+                    master_key)
+
+    fed = _dc(home, [], held, ours)
+    try:
+        with trio.CancelScope() as link:  # the uplink's nursery, cancelled by a drop
+            async def admit(release: Any) -> bool:
+                await held.admit(release)
+                link.cancel()
+                await trio.lowlevel.checkpoint()  # the next checkpoint of the apply
+                return True
+
+            fed.release_hooks = attrs.evolve(fed.release_hooks, admit=admit)
+            await fed.offer_snapshot(snap(1, [good]))
+        assert link.cancelled_caught and ident in held.releases
+        # Reconnected, same process: the master offers the version again, then withdraws.
+        fed.release_hooks = attrs.evolve(fed.release_hooks, admit=held.admit)
+        assert await fed.offer_snapshot(snap(1, [good])) is None
+        assert await fed.offer_snapshot(snap(2, [])) is None
+        assert ident not in held.releases
+    finally:
+        fed.close()

@@ -574,6 +574,7 @@ class DcFederation:
             written = self.from_master | sync.from_master
             await trio.to_thread.run_sync(self.spool.set_meta, "releases_from_master",
                                           json.dumps(sorted(written)))
+            self.from_master = written  # and here: a cancelled apply (link drop) too
         local = set()
         for release in sync.admit:
             if not await hooks.admit(release):
