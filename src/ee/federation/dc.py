@@ -218,6 +218,13 @@ def _structure(doc: Any, cls: type[_T], what: str) -> _T:
         raise EnrolError(f"{what} is malformed: {detail[:300]}") from None
 
 
+def _count(value: object) -> int:
+    """An intent's ``generation`` as the master said it, or 0 when it is no count (the
+    reconciler refuses such an intent; a closed dc still reports it, never crashes)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value if ok and isinstance(value, int) else 0
+
+
 def digest(path: Path) -> str:
     """SHA-256 of a request or bundle file, for the operator to compare at both ends."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -603,7 +610,7 @@ class DcFederation:
                 "error": "this datacenter takes no new deployments (its federation "
                          "policy: accept_deployments false)",
                 **local_state(None, None),
-                "generation": int(intents[dep_id].get("generation") or 0)})
+                "generation": _count(intents[dep_id].get("generation"))})
             self.emit("federation.intent_refused", dep_id, {"code": DATACENTER_CLOSED})
         if self.reconciler is not None:
             self.reconciler.nudge()
@@ -624,6 +631,12 @@ class DcFederation:
             self.refuse(code, f"{what}: {reason}")  # once while the master carries it
         self.release_refusals = said
         sync = release_sync(offered, set(hooks.held()), self.from_master)
+        written = self.from_master
+        if sync.admit:  # written down first: a stop after an admission keeps it the master's
+            written = self.from_master | sync.from_master
+            await trio.to_thread.run_sync(self.spool.set_meta, "releases_from_master",
+                                          json.dumps(sorted(written)))
+            self.from_master = written  # and here: a cancelled apply (link drop) too
         local = set()
         for release in sync.admit:
             if not await hooks.admit(release):
@@ -631,10 +644,10 @@ class DcFederation:
         for ident in sync.withdraw:
             await hooks.withdraw(ident)
         from_master = sync.from_master - local
-        if from_master != self.from_master:
+        if from_master != written:
             await trio.to_thread.run_sync(self.spool.set_meta, "releases_from_master",
                                           json.dumps(sorted(from_master)))
-            self.from_master = from_master
+        self.from_master = from_master
         if sync.admit or sync.withdraw or refused:
             self.emit("federation.releases_applied", self.label, {
                 "admitted": [r.ident for r in sync.admit if r.ident not in local],

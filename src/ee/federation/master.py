@@ -788,23 +788,29 @@ class MasterFederation:
         """Carry the master's admitted releases (``trust.carried_releases``) to every dc:
         a new version when they changed (None: unchanged, or refused: too many, too
         large, or the snapshot would be over ``MAX_SNAPSHOT_BYTES``; an event says so,
-        and the dcs keep the releases of the version they run)."""
+        and the dcs keep the releases of the version they run, less those withdrawn
+        here since: a withdrawal always goes down, it only makes the set smaller)."""
         async with self._desired_lock:
-            if list(self.desired.desired.get("releases") or []) == bodies:
+            old = list(self.desired.desired.get("releases") or [])
+            if old == bodies:
                 return None
             desired = {**self.desired.desired, "releases": bodies}
 
-            def judge() -> str | None:  # megabytes of JSON: off the event loop
+            def judge() -> tuple[str | None, list[dict[str, Any]]]:  # off the event loop
+                kept = [b for b in old if b in bodies]
                 if len(json.dumps(desired, separators=(",", ":"))) > MAX_SNAPSHOT_BYTES:
-                    return f"the desired state would be over {MAX_SNAPSHOT_BYTES} bytes"
-                return carried_error(bodies)
+                    return f"the desired state would be over {MAX_SNAPSHOT_BYTES} bytes", kept
+                return carried_error(bodies), kept
 
-            error = await trio.to_thread.run_sync(judge)
+            error, kept = await trio.to_thread.run_sync(judge)
             if error is not None:
                 log.error("federation: admitted releases not carried to the dcs: %s", error)
                 self.emit("federation.refused", "releases",
                           {"code": SNAPSHOT_FULL, "detail": error})
-                return None
+                if kept == old:
+                    return None
+                bodies = kept  # the withdrawals alone
+                desired = {**self.desired.desired, "releases": kept}
             snap = await self._publish(desired)
         self.emit("federation.releases", "master", {"version": snap.version,
                                                     "releases": len(bodies)})
