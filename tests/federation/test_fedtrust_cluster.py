@@ -139,7 +139,7 @@ async def test_releases_and_policy_reach_the_dc(tmp_path: Path) -> None:
                 view = await eventually(lambda: _state(tenant, refused_dep, "failed"),
                                         timeout=30, what="deployment refused by the dc")
                 assert view["federated"]["reasons"] == {A: {"datacenter_closed": 1}}
-                assert not new.deployments
+                assert not new.deployments and not before.deployments
                 # Open again: the next deployment runs there.
                 r = await mc.put("/api/v2/federation/desired", json={"policy": {}})
                 assert r.status_code == 200 and r.json()["policy"] == {
@@ -150,7 +150,9 @@ async def test_releases_and_policy_reach_the_dc(tmp_path: Path) -> None:
                 runs = r.json()["deployment_id"]
                 await eventually(lambda: _state(tenant, runs, "running"), timeout=30,
                                  what="deployment running once the dc is open")
-                assert runs in new.deployments
+                # on one of the dc's agents: new-1, or old-1 (admitted before the
+                # release narrowed the policy, and still connected)
+                assert runs in new.deployments or runs in before.deployments
                 nursery.cancel_scope.cancel()
         finally:
             if tenant is not None:
