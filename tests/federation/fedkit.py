@@ -188,3 +188,18 @@ def counts(views: list[dict[str, Any]]) -> dict[str, int]:
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+@asynccontextmanager
+async def cp_here(config: Any) -> AsyncIterator[Any]:
+    """A ControlPlane of *config* (a ``CpConfig``) run in this process, stopped after."""
+    from ee.cp.server import ControlPlane, prepare
+
+    boot, _ = prepare(config)
+    cp = ControlPlane(config, boot)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cp.run)
+        try:
+            yield cp
+        finally:
+            cp.request_stop()

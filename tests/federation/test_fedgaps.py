@@ -21,7 +21,7 @@ from trio_websocket import ConnectionTimeout
 
 from ee.actors.app import GetDeployment
 from ee.cp.readiness import Quorum
-from ee.cp.server import ControlPlane, CpConfig, prepare
+from ee.cp.server import ControlPlane, CpConfig
 from ee.federation.dc import DcFederation, Downs, enroll, next_down, why_down
 from ee.federation.master import FederationSettings, MasterFederation
 from ee.federation.placement import (
@@ -43,6 +43,7 @@ from ee.runtime import Registry
 from .fedkit import (  # fedkit's SimAgent: it puts tools/loadgen on the path
     CpProc,
     SimAgent,
+    cp_here,
     dc,
     eventually,
     free_port,
@@ -273,14 +274,8 @@ async def dc_here(data_dir: Path, m: CpProc, label: str) -> AsyncIterator[Contro
     config = CpConfig(data_dir=data_dir, dev=True, listen="127.0.0.1:0",
                       agent_listen="127.0.0.1:0", role="dc", upstream=m.http,
                       datacenter=label, quorum=Quorum(settle_timeout_s=1))
-    boot, _ = prepare(config)
-    cp = ControlPlane(config, boot)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cp.run)
-        try:
-            yield cp
-        finally:
-            cp.request_stop()
+    async with cp_here(config) as cp:
+        yield cp
 
 
 async def test_deployment_stuck_in_its_dc_is_rerouted(tmp_path: Path) -> None:

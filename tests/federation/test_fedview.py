@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from ee.cp.readiness import Quorum
-from ee.cp.server import ControlPlane, CpConfig, prepare
+from ee.cp.server import ControlPlane, CpConfig
 from ee.federation.placement import (
     Outcome,
     ReportedReplica,
@@ -36,7 +36,7 @@ from ee.federation.placement import (
 from ee.federation.wire import FOREIGN_AGENTS
 from ee.placement import Constraints
 
-from .fedkit import CpProc, agent, event_log, eventually, master, refused, sim_td
+from .fedkit import CpProc, agent, cp_here, event_log, eventually, master, refused, sim_td
 from .test_refusals import LABEL, _agent, _enroll, _events, link
 
 A = "sim:dc-a"
@@ -104,14 +104,8 @@ async def master_here(data_dir: Path, fed_port: int) -> AsyncIterator[ControlPla
                       federation_listen=f"127.0.0.1:{fed_port}",
                       quorum=Quorum(settle_timeout_s=1),
                       billing={"interval_s": 3600.0})  # the test ticks the meter
-    boot, _ = prepare(config)
-    cp = ControlPlane(config, boot)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(cp.run)
-        try:
-            yield cp
-        finally:
-            cp.request_stop()
+    async with cp_here(config) as cp:
+        yield cp
 
 
 async def _view(tenant: httpx.AsyncClient, dep_id: str) -> dict[str, Any]:
