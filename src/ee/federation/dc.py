@@ -221,8 +221,9 @@ def _structure(doc: Any, cls: type[_T], what: str) -> _T:
 def _count(value: object) -> int:
     """An intent's ``generation`` as the master said it, or 0 when it is no count (the
     reconciler refuses such an intent; a closed dc still reports it, never crashes)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return value if ok and isinstance(value, int) else 0
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
 
 
 def digest(path: Path) -> str:

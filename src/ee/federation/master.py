@@ -143,7 +143,7 @@ from ee.protocol.signing import (
     save_private_key,
     write_signed,
 )
-from ee.protocol.strict import check, printable
+from ee.protocol.strict import check, lower_hex, printable
 from ee.runtime import Actor, ActorError, Registry, handler
 from ee.supervisors import ChildSpec, Restart, Supervisor, actor_spec
 
@@ -209,8 +209,6 @@ class JoinToken:
     secret_hash: str  # SHA-256 of its secret (``pki.join_secret_hash``): the proof's key
 
 
-def _lower_hex(length: int) -> Callable[[str], bool]:
-    return lambda v: len(v) == length and all(c in "0123456789abcdef" for c in v)
 
 
 @attrs.frozen
@@ -218,8 +216,10 @@ class JoinRequest:
     """``POST /api/v2/federation/join`` (public; the proof of a join token authenticates:
     ``pki.join_body``). There is no ``token`` field: the secret never travels."""
 
-    token_id: str = attrs.field(validator=check(_lower_hex(32), "32 lower-case hex characters"))
-    proof: str = attrs.field(validator=check(_lower_hex(64), "64 lower-case hex characters"))
+    token_id: str = attrs.field(validator=check(partial(lower_hex, length=32),
+                                                "32 lower-case hex characters"))
+    proof: str = attrs.field(validator=check(partial(lower_hex, length=64),
+                                             "64 lower-case hex characters"))
     datacenter: str = attrs.field(validator=attrs.validators.max_len(120))
     tls_public_key: str = attrs.field(validator=attrs.validators.max_len(2000))
     signing_key: str = attrs.field(validator=attrs.validators.matches_re(r"[0-9a-f]{64}"))

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ee.protocol.signing import write_atomic
+from ee.protocol.strict import lower_hex
 
 CA_DAYS = 3650
 CERT_DAYS = 365
@@ -200,7 +201,7 @@ def split_join_token(token: str) -> tuple[str, str | None]:
     secret, sep, pin = token.partition(".")
     if not sep:
         return token, None
-    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+    if not lower_hex(pin, 64):
         raise PkiError("the join token's pin is not 64 lower-case hex characters")
     return secret, pin
 
@@ -246,7 +247,7 @@ def join_body(token: str, datacenter: str, tls_public_key: str,
 def normal_pin(text: str) -> str:
     """A pin given on a command line: 64 hex characters, optionally ``sha256:``-prefixed."""
     pin = text.strip().lower().removeprefix("sha256:")
-    if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+    if not lower_hex(pin, 64):
         raise PkiError("a master pin is 64 hex characters (eectl federation issue prints it)")
     return pin
 

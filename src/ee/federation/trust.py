@@ -240,8 +240,9 @@ def closed_intents(desired: Mapping[str, Any], label: str, policy: FederationPol
     for dep_id, doc in deployments.items():
         if not isinstance(doc, Mapping) or doc.get("datacenter") != label:
             continue
-        if dep_id in closed or (not policy.accept_deployments and doc.get("desired") == "running" \
-                and dep_id not in running_here):
+        if dep_id in closed or (not policy.accept_deployments
+                                and doc.get("desired") == "running"
+                                and dep_id not in running_here):
             out.add(dep_id)
     return frozenset(out)
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ee.cp.metrics import ATTESTATION_LE, DEPLOY_QUEUE_LE
 from ee.protocol.signing import SignatureError, sign_document, verify_document
+from ee.protocol.strict import lower_hex
 
 MAX_FRAME_BYTES: Final = 8 << 20
 MAX_EVENTS_PER_FRAME: Final = 1000
@@ -282,14 +283,12 @@ def _check_view(agent_id: str, view: Any) -> None:
     if not isinstance(view.get("free"), bool):
         raise bad("free must be a boolean")
     mrtd = view.get("mrtd")  # the measured image (digest) its attestation verified
-    if mrtd is not None and not (isinstance(mrtd, str) and len(mrtd) <= 192
-                                 and all(c in "0123456789abcdef" for c in mrtd)):
+    if mrtd is not None and not (lower_hex(mrtd) and len(mrtd) <= 192):
         raise bad("mrtd must be lowercase hex")
     # ee.federation.rpc.proof_digest of its proof; the SHA-256 of its admitted key
     for field in ("proof_sha256", "session_key_sha256"):
         digest = view.get(field)
-        if digest is not None and not (isinstance(digest, str) and len(digest) == 64
-                                       and all(c in "0123456789abcdef" for c in digest)):
+        if digest is not None and not lower_hex(digest, 64):
             raise bad(f"{field} must be 64 lowercase hex digits")
     deployments = view.get("deployments")
     if isinstance(deployments, dict) and len(deployments) > MAX_VIEW_DEPLOYMENTS:

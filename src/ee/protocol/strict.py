@@ -105,6 +105,13 @@ def describe(value: object, limit: int = 40) -> str:
     return text if len(text) <= limit + 30 else text[: limit + 27] + "..."
 
 
+def lower_hex(value: object, length: int | None = None) -> bool:
+    """*value* is a string of lower-case hex digits (exactly *length* of them, if given):
+    digests, pins and ids as they travel, with no case or format to normalise."""
+    return (isinstance(value, str) and (length is None or len(value) == length)
+            and all(c in "0123456789abcdef" for c in value))
+
+
 def check(
     predicate: Callable[[Any], bool], reason: str
 ) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
